@@ -1,0 +1,67 @@
+# berth: every target a person or CI needs. `make demo` and `make test` work on a fresh Debian 12.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := npx --yes @bufbuild/buf@1.47.2
+APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-registry iproute2 curl
+PROTO_FILES := $(shell find protos -name '*.proto')
+# Empty means berthd's default state directory, which the CLI also finds on its own.
+STATE_DIR ?=
+STATE_FLAG := $(if $(STATE_DIR),--state-dir $(STATE_DIR),)
+
+.PHONY: deps apt venv protos lint test unit integration demo bench up down status clean
+
+deps: apt venv protos
+
+# apt packages are installed only when one is missing, so repeated runs stay fast.
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+protos: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=clients/python --pyi_out=clients/python \
+	  --grpc_python_out=clients/python $(PROTO_FILES)
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	cd protos && $(BUF) lint
+
+unit: deps
+	$(VENV)/bin/pytest -q tests/unit
+
+integration: deps
+	$(VENV)/bin/pytest -q tests/integration
+
+test: deps lint
+	$(VENV)/bin/pytest -q -ra tests
+
+demo: deps
+	$(PY) scripts/demo.py $(STATE_FLAG)
+
+bench: deps
+	$(PY) bench/registry.py
+
+up: deps
+	$(VENV)/bin/berthd up $(STATE_FLAG)
+
+down:
+	$(VENV)/bin/berthd down $(STATE_FLAG)
+
+status:
+	$(VENV)/bin/berthd status $(STATE_FLAG)
+
+clean: down
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""berth: Python client and CLI for the berth container platform."""

@@ -1,0 +1,1 @@
+"""berthd: the berth services (registry, image, builder, node, cluster)."""

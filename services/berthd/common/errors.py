@@ -1,0 +1,51 @@
+"""Domain errors raised by core modules; the server maps each to one gRPC status code.
+
+Core code never imports grpc: it raises these, and `berthd.common.server` turns them into
+statuses in one interceptor, so servicers stay free of try/except blocks.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class BerthError(Exception):
+    """Base of every error a user can act on. `code` is the gRPC status it maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+
+class InvalidArgument(BerthError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(BerthError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(BerthError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(BerthError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DataLoss(BerthError):
+    """Content does not match its digest."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class ResourceExhausted(BerthError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(BerthError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Aborted(BerthError):
+    """A concurrent write won a race; the caller may retry."""
+
+    code = grpc.StatusCode.ABORTED
