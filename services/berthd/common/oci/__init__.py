@@ -1,0 +1,1 @@
+"""OCI image-spec and distribution-spec helpers: digests, references, media types, manifests."""

@@ -1,0 +1,175 @@
+"""One server interceptor for every RPC of every service: metrics, error mapping, request logs.
+
+Servicers raise `BerthError`s from core code; here they become gRPC statuses with the same
+message, so no handler carries its own try/except or metrics code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from berthd.common.errors import BerthError
+
+log = logging.getLogger("berthd.rpc")
+
+RPC_REQUESTS = Counter(
+    "berth_grpc_requests_total",
+    "gRPC calls handled, by method and status code.",
+    ["service", "method", "code"],
+)
+RPC_LATENCY = Histogram(
+    "berth_grpc_request_duration_seconds",
+    "Time from the start of a gRPC call to its status, by method.",
+    ["service", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+RPC_IN_FLIGHT = Gauge(
+    "berth_grpc_requests_in_flight",
+    "gRPC calls currently being handled, by method.",
+    ["service", "method"],
+)
+
+
+class _Call:
+    """Bookkeeping for one call: timing, status, and one log line at the end."""
+
+    def __init__(self, service: str, full_method: str, context: grpc.aio.ServicerContext) -> None:
+        self.service = service
+        self.method = full_method.rsplit("/", 1)[-1]
+        self.full_method = full_method
+        self.context = context
+        self.request_id = _request_id(context)
+        self.start = time.perf_counter()
+        RPC_IN_FLIGHT.labels(service, self.method).inc()
+
+    async def fail(self, exc: BaseException) -> None:
+        """Map an exception to a status; `context.abort` raises, ending the call."""
+        if isinstance(exc, BerthError):
+            await self.context.abort(exc.code, str(exc))
+        log.error(
+            "unhandled error in %s",
+            self.full_method,
+            exc_info=exc,
+            extra={"request_id": self.request_id},
+        )
+        await self.context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+    def finish(self) -> None:
+        code = self.context.code()
+        name = code.name if isinstance(code, grpc.StatusCode) else _code_name(code)
+        elapsed = time.perf_counter() - self.start
+        RPC_IN_FLIGHT.labels(self.service, self.method).dec()
+        RPC_REQUESTS.labels(self.service, self.method, name).inc()
+        RPC_LATENCY.labels(self.service, self.method).observe(elapsed)
+        log.info(
+            "rpc",
+            extra={
+                "method": self.full_method,
+                "code": name,
+                "duration_ms": round(elapsed * 1000, 2),
+                "request_id": self.request_id,
+                "peer": self.context.peer(),
+                **({"details": self.context.details()} if name != "OK" else {}),
+            },
+        )
+
+
+def _code_name(code: object) -> str:
+    if code is None:
+        return "OK"
+    if isinstance(code, int):
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return status.name
+    return str(code)
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return str(value)
+    return uuid.uuid4().hex[:16]
+
+
+def _wrap_unary_response(
+    service: str, method: str, behavior: Callable[..., Awaitable[Any]]
+) -> Callable[..., Awaitable[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = _Call(service, method, context)
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await call.fail(exc)
+        finally:
+            call.finish()
+
+    return handler
+
+
+def _wrap_stream_response(
+    service: str, method: str, behavior: Callable[..., AsyncIterator[Any]]
+) -> Callable[..., AsyncIterator[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = _Call(service, method, context)
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await call.fail(exc)
+        finally:
+            call.finish()
+
+    return handler
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every method handler; `service` labels the metrics of this process."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            wrapped = _wrap_unary_response(self._service, method, handler.unary_unary)
+            return grpc.unary_unary_rpc_method_handler(wrapped, **codec)
+        if handler.stream_unary:
+            wrapped = _wrap_unary_response(self._service, method, handler.stream_unary)
+            return grpc.stream_unary_rpc_method_handler(wrapped, **codec)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_streaming(method, handler.unary_stream), **codec
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_streaming(method, handler.stream_stream), **codec
+        )
+
+    def _wrap_streaming(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        # Streaming handlers are either async generators or coroutines that call
+        # context.write (grpc's own health service does the latter).
+        if inspect.isasyncgenfunction(behavior):
+            return _wrap_stream_response(self._service, method, behavior)
+        return _wrap_unary_response(self._service, method, behavior)

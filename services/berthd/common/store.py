@@ -1,0 +1,263 @@
+"""The one place that talks to etcd: a key prefix, JSON values, transactions, watches, leases.
+
+Services address keys relative to the prefix (`registry/tags/<repo>/<tag>`), so several test
+runs or clusters can share one etcd. Racing writes go through `txn` with compares on create or
+mod revisions, never read-then-write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import aetcd
+from aetcd import exceptions as etcd_errors
+from aetcd import rpc, transactions, utils
+
+from berthd.common.config import split_host_port
+from berthd.common.errors import Unavailable
+
+log = logging.getLogger("berthd.store")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One key-value pair; `key` is relative to the store's prefix."""
+
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    lease: int
+
+    def json(self) -> Any:
+        return json.loads(self.value)
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    kind: Literal["put", "delete"]
+    key: str
+    value: bytes
+
+
+Compare = transactions.BaseCompare
+Op = transactions.Put | transactions.Delete | transactions.Get
+
+
+def encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
+@contextlib.contextmanager
+def _etcd_errors(endpoint: str) -> Iterator[None]:
+    try:
+        yield
+    except etcd_errors.ClientError as exc:
+        raise Unavailable(f"etcd at {endpoint} failed: {exc or type(exc).__name__}") from exc
+
+
+class Store:
+    def __init__(self, endpoint: str, prefix: str = "/berth/") -> None:
+        host, port = split_host_port(endpoint)
+        self.endpoint = endpoint
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self._client = aetcd.Client(host=host, port=port, timeout=10)
+
+    async def connect(self) -> None:
+        with _etcd_errors(self.endpoint):
+            await self._client.connect()
+            await self._client.status()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    # Keys -----------------------------------------------------------------
+
+    def _abs(self, key: str) -> bytes:
+        return (self.prefix + key).encode()
+
+    def _rel(self, key: bytes) -> str:
+        return key.decode()[len(self.prefix) :]
+
+    def _entry(self, kv: Any) -> Entry:
+        return Entry(self._rel(kv.key), kv.value, kv.create_revision, kv.mod_revision, kv.lease)
+
+    # Reads ----------------------------------------------------------------
+
+    async def get(self, key: str) -> Entry | None:
+        with _etcd_errors(self.endpoint):
+            result = await self._client.get(self._abs(key))
+        return self._entry(result) if result is not None else None
+
+    async def get_json(self, key: str) -> Any | None:
+        entry = await self.get(key)
+        return entry.json() if entry else None
+
+    async def list(
+        self,
+        prefix: str,
+        *,
+        start_after: str | None = None,
+        limit: int = 0,
+        keys_only: bool = False,
+    ) -> list[Entry]:
+        """Keys under `prefix` in key order, optionally after a key and at most `limit`."""
+        end = utils.prefix_range_end(self._abs(prefix))
+        start = self._abs(start_after) + b"\0" if start_after else self._abs(prefix)
+        request = rpc.RangeRequest(
+            key=start,
+            range_end=end,
+            limit=limit,
+            keys_only=keys_only,
+            sort_order=rpc.RangeRequest.ASCEND,
+            sort_target=rpc.RangeRequest.KEY,
+        )
+        with _etcd_errors(self.endpoint):
+            await self._client.connect()
+            response = await self._client.kvstub.Range(request, timeout=10)
+        return [self._entry(kv) for kv in response.kvs]
+
+    async def count(self, prefix: str) -> int:
+        request = rpc.RangeRequest(
+            key=self._abs(prefix),
+            range_end=utils.prefix_range_end(self._abs(prefix)),
+            count_only=True,
+        )
+        with _etcd_errors(self.endpoint):
+            await self._client.connect()
+            response = await self._client.kvstub.Range(request, timeout=10)
+        return int(response.count)
+
+    async def iterate(self, prefix: str, batch: int = 500) -> AsyncIterator[Entry]:
+        """Every key under `prefix`, fetched in batches so huge prefixes stay cheap."""
+        after: str | None = None
+        while True:
+            entries = await self.list(prefix, start_after=after, limit=batch)
+            for entry in entries:
+                yield entry
+            if len(entries) < batch:
+                return
+            after = entries[-1].key
+
+    # Writes ---------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes, lease: int | None = None) -> None:
+        with _etcd_errors(self.endpoint):
+            await self._client.put(self._abs(key), value, lease=lease)
+
+    async def put_json(self, key: str, value: Any, lease: int | None = None) -> None:
+        await self.put(key, encode(value), lease)
+
+    async def create(self, key: str, value: bytes, lease: int | None = None) -> bool:
+        """Put only if the key does not exist; False if it did."""
+        ok, _ = await self.txn([self.absent(key)], [self.op_put(key, value, lease)])
+        return ok
+
+    async def delete(self, key: str) -> bool:
+        with _etcd_errors(self.endpoint):
+            return bool(await self._client.delete(self._abs(key)))
+
+    async def delete_prefix(self, prefix: str) -> int:
+        with _etcd_errors(self.endpoint):
+            result = await self._client.delete_prefix(self._abs(prefix))
+        return int(getattr(result, "deleted", 0))
+
+    # Transactions -----------------------------------------------------------
+
+    def absent(self, key: str) -> Compare:
+        return transactions.Create(self._abs(key)) == 0
+
+    def unchanged(self, key: str, mod_revision: int) -> Compare:
+        """The key still has this mod revision (0: it still does not exist)."""
+        return transactions.Mod(self._abs(key)) == mod_revision
+
+    def value_is(self, key: str, value: bytes) -> Compare:
+        return transactions.Value(self._abs(key)) == value
+
+    def op_put(self, key: str, value: bytes | Any, lease: int | None = None) -> Op:
+        raw = value if isinstance(value, bytes) else encode(value)
+        return transactions.Put(self._abs(key), raw, lease=lease)
+
+    def op_delete(self, key: str) -> Op:
+        return transactions.Delete(self._abs(key))
+
+    async def txn(
+        self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> tuple[bool, list[Any]]:
+        with _etcd_errors(self.endpoint):
+            return await self._client.transaction(list(compare), list(success), list(failure))
+
+    # Leases and watches -------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        with _etcd_errors(self.endpoint):
+            lease = await self._client.lease(ttl)
+        return int(lease.id)
+
+    async def refresh_lease(self, lease_id: int) -> int:
+        """Keep a lease alive; returns its remaining TTL (0: it has expired)."""
+        with _etcd_errors(self.endpoint):
+            reply = await self._client.refresh_lease(lease_id)
+        return int(reply.TTL) if reply is not None else 0
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        with _etcd_errors(self.endpoint):
+            await self._client.revoke_lease(lease_id)
+
+    async def watch_prefix(
+        self, prefix: str, start_revision: int | None = None
+    ) -> AsyncIterator[WatchEvent]:
+        with _etcd_errors(self.endpoint):
+            watch = await self._client.watch_prefix(
+                self._abs(prefix), start_revision=start_revision
+            )
+        try:
+            async for event in watch:
+                kind: Literal["put", "delete"] = "put" if event.kind == "PUT" else "delete"
+                yield WatchEvent(kind, self._rel(event.kv.key), event.kv.value)
+        finally:
+            await watch.cancel()
+
+
+class LeaseKeeper:
+    """Holds a lease alive in the background and re-registers keys if it ever expires."""
+
+    def __init__(self, store: Store, ttl: int, keys: dict[str, bytes]) -> None:
+        self._store = store
+        self._ttl = ttl
+        self._keys = keys
+        self.lease_id = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._register()
+        self._task = asyncio.create_task(self._keep_alive())
+
+    async def _register(self) -> None:
+        self.lease_id = await self._store.grant_lease(self._ttl)
+        for key, value in self._keys.items():
+            await self._store.put(key, value, lease=self.lease_id)
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(max(self._ttl / 3, 0.5))
+            try:
+                if await self._store.refresh_lease(self.lease_id) <= 0:
+                    log.warning("lease expired; registering again")
+                    await self._register()
+            except Unavailable as exc:
+                log.warning("lease keep-alive failed: %s", exc)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Unavailable):
+            await self._store.revoke_lease(self.lease_id)

@@ -1,0 +1,261 @@
+"""Content-addressed blobs and resumable upload sessions on a filesystem.
+
+Layout under the data directory (which several registry processes may share):
+
+    blobs/sha256/<2 hex>/<64 hex>    immutable, read-only blob files
+    uploads/<id>/data                bytes received so far for an upload session
+    uploads/<id>/info.json           repository and start time of the session
+
+A blob becomes visible only by `link()`ing a fully written, fsynced and verified upload file to
+its final name, so a crash at any moment leaves either the whole blob or nothing. `link` fails if
+the blob exists, which is how concurrent uploads of one blob end with exactly one copy.
+The session's state lives in files, not memory, so any replica can resume or commit it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from berthd.common.errors import DataLoss, FailedPrecondition, NotFound, ResourceExhausted
+from berthd.common.oci.digest import Digester, digest_file, hex_of, parse_digest
+
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+READ_CHUNK_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BlobStat:
+    digest: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    upload_id: str
+    repository: str
+    offset: int
+    started_at: float
+    updated_at: float
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class UploadWriter:
+    """Appends chunks to one session; holds an exclusive lock so two streams cannot interleave."""
+
+    def __init__(self, store: BlobStore, upload_id: str) -> None:
+        self._store = store
+        self.upload_id = upload_id
+        path = store.upload_data(upload_id)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            raise NotFound(f"upload {upload_id} not found (cancelled or committed?)") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise FailedPrecondition(
+                f"upload {upload_id} is being written by another connection"
+            ) from None
+        self.offset = os.fstat(self._fd).st_size
+        self._digester = store.take_digester(upload_id, self.offset)
+
+    def write(self, offset: int, data: bytes) -> int:
+        if len(data) > MAX_CHUNK_BYTES:
+            raise ResourceExhausted(
+                f"chunk of {len(data)} bytes is larger than the limit of {MAX_CHUNK_BYTES}"
+            )
+        if offset != self.offset:
+            raise FailedPrecondition(
+                f"upload {self.upload_id}: chunk starts at offset {offset} but "
+                f"{self.offset} bytes are stored; resume from offset {self.offset}"
+            )
+        os.write(self._fd, data)
+        if self._digester is not None:
+            self._digester.update(data)
+        self.offset += len(data)
+        return self.offset
+
+    def close(self) -> None:
+        """Make the bytes durable and hand the running digest back for a fast commit."""
+        os.fsync(self._fd)
+        os.close(self._fd)
+        if self._digester is not None:
+            self._store.keep_digester(self.upload_id, self._digester)
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.uploads = root / "uploads"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        # Running sha256 of sessions written in order through this process: committing then
+        # needs no second pass over the data. Sessions resumed elsewhere are re-hashed.
+        self._digesters: dict[str, Digester] = {}
+
+    # Blobs ------------------------------------------------------------------
+
+    def path(self, digest: str) -> Path:
+        hex_digest = hex_of(parse_digest(digest))
+        return self.blobs / "sha256" / hex_digest[:2] / hex_digest
+
+    def stat(self, digest: str) -> BlobStat | None:
+        try:
+            st = self.path(digest).stat()
+        except FileNotFoundError:
+            return None
+        return BlobStat(digest, st.st_size, st.st_mtime)
+
+    def touch(self, digest: str) -> None:
+        """Mark a blob as recently used, so GC's grace period protects it from now on."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path(digest))
+
+    def read(self, digest: str, offset: int, length: int) -> bytes:
+        with open(self.path(digest), "rb") as f:
+            return os.pread(f.fileno(), length, offset)
+
+    def read_all(self, digest: str) -> bytes:
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest} not found") from None
+
+    def put(self, content: bytes) -> tuple[str, bool]:
+        """Store small content (manifests) directly; returns (digest, already_existed)."""
+        upload_id = self.start("")
+        with open(self.upload_data(upload_id), "wb") as f:
+            f.write(content)
+        digester = Digester()
+        digester.update(content)
+        self._digesters[upload_id] = digester
+        stat, existed = self.commit(upload_id, digester.digest)
+        return stat.digest, existed
+
+    def walk(self) -> Iterator[BlobStat]:
+        for path in (self.blobs / "sha256").glob("??/*"):
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                yield BlobStat(f"sha256:{path.name}", st.st_size, st.st_mtime)
+
+    def delete_if_older(self, digest: str, cutoff: float) -> bool:
+        """Delete a blob unless it was touched after `cutoff` (checked just before unlinking)."""
+        path = self.path(digest)
+        try:
+            if path.stat().st_mtime > cutoff:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    # Upload sessions ----------------------------------------------------------
+
+    def upload_dir(self, upload_id: str) -> Path:
+        if not upload_id or not all(c in "0123456789abcdef" for c in upload_id):
+            raise NotFound(f"upload {upload_id!r} not found")
+        return self.uploads / upload_id
+
+    def upload_data(self, upload_id: str) -> Path:
+        return self.upload_dir(upload_id) / "data"
+
+    def start(self, repository: str) -> str:
+        upload_id = uuid.uuid4().hex
+        directory = self.uploads / upload_id
+        directory.mkdir()
+        (directory / "data").touch()
+        info = {"repository": repository, "started_at": time.time()}
+        (directory / "info.json").write_text(json.dumps(info))
+        return upload_id
+
+    def info(self, upload_id: str) -> UploadInfo:
+        directory = self.upload_dir(upload_id)
+        try:
+            meta = json.loads((directory / "info.json").read_text())
+            st = (directory / "data").stat()
+        except FileNotFoundError:
+            raise NotFound(f"upload {upload_id} not found (cancelled or committed?)") from None
+        return UploadInfo(
+            upload_id, meta["repository"], st.st_size, meta["started_at"], st.st_mtime
+        )
+
+    def open_writer(self, upload_id: str) -> UploadWriter:
+        return UploadWriter(self, upload_id)
+
+    def take_digester(self, upload_id: str, offset: int) -> Digester | None:
+        digester = self._digesters.pop(upload_id, None)
+        if digester is None and offset == 0:
+            return Digester()
+        if digester is not None and digester.size == offset:
+            return digester
+        return None
+
+    def keep_digester(self, upload_id: str, digester: Digester) -> None:
+        self._digesters[upload_id] = digester
+
+    def commit(self, upload_id: str, expected: str) -> tuple[BlobStat, bool]:
+        """Verify and publish an upload; returns the blob and whether it already existed."""
+        expected = parse_digest(expected)
+        data = self.upload_data(upload_id)
+        if not data.exists():
+            raise NotFound(f"upload {upload_id} not found (cancelled or committed?)")
+        with open(data, "rb") as f:
+            os.fsync(f.fileno())
+        size = data.stat().st_size
+        digester = self._digesters.pop(upload_id, None)
+        if digester is not None and digester.size == size:
+            actual = digester.digest
+        else:
+            actual, size = digest_file(data)
+        if actual != expected:
+            self.cancel(upload_id)
+            raise DataLoss(
+                f"digest mismatch: expected {expected} but the {size} uploaded bytes hash to "
+                f"{actual}; the upload was discarded"
+            )
+        final = self.path(actual)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(data, 0o444)
+        try:
+            os.link(data, final)
+            existed = False
+            _fsync_dir(final.parent)
+        except FileExistsError:
+            existed = True
+        self.cancel(upload_id)
+        self.touch(actual)
+        st = final.stat()
+        return BlobStat(actual, st.st_size, st.st_mtime), existed
+
+    def cancel(self, upload_id: str) -> None:
+        self._digesters.pop(upload_id, None)
+        directory = self.upload_dir(upload_id)
+        if not directory.exists():
+            raise NotFound(f"upload {upload_id} not found (cancelled or committed?)")
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def open_uploads(self) -> list[UploadInfo]:
+        sessions = []
+        for directory in self.uploads.iterdir():
+            with contextlib.suppress(NotFound):
+                sessions.append(self.info(directory.name))
+        return sessions

@@ -1,0 +1,292 @@
+"""The registry's behaviour, independent of gRPC: uploads, blobs, manifests, tags, search.
+
+Blob bytes live in the `BlobStore` (files); everything about names lives in etcd (`Metadata`).
+Every input is validated here, so the servicer only converts messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from berthd.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from berthd.common.oci.digest import digest_bytes, parse_digest
+from berthd.common.oci.manifest import parse_manifest
+from berthd.common.oci.reference import (
+    is_digest,
+    validate_reference,
+    validate_repository,
+    validate_tag,
+)
+from berthd.registry import metrics
+from berthd.registry.blobstore import READ_CHUNK_BYTES, BlobStat, BlobStore, UploadInfo
+from berthd.registry.metadata import ManifestRecord, Metadata, RepoRecord, TagRecord
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class StoredManifest:
+    digest: str
+    media_type: str
+    content: bytes
+
+
+@dataclass(frozen=True)
+class Chunk:
+    offset: int
+    data: bytes
+    total_size: int
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument(f"page size {requested} is negative")
+    return min(requested or DEFAULT_PAGE, MAX_PAGE)
+
+
+def encode_token(last: str) -> str:
+    return base64.urlsafe_b64encode(last.encode()).decode()
+
+
+def decode_token(token: str) -> str | None:
+    if not token:
+        return None
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(f"invalid page token {token!r}") from None
+
+
+class Registry:
+    def __init__(self, blobs: BlobStore, meta: Metadata) -> None:
+        self.blobs = blobs
+        self.meta = meta
+
+    # Uploads ----------------------------------------------------------------------
+
+    async def start_upload(self, repository: str) -> str:
+        validate_repository(repository)
+        return await asyncio.to_thread(self.blobs.start, repository)
+
+    async def upload_info(self, upload_id: str) -> UploadInfo:
+        return await asyncio.to_thread(self.blobs.info, upload_id)
+
+    async def commit_upload(self, upload_id: str, digest: str) -> tuple[BlobStat, bool]:
+        parse_digest(digest)
+        info = await self.upload_info(upload_id)
+        stat, existed = await asyncio.to_thread(self.blobs.commit, upload_id, digest)
+        if existed:
+            metrics.BLOBS_DEDUPLICATED.inc()
+        await self.meta.link_blob(info.repository, stat.digest, stat.size)
+        return stat, existed
+
+    async def cancel_upload(self, upload_id: str) -> None:
+        await asyncio.to_thread(self.blobs.cancel, upload_id)
+
+    # Blobs --------------------------------------------------------------------------
+
+    async def stat_blob(self, repository: str, digest: str) -> BlobStat:
+        validate_repository(repository)
+        digest = parse_digest(digest)
+        stat = self.blobs.stat(digest)
+        if stat is None or not await self.meta.is_linked(repository, digest):
+            raise NotFound(f"blob {digest} not found in repository {repository}")
+        # A client that learns the blob exists will reference it soon: keep GC off it.
+        self.blobs.touch(digest)
+        return stat
+
+    async def read_blob(
+        self, repository: str, digest: str, offset: int, length: int
+    ) -> AsyncIterator[Chunk]:
+        stat = await self.stat_blob(repository, digest)
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"offset {offset} and length {length} must not be negative")
+        if offset > stat.size:
+            raise InvalidArgument(
+                f"offset {offset} is past the end of {digest} ({stat.size} bytes)"
+            )
+        end = stat.size if length == 0 else min(stat.size, offset + length)
+        return self._chunks(digest, offset, end, stat.size)
+
+    async def _chunks(self, digest: str, start: int, end: int, total: int) -> AsyncIterator[Chunk]:
+        def read(at: int) -> bytes:
+            return self.blobs.read(digest, at, min(READ_CHUNK_BYTES, end - at))
+
+        if start == end:
+            yield Chunk(start, b"", total)
+            return
+        # Read the next chunk from disk while the current one is being sent.
+        pending = asyncio.ensure_future(asyncio.to_thread(read, start))
+        at = start
+        while at < end:
+            data = await pending
+            if not data:
+                raise NotFound(f"blob {digest} was truncated or deleted while being read")
+            if at + len(data) < end:
+                pending = asyncio.ensure_future(asyncio.to_thread(read, at + len(data)))
+            metrics.BYTES_SENT.inc(len(data))
+            yield Chunk(at, data, total)
+            at += len(data)
+
+    async def mount_blob(self, repository: str, digest: str, source: str) -> BlobStat | None:
+        """Link an existing blob into `repository`; None if there is nothing to mount."""
+        validate_repository(repository)
+        digest = parse_digest(digest)
+        if source:
+            validate_repository(source)
+            if not await self.meta.is_linked(source, digest):
+                return None
+        stat = self.blobs.stat(digest)
+        if stat is None:
+            return None
+        self.blobs.touch(digest)
+        await self.meta.link_blob(repository, digest, stat.size)
+        return stat
+
+    # Manifests --------------------------------------------------------------------------
+
+    async def put_manifest(
+        self, repository: str, reference: str, media_type: str, content: bytes
+    ) -> tuple[str, int]:
+        validate_repository(repository)
+        validate_reference(reference)
+        parsed = parse_manifest(content, media_type or None)
+        digest = digest_bytes(content)
+        if is_digest(reference) and reference != digest:
+            raise InvalidArgument(
+                f"manifest digest mismatch: reference is {reference} but the content hashes "
+                f"to {digest}"
+            )
+        for index, blob in enumerate(parsed.required_blobs):
+            where = "config" if parsed.config is not None and index == 0 else "layer"
+            if self.blobs.stat(blob.digest) is None or not await self.meta.is_linked(
+                repository, blob.digest
+            ):
+                raise FailedPrecondition(
+                    f"{where} blob {blob.digest} is not in repository {repository}; "
+                    "push or mount it before the manifest"
+                )
+            self.blobs.touch(blob.digest)
+        for child in parsed.children:
+            if await self.meta.get_manifest(repository, child.digest) is None:
+                raise FailedPrecondition(
+                    f"manifest {child.digest} listed in the index is not in repository "
+                    f"{repository}; push it before the index"
+                )
+        await asyncio.to_thread(self.blobs.put, content)
+        references = tuple(d.digest for d in (*parsed.required_blobs, *parsed.children))
+        record = ManifestRecord(digest, parsed.media_type, len(content), references, time.time())
+        tag = None if is_digest(reference) else reference
+        await self.meta.put_manifest(repository, record, tag)
+        return digest, len(content)
+
+    async def resolve(self, repository: str, reference: str) -> ManifestRecord:
+        validate_repository(repository)
+        validate_reference(reference)
+        digest = reference
+        if not is_digest(reference):
+            tag = await self.meta.get_tag(repository, reference)
+            if tag is None:
+                await self.meta.require_repo(repository)
+                raise NotFound(f"manifest unknown: {repository} has no tag {reference}")
+            digest = tag.digest
+        record = await self.meta.get_manifest(repository, digest)
+        if record is None:
+            raise NotFound(f"manifest unknown: {repository}@{digest}")
+        return record
+
+    async def get_manifest(self, repository: str, reference: str) -> StoredManifest:
+        record = await self.resolve(repository, reference)
+        content = await asyncio.to_thread(self.blobs.read_all, record.digest)
+        return StoredManifest(record.digest, record.media_type, content)
+
+    async def delete_manifest(self, repository: str, reference: str) -> tuple[str, list[str]]:
+        record = await self.resolve(repository, reference)
+        tags = await self.meta.delete_manifest(repository, record.digest)
+        return record.digest, tags
+
+    # Repositories and tags -------------------------------------------------------------------
+
+    async def list_repositories(self, size: int, token: str) -> tuple[list[RepoRecord], str]:
+        limit = page_size(size)
+        records = await self.meta.list_repos(decode_token(token), limit)
+        next_token = encode_token(records[-1].name) if len(records) == limit else ""
+        return records, next_token
+
+    async def get_repository(self, repository: str) -> RepoRecord:
+        validate_repository(repository)
+        return await self.meta.require_repo(repository)
+
+    async def update_repository(
+        self,
+        repository: str,
+        description: str | None,
+        labels: dict[str, str],
+        replace_labels: bool,
+    ) -> RepoRecord:
+        validate_repository(repository)
+        if description is not None and len(description) > 4096:
+            raise InvalidArgument("description is longer than 4096 characters")
+        for key in labels:
+            if not key or len(key) > 256:
+                raise InvalidArgument(f"label key {key!r} must be 1 to 256 characters")
+
+        def change(record: RepoRecord) -> None:
+            if description is not None:
+                record.description = description
+            if replace_labels:
+                record.labels = dict(labels)
+            else:
+                record.labels.update(labels)
+
+        await self.meta.update_repo(repository, change)
+        return await self.meta.require_repo(repository)
+
+    async def list_tags(
+        self, repository: str, size: int, token: str
+    ) -> tuple[list[TagRecord], str]:
+        validate_repository(repository)
+        await self.meta.require_repo(repository)
+        limit = page_size(size)
+        tags = await self.meta.list_tags(repository, decode_token(token), limit)
+        next_token = encode_token(tags[-1].name) if len(tags) == limit else ""
+        return tags, next_token
+
+    async def delete_tag(self, repository: str, tag: str) -> str:
+        validate_repository(repository)
+        validate_tag(tag)
+        return await self.meta.delete_tag(repository, tag)
+
+    async def search(self, term: str, labels: dict[str, str], limit: int) -> list[RepoRecord]:
+        results = rank_repositories(await self.meta.all_repos(), term, labels, limit)
+        for record in results:
+            record.tag_count = await self.meta.tag_count(record.name)
+        return results
+
+
+def rank_repositories(
+    records: list[RepoRecord], term: str, labels: dict[str, str], limit: int
+) -> list[RepoRecord]:
+    """Filter by labels, then rank: a name starting with the term, a name containing it,
+    a description containing it, a label containing it; ties in name order."""
+    needle = term.strip().lower()
+    ranked: list[tuple[int, str, RepoRecord]] = []
+    for record in records:
+        if any(record.labels.get(k) != v for k, v in labels.items()):
+            continue
+        if needle in record.name:
+            rank = 0 if record.name.rsplit("/", 1)[-1].startswith(needle) else 1
+        elif needle in record.description.lower():
+            rank = 2
+        elif any(needle in f"{k}={v}".lower() for k, v in record.labels.items()):
+            rank = 3
+        else:
+            continue
+        ranked.append((rank, record.name, record))
+    ranked.sort(key=lambda item: item[:2])
+    return [record for _, _, record in ranked[: limit or 25]]

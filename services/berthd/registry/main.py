@@ -1,0 +1,45 @@
+"""`berthd registry`: flags and wiring for the registry service."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import grpc
+from berth.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from berthd.common.config import add_common_flags, add_flag, service_config
+from berthd.common.server import run_server
+from berthd.common.store import Store
+from berthd.registry.blobstore import BlobStore
+from berthd.registry.core import Registry
+from berthd.registry.metadata import Metadata
+from berthd.registry.service import RegistryServicer
+
+DEFAULT_LISTEN = "127.0.0.1:5050"
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("registry", help="run the registry service")
+    add_common_flags(parser, DEFAULT_LISTEN)
+    add_flag(
+        parser,
+        "--data-dir",
+        default="/var/lib/berth/registry",
+        scope="registry",
+        help="blob directory (may be shared by several registry processes)",
+    )
+    parser.set_defaults(run=run)
+
+
+async def run(args: argparse.Namespace) -> None:
+    config = service_config("registry", args)
+    store = Store(config.etcd, config.etcd_prefix)
+    await store.connect()
+    registry = Registry(BlobStore(Path(args.data_dir)), Metadata(store))
+
+    def mount(server: grpc.aio.Server) -> list[str]:
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), server)
+        return [registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name]
+
+    await run_server(config, store, mount)

@@ -1,0 +1,272 @@
+"""Repository, tag, manifest and blob-link records in etcd.
+
+Keys (relative to the store prefix). A repository name never contains `@`, so `<repo>@` is an
+exact prefix for one repository's children even when other names nest under it (`a` and `a/b`):
+
+    registry/repos/<repo>                 {"created_at", "last_push_at", "description", "labels"}
+    registry/tags/<repo>@<tag>            {"digest", "pushed_at"}
+    registry/manifests/<repo>@<digest>    {"media_type", "size", "references", "created_at"}
+    registry/links/<repo>@<digest>        {"size", "linked_at"}   blob belongs to the repository
+
+Because all of this is in etcd and blobs are files in a shared directory, any number of
+registry processes serve the same content.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from berthd.common.errors import Aborted, NotFound
+from berthd.common.store import Op, Store, encode
+
+REPOS = "registry/repos/"
+TAGS = "registry/tags/"
+MANIFESTS = "registry/manifests/"
+LINKS = "registry/links/"
+
+
+def repo_key(repo: str) -> str:
+    return REPOS + repo
+
+
+def tag_key(repo: str, tag: str) -> str:
+    return f"{TAGS}{repo}@{tag}"
+
+
+def manifest_key(repo: str, digest: str) -> str:
+    return f"{MANIFESTS}{repo}@{digest}"
+
+
+def link_key(repo: str, digest: str) -> str:
+    return f"{LINKS}{repo}@{digest}"
+
+
+def split_child_key(key: str, kind_prefix: str) -> tuple[str, str]:
+    """`registry/tags/a/b@v1` -> ("a/b", "v1")."""
+    repo, _, child = key[len(kind_prefix) :].rpartition("@")
+    return repo, child
+
+
+@dataclass
+class RepoRecord:
+    name: str
+    created_at: float
+    last_push_at: float
+    description: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    tag_count: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "created_at": self.created_at,
+            "last_push_at": self.last_push_at,
+            "description": self.description,
+            "labels": self.labels,
+        }
+
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> RepoRecord:
+        return cls(
+            name=name,
+            created_at=data["created_at"],
+            last_push_at=data["last_push_at"],
+            description=data.get("description", ""),
+            labels=dict(data.get("labels", {})),
+        )
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    digest: str
+    media_type: str
+    size: int
+    references: tuple[str, ...]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class TagRecord:
+    name: str
+    digest: str
+    pushed_at: float
+
+
+class Metadata:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # Repositories -------------------------------------------------------------
+
+    async def get_repo(self, repo: str, *, with_tag_count: bool = True) -> RepoRecord | None:
+        data = await self.store.get_json(repo_key(repo))
+        if data is None:
+            return None
+        record = RepoRecord.from_json(repo, data)
+        if with_tag_count:
+            record.tag_count = await self.tag_count(repo)
+        return record
+
+    async def tag_count(self, repo: str) -> int:
+        return await self.store.count(f"{TAGS}{repo}@")
+
+    async def require_repo(self, repo: str) -> RepoRecord:
+        record = await self.get_repo(repo)
+        if record is None:
+            raise NotFound(f"repository {repo} not found")
+        return record
+
+    async def list_repos(self, start_after: str | None, limit: int) -> list[RepoRecord]:
+        entries = await self.store.list(
+            REPOS, start_after=repo_key(start_after) if start_after else None, limit=limit
+        )
+        records = [RepoRecord.from_json(e.key[len(REPOS) :], e.json()) for e in entries]
+        for record in records:
+            record.tag_count = await self.tag_count(record.name)
+        return records
+
+    async def all_repos(self) -> list[RepoRecord]:
+        return [
+            RepoRecord.from_json(e.key[len(REPOS) :], e.json())
+            async for e in self.store.iterate(REPOS)
+        ]
+
+    async def update_repo(
+        self,
+        repo: str,
+        change: Callable[[RepoRecord], None],
+        *,
+        create: bool = False,
+        also: Sequence[Op] = (),
+    ) -> RepoRecord:
+        """Apply `change(record)`, plus the writes in `also`, in one compare-and-swap txn."""
+        for _ in range(20):
+            entry = await self.store.get(repo_key(repo))
+            if entry is None:
+                if not create:
+                    raise NotFound(f"repository {repo} not found")
+                now = time.time()
+                record = RepoRecord(repo, now, now)
+                revision = 0
+            else:
+                record = RepoRecord.from_json(repo, entry.json())
+                revision = entry.mod_revision
+            change(record)
+            ok, _ = await self.store.txn(
+                [self.store.unchanged(repo_key(repo), revision)],
+                [self.store.op_put(repo_key(repo), record.to_json()), *also],
+            )
+            if ok:
+                return record
+        raise Aborted(f"repository {repo} is being updated concurrently; try again")
+
+    # Manifests and tags ---------------------------------------------------------
+
+    async def put_manifest(self, repo: str, record: ManifestRecord, tag: str | None) -> None:
+        """Record a manifest (and its tag) and bump the repository's last push, atomically."""
+        ops = [
+            self.store.op_put(
+                manifest_key(repo, record.digest),
+                {
+                    "media_type": record.media_type,
+                    "size": record.size,
+                    "references": list(record.references),
+                    "created_at": record.created_at,
+                },
+            )
+        ]
+        if tag is not None:
+            ops.append(
+                self.store.op_put(
+                    tag_key(repo, tag), {"digest": record.digest, "pushed_at": record.created_at}
+                )
+            )
+        await self.update_repo(
+            repo, lambda r: setattr(r, "last_push_at", record.created_at), create=True, also=ops
+        )
+
+    async def get_manifest(self, repo: str, digest: str) -> ManifestRecord | None:
+        data = await self.store.get_json(manifest_key(repo, digest))
+        if data is None:
+            return None
+        return ManifestRecord(
+            digest, data["media_type"], data["size"], tuple(data["references"]), data["created_at"]
+        )
+
+    async def get_tag(self, repo: str, tag: str) -> TagRecord | None:
+        data = await self.store.get_json(tag_key(repo, tag))
+        return TagRecord(tag, data["digest"], data["pushed_at"]) if data else None
+
+    async def list_tags(self, repo: str, start_after: str | None, limit: int) -> list[TagRecord]:
+        entries = await self.store.list(
+            f"{TAGS}{repo}@",
+            start_after=tag_key(repo, start_after) if start_after else None,
+            limit=limit,
+        )
+        return [
+            TagRecord(split_child_key(e.key, TAGS)[1], e.json()["digest"], e.json()["pushed_at"])
+            for e in entries
+        ]
+
+    async def delete_tag(self, repo: str, tag: str) -> str:
+        entry = await self.store.get(tag_key(repo, tag))
+        if entry is None:
+            raise NotFound(f"tag {tag} not found in repository {repo}")
+        ok, _ = await self.store.txn(
+            [self.store.unchanged(entry.key, entry.mod_revision)], [self.store.op_delete(entry.key)]
+        )
+        if not ok:
+            raise Aborted(f"tag {repo}:{tag} changed while deleting it; try again")
+        return str(entry.json()["digest"])
+
+    async def delete_manifest(self, repo: str, digest: str) -> list[str]:
+        """Delete a manifest and every tag pointing at it, atomically; returns those tags."""
+        tags = [t for t in await self.list_tags(repo, None, 0) if t.digest == digest]
+        compares = [
+            self.store.value_is(
+                tag_key(repo, t.name), encode({"digest": t.digest, "pushed_at": t.pushed_at})
+            )
+            for t in tags
+        ]
+        ops = [self.store.op_delete(manifest_key(repo, digest))]
+        ops += [self.store.op_delete(tag_key(repo, t.name)) for t in tags]
+        ok, _ = await self.store.txn(compares, ops)
+        if not ok:
+            raise Aborted(f"tags of {repo} changed while deleting {digest}; try again")
+        return [t.name for t in tags]
+
+    async def all_manifests(self) -> list[tuple[str, ManifestRecord]]:
+        result = []
+        async for entry in self.store.iterate(MANIFESTS):
+            repo, digest = split_child_key(entry.key, MANIFESTS)
+            data = entry.json()
+            result.append(
+                (
+                    repo,
+                    ManifestRecord(
+                        digest,
+                        data["media_type"],
+                        data["size"],
+                        tuple(data["references"]),
+                        data["created_at"],
+                    ),
+                )
+            )
+        return result
+
+    # Blob links -------------------------------------------------------------------
+
+    async def link_blob(self, repo: str, digest: str, size: int) -> None:
+        await self.store.put_json(link_key(repo, digest), {"size": size, "linked_at": time.time()})
+
+    async def is_linked(self, repo: str, digest: str) -> bool:
+        return await self.store.get(link_key(repo, digest)) is not None
+
+    async def unlink_everywhere(self, digests: set[str]) -> int:
+        removed = 0
+        async for entry in self.store.iterate(LINKS):
+            if split_child_key(entry.key, LINKS)[1] in digests:
+                removed += await self.store.delete(entry.key)
+        return removed

@@ -1,0 +1,218 @@
+"""gRPC servicer for berth.registry.v1: converts messages and calls the core, nothing more.
+
+Errors raised by the core become status codes in the common interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+from berth.registry.v1 import registry_pb2 as pb
+from berth.registry.v1 import registry_pb2_grpc
+from berth.types.v1 import types_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from berthd.common.errors import InvalidArgument
+from berthd.registry import gc, metrics
+from berthd.registry.blobstore import BlobStat
+from berthd.registry.core import Registry
+from berthd.registry.metadata import RepoRecord
+
+Context = grpc.aio.ServicerContext
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def descriptor(blob: BlobStat) -> types_pb2.Descriptor:
+    return types_pb2.Descriptor(digest=blob.digest, size=blob.size)
+
+
+def repository(record: RepoRecord) -> pb.Repository:
+    return pb.Repository(
+        name=record.name,
+        description=record.description,
+        labels=record.labels,
+        tag_count=record.tag_count,
+        created_at=timestamp(record.created_at),
+        last_push_at=timestamp(record.last_push_at),
+    )
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    async def StartUpload(
+        self, request: pb.StartUploadRequest, context: Context
+    ) -> pb.StartUploadResponse:
+        return pb.StartUploadResponse(
+            upload_id=await self.registry.start_upload(request.repository)
+        )
+
+    async def WriteUpload(
+        self, request_iterator: AsyncIterator[pb.WriteUploadRequest], context: Context
+    ) -> pb.WriteUploadResponse:
+        writer = None
+        metrics.UPLOADS_IN_PROGRESS.inc()
+        try:
+            async for chunk in request_iterator:
+                if writer is None:
+                    writer = await asyncio.to_thread(
+                        self.registry.blobs.open_writer, chunk.upload_id
+                    )
+                elif chunk.upload_id != writer.upload_id:
+                    raise InvalidArgument(
+                        "every chunk of a WriteUpload stream must name one upload"
+                    )
+                await asyncio.to_thread(writer.write, chunk.offset, chunk.data)
+                metrics.BYTES_RECEIVED.inc(len(chunk.data))
+            if writer is None:
+                raise InvalidArgument("WriteUpload stream carried no chunk")
+            return pb.WriteUploadResponse(offset=writer.offset)
+        finally:
+            metrics.UPLOADS_IN_PROGRESS.dec()
+            if writer is not None:
+                await asyncio.to_thread(writer.close)
+
+    async def GetUpload(
+        self, request: pb.GetUploadRequest, context: Context
+    ) -> pb.GetUploadResponse:
+        info = await self.registry.upload_info(request.upload_id)
+        return pb.GetUploadResponse(
+            upload_id=info.upload_id,
+            repository=info.repository,
+            offset=info.offset,
+            started_at=timestamp(info.started_at),
+        )
+
+    async def CommitUpload(
+        self, request: pb.CommitUploadRequest, context: Context
+    ) -> pb.CommitUploadResponse:
+        blob, existed = await self.registry.commit_upload(request.upload_id, request.digest)
+        return pb.CommitUploadResponse(descriptor=descriptor(blob), deduplicated=existed)
+
+    async def CancelUpload(
+        self, request: pb.CancelUploadRequest, context: Context
+    ) -> pb.CancelUploadResponse:
+        await self.registry.cancel_upload(request.upload_id)
+        return pb.CancelUploadResponse()
+
+    async def StatBlob(self, request: pb.StatBlobRequest, context: Context) -> pb.StatBlobResponse:
+        blob = await self.registry.stat_blob(request.repository, request.digest)
+        return pb.StatBlobResponse(descriptor=descriptor(blob))
+
+    async def ReadBlob(
+        self, request: pb.ReadBlobRequest, context: Context
+    ) -> AsyncIterator[pb.ReadBlobResponse]:
+        chunks = await self.registry.read_blob(
+            request.repository, request.digest, request.offset, request.length
+        )
+        async for chunk in chunks:
+            yield pb.ReadBlobResponse(
+                offset=chunk.offset, data=chunk.data, total_size=chunk.total_size
+            )
+
+    async def MountBlob(
+        self, request: pb.MountBlobRequest, context: Context
+    ) -> pb.MountBlobResponse:
+        blob = await self.registry.mount_blob(
+            request.repository, request.digest, request.from_repository
+        )
+        if blob is None:
+            return pb.MountBlobResponse(mounted=False)
+        return pb.MountBlobResponse(mounted=True, descriptor=descriptor(blob))
+
+    async def PutManifest(
+        self, request: pb.PutManifestRequest, context: Context
+    ) -> pb.PutManifestResponse:
+        digest, size = await self.registry.put_manifest(
+            request.repository, request.reference, request.media_type, request.content
+        )
+        return pb.PutManifestResponse(digest=digest, size=size)
+
+    async def GetManifest(
+        self, request: pb.GetManifestRequest, context: Context
+    ) -> pb.GetManifestResponse:
+        manifest = await self.registry.get_manifest(request.repository, request.reference)
+        return pb.GetManifestResponse(
+            digest=manifest.digest, media_type=manifest.media_type, content=manifest.content
+        )
+
+    async def DeleteManifest(
+        self, request: pb.DeleteManifestRequest, context: Context
+    ) -> pb.DeleteManifestResponse:
+        digest, tags = await self.registry.delete_manifest(request.repository, request.reference)
+        return pb.DeleteManifestResponse(digest=digest, deleted_tags=tags)
+
+    async def ListRepositories(
+        self, request: pb.ListRepositoriesRequest, context: Context
+    ) -> pb.ListRepositoriesResponse:
+        records, token = await self.registry.list_repositories(
+            request.page_size, request.page_token
+        )
+        return pb.ListRepositoriesResponse(
+            repositories=[repository(r) for r in records], next_page_token=token
+        )
+
+    async def GetRepository(
+        self, request: pb.GetRepositoryRequest, context: Context
+    ) -> pb.GetRepositoryResponse:
+        record = await self.registry.get_repository(request.repository)
+        return pb.GetRepositoryResponse(repository=repository(record))
+
+    async def UpdateRepository(
+        self, request: pb.UpdateRepositoryRequest, context: Context
+    ) -> pb.UpdateRepositoryResponse:
+        record = await self.registry.update_repository(
+            request.repository,
+            request.description if request.HasField("description") else None,
+            dict(request.labels),
+            request.replace_labels,
+        )
+        return pb.UpdateRepositoryResponse(repository=repository(record))
+
+    async def ListTags(self, request: pb.ListTagsRequest, context: Context) -> pb.ListTagsResponse:
+        tags, token = await self.registry.list_tags(
+            request.repository, request.page_size, request.page_token
+        )
+        return pb.ListTagsResponse(
+            tags=[
+                pb.Tag(name=t.name, digest=t.digest, pushed_at=timestamp(t.pushed_at)) for t in tags
+            ],
+            next_page_token=token,
+        )
+
+    async def DeleteTag(
+        self, request: pb.DeleteTagRequest, context: Context
+    ) -> pb.DeleteTagResponse:
+        return pb.DeleteTagResponse(
+            digest=await self.registry.delete_tag(request.repository, request.tag)
+        )
+
+    async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
+        results = await self.registry.search(request.term, dict(request.labels), request.limit)
+        return pb.SearchResponse(results=[repository(r) for r in results])
+
+    async def GarbageCollect(
+        self, request: pb.GarbageCollectRequest, context: Context
+    ) -> pb.GarbageCollectResponse:
+        if request.grace_period_seconds < 0:
+            raise InvalidArgument("grace period must not be negative")
+        report = await gc.collect(
+            self.registry.blobs,
+            self.registry.meta,
+            dry_run=request.dry_run,
+            grace_seconds=request.grace_period_seconds,
+        )
+        return pb.GarbageCollectResponse(
+            deleted=[descriptor(b) for b in report.deleted],
+            bytes_freed=report.bytes_freed,
+            blobs_marked=report.blobs_marked,
+            blobs_young=report.blobs_young,
+        )

@@ -1,0 +1,185 @@
+"""Real processes for integration tests: one etcd per session, registries per test.
+
+Each test gets its own etcd key prefix, so tests share the etcd without seeing each other's keys.
+Everything started here is stopped by pid at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from berth.client import RegistryClient
+from berthd.common.store import Store
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        if check():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def etcd_endpoint(tmp_path_factory) -> Iterator[str]:
+    if shutil.which("etcd") is None:
+        pytest.fail("etcd is not installed: run `make deps`")
+    data = tmp_path_factory.mktemp("etcd")
+    client, peer = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            "etcd",
+            "--name=test",
+            f"--data-dir={data / 'data'}",
+            f"--listen-client-urls=http://127.0.0.1:{client}",
+            f"--advertise-client-urls=http://127.0.0.1:{client}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+            f"--initial-cluster=test=http://127.0.0.1:{peer}",
+            "--logger=zap",
+        ],
+        stdout=open(data / "etcd.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+    def healthy() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", client), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_until(healthy, 20, "etcd", proc)
+        yield f"127.0.0.1:{client}"
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture
+def etcd_prefix() -> str:
+    return f"/berth-test-{uuid.uuid4().hex[:12]}/"
+
+
+@pytest.fixture
+async def store(etcd_endpoint: str, etcd_prefix: str):
+    s = Store(etcd_endpoint, etcd_prefix)
+    await s.connect()
+    yield s
+    await s.delete_prefix("")
+    await s.close()
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    proc: subprocess.Popen
+    address: str
+    metrics: str
+    log: Path
+
+    def stop(self) -> int:
+        stop_process(self.proc)
+        return self.proc.returncode
+
+
+class Services:
+    """Starts `berthd <service>` processes against the test's etcd prefix."""
+
+    def __init__(self, tmp: Path, etcd: str, prefix: str) -> None:
+        self.tmp = tmp
+        self.etcd = etcd
+        self.prefix = prefix
+        self.started: list[ServiceProcess] = []
+
+    def start(self, service: str, *extra: str, env: dict[str, str] | None = None) -> ServiceProcess:
+        n = len(self.started)
+        ready = self.tmp / f"{service}-{n}.ready.json"
+        log = self.tmp / f"{service}-{n}.log"
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "berthd.main",
+                service,
+                "--listen=127.0.0.1:0",
+                "--metrics-listen=127.0.0.1:0",
+                f"--etcd={self.etcd}",
+                f"--etcd-prefix={self.prefix}",
+                f"--ready-file={ready}",
+                "--lease-ttl=5",
+                *extra,
+            ],
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        try:
+            wait_until(ready.exists, 30, service, proc)
+        except Exception:
+            stop_process(proc)
+            raise RuntimeError(f"{service} failed to start:\n{log.read_text()[-3000:]}") from None
+        info = json.loads(ready.read_text())
+        started = ServiceProcess(service, proc, info["address"], info["metrics"], log)
+        self.started.append(started)
+        return started
+
+    def registry(self, data_dir: Path | None = None) -> ServiceProcess:
+        data = data_dir or self.tmp / f"registry-data-{len(self.started)}"
+        return self.start("registry", f"--data-dir={data}")
+
+    def stop_all(self) -> None:
+        for service in reversed(self.started):
+            service.stop()
+
+
+@pytest.fixture
+def services(tmp_path: Path, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Services]:
+    s = Services(tmp_path, etcd_endpoint, etcd_prefix)
+    yield s
+    s.stop_all()
+
+
+@pytest.fixture
+def registry(services: Services, tmp_path: Path) -> ServiceProcess:
+    return services.registry(tmp_path / "registry-data")
+
+
+@pytest.fixture
+def client(registry: ServiceProcess) -> Iterator[RegistryClient]:
+    with RegistryClient(registry.address) as c:
+        yield c
