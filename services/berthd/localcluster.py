@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from berth.config import default_state_dir
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from berth.config import default_state_dir
 from berthd.common.server import write_atomically
 
 CLUSTER_FILE = "cluster.json"

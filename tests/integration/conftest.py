@@ -44,6 +44,14 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None =
     raise TimeoutError(f"{what} not ready after {timeout}s")
 
 
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a process with stdout and stderr going to `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -60,7 +68,7 @@ def etcd_endpoint(tmp_path_factory) -> Iterator[str]:
         pytest.fail("etcd is not installed: run `make deps`")
     data = tmp_path_factory.mktemp("etcd")
     client, peer = free_port(), free_port()
-    proc = subprocess.Popen(
+    proc = spawn(
         [
             "etcd",
             "--name=test",
@@ -72,8 +80,7 @@ def etcd_endpoint(tmp_path_factory) -> Iterator[str]:
             f"--initial-cluster=test=http://127.0.0.1:{peer}",
             "--logger=zap",
         ],
-        stdout=open(data / "etcd.log", "wb"),
-        stderr=subprocess.STDOUT,
+        data / "etcd.log",
     )
 
     def healthy() -> bool:
@@ -130,7 +137,7 @@ class Services:
         n = len(self.started)
         ready = self.tmp / f"{service}-{n}.ready.json"
         log = self.tmp / f"{service}-{n}.log"
-        proc = subprocess.Popen(
+        proc = spawn(
             [
                 sys.executable,
                 "-m",
@@ -144,9 +151,8 @@ class Services:
                 "--lease-ttl=5",
                 *extra,
             ],
-            stdout=open(log, "wb"),
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            log,
+            env,
         )
         try:
             wait_until(ready.exists, 30, service, proc)

@@ -211,13 +211,13 @@ def test_reference_property_prefers_digest():
 @pytest.mark.parametrize(
     ("text", "error"),
     [
-        ("", "invalid image reference \"\": must be a non-empty string"),
+        ("", 'invalid image reference "": must be a non-empty string'),
         ("Alpine", 'invalid repository name "Alpine": names must be lowercase'),
         ("docker.io/Library/alpine", 'invalid repository name "Library/alpine": names must be'),
         ("alpine:", 'invalid tag ""'),
         ("alpine@", 'invalid digest ""'),
         ("alpine@sha256:abc", 'invalid digest "sha256:abc"'),
-        (f"alpine@{D512}", "unsupported digest algorithm \"sha512\""),
+        (f"alpine@{D512}", 'unsupported digest algorithm "sha512"'),
         ("alpine:-x", 'invalid tag "-x"'),
         ("a:b:c", 'invalid tag "b:c"'),
         (f"alpine@{D}@{D}", "invalid digest"),

@@ -56,6 +56,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# A client that lost its connection resumes at once, while the server may still be finishing
+# the broken stream: wait this long for that stream to let go of the session.
+LOCK_WAIT_SECONDS = 5.0
+
+
+def _lock(fd: int, kind: int, wait: float = LOCK_WAIT_SECONDS) -> bool:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
 class UploadWriter:
     """Appends chunks to one session; holds an exclusive lock so two streams cannot interleave."""
 
@@ -67,13 +84,9 @@ class UploadWriter:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         except FileNotFoundError:
             raise NotFound(f"upload {upload_id} not found (cancelled or committed?)") from None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock(self._fd, fcntl.LOCK_EX):
             os.close(self._fd)
-            raise FailedPrecondition(
-                f"upload {upload_id} is being written by another connection"
-            ) from None
+            raise FailedPrecondition(f"upload {upload_id} is being written by another connection")
         self.offset = os.fstat(self._fd).st_size
         self._digester = store.take_digester(upload_id, self.offset)
 
@@ -191,9 +204,15 @@ class BlobStore:
         directory = self.upload_dir(upload_id)
         try:
             meta = json.loads((directory / "info.json").read_text())
-            st = (directory / "data").stat()
+            fd = os.open(directory / "data", os.O_RDONLY)
         except FileNotFoundError:
             raise NotFound(f"upload {upload_id} not found (cancelled or committed?)") from None
+        try:
+            # A shared lock waits for a writer that is still finishing, so the offset is final.
+            _lock(fd, fcntl.LOCK_SH)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
         return UploadInfo(
             upload_id, meta["repository"], st.st_size, meta["started_at"], st.st_mtime
         )

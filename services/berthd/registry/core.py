@@ -57,9 +57,12 @@ def decode_token(token: str) -> str | None:
     if not token:
         return None
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        last = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(f"invalid page token {token!r}") from None
+        last = ""
+    if not last:
+        raise InvalidArgument(f"invalid page token {token!r}")
+    return last
 
 
 class Registry:

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 import grpc
-from berth.registry.v1 import registry_pb2, registry_pb2_grpc
 
+from berth.registry.v1 import registry_pb2, registry_pb2_grpc
 from berthd.common.config import add_common_flags, add_flag, service_config
 from berthd.common.server import run_server
 from berthd.common.store import Store

@@ -9,11 +9,11 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc
 from berth.types.v1 import types_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from berthd.common.errors import InvalidArgument
 from berthd.registry import gc, metrics
 from berthd.registry.blobstore import BlobStat

@@ -201,8 +201,8 @@ def parse_manifest(content: bytes, media_type: str | None = None) -> ParsedManif
     if type(version) is int and version == 1:
         raise InvalidArgument(f"manifest has schemaVersion 1: {_SCHEMA1}")
     if type(version) is not int or version != 2:
-        raise InvalidArgument(f"manifest {_field_error(obj, 'schemaVersion', '', '2')}")
-    body_type = _optional_str(obj, "mediaType", "")
+        raise _field_error(obj, "schemaVersion", "manifest", "2")
+    body_type = _optional_str(obj, "mediaType", "manifest")
     if media_type and body_type is not None and body_type != media_type:
         raise InvalidArgument(
             f"manifest mediaType {quoted(body_type)} does not match "

@@ -67,7 +67,13 @@ def validate_reference(text: str) -> str:
     """Validate the `<reference>` of `/v2/<name>/manifests/<reference>`: a tag or a digest."""
     # A tag can never contain ':', so anything with one is meant as a digest.
     if isinstance(text, str) and ":" in text:
-        return parse_digest(text)
+        try:
+            return parse_digest(text)
+        except InvalidArgument as exc:
+            raise InvalidArgument(
+                f"invalid reference {quoted(text)}: neither a tag (a tag cannot contain ':') "
+                f"nor a digest ({exc})"
+            ) from None
     return validate_tag(text)
 
 

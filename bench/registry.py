@@ -1,0 +1,393 @@
+"""Push and pull one image through berth and through skopeo + docker-registry, on loopback.
+
+Each round starts both registries empty: a fresh `berthd up --state-dir` cluster, and a fresh
+`docker-registry serve` (CNCF Distribution) with its own storage directory. skopeo runs with
+an empty blob-info cache every time, so it cannot skip or mount blobs it saw in an earlier run.
+The printed figures are medians over the rounds, in MB/s (10^6 bytes per second) of blob bytes
+(layers + config) moved by one client command, timed from its start to its exit.
+
+    .venv/bin/python bench/registry.py [--rounds 3] [--layers 4] [--layer-mb 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from oci_images import make_random_image  # noqa: E402
+
+BIN = Path(sys.executable).parent
+BERTH = str(BIN / "berth")
+BERTHD = str(BIN / "berthd")
+SOURCE_REF = "bench"
+BERTH_REPO = "bench/random:1"
+PEER_REPO = "bench/random:1"
+# Where containers/image keeps its blob-info cache when run as root. HOME and XDG_DATA_HOME
+# only move it for other users, so for root a private mount namespace hides it (see below).
+ROOT_BLOB_INFO_CACHE = Path("/var/lib/containers/cache")
+STOP_TIMEOUT = 15.0
+
+
+class BenchError(Exception):
+    """A step failed: the message says which and why."""
+
+
+@dataclass
+class Timings:
+    push: list[float] = field(default_factory=list)
+    pull: list[float] = field(default_factory=list)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def run(argv: list[str], what: str, env: dict[str, str] | None = None) -> float:
+    """Run argv to completion; return its wall-clock seconds, or raise with its output."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, check=False
+    )
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        output = "\n".join(part for part in (done.stdout.strip(), done.stderr.strip()) if part)
+        raise BenchError(f"{what} failed (exit {done.returncode}): {' '.join(argv)}\n{output}")
+    return elapsed
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_base_port() -> int:
+    """A base port for `berthd up` whose etcd (base, base+1) and registry ports are all free."""
+    for _ in range(200):
+        base = free_port()
+        if base + 11 > 65535:
+            continue
+        if all(port_is_free(base + offset) for offset in (0, 1, 10, 11)):
+            return base
+    raise BenchError("found no free range of ports for `berthd up`")
+
+
+def manifest_digest(layout: Path, ref: str) -> str:
+    """The digest index.json of an OCI layout gives for `ref`."""
+    index = json.loads((layout / "index.json").read_text())
+    for entry in index.get("manifests", []):
+        if (entry.get("annotations") or {}).get("org.opencontainers.image.ref.name") == ref:
+            return str(entry["digest"])
+    raise BenchError(f"{layout} has no manifest tagged {ref!r}")
+
+
+def blob_bytes(layout: Path, ref: str) -> int:
+    """Bytes of the layers and config of `ref`: what a push or pull has to move."""
+    digest = manifest_digest(layout, ref)
+    manifest = json.loads((layout / "blobs" / "sha256" / digest.split(":", 1)[1]).read_text())
+    return int(manifest["config"]["size"]) + sum(int(layer["size"]) for layer in manifest["layers"])
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+
+
+def check_same_image(pulled: Path, ref: str, expected: str, who: str) -> None:
+    got = manifest_digest(pulled, ref)
+    if got != expected:
+        raise BenchError(f"{who}: pulled manifest {got} differs from the source's {expected}")
+
+
+def check_stored(storage: Path, size: int, who: str) -> None:
+    """The registry holds at least every blob byte: the push really moved the data."""
+    stored = tree_bytes(storage) if storage.exists() else 0
+    if stored < size:
+        raise BenchError(f"{who}: registry storage {storage} holds {stored} bytes < image {size}")
+
+
+def _alive(pid: int, marker: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return marker in cmdline
+
+
+def stop_pid(pid: int, marker: str) -> None:
+    """SIGTERM then SIGKILL one process we started, if it still runs what we started."""
+    if not _alive(pid, marker):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        if not _alive(pid, marker):
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+# --- berth ---------------------------------------------------------------------------------------
+
+
+def berth_round(work: Path, source: Path, expected: str, size: int) -> tuple[float, float]:
+    state = work / "berth-state"
+    pulled = work / "berth-pulled"
+    try:
+        run(
+            [BERTHD, "up", "--state-dir", str(state), "--base-port", str(free_base_port())],
+            "berthd up",
+        )
+        cluster = json.loads((state / "cluster.json").read_text())
+        address = cluster["services"]["registry"]["address"]
+        push = run(
+            [BERTH, "--registry", address, "oci", "push", f"{source}:{SOURCE_REF}", BERTH_REPO],
+            "berth oci push",
+        )
+        check_stored(state / "registry", size, "berth")
+        pull = run(
+            [BERTH, "--registry", address, "oci", "pull", BERTH_REPO, f"{pulled}:{SOURCE_REF}"],
+            "berth oci pull",
+        )
+        check_same_image(pulled, SOURCE_REF, expected, "berth")
+        return push, pull
+    finally:
+        stop_berth(state)
+        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(pulled, ignore_errors=True)
+
+
+def stop_berth(state: Path) -> None:
+    cluster_file = state / "cluster.json"
+    if not cluster_file.exists():
+        return
+    cluster = json.loads(cluster_file.read_text())
+    try:
+        run([BERTHD, "down", "--state-dir", str(state)], "berthd down")
+    finally:
+        # Whatever `down` left running (it should be nothing), stopped by pid.
+        entries = [*cluster.get("services", {}).values(), cluster.get("etcd") or {}]
+        for entry in entries:
+            if entry.get("pid") and entry.get("marker"):
+                stop_pid(int(entry["pid"]), str(entry["marker"]))
+
+
+# --- skopeo + docker-registry --------------------------------------------------------------------
+
+
+def skopeo(args: list[str], scratch: Path, what: str) -> float:
+    """Run skopeo with an empty blob-info cache of its own; return its wall-clock seconds."""
+    scratch.mkdir(parents=True)
+    cache = scratch / "cache"
+    cache.mkdir(mode=0o700)
+    # For other users, containers/image keeps the cache under $XDG_DATA_HOME (or $HOME).
+    env = dict(os.environ, HOME=str(scratch), XDG_DATA_HOME=str(scratch / "data"))
+    argv = ["skopeo", *args]
+    if os.geteuid() == 0:
+        # For root it is always /var/lib/containers/cache: hide it behind an empty directory
+        # in a private mount namespace (unshare + bind mount add a few ms to skopeo's time).
+        ROOT_BLOB_INFO_CACHE.mkdir(mode=0o700, parents=True, exist_ok=True)
+        argv = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f'mount --bind "$0" {ROOT_BLOB_INFO_CACHE} && exec "$@"',
+            str(cache),
+            *argv,
+        ]
+    try:
+        return run(argv, what, env=env)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def start_docker_registry(work: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+    storage = work / "docker-registry-storage"
+    storage.mkdir(parents=True)
+    port = free_port()
+    config = work / "docker-registry.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n"
+        "  level: info\n"
+        "storage:\n"
+        "  filesystem:\n"
+        f"    rootdirectory: {storage}\n"
+        "  delete:\n"
+        "    enabled: true\n"
+        "http:\n"
+        f"  addr: 127.0.0.1:{port}\n"
+    )
+    log = work / "docker-registry.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["docker-registry", "serve", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise BenchError(f"docker-registry exited with {proc.returncode}: {' | '.join(tail)}")
+        try:
+            with urllib.request.urlopen(f"http://{address}/v2/", timeout=1) as reply:
+                if reply.status == 200:
+                    return proc, address, storage
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.05)
+    stop_process(proc)
+    raise BenchError(f"docker-registry did not answer on {address} within 30s; see {log}")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def peer_round(work: Path, source: Path, expected: str, size: int) -> tuple[float, float]:
+    pulled = work / "peer-pulled"
+    proc = None
+    try:
+        proc, address, storage = start_docker_registry(work)
+        remote = f"docker://{address}/{PEER_REPO}"
+        push = skopeo(
+            ["copy", "--dest-tls-verify=false", f"oci:{source}:{SOURCE_REF}", remote],
+            work / "skopeo-push",
+            "skopeo copy (push)",
+        )
+        check_stored(storage, size, "docker-registry")
+        pull = skopeo(
+            ["copy", "--src-tls-verify=false", remote, f"oci:{pulled}:{SOURCE_REF}"],
+            work / "skopeo-pull",
+            "skopeo copy (pull)",
+        )
+        check_same_image(pulled, SOURCE_REF, expected, "skopeo + docker-registry")
+        return push, pull
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        for name in ("docker-registry-storage", "docker-registry.yml", "docker-registry.log"):
+            path = work / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        shutil.rmtree(pulled, ignore_errors=True)
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def rate(size: int, seconds: float) -> float:
+    return size / 1e6 / seconds
+
+
+def report(size: int, args: argparse.Namespace, berth: Timings, peer: Timings) -> None:
+    print()
+    print(
+        f"image: {args.layers} layers x {args.layer_mb:g} MiB, {size / 1e6:.1f} MB of blobs;"
+        f" {args.rounds} round(s), median; loopback"
+    )
+    header = f"{'':6}{'berth MB/s':>12}{'skopeo+docker-registry MB/s':>30}{'berth/peer':>12}"
+    print(header)
+    print("-" * len(header))
+    for name in ("push", "pull"):
+        ours = rate(size, statistics.median(getattr(berth, name)))
+        theirs = rate(size, statistics.median(getattr(peer, name)))
+        print(f"{name:6}{ours:>12.1f}{theirs:>30.1f}{ours / theirs:>11.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
+    parser.add_argument("--layers", type=int, default=4, help="layers in the image")
+    parser.add_argument("--layer-mb", type=float, default=64, help="MiB of data per layer")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random layer data")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.layers < 1 or args.layer_mb <= 0:
+        parser.error("--rounds, --layers and --layer-mb must be positive")
+    for tool in ("skopeo", "docker-registry", "etcd", "unshare"):
+        if shutil.which(tool) is None:
+            print(f"bench: `{tool}` is not installed (make deps)", file=sys.stderr)
+            return 1
+
+    work = Path(tempfile.mkdtemp(prefix="berth-bench-"))
+    berth, peer = Timings(), Timings()
+    try:
+        source = work / "source"
+        started = time.perf_counter()
+        make_random_image(
+            source, SOURCE_REF, args.layers, int(args.layer_mb * 1024 * 1024), args.seed
+        )
+        expected = manifest_digest(source, SOURCE_REF)
+        size = blob_bytes(source, SOURCE_REF)
+        print(
+            f"source image {expected} ({size / 1e6:.1f} MB) built in"
+            f" {time.perf_counter() - started:.1f}s"
+        )
+        for number in range(1, args.rounds + 1):
+            # Alternate who goes first, so neither always meets a warmer or cooler machine.
+            order = ["berth", "peer"] if number % 2 else ["peer", "berth"]
+            for who in order:
+                if who == "berth":
+                    push, pull = berth_round(work, source, expected, size)
+                    timings = berth
+                else:
+                    push, pull = peer_round(work, source, expected, size)
+                    timings = peer
+                timings.push.append(push)
+                timings.pull.append(pull)
+                label = "berth" if who == "berth" else "skopeo+docker-registry"
+                print(
+                    f"round {number}: {label:23} push {push:6.2f}s ({rate(size, push):6.1f} MB/s)"
+                    f"  pull {pull:6.2f}s ({rate(size, pull):6.1f} MB/s)",
+                    flush=True,
+                )
+        report(size, args, berth, peer)
+    except BenchError as exc:
+        print(f"bench FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""`berth oci push` and `berth oci pull`: copy images between OCI layouts and the registry.
+
+Manifests travel as their exact bytes, so digests are the same in the layout and the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from berth.cli.output import console
+from berth.cli.progress import LayerLine, LayerProgress
+from berth.cli.registry_cmds import connect_registry, connection_options
+from berth.client.registry import ImageReference, ManifestData, RegistryClient
+from berth.client.registry import parse_image_reference as parse_image_ref
+from berth.errors import BerthClientError
+from berth.oci_layout import (
+    Descriptor,
+    ImageLayout,
+    LayoutError,
+    Manifest,
+    compute_digest,
+    parse_layout_ref,
+)
+
+LAYOUT_HELP = (
+    "DIR[:REF] names an OCI image layout (as skopeo's oci:DIR:REF). REF is the text after the "
+    "last colon unless it contains a '/'; write a directory whose name has a colon with a "
+    "trailing slash, e.g. ./v1:2/ or ./v1:2/:latest."
+)
+_PUSH_STATUS = {
+    "exists": "Layer already exists",
+    "mounted": "Mounted from another repository",
+    "pushed": "Pushed",
+}
+
+Plan = list[tuple[Descriptor, LayerLine | None]]
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register `oci push` and `oci pull` on the top-level subcommands."""
+    oci = commands.add_parser("oci", help="copy images between OCI layouts and the registry")
+    sub = oci.add_subparsers(dest="oci_command", metavar="COMMAND", required=True)
+    common = [connection_options()]
+
+    push = sub.add_parser(
+        "push", parents=common, help="push an image from an OCI layout", description=LAYOUT_HELP
+    )
+    push.add_argument("source", metavar="DIR[:REF]", help="layout to read")
+    push.add_argument("target", metavar="REPO[:TAG]", help="destination (TAG default: latest)")
+    push.set_defaults(func=cmd_push)
+
+    pull = sub.add_parser(
+        "pull", parents=common, help="pull an image into an OCI layout", description=LAYOUT_HELP
+    )
+    pull.add_argument("source", metavar="REPO[:TAG|@DIGEST]", help="image to pull")
+    pull.add_argument(
+        "dest", metavar="DIR[:REF]", help="layout to write (created if absent; REF default: TAG)"
+    )
+    pull.set_defaults(func=cmd_pull)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    path, ref = parse_layout_ref(args.source)
+    target = parse_image_ref(args.target)
+    if target.digest:
+        raise BerthClientError(
+            "push to REPO[:TAG]: a pushed manifest is always reachable by its own digest",
+            "INVALID_ARGUMENT",
+        )
+    tag = target.tag or "latest"
+    layout = ImageLayout.open(path)
+    manifests = list(layout.walk(layout.resolve(ref)))  # children first
+    _check_complete(layout, manifests)
+    out = console()
+    with connect_registry(args) as client:
+        out.print(
+            f"The push refers to repository [{client.address}/{target.repository}]", markup=False
+        )
+        with LayerProgress(out, "Pushing") as display:
+            for blob, line in _plan(manifests, display):
+                result = client.push_blob(
+                    target.repository,
+                    layout.blob_path(blob.digest),
+                    blob.digest,
+                    blob.size,
+                    progress=line.update if line else None,
+                )
+                if line:
+                    line.finish(_PUSH_STATUS[result.outcome])
+        for manifest in manifests:
+            is_top = manifest is manifests[-1]
+            _put_manifest(client, target.repository, tag if is_top else None, manifest)
+    top = manifests[-1]
+    out.print(f"{tag}: digest: {top.descriptor.digest} size: {top.descriptor.size}", markup=False)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    source = parse_image_ref(args.source)
+    path, ref = parse_layout_ref(args.dest)
+    if ref is None and not source.digest:
+        ref = source.tag or "latest"
+    layout = ImageLayout.create(path)
+    out = console()
+    with connect_registry(args) as client:
+        out.print(f"{source.tag or source.reference}: Pulling from {source.repository}")
+        manifests = _fetch_manifests(client, source)
+        with LayerProgress(out, "Downloading") as display:
+            for blob, line in _plan(manifests, display):
+                status = _pull_blob(client, layout, source.repository, blob, line)
+                if line:
+                    line.finish(status)
+    # Manifests go in after every blob they reference, the index entry last.
+    for manifest in manifests:
+        layout.write_blob(manifest.content, manifest.descriptor.digest)
+    top = manifests[-1]
+    layout.set_ref(top.descriptor, ref)
+    out.print(f"Digest: {top.descriptor.digest}", markup=False)
+    out.print(f"Status: Saved {source} to {path}{f':{ref}' if ref else ''}", markup=False)
+    return 0
+
+
+def _plan(manifests: list[Manifest], display: LayerProgress) -> Plan:
+    """Distinct blobs of the image manifests, each manifest's layers then its config. Layers
+    get a progress line; configs do not (as in Docker)."""
+    plan: Plan = []
+    seen: set[str] = set()
+    for manifest in manifests:
+        if manifest.is_index:
+            continue
+        config = manifest.config
+        for blob in [*manifest.layers, *([config] if config else [])]:
+            if blob.digest not in seen:
+                seen.add(blob.digest)
+                line = display.add(blob.digest, blob.size) if blob is not config else None
+                plan.append((blob, line))
+    return plan
+
+
+def _check_complete(layout: ImageLayout, manifests: list[Manifest]) -> None:
+    """Fail before sending anything when the layout lacks a blob (e.g. a partial skopeo copy)."""
+    for manifest in manifests:
+        if manifest.is_index:
+            continue  # children were read by walk(), so they are present
+        for blob in layout.blobs_for(manifest):
+            if not layout.has_blob(blob.digest, blob.size):
+                raise LayoutError(
+                    f"OCI layout {layout.root} lacks blob {blob.digest} ({blob.size} bytes) "
+                    f"referenced by manifest {manifest.descriptor.digest}"
+                )
+
+
+def _put_manifest(
+    client: RegistryClient, repository: str, tag: str | None, manifest: Manifest
+) -> None:
+    """Store a manifest under tag, or untagged by digest; the registry must agree on the digest."""
+    expected = manifest.descriptor.digest
+    digest = client.put_manifest(repository, tag or expected, manifest.media_type, manifest.content)
+    if digest != expected:
+        raise BerthClientError(
+            f"registry stored manifest {expected} as {digest}; it must keep the bytes unchanged",
+            "DATA_LOSS",
+        )
+
+
+def _fetch_manifests(client: RegistryClient, source: ImageReference) -> list[Manifest]:
+    """The manifest source names and, for an index, every child: children first, each verified."""
+    result: list[Manifest] = []
+    seen: set[str] = set()
+
+    def visit(manifest: Manifest) -> None:
+        for child in manifest.children if manifest.is_index else []:
+            if child.digest not in seen:
+                seen.add(child.digest)
+                data = client.get_manifest(source.repository, child.digest)
+                visit(_verified(data, child.digest, child.media_type))
+        result.append(manifest)
+
+    top = client.get_manifest(source.repository, source.reference)
+    visit(_verified(top, source.digest, ""))
+    return result
+
+
+def _verified(data: ManifestData, expected_digest: str | None, media_type: str) -> Manifest:
+    """Check the registry's manifest bytes against the digest it reported and the one asked for."""
+    actual = compute_digest(data.content)
+    for claimed in (data.digest, expected_digest):
+        if claimed and claimed != actual:
+            raise BerthClientError(
+                f"manifest from the registry has digest {actual}, expected {claimed}", "DATA_LOSS"
+            )
+    descriptor = Descriptor(data.media_type or media_type, actual, len(data.content))
+    manifest = Manifest.parse(descriptor, data.content)
+    if not descriptor.media_type:
+        descriptor = Descriptor(manifest.media_type, actual, len(data.content))
+        manifest = Manifest(descriptor, manifest.content, manifest.data)
+    return manifest
+
+
+def _pull_blob(
+    client: RegistryClient,
+    layout: ImageLayout,
+    repository: str,
+    blob: Descriptor,
+    line: LayerLine | None,
+) -> str:
+    """Download one blob into the layout unless present; returns Docker's status for it."""
+    if layout.has_blob(blob.digest, blob.size):
+        return "Already exists"
+    dest = layout.blob_path(blob.digest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    client.pull_blob(repository, blob.digest, dest, progress=line.update if line else None)
+    return "Pull complete"

@@ -1,0 +1,125 @@
+"""How the CLI prints: rich tables for people, JSON for scripts, one error line for failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from berth.errors import one_line
+
+FORMATS = ("table", "json")
+# Piped output is for grep/awk: never wrap or cut it to a pretend terminal width.
+_PIPE_WIDTH = 100_000
+
+
+def console(stderr: bool = False) -> Console:
+    """A console on the current stdout (or stderr), without rich's syntax colouring."""
+    stream = sys.stderr if stderr else sys.stdout
+    plain = Console(file=stream, highlight=False)
+    return plain if plain.is_terminal else Console(file=stream, highlight=False, width=_PIPE_WIDTH)
+
+
+def print_error(message: object) -> None:
+    """The only way the CLI reports a failure: one `Error: ...` line on stderr."""
+    print(f"Error: {one_line(str(message)) or 'unknown error'}", file=sys.stderr, flush=True)
+
+
+def print_line(text: str = "") -> None:
+    console().print(text, markup=False)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Docker-style table: upper-case headers, no borders, three spaces between columns."""
+    table = Table(box=None, pad_edge=False, padding=(0, 3, 0, 0), header_style="bold")
+    for header in headers:
+        table.add_column(header, no_wrap=True, overflow="ellipsis")
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))  # Text: a "[" in data is not markup
+    console().print(table)
+
+
+def print_fields(fields: Sequence[tuple[str, str]]) -> None:
+    """`Key:   value` lines with aligned values, for one object."""
+    width = max((len(key) for key, _ in fields), default=0) + 2
+    for key, value in fields:
+        print_line(f"{key + ':':<{width}}{value}")
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(jsonable(data), indent=2) + "\n")
+
+
+def jsonable(value: Any) -> Any:
+    """Dataclasses, datetimes and containers as plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, datetime):
+        return format_time(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 in UTC, as Docker prints times."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def human_size(size: float) -> str:
+    """Decimal units with three significant digits, like Docker: 528B, 45.6kB, 12.3MB."""
+    units = ("B", "kB", "MB", "GB", "TB", "PB")
+    unit = 0
+    while size >= 999.5 and unit < len(units) - 1:
+        size /= 1000
+        unit += 1
+    return f"{size:.3g}{units[unit]}"
+
+
+def human_ago(when: datetime | None, now: datetime | None = None) -> str:
+    """Docker's relative times: "3 hours ago", "About a minute ago"; "-" when unknown."""
+    if when is None:
+        return "-"
+    seconds = ((now or datetime.now(UTC)) - when).total_seconds()
+    minutes, hours, days = seconds / 60, seconds / 3600, seconds / 86400
+    if seconds < 1:
+        text = "Less than a second"
+    elif seconds < 60:
+        text = f"{int(seconds)} seconds"
+    elif minutes < 2:
+        text = "About a minute"
+    elif minutes < 60:
+        text = f"{int(minutes)} minutes"
+    elif hours < 2:
+        text = "About an hour"
+    elif hours < 48:
+        text = f"{int(hours)} hours"
+    elif days < 14:
+        text = f"{int(days)} days"
+    elif days < 60:
+        text = f"{int(days // 7)} weeks"
+    elif days < 730:
+        text = f"{int(days // 30)} months"
+    else:
+        text = f"{int(days // 365)} years"
+    return f"{text} ago"
+
+
+def truncate(text: str, width: int) -> str:
+    """Cut text to width characters, ending in "..." when cut, as `docker search` does."""
+    text = one_line(text)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def short_digest(digest: str) -> str:
+    """The 12 hex digits Docker shows for a layer."""
+    return digest.partition(":")[2][:12] or digest

@@ -1,0 +1,579 @@
+"""Typed, synchronous client for berth's RegistryService.
+
+Methods take and return plain Python values and raise BerthClientError; no protobuf message
+or gRPC error reaches the caller. Blob transfers move in 1 MiB chunks and resume after a
+broken connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Literal, TypeVar
+
+import grpc
+
+from berth.errors import BerthClientError, from_rpc_error
+from berth.registry.v1 import registry_pb2 as pb
+from berth.registry.v1 import registry_pb2_grpc as pb_grpc
+
+CHUNK_SIZE = 1 << 20
+MAX_MESSAGE_BYTES = 16 << 20
+# Unary calls get a deadline so a wedged server cannot hang the CLI; streams and GC do not,
+# since their duration grows with the data.
+DEFAULT_TIMEOUT = 60.0
+RESUME_ATTEMPTS = 5
+
+Progress = Callable[[int, int], None]
+"""progress(bytes_done, total); during uploads it is called from a gRPC worker thread."""
+
+T = TypeVar("T")
+
+# Distribution-spec grammar (https://github.com/opencontainers/distribution-spec).
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPOSITORY_RE = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """outcome: "exists" (already in the repository), "mounted" (linked from another
+    repository) or "pushed" (uploaded). Only "pushed" sent any bytes."""
+
+    outcome: Literal["exists", "mounted", "pushed"]
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ManifestData:
+    digest: str
+    media_type: str
+    content: bytes
+
+
+@dataclass(frozen=True)
+class DeletedManifest:
+    digest: str
+    deleted_tags: list[str]
+
+
+@dataclass(frozen=True)
+class RepositoryInfo:
+    name: str
+    description: str
+    labels: dict[str, str]
+    tag_count: int
+    created_at: datetime | None
+    last_push_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TagInfo:
+    name: str
+    digest: str
+    pushed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class GcReport:
+    deleted: list[BlobInfo]
+    bytes_freed: int
+    blobs_marked: int
+    blobs_young: int
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """REPO[:TAG][@DIGEST] split into its parts; tag and digest are None when absent."""
+
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def reference(self) -> str:
+        """What to ask the registry for: the digest, else the tag, else "latest"."""
+        return self.digest or self.tag or "latest"
+
+    def __str__(self) -> str:
+        text = self.repository + (f":{self.tag}" if self.tag else "")
+        return text + (f"@{self.digest}" if self.digest else "")
+
+
+def parse_image_reference(text: str) -> ImageReference:
+    """Parse REPO[:TAG][@DIGEST] with the distribution-spec grammar.
+
+    The tag is the text after the last ':' that is not followed by a '/', as in Docker.
+    """
+    name, _, digest = text.partition("@")
+    repository, tag = name, None
+    head, sep, tail = name.rpartition(":")
+    if sep and "/" not in tail:
+        repository, tag = head, tail
+    if not _REPOSITORY_RE.match(repository):
+        raise BerthClientError(
+            f'invalid repository name "{repository}": use lowercase letters, digits, '
+            "separators (. _ -) and / between components",
+            "INVALID_ARGUMENT",
+        )
+    if tag is not None and not _TAG_RE.match(tag):
+        raise BerthClientError(
+            f'invalid tag "{tag}": up to 128 letters, digits, _ . and -, not starting with . or -',
+            "INVALID_ARGUMENT",
+        )
+    if digest and not _DIGEST_RE.match(digest):
+        raise BerthClientError(
+            f'invalid digest "{digest}": expected sha256: and 64 lowercase hex digits',
+            "INVALID_ARGUMENT",
+        )
+    return ImageReference(repository, tag, digest or None)
+
+
+class RegistryClient:
+    """Blocking client for one registry address. Use as a context manager, or call close()."""
+
+    def __init__(self, address: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self.address = address
+        self._timeout = timeout
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = pb_grpc.RegistryServiceStub(self._channel)
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # --- blobs -----------------------------------------------------------------------------
+
+    def stat_blob(self, repository: str, digest: str) -> BlobInfo | None:
+        """The blob's digest and size, or None when the repository does not hold it."""
+        try:
+            response = self._stub.StatBlob(
+                pb.StatBlobRequest(repository=repository, digest=digest), timeout=self._timeout
+            )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise self._error(err) from err
+        return BlobInfo(response.descriptor.digest or digest, response.descriptor.size)
+
+    def mount_blob(self, repository: str, digest: str, from_repository: str = "") -> bool:
+        """Link a blob the registry stores into repository; False when it must be uploaded."""
+        request = pb.MountBlobRequest(
+            repository=repository, digest=digest, from_repository=from_repository
+        )
+        return self._unary(self._stub.MountBlob, request).mounted
+
+    def push_blob(
+        self,
+        repository: str,
+        source: str | os.PathLike[str] | BinaryIO,
+        digest: str,
+        size: int,
+        progress: Progress | None = None,
+    ) -> PushResult:
+        """Make the blob available in repository, sending bytes only when the registry lacks it.
+
+        source is a path or a binary file object positioned at the blob's first byte (seekable,
+        so an interrupted upload can resume).
+        """
+        if self.stat_blob(repository, digest) is not None:
+            outcome: Literal["exists", "mounted", "pushed"] = "exists"
+        elif self.mount_blob(repository, digest):
+            outcome = "mounted"
+        else:
+            with _open_source(source) as fileobj:
+                self._upload(repository, fileobj, digest, size, progress)
+            outcome = "pushed"
+        if progress is not None:
+            progress(size, size)
+        return PushResult(outcome, digest, size)
+
+    def pull_blob(
+        self,
+        repository: str,
+        digest: str,
+        dest_path: str | os.PathLike[str],
+        progress: Progress | None = None,
+    ) -> int:
+        """Download a blob to dest_path, verifying its digest; returns its size.
+
+        Bytes land in `<dest>.partial`, which a later call resumes from; the file is renamed
+        into place only once the digest matches, so dest_path never holds a partial blob.
+        """
+        algorithm, expected = _split_digest(digest)
+        info = self.stat_blob(repository, digest)
+        if info is None:
+            raise BerthClientError(f"blob {digest} not found in {repository}", "NOT_FOUND")
+        dest = Path(dest_path)
+        partial = dest.with_name(dest.name + ".partial")
+        hasher = hashlib.new(algorithm)
+        offset = _rehash_partial(partial, hasher, info.size)
+        with open(partial, "ab") as out:
+            offset = self._download(repository, digest, out, hasher, offset, info.size, progress)
+            out.flush()
+            os.fsync(out.fileno())
+        if offset != info.size or hasher.hexdigest() != expected:
+            partial.unlink(missing_ok=True)
+            raise BerthClientError(
+                f"blob {digest} from {repository} does not match its digest "
+                f"(got {algorithm}:{hasher.hexdigest()}, {offset} bytes); "
+                "the partial download was deleted, pull again",
+                "DATA_LOSS",
+            )
+        os.replace(partial, dest)
+        _fsync_dir(dest.parent)
+        return info.size
+
+    # --- manifests ---------------------------------------------------------------------------
+
+    def put_manifest(
+        self, repository: str, reference: str, media_type: str, content: bytes
+    ) -> str:
+        """Store a manifest under a tag (or its own digest); returns the manifest digest."""
+        request = pb.PutManifestRequest(
+            repository=repository, reference=reference, media_type=media_type, content=content
+        )
+        return self._unary(self._stub.PutManifest, request).digest
+
+    def get_manifest(self, repository: str, reference: str) -> ManifestData:
+        """A manifest by tag or digest, with its bytes exactly as pushed."""
+        request = pb.GetManifestRequest(repository=repository, reference=reference)
+        response = self._unary(self._stub.GetManifest, request)
+        return ManifestData(response.digest, response.media_type, response.content)
+
+    def delete_manifest(self, repository: str, reference: str) -> DeletedManifest:
+        """Delete a manifest (by digest, or the one a tag names) and every tag pointing at it."""
+        request = pb.DeleteManifestRequest(repository=repository, reference=reference)
+        response = self._unary(self._stub.DeleteManifest, request)
+        return DeletedManifest(response.digest, list(response.deleted_tags))
+
+    # --- repositories and tags ---------------------------------------------------------------
+
+    def iter_repositories(self, page_size: int = 100) -> Iterator[RepositoryInfo]:
+        """Every repository in name order, fetched a page at a time."""
+
+        def page(token: str) -> tuple[list[RepositoryInfo], str]:
+            request = pb.ListRepositoriesRequest(page_size=page_size, page_token=token)
+            response = self._unary(self._stub.ListRepositories, request)
+            return [_repository(r) for r in response.repositories], response.next_page_token
+
+        return _paginate(page)
+
+    def iter_tags(self, repository: str, page_size: int = 100) -> Iterator[TagInfo]:
+        """Every tag of a repository in name order, fetched a page at a time."""
+
+        def page(token: str) -> tuple[list[TagInfo], str]:
+            request = pb.ListTagsRequest(
+                repository=repository, page_size=page_size, page_token=token
+            )
+            response = self._unary(self._stub.ListTags, request)
+            return [_tag(t) for t in response.tags], response.next_page_token
+
+        return _paginate(page)
+
+    def get_repository(self, repository: str) -> RepositoryInfo:
+        request = pb.GetRepositoryRequest(repository=repository)
+        return _repository(self._unary(self._stub.GetRepository, request).repository)
+
+    def update_repository(
+        self,
+        repository: str,
+        description: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        replace_labels: bool = False,
+    ) -> RepositoryInfo:
+        """Set the description (None leaves it) and merge labels in, or replace them all."""
+        request = pb.UpdateRepositoryRequest(
+            repository=repository, labels=dict(labels or {}), replace_labels=replace_labels
+        )
+        if description is not None:
+            request.description = description
+        return _repository(self._unary(self._stub.UpdateRepository, request).repository)
+
+    def delete_tag(self, repository: str, tag: str) -> str:
+        """Remove a tag; returns the digest it pointed at (the manifest stays)."""
+        request = pb.DeleteTagRequest(repository=repository, tag=tag)
+        return self._unary(self._stub.DeleteTag, request).digest
+
+    def search(
+        self, term: str, labels: Mapping[str, str] | None = None, limit: int = 25
+    ) -> list[RepositoryInfo]:
+        """Repositories matching term (names first, then descriptions and labels)."""
+        request = pb.SearchRequest(term=term, labels=dict(labels or {}), limit=limit)
+        return [_repository(r) for r in self._unary(self._stub.Search, request).results]
+
+    def garbage_collect(self, dry_run: bool = False, grace_seconds: int = 0) -> GcReport:
+        """Delete unreferenced blobs older than grace_seconds (0: the server default, 1 h)."""
+        request = pb.GarbageCollectRequest(dry_run=dry_run, grace_period_seconds=grace_seconds)
+        response = self._unary(self._stub.GarbageCollect, request, deadline=False)
+        return GcReport(
+            deleted=[BlobInfo(d.digest, d.size) for d in response.deleted],
+            bytes_freed=response.bytes_freed,
+            blobs_marked=response.blobs_marked,
+            blobs_young=response.blobs_young,
+        )
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _unary(self, method: Callable[..., T], request: object, deadline: bool = True) -> T:
+        try:
+            return method(request, timeout=self._timeout if deadline else None)
+        except grpc.RpcError as err:
+            raise self._error(err) from err
+
+    def _error(self, err: grpc.RpcError) -> BerthClientError:
+        return from_rpc_error(err, address=self.address, service="registry")
+
+    def _upload(
+        self,
+        repository: str,
+        fileobj: BinaryIO,
+        digest: str,
+        size: int,
+        progress: Progress | None,
+    ) -> None:
+        start = self._unary(self._stub.StartUpload, pb.StartUploadRequest(repository=repository))
+        try:
+            self._send_and_commit(start.upload_id, repository, fileobj, digest, size, progress)
+        except BaseException:
+            self._cancel_quietly(start.upload_id)
+            raise
+
+    def _send_and_commit(
+        self,
+        upload_id: str,
+        repository: str,
+        fileobj: BinaryIO,
+        digest: str,
+        size: int,
+        progress: Progress | None,
+    ) -> None:
+        base = fileobj.tell()
+        offset: int | None = 0  # None: unknown after a broken stream, ask the server
+        for attempt in range(RESUME_ATTEMPTS + 1):
+            try:
+                if offset is None:
+                    offset = self._stub.GetUpload(
+                        pb.GetUploadRequest(upload_id=upload_id), timeout=self._timeout
+                    ).offset
+                if offset < size:
+                    offset = self._write(upload_id, fileobj, base, offset, size, progress)
+                if offset != size:
+                    raise BerthClientError(
+                        f"blob {digest}: the source ends after {offset} bytes, expected {size}",
+                        "DATA_LOSS",
+                    )
+                commit = pb.CommitUploadRequest(upload_id=upload_id, digest=digest)
+                self._stub.CommitUpload(commit, timeout=self._timeout)
+                return
+            except grpc.RpcError as err:
+                # A commit whose reply was lost leaves no session behind, but a visible blob.
+                if attempt and err.code() == grpc.StatusCode.NOT_FOUND:
+                    if self.stat_blob(repository, digest) is not None:
+                        return
+                if attempt == RESUME_ATTEMPTS or not _is_broken_stream(err):
+                    raise self._error(err) from err
+                offset = None
+                time.sleep(min(0.25 * 2**attempt, 4.0))
+
+    def _write(
+        self,
+        upload_id: str,
+        fileobj: BinaryIO,
+        base: int,
+        offset: int,
+        size: int,
+        progress: Progress | None,
+    ) -> int:
+        """Send bytes [offset, size) in one WriteUpload stream; returns the committed offset."""
+        reader = _ChunkReader(upload_id, fileobj, base, offset, size, progress)
+        response = self._stub.WriteUpload(reader.chunks())
+        if reader.error is not None:
+            raise reader.error
+        return response.offset
+
+    def _download(
+        self,
+        repository: str,
+        digest: str,
+        out: BinaryIO,
+        hasher: Any,
+        offset: int,
+        total: int,
+        progress: Progress | None,
+    ) -> int:
+        """Append the blob's bytes from offset to out, resuming after broken streams."""
+        for attempt in range(RESUME_ATTEMPTS + 1):
+            if progress is not None:
+                progress(offset, total)
+            if offset >= total:
+                return offset
+            request = pb.ReadBlobRequest(repository=repository, digest=digest, offset=offset)
+            try:
+                for chunk in self._stub.ReadBlob(request):
+                    if chunk.offset != offset or offset + len(chunk.data) > total:
+                        raise BerthClientError(
+                            f"registry sent {len(chunk.data)} bytes of {digest} at offset "
+                            f"{chunk.offset}, expected offset {offset} of {total}",
+                            "DATA_LOSS",
+                        )
+                    out.write(chunk.data)
+                    hasher.update(chunk.data)
+                    offset += len(chunk.data)
+                    if progress is not None:
+                        progress(offset, total)
+                return offset
+            except grpc.RpcError as err:
+                if attempt == RESUME_ATTEMPTS or not _is_broken_stream(err):
+                    raise self._error(err) from err
+                time.sleep(min(0.25 * 2**attempt, 4.0))
+        return offset
+
+    def _cancel_quietly(self, upload_id: str) -> None:
+        """Best effort: free the server's partial upload; the caller is already failing."""
+        try:
+            self._stub.CancelUpload(pb.CancelUploadRequest(upload_id=upload_id), timeout=2.0)
+        except grpc.RpcError:
+            pass
+
+
+@dataclass
+class _ChunkReader:
+    """Yields WriteUploadRequests from a file. A read error ends the stream early and is kept
+    in `error`, so it surfaces as itself instead of as a cancelled RPC."""
+
+    upload_id: str
+    fileobj: BinaryIO
+    base: int
+    offset: int
+    size: int
+    progress: Progress | None
+    error: OSError | None = field(default=None)
+
+    def chunks(self) -> Iterator[pb.WriteUploadRequest]:
+        offset = self.offset
+        try:
+            self.fileobj.seek(self.base + offset)
+            while offset < self.size:
+                data = self.fileobj.read(min(CHUNK_SIZE, self.size - offset))
+                if not data:
+                    return
+                yield pb.WriteUploadRequest(upload_id=self.upload_id, offset=offset, data=data)
+                offset += len(data)
+                if self.progress is not None:
+                    self.progress(offset, self.size)
+        except OSError as exc:
+            self.error = exc
+
+
+# Connection failures surface as UNAVAILABLE or CANCELLED, and sometimes as INTERNAL/UNKNOWN
+# carrying transport text when the peer vanished mid-stream.
+_BROKEN_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+_BROKEN_HINTS = ("stream removed", "rst_stream", "socket closed", "connection reset", "goaway")
+
+
+def _is_broken_stream(err: grpc.RpcError) -> bool:
+    code = err.code()
+    if code in _BROKEN_CODES:
+        return True
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        details = (err.details() or "").lower()
+        return any(hint in details for hint in _BROKEN_HINTS)
+    return False
+
+
+def _paginate(fetch: Callable[[str], tuple[list[T], str]]) -> Iterator[T]:
+    token = ""
+    while True:
+        items, token = fetch(token)
+        yield from items
+        if not token:
+            return
+
+
+def _timestamp(message: Any, name: str) -> datetime | None:
+    if not message.HasField(name):
+        return None
+    return getattr(message, name).ToDatetime(tzinfo=UTC)
+
+
+def _repository(message: pb.Repository) -> RepositoryInfo:
+    return RepositoryInfo(
+        name=message.name,
+        description=message.description,
+        labels=dict(message.labels),
+        tag_count=message.tag_count,
+        created_at=_timestamp(message, "created_at"),
+        last_push_at=_timestamp(message, "last_push_at"),
+    )
+
+
+def _tag(message: pb.Tag) -> TagInfo:
+    return TagInfo(message.name, message.digest, _timestamp(message, "pushed_at"))
+
+
+def _split_digest(digest: str) -> tuple[str, str]:
+    algorithm, _, hexdigest = digest.partition(":")
+    if algorithm not in ("sha256", "sha512") or not hexdigest:
+        raise BerthClientError(f'unsupported digest "{digest}"', "INVALID_ARGUMENT")
+    return algorithm, hexdigest
+
+
+def _rehash_partial(partial: Path, hasher: Any, total: int) -> int:
+    """Feed an earlier partial download to hasher; returns its length (0 if unusable)."""
+    try:
+        with open(partial, "rb") as existing:
+            length = os.fstat(existing.fileno()).st_size
+            if length > total:
+                length = 0  # not a prefix of this blob: start over
+            else:
+                while chunk := existing.read(CHUNK_SIZE):
+                    hasher.update(chunk)
+    except FileNotFoundError:
+        return 0
+    if length == 0:
+        partial.unlink(missing_ok=True)
+    return length
+
+
+@contextmanager
+def _open_source(source: str | os.PathLike[str] | BinaryIO) -> Iterator[BinaryIO]:
+    if isinstance(source, str | os.PathLike):
+        with open(source, "rb") as fileobj:
+            yield fileobj
+    else:
+        yield source
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,44 @@
+"""The one exception the berth client raises, and its translation from gRPC errors."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class BerthClientError(Exception):
+    """A failure a person can act on.
+
+    `code` is a grpc.StatusCode name such as "NOT_FOUND" (also for errors found on the client
+    side, e.g. "INVALID_ARGUMENT" for a bad reference); `message` is always a single line.
+    """
+
+    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
+        self.message = one_line(message) or code.replace("_", " ").lower()
+        self.code = code
+        super().__init__(self.message)
+
+
+def one_line(text: str) -> str:
+    """Collapse whitespace so a message never spans several lines of a terminal."""
+    return " ".join(text.split())
+
+
+def from_rpc_error(
+    err: grpc.RpcError, *, address: str, service: str = "registry"
+) -> BerthClientError:
+    """Convert a failed gRPC call into a BerthClientError with a message a person can act on."""
+    status = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = one_line((err.details() if isinstance(err, grpc.Call) else str(err)) or "")
+    code = status.name if status is not None else "UNKNOWN"
+    if status == grpc.StatusCode.UNAVAILABLE:
+        # gRPC's text ends with the root cause ("...: Connection refused"); the rest is noise.
+        reason = details.rsplit(": ", 1)[-1].strip(" []") or "unavailable"
+        message = (
+            f"cannot reach the {service} at {address} ({reason}); start a local cluster with "
+            f"`berthd up`, or point --{service} or BERTH_{service.upper()} at a running one"
+        )
+    elif status == grpc.StatusCode.DEADLINE_EXCEEDED:
+        message = f"the {service} at {address} did not answer in time"
+    else:
+        message = details or f"the {service} at {address} failed with {code}"
+    return BerthClientError(message, code)

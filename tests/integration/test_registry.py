@@ -1,0 +1,488 @@
+"""The registry service over real gRPC, with real etcd and real processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from berth.client import RegistryClient
+from berth.errors import BerthClientError
+from berth.registry.v1 import registry_pb2 as pb
+from berth.registry.v1 import registry_pb2_grpc
+from berthd.common.store import Store
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def stub(address: str) -> registry_pb2_grpc.RegistryServiceStub:
+    channel = grpc.insecure_channel(
+        address, options=[("grpc.max_send_message_length", 16 * 1024 * 1024)]
+    )
+    return registry_pb2_grpc.RegistryServiceStub(channel)
+
+
+def push_bytes(client: RegistryClient, repo: str, data: bytes, tmp_path: Path) -> str:
+    path = tmp_path / f"blob-{sha(data)[7:19]}"
+    path.write_bytes(data)
+    client.push_blob(repo, path, sha(data), len(data))
+    return sha(data)
+
+
+def image(layers: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """An OCI config and manifest for these layers: (manifest bytes, [config, *layers])."""
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [sha(layer) for layer in layers]},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": sha(config), "size": len(config)},
+            "layers": [
+                {"mediaType": OCI_LAYER, "digest": sha(layer), "size": len(layer)}
+                for layer in layers
+            ],
+        }
+    ).encode()
+    return manifest, [config, *layers]
+
+
+def push_image(client: RegistryClient, repo: str, tag: str, layers: list[bytes], tmp: Path) -> str:
+    manifest, blobs = image(layers)
+    for blob in blobs:
+        push_bytes(client, repo, blob, tmp)
+    return client.put_manifest(repo, tag, OCI_MANIFEST, manifest)
+
+
+def metric_value(text: str, name: str) -> float:
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, f"{name} not exported once"
+    return values[0]
+
+
+def blob_files(data_dir: Path) -> dict[str, int]:
+    return {
+        f"sha256:{p.name}": p.stat().st_size for p in (data_dir / "blobs" / "sha256").glob("*/*")
+    }
+
+
+def test_multi_layer_image_round_trip(client: RegistryClient, tmp_path: Path) -> None:
+    layers = [os.urandom(3 * 1024 * 1024 + 17), os.urandom(100), b"", os.urandom(1024 * 1024)]
+    digest = push_image(client, "library/app", "1.0", layers, tmp_path)
+
+    got = client.get_manifest("library/app", "1.0")
+    assert got.digest == digest
+    assert got.media_type == OCI_MANIFEST
+    assert client.get_manifest("library/app", digest).content == got.content
+    for layer in json.loads(got.content)["layers"]:
+        out = tmp_path / "out" / layer["digest"]
+        out.parent.mkdir(exist_ok=True)
+        client.pull_blob("library/app", layer["digest"], out)
+        assert sha(out.read_bytes()) == layer["digest"]
+    assert [t.name for t in client.iter_tags("library/app")] == ["1.0"]
+
+
+def test_interrupted_upload_resumes_from_committed_offset(registry, tmp_path: Path) -> None:
+    s = stub(registry.address)
+    data = os.urandom(5 * 1024 * 1024)
+    upload_id = s.StartUpload(pb.StartUploadRequest(repository="lib/resume")).upload_id
+
+    def broken_stream():
+        for offset in range(0, 3 * 1024 * 1024, 1024 * 1024):
+            yield pb.WriteUploadRequest(
+                upload_id=upload_id, offset=offset, data=data[offset : offset + 1024 * 1024]
+            )
+        raise ConnectionError("cable pulled")
+
+    with pytest.raises(grpc.RpcError):
+        s.WriteUpload(broken_stream())
+    offset = s.GetUpload(pb.GetUploadRequest(upload_id=upload_id)).offset
+    assert 0 < offset <= 3 * 1024 * 1024 and offset % (1024 * 1024) == 0
+
+    with pytest.raises(grpc.RpcError) as wrong:
+        s.WriteUpload(iter([pb.WriteUploadRequest(upload_id=upload_id, offset=0, data=b"x")]))
+    assert wrong.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"resume from offset {offset}" in wrong.value.details()
+
+    rest = [
+        pb.WriteUploadRequest(upload_id=upload_id, offset=o, data=data[o : o + 1024 * 1024])
+        for o in range(offset, len(data), 1024 * 1024)
+    ]
+    assert s.WriteUpload(iter(rest)).offset == len(data)
+    reply = s.CommitUpload(pb.CommitUploadRequest(upload_id=upload_id, digest=sha(data)))
+    assert reply.descriptor.size == len(data)
+    read = b"".join(
+        c.data for c in s.ReadBlob(pb.ReadBlobRequest(repository="lib/resume", digest=sha(data)))
+    )
+    assert read == data
+
+
+def test_ranged_read_resumes_a_download(registry) -> None:
+    s = stub(registry.address)
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    upload_id = s.StartUpload(pb.StartUploadRequest(repository="lib/range")).upload_id
+    s.WriteUpload(iter([pb.WriteUploadRequest(upload_id=upload_id, offset=0, data=data)]))
+    s.CommitUpload(pb.CommitUploadRequest(upload_id=upload_id, digest=sha(data)))
+    chunks = list(
+        s.ReadBlob(
+            pb.ReadBlobRequest(
+                repository="lib/range", digest=sha(data), offset=1024 * 1024 - 3, length=1024 * 1024
+            )
+        )
+    )
+    assert chunks[0].offset == 1024 * 1024 - 3 and chunks[0].total_size == len(data)
+    assert b"".join(c.data for c in chunks) == data[1024 * 1024 - 3 : 2 * 1024 * 1024 - 3]
+
+
+def test_wrong_digest_is_rejected_and_nothing_is_visible(registry, tmp_path: Path) -> None:
+    s = stub(registry.address)
+    data = b"the real bytes"
+    upload_id = s.StartUpload(pb.StartUploadRequest(repository="lib/bad")).upload_id
+    s.WriteUpload(iter([pb.WriteUploadRequest(upload_id=upload_id, offset=0, data=data)]))
+    with pytest.raises(grpc.RpcError) as err:
+        s.CommitUpload(pb.CommitUploadRequest(upload_id=upload_id, digest=sha(b"claimed")))
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert sha(data) in err.value.details()
+    for digest in (sha(data), sha(b"claimed")):
+        with pytest.raises(grpc.RpcError) as missing:
+            s.StatBlob(pb.StatBlobRequest(repository="lib/bad", digest=digest))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert blob_files(tmp_path / "registry-data") == {}
+
+
+def test_same_blob_pushed_concurrently_is_stored_once(registry, tmp_path: Path) -> None:
+    data = os.urandom(4 * 1024 * 1024 + 3)
+    errors: list[BaseException] = []
+
+    def push(n: int) -> None:
+        try:
+            s = stub(registry.address)
+            upload_id = s.StartUpload(pb.StartUploadRequest(repository=f"lib/c{n}")).upload_id
+            chunks = [
+                pb.WriteUploadRequest(upload_id=upload_id, offset=o, data=data[o : o + (1 << 20)])
+                for o in range(0, len(data), 1 << 20)
+            ]
+            s.WriteUpload(iter(chunks))
+            s.CommitUpload(pb.CommitUploadRequest(upload_id=upload_id, digest=sha(data)))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=push, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    files = blob_files(tmp_path / "registry-data")
+    assert files == {sha(data): len(data)}
+    path = tmp_path / "registry-data" / "blobs" / "sha256" / sha(data)[7:9] / sha(data)[7:]
+    assert sha(path.read_bytes()) == sha(data)
+    assert list((tmp_path / "registry-data" / "uploads").iterdir()) == []
+    # Every repository that pushed it now holds it.
+    s = stub(registry.address)
+    for n in range(6):
+        s.StatBlob(pb.StatBlobRequest(repository=f"lib/c{n}", digest=sha(data)))
+
+
+def test_existing_blob_transfers_zero_bytes(client: RegistryClient, registry, tmp_path) -> None:
+    data = os.urandom(1024 * 1024)
+    push_bytes(client, "lib/one", data, tmp_path)
+    path = tmp_path / "again"
+    path.write_bytes(data)
+    assert client.push_blob("lib/one", path, sha(data), len(data)).outcome == "exists"
+    assert client.push_blob("lib/two", path, sha(data), len(data)).outcome == "mounted"
+    metrics = urllib.request.urlopen(registry.metrics).read().decode()
+    assert metric_value(metrics, "berth_registry_received_bytes_total") == len(data)
+
+
+def test_manifest_with_missing_blob_is_refused(client: RegistryClient, tmp_path: Path) -> None:
+    layers = [b"present layer", b"missing layer"]
+    manifest, blobs = image(layers)
+    push_bytes(client, "lib/partial", blobs[0], tmp_path)
+    push_bytes(client, "lib/partial", blobs[1], tmp_path)
+    with pytest.raises(BerthClientError) as err:
+        client.put_manifest("lib/partial", "v1", OCI_MANIFEST, manifest)
+    assert err.value.code == "FAILED_PRECONDITION"
+    assert sha(b"missing layer") in str(err.value)
+    # A blob in another repository is not enough: it must be pushed or mounted here.
+    push_bytes(client, "lib/elsewhere", b"missing layer", tmp_path)
+    with pytest.raises(BerthClientError):
+        client.put_manifest("lib/partial", "v1", OCI_MANIFEST, manifest)
+    assert client.mount_blob("lib/partial", sha(b"missing layer"), "lib/elsewhere")
+    client.put_manifest("lib/partial", "v1", OCI_MANIFEST, manifest)
+
+
+def test_index_needs_its_manifests_first(client: RegistryClient, tmp_path: Path) -> None:
+    child = push_image(client, "lib/multi", "amd64", [b"amd64 layer"], tmp_path)
+    size = len(client.get_manifest("lib/multi", child).content)
+    missing = "sha256:" + "ab" * 32
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {"mediaType": OCI_MANIFEST, "digest": child, "size": size},
+                {"mediaType": OCI_MANIFEST, "digest": missing, "size": 10},
+            ],
+        }
+    ).encode()
+    with pytest.raises(BerthClientError, match=missing):
+        client.put_manifest("lib/multi", "latest", OCI_INDEX, index)
+    fixed = json.loads(index)
+    fixed["manifests"].pop()
+    content = json.dumps(fixed).encode()
+    assert client.put_manifest("lib/multi", "latest", OCI_INDEX, content) == sha(content)
+
+
+@pytest.mark.parametrize(
+    ("repo", "reference", "fragment"),
+    [
+        ("Library/App", "v1", "lowercase"),
+        ("lib//app", "v1", "repository"),
+        ("lib/app-", "v1", "repository"),
+        ("-lib", "v1", "repository"),
+        ("a" * 256, "v1", "255"),
+        ("lib/app", "-bad", "tag"),
+        ("lib/app", "x" * 129, "tag"),
+        ("lib/app", "sha256:1234", "digest"),
+        ("lib/app", "v1:2", "tag"),
+    ],
+)
+def test_invalid_names_and_tags_are_rejected(client: RegistryClient, repo, reference, fragment):
+    manifest, _ = image([b"x"])
+    with pytest.raises(BerthClientError) as err:
+        client.put_manifest(repo, reference, OCI_MANIFEST, manifest)
+    assert err.value.code == "INVALID_ARGUMENT"
+    assert fragment in str(err.value).lower()
+
+
+def test_malformed_manifests_are_rejected(client: RegistryClient) -> None:
+    for content, fragment in [
+        (b"not json", "json"),
+        (b'{"schemaVersion": 1, "name": "x"}', "schema 1"),
+        (b'{"schemaVersion": 2, "mediaType": "' + OCI_MANIFEST.encode() + b'"}', "config"),
+    ]:
+        with pytest.raises(BerthClientError) as err:
+            client.put_manifest("lib/bad", "v1", OCI_MANIFEST, content)
+        assert err.value.code == "INVALID_ARGUMENT", content
+        assert fragment in str(err.value).lower()
+
+
+def test_oversized_chunk_is_refused(registry) -> None:
+    s = stub(registry.address)
+    upload_id = s.StartUpload(pb.StartUploadRequest(repository="lib/big")).upload_id
+    with pytest.raises(grpc.RpcError) as err:
+        s.WriteUpload(
+            iter([pb.WriteUploadRequest(upload_id=upload_id, offset=0, data=b"x" * (5 << 20))])
+        )
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_unknown_ids_are_not_found(registry) -> None:
+    s = stub(registry.address)
+    for call, request in [
+        (s.GetUpload, pb.GetUploadRequest(upload_id="0" * 32)),
+        (s.CommitUpload, pb.CommitUploadRequest(upload_id="0" * 32, digest=sha(b""))),
+        (s.GetManifest, pb.GetManifestRequest(repository="no/such", reference="latest")),
+        (s.GetRepository, pb.GetRepositoryRequest(repository="no/such")),
+        (s.DeleteTag, pb.DeleteTagRequest(repository="no/such", tag="v1")),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            call(request)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, call
+
+
+def test_tags_pagination_and_delete(client: RegistryClient, registry, tmp_path: Path) -> None:
+    digest = push_image(client, "lib/tags", "v0", [b"layer"], tmp_path)
+    manifest = client.get_manifest("lib/tags", digest).content
+    for n in range(1, 7):
+        client.put_manifest("lib/tags", f"v{n}", OCI_MANIFEST, manifest)
+    s = stub(registry.address)
+    page = s.ListTags(pb.ListTagsRequest(repository="lib/tags", page_size=4))
+    assert [t.name for t in page.tags] == ["v0", "v1", "v2", "v3"] and page.next_page_token
+    page2 = s.ListTags(
+        pb.ListTagsRequest(repository="lib/tags", page_size=4, page_token=page.next_page_token)
+    )
+    assert [t.name for t in page2.tags] == ["v4", "v5", "v6"] and not page2.next_page_token
+    assert client.delete_tag("lib/tags", "v3") == digest
+    assert "v3" not in [t.name for t in client.iter_tags("lib/tags")]
+    assert client.get_manifest("lib/tags", digest).digest == digest
+    deleted = s.DeleteManifest(pb.DeleteManifestRequest(repository="lib/tags", reference="v0"))
+    assert sorted(deleted.deleted_tags) == ["v0", "v1", "v2", "v4", "v5", "v6"]
+    assert list(client.iter_tags("lib/tags")) == []
+
+
+def test_nested_repositories_do_not_see_each_others_tags(client, tmp_path: Path) -> None:
+    push_image(client, "a", "one", [b"l1"], tmp_path)
+    push_image(client, "a/b", "two", [b"l2"], tmp_path)
+    assert [t.name for t in client.iter_tags("a")] == ["one"]
+    assert [t.name for t in client.iter_tags("a/b")] == ["two"]
+    assert {r.name: r.tag_count for r in client.iter_repositories()} == {"a": 1, "a/b": 1}
+
+
+def test_repositories_pagination_and_search(client: RegistryClient, registry, tmp_path) -> None:
+    names = ["tools/busybox", "tools/alpine", "web/nginx", "web/busy-cache", "db/redis"]
+    for name in names:
+        push_image(client, name, "latest", [name.encode()], tmp_path)
+    s = stub(registry.address)
+    seen, token = [], ""
+    while True:
+        page = s.ListRepositories(pb.ListRepositoriesRequest(page_size=2, page_token=token))
+        assert len(page.repositories) <= 2
+        seen += [r.name for r in page.repositories]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == sorted(names)
+    assert [r.name for r in client.iter_repositories(page_size=3)] == sorted(names)
+
+    client.update_repository("db/redis", description="In-memory store, busy all day")
+    client.update_repository("tools/alpine", labels={"team": "busybees"})
+    results = client.search("busy")
+    assert [r.name for r in results] == [
+        "tools/busybox",
+        "web/busy-cache",
+        "db/redis",
+        "tools/alpine",
+    ]
+    assert results[0].tag_count == 1 and results[0].last_push_at is not None
+    assert [r.name for r in client.search("", labels={"team": "busybees"})] == ["tools/alpine"]
+
+
+def test_two_replicas_share_one_blob_dir_and_etcd(services, tmp_path: Path) -> None:
+    shared = tmp_path / "shared-data"
+    first, second = services.registry(shared), services.registry(shared)
+    with RegistryClient(first.address) as a, RegistryClient(second.address) as b:
+        digest = push_image(a, "lib/replicated", "v1", [os.urandom(70_000)], tmp_path)
+        assert b.get_manifest("lib/replicated", "v1").digest == digest
+        assert [t.name for t in b.iter_tags("lib/replicated")] == ["v1"]
+        b.delete_tag("lib/replicated", "v1")
+        assert list(a.iter_tags("lib/replicated")) == []
+    # An upload started on one replica is resumed and committed on the other.
+    data = os.urandom(300_000)
+    sa, sb = stub(first.address), stub(second.address)
+    upload_id = sa.StartUpload(pb.StartUploadRequest(repository="lib/replicated")).upload_id
+    sa.WriteUpload(iter([pb.WriteUploadRequest(upload_id=upload_id, offset=0, data=data[:1000])]))
+    assert sb.GetUpload(pb.GetUploadRequest(upload_id=upload_id)).offset == 1000
+    sb.WriteUpload(
+        iter([pb.WriteUploadRequest(upload_id=upload_id, offset=1000, data=data[1000:])])
+    )
+    sb.CommitUpload(pb.CommitUploadRequest(upload_id=upload_id, digest=sha(data)))
+    sa.StatBlob(pb.StatBlobRequest(repository="lib/replicated", digest=sha(data)))
+
+
+def age(data_dir: Path, digests: list[str], seconds: float) -> None:
+    for digest in digests:
+        path = data_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
+        old = time.time() - seconds
+        os.utime(path, (old, old))
+
+
+def test_gc_frees_orphans_and_keeps_shared_and_young_blobs(client, tmp_path: Path) -> None:
+    data_dir = tmp_path / "registry-data"
+    shared, only_old, only_kept = b"shared layer", b"layer of deleted image", b"kept layer"
+    old_image = push_image(client, "lib/old", "v1", [shared, only_old], tmp_path)
+    push_image(client, "lib/kept", "v1", [shared, only_kept], tmp_path)
+    orphan = push_bytes(client, "lib/old", b"never referenced", tmp_path)
+    young_orphan = push_bytes(client, "lib/old", b"just uploaded", tmp_path)
+    old_config = image([shared, only_old])[1][0]
+    client.delete_manifest("lib/old", "v1")
+    everything = list(blob_files(data_dir))
+    age(data_dir, [d for d in everything if d != young_orphan], 7200)
+
+    dry = client.garbage_collect(dry_run=True, grace_seconds=3600)
+    expected = {old_image, sha(old_config), sha(only_old), orphan}
+    assert {b.digest for b in dry.deleted} == expected
+    assert set(blob_files(data_dir)) == set(everything)
+
+    report = client.garbage_collect(grace_seconds=3600)
+    assert {b.digest for b in report.deleted} == expected
+    assert report.bytes_freed == sum(b.size for b in report.deleted)
+    assert report.blobs_young == 1
+    remaining = set(blob_files(data_dir))
+    assert remaining == set(everything) - expected
+    assert {sha(shared), sha(only_kept), young_orphan} <= remaining
+    assert client.stat_blob("lib/old", orphan) is None
+    kept = client.get_manifest("lib/kept", "v1")
+    for layer in json.loads(kept.content)["layers"]:
+        assert client.stat_blob("lib/kept", layer["digest"]) is not None
+
+
+def test_health_reflection_and_metrics(registry, client: RegistryClient, tmp_path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = grpc.insecure_channel(registry.address)
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", "berth.registry.v1.RegistryService"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=name))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = reflect.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    services = {s.name for r in replies for s in r.list_services_response.service}
+    assert "berth.registry.v1.RegistryService" in services
+
+    push_bytes(client, "lib/m", b"abc", tmp_path)
+    assert client.stat_blob("lib/m", sha(b"nope")) is None
+    metrics = urllib.request.urlopen(registry.metrics).read().decode()
+    assert (
+        'berth_grpc_requests_total{code="OK",method="CommitUpload",service="registry"} 1.0'
+        in metrics
+    )
+    assert 'code="NOT_FOUND",method="StatBlob"' in metrics
+    assert 'berth_grpc_request_duration_seconds_count{method="CommitUpload"' in metrics
+    assert "berth_grpc_requests_in_flight" in metrics
+    assert metric_value(metrics, "berth_registry_received_bytes_total") == 3
+
+
+async def test_endpoint_is_registered_and_removed_on_sigterm(
+    services, etcd_endpoint: str, etcd_prefix: str
+) -> None:
+    store = Store(etcd_endpoint, etcd_prefix)
+    await store.connect()
+    try:
+        process = services.registry()
+        entries = await store.list("endpoints/registry/")
+        assert [e.json()["address"] for e in entries] == [process.address]
+        assert entries[0].lease != 0
+        assert process.stop() == 0
+        assert await store.list("endpoints/registry/") == []
+    finally:
+        await store.close()
+
+
+def test_sigterm_lets_in_flight_calls_finish(services, tmp_path: Path) -> None:
+    process = services.registry()
+    data = os.urandom(8 * 1024 * 1024)
+    with RegistryClient(process.address) as c:
+        push_bytes(c, "lib/drain", data, tmp_path)
+    s = stub(process.address)
+    stream = s.ReadBlob(pb.ReadBlobRequest(repository="lib/drain", digest=sha(data)))
+    received = [next(stream).data]
+    process.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    received += [chunk.data for chunk in stream]
+    assert b"".join(received) == data
+    assert process.proc.wait(15) == 0

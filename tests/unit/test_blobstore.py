@@ -1,0 +1,132 @@
+"""BlobStore: uploads, verification, dedup and crash safety, straight on the filesystem."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from berthd.common.errors import DataLoss, FailedPrecondition, NotFound, ResourceExhausted
+from berthd.registry.blobstore import MAX_CHUNK_BYTES, BlobStore
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def blobs(tmp_path: Path) -> BlobStore:
+    return BlobStore(tmp_path / "data")
+
+
+def upload(blobs: BlobStore, data: bytes, chunk: int = 7) -> str:
+    upload_id = blobs.start("lib/x")
+    writer = blobs.open_writer(upload_id)
+    for start in range(0, len(data), chunk):
+        writer.write(start, data[start : start + chunk])
+    writer.close()
+    return upload_id
+
+
+def test_commit_makes_blob_visible_with_exact_content(blobs: BlobStore) -> None:
+    data = os.urandom(1000)
+    stat, existed = blobs.commit(upload(blobs, data), sha(data))
+    assert (stat.digest, stat.size, existed) == (sha(data), 1000, False)
+    assert blobs.read_all(sha(data)) == data
+    assert blobs.read(sha(data), 10, 5) == data[10:15]
+    assert blobs.open_uploads() == []
+
+
+def test_wrong_digest_is_data_loss_and_nothing_visible(blobs: BlobStore) -> None:
+    data = b"hello"
+    upload_id = upload(blobs, data)
+    with pytest.raises(DataLoss, match="hash to " + sha(data)):
+        blobs.commit(upload_id, sha(b"other"))
+    assert blobs.stat(sha(data)) is None
+    assert blobs.stat(sha(b"other")) is None
+    assert list(blobs.walk()) == []
+    with pytest.raises(NotFound):
+        blobs.info(upload_id)
+
+
+def test_chunk_at_wrong_offset_is_refused_and_says_where_to_resume(blobs: BlobStore) -> None:
+    upload_id = blobs.start("lib/x")
+    writer = blobs.open_writer(upload_id)
+    writer.write(0, b"abcd")
+    with pytest.raises(FailedPrecondition, match="resume from offset 4"):
+        writer.write(2, b"cd")
+    writer.close()
+    assert blobs.info(upload_id).offset == 4
+
+
+def test_resume_in_a_new_writer_commits_the_whole_blob(blobs: BlobStore) -> None:
+    data = os.urandom(5000)
+    upload_id = blobs.start("lib/x")
+    first = blobs.open_writer(upload_id)
+    first.write(0, data[:3000])
+    first.close()
+    # A process that never saw the first part (another replica) resumes: digest is recomputed.
+    other = BlobStore(blobs.root)
+    offset = other.info(upload_id).offset
+    second = other.open_writer(upload_id)
+    second.write(offset, data[offset:])
+    second.close()
+    stat, _ = other.commit(upload_id, sha(data))
+    assert other.read_all(stat.digest) == data
+
+
+def test_two_writers_on_one_session_are_refused(blobs: BlobStore) -> None:
+    upload_id = blobs.start("lib/x")
+    first = blobs.open_writer(upload_id)
+    with pytest.raises(FailedPrecondition, match="another connection"):
+        blobs.open_writer(upload_id)
+    first.close()
+
+
+def test_oversized_chunk_is_refused(blobs: BlobStore) -> None:
+    writer = blobs.open_writer(blobs.start("lib/x"))
+    with pytest.raises(ResourceExhausted):
+        writer.write(0, b"x" * (MAX_CHUNK_BYTES + 1))
+    writer.close()
+
+
+def test_concurrent_uploads_of_one_blob_store_one_copy(blobs: BlobStore) -> None:
+    data = os.urandom(200_000)
+    ids = [upload(blobs, data, chunk=65536) for _ in range(8)]
+    results: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda u=u: results.append(blobs.commit(u, sha(data))[1]))
+        for u in ids
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] + [True] * 7
+    assert [b.digest for b in blobs.walk()] == [sha(data)]
+    assert blobs.read_all(sha(data)) == data
+    assert blobs.open_uploads() == []
+
+
+def test_stored_blobs_are_read_only(blobs: BlobStore) -> None:
+    blobs.commit(upload(blobs, b"content"), sha(b"content"))
+    assert blobs.path(sha(b"content")).stat().st_mode & 0o222 == 0
+
+
+def test_delete_if_older_keeps_recently_touched_blob(blobs: BlobStore) -> None:
+    digest = blobs.put(b"manifest")[0]
+    old = blobs.path(digest).stat().st_mtime - 100
+    os.utime(blobs.path(digest), (old, old))
+    blobs.touch(digest)
+    assert blobs.delete_if_older(digest, cutoff=old + 50) is False
+    assert blobs.delete_if_older(digest, cutoff=old + 10_000) is True
+    assert blobs.stat(digest) is None
+
+
+def test_unknown_or_hostile_upload_ids_are_not_found(blobs: BlobStore) -> None:
+    for bad in ("", "../../etc", "nope", "0" * 32):
+        with pytest.raises(NotFound):
+            blobs.info(bad)
