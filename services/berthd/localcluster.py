@@ -191,7 +191,10 @@ def load(state: Path) -> dict | None:
 
 
 def exports(cluster: dict) -> list[str]:
-    lines = [f"export BERTH_ETCD={cluster['etcd']['endpoint']}"]
+    lines = [
+        f"export BERTH_STATE_DIR={cluster['state_dir']}",
+        f"export BERTH_ETCD={cluster['etcd']['endpoint']}",
+    ]
     for name, info in cluster["services"].items():
         lines.append(f"export BERTH_{name.upper()}={info['address']}")
     return lines

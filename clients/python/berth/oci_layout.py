@@ -190,8 +190,10 @@ class ImageLayout:
     def open(cls, root: str | os.PathLike[str]) -> ImageLayout:
         """Open an existing layout, checking oci-layout and index.json."""
         layout = cls(root)
+        if not layout.root.exists():
+            raise LayoutError(f"no OCI layout at {layout.root}: the directory does not exist")
         if not layout.root.is_dir():
-            raise LayoutError(f"{layout.root} is not a directory")
+            raise LayoutError(f"{layout.root} is not a directory, so not an OCI layout")
         layout._check_version()
         layout.read_index()
         return layout

@@ -54,18 +54,30 @@ class ServiceConfig:
     log_level: str = "info"
 
 
-def add_common_flags(parser: argparse.ArgumentParser, default_listen: str) -> None:
-    """Flags every service takes: where to listen, etcd, metrics, draining, readiness."""
-    add_flag(parser, "--listen", default=default_listen, help="gRPC listen address host:port")
+def add_common_flags(parser: argparse.ArgumentParser, service: str, default_listen: str) -> None:
+    """Flags every service takes: where to listen, etcd, metrics, draining, readiness.
+
+    Addresses are per service (BERTH_REGISTRY_LISTEN), so one shell can configure several
+    services; etcd and logging settings are shared (BERTH_ETCD).
+    """
+    add_flag(
+        parser,
+        "--listen",
+        default=default_listen,
+        scope=service,
+        help="gRPC listen address host:port",
+    )
     add_flag(
         parser,
         "--advertise",
+        scope=service,
         help="address other processes use to reach this one (default: the listen address)",
     )
     add_flag(
         parser,
         "--metrics-listen",
         default="127.0.0.1:0",
+        scope=service,
         help="Prometheus HTTP listen address host:port (port 0 picks a free one)",
     )
     add_flag(parser, "--etcd", default="127.0.0.1:2379", help="etcd client endpoint host:port")
@@ -81,6 +93,7 @@ def add_common_flags(parser: argparse.ArgumentParser, default_listen: str) -> No
     add_flag(
         parser,
         "--ready-file",
+        scope=service,
         help="write a JSON file with the bound addresses once serving",
     )
     add_flag(parser, "--log-level", default="info", help="debug, info, warning or error")

@@ -21,7 +21,7 @@ DEFAULT_LISTEN = "127.0.0.1:5050"
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("registry", help="run the registry service")
-    add_common_flags(parser, DEFAULT_LISTEN)
+    add_common_flags(parser, "registry", DEFAULT_LISTEN)
     add_flag(
         parser,
         "--data-dir",

@@ -10,8 +10,12 @@ import argparse
 from berth.cli.output import console
 from berth.cli.progress import LayerLine, LayerProgress
 from berth.cli.registry_cmds import connect_registry, connection_options
-from berth.client.registry import ImageReference, ManifestData, RegistryClient
-from berth.client.registry import parse_image_reference as parse_image_ref
+from berth.client.registry import (
+    ImageReference,
+    ManifestData,
+    RegistryClient,
+    parse_image_reference,
+)
 from berth.errors import BerthClientError
 from berth.oci_layout import (
     Descriptor,
@@ -61,7 +65,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def cmd_push(args: argparse.Namespace) -> int:
     path, ref = parse_layout_ref(args.source)
-    target = parse_image_ref(args.target)
+    target = parse_image_reference(args.target)
     if target.digest:
         raise BerthClientError(
             "push to REPO[:TAG]: a pushed manifest is always reachable by its own digest",
@@ -96,7 +100,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    source = parse_image_ref(args.source)
+    source = parse_image_reference(args.source)
     path, ref = parse_layout_ref(args.dest)
     if ref is None and not source.digest:
         ref = source.tag or "latest"
@@ -189,12 +193,9 @@ def _verified(data: ManifestData, expected_digest: str | None, media_type: str) 
             raise BerthClientError(
                 f"manifest from the registry has digest {actual}, expected {claimed}", "DATA_LOSS"
             )
-    descriptor = Descriptor(data.media_type or media_type, actual, len(data.content))
-    manifest = Manifest.parse(descriptor, data.content)
-    if not descriptor.media_type:
-        descriptor = Descriptor(manifest.media_type, actual, len(data.content))
-        manifest = Manifest(descriptor, manifest.content, manifest.data)
-    return manifest
+    parsed = Manifest.parse(Descriptor("", actual, len(data.content)), data.content)
+    media = data.media_type or media_type or parsed.media_type
+    return Manifest(Descriptor(media, actual, len(data.content)), data.content, parsed.data)
 
 
 def _pull_blob(

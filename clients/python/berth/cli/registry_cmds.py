@@ -45,7 +45,7 @@ def parse_duration(text: str) -> int:
         return int(text)
     if not text or not re.fullmatch(rf"(?:{_DURATION_RE.pattern})+", text):
         raise argparse.ArgumentTypeError(
-            f'invalid duration "{text}": use a number and a unit (ms, s, m, h, d), e.g. 30s, 10m, 1h'
+            f'invalid duration "{text}": use numbers with units ms, s, m, h, d (30s, 10m, 1h30m)'
         )
     total = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_RE.findall(text))
     return math.ceil(total)
@@ -120,7 +120,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     search.add_argument("term", nargs="?", default="", help="text to match (empty: everything)")
     search.add_argument(
-        "--label", action="append", type=parse_label, default=[], metavar="KEY=VALUE",
+        "--label",
+        action="append",
+        type=parse_label,
+        default=[],
+        metavar="KEY=VALUE",
         help="only repositories with this label (repeatable)",
     )
     search.add_argument("--limit", type=_positive_int, default=25, help="at most N results")
@@ -146,11 +150,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     set_.add_argument("repository", type=repository_name, metavar="REPO")
     set_.add_argument("--description", metavar="TEXT", help="new description")
     set_.add_argument(
-        "--label", action="append", type=parse_label, default=[], metavar="KEY=VALUE",
+        "--label",
+        action="append",
+        type=parse_label,
+        default=[],
+        metavar="KEY=VALUE",
         help="add or change a label (repeatable)",
     )
     set_.add_argument(
-        "--replace-labels", action="store_true",
+        "--replace-labels",
+        action="store_true",
         help="make the given labels the only ones (none given: remove all)",
     )
     set_.set_defaults(func=cmd_set)
@@ -158,7 +167,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     gc = sub.add_parser("gc", parents=common, help="delete blobs that no manifest references")
     gc.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     gc.add_argument(
-        "--grace", type=parse_grace, metavar="DURATION",
+        "--grace",
+        type=parse_grace,
+        metavar="DURATION",
         help="keep unreferenced blobs younger than this, e.g. 30s, 10m, 1h (default: 1h)",
     )
     gc.set_defaults(func=cmd_gc)

@@ -12,7 +12,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -252,9 +252,7 @@ class RegistryClient:
 
     # --- manifests ---------------------------------------------------------------------------
 
-    def put_manifest(
-        self, repository: str, reference: str, media_type: str, content: bytes
-    ) -> str:
+    def put_manifest(self, repository: str, reference: str, media_type: str, content: bytes) -> str:
         """Store a manifest under a tag (or its own digest); returns the manifest digest."""
         request = pb.PutManifestRequest(
             repository=repository, reference=reference, media_type=media_type, content=content
@@ -394,9 +392,12 @@ class RegistryClient:
                 return
             except grpc.RpcError as err:
                 # A commit whose reply was lost leaves no session behind, but a visible blob.
-                if attempt and err.code() == grpc.StatusCode.NOT_FOUND:
-                    if self.stat_blob(repository, digest) is not None:
-                        return
+                if (
+                    attempt
+                    and err.code() == grpc.StatusCode.NOT_FOUND
+                    and self.stat_blob(repository, digest) is not None
+                ):
+                    return
                 if attempt == RESUME_ATTEMPTS or not _is_broken_stream(err):
                     raise self._error(err) from err
                 offset = None
@@ -457,10 +458,8 @@ class RegistryClient:
 
     def _cancel_quietly(self, upload_id: str) -> None:
         """Best effort: free the server's partial upload; the caller is already failing."""
-        try:
+        with suppress(grpc.RpcError):
             self._stub.CancelUpload(pb.CancelUploadRequest(upload_id=upload_id), timeout=2.0)
-        except grpc.RpcError:
-            pass
 
 
 @dataclass

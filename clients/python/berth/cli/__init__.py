@@ -1,0 +1,1 @@
+"""The `berth` command-line interface; the entry point is berth.cli.main:main."""

@@ -1,0 +1,235 @@
+"""`make demo`: start a local berth cluster and walk an image through its registry.
+
+Every step prints a heading, the real command, and that command's real output. The cluster
+keeps running at the end (stop it with `make down`). Exits non-zero, with one line saying
+which step failed, when any step fails.
+
+    .venv/bin/python scripts/demo.py [--state-dir DIR] [--base-port N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from oci_images import make_busybox_image
+
+BIN = Path(sys.executable).parent
+REPO = "demo/busybox"
+TAG = "1.35"
+DESCRIPTION = "BusyBox 1.35 built from Debian's busybox-static"
+METRIC_PREFIXES = ("berth_registry_", "berth_grpc_requests_total")
+
+
+class StepFailed(Exception):
+    """A demo step failed; str() is the one line to print."""
+
+
+class Demo:
+    def __init__(self, state_dir: Path | None, base_port: int | None) -> None:
+        self.state_dir = state_dir
+        self.base_port = base_port
+        self.step = 0
+        self.env = dict(os.environ)
+        self.bold = sys.stdout.isatty()
+
+    # --- presentation ---
+
+    def heading(self, text: str) -> None:
+        self.step += 1
+        line = f"== {self.step}. {text}"
+        print(f"\n\033[1m{line}\033[0m" if self.bold else f"\n{line}", flush=True)
+
+    def show(self, argv: list[str]) -> None:
+        shown = [Path(argv[0]).name, *argv[1:]]
+        print(f"$ {shlex.join(shown)}", flush=True)
+
+    # --- running ---
+
+    def run(self, argv: list[str], capture: bool = False) -> str:
+        """Show and run a command; its output goes straight to the terminal unless captured."""
+        self.show(argv)
+        try:
+            done = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                text=True,
+                capture_output=capture,
+                check=False,
+            )
+        except OSError as exc:
+            raise StepFailed(f"step {self.step} ({shlex.join(argv)}): {exc}") from exc
+        if capture:
+            sys.stdout.write(done.stdout)
+            sys.stderr.write(done.stderr)
+            sys.stdout.flush()
+        if done.returncode != 0:
+            shown = shlex.join([Path(argv[0]).name, *argv[1:]])
+            raise StepFailed(f"step {self.step} ({shown}) exited with status {done.returncode}")
+        return done.stdout if capture else ""
+
+    def berth(self, *args: str, capture: bool = False) -> str:
+        return self.run([str(BIN / "berth"), *args], capture=capture)
+
+    def state_args(self) -> list[str]:
+        return ["--state-dir", str(self.state_dir)] if self.state_dir else []
+
+    # --- the steps ---
+
+    def cluster(self) -> dict:
+        """The cluster `berthd up` recorded, read the way the CLI reads it."""
+        from berth.config import default_state_dir, load_cluster_file
+
+        state = (self.state_dir or default_state_dir()).resolve()
+        cluster = load_cluster_file(state)
+        if not cluster:
+            raise StepFailed(f"step {self.step}: `berthd up` wrote no {state}/cluster.json")
+        return cluster
+
+    def main(self) -> None:
+        self.heading("Start a local cluster: etcd + the registry service")
+        argv = [str(BIN / "berthd"), "up", *self.state_args()]
+        if self.base_port:
+            argv += ["--base-port", str(self.base_port)]
+        self.run(argv)
+        cluster = self.cluster()
+        registry = cluster["services"]["registry"]
+        # The CLI would find the default state directory by itself; exporting the address
+        # makes every command below talk to this cluster whatever --state-dir was.
+        self.env["BERTH_REGISTRY"] = registry["address"]
+        print(f"(the commands below run with BERTH_REGISTRY={registry['address']})")
+
+        work = Path(tempfile.mkdtemp(prefix="berth-demo-"))
+        try:
+            self.image_steps(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+        self.heading("The registry's metrics")
+        print(f"GET {registry['metrics']}  (berth_registry_* and berth_grpc_requests_total)")
+        self.metrics(registry["metrics"])
+
+        stop = "make down" + (f" STATE_DIR={self.state_dir}" if self.state_dir else "")
+        print(f"\nThe cluster keeps running. Stop it with: {stop}")
+
+    def image_steps(self, work: Path) -> None:
+        layout = work / "busybox"
+        pulled = work / "pulled"
+
+        self.heading("Build a busybox OCI image with umoci (scripts/oci_images.py)")
+        print(f">>> make_busybox_image({str(layout)!r}, 'latest')")
+        try:
+            make_busybox_image(layout, "latest")
+        except (RuntimeError, OSError) as exc:
+            raise StepFailed(f"step {self.step} (make_busybox_image): {exc}") from exc
+        self.run(["umoci", "stat", "--image", f"{layout}:latest"])
+        source = json.loads(self.run_quiet(["skopeo", "inspect", f"oci:{layout}:latest"]))
+
+        self.heading("Push it to the registry")
+        self.berth("oci", "push", f"{layout}:latest", f"{REPO}:{TAG}")
+
+        self.heading("Describe the repository")
+        self.berth(
+            "registry",
+            "set",
+            REPO,
+            "--description",
+            DESCRIPTION,
+            "--label",
+            "os=linux",
+            "--label",
+            "source=debian",
+        )
+
+        self.heading("Search the registry")
+        self.berth("search", "busybox")
+
+        self.heading("List the repository's tags")
+        self.berth("registry", "tags", REPO)
+
+        self.heading("List every repository")
+        self.berth("registry", "ls")
+
+        self.heading("Pull the image back into a new OCI layout")
+        self.berth("oci", "pull", f"{REPO}:{TAG}", f"{pulled}:{TAG}")
+
+        self.heading("Inspect the pulled copy with skopeo: same digests as the push")
+        copy = json.loads(self.run(["skopeo", "inspect", f"oci:{pulled}:{TAG}"], capture=True))
+        same = all(copy.get(key) == source.get(key) for key in ("Digest", "Layers"))
+        if not same:
+            raise StepFailed(
+                f"step {self.step}: pulled manifest {copy.get('Digest')} / layers"
+                f" {copy.get('Layers')} differ from pushed {source.get('Digest')} /"
+                f" {source.get('Layers')}"
+            )
+        layers = len(source.get("Layers") or [])
+        print(f"match: manifest {source['Digest']} and its {layers} layer(s) are the ones pushed")
+
+        self.heading("What garbage collection would delete (dry run)")
+        self.berth("registry", "gc", "--dry-run")
+
+    def run_quiet(self, argv: list[str]) -> str:
+        """A helper command whose output is data, not part of the show."""
+        done = subprocess.run(argv, capture_output=True, text=True, env=self.env, check=False)
+        if done.returncode != 0:
+            raise StepFailed(
+                f"step {self.step} ({shlex.join(argv)}): {(done.stderr or done.stdout).strip()}"
+            )
+        return done.stdout
+
+    def metrics(self, url: str) -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                text = reply.read().decode()
+        except OSError as exc:
+            raise StepFailed(f"step {self.step} (GET {url}): {exc}") from exc
+        lines = [
+            line
+            for line in text.splitlines()
+            if line.startswith(METRIC_PREFIXES)
+            and not line.split("{", 1)[0].split(" ", 1)[0].endswith("_created")
+        ]
+        if not lines:
+            raise StepFailed(f"step {self.step} (GET {url}): no berth_registry_* metrics")
+        print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--state-dir", type=Path, help="the cluster's state directory (default: berthd's own)"
+    )
+    parser.add_argument("--base-port", type=int, help="first port of the cluster (berthd up)")
+    args = parser.parse_args(argv)
+    for tool in ("berth", "berthd"):
+        if not (BIN / tool).exists():
+            print(f"demo failed: {BIN / tool} is missing (run `make deps`)", file=sys.stderr)
+            return 1
+    if os.geteuid() != 0:
+        print("demo failed: building the image with umoci and chroot needs root", file=sys.stderr)
+        return 1
+    demo = Demo(args.state_dir, args.base_port)
+    try:
+        demo.main()
+    except StepFailed as exc:
+        print(f"\ndemo failed at {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ndemo interrupted at step {demo.step}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
