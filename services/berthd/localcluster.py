@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -131,6 +132,22 @@ def _etcd_healthy(endpoint: str) -> bool:
         return False
 
 
+def _check_ports_free(ports: Ports) -> None:
+    """Fail before starting anything: a health check could be answered by another cluster."""
+    wanted = [ports.etcd, ports.etcd_peer]
+    for index in range(len(SERVICES)):
+        wanted += ports.service(index)
+    for port in wanted:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                raise RuntimeError(
+                    f"port {port} is already in use (another cluster?); "
+                    "choose other ports with --base-port"
+                ) from None
+
+
 def start_etcd(state: Path, ports: Ports) -> dict[str, object]:
     binary = shutil.which("etcd") or "/usr/bin/etcd"
     client = f"http://127.0.0.1:{ports.etcd}"
@@ -217,6 +234,7 @@ def up(args: argparse.Namespace) -> int:
         return 0
     state.mkdir(parents=True, exist_ok=True)
     ports = Ports(args.base_port)
+    _check_ports_free(ports)
     cluster: dict = {"state_dir": str(state), "prefix": "/berth/", "services": {}}
     try:
         cluster["etcd"] = start_etcd(state, ports)

@@ -325,7 +325,8 @@ class ImageLayout:
 
     def set_ref(self, descriptor: Descriptor, ref: str | None) -> None:
         """Point ref at descriptor in index.json, replacing an entry with the same ref name and
-        keeping every other entry. Without a ref, the entry is added unnamed (once per digest).
+        keeping every other entry. Without a ref, an unnamed entry is added unless an entry
+        already points at that digest.
 
         The file is replaced atomically; concurrent writers are not serialized (neither are
         skopeo's or umoci's).
@@ -337,11 +338,11 @@ class ImageLayout:
         entries: list[dict[str, Any]] = index.get("manifests", [])
         new_entry = descriptor.with_ref_name(ref).to_json()
 
+        if ref is None and any(e.get("digest") == descriptor.digest for e in entries):
+            return
+
         def same_slot(entry: dict[str, Any]) -> bool:
-            name = (entry.get("annotations") or {}).get(REF_NAME_ANNOTATION)
-            if ref is not None:
-                return name == ref
-            return name is None and entry.get("digest") == descriptor.digest
+            return (entry.get("annotations") or {}).get(REF_NAME_ANNOTATION) == ref
 
         replaced = [i for i, entry in enumerate(entries) if same_slot(entry)]
         kept = [entry for i, entry in enumerate(entries) if i not in replaced]

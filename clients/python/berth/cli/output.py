@@ -17,14 +17,17 @@ from berth.errors import one_line
 
 FORMATS = ("table", "json")
 # Piped output is for grep/awk: never wrap or cut it to a pretend terminal width.
-_PIPE_WIDTH = 100_000
+_WIDE = 100_000
 
 
-def console(stderr: bool = False) -> Console:
-    """A console on the current stdout (or stderr), without rich's syntax colouring."""
-    stream = sys.stderr if stderr else sys.stdout
-    plain = Console(file=stream, highlight=False)
-    return plain if plain.is_terminal else Console(file=stream, highlight=False, width=_PIPE_WIDTH)
+def console(wide: bool = False) -> Console:
+    """A console on the current stdout. Long lines are left to the terminal to wrap (soft_wrap)
+    and rich's syntax colouring is off: output should read like Docker's. `wide` renders
+    tables at their natural width, as Docker does, instead of squeezing them to the terminal."""
+    plain = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    if plain.is_terminal and not wide:
+        return plain
+    return Console(file=sys.stdout, highlight=False, soft_wrap=True, width=_WIDE)
 
 
 def print_error(message: object) -> None:
@@ -43,7 +46,11 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         table.add_column(header, no_wrap=True, overflow="ellipsis")
     for row in rows:
         table.add_row(*(Text(cell) for cell in row))  # Text: a "[" in data is not markup
-    console().print(table)
+    out = console(wide=True)
+    with out.capture() as captured:
+        out.print(table)
+    # rich pads the last column; trailing blanks only get in the way of scripts.
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
 
 
 def print_fields(fields: Sequence[tuple[str, str]]) -> None:
@@ -93,6 +100,8 @@ def human_ago(when: datetime | None, now: datetime | None = None) -> str:
     minutes, hours, days = seconds / 60, seconds / 3600, seconds / 86400
     if seconds < 1:
         text = "Less than a second"
+    elif seconds < 2:
+        text = "1 second"
     elif seconds < 60:
         text = f"{int(seconds)} seconds"
     elif minutes < 2:

@@ -17,26 +17,33 @@ from berth.cli.output import human_size, short_digest
 BAR_WIDTH = 50
 
 
-def docker_bar(done: int, total: int) -> str:
-    """`[=====>     ]  12.3MB/45.6MB`, Docker's 50-column bar."""
-    filled = min(BAR_WIDTH, BAR_WIDTH * done // total) if total > 0 else BAR_WIDTH
-    bar = "=" * filled + ">" + " " * (BAR_WIDTH - filled)
-    return f"[{bar}] {human_size(done):>8}/{human_size(total)}"
+def docker_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
+    """`[=====>     ]  12.3MB/45.6MB` like Docker; width 0 leaves only the byte counts."""
+    counts = f"{human_size(done):>8}/{human_size(total)}"
+    if width <= 0:
+        return counts.strip()
+    filled = min(width, width * done // total) if total > 0 else width
+    return f"[{'=' * filled}>{' ' * (width - filled)}] {counts}"
 
 
 class _DockerColumn(ProgressColumn):
     """Renders a whole line: the short digest, then the live bar or the final status."""
 
-    def __init__(self, verb: str) -> None:
+    def __init__(self, verb: str, out: Console) -> None:
         super().__init__(table_column=Column(no_wrap=True, overflow="ellipsis"))
         self._verb = verb
+        self._console = out
 
     def render(self, task: Task) -> Text:
-        if task.fields["active"]:
-            status = f"{self._verb} {docker_bar(int(task.completed), int(task.total or 0))}"
-        else:
-            status = task.fields["status"]
-        return Text(f"{task.fields['short']}: {status}", no_wrap=True, overflow="ellipsis")
+        prefix = f"{task.fields['short']}: "
+        if not task.fields["active"]:
+            return Text(prefix + task.fields["status"], no_wrap=True, overflow="ellipsis")
+        # Shrink the bar to fit narrow terminals (the 19 columns hold brackets and byte counts),
+        # and drop it when too little room is left, as Docker does.
+        room = self._console.width - len(prefix) - len(self._verb) - 19
+        width = min(BAR_WIDTH, room) if room >= 10 else 0
+        bar = docker_bar(int(task.completed), int(task.total or 0), width)
+        return Text(f"{prefix}{self._verb} {bar}", no_wrap=True, overflow="ellipsis")
 
 
 class LayerLine:
@@ -61,7 +68,7 @@ class LayerProgress:
     def __init__(self, out: Console, verb: str) -> None:
         self._console = out
         self._progress = (
-            Progress(_DockerColumn(verb), console=out, refresh_per_second=8)
+            Progress(_DockerColumn(verb, out), console=out, refresh_per_second=8)
             if out.is_terminal
             else None
         )
