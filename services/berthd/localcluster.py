@@ -139,6 +139,8 @@ def _check_ports_free(ports: Ports) -> None:
         wanted += ports.service(index)
     for port in wanted:
         with socket.socket() as probe:
+            # Like the servers themselves: a port whose old connections linger is reusable.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:

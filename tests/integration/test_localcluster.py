@@ -20,6 +20,7 @@ def free_base_port() -> int:
         try:
             for port in range(base, base + 12):
                 with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     s.bind(("127.0.0.1", port))
             return base
         except OSError:

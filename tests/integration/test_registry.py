@@ -137,6 +137,30 @@ def test_interrupted_upload_resumes_from_committed_offset(registry, tmp_path: Pa
     assert read == data
 
 
+def test_clients_that_hang_up_mid_stream_do_not_hurt_the_server(registry) -> None:
+    s = stub(registry.address)
+    data = os.urandom(8 * 1024 * 1024)
+    upload_id = s.StartUpload(pb.StartUploadRequest(repository="lib/hangup")).upload_id
+    chunks = [
+        pb.WriteUploadRequest(upload_id=upload_id, offset=o, data=data[o : o + (1 << 20)])
+        for o in range(0, len(data), 1 << 20)
+    ]
+    s.WriteUpload(iter(chunks))
+    s.CommitUpload(pb.CommitUploadRequest(upload_id=upload_id, digest=sha(data)))
+    for n in range(10):
+        with grpc.insecure_channel(registry.address) as channel:
+            call = registry_pb2_grpc.RegistryServiceStub(channel).ReadBlob(
+                pb.ReadBlobRequest(repository="lib/hangup", digest=sha(data))
+            )
+            next(call)
+            if n % 2:
+                time.sleep(0.05)
+            call.cancel()
+    read = s.ReadBlob(pb.ReadBlobRequest(repository="lib/hangup", digest=sha(data)))
+    assert b"".join(c.data for c in read) == data
+    assert registry.proc.poll() is None
+
+
 def test_ranged_read_resumes_a_download(registry) -> None:
     s = stub(registry.address)
     data = os.urandom(2 * 1024 * 1024 + 5)

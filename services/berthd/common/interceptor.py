@@ -47,6 +47,8 @@ class _Call:
         self.full_method = full_method
         self.context = context
         self.request_id = _request_id(context)
+        # Read now: context.peer() on a call the client has cancelled crashes grpc's C core.
+        self.peer = context.peer()
         self.start = time.perf_counter()
         RPC_IN_FLIGHT.labels(service, self.method).inc()
 
@@ -76,7 +78,7 @@ class _Call:
                 "code": name,
                 "duration_ms": round(elapsed * 1000, 2),
                 "request_id": self.request_id,
-                "peer": self.context.peer(),
+                "peer": self.peer,
                 **({"details": self.context.details()} if name != "OK" else {}),
             },
         )

@@ -6,8 +6,10 @@ Manifests travel as their exact bytes, so digests are the same in the layout and
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-from berth.cli.output import console
+from berth.cli.output import console, print_line
 from berth.cli.progress import LayerLine, LayerProgress
 from berth.cli.registry_cmds import connect_registry, connection_options
 from berth.client.registry import (
@@ -38,13 +40,16 @@ _PUSH_STATUS = {
 }
 
 Plan = list[tuple[Descriptor, LayerLine | None]]
+# Like Docker's max-concurrent-downloads: a few streams keep both ends busy (one Python stream
+# alternates between receiving and hashing; several overlap them).
+DEFAULT_JOBS = 3
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register `oci push` and `oci pull` on the top-level subcommands."""
     oci = commands.add_parser("oci", help="copy images between OCI layouts and the registry")
     sub = oci.add_subparsers(dest="oci_command", metavar="COMMAND", required=True)
-    common = [connection_options()]
+    common = [connection_options(), _jobs_option()]
 
     push = sub.add_parser(
         "push", parents=common, help="push an image from an OCI layout", description=LAYOUT_HELP
@@ -75,27 +80,26 @@ def cmd_push(args: argparse.Namespace) -> int:
     layout = ImageLayout.open(path)
     manifests = list(layout.walk(layout.resolve(ref)))  # children first
     _check_complete(layout, manifests)
-    out = console()
     with connect_registry(args) as client:
-        out.print(
-            f"The push refers to repository [{client.address}/{target.repository}]", markup=False
-        )
-        with LayerProgress(out, "Pushing") as display:
-            for blob, line in _plan(manifests, display):
-                result = client.push_blob(
-                    target.repository,
-                    layout.blob_path(blob.digest),
-                    blob.digest,
-                    blob.size,
-                    progress=line.update if line else None,
-                )
-                if line:
-                    line.finish(_PUSH_STATUS[result.outcome])
+        print_line(f"The push refers to repository [{client.address}/{target.repository}]")
+
+        def push(blob: Descriptor, line: LayerLine | None) -> str:
+            result = client.push_blob(
+                target.repository,
+                layout.blob_path(blob.digest),
+                blob.digest,
+                blob.size,
+                progress=line.update if line else None,
+            )
+            return _PUSH_STATUS[result.outcome]
+
+        with LayerProgress(console(), "Pushing") as display:
+            _transfer(_plan(manifests, display), push, args.jobs)
         for manifest in manifests:
             is_top = manifest is manifests[-1]
             _put_manifest(client, target.repository, tag if is_top else None, manifest)
     top = manifests[-1]
-    out.print(f"{tag}: digest: {top.descriptor.digest} size: {top.descriptor.size}", markup=False)
+    print_line(f"{tag}: digest: {top.descriptor.digest} size: {top.descriptor.size}")
     return 0
 
 
@@ -104,24 +108,55 @@ def cmd_pull(args: argparse.Namespace) -> int:
     path, ref = parse_layout_ref(args.dest)
     if ref is None and not source.digest:
         ref = source.tag or "latest"
-    layout = ImageLayout.create(path)
-    out = console()
     with connect_registry(args) as client:
-        out.print(f"{source.tag or source.reference}: Pulling from {source.repository}")
+        print_line(f"{source.tag or source.reference}: Pulling from {source.repository}")
         manifests = _fetch_manifests(client, source)
-        with LayerProgress(out, "Downloading") as display:
-            for blob, line in _plan(manifests, display):
-                status = _pull_blob(client, layout, source.repository, blob, line)
-                if line:
-                    line.finish(status)
+        layout = ImageLayout.create(path)  # only now: a failed lookup leaves no empty layout
+
+        def pull(blob: Descriptor, line: LayerLine | None) -> str:
+            return _pull_blob(client, layout, source.repository, blob, line)
+
+        with LayerProgress(console(), "Downloading") as display:
+            _transfer(_plan(manifests, display), pull, args.jobs)
     # Manifests go in after every blob they reference, the index entry last.
     for manifest in manifests:
         layout.write_blob(manifest.content, manifest.descriptor.digest)
     top = manifests[-1]
     layout.set_ref(top.descriptor, ref)
-    out.print(f"Digest: {top.descriptor.digest}", markup=False)
-    out.print(f"Status: Saved {source} to {path}{f':{ref}' if ref else ''}", markup=False)
+    print_line(f"Digest: {top.descriptor.digest}")
+    print_line(f"Status: Saved {source} to {path}{f':{ref}' if ref else ''}")
     return 0
+
+
+def _jobs_option() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=DEFAULT_JOBS,
+        help=f"blobs to transfer at once (default {DEFAULT_JOBS})",
+    )
+    return parser
+
+
+def _transfer(plan: Plan, move: Callable[[Descriptor, LayerLine | None], str], jobs: int) -> None:
+    """Run `move` on every blob, `jobs` at a time; the first failure stops the rest."""
+    if jobs < 1:
+        raise BerthClientError(f"--jobs must be at least 1, not {jobs}", "INVALID_ARGUMENT")
+
+    def one(blob: Descriptor, line: LayerLine | None) -> None:
+        status = move(blob, line)
+        if line:
+            line.finish(status)
+
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="transfer") as pool:
+        futures = [pool.submit(one, blob, line) for blob, line in plan]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        for future in done:
+            future.result()  # re-raises the first failure
 
 
 def _plan(manifests: list[Manifest], display: LayerProgress) -> Plan:
