@@ -6,6 +6,7 @@ message, so no handler carries its own try/except or metrics code.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -50,6 +51,7 @@ class _Call:
         # Read now: context.peer() on a call the client has cancelled crashes grpc's C core.
         self.peer = context.peer()
         self.start = time.perf_counter()
+        self.cancelled = False
         RPC_IN_FLIGHT.labels(service, self.method).inc()
 
     async def fail(self, exc: BaseException) -> None:
@@ -66,7 +68,10 @@ class _Call:
 
     def finish(self) -> None:
         code = self.context.code()
-        name = code.name if isinstance(code, grpc.StatusCode) else _code_name(code)
+        if self.cancelled:
+            name = "CANCELLED"
+        else:
+            name = code.name if isinstance(code, grpc.StatusCode) else _code_name(code)
         elapsed = time.perf_counter() - self.start
         RPC_IN_FLIGHT.labels(self.service, self.method).dec()
         RPC_REQUESTS.labels(self.service, self.method, name).inc()
@@ -79,7 +84,7 @@ class _Call:
                 "duration_ms": round(elapsed * 1000, 2),
                 "request_id": self.request_id,
                 "peer": self.peer,
-                **({"details": self.context.details()} if name != "OK" else {}),
+                **({"details": self.context.details()} if name not in ("OK", "CANCELLED") else {}),
             },
         )
 
@@ -108,6 +113,9 @@ def _wrap_unary_response(
         call = _Call(service, method, context)
         try:
             return await behavior(request, context)
+        except asyncio.CancelledError:
+            call.cancelled = True  # the client hung up or the deadline passed
+            raise
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -126,6 +134,9 @@ def _wrap_stream_response(
         try:
             async for response in behavior(request, context):
                 yield response
+        except (asyncio.CancelledError, GeneratorExit):
+            call.cancelled = True
+            raise
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -89,29 +90,48 @@ class UploadWriter:
             raise FailedPrecondition(f"upload {upload_id} is being written by another connection")
         self.offset = os.fstat(self._fd).st_size
         self._digester = store.take_digester(upload_id, self.offset)
+        # write() and close() run in executor threads; a write still running when its caller
+        # was cancelled must finish before close() releases the descriptor.
+        self._mutex = threading.Lock()
+        self._closed = False
 
     def write(self, offset: int, data: bytes) -> int:
         if len(data) > MAX_CHUNK_BYTES:
             raise ResourceExhausted(
                 f"chunk of {len(data)} bytes is larger than the limit of {MAX_CHUNK_BYTES}"
             )
-        if offset != self.offset:
-            raise FailedPrecondition(
-                f"upload {self.upload_id}: chunk starts at offset {offset} but "
-                f"{self.offset} bytes are stored; resume from offset {self.offset}"
-            )
-        os.write(self._fd, data)
-        if self._digester is not None:
-            self._digester.update(data)
-        self.offset += len(data)
-        return self.offset
+        with self._mutex:
+            if self._closed:
+                raise FailedPrecondition(f"upload {self.upload_id}: the stream was closed")
+            if offset != self.offset:
+                raise FailedPrecondition(
+                    f"upload {self.upload_id}: chunk starts at offset {offset} but "
+                    f"{self.offset} bytes are stored; resume from offset {self.offset}"
+                )
+            written = os.write(self._fd, data)
+            if written != len(data):
+                # A short write (disk full) leaves the stored offset where the file ends.
+                self.offset += written
+                raise ResourceExhausted(
+                    f"upload {self.upload_id}: stored {written} of {len(data)} bytes (disk full?)"
+                )
+            if self._digester is not None:
+                self._digester.update(data)
+            self.offset += len(data)
+            return self.offset
 
     def close(self) -> None:
         """Make the bytes durable and hand the running digest back for a fast commit."""
-        os.fsync(self._fd)
-        os.close(self._fd)
-        if self._digester is not None:
-            self._store.keep_digester(self.upload_id, self._digester)
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+            if self._digester is not None:
+                self._store.keep_digester(self.upload_id, self._digester)
 
 
 class BlobStore:
@@ -208,8 +228,9 @@ class BlobStore:
         except FileNotFoundError:
             raise NotFound(f"upload {upload_id} not found (cancelled or committed?)") from None
         try:
-            # A shared lock waits for a writer that is still finishing, so the offset is final.
-            _lock(fd, fcntl.LOCK_SH)
+            # Briefly wait for a writer whose stream just broke, so the offset is final; a
+            # healthy stream still writing gets its current offset.
+            _lock(fd, fcntl.LOCK_SH, wait=0.5)
             st = os.fstat(fd)
         finally:
             os.close(fd)

@@ -78,7 +78,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         finally:
             metrics.UPLOADS_IN_PROGRESS.dec()
             if writer is not None:
-                await asyncio.to_thread(writer.close)
+                # Shielded: when the client hangs up, this task is cancelled, and an unshielded
+                # executor job still queued would never run, leaving the session locked.
+                await asyncio.shield(asyncio.to_thread(writer.close))
 
     async def GetUpload(
         self, request: pb.GetUploadRequest, context: Context
