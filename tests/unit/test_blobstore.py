@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from berthd.common.errors import DataLoss, FailedPrecondition, NotFound, ResourceExhausted
+from berthd.registry import blobstore
 from berthd.registry.blobstore import MAX_CHUNK_BYTES, BlobStore
 
 
@@ -36,7 +37,11 @@ def test_commit_makes_blob_visible_with_exact_content(blobs: BlobStore) -> None:
     stat, existed = blobs.commit(upload(blobs, data), sha(data))
     assert (stat.digest, stat.size, existed) == (sha(data), 1000, False)
     assert blobs.read_all(sha(data)) == data
-    assert blobs.read(sha(data), 10, 5) == data[10:15]
+    reader = blobs.open_reader(sha(data))
+    assert reader.read(10, 5) == data[10:15]
+    reader.close()
+    with pytest.raises(NotFound):
+        reader.read(0, 1)
     assert blobs.open_uploads() == []
 
 
@@ -78,7 +83,10 @@ def test_resume_in_a_new_writer_commits_the_whole_blob(blobs: BlobStore) -> None
     assert other.read_all(stat.digest) == data
 
 
-def test_two_writers_on_one_session_are_refused(blobs: BlobStore) -> None:
+def test_two_writers_on_one_session_are_refused(
+    blobs: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(blobstore, "LOCK_WAIT_SECONDS", 0.1)
     upload_id = blobs.start("lib/x")
     first = blobs.open_writer(upload_id)
     with pytest.raises(FailedPrecondition, match="another connection"):
@@ -114,6 +122,16 @@ def test_concurrent_uploads_of_one_blob_store_one_copy(blobs: BlobStore) -> None
 def test_stored_blobs_are_read_only(blobs: BlobStore) -> None:
     blobs.commit(upload(blobs, b"content"), sha(b"content"))
     assert blobs.path(sha(b"content")).stat().st_mode & 0o222 == 0
+
+
+def test_open_reader_survives_deletion_of_the_file(blobs: BlobStore) -> None:
+    digest = blobs.put(b"still readable")[0]
+    reader = blobs.open_reader(digest)
+    blobs.path(digest).unlink()
+    assert reader.read(0, 100) == b"still readable"
+    reader.close()
+    with pytest.raises(NotFound):
+        blobs.open_reader(digest)
 
 
 def test_delete_if_older_keeps_recently_touched_blob(blobs: BlobStore) -> None:

@@ -62,8 +62,8 @@ def _fsync_dir(path: Path) -> None:
 LOCK_WAIT_SECONDS = 5.0
 
 
-def _lock(fd: int, kind: int, wait: float = LOCK_WAIT_SECONDS) -> bool:
-    deadline = time.monotonic() + wait
+def _lock(fd: int, kind: int, wait: float | None = None) -> bool:
+    deadline = time.monotonic() + (LOCK_WAIT_SECONDS if wait is None else wait)
     while True:
         try:
             fcntl.flock(fd, kind | fcntl.LOCK_NB)
@@ -134,6 +134,28 @@ class UploadWriter:
                 self._store.keep_digester(self.upload_id, self._digester)
 
 
+class BlobReader:
+    """One open blob, read from executor threads. The descriptor stays valid even if GC unlinks
+    the file mid-read, and close() waits for a read in progress, so a read never lands on a
+    descriptor number the process has since reused."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._mutex = threading.Lock()
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self._mutex:
+            if self._fd < 0:
+                raise NotFound("blob reader was closed")
+            return os.pread(self._fd, length, offset)
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -163,9 +185,11 @@ class BlobStore:
         with contextlib.suppress(FileNotFoundError):
             os.utime(self.path(digest))
 
-    def read(self, digest: str, offset: int, length: int) -> bytes:
-        with open(self.path(digest), "rb") as f:
-            return os.pread(f.fileno(), length, offset)
+    def open_reader(self, digest: str) -> BlobReader:
+        try:
+            return BlobReader(os.open(self.path(digest), os.O_RDONLY))
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest} not found") from None
 
     def read_all(self, digest: str) -> bytes:
         try:

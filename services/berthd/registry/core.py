@@ -117,24 +117,30 @@ class Registry:
         return self._chunks(digest, offset, end, stat.size)
 
     async def _chunks(self, digest: str, start: int, end: int, total: int) -> AsyncIterator[Chunk]:
-        def read(at: int) -> bytes:
-            return self.blobs.read(digest, at, min(READ_CHUNK_BYTES, end - at))
-
         if start == end:
             yield Chunk(start, b"", total)
             return
-        # Read the next chunk from disk while the current one is being sent.
-        pending = asyncio.ensure_future(asyncio.to_thread(read, start))
-        at = start
-        while at < end:
-            data = await pending
-            if not data:
-                raise NotFound(f"blob {digest} was truncated or deleted while being read")
-            if at + len(data) < end:
-                pending = asyncio.ensure_future(asyncio.to_thread(read, at + len(data)))
-            metrics.BYTES_SENT.inc(len(data))
-            yield Chunk(at, data, total)
-            at += len(data)
+        reader = self.blobs.open_reader(digest)
+
+        def read(at: int) -> asyncio.Future[bytes]:
+            size = min(READ_CHUNK_BYTES, end - at)
+            return asyncio.ensure_future(asyncio.to_thread(reader.read, at, size))
+
+        try:
+            # Read the next chunk from disk while the current one is being sent.
+            pending = read(start)
+            at = start
+            while at < end:
+                data = await pending
+                if not data:
+                    raise NotFound(f"blob {digest} is shorter than its recorded size")
+                if at + len(data) < end:
+                    pending = read(at + len(data))
+                metrics.BYTES_SENT.inc(len(data))
+                yield Chunk(at, data, total)
+                at += len(data)
+        finally:
+            reader.close()
 
     async def mount_blob(self, repository: str, digest: str, source: str) -> BlobStat | None:
         """Link an existing blob into `repository`; None if there is nothing to mount."""
