@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from oci_images import make_random_image  # noqa: E402
+
+from berthd.localcluster import stop_process as stop_pid  # noqa: E402
 
 BIN = Path(sys.executable).parent
 BERTH = str(BIN / "berth")
@@ -127,27 +128,6 @@ def check_stored(storage: Path, size: int, who: str) -> None:
     stored = tree_bytes(storage) if storage.exists() else 0
     if stored < size:
         raise BenchError(f"{who}: registry storage {storage} holds {stored} bytes < image {size}")
-
-
-def _alive(pid: int, marker: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
-    return marker in cmdline
-
-
-def stop_pid(pid: int, marker: str) -> None:
-    """SIGTERM then SIGKILL one process we started, if it still runs what we started."""
-    if not _alive(pid, marker):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < deadline:
-        if not _alive(pid, marker):
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
 
 
 # --- berth ---------------------------------------------------------------------------------------

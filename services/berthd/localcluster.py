@@ -79,7 +79,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         parser.set_defaults(run=handler)
 
 
-def _alive(pid: int, marker: str) -> bool:
+def process_alive(pid: int, marker: str) -> bool:
     """True if `pid` runs and its command line still contains `marker` (pids get reused)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -230,7 +230,7 @@ def _print_cluster(cluster: dict) -> None:
 def up(args: argparse.Namespace) -> int:
     state: Path = args.state_dir.resolve()
     existing = load(state)
-    if existing and _alive(existing["etcd"]["pid"], existing["etcd"]["marker"]):
+    if existing and process_alive(existing["etcd"]["pid"], existing["etcd"]["marker"]):
         print(f"a cluster is already running from {state}:", file=sys.stderr)
         _print_cluster(existing)
         return 0
@@ -252,13 +252,14 @@ def up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop(pid: int, marker: str) -> None:
-    if not _alive(pid, marker):
+def stop_process(pid: int, marker: str) -> None:
+    """SIGTERM, then SIGKILL after a timeout, a process we started (checked by its marker)."""
+    if not process_alive(pid, marker):
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline:
-        if not _alive(pid, marker):
+        if not process_alive(pid, marker):
             return
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
@@ -266,9 +267,9 @@ def _stop(pid: int, marker: str) -> None:
 
 def _stop_all(cluster: dict) -> None:
     for info in reversed(list(cluster.get("services", {}).values())):
-        _stop(info["pid"], info["marker"])
+        stop_process(info["pid"], info["marker"])
     if "etcd" in cluster:
-        _stop(cluster["etcd"]["pid"], cluster["etcd"]["marker"])
+        stop_process(cluster["etcd"]["pid"], cluster["etcd"]["marker"])
 
 
 def down(args: argparse.Namespace) -> int:
