@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BUF := npx --yes @bufbuild/buf@1.47.2
-APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-registry iproute2 curl
+APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-registry podman iproute2 curl
 PROTO_FILES := $(shell find protos -name '*.proto')
 # Empty means berthd's default state directory, which the CLI also finds on its own.
 STATE_DIR ?=
@@ -53,6 +53,7 @@ demo: deps
 
 bench: deps
 	$(PY) bench/registry.py
+	$(PY) bench/node.py
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)

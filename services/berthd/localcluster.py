@@ -24,7 +24,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from berth.client import NodeClient
 from berth.config import default_state_dir
+from berth.errors import BerthClientError
 from berthd.common.server import write_atomically
 
 CLUSTER_FILE = "cluster.json"
@@ -52,7 +54,7 @@ class Ports:
 
 
 # The services `up` starts, in order. Later issues append to this list.
-SERVICES = ["registry"]
+SERVICES = ["registry", "node"]
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -190,8 +192,8 @@ def start_service(name: str, index: int, state: Path, ports: Ports, etcd: str) -
         f"--etcd={etcd}",
         f"--ready-file={ready}",
     ]
-    if name == "registry":
-        argv.append(f"--data-dir={state / 'registry'}")
+    # Each service keeps its data in its own folder of the state directory.
+    argv.append(f"--data-dir={state / name}")
     proc = _spawn(argv, log)
     _wait_for(ready.exists, name, proc, log)
     info = json.loads(ready.read_text())
@@ -272,12 +274,31 @@ def _stop_all(cluster: dict) -> None:
         stop_process(cluster["etcd"]["pid"], cluster["etcd"]["marker"])
 
 
+def _remove_containers(cluster: dict) -> None:
+    """Containers outlive their node agent by design; a local cluster going down takes its
+    containers (and their overlay mounts) with it."""
+    node = cluster["services"].get("node")
+    if node is None or not process_alive(node["pid"], node["marker"]):
+        return
+    try:
+        with NodeClient(node["address"], timeout=30) as client:
+            containers = client.list(all=True)
+            for container in containers:
+                client.remove(container.id, force=True)
+    except BerthClientError as exc:
+        print(f"could not remove the node's containers: {exc}", file=sys.stderr)
+        return
+    if containers:
+        print(f"removed {len(containers)} container(s)")
+
+
 def down(args: argparse.Namespace) -> int:
     state: Path = args.state_dir.resolve()
     cluster = load(state)
     if cluster is None:
         print(f"no cluster recorded in {state}", file=sys.stderr)
         return 0
+    _remove_containers(cluster)
     _stop_all(cluster)
     (state / CLUSTER_FILE).unlink(missing_ok=True)
     print(f"stopped the cluster in {state}")

@@ -8,6 +8,7 @@ import sys
 
 from berthd import localcluster
 from berthd.common.errors import BerthError
+from berthd.node import main as node_main
 from berthd.registry import main as registry_main
 
 
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="berthd", description="Run berth services.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     registry_main.add_parser(commands)
+    node_main.add_parser(commands)
     localcluster.add_parsers(commands)
     return parser
 

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from berth.client import RegistryClient
+from berth.client import NodeClient, RegistryClient
 from berthd.common.store import Store
+
+from .images import busybox_layer, push_image
 
 pytestmark = pytest.mark.integration
 
@@ -189,3 +191,61 @@ def registry(services: Services, tmp_path: Path) -> ServiceProcess:
 def client(registry: ServiceProcess) -> Iterator[RegistryClient]:
     with RegistryClient(registry.address) as c:
         yield c
+
+
+@dataclass
+class NodeProcess:
+    """A node agent process, restartable over the same data directory (like a host reboot of
+    the agent alone)."""
+
+    services: Services
+    data_dir: Path
+    node_id: str
+    registry: ServiceProcess
+    process: ServiceProcess | None = None
+
+    def start(self) -> ServiceProcess:
+        self.process = self.services.start(
+            "node",
+            f"--data-dir={self.data_dir}",
+            f"--node-id={self.node_id}",
+            f"--registry={self.registry.address}",
+        )
+        return self.process
+
+    @property
+    def address(self) -> str:
+        assert self.process is not None
+        return self.process.address
+
+    def cleanup(self) -> None:
+        """Remove every container (they outlive the agent), then stop the agent."""
+        if self.process is None or self.process.proc.poll() is not None:
+            self.start()
+        with NodeClient(self.address) as node:
+            for container in node.list(all=True):
+                node.remove(container.id, force=True)
+        self.process.stop()
+
+
+@pytest.fixture
+def node_agent(
+    services: Services, registry: ServiceProcess, tmp_path: Path
+) -> Iterator[NodeProcess]:
+    agent = NodeProcess(services, tmp_path / "node", f"test-{uuid.uuid4().hex[:8]}", registry)
+    agent.start()
+    yield agent
+    agent.cleanup()
+
+
+@pytest.fixture
+def node(node_agent: NodeProcess) -> Iterator[NodeClient]:
+    with NodeClient(node_agent.address) as c:
+        yield c
+
+
+@pytest.fixture
+def busybox(client: RegistryClient, tmp_path: Path) -> str:
+    """A one-layer busybox image pushed to the test's registry; returns its reference."""
+    push_image(client, "test/busybox", "1", [busybox_layer()], tmp_path)
+    return "test/busybox:1"

@@ -14,11 +14,11 @@ BERTHD = [sys.executable, "-m", "berthd.main"]
 
 
 def free_base_port() -> int:
-    """A base port whose whole block (base .. base+11) is free right now."""
+    """A base port whose whole block (base .. base+13) is free right now."""
     for _ in range(50):
         base = random.randrange(40000, 60000, 20)
         try:
-            for port in range(base, base + 12):
+            for port in range(base, base + 14):
                 with socket.socket() as s:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     s.bind(("127.0.0.1", port))
@@ -50,12 +50,13 @@ def test_up_status_down(tmp_path: Path) -> None:
         assert started.returncode == 0, started.stderr
         assert f"export BERTH_REGISTRY=127.0.0.1:{base + 10}" in started.stdout
         cluster = json.loads((state / "cluster.json").read_text())
-        pids = [cluster["etcd"]["pid"], cluster["services"]["registry"]["pid"]]
+        pids = [cluster["etcd"]["pid"]] + [s["pid"] for s in cluster["services"].values()]
+        assert sorted(cluster["services"]) == ["node", "registry"]
         assert all(alive(pid) for pid in pids)
 
         status = run([*BERTHD, "status"], env)
         assert status.returncode == 0, status.stdout
-        assert status.stdout.count("healthy") == 2
+        assert status.stdout.count("healthy") == 3
 
         # The CLI finds the cluster through the default state directory alone.
         listed = run([sys.executable, "-m", "berth", "registry", "ls", "--format", "json"], env)

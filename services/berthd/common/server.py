@@ -56,9 +56,14 @@ async def run_server(
     config: ServiceConfig,
     store: Store,
     mount: Mount,
+    on_start: Callable[[str], Awaitable[dict[str, bytes]]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and clean up."""
+    """Serve until SIGTERM or SIGINT, then drain and clean up.
+
+    `on_start(address)` runs once the server listens; the keys it returns are registered in
+    etcd under this instance's lease (a node's `nodes/<id>`, for example).
+    """
     setup_logging(config.service, config.instance_id, config.log_level)
     disable_created_metrics()  # the *_created series only add noise to every counter
     server = grpc.aio.server(
@@ -95,11 +100,10 @@ async def run_server(
         "version": version("berth"),
         "started_at": time.time(),
     }
-    lease = LeaseKeeper(
-        store,
-        config.lease_ttl,
-        {f"endpoints/{config.service}/{config.instance_id}": encode(endpoint)},
-    )
+    keys = {f"endpoints/{config.service}/{config.instance_id}": encode(endpoint)}
+    if on_start:
+        keys.update(await on_start(address))
+    lease = LeaseKeeper(store, config.lease_ttl, keys)
     await lease.start()
     if config.ready_file:
         write_atomically(Path(config.ready_file), json.dumps(endpoint).encode())

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
-from berth.cli import oci_cmds, registry_cmds
+from berth.cli import container_cmds, image_cmds, oci_cmds, registry_cmds
 from berth.cli.output import FORMATS, print_error
 from berth.errors import BerthClientError
 from berth.oci_layout import LayoutError
@@ -35,12 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="registry address HOST:PORT (default: $BERTH_REGISTRY, else the `berthd up` cluster)",
     )
+    parser.add_argument("--node", metavar="ADDR", default=None, help=image_cmds.NODE_HELP)
     parser.add_argument(
         "--format", choices=FORMATS, default="table", help="output of data: table (default), json"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     registry_cmds.add_commands(commands)
     oci_cmds.add_commands(commands)
+    image_cmds.add_commands(commands)
+    container_cmds.add_commands(commands)
     return parser
 
 

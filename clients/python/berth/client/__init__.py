@@ -1,5 +1,6 @@
 """Typed clients for berth's gRPC services."""
 
+from berth.client.node import ContainerInfo, ImageInfo, NodeClient, RunOptions
 from berth.client.registry import (
     BlobInfo,
     DeletedManifest,
@@ -15,13 +16,17 @@ from berth.client.registry import (
 
 __all__ = [
     "BlobInfo",
+    "ContainerInfo",
     "DeletedManifest",
     "GcReport",
+    "ImageInfo",
     "ImageReference",
     "ManifestData",
+    "NodeClient",
     "PushResult",
     "RegistryClient",
     "RepositoryInfo",
+    "RunOptions",
     "TagInfo",
     "parse_image_reference",
 ]

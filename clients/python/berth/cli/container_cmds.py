@@ -1,0 +1,684 @@
+"""`berth run`, `ps`, `logs`, `exec`, `start`, `stop`, `kill`, `rm`, `inspect`, `wait`, `stats`,
+`diff`: containers on one node agent, with Docker's options and output.
+
+Single-host mode: the commands talk to the node directly. A cluster service will later place
+containers and answer for the same commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from berth.cli.image_cmds import (
+    connect_node,
+    err_console,
+    for_each,
+    image_name,
+    node_options,
+    pull_image,
+)
+from berth.cli.output import (
+    format_time,
+    human_ago,
+    jsonable,
+    print_json,
+    print_line,
+    print_table,
+)
+from berth.cli.registry_cmds import format_options, parse_label
+from berth.client.node import ContainerInfo, NodeClient, RunOptions
+from berth.errors import BerthClientError
+
+# Docker's RAMInBytes: 64m, 64M, 64mb, 64MiB and 1.5g all mean binary units.
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?) ?([kmgtp]?)i?b?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
+FILTER_KEYS = ("label", "name", "status")
+STATES = ("created", "running", "exited", "restarting")
+COMMAND_WIDTH = 20  # what `docker ps` keeps of COMMAND without --no-trunc
+SHORT_ID = 12
+ZERO_TIME = "0001-01-01T00:00:00Z"  # Docker's inspect for a time that never happened
+STDIN_CHUNK = 64 * 1024
+
+
+# --- argument types ---------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """Bytes in Docker's notation: 512, 512b, 100k, 64m, 1.5g."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f'invalid size "{text}": use a number with an optional unit b, k, m, g (e.g. 64m)'
+        )
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[unit.lower()])
+
+
+def parse_cpus(text: str) -> int:
+    """--cpus as millicpus: 0.5 is 500; 0 means no limit."""
+    try:
+        cpus = float(text)
+    except ValueError:
+        cpus = math.nan
+    if not math.isfinite(cpus) or cpus < 0:
+        raise argparse.ArgumentTypeError(f'invalid number of CPUs "{text}": e.g. 0.5 or 2')
+    millis = round(cpus * 1000)
+    if cpus > 0 and millis == 0:
+        # Rounding to 0 would silently mean "no limit".
+        raise argparse.ArgumentTypeError(f"--cpus {text} is below the smallest quota, 0.001")
+    return millis
+
+
+def parse_restart(text: str) -> tuple[str, int]:
+    """Docker's --restart: no, always, on-failure or on-failure:N, as (policy, max retries)."""
+    name, sep, count = text.partition(":")
+    if name not in ("no", "always", "on-failure"):
+        raise argparse.ArgumentTypeError(
+            f'invalid restart policy "{text}": use no, on-failure[:N] or always'
+        )
+    if not sep:
+        return name, 0
+    if name != "on-failure":
+        raise argparse.ArgumentTypeError(
+            f'restart policy "{name}" takes no retry count; only on-failure:N does'
+        )
+    if not count.isdigit():
+        raise argparse.ArgumentTypeError(
+            f'invalid restart retry count "{count}": expected a number, e.g. on-failure:3'
+        )
+    return name, int(count)
+
+
+def parse_volume(text: str) -> tuple[str, str, bool]:
+    """-v SRC:DST[:ro|rw] as (source, target, read_only). SRC is a host path or a volume name;
+    a relative path (./data) is made absolute, as the Docker CLI does."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(parts[:2]):
+        raise argparse.ArgumentTypeError(f'invalid volume "{text}": expected SRC:DST[:ro]')
+    source, target, mode = parts[0], parts[1], parts[2] if len(parts) == 3 else "rw"
+    if mode not in ("ro", "rw"):
+        raise argparse.ArgumentTypeError(f'invalid mode "{mode}" in volume "{text}": use ro or rw')
+    if not target.startswith("/"):
+        raise argparse.ArgumentTypeError(
+            f'invalid volume "{text}": the container path must be absolute'
+        )
+    if source.startswith("."):
+        source = os.path.abspath(source)
+    elif "/" in source and not source.startswith("/"):
+        raise argparse.ArgumentTypeError(
+            f'invalid volume "{text}": a host path must be absolute or start with ./'
+        )
+    return source, target, mode == "ro"
+
+
+def parse_env(text: str) -> str | None:
+    """-e KEY=VALUE, or -e KEY to pass this shell's value (None: unset here, so dropped)."""
+    key, sep, _ = text.partition("=")
+    if not key or any(c.isspace() for c in key):
+        raise argparse.ArgumentTypeError(f'invalid environment variable "{text}": use KEY=VALUE')
+    if sep:
+        return text
+    return f"{key}={os.environ[key]}" if key in os.environ else None
+
+
+def read_env_file(path: str) -> list[str]:
+    """--env-file as Docker reads it: KEY=VALUE or KEY lines, # comments; values are verbatim
+    (quotes included)."""
+    entries = []
+    for line in Path(path).read_text().splitlines():
+        line = line.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            entry = parse_env(line)
+        except argparse.ArgumentTypeError as err:
+            raise BerthClientError(f"{path}: {err}", "INVALID_ARGUMENT") from None
+        if entry is not None:
+            entries.append(entry)
+    return entries
+
+
+def parse_filter(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or key not in FILTER_KEYS or not value:
+        raise argparse.ArgumentTypeError(
+            f'invalid filter "{text}": use label=KEY[=VALUE], name=NAME or status=STATE'
+        )
+    if key == "status" and value not in STATES:
+        raise argparse.ArgumentTypeError(
+            f'invalid status "{value}": use one of {", ".join(STATES)}'
+        )
+    return key, value
+
+
+def parse_tail(text: str) -> int | None:
+    """--tail N, or "all" (None)."""
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f'invalid --tail "{text}": use a number or "all"')
+    return int(text)
+
+
+def absolute_path(text: str) -> str:
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f'the working directory "{text}" must be absolute')
+    return text
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f'expected a number of 0 or more, got "{text}"')
+    return int(text)
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """The RunOptions of a parsed `berth run`."""
+    restart, retries = args.restart
+    if args.rm and restart != "no":
+        raise BerthClientError("conflicting options: --restart and --rm", "INVALID_ARGUMENT")
+    if args.rm and args.detach:
+        # The node has no auto-remove: only an attached client can remove after the exit.
+        raise BerthClientError("--rm needs an attached run: drop -d", "INVALID_ARGUMENT")
+    # Files first, so -e overrides them (as in Docker).
+    env = [entry for path in args.env_file for entry in read_env_file(path)]
+    return RunOptions(
+        name=args.name or "",
+        entrypoint=[args.entrypoint] if args.entrypoint else [],
+        command=args.command,
+        env=[*env, *(entry for entry in args.env if entry is not None)],
+        working_dir=args.workdir or "",
+        user=args.user or "",
+        hostname=args.hostname or "",
+        labels=dict(args.label),
+        mounts=args.volume,
+        read_only_rootfs=args.read_only,
+        memory_bytes=args.memory,
+        cpu_millis=args.cpus,
+        cpu_shares=args.cpu_shares,
+        pids_limit=args.pids_limit,
+        restart=restart,
+        restart_max_retries=retries,
+        network=args.network,
+    )
+
+
+# --- parsers ----------------------------------------------------------------------------------
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register the container commands on the top-level subcommands."""
+    node = [node_options()]
+    data = [node_options(), format_options()]
+
+    run = commands.add_parser("run", parents=node, help="create and start a container")
+    _add_run_options(run)
+    run.set_defaults(func=cmd_run)
+
+    ps = commands.add_parser("ps", parents=data, help="list containers")
+    ps.add_argument("-a", "--all", action="store_true", help="include stopped containers")
+    ps.add_argument("-q", "--quiet", action="store_true", help="only print container ids")
+    ps.add_argument(
+        "-f",
+        "--filter",
+        action="append",
+        type=parse_filter,
+        default=[],
+        metavar="KEY=VALUE",
+        help="label=KEY[=VALUE], name=NAME or status=STATE (repeatable)",
+    )
+    ps.add_argument("--no-trunc", action="store_true", help="full ids and commands")
+    ps.set_defaults(func=cmd_ps)
+
+    logs = commands.add_parser("logs", parents=node, help="print a container's output")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    logs.add_argument(
+        "-n", "--tail", type=parse_tail, default=None, metavar="N", help="only the last N lines"
+    )
+    logs.add_argument("-t", "--timestamps", action="store_true", help="prefix each line's time")
+    logs.add_argument("container", metavar="CONTAINER")
+    logs.set_defaults(func=cmd_logs)
+
+    exec_ = commands.add_parser("exec", parents=node, help="run a command in a running container")
+    exec_.add_argument("-i", "--interactive", action="store_true", help="send stdin to it")
+    _add_env_option(exec_)
+    exec_.add_argument("container", metavar="CONTAINER")
+    exec_.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
+    exec_.set_defaults(func=cmd_exec)
+
+    start = commands.add_parser("start", parents=node, help="start containers")
+    _add_containers(start)
+    start.set_defaults(func=cmd_start)
+
+    stop = commands.add_parser("stop", parents=node, help="stop containers (SIGTERM, then KILL)")
+    stop.add_argument(
+        "-t",
+        "--time",
+        "--timeout",
+        dest="timeout",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="seconds to wait before killing (default 10)",
+    )
+    _add_containers(stop)
+    stop.set_defaults(func=cmd_stop)
+
+    kill = commands.add_parser("kill", parents=node, help="send a signal to containers")
+    kill.add_argument("-s", "--signal", default="KILL", help="signal name or number (KILL)")
+    _add_containers(kill)
+    kill.set_defaults(func=cmd_kill)
+
+    rm = commands.add_parser("rm", parents=node, help="remove containers")
+    rm.add_argument("-f", "--force", action="store_true", help="kill a running container first")
+    _add_containers(rm)
+    rm.set_defaults(func=cmd_rm)
+
+    inspect = commands.add_parser("inspect", parents=data, help="containers as JSON")
+    _add_containers(inspect)
+    inspect.set_defaults(func=cmd_inspect)
+
+    wait = commands.add_parser("wait", parents=node, help="wait for containers to exit")
+    _add_containers(wait)
+    wait.set_defaults(func=cmd_wait)
+
+    stats = commands.add_parser("stats", parents=data, help="CPU, memory and pids of containers")
+    stats.add_argument("--no-stream", action="store_true", help="print one sample, then exit")
+    stats.add_argument(
+        "containers", nargs="*", metavar="CONTAINER", help="(default: every running container)"
+    )
+    stats.set_defaults(func=cmd_stats)
+
+    diff = commands.add_parser("diff", parents=node, help="paths a container changed")
+    diff.add_argument("container", metavar="CONTAINER")
+    diff.set_defaults(func=cmd_diff)
+
+
+def _add_containers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("containers", nargs="+", metavar="CONTAINER", help="id, id prefix or name")
+
+
+def _add_env_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-e",
+        "--env",
+        action="append",
+        type=parse_env,
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="set an environment variable; KEY alone passes this shell's value (repeatable)",
+    )
+
+
+def _add_run_options(run: argparse.ArgumentParser) -> None:
+    add = run.add_argument
+    add("-d", "--detach", action="store_true", help="run in the background and print the id")
+    add("--rm", action="store_true", help="remove the container when it exits")
+    add("--name", help="container name (default: generated)")
+    _add_env_option(run)
+    add("--env-file", action="append", default=[], metavar="FILE", help="KEY=VALUE lines")
+    add("-m", "--memory", type=parse_size, default=0, help="memory limit, e.g. 64m")
+    add("--cpus", type=parse_cpus, default=0, help="CPU quota, e.g. 0.5")
+    add("--cpu-shares", type=non_negative_int, default=0, metavar="N", help="relative CPU weight")
+    add("--pids-limit", type=non_negative_int, default=0, metavar="N", help="most processes")
+    add(
+        "--restart",
+        type=parse_restart,
+        default=("no", 0),
+        metavar="POLICY",
+        help="no (default), on-failure[:N] or always",
+    )
+    add(
+        "-v",
+        "--volume",
+        action="append",
+        type=parse_volume,
+        default=[],
+        metavar="SRC:DST[:ro]",
+        help="bind mount a host path or a named volume (repeatable)",
+    )
+    add("-w", "--workdir", type=absolute_path, metavar="DIR", help="working directory")
+    add("-u", "--user", help="uid[:gid] or user name")
+    add("--hostname", help="host name (default: the short id)")
+    add("--read-only", action="store_true", help="mount the root filesystem read-only")
+    add("--network", choices=("none", "host"), default="none", help="network mode (none)")
+    add(
+        "-l",
+        "--label",
+        action="append",
+        type=parse_label,
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a label (repeatable)",
+    )
+    add("--entrypoint", metavar="CMD", help="replace the image's entrypoint")
+    add("image", metavar="IMAGE")
+    add("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    options = run_options(args)
+    with connect_node(args) as client:
+        container = _create(client, args.image, options)
+        try:
+            client.start(container.id)
+        except BerthClientError:
+            if args.rm:
+                # The start error is the one to report, not a failed clean-up.
+                with contextlib.suppress(BerthClientError):
+                    client.remove(container.id, force=True)
+            raise
+        if args.detach:
+            print_line(container.id)
+            return 0
+        return _attach(client, container.id, remove=args.rm)
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    # The node filters by exact labels to send less; filter_containers then applies them all.
+    labels = {}
+    for key, value in args.filter:
+        if key == "label" and "=" in value:
+            name, _, wanted = value.partition("=")
+            labels[name] = wanted
+    statuses = {v for k, v in args.filter if k == "status"}
+    with connect_node(args) as client:
+        # A status filter asks for stopped containers too, as in Docker.
+        containers = client.list(all=args.all or bool(statuses), labels=labels)
+    containers = filter_containers(containers, args.filter)
+    if args.quiet:
+        ids = [c.id if args.no_trunc else c.id[:SHORT_ID] for c in containers]
+        if ids:
+            print_line("\n".join(ids))
+    elif args.format == "json":
+        print_json([{**jsonable(c), "status": container_status(c)} for c in containers])
+    else:
+        print_ps_table(containers, no_trunc=args.no_trunc)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    # Docker's --tail 0 means no old lines (with -f: only new ones), but the protocol reads 0
+    # as "all": ask for all and drop the lines written before this request.
+    since = datetime.now(UTC) if args.tail == 0 else None
+    with connect_node(args) as client:
+        for line in client.logs(args.container, follow=args.follow, tail=args.tail or 0):
+            if since and line.time < since:
+                continue
+            prefix = f"{format_time(line.time)} ".encode() if args.timestamps else b""
+            write_output(line.stream, prefix + line.data)
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    if not args.command:
+        raise BerthClientError("exec needs a command to run", "INVALID_ARGUMENT")
+    env = [entry for entry in args.env if entry is not None]
+    with connect_node(args) as client:
+        stdin = _stdin_chunks() if args.interactive else ()
+        result = client.exec(args.container, args.command, stdin=stdin, env=env)
+    write_output("stdout", result.stdout)
+    write_output("stderr", result.stderr)
+    return result.exit_code
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    return _each_container(args, lambda client, c: client.start(c))
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    # The protocol reads 0 as its default (10s): the shortest grace it can express is 1s.
+    timeout = 0 if args.timeout is None else max(args.timeout, 1)
+    return _each_container(args, lambda client, c: client.stop(c, timeout))
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    return _each_container(args, lambda client, c: client.kill(c, args.signal))
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    return _each_container(args, lambda client, c: client.remove(c, args.force))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    # Docker's inspect is JSON whatever --format says; found containers print even if some
+    # were not found (then the error follows).
+    found: list[dict[str, Any]] = []
+    with connect_node(args) as client:
+        try:
+            for_each(args.containers, lambda c: found.append(docker_inspect(client.inspect(c))))
+        finally:
+            if found:
+                print_json(found)
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with connect_node(args) as client:
+        for_each(args.containers, lambda c: print_line(str(client.wait(c))))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with connect_node(args) as client:
+        while True:
+            started = time.monotonic()
+            names = args.containers or [c.id[:SHORT_ID] for c in client.list()]
+            samples = [(name, client.stats(name)) for name in names]
+            if args.format == "json":
+                print_json([{"container": name, **sample} for name, sample in samples])
+            else:
+                if not args.no_stream and sys.stdout.isatty():
+                    sys.stdout.write("\033[2J\033[H")  # redraw in place, as `docker stats`
+                print_stats_table(samples)
+            if args.no_stream:
+                return 0
+            sys.stdout.flush()
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    with connect_node(args) as client:
+        changes = client.changes(args.container)
+    if changes:
+        print_line("\n".join(f"{kind} {path}" for kind, path in changes))
+    return 0
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _each_container(args: argparse.Namespace, action: Callable[[NodeClient, str], object]) -> int:
+    """Act on every container given; Docker echoes each one, as given, once done with it."""
+    with connect_node(args) as client:
+
+        def one(container: str) -> None:
+            action(client, container)
+            print_line(container)
+
+        for_each(args.containers, one)
+    return 0
+
+
+def _create(client: NodeClient, image: str, options: RunOptions) -> ContainerInfo:
+    """Create; when the node lacks the image, pull it (progress on stderr) and try again."""
+    try:
+        return client.create(image, options)
+    except BerthClientError as err:
+        if err.code != "NOT_FOUND":
+            raise
+    out = err_console()
+    out.print(f"Unable to find image '{image_name(image)}' locally", markup=False)
+    pull_image(client, image, out)
+    return client.create(image, options)
+
+
+def _attach(client: NodeClient, container_id: str, remove: bool) -> int:
+    """Stream the container's output until it exits; its exit code is ours."""
+    try:
+        for line in client.logs(container_id, follow=True):
+            write_output(line.stream, line.data)
+        exit_code = client.wait(container_id)
+    except KeyboardInterrupt:
+        # Pass Ctrl-C on, as Docker's sig-proxy does; the container may choose to ignore it.
+        with contextlib.suppress(BerthClientError):
+            client.kill(container_id, "INT")
+        raise
+    if remove:
+        client.remove(container_id)
+    return exit_code
+
+
+def _stdin_chunks() -> Iterator[bytes]:
+    # read1: send what is there now, so a command reading a terminal line by line gets each line.
+    while chunk := sys.stdin.buffer.read1(STDIN_CHUNK):
+        yield chunk
+
+
+def write_output(stream: str, data: bytes) -> None:
+    """A container's bytes, unchanged, on our stdout or stderr."""
+    out = sys.stderr if stream == "stderr" else sys.stdout
+    out.flush()  # text printed earlier goes first
+    out.buffer.write(data)
+    out.buffer.flush()
+
+
+def filter_containers(
+    containers: list[ContainerInfo], filters: list[tuple[str, str]]
+) -> list[ContainerInfo]:
+    """Docker's ps filters: different keys must all match, values of one key any of them."""
+    wanted: dict[str, list[str]] = {}
+    for key, value in filters:
+        wanted.setdefault(key, []).append(value)
+
+    def has_label(c: ContainerInfo, text: str) -> bool:
+        key, sep, value = text.partition("=")
+        return key in c.labels and (not sep or c.labels[key] == value)
+
+    def matches(c: ContainerInfo) -> bool:
+        return (
+            all(has_label(c, text) for text in wanted.get("label", []))
+            and ("name" not in wanted or any(n in c.name for n in wanted["name"]))
+            and ("status" not in wanted or c.state in wanted["status"])
+        )
+
+    return [c for c in containers if matches(c)]
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def container_status(c: ContainerInfo, now: datetime | None = None) -> str:
+    """Docker's STATUS: "Up 5 seconds", "Exited (3) 2 minutes ago", "Created", "Restarting (1)
+    3 seconds ago"."""
+    if c.state == "running":
+        # Docker's durations use the words of its relative times, without the "ago".
+        return f"Up {human_ago(c.started_at, now).removesuffix(' ago')}" if c.started_at else "Up"
+    if c.state == "restarting":
+        return _with_time(f"Restarting ({c.exit_code})", c.finished_at, now)
+    if c.state == "created" or c.started_at is None:
+        return "Created"  # an exited container that never started (its start failed)
+    if c.state == "exited":
+        return _with_time(f"Exited ({c.exit_code})", c.finished_at, now)
+    return c.state.capitalize()
+
+
+def _with_time(text: str, when: datetime | None, now: datetime | None) -> str:
+    return f"{text} {human_ago(when, now)}" if when else text
+
+
+def container_command(c: ContainerInfo, no_trunc: bool = False) -> str:
+    """COMMAND as `docker ps` shows it: quoted, cut to 20 characters with an ellipsis."""
+    command = " ".join(c.command)
+    if not no_trunc and len(command) > COMMAND_WIDTH:
+        command = command[: COMMAND_WIDTH - 1] + "…"
+    return f'"{command}"'
+
+
+def ps_rows(
+    containers: list[ContainerInfo], no_trunc: bool = False, now: datetime | None = None
+) -> list[list[str]]:
+    return [
+        [
+            c.id if no_trunc else c.id[:SHORT_ID],
+            c.image or c.image_digest,
+            container_command(c, no_trunc),
+            human_ago(c.created_at, now),
+            container_status(c, now),
+            c.name,
+        ]
+        for c in containers
+    ]
+
+
+def print_ps_table(containers: list[ContainerInfo], no_trunc: bool = False) -> None:
+    headers = ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES"]
+    print_table(headers, ps_rows(containers, no_trunc))
+
+
+def docker_inspect(c: ContainerInfo) -> dict[str, Any]:
+    """A container in the shape of `docker inspect`, for scripts written against Docker."""
+
+    def when(value: datetime | None) -> str:
+        return format_time(value) if value else ZERO_TIME
+
+    return {
+        "Id": c.id,
+        "Created": when(c.created_at),
+        "Path": c.command[0] if c.command else "",
+        "Args": c.command[1:],
+        "State": {
+            "Status": c.state,
+            "Running": c.state == "running",
+            "Paused": False,
+            "Restarting": c.state == "restarting",
+            "OOMKilled": c.oom_killed,
+            "Dead": False,
+            "Pid": c.pid,
+            "ExitCode": c.exit_code,
+            "Error": c.error,
+            "StartedAt": when(c.started_at),
+            "FinishedAt": when(c.finished_at),
+        },
+        "Image": c.image_digest,
+        "Name": f"/{c.name}",
+        "RestartCount": c.restart_count,
+        "Config": {"Image": c.image, "Cmd": c.command, "Labels": c.labels},
+    }
+
+
+def binary_size(size: float) -> str:
+    """Docker's memory figures: binary units, four significant digits (1.539MiB)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    unit = 0
+    while size >= 1024 and unit < len(units) - 1:
+        size /= 1024
+        unit += 1
+    return f"{size:.4g}{units[unit]}"
+
+
+def print_stats_table(samples: list[tuple[str, dict[str, float]]]) -> None:
+    rows = [
+        [
+            name,
+            f"{s['cpu_percent']:.2f}%",
+            f"{binary_size(s['memory_bytes'])} / "
+            + (binary_size(s["memory_limit_bytes"]) if s["memory_limit_bytes"] else "-"),
+            str(int(s["pids"])),
+        ]
+        for name, s in samples
+    ]
+    print_table(["CONTAINER", "CPU %", "MEM USAGE / LIMIT", "PIDS"], rows)

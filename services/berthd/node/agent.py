@@ -1,0 +1,224 @@
+"""The node agent's core: images, containers and what can be asked of a container.
+
+Everything the gRPC servicer needs, with no gRPC in it: the servicer converts messages and
+calls one method here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from importlib.metadata import version
+from pathlib import Path
+
+from berth.client import RegistryClient
+from berthd.common.errors import FailedPrecondition, InvalidArgument
+from berthd.node import cgroups, diff, metrics
+from berthd.node.containers import ContainerManager
+from berthd.node.layers import ImageRecord, ImageStore, LayerStore, PullEvent, pull_image
+from berthd.node.logs import LogRecord, follow_logs, read_logs
+from berthd.node.records import EXITED, RUNNING
+from berthd.node.runtime import Runtime
+from berthd.node.spec import effective_user, resolve_user
+
+STATS_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class StatsSample:
+    time: float
+    cpu_nanos: int
+    cpu_percent: float
+    memory_bytes: int
+    memory_limit_bytes: int
+    pids: int
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    id: str
+    address: str
+    labels: dict[str, str]
+    cpus: int
+    memory_bytes: int
+    version: str
+    runtime_version: str
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        data_dir: Path,
+        node_id: str,
+        labels: dict[str, str],
+        registry_address: Callable[[], Awaitable[str]],
+        manager: ContainerManager,
+        runtime: Runtime,
+        images: ImageStore,
+        layers: LayerStore,
+        pull_concurrency: int = 3,
+    ) -> None:
+        self.data_dir = data_dir
+        self.node_id = node_id
+        self.labels = labels
+        self.registry_address = registry_address
+        self.containers = manager
+        self.runtime = runtime
+        self.images = images
+        self.layers = layers
+        self.pull_concurrency = pull_concurrency
+        self.address = ""
+        self.runtime_version = ""
+
+    async def describe(self) -> NodeInfo:
+        if not self.runtime_version:
+            self.runtime_version = await self.runtime.version()
+        return NodeInfo(
+            id=self.node_id,
+            address=self.address,
+            labels=self.labels,
+            cpus=os.cpu_count() or 1,
+            memory_bytes=host_memory_bytes(),
+            version=version("berth"),
+            runtime_version=self.runtime_version,
+        )
+
+    # Images ------------------------------------------------------------------------------
+
+    async def pull(self, reference: str, progress: Callable[[PullEvent], None]) -> ImageRecord:
+        blobs = self.data_dir / "downloads"
+        blobs.mkdir(parents=True, exist_ok=True)
+        with RegistryClient(await self.registry_address()) as registry:
+            result = await pull_image(
+                registry,
+                self.images,
+                self.layers,
+                reference,
+                blobs,
+                progress,
+                concurrency=self.pull_concurrency,
+            )
+        metrics.PULLED_BYTES.inc(result.bytes_downloaded)
+        metrics.LAYER_CACHE.labels("hit").inc(result.layers_cached)
+        metrics.LAYER_CACHE.labels("miss").inc(result.layers_pulled)
+        return result.image
+
+    async def remove_image(self, reference: str) -> list[str]:
+        image = self.images.get(reference)
+        users = [r.name for r in self.containers.records.values() if r.image_digest == image.digest]
+        if users:
+            raise FailedPrecondition(
+                f"image {reference} is used by container {users[0]}; remove the container first"
+            )
+        freed = self.images.remove(image.digest, in_use=self.containers.in_use_layers())
+        for chain_id in freed:
+            await asyncio.to_thread(self.layers.remove, chain_id)
+        return freed
+
+    # Logs, exec, stats ---------------------------------------------------------------------
+
+    async def logs(
+        self, ref: str, follow: bool, tail: int, since: datetime | None
+    ) -> AsyncIterator[LogRecord]:
+        record = self.containers.resolve(ref)
+        path = self.containers.dir(record.id).log
+        if tail < 0:
+            raise InvalidArgument("tail must not be negative")
+        if not follow:
+            for line in await asyncio.to_thread(read_logs, path, tail, since):
+                yield line
+            return
+
+        def finished() -> bool:
+            return record.state != RUNNING or record.id not in self.containers.records
+
+        # Until the container stops running and its last lines are out.
+        async for line in follow_logs(path, since, stop=finished, tail=tail):
+            yield line
+
+    async def exec(
+        self, ref: str, command: list[str], env: list[str], cwd: str, user: str
+    ) -> asyncio.subprocess.Process:
+        record = self.containers.resolve(ref)
+        if record.state != RUNNING:
+            raise FailedPrecondition(f"container {record.name} is not running")
+        if not command:
+            raise InvalidArgument("exec needs a command")
+        for item in env:
+            if "=" not in item:
+                raise InvalidArgument(f"environment entry {item!r} is not KEY=VALUE")
+        rootfs = self.containers.dir(record.id).rootfs
+        image = self.images.get(record.image_digest)
+        uid, gid, _ = resolve_user(rootfs, user or effective_user(image.config, record.config))
+        return await self.runtime.exec(
+            record.id,
+            command,
+            env=env,
+            cwd=cwd or record.config.working_dir or "/",
+            uid=uid,
+            gid=gid,
+        )
+
+    async def stats(self, ref: str, stream: bool) -> AsyncIterator[StatsSample]:
+        record = self.containers.resolve(ref)
+        path = self.containers.cgroups_path(record.id)
+        previous: tuple[float, int] | None = None
+        while True:
+            raw = cgroups.read_stats(path) if record.state == RUNNING else None
+            now = time.time()
+            cpu = raw.cpu_nanos if raw else 0
+            percent = 0.0
+            if previous and raw and now > previous[0]:
+                percent = (cpu - previous[1]) / ((now - previous[0]) * 1e9) * 100
+            previous = (now, cpu)
+            yield StatsSample(
+                time=now,
+                cpu_nanos=cpu,
+                cpu_percent=round(percent, 2),
+                memory_bytes=raw.memory_bytes if raw else 0,
+                memory_limit_bytes=raw.memory_limit_bytes if raw else 0,
+                pids=raw.pids if raw else 0,
+            )
+            if not stream or record.state == EXITED:
+                return
+            await asyncio.sleep(STATS_INTERVAL)
+
+    # Filesystem changes ----------------------------------------------------------------------
+
+    async def changes(self, ref: str) -> list[tuple[str, str]]:
+        record = self.containers.resolve(ref)
+        upper = self.containers.dir(record.id).upper
+        return await asyncio.to_thread(diff.changes, upper, self.containers.lower_dirs(record))
+
+    async def export(self, ref: str, repository: str) -> tuple[diff.ExportResult, str]:
+        """Pack the container's changes as a layer and push it; the bytes never leave the node
+        except to the registry. Returns the layer and its media type."""
+        record = self.containers.resolve(ref)
+        upper = self.containers.dir(record.id).upper
+        scratch = self.data_dir / "downloads"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=scratch, suffix=".tar.gz") as out:
+            result = await asyncio.to_thread(diff.export_layer, upper, out)
+            out.flush()
+            with RegistryClient(await self.registry_address()) as registry:
+                await asyncio.to_thread(
+                    registry.push_blob, repository, out.name, result.digest, result.size
+                )
+        return result, "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def default_node_id() -> str:
+    return platform.node() or "node"

@@ -1,0 +1,561 @@
+"""Container lifecycle on one node: create, start, stop, kill, remove, restart policies, adoption.
+
+Each container runs under its own conmon, so it outlives the agent. The agent keeps a record per
+container on disk and a monitor task that notices exits (conmon's exit file), applies restart
+policies and reports each container's status to etcd (`containers/<id>/status`). An agent that
+starts finds every record again and adopts the containers, whatever happened while it was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from berthd.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from berthd.common.store import Store
+from berthd.node import cgroups, metrics
+from berthd.node.layers import ImageStore, LayerStore
+from berthd.node.records import (
+    EXITED,
+    RESTARTING,
+    RUNNING,
+    STATES,
+    ContainerDir,
+    ContainerRecord,
+)
+from berthd.node.runtime import Runtime
+from berthd.node.spec import (
+    ContainerConfig,
+    MountSpec,
+    build_runtime_config,
+    effective_user,
+    prepare_etc_files,
+    resolve_process,
+    resolve_user,
+    write_init_layer,
+)
+
+log = logging.getLogger("berthd.node.containers")
+
+# How often exit files are checked: `wait` and restart policies react within this.
+MONITOR_INTERVAL = 0.05
+# How often running containers' cgroup figures are copied into the metrics.
+SAMPLE_INTERVAL = 1.0
+DEFAULT_STOP_TIMEOUT = 10
+# Restart backoff: Docker doubles from 100 ms; capped so a crash loop stays cheap.
+RESTART_BACKOFF = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0)
+
+
+def mount_overlay(lowers: list[Path], upper: Path, work: Path, target: Path) -> None:
+    if target.is_mount():
+        return
+    # overlayfs lists lowerdirs top first; image layers are stored bottom first.
+    lowerdir = ":".join(str(p) for p in reversed(lowers))
+    options = f"lowerdir={lowerdir},upperdir={upper},workdir={work}"
+    result = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", options, str(target)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise FailedPrecondition(f"cannot mount the container's root filesystem: {result.stderr}")
+
+
+def unmount(target: Path) -> None:
+    if target.is_mount():
+        subprocess.run(["umount", str(target)], capture_output=True, check=False)
+    if target.is_mount():
+        subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+
+
+def parse_signal(value: str | int) -> int:
+    if isinstance(value, int):
+        return value
+    text = value.strip().upper() or "KILL"
+    if text.isdigit():
+        return int(text)
+    name = text if text.startswith("SIG") else f"SIG{text}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise InvalidArgument(f"unknown signal {value!r}") from None
+
+
+class ContainerManager:
+    def __init__(
+        self,
+        data_dir: Path,
+        node_id: str,
+        runtime: Runtime,
+        images: ImageStore,
+        layers: LayerStore,
+        store: Store | None,
+    ) -> None:
+        self.root = data_dir / "containers"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.volumes = data_dir / "volumes"
+        self.node_id = node_id
+        self.runtime = runtime
+        self.images = images
+        self.layers = layers
+        self.store = store
+        self.records: dict[str, ContainerRecord] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._changed = asyncio.Condition()
+        self._monitor: asyncio.Task[None] | None = None
+        self._reporter_task: asyncio.Task[None] | None = None
+        self._reports: asyncio.Queue[str] = asyncio.Queue()
+        self._restarts: dict[str, asyncio.Task[None]] = {}
+
+    # Records --------------------------------------------------------------------------------
+
+    def dir(self, container_id: str) -> ContainerDir:
+        return ContainerDir(self.root / container_id)
+
+    def cgroups_path(self, container_id: str) -> str:
+        return f"/berth/{self.node_id}/{container_id}"
+
+    def lock(self, container_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(container_id, asyncio.Lock())
+
+    def resolve(self, ref: str) -> ContainerRecord:
+        """An id, a unique id prefix, or a name, as Docker accepts."""
+        if not ref:
+            raise InvalidArgument("no container given")
+        if ref in self.records:
+            return self.records[ref]
+        by_name = [r for r in self.records.values() if r.name == ref]
+        if by_name:
+            return by_name[0]
+        matches = [r for r in self.records.values() if r.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise InvalidArgument(f"container id prefix {ref!r} is ambiguous")
+        raise NotFound(f"no such container: {ref}")
+
+    async def _save(self, record: ContainerRecord) -> None:
+        await asyncio.to_thread(self.dir(record.id).save, record)
+        self._reports.put_nowait(record.id)
+        self._update_gauges()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _reporter(self) -> None:
+        """Write statuses to etcd off the request path. Each write sends the record's state
+        at that moment, so a burst of changes ends with the latest one, in any order."""
+        while True:
+            container_id = await self._reports.get()
+            record = self.records.get(container_id)
+            if record is not None:
+                await self._report(record)
+
+    async def _report(self, record: ContainerRecord) -> None:
+        if self.store is None:
+            return
+        status = {
+            "node": self.node_id,
+            "name": record.name,
+            "state": record.state,
+            "pid": record.pid,
+            "exit_code": record.exit_code,
+            "oom_killed": record.oom_killed,
+            "started_at": record.started_at,
+            "finished_at": record.finished_at,
+            "restart_count": record.restart_count,
+            "error": record.error,
+            "updated_at": time.time(),
+        }
+        try:
+            await self.store.put_json(f"containers/{record.id}/status", status)
+        except Exception as exc:
+            log.warning("cannot report status of %s: %s", record.id, exc)
+
+    def _update_gauges(self) -> None:
+        for state in STATES:
+            metrics.CONTAINERS.labels(state).set(
+                sum(1 for r in self.records.values() if r.state == state)
+            )
+
+    # Adoption and monitoring ------------------------------------------------------------------
+
+    async def start_background(self) -> None:
+        """Load every record, adopt what still runs, settle what exited while we were away."""
+        for path in sorted(self.root.iterdir()):
+            record_file = path / "container.json"
+            if not record_file.exists():
+                continue
+            try:
+                record = ContainerDir(path).load()
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("skipping unreadable container record %s: %s", record_file, exc)
+                continue
+            self.records[record.id] = record
+        for record in list(self.records.values()):
+            await self._adopt(record)
+        self._update_gauges()
+        self._monitor = asyncio.create_task(self._monitor_loop())
+        self._reporter_task = asyncio.create_task(self._reporter())
+
+    async def _adopt(self, record: ContainerRecord) -> None:
+        cdir = self.dir(record.id)
+        if record.state in (RUNNING, RESTARTING) or cdir.rootfs.is_mount():
+            await asyncio.to_thread(self._ensure_rootfs, record)
+        if record.state == RUNNING:
+            state = await self.runtime.state(record.id)
+            if state is not None and state.status == "running":
+                log.info("adopted running container", extra={"container": record.id})
+                return
+            await self._settle_exit(record)
+        elif record.state == RESTARTING:
+            self._schedule_restart(record)
+        await self._report(record)
+
+    async def stop_background(self) -> None:
+        for task in [self._monitor, self._reporter_task, *self._restarts.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _monitor_loop(self) -> None:
+        next_sample = 0.0
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL)
+            sample = time.monotonic() >= next_sample
+            if sample:
+                next_sample = time.monotonic() + SAMPLE_INTERVAL
+            for record in list(self.records.values()):
+                if record.state != RUNNING:
+                    continue
+                try:
+                    if self.runtime.exit_code(self.dir(record.id).exit_dir, record.id) is not None:
+                        async with self.lock(record.id):
+                            if record.state == RUNNING:
+                                await self._settle_exit(record)
+                    elif sample:
+                        self._sample(record)
+                except Exception:
+                    log.exception("monitoring %s failed", record.id)
+
+    def _sample(self, record: ContainerRecord) -> None:
+        sample = cgroups.read_stats(self.cgroups_path(record.id))
+        if sample is None:
+            return
+        metrics.CONTAINER_CPU.labels(record.id[:12], record.name).set(sample.cpu_nanos / 1e9)
+        metrics.CONTAINER_MEMORY.labels(record.id[:12], record.name).set(sample.memory_bytes)
+
+    async def _settle_exit(self, record: ContainerRecord) -> None:
+        """The main process is gone: record how it ended, clean runc up, maybe restart."""
+        cdir = self.dir(record.id)
+        code = self.runtime.exit_code(cdir.exit_dir, record.id)
+        record.exit_code = code if code is not None else 255
+        record.oom_killed = self.runtime.oom_killed(cdir.persist, self.cgroups_path(record.id))
+        record.finished_at = record.finished_at or time.time()
+        if code is not None:
+            with contextlib.suppress(OSError):
+                record.finished_at = (cdir.exit_dir / record.id).stat().st_mtime
+        record.pid = 0
+        await self.runtime.delete(record.id, force=True)
+        with contextlib.suppress(FailedPrecondition):
+            cgroups.remove_cgroup(self.cgroups_path(record.id), parents=True)
+        for gauge in (metrics.CONTAINER_CPU, metrics.CONTAINER_MEMORY):
+            with contextlib.suppress(KeyError):
+                gauge.remove(record.id[:12], record.name)
+        if self._should_restart(record):
+            record.state = RESTARTING
+            await self._save(record)
+            self._schedule_restart(record)
+        else:
+            record.state = EXITED
+            await self._save(record)
+        log.info(
+            "container exited",
+            extra={"container": record.id, "exit_code": record.exit_code, "oom": record.oom_killed},
+        )
+
+    def _should_restart(self, record: ContainerRecord) -> bool:
+        policy = record.config.restart_policy
+        if record.stopped_by_user or policy == "no":
+            return False
+        if policy == "always":
+            return True
+        limit = record.config.restart_max_retries
+        return record.exit_code != 0 and (limit == 0 or record.restart_count < limit)
+
+    def _schedule_restart(self, record: ContainerRecord) -> None:
+        if record.id in self._restarts and not self._restarts[record.id].done():
+            return
+        delay = RESTART_BACKOFF[min(record.restart_count, len(RESTART_BACKOFF) - 1)]
+
+        async def restart() -> None:
+            await asyncio.sleep(delay)
+            async with self.lock(record.id):
+                if record.state != RESTARTING or record.id not in self.records:
+                    return
+                record.restart_count += 1
+                metrics.RESTARTS.inc()
+                await self._run(record)
+
+        self._restarts[record.id] = asyncio.create_task(restart())
+
+    # Create ---------------------------------------------------------------------------------
+
+    async def create(self, config: ContainerConfig) -> ContainerRecord:
+        config.validate()
+        image = self.images.get(config.image)
+        name = config.name or self._generate_name()
+        if any(r.name == name for r in self.records.values()):
+            raise FailedPrecondition(f'the container name "{name}" is already in use')
+        container_id = secrets.token_hex(32)
+        config.name = name
+        record = ContainerRecord(
+            id=container_id,
+            name=name,
+            config=config,
+            image_digest=image.digest,
+            chain_ids=list(image.chain_ids),
+        )
+        self.dir(container_id)
+        try:
+            await asyncio.to_thread(self._prepare, record, image.config)
+        except BaseException:
+            await asyncio.to_thread(self._discard, record)
+            raise
+        self.records[container_id] = record
+        await self._save(record)
+        return record
+
+    def _generate_name(self) -> str:
+        while True:
+            name = f"berth_{secrets.token_hex(4)}"
+            if all(r.name != name for r in self.records.values()):
+                return name
+
+    def lower_dirs(self, record: ContainerRecord) -> list[Path]:
+        """Image layers bottom first, then the container's init layer."""
+        layers = [self.layers.path(chain) for chain in record.chain_ids]
+        return [*layers, self.dir(record.id).init]
+
+    def _ensure_rootfs(self, record: ContainerRecord) -> None:
+        cdir = self.dir(record.id)
+        lowers = self.lower_dirs(record)
+        missing = [p for p in lowers if not p.is_dir()]
+        if missing:
+            raise FailedPrecondition(
+                f"layer {missing[0].name} of container {record.name} is missing on this node"
+            )
+        mount_overlay(lowers, cdir.upper, cdir.work, cdir.rootfs)
+
+    def _prepare(self, record: ContainerRecord, image_config: dict) -> None:
+        """Directories, overlay root filesystem, /etc files and the OCI bundle."""
+        cdir = self.dir(record.id)
+        cdir.make()
+        write_init_layer(cdir.init)
+        self._ensure_rootfs(record)
+        config = record.config
+        hostname = config.hostname or record.id[:12]
+        args, env, cwd = resolve_process(image_config, config, hostname=hostname)
+        uid, gid, extra_gids = resolve_user(cdir.rootfs, effective_user(image_config, config))
+        etc_files = prepare_etc_files(cdir.etc, hostname, config.network_mode)
+        mounts = [self._volume_source(m) for m in config.mounts]
+        runtime_config = build_runtime_config(
+            rootfs=cdir.rootfs,
+            args=args,
+            env=env,
+            cwd=cwd,
+            uid=uid,
+            gid=gid,
+            additional_gids=extra_gids,
+            hostname=hostname,
+            config=config,
+            mounts=mounts,
+            etc_files=etc_files,
+            cgroups_path=self.cgroups_path(record.id),
+        )
+        (cdir.bundle / "config.json").write_text(json.dumps(runtime_config, indent=1))
+
+    def _volume_source(self, mount: MountSpec) -> MountSpec:
+        """Named volumes live under `<data>/volumes/<name>`; paths are bind mounts."""
+        if mount.source.startswith("/"):
+            if not Path(mount.source).exists():
+                raise InvalidArgument(
+                    f"bind mount source {mount.source} does not exist on this node"
+                )
+            return mount
+        if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", mount.source):
+            raise InvalidArgument(f"invalid volume name {mount.source!r}")
+        path = self.volumes / mount.source
+        path.mkdir(parents=True, exist_ok=True)
+        return MountSpec(str(path), mount.target, mount.read_only)
+
+    def _discard(self, record: ContainerRecord) -> None:
+        cdir = self.dir(record.id)
+        unmount(cdir.rootfs)
+        shutil.rmtree(cdir.root, ignore_errors=True)
+
+    # Start, stop, kill, remove ------------------------------------------------------------------
+
+    async def start(self, ref: str) -> ContainerRecord:
+        record = self.resolve(ref)
+        async with self.lock(record.id):
+            if record.state == RUNNING:
+                raise FailedPrecondition(f"container {record.name} is already running")
+            record.stopped_by_user = False
+            await self._run(record)
+            if record.state != RUNNING:
+                raise FailedPrecondition(f"container {record.name} failed to start: {record.error}")
+        return record
+
+    async def _run(self, record: ContainerRecord) -> None:
+        """Start the container's process under a new conmon. Caller holds the lock."""
+        cdir = self.dir(record.id)
+        began = time.perf_counter()
+
+        async def create() -> int:
+            return await self.runtime.create(
+                record.id,
+                cdir.bundle,
+                log_path=cdir.log,
+                exit_dir=cdir.exit_dir,
+                persist_dir=cdir.persist,
+                pid_file=cdir.pid_file,
+                conmon_pid_file=cdir.conmon_pid_file,
+            )
+
+        try:
+            await asyncio.to_thread(self._ensure_rootfs, record)
+            try:
+                record.pid = await create()
+            except AlreadyExists:
+                # runc still holds a previous run (its cleanup was interrupted): clear it.
+                await self.runtime.delete(record.id, force=True)
+                record.pid = await create()
+            await self.runtime.start(record.id)
+        except Exception as exc:
+            record.state = EXITED
+            record.exit_code = 128
+            record.error = str(exc)
+            record.finished_at = time.time()
+            await self.runtime.delete(record.id, force=True)
+            await self._save(record)
+            log.warning("container failed to start: %s", exc, extra={"container": record.id})
+            return
+        metrics.START_SECONDS.observe(time.perf_counter() - began)
+        record.state = RUNNING
+        record.error = ""
+        record.oom_killed = False
+        record.started_at = time.time()
+        record.finished_at = None
+        await self._save(record)
+
+    async def stop(self, ref: str, timeout: int = 0) -> ContainerRecord:
+        record = self.resolve(ref)
+        timeout = timeout or DEFAULT_STOP_TIMEOUT
+        record.stopped_by_user = True
+        if record.state == RESTARTING:
+            async with self.lock(record.id):
+                record.state = EXITED
+                await self._save(record)
+            return record
+        if record.state != RUNNING:
+            return record
+        await self._signal(record, signal.SIGTERM)
+        if not await self._wait_exited(record, timeout):
+            await self._signal(record, signal.SIGKILL)
+            await self._wait_exited(record, 10)
+        return record
+
+    async def kill(self, ref: str, sig: str | int = "KILL") -> None:
+        record = self.resolve(ref)
+        number = parse_signal(sig)
+        if record.state != RUNNING:
+            raise FailedPrecondition(f"container {record.name} is not running")
+        if number in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+            record.stopped_by_user = True
+        await self._signal(record, number, strict=True)
+
+    async def _signal(self, record: ContainerRecord, number: int, *, strict: bool = False) -> None:
+        """Signal the main process. It may have exited a moment ago, before the monitor saw
+        it: then stop and remove have nothing left to do, and kill reports it (strict)."""
+        try:
+            await self.runtime.kill(record.id, number)
+        except (FailedPrecondition, NotFound):
+            state = await self.runtime.state(record.id)
+            if state is not None and state.status == "running":
+                raise
+            if strict:
+                raise FailedPrecondition(f"container {record.name} is not running") from None
+
+    async def _wait_exited(self, record: ContainerRecord, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._until(lambda: record.state != RUNNING), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _until(self, condition: Callable[[], bool]) -> None:
+        async with self._changed:
+            await self._changed.wait_for(condition)
+
+    async def remove(self, ref: str, force: bool = False) -> None:
+        record = self.resolve(ref)
+        if record.state == RUNNING:
+            if not force:
+                raise FailedPrecondition(
+                    f"container {record.name} is running: stop it first or remove with force"
+                )
+            record.stopped_by_user = True
+            await self._signal(record, signal.SIGKILL)
+            await self._wait_exited(record, 10)
+        async with self.lock(record.id):
+            task = self._restarts.pop(record.id, None)
+            if task is not None:
+                task.cancel()
+            await self.runtime.delete(record.id, force=True)
+            cgroups.remove_cgroup(self.cgroups_path(record.id), parents=True)
+            del self.records[record.id]
+            await asyncio.to_thread(self._discard, record)
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.delete(f"containers/{record.id}/status")
+        self._update_gauges()
+
+    async def wait(self, ref: str) -> ContainerRecord:
+        record = self.resolve(ref)
+        await self._until(lambda: record.state == EXITED or record.id not in self.records)
+        return record
+
+    def list(
+        self,
+        *,
+        all: bool = False,
+        labels: dict[str, str] | None = None,
+        name: str = "",
+        state: str = "",
+    ) -> list[ContainerRecord]:
+        result = []
+        for record in self.records.values():
+            if not all and not state and record.state != RUNNING:
+                continue
+            if state and record.state != state:
+                continue
+            if name and name not in record.name:
+                continue
+            if labels and any(record.config.labels.get(k) != v for k, v in labels.items()):
+                continue
+            result.append(record)
+        return sorted(result, key=lambda r: r.created_at, reverse=True)
+
+    def in_use_layers(self) -> set[str]:
+        return {chain for r in self.records.values() for chain in r.chain_ids}

@@ -1,0 +1,130 @@
+"""`berthd node`: flags and wiring for the node agent."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import grpc
+
+from berth.node.v1 import node_pb2, node_pb2_grpc
+from berthd.common.config import add_common_flags, add_flag, service_config
+from berthd.common.errors import Unavailable
+from berthd.common.server import run_server
+from berthd.common.store import Store, encode
+from berthd.node.agent import NodeAgent, default_node_id
+from berthd.node.containers import ContainerManager
+from berthd.node.layers import ImageStore, LayerStore
+from berthd.node.runtime import Runtime
+from berthd.node.service import NodeServicer
+
+DEFAULT_LISTEN = "127.0.0.1:5060"
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"berthd node: invalid label {item!r}: expected key=value")
+        labels[key] = value
+    return labels
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("node", help="run the node agent (containers on this host)")
+    add_common_flags(parser, "node", DEFAULT_LISTEN)
+    add_flag(
+        parser,
+        "--data-dir",
+        default="/var/lib/berth/node",
+        scope="node",
+        help="layers, images, containers and volumes of this node",
+    )
+    add_flag(parser, "--node-id", default=default_node_id(), scope="node", help="node id")
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=[x for x in os.environ.get("BERTH_NODE_LABELS", "").split(",") if x],
+        help="node label key=value, repeatable [env BERTH_NODE_LABELS, comma-separated]",
+    )
+    add_flag(
+        parser,
+        "--registry",
+        default="",
+        scope="node",
+        help="registry address host:port (default: the first registry registered in etcd)",
+    )
+    add_flag(
+        parser,
+        "--runc",
+        default=shutil.which("runc") or "/usr/sbin/runc",
+        scope="node",
+        help="runc binary",
+    )
+    add_flag(
+        parser,
+        "--conmon",
+        default=shutil.which("conmon") or "/usr/bin/conmon",
+        scope="node",
+        help="conmon binary",
+    )
+    add_flag(
+        parser,
+        "--pull-concurrency",
+        default=3,
+        type=int,
+        scope="node",
+        help="layers downloaded at once",
+    )
+    parser.set_defaults(run=run)
+
+
+async def run(args: argparse.Namespace) -> None:
+    config = service_config("node", args)
+    store = Store(config.etcd, config.etcd_prefix)
+    await store.connect()
+    data = Path(args.data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    runtime = Runtime(runc=args.runc, conmon=args.conmon, root=data / "runc")
+    layers = LayerStore(data)
+    images = ImageStore(data)
+    manager = ContainerManager(data, args.node_id, runtime, images, layers, store)
+
+    async def registry_address() -> str:
+        if args.registry:
+            return args.registry
+        entries = await store.list("endpoints/registry/")
+        if not entries:
+            raise Unavailable("no registry is registered in etcd; start one or pass --registry")
+        return str(entries[0].json()["address"])
+
+    agent = NodeAgent(
+        data,
+        args.node_id,
+        parse_labels(args.label),
+        registry_address,
+        manager,
+        runtime,
+        images,
+        layers,
+        pull_concurrency=args.pull_concurrency,
+    )
+
+    def mount(server: grpc.aio.Server) -> list[str]:
+        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(agent), server)
+        return [node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name]
+
+    async def on_start(address: str) -> dict[str, bytes]:
+        agent.address = address
+        await manager.start_background()
+        info = await agent.describe()
+        return {f"nodes/{args.node_id}": encode(info.to_json())}
+
+    async def on_stop() -> None:
+        # Containers keep running under their conmon; the next agent adopts them.
+        await manager.stop_background()
+
+    await run_server(config, store, mount, on_start=on_start, on_stop=on_stop)

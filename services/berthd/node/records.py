@@ -1,0 +1,97 @@
+"""A container's record on disk: its config plus what the node observed.
+
+Records live in `<data>/containers/<id>/container.json`, written atomically, so an agent that
+restarts (even after SIGKILL) finds every container again and adopts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from berthd.node.spec import ContainerConfig
+
+CREATED = "created"
+RUNNING = "running"
+EXITED = "exited"
+RESTARTING = "restarting"
+STATES = (CREATED, RUNNING, EXITED, RESTARTING)
+
+
+@dataclass
+class ContainerRecord:
+    id: str
+    name: str
+    config: ContainerConfig
+    image_digest: str
+    chain_ids: list[str]
+    created_at: float = field(default_factory=time.time)
+    state: str = CREATED
+    pid: int = 0
+    exit_code: int = 0
+    oom_killed: bool = False
+    started_at: float | None = None
+    finished_at: float | None = None
+    restart_count: int = 0
+    error: str = ""
+    # Set by stop/kill from a user: restart policies do not bring the container back.
+    stopped_by_user: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["config"] = json.loads(self.config.to_json())
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ContainerRecord:
+        data = dict(data)
+        data["config"] = ContainerConfig.from_json(json.dumps(data["config"]))
+        return cls(**data)
+
+
+class ContainerDir:
+    """The files of one container under `<data>/containers/<id>/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.record = root / "container.json"
+        self.upper = root / "upper"
+        self.work = root / "work"
+        self.rootfs = root / "rootfs"
+        self.bundle = root / "bundle"
+        self.log = root / "ctr.log"
+        self.exit_dir = root / "exit"
+        self.persist = root / "persist"
+        self.pid_file = root / "pidfile"
+        self.conmon_pid_file = root / "conmon.pid"
+        self.etc = root / "etc"
+        # Docker's init layer: mount points runc needs, stacked right under the upper dir.
+        self.init = root / "init"
+
+    def make(self) -> None:
+        for path in (
+            self.upper,
+            self.work,
+            self.rootfs,
+            self.bundle,
+            self.exit_dir,
+            self.persist,
+            self.etc,
+            self.init,
+        ):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def save(self, record: ContainerRecord) -> None:
+        tmp = self.record.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(record.to_json(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.record)
+
+    def load(self) -> ContainerRecord:
+        return ContainerRecord.from_json(json.loads(self.record.read_text()))

@@ -1,0 +1,774 @@
+"""From a container spec and an image config to an OCI runtime bundle, with Docker's rules.
+
+Pure functions and plain data: the container manager calls these, then mounts overlayfs and runs
+runc. Nothing here knows about gRPC; bad input raises InvalidArgument with a message a user can
+act on.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import posixpath
+import re
+import resource
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from berthd.common.errors import InvalidArgument
+from berthd.common.oci.digest import quoted
+
+OCI_VERSION = "1.0.2"
+# Docker's PATH for images that set none (moby's system.DefaultPathEnv on Linux).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RESTART_POLICIES = ("no", "on-failure", "always")
+# "bridge" joins an existing namespace (build_runtime_config's network_namespace_path) once
+# the node has a bridge driver; add it here then.
+NETWORK_MODES = ("none", "host")
+MIN_MEMORY_BYTES = 6 * 1024 * 1024  # Docker's "Minimum memory limit allowed is 6MB"
+MIN_CPU_MILLIS = 10  # 0.01 CPU: the kernel rejects CFS quotas under 1 ms
+MAX_CPU_SHARES = 262144
+CPU_PERIOD_US = 100_000
+SHM_SIZE = "65536k"
+MAX_NOFILE = 1_048_576
+# Docker's default capability set (moby oci/caps/defaults.go).
+DEFAULT_CAPABILITIES = tuple(
+    f"CAP_{name}"
+    for name in (
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FSETID",
+        "FOWNER",
+        "MKNOD",
+        "NET_RAW",
+        "SETGID",
+        "SETUID",
+        "SETFCAP",
+        "SETPCAP",
+        "NET_BIND_SERVICE",
+        "SYS_CHROOT",
+        "KILL",
+        "AUDIT_WRITE",
+    )
+)
+# moby oci/defaults.go: kernel interfaces a container must not read or write.
+MASKED_PATHS = (
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+# (path, major, minor): the nodes every container gets in its /dev.
+DEFAULT_DEVICES = (
+    ("/dev/null", 1, 3),
+    ("/dev/zero", 1, 5),
+    ("/dev/full", 1, 7),
+    ("/dev/random", 1, 8),
+    ("/dev/urandom", 1, 9),
+    ("/dev/tty", 5, 0),
+)
+# (type, major, minor, access) allowed after a deny-all rule: what a Docker container's
+# devices.list shows. None is the wildcard "*".
+ALLOWED_DEVICES: tuple[tuple[str, int | None, int | None, str], ...] = (
+    ("c", None, None, "m"),  # mknod of any node; using it still needs a rule below
+    ("b", None, None, "m"),
+    ("c", 1, 3, "rwm"),
+    ("c", 1, 5, "rwm"),
+    ("c", 1, 7, "rwm"),
+    ("c", 1, 8, "rwm"),
+    ("c", 1, 9, "rwm"),
+    ("c", 5, 0, "rwm"),
+    ("c", 5, 1, "rwm"),  # /dev/console
+    ("c", 5, 2, "rwm"),  # /dev/ptmx
+    ("c", 136, None, "rwm"),  # /dev/pts/*
+    ("c", 10, 200, "rwm"),  # /dev/net/tun
+)
+# Mount points runc would otherwise create in the container's upper dir, where they would show
+# up in `changes()` and in committed layers (Docker's init layer, daemon/initlayer).
+INIT_LAYER_DIRS = ("dev", "dev/pts", "dev/shm", "proc", "sys", "etc")
+INIT_LAYER_FILES = ("etc/hosts", "etc/hostname", "etc/resolv.conf", "dev/console")
+ETC_FILES = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf")
+LOCALHOST_LINES = (
+    "127.0.0.1\tlocalhost",
+    "::1\tlocalhost ip6-localhost ip6-loopback",
+    "fe00::0\tip6-localnet",
+    "ff00::0\tip6-mcastprefix",
+    "ff02::1\tip6-allnodes",
+    "ff02::2\tip6-allrouters",
+)
+
+_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_MAX_HOSTNAME = 64  # the kernel's HOST_NAME_MAX
+_ENV_KEY_RE = re.compile(r"[^=\x00]+")
+_MAX_ID = 2**31 - 1
+_MAX_SYMLINKS = 40  # like the kernel's limit on symlinks followed in one lookup
+_MAX_DB_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class MountSpec:
+    """A bind mount (absolute host path) or named volume (a name) at `target`."""
+
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass
+class ContainerConfig:
+    """The proto ContainerSpec as plain data, also the node's on-disk record of a container.
+
+    Empty `entrypoint` keeps the image's ENTRYPOINT (protobuf cannot tell empty from unset);
+    `[""]` clears it, as Docker's `--entrypoint ""` does. Empty `command` keeps the image's
+    CMD, unless an entrypoint is given.
+    """
+
+    image: str
+    name: str = ""
+    entrypoint: list[str] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    working_dir: str = ""
+    user: str = ""
+    hostname: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    mounts: list[MountSpec] = field(default_factory=list)
+    read_only_rootfs: bool = False
+    memory_bytes: int = 0
+    cpu_millis: int = 0
+    cpu_shares: int = 0
+    pids_limit: int = 0
+    restart_policy: str = "no"
+    restart_max_retries: int = 0
+    network_mode: str = "none"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ContainerConfig:
+        """Load and validate a record; unknown keys are ignored so newer agents' records load."""
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise InvalidArgument(f"container config is not valid JSON: {e}") from e
+        if not isinstance(obj, dict):
+            raise InvalidArgument(f"container config must be a JSON object, got {quoted(obj)}")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in obj.items() if k in known}
+        if "image" not in values:
+            raise InvalidArgument('container config has no "image"')
+        mounts = values.get("mounts", [])
+        if isinstance(mounts, list):
+            values["mounts"] = [_mount_from_json(m, i) for i, m in enumerate(mounts)]
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise InvalidArgument naming the first bad field; types are checked too, since
+        records come from JSON."""
+        _check_str("image", self.image)
+        if not self.image:
+            raise InvalidArgument("image is required")
+        _check_str("name", self.name)
+        if self.name and not _NAME_RE.fullmatch(self.name):
+            raise InvalidArgument(
+                f"invalid container name {quoted(self.name)}: "
+                "only [a-zA-Z0-9][a-zA-Z0-9_.-]+ is allowed"
+            )
+        _check_args("entrypoint", self.entrypoint)
+        _check_args("command", self.command)
+        _check_str_list("env", self.env)
+        for entry in self.env:
+            key, sep, _ = entry.partition("=")
+            if not sep or not _ENV_KEY_RE.fullmatch(key) or "\x00" in entry:
+                raise InvalidArgument(
+                    f"invalid environment variable {quoted(entry)}: expected KEY=VALUE"
+                )
+        _check_str("working_dir", self.working_dir)
+        if self.working_dir and not self.working_dir.startswith("/"):
+            raise InvalidArgument(
+                f"working directory {quoted(self.working_dir)} is invalid: "
+                "it needs to be an absolute path"
+            )
+        _check_user(self.user)
+        _check_str("hostname", self.hostname)
+        if self.hostname:
+            check_hostname(self.hostname)
+        if not isinstance(self.labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.labels.items()
+        ):
+            raise InvalidArgument("labels must map strings to strings")
+        self._validate_mounts()
+        _check_bool("read_only_rootfs", self.read_only_rootfs)
+        self._validate_resources()
+        self._validate_restart()
+        _check_str("network_mode", self.network_mode)
+        if self.network_mode not in NETWORK_MODES:
+            raise InvalidArgument(
+                f"unsupported network mode {quoted(self.network_mode)}: "
+                f"expected one of {', '.join(NETWORK_MODES)}"
+            )
+
+    def _validate_mounts(self) -> None:
+        if not isinstance(self.mounts, list) or not all(
+            isinstance(m, MountSpec) for m in self.mounts
+        ):
+            raise InvalidArgument("mounts must be a list of mounts")
+        seen: set[str] = set()
+        for m in self.mounts:
+            _check_str("mount source", m.source)
+            _check_str("mount target", m.target)
+            _check_bool("mount read_only", m.read_only)
+            where = f"mount {quoted(m.source)} -> {quoted(m.target)}"
+            if not m.source:
+                raise InvalidArgument(f"{where}: source is required")
+            if not m.source.startswith("/") and not _NAME_RE.fullmatch(m.source):
+                raise InvalidArgument(
+                    f"{where}: source must be an absolute host path or a volume name "
+                    "matching [a-zA-Z0-9][a-zA-Z0-9_.-]+"
+                )
+            if not m.target.startswith("/"):
+                raise InvalidArgument(f"{where}: target must be an absolute path")
+            if ".." in m.target.split("/") or "\x00" in m.target:
+                raise InvalidArgument(f"{where}: target must not contain '..'")
+            target = posixpath.normpath(m.target)
+            if target == "/":
+                raise InvalidArgument(f"{where}: target cannot be '/'")
+            if target in seen:
+                raise InvalidArgument(f"duplicate mount point {quoted(target)}")
+            seen.add(target)
+
+    def _validate_resources(self) -> None:
+        for name in ("memory_bytes", "cpu_millis", "cpu_shares", "pids_limit"):
+            _check_int(name, getattr(self, name))
+        if self.memory_bytes != 0 and self.memory_bytes < MIN_MEMORY_BYTES:
+            raise InvalidArgument(
+                f"memory limit {self.memory_bytes} bytes is too small: "
+                f"the minimum is 6 MiB ({MIN_MEMORY_BYTES}), or 0 for no limit"
+            )
+        if self.cpu_millis != 0 and self.cpu_millis < MIN_CPU_MILLIS:
+            raise InvalidArgument(
+                f"cpu_millis {self.cpu_millis} is out of range: "
+                f"use 0 for no limit or at least {MIN_CPU_MILLIS} (0.01 CPU)"
+            )
+        if self.cpu_shares != 0 and not 2 <= self.cpu_shares <= MAX_CPU_SHARES:
+            raise InvalidArgument(
+                f"cpu_shares {self.cpu_shares} is out of range: "
+                f"use 0 for the default or 2 to {MAX_CPU_SHARES}"
+            )
+        if self.pids_limit < 0:
+            raise InvalidArgument(f"pids_limit {self.pids_limit} is negative: use 0 for no limit")
+
+    def _validate_restart(self) -> None:
+        _check_str("restart_policy", self.restart_policy)
+        if self.restart_policy not in RESTART_POLICIES:
+            raise InvalidArgument(
+                f"invalid restart policy {quoted(self.restart_policy)}: "
+                f"expected one of {', '.join(RESTART_POLICIES)}"
+            )
+        _check_int("restart_max_retries", self.restart_max_retries)
+        if self.restart_max_retries and self.restart_policy != "on-failure":
+            raise InvalidArgument(
+                f"maximum retry count cannot be used with restart policy {self.restart_policy!r}"
+            )
+
+
+def _mount_from_json(obj: object, i: int) -> MountSpec:
+    if not isinstance(obj, dict) or not isinstance(obj.get("target"), str):
+        raise InvalidArgument(f"mounts[{i}] must be an object with source and target")
+    return MountSpec(obj.get("source", ""), obj["target"], obj.get("read_only", False))
+
+
+def _check_str(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{name} must be a string, got {quoted(value)}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{name} must be true or false, got {quoted(value)}")
+
+
+def _check_int(name: str, value: object) -> None:
+    # bool is an int in Python, not in JSON or protobuf.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{name} must be an integer, got {quoted(value)}")
+    if value < 0:
+        raise InvalidArgument(f"{name} must not be negative, got {value}")
+
+
+def _check_str_list(name: str, value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{name} must be a list of strings, got {quoted(value)}")
+    return value
+
+
+def _check_args(name: str, value: object) -> None:
+    # runc passes args to execve, which cannot carry NUL bytes.
+    if any("\x00" in v for v in _check_str_list(name, value)):
+        raise InvalidArgument(f"{name} must not contain NUL characters")
+
+
+def _check_user(user: object) -> None:
+    _check_str("user", user)
+    if str(user).count(":") > 1 or any(c in str(user) for c in "\x00\n"):
+        raise InvalidArgument(f"invalid user {quoted(user)}: expected user[:group]")
+
+
+def check_hostname(hostname: str) -> None:
+    """An RFC 1123 host name the kernel accepts (at most 64 characters)."""
+    if len(hostname) > _MAX_HOSTNAME or not _HOSTNAME_RE.fullmatch(hostname):
+        raise InvalidArgument(
+            f"invalid hostname {quoted(hostname)}: expected letters, digits and inner hyphens, "
+            f"in dot-separated labels of up to 63 characters, {_MAX_HOSTNAME} in all"
+        )
+
+
+# --- process ---------------------------------------------------------------------------------
+
+
+def _image_args(image_config: Mapping[str, Any], key: str) -> list[str]:
+    """Cmd or Entrypoint of an image config. A bare string counts as one argument, as Docker's
+    strslice reads it; null means unset."""
+    value = image_config.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InvalidArgument(f"image config {key} must be a list of strings, got {quoted(value)}")
+
+
+def _merge_env(base: list[str], overrides: Sequence[str]) -> list[str]:
+    """Docker's ReplaceOrAppendEnvValues: an override replaces the same key in place."""
+    merged = list(base)
+    index = {e.partition("=")[0]: i for i, e in enumerate(merged)}
+    for entry in overrides:
+        key = entry.partition("=")[0]
+        if key in index:
+            merged[index[key]] = entry
+        else:
+            index[key] = len(merged)
+            merged.append(entry)
+    return merged
+
+
+def resolve_process(
+    image_config: Mapping[str, Any], cfg: ContainerConfig, *, hostname: str = ""
+) -> tuple[list[str], list[str], str]:
+    """(args, env, cwd) of the container's process, with Docker's rules.
+
+    `image_config` is the image config's `config` object (Env, Cmd, Entrypoint, WorkingDir).
+    `hostname` is the container's effective hostname (cfg.hostname, else derived from the id);
+    Docker puts it in HOSTNAME.
+    """
+    if not cfg.entrypoint:
+        entrypoint = _image_args(image_config, "Entrypoint")
+        command = cfg.command or _image_args(image_config, "Cmd")
+    else:
+        entrypoint = [] if cfg.entrypoint == [""] else list(cfg.entrypoint)
+        # A new entrypoint makes the image's CMD meaningless, except when it only clears
+        # the image's entrypoint (`--entrypoint ""`): then CMD runs on its own.
+        command = cfg.command or ([] if entrypoint else _image_args(image_config, "Cmd"))
+    args = entrypoint + command
+    if not args:
+        raise InvalidArgument(
+            "no command specified: the image has no ENTRYPOINT or CMD, give a command"
+        )
+
+    image_env = image_config.get("Env") or []
+    if not isinstance(image_env, list) or not all(isinstance(e, str) for e in image_env):
+        raise InvalidArgument(
+            f"image config Env must be a list of strings, got {quoted(image_env)}"
+        )
+    defaults = [f"PATH={DEFAULT_PATH}"]
+    if hostname or cfg.hostname:
+        defaults.append(f"HOSTNAME={hostname or cfg.hostname}")
+    env = _merge_env(_merge_env(defaults, image_env), cfg.env)
+
+    cwd = cfg.working_dir or image_config.get("WorkingDir") or "/"
+    if not isinstance(cwd, str):
+        raise InvalidArgument(f"image config WorkingDir must be a string, got {quoted(cwd)}")
+    # Old builders wrote relative WorkingDirs; Docker resolves them against /.
+    return args, env, posixpath.normpath(posixpath.join("/", cwd))
+
+
+def effective_user(image_config: Mapping[str, Any], cfg: ContainerConfig) -> str:
+    """The user spec to resolve: the container's, else the image's USER, else root."""
+    user = cfg.user or image_config.get("User") or ""
+    _check_user(user)
+    return user
+
+
+# --- users -----------------------------------------------------------------------------------
+
+
+def _open_in_root(root: Path, path: str) -> int | None:
+    """Open the regular file `path` as if `root` were `/`, for reading; None if there is none.
+
+    The rootfs is untrusted: symlinks are followed one component at a time, absolute targets
+    restart at `root` and `..` stops there, like path lookup inside a chroot. Every open is
+    relative to a directory fd with O_NOFOLLOW, so nothing outside `root` is ever reached.
+    """
+    dirs = [os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
+    todo = [p for p in reversed(path.split("/")) if p]  # pop() yields the next component
+    links = 0
+    try:
+        while todo:
+            part = todo.pop()
+            if part == ".":
+                continue
+            if part == "..":
+                if len(dirs) > 1:
+                    os.close(dirs.pop())
+                continue
+            try:
+                fd = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirs[-1])
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISLNK(mode):
+                os.close(fd)
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    return None
+                target = os.readlink(part, dir_fd=dirs[-1])
+                if target.startswith("/"):
+                    while len(dirs) > 1:
+                        os.close(dirs.pop())
+                todo.extend(p for p in reversed(target.split("/")) if p)
+            elif todo:
+                if not stat.S_ISDIR(mode):
+                    os.close(fd)
+                    return None
+                dirs.append(fd)
+            else:
+                os.close(fd)
+                return _open_regular(part, dirs[-1])
+        return None
+    finally:
+        for fd in dirs:
+            os.close(fd)
+
+
+def _open_regular(name: str, dir_fd: int) -> int | None:
+    # O_NONBLOCK: a FIFO swapped in after the type check must not hang the agent.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
+            return None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _read_db(rootfs: Path, path: str) -> list[list[str]] | None:
+    """The colon-separated lines of /etc/passwd or /etc/group; None if the file is missing."""
+    fd = _open_in_root(rootfs, path)
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(_MAX_DB_BYTES + 1)
+    if len(data) > _MAX_DB_BYTES:
+        raise InvalidArgument(f"{path} in the image is larger than {_MAX_DB_BYTES} bytes")
+    lines = (line.strip() for line in data.decode("utf-8", "replace").splitlines())
+    return [line.split(":") for line in lines if line and not line.startswith("#")]
+
+
+def _parse_id(text: str, what: str) -> int | None:
+    """A numeric uid/gid, None for a name; out-of-range numbers are errors."""
+    if not text.isdigit() or not text.isascii():
+        return None
+    value = int(text)
+    if value > _MAX_ID:
+        raise InvalidArgument(f"{what} {text} is out of range: ids go from 0 to {_MAX_ID}")
+    return value
+
+
+def _id_field(fields_: list[str], i: int) -> int | None:
+    if len(fields_) <= i or not fields_[i].isdigit() or not fields_[i].isascii():
+        return None
+    value = int(fields_[i])
+    return value if value <= _MAX_ID else None
+
+
+def resolve_user(rootfs: Path, user: str) -> tuple[int, int, list[int]]:
+    """(uid, gid, additional gids) for `user[:group]`, with runc's (and so Docker's) rules.
+
+    Names are looked up in the rootfs's /etc/passwd and /etc/group; numbers need no entry. A
+    user found in /etc/passwd also gets its primary gid and, unless a group is given, the
+    groups that list it as a member. "" is root, also looked up (root's groups apply).
+    """
+    _check_user(user)
+    user_arg, _, group_arg = user.partition(":")
+    uid_arg = 0 if user_arg == "" else _parse_id(user_arg, "uid")
+    gid_arg = _parse_id(group_arg, "gid")
+    uid, gid, additional = uid_arg or 0, 0, []
+
+    passwd = _read_db(rootfs, "/etc/passwd")
+    matched = None
+    for entry in passwd or []:
+        entry_uid, entry_gid = _id_field(entry, 2), _id_field(entry, 3)
+        if entry_uid is None or entry_gid is None:
+            continue
+        if (entry_uid == uid_arg) if uid_arg is not None else (entry[0] == user_arg):
+            matched, uid, gid = entry[0], entry_uid, entry_gid
+            break
+    if matched is None and uid_arg is None:
+        why = "no matching entry in" if passwd is not None else "the image has no"
+        raise InvalidArgument(f"unable to find user {quoted(user_arg)}: {why} /etc/passwd")
+
+    if group_arg or matched is not None:
+        groups: list[int] = []
+        for entry in _read_db(rootfs, "/etc/group") or []:
+            entry_gid = _id_field(entry, 2)
+            if entry_gid is None:
+                continue
+            if not group_arg:
+                members = entry[3].split(",") if len(entry) > 3 else []
+                hit = matched in members
+            elif gid_arg is not None:
+                hit = entry_gid == gid_arg
+            else:
+                hit = entry[0] == group_arg
+            if hit:
+                groups.append(entry_gid)
+        if group_arg:
+            if groups:
+                gid = groups[0]
+            elif gid_arg is not None:
+                gid = gid_arg
+            else:
+                raise InvalidArgument(
+                    f"unable to find group {quoted(group_arg)}: no matching entry in /etc/group"
+                )
+        else:
+            additional = groups
+    return uid, gid, additional
+
+
+# --- bundle ----------------------------------------------------------------------------------
+
+
+def _mount(destination: str, type_: str, source: str, options: list[str]) -> dict[str, Any]:
+    return {"destination": destination, "type": type_, "source": source, "options": options}
+
+
+def _bind(destination: str, source: str, read_only: bool) -> dict[str, Any]:
+    # rprivate: mounts made later on the host must not propagate into the container.
+    return _mount(
+        destination, "bind", source, ["rbind", "rprivate", *(["ro"] if read_only else [])]
+    )
+
+
+# (destination, type, source, options): the kernel file systems every container gets.
+_SYSTEM_MOUNTS = (
+    ("/proc", "proc", "proc", ("nosuid", "noexec", "nodev")),
+    ("/dev", "tmpfs", "tmpfs", ("nosuid", "strictatime", "mode=755", "size=65536k")),
+    (
+        "/dev/pts",
+        "devpts",
+        "devpts",
+        ("nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"),
+    ),
+    ("/dev/shm", "tmpfs", "shm", ("nosuid", "noexec", "nodev", "mode=1777", f"size={SHM_SIZE}")),
+    ("/dev/mqueue", "mqueue", "mqueue", ("nosuid", "noexec", "nodev")),
+    ("/sys", "sysfs", "sysfs", ("nosuid", "noexec", "nodev", "ro")),
+    ("/sys/fs/cgroup", "cgroup", "cgroup", ("nosuid", "noexec", "nodev", "relatime", "ro")),
+)
+
+
+def nofile_limit() -> int:
+    """RLIMIT_NOFILE for containers: Docker's 1048576, capped at our own hard limit, since
+    without CAP_SYS_RESOURCE runc cannot raise it (HOST-NOTES)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return MAX_NOFILE if hard == resource.RLIM_INFINITY else min(MAX_NOFILE, hard)
+
+
+def _resources(cfg: ContainerConfig) -> dict[str, Any]:
+    devices: list[dict[str, Any]] = [{"allow": False, "access": "rwm"}]
+    for type_, major, minor, access in ALLOWED_DEVICES:
+        rule: dict[str, Any] = {"allow": True, "type": type_, "access": access}
+        rule.update({k: v for k, v in (("major", major), ("minor", minor)) if v is not None})
+        devices.append(rule)
+    res: dict[str, Any] = {"devices": devices}
+    if cfg.memory_bytes:
+        res["memory"] = {"limit": cfg.memory_bytes}
+    cpu: dict[str, Any] = {}
+    if cfg.cpu_millis:
+        cpu.update(quota=cfg.cpu_millis * CPU_PERIOD_US // 1000, period=CPU_PERIOD_US)
+    if cfg.cpu_shares:
+        cpu["shares"] = cfg.cpu_shares
+    if cpu:
+        res["cpu"] = cpu
+    if cfg.pids_limit:
+        res["pids"] = {"limit": cfg.pids_limit}
+    return res
+
+
+def build_runtime_config(
+    *,
+    config: ContainerConfig,
+    args: Sequence[str],
+    env: Sequence[str],
+    cwd: str,
+    uid: int,
+    gid: int,
+    additional_gids: Sequence[int] = (),
+    rootfs: str | Path,
+    hostname: str,
+    etc_files: Mapping[str, Path],
+    cgroups_path: str,
+    mounts: Sequence[MountSpec] | None = None,
+    network_namespace_path: str | None = None,
+) -> dict[str, Any]:
+    """The OCI runtime-spec config.json for runc, with Docker's defaults.
+
+    `args`/`env`/`cwd` come from resolve_process, `uid`/`gid`/`additional_gids` from
+    resolve_user, `etc_files` from prepare_etc_files. `mounts` are config.mounts with volume
+    names resolved to host paths (default: config.mounts, which must then all be paths).
+    `network_namespace_path` joins an existing network namespace (a future bridge mode)
+    instead of making a new one.
+    """
+    check_hostname(hostname)
+    mounts = config.mounts if mounts is None else mounts
+    for m in mounts:
+        if not m.source.startswith("/"):
+            raise InvalidArgument(f"mount source {quoted(m.source)} is not a host path")
+    if config.network_mode == "host" and network_namespace_path:
+        raise InvalidArgument("host network mode cannot join another network namespace")
+
+    caps = list(DEFAULT_CAPABILITIES)
+    # A non-root user gets no effective/permitted capabilities, as after execve (moby's
+    # CVE-2022-24769 fix); inheritable/ambient stay empty so they cannot leak through exec.
+    capabilities: dict[str, list[str]] = {"bounding": caps}
+    if uid == 0:
+        capabilities.update(effective=list(caps), permitted=list(caps))
+
+    # A user mount replaces a default one at the same place, as in Docker.
+    targets = {posixpath.normpath(m.target) for m in mounts}
+    oci_mounts = [
+        _mount(dest, type_, source, list(options))
+        for dest, type_, source, options in _SYSTEM_MOUNTS
+        if dest not in targets
+    ]
+    # Docker makes these read-only only with a read-only rootfs.
+    oci_mounts += [
+        _bind(dest, str(src), config.read_only_rootfs)
+        for dest, src in sorted(etc_files.items())
+        if dest not in targets
+    ]
+    # Parents before children, so /data/sub lands on top of /data.
+    for m in sorted(mounts, key=lambda m: posixpath.normpath(m.target).count("/")):
+        oci_mounts.append(_bind(posixpath.normpath(m.target), m.source, m.read_only))
+
+    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if config.network_mode != "host":
+        netns = {"type": "network"}
+        if network_namespace_path:
+            netns["path"] = network_namespace_path
+        namespaces.append(netns)
+
+    nofile = nofile_limit()
+    user_obj: dict[str, Any] = {"uid": uid, "gid": gid}
+    if additional_gids:
+        user_obj["additionalGids"] = list(additional_gids)
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": False,
+            "user": user_obj,
+            "args": list(args),
+            "env": list(env),
+            "cwd": cwd,
+            "capabilities": capabilities,
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": str(rootfs), "readonly": config.read_only_rootfs},
+        "hostname": hostname,
+        "mounts": oci_mounts,
+        "linux": {
+            "namespaces": namespaces,
+            "resources": _resources(config),
+            "cgroupsPath": cgroups_path,
+            "devices": [
+                {
+                    "path": p,
+                    "type": "c",
+                    "major": ma,
+                    "minor": mi,
+                    "fileMode": 0o666,
+                    "uid": 0,
+                    "gid": 0,
+                }
+                for p, ma, mi in DEFAULT_DEVICES
+            ],
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
+        },
+    }
+
+
+def write_init_layer(path: Path) -> None:
+    """Fill `path` with the mount points every container needs (Docker's init layer).
+
+    Stacked as the top lower dir, right under the upper dir: runc then finds its mount points
+    and never creates them in the upper dir, where they would show up as changes.
+    """
+    for d in INIT_LAYER_DIRS:
+        (path / d).mkdir(mode=0o755, parents=True, exist_ok=True)
+    for f in INIT_LAYER_FILES:
+        (path / f).touch(mode=0o644, exist_ok=True)
+
+
+def prepare_etc_files(
+    container_dir: Path, hostname: str, network_mode: str, *, address: str | None = None
+) -> dict[str, Path]:
+    """Write the container's hosts, hostname and resolv.conf into `container_dir`.
+
+    Returns {destination in the container: host file}, for build_runtime_config's
+    etc_files. `address` is the container's own IP once it has one (bridge mode); without it
+    the hostname resolves to loopback.
+    """
+    check_hostname(hostname)
+    if network_mode not in NETWORK_MODES:
+        raise InvalidArgument(f"unsupported network mode {quoted(network_mode)}")
+    if network_mode == "host":
+        try:
+            resolv = Path("/etc/resolv.conf").read_text()
+        except FileNotFoundError:
+            resolv = ""
+    else:
+        resolv = f"# berth: network mode {network_mode}, no name servers\n"
+    hosts = "\n".join([*LOCALHOST_LINES, f"{address or '127.0.0.1'}\t{hostname}"]) + "\n"
+    contents = {"hosts": hosts, "hostname": f"{hostname}\n", "resolv.conf": resolv}
+    container_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, text in contents.items():
+        path = container_dir / name
+        path.write_text(text)
+        path.chmod(0o644)
+        written[f"/etc/{name}"] = path
+    return written

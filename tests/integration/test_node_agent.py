@@ -1,0 +1,312 @@
+"""The node agent for real: registry pulls, overlayfs, conmon + runc, etcd, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import signal
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from isal import igzip
+
+from berth.client import NodeClient, RegistryClient, RunOptions
+from berth.errors import BerthClientError
+from berthd.common.store import Store
+
+from .images import busybox_layer, push_image, tar_of
+
+
+def run(node: NodeClient, image: str, *command: str, **options) -> str:
+    """`docker run -d`: returns the container id."""
+    return node.run(image, RunOptions(command=list(command), **options)).id
+
+
+def logs(node: NodeClient, container: str) -> str:
+    return b"".join(line.data for line in node.logs(container)).decode()
+
+
+def eventually(check, timeout: float = 20, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def test_pull_reports_docker_states_and_downloads_a_layer_once(node, busybox) -> None:
+    events = []
+    image = node.pull(busybox, events.append)
+    states = [e.state for e in events]
+    assert "Downloading" in states and states[-1] == "Pull complete"
+    assert image.references == [busybox] and len(image.chain_ids) == 1
+    again = []
+    node.pull(busybox, again.append)
+    assert [e.state for e in again] == ["Already exists"]
+    assert [i.digest for i in node.images()] == [image.digest]
+
+
+def test_echo_logs_and_exit_codes(node, busybox) -> None:
+    node.pull(busybox)
+    hello = run(node, busybox, "sh", "-c", "echo hello; echo oops >&2")
+    assert node.wait(hello) == 0
+    lines = list(node.logs(hello))
+    assert [(line.stream, line.data) for line in lines] == [
+        ("stdout", b"hello\n"),
+        ("stderr", b"oops\n"),
+    ]
+    failing = run(node, busybox, "sh", "-c", "exit 3")
+    assert node.wait(failing) == 3
+    info = node.inspect(failing)
+    assert info.state == "exited" and info.exit_code == 3 and info.finished_at is not None
+
+
+def test_memory_limit_kills_a_greedy_process_and_says_oom(node, busybox) -> None:
+    node.pull(busybox)
+    greedy = run(
+        node,
+        busybox,
+        "sh",
+        "-c",
+        "x=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; while true; do x=$x$x; done",
+        memory_bytes=16 * 1024 * 1024,
+    )
+    assert node.wait(greedy) == 137
+    assert node.inspect(greedy).oom_killed
+
+
+def test_stop_sends_term_then_kill_after_the_timeout(node, busybox) -> None:
+    node.pull(busybox)
+    # PID 1 of a container ignores signals it has no handler for, as in Docker.
+    loop = "echo ready; while true; do sleep 0.1; done"
+    polite = run(node, busybox, "sh", "-c", f"trap 'exit 42' TERM; {loop}")
+    stubborn = run(node, busybox, "sh", "-c", f"trap '' TERM; {loop}")
+    for box in (polite, stubborn):
+        eventually(lambda box=box: "ready" in logs(node, box), what="traps set")
+    assert node.stop(polite, timeout=30).exit_code == 42  # its TERM handler ran
+    assert node.stop(stubborn, timeout=1).exit_code == 137  # ignored TERM, so KILL
+    assert node.inspect(stubborn).state == "exited"
+
+
+def test_exec_streams_stdin_and_returns_output_and_exit_code(node, busybox) -> None:
+    node.pull(busybox)
+    box = run(node, busybox, "sleep", "1000")
+    result = node.exec(
+        box, ["sh", "-c", "cat; echo out; echo err >&2; exit 5"], stdin=[b"from ", b"stdin\n"]
+    )
+    assert result.stdout == b"from stdin\nout\n"
+    assert result.stderr == b"err\n"
+    assert result.exit_code == 5
+    with pytest.raises(BerthClientError) as err:
+        node.exec("no-such-container", ["true"])
+    assert err.value.code == "NOT_FOUND"
+
+
+def test_containers_share_the_unpacked_layer(node, busybox, node_agent) -> None:
+    node.pull(busybox)
+    first = run(node, busybox, "sleep", "1000")
+    second = run(node, busybox, "sleep", "1000")
+    inodes = {
+        (node_agent.data_dir / "containers" / c / "rootfs" / "bin" / "busybox").stat().st_ino
+        for c in (first, second)
+    }
+    layers = list((node_agent.data_dir / "layers").iterdir())
+    assert len(layers) == 1
+    assert inodes == {(layers[0] / "bin" / "busybox").stat().st_ino}
+    stats = node.stats(first)
+    assert stats["pids"] >= 1 and stats["memory_bytes"] > 0
+
+
+def test_deleted_file_shows_in_changes_and_exported_layer_hides_it(
+    node, busybox, client: RegistryClient, tmp_path: Path
+) -> None:
+    node.pull(busybox)
+    box = run(node, busybox, "sh", "-c", "rm /etc/group; echo hi > /root/new; sleep 1000")
+    eventually(lambda: ("A", "/root/new") in node.changes(box), what="changes")
+    changes = node.changes(box)
+    assert ("D", "/etc/group") in changes
+    assert ("C", "/root") in changes
+
+    digest, diff_id, _size = node.export_layer(box, "test/busybox")
+    out = tmp_path / "layer.tar.gz"
+    client.pull_blob("test/busybox", digest, out)
+    raw = igzip.decompress(out.read_bytes())
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == diff_id
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        names = tar.getnames()
+    assert "etc/.wh.group" in names and "root/new" in names
+
+    # The layer on top of the image makes a new image in which the file is gone.
+    push_image(
+        client,
+        "test/derived",
+        "1",
+        [busybox_layer(), raw],
+        tmp_path,
+        cmd=["sh", "-c", "ls /etc; cat /root/new"],
+    )
+    node.pull("test/derived:1")
+    derived = run(node, "test/derived:1")
+    assert node.wait(derived) == 0
+    output = logs(node, derived)
+    assert "passwd" in output and "group" not in output and "hi" in output
+
+
+def test_hostile_layer_is_rejected_and_nothing_lands_outside(
+    node, client: RegistryClient, tmp_path: Path, node_agent
+) -> None:
+    sentinel = tmp_path / "escaped"
+    evil = tar_of({f"../../../../../../..{sentinel}": b"pwned", "ok": b"fine"})
+    push_image(client, "test/evil", "1", [evil], tmp_path)
+    with pytest.raises(BerthClientError) as err:
+        node.pull("test/evil:1")
+    assert err.value.code == "INVALID_ARGUMENT"
+    assert ".." in str(err.value)
+    assert not sentinel.exists()
+    assert node.images() == []
+    assert [p for p in (node_agent.data_dir / "layers").iterdir()] == []
+
+
+def test_restart_policy_on_failure_retries_then_gives_up(node, busybox) -> None:
+    node.pull(busybox)
+    flaky = run(
+        node, busybox, "sh", "-c", "echo try; exit 1", restart="on-failure", restart_max_retries=2
+    )
+    info = eventually(
+        lambda: (i := node.inspect(flaky)).state == "exited" and i.restart_count == 2 and i,
+        what="two restarts",
+    )
+    assert info.exit_code == 1
+    assert logs(node, flaky).count("try") == 3
+
+
+def test_containers_outlive_the_agent_and_are_adopted(node_agent, busybox) -> None:
+    with NodeClient(node_agent.address) as node:
+        node.pull(busybox)
+        box = run(
+            node,
+            busybox,
+            "sh",
+            "-c",
+            "echo before; while [ ! -f /tmp/go ]; do sleep 0.1; done; echo after; exit 4",
+        )
+        eventually(lambda: "before" in logs(node, box), what="first log line")
+        pid = node.inspect(box).pid
+    node_agent.process.proc.send_signal(signal.SIGKILL)
+    node_agent.process.proc.wait()
+    os.kill(pid, 0)  # still running with the agent gone
+
+    node_agent.start()
+    with NodeClient(node_agent.address) as node:
+        info = node.inspect(box)
+        assert info.state == "running" and info.pid == pid
+        assert node.exec(box, ["touch", "/tmp/go"]).exit_code == 0
+        assert node.wait(box) == 4
+        assert logs(node, box) == "before\nafter\n"
+
+
+def test_exit_while_the_agent_is_down_is_not_lost(node_agent, busybox) -> None:
+    with NodeClient(node_agent.address) as node:
+        node.pull(busybox)
+        box = run(node, busybox, "sh", "-c", "while [ ! -f /tmp/go ]; do sleep 0.1; done; exit 9")
+        always = run(node, busybox, "sh", "-c", "echo run; sleep 0.3; exit 1", restart="always")
+        eventually(lambda: node.inspect(box).state == "running", what="running")
+        node.exec(box, ["touch", "/tmp/go"])  # it will exit while the agent is down
+    node_agent.process.proc.send_signal(signal.SIGKILL)
+    node_agent.process.proc.wait()
+    time.sleep(1)
+    node_agent.start()
+    with NodeClient(node_agent.address) as node:
+        info = eventually(lambda: (i := node.inspect(box)).state == "exited" and i, what="exit")
+        assert info.exit_code == 9
+        # The restart policy keeps working across the agent's restart.
+        eventually(lambda: node.inspect(always).restart_count >= 3, what="restarts")
+
+
+async def test_node_registers_in_etcd_and_vanishes_when_its_lease_lapses(
+    node_agent, etcd_endpoint: str, etcd_prefix: str, busybox
+) -> None:
+    store = Store(etcd_endpoint, etcd_prefix)
+    await store.connect()
+    try:
+        entry = await store.get(f"nodes/{node_agent.node_id}")
+        assert entry is not None and entry.lease != 0
+        info = entry.json()
+        assert info["address"] == node_agent.address
+        assert info["cpus"] >= 1 and info["memory_bytes"] > 0 and info["runtime_version"]
+
+        with NodeClient(node_agent.address) as node:
+            node.pull(busybox)
+            box = run(node, busybox, "true")
+            node.wait(box)
+        status = (await store.get(f"containers/{box}/status")).json()
+        assert status["state"] == "exited" and status["node"] == node_agent.node_id
+
+        # A frozen agent stops keeping its lease: its node key vanishes within the TTL (5 s).
+        node_agent.process.proc.send_signal(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 15
+            while await store.get(f"nodes/{node_agent.node_id}") is not None:
+                assert time.monotonic() < deadline, "node key outlived its lease"
+                await asyncio.sleep(0.2)
+        finally:
+            node_agent.process.proc.send_signal(signal.SIGCONT)
+    finally:
+        await store.close()
+
+
+def test_create_errors_are_clear(node, busybox) -> None:
+    with pytest.raises(BerthClientError) as missing:
+        node.run("test/not-pulled:1")
+    assert missing.value.code == "NOT_FOUND" and "pull" in str(missing.value)
+    node.pull(busybox)
+    run(node, busybox, "true", name="dup")
+    with pytest.raises(BerthClientError) as dup:
+        run(node, busybox, "true", name="dup")
+    assert "already in use" in str(dup.value)
+    with pytest.raises(BerthClientError) as env:
+        node.run(busybox, RunOptions(env=["NOEQUALS"]))
+    assert env.value.code == "INVALID_ARGUMENT"
+
+
+def test_etc_files_and_spec_options_reach_the_process(node, busybox) -> None:
+    node.pull(busybox)
+    box = run(
+        node,
+        busybox,
+        "sh",
+        "-c",
+        "hostname; cat /etc/hostname; id -u; pwd; echo $GREETING; "
+        "[ -c /proc/timer_list ] && echo masked; touch /x 2>/dev/null || echo readonly",
+        hostname="berthbox",
+        user="65534",
+        working_dir="/tmp",
+        env=["GREETING=hi"],
+        read_only_rootfs=True,
+    )
+    assert node.wait(box) == 0
+    assert logs(node, box).split() == [
+        "berthbox",
+        "berthbox",
+        "65534",
+        "/tmp",
+        "hi",
+        "masked",
+        "readonly",
+    ]
+
+
+def test_json_status_is_inspectable(node, busybox) -> None:
+    node.pull(busybox)
+    box = run(node, busybox, "sleep", "1000", labels={"app": "web"})
+    listed = node.list(labels={"app": "web"})
+    assert [c.id for c in listed] == [box]
+    assert node.list(labels={"app": "db"}) == []
+    assert json.dumps(listed[0].labels) == '{"app": "web"}'
