@@ -4,23 +4,32 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BUF := npx --yes @bufbuild/buf@1.47.2
-APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-registry podman iproute2 curl
+APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci iproute2 curl
+# Peers the benchmarks measure berth against (not needed by the tests).
+BENCH_APT_PACKAGES := docker-registry podman
 PROTO_FILES := $(shell find protos -name '*.proto')
 # Empty means berthd's default state directory, which the CLI also finds on its own.
 STATE_DIR ?=
 STATE_FLAG := $(if $(STATE_DIR),--state-dir $(STATE_DIR),)
 
-.PHONY: deps apt venv protos lint test unit integration demo bench up down status clean
+.PHONY: deps apt bench-apt venv protos lint test unit integration demo bench up down status clean
 
 deps: apt venv protos
 
 # apt packages are installed only when one is missing, so repeated runs stay fast.
-apt:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+endef
+
+apt:
+	$(call apt_install,$(APT_PACKAGES))
+
+bench-apt:
+	$(call apt_install,$(BENCH_APT_PACKAGES))
 
 venv: $(VENV)/.installed
 
@@ -51,7 +60,7 @@ test: deps lint
 demo: deps
 	$(PY) scripts/demo.py $(STATE_FLAG)
 
-bench: deps
+bench: deps bench-apt
 	$(PY) bench/registry.py
 	$(PY) bench/node.py
 

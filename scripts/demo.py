@@ -28,7 +28,6 @@ BIN = Path(sys.executable).parent
 REPO = "demo/busybox"
 TAG = "1.35"
 DESCRIPTION = "BusyBox 1.35 built from Debian's busybox-static"
-METRIC_PREFIXES = ("berth_registry_", "berth_grpc_requests_total")
 
 
 class StepFailed(Exception):
@@ -98,7 +97,7 @@ class Demo:
         return cluster
 
     def main(self) -> None:
-        self.heading("Start a local cluster: etcd + the registry service")
+        self.heading("Start a local cluster: etcd, the registry and a node agent")
         argv = [str(BIN / "berthd"), "up", *self.state_args()]
         if self.base_port:
             argv += ["--base-port", str(self.base_port)]
@@ -107,18 +106,28 @@ class Demo:
         registry = cluster["services"]["registry"]
         # The CLI would find the default state directory by itself; exporting the address
         # makes every command below talk to this cluster whatever --state-dir was.
+        node = cluster["services"]["node"]
         self.env["BERTH_REGISTRY"] = registry["address"]
-        print(f"(the commands below run with BERTH_REGISTRY={registry['address']})")
+        self.env["BERTH_NODE"] = node["address"]
+        print(
+            f"(the commands below run with BERTH_REGISTRY={registry['address']}"
+            f" BERTH_NODE={node['address']})"
+        )
 
         work = Path(tempfile.mkdtemp(prefix="berth-demo-"))
         try:
             self.image_steps(work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        self.container_steps()
 
         self.heading("The registry's metrics")
         print(f"GET {registry['metrics']}  (berth_registry_* and berth_grpc_requests_total)")
-        self.metrics(registry["metrics"])
+        self.metrics(registry["metrics"], "berth_registry_", "berth_grpc_requests_total")
+
+        self.heading("The node agent's metrics")
+        print(f"GET {node['metrics']}  (berth_node_*)")
+        self.metrics(node["metrics"], "berth_node_")
 
         stop = "make down" + (f" STATE_DIR={self.state_dir}" if self.state_dir else "")
         print(f"\nThe cluster keeps running. Stop it with: {stop}")
@@ -179,6 +188,32 @@ class Demo:
         self.heading("What garbage collection would delete (dry run)")
         self.berth("registry", "gc", "--dry-run")
 
+    def container_steps(self) -> None:
+        image = f"{REPO}:{TAG}"
+        self.heading("Pull the image onto the node (each layer unpacked once, shared)")
+        self.berth("pull", image)
+        self.berth("images")
+
+        self.heading("Run a container from it: output streams back, its exit code is ours")
+        self.berth("run", "--rm", image, "sh", "-c", "echo hello from $(hostname); exit 0")
+
+        self.heading("Run one in the background, with a memory limit")
+        self.berth(
+            "run", "-d", "--name", "demo-web", "-m", "64m", image,
+            "sh", "-c", "while true; do echo tick; sleep 1; done",
+        )  # fmt: skip
+        self.berth("ps")
+
+        self.heading("Exec into it, change its filesystem, look at the changes")
+        self.berth("exec", "demo-web", "sh", "-c", "echo from exec; rm /etc/passwd")
+        self.berth("diff", "demo-web")
+        self.berth("stats", "--no-stream", "demo-web")
+        self.berth("logs", "--tail", "2", "demo-web")
+
+        self.heading("Stop and remove it")
+        self.berth("stop", "-t", "1", "demo-web")
+        self.berth("rm", "demo-web")
+
     def run_quiet(self, argv: list[str]) -> str:
         """A helper command whose output is data, not part of the show."""
         done = subprocess.run(argv, capture_output=True, text=True, env=self.env, check=False)
@@ -188,7 +223,7 @@ class Demo:
             )
         return done.stdout
 
-    def metrics(self, url: str) -> None:
+    def metrics(self, url: str, *prefixes: str) -> None:
         try:
             with urllib.request.urlopen(url, timeout=10) as reply:
                 text = reply.read().decode()
@@ -197,11 +232,13 @@ class Demo:
         lines = [
             line
             for line in text.splitlines()
-            if line.startswith(METRIC_PREFIXES)
+            if line.startswith(prefixes)
             and not line.split("{", 1)[0].split(" ", 1)[0].endswith("_created")
+            and line.split(" ")[-1] not in ("0.0",)
+            and "_bucket{" not in line
         ]
         if not lines:
-            raise StepFailed(f"step {self.step} (GET {url}): no berth_registry_* metrics")
+            raise StepFailed(f"step {self.step} (GET {url}): no {' or '.join(prefixes)} metrics")
         print("\n".join(lines))
 
 

@@ -310,3 +310,38 @@ def test_json_status_is_inspectable(node, busybox) -> None:
     assert [c.id for c in listed] == [box]
     assert node.list(labels={"app": "db"}) == []
     assert json.dumps(listed[0].labels) == '{"app": "web"}'
+
+
+def test_image_in_use_is_kept_and_shared_layers_stay(node, busybox, client, tmp_path) -> None:
+    node.pull(busybox)
+    # A second image on the same base layer, plus one layer of its own.
+    push_image(client, "test/extra", "1", [busybox_layer(), tar_of({"extra": b"x"})], tmp_path)
+    extra = node.pull("test/extra:1")
+    box = run(node, busybox, "sleep", "1000")
+    with pytest.raises(BerthClientError) as busy:
+        node.remove_image(busybox)
+    assert busy.value.code == "FAILED_PRECONDITION" and "container" in str(busy.value)
+    # Removing the other image frees only its own layer: the base is shared.
+    assert node.remove_image("test/extra:1") == [extra.chain_ids[1]]
+    node.remove(box, force=True)
+    assert len(node.remove_image(busybox)) == 1
+    assert node.images() == []
+
+
+def test_network_modes(node, busybox) -> None:
+    node.pull(busybox)
+    isolated = run(node, busybox, "sh", "-c", "ls /sys/class/net")
+    shared = run(node, busybox, "sh", "-c", "ls /sys/class/net", network="host")
+    node.wait(isolated)
+    node.wait(shared)
+    assert logs(node, isolated).split() == ["lo"]
+    host_interfaces = sorted(os.listdir("/sys/class/net"))
+    assert sorted(logs(node, shared).split()) == host_interfaces
+
+
+def test_logs_follow_streams_until_the_container_exits(node, busybox) -> None:
+    node.pull(busybox)
+    box = run(node, busybox, "sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.2; done")
+    followed = [line.data for line in node.logs(box, follow=True)]
+    assert followed == [b"line1\n", b"line2\n", b"line3\n"]
+    assert [line.data for line in node.logs(box, tail=1)] == [b"line3\n"]
