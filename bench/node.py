@@ -701,7 +701,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: `{tool}` is not installed (make deps)", file=sys.stderr)
             return 1
 
-    work = Path(tempfile.mkdtemp(prefix="berth-bench-node-"))
+    # podman names an image pulled from `oci:DIR` after DIR: every path component must then be
+    # a valid repository name component, and mkdtemp's random part may end in "_".
+    work = Path(tempfile.mkdtemp(prefix="berth-bench-node-", suffix="d"))
     try:
         start_samples = pull = None
         if args.only != "pull":

@@ -99,7 +99,9 @@ class Runtime:
         files left there by a previous run of the same id are removed first.
         """
         _check_id(container_id)
-        if await self.state(container_id) is not None:
+        # runc keeps a container's state in <root>/<id>: checking the directory spares a
+        # `runc state` call on every start (runc create would refuse the id anyway).
+        if (self.root / container_id).exists():
             raise AlreadyExists(f"container {container_id} already exists")
         bundle, log_path, exit_dir, persist_dir, pid_file, conmon_pid_file = (
             Path(p).absolute()
