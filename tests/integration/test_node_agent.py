@@ -258,6 +258,13 @@ async def test_node_registers_in_etcd_and_vanishes_when_its_lease_lapses(
                 await asyncio.sleep(0.2)
         finally:
             node_agent.process.proc.send_signal(signal.SIGCONT)
+        # Thawed, it notices the lapsed lease and registers again; SIGTERM deregisters it.
+        deadline = time.monotonic() + 15
+        while await store.get(f"nodes/{node_agent.node_id}") is None:
+            assert time.monotonic() < deadline, "node did not register again"
+            await asyncio.sleep(0.2)
+        assert node_agent.process.stop() == 0
+        assert await store.get(f"nodes/{node_agent.node_id}") is None
     finally:
         await store.close()
 
