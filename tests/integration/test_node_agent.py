@@ -352,3 +352,20 @@ def test_logs_follow_streams_until_the_container_exits(node, busybox) -> None:
     followed = [line.data for line in node.logs(box, follow=True)]
     assert followed == [b"line1\n", b"line2\n", b"line3\n"]
     assert [line.data for line in node.logs(box, tail=1)] == [b"line3\n"]
+
+
+def test_concurrent_creates_of_one_name_leave_one_container(node, busybox) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    node.pull(busybox)
+
+    def create(_: int) -> str:
+        try:
+            return node.create(busybox, RunOptions(name="only-one", command=["true"])).id
+        except BerthClientError as err:
+            return err.code
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(create, range(4)))
+    assert sorted(r for r in results if len(r) != 64) == ["FAILED_PRECONDITION"] * 3
+    assert [c.name for c in node.list(all=True)] == ["only-one"]

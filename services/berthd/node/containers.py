@@ -110,6 +110,7 @@ class ContainerManager:
         self.layers = layers
         self.store = store
         self.records: dict[str, ContainerRecord] = {}
+        self._reserved_names: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._changed = asyncio.Condition()
         self._monitor: asyncio.Task[None] | None = None
@@ -315,8 +316,11 @@ class ContainerManager:
         config.validate()
         image = self.images.get(config.image)
         name = config.name or self._generate_name()
-        if any(r.name == name for r in self.records.values()):
+        if self._name_taken(name):
             raise FailedPrecondition(f'the container name "{name}" is already in use')
+        # Reserved until the record exists: preparing awaits, and a concurrent create of
+        # the same name must not slip in meanwhile.
+        self._reserved_names.add(name)
         container_id = secrets.token_hex(32)
         config.name = name
         record = ContainerRecord(
@@ -326,20 +330,24 @@ class ContainerManager:
             image_digest=image.digest,
             chain_ids=list(image.chain_ids),
         )
-        self.dir(container_id)
         try:
             await asyncio.to_thread(self._prepare, record, image.config)
+            self.records[container_id] = record
         except BaseException:
             await asyncio.to_thread(self._discard, record)
             raise
-        self.records[container_id] = record
+        finally:
+            self._reserved_names.discard(name)
         await self._save(record)
         return record
+
+    def _name_taken(self, name: str) -> bool:
+        return name in self._reserved_names or any(r.name == name for r in self.records.values())
 
     def _generate_name(self) -> str:
         while True:
             name = f"berth_{secrets.token_hex(4)}"
-            if all(r.name != name for r in self.records.values()):
+            if not self._name_taken(name):
                 return name
 
     def lower_dirs(self, record: ContainerRecord) -> list[Path]:
