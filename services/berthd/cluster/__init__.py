@@ -1,0 +1,1 @@
+"""The cluster service: nodes, placement, desired state, services, controller, events."""
