@@ -123,6 +123,17 @@ class Store:
             response = await self._client.kvstub.Range(request, timeout=10)
         return [self._entry(kv) for kv in response.kvs]
 
+    async def snapshot(self, prefix: str) -> tuple[list[Entry], int]:
+        """Every key under `prefix` and the store revision they were read at, so a watch
+        started at revision + 1 misses nothing and repeats nothing."""
+        request = rpc.RangeRequest(
+            key=self._abs(prefix), range_end=utils.prefix_range_end(self._abs(prefix))
+        )
+        with _etcd_errors(self.endpoint):
+            await self._client.connect()
+            response = await self._client.kvstub.Range(request, timeout=10)
+        return [self._entry(kv) for kv in response.kvs], int(response.header.revision)
+
     async def count(self, prefix: str) -> int:
         request = rpc.RangeRequest(
             key=self._abs(prefix),

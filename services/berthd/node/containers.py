@@ -312,8 +312,15 @@ class ContainerManager:
 
     # Create ---------------------------------------------------------------------------------
 
-    async def create(self, config: ContainerConfig) -> ContainerRecord:
+    async def create(
+        self, config: ContainerConfig, container_id: str | None = None
+    ) -> ContainerRecord:
+        """Create a container; `container_id` is given when the cluster chose it."""
         config.validate()
+        if container_id is not None and not re.fullmatch(r"[0-9a-f]{64}", container_id):
+            raise InvalidArgument(f"container id {container_id!r} is not 64 hex characters")
+        if container_id in self.records:
+            raise FailedPrecondition(f"container {container_id} already exists")
         image = self.images.get(config.image)
         name = config.name or self._generate_name()
         if self._name_taken(name):
@@ -321,7 +328,7 @@ class ContainerManager:
         # Reserved until the record exists: preparing awaits, and a concurrent create of
         # the same name must not slip in meanwhile.
         self._reserved_names.add(name)
-        container_id = secrets.token_hex(32)
+        container_id = container_id or secrets.token_hex(32)
         config.name = name
         record = ContainerRecord(
             id=container_id,

@@ -16,6 +16,7 @@ from berthd.common.server import run_server
 from berthd.common.store import Store, encode
 from berthd.node.agent import NodeAgent, default_node_id
 from berthd.node.containers import ContainerManager
+from berthd.node.converge import Converger
 from berthd.node.layers import ImageStore, LayerStore
 from berthd.node.runtime import Runtime
 from berthd.node.service import NodeServicer
@@ -117,14 +118,20 @@ async def run(args: argparse.Namespace) -> None:
         node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(agent), server)
         return [node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name]
 
+    converger = Converger(
+        store, args.node_id, manager, lambda image: agent.pull(image, lambda _: None)
+    )
+
     async def on_start(address: str) -> dict[str, bytes]:
         agent.address = address
         await manager.start_background()
+        await converger.start()
         info = await agent.describe()
         return {f"nodes/{args.node_id}": encode(info.to_json())}
 
     async def on_stop() -> None:
         # Containers keep running under their conmon; the next agent adopts them.
+        await converger.stop()
         await manager.stop_background()
 
     await run_server(config, store, mount, on_start=on_start, on_stop=on_stop)

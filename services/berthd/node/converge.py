@@ -1,0 +1,136 @@
+"""A node agent converging on the cluster's desired state.
+
+The cluster service writes `cluster/containers/<id>` records naming a node; the agent of that
+node watches them and makes its containers match: pull the image and create the container
+with the cluster's id, start it, stop it, remove it when the record goes. An agent that comes
+back after being declared dead removes the cluster containers no longer assigned to it, so a
+rescheduled replica never runs twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from berthd.cluster.desired import (
+    CONTAINERS,
+    MANAGED_LABEL,
+    RUNNING,
+    STOPPED,
+    DesiredContainer,
+)
+from berthd.common.errors import BerthError, NotFound
+from berthd.common.store import Store
+from berthd.node.containers import ContainerManager
+from berthd.node.records import EXITED
+from berthd.node.records import RUNNING as STATE_RUNNING
+
+log = logging.getLogger("berthd.node.converge")
+
+RETRY_SECONDS = 2.0
+
+# Pulls the image onto the node (the agent's pull, with its metrics).
+Pull = Callable[[str], Awaitable[object]]
+
+
+class Converger:
+    def __init__(self, store: Store, node_id: str, manager: ContainerManager, pull: Pull) -> None:
+        self.store = store
+        self.node_id = node_id
+        self.manager = manager
+        self.pull = pull
+        self.desired: dict[str, DesiredContainer] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        """Snapshot, reconcile, then follow the watch; start over if the watch breaks."""
+        while True:
+            try:
+                entries, revision = await self.store.snapshot(CONTAINERS)
+                self.desired = {}
+                for entry in entries:
+                    self._record(entry.key, entry.value)
+                retry = asyncio.create_task(self._reconcile_loop())
+                try:
+                    async for event in self.store.watch_prefix(CONTAINERS, revision + 1):
+                        if event.kind == "put":
+                            self._record(event.key, event.value)
+                        else:
+                            self.desired.pop(event.key[len(CONTAINERS) :], None)
+                        self._wake.set()
+                finally:
+                    retry.cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # etcd away, watch compacted: resynchronize
+                log.warning("desired-state watch failed, resynchronizing: %s", exc)
+            await asyncio.sleep(RETRY_SECONDS)
+
+    def _record(self, key: str, value: bytes) -> None:
+        container_id = key[len(CONTAINERS) :]
+        try:
+            desired = DesiredContainer.from_json(value)
+        except (ValueError, KeyError, TypeError, BerthError) as exc:
+            log.error("ignoring unreadable desired state %s: %s", key, exc)
+            return
+        if desired.node == self.node_id:
+            self.desired[container_id] = desired
+        else:
+            self.desired.pop(container_id, None)
+
+    async def _reconcile_loop(self) -> None:
+        """Converge now, after every change, and every few seconds (to retry failures)."""
+        while True:
+            self._wake.clear()
+            await self.reconcile()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), RETRY_SECONDS)
+
+    async def reconcile(self) -> None:
+        for desired in list(self.desired.values()):
+            try:
+                await self._converge(desired)
+            except BerthError as exc:
+                log.warning("cannot converge container: %s", exc, extra={"container": desired.id})
+        for record in list(self.manager.records.values()):
+            managed = record.config.labels.get(MANAGED_LABEL)
+            if managed and record.id not in self.desired:
+                log.info(
+                    "removing container no longer assigned here", extra={"container": record.id}
+                )
+                with contextlib.suppress(NotFound):
+                    await self.manager.remove(record.id, force=True)
+
+    async def _converge(self, desired: DesiredContainer) -> None:
+        record = self.manager.records.get(desired.id)
+        if record is None:
+            if desired.desired != RUNNING:
+                return
+            desired.config.labels[MANAGED_LABEL] = "true"
+            desired.config.name = desired.name
+            try:
+                self.manager.images.get(desired.config.image)
+            except NotFound:
+                await self.pull(desired.config.image)
+            record = await self.manager.create(desired.config, container_id=desired.id)
+            await self.manager.start(record.id)
+            return
+        if desired.desired == STOPPED and record.state == STATE_RUNNING:
+            await self.manager.stop(record.id)
+        elif desired.desired == RUNNING and record.state == "created":
+            await self.manager.start(record.id)
+        elif desired.desired == RUNNING and record.state == EXITED and record.stopped_by_user:
+            # Started again through the cluster after a stop.
+            await self.manager.start(record.id)
