@@ -54,7 +54,7 @@ class Ports:
 
 
 # The services `up` starts, in order. Later issues append to this list.
-SERVICES = ["registry", "node"]
+SERVICES = ["registry", "node", "cluster"]
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -192,8 +192,10 @@ def start_service(name: str, index: int, state: Path, ports: Ports, etcd: str) -
         f"--etcd={etcd}",
         f"--ready-file={ready}",
     ]
-    # Each service keeps its data in its own folder of the state directory.
-    argv.append(f"--data-dir={state / name}")
+    # Each service keeps its data in its own folder of the state directory; the cluster keeps
+    # everything in etcd.
+    if name != "cluster":
+        argv.append(f"--data-dir={state / name}")
     proc = _spawn(argv, log)
     _wait_for(ready.exists, name, proc, log)
     info = json.loads(ready.read_text())

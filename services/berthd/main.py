@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 from berthd import localcluster
+from berthd.cluster import main as cluster_main
 from berthd.common.errors import BerthError
 from berthd.node import main as node_main
 from berthd.registry import main as registry_main
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     registry_main.add_parser(commands)
     node_main.add_parser(commands)
+    cluster_main.add_parser(commands)
     localcluster.add_parsers(commands)
     return parser
 

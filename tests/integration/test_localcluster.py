@@ -51,12 +51,12 @@ def test_up_status_down(tmp_path: Path) -> None:
         assert f"export BERTH_REGISTRY=127.0.0.1:{base + 10}" in started.stdout
         cluster = json.loads((state / "cluster.json").read_text())
         pids = [cluster["etcd"]["pid"]] + [s["pid"] for s in cluster["services"].values()]
-        assert sorted(cluster["services"]) == ["node", "registry"]
+        assert sorted(cluster["services"]) == ["cluster", "node", "registry"]
         assert all(alive(pid) for pid in pids)
 
         status = run([*BERTHD, "status"], env)
         assert status.returncode == 0, status.stdout
-        assert status.stdout.count("healthy") == 3
+        assert status.stdout.count("healthy") == 4  # etcd and three services
 
         # The CLI finds the cluster through the default state directory alone.
         listed = run([sys.executable, "-m", "berth", "registry", "ls", "--format", "json"], env)

@@ -1,0 +1,559 @@
+"""The cluster's core: nodes, placement and the desired state of containers. No gRPC here.
+
+Everything is read from etcd on demand (the cluster service is stateless, any instance can
+serve any request) and every write that races is one transaction. Keys, relative to the store
+prefix, besides those of `berthd.cluster.desired`:
+
+    nodes/<id>                      NodeInfo JSON, bound to the agent's lease: the node is ready
+                                    exactly while this key exists
+    containers/<id>/status          what the owning node last observed (written by the node)
+    cluster/names/<name>            container id: makes names unique in one transaction with the
+                                    placement, which a scan of the records cannot
+    endpoints/<service>/<instance>  every service instance, lease-bound (server bootstrap)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import json
+import random
+import secrets
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from berthd.cluster.desired import (
+    ALLOCATIONS,
+    AVAILABILITY,
+    CONTAINERS,
+    RUNNING,
+    STOPPED,
+    DesiredContainer,
+    container_key,
+    status_key,
+)
+from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place
+from berthd.common.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from berthd.common.store import Entry, Store
+from berthd.node.spec import ContainerConfig
+
+NODES = "nodes/"
+NAMES = "cluster/names/"
+ENDPOINTS = "endpoints/"
+STATUS_SUFFIX = "/status"
+
+ACTIVE = "active"
+CORDONED = "cordoned"
+DRAINED = "drained"
+
+# A lost placement race is retried on a fresh snapshot; a few attempts are plenty because each
+# round one of the racers wins.
+RUN_ATTEMPTS = 12
+DEFAULT_STOP_SECONDS = 10
+# Beyond the stop grace time: the node must notice the change and report the exit.
+STOP_SLACK_SECONDS = 20
+REMOVE_TIMEOUT_SECONDS = 30
+START_TIMEOUT_SECONDS = 30
+
+
+def allocation_key(node_id: str) -> str:
+    return ALLOCATIONS + node_id
+
+
+def availability_key(node_id: str) -> str:
+    return AVAILABILITY + node_id
+
+
+def name_key(name: str) -> str:
+    return NAMES + name
+
+
+@dataclass
+class ClusterNode:
+    """A node as the cluster sees it: what its agent registered plus what the cluster keeps."""
+
+    id: str
+    # nodes/<id> as the agent wrote it; only {"id": ...} while the node is not ready.
+    info: dict[str, Any]
+    ready: bool
+    availability: str = ACTIVE
+    allocated_cpu_millis: int = 0
+    allocated_memory_bytes: int = 0
+    container_count: int = 0
+
+    @property
+    def capacity_cpu_millis(self) -> int:
+        return int(self.info.get("cpus", 0)) * 1000
+
+    @property
+    def capacity_memory_bytes(self) -> int:
+        return int(self.info.get("memory_bytes", 0))
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.info.get("labels", {}))
+
+    @property
+    def address(self) -> str:
+        return str(self.info.get("address", ""))
+
+    def view(self) -> NodeView:
+        return NodeView(
+            id=self.id,
+            labels=self.labels,
+            cpus_millis=self.capacity_cpu_millis,
+            memory_bytes=self.capacity_memory_bytes,
+            allocated_cpu_millis=self.allocated_cpu_millis,
+            allocated_memory_bytes=self.allocated_memory_bytes,
+            ready=self.ready,
+            cordoned=self.availability != ACTIVE,
+            container_count=self.container_count,
+        )
+
+
+@dataclass
+class ContainerView:
+    """A desired record joined with the status its node reports (None until it reports)."""
+
+    desired: DesiredContainer
+    status: dict[str, Any] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.desired.id
+
+    @property
+    def name(self) -> str:
+        return self.desired.name
+
+    @property
+    def state(self) -> str:
+        return str(self.status.get("state", "")) if self.status else ""
+
+    @property
+    def active(self) -> bool:
+        """Running, restarting, or desired running and not yet reported (being pulled or
+        created): what `ps` without -a shows and what remove refuses without force."""
+        if self.status is None:
+            return self.desired.desired == RUNNING
+        return self.state in ("running", "restarting")
+
+
+@dataclass
+class Endpoint:
+    kind: str
+    instance: str
+    address: str
+    metrics_url: str = ""
+    version: str = ""
+
+
+@dataclass
+class Snapshot:
+    """Everything placement reads, with the revisions the placement transaction compares."""
+
+    nodes: dict[str, ClusterNode]
+    containers: list[DesiredContainer]
+    allocations: dict[str, Entry] = field(default_factory=dict)
+
+
+# Pure helpers ---------------------------------------------------------------------------------
+
+
+def join_status(
+    desired: Iterable[DesiredContainer], statuses: dict[str, dict[str, Any]]
+) -> list[ContainerView]:
+    """Each desired record with the status reported for its id, newest placement first."""
+    views = [ContainerView(d, statuses.get(d.id)) for d in desired]
+    return sorted(views, key=lambda v: (-v.desired.scheduled_at, v.id))
+
+
+def statuses_from_entries(entries: Iterable[Entry]) -> dict[str, dict[str, Any]]:
+    """`containers/<id>/status` entries -> {id: status}; other keys under containers/ skipped."""
+    found = {}
+    for entry in entries:
+        if entry.key.endswith(STATUS_SUFFIX):
+            container_id = entry.key.removeprefix("containers/").removesuffix(STATUS_SUFFIX)
+            with contextlib.suppress(ValueError):
+                found[container_id] = entry.json()
+    return found
+
+
+def resolve(ref: str, containers: Iterable[ContainerView]) -> ContainerView:
+    """A container by full id, name, or unique id prefix (in that order, as Docker does)."""
+    if not ref:
+        raise InvalidArgument("a container id, id prefix or name is required")
+    containers = list(containers)
+    for match in (lambda c: c.id == ref, lambda c: c.name == ref):
+        found = [c for c in containers if match(c)]
+        if found:
+            return found[0]
+    prefixed = [c for c in containers if c.id.startswith(ref)]
+    if len(prefixed) > 1:
+        raise InvalidArgument(
+            f'container id prefix "{ref}" is ambiguous: it matches {len(prefixed)} containers'
+        )
+    if not prefixed:
+        raise NotFound(f"no such container: {ref}")
+    return prefixed[0]
+
+
+def build_nodes(
+    registered: dict[str, dict[str, Any]],
+    allocations: dict[str, dict[str, Any]],
+    availability: dict[str, str],
+    containers: Iterable[DesiredContainer],
+) -> dict[str, ClusterNode]:
+    """Every node the cluster knows of: registered now, or holding allocations or containers
+    (then not ready: its lease expired)."""
+    counts = Counter(c.node for c in containers)
+    ids = set(registered) | set(allocations) | set(counts)
+    nodes = {}
+    for node_id in sorted(ids):
+        allocation = allocations.get(node_id, {})
+        nodes[node_id] = ClusterNode(
+            id=node_id,
+            info=registered.get(node_id, {"id": node_id}),
+            ready=node_id in registered,
+            availability=availability.get(node_id, ACTIVE),
+            allocated_cpu_millis=int(allocation.get("cpu_millis", 0)),
+            allocated_memory_bytes=int(allocation.get("memory_bytes", 0)),
+            container_count=counts[node_id],
+        )
+    return nodes
+
+
+def allocation_after(current: dict[str, Any] | None, cpu: int, memory: int, count: int) -> dict:
+    """An allocation record with a container's reservation added (or removed, negative)."""
+    current = current or {}
+    return {
+        "cpu_millis": max(int(current.get("cpu_millis", 0)) + cpu, 0),
+        "memory_bytes": max(int(current.get("memory_bytes", 0)) + memory, 0),
+        "containers": max(int(current.get("containers", 0)) + count, 0),
+    }
+
+
+def filter_containers(
+    views: Iterable[ContainerView],
+    *,
+    include_stopped: bool = False,
+    labels: dict[str, str] | None = None,
+    name: str = "",
+    state: str = "",
+    node_id: str = "",
+    service: str = "",
+) -> list[ContainerView]:
+    """The list filters of ListContainers; each one that is set must hold."""
+    checks: list[Callable[[ContainerView], bool]] = []
+    if not include_stopped:
+        checks.append(lambda v: v.active)
+    if labels:
+        checks.append(lambda v: labels.items() <= v.desired.config.labels.items())
+    if name:
+        checks.append(lambda v: name in v.name)
+    if state:
+        checks.append(lambda v: v.state == state)
+    if node_id:
+        checks.append(lambda v: v.desired.node == node_id)
+    if service:
+        checks.append(lambda v: v.desired.service == service)
+    return [v for v in views if all(check(v) for check in checks)]
+
+
+def endpoint_from_entry(entry: Entry) -> Endpoint:
+    """`endpoints/<service>/<instance>` as the server bootstrap registers it."""
+    _, kind, instance = entry.key.split("/", 2)
+    data = entry.json()
+    return Endpoint(
+        kind=kind,
+        instance=instance,
+        address=str(data.get("address", "")),
+        metrics_url=str(data.get("metrics", "")),
+        version=str(data.get("version", "")),
+    )
+
+
+# The core ------------------------------------------------------------------------------------
+
+
+class ClusterCore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # Reads -------------------------------------------------------------------------------
+
+    async def _desired(self) -> list[DesiredContainer]:
+        return [DesiredContainer.from_json(e.value) for e in await self.store.list(CONTAINERS)]
+
+    async def _snapshot(self) -> Snapshot:
+        registered, allocations, availability, containers = await asyncio.gather(
+            self.store.list(NODES),
+            self.store.list(ALLOCATIONS),
+            self.store.list(AVAILABILITY),
+            self._desired(),
+        )
+        allocation_entries = {e.key.removeprefix(ALLOCATIONS): e for e in allocations}
+        nodes = build_nodes(
+            {e.key.removeprefix(NODES): e.json() for e in registered},
+            {node: e.json() for node, e in allocation_entries.items()},
+            {e.key.removeprefix(AVAILABILITY): e.json()["availability"] for e in availability},
+            containers,
+        )
+        return Snapshot(nodes, containers, allocation_entries)
+
+    async def nodes(self) -> list[ClusterNode]:
+        return list((await self._snapshot()).nodes.values())
+
+    async def node(self, node_id: str) -> ClusterNode:
+        node = (await self._snapshot()).nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"no such node: {node_id}")
+        return node
+
+    async def list(self, **filters: Any) -> list[ContainerView]:
+        desired, statuses = await asyncio.gather(self._desired(), self.store.list("containers/"))
+        return filter_containers(join_status(desired, statuses_from_entries(statuses)), **filters)
+
+    async def inspect(self, ref: str) -> ContainerView:
+        found = resolve(ref, await self.list(include_stopped=True))
+        # Re-read its status: the list is a moment old, and callers often act on the state.
+        found.status = await self.store.get_json(status_key(found.id))
+        return found
+
+    async def endpoints(self) -> list[Endpoint]:
+        found = [endpoint_from_entry(e) for e in await self.store.list(ENDPOINTS)]
+        return sorted(found, key=lambda e: (e.kind, e.instance))
+
+    async def node_address(self, container: ContainerView) -> str:
+        """Where to reach the node that runs a container, for logs, exec and stats."""
+        node = container.desired.node
+        info = await self.store.get_json(NODES + node)
+        if info is None or not info.get("address"):
+            raise Unavailable(
+                f"node {node} of container {container.name} is not ready (its agent holds no "
+                "lease in etcd): the container cannot be reached until the node is back"
+            )
+        return str(info["address"])
+
+    # Run ---------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        config: ContainerConfig,
+        cpu_millis: int = 0,
+        memory_bytes: int = 0,
+        constraints: Iterable[str] = (),
+    ) -> DesiredContainer:
+        """Place a container and record it as desired running, in one transaction per try."""
+        config = copy.deepcopy(config)
+        config.validate()
+        texts = list(constraints)
+        # A zero request means the container's limit, as Placement.request says.
+        request = Request(
+            cpu_millis=cpu_millis or config.cpu_millis,
+            memory_bytes=memory_bytes or config.memory_bytes,
+            constraints=parse_constraints(texts),
+        )
+        for _ in range(RUN_ATTEMPTS):
+            snapshot = await self._snapshot()
+            name = config.name or self._generate_name(snapshot.containers)
+            if any(c.name == name for c in snapshot.containers):
+                raise AlreadyExists(f'the container name "{name}" is already in use')
+            node = place([n.view() for n in snapshot.nodes.values()], request)
+            desired = DesiredContainer(
+                id=secrets.token_hex(32),
+                name=name,
+                node=node.id,
+                config=dataclasses.replace(config, name=name),
+                cpu_millis=request.cpu_millis,
+                memory_bytes=request.memory_bytes,
+                constraints=texts,
+            )
+            if await self._commit_placement(desired, snapshot.allocations.get(node.id)):
+                return desired
+            # Lost a race (another placement on that node, or the name): let racers spread.
+            await asyncio.sleep(random.uniform(0, 0.05))
+        raise Aborted("too many concurrent placements; try again")
+
+    async def _commit_placement(self, desired: DesiredContainer, allocation: Entry | None) -> bool:
+        node_key = allocation_key(desired.node)
+        new_allocation = allocation_after(
+            allocation.json() if allocation else None, desired.cpu_millis, desired.memory_bytes, 1
+        )
+        ok, _ = await self.store.txn(
+            [
+                # Unchanged since the snapshot placement used: nobody booked the node meanwhile.
+                self.store.unchanged(node_key, allocation.mod_revision if allocation else 0),
+                self.store.absent(container_key(desired.id)),
+                self.store.absent(name_key(desired.name)),
+            ],
+            [
+                self.store.op_put(container_key(desired.id), desired.to_json()),
+                self.store.op_put(name_key(desired.name), desired.id.encode()),
+                self.store.op_put(node_key, new_allocation),
+            ],
+        )
+        return bool(ok)
+
+    @staticmethod
+    def _generate_name(containers: list[DesiredContainer]) -> str:
+        taken = {c.name for c in containers}
+        while (name := f"berth_{secrets.token_hex(4)}") in taken:
+            pass
+        return name
+
+    # Lifecycle -----------------------------------------------------------------------------
+
+    async def _set_desired(self, ref: str, state: str) -> tuple[ContainerView, str | None]:
+        """Set a container's desired state; returns it and its status's `started_at` before."""
+        for _ in range(RUN_ATTEMPTS):
+            view = await self.inspect(ref)
+            entry = await self.store.get(container_key(view.id))
+            if entry is None:
+                raise NotFound(f"no such container: {ref}")
+            view.desired = DesiredContainer.from_json(entry.value)
+            view.desired.desired = state
+            ok, _ = await self.store.txn(
+                [self.store.unchanged(entry.key, entry.mod_revision)],
+                [self.store.op_put(entry.key, view.desired.to_json())],
+            )
+            if ok:
+                return view, (view.status or {}).get("started_at")
+        raise Aborted(f"container {ref} is changing concurrently; try again")
+
+    async def stop(self, ref: str, timeout_seconds: int = 0) -> ContainerView:
+        """Desired stopped, then wait until the node reports it exited."""
+        view, _ = await self._set_desired(ref, STOPPED)
+        if view.status is not None:
+            grace = (timeout_seconds or DEFAULT_STOP_SECONDS) + STOP_SLACK_SECONDS
+            view.status = await self._wait_status(
+                view, lambda s: s is not None and s.get("state") == "exited", grace, "stop"
+            )
+        return view
+
+    async def start(self, ref: str) -> ContainerView:
+        """Desired running, then wait until the node (re)started it."""
+        view, started_before = await self._set_desired(ref, RUNNING)
+        view.status = await self._wait_status(
+            view,
+            lambda s: s is not None and s.get("started_at") not in (None, started_before),
+            START_TIMEOUT_SECONDS,
+            "start",
+        )
+        return view
+
+    async def wait(self, ref: str) -> dict[str, Any]:
+        """Block until the container exits; its final status (exit_code, oom_killed)."""
+        view = await self.inspect(ref)
+        status = await self._wait_status(
+            view, lambda s: s is None or s.get("state") == "exited", None, "exit"
+        )
+        if status is None:
+            raise NotFound(f"container {view.name} was removed before it exited")
+        return status
+
+    async def remove(self, ref: str, force: bool = False) -> None:
+        """Delete the record and release its reservation in one transaction, then wait until
+        the node removed the container (its status key goes with it)."""
+        for _ in range(RUN_ATTEMPTS):
+            view = await self.inspect(ref)
+            if view.active and not force:
+                raise FailedPrecondition(
+                    f"container {view.name} is running: stop it first or remove with force"
+                )
+            entry = await self.store.get(container_key(view.id))
+            if entry is None:
+                raise NotFound(f"no such container: {ref}")
+            desired = DesiredContainer.from_json(entry.value)
+            alloc = await self.store.get(allocation_key(desired.node))
+            node_ready = await self.store.get(NODES + desired.node) is not None
+            released = allocation_after(
+                alloc.json() if alloc else None, -desired.cpu_millis, -desired.memory_bytes, -1
+            )
+            ops = [
+                self.store.op_delete(entry.key),
+                self.store.op_delete(name_key(desired.name)),
+                self.store.op_put(allocation_key(desired.node), released),
+            ]
+            if not node_ready:
+                # No agent will remove it (nor its status); one that comes back removes the
+                # unassigned container itself.
+                ops.append(self.store.op_delete(status_key(desired.id)))
+            ok, _ = await self.store.txn(
+                [
+                    self.store.unchanged(entry.key, entry.mod_revision),
+                    self.store.unchanged(
+                        allocation_key(desired.node), alloc.mod_revision if alloc else 0
+                    ),
+                ],
+                ops,
+            )
+            if ok:
+                if node_ready and view.status is not None:
+                    await self._wait_status(
+                        view, lambda s: s is None, REMOVE_TIMEOUT_SECONDS, "removal"
+                    )
+                return
+        raise Aborted(f"container {ref} is changing concurrently; try again")
+
+    async def _wait_status(
+        self,
+        view: ContainerView,
+        done: Callable[[dict[str, Any] | None], bool],
+        timeout: float | None,
+        what: str,
+    ) -> dict[str, Any] | None:
+        """Watch a container's status key until `done(status)`; Unavailable on timeout."""
+        key = status_key(view.id)
+
+        async def follow() -> dict[str, Any] | None:
+            entries, revision = await self.store.snapshot(key)
+            status = entries[0].json() if entries else None
+            if done(status):
+                return status
+            async for event in self.store.watch_prefix(key, revision + 1):
+                if event.key != key:
+                    continue
+                status = json.loads(event.value) if event.kind == "put" else None
+                if done(status):
+                    return status
+            raise Unavailable(f"watch on {key} ended")
+
+        try:
+            async with asyncio.timeout(timeout):
+                return await follow()
+        except TimeoutError:
+            raise Unavailable(
+                f"node {view.desired.node} did not report the {what} of container {view.name} "
+                f"within {timeout:.0f}s; the desired state is recorded and the node will "
+                "converge when it can"
+            ) from None
+
+    # Node availability ----------------------------------------------------------------------
+
+    async def set_availability(self, node_id: str, availability: str) -> ClusterNode:
+        await self.node(node_id)  # NotFound for an unknown node
+        await self.store.put_json(availability_key(node_id), {"availability": availability})
+        return await self.node(node_id)
+
+    async def cordon(self, node_id: str) -> ClusterNode:
+        return await self.set_availability(node_id, CORDONED)
+
+    async def drain(self, node_id: str) -> ClusterNode:
+        # Moving service replicas away belongs to the service controller (a later step); until
+        # then a drained node is a cordoned one with a different name.
+        return await self.set_availability(node_id, DRAINED)
+
+    async def activate(self, node_id: str) -> ClusterNode:
+        return await self.set_availability(node_id, ACTIVE)

@@ -1,0 +1,303 @@
+"""gRPC servicer for berth.cluster.v1: converts messages and calls the cluster core.
+
+Logs, exec and stats stream through to the node agent that owns the container. Services,
+replicas, the controller, election and events are not implemented yet: their RPCs are left to
+the generated base class, which answers UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from berth.cluster.v1 import cluster_pb2 as pb
+from berth.cluster.v1 import cluster_pb2_grpc
+from berth.node.v1 import node_pb2, node_pb2_grpc
+from berthd.cluster.core import (
+    ACTIVE,
+    CORDONED,
+    DRAINED,
+    ClusterCore,
+    ClusterNode,
+    ContainerView,
+    Endpoint,
+)
+from berthd.cluster.desired import RUNNING
+from berthd.common.errors import BerthError, InvalidArgument
+from berthd.common.server import MAX_MESSAGE_BYTES
+from berthd.node.service import CONTAINER_STATES, config_from_spec, reverse, spec_from_config
+from berthd.node.service import timestamp as node_timestamp
+
+Context = grpc.aio.ServicerContext
+
+AVAILABILITIES = {
+    ACTIVE: pb.NODE_AVAILABILITY_ACTIVE,
+    CORDONED: pb.NODE_AVAILABILITY_CORDONED,
+    DRAINED: pb.NODE_AVAILABILITY_DRAINED,
+}
+ENDPOINT_KINDS = {
+    "registry": pb.ENDPOINT_KIND_REGISTRY,
+    "image": pb.ENDPOINT_KIND_IMAGE,
+    "builder": pb.ENDPOINT_KIND_BUILDER,
+    "node": pb.ENDPOINT_KIND_NODE,
+    "cluster": pb.ENDPOINT_KIND_CLUSTER,
+}
+
+
+class NodeCallError(BerthError):
+    """A node's own status, relayed with the node named (so the code means what it meant)."""
+
+    def __init__(self, node: str, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(f"node {node}: {error.details()}")
+        self.code = error.code()
+
+
+def node_message(node: ClusterNode) -> pb.Node:
+    info = node.info
+    return pb.Node(
+        description=node_pb2.Node(
+            id=node.id,
+            address=node.address,
+            labels=node.labels,
+            cpus=int(info.get("cpus", 0)),
+            memory_bytes=node.capacity_memory_bytes,
+            version=str(info.get("version", "")),
+            runtime_version=str(info.get("runtime_version", "")),
+        ),
+        state=pb.NODE_STATE_READY if node.ready else pb.NODE_STATE_NOT_READY,
+        availability=AVAILABILITIES.get(node.availability, pb.NODE_AVAILABILITY_UNSPECIFIED),
+        capacity=pb.ResourceAmounts(
+            cpu_millis=node.capacity_cpu_millis, memory_bytes=node.capacity_memory_bytes
+        ),
+        allocated=pb.ResourceAmounts(
+            cpu_millis=node.allocated_cpu_millis, memory_bytes=node.allocated_memory_bytes
+        ),
+        container_count=node.container_count,
+    )
+
+
+def status_message(status: dict | None) -> node_pb2.ContainerStatus | None:
+    if status is None:
+        return None
+    return node_pb2.ContainerStatus(
+        state=CONTAINER_STATES.get(status.get("state", ""), 0),
+        pid=status.get("pid") or 0,
+        exit_code=status.get("exit_code") or 0,
+        oom_killed=bool(status.get("oom_killed")),
+        started_at=node_timestamp(status.get("started_at")),
+        finished_at=node_timestamp(status.get("finished_at")),
+        restart_count=status.get("restart_count") or 0,
+        error=status.get("error") or "",
+    )
+
+
+def container_message(view: ContainerView) -> pb.Container:
+    desired = view.desired
+    return pb.Container(
+        id=desired.id,
+        name=desired.name,
+        spec=spec_from_config(desired.config),
+        placement=pb.Placement(
+            request=pb.ResourceAmounts(
+                cpu_millis=desired.cpu_millis, memory_bytes=desired.memory_bytes
+            ),
+            constraints=desired.constraints,
+        ),
+        node_id=desired.node,
+        desired_state=(
+            pb.DESIRED_STATE_RUNNING if desired.desired == RUNNING else pb.DESIRED_STATE_STOPPED
+        ),
+        status=status_message(view.status),
+        service_id=desired.service,
+        slot=desired.slot,
+        scheduled_at=node_timestamp(desired.scheduled_at),
+    )
+
+
+def endpoint_message(endpoint: Endpoint) -> pb.Endpoint:
+    return pb.Endpoint(
+        kind=ENDPOINT_KINDS.get(endpoint.kind, pb.ENDPOINT_KIND_UNSPECIFIED),
+        instance=endpoint.instance,
+        address=endpoint.address,
+        metrics_url=endpoint.metrics_url,
+        version=endpoint.version,
+    )
+
+
+class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
+    def __init__(self, core: ClusterCore) -> None:
+        self.core = core
+
+    # Nodes ------------------------------------------------------------------------------
+
+    async def ListNodes(
+        self, request: pb.ListNodesRequest, context: Context
+    ) -> pb.ListNodesResponse:
+        nodes = [node_message(n) for n in await self.core.nodes()]
+        wanted = dict(request.labels)
+        nodes = [
+            n
+            for n in nodes
+            if (not request.state or n.state == request.state)
+            and (not request.availability or n.availability == request.availability)
+            and wanted.items() <= dict(n.description.labels).items()
+        ]
+        return pb.ListNodesResponse(nodes=nodes)
+
+    async def InspectNode(
+        self, request: pb.InspectNodeRequest, context: Context
+    ) -> pb.InspectNodeResponse:
+        return pb.InspectNodeResponse(node=node_message(await self.core.node(request.node)))
+
+    async def CordonNode(
+        self, request: pb.CordonNodeRequest, context: Context
+    ) -> pb.CordonNodeResponse:
+        return pb.CordonNodeResponse(node=node_message(await self.core.cordon(request.node)))
+
+    async def DrainNode(
+        self, request: pb.DrainNodeRequest, context: Context
+    ) -> pb.DrainNodeResponse:
+        return pb.DrainNodeResponse(node=node_message(await self.core.drain(request.node)))
+
+    async def ActivateNode(
+        self, request: pb.ActivateNodeRequest, context: Context
+    ) -> pb.ActivateNodeResponse:
+        return pb.ActivateNodeResponse(node=node_message(await self.core.activate(request.node)))
+
+    # Containers -------------------------------------------------------------------------
+
+    async def RunContainer(
+        self, request: pb.RunContainerRequest, context: Context
+    ) -> pb.RunContainerResponse:
+        wanted = request.placement.request
+        desired = await self.core.run(
+            config_from_spec(request.spec),
+            cpu_millis=wanted.cpu_millis,
+            memory_bytes=wanted.memory_bytes,
+            constraints=list(request.placement.constraints),
+        )
+        return pb.RunContainerResponse(container=container_message(ContainerView(desired)))
+
+    async def ListContainers(
+        self, request: pb.ListContainersRequest, context: Context
+    ) -> pb.ListContainersResponse:
+        views = await self.core.list(
+            include_stopped=request.all,
+            labels=dict(request.labels),
+            name=request.name,
+            state=reverse(CONTAINER_STATES).get(request.state, ""),
+            node_id=request.node_id,
+            service=request.service,
+        )
+        return pb.ListContainersResponse(containers=[container_message(v) for v in views])
+
+    async def InspectContainer(
+        self, request: pb.InspectContainerRequest, context: Context
+    ) -> pb.InspectContainerResponse:
+        view = await self.core.inspect(request.container)
+        return pb.InspectContainerResponse(container=container_message(view))
+
+    async def StopContainer(
+        self, request: pb.StopContainerRequest, context: Context
+    ) -> pb.StopContainerResponse:
+        if request.timeout_seconds < 0:
+            raise InvalidArgument("timeout must not be negative")
+        view = await self.core.stop(request.container, request.timeout_seconds)
+        return pb.StopContainerResponse(container=container_message(view))
+
+    async def StartContainer(
+        self, request: pb.StartContainerRequest, context: Context
+    ) -> pb.StartContainerResponse:
+        view = await self.core.start(request.container)
+        return pb.StartContainerResponse(container=container_message(view))
+
+    async def RemoveContainer(
+        self, request: pb.RemoveContainerRequest, context: Context
+    ) -> pb.RemoveContainerResponse:
+        await self.core.remove(request.container, force=request.force)
+        return pb.RemoveContainerResponse()
+
+    async def WaitContainer(
+        self, request: pb.WaitContainerRequest, context: Context
+    ) -> AsyncIterator[pb.WaitContainerResponse]:
+        status = await self.core.wait(request.container)
+        yield pb.WaitContainerResponse(
+            exit_code=status.get("exit_code") or 0, oom_killed=bool(status.get("oom_killed"))
+        )
+
+    # Streams through to the owning node ----------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _node(self, view: ContainerView) -> AsyncIterator[node_pb2_grpc.NodeServiceStub]:
+        """A stub of the container's node; its failures come back as the node's status."""
+        address = await self.core.node_address(view)
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
+            try:
+                yield node_pb2_grpc.NodeServiceStub(channel)
+            except grpc.aio.AioRpcError as exc:
+                raise NodeCallError(view.desired.node, exc) from None
+
+    async def ContainerLogs(
+        self, request: pb.ContainerLogsRequest, context: Context
+    ) -> AsyncIterator[pb.ContainerLogsResponse]:
+        view = await self.core.inspect(request.container)
+        forward = node_pb2.ContainerLogsRequest(
+            container=view.id, follow=request.follow, tail=request.tail
+        )
+        if request.HasField("since"):
+            forward.since.CopyFrom(request.since)
+        async with self._node(view) as node:
+            async for line in node.ContainerLogs(forward):
+                yield pb.ContainerLogsResponse(time=line.time, stream=line.stream, data=line.data)
+
+    async def Exec(
+        self, request_iterator: AsyncIterator[pb.ExecRequest], context: Context
+    ) -> AsyncIterator[pb.ExecResponse]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("process"):
+            raise InvalidArgument("the first Exec message must carry the process")
+        view = await self.core.inspect(first.process.container)
+        process = node_pb2.ExecProcess()
+        process.CopyFrom(first.process)
+        process.container = view.id  # the node knows ids, not cluster-wide prefixes or names
+
+        async def forward() -> AsyncIterator[node_pb2.ExecRequest]:
+            yield node_pb2.ExecRequest(
+                process=process, stdin=first.stdin, close_stdin=first.close_stdin
+            )
+            async for message in request_iterator:
+                yield node_pb2.ExecRequest(stdin=message.stdin, close_stdin=message.close_stdin)
+
+        async with self._node(view) as node:
+            async for out in node.Exec(forward()):
+                yield pb.ExecResponse(
+                    stdout=out.stdout, stderr=out.stderr, exited=out.exited, exit_code=out.exit_code
+                )
+
+    async def ContainerStats(
+        self, request: pb.ContainerStatsRequest, context: Context
+    ) -> AsyncIterator[pb.ContainerStatsResponse]:
+        view = await self.core.inspect(request.container)
+        forward = node_pb2.ContainerStatsRequest(container=view.id, stream=request.stream)
+        async with self._node(view) as node:
+            async for sample in node.ContainerStats(forward):
+                yield pb.ContainerStatsResponse(
+                    container_id=view.id, node_id=view.desired.node, sample=sample
+                )
+
+    # Discovery ----------------------------------------------------------------------------
+
+    async def GetEndpoints(
+        self, request: pb.GetEndpointsRequest, context: Context
+    ) -> pb.GetEndpointsResponse:
+        kinds = set(request.kinds)
+        endpoints = [endpoint_message(e) for e in await self.core.endpoints()]
+        endpoints = [e for e in endpoints if not kinds or e.kind in kinds]
+        endpoints.sort(key=lambda e: (e.kind, e.instance))
+        return pb.GetEndpointsResponse(endpoints=endpoints)

@@ -1,0 +1,271 @@
+"""The cluster service on three hosts (tests/integration/hosts.py): etcd, registry and cluster in
+the control namespace, a node agent per host namespace. Clients run inside the control namespace
+(`python_in`): the test process has no route to the test subnet."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .hosts import HostService, TestNetwork
+from .test_hosts import PUSH, _cleanup_agents
+
+pytestmark = pytest.mark.integration
+
+IMAGE = "test/busybox:1"
+LEASE_TTL = 3
+# Ends at once on SIGTERM (PID 1 ignores it without a handler) and says hello first.
+SERVE = "echo hello from $(hostname); trap 'exit 0' TERM; while true; do sleep 0.1; done"
+
+# Helpers every snippet starts with; the cluster address is argv[1], the rest is per test.
+CLIENT = """
+import json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import grpc
+from berth.cluster.v1 import cluster_pb2 as pb, cluster_pb2_grpc
+from berth.node.v1 import node_pb2
+
+cluster = cluster_pb2_grpc.ClusterServiceStub(grpc.insecure_channel(sys.argv[1]))
+SERVE = sys.argv[2]
+
+def run(image, name="", constraints=(), memory=0, command=("sh", "-c", SERVE)):
+    spec = node_pb2.ContainerSpec(image=image, name=name, command=list(command))
+    placement = pb.Placement(
+        request=pb.ResourceAmounts(memory_bytes=memory), constraints=list(constraints)
+    )
+    try:
+        request = pb.RunContainerRequest(spec=spec, placement=placement)
+        c = cluster.RunContainer(request, timeout=30).container
+        return {"id": c.id, "name": c.name, "node": c.node_id}
+    except grpc.RpcError as e:
+        return {"code": e.code().name, "error": e.details()}
+
+def call(method, request, timeout=60):
+    try:
+        return getattr(cluster, method)(request, timeout=timeout)
+    except grpc.RpcError as e:
+        return {"code": e.code().name, "error": e.details()}
+
+def state(ref):
+    c = cluster.InspectContainer(pb.InspectContainerRequest(container=ref)).container
+    return node_pb2.ContainerState.Name(c.status.state)
+
+def until_state(ref, want, timeout=45):
+    deadline = time.monotonic() + timeout
+    while (got := state(ref)) != want:
+        assert time.monotonic() < deadline, f"{ref} is {got}, not {want}, after {timeout}s"
+        time.sleep(0.1)
+
+def remove_all():
+    listed = cluster.ListContainers(pb.ListContainersRequest(all=True)).containers
+    for c in listed:
+        cluster.RemoveContainer(pb.RemoveContainerRequest(container=c.id, force=True), timeout=60)
+    return len(listed)
+
+def out(value):
+    print(json.dumps(value))
+"""
+
+
+@dataclass
+class Cluster:
+    net: TestNetwork
+    prefix: str
+    cluster: HostService
+
+    def client(self, body: str, *args: str, timeout: float = 90) -> object:
+        net = self.net
+        code = CLIENT + body
+        return net.python_json(net.ctl, code, self.cluster.address, SERVE, *args, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    run_dir = tmp_path_factory.mktemp("cluster")
+    net = TestNetwork(run_dir)
+    prefix = f"/berth-cluster-{uuid.uuid4().hex[:8]}/"
+    agents: dict[str, HostService] = {}
+    try:
+        net.create(3)
+        (run_dir / "etcd").mkdir()
+        net.start_etcd(run_dir / "etcd")
+        registry = net.start_service(
+            net.ctl, "registry", f"--data-dir={run_dir / 'registry'}", prefix=prefix
+        )
+        service = net.start_service(net.ctl, "cluster", prefix=prefix)
+        registry.wait_ready()
+        for n, host in enumerate(net.hosts, start=1):
+            agents[f"host{n}"] = net.start_service(
+                host,
+                "node",
+                f"--data-dir={run_dir / f'host{n}'}",
+                f"--node-id=host{n}",
+                f"--label=host=h{n}",
+                f"--registry={registry.address}",
+                prefix=prefix,
+                lease_ttl=LEASE_TTL,
+            )
+        service.wait_ready()
+        for agent in agents.values():
+            agent.wait_ready()
+        net.python_json(net.ctl, PUSH, registry.address, IMAGE, timeout=60)
+        yield Cluster(net, prefix, service)
+    finally:
+        _cleanup_agents(net, agents, Path(run_dir))
+        net.close()
+
+
+def test_spread_over_three_hosts_then_remove_through_the_cluster(cluster: Cluster) -> None:
+    result = cluster.client(
+        """
+placed = [run(sys.argv[3]) for _ in range(3)]
+for p in placed:
+    until_state(p["id"], "CONTAINER_STATE_RUNNING")
+nodes = cluster.ListNodes(pb.ListNodesRequest()).nodes
+refused = call("RemoveContainer", pb.RemoveContainerRequest(container=placed[0]["name"]))
+endpoints = cluster.GetEndpoints(pb.GetEndpointsRequest()).endpoints
+removed = remove_all()
+left = cluster.ListContainers(pb.ListContainersRequest(all=True)).containers
+after = cluster.ListNodes(pb.ListNodesRequest()).nodes
+out({
+    "nodes": [p["node"] for p in placed],
+    "counts": {n.description.id: n.container_count for n in nodes},
+    "ready": [pb.NodeState.Name(n.state) for n in nodes],
+    "refused": refused,
+    "endpoints": [pb.EndpointKind.Name(e.kind).removeprefix("ENDPOINT_KIND_") for e in endpoints],
+    "removed": removed,
+    "left": len(left),
+    "after": [[n.container_count, n.allocated.memory_bytes] for n in after],
+})
+""",
+        IMAGE,
+    )
+    assert isinstance(result, dict)
+    assert sorted(result["nodes"]) == ["host1", "host2", "host3"]
+    assert result["counts"] == {"host1": 1, "host2": 1, "host3": 1}
+    assert result["ready"] == ["NODE_STATE_READY"] * 3
+    assert result["refused"]["code"] == "FAILED_PRECONDITION"
+    assert "running" in result["refused"]["error"]
+    # By kind (registry, node, cluster), as the proto says.
+    assert result["endpoints"] == ["REGISTRY", "NODE", "NODE", "NODE", "CLUSTER"]
+    assert (result["removed"], result["left"]) == (3, 0)
+    assert result["after"] == [[0, 0]] * 3
+
+
+def test_constraints_cordon_and_resource_fit(cluster: Cluster) -> None:
+    result = cluster.client(
+        """
+on_h2 = run(sys.argv[3], constraints=["host==h2"])
+nowhere = run(sys.argv[3], constraints=["host==h9"])
+bad = run(sys.argv[3], constraints=["host=h2"])
+huge = run(sys.argv[3], memory=1 << 50)
+cluster.CordonNode(pb.CordonNodeRequest(node="host1"))
+cordoned = run(sys.argv[3], constraints=["node.id==host1"])
+node = cluster.InspectNode(pb.InspectNodeRequest(node="host1")).node
+cluster.ActivateNode(pb.ActivateNodeRequest(node="host1"))
+active = run(sys.argv[3], constraints=["node.id==host1"])
+unknown = call("InspectNode", pb.InspectNodeRequest(node="nope"))
+remove_all()
+out({"on_h2": on_h2, "nowhere": nowhere, "bad": bad, "huge": huge, "cordoned": cordoned,
+     "availability": pb.NodeAvailability.Name(node.availability), "active": active,
+     "unknown": unknown})
+""",
+        IMAGE,
+    )
+    assert isinstance(result, dict)
+    assert result["on_h2"]["node"] == "host2"
+    assert result["nowhere"] == {
+        "code": "FAILED_PRECONDITION",
+        "error": "0/3 nodes are available: 3 does not match constraint host==h9",
+    }
+    assert result["bad"]["code"] == "INVALID_ARGUMENT"
+    assert result["huge"]["code"] == "FAILED_PRECONDITION"
+    assert result["huge"]["error"].startswith("0/3 nodes are available: 3 insufficient memory")
+    assert result["cordoned"]["code"] == "FAILED_PRECONDITION"
+    assert "1 cordoned" in result["cordoned"]["error"]
+    assert result["availability"] == "NODE_AVAILABILITY_CORDONED"
+    assert result["active"]["node"] == "host1"
+    assert result["unknown"]["code"] == "NOT_FOUND"
+
+
+def test_concurrent_runs_never_overbook(cluster: Cluster) -> None:
+    result = cluster.client(
+        """
+nodes = cluster.ListNodes(pb.ListNodesRequest()).nodes
+half = min(n.capacity.memory_bytes for n in nodes) // 2
+with ThreadPoolExecutor(9) as pool:
+    results = list(pool.map(lambda _: run(sys.argv[3], memory=half, command=["sleep", "60"]),
+                            range(9)))
+allocated = {n.description.id: n.allocated.memory_bytes
+             for n in cluster.ListNodes(pb.ListNodesRequest()).nodes}
+remove_all()
+out({"results": results, "half": half, "allocated": allocated})
+""",
+        IMAGE,
+    )
+    assert isinstance(result, dict)
+    placed = [r["node"] for r in result["results"] if "node" in r]
+    refused = [r for r in result["results"] if "code" in r]
+    # Every node has room for exactly two; the rest are refused, never squeezed in.
+    assert sorted(placed) == ["host1", "host1", "host2", "host2", "host3", "host3"]
+    assert [r["code"] for r in refused] == ["FAILED_PRECONDITION"] * 3
+    assert all("insufficient memory" in r["error"] for r in refused)
+    assert result["allocated"] == {f"host{n}": 2 * result["half"] for n in (1, 2, 3)}
+
+
+def test_logs_exec_stats_stop_start_wait_on_host3(cluster: Cluster) -> None:
+    result = cluster.client(
+        """
+c = run(sys.argv[3], name="web", constraints=["host==h3"])
+until_state("web", "CONTAINER_STATE_RUNNING")
+deadline = time.monotonic() + 10
+while not (logs := b"".join(
+    line.data for line in cluster.ContainerLogs(pb.ContainerLogsRequest(container="web"))
+)) and time.monotonic() < deadline:
+    time.sleep(0.1)
+process = node_pb2.ExecProcess(container=c["id"][:12], command=["sh", "-c", "cat; echo done >&2"])
+outputs = list(cluster.Exec(iter([
+    pb.ExecRequest(process=process, stdin=b"piped "),
+    pb.ExecRequest(stdin=b"through", close_stdin=True),
+])))
+stats = next(iter(cluster.ContainerStats(pb.ContainerStatsRequest(container="web"))))
+stopped = cluster.StopContainer(pb.StopContainerRequest(container="web"), timeout=60).container
+started = cluster.StartContainer(pb.StartContainerRequest(container="web"), timeout=60).container
+with ThreadPoolExecutor(1) as pool:
+    wait = pool.submit(lambda: list(cluster.WaitContainer(
+        pb.WaitContainerRequest(container="web"), timeout=60)))
+    time.sleep(0.5)
+    cluster.StopContainer(pb.StopContainerRequest(container="web"), timeout=60)
+    waited = wait.result()
+cluster.RemoveContainer(pb.RemoveContainerRequest(container="web"), timeout=60)
+gone = call("InspectContainer", pb.InspectContainerRequest(container="web"))
+out({
+    "node": c["node"],
+    "logs": logs.decode(),
+    "stdout": b"".join(o.stdout for o in outputs).decode(),
+    "stderr": b"".join(o.stderr for o in outputs).decode(),
+    "exit": [o.exit_code for o in outputs if o.exited],
+    "stats": [stats.container_id == c["id"], stats.node_id, stats.sample.pids],
+    "stopped": node_pb2.ContainerState.Name(stopped.status.state),
+    "started": node_pb2.ContainerState.Name(started.status.state),
+    "waited": [w.exit_code for w in waited],
+    "gone": gone,
+})
+""",
+        IMAGE,
+    )
+    assert isinstance(result, dict)
+    assert result["node"] == "host3"
+    assert result["logs"].startswith("hello from ")
+    assert (result["stdout"], result["stderr"], result["exit"]) == ("piped through", "done\n", [0])
+    assert result["stats"][:2] == [True, "host3"] and result["stats"][2] >= 1
+    assert result["stopped"] == "CONTAINER_STATE_EXITED"
+    assert result["started"] in ("CONTAINER_STATE_RUNNING", "CONTAINER_STATE_EXITED")
+    assert result["waited"] == [0]
+    assert result["gone"]["code"] == "NOT_FOUND"
+    print(json.dumps({k: result[k] for k in ("node", "stopped", "started")}))
