@@ -63,6 +63,7 @@ demo: deps
 bench: deps bench-apt
 	$(PY) bench/registry.py
 	$(PY) bench/node.py
+	$(PY) bench/cluster.py
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)

@@ -238,7 +238,7 @@ class BerthSide:
         with the container: they are copied to `files` and the config points there."""
         probe = self.client.create(BUSYBOX_REPO, RunOptions(command=TRUE))
         try:
-            container_dir = self.state / "node" / "containers" / probe.id
+            container_dir = self.state / "node-1" / "containers" / probe.id
             config = json.loads((container_dir / "bundle" / "config.json").read_text())
             files.mkdir(parents=True)
             for mount in config["mounts"]:
@@ -571,7 +571,7 @@ def berth_pull_round(
             raise BenchError(f"berth: pulled {image.digest} with {len(image.chain_ids)} layers")
         # The layer store names each unpacked layer directory by its chain id's hex.
         layer_dirs = [
-            state / "node" / "layers" / chain.split(":", 1)[-1] for chain in image.chain_ids
+            state / "node-1" / "layers" / chain.split(":", 1)[-1] for chain in image.chain_ids
         ]
         check_unpacked(layer_dirs, args.layers, layer_bytes(args), "berth")
     # Where the time went, from the progress events: when the last download ended and the first

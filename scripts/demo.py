@@ -1,4 +1,5 @@
-"""`make demo`: start a local berth cluster and walk an image through its registry.
+"""`make demo`: start a 3-host local berth cluster, walk an image through its registry, run
+containers through the cluster, then kill a host and watch a replicated service move.
 
 Every step prints a heading, the real command, and that command's real output. The cluster
 keeps running at the end (stop it with `make down`). Exits non-zero, with one line saying
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -28,6 +30,13 @@ BIN = Path(sys.executable).parent
 REPO = "demo/busybox"
 TAG = "1.35"
 DESCRIPTION = "BusyBox 1.35 built from Debian's busybox-static"
+NODES = 3
+SERVICE = "web"
+REPLICAS = 3
+VICTIM = "node-2"
+# A replica that exits at once on SIGTERM, so stopping or moving it takes no grace period.
+REPLICA_CMD = ["sh", "-c", 'trap "exit 0" TERM; while true; do sleep 1; done']
+MOVE_TIMEOUT = 60.0
 
 
 class StepFailed(Exception):
@@ -96,22 +105,28 @@ class Demo:
             raise StepFailed(f"step {self.step}: `berthd up` wrote no {state}/cluster.json")
         return cluster
 
+    def berthd(self, *args: str) -> str:
+        return self.run([str(BIN / "berthd"), *args, *self.state_args()])
+
     def main(self) -> None:
-        self.heading("Start a local cluster: etcd, the registry and a node agent")
-        argv = [str(BIN / "berthd"), "up", *self.state_args()]
+        self.heading(f"Start a local cluster: etcd, the registry, {NODES} node agents, the cluster")
+        argv = [str(BIN / "berthd"), "up", "--nodes", str(NODES), *self.state_args()]
         if self.base_port:
             argv += ["--base-port", str(self.base_port)]
         self.run(argv)
         cluster = self.cluster()
         registry = cluster["services"]["registry"]
-        # The CLI would find the default state directory by itself; exporting the address
-        # makes every command below talk to this cluster whatever --state-dir was.
+        host = cluster["services"]["cluster"]
         node = cluster["services"]["node"]
+        # The CLI would find the default state directory by itself; exporting the addresses
+        # makes every command below talk to this cluster whatever --state-dir was. Container
+        # commands go to the cluster (BERTH_HOST), image commands to node-1 (BERTH_NODE).
         self.env["BERTH_REGISTRY"] = registry["address"]
+        self.env["BERTH_HOST"] = host["address"]
         self.env["BERTH_NODE"] = node["address"]
         print(
             f"(the commands below run with BERTH_REGISTRY={registry['address']}"
-            f" BERTH_NODE={node['address']})"
+            f" BERTH_HOST={host['address']} BERTH_NODE={node['address']})"
         )
 
         work = Path(tempfile.mkdtemp(prefix="berth-demo-"))
@@ -120,17 +135,26 @@ class Demo:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         self.container_steps()
+        self.cluster_steps()
 
         self.heading("The registry's metrics")
         print(f"GET {registry['metrics']}  (berth_registry_* and berth_grpc_requests_total)")
         self.metrics(registry["metrics"], "berth_registry_", "berth_grpc_requests_total")
 
-        self.heading("The node agent's metrics")
+        self.heading("The node agent's metrics (node-1)")
         print(f"GET {node['metrics']}  (berth_node_*)")
         self.metrics(node["metrics"], "berth_node_")
 
+        self.heading("The cluster service's metrics")
+        print(f"GET {host['metrics']}  (berth_cluster_*)")
+        self.metrics(host["metrics"], "berth_cluster_")
+
+        state = self.state_args()
         stop = "make down" + (f" STATE_DIR={self.state_dir}" if self.state_dir else "")
-        print(f"\nThe cluster keeps running. Stop it with: {stop}")
+        print(
+            f"\nThe cluster keeps running with {VICTIM} down. Bring the host back with:"
+            f" {shlex.join(['berthd', 'start-node', VICTIM, *state])}\nStop it with: {stop}"
+        )
 
     def image_steps(self, work: Path) -> None:
         layout = work / "busybox"
@@ -190,11 +214,14 @@ class Demo:
 
     def container_steps(self) -> None:
         image = f"{REPO}:{TAG}"
-        self.heading("Pull the image onto the node (each layer unpacked once, shared)")
+        self.heading("Pull the image onto node-1 (each layer unpacked once, shared)")
         self.berth("pull", image)
         self.berth("images")
 
-        self.heading("Run a container from it: output streams back, its exit code is ours")
+        self.heading(
+            "Run a container through the cluster: it picks a node (which pulls the image if it"
+            " must), output streams back, its exit code is ours"
+        )
         self.berth("run", "--rm", image, "sh", "-c", "echo hello from $(hostname); exit 0")
 
         self.heading("Run one in the background, with a memory limit")
@@ -204,7 +231,9 @@ class Demo:
         )  # fmt: skip
         self.berth("ps")
 
-        self.heading("Exec into it, change its filesystem, look at the changes")
+        self.heading(
+            "Exec into it (routed to its node), change its filesystem, look at the changes"
+        )
         self.berth("exec", "demo-web", "sh", "-c", "echo from exec; rm /etc/passwd")
         self.berth("diff", "demo-web")
         self.berth("stats", "--no-stream", "demo-web")
@@ -213,6 +242,73 @@ class Demo:
         self.heading("Stop and remove it")
         self.berth("stop", "-t", "1", "demo-web")
         self.berth("rm", "demo-web")
+
+    def cluster_steps(self) -> None:
+        image = f"{REPO}:{TAG}"
+        self.heading(f"The cluster's nodes: {NODES} agents, each its own host (label host=<id>)")
+        self.prepare_rerun()
+        self.berth("node", "ls")
+
+        self.heading(f"A replicated service: {REPLICAS} replicas, spread over the nodes")
+        self.berth(
+            "service", "create", "--name", SERVICE, "--replicas", str(REPLICAS), image,
+            *REPLICA_CMD,
+        )  # fmt: skip
+        self.wait_replicas(exclude="", what=f"{REPLICAS} replicas running")
+        self.berth("service", "ps", SERVICE)
+
+        self.heading(f"Kill host {VICTIM}: SIGKILL its agent, its conmons and its containers")
+        self.berthd("kill-node", VICTIM)
+
+        self.heading(
+            f"Wait for the cluster: {VICTIM}'s lease expires, its replicas start elsewhere"
+        )
+        self.wait_replicas(exclude=VICTIM, what=f"{REPLICAS} replicas running, none on {VICTIM}")
+        self.berth("service", "ps", SERVICE)
+
+        self.heading(f"The nodes again: {VICTIM} is down")
+        self.berth("node", "ls")
+
+    def prepare_rerun(self) -> None:
+        """A cluster left running by an earlier demo: bring the killed host back and remove
+        the service, shown as the commands a person would type."""
+        nodes = json.loads(self.run_quiet([str(BIN / "berth"), "--format", "json", "node", "ls"]))
+        if any(n.get("id") == VICTIM and n.get("state") != "ready" for n in nodes):
+            print(f"({VICTIM} is still down from an earlier demo)")
+            self.berthd("start-node", VICTIM)
+        services = json.loads(
+            self.run_quiet([str(BIN / "berth"), "--format", "json", "service", "ls"])
+        )
+        if any(s.get("name") == SERVICE for s in services):
+            print(f"(service {SERVICE} is left from an earlier demo)")
+            self.berth("service", "rm", SERVICE)
+
+    def replicas(self) -> list[dict]:
+        argv = [str(BIN / "berth"), "--format", "json", "service", "ps", SERVICE]
+        return list(json.loads(self.run_quiet(argv)))
+
+    def wait_replicas(self, exclude: str, what: str) -> None:
+        """Poll `berth service ps` until every replica runs and none is on `exclude`,
+        printing what changes."""
+        started = time.monotonic()
+        last = ""
+        while True:
+            replicas = self.replicas()
+            running = [r for r in replicas if r.get("state") == "running"]
+            line = ", ".join(
+                f"{r['name']} {r.get('state') or 'pending'} on {r.get('node_id') or '-'}"
+                for r in sorted(replicas, key=lambda r: r.get("slot", 0))
+            )
+            elapsed = time.monotonic() - started
+            if line != last:
+                print(f"  {elapsed:5.1f}s  {line or 'no replicas yet'}", flush=True)
+                last = line
+            if len(running) == REPLICAS and all(r.get("node_id") != exclude for r in running):
+                print(f"  {elapsed:5.1f}s  {what}")
+                return
+            if elapsed > MOVE_TIMEOUT:
+                raise StepFailed(f"step {self.step}: not {what} after {MOVE_TIMEOUT:.0f}s")
+            time.sleep(0.25)
 
     def run_quiet(self, argv: list[str]) -> str:
         """A helper command whose output is data, not part of the show."""

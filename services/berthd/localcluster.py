@@ -1,14 +1,29 @@
-"""`berthd up | down | status`: a whole local cluster for development and the demo.
+"""`berthd up | down | status | kill-node | start-node`: a local cluster for development.
 
 `up` starts etcd (the Debian binary, data under the state directory) and every berth service as
-background processes, waits until each is healthy, and records them in `<state>/cluster.json`,
-the file the `berth` CLI reads when no address is given. `down` stops them by pid (checking
-the pid still runs what we started), `status` health-checks them.
+background processes, `--nodes N` node agents among them (`node-1` .. `node-N`, each with its own
+data directory `<state>/node-K`, ports, runc root and cgroup parent `/berth/node-K`, the label
+`host=node-K`, and a `--node-lease-ttl` lease (3 s) so a dead one is noticed soon; all on
+loopback), waits until each is healthy, and records them in `<state>/cluster.json`, the file the
+`berth` CLI reads when no address is given. `down` removes every service and container (through
+the cluster, then on each node; a killed node's containers with runc), then stops the processes
+by pid (checking the pid still runs what we started); `status` health-checks them. `kill-node`
+simulates a host death (SIGKILL of an agent, its conmons and every process in its cgroups),
+`start-node` brings the host back with the same command line.
+
+Port plan, from `--base-port` N: etcd client N, peer N+1; service i of SERVICES gRPC N+10+2i and
+metrics N+11+2i (N+10..N+39 are kept for services); node-1 is the "node" service (N+12, N+13);
+node-K for K >= 2 at N+40+2(K-2) and N+41+2(K-2).
+
+cluster.json: {"state_dir", "prefix", "etcd": {...}, "services": {"registry", "node", "cluster"},
+"nodes": {"node-1": {...}, ...}}; each process entry has address, metrics, pid, marker, log, and
+each node also data_dir and argv. services.node is node-1: what single-host clients use.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +41,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from berth.client import NodeClient
+from berth.cluster.v1 import cluster_pb2, cluster_pb2_grpc
 from berth.config import default_state_dir
 from berth.errors import BerthClientError
 from berthd.common.server import write_atomically
@@ -32,11 +49,22 @@ from berthd.common.server import write_atomically
 CLUSTER_FILE = "cluster.json"
 DEFAULT_BASE_PORT = 23790
 STOP_TIMEOUT = 15.0
+# Node agents started by `up` hold short leases, so a killed node is noticed within seconds.
+DEFAULT_NODE_LEASE_TTL = 3
+MAX_NODES = 100
+# Ports base+10 .. base+39 are kept for the services (15 of them); extra node agents sit above.
+EXTRA_NODES_OFFSET = 40
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 @dataclass(frozen=True)
 class Ports:
-    """Every port is an offset from one base, so a second cluster needs one flag."""
+    """Every port is an offset from one base, so a second cluster needs one flag.
+
+    etcd client N, etcd peer N+1; berth service i (in SERVICES order) N+10+2i (gRPC) and
+    N+11+2i (metrics); node-1 is the "node" service; node-K (K >= 2) N+40+2(K-2) and
+    N+41+2(K-2).
+    """
 
     base: int
 
@@ -52,16 +80,37 @@ class Ports:
         """(gRPC port, metrics port) of the index-th berth service."""
         return self.base + 10 + 2 * index, self.base + 11 + 2 * index
 
+    def node(self, number: int) -> tuple[int, int]:
+        """(gRPC port, metrics port) of node agent `node-<number>`, from 1."""
+        if number == 1:
+            return self.service(SERVICES.index("node"))
+        offset = EXTRA_NODES_OFFSET + 2 * (number - 2)
+        return self.base + offset, self.base + offset + 1
 
-# The services `up` starts, in order. Later issues append to this list.
+    def all(self, nodes: int) -> list[int]:
+        wanted = [self.etcd, self.etcd_peer]
+        for index in range(len(SERVICES)):
+            wanted += self.service(index)
+        for number in range(2, nodes + 1):
+            wanted += self.node(number)
+        return wanted
+
+
+# The services `up` starts, in order ("node" stands for every node agent). Later issues append.
 SERVICES = ["registry", "node", "cluster"]
+
+
+def node_id(number: int) -> str:
+    return f"node-{number}"
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     for name, handler, text in (
         ("up", up, "start etcd and every berth service in the background"),
-        ("down", down, "stop a cluster started with `berthd up`"),
+        ("down", down, "remove every service and container, then stop the `berthd up` cluster"),
         ("status", status, "show the health of a cluster started with `berthd up`"),
+        ("kill-node", kill_node, "simulate a host death: SIGKILL a node agent and its containers"),
+        ("start-node", start_node, "start a node agent again after kill-node (the host is back)"),
     ):
         parser = commands.add_parser(name, help=text)
         parser.add_argument(
@@ -78,7 +127,25 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                 help=f"etcd listens here, services above it (default {DEFAULT_BASE_PORT})"
                 " [env BERTH_BASE_PORT]",
             )
+            parser.add_argument(
+                "--nodes",
+                type=int,
+                default=1,
+                help="node agents to start, node-1 .. node-N, each a host of its own (default 1)",
+            )
+            parser.add_argument(
+                "--node-lease-ttl",
+                type=int,
+                default=DEFAULT_NODE_LEASE_TTL,
+                help="lease TTL (s) of the node agents: how soon a dead node is noticed"
+                f" (default {DEFAULT_NODE_LEASE_TTL})",
+            )
+        if name in ("kill-node", "start-node"):
+            parser.add_argument("node", metavar="NODE", help="node id, such as node-2")
         parser.set_defaults(run=handler)
+
+
+# --- processes -------------------------------------------------------------------------------
 
 
 def process_alive(pid: int, marker: str) -> bool:
@@ -88,6 +155,14 @@ def process_alive(pid: int, marker: str) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return marker in cmdline
+
+
+def _pid_running(pid: int) -> bool:
+    """A zombie counts as dead: it runs nothing any more."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -134,12 +209,11 @@ def _etcd_healthy(endpoint: str) -> bool:
         return False
 
 
-def _check_ports_free(ports: Ports) -> None:
+def _check_ports_free(ports: Ports, nodes: int) -> None:
     """Fail before starting anything: a health check could be answered by another cluster."""
-    wanted = [ports.etcd, ports.etcd_peer]
-    for index in range(len(SERVICES)):
-        wanted += ports.service(index)
-    for port in wanted:
+    for port in ports.all(nodes):
+        if port > 65535:
+            raise RuntimeError(f"port {port} is out of range; choose a lower --base-port")
         with socket.socket() as probe:
             # Like the servers themselves: a port whose old connections linger is reusable.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -176,8 +250,39 @@ def start_etcd(state: Path, ports: Ports) -> dict[str, object]:
     return {"endpoint": endpoint, "pid": proc.pid, "marker": "--name=berth", "log": str(log)}
 
 
-def start_service(name: str, index: int, state: Path, ports: Ports, etcd: str) -> dict[str, object]:
-    port, metrics_port = ports.service(index)
+@dataclass
+class Starting:
+    """A berth process spawned but not yet ready: agents start in parallel, then are awaited."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    ready: Path
+    log: Path
+    argv: list[str]
+    extra: dict[str, object]
+
+    def wait(self) -> dict[str, object]:
+        _wait_for(self.ready.exists, self.name, self.proc, self.log)
+        info = json.loads(self.ready.read_text())
+        return {
+            "address": info["address"],
+            "metrics": info["metrics"],
+            "pid": self.proc.pid,
+            "marker": f"--ready-file={self.ready}",
+            "log": str(self.log),
+            **self.extra,
+        }
+
+
+def _spawn_berthd(
+    name: str,
+    service: str,
+    state: Path,
+    ports: tuple[int, int],
+    etcd: str,
+    extra_args: list[str],
+    extra: dict[str, object] | None = None,
+) -> Starting:
     ready = state / "run" / f"{name}.json"
     ready.parent.mkdir(parents=True, exist_ok=True)
     ready.unlink(missing_ok=True)
@@ -186,31 +291,81 @@ def start_service(name: str, index: int, state: Path, ports: Ports, etcd: str) -
         sys.executable,
         "-m",
         "berthd.main",
-        name,
-        f"--listen=127.0.0.1:{port}",
-        f"--metrics-listen=127.0.0.1:{metrics_port}",
+        service,
+        f"--listen=127.0.0.1:{ports[0]}",
+        f"--metrics-listen=127.0.0.1:{ports[1]}",
         f"--etcd={etcd}",
         f"--ready-file={ready}",
+        *extra_args,
     ]
+    return Starting(name, _spawn(argv, log), ready, log, argv, extra or {})
+
+
+def start_service(name: str, index: int, state: Path, ports: Ports, etcd: str) -> dict[str, object]:
     # Each service keeps its data in its own folder of the state directory; the cluster keeps
     # everything in etcd.
-    if name != "cluster":
-        argv.append(f"--data-dir={state / name}")
-    proc = _spawn(argv, log)
-    _wait_for(ready.exists, name, proc, log)
-    info = json.loads(ready.read_text())
-    return {
-        "address": info["address"],
-        "metrics": info["metrics"],
-        "pid": proc.pid,
-        "marker": f"--ready-file={ready}",
-        "log": str(log),
-    }
+    extra = [] if name == "cluster" else [f"--data-dir={state / name}"]
+    return _spawn_berthd(name, name, state, ports.service(index), etcd, extra).wait()
+
+
+def spawn_node(number: int, state: Path, ports: Ports, etcd: str, lease_ttl: int) -> Starting:
+    """Node agent `node-<number>`: a host of its own, told apart by its id, data directory
+    (hence runc root and cgroup parent /berth/<id>), ports and the label host=<id>."""
+    ident = node_id(number)
+    data = state / ident
+    args = [
+        f"--data-dir={data}",
+        f"--node-id={ident}",
+        f"--label=host={ident}",
+        f"--lease-ttl={lease_ttl}",
+    ]
+    return _spawn_berthd(
+        ident, "node", state, ports.node(number), etcd, args, {"data_dir": str(data)}
+    )
+
+
+def start_nodes(count: int, state: Path, ports: Ports, etcd: str, lease_ttl: int) -> dict:
+    starting = [spawn_node(n, state, ports, etcd, lease_ttl) for n in range(1, count + 1)]
+    nodes: dict[str, dict[str, object]] = {}
+    try:
+        for item in starting:
+            nodes[item.name] = {**item.wait(), "argv": item.argv}
+    except RuntimeError:
+        for item in starting:
+            stop_process(item.proc.pid, f"--ready-file={item.ready}")
+        raise
+    return nodes
+
+
+# --- cluster.json ----------------------------------------------------------------------------
 
 
 def load(state: Path) -> dict | None:
     path = state / CLUSTER_FILE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def save(state: Path, cluster: dict) -> None:
+    write_atomically(state / CLUSTER_FILE, json.dumps(cluster, indent=2).encode())
+
+
+def nodes_of(cluster: dict) -> dict[str, dict]:
+    """Every node agent; a cluster.json from before --nodes has only services.node."""
+    if "nodes" in cluster:
+        return dict(cluster["nodes"])
+    node = cluster.get("services", {}).get("node")
+    return {"node": node} if node else {}
+
+
+def processes(cluster: dict) -> list[tuple[str, dict]]:
+    """The berth processes in start order, each node agent once (services.node is node-1)."""
+    listed: list[tuple[str, dict]] = []
+    for name, info in cluster.get("services", {}).items():
+        if name == "node" and "nodes" in cluster:
+            listed += list(cluster["nodes"].items())
+        else:
+            listed.append((name, info))
+    return listed
 
 
 def exports(cluster: dict) -> list[str]:
@@ -220,19 +375,27 @@ def exports(cluster: dict) -> list[str]:
     ]
     for name, info in cluster["services"].items():
         lines.append(f"export BERTH_{name.upper()}={info['address']}")
+    if "cluster" in cluster["services"]:
+        # The CLI's one address (--host): the cluster service.
+        lines.append(f"export BERTH_HOST={cluster['services']['cluster']['address']}")
     return lines
 
 
 def _print_cluster(cluster: dict) -> None:
     print(f"{'etcd':10} {cluster['etcd']['endpoint']:22} pid {cluster['etcd']['pid']}")
-    for name, info in cluster["services"].items():
+    for name, info in processes(cluster):
         print(f"{name:10} {info['address']:22} pid {info['pid']}  metrics {info['metrics']}")
     print()
     print("\n".join(exports(cluster)))
 
 
+# --- up --------------------------------------------------------------------------------------
+
+
 def up(args: argparse.Namespace) -> int:
     state: Path = args.state_dir.resolve()
+    if not 1 <= args.nodes <= MAX_NODES:
+        raise RuntimeError(f"--nodes must be between 1 and {MAX_NODES}, not {args.nodes}")
     existing = load(state)
     if existing and process_alive(existing["etcd"]["pid"], existing["etcd"]["marker"]):
         print(f"a cluster is already running from {state}:", file=sys.stderr)
@@ -240,20 +403,27 @@ def up(args: argparse.Namespace) -> int:
         return 0
     state.mkdir(parents=True, exist_ok=True)
     ports = Ports(args.base_port)
-    _check_ports_free(ports)
-    cluster: dict = {"state_dir": str(state), "prefix": "/berth/", "services": {}}
+    _check_ports_free(ports, args.nodes)
+    cluster: dict = {"state_dir": str(state), "prefix": "/berth/", "services": {}, "nodes": {}}
     try:
         cluster["etcd"] = start_etcd(state, ports)
+        etcd = cluster["etcd"]["endpoint"]
         for index, name in enumerate(SERVICES):
-            cluster["services"][name] = start_service(
-                name, index, state, ports, cluster["etcd"]["endpoint"]
-            )
+            if name == "node":
+                cluster["nodes"] = start_nodes(args.nodes, state, ports, etcd, args.node_lease_ttl)
+                # What a single-host client (`berth --node`, BERTH_NODE) talks to by default.
+                cluster["services"]["node"] = cluster["nodes"][node_id(1)]
+            else:
+                cluster["services"][name] = start_service(name, index, state, ports, etcd)
     except RuntimeError:
         _stop_all(cluster)
         raise
-    write_atomically(state / CLUSTER_FILE, json.dumps(cluster, indent=2).encode())
+    save(state, cluster)
     _print_cluster(cluster)
     return 0
+
+
+# --- down ------------------------------------------------------------------------------------
 
 
 def stop_process(pid: int, marker: str) -> None:
@@ -263,35 +433,137 @@ def stop_process(pid: int, marker: str) -> None:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline:
-        if not process_alive(pid, marker):
+        if not process_alive(pid, marker) or not _pid_running(pid):
             return
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
 
 
+def _stop_many(entries: list[dict]) -> None:
+    """Stop several processes at once: each may take its drain time."""
+    alive = [e for e in entries if process_alive(e["pid"], e["marker"])]
+    if len(alive) <= 1:
+        for entry in alive:
+            stop_process(entry["pid"], entry["marker"])
+        return
+    with ThreadPoolExecutor(len(alive)) as pool:
+        list(pool.map(lambda e: stop_process(e["pid"], e["marker"]), alive))
+
+
 def _stop_all(cluster: dict) -> None:
-    for info in reversed(list(cluster.get("services", {}).values())):
-        stop_process(info["pid"], info["marker"])
+    """Reverse start order: the cluster service, the node agents (together), the registry,
+    etcd last."""
+    nodes = list(nodes_of(cluster).values())
+    for name, info in reversed(list(cluster.get("services", {}).items())):
+        if name == "node":
+            _stop_many(nodes)
+        else:
+            stop_process(info["pid"], info["marker"])
+    _stop_many(nodes)  # no-op unless `up` failed before services.node was recorded
     if "etcd" in cluster:
         stop_process(cluster["etcd"]["pid"], cluster["etcd"]["marker"])
 
 
-def _remove_containers(cluster: dict) -> None:
+def _remove_cluster_workloads(cluster: dict) -> None:
+    """Remove every service and container through the cluster service, so the desired state
+    is empty and no node agent re-creates what is removed below."""
+    info = cluster.get("services", {}).get("cluster")
+    if info is None or not process_alive(info["pid"], info["marker"]):
+        return
+    with grpc.insecure_channel(info["address"]) as channel:
+        stub = cluster_pb2_grpc.ClusterServiceStub(channel)
+        try:
+            services = stub.ListServices(cluster_pb2.ListServicesRequest(), timeout=30).services
+        except grpc.RpcError as err:
+            services = []
+            if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                print(f"could not list the cluster's services: {err.details()}", file=sys.stderr)
+        for service in services:
+            with contextlib.suppress(grpc.RpcError):
+                stub.RemoveService(cluster_pb2.RemoveServiceRequest(service=service.id), timeout=60)
+        try:
+            request = cluster_pb2.ListContainersRequest(all=True)
+            containers = stub.ListContainers(request, timeout=30).containers
+        except grpc.RpcError as err:
+            print(f"could not list the cluster's containers: {err.details()}", file=sys.stderr)
+            return
+
+        # Nodes killed moments ago may still hold their lease: the cluster would wait for them
+        # to confirm the removal. The record is deleted before that wait, so cut it short.
+        dead = {
+            name
+            for name, node in nodes_of(cluster).items()
+            if not process_alive(node["pid"], node["marker"])
+        }
+
+        def remove(container: cluster_pb2.Container) -> bool:
+            request = cluster_pb2.RemoveContainerRequest(container=container.id, force=True)
+            try:
+                stub.RemoveContainer(request, timeout=3 if container.node_id in dead else 60)
+            except grpc.RpcError as err:
+                # Gone already (a removed service took it), or only the dead node's word missing.
+                return err.code() == grpc.StatusCode.NOT_FOUND or container.node_id in dead
+            return True
+
+        with ThreadPoolExecutor(8) as pool:
+            removed = sum(pool.map(remove, containers))
+    if services or containers:
+        print(f"removed {len(services)} service(s) and {removed} cluster container(s)")
+
+
+def _remove_node_containers(name: str, node: dict) -> None:
     """Containers outlive their node agent by design; a local cluster going down takes its
     containers (and their overlay mounts) with it."""
-    node = cluster["services"].get("node")
-    if node is None or not process_alive(node["pid"], node["marker"]):
+    if not process_alive(node["pid"], node["marker"]):
+        _force_clean_node(name, node)
         return
     try:
         with NodeClient(node["address"], timeout=30) as client:
             containers = client.list(all=True)
             for container in containers:
-                client.remove(container.id, force=True)
+                with contextlib.suppress(BerthClientError):
+                    client.remove(container.id, force=True)
     except BerthClientError as exc:
-        print(f"could not remove the node's containers: {exc}", file=sys.stderr)
+        print(f"could not remove {name}'s containers: {exc}", file=sys.stderr)
         return
     if containers:
-        print(f"removed {len(containers)} container(s)")
+        print(f"removed {len(containers)} container(s) of {name}")
+
+
+def _force_clean_node(name: str, node: dict) -> None:
+    """A node whose agent is dead (kill-node) cannot remove its containers: delete them with
+    runc under the agent's own root and unmount their overlays."""
+    data = Path(node.get("data_dir") or "")
+    root = data / "runc"
+    if not node.get("data_dir") or not root.is_dir():
+        return
+    runc = shutil.which("runc") or "/usr/sbin/runc"
+    listed = subprocess.run(
+        [runc, "--root", str(root), "list", "-q"], capture_output=True, text=True, check=False
+    )
+    ids = listed.stdout.split()
+    for cid in ids:
+        subprocess.run(
+            [runc, "--root", str(root), "delete", "--force", cid], capture_output=True, check=False
+        )
+    unmounted = unmount_under(data / "containers")
+    for tree in [CGROUP_ROOT / "berth" / name, *CGROUP_ROOT.glob(f"*/berth/{name}")]:
+        with contextlib.suppress(OSError):  # not there, or not empty: left as it is
+            tree.rmdir()
+    if ids or unmounted:
+        print(f"{name} is down: deleted {len(ids)} runc container(s), {len(unmounted)} mount(s)")
+
+
+def unmount_under(root: Path) -> list[str]:
+    prefix = str(root.resolve()) + "/"
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].encode().decode("unicode_escape")
+        if point.startswith(prefix):
+            points.append(point)
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    return points
 
 
 def down(args: argparse.Namespace) -> int:
@@ -300,11 +572,22 @@ def down(args: argparse.Namespace) -> int:
     if cluster is None:
         print(f"no cluster recorded in {state}", file=sys.stderr)
         return 0
-    _remove_containers(cluster)
+    _remove_cluster_workloads(cluster)
+    # The controller goes first: nothing may reschedule while the nodes empty and stop.
+    service = cluster.get("services", {}).get("cluster")
+    if service is not None:
+        stop_process(service["pid"], service["marker"])
+    nodes = nodes_of(cluster)
+    if nodes:
+        with ThreadPoolExecutor(len(nodes)) as pool:
+            list(pool.map(lambda item: _remove_node_containers(*item), nodes.items()))
     _stop_all(cluster)
     (state / CLUSTER_FILE).unlink(missing_ok=True)
     print(f"stopped the cluster in {state}")
     return 0
+
+
+# --- status ----------------------------------------------------------------------------------
 
 
 def status(args: argparse.Namespace) -> int:
@@ -313,12 +596,142 @@ def status(args: argparse.Namespace) -> int:
     if cluster is None:
         print(f"no cluster recorded in {state}; start one with `berthd up`", file=sys.stderr)
         return 1
+    entries = [(name, info["address"]) for name, info in processes(cluster)]
+    with ThreadPoolExecutor(max(1, len(entries))) as pool:
+        checks = list(pool.map(lambda e: _grpc_healthy(e[1]), entries))
     rows = [("etcd", cluster["etcd"]["endpoint"], _etcd_healthy(cluster["etcd"]["endpoint"]))]
-    rows += [
-        (name, info["address"], _grpc_healthy(info["address"]))
-        for name, info in cluster["services"].items()
-    ]
+    rows += [(name, address, ok) for (name, address), ok in zip(entries, checks, strict=True)]
     print(f"{'SERVICE':10} {'ADDRESS':22} STATUS")
     for name, address, healthy in rows:
         print(f"{name:10} {address:22} {'healthy' if healthy else 'UNHEALTHY'}")
     return 0 if all(healthy for _, _, healthy in rows) else 1
+
+
+# --- kill-node / start-node ------------------------------------------------------------------
+
+
+def _node_entry(state: Path, node: str) -> tuple[dict, dict]:
+    cluster = load(state)
+    if cluster is None:
+        raise RuntimeError(f"no cluster recorded in {state}; start one with `berthd up`")
+    nodes = nodes_of(cluster)
+    if node not in nodes:
+        raise RuntimeError(f"no node {node!r} in {state / CLUSTER_FILE}: {', '.join(nodes)}")
+    return cluster, nodes[node]
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_pids(node: str, containers: list[str]) -> set[int]:
+    """Every process in the cgroups of these containers of the node (/berth/<id>/<container>,
+    in any hierarchy): container processes, their children, exec sessions. Only this node's
+    containers: another local cluster may have a node of the same id."""
+    pids: set[int] = set()
+    parents = [CGROUP_ROOT / "berth" / node, *CGROUP_ROOT.glob(f"*/berth/{node}")]
+    for parent in parents:
+        for container in containers:
+            tree = parent / container
+            if not tree.is_dir():
+                continue
+            for procs in tree.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    pids.update(int(p) for p in procs.read_text().split())
+    return pids
+
+
+def _container_ids(data: Path | None) -> list[str]:
+    if data is None:
+        return []
+    return [cdir.name for cdir in (data / "containers").glob("*") if cdir.is_dir()]
+
+
+def _container_pids(node: str, data: Path | None) -> tuple[set[int], set[int]]:
+    """(conmon pids, container pids) of the node's containers, from its data directory and
+    their cgroups. Only pids whose process still belongs to this node are returned."""
+    if data is None:
+        return set(), set()
+    ids = _container_ids(data)
+    conmons: set[int] = set()
+    containers = _cgroup_pids(node, ids)
+    for container in ids:
+        cdir = data / "containers" / container
+        conmon = _read_pid(cdir / "conmon.pid")
+        # conmon's command line names the container directory: pids get reused.
+        if conmon and process_alive(conmon, str(cdir)):
+            conmons.add(conmon)
+        pid = _read_pid(cdir / "pidfile")
+        if pid and _pid_running(pid) and f"/berth/{node}/{container}" in _proc_cgroups(pid):
+            containers.add(pid)
+    return conmons, containers
+
+
+def _proc_cgroups(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return ""
+
+
+def _sigkill(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def kill_node(args: argparse.Namespace) -> int:
+    state: Path = args.state_dir.resolve()
+    _, node = _node_entry(state, args.node)
+    # The agent first, so it cannot report its containers' deaths: a dead host says nothing.
+    agent = node["pid"] if process_alive(node["pid"], node["marker"]) else None
+    if agent is not None:
+        os.kill(agent, signal.SIGKILL)
+    data = Path(node["data_dir"]) if node.get("data_dir") else None
+    conmons, containers = _container_pids(args.node, data)
+    _sigkill(conmons)
+    _sigkill(containers)
+    victims = conmons | containers | ({agent} if agent else set())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        # Children forked meanwhile (a shell loop's `sleep`) are caught by the cgroup scan.
+        late = _cgroup_pids(args.node, _container_ids(data))
+        _sigkill(late)
+        victims |= late
+        if not any(_pid_running(pid) for pid in victims):
+            break
+        time.sleep(0.05)
+    left = sorted(pid for pid in victims if _pid_running(pid))
+    if left:
+        raise RuntimeError(f"{args.node}: processes {left} survived SIGKILL")
+    what = f"agent pid {agent}" if agent else "agent (already dead)"
+    print(
+        f"killed {args.node}: {what}, {len(conmons)} conmon(s),"
+        f" {len(victims) - len(conmons) - (1 if agent else 0)} container process(es)"
+    )
+    return 0
+
+
+def start_node(args: argparse.Namespace) -> int:
+    state: Path = args.state_dir.resolve()
+    cluster, node = _node_entry(state, args.node)
+    if process_alive(node["pid"], node["marker"]):
+        print(f"{args.node} is already running (pid {node['pid']})", file=sys.stderr)
+        return 0
+    if "argv" not in node:
+        raise RuntimeError(f"{args.node} was recorded without its command line; run `berthd up`")
+    ready = Path(node["marker"].removeprefix("--ready-file="))
+    ready.unlink(missing_ok=True)
+    log = Path(node["log"])
+    proc = _spawn(node["argv"], log)
+    started = Starting(args.node, proc, ready, log, node["argv"], {"data_dir": node["data_dir"]})
+    cluster["nodes"][args.node] = {**started.wait(), "argv": node["argv"]}
+    if cluster["services"].get("node", {}).get("marker") == node["marker"]:
+        cluster["services"]["node"] = cluster["nodes"][args.node]
+    save(state, cluster)
+    info = cluster["nodes"][args.node]
+    print(f"started {args.node}: {info['address']} pid {info['pid']}")
+    return 0

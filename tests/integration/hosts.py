@@ -200,11 +200,19 @@ class TestNetwork:
         return proc
 
     def start_service(
-        self, host: str, service: str, *extra: str, prefix: str, lease_ttl: int = 3
+        self,
+        host: str,
+        service: str,
+        *extra: str,
+        prefix: str,
+        lease_ttl: int = 3,
+        name: str = "",
     ) -> HostService:
         """`berthd <service>` inside `host` on its address, like conftest.Services.start but
-        without waiting, so several agents start in parallel: call `.wait_ready()`."""
-        name = f"{service}-{host.rsplit('-', 1)[1]}"
+        without waiting, so several agents start in parallel: call `.wait_ready()`. `name`
+        (default `<service>-<host>`) names its log and ready files: give two instances of one
+        service in one namespace different names."""
+        name = name or f"{service}-{host.rsplit('-', 1)[1]}"
         ready = self.run_dir / f"{name}.ready.json"
         log = self.run_dir / f"{name}.log"
         ready.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""`berthd up / status / down` and the CLI finding the cluster with no flags."""
+"""`berthd up / status / down / kill-node` and the CLI finding the cluster with no flags."""
 
 from __future__ import annotations
 
@@ -10,15 +10,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+
+from berth.client import NodeClient, RegistryClient, RunOptions
+from berth.cluster.v1 import cluster_pb2, cluster_pb2_grpc
+
+from .images import busybox_layer, push_image
+
 BERTHD = [sys.executable, "-m", "berthd.main"]
 
 
-def free_base_port() -> int:
-    """A base port whose whole block (base .. base+13) is free right now."""
+def free_base_port(nodes: int = 1) -> int:
+    """A base port whose whole block (base .. base+15, and the extra agents' ports from
+    base+40) is free right now."""
+    wanted = [*range(16), *range(40, 40 + 2 * (nodes - 1))]
     for _ in range(50):
-        base = random.randrange(40000, 60000, 20)
+        base = random.randrange(40000, 60000, 100)
         try:
-            for port in range(base, base + 14):
+            for port in (base + offset for offset in wanted):
                 with socket.socket() as s:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     s.bind(("127.0.0.1", port))
@@ -82,3 +91,81 @@ def test_up_refuses_ports_in_use(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"port {base + 10} is already in use" in result.stderr
     assert not (tmp_path / "cluster.json").exists()
+
+
+def mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return [p for p in points if p.startswith(prefix)]
+
+
+def test_up_three_nodes_and_kill_node(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {"BERTH_STATE_DIR": str(state)}
+    base = free_base_port(nodes=3)
+    started = run([*BERTHD, "up", "--base-port", str(base), "--nodes", "3"], env)
+    pids: list[int] = []
+    try:
+        assert started.returncode == 0, started.stderr
+        cluster = json.loads((state / "cluster.json").read_text())
+        nodes = cluster["nodes"]
+        assert sorted(nodes) == ["node-1", "node-2", "node-3"]
+        # The port plan: node-1 keeps the node service's ports, the others sit from base+40.
+        assert [nodes[n]["address"] for n in sorted(nodes)] == [
+            f"127.0.0.1:{base + 12}",
+            f"127.0.0.1:{base + 40}",
+            f"127.0.0.1:{base + 42}",
+        ]
+        assert cluster["services"]["node"]["address"] == nodes["node-1"]["address"]
+        assert {n["data_dir"] for n in nodes.values()} == {
+            str(state.resolve() / f"node-{k}") for k in (1, 2, 3)
+        }
+        pids = [cluster["etcd"]["pid"], *(s["pid"] for s in cluster["services"].values())]
+        pids += [n["pid"] for n in nodes.values()]
+        assert all(alive(pid) for pid in pids)
+
+        status = run([*BERTHD, "status"], env)
+        assert status.returncode == 0, status.stdout
+        assert status.stdout.count("healthy") == 6  # etcd, registry, three agents, cluster
+
+        # The cluster service sees three ready nodes, each labelled as its own host.
+        with grpc.insecure_channel(cluster["services"]["cluster"]["address"]) as channel:
+            stub = cluster_pb2_grpc.ClusterServiceStub(channel)
+            listed = stub.ListNodes(cluster_pb2.ListNodesRequest(), timeout=10).nodes
+        assert {n.description.id: dict(n.description.labels) for n in listed} == {
+            f"node-{k}": {"host": f"node-{k}"} for k in (1, 2, 3)
+        }
+        assert all(n.state == cluster_pb2.NODE_STATE_READY for n in listed)
+
+        # A container on node-2, then the host dies: its agent, conmon and container go.
+        with RegistryClient(cluster["services"]["registry"]["address"]) as registry:
+            push_image(registry, "test/busybox", "1", [busybox_layer()], tmp_path)
+        with NodeClient(nodes["node-2"]["address"]) as node:
+            node.pull("test/busybox:1")
+            container = node.run("test/busybox:1", RunOptions(command=["sleep", "600"]))
+        data = Path(nodes["node-2"]["data_dir"]) / "containers" / container.id
+        conmon = int((data / "conmon.pid").read_text())
+        assert alive(container.pid) and alive(conmon)
+
+        killed = run([*BERTHD, "kill-node", "node-2"], env)
+        assert killed.returncode == 0, killed.stderr
+        assert "killed node-2" in killed.stdout
+        assert not alive(nodes["node-2"]["pid"])
+        assert not alive(conmon) and not alive(container.pid)
+        others = [nodes["node-1"]["pid"], nodes["node-3"]["pid"], cluster["etcd"]["pid"]]
+        assert all(alive(pid) for pid in others)
+
+        status = run([*BERTHD, "status"], env)
+        assert status.returncode == 1
+        assert [line.split()[-1] for line in status.stdout.splitlines() if "node-" in line] == [
+            "healthy",
+            "UNHEALTHY",
+            "healthy",
+        ]
+        assert mounts_under(data)  # the dead host's overlay is still there
+    finally:
+        stopped = run([*BERTHD, "down"], env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not any(alive(pid) for pid in pids)
+    # `down` cleans up after the dead node too.
+    assert mounts_under(state) == []

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from berth.cli import image_cmds
+from berth.cli import container_cmds, image_cmds
 from berth.cli.container_cmds import (
     binary_size,
     container_command,
@@ -55,8 +55,9 @@ LAYER = "sha256:" + "ab12cd34ef56" + "0" * 52
 
 @pytest.fixture(autouse=True)
 def no_ambient_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Keep the developer's own node settings out of every test."""
+    """Keep the developer's own node and cluster settings out of every test."""
     monkeypatch.delenv("BERTH_NODE", raising=False)
+    monkeypatch.delenv("BERTH_HOST", raising=False)
     monkeypatch.setenv("BERTH_STATE_DIR", str(tmp_path / "state"))
     return tmp_path / "state"
 
@@ -102,6 +103,8 @@ def container(**changes: Any) -> ContainerInfo:
 
 class FakeNode:
     """Answers like a node agent and records what was asked."""
+
+    SERVICE = "node"
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
@@ -202,7 +205,9 @@ class FakeNode:
 @pytest.fixture
 def node(monkeypatch: pytest.MonkeyPatch) -> FakeNode:
     fake = FakeNode()
+    # Image commands build their client in image_cmds, container commands in container_cmds.
     monkeypatch.setattr(image_cmds, "NodeClient", lambda address: fake)
+    monkeypatch.setattr(container_cmds, "NodeClient", lambda address: fake)
     monkeypatch.setenv("BERTH_NODE", "fake:1")
     return fake
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from berth.errors import BerthClientError
 
@@ -39,6 +40,54 @@ def load_cluster_file(state_dir: Path) -> dict[str, Any] | None:
     return data
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where container commands go: the cluster service, or one node agent directly."""
+
+    kind: Literal["cluster", "node"]
+    address: str
+
+
+TARGET_RULE = (
+    "Container commands (run, ps, logs, exec, stop, start, rm, inspect, wait, stats, ...) go "
+    "to the cluster at --host, else to the node agent at --node (single-host mode), else "
+    "$BERTH_HOST, else $BERTH_NODE, else the cluster `berthd up` started on this machine."
+)
+
+
+CLUSTER_HINT = "pass --host HOST:PORT, set BERTH_HOST, or start a local cluster with `berthd up`"
+
+
+def resolve_target(host: str | None, node: str | None) -> Target:
+    """TARGET_RULE: an explicit flag beats the environment, and a node agent is only ever used
+    when asked for by name, so the default is always the cluster."""
+    if host and node:
+        raise BerthClientError(
+            "--host and --node are exclusive: the cluster or one node agent", "INVALID_ARGUMENT"
+        )
+    if host:
+        return Target("cluster", host)
+    if node:
+        return Target("node", node)
+    if os.environ.get("BERTH_NODE") and not os.environ.get("BERTH_HOST"):
+        return Target("node", os.environ["BERTH_NODE"])
+    hint = (
+        "pass --host HOST:PORT or set BERTH_HOST, start a local cluster with `berthd up`, "
+        "or use one node agent with --node HOST:PORT or BERTH_NODE"
+    )
+    return Target("cluster", resolve_cluster_address(None, hint))
+
+
+def resolve_cluster_address(host: str | None, hint: str = "") -> str:
+    """The cluster's address for commands only it answers (node, service, events): --host,
+    else BERTH_HOST, else the local cluster; BERTH_NODE plays no part."""
+    if host:
+        return host
+    if from_env := os.environ.get("BERTH_HOST"):
+        return from_env
+    return _cluster_file_address("cluster", hint or CLUSTER_HINT)
+
+
 def resolve_service_address(service: str, flag: str | None) -> str:
     """The address of a berth service: the flag, else BERTH_<SERVICE>, else the local cluster."""
     if flag:
@@ -46,9 +95,14 @@ def resolve_service_address(service: str, flag: str | None) -> str:
     env_name = f"BERTH_{service.upper()}"
     if from_env := os.environ.get(env_name):
         return from_env
+    hint = f"pass --{service} HOST:PORT, set {env_name}, or start a local cluster with `berthd up`"
+    return _cluster_file_address(service, hint)
+
+
+def _cluster_file_address(service: str, hint: str) -> str:
+    """The address `berthd up` recorded for service, or an error that ends with hint."""
     state_dir = default_state_dir()
     cluster = load_cluster_file(state_dir)
-    hint = f"pass --{service} HOST:PORT, set {env_name}, or start a local cluster with `berthd up`"
     if cluster is None:
         raise BerthClientError(
             f"no {service} address: {hint} (no {state_dir / CLUSTER_FILE})", "FAILED_PRECONDITION"

@@ -23,19 +23,39 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# What gRPC itself says when it never reached the server; any other UNAVAILABLE is the server's
+# own answer (e.g. the cluster relaying that a node did not report), to be shown as it is.
+_TRANSPORT_MARKERS = (
+    "failed to connect",
+    "errors resolving",
+    "dns resolution failed",
+    "socket closed",
+    "connection reset",
+    "connections to all backends failing",
+)
+
+
+def _transport_failure(details: str) -> bool:
+    lowered = details.lower()
+    return not details or any(marker in lowered for marker in _TRANSPORT_MARKERS)
+
+
 def from_rpc_error(
-    err: grpc.RpcError, *, address: str, service: str = "registry"
+    err: grpc.RpcError, *, address: str, service: str = "registry", option: str = ""
 ) -> BerthClientError:
-    """Convert a failed gRPC call into a BerthClientError with a message a person can act on."""
+    """Convert a failed gRPC call into a BerthClientError with a message a person can act on.
+
+    `option` is how a person points the CLI elsewhere; by default --SERVICE or BERTH_SERVICE."""
     status = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = one_line((err.details() if isinstance(err, grpc.Call) else str(err)) or "")
     code = status.name if status is not None else "UNKNOWN"
-    if status == grpc.StatusCode.UNAVAILABLE:
+    if status == grpc.StatusCode.UNAVAILABLE and _transport_failure(details):
         # gRPC's text ends with the root cause ("...: Connection refused"); the rest is noise.
         reason = details.rsplit(": ", 1)[-1].strip(" []") or "unavailable"
+        default_option = f"--{service} or BERTH_{service.upper()}"
         message = (
             f"cannot reach the {service} at {address} ({reason}); start a local cluster with "
-            f"`berthd up`, or point --{service} or BERTH_{service.upper()} at a running one"
+            f"`berthd up`, or point {option or default_option} at a running one"
         )
     elif status == grpc.StatusCode.DEADLINE_EXCEEDED:
         message = f"the {service} at {address} did not answer in time"

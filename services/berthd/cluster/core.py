@@ -21,11 +21,13 @@ import dataclasses
 import json
 import random
 import secrets
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from berthd.cluster import metrics
 from berthd.cluster.desired import (
     ALLOCATIONS,
     AVAILABILITY,
@@ -366,11 +368,16 @@ class ClusterCore:
             constraints=parse_constraints(texts),
         )
         for _ in range(RUN_ATTEMPTS):
+            started = time.monotonic()
             snapshot = await self._snapshot()
             name = config.name or self._generate_name(snapshot.containers)
             if any(c.name == name for c in snapshot.containers):
                 raise AlreadyExists(f'the container name "{name}" is already in use')
-            node = place([n.view() for n in snapshot.nodes.values()], request)
+            try:
+                node = place([n.view() for n in snapshot.nodes.values()], request)
+            except FailedPrecondition:
+                metrics.PLACEMENTS.labels("unschedulable").inc()
+                raise
             desired = DesiredContainer(
                 id=secrets.token_hex(32),
                 name=name,
@@ -380,7 +387,10 @@ class ClusterCore:
                 memory_bytes=request.memory_bytes,
                 constraints=texts,
             )
-            if await self._commit_placement(desired, snapshot.allocations.get(node.id)):
+            placed = await self._commit_placement(desired, snapshot.allocations.get(node.id))
+            metrics.SCHEDULING_SECONDS.observe(time.monotonic() - started)
+            metrics.PLACEMENTS.labels("placed" if placed else "conflict").inc()
+            if placed:
                 return desired
             # Lost a race (another placement on that node, or the name): let racers spread.
             await asyncio.sleep(random.uniform(0, 0.05))
@@ -551,8 +561,7 @@ class ClusterCore:
         return await self.set_availability(node_id, CORDONED)
 
     async def drain(self, node_id: str) -> ClusterNode:
-        # Moving service replicas away belongs to the service controller (a later step); until
-        # then a drained node is a cordoned one with a different name.
+        # The controller (on the elected instance) moves the node's service replicas away.
         return await self.set_availability(node_id, DRAINED)
 
     async def activate(self, node_id: str) -> ClusterNode:

@@ -53,6 +53,10 @@ class DesiredContainer:
     service: str = ""
     slot: int = 0
     scheduled_at: float = field(default_factory=time.time)
+    # Version of its service's spec the replica runs (rolling updates replace older ones).
+    service_version: int = 0
+    # The node it was moved from when its node was lost or drained (CONTAINER_RESCHEDULED).
+    previous_node: str = ""
 
     def to_json(self) -> bytes:
         data = asdict(self)

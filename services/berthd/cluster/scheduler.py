@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from berthd.common.errors import FailedPrecondition, InvalidArgument
@@ -293,21 +293,28 @@ def place(nodes: Iterable[NodeView], request: Request) -> NodeView:
     return _best(fit, request, nodes)
 
 
-def place_replicas(nodes: Iterable[NodeView], request: Request, count: int) -> list[NodeView]:
+def place_replicas(
+    nodes: Iterable[NodeView],
+    request: Request,
+    count: int,
+    existing: Mapping[str, int] | None = None,
+) -> list[NodeView]:
     """Nodes for `count` replicas of the same request, in order (the same node may repeat).
 
     Each placement is accounted (resources, container count, the image's layers, which the node
     will pull) before the next, on copies: the caller's NodeViews are not changed. Replicas go
     first to the nodes with the fewest replicas of this batch, because replicas on distinct hosts
-    are what lets a service survive the loss of one; score decides among those. All or nothing:
-    FailedPrecondition says how many fit and why the next did not.
+    are what lets a service survive the loss of one; score decides among those. `existing`
+    counts replicas of the same service already on each node, so adding replicas to a running
+    service keeps it spread. All or nothing: FailedPrecondition says how many fit and why the
+    next did not.
     """
     if count < 0:
         raise InvalidArgument(f"replica count cannot be negative, got {count}")
     nodes = list(nodes)
     originals = {node.id: node for node in nodes}
     working = [dataclasses.replace(node, layer_bytes=dict(node.layer_bytes)) for node in nodes]
-    replicas: Counter[str] = Counter()
+    replicas: Counter[str] = Counter(existing or {})
     chosen: list[NodeView] = []
     for index in range(count):
         fit, rejections = filter_nodes(working, request)

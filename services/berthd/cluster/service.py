@@ -1,8 +1,9 @@
 """gRPC servicer for berth.cluster.v1: converts messages and calls the cluster core.
 
-Logs, exec and stats stream through to the node agent that owns the container. Services,
-replicas, the controller, election and events are not implemented yet: their RPCs are left to
-the generated base class, which answers UNIMPLEMENTED.
+Logs, exec and stats stream through to the node agent that owns the container. Service RPCs
+write service records (`berthd.cluster.services`); the elected instance's controller moves
+replicas. Events are derived from etcd watches (`berthd.cluster.events`), so any instance serves
+them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from berthd.cluster.core import (
     Endpoint,
 )
 from berthd.cluster.desired import RUNNING
+from berthd.cluster.events import Event as ClusterEvent
+from berthd.cluster.events import EventFilter, watch_events
+from berthd.cluster.services import COMPLETED, PAUSED, UPDATING, ServiceCore, ServiceRecord
 from berthd.common.errors import BerthError, InvalidArgument
 from berthd.common.server import MAX_MESSAGE_BYTES
 from berthd.node.service import CONTAINER_STATES, config_from_spec, reverse, spec_from_config
@@ -43,6 +47,18 @@ ENDPOINT_KINDS = {
     "builder": pb.ENDPOINT_KIND_BUILDER,
     "node": pb.ENDPOINT_KIND_NODE,
     "cluster": pb.ENDPOINT_KIND_CLUSTER,
+}
+
+
+UPDATE_STATES = {
+    UPDATING: pb.UPDATE_STATE_UPDATING,
+    COMPLETED: pb.UPDATE_STATE_COMPLETED,
+    PAUSED: pb.UPDATE_STATE_PAUSED,
+}
+EVENT_TYPES = {
+    name.removeprefix("EVENT_TYPE_").lower(): value
+    for name, value in pb.EventType.items()
+    if value != pb.EVENT_TYPE_UNSPECIFIED
 }
 
 
@@ -126,9 +142,73 @@ def endpoint_message(endpoint: Endpoint) -> pb.Endpoint:
     )
 
 
+def record_from_spec(spec: pb.ServiceSpec) -> ServiceRecord:
+    update = spec.update_config
+    record = ServiceRecord(
+        id="",
+        name=spec.name,
+        template=config_from_spec(spec.template),
+        replicas=spec.replicas,
+        cpu_millis=spec.placement.request.cpu_millis,
+        memory_bytes=spec.placement.request.memory_bytes,
+        constraints=list(spec.placement.constraints),
+        labels=dict(spec.labels),
+        parallelism=update.parallelism or 1,
+    )
+    if update.HasField("delay"):
+        record.delay_seconds = update.delay.ToTimedelta().total_seconds()
+    if update.HasField("monitor"):
+        record.monitor_seconds = update.monitor.ToTimedelta().total_seconds()
+    return record
+
+
+def service_message(record: ServiceRecord, running: int) -> pb.Service:
+    spec = pb.ServiceSpec(
+        name=record.name,
+        template=spec_from_config(record.template),
+        replicas=record.replicas,
+        placement=pb.Placement(
+            request=pb.ResourceAmounts(
+                cpu_millis=record.cpu_millis, memory_bytes=record.memory_bytes
+            ),
+            constraints=record.constraints,
+        ),
+        update_config=pb.UpdateConfig(parallelism=record.parallelism),
+        labels=record.labels,
+    )
+    spec.update_config.delay.FromNanoseconds(int(record.delay_seconds * 1e9))
+    spec.update_config.monitor.FromNanoseconds(int(record.monitor_seconds * 1e9))
+    return pb.Service(
+        id=record.id,
+        spec=spec,
+        version=record.version,
+        running_replicas=running,
+        update_state=UPDATE_STATES.get(record.update_state, pb.UPDATE_STATE_UNSPECIFIED),
+        update_message=record.update_message,
+        created_at=node_timestamp(record.created_at),
+        updated_at=node_timestamp(record.updated_at),
+    )
+
+
+def event_message(event: ClusterEvent) -> pb.EventsResponse:
+    return pb.EventsResponse(
+        type=EVENT_TYPES.get(event.type, pb.EVENT_TYPE_UNSPECIFIED),
+        time=node_timestamp(event.time),
+        node_id=event.node_id,
+        container_id=event.container_id,
+        container_name=event.container_name,
+        service_id=event.service_id,
+        previous_node_id=event.previous_node_id,
+        exit_code=event.exit_code,
+        replicas=event.replicas,
+        message=event.message,
+    )
+
+
 class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     def __init__(self, core: ClusterCore) -> None:
         self.core = core
+        self.services = ServiceCore(core.store)
 
     # Nodes ------------------------------------------------------------------------------
 
@@ -290,6 +370,68 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
                 yield pb.ContainerStatsResponse(
                     container_id=view.id, node_id=view.desired.node, sample=sample
                 )
+
+    # Services ---------------------------------------------------------------------------
+
+    async def CreateService(
+        self, request: pb.CreateServiceRequest, context: Context
+    ) -> pb.CreateServiceResponse:
+        record = await self.services.create(record_from_spec(request.spec))
+        return pb.CreateServiceResponse(service=service_message(record, 0))
+
+    async def ListServices(
+        self, request: pb.ListServicesRequest, context: Context
+    ) -> pb.ListServicesResponse:
+        wanted = dict(request.labels).items()
+        return pb.ListServicesResponse(
+            services=[
+                service_message(record, running)
+                for record, running in await self.services.list()
+                if wanted <= record.labels.items()
+            ]
+        )
+
+    async def ServicePs(
+        self, request: pb.ServicePsRequest, context: Context
+    ) -> pb.ServicePsResponse:
+        views = await self.services.ps(request.service, include_stopped=request.all)
+        return pb.ServicePsResponse(containers=[container_message(v) for v in views])
+
+    async def ScaleService(
+        self, request: pb.ScaleServiceRequest, context: Context
+    ) -> pb.ScaleServiceResponse:
+        record = await self.services.scale(request.service, request.replicas)
+        _, running = await self.services.inspect(record.id)
+        return pb.ScaleServiceResponse(service=service_message(record, running))
+
+    async def UpdateService(
+        self, request: pb.UpdateServiceRequest, context: Context
+    ) -> pb.UpdateServiceResponse:
+        spec = record_from_spec(request.spec)
+        record = await self.services.update(request.service, spec, request.version)
+        _, running = await self.services.inspect(record.id)
+        return pb.UpdateServiceResponse(service=service_message(record, running))
+
+    async def RemoveService(
+        self, request: pb.RemoveServiceRequest, context: Context
+    ) -> pb.RemoveServiceResponse:
+        await self.services.remove(request.service)
+        return pb.RemoveServiceResponse()
+
+    # Events -------------------------------------------------------------------------------
+
+    async def Events(
+        self, request: pb.EventsRequest, context: Context
+    ) -> AsyncIterator[pb.EventsResponse]:
+        names = {value: name for name, value in EVENT_TYPES.items()}
+        wanted = EventFilter(
+            types={names[t] for t in request.types if t in names},
+            node_id=request.node_id,
+            container=request.container,
+            service=request.service,
+        )
+        async for event in watch_events(self.core.store, wanted):
+            yield event_message(event)
 
     # Discovery ----------------------------------------------------------------------------
 

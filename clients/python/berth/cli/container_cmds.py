@@ -1,8 +1,11 @@
 """`berth run`, `ps`, `logs`, `exec`, `start`, `stop`, `kill`, `rm`, `inspect`, `wait`, `stats`,
-`diff`: containers on one node agent, with Docker's options and output.
+`diff`: containers, with Docker's options and output.
 
-Single-host mode: the commands talk to the node directly. A cluster service will later place
-containers and answer for the same commands.
+The commands go to the cluster service (which places containers and routes logs, exec and stats
+to their nodes) or, in single-host mode, straight to one node agent: config.TARGET_RULE. Both
+clients answer the same calls, so each command is written once; `run` differs (the cluster has
+no client-side pull, and places), and `kill` and `diff`, which only a node answers, are sent to
+the container's node.
 """
 
 from __future__ import annotations
@@ -20,11 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from berth.cli.image_cmds import (
-    connect_node,
     err_console,
     for_each,
     image_name,
-    node_options,
     pull_image,
 )
 from berth.cli.output import (
@@ -36,8 +37,12 @@ from berth.cli.output import (
     print_table,
 )
 from berth.cli.registry_cmds import format_options, parse_label
+from berth.client.cluster import ClusterClient, ClusterContainer, Placement
 from berth.client.node import ContainerInfo, NodeClient, RunOptions
+from berth.config import resolve_target
 from berth.errors import BerthClientError
+
+Client = NodeClient | ClusterClient
 
 # Docker's RAMInBytes: 64m, 64M, 64mb, 64MiB and 1.5g all mean binary units.
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?) ?([kmgtp]?)i?b?", re.IGNORECASE)
@@ -48,6 +53,12 @@ COMMAND_WIDTH = 20  # what `docker ps` keeps of COMMAND without --no-trunc
 SHORT_ID = 12
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Docker's inspect for a time that never happened
 STDIN_CHUNK = 64 * 1024
+# How long an attached `run` waits for the cluster's node to pull and create the container.
+NODE_START_TIMEOUT = 300.0
+NODE_START_NOTICE = 2.0  # after this, say on stderr what we are waiting for
+_CONSTRAINT_RE = re.compile(r"\s*([A-Za-z0-9_.\-/]+)\s*(==|!=)\s*(\S.*?)\s*")
+HOST_HELP = "cluster address HOST:PORT (default: $BERTH_HOST, else the `berthd up` cluster)"
+TARGET_NODE_HELP = "talk to this node agent HOST:PORT directly instead of the cluster"
 
 
 # --- argument types ---------------------------------------------------------------------------
@@ -148,6 +159,16 @@ def read_env_file(path: str) -> list[str]:
     return entries
 
 
+def parse_constraint(text: str) -> str:
+    """--constraint KEY==VALUE or KEY!=VALUE (node.id, node.labels.KEY or a label key)."""
+    match = _CONSTRAINT_RE.fullmatch(text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f'invalid constraint "{text}": use KEY==VALUE or KEY!=VALUE, e.g. zone==a'
+        )
+    return "".join(match.groups())
+
+
 def parse_filter(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or key not in FILTER_KEYS or not value:
@@ -184,12 +205,17 @@ def non_negative_int(text: str) -> int:
 
 def run_options(args: argparse.Namespace) -> RunOptions:
     """The RunOptions of a parsed `berth run`."""
-    restart, retries = args.restart
-    if args.rm and restart != "no":
+    if args.rm and args.restart[0] != "no":
         raise BerthClientError("conflicting options: --restart and --rm", "INVALID_ARGUMENT")
     if args.rm and args.detach:
         # The node has no auto-remove: only an attached client can remove after the exit.
         raise BerthClientError("--rm needs an attached run: drop -d", "INVALID_ARGUMENT")
+    return spec_options(args)
+
+
+def spec_options(args: argparse.Namespace) -> RunOptions:
+    """The container spec of a parsed `berth run` or `berth service create`."""
+    restart, retries = args.restart
     # Files first, so -e overrides them (as in Docker).
     env = [entry for path in args.env_file for entry in read_env_file(path)]
     return RunOptions(
@@ -213,13 +239,20 @@ def run_options(args: argparse.Namespace) -> RunOptions:
     )
 
 
+def placement_options(args: argparse.Namespace) -> Placement | None:
+    """Where the cluster may put the container; None when no placement flag was given."""
+    if not (args.constraint or args.reserve_memory or args.reserve_cpus):
+        return None
+    return Placement(args.constraint, args.reserve_cpus, args.reserve_memory)
+
+
 # --- parsers ----------------------------------------------------------------------------------
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register the container commands on the top-level subcommands."""
-    node = [node_options()]
-    data = [node_options(), format_options()]
+    node = [target_options()]
+    data = [target_options(), format_options()]
 
     run = commands.add_parser("run", parents=node, help="create and start a container")
     _add_run_options(run)
@@ -304,6 +337,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     diff.set_defaults(func=cmd_diff)
 
 
+def host_options() -> argparse.ArgumentParser:
+    """--host on a subcommand; SUPPRESS keeps it from overwriting the global flag."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--host", metavar="ADDR", default=argparse.SUPPRESS, help=HOST_HELP)
+    return parent
+
+
+def target_options() -> argparse.ArgumentParser:
+    """--host or --node on a container command (config.TARGET_RULE)."""
+    parent = argparse.ArgumentParser(add_help=False, parents=[host_options()])
+    parent.add_argument("--node", metavar="ADDR", default=argparse.SUPPRESS, help=TARGET_NODE_HELP)
+    return parent
+
+
 def _add_containers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("containers", nargs="+", metavar="CONTAINER", help="id, id prefix or name")
 
@@ -325,7 +372,14 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     add("-d", "--detach", action="store_true", help="run in the background and print the id")
     add("--rm", action="store_true", help="remove the container when it exits")
     add("--name", help="container name (default: generated)")
-    _add_env_option(run)
+    add_spec_options(run)
+    add_image_arguments(run)
+
+
+def add_spec_options(parser: argparse.ArgumentParser) -> None:
+    """What a container runs with and where it may run: `run` and `service create` share them."""
+    add = parser.add_argument
+    _add_env_option(parser)
     add("--env-file", action="append", default=[], metavar="FILE", help="KEY=VALUE lines")
     add("-m", "--memory", type=parse_size, default=0, help="memory limit, e.g. 64m")
     add("--cpus", type=parse_cpus, default=0, help="CPU quota, e.g. 0.5")
@@ -362,8 +416,33 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
         help="set a label (repeatable)",
     )
     add("--entrypoint", metavar="CMD", help="replace the image's entrypoint")
-    add("image", metavar="IMAGE")
-    add("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
+    add(
+        "--constraint",
+        action="append",
+        type=parse_constraint,
+        default=[],
+        metavar="KEY==VALUE",
+        help="only nodes where this holds: zone==a, disk!=hdd, node.id==n1 (cluster; repeatable)",
+    )
+    add(
+        "--reserve-memory",
+        type=parse_size,
+        default=0,
+        metavar="SIZE",
+        help="memory reserved on the node (cluster; default: the -m limit)",
+    )
+    add(
+        "--reserve-cpus",
+        type=parse_cpus,
+        default=0,
+        metavar="N",
+        help="CPUs reserved on the node (cluster; default: the --cpus limit)",
+    )
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -371,7 +450,16 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     options = run_options(args)
-    with connect_node(args) as client:
+    placement = placement_options(args)
+    with connect(args) as client:
+        if on_cluster(client):
+            return _run_on_cluster(client, args, options, placement)
+        if placement is not None:
+            raise BerthClientError(
+                "--constraint and --reserve-* place containers on cluster nodes: "
+                "drop them, or use the cluster (--host) instead of --node",
+                "INVALID_ARGUMENT",
+            )
         container = _create(client, args.image, options)
         try:
             client.start(container.id)
@@ -387,6 +475,51 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _attach(client, container.id, remove=args.rm)
 
 
+def _run_on_cluster(
+    client: ClusterClient,
+    args: argparse.Namespace,
+    options: RunOptions,
+    placement: Placement | None,
+) -> int:
+    # No pull here: the chosen node pulls the image itself when it converges.
+    container = client.run(args.image, options, placement)
+    if args.detach:
+        print_line(container.id)
+        return 0
+    try:
+        _wait_for_node(client, container)
+    except (BerthClientError, KeyboardInterrupt):
+        if args.rm:
+            with contextlib.suppress(BerthClientError):
+                client.remove(container.id, force=True)
+        raise
+    return _attach(client, container.id, remove=args.rm)
+
+
+def _wait_for_node(client: ClusterClient, container: ClusterContainer) -> None:
+    """Until the container's node has created it: before that it has no logs to follow."""
+    started = time.monotonic()
+    noticed = False
+    while container.state == "pending":
+        waited = time.monotonic() - started
+        if waited > NODE_START_TIMEOUT:
+            raise BerthClientError(
+                f"node {container.node_id} has not created container {container.name} in "
+                f"{NODE_START_TIMEOUT:.0f}s (can it pull {container.image}?); it stays scheduled: "
+                f"see `berth ps -a`, remove it with `berth rm -f {container.name}`",
+                "DEADLINE_EXCEEDED",
+            )
+        if waited > NODE_START_NOTICE and not noticed:
+            err_console().print(
+                f"Waiting for node {container.node_id} to pull {image_name(container.image)} "
+                "and start the container",
+                markup=False,
+            )
+            noticed = True
+        time.sleep(0.2)
+        container = client.inspect(container.id)
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
     # The node filters by exact labels to send less; filter_containers then applies them all.
     labels = {}
@@ -395,9 +528,10 @@ def cmd_ps(args: argparse.Namespace) -> int:
             name, _, wanted = value.partition("=")
             labels[name] = wanted
     statuses = {v for k, v in args.filter if k == "status"}
-    with connect_node(args) as client:
+    with connect(args) as client:
         # A status filter asks for stopped containers too, as in Docker.
         containers = client.list(all=args.all or bool(statuses), labels=labels)
+        node_column = on_cluster(client)
     containers = filter_containers(containers, args.filter)
     if args.quiet:
         ids = [c.id if args.no_trunc else c.id[:SHORT_ID] for c in containers]
@@ -406,7 +540,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     elif args.format == "json":
         print_json([{**jsonable(c), "status": container_status(c)} for c in containers])
     else:
-        print_ps_table(containers, no_trunc=args.no_trunc)
+        print_ps_table(containers, no_trunc=args.no_trunc, node_column=node_column)
     return 0
 
 
@@ -414,7 +548,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     # Docker's --tail 0 means no old lines (with -f: only new ones), but the protocol reads 0
     # as "all": ask for all and drop the lines written before this request.
     since = datetime.now(UTC) if args.tail == 0 else None
-    with connect_node(args) as client:
+    with connect(args) as client:
         for line in client.logs(args.container, follow=args.follow, tail=args.tail or 0):
             if since and line.time < since:
                 continue
@@ -427,7 +561,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not args.command:
         raise BerthClientError("exec needs a command to run", "INVALID_ARGUMENT")
     env = [entry for entry in args.env if entry is not None]
-    with connect_node(args) as client:
+    with connect(args) as client:
         stdin = _stdin_chunks() if args.interactive else ()
         result = client.exec(args.container, args.command, stdin=stdin, env=env)
     write_output("stdout", result.stdout)
@@ -446,7 +580,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
-    return _each_container(args, lambda client, c: client.kill(c, args.signal))
+    return _each_container(args, lambda client, c: _kill(client, c, args.signal))
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -457,7 +591,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     # Docker's inspect is JSON whatever --format says; found containers print even if some
     # were not found (then the error follows).
     found: list[dict[str, Any]] = []
-    with connect_node(args) as client:
+    with connect(args) as client:
         try:
             for_each(args.containers, lambda c: found.append(docker_inspect(client.inspect(c))))
         finally:
@@ -467,13 +601,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    with connect_node(args) as client:
+    with connect(args) as client:
         for_each(args.containers, lambda c: print_line(str(client.wait(c))))
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    with connect_node(args) as client:
+    with connect(args) as client:
         while True:
             started = time.monotonic()
             names = args.containers or [c.id[:SHORT_ID] for c in client.list()]
@@ -491,8 +625,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    with connect_node(args) as client:
-        changes = client.changes(args.container)
+    with connect(args) as client, _node_of(client, args.container) as (node, container):
+        changes = node.changes(container)
     if changes:
         print_line("\n".join(f"{kind} {path}" for kind, path in changes))
     return 0
@@ -501,9 +635,39 @@ def cmd_diff(args: argparse.Namespace) -> int:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _each_container(args: argparse.Namespace, action: Callable[[NodeClient, str], object]) -> int:
+def connect(args: argparse.Namespace) -> Client:
+    """The cluster, or one node agent in single-host mode (config.TARGET_RULE)."""
+    target = resolve_target(args.host, args.node)
+    if target.kind == "cluster":
+        return ClusterClient(target.address)
+    return NodeClient(target.address)
+
+
+def on_cluster(client: Client) -> bool:
+    """Whether client talks to the cluster (by what it says it talks to, so fakes can too)."""
+    return client.SERVICE == "cluster"
+
+
+@contextlib.contextmanager
+def _node_of(client: Client, container: str) -> Iterator[tuple[NodeClient, str]]:
+    """The node agent that runs container, and its id there: for what only a node answers.
+    The cluster resolves the name and says which node; we then call that node directly."""
+    if not on_cluster(client):
+        yield client, container
+        return
+    placed = client.inspect(container)
+    with NodeClient(client.node(placed.node_id).address) as node:
+        yield node, placed.id
+
+
+def _kill(client: Client, container: str, signal: str) -> None:
+    with _node_of(client, container) as (node, container_id):
+        node.kill(container_id, signal)
+
+
+def _each_container(args: argparse.Namespace, action: Callable[[Client, str], object]) -> int:
     """Act on every container given; Docker echoes each one, as given, once done with it."""
-    with connect_node(args) as client:
+    with connect(args) as client:
 
         def one(container: str) -> None:
             action(client, container)
@@ -526,7 +690,7 @@ def _create(client: NodeClient, image: str, options: RunOptions) -> ContainerInf
     return client.create(image, options)
 
 
-def _attach(client: NodeClient, container_id: str, remove: bool) -> int:
+def _attach(client: Client, container_id: str, remove: bool) -> int:
     """Stream the container's output until it exits; its exit code is ours."""
     try:
         for line in client.logs(container_id, follow=True):
@@ -535,7 +699,7 @@ def _attach(client: NodeClient, container_id: str, remove: bool) -> int:
     except KeyboardInterrupt:
         # Pass Ctrl-C on, as Docker's sig-proxy does; the container may choose to ignore it.
         with contextlib.suppress(BerthClientError):
-            client.kill(container_id, "INT")
+            _kill(client, container_id, "INT")
         raise
     if remove:
         client.remove(container_id)
@@ -583,7 +747,9 @@ def filter_containers(
 
 def container_status(c: ContainerInfo, now: datetime | None = None) -> str:
     """Docker's STATUS: "Up 5 seconds", "Exited (3) 2 minutes ago", "Created", "Restarting (1)
-    3 seconds ago"."""
+    3 seconds ago"; "Pending" while the cluster's node pulls and creates it."""
+    if c.state == "pending":
+        return "Pending"
     if c.state == "running":
         # Docker's durations use the words of its relative times, without the "ago".
         return f"Up {human_ago(c.started_at, now).removesuffix(' ago')}" if c.started_at else "Up"
@@ -608,11 +774,19 @@ def container_command(c: ContainerInfo, no_trunc: bool = False) -> str:
     return f'"{command}"'
 
 
+PS_HEADERS = ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES"]
+
+
 def ps_rows(
-    containers: list[ContainerInfo], no_trunc: bool = False, now: datetime | None = None
+    containers: list[ContainerInfo],
+    no_trunc: bool = False,
+    now: datetime | None = None,
+    node_column: bool = False,
 ) -> list[list[str]]:
-    return [
-        [
+    """`docker ps` rows; node_column adds NODE before NAMES, for containers across a cluster."""
+    rows = []
+    for c in containers:
+        row = [
             c.id if no_trunc else c.id[:SHORT_ID],
             c.image or c.image_digest,
             container_command(c, no_trunc),
@@ -620,13 +794,17 @@ def ps_rows(
             container_status(c, now),
             c.name,
         ]
-        for c in containers
-    ]
+        if node_column:
+            row.insert(-1, c.node_id if isinstance(c, ClusterContainer) else "")
+        rows.append(row)
+    return rows
 
 
-def print_ps_table(containers: list[ContainerInfo], no_trunc: bool = False) -> None:
-    headers = ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES"]
-    print_table(headers, ps_rows(containers, no_trunc))
+def print_ps_table(
+    containers: list[ContainerInfo], no_trunc: bool = False, node_column: bool = False
+) -> None:
+    headers = [*PS_HEADERS[:-1], "NODE", PS_HEADERS[-1]] if node_column else PS_HEADERS
+    print_table(headers, ps_rows(containers, no_trunc, node_column=node_column))
 
 
 def docker_inspect(c: ContainerInfo) -> dict[str, Any]:
@@ -635,7 +813,7 @@ def docker_inspect(c: ContainerInfo) -> dict[str, Any]:
     def when(value: datetime | None) -> str:
         return format_time(value) if value else ZERO_TIME
 
-    return {
+    data: dict[str, Any] = {
         "Id": c.id,
         "Created": when(c.created_at),
         "Path": c.command[0] if c.command else "",
@@ -658,6 +836,20 @@ def docker_inspect(c: ContainerInfo) -> dict[str, Any]:
         "RestartCount": c.restart_count,
         "Config": {"Image": c.image, "Cmd": c.command, "Labels": c.labels},
     }
+    if isinstance(c, ClusterContainer):
+        # Where the cluster put it, in Swarm's words where Swarm has them.
+        data["Node"] = {"ID": c.node_id}
+        data["DesiredState"] = c.desired_state
+        data["ServiceID"] = c.service_id
+        data["Slot"] = c.slot
+        data["Placement"] = {
+            "Constraints": c.placement.constraints,
+            "Reservations": {
+                "NanoCPUs": c.placement.cpu_millis * 1_000_000,
+                "MemoryBytes": c.placement.memory_bytes,
+            },
+        }
+    return data
 
 
 def binary_size(size: float) -> str:

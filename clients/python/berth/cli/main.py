@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
-from berth.cli import container_cmds, image_cmds, oci_cmds, registry_cmds
+from berth.cli import cluster_cmds, container_cmds, image_cmds, oci_cmds, registry_cmds
 from berth.cli.output import FORMATS, print_error
+from berth.config import TARGET_RULE
 from berth.errors import BerthClientError
 from berth.oci_layout import LayoutError
 
@@ -27,7 +28,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="berth", description="Command-line client for the berth platform.")
+    parser = _Parser(
+        prog="berth",
+        description="Command-line client for the berth platform.",
+        epilog=f"{TARGET_RULE} `node`, `service` and `events` always ask the cluster. Image "
+        "commands (pull, images, rmi) work on the node at --node, else $BERTH_NODE, else the "
+        "`berthd up` cluster's node.",
+    )
     parser.add_argument("--version", action="version", version=f"berth {_version()}")
     parser.add_argument(
         "--registry",
@@ -35,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="registry address HOST:PORT (default: $BERTH_REGISTRY, else the `berthd up` cluster)",
     )
-    parser.add_argument("--node", metavar="ADDR", default=None, help=image_cmds.NODE_HELP)
+    parser.add_argument("--host", metavar="ADDR", default=None, help=container_cmds.HOST_HELP)
+    parser.add_argument(
+        "--node",
+        metavar="ADDR",
+        default=None,
+        help="a node agent HOST:PORT: container commands then skip the cluster (see below)",
+    )
     parser.add_argument(
         "--format", choices=FORMATS, default="table", help="output of data: table (default), json"
     )
@@ -44,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     oci_cmds.add_commands(commands)
     image_cmds.add_commands(commands)
     container_cmds.add_commands(commands)
+    cluster_cmds.add_commands(commands)
     return parser
 
 

@@ -1,5 +1,14 @@
 """Typed clients for berth's gRPC services."""
 
+from berth.client.cluster import (
+    ClusterClient,
+    ClusterContainer,
+    EndpointInfo,
+    Event,
+    NodeInfo,
+    Placement,
+    ServiceInfo,
+)
 from berth.client.node import ContainerInfo, ImageInfo, NodeClient, RunOptions
 from berth.client.registry import (
     BlobInfo,
@@ -16,17 +25,24 @@ from berth.client.registry import (
 
 __all__ = [
     "BlobInfo",
+    "ClusterClient",
+    "ClusterContainer",
     "ContainerInfo",
     "DeletedManifest",
+    "EndpointInfo",
+    "Event",
     "GcReport",
     "ImageInfo",
     "ImageReference",
     "ManifestData",
     "NodeClient",
+    "NodeInfo",
+    "Placement",
     "PushResult",
     "RegistryClient",
     "RepositoryInfo",
     "RunOptions",
+    "ServiceInfo",
     "TagInfo",
     "parse_image_reference",
 ]

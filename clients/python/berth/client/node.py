@@ -7,23 +7,27 @@ Methods take and return plain Python values and dataclasses; gRPC errors become
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from dataclasses import dataclass
 
-import grpc
-
-from berth.errors import BerthClientError, from_rpc_error
+from berth.client.base import GrpcClient
+from berth.client.containers import (
+    ContainerInfo,
+    ExecOutput,
+    LogLine,
+    RunOptions,
+    container_fields,
+    container_spec,
+    exec_output,
+    exec_requests,
+    log_line,
+    stats_sample,
+)
+from berth.errors import BerthClientError
 from berth.node.v1 import node_pb2 as pb
 from berth.node.v1 import node_pb2_grpc
 
-MAX_MESSAGE = 16 * 1024 * 1024
-STATES = {
-    pb.CONTAINER_STATE_CREATED: "created",
-    pb.CONTAINER_STATE_RUNNING: "running",
-    pb.CONTAINER_STATE_EXITED: "exited",
-    pb.CONTAINER_STATE_RESTARTING: "restarting",
-}
+__all__ = ["ContainerInfo", "ExecOutput", "ImageInfo", "LogLine", "NodeClient", "RunOptions"]
+
 LAYER_STATES = {
     pb.LAYER_STATE_WAITING: "Waiting",
     pb.LAYER_STATE_DOWNLOADING: "Downloading",
@@ -32,12 +36,6 @@ LAYER_STATES = {
     pb.LAYER_STATE_PULL_COMPLETE: "Pull complete",
     pb.LAYER_STATE_ALREADY_EXISTS: "Already exists",
 }
-RESTART = {
-    "no": pb.RESTART_POLICY_NAME_NO,
-    "on-failure": pb.RESTART_POLICY_NAME_ON_FAILURE,
-    "always": pb.RESTART_POLICY_NAME_ALWAYS,
-}
-NETWORK = {"none": pb.NETWORK_MODE_NONE, "host": pb.NETWORK_MODE_HOST}
 
 
 @dataclass(frozen=True)
@@ -57,121 +55,16 @@ class ImageInfo:
     size: int
 
 
-@dataclass(frozen=True)
-class ContainerInfo:
-    id: str
-    name: str
-    image: str
-    image_digest: str
-    state: str
-    pid: int
-    exit_code: int
-    oom_killed: bool
-    restart_count: int
-    error: str
-    created_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    command: list[str]
-    labels: dict[str, str]
-
-
-@dataclass
-class RunOptions:
-    """What `docker create` takes; see ContainerSpec in node.proto for each field."""
-
-    name: str = ""
-    entrypoint: list[str] = field(default_factory=list)
-    command: list[str] = field(default_factory=list)
-    env: list[str] = field(default_factory=list)
-    working_dir: str = ""
-    user: str = ""
-    hostname: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-    mounts: list[tuple[str, str, bool]] = field(default_factory=list)
-    read_only_rootfs: bool = False
-    memory_bytes: int = 0
-    cpu_millis: int = 0
-    cpu_shares: int = 0
-    pids_limit: int = 0
-    restart: str = "no"
-    restart_max_retries: int = 0
-    network: str = "none"
-
-
-@dataclass(frozen=True)
-class LogLine:
-    time: datetime
-    stream: str
-    data: bytes
-
-
-@dataclass(frozen=True)
-class ExecOutput:
-    stdout: bytes
-    stderr: bytes
-    exit_code: int
-
-
-def _time(message: Any, name: str) -> datetime | None:
-    if not message.HasField(name):
-        return None
-    return getattr(message, name).ToDatetime(tzinfo=UTC)
-
-
 def _container(c: pb.Container) -> ContainerInfo:
-    return ContainerInfo(
-        id=c.id,
-        name=c.name,
-        image=c.spec.image,
-        image_digest=c.image_digest,
-        state=STATES.get(c.status.state, "unknown"),
-        pid=c.status.pid,
-        exit_code=c.status.exit_code,
-        oom_killed=c.status.oom_killed,
-        restart_count=c.status.restart_count,
-        error=c.status.error,
-        created_at=_time(c.status, "created_at"),
-        started_at=_time(c.status, "started_at"),
-        finished_at=_time(c.status, "finished_at"),
-        command=[*c.spec.entrypoint, *c.spec.command],
-        labels=dict(c.spec.labels),
-    )
+    return ContainerInfo(**container_fields(c))
 
 
-class NodeClient:
+class NodeClient(GrpcClient):
+    SERVICE = "node"
+
     def __init__(self, address: str, *, timeout: float | None = 60.0) -> None:
-        self.address = address
-        self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ],
-        )
+        super().__init__(address, timeout=timeout)
         self._stub = node_pb2_grpc.NodeServiceStub(self._channel)
-
-    def __enter__(self) -> NodeClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
-        try:
-            return method(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, address=self.address, service="node") from err
-
-    def _stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
-        try:
-            yield from method(request)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, address=self.address, service="node") from err
 
     # Images -----------------------------------------------------------------------------
 
@@ -204,34 +97,7 @@ class NodeClient:
     # Containers -------------------------------------------------------------------------
 
     def create(self, image: str, options: RunOptions | None = None) -> ContainerInfo:
-        o = options or RunOptions()
-        if o.restart not in RESTART:
-            raise BerthClientError(f"unknown restart policy {o.restart!r}", "INVALID_ARGUMENT")
-        if o.network not in NETWORK:
-            raise BerthClientError(f"unknown network mode {o.network!r}", "INVALID_ARGUMENT")
-        spec = pb.ContainerSpec(
-            image=image,
-            name=o.name,
-            entrypoint=o.entrypoint,
-            command=o.command,
-            env=o.env,
-            working_dir=o.working_dir,
-            user=o.user,
-            hostname=o.hostname,
-            labels=o.labels,
-            mounts=[pb.Mount(source=s, target=t, read_only=ro) for s, t, ro in o.mounts],
-            read_only_rootfs=o.read_only_rootfs,
-            resources=pb.Resources(
-                memory_bytes=o.memory_bytes,
-                cpu_millis=o.cpu_millis,
-                cpu_shares=o.cpu_shares,
-                pids_limit=o.pids_limit,
-            ),
-            restart_policy=pb.RestartPolicy(
-                name=RESTART[o.restart], max_retries=o.restart_max_retries
-            ),
-            network_mode=NETWORK[o.network],
-        )
+        spec = container_spec(image, options)
         reply = self._call(self._stub.CreateContainer, pb.CreateContainerRequest(spec=spec))
         return _container(reply.container)
 
@@ -277,40 +143,19 @@ class NodeClient:
     def logs(self, container: str, follow: bool = False, tail: int = 0) -> Iterator[LogLine]:
         request = pb.ContainerLogsRequest(container=container, follow=follow, tail=tail)
         for line in self._stream(self._stub.ContainerLogs, request):
-            stream = "stderr" if line.stream == pb.LOG_STREAM_STDERR else "stdout"
-            yield LogLine(line.time.ToDatetime(tzinfo=UTC), stream, line.data)
+            yield log_line(line)
 
     def exec(
         self, container: str, command: list[str], stdin: Iterable[bytes] = (), env: list[str] = ()
     ) -> ExecOutput:
         """Run a process in the container, feed it stdin, collect its output and exit code."""
-
-        def requests() -> Iterator[pb.ExecRequest]:
-            yield pb.ExecRequest(
-                process=pb.ExecProcess(container=container, command=command, env=list(env))
-            )
-            for chunk in stdin:
-                yield pb.ExecRequest(stdin=chunk)
-            yield pb.ExecRequest(close_stdin=True)
-
-        out, err = bytearray(), bytearray()
-        for reply in self._stream(self._stub.Exec, requests()):
-            out += reply.stdout
-            err += reply.stderr
-            if reply.exited:
-                return ExecOutput(bytes(out), bytes(err), reply.exit_code)
-        raise BerthClientError(f"exec in {container} ended without an exit code", "UNKNOWN")
+        requests = exec_requests(pb.ExecRequest, container, command, stdin, env)
+        return exec_output(self._stream(self._stub.Exec, requests), container)
 
     def stats(self, container: str) -> dict[str, float]:
         request = pb.ContainerStatsRequest(container=container, stream=False)
-        for s in self._stream(self._stub.ContainerStats, request):
-            return {
-                "cpu_nanos": s.cpu_nanos,
-                "cpu_percent": s.cpu_percent,
-                "memory_bytes": s.memory_bytes,
-                "memory_limit_bytes": s.memory_limit_bytes,
-                "pids": s.pids,
-            }
+        for sample in self._stream(self._stub.ContainerStats, request):
+            return stats_sample(sample)
         raise BerthClientError(f"no stats for {container}", "UNKNOWN")
 
     def changes(self, container: str) -> list[tuple[str, str]]:

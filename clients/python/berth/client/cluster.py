@@ -1,0 +1,468 @@
+"""Typed client for the cluster service (berth.cluster.v1).
+
+Mirrors NodeClient: plain Python values and dataclasses in and out, gRPC errors as
+`BerthClientError`. The container methods take the same arguments as NodeClient's, so code that
+lists, stops or follows containers works with either; the cluster's containers also say where
+they run (ClusterContainer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from berth.client.base import GrpcClient
+from berth.client.containers import (
+    ContainerInfo,
+    ExecOutput,
+    LogLine,
+    RunOptions,
+    container_fields,
+    container_spec,
+    exec_output,
+    exec_requests,
+    log_line,
+    run_options,
+    stats_sample,
+    time_of,
+)
+from berth.cluster.v1 import cluster_pb2 as pb
+from berth.cluster.v1 import cluster_pb2_grpc
+from berth.errors import BerthClientError
+
+NODE_STATES = {pb.NODE_STATE_READY: "ready", pb.NODE_STATE_NOT_READY: "down"}
+AVAILABILITIES = {
+    pb.NODE_AVAILABILITY_ACTIVE: "active",
+    pb.NODE_AVAILABILITY_CORDONED: "cordoned",
+    pb.NODE_AVAILABILITY_DRAINED: "drained",
+}
+DESIRED_STATES = {pb.DESIRED_STATE_RUNNING: "running", pb.DESIRED_STATE_STOPPED: "stopped"}
+UPDATE_STATES = {
+    pb.UPDATE_STATE_UPDATING: "updating",
+    pb.UPDATE_STATE_COMPLETED: "completed",
+    pb.UPDATE_STATE_PAUSED: "paused",
+}
+ENDPOINT_KINDS = {
+    pb.ENDPOINT_KIND_REGISTRY: "registry",
+    pb.ENDPOINT_KIND_IMAGE: "image",
+    pb.ENDPOINT_KIND_BUILDER: "builder",
+    pb.ENDPOINT_KIND_NODE: "node",
+    pb.ENDPOINT_KIND_CLUSTER: "cluster",
+}
+# EVENT_TYPE_CONTAINER_STARTED is "container_started", and so on.
+EVENT_TYPES = {
+    value: name.removeprefix("EVENT_TYPE_").lower()
+    for name, value in pb.EventType.items()
+    if value != pb.EVENT_TYPE_UNSPECIFIED
+}
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu_millis: int  # 1000 = one CPU
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    id: str
+    address: str
+    labels: dict[str, str]
+    state: str  # ready, down
+    availability: str  # active, cordoned, drained
+    capacity: Resources
+    allocated: Resources
+    container_count: int
+    version: str
+    runtime_version: str
+    joined_at: datetime | None
+    state_changed_at: datetime | None
+
+
+@dataclass
+class Placement:
+    """Where a container may run: constraints on node labels ("zone==a", "disk!=hdd") and what
+    it reserves on its node (0: its limit in RunOptions, if any)."""
+
+    constraints: list[str] = field(default_factory=list)
+    cpu_millis: int = 0
+    memory_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ClusterContainer(ContainerInfo):
+    """A container with its placement. State "pending" until its node has created it."""
+
+    node_id: str
+    desired_state: str  # running, stopped
+    service_id: str
+    slot: int  # replica slot from 1; 0 for a standalone container
+    placement: Placement
+    scheduled_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    id: str
+    name: str
+    image: str
+    replicas: int
+    running_replicas: int
+    version: int
+    update_state: str  # "" (never updated), updating, completed, paused
+    update_message: str
+    template: RunOptions
+    placement: Placement
+    labels: dict[str, str]
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    kind: str
+    instance: str
+    address: str
+    metrics_url: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # node_joined, node_lost, container_scheduled, container_started, ...
+    time: datetime | None
+    node_id: str
+    container_id: str
+    container_name: str
+    service_id: str
+    previous_node_id: str
+    exit_code: int
+    replicas: int
+    message: str
+
+
+# --- conversions ------------------------------------------------------------------------------
+
+
+def _placement_message(placement: Placement | None) -> pb.Placement:
+    p = placement or Placement()
+    return pb.Placement(
+        request=pb.ResourceAmounts(cpu_millis=p.cpu_millis, memory_bytes=p.memory_bytes),
+        constraints=p.constraints,
+    )
+
+
+def _placement(p: pb.Placement) -> Placement:
+    return Placement(list(p.constraints), p.request.cpu_millis, p.request.memory_bytes)
+
+
+def _resources(r: pb.ResourceAmounts) -> Resources:
+    return Resources(r.cpu_millis, r.memory_bytes)
+
+
+def _node(n: pb.Node) -> NodeInfo:
+    d = n.description
+    return NodeInfo(
+        id=d.id,
+        address=d.address,
+        labels=dict(d.labels),
+        state=NODE_STATES.get(n.state, "unknown"),
+        availability=AVAILABILITIES.get(n.availability, "unknown"),
+        capacity=_resources(n.capacity),
+        allocated=_resources(n.allocated),
+        container_count=n.container_count,
+        version=d.version,
+        runtime_version=d.runtime_version,
+        joined_at=time_of(n, "joined_at"),
+        state_changed_at=time_of(n, "state_changed_at"),
+    )
+
+
+def _container(c: pb.Container) -> ClusterContainer:
+    fields = container_fields(c)
+    if not c.HasField("status") or not c.status.state:
+        fields["state"] = "pending"  # placed; its node has not created it yet (pulling)
+    scheduled_at = time_of(c, "scheduled_at")
+    fields["created_at"] = fields["created_at"] or scheduled_at
+    return ClusterContainer(
+        **fields,
+        node_id=c.node_id,
+        desired_state=DESIRED_STATES.get(c.desired_state, "unknown"),
+        service_id=c.service_id,
+        slot=c.slot,
+        placement=_placement(c.placement),
+        scheduled_at=scheduled_at,
+    )
+
+
+def _service(s: pb.Service) -> ServiceInfo:
+    return ServiceInfo(
+        id=s.id,
+        name=s.spec.name,
+        image=s.spec.template.image,
+        replicas=s.spec.replicas,
+        running_replicas=s.running_replicas,
+        version=s.version,
+        update_state=UPDATE_STATES.get(s.update_state, ""),
+        update_message=s.update_message,
+        template=run_options(s.spec.template),
+        placement=_placement(s.spec.placement),
+        labels=dict(s.spec.labels),
+        created_at=time_of(s, "created_at"),
+        updated_at=time_of(s, "updated_at"),
+    )
+
+
+def _event(e: pb.EventsResponse) -> Event:
+    return Event(
+        type=EVENT_TYPES.get(e.type, "unknown"),
+        time=time_of(e, "time"),
+        node_id=e.node_id,
+        container_id=e.container_id,
+        container_name=e.container_name,
+        service_id=e.service_id,
+        previous_node_id=e.previous_node_id,
+        exit_code=e.exit_code,
+        replicas=e.replicas,
+        message=e.message,
+    )
+
+
+def merge_env(env: list[str], add: Iterable[str] = (), remove: Iterable[str] = ()) -> list[str]:
+    """env with KEY=VALUE entries set (replacing that key, in place) and keys removed."""
+
+    def key(entry: str) -> str:
+        return entry.partition("=")[0]
+
+    dropped = set(remove)
+    result = [entry for entry in env if key(entry) not in dropped]
+    for entry in add:
+        positions = [i for i, old in enumerate(result) if key(old) == key(entry)]
+        if positions:
+            result[positions[0]] = entry
+            for i in reversed(positions[1:]):
+                del result[i]
+        else:
+            result.append(entry)
+    return result
+
+
+def resolve_service(services: Iterable[pb.Service], ref: str) -> pb.Service:
+    """A service by id, name or unique id prefix, as the cluster resolves containers."""
+    services = list(services)
+    for s in services:
+        if ref in (s.id, s.spec.name):
+            return s
+    matches = [s for s in services if ref and s.id.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise BerthClientError(f"service id prefix {ref} is ambiguous", "INVALID_ARGUMENT")
+    raise BerthClientError(f"no such service: {ref}", "NOT_FOUND")
+
+
+# --- the client -------------------------------------------------------------------------------
+
+
+class ClusterClient(GrpcClient):
+    SERVICE = "cluster"
+    OPTION = "--host or BERTH_HOST"
+
+    def __init__(self, address: str, *, timeout: float | None = 60.0) -> None:
+        super().__init__(address, timeout=timeout)
+        self._stub = cluster_pb2_grpc.ClusterServiceStub(self._channel)
+
+    # Nodes ------------------------------------------------------------------------------
+
+    def nodes(self, labels: dict[str, str] | None = None) -> list[NodeInfo]:
+        reply = self._call(self._stub.ListNodes, pb.ListNodesRequest(labels=labels or {}))
+        return [_node(n) for n in reply.nodes]
+
+    def node(self, node_id: str) -> NodeInfo:
+        return _node(self._call(self._stub.InspectNode, pb.InspectNodeRequest(node=node_id)).node)
+
+    def cordon(self, node_id: str) -> NodeInfo:
+        return _node(self._call(self._stub.CordonNode, pb.CordonNodeRequest(node=node_id)).node)
+
+    def drain(self, node_id: str) -> NodeInfo:
+        return _node(self._call(self._stub.DrainNode, pb.DrainNodeRequest(node=node_id)).node)
+
+    def activate(self, node_id: str) -> NodeInfo:
+        request = pb.ActivateNodeRequest(node=node_id)
+        return _node(self._call(self._stub.ActivateNode, request).node)
+
+    # Containers -------------------------------------------------------------------------
+
+    def run(
+        self, image: str, options: RunOptions | None = None, placement: Placement | None = None
+    ) -> ClusterContainer:
+        """Place a container and record it as desired to run, like `docker run -d`; its node
+        pulls, creates and starts it afterwards (state "pending" until then)."""
+        request = pb.RunContainerRequest(
+            spec=container_spec(image, options), placement=_placement_message(placement)
+        )
+        return _container(self._call(self._stub.RunContainer, request).container)
+
+    def list(
+        self,
+        all: bool = False,
+        labels: dict[str, str] | None = None,
+        *,
+        name: str = "",
+        node_id: str = "",
+        service: str = "",
+    ) -> list[ClusterContainer]:
+        request = pb.ListContainersRequest(
+            all=all, labels=labels or {}, name=name, node_id=node_id, service=service
+        )
+        return [_container(c) for c in self._call(self._stub.ListContainers, request).containers]
+
+    def inspect(self, container: str) -> ClusterContainer:
+        request = pb.InspectContainerRequest(container=container)
+        return _container(self._call(self._stub.InspectContainer, request).container)
+
+    def start(self, container: str) -> ClusterContainer:
+        request = pb.StartContainerRequest(container=container)
+        return _container(self._call(self._stub.StartContainer, request).container)
+
+    def stop(self, container: str, timeout: int = 0) -> ClusterContainer:
+        request = pb.StopContainerRequest(container=container, timeout_seconds=timeout)
+        # The cluster waits for the node to stop it: the grace time plus a margin.
+        reply = self._call(self._stub.StopContainer, request, timeout=(timeout or 10) + 30)
+        return _container(reply.container)
+
+    def remove(self, container: str, force: bool = False) -> None:
+        request = pb.RemoveContainerRequest(container=container, force=force)
+        self._call(self._stub.RemoveContainer, request)
+
+    def wait(self, container: str) -> int:
+        request = pb.WaitContainerRequest(container=container)
+        for reply in self._stream(self._stub.WaitContainer, request):
+            return reply.exit_code
+        raise BerthClientError(f"wait on {container} ended without an exit code", "UNKNOWN")
+
+    def logs(self, container: str, follow: bool = False, tail: int = 0) -> Iterator[LogLine]:
+        request = pb.ContainerLogsRequest(container=container, follow=follow, tail=tail)
+        for line in self._stream(self._stub.ContainerLogs, request):
+            yield log_line(line)
+
+    def exec(
+        self, container: str, command: list[str], stdin: Iterable[bytes] = (), env: list[str] = ()
+    ) -> ExecOutput:
+        """Run a process in the container on whichever node runs it."""
+        requests = exec_requests(pb.ExecRequest, container, command, stdin, env)
+        return exec_output(self._stream(self._stub.Exec, requests), container)
+
+    def stats(self, container: str) -> dict[str, float]:
+        request = pb.ContainerStatsRequest(container=container, stream=False)
+        for reply in self._stream(self._stub.ContainerStats, request):
+            return stats_sample(reply.sample)
+        raise BerthClientError(f"no stats for {container}", "UNKNOWN")
+
+    # Services ---------------------------------------------------------------------------
+
+    def create_service(
+        self,
+        name: str,
+        image: str,
+        replicas: int = 1,
+        options: RunOptions | None = None,
+        placement: Placement | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> ServiceInfo:
+        spec = pb.ServiceSpec(
+            name=name,
+            template=container_spec(image, options),
+            replicas=replicas,
+            placement=_placement_message(placement),
+            labels=labels or {},
+        )
+        reply = self._call(self._stub.CreateService, pb.CreateServiceRequest(spec=spec))
+        return _service(reply.service)
+
+    def services(self, labels: dict[str, str] | None = None) -> list[ServiceInfo]:
+        return [_service(s) for s in self._service_messages(labels)]
+
+    def service(self, service: str) -> ServiceInfo:
+        return _service(resolve_service(self._service_messages(), service))
+
+    def service_ps(self, service: str, all: bool = False) -> list[ClusterContainer]:
+        request = pb.ServicePsRequest(service=service, all=all)
+        return [_container(c) for c in self._call(self._stub.ServicePs, request).containers]
+
+    def scale(self, service: str, replicas: int) -> ServiceInfo:
+        request = pb.ScaleServiceRequest(service=service, replicas=replicas)
+        return _service(self._call(self._stub.ScaleService, request).service)
+
+    def update_service(
+        self,
+        service: str,
+        *,
+        image: str | None = None,
+        env: Iterable[str] = (),
+        env_remove: Iterable[str] = (),
+        replicas: int | None = None,
+    ) -> ServiceInfo:
+        """Change some of a service's spec and roll its replicas to it. UpdateService replaces
+        the whole spec, so the current one is edited as a message (keeping every field this
+        client does not know) and sent with its version: a concurrent change fails rather than
+        being overwritten."""
+        current = resolve_service(self._service_messages(), service)
+        spec = pb.ServiceSpec()
+        spec.CopyFrom(current.spec)
+        if image is not None:
+            spec.template.image = image
+        merged = merge_env(list(spec.template.env), env, env_remove)
+        del spec.template.env[:]
+        spec.template.env.extend(merged)
+        if replicas is not None:
+            spec.replicas = replicas
+        request = pb.UpdateServiceRequest(service=current.id, spec=spec, version=current.version)
+        return _service(self._call(self._stub.UpdateService, request).service)
+
+    def remove_service(self, service: str) -> None:
+        self._call(self._stub.RemoveService, pb.RemoveServiceRequest(service=service))
+
+    def _service_messages(self, labels: dict[str, str] | None = None) -> list[pb.Service]:
+        request = pb.ListServicesRequest(labels=labels or {})
+        return list(self._call(self._stub.ListServices, request).services)
+
+    # Discovery and events ---------------------------------------------------------------
+
+    def endpoints(self, kinds: Iterable[str] = ()) -> list[EndpointInfo]:
+        by_name = {name: value for value, name in ENDPOINT_KINDS.items()}
+        unknown = [k for k in kinds if k not in by_name]
+        if unknown:
+            raise BerthClientError(f"unknown endpoint kind {unknown[0]!r}", "INVALID_ARGUMENT")
+        request = pb.GetEndpointsRequest(kinds=[by_name[k] for k in kinds])
+        reply = self._call(self._stub.GetEndpoints, request)
+        return [
+            EndpointInfo(
+                ENDPOINT_KINDS.get(e.kind, "unknown"),
+                e.instance,
+                e.address,
+                e.metrics_url,
+                e.version,
+            )
+            for e in reply.endpoints
+        ]
+
+    def events(
+        self,
+        types: Iterable[str] = (),
+        *,
+        node_id: str = "",
+        container: str = "",
+        service: str = "",
+    ) -> Iterator[Event]:
+        """Cluster events as they happen, until the caller stops iterating."""
+        by_name = {name: value for value, name in EVENT_TYPES.items()}
+        unknown = [t for t in types if t not in by_name]
+        if unknown:
+            raise BerthClientError(f"unknown event type {unknown[0]!r}", "INVALID_ARGUMENT")
+        request = pb.EventsRequest(
+            types=[by_name[t] for t in types], node_id=node_id, container=container, service=service
+        )
+        for event in self._stream(self._stub.Events, request):
+            yield _event(event)

@@ -1,0 +1,211 @@
+"""Containers as both the node agent and the cluster speak of them.
+
+The cluster's protocol carries the node's messages (ContainerSpec, ContainerStatus, ExecProcess,
+stats samples), so both clients convert them here, to and from the same dataclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from berth.errors import BerthClientError
+from berth.node.v1 import node_pb2 as pb
+
+STATES = {
+    pb.CONTAINER_STATE_CREATED: "created",
+    pb.CONTAINER_STATE_RUNNING: "running",
+    pb.CONTAINER_STATE_EXITED: "exited",
+    pb.CONTAINER_STATE_RESTARTING: "restarting",
+}
+RESTART = {
+    "no": pb.RESTART_POLICY_NAME_NO,
+    "on-failure": pb.RESTART_POLICY_NAME_ON_FAILURE,
+    "always": pb.RESTART_POLICY_NAME_ALWAYS,
+}
+NETWORK = {"none": pb.NETWORK_MODE_NONE, "host": pb.NETWORK_MODE_HOST}
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    image: str
+    image_digest: str
+    state: str
+    pid: int
+    exit_code: int
+    oom_killed: bool
+    restart_count: int
+    error: str
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    command: list[str]
+    labels: dict[str, str]
+
+
+@dataclass
+class RunOptions:
+    """What `docker create` takes; see ContainerSpec in node.proto for each field."""
+
+    name: str = ""
+    entrypoint: list[str] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    working_dir: str = ""
+    user: str = ""
+    hostname: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    mounts: list[tuple[str, str, bool]] = field(default_factory=list)
+    read_only_rootfs: bool = False
+    memory_bytes: int = 0
+    cpu_millis: int = 0
+    cpu_shares: int = 0
+    pids_limit: int = 0
+    restart: str = "no"
+    restart_max_retries: int = 0
+    network: str = "none"
+
+
+@dataclass(frozen=True)
+class LogLine:
+    time: datetime
+    stream: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ExecOutput:
+    stdout: bytes
+    stderr: bytes
+    exit_code: int
+
+
+def time_of(message: Any, name: str) -> datetime | None:
+    """A Timestamp field as an aware datetime; None when unset."""
+    if not message.HasField(name):
+        return None
+    return getattr(message, name).ToDatetime(tzinfo=UTC)
+
+
+def container_spec(image: str, options: RunOptions | None = None) -> pb.ContainerSpec:
+    """The ContainerSpec of `docker create IMAGE` with these options; bad policies fail here,
+    before any call."""
+    o = options or RunOptions()
+    if o.restart not in RESTART:
+        raise BerthClientError(f"unknown restart policy {o.restart!r}", "INVALID_ARGUMENT")
+    if o.network not in NETWORK:
+        raise BerthClientError(f"unknown network mode {o.network!r}", "INVALID_ARGUMENT")
+    return pb.ContainerSpec(
+        image=image,
+        name=o.name,
+        entrypoint=o.entrypoint,
+        command=o.command,
+        env=o.env,
+        working_dir=o.working_dir,
+        user=o.user,
+        hostname=o.hostname,
+        labels=o.labels,
+        mounts=[pb.Mount(source=s, target=t, read_only=ro) for s, t, ro in o.mounts],
+        read_only_rootfs=o.read_only_rootfs,
+        resources=pb.Resources(
+            memory_bytes=o.memory_bytes,
+            cpu_millis=o.cpu_millis,
+            cpu_shares=o.cpu_shares,
+            pids_limit=o.pids_limit,
+        ),
+        restart_policy=pb.RestartPolicy(name=RESTART[o.restart], max_retries=o.restart_max_retries),
+        network_mode=NETWORK[o.network],
+    )
+
+
+def container_fields(c: Any) -> dict[str, Any]:
+    """ContainerInfo's fields from a node.v1 or cluster.v1 Container (both have id, name, spec,
+    status and image_digest), for ContainerInfo or a subclass that adds its own."""
+    return {
+        "id": c.id,
+        "name": c.name,
+        "image": c.spec.image,
+        "image_digest": c.image_digest,
+        "state": STATES.get(c.status.state, "unknown"),
+        "pid": c.status.pid,
+        "exit_code": c.status.exit_code,
+        "oom_killed": c.status.oom_killed,
+        "restart_count": c.status.restart_count,
+        "error": c.status.error,
+        "created_at": time_of(c.status, "created_at"),
+        "started_at": time_of(c.status, "started_at"),
+        "finished_at": time_of(c.status, "finished_at"),
+        "command": [*c.spec.entrypoint, *c.spec.command],
+        "labels": dict(c.spec.labels),
+    }
+
+
+def log_line(message: Any) -> LogLine:
+    """A ContainerLogsResponse of either protocol (time, stream, data)."""
+    stream = "stderr" if message.stream == pb.LOG_STREAM_STDERR else "stdout"
+    return LogLine(message.time.ToDatetime(tzinfo=UTC), stream, message.data)
+
+
+def exec_requests(
+    request_type: type,
+    container: str,
+    command: list[str],
+    stdin: Iterable[bytes] = (),
+    env: Iterable[str] = (),
+) -> Iterator[Any]:
+    """The Exec request stream of either protocol: the process, its stdin, then end of input."""
+    process = pb.ExecProcess(container=container, command=command, env=list(env))
+    yield request_type(process=process)
+    for chunk in stdin:
+        yield request_type(stdin=chunk)
+    yield request_type(close_stdin=True)
+
+
+def exec_output(replies: Iterable[Any], container: str) -> ExecOutput:
+    """Collect an Exec reply stream (stdout, stderr, then exited with the code)."""
+    out, err = bytearray(), bytearray()
+    for reply in replies:
+        out += reply.stdout
+        err += reply.stderr
+        if reply.exited:
+            return ExecOutput(bytes(out), bytes(err), reply.exit_code)
+    raise BerthClientError(f"exec in {container} ended without an exit code", "UNKNOWN")
+
+
+def stats_sample(s: pb.ContainerStatsResponse) -> dict[str, float]:
+    return {
+        "cpu_nanos": s.cpu_nanos,
+        "cpu_percent": s.cpu_percent,
+        "memory_bytes": s.memory_bytes,
+        "memory_limit_bytes": s.memory_limit_bytes,
+        "pids": s.pids,
+    }
+
+
+def run_options(spec: pb.ContainerSpec) -> RunOptions:
+    """The inverse of container_spec: what a stored spec (a service template) asks for."""
+    restart = {value: name for name, value in RESTART.items()}
+    network = {value: name for name, value in NETWORK.items()}
+    return RunOptions(
+        name=spec.name,
+        entrypoint=list(spec.entrypoint),
+        command=list(spec.command),
+        env=list(spec.env),
+        working_dir=spec.working_dir,
+        user=spec.user,
+        hostname=spec.hostname,
+        labels=dict(spec.labels),
+        mounts=[(m.source, m.target, m.read_only) for m in spec.mounts],
+        read_only_rootfs=spec.read_only_rootfs,
+        memory_bytes=spec.resources.memory_bytes,
+        cpu_millis=spec.resources.cpu_millis,
+        cpu_shares=spec.resources.cpu_shares,
+        pids_limit=spec.resources.pids_limit,
+        restart=restart.get(spec.restart_policy.name, "no"),
+        restart_max_retries=spec.restart_policy.max_retries,
+        network=network.get(spec.network_mode, "none"),
+    )

@@ -1,0 +1,344 @@
+"""The controller: keeps every service's replicas, and `always` containers, true to the spec.
+
+Only the elected instance runs it (`berthd.cluster.election`). Each pass reads the whole state
+(`load_state`), decides with the pure `reconcile` what to start, remove, move and roll, places
+what needs a node, and writes it all in one transaction that also checks this instance still
+holds the election key: a deposed leader's late pass is refused by etcd rather than racing the
+new leader. A pass runs after every change under the store prefix and at least every second.
+
+Decisions, per service:
+- a replica whose node's lease expired (the node is not ready) or whose node is drained is
+  moved: a new record on another node, the old one deleted in the same transaction; an agent
+  that comes back then removes its stale copy (it is no longer assigned there);
+- slots 1..replicas with no replica get one; replicas with a higher slot are removed;
+- replicas of an older spec version are replaced `parallelism` at a time (stop-first, as
+  Swarm's default), and only while no newer replica is still starting: one counts once it has
+  been running for the update's monitor time (plus its delay). One that exits stops the update
+  (PAUSED); replicas of a removed service are removed.
+Standalone containers with restart policy `always` are moved off lost nodes too (not drained
+ones: drain moves service replicas only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from berthd.cluster import metrics
+from berthd.cluster.core import DRAINED, ClusterNode, ContainerView
+from berthd.cluster.desired import RUNNING, DesiredContainer
+from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place_replicas
+from berthd.cluster.services import (
+    COMPLETED,
+    PAUSED,
+    UPDATING,
+    ClusterState,
+    ServiceRecord,
+    commit,
+    load_state,
+    service_key,
+)
+from berthd.common.errors import BerthError, FailedPrecondition
+from berthd.common.store import Compare, Store
+
+log = logging.getLogger("berthd.cluster.controller")
+
+START = "start"
+REMOVE = "remove"
+MOVE = "move"
+UPDATE = "update"
+
+PASS_INTERVAL_SECONDS = 1.0
+RETRY_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Action:
+    """One decision: start a replica for a slot, or remove, move or update a container."""
+
+    kind: str
+    service: str = ""
+    slot: int = 0
+    container: str = ""  # id of the container removed, moved or replaced
+    reason: str = ""
+
+
+@dataclass
+class Plan:
+    actions: list[Action] = field(default_factory=list)
+    # Service id -> (update state, message) for the services whose update state changes.
+    update_states: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def node_problem(node: ClusterNode | None, node_id: str, drained_too: bool) -> str:
+    """Why a container cannot stay on its node ("" if it can)."""
+    if node is None or not node.ready:
+        return f"node {node_id} lost"
+    if drained_too and node.availability == DRAINED:
+        return f"node {node_id} drained"
+    return ""
+
+
+def settled(view: ContainerView, record: ServiceRecord, now: float) -> bool:
+    """A replica counts as updated once it has run for the monitor time (and the delay)."""
+    started = (view.status or {}).get("started_at")
+    if view.state != "running" or not started:
+        return False
+    return now - float(started) >= record.monitor_seconds + record.delay_seconds
+
+
+def _keep(group: list[ContainerView], nodes: dict[str, ClusterNode], version: int) -> ContainerView:
+    """Of several replicas for one slot, the one to keep: on a ready node, current, newest."""
+
+    def rank(v: ContainerView) -> tuple[bool, bool, float]:
+        node = nodes.get(v.desired.node)
+        ready = node is not None and node.ready
+        return (ready, v.desired.service_version == version, v.desired.scheduled_at)
+
+    return max(group, key=rank)
+
+
+def reconcile_service(
+    record: ServiceRecord,
+    replicas: list[ContainerView],
+    nodes: dict[str, ClusterNode],
+    now: float,
+    plan: Plan,
+) -> None:
+    by_slot: dict[int, list[ContainerView]] = {}
+    for view in replicas:
+        by_slot.setdefault(view.desired.slot, []).append(view)
+    kept: list[ContainerView] = []
+    for slot, group in sorted(by_slot.items()):
+        if not 1 <= slot <= record.replicas:
+            plan.actions += [Action(REMOVE, record.id, slot, v.id, "scaled down") for v in group]
+            continue
+        keep = _keep(group, nodes, record.version)
+        plan.actions += [
+            Action(REMOVE, record.id, slot, v.id, "duplicate replica")
+            for v in group
+            if v is not keep
+        ]
+        kept.append(keep)
+    starts = [s for s in range(1, record.replicas + 1) if s not in by_slot]
+    plan.actions += [Action(START, record.id, s, reason="missing replica") for s in starts]
+
+    staying: list[ContainerView] = []
+    for view in kept:
+        problem = node_problem(nodes.get(view.desired.node), view.desired.node, drained_too=True)
+        if problem:
+            plan.actions.append(Action(MOVE, record.id, view.desired.slot, view.id, problem))
+        else:
+            staying.append(view)
+
+    current = [v for v in staying if v.desired.service_version >= record.version]
+    outdated = [v for v in staying if v.desired.service_version < record.version]
+    state, message = record.update_state, record.update_message
+    failed = [v for v in current if v.state == "exited" and v.desired.desired == RUNNING]
+    if state == UPDATING and failed:
+        code = (failed[0].status or {}).get("exit_code")
+        state, message = PAUSED, f"replica {failed[0].name} exited with code {code}"
+    if state != PAUSED and outdated:
+        state = UPDATING
+        in_flight = len(starts) + sum(1 for v in current if not settled(v, record, now))
+        budget = max(record.parallelism - in_flight, 0)
+        for view in sorted(outdated, key=lambda v: v.desired.slot)[:budget]:
+            plan.actions.append(
+                Action(
+                    UPDATE, record.id, view.desired.slot, view.id, f"to version {record.version}"
+                )
+            )
+    elif state == UPDATING and not starts and all(settled(v, record, now) for v in current):
+        state = COMPLETED
+    if (state, message) != (record.update_state, record.update_message):
+        plan.update_states[record.id] = (state, message)
+
+
+def reconcile(
+    services: Iterable[ServiceRecord],
+    containers: Iterable[ContainerView],
+    nodes: dict[str, ClusterNode],
+    now: float,
+) -> Plan:
+    """What to do so that the containers match the services: a pure function of one read."""
+    plan = Plan()
+    records = {s.id: s for s in services}
+    replicas: dict[str, list[ContainerView]] = {sid: [] for sid in records}
+    for view in containers:
+        desired = view.desired
+        if desired.service:
+            if desired.service in replicas:
+                replicas[desired.service].append(view)
+            else:
+                plan.actions.append(
+                    Action(REMOVE, desired.service, desired.slot, view.id, "service removed")
+                )
+        elif desired.config.restart_policy == "always" and desired.desired == RUNNING:
+            problem = node_problem(nodes.get(desired.node), desired.node, drained_too=False)
+            if problem:
+                plan.actions.append(Action(MOVE, container=view.id, reason=problem))
+    for sid, record in sorted(records.items(), key=lambda item: item[1].name):
+        reconcile_service(record, replicas[sid], nodes, now, plan)
+    return plan
+
+
+# Carrying a plan out -----------------------------------------------------------------------------
+
+
+@dataclass
+class Changes:
+    adds: list[DesiredContainer] = field(default_factory=list)
+    removes: list[DesiredContainer] = field(default_factory=list)
+    moved: list[tuple[DesiredContainer, str]] = field(default_factory=list)  # (new, reason)
+    unplaced: list[str] = field(default_factory=list)
+
+
+def _request(container: DesiredContainer) -> Request:
+    return Request(
+        cpu_millis=container.cpu_millis,
+        memory_bytes=container.memory_bytes,
+        constraints=parse_constraints(container.constraints),
+    )
+
+
+def realize(plan: Plan, state: ClusterState, now: float) -> Changes:
+    """Place what the plan needs placed, on working copies of the nodes that account for every
+    record removed or added before, so one pass never overbooks a node either."""
+    changes = Changes()
+    working = {n.id: n.view() for n in state.nodes.values()}
+
+    def account(container: DesiredContainer, sign: int) -> None:
+        view = working.get(container.node)
+        if view is not None:
+            view.allocated_cpu_millis += sign * container.cpu_millis
+            view.allocated_memory_bytes += sign * container.memory_bytes
+            view.container_count += sign
+
+    leaving = {a.container for a in plan.actions if a.container}
+    for action in plan.actions:
+        if action.container:
+            old = state.containers[action.container]
+            changes.removes.append(old)
+            account(old, -1)
+    # Spread each service's new replicas over the nodes holding fewest of its remaining ones.
+    spread: dict[str, Counter[str]] = {}
+    for c in state.containers.values():
+        if c.service and c.id not in leaving:
+            spread.setdefault(c.service, Counter())[c.node] += 1
+
+    for action in plan.actions:
+        if action.kind == REMOVE:
+            continue
+        old = state.containers.get(action.container)
+        if action.kind == MOVE:
+            assert old is not None
+            new = dataclasses.replace(
+                old, id=secrets.token_hex(32), previous_node=old.node, scheduled_at=now
+            )
+        else:
+            new = state.services[action.service].replica(action.slot, node="")
+            new.scheduled_at = now
+        try:
+            node = _place(working.values(), _request(new), spread.get(new.service))
+        except FailedPrecondition as exc:
+            metrics.PLACEMENTS.labels("unschedulable").inc()
+            changes.unplaced.append(f"{new.name}: {exc}")
+            if old is not None:
+                # Keep the old record rather than lose the container with nowhere to go.
+                changes.removes.remove(old)
+                account(old, 1)
+            continue
+        new.node = node.id
+        account(new, 1)
+        if new.service:
+            spread.setdefault(new.service, Counter())[node.id] += 1
+        changes.adds.append(new)
+        if action.kind == MOVE:
+            changes.moved.append((new, action.reason))
+    return changes
+
+
+def _place(nodes: Iterable[NodeView], request: Request, existing: Counter[str] | None) -> NodeView:
+    return place_replicas(nodes, request, 1, existing)[0]
+
+
+class Controller:
+    def __init__(self, store: Store, fence: Compare | None = None) -> None:
+        self.store = store
+        # Compare that holds only while this instance leads (the election key is ours).
+        self.fence = fence
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Reconcile until cancelled: after every change under the prefix, and every second."""
+        watcher = asyncio.create_task(self._watch())
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    await self.reconcile_once()
+                except BerthError as exc:
+                    log.warning("reconcile pass failed: %s", exc)
+                except Exception:  # a bad record must not end the controller: next pass
+                    log.exception("reconcile pass failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), PASS_INTERVAL_SECONDS)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                async for event in self.store.watch_prefix(""):
+                    if not event.key.startswith(("endpoints/", "election/")):
+                        self._wake.set()
+            except BerthError as exc:
+                log.warning("controller watch failed: %s", exc)
+            await asyncio.sleep(RETRY_SECONDS)
+
+    async def reconcile_once(self) -> bool:
+        """One pass; True when something was written."""
+        state = await load_state(self.store)
+        ready = sum(1 for n in state.nodes.values() if n.ready)
+        metrics.NODES.labels("ready").set(ready)
+        metrics.NODES.labels("not_ready").set(len(state.nodes) - ready)
+        now = time.time()
+        plan = reconcile(state.services.values(), state.views(), state.nodes, now)
+        if not plan.actions and not plan.update_states:
+            return False
+        started = time.monotonic()
+        changes = realize(plan, state, now)
+        for reason in changes.unplaced:
+            log.warning("cannot place replica: %s", reason)
+        compares = [self.fence] if self.fence is not None else []
+        ops = []
+        for sid, (update_state, message) in plan.update_states.items():
+            record = dataclasses.replace(
+                state.services[sid], update_state=update_state, update_message=message
+            )
+            compares.append(self.store.unchanged(service_key(sid), state.revisions[sid]))
+            ops.append(self.store.op_put(service_key(sid), record.to_json()))
+        if not (changes.adds or changes.removes or ops):
+            return False
+        ok = await commit(self.store, state, changes.adds, changes.removes, compares, ops)
+        if changes.adds:
+            metrics.SCHEDULING_SECONDS.observe(time.monotonic() - started)
+            metrics.PLACEMENTS.labels("placed" if ok else "conflict").inc(len(changes.adds))
+        if ok:
+            for new, reason in changes.moved:
+                kind = "node_drained" if reason.endswith("drained") else "node_lost"
+                metrics.RESCHEDULES.labels(kind).inc()
+                log.info(
+                    "rescheduled",
+                    extra={"container": new.name, "node": new.node, "reason": reason},
+                )
+        return ok

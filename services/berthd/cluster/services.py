@@ -1,0 +1,391 @@
+"""Replicated services: records in etcd, and the transaction that changes replicas. No gRPC.
+
+The RPCs only write the service record (create, scale, update) or remove it with its replicas;
+the controller (`berthd.cluster.controller`, run by the elected instance) places, moves, rolls
+and removes replicas until they match. Keys, relative to the store prefix:
+
+    cluster/services/<id>           ServiceRecord (JSON): the spec, its version, update state
+    cluster/service-names/<name>    service id: makes names unique in the create transaction
+
+Replicas are ordinary DesiredContainer records (`cluster/containers/<id>`) with `service`,
+`slot` and `service_version` set, named `<service>.<slot>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import json
+import re
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from berthd.cluster.core import (
+    NODES,
+    STATUS_SUFFIX,
+    ClusterNode,
+    ContainerView,
+    allocation_after,
+    allocation_key,
+    build_nodes,
+    join_status,
+    name_key,
+)
+from berthd.cluster.desired import (
+    ALLOCATIONS,
+    AVAILABILITY,
+    CONTAINERS,
+    DesiredContainer,
+    container_key,
+    status_key,
+)
+from berthd.cluster.scheduler import Request, parse_constraints
+from berthd.common.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from berthd.common.store import Compare, Entry, Op, Store
+from berthd.node.spec import ContainerConfig
+
+SERVICES = "cluster/services/"
+SERVICE_NAMES = "cluster/service-names/"
+
+# Where a service's last rolling update is (UpdateState in the proto); "" = never updated.
+UPDATING = "updating"
+COMPLETED = "completed"
+PAUSED = "paused"
+
+DEFAULT_MONITOR_SECONDS = 5.0
+ATTEMPTS = 12
+# Swarm's service name grammar: a DNS label, so `<name>.<slot>` stays a valid container name.
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
+
+
+def service_key(service_id: str) -> str:
+    return SERVICES + service_id
+
+
+def service_name_key(name: str) -> str:
+    return SERVICE_NAMES + name
+
+
+@dataclass
+class ServiceRecord:
+    id: str
+    name: str
+    template: ContainerConfig
+    replicas: int
+    cpu_millis: int = 0
+    memory_bytes: int = 0
+    constraints: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    parallelism: int = 1
+    delay_seconds: float = 0.0
+    monitor_seconds: float = DEFAULT_MONITOR_SECONDS
+    version: int = 1
+    update_state: str = ""
+    update_message: str = ""
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["template"] = json.loads(self.template.to_json())
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ServiceRecord:
+        data: dict[str, Any] = json.loads(raw)
+        data["template"] = ContainerConfig.from_json(json.dumps(data["template"]))
+        return cls(**data)
+
+    def request(self) -> Request:
+        # A zero request means the template's limits, as for RunContainer.
+        return Request(
+            cpu_millis=self.cpu_millis or self.template.cpu_millis,
+            memory_bytes=self.memory_bytes or self.template.memory_bytes,
+            constraints=parse_constraints(self.constraints),
+        )
+
+    def replica(self, slot: int, node: str) -> DesiredContainer:
+        """A new replica for `slot` on `node`, running the current spec."""
+        name = f"{self.name}.{slot}"
+        request = self.request()
+        return DesiredContainer(
+            id=secrets.token_hex(32),
+            name=name,
+            node=node,
+            config=dataclasses.replace(copy.deepcopy(self.template), name=name),
+            cpu_millis=request.cpu_millis,
+            memory_bytes=request.memory_bytes,
+            constraints=list(self.constraints),
+            service=self.id,
+            slot=slot,
+            service_version=self.version,
+        )
+
+
+def validate(record: ServiceRecord) -> None:
+    """InvalidArgument for anything a replica could never be made of."""
+    if not _NAME_RE.match(record.name):
+        raise InvalidArgument(
+            f'invalid service name "{record.name}": use letters, digits, "_" and "-" '
+            "(starting with a letter or digit, at most 63 characters)"
+        )
+    if record.replicas < 0:
+        raise InvalidArgument(f"replica count cannot be negative, got {record.replicas}")
+    if record.parallelism < 1:
+        raise InvalidArgument(f"update parallelism must be at least 1, got {record.parallelism}")
+    if record.delay_seconds < 0 or record.monitor_seconds < 0:
+        raise InvalidArgument("update delay and monitor cannot be negative")
+    template = dataclasses.replace(copy.deepcopy(record.template), name=f"{record.name}.1")
+    template.validate()
+    record.request()  # constraints and requests
+
+
+def resolve_service(ref: str, services: Iterable[ServiceRecord]) -> ServiceRecord:
+    """A service by full id, name, or unique id prefix (like containers)."""
+    if not ref:
+        raise InvalidArgument("a service id, id prefix or name is required")
+    services = list(services)
+    for match in (lambda s: s.id == ref, lambda s: s.name == ref):
+        found = [s for s in services if match(s)]
+        if found:
+            return found[0]
+    prefixed = [s for s in services if s.id.startswith(ref)]
+    if len(prefixed) > 1:
+        raise InvalidArgument(f'service id prefix "{ref}" is ambiguous')
+    if not prefixed:
+        raise NotFound(f"no such service: {ref}")
+    return prefixed[0]
+
+
+def running_count(record: ServiceRecord, views: Iterable[ContainerView]) -> int:
+    return sum(1 for v in views if v.desired.service == record.id and v.state == "running")
+
+
+# Cluster state and the replica transaction -------------------------------------------------
+
+
+@dataclass
+class ClusterState:
+    """One read of everything the controller decides on, with the revisions its transaction
+    compares (so a decision made on a stale read is never written)."""
+
+    nodes: dict[str, ClusterNode]
+    containers: dict[str, DesiredContainer]
+    revisions: dict[str, int]  # container id or service id -> mod revision of its record
+    statuses: dict[str, dict[str, Any]]
+    services: dict[str, ServiceRecord]
+    allocations: dict[str, Entry]
+
+    def views(self) -> list[ContainerView]:
+        return join_status(self.containers.values(), self.statuses)
+
+
+async def load_state(store: Store) -> ClusterState:
+    registered, allocations, availability, containers, statuses, services = await asyncio.gather(
+        store.list(NODES),
+        store.list(ALLOCATIONS),
+        store.list(AVAILABILITY),
+        store.list(CONTAINERS),
+        store.list("containers/"),
+        store.list(SERVICES),
+    )
+    desired = {
+        e.key.removeprefix(CONTAINERS): DesiredContainer.from_json(e.value) for e in containers
+    }
+    records = {e.key.removeprefix(SERVICES): ServiceRecord.from_json(e.value) for e in services}
+    revisions = {e.key.removeprefix(CONTAINERS): e.mod_revision for e in containers}
+    revisions.update({e.key.removeprefix(SERVICES): e.mod_revision for e in services})
+    allocation_entries = {e.key.removeprefix(ALLOCATIONS): e for e in allocations}
+    found_statuses: dict[str, dict[str, Any]] = {}
+    for entry in statuses:
+        if entry.key.endswith(STATUS_SUFFIX):
+            cid = entry.key.removeprefix("containers/").removesuffix(STATUS_SUFFIX)
+            found_statuses[cid] = entry.json()
+    nodes = build_nodes(
+        {e.key.removeprefix(NODES): e.json() for e in registered},
+        {node: e.json() for node, e in allocation_entries.items()},
+        {e.key.removeprefix(AVAILABILITY): e.json()["availability"] for e in availability},
+        desired.values(),
+    )
+    return ClusterState(nodes, desired, revisions, found_statuses, records, allocation_entries)
+
+
+async def commit(
+    store: Store,
+    state: ClusterState,
+    adds: Sequence[DesiredContainer] = (),
+    removes: Sequence[DesiredContainer] = (),
+    compares: Sequence[Compare] = (),
+    ops: Sequence[Op] = (),
+) -> bool:
+    """Add and remove container records in one transaction, moving their reservations between
+    node allocations. False when anything read in `state` changed meanwhile."""
+    deltas: dict[str, list[int]] = {}
+    for sign, containers in ((1, adds), (-1, removes)):
+        for c in containers:
+            delta = deltas.setdefault(c.node, [0, 0, 0])
+            delta[0] += sign * c.cpu_millis
+            delta[1] += sign * c.memory_bytes
+            delta[2] += sign
+    added_names = {c.name: c.id for c in adds}
+    removed_names = {c.name for c in removes}
+    checks = list(compares)
+    writes = list(ops)
+    for node, (cpu, memory, count) in deltas.items():
+        entry = state.allocations.get(node)
+        checks.append(store.unchanged(allocation_key(node), entry.mod_revision if entry else 0))
+        current = entry.json() if entry else None
+        writes.append(
+            store.op_put(allocation_key(node), allocation_after(current, cpu, memory, count))
+        )
+    for c in removes:
+        checks.append(store.unchanged(container_key(c.id), state.revisions.get(c.id, 0)))
+        writes.append(store.op_delete(container_key(c.id)))
+        node = state.nodes.get(c.node)
+        if node is None or not node.ready:
+            # No agent will remove it (nor its status); one that comes back removes the
+            # unassigned container itself.
+            writes.append(store.op_delete(status_key(c.id)))
+    for name in removed_names - added_names.keys():
+        writes.append(store.op_delete(name_key(name)))
+    for c in adds:
+        checks.append(store.absent(container_key(c.id)))
+        if c.name not in removed_names:
+            checks.append(store.absent(name_key(c.name)))
+        writes.append(store.op_put(container_key(c.id), c.to_json()))
+        writes.append(store.op_put(name_key(c.name), c.id.encode()))
+    ok, _ = await store.txn(checks, writes)
+    return bool(ok)
+
+
+# The core the servicer calls ------------------------------------------------------------------
+
+
+class ServiceCore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def _records(self) -> list[tuple[ServiceRecord, int]]:
+        entries = await self.store.list(SERVICES)
+        return [(ServiceRecord.from_json(e.value), e.mod_revision) for e in entries]
+
+    async def _find(self, ref: str) -> tuple[ServiceRecord, int]:
+        records = await self._records()
+        found = resolve_service(ref, [r for r, _ in records])
+        return next((r, rev) for r, rev in records if r.id == found.id)
+
+    async def create(self, record: ServiceRecord) -> ServiceRecord:
+        record.template = copy.deepcopy(record.template)
+        # Swarm restarts failed tasks; a replica that exits is restarted by its node.
+        if record.template.restart_policy == "no":
+            record.template.restart_policy = "always"
+        validate(record)
+        record.id = secrets.token_hex(32)
+        record.created_at = record.updated_at = time.time()
+        ok, _ = await self.store.txn(
+            [self.store.absent(service_name_key(record.name))],
+            [
+                self.store.op_put(service_key(record.id), record.to_json()),
+                self.store.op_put(service_name_key(record.name), record.id.encode()),
+            ],
+        )
+        if not ok:
+            raise AlreadyExists(f'the service name "{record.name}" is already in use')
+        return record
+
+    async def list(self) -> list[tuple[ServiceRecord, int]]:
+        """Services in name order, each with its running replica count."""
+        records = [r for r, _ in await self._records()]
+        views = (await load_state(self.store)).views()
+        return [(r, running_count(r, views)) for r in sorted(records, key=lambda r: r.name)]
+
+    async def inspect(self, ref: str) -> tuple[ServiceRecord, int]:
+        record, _ = await self._find(ref)
+        views = (await load_state(self.store)).views()
+        return record, running_count(record, views)
+
+    async def ps(self, ref: str, include_stopped: bool = False) -> list[ContainerView]:
+        record, _ = await self._find(ref)
+        views = [
+            v for v in (await load_state(self.store)).views() if v.desired.service == record.id
+        ]
+        if not include_stopped:
+            views = [v for v in views if v.active]
+        return sorted(views, key=lambda v: (v.desired.slot, -v.desired.scheduled_at))
+
+    async def _change(self, ref: str, change: Any, expected_version: int = 0) -> ServiceRecord:
+        """Apply `change(record)` with a compare on the record's revision; retried on races."""
+        for _ in range(ATTEMPTS):
+            record, revision = await self._find(ref)
+            if expected_version and record.version != expected_version:
+                raise FailedPrecondition(
+                    f"service {record.name} is at version {record.version}, not "
+                    f"{expected_version}: it changed meanwhile; inspect it and try again"
+                )
+            change(record)
+            validate(record)
+            record.updated_at = time.time()
+            ok, _ = await self.store.txn(
+                [self.store.unchanged(service_key(record.id), revision)],
+                [self.store.op_put(service_key(record.id), record.to_json())],
+            )
+            if ok:
+                return record
+        raise Aborted(f"service {ref} is changing concurrently; try again")
+
+    async def scale(self, ref: str, replicas: int) -> ServiceRecord:
+        def change(record: ServiceRecord) -> None:
+            record.replicas = replicas
+
+        return await self._change(ref, change)
+
+    async def update(
+        self, ref: str, spec: ServiceRecord, expected_version: int = 0
+    ) -> ServiceRecord:
+        """Replace the spec (not the name), bump the version: the controller rolls replicas."""
+
+        def change(record: ServiceRecord) -> None:
+            if spec.name and spec.name != record.name:
+                raise InvalidArgument(
+                    f'a service cannot be renamed ("{record.name}" to "{spec.name}")'
+                )
+            keep = {"id", "name", "version", "created_at", "update_state", "update_message"}
+            for f in dataclasses.fields(ServiceRecord):
+                if f.name not in keep and f.name != "updated_at":
+                    setattr(record, f.name, copy.deepcopy(getattr(spec, f.name)))
+            if record.template.restart_policy == "no":
+                record.template.restart_policy = "always"
+            record.version += 1
+            record.update_state, record.update_message = UPDATING, ""
+
+        return await self._change(ref, change, expected_version)
+
+    async def remove(self, ref: str) -> None:
+        """Delete the service, its name and every replica in one transaction."""
+        for _ in range(ATTEMPTS):
+            record, revision = await self._find(ref)
+            state = await load_state(self.store)
+            replicas = [c for c in state.containers.values() if c.service == record.id]
+            ok = await commit(
+                self.store,
+                state,
+                removes=replicas,
+                compares=[self.store.unchanged(service_key(record.id), revision)],
+                ops=[
+                    self.store.op_delete(service_key(record.id)),
+                    self.store.op_delete(service_name_key(record.name)),
+                ],
+            )
+            if ok:
+                return
+        raise Aborted(f"service {ref} is changing concurrently; try again")

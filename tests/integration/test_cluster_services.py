@@ -1,0 +1,351 @@
+"""Replicated services on three hosts (tests/integration/hosts.py), with two cluster instances:
+spread, surviving a host's death, scaling, rolling updates, events and controller failover.
+Clients run inside the control namespace, like test_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .hosts import HostService, TestNetwork
+from .test_cluster import CLIENT, IMAGE, LEASE_TTL, SERVE
+from .test_hosts import PUSH, _cleanup_agents
+
+pytestmark = pytest.mark.integration
+
+# Service helpers on top of test_cluster's CLIENT; argv[3] is the image.
+SERVICES = """
+from berth.node.v1 import node_pb2_grpc
+from google.protobuf.duration_pb2 import Duration
+
+RUNNING = node_pb2.CONTAINER_STATE_RUNNING
+
+def spec(name, replicas, env=(), parallelism=1, monitor=1.0):
+    return pb.ServiceSpec(
+        name=name, replicas=replicas,
+        template=node_pb2.ContainerSpec(image=sys.argv[3], command=["sh", "-c", SERVE],
+                                        env=list(env)),
+        update_config=pb.UpdateConfig(parallelism=parallelism,
+                                       monitor=Duration(nanos=int(monitor * 1e9))),
+    )
+
+def ps(name):
+    return cluster.ServicePs(pb.ServicePsRequest(service=name)).containers
+
+def running(name):
+    return [c for c in ps(name) if c.status.state == RUNNING]
+
+def until_running(name, count, timeout=60, avoid=()):
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [c for c in running(name) if c.node_id not in avoid]
+        if len(found) == count and len(ps(name)) == count:
+            return found
+        assert time.monotonic() < deadline, [(c.name, c.node_id, c.status.state) for c in ps(name)]
+        time.sleep(0.05)
+
+def managed_on(address):
+    node = node_pb2_grpc.NodeServiceStub(grpc.insecure_channel(address))
+    listed = node.ListContainers(node_pb2.ListContainersRequest(all=True), timeout=10).containers
+    return sorted(c.name for c in listed)
+"""
+
+REMOVE_SERVICE = """
+cluster.RemoveService(pb.RemoveServiceRequest(service=sys.argv[4]), timeout=30)
+deadline = time.monotonic() + 30
+while cluster.ListContainers(pb.ListContainersRequest(all=True)).containers:
+    assert time.monotonic() < deadline
+    time.sleep(0.1)
+out(True)
+"""
+
+LEADER = """
+import json, sys, urllib.request
+def leader(url):
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return [l for l in text.splitlines() if l.startswith("berth_cluster_leader ")][0].split()[1]
+print(json.dumps([leader(u) for u in sys.argv[1:]]))
+"""
+
+
+@dataclass
+class Swarm:
+    net: TestNetwork
+    instances: list[HostService]
+    agents: dict[str, HostService]
+
+    def client(self, body: str, *args: str, via: HostService | None = None) -> object:
+        address = (via or self.live()[0]).address
+        code = CLIENT + SERVICES + body
+        return self.net.python_json(self.net.ctl, code, address, SERVE, IMAGE, *args, timeout=120)
+
+    def live(self) -> list[HostService]:
+        return [i for i in self.instances if i.proc.poll() is None]
+
+    def leaders(self) -> list[str]:
+        """Names of the live instances whose leader gauge is 1."""
+        live = self.live()
+        found = self.net.python_json(self.net.ctl, LEADER, *[i.metrics for i in live])
+        return [i.name for i, flag in zip(live, found, strict=True) if flag == "1.0"]
+
+    def remove_service(self, name: str) -> None:
+        assert self.client(REMOVE_SERVICE, name) is True
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    run_dir = tmp_path_factory.mktemp("services")
+    net = TestNetwork(run_dir)
+    prefix = f"/berth-services-{uuid.uuid4().hex[:8]}/"
+    agents: dict[str, HostService] = {}
+    try:
+        net.create(3)
+        (run_dir / "etcd").mkdir()
+        net.start_etcd(run_dir / "etcd")
+        registry = net.start_service(
+            net.ctl, "registry", f"--data-dir={run_dir / 'registry'}", prefix=prefix
+        )
+        first = net.start_service(
+            net.ctl, "cluster", prefix=prefix, lease_ttl=LEASE_TTL, name="cluster-1"
+        )
+        registry.wait_ready()
+        for n, host in enumerate(net.hosts, start=1):
+            agents[f"host{n}"] = net.start_service(
+                host,
+                "node",
+                f"--data-dir={run_dir / f'host{n}'}",
+                f"--node-id=host{n}",
+                f"--registry={registry.address}",
+                prefix=prefix,
+                lease_ttl=LEASE_TTL,
+            )
+        first.wait_ready()
+        # The second instance starts after the first has surely campaigned: first leads.
+        second = net.start_service(
+            net.ctl, "cluster", prefix=prefix, lease_ttl=LEASE_TTL, name="cluster-2"
+        ).wait_ready()
+        for agent in agents.values():
+            agent.wait_ready()
+        net.python_json(net.ctl, PUSH, registry.address, IMAGE, timeout=60)
+        yield Swarm(net, [first, second], agents)
+    finally:
+        for host in net.hosts:
+            net.restore(host)
+        _cleanup_agents(net, agents, Path(run_dir))
+        net.close()
+
+
+def test_service_spreads_over_three_hosts_with_events(swarm: Swarm) -> None:
+    result = swarm.client(
+        """
+seen = []
+def follow():
+    for e in cluster.Events(pb.EventsRequest(service="web"), timeout=30):
+        seen.append((pb.EventType.Name(e.type), e.container_name, e.node_id))
+        if len([s for s in seen if s[0] == "EVENT_TYPE_CONTAINER_STARTED"]) == 3:
+            return
+with ThreadPoolExecutor(1) as pool:
+    events = pool.submit(follow)
+    time.sleep(0.5)
+    created = cluster.CreateService(pb.CreateServiceRequest(spec=spec("web", 3))).service
+    replicas = until_running("web", 3)
+    dup = call("CreateService", pb.CreateServiceRequest(spec=spec("web", 1)))
+    events.result(timeout=30)
+listed = cluster.ListServices(pb.ListServicesRequest()).services
+out({
+    "nodes": sorted(c.node_id for c in replicas),
+    "names": sorted(c.name for c in replicas),
+    "slots": sorted(c.slot for c in replicas),
+    "service": [c.service_id == created.id for c in replicas],
+    "dup": dup["code"],
+    "listed": [(s.spec.name, s.spec.replicas, s.running_replicas, s.version) for s in listed],
+    "events": sorted(set(s[0] for s in seen)),
+    "started_on": sorted(s[2] for s in seen if s[0] == "EVENT_TYPE_CONTAINER_STARTED"),
+})
+"""
+    )
+    assert isinstance(result, dict)
+    assert result["nodes"] == ["host1", "host2", "host3"]
+    assert result["names"] == ["web.1", "web.2", "web.3"]
+    assert result["slots"] == [1, 2, 3] and all(result["service"])
+    assert result["dup"] == "ALREADY_EXISTS"
+    assert result["listed"] == [["web", 3, 3, 1]]
+    assert result["events"] == [
+        "EVENT_TYPE_CONTAINER_SCHEDULED",
+        "EVENT_TYPE_CONTAINER_STARTED",
+        "EVENT_TYPE_SERVICE_SCALED",
+    ]
+    assert result["started_on"] == ["host1", "host2", "host3"]
+
+
+def test_replicas_survive_the_death_of_a_host(swarm: Swarm) -> None:
+    """web (3 replicas, from the previous test) loses host1: its replica runs elsewhere within
+    the TTL plus a few seconds; when host1 returns its agent removes the stale copy."""
+    host1 = swarm.net.hosts[0]
+    agent1 = swarm.agents["host1"].address
+    cut_at = time.time()  # the snippet measures from the cut, its own start-up included
+    swarm.net.cut(host1)
+    try:
+        result = swarm.client(
+            """
+moved = until_running("web", 3, timeout=15, avoid=("host1",))
+elapsed = time.time() - float(sys.argv[4])
+lost = cluster.InspectNode(pb.InspectNodeRequest(node="host1")).node
+out({"elapsed": elapsed, "nodes": sorted(c.node_id for c in moved),
+     "previous": [c.name for c in moved if c.node_id != "host1"],
+     "state": pb.NodeState.Name(lost.state)})
+""",
+            str(cut_at),
+        )
+    finally:
+        swarm.net.restore(host1)
+    assert isinstance(result, dict)
+    print(json.dumps({"host_death_to_running_elsewhere_seconds": round(result["elapsed"], 2)}))
+    assert result["elapsed"] < LEASE_TTL + 6
+    assert sorted(result["nodes"]) in (["host2", "host2", "host3"], ["host2", "host3", "host3"])
+    assert result["state"] == "NODE_STATE_NOT_READY"
+    after = swarm.client(
+        """
+deadline = time.monotonic() + 30
+while (on1 := managed_on(sys.argv[4])) or len(ps("web")) != 3:
+    assert time.monotonic() < deadline, on1
+    time.sleep(0.2)
+node = cluster.InspectNode(pb.InspectNodeRequest(node="host1")).node
+out({"replicas": len(running("web")), "on_host1": on1,
+     "state": pb.NodeState.Name(node.state)})
+""",
+        agent1,
+    )
+    assert after == {"replicas": 3, "on_host1": [], "state": "NODE_STATE_READY"}
+    swarm.remove_service("web")
+
+
+def test_scale_three_five_two(swarm: Swarm) -> None:
+    result = swarm.client(
+        """
+cluster.CreateService(pb.CreateServiceRequest(spec=spec("scaled", 3)))
+until_running("scaled", 3)
+up = cluster.ScaleService(pb.ScaleServiceRequest(service="scaled", replicas=5)).service
+five = until_running("scaled", 5)
+cluster.ScaleService(pb.ScaleServiceRequest(service="scaled", replicas=2))
+two = until_running("scaled", 2)
+deadline = time.monotonic() + 30
+while len(cluster.ListContainers(pb.ListContainersRequest(all=True)).containers) != 2:
+    assert time.monotonic() < deadline
+    time.sleep(0.1)
+out({"up": up.spec.replicas, "five": sorted(c.slot for c in five),
+     "spread": sorted(c.node_id for c in five), "two": sorted(c.slot for c in two)})
+"""
+    )
+    assert isinstance(result, dict)
+    assert result["up"] == 5 and result["five"] == [1, 2, 3, 4, 5]
+    # 5 over 3 hosts: no host holds more than 2.
+    assert max(result["spread"].count(h) for h in ("host1", "host2", "host3")) == 2
+    assert result["two"] == [1, 2]
+    swarm.remove_service("scaled")
+
+
+def test_drain_moves_replicas_off_the_node(swarm: Swarm) -> None:
+    result = swarm.client(
+        """
+cluster.CreateService(pb.CreateServiceRequest(spec=spec("drained", 3)))
+until_running("drained", 3)
+node = cluster.DrainNode(pb.DrainNodeRequest(node="host3")).node
+moved = until_running("drained", 3, avoid=("host3",))
+cluster.ActivateNode(pb.ActivateNodeRequest(node="host3"))
+out({"availability": pb.NodeAvailability.Name(node.availability),
+     "nodes": sorted(c.node_id for c in moved)})
+"""
+    )
+    assert isinstance(result, dict)
+    assert result["availability"] == "NODE_AVAILABILITY_DRAINED"
+    assert "host3" not in result["nodes"] and len(result["nodes"]) == 3
+    swarm.remove_service("drained")
+
+
+def test_rolling_update_replaces_replicas_one_by_one(swarm: Swarm) -> None:
+    result = swarm.client(
+        """
+cluster.CreateService(pb.CreateServiceRequest(spec=spec("roll", 3)))
+old = {c.id for c in until_running("roll", 3)}
+updated = cluster.UpdateService(pb.UpdateServiceRequest(
+    service="roll", spec=spec("roll", 3, env=["V=2"], monitor=1.0), version=1)).service
+stale = call("UpdateService", pb.UpdateServiceRequest(service="roll", spec=spec("roll", 3),
+                                                       version=1))
+samples, first_seen = [], {}
+deadline = time.monotonic() + 60
+while True:
+    containers = ps("roll")
+    now = time.monotonic()
+    samples.append(sum(1 for c in containers if c.status.state == RUNNING))
+    for c in containers:
+        if c.id not in old:
+            first_seen.setdefault(c.id, now)
+    fresh = [c for c in containers if c.id not in old and c.status.state == RUNNING]
+    service = cluster.ListServices(pb.ListServicesRequest()).services[0]
+    if len(fresh) == 3 and service.update_state == pb.UPDATE_STATE_COMPLETED:
+        break
+    assert now < deadline, [(c.name, c.status.state) for c in containers]
+    time.sleep(0.05)
+times = sorted(first_seen.values())
+out({"version": updated.version, "stale": stale["code"], "min_running": min(samples),
+     "gaps": [b - a for a, b in zip(times, times[1:])], "new": len(first_seen),
+     "env": sorted({e for c in fresh for e in c.spec.env}),
+     "state": pb.UpdateState.Name(service.update_state)})
+"""
+    )
+    assert isinstance(result, dict)
+    assert (result["version"], result["stale"]) == (2, "FAILED_PRECONDITION")
+    assert result["min_running"] >= 2  # never fewer than replicas - 1
+    assert result["new"] == 3 and "V=2" in result["env"]
+    # One at a time: each new replica appears only after the previous ran for the monitor time.
+    assert all(gap >= 0.9 for gap in result["gaps"]), result["gaps"]
+    assert result["state"] == "UPDATE_STATE_COMPLETED"
+    swarm.remove_service("roll")
+
+
+def test_controller_fails_over_to_the_second_instance(swarm: Swarm) -> None:
+    assert swarm.leaders() == ["cluster-1"]
+    leader, follower = swarm.instances
+    created = swarm.client(
+        'cluster.CreateService(pb.CreateServiceRequest(spec=spec("fo", 3)))\n'
+        'out(len(until_running("fo", 3)))',
+        via=follower,  # any instance serves requests; the leader's controller places
+    )
+    assert created == 3
+    leader.proc.send_signal(signal.SIGKILL)  # no resignation: the follower waits for the TTL
+    leader.proc.wait()
+    started = time.monotonic()
+    while swarm.leaders() != ["cluster-2"]:
+        assert time.monotonic() - started < LEASE_TTL + 5, "no failover"
+        time.sleep(0.2)
+    failover = time.monotonic() - started
+    host2 = swarm.net.hosts[1]
+    swarm.net.cut(host2)
+    try:
+        moved = swarm.client(
+            'out(sorted(c.node_id for c in until_running("fo", 3, timeout=15, avoid=("host2",))))'
+        )
+    finally:
+        swarm.net.restore(host2)
+    print(json.dumps({"failover_seconds": round(failover, 2)}))
+    assert isinstance(moved, list) and "host2" not in moved and len(moved) == 3
+    cleared = swarm.client(
+        """
+deadline = time.monotonic() + 30
+while managed_on(sys.argv[4]) or len(ps("fo")) != 3:
+    assert time.monotonic() < deadline
+    time.sleep(0.2)
+out(len(running("fo")))
+""",
+        swarm.agents["host2"].address,
+    )
+    assert cleared == 3
+    swarm.remove_service("fo")

@@ -1,0 +1,247 @@
+"""Pure logic of the controller (reconcile decisions, placing them), the election's timing rules
+and the event tracker: functions of (services, desired containers, nodes), no etcd."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from berthd.cluster.controller import MOVE, REMOVE, START, UPDATE, Plan, realize, reconcile
+from berthd.cluster.core import DRAINED, ClusterNode, ContainerView
+from berthd.cluster.desired import DesiredContainer
+from berthd.cluster.election import keepalive_interval, lease_lost
+from berthd.cluster.events import (
+    CONTAINER_DIED,
+    CONTAINER_RESCHEDULED,
+    CONTAINER_SCHEDULED,
+    CONTAINER_STARTED,
+    NODE_JOINED,
+    NODE_LOST,
+    SERVICE_SCALED,
+    EventFilter,
+    EventTracker,
+)
+from berthd.cluster.services import (
+    COMPLETED,
+    PAUSED,
+    UPDATING,
+    ClusterState,
+    ServiceRecord,
+    validate,
+)
+from berthd.common.errors import InvalidArgument
+from berthd.common.store import WatchEvent
+from berthd.node.spec import ContainerConfig
+
+NOW = 1000.0
+GiB = 1 << 30
+
+
+def service(replicas: int = 3, version: int = 1, **kw) -> ServiceRecord:
+    template = ContainerConfig(image="busybox", restart_policy="always")
+    return ServiceRecord(
+        id="s" * 64, name="web", template=template, replicas=replicas, version=version,
+        monitor_seconds=kw.pop("monitor_seconds", 1.0), **kw,
+    )  # fmt: skip
+
+
+def replica(
+    slot: int, node: str, version: int = 1, state: str = "running", started: float = 0.0
+) -> ContainerView:
+    record = service().replica(slot, node)
+    record.service_version = version
+    status = {"state": state, "started_at": started, "exit_code": 3} if state else None
+    return ContainerView(record, status)
+
+
+def nodes(*ready: str, lost: tuple[str, ...] = (), drained: tuple[str, ...] = ()) -> dict:
+    found = {}
+    for node_id in (*ready, *lost):
+        info = {"id": node_id, "cpus": 4, "memory_bytes": 4 * GiB}
+        found[node_id] = ClusterNode(
+            id=node_id,
+            info=info,
+            ready=node_id not in lost,
+            availability=DRAINED if node_id in drained else "active",
+        )
+    return found
+
+
+def kinds(plan: Plan) -> list[tuple[str, int]]:
+    return sorted((a.kind, a.slot) for a in plan.actions)
+
+
+def test_a_new_service_starts_every_slot() -> None:
+    plan = reconcile([service(3)], [], nodes("a", "b", "c"), NOW)
+    assert kinds(plan) == [(START, 1), (START, 2), (START, 3)]
+    assert plan.update_states == {}
+
+
+def test_a_true_service_needs_nothing() -> None:
+    replicas = [replica(1, "a"), replica(2, "b"), replica(3, "c")]
+    plan = reconcile([service(3)], replicas, nodes("a", "b", "c"), NOW)
+    assert plan.actions == [] and plan.update_states == {}
+
+
+def test_replicas_on_a_lost_or_drained_node_move() -> None:
+    replicas = [replica(1, "a"), replica(2, "b"), replica(3, "c")]
+    plan = reconcile([service(3)], replicas, nodes("a", "c", lost=("b",), drained=("c",)), NOW)
+    assert kinds(plan) == [(MOVE, 2), (MOVE, 3)]
+    assert {a.reason for a in plan.actions} == {"node b lost", "node c drained"}
+
+
+def test_scaling_down_removes_the_highest_slots_and_up_fills_gaps() -> None:
+    replicas = [replica(s, "a") for s in (1, 2, 4, 5)]
+    assert kinds(reconcile([service(2)], replicas, nodes("a"), NOW)) == [(REMOVE, 4), (REMOVE, 5)]
+    assert kinds(reconcile([service(5)], replicas, nodes("a"), NOW)) == [(START, 3)]
+
+
+def test_duplicate_slot_keeps_the_replica_on_a_ready_node() -> None:
+    stale, fresh = replica(1, "b"), replica(1, "a")
+    plan = reconcile([service(1)], [fresh, stale], nodes("a", lost=("b",)), NOW)
+    assert [(a.kind, a.container) for a in plan.actions] == [(REMOVE, stale.id)]
+
+
+def test_replicas_of_a_removed_service_are_removed() -> None:
+    plan = reconcile([], [replica(1, "a")], nodes("a"), NOW)
+    assert [(a.kind, a.reason) for a in plan.actions] == [(REMOVE, "service removed")]
+
+
+def test_standalone_always_containers_move_off_lost_nodes_only() -> None:
+    def standalone(cid: str, policy: str, node: str) -> ContainerView:
+        config = ContainerConfig(image="busybox", name=cid, restart_policy=policy)
+        return ContainerView(DesiredContainer(id=cid, name=cid, node=node, config=config))
+
+    views = [
+        standalone("x", "always", "b"),
+        standalone("y", "no", "b"),
+        standalone("z", "always", "c"),
+    ]
+    plan = reconcile([], views, nodes("a", "c", lost=("b",), drained=("c",)), NOW)
+    assert [(a.kind, a.container) for a in plan.actions] == [(MOVE, "x")]
+
+
+def test_rolling_update_replaces_one_at_a_time_after_each_settles() -> None:
+    old = [replica(s, n) for s, n in ((1, "a"), (2, "b"), (3, "c"))]
+    record = service(3, version=2, update_state=UPDATING)
+    first = reconcile([record], old, nodes("a", "b", "c"), NOW)
+    assert kinds(first) == [(UPDATE, 1)] and first.update_states == {}
+    # The new replica for slot 1 has not run for the monitor time yet: nothing more.
+    starting = [replica(1, "a", version=2, started=NOW - 0.5), *old[1:]]
+    assert reconcile([record], starting, nodes("a", "b", "c"), NOW).actions == []
+    pending = [replica(1, "a", version=2, state=""), *old[1:]]
+    assert reconcile([record], pending, nodes("a", "b", "c"), NOW).actions == []
+    running = [replica(1, "a", version=2, started=NOW - 2), *old[1:]]
+    assert kinds(reconcile([record], running, nodes("a", "b", "c"), NOW)) == [(UPDATE, 2)]
+
+
+def test_rolling_update_parallelism_and_completion() -> None:
+    old = [replica(s, "a") for s in (1, 2, 3)]
+    record = service(3, version=2, parallelism=2, update_state=UPDATING)
+    assert kinds(reconcile([record], old, nodes("a"), NOW)) == [(UPDATE, 1), (UPDATE, 2)]
+    done = [replica(s, "a", version=2, started=NOW - 5) for s in (1, 2, 3)]
+    plan = reconcile([record], done, nodes("a"), NOW)
+    assert plan.actions == [] and plan.update_states == {record.id: (COMPLETED, "")}
+
+
+def test_a_new_replica_that_exits_pauses_the_update() -> None:
+    views = [replica(1, "a", version=2, state="exited"), replica(2, "a"), replica(3, "a")]
+    record = service(3, version=2, update_state=UPDATING)
+    plan = reconcile([record], views, nodes("a"), NOW)
+    assert plan.actions == []
+    assert plan.update_states[record.id][0] == PAUSED
+    assert "exited with code 3" in plan.update_states[record.id][1]
+
+
+def state_of(records: list[ServiceRecord], views: list[ContainerView], found: dict) -> ClusterState:
+    containers = {v.id: v.desired for v in views}
+    return ClusterState(
+        nodes=found,
+        containers=containers,
+        revisions={cid: 1 for cid in containers},
+        statuses={},
+        services={r.id: r for r in records},
+        allocations={},
+    )
+
+
+def test_realize_spreads_new_replicas_and_moves_to_ready_nodes() -> None:
+    record = service(3)
+    found = nodes("a", "b", "c", lost=("d",))
+    views = [replica(1, "a"), replica(2, "d")]
+    state = state_of([record], views, found)
+    for view in views:  # what build_nodes counts from the records
+        found[view.desired.node].container_count += 1
+    changes = realize(reconcile([record], views, found, NOW), state, NOW)
+    placed = Counter(c.node for c in changes.adds)
+    # Slot 2 leaves d; slot 3 is new: they go to b and c, not next to slot 1 on a.
+    assert placed == {"b": 1, "c": 1}
+    moved = [new for new, _ in changes.moved]
+    assert [(m.slot, m.previous_node, m.name) for m in moved] == [(2, "d", "web.2")]
+    assert [c.node for c in changes.removes] == ["d"]
+
+
+def test_realize_keeps_a_container_that_has_nowhere_to_go() -> None:
+    record = service(1, memory_bytes=8 * GiB)  # fits no node
+    views = [replica(1, "b")]
+    views[0].desired.memory_bytes = 8 * GiB
+    found = nodes("a", lost=("b",))
+    changes = realize(reconcile([record], views, found, NOW), state_of([record], views, found), NOW)
+    assert changes.adds == [] and changes.removes == []
+    assert "insufficient memory" in changes.unplaced[0]
+
+
+def test_election_timing() -> None:
+    assert keepalive_interval(3) == 1.0
+    assert not lease_lost(last_refresh=10.0, now=12.0, ttl=3)
+    assert lease_lost(last_refresh=10.0, now=12.5, ttl=3)
+
+
+def put(key: str, value: object) -> WatchEvent:
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return WatchEvent("put", key, raw)
+
+
+def test_event_tracker_derives_docker_style_events() -> None:
+    tracker = EventTracker()
+    tracker.load([])
+    assert [e.type for e in tracker.feed(put("nodes/a", {"id": "a"}))] == [NODE_JOINED]
+    assert tracker.feed(put("nodes/a", {"id": "a"})) == []  # re-registration of a known node
+    record = service().replica(1, "a")
+    (scheduled,) = tracker.feed(
+        WatchEvent("put", f"cluster/containers/{record.id}", record.to_json())
+    )
+    assert (scheduled.type, scheduled.node_id, scheduled.service_id) == (
+        CONTAINER_SCHEDULED, "a", "s" * 64,
+    )  # fmt: skip
+    status = {"node": "a", "name": "web.1", "state": "running", "started_at": 5.0}
+    assert [e.type for e in tracker.feed(put(f"containers/{record.id}/status", status))] == [
+        CONTAINER_STARTED
+    ]
+    assert tracker.feed(put(f"containers/{record.id}/status", status)) == []
+    died = {**status, "state": "exited", "exit_code": 137}
+    (event,) = tracker.feed(put(f"containers/{record.id}/status", died))
+    assert (event.type, event.exit_code) == (CONTAINER_DIED, 137)
+    moved = service().replica(1, "b")
+    moved.previous_node = "a"
+    (event,) = tracker.feed(WatchEvent("put", f"cluster/containers/{moved.id}", moved.to_json()))
+    assert (event.type, event.node_id, event.previous_node_id) == (CONTAINER_RESCHEDULED, "b", "a")
+    assert [e.type for e in tracker.feed(WatchEvent("delete", "nodes/a", b""))] == [NODE_LOST]
+    scaled = service(5)
+    (event,) = tracker.feed(WatchEvent("put", f"cluster/services/{scaled.id}", scaled.to_json()))
+    assert (event.type, event.replicas) == (SERVICE_SCALED, 5)
+    assert EventFilter(service="web").matches(event, tracker)
+    assert not EventFilter(service="db").matches(event, tracker)
+    assert EventFilter(types={SERVICE_SCALED}).matches(event, tracker)
+    assert tracker.feed(put("registry/tags/x/y", {})) == []
+
+
+@pytest.mark.parametrize("bad", [{"replicas": -1}, {"parallelism": 0}, {"name": "no/slash"}])
+def test_service_validation(bad: dict) -> None:
+    record = service()
+    for key, value in bad.items():
+        setattr(record, key, value)
+    with pytest.raises(InvalidArgument):
+        validate(record)
