@@ -269,3 +269,29 @@ out({
     assert result["waited"] == [0]
     assert result["gone"]["code"] == "NOT_FOUND"
     print(json.dumps({k: result[k] for k in ("node", "stopped", "started")}))
+
+
+def test_image_locality_wins_when_loads_are_equal(cluster: Cluster) -> None:
+    result = cluster.client(
+        """
+import os, pathlib, tempfile
+from berth.client import NodeClient, RegistryClient
+from tests.integration.images import busybox_layer, push_image, tar_of
+
+remove_all()
+nodes = {n.description.id: n.description for n in cluster.ListNodes(pb.ListNodesRequest()).nodes}
+registry = [e for e in cluster.GetEndpoints(pb.GetEndpointsRequest()).endpoints
+            if e.kind == pb.ENDPOINT_KIND_REGISTRY][0].address
+with RegistryClient(registry) as client, tempfile.TemporaryDirectory() as tmp:
+    extra = tar_of({"data.bin": os.urandom(8 * 1024 * 1024)})
+    push_image(client, "test/local", "1", [busybox_layer(), extra], pathlib.Path(tmp))
+# Only host2 holds the image's big layer; every host holds the busybox base layer.
+with NodeClient(nodes["host2"].address) as node:
+    node.pull("test/local:1")
+time.sleep(0.5)  # the agent publishes its layers after the pull
+placed = [run("test/local:1", name="local")]
+remove_all()
+out(placed)
+"""
+    )
+    assert [p["node"] for p in result] == ["host2"], result

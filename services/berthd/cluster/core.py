@@ -19,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import random
 import secrets
 import time
@@ -27,11 +28,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from berth.client import RegistryClient, parse_image_reference
+from berth.errors import BerthClientError
 from berthd.cluster import metrics
 from berthd.cluster.desired import (
     ALLOCATIONS,
     AVAILABILITY,
     CONTAINERS,
+    NODE_LAYERS,
     RUNNING,
     STOPPED,
     DesiredContainer,
@@ -50,6 +54,8 @@ from berthd.common.errors import (
 from berthd.common.store import Entry, Store
 from berthd.node.spec import ContainerConfig
 
+log = logging.getLogger("berthd.cluster.core")
+
 NODES = "nodes/"
 NAMES = "cluster/names/"
 ENDPOINTS = "endpoints/"
@@ -67,6 +73,20 @@ DEFAULT_STOP_SECONDS = 10
 STOP_SLACK_SECONDS = 20
 REMOVE_TIMEOUT_SECONDS = 30
 START_TIMEOUT_SECONDS = 30
+
+
+# How long an image's layer list is reused between placements (tags can move).
+LAYER_CACHE_SECONDS = 30.0
+
+
+def manifest_layers(registry: str, image: str) -> dict[str, int]:
+    """Layer digest -> size of an image manifest in berth's registry (an index has none)."""
+    reference = parse_image_reference(image)
+    with RegistryClient(registry, timeout=10) as client:
+        manifest = json.loads(
+            client.get_manifest(reference.repository, reference.reference).content
+        )
+    return {layer["digest"]: int(layer["size"]) for layer in manifest.get("layers", [])}
 
 
 def allocation_key(node_id: str) -> str:
@@ -93,6 +113,8 @@ class ClusterNode:
     allocated_cpu_millis: int = 0
     allocated_memory_bytes: int = 0
     container_count: int = 0
+    # Layer digest -> bytes the node holds, as its agent last published them.
+    layers: dict[str, int] = field(default_factory=dict)
 
     @property
     def capacity_cpu_millis(self) -> int:
@@ -121,6 +143,7 @@ class ClusterNode:
             ready=self.ready,
             cordoned=self.availability != ACTIVE,
             container_count=self.container_count,
+            layer_bytes=dict(self.layers),
         )
 
 
@@ -216,6 +239,7 @@ def build_nodes(
     allocations: dict[str, dict[str, Any]],
     availability: dict[str, str],
     containers: Iterable[DesiredContainer],
+    layers: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, ClusterNode]:
     """Every node the cluster knows of: registered now, or holding allocations or containers
     (then not ready: its lease expired)."""
@@ -232,6 +256,7 @@ def build_nodes(
             allocated_cpu_millis=int(allocation.get("cpu_millis", 0)),
             allocated_memory_bytes=int(allocation.get("memory_bytes", 0)),
             container_count=counts[node_id],
+            layers=dict((layers or {}).get(node_id, {})),
         )
     return nodes
 
@@ -292,6 +317,7 @@ def endpoint_from_entry(entry: Entry) -> Endpoint:
 class ClusterCore:
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._layer_cache: dict[str, tuple[float, dict[str, int]]] = {}
 
     # Reads -------------------------------------------------------------------------------
 
@@ -299,11 +325,12 @@ class ClusterCore:
         return [DesiredContainer.from_json(e.value) for e in await self.store.list(CONTAINERS)]
 
     async def _snapshot(self) -> Snapshot:
-        registered, allocations, availability, containers = await asyncio.gather(
+        registered, allocations, availability, containers, layers = await asyncio.gather(
             self.store.list(NODES),
             self.store.list(ALLOCATIONS),
             self.store.list(AVAILABILITY),
             self._desired(),
+            self.store.list(NODE_LAYERS),
         )
         allocation_entries = {e.key.removeprefix(ALLOCATIONS): e for e in allocations}
         nodes = build_nodes(
@@ -311,6 +338,7 @@ class ClusterCore:
             {node: e.json() for node, e in allocation_entries.items()},
             {e.key.removeprefix(AVAILABILITY): e.json()["availability"] for e in availability},
             containers,
+            {e.key.removeprefix(NODE_LAYERS): e.json() for e in layers},
         )
         return Snapshot(nodes, containers, allocation_entries)
 
@@ -336,6 +364,25 @@ class ClusterCore:
     async def endpoints(self) -> list[Endpoint]:
         found = [endpoint_from_entry(e) for e in await self.store.list(ENDPOINTS)]
         return sorted(found, key=lambda e: (e.kind, e.instance))
+
+    async def image_layers(self, image: str) -> dict[str, int]:
+        """The image's layers (digest -> bytes) from berth's registry, for image locality.
+
+        Locality only refines a choice, so an image the registry cannot describe (yet) is
+        placed on spread alone rather than refused here: the node reports the pull error."""
+        cached = self._layer_cache.get(image)
+        if cached is not None and time.monotonic() - cached[0] < LAYER_CACHE_SECONDS:
+            return cached[1]
+        layers: dict[str, int] = {}
+        registries = await self.store.list(ENDPOINTS + "registry/")
+        if registries:
+            address = str(registries[0].json().get("address", ""))
+            try:
+                layers = await asyncio.to_thread(manifest_layers, address, image)
+            except (BerthClientError, ValueError, KeyError, TypeError) as exc:
+                log.info("no image locality for %s: %s", image, exc)
+        self._layer_cache[image] = (time.monotonic(), layers)
+        return layers
 
     async def node_address(self, container: ContainerView) -> str:
         """Where to reach the node that runs a container, for logs, exec and stats."""
@@ -366,6 +413,7 @@ class ClusterCore:
             cpu_millis=cpu_millis or config.cpu_millis,
             memory_bytes=memory_bytes or config.memory_bytes,
             constraints=parse_constraints(texts),
+            image_layers=await self.image_layers(config.image),
         )
         for _ in range(RUN_ATTEMPTS):
             started = time.monotonic()

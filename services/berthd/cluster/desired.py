@@ -10,6 +10,9 @@ observes under `containers/<id>/status`. Keys, relative to the store prefix:
                                         transaction as a placement, so two concurrent runs can
                                         never overbook a node
     cluster/availability/<node id>      {"availability": "active" | "cordoned" | "drained"}
+    cluster/node-layers/<node id>       {layer digest: compressed bytes}: the layers the node
+                                        holds, written by its agent after pulls and removals,
+                                        for image locality in placement
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from berthd.node.spec import ContainerConfig
 CONTAINERS = "cluster/containers/"
 ALLOCATIONS = "cluster/allocations/"
 AVAILABILITY = "cluster/availability/"
+NODE_LAYERS = "cluster/node-layers/"
 
 RUNNING = "running"
 STOPPED = "stopped"

@@ -7,6 +7,7 @@ calls one method here.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import platform
 import tempfile
@@ -18,7 +19,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 from berth.client import RegistryClient
-from berthd.common.errors import FailedPrecondition, InvalidArgument
+from berthd.cluster.desired import NODE_LAYERS
+from berthd.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from berthd.common.store import Store
 from berthd.node import cgroups, diff, metrics
 from berthd.node.containers import ContainerManager
 from berthd.node.layers import ImageRecord, ImageStore, LayerStore, PullEvent, pull_image
@@ -28,6 +31,8 @@ from berthd.node.runtime import Runtime
 from berthd.node.spec import effective_user, resolve_user
 
 STATS_INTERVAL = 1.0
+
+log = logging.getLogger("berthd.node.agent")
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class NodeAgent:
         images: ImageStore,
         layers: LayerStore,
         pull_concurrency: int = 3,
+        store: Store | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.node_id = node_id
@@ -80,6 +86,7 @@ class NodeAgent:
         self.images = images
         self.layers = layers
         self.pull_concurrency = pull_concurrency
+        self.store = store
         self.address = ""
         self.runtime_version = ""
 
@@ -114,7 +121,18 @@ class NodeAgent:
         metrics.PULLED_BYTES.inc(result.bytes_downloaded)
         metrics.LAYER_CACHE.labels("hit").inc(result.layers_cached)
         metrics.LAYER_CACHE.labels("miss").inc(result.layers_pulled)
+        await self.publish_layers()
         return result.image
+
+    async def publish_layers(self) -> None:
+        """Tell the cluster which layers this node holds, for image locality in placement."""
+        if self.store is None:
+            return
+        held = {layer.digest: layer.size for image in self.images.list() for layer in image.layers}
+        try:
+            await self.store.put_json(NODE_LAYERS + self.node_id, held)
+        except Unavailable as exc:  # placement just loses locality until the next pull
+            log.warning("cannot publish the node's layers: %s", exc)
 
     async def remove_image(self, reference: str) -> list[str]:
         image = self.images.get(reference)
@@ -126,6 +144,7 @@ class NodeAgent:
         freed = self.images.remove(image.digest, in_use=self.containers.in_use_layers())
         for chain_id in freed:
             await asyncio.to_thread(self.layers.remove, chain_id)
+        await self.publish_layers()
         return freed
 
     # Logs, exec, stats ---------------------------------------------------------------------

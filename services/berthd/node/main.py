@@ -112,6 +112,7 @@ async def run(args: argparse.Namespace) -> None:
         images,
         layers,
         pull_concurrency=args.pull_concurrency,
+        store=store,
     )
 
     def mount(server: grpc.aio.Server) -> list[str]:
@@ -126,6 +127,7 @@ async def run(args: argparse.Namespace) -> None:
         agent.address = address
         await manager.start_background()
         await converger.start()
+        await agent.publish_layers()
         info = await agent.describe()
         return {f"nodes/{args.node_id}": encode(info.to_json())}
 
