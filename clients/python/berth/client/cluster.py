@@ -15,14 +15,10 @@ from datetime import datetime
 from berth.client.base import GrpcClient
 from berth.client.containers import (
     ContainerInfo,
-    ExecOutput,
-    LogLine,
+    ContainerStreams,
     RunOptions,
     container_fields,
     container_spec,
-    exec_output,
-    exec_requests,
-    log_line,
     run_options,
     stats_sample,
     time_of,
@@ -265,8 +261,9 @@ def resolve_service(services: Iterable[pb.Service], ref: str) -> pb.Service:
 # --- the client -------------------------------------------------------------------------------
 
 
-class ClusterClient(GrpcClient):
+class ClusterClient(ContainerStreams, GrpcClient):
     SERVICE = "cluster"
+    MESSAGES = pb
     OPTION = "--host or BERTH_HOST"
 
     def __init__(self, address: str, *, timeout: float | None = 60.0) -> None:
@@ -335,24 +332,6 @@ class ClusterClient(GrpcClient):
     def remove(self, container: str, force: bool = False) -> None:
         request = pb.RemoveContainerRequest(container=container, force=force)
         self._call(self._stub.RemoveContainer, request)
-
-    def wait(self, container: str) -> int:
-        request = pb.WaitContainerRequest(container=container)
-        for reply in self._stream(self._stub.WaitContainer, request):
-            return reply.exit_code
-        raise BerthClientError(f"wait on {container} ended without an exit code", "UNKNOWN")
-
-    def logs(self, container: str, follow: bool = False, tail: int = 0) -> Iterator[LogLine]:
-        request = pb.ContainerLogsRequest(container=container, follow=follow, tail=tail)
-        for line in self._stream(self._stub.ContainerLogs, request):
-            yield log_line(line)
-
-    def exec(
-        self, container: str, command: list[str], stdin: Iterable[bytes] = (), env: list[str] = ()
-    ) -> ExecOutput:
-        """Run a process in the container on whichever node runs it."""
-        requests = exec_requests(pb.ExecRequest, container, command, stdin, env)
-        return exec_output(self._stream(self._stub.Exec, requests), container)
 
     def stats(self, container: str) -> dict[str, float]:
         request = pb.ContainerStatsRequest(container=container, stream=False)

@@ -6,9 +6,10 @@ stats samples), so both clients convert them here, to and from the same dataclas
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import ModuleType
 from typing import Any
 
 from berth.errors import BerthClientError
@@ -209,3 +210,31 @@ def run_options(spec: pb.ContainerSpec) -> RunOptions:
         restart_max_retries=spec.restart_policy.max_retries,
         network=network.get(spec.network_mode, "none"),
     )
+
+
+class ContainerStreams:
+    """wait, logs and exec: the same calls in the node's and the cluster's protocols, which
+    differ only in the module their request messages come from (`MESSAGES`)."""
+
+    MESSAGES: ModuleType
+    _stub: Any
+    # Both provided by GrpcClient, which comes after this class in the clients' bases.
+    _stream: Callable[[Any, Any], Iterator[Any]]
+
+    def wait(self, container: str) -> int:
+        request = self.MESSAGES.WaitContainerRequest(container=container)
+        for reply in self._stream(self._stub.WaitContainer, request):
+            return reply.exit_code
+        raise BerthClientError(f"wait on {container} ended without an exit code", "UNKNOWN")
+
+    def logs(self, container: str, follow: bool = False, tail: int = 0) -> Iterator[LogLine]:
+        request = self.MESSAGES.ContainerLogsRequest(container=container, follow=follow, tail=tail)
+        for line in self._stream(self._stub.ContainerLogs, request):
+            yield log_line(line)
+
+    def exec(
+        self, container: str, command: list[str], stdin: Iterable[bytes] = (), env: list[str] = ()
+    ) -> ExecOutput:
+        """Run a process in the container, feed it stdin, collect its output and exit code."""
+        requests = exec_requests(self.MESSAGES.ExecRequest, container, command, stdin, env)
+        return exec_output(self._stream(self._stub.Exec, requests), container)

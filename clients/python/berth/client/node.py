@@ -6,20 +6,18 @@ Methods take and return plain Python values and dataclasses; gRPC errors become
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from berth.client.base import GrpcClient
 from berth.client.containers import (
     ContainerInfo,
+    ContainerStreams,
     ExecOutput,
     LogLine,
     RunOptions,
     container_fields,
     container_spec,
-    exec_output,
-    exec_requests,
-    log_line,
     stats_sample,
 )
 from berth.errors import BerthClientError
@@ -59,8 +57,9 @@ def _container(c: pb.Container) -> ContainerInfo:
     return ContainerInfo(**container_fields(c))
 
 
-class NodeClient(GrpcClient):
+class NodeClient(ContainerStreams, GrpcClient):
     SERVICE = "node"
+    MESSAGES = pb
 
     def __init__(self, address: str, *, timeout: float | None = 60.0) -> None:
         super().__init__(address, timeout=timeout)
@@ -132,25 +131,6 @@ class NodeClient(GrpcClient):
     def inspect(self, container: str) -> ContainerInfo:
         request = pb.InspectContainerRequest(container=container)
         return _container(self._call(self._stub.InspectContainer, request).container)
-
-    def wait(self, container: str) -> int:
-        for reply in self._stream(
-            self._stub.WaitContainer, pb.WaitContainerRequest(container=container)
-        ):
-            return reply.exit_code
-        raise BerthClientError(f"wait on {container} ended without an exit code", "UNKNOWN")
-
-    def logs(self, container: str, follow: bool = False, tail: int = 0) -> Iterator[LogLine]:
-        request = pb.ContainerLogsRequest(container=container, follow=follow, tail=tail)
-        for line in self._stream(self._stub.ContainerLogs, request):
-            yield log_line(line)
-
-    def exec(
-        self, container: str, command: list[str], stdin: Iterable[bytes] = (), env: list[str] = ()
-    ) -> ExecOutput:
-        """Run a process in the container, feed it stdin, collect its output and exit code."""
-        requests = exec_requests(pb.ExecRequest, container, command, stdin, env)
-        return exec_output(self._stream(self._stub.Exec, requests), container)
 
     def stats(self, container: str) -> dict[str, float]:
         request = pb.ContainerStatsRequest(container=container, stream=False)
