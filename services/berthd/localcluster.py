@@ -44,7 +44,7 @@ from berth.client import NodeClient
 from berth.cluster.v1 import cluster_pb2, cluster_pb2_grpc
 from berth.config import default_state_dir
 from berth.errors import BerthClientError
-from berthd.common.server import write_atomically
+from berth.files import atomic_write
 
 CLUSTER_FILE = "cluster.json"
 DEFAULT_BASE_PORT = 23790
@@ -346,7 +346,7 @@ def load(state: Path) -> dict | None:
 
 
 def save(state: Path, cluster: dict) -> None:
-    write_atomically(state / CLUSTER_FILE, json.dumps(cluster, indent=2).encode())
+    atomic_write(state / CLUSTER_FILE, json.dumps(cluster, indent=2).encode())
 
 
 def nodes_of(cluster: dict) -> dict[str, dict]:

@@ -24,6 +24,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics, start_http_server
 
+from berth.files import atomic_write
 from berthd.common.config import ServiceConfig, split_host_port
 from berthd.common.interceptor import ObservabilityInterceptor
 from berthd.common.logs import setup_logging
@@ -35,12 +36,6 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 # Adds servicers to the server and returns their full names (for health and reflection).
 Mount = Callable[[grpc.aio.Server], list[str]]
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _advertised(config: ServiceConfig, port: int) -> str:
@@ -106,7 +101,7 @@ async def run_server(
     lease = LeaseKeeper(store, config.lease_ttl, keys)
     await lease.start()
     if config.ready_file:
-        write_atomically(Path(config.ready_file), json.dumps(endpoint).encode())
+        atomic_write(Path(config.ready_file), json.dumps(endpoint).encode())
     log.info("serving", extra={"address": address, "metrics": metrics_url})
 
     stop = asyncio.Event()

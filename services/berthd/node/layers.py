@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 from berth.client import RegistryClient
 from berth.errors import BerthClientError
+from berth.files import fsync_dir
 from berthd.common.errors import (
     Aborted,
     AlreadyExists,
@@ -168,7 +169,7 @@ class LayerStore:
             except BaseException:
                 _remove_tree(tmp)
                 raise
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return result
 
     def remove(self, chain_id: str) -> bool:
@@ -263,14 +264,6 @@ def _syncfs(path: Path) -> None:
     try:
         if _LIBC.syncfs(fd) != 0:
             raise OSError(ctypes.get_errno(), f"syncfs {path} failed")
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -386,7 +379,7 @@ class ImageStore:
             records = self._load_all()
             image = _resolve(records, ref_or_digest)
             self._record_path(image.digest).unlink()
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             needed = set(in_use).union(*(r.chain_ids for r in records if r.digest != image.digest))
             return [chain for chain in reversed(image.chain_ids) if chain not in needed]
 
@@ -416,7 +409,7 @@ class ImageStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._record_path(record.digest))
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
 
 def parse_image_ref(text: str) -> Reference:

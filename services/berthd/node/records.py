@@ -7,12 +7,12 @@ restarts (even after SIGKILL) finds every container again and adopts it.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from berth.files import atomic_write
 from berthd.node.spec import ContainerConfig
 
 CREATED = "created"
@@ -86,12 +86,7 @@ class ContainerDir:
             path.mkdir(parents=True, exist_ok=True)
 
     def save(self, record: ContainerRecord) -> None:
-        tmp = self.record.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(record.to_json(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.record)
+        atomic_write(self.record, json.dumps(record.to_json()).encode())
 
     def load(self) -> ContainerRecord:
         return ContainerRecord.from_json(json.loads(self.record.read_text()))

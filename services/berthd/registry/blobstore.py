@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from berth.files import fsync_dir
 from berthd.common.errors import DataLoss, FailedPrecondition, NotFound, ResourceExhausted
 from berthd.common.oci.digest import Digester, digest_file, hex_of, parse_digest
 
@@ -47,14 +48,6 @@ class UploadInfo:
     offset: int
     started_at: float
     updated_at: float
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # A client that lost its connection resumes at once, while the server may still be finishing
@@ -302,7 +295,7 @@ class BlobStore:
         try:
             os.link(data, final)
             existed = False
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except FileExistsError:
             existed = True
         self.cancel(upload_id)

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Literal, TypeVar
 import grpc
 
 from berth.errors import BerthClientError, from_rpc_error
+from berth.files import fsync_dir
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc as pb_grpc
 
@@ -247,7 +248,7 @@ class RegistryClient:
                 "DATA_LOSS",
             )
         os.replace(partial, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return info.size
 
     # --- manifests ---------------------------------------------------------------------------
@@ -568,11 +569,3 @@ def _open_source(source: str | os.PathLike[str] | BinaryIO) -> Iterator[BinaryIO
             yield fileobj
     else:
         yield source
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
