@@ -10,7 +10,6 @@ used as an overlay lower dir as is.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import stat
@@ -25,7 +24,7 @@ from isal import igzip, igzip_lib
 
 from berthd.common.errors import FailedPrecondition, InvalidArgument
 from berthd.common.oci import mediatypes
-from berthd.common.oci.digest import ALGORITHM, quoted
+from berthd.common.oci.digest import Digester, quoted
 
 WHITEOUT_PREFIX = ".wh."
 # `.wh..wh.*` names are aufs bookkeeping; only the opaque marker means something to overlay.
@@ -77,13 +76,11 @@ class HashingReader:
 
     def __init__(self, stream: Reader) -> None:
         self._stream = stream
-        self._hash = hashlib.sha256()
-        self._size = 0
+        self._digester = Digester()
 
     def read(self, size: int = -1) -> bytes:
         data = self._stream.read(size)
-        self._hash.update(data)
-        self._size += len(data)
+        self._digester.update(data)
         return data
 
     def readable(self) -> bool:
@@ -91,11 +88,11 @@ class HashingReader:
 
     @property
     def digest(self) -> str:
-        return f"{ALGORITHM}:{self._hash.hexdigest()}"
+        return self._digester.digest
 
     @property
     def size(self) -> int:
-        return self._size
+        return self._digester.size
 
 
 def extract_layer(tar_stream: Reader, dest: Path) -> ExtractResult:
