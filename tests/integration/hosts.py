@@ -34,9 +34,15 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .conftest import wait_until
+from berthd.localcluster import unmount_under
+
+from .conftest import stop_process, wait_until
+
+__all__ = ["HostService", "TestNetwork", "force_remove_containers", "unmount_under"]
 
 REPO = Path(__file__).resolve().parents[2]
+# How long a test process gets to drain after SIGTERM before SIGKILL.
+STOP_TIMEOUT = 10
 ETCD_CLIENT_PORT = 2379  # each control namespace is fresh, so the well-known ports are free
 ETCD_PEER_PORT = 2380
 
@@ -237,10 +243,27 @@ class TestNetwork:
 
     # -- cleanup --------------------------------------------------------------------------
 
+    def start_agents(self, registry: str, prefix: str, lease_ttl: int) -> dict[str, HostService]:
+        """One node agent per host, without waiting: node id `hostN`, label `host=hN`, data in
+        `run_dir/hostN`, pulling from `registry`. Call `.wait_ready()` on each."""
+        return {
+            f"host{n}": self.start_service(
+                host,
+                "node",
+                f"--data-dir={self.run_dir / f'host{n}'}",
+                f"--node-id=host{n}",
+                f"--label=host=h{n}",
+                f"--registry={registry}",
+                prefix=prefix,
+                lease_ttl=lease_ttl,
+            )
+            for n, host in enumerate(self.hosts, start=1)
+        }
+
     def close(self) -> None:
         """Stop processes, unmount leftovers under run_dir, delete namespaces. Idempotent."""
         for proc in reversed(self.processes):
-            _stop(proc)
+            stop_process(proc, timeout=STOP_TIMEOUT)
         # Whatever daemonized inside our namespaces (conmon, stray children) dies by pid.
         for ns in self.namespaces:
             for pid in _netns_pids(ns):
@@ -274,30 +297,6 @@ def sweep_stale() -> list[str]:
     return swept
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 10) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def unmount_under(root: Path) -> list[str]:
-    """Lazily unmount every mount point below `root` (deepest first); returns what it unmounted."""
-    prefix = str(root.resolve()) + "/"
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point.startswith(prefix):
-                points.append(point)
-    for point in sorted(points, key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-    return points
-
-
 def force_remove_containers(data_dir: Path, runc: str = "runc") -> None:
     """Fallback when an agent could not remove its containers: delete them through runc."""
     root = data_dir / "runc"
@@ -328,7 +327,7 @@ class HostService:
         try:
             wait_until(self.ready.exists, timeout, self.name, self.proc)
         except Exception:
-            _stop(self.proc)
+            stop_process(self.proc, timeout=STOP_TIMEOUT)
             tail = self.log.read_text()[-3000:]
             raise RuntimeError(f"{self.name} failed to start:\n{tail}") from None
         info = json.loads(self.ready.read_text())
@@ -336,7 +335,7 @@ class HostService:
         return self
 
     def stop(self) -> int | None:
-        _stop(self.proc)
+        stop_process(self.proc, timeout=STOP_TIMEOUT)
         return self.proc.returncode
 
 

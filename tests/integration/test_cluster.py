@@ -99,17 +99,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         )
         service = net.start_service(net.ctl, "cluster", prefix=prefix)
         registry.wait_ready()
-        for n, host in enumerate(net.hosts, start=1):
-            agents[f"host{n}"] = net.start_service(
-                host,
-                "node",
-                f"--data-dir={run_dir / f'host{n}'}",
-                f"--node-id=host{n}",
-                f"--label=host=h{n}",
-                f"--registry={registry.address}",
-                prefix=prefix,
-                lease_ttl=LEASE_TTL,
-            )
+        agents.update(net.start_agents(registry.address, prefix, LEASE_TTL))
         service.wait_ready()
         for agent in agents.values():
             agent.wait_ready()

@@ -116,16 +116,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
             net.ctl, "cluster", prefix=prefix, lease_ttl=LEASE_TTL, name="cluster-1"
         )
         registry.wait_ready()
-        for n, host in enumerate(net.hosts, start=1):
-            agents[f"host{n}"] = net.start_service(
-                host,
-                "node",
-                f"--data-dir={run_dir / f'host{n}'}",
-                f"--node-id=host{n}",
-                f"--registry={registry.address}",
-                prefix=prefix,
-                lease_ttl=LEASE_TTL,
-            )
+        agents.update(net.start_agents(registry.address, prefix, LEASE_TTL))
         first.wait_ready()
         # The second instance starts after the first has surely campaigned: first leads.
         second = net.start_service(

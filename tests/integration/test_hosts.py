@@ -132,17 +132,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
         registry = net.start_service(
             net.ctl, "registry", f"--data-dir={run_dir / 'registry'}", prefix=prefix
         ).wait_ready()
-        for n, host in enumerate(net.hosts, start=1):
-            agents[f"host{n}"] = net.start_service(
-                host,
-                "node",
-                f"--data-dir={run_dir / f'host{n}'}",
-                f"--node-id=host{n}",
-                f"--label=host=h{n}",
-                f"--registry={registry.address}",
-                prefix=prefix,
-                lease_ttl=LEASE_TTL,
-            )
+        agents.update(net.start_agents(registry.address, prefix, LEASE_TTL))
         for agent in agents.values():  # started together, so their imports overlap
             agent.wait_ready()
         yield Hosts(net, prefix, registry, agents, run_dir)
