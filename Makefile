@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BUF := npx --yes @bufbuild/buf@1.47.2
-APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci iproute2 curl
-# Peers the benchmarks measure berth against (not needed by the tests).
-BENCH_APT_PACKAGES := docker-registry podman
+APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-registry openssl iproute2 curl
+# Peers the benchmarks measure berth against (not needed by the tests; docker-registry is: the
+# image tests push to and pull from it).
+BENCH_APT_PACKAGES := podman buildah
 PROTO_FILES := $(shell find protos -name '*.proto')
 # Empty means berthd's default state directory, which the CLI also finds on its own.
 STATE_DIR ?=

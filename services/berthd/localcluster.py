@@ -15,9 +15,10 @@ Port plan, from `--base-port` N: etcd client N, peer N+1; service i of SERVICES 
 metrics N+11+2i (N+10..N+39 are kept for services); node-1 is the "node" service (N+12, N+13);
 node-K for K >= 2 at N+40+2(K-2) and N+41+2(K-2).
 
-cluster.json: {"state_dir", "prefix", "etcd": {...}, "services": {"registry", "node", "cluster"},
-"nodes": {"node-1": {...}, ...}}; each process entry has address, metrics, pid, marker, log, and
-each node also data_dir and argv. services.node is node-1: what single-host clients use.
+cluster.json: {"state_dir", "prefix", "etcd": {...}, "services": {"registry", "node", "cluster",
+"image", "builder"}, "nodes": {"node-1": {...}, ...}}; each process entry has address, metrics,
+pid, marker, log, and each node also data_dir and argv. services.node is node-1: what
+single-host clients use.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class Ports:
 
 
 # The services `up` starts, in order ("node" stands for every node agent). Later issues append.
-SERVICES = ["registry", "node", "cluster"]
+SERVICES = ["registry", "node", "cluster", "image", "builder"]
 
 
 def node_id(number: int) -> str:

@@ -7,8 +7,10 @@ import asyncio
 import sys
 
 from berthd import localcluster
+from berthd.builder import main as builder_main
 from berthd.cluster import main as cluster_main
 from berthd.common.errors import BerthError
+from berthd.image import main as image_main
 from berthd.node import main as node_main
 from berthd.registry import main as registry_main
 
@@ -19,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     registry_main.add_parser(commands)
     node_main.add_parser(commands)
     cluster_main.add_parser(commands)
+    image_main.add_parser(commands)
+    builder_main.add_parser(commands)
     localcluster.add_parsers(commands)
     return parser
 

@@ -249,3 +249,12 @@ def busybox(client: RegistryClient, tmp_path: Path) -> str:
     """A one-layer busybox image pushed to the test's registry; returns its reference."""
     push_image(client, "test/busybox", "1", [busybox_layer()], tmp_path)
     return "test/busybox:1"
+
+
+# Fixtures for every integration test; imported last because docker_registry uses this
+# module's process helpers.
+from .docker_registry import (  # noqa: E402, F401
+    docker_registry_basic_fixture,
+    docker_registry_fixture,
+    docker_registry_token_fixture,
+)

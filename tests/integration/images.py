@@ -71,7 +71,7 @@ def push_image(
     diff_ids: list[str] | None = None,
 ) -> str:
     """Gzip the layers, write an OCI config and manifest, push it all; returns the digest."""
-    blobs = [igzip.compress(layer, compresslevel=1) for layer in layer_tars]
+    blobs = [igzip.compress(layer, compresslevel=1, mtime=0) for layer in layer_tars]
     config = json.dumps(
         {
             "architecture": "amd64",

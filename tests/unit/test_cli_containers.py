@@ -822,14 +822,17 @@ def test_unreachable_node_from_the_environment(
     assert UNREACHABLE in error_line(capsys)
 
 
-def test_node_address_from_the_cluster_file(
+def test_images_use_the_cluster_files_image_service_not_its_node(
     no_ambient_cluster: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Without --node or BERTH_NODE, `images` lists the catalog, not node-1's cache."""
     no_ambient_cluster.mkdir(parents=True)
-    cluster = {"services": {"node": {"address": UNREACHABLE}}}
+    cluster = {"services": {"node": {"address": "127.0.0.1:2"}, "image": {"address": UNREACHABLE}}}
     (no_ambient_cluster / "cluster.json").write_text(json.dumps(cluster))
     assert main(["images"]) == 1
-    assert UNREACHABLE in error_line(capsys)
+    line = error_line(capsys)
+    assert f"cannot reach the image service at {UNREACHABLE}" in line
+    assert "--image-service or BERTH_IMAGE" in line
 
 
 def test_unreachable_node_as_a_process_prints_exactly_one_line() -> None:

@@ -88,15 +88,44 @@ def resolve_cluster_address(host: str | None, hint: str = "") -> str:
     return _cluster_file_address("cluster", hint or CLUSTER_HINT)
 
 
-def resolve_service_address(service: str, flag: str | None) -> str:
-    """The address of a berth service: the flag, else BERTH_<SERVICE>, else the local cluster."""
+def resolve_service_address(service: str, flag: str | None, option: str = "") -> str:
+    """The address of a berth service: the flag, else BERTH_<SERVICE>, else the local cluster.
+    `option` is the flag's name when it is not --SERVICE (the image service's --image-service)."""
     if flag:
         return flag
     env_name = f"BERTH_{service.upper()}"
     if from_env := os.environ.get(env_name):
         return from_env
-    hint = f"pass --{service} HOST:PORT, set {env_name}, or start a local cluster with `berthd up`"
+    hint = (
+        f"pass {option or f'--{service}'} HOST:PORT, set {env_name}, "
+        "or start a local cluster with `berthd up`"
+    )
     return _cluster_file_address(service, hint)
+
+
+IMAGE_RULE = (
+    "Image commands go to the image service at --image-service, else $BERTH_IMAGE, else the "
+    "`berthd up` cluster's. `images`, `rmi` and `pull` of a name without a registry host act on "
+    "one node agent's own image cache instead with --node, or with $BERTH_NODE when no image "
+    "service is named."
+)
+
+
+def image_cache_node(image_service: str | None, node: str | None) -> str | None:
+    """IMAGE_RULE: the node agent whose own image cache a command acts on, or None for the
+    image service. As in TARGET_RULE, a flag beats the environment, and BERTH_NODE is single-host
+    mode only while BERTH_IMAGE does not name an image service."""
+    if image_service and node:
+        raise BerthClientError(
+            "--image-service and --node are exclusive: the cluster's image catalog or one "
+            "node's image cache",
+            "INVALID_ARGUMENT",
+        )
+    if node or image_service:
+        return node
+    if os.environ.get("BERTH_NODE") and not os.environ.get("BERTH_IMAGE"):
+        return os.environ["BERTH_NODE"]
+    return None
 
 
 def _cluster_file_address(service: str, hint: str) -> str:

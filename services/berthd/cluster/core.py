@@ -514,8 +514,14 @@ class ClusterCore:
     async def wait(self, ref: str) -> dict[str, Any]:
         """Block until the container exits; its final status (exit_code, oom_killed)."""
         view = await self.inspect(ref)
+        # No status yet means the node has not created it yet; only a deleted status (the
+        # container was removed) ends the wait without an exit.
         status = await self._wait_status(
-            view, lambda s: s is None or s.get("state") == "exited", None, "exit"
+            view,
+            lambda s: s is not None and s.get("state") == "exited",
+            None,
+            "exit",
+            deletion_ends=True,
         )
         if status is None:
             raise NotFound(f"container {view.name} was removed before it exited")
@@ -571,8 +577,10 @@ class ClusterCore:
         done: Callable[[dict[str, Any] | None], bool],
         timeout: float | None,
         what: str,
+        deletion_ends: bool = False,
     ) -> dict[str, Any] | None:
-        """Watch a container's status key until `done(status)`; Unavailable on timeout."""
+        """Watch a container's status key until `done(status)`, or until the key is deleted
+        when `deletion_ends` (then None); Unavailable on timeout."""
         key = status_key(view.id)
 
         async def follow() -> dict[str, Any] | None:
@@ -584,7 +592,7 @@ class ClusterCore:
                 if event.key != key:
                     continue
                 status = json.loads(event.value) if event.kind == "put" else None
-                if done(status):
+                if done(status) or (status is None and deletion_ends):
                     return status
             raise Unavailable(f"watch on {key} ended")
 

@@ -49,3 +49,36 @@ class Aborted(BerthError):
     """A concurrent write won a race; the caller may retry."""
 
     code = grpc.StatusCode.ABORTED
+
+
+class Unauthenticated(BerthError):
+    """An external registry wants credentials, or refused the ones given."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(BerthError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+_BY_CODE: dict[str, type[BerthError]] = {
+    cls.code.name: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        DataLoss,
+        ResourceExhausted,
+        Unavailable,
+        Aborted,
+        Unauthenticated,
+        PermissionDenied,
+    )
+}
+
+
+def error_for_code(code: str, message: str) -> BerthError:
+    """The domain error for a status code name ("NOT_FOUND"), as another berth service's answer
+    arrives through the client package; unknown codes stay BerthError (UNKNOWN)."""
+    return _BY_CODE.get(code, BerthError)(message)

@@ -222,15 +222,27 @@ class NodeAgent:
         upper = self.containers.dir(record.id).upper
         return await asyncio.to_thread(diff.changes, upper, self.containers.lower_dirs(record))
 
-    async def export(self, ref: str, repository: str) -> tuple[diff.ExportResult, str]:
+    async def export(
+        self, ref: str, repository: str, pause: bool = False
+    ) -> tuple[diff.ExportResult, str]:
         """Pack the container's changes as a layer and push it; the bytes never leave the node
-        except to the registry. Returns the layer and its media type."""
+        except to the registry. With `pause`, a running container is frozen while its upper dir
+        is read (one consistent snapshot) and thawed before the push. Returns the layer and its
+        media type."""
         record = self.containers.resolve(ref)
         upper = self.containers.dir(record.id).upper
         scratch = self.data_dir / "downloads"
         scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=scratch, suffix=".tar.gz") as out:
-            result = await asyncio.to_thread(diff.export_layer, upper, out)
+            state = await self.runtime.state(record.id) if pause else None
+            frozen = state is not None and state.status == "running"
+            if frozen:
+                await self.runtime.pause(record.id)
+            try:
+                result = await asyncio.to_thread(diff.export_layer, upper, out)
+            finally:
+                if frozen:
+                    await self.runtime.resume(record.id)
             out.flush()
             with RegistryClient(await self.registry_address()) as registry:
                 await asyncio.to_thread(

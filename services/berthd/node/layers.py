@@ -44,15 +44,10 @@ from berth.client import RegistryClient
 from berth.errors import BerthClientError
 from berth.files import fsync_dir
 from berthd.common.errors import (
-    Aborted,
-    AlreadyExists,
-    BerthError,
     DataLoss,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
-    Unavailable,
+    error_for_code,
 )
 from berthd.common.oci.digest import digest_bytes, hex_of, parse_digest, quoted
 from berthd.common.oci.manifest import (
@@ -569,7 +564,7 @@ class _Pull:
         """The image manifest; from an index, the entry for this host's platform."""
         digest, manifest = await self._fetch_manifest(reference)
         if manifest.kind == "index":
-            digest, manifest = await self._fetch_manifest(_pick_platform(manifest).digest)
+            digest, manifest = await self._fetch_manifest(pick_platform(manifest).digest)
             if manifest.kind != "image":
                 raise InvalidArgument(f"index {reference} lists another index for this platform")
         return digest, manifest
@@ -659,8 +654,7 @@ class _Pull:
         try:
             return await self._in_thread(call, *args)
         except BerthClientError as e:
-            error = _ERRORS_BY_CODE.get(e.code, BerthError)
-            raise error(f"registry: {e.message}") from e
+            raise error_for_code(e.code, f"registry: {e.message}") from e
 
     async def _in_thread(self, call: Callable[..., T], *args: Any) -> T:
         """Run blocking work in a thread. If the pull is cancelled, the thread is told to stop
@@ -696,36 +690,25 @@ class _Pull:
         return report
 
 
-_ERRORS_BY_CODE: dict[str, type[BerthError]] = {
-    cls.code.name: cls
-    for cls in (
-        InvalidArgument,
-        NotFound,
-        AlreadyExists,
-        FailedPrecondition,
-        DataLoss,
-        ResourceExhausted,
-        Unavailable,
-        Aborted,
-    )
-}
-
-
 def host_platform() -> tuple[str, str]:
     """(os, architecture) of this host as OCI names them."""
     machine = platform.machine()
     return "linux", _OCI_ARCH.get(machine, machine)
 
 
-def _pick_platform(index: ParsedManifest) -> Descriptor:
+def pick_platform(index: ParsedManifest, what: str = "") -> Descriptor:
+    """The index entry for this host's os/architecture; `what` (a reference) prefixes the
+    error."""
     os_name, arch = host_platform()
     for entry in index.manifests:
         p = entry.platform or {}
         if p.get("os") == os_name and p.get("architecture") == arch:
             return entry
     offered = sorted(
-        f"{e.platform['os']}/{e.platform['architecture']}" for e in index.manifests if e.platform
+        {f"{e.platform['os']}/{e.platform['architecture']}" for e in index.manifests if e.platform}
     )
+    prefix = f"{what}: " if what else ""
     raise NotFound(
-        f"the image index has no {os_name}/{arch} image (it has: {', '.join(offered) or 'none'})"
+        f"{prefix}the image index has no {os_name}/{arch} image "
+        f"(it has: {', '.join(offered) or 'none'})"
     )

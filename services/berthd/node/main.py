@@ -11,7 +11,7 @@ import grpc
 
 from berth.node.v1 import node_pb2, node_pb2_grpc
 from berthd.common.config import add_common_flags, add_flag, service_config
-from berthd.common.errors import Unavailable
+from berthd.common.endpoints import service_address
 from berthd.common.server import run_server
 from berthd.common.store import Store, encode
 from berthd.node.agent import NodeAgent, default_node_id
@@ -94,13 +94,7 @@ async def run(args: argparse.Namespace) -> None:
     images = ImageStore(data)
     manager = ContainerManager(data, args.node_id, runtime, images, layers, store)
 
-    async def registry_address() -> str:
-        if args.registry:
-            return args.registry
-        entries = await store.list("endpoints/registry/")
-        if not entries:
-            raise Unavailable("no registry is registered in etcd; start one or pass --registry")
-        return str(entries[0].json()["address"])
+    registry_address = service_address(store, "registry", args.registry)
 
     agent = NodeAgent(
         data,

@@ -215,6 +215,16 @@ class Runtime:
         _check_id(container_id)
         await self._runc("kill", *(["--all"] if all else []), container_id, str(signal))
 
+    async def pause(self, container_id: str) -> None:
+        """Freeze every process of the container (cgroup freezer, `runc pause`)."""
+        _check_id(container_id)
+        await self._runc("pause", container_id)
+
+    async def resume(self, container_id: str) -> None:
+        """Thaw a paused container (`runc resume`)."""
+        _check_id(container_id)
+        await self._runc("resume", container_id)
+
     async def delete(self, container_id: str, force: bool = False) -> None:
         """Forget a stopped container (with `force`, SIGKILL a running one first).
 

@@ -14,8 +14,9 @@ from berth.node.v1 import node_pb2 as pb
 from berth.node.v1 import node_pb2_grpc
 from berth.types.v1 import types_pb2
 from berthd.common.errors import InvalidArgument
+from berthd.common.streaming import Done, progress_stream
 from berthd.node.agent import NodeAgent
-from berthd.node.layers import ImageRecord, PullEvent
+from berthd.node.layers import ImageRecord
 from berthd.node.records import ContainerRecord
 from berthd.node.spec import ContainerConfig, MountSpec
 
@@ -175,23 +176,16 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def PullImage(
         self, request: pb.PullImageRequest, context: Context
     ) -> AsyncIterator[pb.PullImageResponse]:
-        events: asyncio.Queue[PullEvent | None] = asyncio.Queue()
-        pull = asyncio.create_task(self.agent.pull(request.image, events.put_nowait))
-        pull.add_done_callback(lambda _: events.put_nowait(None))
-        try:
-            while (event := await events.get()) is not None:
+        async for item in progress_stream(lambda report: self.agent.pull(request.image, report)):
+            if isinstance(item, Done):
+                yield pb.PullImageResponse(image=image(item.result))
+            else:
                 yield pb.PullImageResponse(
-                    layer=event.layer_digest,
-                    state=LAYER_STATES[event.state],
-                    current=event.current,
-                    total=event.total,
+                    layer=item.layer_digest,
+                    state=LAYER_STATES[item.state],
+                    current=item.current,
+                    total=item.total,
                 )
-            yield pb.PullImageResponse(image=image(await pull))
-        finally:
-            if not pull.done():
-                pull.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pull
 
     async def ListImages(
         self, request: pb.ListImagesRequest, context: Context
@@ -351,7 +345,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def ExportLayer(
         self, request: pb.ExportLayerRequest, context: Context
     ) -> pb.ExportLayerResponse:
-        result, media_type = await self.agent.export(request.container, request.repository)
+        result, media_type = await self.agent.export(
+            request.container, request.repository, request.pause
+        )
         return pb.ExportLayerResponse(
             layer=types_pb2.Descriptor(
                 media_type=media_type, digest=result.digest, size=result.size

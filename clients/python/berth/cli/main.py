@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
-from berth.cli import cluster_cmds, container_cmds, image_cmds, oci_cmds, registry_cmds
+from berth.cli import build_cmds, cluster_cmds, container_cmds, image_cmds, oci_cmds, registry_cmds
 from berth.cli.output import FORMATS, print_error
-from berth.config import TARGET_RULE
+from berth.config import IMAGE_RULE, TARGET_RULE
 from berth.errors import BerthClientError
 from berth.oci_layout import LayoutError
 
@@ -31,9 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="berth",
         description="Command-line client for the berth platform.",
-        epilog=f"{TARGET_RULE} `node`, `service` and `events` always ask the cluster. Image "
-        "commands (pull, images, rmi) work on the node at --node, else $BERTH_NODE, else the "
-        "`berthd up` cluster's node.",
+        epilog=f"{TARGET_RULE} `node`, `service` and `events` always ask the cluster. {IMAGE_RULE}",
     )
     parser.add_argument("--version", action="version", version=f"berth {_version()}")
     parser.add_argument(
@@ -44,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", metavar="ADDR", default=None, help=container_cmds.HOST_HELP)
     parser.add_argument(
+        "--image-service", metavar="ADDR", default=None, help=image_cmds.SERVICE_HELP
+    )
+    parser.add_argument(
         "--node",
         metavar="ADDR",
         default=None,
-        help="a node agent HOST:PORT: container commands then skip the cluster (see below)",
+        help="a node agent HOST:PORT: container and some image commands then skip the "
+        "cluster (see below)",
     )
     parser.add_argument(
         "--format", choices=FORMATS, default="table", help="output of data: table (default), json"
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     image_cmds.add_commands(commands)
     container_cmds.add_commands(commands)
     cluster_cmds.add_commands(commands)
+    build_cmds.add_commands(commands, parser)
     return parser
 
 

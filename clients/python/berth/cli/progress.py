@@ -2,10 +2,13 @@
 
 On a terminal each layer is a live rich progress line (`3f4d90098f5b: Pushing [===>  ] 1.2MB/4.5MB`)
 that ends as its final status (`Pushed`, `Layer already exists`, ...). Piped output gets one
-line per layer when it finishes, so logs stay readable.
+line per layer when it finishes, so logs stay readable. A whole archive in transit (load, save,
+import) is one such line without a digest, on terminals only.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn, Task, TaskID
@@ -57,6 +60,11 @@ class LayerLine:
     def update(self, done: int, total: int) -> None:
         self._display.set(self._task, active=True, completed=done, total=total)
 
+    def show(self, status: str) -> None:
+        """A state between the transfer and the end (Verifying Checksum, Extracting ...), on the
+        live line only: piped output prints just the final status."""
+        self._display.set(self._task, active=False, status=status)
+
     def finish(self, status: str) -> None:
         self._display.set(self._task, active=False, status=status)
         self._display.announce(self.digest, status)
@@ -101,3 +109,87 @@ class LayerProgress:
         """Without live lines, a finished layer is printed once."""
         if self._progress is None:
             self._console.print(f"{short_digest(digest)}: {status}", markup=False)
+
+
+@dataclass(frozen=True)
+class Direction:
+    """The Docker words of one transfer direction: the state of a blob on the move (the live
+    bar's verb), and the final states, the first of which means bytes were copied."""
+
+    moving: str
+    final: tuple[str, ...]
+
+
+PULL = Direction("Downloading", ("Pull complete", "Already exists"))
+PUSH = Direction("Pushing", ("Pushed", "Layer already exists", "Mounted from another repository"))
+
+
+class TransferDisplay:
+    """Per-blob progress events (digest, state in Docker's words, bytes) as Docker's lines."""
+
+    def __init__(self, display: LayerProgress, direction: Direction) -> None:
+        self._display = display
+        self._direction = direction
+        self._lines: dict[str, LayerLine] = {}
+        self.copied = False  # whether any blob had to be copied (else "up to date")
+
+    def update(self, digest: str, state: str, current: int, total: int) -> None:
+        if not digest:
+            return
+        line = self._lines.get(digest)
+        if line is None:
+            line = self._lines[digest] = self._display.add(digest, total)
+        if state in (self._direction.moving, self._direction.final[0]):
+            self.copied = True
+        if state in self._direction.final or state.startswith("Mounted from "):
+            line.finish(state)
+        elif state == self._direction.moving:
+            line.update(current, total)
+        elif state == "Extracting" and total > 0:
+            line.show(f"Extracting {docker_bar(current, total)}")
+        else:
+            line.show(state)
+
+
+class _BytesColumn(ProgressColumn):
+    """`Loading [=====>    ]  12.3MB/45.6MB`; only the count when the total is unknown."""
+
+    def __init__(self, out: Console) -> None:
+        super().__init__(table_column=Column(no_wrap=True, overflow="ellipsis"))
+        self._console = out
+
+    def render(self, task: Task) -> Text:
+        done, total = int(task.completed), int(task.total or 0)
+        if total <= 0:
+            return Text(f"{task.description} {human_size(done)}", no_wrap=True)
+        room = self._console.width - len(task.description) - 20
+        bar = docker_bar(done, total, min(BAR_WIDTH, room) if room >= 10 else 0)
+        return Text(f"{task.description} {bar}", no_wrap=True, overflow="ellipsis")
+
+
+class ByteProgress:
+    """One bar for a whole stream of bytes on a terminal; nothing when out is not one.
+    `update` has the signature of the client's upload and download callbacks."""
+
+    def __init__(self, out: Console, description: str) -> None:
+        self._progress = (
+            Progress(_BytesColumn(out), console=out, refresh_per_second=8, transient=False)
+            if out.is_terminal
+            else None
+        )
+        self._task: TaskID | None = None
+        self._description = description
+
+    def __enter__(self) -> ByteProgress:
+        if self._progress is not None:
+            self._task = self._progress.add_task(self._description, total=None)
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, done: int, total: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=done, total=total or None)

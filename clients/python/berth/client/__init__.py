@@ -1,5 +1,6 @@
 """Typed clients for berth's gRPC services."""
 
+from berth.client.builder import BuilderClient, BuildOptions, BuildResult
 from berth.client.cluster import (
     ClusterClient,
     ClusterContainer,
@@ -8,6 +9,23 @@ from berth.client.cluster import (
     NodeInfo,
     Placement,
     ServiceInfo,
+)
+from berth.client.image import (
+    CommitProgress,
+    Credentials,
+    ExternalReference,
+    HistoryStep,
+    ImageClient,
+    ImageDetails,
+    ImageSummary,
+    Layer,
+    LoadResult,
+    PruneResult,
+    PullResult,
+    PushedImage,
+    Removal,
+    TransferProgress,
+    parse_external_reference,
 )
 from berth.client.node import ContainerInfo, ImageInfo, NodeClient, RunOptions
 from berth.client.registry import (
@@ -25,24 +43,42 @@ from berth.client.registry import (
 
 __all__ = [
     "BlobInfo",
+    "BuildOptions",
+    "BuildResult",
+    "BuilderClient",
     "ClusterClient",
     "ClusterContainer",
+    "CommitProgress",
     "ContainerInfo",
+    "Credentials",
     "DeletedManifest",
     "EndpointInfo",
     "Event",
+    "ExternalReference",
     "GcReport",
+    "HistoryStep",
+    "ImageClient",
+    "ImageDetails",
     "ImageInfo",
     "ImageReference",
+    "ImageSummary",
+    "Layer",
+    "LoadResult",
     "ManifestData",
     "NodeClient",
     "NodeInfo",
     "Placement",
+    "PruneResult",
+    "PullResult",
     "PushResult",
+    "PushedImage",
     "RegistryClient",
+    "Removal",
     "RepositoryInfo",
     "RunOptions",
     "ServiceInfo",
     "TagInfo",
+    "TransferProgress",
+    "parse_external_reference",
     "parse_image_reference",
 ]

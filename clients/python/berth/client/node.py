@@ -148,8 +148,11 @@ class NodeClient(ContainerStreams, GrpcClient):
         reply = self._call(self._stub.ContainerChanges, request)
         return [(kinds[c.kind], c.path) for c in reply.changes]
 
-    def export_layer(self, container: str, repository: str) -> tuple[str, str, int]:
-        """Push the container's changes as a layer; returns (digest, diff_id, size)."""
-        request = pb.ExportLayerRequest(container=container, repository=repository)
+    def export_layer(
+        self, container: str, repository: str, pause: bool = False
+    ) -> tuple[str, str, int]:
+        """Push the container's changes as a layer; returns (digest, diff_id, size). With
+        `pause`, the container is frozen while its changes are read."""
+        request = pb.ExportLayerRequest(container=container, repository=repository, pause=pause)
         reply = self._call(self._stub.ExportLayer, request, timeout=600)
         return reply.layer.digest, reply.diff_id, reply.layer.size

@@ -1,0 +1,518 @@
+"""Typed client for the image service (berth.image.v1): the cluster's image catalog.
+
+Mirrors the other clients: plain Python values and dataclasses in and out, gRPC errors as
+`BerthClientError`. Unary calls have a deadline; streams (commit, import, save, load, pull,
+push) have none, since their duration grows with the data. Uploads (import, load) move in 1 MiB
+chunks, the first message carrying the options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, BinaryIO, NamedTuple
+
+import grpc
+
+from berth.client.base import GrpcClient
+from berth.client.containers import time_of
+from berth.client.registry import ImageReference, Progress, parse_image_reference
+from berth.errors import BerthClientError
+from berth.image.v1 import image_pb2 as pb
+from berth.image.v1 import image_pb2_grpc
+
+CHUNK_SIZE = 1 << 20
+ARCHIVE_FORMATS = {"docker-archive": pb.ARCHIVE_FORMAT_DOCKER, "oci-archive": pb.ARCHIVE_FORMAT_OCI}
+# The server's TransferState in Docker's words, which differ between the two directions. A blob
+# berth's registry links from another of its repositories was not downloaded: "Already exists".
+PULL_STATES = {
+    pb.TRANSFER_STATE_WAITING: "Waiting",
+    pb.TRANSFER_STATE_TRANSFERRING: "Downloading",
+    pb.TRANSFER_STATE_VERIFYING: "Verifying Checksum",
+    pb.TRANSFER_STATE_COMPLETE: "Pull complete",
+    pb.TRANSFER_STATE_ALREADY_EXISTS: "Already exists",
+    pb.TRANSFER_STATE_MOUNTED: "Already exists",
+}
+PUSH_STATES = {
+    pb.TRANSFER_STATE_WAITING: "Waiting",
+    pb.TRANSFER_STATE_TRANSFERRING: "Pushing",
+    pb.TRANSFER_STATE_VERIFYING: "Verifying Checksum",
+    pb.TRANSFER_STATE_COMPLETE: "Pushed",
+    pb.TRANSFER_STATE_ALREADY_EXISTS: "Layer already exists",
+    pb.TRANSFER_STATE_MOUNTED: "Mounted from another repository",
+}
+COMMIT_STAGES = {
+    pb.COMMIT_STAGE_RESOLVING: "resolving",
+    pb.COMMIT_STAGE_EXPORTING: "exporting",
+    pb.COMMIT_STAGE_WRITING: "writing",
+    pb.COMMIT_STAGE_DONE: "done",
+}
+# host[:port]: DNS labels joined by dots, or a bracketed IPv6 address.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST_RE = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:]+\])(?::(?P<port>[0-9]{{1,5}}))?")
+
+Source = str | os.PathLike[str] | BinaryIO
+
+
+# --- values -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    """One row of the catalog: an image under one of its tags (tag "" when untagged)."""
+
+    repository: str
+    tag: str
+    digest: str  # manifest digest
+    id: str  # config digest, Docker's image id
+    created: datetime | None
+    size: int
+    shared_size: int
+    hosts: list[str]
+    containers: int
+
+
+@dataclass(frozen=True)
+class Layer:
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HistoryStep:
+    layer: str  # digest of the layer the step added; "" for an empty step
+    created: datetime | None
+    created_by: str
+    size: int
+    comment: str
+    empty_layer: bool
+    author: str
+
+
+@dataclass(frozen=True)
+class ImageDetails:
+    digest: str
+    id: str
+    repo_tags: list[str]
+    repo_digests: list[str]
+    media_type: str
+    manifest: bytes
+    config: dict[str, Any]  # the image config document, parsed
+    layers: list[Layer]  # bottom first
+    diff_ids: list[str]
+    history: list[HistoryStep]  # oldest first
+    created: datetime | None
+    size: int
+    hosts: list[str]
+    platform: str  # "linux/amd64"
+    origin: str  # commit, import, load, pull; "" when pushed to the registry directly
+    origin_detail: str
+
+
+@dataclass(frozen=True)
+class TransferProgress:
+    """One blob's progress in a pull or push; `state` in Docker's words for that direction."""
+
+    digest: str
+    state: str
+    current: int
+    total: int
+    config: bool = False  # the image config: Docker shows no line for it
+    mounted_from: str = ""  # a push's cross-repository mount: the remote repository
+
+
+@dataclass(frozen=True)
+class CommitProgress:
+    stage: str  # resolving, exporting, writing, done
+    message: str
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """For an external registry: a user and password (or token), or an identity token."""
+
+    username: str = ""
+    password: str = ""
+    identity_token: str = ""
+
+
+class Removal(NamedTuple):
+    """What removing one image did, in Docker's words."""
+
+    untagged: list[str]  # repository:tag references
+    deleted: list[str]  # the manifest, then blobs no other image uses
+
+
+class PruneResult(NamedTuple):
+    removed: list[Removal]
+    space_reclaimed: int
+
+
+class LoadResult(NamedTuple):
+    images: list[ImageDetails]
+    references: list[str]
+
+
+class PullResult(NamedTuple):
+    image: ImageDetails
+    local_reference: str
+
+
+class PushedImage(NamedTuple):
+    digest: str  # of the pushed manifest
+    size: int
+
+
+@dataclass(frozen=True)
+class ExternalReference:
+    """`[HOST[:PORT]/]REPO[:TAG][@DIGEST]`: host None names berth's own registry."""
+
+    host: str | None
+    name: ImageReference
+
+    def __str__(self) -> str:
+        return f"{self.host}/{self.name}" if self.host else str(self.name)
+
+
+def parse_external_reference(text: str) -> ExternalReference:
+    """Split off a registry host by Docker's rule: the first component names a host when it
+    has a '.' or a ':' or is `localhost`. The rest follows the distribution-spec grammar."""
+    first, slash, rest = text.partition("/")
+    if not (slash and ("." in first or ":" in first or first == "localhost")):
+        return ExternalReference(None, parse_image_reference(text))
+    if not is_registry_host(first):
+        raise BerthClientError(
+            f'invalid registry host "{first}" in "{text}": expected HOST[:PORT]',
+            "INVALID_ARGUMENT",
+        )
+    return ExternalReference(first, parse_image_reference(rest))
+
+
+def is_registry_host(text: str) -> bool:
+    """Whether text is HOST[:PORT] (a DNS name, an IPv4 or a bracketed IPv6 address)."""
+    match = _HOST_RE.fullmatch(text)
+    return bool(match) and (match["port"] is None or 0 < int(match["port"]) < 65536)
+
+
+# --- conversions ------------------------------------------------------------------------------
+
+
+def _summary(i: pb.Image) -> ImageSummary:
+    return ImageSummary(
+        repository=i.repository,
+        tag=i.tag,
+        digest=i.digest,
+        id=i.id,
+        created=time_of(i, "created"),
+        size=i.size,
+        shared_size=i.shared_size,
+        hosts=list(i.hosts),
+        containers=i.containers,
+    )
+
+
+def _step(h: pb.HistoryEntry) -> HistoryStep:
+    return HistoryStep(
+        layer=h.layer,
+        created=time_of(h, "created"),
+        created_by=h.created_by,
+        size=h.size,
+        comment=h.comment,
+        empty_layer=h.empty_layer,
+        author=h.author,
+    )
+
+
+def _config(d: pb.ImageDetail) -> dict[str, Any]:
+    if not d.config:
+        return {}
+    try:
+        config = json.loads(d.config)
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise BerthClientError(f"image {d.id or d.digest} has a config that is not a JSON object")
+    return config
+
+
+def _details(d: pb.ImageDetail) -> ImageDetails:
+    return ImageDetails(
+        digest=d.digest,
+        id=d.id,
+        repo_tags=list(d.repo_tags),
+        repo_digests=list(d.repo_digests),
+        media_type=d.media_type,
+        manifest=d.manifest,
+        config=_config(d),
+        layers=[Layer(x.media_type, x.digest, x.size, dict(x.annotations)) for x in d.layers],
+        diff_ids=list(d.diff_ids),
+        history=[_step(h) for h in d.history],
+        created=time_of(d, "created"),
+        size=d.size,
+        hosts=list(d.hosts),
+        platform=d.platform,
+        origin=d.origin,
+        origin_detail=d.origin_detail,
+    )
+
+
+def _credentials(c: Credentials | None) -> pb.Credentials | None:
+    if c is None:
+        return None
+    return pb.Credentials(username=c.username, password=c.password, identity_token=c.identity_token)
+
+
+def _transfer(p: pb.LayerProgress, states: dict[int, str]) -> TransferProgress:
+    return TransferProgress(
+        p.digest, states.get(p.state, "?"), p.current, p.total, p.config, p.mounted_from
+    )
+
+
+def _size_of(f: BinaryIO) -> int:
+    """Bytes a regular file holds from its current position; 0 (unknown) for pipes."""
+    try:
+        info = os.fstat(f.fileno())
+        return info.st_size - f.tell() if stat.S_ISREG(info.st_mode) else 0
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _chunks(f: BinaryIO, total: int, progress: Progress | None) -> Iterator[bytes]:
+    done = 0
+    while chunk := f.read(CHUNK_SIZE):
+        done += len(chunk)
+        yield chunk
+        if progress is not None:
+            progress(done, max(total, done))
+
+
+# --- the client -------------------------------------------------------------------------------
+
+
+class ImageClient(GrpcClient):
+    SERVICE = "image service"
+    OPTION = "--image-service or BERTH_IMAGE"
+
+    def __init__(self, address: str, *, timeout: float | None = 60.0) -> None:
+        super().__init__(address, timeout=timeout)
+        self._stub = image_pb2_grpc.ImageServiceStub(self._channel)
+
+    # The catalog ------------------------------------------------------------------------
+
+    def images(
+        self, reference: str = "", all: bool = False, dangling: bool = False
+    ) -> list[ImageSummary]:
+        """Newest first, one entry per tag; untagged images with `all`, only them with
+        `dangling`."""
+        request = pb.ListImagesRequest(reference=reference, all=all, dangling_only=dangling)
+        return [_summary(i) for i in self._call(self._stub.ListImages, request).images]
+
+    def inspect(self, image: str) -> ImageDetails:
+        reply = self._call(self._stub.InspectImage, pb.InspectImageRequest(image=image))
+        return _details(reply.image)
+
+    def history(self, image: str) -> list[HistoryStep]:
+        """Newest step first, as `docker history` shows it."""
+        reply = self._call(self._stub.ImageHistory, pb.ImageHistoryRequest(image=image))
+        return [_step(h) for h in reply.entries]
+
+    def tag(self, source: str, target: str) -> str:
+        """Name source also target; returns the manifest digest target now names."""
+        request = pb.TagImageRequest(source=source, target=target)
+        return self._call(self._stub.TagImage, request).digest
+
+    def remove(self, image: str, force: bool = False) -> Removal:
+        """Untag a reference (deleting the image with its last tag), or delete an image named
+        by digest or id with all its tags."""
+        reply = self._call(self._stub.RemoveImage, pb.RemoveImageRequest(image=image, force=force))
+        return Removal(list(reply.untagged), list(reply.deleted))
+
+    def prune(self, all: bool = False) -> PruneResult:
+        reply = self._call(self._stub.PruneImages, pb.PruneImagesRequest(all=all), timeout=600)
+        removed = [Removal(list(r.untagged), list(r.deleted)) for r in reply.removed]
+        return PruneResult(removed, reply.space_reclaimed)
+
+    # Making images ----------------------------------------------------------------------
+
+    def commit(
+        self,
+        container: str,
+        reference: str = "",
+        author: str = "",
+        message: str = "",
+        pause: bool = True,
+        changes: Iterable[str] = (),
+        progress: Callable[[CommitProgress], None] | None = None,
+    ) -> ImageDetails:
+        request = pb.CommitContainerRequest(
+            container=container,
+            reference=reference,
+            author=author,
+            message=message,
+            pause=pause,
+            changes=list(changes),
+        )
+        for event in self._stream(self._stub.CommitContainer, request):
+            if progress is not None:
+                progress(CommitProgress(COMMIT_STAGES.get(event.stage, "?"), event.message))
+            if event.HasField("image"):
+                return _details(event.image)
+        raise BerthClientError(f"commit of {container} ended without an image", "UNKNOWN")
+
+    def import_image(
+        self,
+        source: Source,
+        reference: str = "",
+        message: str = "",
+        changes: Iterable[str] = (),
+        source_name: str = "",
+        progress: Progress | None = None,
+    ) -> ImageDetails:
+        """A root filesystem tarball (plain, gzip, bzip2 or xz) as a single-layer image.
+        progress(bytes_sent, total) runs on a gRPC thread; total is 0 for a pipe."""
+        options = pb.ImportImageRequest(
+            reference=reference, message=message, changes=list(changes), source=source_name
+        )
+        with ExitStack() as stack:
+            f = _open(source, stack)
+            chunks = _chunks(f, _size_of(f), progress)
+            requests = _with_first(options, (pb.ImportImageRequest(data=c) for c in chunks))
+            return _details(self._upload(self._stub.ImportImage, requests).image)
+
+    def load(
+        self, source: Source, reference: str = "", progress: Progress | None = None
+    ) -> LoadResult:
+        """A docker-archive or OCI-layout tar into the catalog; `reference` names images the
+        archive leaves unnamed."""
+        options = pb.LoadImagesRequest(reference=reference)
+        with ExitStack() as stack:
+            f = _open(source, stack)
+            chunks = _chunks(f, _size_of(f), progress)
+            requests = _with_first(options, (pb.LoadImagesRequest(data=c) for c in chunks))
+            reply = self._upload(self._stub.LoadImages, requests)
+        return LoadResult([_details(i) for i in reply.images], list(reply.references))
+
+    # Moving images ----------------------------------------------------------------------
+
+    def save(
+        self,
+        images: Iterable[str],
+        fmt: str,
+        out: BinaryIO,
+        progress: Progress | None = None,
+    ) -> int:
+        """Write the images as one archive (fmt: docker-archive or oci-archive) to out;
+        returns the bytes written."""
+        if fmt not in ARCHIVE_FORMATS:
+            raise BerthClientError(
+                f'unknown archive format "{fmt}": use {" or ".join(ARCHIVE_FORMATS)}',
+                "INVALID_ARGUMENT",
+            )
+        request = pb.SaveImagesRequest(images=list(images), format=ARCHIVE_FORMATS[fmt])
+        written = total = 0
+        for chunk in self._stream(self._stub.SaveImages, request):
+            total = chunk.total_size or total
+            out.write(chunk.data)
+            written += len(chunk.data)
+            if progress is not None:
+                progress(written, max(total, written))
+        return written
+
+    def pull(
+        self,
+        image: str,
+        credentials: Credentials | None = None,
+        insecure: bool = False,
+        local_reference: str = "",
+        progress: Callable[[TransferProgress], None] | None = None,
+    ) -> PullResult:
+        """Copy an image from an external registry (`HOST[:PORT]/name[:tag]`) into berth's."""
+        request = pb.PullImageRequest(
+            image=image,
+            credentials=_credentials(credentials),
+            insecure=insecure,
+            local_reference=local_reference,
+        )
+        for event in self._stream(self._stub.PullImage, request):
+            if event.HasField("image"):
+                return PullResult(_details(event.image), event.local_reference)
+            if progress is not None and event.HasField("progress"):
+                progress(_transfer(event.progress, PULL_STATES))
+        raise BerthClientError(f"pull of {image} ended without a result", "UNKNOWN")
+
+    def push(
+        self,
+        image: str,
+        destination: str,
+        credentials: Credentials | None = None,
+        insecure: bool = False,
+        progress: Callable[[TransferProgress], None] | None = None,
+    ) -> PushedImage:
+        """Copy an image of the catalog to an external registry (`HOST[:PORT]/name[:tag]`)."""
+        request = pb.PushImageRequest(
+            image=image,
+            destination=destination,
+            credentials=_credentials(credentials),
+            insecure=insecure,
+        )
+        for event in self._stream(self._stub.PushImage, request):
+            if event.digest:
+                return PushedImage(event.digest, event.size)
+            if progress is not None and event.HasField("progress"):
+                progress(_transfer(event.progress, PUSH_STATES))
+        raise BerthClientError(f"push of {image} ended without a result", "UNKNOWN")
+
+    # Plumbing ---------------------------------------------------------------------------
+
+    def _upload(self, method: Any, requests: Iterator[Any]) -> Any:
+        """A client-streaming call without a deadline. gRPC reads `requests` on its own thread
+        and, should reading fail, would end the stream as if the data were complete and log
+        the error: here a failed read cancels the call (so the server never takes a truncated
+        archive for a whole one) and is raised as it was."""
+        failure: list[Exception] = []
+        started = threading.Event()
+        calls: list[Any] = []
+
+        def guarded() -> Iterator[Any]:
+            try:
+                yield from requests
+            except Exception as exc:
+                failure.append(exc)
+                started.wait()
+                calls[0].cancel()
+
+        call = method.future(guarded())
+        calls.append(call)
+        started.set()
+        try:
+            return call.result()
+        except (grpc.RpcError, grpc.FutureCancelledError) as err:
+            if failure:
+                raise failure[0] from None
+            if isinstance(err, grpc.RpcError):
+                raise self._error(err) from err
+            raise BerthClientError("the upload was cancelled", "CANCELLED") from None
+        except BaseException:
+            call.cancel()  # Ctrl-C: do not leave the upload running
+            raise
+
+
+def _open(source: Source, stack: ExitStack) -> BinaryIO:
+    """A path is opened here (so a missing file fails before any call); a file is used as is."""
+    if isinstance(source, str | os.PathLike):
+        return stack.enter_context(open(source, "rb"))
+    return source
+
+
+def _with_first(first: Any, rest: Iterable[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest

@@ -1,0 +1,745 @@
+"""Build execution: a Dockerfile and its context in, an image in berth's registry out.
+
+Stages are built in order (only those the target needs). Every instruction is one step with a
+cache key (berthd.builder.cache); a step found in the cache is not executed: its record gives
+the layer and history entry it made before. Otherwise RUN runs on the cluster (runner.py),
+COPY/ADD layers are made here from the context or an earlier stage's files (context.py,
+layers.py, layerfiles.py), and the other instructions only change the config
+(instructions.py), which is recomputed from the Dockerfile on every build, hits included.
+
+Layers live in the cache repository (`berth/build-cache`): COPY layers are pushed there, nodes
+push RUN layers there. A state's image (an untagged manifest over its layers) is pushed there
+before a RUN runs on it, and at the end of every stage, so every cached layer stays referenced
+by a manifest and the registry's garbage collection keeps it. The final image is written under
+each tag (its layers mounted into the tag's repository) with origin "build"; its config's
+`created` is the time of its last step, so a fully cached rebuild writes the same digest.
+
+Events go to `emit`, which may be called from worker threads (RUN output): pass something
+thread-safe, such as progress_stream's report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from berth.client import RegistryClient
+from berthd.builder import metrics
+from berthd.builder.cache import (
+    CACHE_REPOSITORY,
+    SCRATCH,
+    BuildCache,
+    CacheRecord,
+    PruneResult,
+    step_key,
+)
+from berthd.builder.context import BuildContext, SourceMatch, sources_digest
+from berthd.builder.dockerfile import (
+    ARCHITECTURE,
+    Dockerfile,
+    Instruction,
+    Stage,
+    StageScope,
+    Step,
+    parse_dockerfile,
+    stages_needed,
+    unused_build_args,
+)
+from berthd.builder.fstree import SymlinkLoop, Tree, clean_parts, directory
+from berthd.builder.instructions import apply_instruction, author, history_text, shell_command
+from berthd.builder.layerfiles import LayerFiles
+from berthd.builder.layers import LayerBlob, copy_layer, resolve_chown, write_layer
+from berthd.builder.runner import RunFailed, Runner, RunResult, RunSpec
+from berthd.common.errors import BerthError, DataLoss, InvalidArgument, error_for_code
+from berthd.common.oci import mediatypes
+from berthd.common.oci.digest import digest_bytes, quoted
+from berthd.common.oci.manifest import Descriptor, build_image_manifest, encode_json
+from berthd.common.oci.reference import Reference, parse_reference
+from berthd.image.catalog import Catalog
+
+log = logging.getLogger("berthd.builder")
+
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ORIGIN = "build"
+HISTORY_COMMENT = "buildkit.dockerfile.v0"
+FILESYSTEM_STEPS = ("RUN", "COPY", "ADD")
+# Docker layer types name the same bytes as OCI's; the images the builder writes are OCI.
+OCI_LAYER_TYPES = {
+    mediatypes.DOCKER_LAYER_TAR_GZIP: mediatypes.OCI_LAYER_TAR_GZIP,
+    mediatypes.DOCKER_FOREIGN_LAYER: mediatypes.OCI_LAYER_NONDISTRIBUTABLE_TAR_GZIP,
+}
+
+
+# --- what a build takes and gives ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    dockerfile: str = "Dockerfile"  # path in the context
+    dockerfile_content: str = ""  # the Dockerfile itself, when it is not in the context
+    build_args: dict[str, str] = field(default_factory=dict)
+    target: str = ""
+    tags: list[str] = field(default_factory=list)
+    no_cache: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class StepStatus(StrEnum):
+    RUNNING = "RUNNING"
+    CACHED = "CACHED"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """A step's status change, or (status RUNNING, `output` set) a line a RUN printed."""
+
+    number: int  # from 1, across the stages being built
+    total: int
+    stage: str  # the stage's name, `stage-<index>` in a multi-stage build, else ""
+    instruction: str
+    line: int
+    status: StepStatus
+    output: str = ""
+    layer: str = ""  # digest of the layer the step added
+    duration: float | None = None  # seconds, once cached, done or failed
+    exit_code: int = 0
+
+
+@dataclass(frozen=True)
+class BuildMessage:
+    """A line for people that belongs to no step."""
+
+    text: str
+
+
+BuildEvent = StepEvent | BuildMessage
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    digest: str  # manifest digest
+    id: str  # config digest
+    tags: list[str]
+    cached_steps: int
+    total_steps: int
+
+
+# --- the filesystem and config of a stage, step by step -----------------------------------------
+
+
+@dataclass(frozen=True)
+class State:
+    """A stage after some of its steps: what its image would be if it ended here."""
+
+    key: str  # cache key of the last step (a stage's first: its base's key or digest)
+    layers: tuple[Descriptor, ...]
+    diff_ids: tuple[str, ...]
+    config: dict[str, Any]  # the image config's `config` section
+    history: tuple[dict[str, Any], ...]
+    platform: dict[str, str]  # architecture, os (and variant)
+    author: str = ""
+    created: str = ""  # the base image's, until a step adds history
+    image: str = ""  # this state's image in the cache repository, once pushed
+
+    def after(self, key: str, config: dict[str, Any], record: CacheRecord, step: Step) -> State:
+        layers, diff_ids = self.layers, self.diff_ids
+        if record.layer is not None:
+            layers, diff_ids = (*layers, record.layer), (*diff_ids, record.diff_id)
+        return replace(
+            self,
+            key=key,
+            layers=layers,
+            diff_ids=diff_ids,
+            config=config,
+            # Key order as etcd gives records back (sorted), so fresh and cached agree.
+            history=(*self.history, dict(sorted(record.history.items()))),
+            author=author(step) or self.author,
+            created=str(record.history.get("created") or self.created),
+            image=record.image,
+        )
+
+    def image_config(self, labels: dict[str, str] | None = None) -> dict[str, Any]:
+        """The OCI image config of this state, byte-stable for the same state."""
+        config = copy.deepcopy(self.config)
+        if labels:
+            config["Labels"] = {**(config.get("Labels") or {}), **labels}
+        doc: dict[str, Any] = {**self.platform}
+        if self.author:
+            doc["author"] = self.author
+        if self.created:
+            doc["created"] = self.created
+        doc["config"] = config
+        doc["rootfs"] = {"type": "layers", "diff_ids": list(self.diff_ids)}
+        doc["history"] = list(self.history)
+        return doc
+
+
+def scratch_state() -> State:
+    return State(
+        key=SCRATCH,
+        layers=(),
+        diff_ids=(),
+        config={"Env": [DEFAULT_PATH]},
+        history=(),
+        platform={"architecture": ARCHITECTURE, "os": "linux"},
+    )
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _history(step: Step, config_before: dict[str, Any], empty: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "created": _now(),
+        "created_by": history_text(step, config_before),
+        "comment": HISTORY_COMMENT,
+    }
+    if empty:
+        entry["empty_layer"] = True
+    return entry
+
+
+def _oci_layer(layer: Descriptor) -> Descriptor:
+    media_type = OCI_LAYER_TYPES.get(layer.media_type, layer.media_type)
+    return Descriptor(media_type, layer.digest, layer.size, layer.annotations)
+
+
+def _tag_reference(text: str) -> Reference:
+    reference = parse_reference(text)
+    if reference.registry is not None or reference.digest is not None:
+        raise InvalidArgument(
+            f"invalid tag {quoted(text)}: name the image name[:tag] in berth's registry "
+            "(push it elsewhere afterwards with `berth push`)"
+        )
+    return reference
+
+
+# --- the service's core ------------------------------------------------------------------------
+
+
+class Builder:
+    def __init__(
+        self,
+        catalog: Catalog,
+        cache: BuildCache,
+        runner: Runner,
+        scratch: Path,
+        max_context_bytes: int,
+    ) -> None:
+        self.catalog = catalog
+        self.cache = cache
+        self.runner = runner
+        self.scratch = scratch
+        self.max_context_bytes = max_context_bytes
+
+    async def build(
+        self,
+        options: BuildOptions,
+        context_chunks: AsyncIterator[bytes],
+        emit: Callable[[BuildEvent], None],
+    ) -> BuildResult:
+        began = time.monotonic()
+        outcome = "error"
+        try:
+            result = await self._build(options, context_chunks, emit)
+            outcome = "ok"
+            return result
+        except RunFailed:
+            outcome = "failed"
+            raise
+        finally:
+            metrics.BUILDS.labels(outcome).inc()
+            metrics.BUILD_SECONDS.observe(time.monotonic() - began)
+
+    async def _build(
+        self,
+        options: BuildOptions,
+        context_chunks: AsyncIterator[bytes],
+        emit: Callable[[BuildEvent], None],
+    ) -> BuildResult:
+        tags = [_tag_reference(t) for t in options.tags]
+        build_id = uuid.uuid4().hex[:12]
+        scratch = self.scratch / f"build-{build_id}"
+        scratch.mkdir(parents=True)
+        context: BuildContext | None = None
+        build: _Build | None = None
+        try:
+            context = await BuildContext.receive(context_chunks, scratch, self.max_context_bytes)
+            text = options.dockerfile_content or context.read_text(options.dockerfile)
+            if text is None:
+                raise InvalidArgument(
+                    f"Dockerfile not found in the build context: {options.dockerfile}"
+                )
+            dockerfile = parse_dockerfile(text, options.build_args)
+            stages = stages_needed(dockerfile, options.target or None)
+            unused = unused_build_args(dockerfile, stages, options.build_args)
+            if unused:
+                names = ", ".join(unused)
+                emit(BuildMessage(f"[Warning] One or more build-args [{names}] were not consumed"))
+            build = _Build(self, options, dockerfile, stages, context, emit, build_id, scratch)
+            state = await build.run()
+            return await build.export(state, tags)
+        finally:
+            if build is not None:
+                await build.close()
+            if context is not None:
+                context.close()
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+
+    async def prune_cache(self, unused_for: float | None) -> PruneResult:
+        """Delete cache records (and the intermediate images they hold); see BuildCache.prune."""
+
+        async def delete_image(digest: str) -> None:
+            with contextlib.suppress(BerthError):
+                await self.catalog.call(RegistryClient.delete_manifest, CACHE_REPOSITORY, digest)
+
+        return await self.cache.prune(unused_for, delete_image)
+
+
+# --- one build -----------------------------------------------------------------------------------
+
+
+class _Build:
+    def __init__(
+        self,
+        builder: Builder,
+        options: BuildOptions,
+        dockerfile: Dockerfile,
+        stages: list[Stage],
+        context: BuildContext,
+        emit: Callable[[BuildEvent], None],
+        build_id: str,
+        scratch: Path,
+    ) -> None:
+        self.catalog = builder.catalog
+        self.cache = builder.cache
+        self.runner = builder.runner
+        self.options = options
+        self.dockerfile = dockerfile
+        self.stages = stages
+        self.context = context
+        self.emit = emit
+        self.build_id = build_id
+        self.scratch = scratch
+        self.total = sum(1 + len(s.instructions) for s in stages)
+        self.number = 0
+        self.cached = 0
+        self.states: dict[int, State] = {}  # finished stages
+        self.files: dict[int, tuple[LayerFiles, int]] = {}  # stage -> (its files, layers applied)
+        self.blobs: dict[str, Path] = {}  # layer digest -> its blob in scratch
+        self.linked: set[str] = set()  # layers known to be in the cache repository
+        self.touches: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        for files, _ in self.files.values():
+            files.close()
+        await asyncio.gather(*self.touches, return_exceptions=True)
+
+    # --- stages ---------------------------------------------------------------------------
+
+    def label(self, stage: Stage) -> str:
+        if stage.name:
+            return stage.name
+        return f"stage-{stage.index}" if len(self.dockerfile.stages) > 1 else ""
+
+    async def run(self) -> State:
+        for stage in self.stages:
+            state = await self.from_step(stage)
+            base_layers = len(state.layers)
+            scope = self.dockerfile.scope(state.config.get("Env") or [], self.options.build_args)
+            for instruction in stage.instructions:
+                state = await self.step(stage, scope, instruction, state)
+            if stage is not self.stages[-1] and len(state.layers) > base_layers:
+                # Keeps the stage's layers referenced while its records live.
+                state = replace(state, image=await self.state_image(state))
+            self.states[stage.index] = state
+        return state
+
+    async def from_step(self, stage: Stage) -> State:
+        self.number += 1
+        began = time.monotonic()
+        line = stage.line
+        original = stage.from_instruction.original if stage.from_instruction else stage.base
+        try:
+            if stage.base_stage is not None:
+                state = self.states[stage.base_stage]
+            elif stage.base == "scratch":
+                state = scratch_state()
+            else:
+                state = await self.base_image(stage)
+        except BerthError as exc:
+            self._event(stage, line, original, StepStatus.FAILED)
+            message = f"Dockerfile:{line}: FROM {stage.base}: {exc}"
+            raise error_for_code(exc.code.name, message) from exc
+        status = StepStatus.DONE if self.options.no_cache else StepStatus.CACHED
+        self._count(status)
+        self._event(stage, line, original, status, duration=time.monotonic() - began)
+        return state
+
+    async def base_image(self, stage: Stage) -> State:
+        image = await self.catalog.resolve(stage.base)
+        config = image.config
+        if config.config.get("OnBuild"):
+            self.emit(BuildMessage(f"[Warning] {stage.base}: ONBUILD triggers are not run"))
+        platform = {"architecture": config.architecture, "os": config.os}
+        if isinstance(config.raw.get("variant"), str):
+            platform["variant"] = config.raw["variant"]
+        author_ = config.raw.get("author")
+        return State(
+            key=image.digest,
+            layers=tuple(_oci_layer(layer) for layer in image.parsed.layers),
+            diff_ids=config.diff_ids,
+            config=copy.deepcopy(config.config),
+            history=config.history,
+            platform=platform,
+            author=author_ if isinstance(author_, str) else "",
+            created=config.created or "",
+        )
+
+    # --- steps ----------------------------------------------------------------------------
+
+    async def step(
+        self, stage: Stage, scope: StageScope, instruction: Instruction, state: State
+    ) -> State:
+        self.number += 1
+        began = time.monotonic()
+        try:
+            step = scope.step(instruction)
+            sources, source_key, matches = await self.copy_inputs(step)
+            key = step_key(state.key, step.cache_text, step.used_args, sources, source_key)
+            config = apply_instruction(state.config, step)
+            record = None if self.options.no_cache else await self.lookup(key)
+            if record is not None:
+                status = StepStatus.CACHED
+            else:
+                self._event(stage, instruction.line, instruction.original, StepStatus.RUNNING)
+                record = await self.execute(stage, step, state, key, matches)
+                status = StepStatus.DONE
+        except BerthError as exc:
+            exit_code = exc.exit_code if isinstance(exc, RunFailed) else 0
+            duration = time.monotonic() - began
+            failed = StepStatus.FAILED
+            self._event(
+                stage,
+                instruction.line,
+                instruction.original,
+                failed,
+                duration=duration,
+                exit_code=exit_code,
+            )
+            if str(exc).startswith("Dockerfile:"):
+                raise
+            # What a service said (no node for a RUN, the registry away) names the step too.
+            message = f"Dockerfile:{instruction.line}: {instruction.original}: {exc}"
+            raise error_for_code(exc.code.name, message) from exc
+        self._count(status)
+        self._event(
+            stage,
+            instruction.line,
+            instruction.original,
+            status,
+            layer=record.layer.digest if record.layer else "",
+            duration=time.monotonic() - began,
+        )
+        return state.after(key, config, record, step)
+
+    async def copy_inputs(self, step: Step) -> tuple[str, str, list[SourceMatch] | None]:
+        """The COPY/ADD parts of the key: the digest of what the sources match in the context
+        (and the matches), or the last key of the stage `--from` names. That key fixes the
+        stage's files, so they need not be read on a cache hit."""
+        cmd = step.instruction.cmd
+        if cmd not in ("COPY", "ADD"):
+            return "", "", None
+        source = self.source_stage(step)
+        if source is not None:
+            return "", self.states[source.index].key, None
+        sources, line = list(step.words[:-1]), step.instruction.line
+        matches = await asyncio.to_thread(self.context.match, sources, line, cmd)
+        return await asyncio.to_thread(sources_digest, matches), "", matches
+
+    def source_stage(self, step: Step) -> Stage | None:
+        """The stage a COPY --from names (parse_dockerfile checked it exists and is earlier)."""
+        source = step.flags.get("from")
+        found = None if source is None else self.dockerfile.stage(source)
+        assert source is None or found is not None
+        return found
+
+    async def lookup(self, key: str) -> CacheRecord | None:
+        """The step's record, if its layer is still in the registry."""
+        found = await self.cache.get(key)
+        if found is None:
+            return None
+        record, revision = found
+        if record.layer is not None:
+            stat = await self.catalog.call(
+                RegistryClient.stat_blob, CACHE_REPOSITORY, record.layer.digest
+            )
+            if stat is None:
+                return None
+            self.linked.add(record.layer.digest)
+        task = asyncio.create_task(self._touch(record, revision))
+        self.touches.add(task)
+        task.add_done_callback(self.touches.discard)
+        return record
+
+    async def _touch(self, record: CacheRecord, revision: int) -> None:
+        try:
+            await self.cache.touch(record, revision)
+        except BerthError as exc:  # only statistics are lost
+            log.warning("cannot refresh build cache record %s: %s", record.key, exc)
+
+    async def execute(
+        self,
+        stage: Stage,
+        step: Step,
+        state: State,
+        key: str,
+        matches: list[SourceMatch] | None,
+    ) -> CacheRecord:
+        cmd = step.instruction.cmd
+        result = RunResult(None)
+        if cmd == "RUN":
+            result = await self.run_step(stage, step, state)
+        elif cmd in ("COPY", "ADD"):
+            result = await self.copy_step(stage, step, state, matches)
+        elif cmd == "WORKDIR":
+            result = await self.workdir_step(stage, step, state)
+        history = _history(step, state.config, empty=result.layer is None)
+        record = CacheRecord(key, step.instruction.original, result.layer, result.diff_id, history)
+        await self.cache.put(record)
+        return record
+
+    async def run_step(self, stage: Stage, step: Step, state: State) -> RunResult:
+        instruction = step.instruction
+        image = await self.state_image(state)
+        spec = RunSpec(
+            line=instruction.line,
+            instruction=instruction.original,
+            image=f"{CACHE_REPOSITORY}@{image}",
+            argv=shell_command(step, state.config),
+            env=list(step.run_env),
+            working_dir=state.config.get("WorkingDir") or "/",
+            user=state.config.get("User") or "",
+            build_id=self.build_id,
+            name=f"build-{self.build_id}-{self.number}",
+        )
+
+        def output(text: str) -> None:
+            self._event(stage, instruction.line, instruction.original, StepStatus.RUNNING, text)
+
+        result = await self.runner.run(spec, output)
+        if result.layer is not None:
+            self.linked.add(result.layer.digest)
+        return result
+
+    async def copy_step(
+        self, stage: Stage, step: Step, state: State, matches: list[SourceMatch] | None
+    ) -> RunResult:
+        """COPY/ADD: `matches` in the context, or (None) the sources in the `--from` stage."""
+        instruction = step.instruction
+        cmd, line = instruction.cmd, instruction.line
+        files = await self.stage_files(stage.index, state)
+        source = self.source_stage(step)
+        if source is not None:
+            origin = await self.stage_files(source.index, self.states[source.index])
+            matches = await asyncio.to_thread(origin.match, list(step.words[:-1]), line, cmd)
+        assert matches is not None
+        chown = None
+        if "chown" in step.flags:
+            chown = await asyncio.to_thread(
+                resolve_chown, step.flags["chown"], files.read_file, line, cmd
+            )
+        chmod = int(step.flags["chmod"], 8) if "chmod" in step.flags else None
+        blob: LayerBlob = await asyncio.to_thread(
+            copy_layer,
+            matches,
+            step.words[-1],
+            state.config.get("WorkingDir") or "/",
+            chown,
+            chmod,
+            self.scratch,
+            cmd == "ADD",
+            files.tree,
+        )
+        return await self.push_layer(blob)
+
+    async def workdir_step(self, stage: Stage, step: Step, state: State) -> RunResult:
+        """WORKDIR makes its directory if it is missing, owned by USER, as BuildKit does (so
+        a USER can write there); runc would make it at the next RUN, but root's."""
+        path = apply_instruction(state.config, step)["WorkingDir"]
+        files = await self.stage_files(stage.index, state)
+        owner = None
+        if user := state.config.get("User"):
+            line = step.instruction.line
+            owner = await asyncio.to_thread(resolve_chown, user, files.read_file, line, "WORKDIR")
+        blob = await asyncio.to_thread(workdir_layer, files.tree, path, owner, self.scratch)
+        return RunResult(None) if blob is None else await self.push_layer(blob)
+
+    async def push_layer(self, blob: LayerBlob) -> RunResult:
+        """A layer made here, pushed to the cache repository (kept in scratch for the build)."""
+        if blob.empty:
+            blob.path.unlink()
+            return RunResult(None)
+        await self.catalog.call(
+            RegistryClient.push_blob, CACHE_REPOSITORY, blob.path, blob.digest, blob.size
+        )
+        self.blobs[blob.digest] = blob.path
+        self.linked.add(blob.digest)
+        layer = Descriptor(mediatypes.OCI_LAYER_TAR_GZIP, blob.digest, blob.size)
+        return RunResult(layer, blob.diff_id)
+
+    # --- files and images of states ---------------------------------------------------------
+
+    async def stage_files(self, index: int, state: State) -> LayerFiles:
+        """The files of `state`, a state of stage `index` (its layers read once per build)."""
+        files, applied = self.files.get(index, (None, 0))
+        if files is None:
+            paths = [await self.layer_blob(layer) for layer in state.layers]
+            stage = self.dockerfile.stages[index]
+            where = f"stage {stage.name or stage.index}"
+            files = await asyncio.to_thread(LayerFiles, paths, self.scratch, where)
+        else:
+            for layer in state.layers[applied:]:
+                await asyncio.to_thread(files.add_layer, await self.layer_blob(layer))
+        self.files[index] = (files, len(state.layers))
+        return files
+
+    async def layer_blob(self, layer: Descriptor) -> Path:
+        """A layer's blob in scratch, downloaded from the cache repository if need be."""
+        path = self.blobs.get(layer.digest)
+        if path is None:
+            await self.link([layer])
+            path = self.scratch / f"blob-{layer.digest.removeprefix('sha256:')}"
+            await self.catalog.call(RegistryClient.pull_blob, CACHE_REPOSITORY, layer.digest, path)
+            self.blobs[layer.digest] = path
+        return path
+
+    async def link(
+        self, layers: tuple[Descriptor, ...] | list[Descriptor], repository: str = CACHE_REPOSITORY
+    ) -> None:
+        """Make the layers (stored in the registry under any repository) part of `repository`."""
+        cache = repository == CACHE_REPOSITORY
+        missing = [layer.digest for layer in layers if not (cache and layer.digest in self.linked)]
+        if not missing:
+            return
+        absent = await self.catalog.call(_mount_all, repository, missing)
+        if absent:
+            raise DataLoss(f"layer {absent[0]} is no longer in the registry; build again")
+        if cache:
+            self.linked.update(missing)
+
+    async def state_image(self, state: State) -> str:
+        """The digest of `state`'s image in the cache repository, pushed if need be."""
+        if state.image:
+            return state.image
+        await self.link(state.layers)
+        config = encode_json(state.image_config())
+        descriptor = await self.catalog.push_bytes(
+            CACHE_REPOSITORY, config, mediatypes.OCI_IMAGE_CONFIG
+        )
+        manifest = build_image_manifest(descriptor, list(state.layers))
+        digest = await self.catalog.call(
+            RegistryClient.put_manifest,
+            CACHE_REPOSITORY,
+            digest_bytes(manifest),
+            mediatypes.OCI_IMAGE_MANIFEST,
+            manifest,
+        )
+        if state.key != SCRATCH and not state.key.startswith("sha256:"):
+            # The state after a step: that step's record holds the image from now on.
+            await self.cache.set_image(state.key, digest)
+        return digest
+
+    # --- the result -----------------------------------------------------------------------
+
+    async def export(self, state: State, tags: list[Reference]) -> BuildResult:
+        self.emit(BuildMessage("exporting to image"))
+        config = state.image_config(self.options.labels)
+        layers = list(state.layers)
+        targets = [(t.repository, t.tag) for t in tags] or [(CACHE_REPOSITORY, None)]
+        detail = None
+        for repository, tag in targets:
+            await self.link(layers, repository)
+            detail = await self.catalog.write_image(
+                repository, tag, config, layers, ORIGIN, self.options.dockerfile
+            )
+        assert detail is not None
+        return BuildResult(
+            digest=detail.digest,
+            id=detail.id,
+            tags=[f"{t.repository}:{t.tag}" for t in tags],
+            cached_steps=self.cached,
+            total_steps=self.total,
+        )
+
+    # --- events ---------------------------------------------------------------------------
+
+    def _count(self, status: StepStatus) -> None:
+        cached = status == StepStatus.CACHED
+        self.cached += cached
+        metrics.STEPS.labels("cached" if cached else "executed").inc()
+
+    def _event(
+        self,
+        stage: Stage,
+        line: int,
+        instruction: str,
+        status: StepStatus,
+        output: str = "",
+        *,
+        layer: str = "",
+        duration: float | None = None,
+        exit_code: int = 0,
+    ) -> None:
+        self.emit(
+            StepEvent(
+                number=self.number,
+                total=self.total,
+                stage=self.label(stage),
+                instruction=instruction,
+                line=line,
+                status=status,
+                output=output,
+                layer=layer,
+                duration=duration,
+                exit_code=exit_code,
+            )
+        )
+
+
+def workdir_layer(
+    base: Tree, path: str, owner: tuple[int, int] | None, scratch: Path
+) -> LayerBlob | None:
+    """A layer with directory `path` and its missing parents (0755, `owner`'s), None when the
+    path exists in `base` (or cannot be a directory: the step that runs there reports it)."""
+    try:
+        parts, node = base.resolve(clean_parts(path))
+    except (NotADirectoryError, SymlinkLoop):
+        return None
+    if node is not None:
+        return None
+    created = directory(uid=owner[0], gid=owner[1]) if owner else directory()
+    tree = Tree()
+    for depth in range(1, len(parts) + 1):
+        existing = base.get(parts[:depth])
+        tree.put(parts[:depth], existing.entry if existing is not None else created)
+    return write_layer(tree, scratch)
+
+
+def _mount_all(client: RegistryClient, repository: str, digests: list[str]) -> list[str]:
+    """Mount every blob into `repository` over one connection; returns those not found."""
+    return [d for d in digests if not client.mount_blob(repository, d)]

@@ -1,0 +1,92 @@
+"""`berthd builder`: flags and wiring for the builder service."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import grpc
+
+from berth.builder.v1 import builder_pb2, builder_pb2_grpc
+from berthd.builder.cache import CACHE_REPOSITORY, BuildCache
+from berthd.builder.executor import Builder
+from berthd.builder.runner import Runner
+from berthd.builder.service import BuilderServicer
+from berthd.common.config import add_common_flags, add_flag, service_config
+from berthd.common.endpoints import service_address
+from berthd.common.errors import InvalidArgument
+from berthd.common.server import run_server
+from berthd.common.store import Store
+from berthd.image.catalog import Catalog
+
+DEFAULT_LISTEN = "127.0.0.1:5080"
+NETWORKS = ("none", "host")
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "builder", help="run the builder service (Dockerfile to image, shared step cache)"
+    )
+    add_common_flags(parser, "builder", DEFAULT_LISTEN)
+    add_flag(
+        parser,
+        "--data-dir",
+        default="/var/lib/berth/builder",
+        scope="builder",
+        help="scratch space for build contexts and the layers being made",
+    )
+    add_flag(
+        parser,
+        "--registry",
+        default="",
+        scope="builder",
+        help="berth registry address host:port (default: the first one registered in etcd)",
+    )
+    add_flag(
+        parser,
+        "--cluster",
+        default="",
+        scope="builder",
+        help="cluster service address host:port, to run RUN steps (default: registered in etcd)",
+    )
+    add_flag(
+        parser,
+        "--max-context-bytes",
+        default=4 << 30,
+        type=int,
+        scope="builder",
+        help="largest build context accepted, in bytes",
+    )
+    add_flag(
+        parser,
+        "--run-network",
+        default="none",
+        scope="builder",
+        help='network of RUN steps: "none", or "host" to let them reach the network',
+    )
+    parser.set_defaults(run=run)
+
+
+async def run(args: argparse.Namespace) -> None:
+    if args.run_network not in NETWORKS:
+        raise InvalidArgument(f"--run-network must be one of {', '.join(NETWORKS)}")
+    config = service_config("builder", args)
+    store = Store(config.etcd, config.etcd_prefix)
+    await store.connect()
+    scratch = Path(args.data_dir) / "scratch"
+    # Only builds in progress live here: what a crash left behind is never resumed.
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True, exist_ok=True)
+    catalog = Catalog(store, service_address(store, "registry", args.registry), scratch)
+    runner = Runner(
+        service_address(store, "cluster", args.cluster), CACHE_REPOSITORY, network=args.run_network
+    )
+    builder = Builder(catalog, BuildCache(store), runner, scratch, args.max_context_bytes)
+    servicer = BuilderServicer(builder)
+
+    def mount(server: grpc.aio.Server) -> list[str]:
+        builder_pb2_grpc.add_BuilderServiceServicer_to_server(servicer, server)
+        return [builder_pb2.DESCRIPTOR.services_by_name["BuilderService"].full_name]
+
+    await run_server(config, store, mount)

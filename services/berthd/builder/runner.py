@@ -1,0 +1,177 @@
+"""RUN steps on the cluster: one container per step, its output streamed, its changes a layer.
+
+The step's state is an image in the cache repository (the executor pushes it). The cluster
+places the container (preferring a node that holds the state's layers), the node pulls the
+image, runs the command with runc and keeps the container after it exits; the node then packs
+the container's upper dir as a layer and pushes it straight to the registry, so layer bytes
+never pass through the builder. The container is removed whatever happens.
+
+runc creates a missing working directory (mode 0755, root's) before it starts the command, and
+it lands in the step's layer; the executor's WORKDIR step normally made it already, owned by
+USER as BuildKit does, so this only matters for a base image whose WorkingDir is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from berth.client import ClusterClient, NodeClient
+from berth.client.cluster import ClusterContainer
+from berth.client.containers import RunOptions
+from berth.errors import BerthClientError
+from berthd.common.endpoints import AddressGetter
+from berthd.common.errors import BerthError, FailedPrecondition, Unavailable, error_for_code
+from berthd.common.oci import mediatypes
+from berthd.common.oci.manifest import Descriptor
+
+log = logging.getLogger("berthd.builder.runner")
+
+BUILD_LABEL = "berth.build"
+# How often the container's state is read while its node pulls and creates it.
+POLL_SECONDS = 0.02
+STARTED = ("running", "exited")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One RUN step: where it comes from in the Dockerfile, and what the container runs."""
+
+    line: int
+    instruction: str  # as written, for messages
+    image: str  # the state, `berth/build-cache@sha256:...`
+    argv: list[str]
+    env: list[str]
+    working_dir: str
+    user: str
+    build_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The layer the step added (None when it changed nothing) and its diff_id."""
+
+    layer: Descriptor | None
+    diff_id: str = ""
+
+
+class RunFailed(FailedPrecondition):
+    """The command exited non-zero (BuildKit's words)."""
+
+    def __init__(self, spec: RunSpec, exit_code: int) -> None:
+        super().__init__(
+            f"Dockerfile:{spec.line}: {spec.instruction}: process "
+            f'"{" ".join(spec.argv)}" did not complete successfully: exit code: {exit_code}'
+        )
+        self.exit_code = exit_code
+
+
+class Runner:
+    def __init__(
+        self,
+        cluster_address: AddressGetter,
+        repository: str,
+        *,
+        network: str = "none",
+        start_timeout: float = 300.0,
+    ) -> None:
+        self.cluster_address = cluster_address
+        self.repository = repository  # where the node pushes the step's layer
+        self.network = network
+        # A node retries a container it cannot create (a bad USER, a failing pull) forever;
+        # past this the step fails instead of hanging.
+        self.start_timeout = start_timeout
+
+    async def run(self, spec: RunSpec, output: Callable[[str], None]) -> RunResult:
+        """Run the step; `output` gets each line it prints (from a worker thread). Raises
+        RunFailed on a non-zero exit."""
+        client = ClusterClient(await self.cluster_address())
+        try:
+            options = RunOptions(
+                name=spec.name,
+                entrypoint=list(spec.argv),
+                env=list(spec.env),
+                working_dir=spec.working_dir,
+                user=spec.user,
+                labels={BUILD_LABEL: spec.build_id},
+                restart="no",
+                network=self.network,
+            )
+            container = await _blocking(client.run, spec.image, options)
+            try:
+                return await self._complete(client, container.id, spec, output)
+            finally:
+                # Shielded: a cancelled build still removes its container, which also ends a
+                # log stream still being read in a thread.
+                await asyncio.shield(_remove(client, container.id))
+        finally:
+            client.close()
+
+    async def _complete(
+        self, client: ClusterClient, container: str, spec: RunSpec, output: Callable[[str], None]
+    ) -> RunResult:
+        info = await self._started(client, container, spec)
+        await _blocking(_follow, client, container, output)
+        exit_code = await _blocking(client.wait, container)
+        if exit_code != 0:
+            raise RunFailed(spec, exit_code)
+        node = await _blocking(client.node, info.node_id)
+        with NodeClient(node.address) as agent:
+            if not await _blocking(agent.changes, container):
+                return RunResult(None)
+            digest, diff_id, size = await _blocking(agent.export_layer, container, self.repository)
+        return RunResult(Descriptor(mediatypes.OCI_LAYER_TAR_GZIP, digest, size), diff_id)
+
+    async def _started(
+        self, client: ClusterClient, container: str, spec: RunSpec
+    ) -> ClusterContainer:
+        """The container once its node has started it (or it already exited)."""
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            info = await _blocking(client.inspect, container)
+            if info.state in STARTED:
+                if info.error:  # runc refused to start it: no process ever ran
+                    raise FailedPrecondition(
+                        f"Dockerfile:{spec.line}: {spec.instruction}: {info.error}"
+                    )
+                return info
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"Dockerfile:{spec.line}: {spec.instruction}: the step's container did not "
+                    f"start within {self.start_timeout:g}s on node {info.node_id} "
+                    "(see that node agent's log)"
+                )
+            await asyncio.sleep(POLL_SECONDS)
+
+
+def _follow(client: ClusterClient, container: str, output: Callable[[str], None]) -> None:
+    """Every line the container prints, until it exits (its last lines included)."""
+    pending = b""
+    for record in client.logs(container, follow=True):
+        pending += record.data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            output(line.decode(errors="replace"))
+    if pending:
+        output(pending.decode(errors="replace"))
+
+
+async def _remove(client: ClusterClient, container: str) -> None:
+    try:
+        await _blocking(client.remove, container, True)
+    except BerthError as exc:
+        log.warning("cannot remove build container %s: %s", container, exc)
+
+
+async def _blocking(method: Callable[..., T], *args: Any) -> T:
+    """A blocking client call in a thread; client errors become domain errors."""
+    try:
+        return await asyncio.to_thread(method, *args)
+    except BerthClientError as exc:
+        raise error_for_code(exc.code, exc.message) from exc

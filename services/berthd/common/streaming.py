@@ -1,0 +1,50 @@
+"""Turn a long operation that reports progress through a callback into a server stream.
+
+Core functions take a `progress(event)` callback and return a result; a streaming RPC wants
+an async iterator of events followed by the result. `progress_stream` bridges the two, from
+any thread (blocking work in `asyncio.to_thread` reports from its worker thread), and cancels
+the operation if the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+E = TypeVar("E")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Done(Generic[R]):
+    """The last item of a progress stream: what the operation returned."""
+
+    result: R
+
+
+async def progress_stream(
+    work: Callable[[Callable[[E], None]], Awaitable[R]],
+) -> AsyncIterator[E | Done[R]]:
+    """Run work(progress) and yield every event it reports, then Done(result). An exception of
+    work is raised here, after the events reported before it."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[E | None] = asyncio.Queue()
+
+    def report(event: E) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    task = asyncio.ensure_future(work(report))
+    # Queued after every event already scheduled from threads, so none is lost at the end.
+    task.add_done_callback(lambda _: loop.call_soon(events.put_nowait, None))
+    try:
+        while (event := await events.get()) is not None:
+            yield event
+        yield Done(await task)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -1,0 +1,821 @@
+"""The image catalog: berth's registry's repositories and tags, read as images.
+
+The registry holds the names (tags) and the content; this module reads them as images and
+writes new ones. Reads of the registry's own records (`registry/manifests/`, `registry/tags/`)
+come straight from etcd, read-only, so listing the catalog is two range reads instead of one
+RPC per repository; manifests and configs are fetched once and kept in memory by digest (they
+are immutable). Every write goes through the registry's API. What the image service adds lives
+under its own keys:
+
+    images/<manifest digest>    {"origin", "origin_detail", "repository", "created_at"}
+                                how an image came into the catalog (commit, import, load, pull)
+
+It also reads what others write: `cluster/node-layers/<node>` (which hosts hold an image) and
+`cluster/containers/<id>` (which containers use it).
+
+Images are named as Docker names them: `name[:tag]` (tag `latest`), `name@digest`, a manifest
+digest or image id (config digest) `sha256:<hex>`, or a unique prefix of either (at least 4 hex
+digits, with or without `sha256:`). A bare hex word is first tried as a repository name, as
+Docker does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from berth.client import RegistryClient
+from berth.errors import BerthClientError
+from berthd.cluster.desired import CONTAINERS, NODE_LAYERS, DesiredContainer
+from berthd.common.errors import (
+    BerthError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    error_for_code,
+)
+from berthd.common.oci import mediatypes
+from berthd.common.oci.digest import digest_bytes, quoted
+from berthd.common.oci.manifest import (
+    Descriptor,
+    ImageConfig,
+    ParsedManifest,
+    build_image_manifest,
+    encode_json,
+    parse_image_config,
+    parse_manifest,
+)
+from berthd.common.oci.reference import Reference, parse_reference
+from berthd.common.store import Store
+from berthd.image import metrics
+from berthd.image.model import HistoryStep, ImageDetail, ImageRow, Removal
+from berthd.node.logs import parse_rfc3339
+from berthd.registry.metadata import TAGS, ManifestRecord, Metadata, split_child_key
+
+IMAGES = "images/"
+# The builder's intermediate images (untagged, one per cached state) live here and keep the
+# cached layers referenced; `berth builder prune` manages them, `image prune` leaves them be.
+BUILD_CACHE_REPOSITORY = "berth/build-cache"
+# Manifests and configs fetched at once when the cache is cold (a first `berth images`).
+FETCH_CONCURRENCY = 8
+_ID_PREFIX = re.compile(r"(sha256:)?([0-9a-f]{4,64})")
+
+log = logging.getLogger("berthd.image.catalog")
+
+RegistryAddress = Callable[[], Awaitable[str]]
+T = TypeVar("T")
+
+
+def image_key(digest: str) -> str:
+    return IMAGES + digest
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """An image found in the registry: where, its manifest and its config, parsed."""
+
+    repository: str
+    tag: str | None
+    digest: str
+    media_type: str
+    manifest: bytes
+    parsed: ParsedManifest
+    config_bytes: bytes
+    config: ImageConfig
+
+
+@dataclass(frozen=True)
+class Content:
+    """A manifest and, for an image, its config: immutable, so cached by manifest digest."""
+
+    digest: str
+    media_type: str
+    manifest: bytes
+    parsed: ParsedManifest
+    config_bytes: bytes = b""
+    config: ImageConfig | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return self.config is not None
+
+    @property
+    def layers(self) -> tuple[Descriptor, ...]:
+        return self.parsed.layers
+
+    @property
+    def id(self) -> str:
+        return self.parsed.config.digest if self.parsed.config else ""
+
+    @property
+    def size(self) -> int:
+        """Compressed layers plus the config, as `docker images` counts."""
+        config = self.parsed.config.size if self.parsed.config else 0
+        return config + sum(layer.size for layer in self.layers)
+
+    @property
+    def blobs(self) -> tuple[Descriptor, ...]:
+        """Layers, then the config: what an image owns besides its manifest."""
+        config = (self.parsed.config,) if self.parsed.config else ()
+        return (*self.layers, *config)
+
+
+@dataclass
+class Snapshot:
+    """The registry's names at one moment, read from its records in etcd."""
+
+    # manifest digest -> {repository: record}, for every repository holding it
+    manifests: dict[str, dict[str, ManifestRecord]] = field(default_factory=dict)
+    # (repository, tag) -> manifest digest
+    tags: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def tags_of(self, digest: str) -> list[tuple[str, str]]:
+        """(repository, tag) pairs naming the manifest, sorted."""
+        return sorted(key for key, d in self.tags.items() if d == digest)
+
+    def holders(self, digest: str) -> list[str]:
+        return sorted(self.manifests.get(digest, {}))
+
+
+@dataclass(frozen=True)
+class Target:
+    """An image named by a user: which manifest, where, and how it was named."""
+
+    digest: str
+    repository: str  # the named repository, else one holding the manifest
+    tag: str | None
+    by: Literal["tag", "digest", "id"]  # name:tag, name@digest, or a bare digest / id / prefix
+
+
+@dataclass(frozen=True)
+class ContainerUse:
+    """A cluster container and the image reference it was created from."""
+
+    id: str
+    repository: str
+    tag: str | None
+    digest: str | None  # what the reference resolves to now (None: nothing)
+
+
+# --- pure functions over images (unit-tested without servers) ----------------------------------
+
+
+def parse_created(text: str | None) -> float | None:
+    """An image config's `created` (RFC 3339) as seconds since the epoch; None if absent or
+    unreadable (some tools write odd values; listing must not fail over them)."""
+    if not text:
+        return None
+    try:
+        return parse_rfc3339(text).timestamp()
+    except ValueError:
+        return None
+
+
+def pair_history(config: ImageConfig, layers: Sequence[Descriptor]) -> list[HistoryStep]:
+    """The config's history, oldest first, each step that is not `empty_layer` paired with the
+    next layer (Docker's rule). Layers the history does not account for (images built without
+    history) get a step of their own at the end; a step claiming a layer the manifest lacks
+    gets none."""
+    steps: list[HistoryStep] = []
+    remaining = list(layers)
+    for entry in config.history:
+        empty = bool(entry.get("empty_layer"))
+        layer = None if empty or not remaining else remaining.pop(0)
+        steps.append(
+            HistoryStep(
+                layer=layer.digest if layer else "",
+                created=parse_created(_text(entry.get("created"))),
+                created_by=_text(entry.get("created_by")),
+                size=layer.size if layer else 0,
+                comment=_text(entry.get("comment")),
+                empty_layer=empty,
+                author=_text(entry.get("author")),
+            )
+        )
+    steps += [HistoryStep(layer.digest, None, "", layer.size, "", False) for layer in remaining]
+    return steps
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def shared_sizes(images: Mapping[str, Sequence[Descriptor]]) -> dict[str, int]:
+    """For each image (by manifest digest), the bytes of its layers that another image of the
+    catalog also uses. A layer listed twice in one image counts once."""
+    users: dict[str, int] = defaultdict(int)
+    for layers in images.values():
+        for digest in {layer.digest for layer in layers}:
+            users[digest] += 1
+    result = {}
+    for image, layers in images.items():
+        unique = {layer.digest: layer.size for layer in layers}
+        result[image] = sum(size for digest, size in unique.items() if users[digest] > 1)
+    return result
+
+
+def hosts_holding(
+    layers: Iterable[Descriptor], node_layers: Mapping[str, Mapping[str, int]]
+) -> list[str]:
+    """Ids of the nodes whose published layer set holds every one of `layers`, sorted."""
+    wanted = {layer.digest for layer in layers}
+    return sorted(node for node, held in node_layers.items() if wanted <= held.keys())
+
+
+def unreferenced(blobs: Iterable[Descriptor], references: set[str]) -> list[Descriptor]:
+    """The blobs (in order, once each) that no remaining manifest references."""
+    seen: set[str] = set()
+    result = []
+    for blob in blobs:
+        if blob.digest not in references and blob.digest not in seen:
+            seen.add(blob.digest)
+            result.append(blob)
+    return result
+
+
+def container_use(
+    container_id: str, image: str, tags: Mapping[tuple[str, str], str]
+) -> ContainerUse | None:
+    """What a container's image reference (`name[:tag]` or `name@digest`, as it was created
+    with) names in the catalog now; None for a reference that is not a catalog name."""
+    try:
+        reference = parse_reference(image)
+    except InvalidArgument:
+        return None
+    if reference.registry is not None:
+        return None
+    repo, tag = reference.repository, reference.tag
+    digest = reference.digest or tags.get((repo, tag or "latest"))
+    return ContainerUse(container_id, repo, None if reference.digest else tag, digest)
+
+
+def catalog_name(text: str, what: str = "image name") -> Reference:
+    """`name[:tag]` for a new name in the catalog (tag `latest`): no registry host, no digest."""
+    reference = parse_reference(text)
+    if reference.registry is not None:
+        raise InvalidArgument(
+            f"{what} {quoted(text)} has a registry host: berth's catalog names have no host; "
+            f"`berth push SRC {text}` copies an image out to that registry"
+        )
+    if reference.digest is not None:
+        raise InvalidArgument(f"{what} {quoted(text)} must be name[:tag], without a digest")
+    return reference
+
+
+# --- the catalog --------------------------------------------------------------------------------
+
+
+class Catalog:
+    def __init__(self, store: Store, registry_address: RegistryAddress, scratch: Path) -> None:
+        self.store = store
+        self.registry_address = registry_address
+        # Where large transient files (layers being packed or unpacked) go.
+        self.scratch = scratch
+        self.metadata = Metadata(store)
+        self._contents: dict[str, Content] = {}
+
+    # --- the registry ---------------------------------------------------------------------
+
+    async def call(self, method: Callable[..., T], *args: Any) -> T:
+        """Run one blocking RegistryClient call in a thread: `await catalog.call(
+        RegistryClient.stat_blob, repository, digest)`. Client errors become domain errors."""
+        address = await self.registry_address()
+
+        def run() -> T:
+            with RegistryClient(address) as client:
+                return method(client, *args)
+
+        try:
+            return await asyncio.to_thread(run)
+        except BerthClientError as e:
+            raise error_for_code(e.code, f"registry: {e.message}") from e
+
+    async def read_blob(self, repository: str, digest: str) -> bytes:
+        """A small blob (a config) in memory, verified against its digest."""
+        path = self.scratch / f"blob-{digest.replace(':', '-')}-{time.monotonic_ns()}"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            await self.call(RegistryClient.pull_blob, repository, digest, path)
+            return path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def push_bytes(self, repository: str, data: bytes, media_type: str) -> Descriptor:
+        """Store a small blob (a config) in repository."""
+        digest = digest_bytes(data)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        path = self.scratch / f"push-{digest.replace(':', '-')}-{time.monotonic_ns()}"
+        try:
+            path.write_bytes(data)
+            await self.call(RegistryClient.push_blob, repository, path, digest, len(data))
+        finally:
+            path.unlink(missing_ok=True)
+        return Descriptor(media_type, digest, len(data))
+
+    # --- reading the catalog ----------------------------------------------------------------
+
+    async def snapshot(self) -> Snapshot:
+        """The registry's manifests and tags, as two range reads of its etcd records."""
+        snapshot = Snapshot()
+        for repo, record in await self.metadata.all_manifests():
+            snapshot.manifests.setdefault(record.digest, {})[repo] = record
+        async for entry in self.store.iterate(TAGS):
+            repo, tag = split_child_key(entry.key, TAGS)
+            snapshot.tags[(repo, tag)] = str(entry.json()["digest"])
+        # Content of manifests gone from the registry is dropped, so the cache stays the
+        # catalog's size.
+        for digest in [d for d in self._contents if d not in snapshot.manifests]:
+            del self._contents[digest]
+        return snapshot
+
+    async def content(self, digest: str, repository: str) -> Content:
+        """A manifest (and its config, for an image) by digest, from the cache or the registry."""
+        cached = self._contents.get(digest)
+        if cached is not None:
+            return cached
+        stored = await self.call(RegistryClient.get_manifest, repository, digest)
+        parsed = parse_manifest(stored.content, stored.media_type)
+        content = Content(digest, parsed.media_type, stored.content, parsed)
+        if parsed.config is not None and parsed.config.media_type in mediatypes.CONFIG_TYPES:
+            config_bytes = await self.read_blob(repository, parsed.config.digest)
+            try:
+                config = parse_image_config(config_bytes)
+            except InvalidArgument as e:  # listed as a non-image, never fails the whole list
+                log.warning("manifest %s in %s has a bad config: %s", digest, repository, e)
+            else:
+                content = Content(
+                    digest, parsed.media_type, stored.content, parsed, config_bytes, config
+                )
+        self._contents[digest] = content
+        return content
+
+    async def contents(self, snapshot: Snapshot) -> dict[str, Content]:
+        """Content of every manifest in the snapshot, fetching what is not cached yet."""
+        limit = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+        async def fetch(digest: str) -> tuple[str, Content | None]:
+            async with limit:
+                try:
+                    return digest, await self.content(digest, snapshot.holders(digest)[0])
+                except NotFound:  # deleted since the snapshot was read
+                    return digest, None
+
+        fetched = await asyncio.gather(*(fetch(d) for d in snapshot.manifests))
+        return {digest: content for digest, content in fetched if content is not None}
+
+    async def node_layers(self) -> dict[str, dict[str, int]]:
+        """{node id: {layer digest: size}} as the node agents publish them."""
+        return {
+            entry.key.removeprefix(NODE_LAYERS): entry.json()
+            for entry in await self.store.list(NODE_LAYERS)
+        }
+
+    async def container_uses(self, snapshot: Snapshot) -> list[ContainerUse]:
+        """Every cluster container, with the image its reference names now. A container counts
+        for an image if its `name:tag` currently names the image's manifest, or it was created
+        from `name@digest` of it (containers do not record the digest they were created from
+        in the cluster's records, so a tag moved since counts for its new image)."""
+        uses = []
+        for entry in await self.store.list(CONTAINERS):
+            try:
+                desired = DesiredContainer.from_json(entry.value)
+            except (ValueError, TypeError, KeyError, BerthError) as e:
+                log.warning("unreadable container record %s: %s", entry.key, e)
+                continue
+            use = container_use(desired.id, desired.config.image, snapshot.tags)
+            if use is not None:
+                uses.append(use)
+        return uses
+
+    async def target(self, ref: str, snapshot: Snapshot) -> Target:
+        """Which manifest `ref` names (see the module docstring for the forms)."""
+        if not ref:
+            raise InvalidArgument("no image given")
+        id_like = _ID_PREFIX.fullmatch(ref)
+        # `sha256:...` and 64 hex digits can only be a digest or an image id.
+        if id_like and (id_like.group(1) or len(id_like.group(2)) == 64):
+            return await self._by_id(id_like.group(2), ref, snapshot)
+        try:
+            reference = parse_reference(ref)
+        except InvalidArgument:
+            if id_like:
+                return await self._by_id(id_like.group(2), ref, snapshot)
+            raise
+        if reference.registry is not None:
+            raise InvalidArgument(
+                f"{ref} names an external registry; berth's catalog names have no host "
+                "(pull it first with `berth pull`)"
+            )
+        repo = reference.repository
+        if reference.digest is not None:
+            if repo not in snapshot.manifests.get(reference.digest, {}):
+                raise NotFound(f"No such image: {ref}")
+            return Target(reference.digest, repo, None, "digest")
+        tag = reference.tag or "latest"
+        digest = snapshot.tags.get((repo, tag))
+        if digest is not None and digest in snapshot.manifests:
+            return Target(digest, repo, tag, "tag")
+        if id_like:
+            return await self._by_id(id_like.group(2), ref, snapshot)
+        raise NotFound(f"No such image: {ref}")
+
+    async def _by_id(self, hex_prefix: str, ref: str, snapshot: Snapshot) -> Target:
+        """A manifest whose digest, or whose image's id (config digest), starts with the hex."""
+        prefix = "sha256:" + hex_prefix
+        matches = {d for d in snapshot.manifests if d.startswith(prefix)}
+        for digest, content in (await self.contents(snapshot)).items():
+            if content.is_image and content.id.startswith(prefix):
+                matches.add(digest)
+        if not matches:
+            raise NotFound(f"No such image: {ref}")
+        if len(matches) > 1:
+            shown = ", ".join(sorted(d.removeprefix("sha256:")[:12] for d in matches))
+            raise FailedPrecondition(
+                f"image id prefix {ref} is ambiguous: it matches {len(matches)} images "
+                f"({shown}); give more digits"
+            )
+        digest = matches.pop()
+        tagged = snapshot.tags_of(digest)
+        repository = tagged[0][0] if tagged else snapshot.holders(digest)[0]
+        return Target(digest, repository, None, "id")
+
+    async def image(self, ref: str, snapshot: Snapshot | None = None) -> tuple[Target, Content]:
+        """The image `ref` names, with its content; an index or artifact is refused."""
+        if snapshot is None:
+            snapshot = await self.snapshot()
+        target = await self.target(ref, snapshot)
+        content = await self.content(target.digest, target.repository)
+        if not content.is_image:
+            what = "an image index" if content.parsed.kind == "index" else "not an image"
+            raise FailedPrecondition(
+                f"{ref} is {what} ({content.media_type}); name one of its images by digest"
+            )
+        return target, content
+
+    async def resolve(self, ref: str) -> ResolvedImage:
+        """Find an image by any name `inspect` takes (reference, digest, id or id prefix)."""
+        target, content = await self.image(ref)
+        assert content.config is not None
+        return ResolvedImage(
+            repository=target.repository,
+            tag=target.tag,
+            digest=target.digest,
+            media_type=content.media_type,
+            manifest=content.manifest,
+            parsed=content.parsed,
+            config_bytes=content.config_bytes,
+            config=content.config,
+        )
+
+    async def inspect(self, ref: str) -> ImageDetail:
+        """Everything known about one image."""
+        snapshot = await self.snapshot()
+        target, content = await self.image(ref, snapshot)
+        assert content.config is not None
+        config = content.config
+        origin = await self.store.get_json(image_key(target.digest)) or {}
+        platform = f"{config.os}/{config.architecture}"
+        if isinstance(config.raw.get("variant"), str) and config.raw["variant"]:
+            platform += f"/{config.raw['variant']}"
+        return ImageDetail(
+            digest=target.digest,
+            id=content.id,
+            repo_tags=[f"{repo}:{tag}" for repo, tag in snapshot.tags_of(target.digest)],
+            repo_digests=[f"{repo}@{target.digest}" for repo in snapshot.holders(target.digest)],
+            media_type=content.media_type,
+            manifest=content.manifest,
+            config=content.config_bytes,
+            layers=list(content.layers),
+            diff_ids=list(config.diff_ids),
+            history=pair_history(config, content.layers),
+            created=parse_created(config.created),
+            size=content.size,
+            hosts=hosts_holding(content.layers, await self.node_layers()),
+            platform=platform,
+            origin=str(origin.get("origin", "")),
+            origin_detail=str(origin.get("origin_detail", "")),
+        )
+
+    async def history(self, ref: str) -> list[HistoryStep]:
+        """The image's history, newest first (docker history)."""
+        _, content = await self.image(ref)
+        assert content.config is not None
+        return list(reversed(pair_history(content.config, content.layers)))
+
+    async def list(
+        self, reference: str = "", all: bool = False, dangling_only: bool = False
+    ) -> list[ImageRow]:
+        """One row per tag, newest first; untagged manifests (per repository) with `all` or
+        `dangling_only`. `reference` keeps one repository, or one `repo:tag`."""
+        wanted = _list_filter(reference)
+        snapshot = await self.snapshot()
+        images = {d: c for d, c in (await self.contents(snapshot)).items() if c.is_image}
+        metrics.observe_catalog(*catalog_figures(images))
+        shared = shared_sizes({d: c.layers for d, c in images.items()})
+        node_layers = await self.node_layers()
+        users: dict[str, int] = defaultdict(int)
+        for use in await self.container_uses(snapshot):
+            if use.digest is not None:
+                users[use.digest] += 1
+
+        def row(repo: str, tag: str, content: Content) -> ImageRow:
+            assert content.config is not None
+            return ImageRow(
+                repository=repo,
+                tag=tag,
+                digest=content.digest,
+                id=content.id,
+                created=parse_created(content.config.created),
+                size=content.size,
+                shared_size=shared[content.digest],
+                hosts=tuple(hosts_holding(content.layers, node_layers)),
+                containers=users[content.digest],
+            )
+
+        rows = []
+        if not dangling_only:
+            for (repo, tag), digest in snapshot.tags.items():
+                if digest in images and _wanted(wanted, repo, tag):
+                    rows.append(row(repo, tag, images[digest]))
+        if all or dangling_only:
+            for repo, digest in _dangling(snapshot, images):
+                if _wanted(wanted, repo, None):
+                    rows.append(row(repo, "", images[digest]))
+        rows.sort(key=lambda r: (r.repository, r.tag))
+        rows.sort(key=lambda r: r.created or 0.0, reverse=True)
+        return rows
+
+    async def figures(self) -> tuple[int, int]:
+        """(images, bytes) of the whole catalog, for the metrics: distinct image manifests,
+        and the bytes of the distinct layers and configs they use."""
+        snapshot = await self.snapshot()
+        images = {d: c for d, c in (await self.contents(snapshot)).items() if c.is_image}
+        return catalog_figures(images)
+
+    # --- writing images -------------------------------------------------------------------
+
+    async def write_image(
+        self,
+        repository: str,
+        tag: str | None,
+        config: dict[str, Any],
+        layers: list[Descriptor],
+        origin: str = "",
+        origin_detail: str = "",
+    ) -> ImageDetail:
+        """Store a new image whose layers are already in `repository`: push its config, put
+        the manifest (under `tag`, or untagged by digest) and record its origin."""
+        config_bytes = encode_json(config)
+        parse_image_config(config_bytes)  # never write a config berth itself would refuse
+        config_descriptor = await self.push_bytes(
+            repository, config_bytes, mediatypes.OCI_IMAGE_CONFIG
+        )
+        return await self.write_manifest(
+            repository, tag, config_descriptor, layers, origin, origin_detail
+        )
+
+    async def write_manifest(
+        self,
+        repository: str,
+        tag: str | None,
+        config: Descriptor,
+        layers: list[Descriptor],
+        origin: str = "",
+        origin_detail: str = "",
+    ) -> ImageDetail:
+        """Put an OCI manifest over a config and layers already in `repository` (under `tag`,
+        or untagged by digest) and record its origin. Used as is where the config's bytes
+        must stay as they came (a loaded image keeps its id)."""
+        manifest = build_image_manifest(config, layers)
+        digest = await self.call(
+            RegistryClient.put_manifest,
+            repository,
+            tag or digest_bytes(manifest),
+            mediatypes.OCI_IMAGE_MANIFEST,
+            manifest,
+        )
+        await self.record_origin(digest, repository, origin, origin_detail)
+        return await self.inspect(f"{repository}@{digest}")
+
+    async def record_origin(
+        self, digest: str, repository: str, origin: str, origin_detail: str = ""
+    ) -> None:
+        """Remember how an image came into the catalog (shown by inspect)."""
+        if not origin:
+            return
+        await self.store.put_json(
+            image_key(digest),
+            {
+                "origin": origin,
+                "origin_detail": origin_detail,
+                "repository": repository,
+                "created_at": time.time(),
+            },
+        )
+
+    async def tag(self, source: str, target: str) -> str:
+        """Name an existing image `target` (`name[:tag]`); returns the manifest digest, which
+        stays the same. Its blobs are mounted into the target repository, never copied."""
+        name = catalog_name(target, "target")
+        assert name.tag is not None
+        snapshot = await self.snapshot()
+        found, content = await self.image(source, snapshot)
+        repository = name.repository
+        if repository not in snapshot.manifests.get(found.digest, {}):
+            for blob in content.blobs:
+                mounted = await self.call(
+                    RegistryClient.mount_blob, repository, blob.digest, found.repository
+                )
+                if not mounted:
+                    raise FailedPrecondition(
+                        f"blob {blob.digest} of {source} is missing from repository "
+                        f"{found.repository}; the image is damaged"
+                    )
+        return await self.call(
+            RegistryClient.put_manifest, repository, name.tag, content.media_type, content.manifest
+        )
+
+    async def remove(self, ref: str, force: bool = False) -> Removal:
+        """`docker rmi`: `name:tag` untags, and deletes the image when no repository has it
+        tagged any more; `name@digest` deletes the manifest from that repository; a digest,
+        id or id prefix deletes it from every repository with all its tags. Blobs no other
+        manifest references are reported as deleted: the registry's GC frees them later."""
+        snapshot = await self.snapshot()
+        target = await self.target(ref, snapshot)
+        content = await self.content(target.digest, target.repository)
+        plan = removal_plan(target, snapshot)
+        if not force:
+            check_unused(plan, target.digest, content.id, await self.container_uses(snapshot))
+        live = {(repo, d) for d, by_repo in snapshot.manifests.items() for repo in by_repo}
+        removal, _ = await self._execute(plan, target.digest, content, snapshot, live)
+        return removal
+
+    async def prune(self, all: bool = False) -> tuple[list[Removal], int]:
+        """Delete dangling manifests (no tag in their repository), and with `all` every image
+        no container uses. Returns what each removal did and the bytes of blobs no manifest
+        references any more (freed by the registry's GC)."""
+        snapshot = await self.snapshot()
+        images = {d: c for d, c in (await self.contents(snapshot)).items() if c.is_image}
+        used = {u.digest for u in await self.container_uses(snapshot) if u.digest}
+        live = {(repo, d) for d, by_repo in snapshot.manifests.items() for repo in by_repo}
+        plans = [
+            (digest, Plan([], [repo], whole=False))
+            for repo, digest in _dangling(snapshot, images)
+            if digest not in used and repo != BUILD_CACHE_REPOSITORY
+        ]
+        if all:
+            plans += [
+                (digest, Plan([], snapshot.holders(digest), whole=True))
+                for digest in sorted(images)
+                if digest not in used and snapshot.tags_of(digest)
+            ]
+        removals, reclaimed = [], 0
+        for digest, plan in plans:
+            # A dangling copy may already have gone with its whole image.
+            plan.delete_from = [r for r in plan.delete_from if (r, digest) in live]
+            if plan.delete_from:
+                removal, freed = await self._execute(plan, digest, images[digest], snapshot, live)
+                removals.append(removal)
+                reclaimed += freed
+        remaining = {digest for _, digest in live}
+        metrics.observe_catalog(
+            *catalog_figures({d: c for d, c in images.items() if d in remaining})
+        )
+        return removals, reclaimed
+
+    async def _execute(
+        self,
+        plan: Plan,
+        digest: str,
+        content: Content,
+        snapshot: Snapshot,
+        live: set[tuple[str, str]],
+    ) -> tuple[Removal, int]:
+        """Carry out a removal plan. `live`, the (repository, manifest) pairs that still exist,
+        is updated, so removals in a row report each freed blob once. Returns what was done
+        and the bytes freed."""
+        removal = Removal()
+        for repo, tag in plan.untag:
+            try:
+                await self.call(RegistryClient.delete_tag, repo, tag)
+            except NotFound:
+                continue  # removed concurrently: the outcome is the same
+            removal.untagged.append(f"{repo}:{tag}")
+        copies = []  # repositories whose untagged copy went
+        for repo in plan.delete_from:
+            try:
+                deleted = await self.call(RegistryClient.delete_manifest, repo, digest)
+                removal.untagged += [f"{repo}:{tag}" for tag in deleted.deleted_tags]
+                if not deleted.deleted_tags:
+                    copies.append(repo)
+            except NotFound:
+                pass  # deleted concurrently
+            live.discard((repo, digest))
+        if _holders(live, digest):
+            removal.untagged += [f"{repo}@{digest}" for repo in copies]
+            return removal, 0
+        await self.store.delete(image_key(digest))
+        references = set()
+        for repo, other in live:
+            references.add(other)
+            references.update(snapshot.manifests[other][repo].references)
+        freed = unreferenced(content.blobs, references)
+        removal.deleted = [digest, *(blob.digest for blob in freed)]
+        return removal, len(content.manifest) + sum(blob.size for blob in freed)
+
+
+@dataclass
+class Plan:
+    """What a removal does: tags to delete, repositories to delete the manifest from, and
+    whether that takes it out of the catalog altogether."""
+
+    untag: list[tuple[str, str]]
+    delete_from: list[str]
+    whole: bool
+
+
+def removal_plan(target: Target, snapshot: Snapshot) -> Plan:
+    """See Catalog.remove for the rules."""
+    holders = snapshot.holders(target.digest)
+    if target.by == "tag":
+        assert target.tag is not None
+        others = [
+            t for t in snapshot.tags_of(target.digest) if t != (target.repository, target.tag)
+        ]
+        untag = [(target.repository, target.tag)]
+        if others:
+            return Plan(untag, [], whole=False)
+        return Plan(untag, holders, whole=True)
+    if target.by == "digest":
+        return Plan([], [target.repository], whole=holders == [target.repository])
+    return Plan([], holders, whole=True)
+
+
+def check_unused(plan: Plan, digest: str, image_id: str, uses: Iterable[ContainerUse]) -> None:
+    """Refuse (like Docker) a removal that takes away the name or the image a container was
+    created from."""
+    untagged = set(plan.untag)
+    for use in uses:
+        names_tag = use.tag is not None and (use.repository, use.tag) in untagged
+        loses_image = use.digest == digest and (plan.whole or use.repository in plan.delete_from)
+        if not (names_tag or loses_image):
+            continue
+        if plan.untag:
+            repo, tag = plan.untag[0]
+            what = f'remove repository reference "{repo}:{tag}" (must force)'
+        else:
+            what = f"delete {image_id.removeprefix('sha256:')[:12]} (must be forced)"
+        raise FailedPrecondition(
+            f"conflict: unable to {what} - image is being used by container {use.id[:12]}"
+        )
+
+
+def catalog_figures(images: Mapping[str, Content]) -> tuple[int, int]:
+    """(distinct images, bytes of the distinct blobs they use)."""
+    sizes = {blob.digest: blob.size for c in images.values() for blob in c.blobs}
+    return len(images), sum(sizes.values())
+
+
+def _holders(live: set[tuple[str, str]], digest: str) -> list[str]:
+    return [repo for repo, d in live if d == digest]
+
+
+def _dangling(snapshot: Snapshot, images: Mapping[str, Content]) -> list[tuple[str, str]]:
+    """(repository, digest) of image manifests with no tag in their repository, except those
+    an index in the same repository lists (they are part of a multi-platform image)."""
+    tagged = {(repo, digest) for (repo, _), digest in snapshot.tags.items()}
+    children = {
+        (repo, child)
+        for by_repo in snapshot.manifests.values()
+        for repo, record in by_repo.items()
+        for child in record.references
+    }
+    return sorted(
+        (repo, digest)
+        for digest, by_repo in snapshot.manifests.items()
+        if digest in images
+        for repo in by_repo
+        if (repo, digest) not in tagged and (repo, digest) not in children
+    )
+
+
+def _list_filter(reference: str) -> Reference | None:
+    if not reference:
+        return None
+    parsed = parse_reference(reference, default_tag=None)
+    if parsed.registry is not None or parsed.digest is not None:
+        raise InvalidArgument(f"list filter {quoted(reference)} must be a repository or repo:tag")
+    return parsed
+
+
+def _wanted(wanted: Reference | None, repo: str, tag: str | None) -> bool:
+    if wanted is None:
+        return True
+    return wanted.repository == repo and (wanted.tag is None or wanted.tag == tag)

@@ -1,0 +1,503 @@
+"""New images from a container's changes (`docker commit`) and from a tarball (`docker import`).
+
+Commit: the node that runs the container packs its overlay upper dir as a layer and pushes it
+to the registry itself, so the layer never passes through this service; this service then
+writes the config (the parent's, with the new diff_id, a history step and the `--change`
+instructions applied) and the manifest. Import: the uploaded tarball (plain, gzip, bzip2 or
+xz) is checked entry by entry, hashed (diff_id) and gzipped in one pass, and becomes a
+single-layer image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bz2
+import copy
+import lzma
+import os
+import tarfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from isal import igzip, igzip_lib
+
+from berth.client import ClusterClient, NodeClient, RegistryClient
+from berth.client.cluster import ClusterContainer, NodeInfo
+from berth.errors import BerthClientError
+from berthd.common.endpoints import AddressGetter
+from berthd.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    error_for_code,
+)
+from berthd.common.oci import mediatypes
+from berthd.common.oci.digest import Digester, quoted
+from berthd.common.oci.manifest import Descriptor
+from berthd.common.oci.reference import parse_reference
+from berthd.common.tarsafe import OPAQUE_MARKER, WHITEOUT_PREFIX, HashingReader, UnsafeLayer
+from berthd.image import metrics
+from berthd.image.catalog import Catalog, ResolvedImage, catalog_name
+from berthd.image.changes import apply_changes, parse_changes
+from berthd.image.model import ORIGIN_COMMIT, ORIGIN_IMPORT, ImageDetail
+from berthd.node.layers import host_platform
+
+# Where the blobs of an import without a name go (an untagged commit stays in its parent's
+# repository, which already holds the parent's layers).
+IMPORT_REPOSITORY = "imported"
+DEFAULT_IMPORT_LIMIT = 8 << 30  # bytes, compressed upload and uncompressed tar alike
+_CHUNK = 1 << 20
+_TAR_BUFSIZE = 64 * 1024
+
+CommitProgress = Callable[[str, str], None]
+"""progress(stage, text); stage is "resolving", "exporting" or "writing"."""
+
+T = TypeVar("T")
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+async def _client_call(function: Callable[..., T], *args: Any) -> T:
+    """A blocking berth client call in a thread, its errors as domain errors."""
+    try:
+        return await asyncio.to_thread(function, *args)
+    except BerthClientError as e:
+        raise error_for_code(e.code, e.message) from e
+
+
+# --- commit ------------------------------------------------------------------------------------
+
+
+async def commit(
+    catalog: Catalog,
+    cluster_address: AddressGetter,
+    container: str,
+    reference: str,
+    author: str,
+    message: str,
+    pause: bool,
+    changes: list[str],
+    progress: CommitProgress,
+) -> ImageDetail:
+    """Snapshot a cluster container's changed filesystem as a new image named `reference`
+    (`name[:tag]`; empty: untagged, in the parent's repository)."""
+    try:
+        image = await _commit(
+            catalog,
+            cluster_address,
+            container,
+            reference,
+            author,
+            message,
+            pause,
+            changes,
+            progress,
+        )
+    except Exception:
+        metrics.COMMITS.labels(metrics.ERROR).inc()
+        raise
+    metrics.COMMITS.labels(metrics.OK).inc()
+    return image
+
+
+async def _commit(
+    catalog: Catalog,
+    cluster_address: AddressGetter,
+    container: str,
+    reference: str,
+    author: str,
+    message: str,
+    pause: bool,
+    changes: list[str],
+    progress: CommitProgress,
+) -> ImageDetail:
+    # Everything the caller typed is checked before anything is touched.
+    name = catalog_name(reference, "reference") if reference else None
+    parse_changes(changes)
+    if not container:
+        raise InvalidArgument("no container given")
+
+    progress("resolving", f"finding container {container}")
+    found, node = await _client_call(_find_container, await cluster_address(), container)
+    parent = await _parent_image(catalog, found, node)
+    repository = name.repository if name else parent.repository
+    progress("resolving", f"container {found.name} runs on node {node.id}, image {found.image}")
+
+    paused = " (paused while it is read)" if pause else ""
+    progress("exporting", f"node {node.id} packs the changes of {found.name}{paused}")
+    layer_digest, diff_id, size = await _client_call(
+        _export_layer, node.address, found.id, repository, pause
+    )
+    progress("exporting", f"layer {layer_digest} ({size} bytes) pushed to {repository}")
+
+    progress("writing", "writing the image config and manifest")
+    if repository != parent.repository:
+        for layer in parent.parsed.layers:
+            await _mount(catalog, repository, layer.digest, parent.repository)
+    config = commit_config(
+        parent.config.raw,
+        changes,
+        diff_id,
+        found.id,
+        found.command or _image_command(parent.config.config),
+        author,
+        message,
+        now_rfc3339(),
+    )
+    layers = [*map(oci_layer, parent.parsed.layers)]
+    layers.append(Descriptor(mediatypes.OCI_LAYER_TAR_GZIP, layer_digest, size))
+    return await catalog.write_image(
+        repository, name.tag if name else None, config, layers, ORIGIN_COMMIT, found.id
+    )
+
+
+def _find_container(address: str, container: str) -> tuple[ClusterContainer, NodeInfo]:
+    with ClusterClient(address) as cluster:
+        found = cluster.inspect(container)
+        if not found.node_id:
+            raise BerthClientError(
+                f"container {found.name} is not placed on any node", "FAILED_PRECONDITION"
+            )
+        return found, cluster.node(found.node_id)
+
+
+async def _parent_image(catalog: Catalog, found: ClusterContainer, node: NodeInfo) -> ResolvedImage:
+    """The image the container runs: its repository and the manifest digest its node pulled."""
+    if found.state == "pending":
+        raise FailedPrecondition(
+            f"container {found.name} is not created on node {node.id} yet; commit it once it runs"
+        )
+    if node.state != "ready":
+        raise Unavailable(
+            f"node {node.id} of container {found.name} is {node.state}: its changes cannot be read"
+        )
+    digest = found.image_digest
+    if not digest:  # the cluster's records do not carry it: ask the node that pulled it
+        digest = (await _client_call(_node_container, node.address, found.id)).image_digest
+    repository = parse_reference(found.image).repository
+    try:
+        return await catalog.resolve(f"{repository}@{digest}")
+    except NotFound:
+        raise FailedPrecondition(
+            f"the image of container {found.name} ({found.image}, {digest}) is no longer in "
+            "the registry, so the new image would have no parent layers"
+        ) from None
+
+
+def _node_container(address: str, container_id: str) -> Any:
+    with NodeClient(address) as node:
+        return node.inspect(container_id)
+
+
+def _export_layer(
+    address: str, container_id: str, repository: str, pause: bool
+) -> tuple[str, str, int]:
+    with NodeClient(address) as node:
+        return node.export_layer(container_id, repository, pause=pause)
+
+
+async def _mount(catalog: Catalog, repository: str, digest: str, source: str) -> None:
+    if not await catalog.call(RegistryClient.mount_blob, repository, digest, source):
+        raise FailedPrecondition(
+            f"layer {digest} of the parent image is missing from repository {source}"
+        )
+
+
+def _image_command(config: Mapping[str, Any]) -> list[str]:
+    return [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+
+
+def oci_layer(layer: Descriptor) -> Descriptor:
+    """A parent layer as an OCI manifest lists it: Docker's gzip layer type is the same bytes
+    as OCI's tar+gzip, so only the name changes (as skopeo converts them)."""
+    if layer.media_type == mediatypes.DOCKER_LAYER_TAR_GZIP:
+        return Descriptor(
+            mediatypes.OCI_LAYER_TAR_GZIP,
+            layer.digest,
+            layer.size,
+            layer.annotations,
+            layer.platform,
+            layer.urls,
+        )
+    return layer
+
+
+def commit_config(
+    parent: Mapping[str, Any],
+    changes: Sequence[str],
+    diff_id: str,
+    container_id: str,
+    command: Sequence[str],
+    author: str,
+    message: str,
+    created: str,
+) -> dict[str, Any]:
+    """The new image's config: the parent's, with `changes` applied to its `config` section,
+    the new layer's diff_id, and a history step as `docker commit` writes it."""
+    config = copy.deepcopy(dict(parent))
+    config["config"] = apply_changes(parent.get("config") or {}, changes)
+    rootfs = dict(config.get("rootfs") or {"type": "layers"})
+    diff_ids = list(rootfs.get("diff_ids") or [])
+    rootfs["diff_ids"] = [*diff_ids, diff_id]
+    config["rootfs"] = rootfs
+    history = list(config.get("history") or [])
+    # A parent without a history step per layer would pair the new step with an old layer.
+    described = sum(1 for step in history if not step.get("empty_layer"))
+    history += [{} for _ in range(len(diff_ids) - described)]
+    step: dict[str, Any] = {"created": created, "created_by": " ".join(command)}
+    if author:
+        step["author"] = author
+    if message:
+        step["comment"] = message
+    config["history"] = [*history, step]
+    config["created"] = created
+    config["container"] = container_id
+    if author:
+        config["author"] = author
+    else:
+        config.pop("author", None)
+    return config
+
+
+# --- import --------------------------------------------------------------------------------------
+
+
+async def import_tarball(
+    catalog: Catalog,
+    chunks: AsyncIterator[bytes],
+    reference: str,
+    message: str,
+    changes: list[str],
+    source: str,
+    max_bytes: int = DEFAULT_IMPORT_LIMIT,
+) -> ImageDetail:
+    """A root filesystem tarball as a one-layer image named `reference` (`name[:tag]`; empty:
+    untagged, in the `imported` repository)."""
+    try:
+        image = await _import(catalog, chunks, reference, message, changes, source, max_bytes)
+    except Exception:
+        metrics.IMPORTS.labels(metrics.ERROR).inc()
+        raise
+    metrics.IMPORTS.labels(metrics.OK).inc()
+    return image
+
+
+async def _import(
+    catalog: Catalog,
+    chunks: AsyncIterator[bytes],
+    reference: str,
+    message: str,
+    changes: list[str],
+    source: str,
+    max_bytes: int,
+) -> ImageDetail:
+    name = catalog_name(reference, "reference") if reference else None
+    config_section = apply_changes({}, changes)
+    repository = name.repository if name else IMPORT_REPOSITORY
+    catalog.scratch.mkdir(parents=True, exist_ok=True)
+    base = catalog.scratch / f"import-{uuid.uuid4().hex}"
+    upload, blob = base.with_suffix(".upload"), base.with_suffix(".tar.gz")
+    try:
+        if await _spool(chunks, upload, max_bytes) == 0:
+            raise InvalidArgument("import: the tarball is empty")
+        layer = await asyncio.to_thread(pack_layer, upload, blob, max_bytes)
+        upload.unlink()
+        await catalog.call(RegistryClient.push_blob, repository, blob, layer.digest, layer.size)
+        os_name, architecture = host_platform()
+        created = now_rfc3339()
+        step = {"created": created, "created_by": f"Imported from {source or '-'}"}
+        if message:
+            step["comment"] = message
+        config = {
+            "created": created,
+            "architecture": architecture,
+            "os": os_name,
+            "config": config_section,
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+            "history": [step],
+        }
+        descriptor = Descriptor(mediatypes.OCI_LAYER_TAR_GZIP, layer.digest, layer.size)
+        return await catalog.write_image(
+            repository, name.tag if name else None, config, [descriptor], ORIGIN_IMPORT, source
+        )
+    finally:
+        upload.unlink(missing_ok=True)
+        blob.unlink(missing_ok=True)
+
+
+async def _spool(chunks: AsyncIterator[bytes], path: Path, max_bytes: int) -> int:
+    """Write the uploaded bytes to `path`; returns how many. Over `max_bytes` is refused."""
+    size = 0
+    with open(path, "wb") as out:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > max_bytes:
+                raise ResourceExhausted(f"import: the tarball is larger than {_gib(max_bytes)}")
+            await asyncio.to_thread(out.write, chunk)
+    return size
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):g} GiB" if size >= 1 << 30 else f"{size} bytes"
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """diff_id: sha256 of the uncompressed tar; digest and size: of the gzip blob."""
+
+    diff_id: str
+    digest: str
+    size: int
+
+
+def pack_layer(source: Path, dest: Path, max_bytes: int = DEFAULT_IMPORT_LIMIT) -> PackedLayer:
+    """Turn a tarball (plain, gzip, bzip2 or xz) into a gzip layer blob at `dest`, refusing
+    entries that could write outside the root it is unpacked into, in one pass."""
+    with open(source, "rb") as raw, open(dest, "wb") as out:
+        tar_stream = _decompressed(raw)
+        compressed = _HashingWriter(out)
+        with igzip.IGzipFile(fileobj=compressed, mode="wb", compresslevel=1, mtime=0) as gz:
+            tee = _Tee(HashingReader(tar_stream), gz, max_bytes)
+            check_tar(tee)
+            while tee.read(_CHUNK):  # what follows the end-of-archive blocks is part of the tar
+                pass
+        out.flush()
+        os.fsync(out.fileno())
+    return PackedLayer(tee.source.digest, compressed.digester.digest, compressed.digester.size)
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _decompressed(raw: BinaryIO) -> BinaryIO:
+    """The tar stream inside `raw`, by its magic bytes."""
+    head = raw.read(6)
+    raw.seek(0)
+    if head.startswith(b"\x1f\x8b"):
+        return igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(raw)  # type: ignore[return-value]
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(raw)  # type: ignore[return-value]
+    if head.startswith(_ZSTD_MAGIC):
+        raise InvalidArgument("import: zstd tarballs are not supported; use gzip, bzip2 or xz")
+    return raw
+
+
+# Errors of corrupt compressed data, from each decompressor.
+_CORRUPT = (igzip.BadGzipFile, igzip_lib.IsalError, EOFError, OSError, lzma.LZMAError)
+
+
+class _Tee:
+    """Reads the tar stream, enforcing the size cap, and writes every byte to the layer."""
+
+    def __init__(self, source: HashingReader, sink: BinaryIO, max_bytes: int) -> None:
+        self.source = source
+        self.sink = sink
+        self.max_bytes = max_bytes
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self.source.read(size)
+        except _CORRUPT as e:
+            raise InvalidArgument(f"import: the tarball is not valid compressed data: {e}") from e
+        if self.source.size > self.max_bytes:
+            raise ResourceExhausted(
+                f"import: the uncompressed tar is larger than {_gib(self.max_bytes)}"
+            )
+        self.sink.write(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+class _HashingWriter:
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.digester = Digester()
+
+    def write(self, data: bytes) -> int:
+        self.digester.update(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def writable(self) -> bool:
+        return True
+
+
+def check_tar(stream: Any) -> int:
+    """Read a tar stream to its end-of-archive, refusing (UnsafeLayer, naming the entry) what
+    the node's extraction (berthd.common.tarsafe) would refuse: absolute paths, `..`, entries
+    under a symlink of the archive, hard links to anything but an earlier file, bad whiteouts.
+    Returns the number of entries."""
+    checker = _TarChecker()
+    try:
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFSIZE) as tar:
+            for member in tar:
+                checker.check(member)
+    except tarfile.TarError as e:
+        raise InvalidArgument(f"import: not a tar archive (plain, gzip, bzip2 or xz): {e}") from e
+    return checker.entries
+
+
+Parts = tuple[str, ...]
+
+
+class _TarChecker:
+    def __init__(self) -> None:
+        self.symlinks: set[Parts] = set()
+        self.files: set[Parts] = set()
+        self.entries = 0
+
+    def check(self, member: tarfile.TarInfo) -> None:
+        self.entries += 1
+        parts = _parts(member.name, member.name)
+        if not parts:
+            if not member.isdir():
+                raise _unsafe(member, "the root must be a directory")
+            return
+        for depth in range(1, len(parts)):
+            if parts[:depth] in self.symlinks:
+                where = quoted("/".join(parts[:depth]))
+                raise _unsafe(member, f"{where} is a symlink; writing through it could escape")
+        base = parts[-1]
+        whiteout = base.startswith(WHITEOUT_PREFIX) and base != OPAQUE_MARKER
+        if whiteout and base[len(WHITEOUT_PREFIX) :] in ("", ".", ".."):
+            raise _unsafe(member, "whiteout of an invalid name")
+        if member.islnk() and _parts(member.linkname, member.name) not in self.files:
+            raise _unsafe(
+                member,
+                f"hardlink target {quoted(member.linkname)} is not a file earlier in the archive",
+            )
+        # A later entry replaces an earlier one of the same path, and everything under it.
+        self.symlinks = {p for p in self.symlinks if p[: len(parts)] != parts}
+        if member.issym():
+            self.symlinks.add(parts)
+        if not member.isdir():
+            self.files.add(parts)
+
+
+def _parts(name: str, entry: str) -> Parts:
+    if "\0" in name:
+        raise UnsafeLayer(f"import: tar entry {quoted(entry)}: NUL byte in path {quoted(name)}")
+    if name.startswith("/"):
+        raise UnsafeLayer(f"import: tar entry {quoted(entry)}: absolute path {quoted(name)}")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise UnsafeLayer(f"import: tar entry {quoted(entry)}: path {quoted(name)} contains '..'")
+    return parts
+
+
+def _unsafe(member: tarfile.TarInfo, why: str) -> UnsafeLayer:
+    return UnsafeLayer(f"import: tar entry {quoted(member.name)}: {why}")

@@ -1,0 +1,313 @@
+"""Copy images between berth's registry and external OCI registries: `berth pull` and `push`.
+
+A pull fetches the external manifest, copies every blob berth's registry lacks (a blob already
+in the target repository is skipped, one stored in any other repository is linked by a mount),
+then puts the manifest bytes unchanged under the local name, so the digest stays the same
+(Docker schema2 manifests included). For an image index, only the host platform's image is
+copied and stored: berth's catalog names images, and every node of a cluster shares the
+platform of the host it was built for.
+
+A push is the reverse: blobs the remote holds are skipped ("Layer already exists"), blobs the
+remote holds in another repository are mounted from there, the rest are streamed from berth's
+registry through a scratch file; then the manifest bytes go up unchanged.
+
+Blobs move three at a time, each through a file under the catalog's scratch directory (never
+in memory), with per-blob progress events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+
+from berth.client import RegistryClient
+from berthd.common.errors import DataLoss, FailedPrecondition, InvalidArgument
+from berthd.common.oci.digest import hex_of
+from berthd.common.oci.manifest import Descriptor, ParsedManifest, parse_manifest
+from berthd.common.oci.reference import Reference, parse_reference
+from berthd.image import metrics
+from berthd.image.catalog import Catalog
+from berthd.image.distribution import DistributionClient, Manifest
+from berthd.image.model import (
+    ORIGIN_PULL,
+    Credentials,
+    ImageDetail,
+    LayerEvent,
+    LayerProgress,
+    TransferState,
+)
+from berthd.node.layers import pick_platform
+
+PARALLEL_BLOBS = 3
+# Byte progress is reported about every 1% of a blob, and at least every this many bytes.
+PROGRESS_STEP = 1 << 20
+EXAMPLE = "127.0.0.1:5000/name:tag"
+
+
+class MountSources:
+    """Which repository of a remote host is known to hold a blob, as a cross-repository mount
+    source for later pushes to that host. Filled by pushes and pulls of this process; bounded,
+    the oldest entries forgotten first."""
+
+    def __init__(self, limit_per_host: int = 10_000) -> None:
+        self._limit = limit_per_host
+        self._hosts: dict[str, OrderedDict[str, str]] = {}
+
+    def remember(self, host: str, digest: str, repository: str) -> None:
+        known = self._hosts.setdefault(host, OrderedDict())
+        known[digest] = repository
+        known.move_to_end(digest)
+        while len(known) > self._limit:
+            known.popitem(last=False)
+
+    def lookup(self, host: str, digest: str) -> str | None:
+        return self._hosts.get(host, {}).get(digest)
+
+
+MOUNT_SOURCES = MountSources()
+
+
+def external_reference(text: str, verb: str) -> Reference:
+    """Parse a reference that must name an external registry (`host[:port]/name[:tag]`)."""
+    reference = parse_reference(text)
+    if reference.registry is None:
+        way = "from" if verb == "pull" else "to"
+        raise InvalidArgument(
+            f"{text} has no registry host; berth {verb} copies {way} an external registry, "
+            f"e.g. {EXAMPLE}"
+        )
+    return reference
+
+
+def local_target(source: Reference, local_reference: str) -> tuple[str, str | None]:
+    """(repository, tag) to store a pulled image under in berth's registry; tag None stores
+    it untagged by digest. Default: the source without its host, same tag (or digest)."""
+    if not local_reference:
+        return source.repository, source.tag
+    target = parse_reference(local_reference)
+    if target.registry is not None or target.digest is not None:
+        raise InvalidArgument(
+            f"{local_reference}: the local reference must be name[:tag] in berth's registry, "
+            "without a registry host or digest"
+        )
+    return target.repository, target.tag
+
+
+# --- pull -----------------------------------------------------------------------------------
+
+
+async def pull_external(
+    catalog: Catalog,
+    image: str,
+    credentials: Credentials | None,
+    insecure: bool,
+    local_reference: str,
+    progress: LayerProgress,
+) -> tuple[ImageDetail, str]:
+    """Copy `host/name[:tag|@digest]` into berth's registry; returns the image and the local
+    reference it was stored under."""
+    source = external_reference(image, "pull")
+    repository, tag = local_target(source, local_reference)
+    host = str(source.registry)
+    async with DistributionClient(host, credentials, insecure) as remote:
+        manifest, parsed = await _image_manifest(remote, source, image)
+        progress = _marking_config(progress, parsed)
+
+        async def copy(blob: Descriptor) -> None:
+            digest = blob.digest
+            if await catalog.call(RegistryClient.stat_blob, repository, digest) is not None:
+                state = TransferState.ALREADY_EXISTS
+            elif await catalog.call(RegistryClient.mount_blob, repository, digest, ""):
+                state = TransferState.MOUNTED
+            else:
+                await _fetch(catalog, remote, source.repository, repository, blob, progress)
+                state = TransferState.COMPLETE
+            MOUNT_SOURCES.remember(host, digest, source.repository)
+            progress(LayerEvent(digest, state, blob.size, blob.size))
+
+        await _copy_blobs(parsed.required_blobs, copy, progress)
+    stored = await catalog.call(
+        RegistryClient.put_manifest,
+        repository,
+        tag or manifest.digest,
+        manifest.media_type,
+        manifest.content,
+    )
+    if stored != manifest.digest:
+        raise DataLoss(f"{image}: berth's registry stored the manifest as {stored}")
+    await catalog.record_origin(stored, repository, ORIGIN_PULL, image)
+    detail = await catalog.inspect(f"{repository}@{stored}")
+    return detail, f"{repository}:{tag}" if tag else f"{repository}@{stored}"
+
+
+async def _image_manifest(
+    remote: DistributionClient, source: Reference, what: str
+) -> tuple[Manifest, ParsedManifest]:
+    """The image manifest a reference names; for an index, the host platform's image."""
+    manifest = await remote.get_manifest(source.repository, str(source.reference))
+    parsed = _parse(manifest, what)
+    if parsed.kind == "index":
+        entry = pick_platform(parsed, what)
+        manifest = await remote.get_manifest(source.repository, entry.digest)
+        parsed = _parse(manifest, what)
+        if parsed.kind != "image":
+            raise FailedPrecondition(f"{what}: the index's {entry.digest} is another index")
+    return manifest, parsed
+
+
+def _parse(manifest: Manifest, what: str) -> ParsedManifest:
+    try:
+        return parse_manifest(manifest.content, manifest.media_type)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"{what}: {e}") from e
+
+
+async def _fetch(
+    catalog: Catalog,
+    remote: DistributionClient,
+    remote_repository: str,
+    repository: str,
+    blob: Descriptor,
+    progress: LayerProgress,
+) -> None:
+    """Download one blob to scratch, then push it into berth's registry."""
+    path = _scratch_path(catalog, "pull", blob.digest)
+    try:
+        report = _byte_progress(blob, progress)
+        size = await remote.download_blob(remote_repository, blob.digest, path, report)
+        metrics.EXTERNAL_BYTES.labels(direction="pull").inc(size)
+        if size != blob.size:
+            raise DataLoss(
+                f"{remote.host}/{remote_repository}@{blob.digest}: {size} bytes, "
+                f"the manifest says {blob.size}"
+            )
+        # The download checked the digest; berth's registry checks it again on commit.
+        progress(LayerEvent(blob.digest, TransferState.VERIFYING, size, size))
+        await catalog.call(RegistryClient.push_blob, repository, path, blob.digest, size)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+# --- push -----------------------------------------------------------------------------------
+
+
+async def push_external(
+    catalog: Catalog,
+    image: str,
+    destination: str,
+    credentials: Credentials | None,
+    insecure: bool,
+    progress: LayerProgress,
+) -> tuple[str, int]:
+    """Copy an image of berth's catalog to `host/name[:tag]`; returns the pushed manifest's
+    digest and size."""
+    target = external_reference(destination, "push")
+    local = await catalog.resolve(image)
+    if target.digest is not None and target.digest != local.digest:
+        raise InvalidArgument(f"{destination} pins {target.digest}, but {image} is {local.digest}")
+    host = str(target.registry)
+    repository = target.repository
+    progress = _marking_config(progress, local.parsed)
+    async with DistributionClient(host, credentials, insecure) as remote:
+
+        async def copy(blob: Descriptor) -> None:
+            digest = blob.digest
+            source = MOUNT_SOURCES.lookup(host, digest)
+            if await remote.blob_exists(repository, digest) is not None:
+                state = TransferState.ALREADY_EXISTS
+            elif source not in (None, repository) and await remote.mount_blob(
+                repository, digest, str(source)
+            ):
+                state = TransferState.MOUNTED
+            else:
+                await _send(catalog, remote, local.repository, repository, blob, progress)
+                state = TransferState.COMPLETE
+            MOUNT_SOURCES.remember(host, digest, repository)
+            mounted_from = str(source) if state == TransferState.MOUNTED else ""
+            progress(LayerEvent(digest, state, blob.size, blob.size, mounted_from=mounted_from))
+
+        await _copy_blobs(local.parsed.required_blobs, copy, progress)
+        digest = await remote.put_manifest(
+            repository, target.tag or local.digest, local.media_type, local.manifest
+        )
+    return digest, len(local.manifest)
+
+
+async def _send(
+    catalog: Catalog,
+    remote: DistributionClient,
+    local_repository: str,
+    repository: str,
+    blob: Descriptor,
+    progress: LayerProgress,
+) -> None:
+    """Stream one blob from berth's registry to scratch, then up to the remote."""
+    path = _scratch_path(catalog, "push", blob.digest)
+    try:
+        await catalog.call(RegistryClient.pull_blob, local_repository, blob.digest, path)
+        report = _byte_progress(blob, progress)
+        await remote.upload_blob(repository, path, blob.digest, blob.size, report)
+        metrics.EXTERNAL_BYTES.labels(direction="push").inc(blob.size)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+# --- shared ---------------------------------------------------------------------------------
+
+
+async def _copy_blobs(
+    blobs: Iterable[Descriptor],
+    copy: Callable[[Descriptor], Awaitable[None]],
+    progress: LayerProgress,
+) -> None:
+    """Run copy() for each distinct blob, PARALLEL_BLOBS at a time; the first failure
+    cancels the rest and is raised as itself."""
+    unique = list({blob.digest: blob for blob in blobs}.values())
+    for blob in unique:
+        progress(LayerEvent(blob.digest, TransferState.WAITING, 0, blob.size))
+    slots = asyncio.Semaphore(PARALLEL_BLOBS)
+
+    async def one(blob: Descriptor) -> None:
+        async with slots:
+            await copy(blob)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for blob in unique:
+                group.create_task(one(blob))
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+
+
+def _marking_config(progress: LayerProgress, manifest: ParsedManifest) -> LayerProgress:
+    """progress, with the config blob's events marked (clients show layers only)."""
+    config = manifest.config.digest if manifest.config is not None else ""
+
+    def report(event: LayerEvent) -> None:
+        progress(replace(event, config=True) if event.digest == config else event)
+
+    return report
+
+
+def _byte_progress(blob: Descriptor, progress: LayerProgress) -> Callable[[int, int], None]:
+    """A (current, total) callback that reports TRANSFERRING about every 1% of the blob."""
+    step = max(blob.size // 100, PROGRESS_STEP)
+    last = -step
+
+    def report(current: int, total: int) -> None:
+        nonlocal last
+        total = total or blob.size
+        if current - last >= step or current >= total:
+            last = current
+            progress(LayerEvent(blob.digest, TransferState.TRANSFERRING, current, total))
+
+    return report
+
+
+def _scratch_path(catalog: Catalog, direction: str, digest: str) -> Path:
+    catalog.scratch.mkdir(parents=True, exist_ok=True)
+    return catalog.scratch / f"{direction}-{hex_of(digest)[:16]}-{time.monotonic_ns()}"
