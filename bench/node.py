@@ -714,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             report_start(args.runs, start_samples)
         if pull is not None:
             report_pull(pull[0], args, pull[1])
-    except (BenchError, BerthClientError) as exc:
+    except (BenchError, BerthClientError, RuntimeError) as exc:
         print(f"bench FAILED: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -21,14 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from docker_registry import free_port, start_docker_registry, stop_process  # noqa: E402
 from oci_images import make_random_image  # noqa: E402
 
 from berthd.localcluster import stop_process as stop_pid  # noqa: E402
@@ -78,12 +77,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def free_base_port() -> int:
@@ -207,60 +200,6 @@ def skopeo(args: list[str], scratch: Path, what: str) -> float:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def start_docker_registry(work: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    storage = work / "docker-registry-storage"
-    storage.mkdir(parents=True)
-    port = free_port()
-    config = work / "docker-registry.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n"
-        "  level: info\n"
-        "storage:\n"
-        "  filesystem:\n"
-        f"    rootdirectory: {storage}\n"
-        "  delete:\n"
-        "    enabled: true\n"
-        "http:\n"
-        f"  addr: 127.0.0.1:{port}\n"
-    )
-    log = work / "docker-registry.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            ["docker-registry", "serve", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            raise BenchError(f"docker-registry exited with {proc.returncode}: {' | '.join(tail)}")
-        try:
-            with urllib.request.urlopen(f"http://{address}/v2/", timeout=1) as reply:
-                if reply.status == 200:
-                    return proc, address, storage
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.05)
-    stop_process(proc)
-    raise BenchError(f"docker-registry did not answer on {address} within 30s; see {log}")
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def peer_round(work: Path, source: Path, expected: str, size: int) -> tuple[float, float]:
     pulled = work / "peer-pulled"
     proc = None
@@ -361,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         report(size, args, berth, peer)
-    except BenchError as exc:
+    except (BenchError, RuntimeError) as exc:
         print(f"bench FAILED: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -1,5 +1,8 @@
-"""`make demo`: start a 3-host local berth cluster, walk an image through its registry, run
-containers through the cluster, then kill a host and watch a replicated service move.
+"""`make demo`: start a 3-host local berth cluster, build an image from a multi-stage Dockerfile
+(examples/hello), walk images through the registry, run containers through the cluster, commit
+a changed container and run the result on another host, push to and pull from an external
+registry (Debian's docker-registry on loopback), then kill a host and watch a replicated service
+move.
 
 Every step prints a heading, the real command, and that command's real output. The cluster
 keeps running at the end (stop it with `make down`). Exits non-zero, with one line saying
@@ -24,9 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from docker_registry import start_docker_registry, stop_process
 from oci_images import make_busybox_image
 
 BIN = Path(sys.executable).parent
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello"
+BUILT = "demo/hello:1"
+COMMITTED = "demo/hello:2"
 REPO = "demo/busybox"
 TAG = "1.35"
 DESCRIPTION = "BusyBox 1.35 built from Debian's busybox-static"
@@ -50,6 +57,7 @@ class Demo:
         self.step = 0
         self.env = dict(os.environ)
         self.bold = sys.stdout.isatty()
+        self.source: dict = {}  # skopeo's view of the base image as pushed
 
     # --- presentation ---
 
@@ -109,32 +117,38 @@ class Demo:
         return self.run([str(BIN / "berthd"), *args, *self.state_args()])
 
     def main(self) -> None:
-        self.heading(f"Start a local cluster: etcd, the registry, {NODES} node agents, the cluster")
+        self.heading(
+            f"Start a local cluster: etcd, the registry, {NODES} node agents, the cluster, the"
+            " image service, the builder"
+        )
         argv = [str(BIN / "berthd"), "up", "--nodes", str(NODES), *self.state_args()]
         if self.base_port:
             argv += ["--base-port", str(self.base_port)]
         self.run(argv)
         cluster = self.cluster()
-        registry = cluster["services"]["registry"]
-        host = cluster["services"]["cluster"]
-        node = cluster["services"]["node"]
+        services = cluster["services"]
+        registry, host, node = services["registry"], services["cluster"], services["node"]
         # The CLI would find the default state directory by itself; exporting the addresses
-        # makes every command below talk to this cluster whatever --state-dir was. Container
-        # commands go to the cluster (BERTH_HOST), image commands to node-1 (BERTH_NODE).
-        self.env["BERTH_REGISTRY"] = registry["address"]
-        self.env["BERTH_HOST"] = host["address"]
-        self.env["BERTH_NODE"] = node["address"]
-        print(
-            f"(the commands below run with BERTH_REGISTRY={registry['address']}"
-            f" BERTH_HOST={host['address']} BERTH_NODE={node['address']})"
-        )
+        # makes every command below talk to this cluster whatever --state-dir was.
+        exported = {
+            "BERTH_REGISTRY": registry["address"],
+            "BERTH_HOST": host["address"],
+            "BERTH_IMAGE": services["image"]["address"],
+            "BERTH_BUILDER": services["builder"]["address"],
+        }
+        self.env.pop("BERTH_NODE", None)
+        self.env.update(exported)
+        print(f"(the commands below run with {' '.join(f'{k}={v}' for k, v in exported.items())})")
 
         work = Path(tempfile.mkdtemp(prefix="berth-demo-"))
         try:
             self.image_steps(work)
+            self.build_steps()
+            self.registry_steps(work)
+            self.container_steps()
+            self.external_steps(work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        self.container_steps()
         self.cluster_steps()
 
         self.heading("The registry's metrics")
@@ -149,6 +163,11 @@ class Demo:
         print(f"GET {host['metrics']}  (berth_cluster_*)")
         self.metrics(host["metrics"], "berth_cluster_")
 
+        for name in ("image", "builder"):
+            self.heading(f"The {name} service's metrics")
+            print(f"GET {services[name]['metrics']}  (berth_{name}_*)")
+            self.metrics(services[name]["metrics"], f"berth_{name}_")
+
         state = self.state_args()
         stop = "make down" + (f" STATE_DIR={self.state_dir}" if self.state_dir else "")
         print(
@@ -158,7 +177,6 @@ class Demo:
 
     def image_steps(self, work: Path) -> None:
         layout = work / "busybox"
-        pulled = work / "pulled"
 
         self.heading("Build a busybox OCI image with umoci (scripts/oci_images.py)")
         print(f">>> make_busybox_image({str(layout)!r}, 'latest')")
@@ -169,10 +187,30 @@ class Demo:
         self.run(["umoci", "stat", "--image", f"{layout}:latest"])
         source = json.loads(self.run_quiet(["skopeo", "inspect", f"oci:{layout}:latest"]))
 
-        self.heading("Push it to the registry")
+        self.heading("Push it to the registry: the base image of the build")
         self.berth("oci", "push", f"{layout}:latest", f"{REPO}:{TAG}")
+        self.source = source
 
-        self.heading("Describe the repository")
+    def build_steps(self) -> None:
+        self.heading(
+            "Build examples/hello, a multi-stage Dockerfile: RUN steps run on a node, COPY"
+            " layers are made by the builder"
+        )
+        self.run(["cat", str(EXAMPLE / "Dockerfile")])
+        self.berth("build", "-t", BUILT, str(EXAMPLE))
+
+        self.heading("Build it again: every step comes from the build cache (etcd)")
+        self.berth("build", "-t", BUILT, str(EXAMPLE))
+        self.berth("builder", "ls")
+
+        self.heading("Run it through the cluster, look at its history")
+        self.berth("run", "--rm", BUILT)
+        self.berth("history", BUILT)
+
+    def registry_steps(self, work: Path) -> None:
+        pulled = work / "pulled"
+        source = self.source
+        self.heading("Describe the base image's repository")
         self.berth(
             "registry",
             "set",
@@ -214,8 +252,7 @@ class Demo:
 
     def container_steps(self) -> None:
         image = f"{REPO}:{TAG}"
-        self.heading("Pull the image onto node-1 (each layer unpacked once, shared)")
-        self.berth("pull", image)
+        self.heading("The cluster's images: berth's registry, read as images")
         self.berth("images")
 
         self.heading(
@@ -239,9 +276,49 @@ class Demo:
         self.berth("stats", "--no-stream", "demo-web")
         self.berth("logs", "--tail", "2", "demo-web")
 
-        self.heading("Stop and remove it")
+        self.heading("Commit its changes as a new image, with a message and a new CMD")
+        placed = json.loads(
+            self.run_quiet([str(BIN / "berth"), "--format", "json", "inspect", "demo-web"])
+        )[0]
+        self.berth(
+            "commit", "-a", "demo", "-m", "tick log and no passwd", "-c",
+            'CMD ["sh", "-c", "ls /etc; test -e /etc/passwd || echo no passwd here"]',
+            "demo-web", COMMITTED,
+        )  # fmt: skip
+        self.berth("history", COMMITTED)
+
+        ran_on = placed.get("Node", {}).get("ID")
+        other = next(n for n in self.node_ids() if n != ran_on)
+        self.heading(f"Run the committed image on another host ({other}; demo-web ran on {ran_on})")
+        self.berth("run", "--rm", "--constraint", f"node.id=={other}", COMMITTED)
+
+        self.heading("Stop and remove the container")
         self.berth("stop", "-t", "1", "demo-web")
         self.berth("rm", "demo-web")
+        self.berth("images")
+
+    def external_steps(self, work: Path) -> None:
+        self.heading("Push the built image to an external registry (docker-registry on loopback)")
+        try:
+            proc, address, _ = start_docker_registry(work / "external")
+        except (RuntimeError, OSError) as exc:
+            raise StepFailed(f"step {self.step} (docker-registry): {exc}") from exc
+        try:
+            remote = f"{address}/demo/hello:1"
+            self.berth("push", BUILT, remote)
+            self.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{remote}"])
+
+            self.heading("Pull it back under another name, and save it as a docker-archive")
+            self.berth("pull", "--as", "pulled/hello:1", remote)
+            archive = work / "hello.tar"
+            self.berth("save", "-o", str(archive), "pulled/hello:1")
+            self.run(["skopeo", "inspect", f"docker-archive:{archive}"])
+        finally:
+            stop_process(proc)
+
+    def node_ids(self) -> list[str]:
+        nodes = json.loads(self.run_quiet([str(BIN / "berth"), "--format", "json", "node", "ls"]))
+        return [n["id"] for n in nodes if n.get("state") == "ready"]
 
     def cluster_steps(self) -> None:
         image = f"{REPO}:{TAG}"

@@ -60,12 +60,14 @@ def test_up_status_down(tmp_path: Path) -> None:
         assert f"export BERTH_REGISTRY=127.0.0.1:{base + 10}" in started.stdout
         cluster = json.loads((state / "cluster.json").read_text())
         pids = [cluster["etcd"]["pid"]] + [s["pid"] for s in cluster["services"].values()]
-        assert sorted(cluster["services"]) == ["cluster", "node", "registry"]
+        assert sorted(cluster["services"]) == ["builder", "cluster", "image", "node", "registry"]
+        assert f"export BERTH_IMAGE=127.0.0.1:{base + 16}" in started.stdout
+        assert f"export BERTH_BUILDER=127.0.0.1:{base + 18}" in started.stdout
         assert all(alive(pid) for pid in pids)
 
         status = run([*BERTHD, "status"], env)
         assert status.returncode == 0, status.stdout
-        assert status.stdout.count("healthy") == 4  # etcd and three services
+        assert status.stdout.count("healthy") == 6  # etcd and five services
 
         # The CLI finds the cluster through the default state directory alone.
         listed = run([sys.executable, "-m", "berth", "registry", "ls", "--format", "json"], env)
@@ -126,7 +128,8 @@ def test_up_three_nodes_and_kill_node(tmp_path: Path) -> None:
 
         status = run([*BERTHD, "status"], env)
         assert status.returncode == 0, status.stdout
-        assert status.stdout.count("healthy") == 6  # etcd, registry, three agents, cluster
+        # etcd, registry, three agents, cluster, image, builder
+        assert status.stdout.count("healthy") == 8
 
         # The cluster service sees three ready nodes, each labelled as its own host.
         with grpc.insecure_channel(cluster["services"]["cluster"]["address"]) as channel:

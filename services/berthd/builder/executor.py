@@ -373,7 +373,8 @@ class _Build:
         self.number += 1
         began = time.monotonic()
         line = stage.line
-        original = stage.from_instruction.original if stage.from_instruction else stage.base
+        # As BuildKit shows it: the base with its ARGs expanded.
+        original = f"FROM {stage.base}" + (f" AS {stage.name}" if stage.name else "")
         try:
             if stage.base_stage is not None:
                 state = self.states[stage.base_stage]

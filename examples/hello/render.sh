@@ -1,0 +1,4 @@
+#!/bin/sh
+# Frame each line of the file named by $1.
+sed 's/^/| /' "$1"
+echo "| built $(date -u +%Y-%m-%d)"
