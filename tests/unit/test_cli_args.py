@@ -287,3 +287,27 @@ def test_docker_bar() -> None:
     assert bar.startswith("[" + "=" * 25 + ">" + " " * 25 + "]")
     assert bar.endswith("50B/100B")
     assert docker_bar(5, 10, width=0) == "5B/10B"
+
+
+def test_each_command_loads_only_the_module_that_registers_it() -> None:
+    """MODULE_OF must name, for every top-level command, the module whose add_commands
+    registers it: `berth build` builds a parser with build_cmds alone."""
+    import importlib
+
+    from berth.cli import main as cli_main
+
+    for module in cli_main.COMMAND_MODULES:
+        parser = argparse.ArgumentParser()
+        commands = parser.add_subparsers()
+        importlib.import_module(f"berth.cli.{module}").add_commands(commands)
+        registered = set(commands.choices)
+        assert registered == {c for c, m in cli_main.MODULE_OF.items() if m == module}, module
+    assert cli_main.command_module(["--host", "h:1", "--format=json", "ps", "-a"]) == (
+        "container_cmds"
+    )
+    assert cli_main.command_module(["build", "."]) == "build_cmds"
+    assert cli_main.command_module(["--help"]) is None
+    assert cli_main.command_module(["no-such-command"]) is None
+    only_build = cli_main.build_parser(["build", "."])
+    with pytest.raises(BerthClientError):  # other commands are not there: argparse refuses
+        only_build.parse_args(["ps"])

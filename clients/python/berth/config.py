@@ -144,3 +144,12 @@ def _cluster_file_address(service: str, hint: str) -> str:
             "FAILED_PRECONDITION",
         )
     return str(address)
+
+
+# Help of the global address options, shared by the top-level parser and the subcommands that
+# repeat them.
+HOST_HELP = "cluster address HOST:PORT (default: $BERTH_HOST, else the `berthd up` cluster)"
+IMAGE_SERVICE_HELP = (
+    "image service address HOST:PORT (default: $BERTH_IMAGE, else the `berthd up` cluster)"
+)
+BUILDER_HELP = "builder address HOST:PORT (default: $BERTH_BUILDER, else the `berthd up` cluster)"

@@ -280,6 +280,9 @@ class Catalog:
         self.scratch = scratch
         self.metadata = Metadata(store)
         self._contents: dict[str, Content] = {}
+        # One client (one gRPC channel, thread-safe) per registry address: a new channel per
+        # call costs a connection each time, which a cached build's many small calls feel.
+        self._clients: dict[str, RegistryClient] = {}
 
     # --- the registry ---------------------------------------------------------------------
 
@@ -287,15 +290,19 @@ class Catalog:
         """Run one blocking RegistryClient call in a thread: `await catalog.call(
         RegistryClient.stat_blob, repository, digest)`. Client errors become domain errors."""
         address = await self.registry_address()
-
-        def run() -> T:
-            with RegistryClient(address) as client:
-                return method(client, *args)
-
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = RegistryClient(address)
         try:
-            return await asyncio.to_thread(run)
+            return await asyncio.to_thread(method, client, *args)
         except BerthClientError as e:
             raise error_for_code(e.code, f"registry: {e.message}") from e
+
+    def close(self) -> None:
+        """Close the registry connections (a later call opens them again)."""
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            client.close()
 
     async def read_blob(self, repository: str, digest: str) -> bytes:
         """A small blob (a config) in memory, verified against its digest."""

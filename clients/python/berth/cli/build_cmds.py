@@ -31,11 +31,10 @@ from berth.client.builder import (
     StepEvent,
 )
 from berth.client.registry import parse_image_reference
-from berth.config import resolve_service_address
+from berth.config import BUILDER_HELP, resolve_service_address
 from berth.dockerignore import DEFAULT_DOCKERFILE
 from berth.errors import BerthClientError
 
-BUILDER_HELP = "builder address HOST:PORT (default: $BERTH_BUILDER, else the `berthd up` cluster)"
 STDIN = "-"
 CACHE_HEADERS = ["KEY", "INSTRUCTION", "SIZE", "CREATED", "LAST USED", "USES"]
 KEY_WIDTH = 12
@@ -234,9 +233,8 @@ def builder_options() -> argparse.ArgumentParser:
     return parent
 
 
-def add_commands(commands: argparse._SubParsersAction, parser: argparse.ArgumentParser) -> None:
-    """Register `build` and `builder ...`, and the global --builder option on parser."""
-    parser.add_argument("--builder", metavar="ADDR", default=None, help=BUILDER_HELP)
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register `build` and `builder ...` (the global --builder option is main's)."""
     common = [builder_options(), format_options()]
 
     build = commands.add_parser("build", parents=common, help="build an image from a Dockerfile")

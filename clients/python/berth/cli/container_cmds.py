@@ -39,7 +39,7 @@ from berth.cli.output import (
 from berth.cli.registry_cmds import format_options, parse_label
 from berth.client.cluster import ClusterClient, ClusterContainer, Placement
 from berth.client.node import ContainerInfo, NodeClient, RunOptions
-from berth.config import resolve_target
+from berth.config import HOST_HELP, resolve_target
 from berth.errors import BerthClientError
 
 Client = NodeClient | ClusterClient
@@ -57,7 +57,6 @@ STDIN_CHUNK = 64 * 1024
 NODE_START_TIMEOUT = 300.0
 NODE_START_NOTICE = 2.0  # after this, say on stderr what we are waiting for
 _CONSTRAINT_RE = re.compile(r"\s*([A-Za-z0-9_.\-/]+)\s*(==|!=)\s*(\S.*?)\s*")
-HOST_HELP = "cluster address HOST:PORT (default: $BERTH_HOST, else the `berthd up` cluster)"
 TARGET_NODE_HELP = "talk to this node agent HOST:PORT directly instead of the cluster"
 
 

@@ -49,14 +49,11 @@ from berth.client.image import (
 )
 from berth.client.node import ImageInfo, NodeClient, PullProgress
 from berth.client.registry import parse_image_reference
-from berth.config import image_cache_node, resolve_service_address
+from berth.config import IMAGE_SERVICE_HELP, image_cache_node, resolve_service_address
 from berth.errors import BerthClientError
 from berth.files import fsync_dir
 
 NODE_HELP = "act on this node agent's own image cache HOST:PORT instead of the catalog"
-SERVICE_HELP = (
-    "image service address HOST:PORT (default: $BERTH_IMAGE, else the `berthd up` cluster)"
-)
 CREATED_BY_WIDTH = 45  # what `docker history` keeps of CREATED BY without --no-trunc
 # Dockerfile instructions `commit -c` and `import -c` apply (Docker's list, less ONBUILD).
 CHANGE_INSTRUCTIONS = ("CMD", "ENTRYPOINT", "ENV", "EXPOSE", "LABEL", "USER", "VOLUME", "WORKDIR")
@@ -117,7 +114,7 @@ def service_options() -> argparse.ArgumentParser:
     """--image-service on a subcommand; SUPPRESS keeps it from overwriting the global flag."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
-        "--image-service", metavar="ADDR", default=argparse.SUPPRESS, help=SERVICE_HELP
+        "--image-service", metavar="ADDR", default=argparse.SUPPRESS, help=IMAGE_SERVICE_HELP
     )
     return parent
 

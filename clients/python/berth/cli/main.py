@@ -7,17 +7,38 @@ Exit codes: 0 success, 1 a user mistake or a server error (one `Error: ...` line
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
-from berth.cli import build_cmds, cluster_cmds, container_cmds, image_cmds, oci_cmds, registry_cmds
 from berth.cli.output import FORMATS, print_error
-from berth.config import IMAGE_RULE, TARGET_RULE
+from berth.config import (
+    BUILDER_HELP,
+    HOST_HELP,
+    IMAGE_RULE,
+    IMAGE_SERVICE_HELP,
+    TARGET_RULE,
+)
 from berth.errors import BerthClientError
 from berth.oci_layout import LayoutError
+
+# The modules that register the commands, in `--help` order, and which one registers each
+# top-level command: a command imports only its own module (and so only its own gRPC client),
+# which keeps `berth build` or `berth ps` from paying for every other client at start-up.
+_COMMANDS = {
+    "registry_cmds": "search registry",
+    "oci_cmds": "oci",
+    "image_cmds": "images history tag rmi commit import save load pull push login logout image",
+    "container_cmds": "run ps logs exec start stop kill rm inspect wait stats diff",
+    "cluster_cmds": "node service events",
+    "build_cmds": "build builder",
+}
+COMMAND_MODULES = list(_COMMANDS)
+MODULE_OF = {command: module for module, words in _COMMANDS.items() for command in words.split()}
+# Global options that take a value, to find the command word after them.
+_VALUED_OPTIONS = {"--registry", "--host", "--image-service", "--node", "--format", "--builder"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,23 +48,24 @@ class _Parser(argparse.ArgumentParser):
         raise BerthClientError(f"{message} (see '{self.prog} --help')", "INVALID_ARGUMENT")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given the arguments, only with the command they name (every command when
+    they name none, ask for help, or name an unknown one, so argparse can list them all)."""
     parser = _Parser(
         prog="berth",
         description="Command-line client for the berth platform.",
         epilog=f"{TARGET_RULE} `node`, `service` and `events` always ask the cluster. {IMAGE_RULE}",
     )
-    parser.add_argument("--version", action="version", version=f"berth {_version()}")
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     parser.add_argument(
         "--registry",
         metavar="ADDR",
         default=None,
         help="registry address HOST:PORT (default: $BERTH_REGISTRY, else the `berthd up` cluster)",
     )
-    parser.add_argument("--host", metavar="ADDR", default=None, help=container_cmds.HOST_HELP)
-    parser.add_argument(
-        "--image-service", metavar="ADDR", default=None, help=image_cmds.SERVICE_HELP
-    )
+    parser.add_argument("--host", metavar="ADDR", default=None, help=HOST_HELP)
+    parser.add_argument("--image-service", metavar="ADDR", default=None, help=IMAGE_SERVICE_HELP)
+    parser.add_argument("--builder", metavar="ADDR", default=None, help=BUILDER_HELP)
     parser.add_argument(
         "--node",
         metavar="ADDR",
@@ -55,18 +77,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=FORMATS, default="table", help="output of data: table (default), json"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    registry_cmds.add_commands(commands)
-    oci_cmds.add_commands(commands)
-    image_cmds.add_commands(commands)
-    container_cmds.add_commands(commands)
-    cluster_cmds.add_commands(commands)
-    build_cmds.add_commands(commands, parser)
+    wanted = command_module(argv)
+    for name in COMMAND_MODULES:
+        if wanted is None or name == wanted:
+            importlib.import_module(f"berth.cli.{name}").add_commands(commands)
     return parser
+
+
+def command_module(argv: Sequence[str] | None) -> str | None:
+    """The module of the command argv names; None when every command is needed."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    while args:
+        word = args.pop(0)
+        if word in _VALUED_OPTIONS:
+            args = args[1:]
+        elif not word.startswith("-"):
+            return MODULE_OF.get(word)
+        elif word.split("=", 1)[0] not in _VALUED_OPTIONS:
+            return None  # --help, --version, or a mistake argparse should report in full
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         return args.func(args)
     except KeyboardInterrupt:
         return 130
@@ -84,11 +118,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _version() -> str:
-    try:
-        return version("berth")
-    except PackageNotFoundError:
-        return "unknown"
+class _Version(argparse.Action):
+    """--version, reading the installed version only when asked (importlib.metadata is slow to
+    import, and every command would pay for it)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("berth")
+        except PackageNotFoundError:
+            text = "unknown"
+        print(f"berth {text}")
+        parser.exit()
 
 
 def _silence_stdout() -> None:

@@ -1,46 +1,56 @@
-"""Typed clients for berth's gRPC services."""
+"""Typed clients for berth's gRPC services.
 
-from berth.client.builder import BuilderClient, BuildOptions, BuildResult
-from berth.client.cluster import (
-    ClusterClient,
-    ClusterContainer,
-    EndpointInfo,
-    Event,
-    NodeInfo,
-    Placement,
-    ServiceInfo,
-)
-from berth.client.image import (
-    CommitProgress,
-    Credentials,
-    ExternalReference,
-    HistoryStep,
-    ImageClient,
-    ImageDetails,
-    ImageSummary,
-    Layer,
-    LoadResult,
-    PruneResult,
-    PullResult,
-    PushedImage,
-    Removal,
-    TransferProgress,
-    parse_external_reference,
-)
-from berth.client.node import ContainerInfo, ImageInfo, NodeClient, RunOptions
-from berth.client.registry import (
-    BlobInfo,
-    DeletedManifest,
-    GcReport,
-    ImageReference,
-    ManifestData,
-    PushResult,
-    RegistryClient,
-    RepositoryInfo,
-    TagInfo,
-    parse_image_reference,
-)
+Names are loaded on first use (PEP 562), so that a program using one client does not import
+every service's generated stubs: the CLI starts faster that way.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "BlobInfo": "berth.client.registry",
+    "BuildOptions": "berth.client.builder",
+    "BuildResult": "berth.client.builder",
+    "BuilderClient": "berth.client.builder",
+    "ClusterClient": "berth.client.cluster",
+    "ClusterContainer": "berth.client.cluster",
+    "CommitProgress": "berth.client.image",
+    "ContainerInfo": "berth.client.node",
+    "Credentials": "berth.client.image",
+    "DeletedManifest": "berth.client.registry",
+    "EndpointInfo": "berth.client.cluster",
+    "Event": "berth.client.cluster",
+    "ExternalReference": "berth.client.image",
+    "GcReport": "berth.client.registry",
+    "HistoryStep": "berth.client.image",
+    "ImageClient": "berth.client.image",
+    "ImageDetails": "berth.client.image",
+    "ImageInfo": "berth.client.node",
+    "ImageReference": "berth.client.registry",
+    "ImageSummary": "berth.client.image",
+    "Layer": "berth.client.image",
+    "LoadResult": "berth.client.image",
+    "ManifestData": "berth.client.registry",
+    "NodeClient": "berth.client.node",
+    "NodeInfo": "berth.client.cluster",
+    "Placement": "berth.client.cluster",
+    "PruneResult": "berth.client.image",
+    "PullResult": "berth.client.image",
+    "PushResult": "berth.client.registry",
+    "PushedImage": "berth.client.image",
+    "RegistryClient": "berth.client.registry",
+    "Removal": "berth.client.image",
+    "RepositoryInfo": "berth.client.registry",
+    "RunOptions": "berth.client.node",
+    "ServiceInfo": "berth.client.cluster",
+    "TagInfo": "berth.client.registry",
+    "TransferProgress": "berth.client.image",
+    "parse_external_reference": "berth.client.image",
+    "parse_image_reference": "berth.client.registry",
+}
 __all__ = [
     "BlobInfo",
     "BuildOptions",
@@ -82,3 +92,54 @@ __all__ = [
     "parse_external_reference",
     "parse_image_reference",
 ]
+
+if TYPE_CHECKING:  # for type checkers and editors: the eager imports
+    from berth.client.builder import BuilderClient, BuildOptions, BuildResult
+    from berth.client.cluster import (
+        ClusterClient,
+        ClusterContainer,
+        EndpointInfo,
+        Event,
+        NodeInfo,
+        Placement,
+        ServiceInfo,
+    )
+    from berth.client.image import (
+        CommitProgress,
+        Credentials,
+        ExternalReference,
+        HistoryStep,
+        ImageClient,
+        ImageDetails,
+        ImageSummary,
+        Layer,
+        LoadResult,
+        PruneResult,
+        PullResult,
+        PushedImage,
+        Removal,
+        TransferProgress,
+        parse_external_reference,
+    )
+    from berth.client.node import ContainerInfo, ImageInfo, NodeClient, RunOptions
+    from berth.client.registry import (
+        BlobInfo,
+        DeletedManifest,
+        GcReport,
+        ImageReference,
+        ManifestData,
+        PushResult,
+        RegistryClient,
+        RepositoryInfo,
+        TagInfo,
+        parse_image_reference,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
