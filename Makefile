@@ -65,6 +65,8 @@ bench: deps bench-apt
 	$(PY) bench/registry.py
 	$(PY) bench/node.py
 	$(PY) bench/cluster.py
+	$(PY) bench/image.py
+	$(PY) bench/builder.py
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)

@@ -16,7 +16,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from berth.builder.v1 import builder_pb2 as pb
 from berth.builder.v1 import builder_pb2_grpc
-from berth.client import ClusterClient
+from berth.client import ClusterClient, RegistryClient
 
 from .builder_cluster import BASE, Build, BuildCluster, build_cluster, requests
 from .conftest import wait_until
@@ -189,6 +189,13 @@ def test_changing_a_copied_file_rebuilds_that_step_and_the_later_ones(
     assert [statuses[i] for i in FIRST_STAGE] == ["CACHED"] * 7
     assert [statuses[i] for i in SECOND_STAGE] == ["CACHED"] * 3 + ["DONE"] * 6
     assert result.digest != succeeded(first).digest
+
+    # The tag now names the changed image: a cached rebuild of the first must move it back
+    # (the export skips its writes only when every tag already names the image).
+    back = succeeded(build_cluster.build(FILES, **OPTIONS))
+    assert back.digest == succeeded(first).digest
+    with RegistryClient(build_cluster.registry.address) as registry:
+        assert registry.get_manifest("test/app", "1").digest == back.digest
 
 
 def test_builds_and_steps_are_counted_in_the_metrics(

@@ -9,6 +9,7 @@ docker-registry and run it; bad references and unknown images fail with clear er
 from __future__ import annotations
 
 import subprocess
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,15 @@ class ImageCluster:
     images: ImageClient
     cluster: ClusterClient
     agents: dict[str, NodeProcess]
+    metrics_url: str
+
+    def metric(self, name: str) -> float:
+        """A sample of the image service's /metrics, by its full name with labels."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[-1])
+        return 0.0
 
     def run(self, image: str, command: list[str] | None = None, host: str = "") -> str:
         """Run to completion on `host` (any when empty); returns its output."""
@@ -74,7 +84,7 @@ def hosts(
             lambda: sum(n.state == "ready" for n in c.nodes()) == len(HOSTS), 30, "both nodes"
         )
         try:
-            yield ImageCluster(images, c, by_host)
+            yield ImageCluster(images, c, by_host, image.metrics)
         finally:
             for box in c.list(all=True):
                 c.remove(box.id, force=True)
@@ -102,6 +112,7 @@ def test_commit_on_one_host_runs_on_the_other(hosts: ImageCluster, busybox: str)
         progress=lambda event: stages.append(event.stage),
     )
     assert "exporting" in stages and image.repo_tags == ["test/committed:1"]
+    assert hosts.metric('berth_image_commits_total{outcome="ok"}') == 1
 
     # The new CMD, the added and changed files, on a host that never saw the container.
     assert hosts.run("test/committed:1", host=there) == "new\nchanged\n"
@@ -148,6 +159,8 @@ def test_archives_skopeo_writes_load_and_run(
     skopeo("copy", f"oci-archive:{ours}:1", f"{transport}:{theirs}:skopeo/made:2")
     loaded = hosts.images.load(theirs, reference="skopeo/made:2")
     assert loaded.references == ["skopeo/made:2"]
+    assert hosts.metric('berth_image_saves_total{outcome="ok"}') == 1
+    assert hosts.metric('berth_image_loads_total{outcome="ok"}') == 1
     _, there = host_ids(hosts)
     assert hosts.run("skopeo/made:2", ["echo", "ran"], there) == "ran\n"
 

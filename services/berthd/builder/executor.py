@@ -672,6 +672,17 @@ class _Build:
         config = state.image_config(self.options.labels)
         layers = list(state.layers)
         targets = [(t.repository, t.tag) for t in tags] or [(CACHE_REPOSITORY, None)]
+        unchanged = await self.already_tagged(config, layers, tags)
+        if unchanged is not None:
+            # A rebuild that changed nothing: every tag names this very image already.
+            digest, image_id = unchanged
+            return BuildResult(
+                digest=digest,
+                id=image_id,
+                tags=[f"{t.repository}:{t.tag}" for t in tags],
+                cached_steps=self.cached,
+                total_steps=self.total,
+            )
         detail = None
         for repository, tag in targets:
             await self.link(layers, repository)
@@ -686,6 +697,22 @@ class _Build:
             cached_steps=self.cached,
             total_steps=self.total,
         )
+
+    async def already_tagged(
+        self, config: dict[str, Any], layers: list[Descriptor], tags: list[Reference]
+    ) -> tuple[str, str] | None:
+        """(manifest digest, image id) when every tag already names the image these would make
+        (write_image encodes the same bytes), else None: the export can skip every write."""
+        if not tags:
+            return None
+        config_bytes = encode_json(config)
+        image_id = digest_bytes(config_bytes)
+        descriptor = Descriptor(mediatypes.OCI_IMAGE_CONFIG, image_id, len(config_bytes))
+        digest = digest_bytes(build_image_manifest(descriptor, layers))
+        for tag in tags:
+            if await self.catalog.tag_digest(tag.repository, str(tag.tag)) != digest:
+                return None
+        return digest, image_id
 
     # --- events ---------------------------------------------------------------------------
 

@@ -261,7 +261,7 @@ class _Extractor:
             raise InvalidArgument(f"layer entry {quoted(member.name)}: {e.strerror}") from e
 
     def _add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-        parts = _split(member.name, member.name)
+        parts = split_path(member.name, member.name)
         if not parts:  # "./": the layer root itself
             if not member.isdir():
                 raise UnsafeLayer(f"layer entry {quoted(member.name)}: the root must be a dir")
@@ -346,7 +346,7 @@ class _Extractor:
         self._files.add(parts)
 
     def _hardlink(self, dir_fd: int, parts: Parts, member: tarfile.TarInfo) -> None:
-        target = _split(member.linkname, member.name)
+        target = split_path(member.linkname, member.name)
         unsafe = UnsafeLayer(
             f"layer entry {quoted(member.name)}: hardlink target {quoted(member.linkname)} is "
             "not a file extracted earlier from this layer"
@@ -433,15 +433,16 @@ class _Extractor:
         self._dirs.clear()
 
 
-def _split(name: str, entry: str) -> Parts:
-    """The components of a tar path inside the layer; refuses absolute paths and `..`."""
+def split_path(name: str, entry: str, where: str = "layer") -> Parts:
+    """The components of a tar path (a member's name or link target) inside a layer or a root
+    filesystem tarball; refuses absolute paths and `..`, naming `entry` and `where` it is."""
     if "\0" in name:
-        raise UnsafeLayer(f"layer entry {quoted(entry)}: NUL byte in path {quoted(name)}")
+        raise UnsafeLayer(f"{where} entry {quoted(entry)}: NUL byte in path {quoted(name)}")
     if name.startswith("/"):
-        raise UnsafeLayer(f"layer entry {quoted(entry)}: absolute path {quoted(name)}")
+        raise UnsafeLayer(f"{where} entry {quoted(entry)}: absolute path {quoted(name)}")
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise UnsafeLayer(f"layer entry {quoted(entry)}: path {quoted(name)} contains '..'")
+        raise UnsafeLayer(f"{where} entry {quoted(entry)}: path {quoted(name)} contains '..'")
     return parts
 
 

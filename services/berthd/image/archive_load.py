@@ -39,6 +39,7 @@ from berthd.common.oci.manifest import (
     parse_manifest,
 )
 from berthd.common.oci.reference import validate_tag
+from berthd.image import metrics
 from berthd.image.archive_format import (
     CHUNK_SIZE,
     CONTAINERD_NAME,
@@ -297,6 +298,7 @@ def name_unnamed(namings: list[Naming], reference: str) -> None:
 # --- storing --------------------------------------------------------------------------------
 
 
+@metrics.counted(metrics.LOADS)
 async def load_images(
     catalog: Catalog,
     chunks: AsyncIterator[bytes],

@@ -611,6 +611,11 @@ class Catalog:
         await self.record_origin(digest, repository, origin, origin_detail)
         return await self.inspect(f"{repository}@{digest}")
 
+    async def tag_digest(self, repository: str, tag: str) -> str | None:
+        """The manifest digest `repository:tag` names now, or None (one etcd read)."""
+        record = await self.metadata.get_tag(repository, tag)
+        return record.digest if record is not None else None
+
     async def record_origin(
         self, digest: str, repository: str, origin: str, origin_detail: str = ""
     ) -> None:

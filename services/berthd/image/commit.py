@@ -41,7 +41,13 @@ from berthd.common.oci import mediatypes
 from berthd.common.oci.digest import Digester, quoted
 from berthd.common.oci.manifest import Descriptor
 from berthd.common.oci.reference import parse_reference
-from berthd.common.tarsafe import OPAQUE_MARKER, WHITEOUT_PREFIX, HashingReader, UnsafeLayer
+from berthd.common.tarsafe import (
+    OPAQUE_MARKER,
+    WHITEOUT_PREFIX,
+    HashingReader,
+    UnsafeLayer,
+    split_path,
+)
 from berthd.image import metrics
 from berthd.image.catalog import Catalog, ResolvedImage, catalog_name
 from berthd.image.changes import apply_changes, parse_changes
@@ -76,6 +82,7 @@ async def _client_call(function: Callable[..., T], *args: Any) -> T:
 # --- commit ------------------------------------------------------------------------------------
 
 
+@metrics.counted(metrics.COMMITS)
 async def commit(
     catalog: Catalog,
     cluster_address: AddressGetter,
@@ -89,36 +96,6 @@ async def commit(
 ) -> ImageDetail:
     """Snapshot a cluster container's changed filesystem as a new image named `reference`
     (`name[:tag]`; empty: untagged, in the parent's repository)."""
-    try:
-        image = await _commit(
-            catalog,
-            cluster_address,
-            container,
-            reference,
-            author,
-            message,
-            pause,
-            changes,
-            progress,
-        )
-    except Exception:
-        metrics.COMMITS.labels(metrics.ERROR).inc()
-        raise
-    metrics.COMMITS.labels(metrics.OK).inc()
-    return image
-
-
-async def _commit(
-    catalog: Catalog,
-    cluster_address: AddressGetter,
-    container: str,
-    reference: str,
-    author: str,
-    message: str,
-    pause: bool,
-    changes: list[str],
-    progress: CommitProgress,
-) -> ImageDetail:
     # Everything the caller typed is checked before anything is touched.
     name = catalog_name(reference, "reference") if reference else None
     parse_changes(changes)
@@ -270,6 +247,7 @@ def commit_config(
 # --- import --------------------------------------------------------------------------------------
 
 
+@metrics.counted(metrics.IMPORTS)
 async def import_tarball(
     catalog: Catalog,
     chunks: AsyncIterator[bytes],
@@ -281,24 +259,6 @@ async def import_tarball(
 ) -> ImageDetail:
     """A root filesystem tarball as a one-layer image named `reference` (`name[:tag]`; empty:
     untagged, in the `imported` repository)."""
-    try:
-        image = await _import(catalog, chunks, reference, message, changes, source, max_bytes)
-    except Exception:
-        metrics.IMPORTS.labels(metrics.ERROR).inc()
-        raise
-    metrics.IMPORTS.labels(metrics.OK).inc()
-    return image
-
-
-async def _import(
-    catalog: Catalog,
-    chunks: AsyncIterator[bytes],
-    reference: str,
-    message: str,
-    changes: list[str],
-    source: str,
-    max_bytes: int,
-) -> ImageDetail:
     name = catalog_name(reference, "reference") if reference else None
     config_section = apply_changes({}, changes)
     repository = name.repository if name else IMPORT_REPOSITORY
@@ -462,7 +422,7 @@ class _TarChecker:
 
     def check(self, member: tarfile.TarInfo) -> None:
         self.entries += 1
-        parts = _parts(member.name, member.name)
+        parts = split_path(member.name, member.name, IMPORT)
         if not parts:
             if not member.isdir():
                 raise _unsafe(member, "the root must be a directory")
@@ -475,7 +435,7 @@ class _TarChecker:
         whiteout = base.startswith(WHITEOUT_PREFIX) and base != OPAQUE_MARKER
         if whiteout and base[len(WHITEOUT_PREFIX) :] in ("", ".", ".."):
             raise _unsafe(member, "whiteout of an invalid name")
-        if member.islnk() and _parts(member.linkname, member.name) not in self.files:
+        if member.islnk() and split_path(member.linkname, member.name, IMPORT) not in self.files:
             raise _unsafe(
                 member,
                 f"hardlink target {quoted(member.linkname)} is not a file earlier in the archive",
@@ -488,16 +448,9 @@ class _TarChecker:
             self.files.add(parts)
 
 
-def _parts(name: str, entry: str) -> Parts:
-    if "\0" in name:
-        raise UnsafeLayer(f"import: tar entry {quoted(entry)}: NUL byte in path {quoted(name)}")
-    if name.startswith("/"):
-        raise UnsafeLayer(f"import: tar entry {quoted(entry)}: absolute path {quoted(name)}")
-    parts = tuple(p for p in name.split("/") if p not in ("", "."))
-    if ".." in parts:
-        raise UnsafeLayer(f"import: tar entry {quoted(entry)}: path {quoted(name)} contains '..'")
-    return parts
+# How import's errors name the tarball's entries: "import: tar entry "x": ...".
+IMPORT = "import: tar"
 
 
 def _unsafe(member: tarfile.TarInfo, why: str) -> UnsafeLayer:
-    return UnsafeLayer(f"import: tar entry {quoted(member.name)}: {why}")
+    return UnsafeLayer(f"{IMPORT} entry {quoted(member.name)}: {why}")

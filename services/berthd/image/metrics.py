@@ -17,8 +17,10 @@ The catalog gauges are set whenever the catalog is listed or pruned, and by
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
 
 from prometheus_client import Counter, Gauge
 
@@ -42,6 +44,30 @@ CATALOG_IMAGES = Gauge("berth_image_catalog_images", "Distinct images in the cat
 CATALOG_BYTES = Gauge(
     "berth_image_catalog_bytes", "Bytes of the distinct layers and configs of the catalog."
 )
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def counted(counter: Counter) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """Count each call of an async operation in `counter` by outcome: ok, or error when it
+    raises (a cancelled call counts as an error too: it did not happen)."""
+
+    def wrap(operation: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(operation)
+        async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                result = await operation(*args, **kwargs)
+            except BaseException:
+                counter.labels(ERROR).inc()
+                raise
+            counter.labels(OK).inc()
+            return result
+
+        return run
+
+    return wrap
 
 
 def observe_catalog(images: int, size: int) -> None:

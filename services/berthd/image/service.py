@@ -15,7 +15,7 @@ from berth.types.v1 import types_pb2
 from berthd.common.endpoints import AddressGetter
 from berthd.common.errors import InvalidArgument
 from berthd.common.streaming import Done, progress_stream
-from berthd.image import archive, commit, transfer
+from berthd.image import archive, commit, metrics, transfer
 from berthd.image.catalog import Catalog
 from berthd.image.model import (
     Credentials,
@@ -230,13 +230,19 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
     ) -> AsyncIterator[pb.SaveImagesResponse]:
         if not request.images:
             raise InvalidArgument("name at least one image to save")
-        total, chunks = await archive.save_images(
-            self.catalog, list(request.images), ARCHIVE_FORMATS[request.format]
-        )
-        first = True
-        async for chunk in chunks:
-            yield pb.SaveImagesResponse(data=chunk, total_size=total if first else 0)
-            first = False
+        # Counted here, not in the core: a save is done when its last byte has been sent.
+        try:
+            total, chunks = await archive.save_images(
+                self.catalog, list(request.images), ARCHIVE_FORMATS[request.format]
+            )
+            first = True
+            async for chunk in chunks:
+                yield pb.SaveImagesResponse(data=chunk, total_size=total if first else 0)
+                first = False
+        except BaseException:
+            metrics.SAVES.labels(metrics.ERROR).inc()
+            raise
+        metrics.SAVES.labels(metrics.OK).inc()
 
     async def LoadImages(
         self, request_iterator: AsyncIterator[pb.LoadImagesRequest], context: Context
