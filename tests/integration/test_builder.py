@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,7 +17,8 @@ from google.protobuf.duration_pb2 import Duration
 
 from berth.builder.v1 import builder_pb2 as pb
 from berth.builder.v1 import builder_pb2_grpc
-from berth.client import ClusterClient, RegistryClient
+from berth.client import BuilderClient, BuildOptions, ClusterClient, RegistryClient
+from berth.client.builder import StepEvent as ClientStepEvent
 
 from .builder_cluster import BASE, Build, BuildCluster, build_cluster, requests
 from .conftest import wait_until
@@ -319,3 +321,27 @@ def test_list_prune_and_no_cache(build_cluster: BuildCluster) -> None:
     again = build_cluster.build(files, tags=["test/prune:1"])
     succeeded(again)
     assert again.statuses()["COPY a.txt /a.txt"] == "DONE"
+
+
+def test_the_client_sends_the_context_without_what_dockerignore_excludes(
+    build_cluster: BuildCluster, tmp_path: Path
+) -> None:
+    """Through the typed client, from a real directory: what .dockerignore names never reaches
+    the builder, an exception (!) brings a file back, the Dockerfile always goes."""
+    context = tmp_path / "context"
+    (context / "logs").mkdir(parents=True)
+    (context / "Dockerfile").write_text(f"FROM {BASE}\nCOPY . /ctx/\nRUN ls -A /ctx /ctx/logs\n")
+    ignore = "# comments are ignored\nsecret.txt\nlogs/*\n!logs/keep.log\n"
+    (context / ".dockerignore").write_text(ignore)
+    for name in ("app.txt", "secret.txt", "logs/keep.log", "logs/debug.log"):
+        (context / name).write_text(name)
+    lines: list[str] = []
+
+    def collect(event: object) -> None:
+        if isinstance(event, ClientStepEvent) and event.output:
+            lines.append(event.output)
+
+    with BuilderClient(build_cluster.builder.address) as client:
+        client.build(context, BuildOptions(no_cache=True), on_event=collect)
+    assert "secret.txt" not in lines and "debug.log" not in lines
+    assert {"app.txt", "Dockerfile", ".dockerignore", "keep.log"} <= set(lines)
