@@ -17,7 +17,7 @@ import pytest
 
 from berthd.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from berthd.common.oci import mediatypes
-from berthd.common.oci.manifest import Descriptor, parse_image_config, parse_manifest
+from berthd.common.oci.manifest import Descriptor, as_oci_layer, parse_image_config, parse_manifest
 from berthd.common.tarsafe import UnsafeLayer
 from berthd.image.catalog import (
     ContainerUse,
@@ -35,7 +35,7 @@ from berthd.image.catalog import (
     shared_sizes,
     unreferenced,
 )
-from berthd.image.commit import check_tar, commit_config, oci_layer, pack_layer
+from berthd.image.commit import check_tar, commit_config, pack_layer
 from berthd.registry.metadata import ManifestRecord
 
 
@@ -280,11 +280,17 @@ def test_commit_config_pads_a_parent_without_history() -> None:
     assert steps[-1].layer == digest("n")
 
 
-def test_docker_gzip_layers_are_renamed_for_an_oci_manifest() -> None:
-    docker = Descriptor(mediatypes.DOCKER_LAYER_TAR_GZIP, digest("l"), 5)
-    assert oci_layer(docker) == Descriptor(mediatypes.OCI_LAYER_TAR_GZIP, digest("l"), 5)
-    foreign = Descriptor(mediatypes.DOCKER_FOREIGN_LAYER, digest("f"), 5)
-    assert oci_layer(foreign) is foreign
+def test_docker_layer_types_are_renamed_for_an_oci_manifest() -> None:
+    docker = Descriptor(mediatypes.DOCKER_LAYER_TAR_GZIP, digest("l"), 5, {"a": "b"})
+    assert as_oci_layer(docker) == Descriptor(
+        mediatypes.OCI_LAYER_TAR_GZIP, digest("l"), 5, {"a": "b"}
+    )
+    foreign = Descriptor(mediatypes.DOCKER_FOREIGN_LAYER, digest("f"), 5, urls=("http://x",))
+    assert as_oci_layer(foreign) == Descriptor(
+        mediatypes.OCI_LAYER_NONDISTRIBUTABLE_TAR_GZIP, digest("f"), 5, urls=("http://x",)
+    )
+    oci = Descriptor(mediatypes.OCI_LAYER_TAR_GZIP, digest("o"), 5)
+    assert as_oci_layer(oci) is oci
 
 
 # --- import: packing a tarball -------------------------------------------------------------------

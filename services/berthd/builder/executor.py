@@ -28,9 +28,7 @@ import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from enum import StrEnum
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +44,6 @@ from berthd.builder.cache import (
 )
 from berthd.builder.context import BuildContext, SourceMatch, sources_digest
 from berthd.builder.dockerfile import (
-    ARCHITECTURE,
     Dockerfile,
     Instruction,
     Stage,
@@ -57,165 +54,35 @@ from berthd.builder.dockerfile import (
     unused_build_args,
 )
 from berthd.builder.fstree import SymlinkLoop, Tree, clean_parts, directory
-from berthd.builder.instructions import apply_instruction, author, history_text, shell_command
+from berthd.builder.instructions import apply_instruction, shell_command
 from berthd.builder.layerfiles import LayerFiles
 from berthd.builder.layers import LayerBlob, copy_layer, resolve_chown, write_layer
+from berthd.builder.model import (
+    BuildEvent,
+    BuildMessage,
+    BuildOptions,
+    BuildResult,
+    StepEvent,
+    StepStatus,
+)
 from berthd.builder.runner import RunFailed, Runner, RunResult, RunSpec
+from berthd.builder.state import State, history_entry, scratch_state
 from berthd.common.errors import BerthError, DataLoss, InvalidArgument, error_for_code
 from berthd.common.oci import mediatypes
 from berthd.common.oci.digest import digest_bytes, quoted
-from berthd.common.oci.manifest import Descriptor, build_image_manifest, encode_json
+from berthd.common.oci.manifest import (
+    Descriptor,
+    as_oci_layer,
+    build_image_manifest,
+    encode_json,
+)
 from berthd.common.oci.reference import Reference, parse_reference
 from berthd.image.catalog import Catalog
 
 log = logging.getLogger("berthd.builder")
 
-DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ORIGIN = "build"
-HISTORY_COMMENT = "buildkit.dockerfile.v0"
 FILESYSTEM_STEPS = ("RUN", "COPY", "ADD")
-# Docker layer types name the same bytes as OCI's; the images the builder writes are OCI.
-OCI_LAYER_TYPES = {
-    mediatypes.DOCKER_LAYER_TAR_GZIP: mediatypes.OCI_LAYER_TAR_GZIP,
-    mediatypes.DOCKER_FOREIGN_LAYER: mediatypes.OCI_LAYER_NONDISTRIBUTABLE_TAR_GZIP,
-}
-
-
-# --- what a build takes and gives ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    dockerfile: str = "Dockerfile"  # path in the context
-    dockerfile_content: str = ""  # the Dockerfile itself, when it is not in the context
-    build_args: dict[str, str] = field(default_factory=dict)
-    target: str = ""
-    tags: list[str] = field(default_factory=list)
-    no_cache: bool = False
-    labels: dict[str, str] = field(default_factory=dict)
-
-
-class StepStatus(StrEnum):
-    RUNNING = "RUNNING"
-    CACHED = "CACHED"
-    DONE = "DONE"
-    FAILED = "FAILED"
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    """A step's status change, or (status RUNNING, `output` set) a line a RUN printed."""
-
-    number: int  # from 1, across the stages being built
-    total: int
-    stage: str  # the stage's name, `stage-<index>` in a multi-stage build, else ""
-    instruction: str
-    line: int
-    status: StepStatus
-    output: str = ""
-    layer: str = ""  # digest of the layer the step added
-    duration: float | None = None  # seconds, once cached, done or failed
-    exit_code: int = 0
-
-
-@dataclass(frozen=True)
-class BuildMessage:
-    """A line for people that belongs to no step."""
-
-    text: str
-
-
-BuildEvent = StepEvent | BuildMessage
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    digest: str  # manifest digest
-    id: str  # config digest
-    tags: list[str]
-    cached_steps: int
-    total_steps: int
-
-
-# --- the filesystem and config of a stage, step by step -----------------------------------------
-
-
-@dataclass(frozen=True)
-class State:
-    """A stage after some of its steps: what its image would be if it ended here."""
-
-    key: str  # cache key of the last step (a stage's first: its base's key or digest)
-    layers: tuple[Descriptor, ...]
-    diff_ids: tuple[str, ...]
-    config: dict[str, Any]  # the image config's `config` section
-    history: tuple[dict[str, Any], ...]
-    platform: dict[str, str]  # architecture, os (and variant)
-    author: str = ""
-    created: str = ""  # the base image's, until a step adds history
-    image: str = ""  # this state's image in the cache repository, once pushed
-
-    def after(self, key: str, config: dict[str, Any], record: CacheRecord, step: Step) -> State:
-        layers, diff_ids = self.layers, self.diff_ids
-        if record.layer is not None:
-            layers, diff_ids = (*layers, record.layer), (*diff_ids, record.diff_id)
-        return replace(
-            self,
-            key=key,
-            layers=layers,
-            diff_ids=diff_ids,
-            config=config,
-            # Key order as etcd gives records back (sorted), so fresh and cached agree.
-            history=(*self.history, dict(sorted(record.history.items()))),
-            author=author(step) or self.author,
-            created=str(record.history.get("created") or self.created),
-            image=record.image,
-        )
-
-    def image_config(self, labels: dict[str, str] | None = None) -> dict[str, Any]:
-        """The OCI image config of this state, byte-stable for the same state."""
-        config = copy.deepcopy(self.config)
-        if labels:
-            config["Labels"] = {**(config.get("Labels") or {}), **labels}
-        doc: dict[str, Any] = {**self.platform}
-        if self.author:
-            doc["author"] = self.author
-        if self.created:
-            doc["created"] = self.created
-        doc["config"] = config
-        doc["rootfs"] = {"type": "layers", "diff_ids": list(self.diff_ids)}
-        doc["history"] = list(self.history)
-        return doc
-
-
-def scratch_state() -> State:
-    return State(
-        key=SCRATCH,
-        layers=(),
-        diff_ids=(),
-        config={"Env": [DEFAULT_PATH]},
-        history=(),
-        platform={"architecture": ARCHITECTURE, "os": "linux"},
-    )
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _history(step: Step, config_before: dict[str, Any], empty: bool) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "created": _now(),
-        "created_by": history_text(step, config_before),
-        "comment": HISTORY_COMMENT,
-    }
-    if empty:
-        entry["empty_layer"] = True
-    return entry
-
-
-def _oci_layer(layer: Descriptor) -> Descriptor:
-    media_type = OCI_LAYER_TYPES.get(layer.media_type, layer.media_type)
-    return Descriptor(media_type, layer.digest, layer.size, layer.annotations)
 
 
 def _tag_reference(text: str) -> Reference:
@@ -402,7 +269,7 @@ class _Build:
         author_ = config.raw.get("author")
         return State(
             key=image.digest,
-            layers=tuple(_oci_layer(layer) for layer in image.parsed.layers),
+            layers=tuple(as_oci_layer(layer) for layer in image.parsed.layers),
             diff_ids=config.diff_ids,
             config=copy.deepcopy(config.config),
             history=config.history,
@@ -519,7 +386,7 @@ class _Build:
             result = await self.copy_step(stage, step, state, matches)
         elif cmd == "WORKDIR":
             result = await self.workdir_step(stage, step, state)
-        history = _history(step, state.config, empty=result.layer is None)
+        history = history_entry(step, state.config, empty=result.layer is None)
         record = CacheRecord(key, step.instruction.original, result.layer, result.diff_id, history)
         await self.cache.put(record)
         return record

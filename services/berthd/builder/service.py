@@ -13,8 +13,8 @@ from google.protobuf.duration_pb2 import Duration
 from berth.builder.v1 import builder_pb2 as pb
 from berth.builder.v1 import builder_pb2_grpc
 from berthd.builder.cache import CacheRecord
-from berthd.builder.executor import (
-    Builder,
+from berthd.builder.executor import Builder
+from berthd.builder.model import (
     BuildEvent,
     BuildMessage,
     BuildOptions,

@@ -39,7 +39,7 @@ from berthd.common.errors import (
 )
 from berthd.common.oci import mediatypes
 from berthd.common.oci.digest import Digester, quoted
-from berthd.common.oci.manifest import Descriptor
+from berthd.common.oci.manifest import Descriptor, as_oci_layer
 from berthd.common.oci.reference import parse_reference
 from berthd.common.tarsafe import (
     OPAQUE_MARKER,
@@ -129,7 +129,7 @@ async def commit(
         message,
         now_rfc3339(),
     )
-    layers = [*map(oci_layer, parent.parsed.layers)]
+    layers = [*map(as_oci_layer, parent.parsed.layers)]
     layers.append(Descriptor(mediatypes.OCI_LAYER_TAR_GZIP, layer_digest, size))
     return await catalog.write_image(
         repository, name.tag if name else None, config, layers, ORIGIN_COMMIT, found.id
@@ -190,21 +190,6 @@ async def _mount(catalog: Catalog, repository: str, digest: str, source: str) ->
 
 def _image_command(config: Mapping[str, Any]) -> list[str]:
     return [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
-
-
-def oci_layer(layer: Descriptor) -> Descriptor:
-    """A parent layer as an OCI manifest lists it: Docker's gzip layer type is the same bytes
-    as OCI's tar+gzip, so only the name changes (as skopeo converts them)."""
-    if layer.media_type == mediatypes.DOCKER_LAYER_TAR_GZIP:
-        return Descriptor(
-            mediatypes.OCI_LAYER_TAR_GZIP,
-            layer.digest,
-            layer.size,
-            layer.annotations,
-            layer.platform,
-            layer.urls,
-        )
-    return layer
 
 
 def commit_config(

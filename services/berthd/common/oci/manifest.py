@@ -7,6 +7,7 @@ offending field in their document.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -329,3 +330,17 @@ def build_image_manifest(
     # Never write a manifest berth itself would refuse (bad digest, negative size, ...).
     parse_manifest(content, mediatypes.OCI_IMAGE_MANIFEST)
     return content
+
+
+# Docker's layer types name the same bytes as OCI's: an image berth writes lists them as OCI's
+# (as skopeo converts them), whatever its parent used.
+_OCI_LAYER_TYPES = {
+    mediatypes.DOCKER_LAYER_TAR_GZIP: mediatypes.OCI_LAYER_TAR_GZIP,
+    mediatypes.DOCKER_FOREIGN_LAYER: mediatypes.OCI_LAYER_NONDISTRIBUTABLE_TAR_GZIP,
+}
+
+
+def as_oci_layer(layer: Descriptor) -> Descriptor:
+    """`layer` as an OCI manifest lists it: only a Docker media type changes."""
+    media_type = _OCI_LAYER_TYPES.get(layer.media_type)
+    return layer if media_type is None else dataclasses.replace(layer, media_type=media_type)
