@@ -819,7 +819,10 @@ def test_pull_from_an_external_registry(
         f"Status: Downloaded newer image for {REGISTRY}/demo/app:1",
         "demo/app:1",
     ]
-    assert images.calls == [("pull", f"{REGISTRY}/demo/app:1", None, False, "")]
+    assert images.calls == [
+        ("inspect", "demo/app:1"),  # what the local name named before
+        ("pull", f"{REGISTRY}/demo/app:1", None, False, ""),
+    ]
 
 
 def test_pull_of_what_berth_has_is_up_to_date(
@@ -835,10 +838,23 @@ def test_pull_of_what_berth_has_is_up_to_date(
         f"Status: Image is up to date for {REGISTRY}/demo/app:latest",
         "mine/app",
     ]
-    assert images.calls == [("pull", f"{REGISTRY}/demo/app", None, True, "mine/app")]
+    assert images.calls == [
+        ("inspect", "mine/app:latest"),
+        ("pull", f"{REGISTRY}/demo/app", None, True, "mine/app"),
+    ]
     assert main(["--format", "json", "pull", f"{REGISTRY}/demo/app@{DIGEST}"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert (data["local_reference"], data["image"]["Id"]) == (f"demo/app@{DIGEST}", IMAGE_ID)
+
+
+def test_pull_under_a_new_name_is_newer_even_when_no_byte_moved(
+    images: FakeImages, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images.events = progress(LAYER_A, "Waiting", "Already exists")
+    images.missing.add("fresh/app:latest")
+    assert main(["pull", "--as", "fresh/app", f"{REGISTRY}/demo/app"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"Status: Downloaded newer image for {REGISTRY}/demo/app:latest" in out
 
 
 def test_pull_sends_stored_credentials(

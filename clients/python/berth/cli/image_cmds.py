@@ -658,11 +658,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
         name = reference.name
         if not name.tag and not name.digest:
             print_line("Using default tag: latest")
+        # As Docker: "newer" when the local name now names another image, not only when bytes
+        # were copied (a pull under a new name copies nothing, yet the name is new).
+        before = _digest_named(client, image_name(as_name or str(name)))
         print_line(f"{name.reference}: Pulling from {name.repository}")
         with LayerProgress(out, "Downloading") as display:
             lines = TransferDisplay(display, PULL)
             result = client.pull(args.image, credentials, args.insecure, as_name, _feed(lines))
-    outcome = "Downloaded newer image for" if lines.copied else "Image is up to date for"
+    newer = lines.copied or before != result.image.digest
+    outcome = "Downloaded newer image for" if newer else "Image is up to date for"
     _print_lines(
         [
             f"Digest: {result.image.digest}",
@@ -671,6 +675,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
         ]
     )
     return 0
+
+
+def _digest_named(client: ImageClient, name: str) -> str | None:
+    """The manifest digest `name` names in berth's catalog now, or None."""
+    try:
+        return client.inspect(name).digest
+    except BerthClientError as err:
+        if err.code == "NOT_FOUND":
+            return None
+        raise
 
 
 def _pull_local(args: argparse.Namespace, reference: ExternalReference) -> int:
