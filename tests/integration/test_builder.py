@@ -288,6 +288,13 @@ def test_a_cancelled_build_removes_its_container(build_cluster: BuildCluster) ->
             grpc.StatusCode.INVALID_ARGUMENT,
             "Dockerfile:2: COPY failed: file not found in build context: absent.txt",
         ),
+        (
+            # The node cannot create the step's container: it says so in the status at once
+            # (no waiting for the start timeout).
+            {"Dockerfile": f"FROM {BASE}\nUSER nobody-here\nRUN true\n"},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "Dockerfile:3: RUN true: node ",
+        ),
     ],
 )
 def test_errors_name_their_dockerfile_line(
@@ -295,7 +302,9 @@ def test_errors_name_their_dockerfile_line(
 ) -> None:
     failed = build_cluster.build(files)
     assert failed.error is not None and failed.error.code() == code
-    assert failed.error.details().startswith(message)
+    assert failed.error.details().startswith(message), failed.error.details()
+    if "USER" in files.get("Dockerfile", ""):
+        assert "nobody-here" in failed.error.details()
 
 
 def test_list_prune_and_no_cache(build_cluster: BuildCluster) -> None:

@@ -113,6 +113,8 @@ def test_commit_on_one_host_runs_on_the_other(hosts: ImageCluster, busybox: str)
     )
     assert "exporting" in stages and image.repo_tags == ["test/committed:1"]
     assert hosts.metric('berth_image_commits_total{outcome="ok"}') == 1
+    # The cluster reports the digest its node resolved the container's image to.
+    assert hosts.cluster.inspect(box).image_digest == hosts.images.inspect(busybox).digest
 
     # The new CMD, the added and changed files, on a host that never saw the container.
     assert hosts.run("test/committed:1", host=there) == "new\nchanged\n"

@@ -146,6 +146,7 @@ class FakeCluster:
         self.calls: list[tuple[Any, ...]] = []
         self.containers: list[ClusterContainer] = [placed()]
         self.pending_inspections = 0  # how many inspects still report "pending" after run
+        self.pending_error = ""  # what the node says of a container it cannot create
         self.exit_code = 0
         self.log_lines: list[LogLine] = []
         self.events_to_send: list[Event] = []
@@ -164,7 +165,7 @@ class FakeCluster:
         self.calls.append(("inspect", target))
         if self.pending_inspections > 0:
             self.pending_inspections -= 1
-            return placed(state="pending", started_at=None)
+            return placed(state="pending", started_at=None, error=self.pending_error)
         return placed()
 
     def list(self, all: bool = False, labels: dict[str, str] | None = None) -> list[Any]:
@@ -550,6 +551,21 @@ def test_attached_run_gives_up_on_a_node_that_never_creates_it(
     assert err[0].startswith("Waiting for node n1 to pull busybox:latest")
     assert err[-1].startswith("Error: node n1 has not created container web")
     assert cluster.calls[-1] == ("remove", ID, True)
+
+
+def test_attached_run_fails_at_once_when_the_node_says_it_cannot_create_it(
+    cluster: FakeCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster.pending_inspections = 1000
+    cluster.pending_error = "unable to find user nobody-here: no matching entries in passwd file"
+    assert main(["run", "--rm", "busybox"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "Error: node n1 cannot create container web: unable to find user nobody-here: no "
+        "matching entries in passwd file"
+    ]
+    assert cluster.calls[-1] == ("remove", ID, True)
+    assert sum(call[0] == "inspect" for call in cluster.calls) == 1
 
 
 def test_inspect_shows_the_placement(

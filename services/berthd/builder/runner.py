@@ -141,6 +141,11 @@ class Runner:
                         f"Dockerfile:{spec.line}: {spec.instruction}: {info.error}"
                     )
                 return info
+            if info.error:  # its node cannot create it (the image, the user): it keeps trying
+                raise FailedPrecondition(
+                    f"Dockerfile:{spec.line}: {spec.instruction}: node {info.node_id} cannot "
+                    f"run the step: {info.error}"
+                )
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"Dockerfile:{spec.line}: {spec.instruction}: the step's container did not "

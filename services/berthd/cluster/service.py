@@ -126,6 +126,7 @@ def container_message(view: ContainerView) -> pb.Container:
             pb.DESIRED_STATE_RUNNING if desired.desired == RUNNING else pb.DESIRED_STATE_STOPPED
         ),
         status=status_message(view.status),
+        image_digest=(view.status or {}).get("image_digest") or "",
         service_id=desired.service,
         slot=desired.slot,
         scheduled_at=node_timestamp(desired.scheduled_at),

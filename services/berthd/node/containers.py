@@ -175,6 +175,7 @@ class ContainerManager:
             "finished_at": record.finished_at,
             "restart_count": record.restart_count,
             "error": record.error,
+            "image_digest": record.image_digest,
             "updated_at": time.time(),
         }
         try:

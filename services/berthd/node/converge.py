@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from berthd.cluster.desired import (
@@ -20,6 +21,7 @@ from berthd.cluster.desired import (
     RUNNING,
     STOPPED,
     DesiredContainer,
+    status_key,
 )
 from berthd.common.errors import BerthError, NotFound
 from berthd.common.store import Store
@@ -104,6 +106,7 @@ class Converger:
                 await self._converge(desired)
             except BerthError as exc:
                 log.warning("cannot converge container: %s", exc, extra={"container": desired.id})
+                await self._report_failure(desired, exc)
         for record in list(self.manager.records.values()):
             managed = record.config.labels.get(MANAGED_LABEL)
             if managed and record.id not in self.desired:
@@ -112,6 +115,25 @@ class Converger:
                 )
                 with contextlib.suppress(NotFound):
                     await self.manager.remove(record.id, force=True)
+
+    async def _report_failure(self, desired: DesiredContainer, exc: BerthError) -> None:
+        """A container this node cannot create (its image does not pull, its user does not
+        exist) has no record to report: say why in its status, so that whoever waits for it
+        (a `berth run`, a build step) learns it now, not after a timeout. It is retried all
+        the same; a later success overwrites the status."""
+        if desired.id in self.manager.records:
+            return  # the record's own status (with its error) is reported by the manager
+        status = {
+            "node": self.node_id,
+            "name": desired.name,
+            "state": "",
+            "error": str(exc),
+            "updated_at": time.time(),
+        }
+        try:
+            await self.store.put_json(status_key(desired.id), status)
+        except BerthError as failed:
+            log.warning("cannot report it: %s", failed, extra={"container": desired.id})
 
     async def _converge(self, desired: DesiredContainer) -> None:
         record = self.manager.records.get(desired.id)

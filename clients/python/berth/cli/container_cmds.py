@@ -500,6 +500,12 @@ def _wait_for_node(client: ClusterClient, container: ClusterContainer) -> None:
     started = time.monotonic()
     noticed = False
     while container.state == "pending":
+        if container.error:  # the node reported why it cannot create it (it keeps trying)
+            raise BerthClientError(
+                f"node {container.node_id} cannot create container {container.name}: "
+                f"{container.error}",
+                "FAILED_PRECONDITION",
+            )
         waited = time.monotonic() - started
         if waited > NODE_START_TIMEOUT:
             raise BerthClientError(
