@@ -23,7 +23,7 @@ from berthd.builder.model import (
     StepStatus,
 )
 from berthd.common.errors import InvalidArgument
-from berthd.common.streaming import Done, progress_stream
+from berthd.common.streaming import Done, progress_stream, upload_chunks
 from berthd.node.service import timestamp
 
 Context = grpc.aio.ServicerContext
@@ -103,17 +103,6 @@ def cache_entry(record: CacheRecord) -> pb.CacheEntry:
     )
 
 
-async def context_chunks(
-    request_iterator: AsyncIterator[pb.BuildRequest], first: pb.BuildRequest
-) -> AsyncIterator[bytes]:
-    """The context bytes of the stream whose first message (already read) may carry some."""
-    if first.context:
-        yield first.context
-    async for message in request_iterator:
-        if message.context:
-            yield message.context
-
-
 # --- the servicer -----------------------------------------------------------------------------
 
 
@@ -128,7 +117,7 @@ class BuilderServicer(builder_pb2_grpc.BuilderServiceServicer):
         if first is None:
             raise InvalidArgument("Build stream carried no message")
         options = build_options(first.options)
-        chunks = context_chunks(request_iterator, first)
+        chunks = upload_chunks(first, request_iterator, field="context")
 
         def work(report: Callable[[BuildEvent], None]) -> Awaitable[BuildResult]:
             return self.builder.build(options, chunks, report)

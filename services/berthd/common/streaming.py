@@ -48,3 +48,15 @@ async def progress_stream(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+async def upload_chunks(
+    first: object, rest: AsyncIterator[object], field: str = "data"
+) -> AsyncIterator[bytes]:
+    """The bytes of a client stream whose first message (already read: it also carries the
+    options) may carry some: `field` of every message, empty ones skipped."""
+    if data := getattr(first, field):
+        yield data
+    async for message in rest:
+        if data := getattr(message, field):
+            yield data

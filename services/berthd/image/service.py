@@ -14,7 +14,7 @@ from berth.image.v1 import image_pb2_grpc
 from berth.types.v1 import types_pb2
 from berthd.common.endpoints import AddressGetter
 from berthd.common.errors import InvalidArgument
-from berthd.common.streaming import Done, progress_stream
+from berthd.common.streaming import Done, progress_stream, upload_chunks
 from berthd.image import archive, commit, metrics, transfer
 from berthd.image.catalog import Catalog
 from berthd.image.model import (
@@ -128,19 +128,6 @@ def credentials(message: pb.Credentials) -> Credentials:
     return Credentials(message.username, message.password, message.identity_token)
 
 
-async def first_then_data(
-    request_iterator: AsyncIterator[pb.ImportImageRequest] | AsyncIterator[pb.LoadImagesRequest],
-    first: object,
-) -> AsyncIterator[bytes]:
-    """The bytes of an upload stream whose first message (already read) may carry some."""
-    data = getattr(first, "data", b"")
-    if data:
-        yield data
-    async for message in request_iterator:
-        if message.data:
-            yield message.data
-
-
 # --- the servicer -----------------------------------------------------------------------------
 
 
@@ -217,7 +204,7 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
             raise InvalidArgument("ImportImage stream carried no message")
         image = await commit.import_tarball(
             self.catalog,
-            first_then_data(request_iterator, first),
+            upload_chunks(first, request_iterator),
             first.reference,
             first.message,
             list(first.changes),
@@ -251,7 +238,7 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         if first is None:
             raise InvalidArgument("LoadImages stream carried no message")
         images, references = await archive.load_images(
-            self.catalog, first_then_data(request_iterator, first), first.reference
+            self.catalog, upload_chunks(first, request_iterator), first.reference
         )
         return pb.LoadImagesResponse(
             images=[image_detail(i) for i in images], references=references
