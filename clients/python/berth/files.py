@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -15,14 +18,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write data to path so that readers see the old file or the whole new one, even after a
-    crash: temporary file in the same directory, fsync, rename, fsync the directory."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file that appears at `path` only once complete, even after a crash: written beside it
+    under a temporary name, fsynced, renamed, the directory fsynced. On any failure the
+    temporary file goes and `path` keeps what it had (a broken save leaves no half archive)."""
     tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+        out = open(tmp, "xb")  # noqa: SIM115 (closed below, before the rename)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None  # name the caller's file
+    try:
+        with out:
+            yield out
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -30,3 +38,9 @@ def atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write data to path so that readers see the old file or the whole new one."""
+    with atomic_file(path) as out:
+        out.write(data)

@@ -10,11 +10,9 @@ option, the node pull display, and Docker's way with several targets (`docker rm
 from __future__ import annotations
 
 import argparse
-import contextlib
 import getpass
-import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -51,7 +49,7 @@ from berth.client.node import ImageInfo, NodeClient, PullProgress
 from berth.client.registry import parse_image_reference
 from berth.config import IMAGE_SERVICE_HELP, image_cache_node, resolve_service_address
 from berth.errors import BerthClientError
-from berth.files import fsync_dir
+from berth.files import atomic_file
 
 NODE_HELP = "act on this node agent's own image cache HOST:PORT instead of the catalog"
 CREATED_BY_WIDTH = 45  # what `docker history` keeps of CREATED BY without --no-trunc
@@ -604,7 +602,7 @@ def cmd_save(args: argparse.Namespace) -> int:
         if args.output is None:
             client.save(args.images, args.archive_format, sys.stdout.buffer, bar.update)
         else:
-            with atomic_output(Path(args.output)) as out:
+            with atomic_file(Path(args.output)) as out:
                 client.save(args.images, args.archive_format, out, bar.update)
     return 0
 
@@ -945,28 +943,6 @@ def _print_lines(lines: Iterable[str]) -> None:
 
 
 # --- files and prompts ------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[BinaryIO]:
-    """A file that appears at path only once complete: written beside it under a temporary
-    name, flushed to disk, then renamed. On any failure the temporary file goes and path keeps
-    what it had, so a broken save never leaves half an archive."""
-    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-    try:
-        out = open(tmp, "xb")  # noqa: SIM115 (closed below, before the rename)
-    except OSError as err:
-        raise OSError(err.errno, err.strerror, str(path)) from None  # name the user's file
-    try:
-        with out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def confirm(warning: str) -> bool:
