@@ -157,7 +157,7 @@ async def _parent_image(catalog: Catalog, found: ClusterContainer, node: NodeInf
             f"node {node.id} of container {found.name} is {node.state}: its changes cannot be read"
         )
     digest = found.image_digest
-    if not digest:  # the cluster's records do not carry it: ask the node that pulled it
+    if not digest:  # no status with it reported yet: ask the node that pulled it
         digest = (await _client_call(_node_container, node.address, found.id)).image_digest
     repository = parse_reference(found.image).repository
     try:
