@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from berthd.common.streaming import Done, progress_stream, upload_chunks
+from berthd.common.streaming import Done, progress_stream, run_limited, upload_chunks
 
 
 async def test_events_from_threads_come_before_the_result() -> None:
@@ -69,3 +69,23 @@ async def test_upload_chunks_takes_the_first_message_and_skips_empty_ones() -> N
     assert [c async for c in upload_chunks(Message(b"a"), rest())] == [b"a", b"b", b"c"]
     first = Message(context=b"x")
     assert [c async for c in upload_chunks(first, rest(), field="context")] == [b"x"]
+
+
+async def test_run_limited_keeps_to_its_limit_and_raises_the_first_failure_as_itself() -> None:
+    running = peak = 0
+
+    async def job() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+
+    await run_limited([job] * 10, 3)
+    assert peak == 3
+
+    async def failing() -> None:
+        raise KeyError("the blob")
+
+    with pytest.raises(KeyError, match="the blob"):
+        await run_limited([job, failing, job], 2)

@@ -1,4 +1,5 @@
-"""Turn a long operation that reports progress through a callback into a server stream.
+"""Turn a long operation that reports progress through a callback into a server stream; read
+the bytes of a client stream; run jobs a few at a time.
 
 Core functions take a `progress(event)` callback and return a result; a streaming RPC wants
 an async iterator of events followed by the result. `progress_stream` bridges the two, from
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -60,3 +61,20 @@ async def upload_chunks(
     async for message in rest:
         if data := getattr(message, field):
             yield data
+
+
+async def run_limited(jobs: Iterable[Callable[[], Awaitable[object]]], limit: int) -> None:
+    """Run every job, `limit` at a time. The first failure cancels the others and is raised as
+    itself (not as an ExceptionGroup), so callers keep their errors' meaning."""
+    slots = asyncio.Semaphore(limit)
+
+    async def one(job: Callable[[], Awaitable[object]]) -> None:
+        async with slots:
+            await job()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for job in jobs:
+                group.create_task(one(job))
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None

@@ -20,6 +20,7 @@ and its layers as gzip blobs, each checked against the config's diff_id.
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ from berthd.common.oci.manifest import (
     parse_manifest,
 )
 from berthd.common.oci.reference import validate_tag
+from berthd.common.streaming import run_limited
 from berthd.image import metrics
 from berthd.image.archive_format import (
     CHUNK_SIZE,
@@ -63,6 +65,8 @@ from berthd.image.model import ORIGIN_LOAD, ImageDetail
 DEFAULT_MAX_ARCHIVE_BYTES = 64 << 30
 _MAX_INDEX_DEPTH = 4  # nested image indexes followed
 DETAIL_DOCKER = "docker-archive"
+# Blobs pushed to the registry at once, as pulls and pushes move them.
+PARALLEL_PUSHES = 3
 DETAIL_OCI = "oci-archive"
 
 Name = tuple[str, str]  # (repository, tag) in berth's catalog
@@ -350,10 +354,15 @@ class _Loader:
             for target in targets
             for repository, tag in target.naming.names
         ]
-        for repository, _, target in placed:
-            for image in target.images:
-                for what, blob in _blobs(image):
-                    await self._push_blob(repository, blob, f"{what} of {image.descriptor.digest}")
+        pushes = {
+            (repository, blob.digest): functools.partial(
+                self._push_blob, repository, blob, f"{what} of {image.descriptor.digest}"
+            )
+            for repository, _, target in placed
+            for image in target.images
+            for what, blob in _blobs(image)
+        }
+        await run_limited(pushes.values(), PARALLEL_PUSHES)
         loaded: dict[str, str] = {}  # image digest -> a repository holding it
         for repository, tag, target in placed:
             for image in target.images:

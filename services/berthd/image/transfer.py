@@ -17,7 +17,7 @@ in memory), with per-blob progress events.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -29,6 +29,7 @@ from berthd.common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from berthd.common.oci.digest import hex_of
 from berthd.common.oci.manifest import Descriptor, ParsedManifest, parse_manifest
 from berthd.common.oci.reference import Reference, parse_reference
+from berthd.common.streaming import run_limited
 from berthd.image import metrics
 from berthd.image.catalog import Catalog
 from berthd.image.distribution import DistributionClient, Manifest
@@ -269,18 +270,7 @@ async def _copy_blobs(
     unique = list({blob.digest: blob for blob in blobs}.values())
     for blob in unique:
         progress(LayerEvent(blob.digest, TransferState.WAITING, 0, blob.size))
-    slots = asyncio.Semaphore(PARALLEL_BLOBS)
-
-    async def one(blob: Descriptor) -> None:
-        async with slots:
-            await copy(blob)
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            for blob in unique:
-                group.create_task(one(blob))
-    except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None
+    await run_limited([functools.partial(copy, blob) for blob in unique], PARALLEL_BLOBS)
 
 
 def _marking_config(progress: LayerProgress, manifest: ParsedManifest) -> LayerProgress:
