@@ -13,7 +13,7 @@ from berthd.builder.cache import CACHE_REPOSITORY, BuildCache
 from berthd.builder.executor import Builder
 from berthd.builder.runner import Runner
 from berthd.builder.service import BuilderServicer
-from berthd.common.config import add_common_flags, add_flag, service_config
+from berthd.common.config import add_common_flags, add_flag, add_peer_flag, service_config
 from berthd.common.endpoints import service_address
 from berthd.common.errors import InvalidArgument
 from berthd.common.server import run_server
@@ -36,20 +36,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         scope="builder",
         help="scratch space for build contexts and the layers being made",
     )
-    add_flag(
-        parser,
-        "--registry",
-        default="",
-        scope="builder",
-        help="berth registry address host:port (default: the first one registered in etcd)",
-    )
-    add_flag(
-        parser,
-        "--cluster",
-        default="",
-        scope="builder",
-        help="cluster service address host:port, to run RUN steps (default: registered in etcd)",
-    )
+    add_peer_flag(parser, "builder", "registry", "where images and layers go")
+    add_peer_flag(parser, "builder", "cluster", "to run RUN steps")
     add_flag(
         parser,
         "--max-context-bytes",

@@ -35,6 +35,19 @@ def add_flag(
     parser.add_argument(flag, default=value, type=type, help=f"{help} [env {var}]")
 
 
+def add_peer_flag(parser: argparse.ArgumentParser, scope: str, peer: str, purpose: str) -> None:
+    """--<peer>: the address of another berth service this one calls (`purpose` says what
+    for); by default the first instance registered in etcd (berthd.common.endpoints)."""
+    add_flag(
+        parser,
+        f"--{peer}",
+        default="",
+        scope=scope,
+        help=f"{peer} service address host:port, {purpose} (default: the first one registered "
+        "in etcd)",
+    )
+
+
 @dataclass
 class ServiceConfig:
     """What the server bootstrap needs from any service's flags."""

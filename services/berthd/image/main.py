@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from berth.image.v1 import image_pb2, image_pb2_grpc
-from berthd.common.config import add_common_flags, add_flag, service_config
+from berthd.common.config import add_common_flags, add_flag, add_peer_flag, service_config
 from berthd.common.endpoints import service_address
 from berthd.common.server import run_server
 from berthd.common.store import Store
@@ -34,20 +34,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         scope="image",
         help="scratch space for archives, imports and external transfers in progress",
     )
-    add_flag(
-        parser,
-        "--registry",
-        default="",
-        scope="image",
-        help="berth registry address host:port (default: the first one registered in etcd)",
-    )
-    add_flag(
-        parser,
-        "--cluster",
-        default="",
-        scope="image",
-        help="cluster service address host:port, for commit (default: registered in etcd)",
-    )
+    add_peer_flag(parser, "image", "registry", "the catalog's names and content")
+    add_peer_flag(parser, "image", "cluster", "to find a container to commit")
     parser.set_defaults(run=run)
 
 

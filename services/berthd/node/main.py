@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from berth.node.v1 import node_pb2, node_pb2_grpc
-from berthd.common.config import add_common_flags, add_flag, service_config
+from berthd.common.config import add_common_flags, add_flag, add_peer_flag, service_config
 from berthd.common.endpoints import service_address
 from berthd.common.server import run_server
 from berthd.common.store import Store, encode
@@ -51,13 +51,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=[x for x in os.environ.get("BERTH_NODE_LABELS", "").split(",") if x],
         help="node label key=value, repeatable [env BERTH_NODE_LABELS, comma-separated]",
     )
-    add_flag(
-        parser,
-        "--registry",
-        default="",
-        scope="node",
-        help="registry address host:port (default: the first registry registered in etcd)",
-    )
+    add_peer_flag(parser, "node", "registry", "where images are pulled from")
     add_flag(
         parser,
         "--runc",
