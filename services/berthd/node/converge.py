@@ -24,7 +24,7 @@ from berthd.cluster.desired import (
     status_key,
 )
 from berthd.common.errors import BerthError, NotFound
-from berthd.common.store import Store
+from berthd.common.store import Store, encode
 from berthd.node.containers import ContainerManager
 from berthd.node.records import EXITED
 from berthd.node.records import RUNNING as STATE_RUNNING
@@ -46,6 +46,10 @@ class Converger:
         self.desired: dict[str, DesiredContainer] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # Containers whose status says why they could not be created, with the status as
+        # written: no record owns it, so this converger deletes it (if it is still ours) once
+        # the container is no longer assigned here.
+        self._failed: dict[str, bytes] = {}
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -107,6 +111,7 @@ class Converger:
             except BerthError as exc:
                 log.warning("cannot converge container: %s", exc, extra={"container": desired.id})
                 await self._report_failure(desired, exc)
+        await self._forget_failures()
         for record in list(self.manager.records.values()):
             managed = record.config.labels.get(MANAGED_LABEL)
             if managed and record.id not in self.desired:
@@ -130,10 +135,27 @@ class Converger:
             "error": str(exc),
             "updated_at": time.time(),
         }
+        raw = encode(status)
         try:
-            await self.store.put_json(status_key(desired.id), status)
+            await self.store.put(status_key(desired.id), raw)
+            self._failed[desired.id] = raw
         except BerthError as failed:
             log.warning("cannot report it: %s", failed, extra={"container": desired.id})
+
+    async def _forget_failures(self) -> None:
+        """Failure statuses of containers that were created since (their record reports now)
+        or are no longer assigned here (removed, or moved: nobody else would delete them)."""
+        for container_id, raw in list(self._failed.items()):
+            if container_id in self.manager.records:
+                del self._failed[container_id]
+            elif container_id not in self.desired:
+                key = status_key(container_id)
+                # Only our own words: the node it moved to may have reported already.
+                with contextlib.suppress(BerthError):
+                    await self.store.txn(
+                        [self.store.value_is(key, raw)], [self.store.op_delete(key)]
+                    )
+                    del self._failed[container_id]
 
     async def _converge(self, desired: DesiredContainer) -> None:
         record = self.manager.records.get(desired.id)
