@@ -18,6 +18,7 @@ from pathlib import Path
 
 from berthd.common.errors import InvalidArgument, ResourceExhausted
 from berthd.common.oci.digest import quoted
+from berthd.common.streaming import spool_upload
 
 from .compression import decompressed, peek
 from .fstree import Tree, add_member, clean_parts, escapes, member_parts
@@ -51,15 +52,10 @@ class BuildContext:
         stream, or of the tar once decompressed); InvalidArgument for a malformed or hostile
         tar. No bytes at all is an empty context."""
         fd, name = tempfile.mkstemp(prefix="context-", suffix=".tar", dir=scratch)
+        os.close(fd)
         path = Path(name)
         try:
-            with os.fdopen(fd, "wb") as out:
-                size = 0
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise _too_large(max_bytes)
-                    out.write(chunk)
+            await spool_upload(chunks, path, max_bytes, str(_too_large(max_bytes)))
             return await asyncio.to_thread(cls.from_file, path, max_bytes)
         except BaseException:
             path.unlink(missing_ok=True)

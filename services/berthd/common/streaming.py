@@ -13,7 +13,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
+
+from berthd.common.errors import ResourceExhausted
 
 E = TypeVar("E")
 R = TypeVar("R")
@@ -61,6 +64,21 @@ async def upload_chunks(
     async for message in rest:
         if data := getattr(message, field):
             yield data
+
+
+async def spool_upload(
+    chunks: AsyncIterator[bytes], path: Path, max_bytes: int, too_large: str
+) -> int:
+    """Write an upload's bytes to `path` (off the event loop); returns how many there were.
+    Past `max_bytes` it stops with ResourceExhausted(too_large); the caller removes `path`."""
+    size = 0
+    with open(path, "wb") as out:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > max_bytes:
+                raise ResourceExhausted(too_large)
+            await asyncio.to_thread(out.write, chunk)
+    return size
 
 
 async def run_limited(jobs: Iterable[Callable[[], Awaitable[object]]], limit: int) -> None:

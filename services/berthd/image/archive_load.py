@@ -40,7 +40,7 @@ from berthd.common.oci.manifest import (
     parse_manifest,
 )
 from berthd.common.oci.reference import validate_tag
-from berthd.common.streaming import run_limited
+from berthd.common.streaming import run_limited, spool_upload
 from berthd.image import metrics
 from berthd.image.archive_format import (
     CHUNK_SIZE,
@@ -78,14 +78,8 @@ Name = tuple[str, str]  # (repository, tag) in berth's catalog
 async def spool(chunks: AsyncIterator[bytes], dest: Path, max_bytes: int) -> Path:
     """Write the upload to `dest`; a gzip-compressed archive (`docker save | gzip`) is
     decompressed, so tarfile can seek in it. Both sizes are capped at `max_bytes`."""
-    total = 0
-    with open(dest, "wb") as f:
-        async for chunk in chunks:
-            total += len(chunk)
-            if total > max_bytes:
-                raise ResourceExhausted(f"the archive is larger than the {max_bytes}-byte limit")
-            await asyncio.to_thread(f.write, chunk)
-    if total == 0:
+    too_large = f"the archive is larger than the {max_bytes}-byte limit"
+    if await spool_upload(chunks, dest, max_bytes, too_large) == 0:
         raise InvalidArgument("the archive is empty")
     with open(dest, "rb") as f:
         compressed = f.read(2) == GZIP_MAGIC

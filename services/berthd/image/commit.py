@@ -41,6 +41,7 @@ from berthd.common.oci import mediatypes
 from berthd.common.oci.digest import Digester, quoted
 from berthd.common.oci.manifest import Descriptor, as_oci_layer
 from berthd.common.oci.reference import parse_reference
+from berthd.common.streaming import spool_upload
 from berthd.common.tarsafe import (
     OPAQUE_MARKER,
     WHITEOUT_PREFIX,
@@ -251,7 +252,8 @@ async def import_tarball(
     base = catalog.scratch / f"import-{uuid.uuid4().hex}"
     upload, blob = base.with_suffix(".upload"), base.with_suffix(".tar.gz")
     try:
-        if await _spool(chunks, upload, max_bytes) == 0:
+        too_large = f"import: the tarball is larger than {_gib(max_bytes)}"
+        if await spool_upload(chunks, upload, max_bytes, too_large) == 0:
             raise InvalidArgument("import: the tarball is empty")
         layer = await asyncio.to_thread(pack_layer, upload, blob, max_bytes)
         upload.unlink()
@@ -276,18 +278,6 @@ async def import_tarball(
     finally:
         upload.unlink(missing_ok=True)
         blob.unlink(missing_ok=True)
-
-
-async def _spool(chunks: AsyncIterator[bytes], path: Path, max_bytes: int) -> int:
-    """Write the uploaded bytes to `path`; returns how many. Over `max_bytes` is refused."""
-    size = 0
-    with open(path, "wb") as out:
-        async for chunk in chunks:
-            size += len(chunk)
-            if size > max_bytes:
-                raise ResourceExhausted(f"import: the tarball is larger than {_gib(max_bytes)}")
-            await asyncio.to_thread(out.write, chunk)
-    return size
 
 
 def _gib(size: int) -> str:
