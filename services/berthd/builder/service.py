@@ -23,8 +23,8 @@ from berthd.builder.model import (
     StepStatus,
 )
 from berthd.common.errors import InvalidArgument
+from berthd.common.messages import timestamp
 from berthd.common.streaming import Done, progress_stream, upload_chunks
-from berthd.node.service import timestamp
 
 Context = grpc.aio.ServicerContext
 

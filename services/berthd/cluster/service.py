@@ -30,9 +30,9 @@ from berthd.cluster.events import Event as ClusterEvent
 from berthd.cluster.events import EventFilter, watch_events
 from berthd.cluster.services import COMPLETED, PAUSED, UPDATING, ServiceCore, ServiceRecord
 from berthd.common.errors import BerthError, InvalidArgument
+from berthd.common.messages import timestamp
 from berthd.common.server import MAX_MESSAGE_BYTES
 from berthd.node.service import CONTAINER_STATES, config_from_spec, reverse, spec_from_config
-from berthd.node.service import timestamp as node_timestamp
 
 Context = grpc.aio.ServicerContext
 
@@ -102,8 +102,8 @@ def status_message(status: dict | None) -> node_pb2.ContainerStatus | None:
         pid=status.get("pid") or 0,
         exit_code=status.get("exit_code") or 0,
         oom_killed=bool(status.get("oom_killed")),
-        started_at=node_timestamp(status.get("started_at")),
-        finished_at=node_timestamp(status.get("finished_at")),
+        started_at=timestamp(status.get("started_at")),
+        finished_at=timestamp(status.get("finished_at")),
         restart_count=status.get("restart_count") or 0,
         error=status.get("error") or "",
     )
@@ -129,7 +129,7 @@ def container_message(view: ContainerView) -> pb.Container:
         image_digest=(view.status or {}).get("image_digest") or "",
         service_id=desired.service,
         slot=desired.slot,
-        scheduled_at=node_timestamp(desired.scheduled_at),
+        scheduled_at=timestamp(desired.scheduled_at),
     )
 
 
@@ -186,15 +186,15 @@ def service_message(record: ServiceRecord, running: int) -> pb.Service:
         running_replicas=running,
         update_state=UPDATE_STATES.get(record.update_state, pb.UPDATE_STATE_UNSPECIFIED),
         update_message=record.update_message,
-        created_at=node_timestamp(record.created_at),
-        updated_at=node_timestamp(record.updated_at),
+        created_at=timestamp(record.created_at),
+        updated_at=timestamp(record.updated_at),
     )
 
 
 def event_message(event: ClusterEvent) -> pb.EventsResponse:
     return pb.EventsResponse(
         type=EVENT_TYPES.get(event.type, pb.EVENT_TYPE_UNSPECIFIED),
-        time=node_timestamp(event.time),
+        time=timestamp(event.time),
         node_id=event.node_id,
         container_id=event.container_id,
         container_name=event.container_name,

@@ -14,6 +14,7 @@ from berth.image.v1 import image_pb2_grpc
 from berth.types.v1 import types_pb2
 from berthd.common.endpoints import AddressGetter
 from berthd.common.errors import InvalidArgument
+from berthd.common.messages import timestamp
 from berthd.common.streaming import Done, progress_stream, upload_chunks
 from berthd.image import archive, commit, metrics, transfer
 from berthd.image.catalog import Catalog
@@ -27,7 +28,6 @@ from berthd.image.model import (
     Removal,
     TransferState,
 )
-from berthd.node.service import timestamp
 
 Context = grpc.aio.ServicerContext
 

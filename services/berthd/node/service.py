@@ -14,6 +14,7 @@ from berth.node.v1 import node_pb2 as pb
 from berth.node.v1 import node_pb2_grpc
 from berth.types.v1 import types_pb2
 from berthd.common.errors import InvalidArgument
+from berthd.common.messages import timestamp
 from berthd.common.streaming import Done, progress_stream
 from berthd.node.agent import NodeAgent
 from berthd.node.layers import ImageRecord
@@ -54,14 +55,6 @@ RESTART_NAMES = {
 }
 NETWORK_NAMES = {"none": pb.NETWORK_MODE_NONE, "host": pb.NETWORK_MODE_HOST}
 CHANGE_KINDS = {"A": pb.CHANGE_KIND_ADDED, "C": pb.CHANGE_KIND_CHANGED, "D": pb.CHANGE_KIND_DELETED}
-
-
-def timestamp(seconds: float | None) -> Timestamp | None:
-    if seconds is None:
-        return None
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
 
 def reverse(mapping: dict) -> dict:

@@ -9,24 +9,18 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc
 from berth.types.v1 import types_pb2
 from berthd.common.errors import InvalidArgument
+from berthd.common.messages import timestamp
 from berthd.registry import gc, metrics
 from berthd.registry.blobstore import BlobStat
 from berthd.registry.core import Registry
 from berthd.registry.metadata import RepoRecord
 
 Context = grpc.aio.ServicerContext
-
-
-def timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
 
 def descriptor(blob: BlobStat) -> types_pb2.Descriptor:
