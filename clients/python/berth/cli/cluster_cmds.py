@@ -23,8 +23,8 @@ from berth.cli.container_cmds import (
     placement_options,
     spec_options,
 )
-from berth.cli.image_cmds import for_each
 from berth.cli.output import (
+    for_each,
     format_time,
     human_ago,
     jsonable,

@@ -22,15 +22,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from berth.cli.image_cmds import (
+from berth.cli.image_cmds import image_name, pull_image
+from berth.cli.output import (
     err_console,
     for_each,
-    image_name,
-    pull_image,
-)
-from berth.cli.output import (
     format_time,
     human_ago,
+    inspect_each,
     jsonable,
     print_json,
     print_line,
@@ -593,15 +591,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    # Docker's inspect is JSON whatever --format says; found containers print even if some
-    # were not found (then the error follows).
-    found: list[dict[str, Any]] = []
     with connect(args) as client:
-        try:
-            for_each(args.containers, lambda c: found.append(docker_inspect(client.inspect(c))))
-        finally:
-            if found:
-                print_json(found)
+        inspect_each(args.containers, lambda c: docker_inspect(client.inspect(c)))
     return 0
 
 

@@ -23,9 +23,12 @@ from rich.console import Console
 from berth.cli import auth
 from berth.cli.output import (
     console,
+    err_console,
+    for_each,
     format_time,
     human_ago,
     human_size,
+    inspect_each,
     print_json,
     print_line,
     print_table,
@@ -61,8 +64,6 @@ PRUNE_ALL_WARNING = (
 )
 SAVE_TO_TERMINAL = "cowardly refusing to save to a terminal. Use the -o flag or redirect"
 EXAMPLE_REGISTRY = "127.0.0.1:5000"
-# The node itself is away: every other target would fail the same way, so stop at once.
-_UNREACHABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
@@ -74,28 +75,6 @@ def node_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--node", metavar="ADDR", default=argparse.SUPPRESS, help=NODE_HELP)
     return parent
-
-
-def for_each(targets: Iterable[str], action: Callable[[str], None]) -> None:
-    """Run action on every target, as Docker does, even after one fails; then fail with one
-    error that joins the failures, so a good target is never skipped because of a bad one."""
-    failures: list[BerthClientError] = []
-    for target in targets:
-        try:
-            action(target)
-        except BerthClientError as err:
-            if err.code in _UNREACHABLE:
-                raise
-            failures.append(err)
-    if len(failures) == 1:
-        raise failures[0]
-    if failures:
-        raise BerthClientError("; ".join(err.message for err in failures), failures[0].code)
-
-
-def err_console() -> Console:
-    """Where progress goes when stdout carries data (an id, an archive, a container's output)."""
-    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
 
 def image_name(image: str) -> str:
@@ -457,14 +436,8 @@ def _node_images(args: argparse.Namespace, node: str) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    # JSON whatever --format says, as Docker; found images print even if some were not found.
-    found: list[dict[str, Any]] = []
     with connect_images(args) as client:
-        try:
-            for_each(args.images, lambda i: found.append(docker_image(client.inspect(i))))
-        finally:
-            if found:
-                print_json(found)
+        inspect_each(args.images, lambda i: docker_image(client.inspect(i)))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from berth.errors import one_line
+from berth.errors import BerthClientError, one_line
 
 FORMATS = ("table", "json")
 # Piped output is for grep/awk: never wrap or cut it to a pretend terminal width.
@@ -132,3 +132,42 @@ def truncate(text: str, width: int) -> str:
 def short_digest(digest: str) -> str:
     """The 12 hex digits Docker shows for a layer."""
     return digest.partition(":")[2][:12] or digest
+
+
+# --- several targets (`docker rm a b c`) ------------------------------------------------------
+
+# The server itself is away: every other target would fail the same way, so stop at once.
+_UNREACHABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def for_each(targets: Iterable[str], action: Callable[[str], None]) -> None:
+    """Run action on every target, as Docker does, even after one fails; then fail with one
+    error that joins the failures, so a good target is never skipped because of a bad one."""
+    failures: list[BerthClientError] = []
+    for target in targets:
+        try:
+            action(target)
+        except BerthClientError as err:
+            if err.code in _UNREACHABLE:
+                raise
+            failures.append(err)
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise BerthClientError("; ".join(err.message for err in failures), failures[0].code)
+
+
+def err_console() -> Console:
+    """Where progress goes when stdout carries data (an id, an archive, a container's output)."""
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+def inspect_each(targets: Iterable[str], describe: Callable[[str], Any]) -> None:
+    """Docker's inspect: a JSON array whatever --format says, and what was found prints even
+    when some target was not (the error follows)."""
+    found: list[Any] = []
+    try:
+        for_each(targets, lambda target: found.append(describe(target)))
+    finally:
+        if found:
+            print_json(found)
