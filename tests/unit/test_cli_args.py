@@ -19,6 +19,8 @@ from berth.client.registry import ImageReference, RegistryClient, parse_image_re
 from berth.config import default_state_dir, resolve_service_address
 from berth.errors import BerthClientError
 
+from .cli_output import error_line
+
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: connection refused at once
 
 
@@ -28,16 +30,6 @@ def no_ambient_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("BERTH_REGISTRY", raising=False)
     monkeypatch.setenv("BERTH_STATE_DIR", str(tmp_path / "state"))
     return tmp_path / "state"
-
-
-def error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    """The single line a failed command wrote to stderr (and nothing on stdout)."""
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("Error: ")
-    return lines[0]
 
 
 # --- parsing ---------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ from berth.config import Target, resolve_cluster_address, resolve_target
 from berth.errors import BerthClientError, from_rpc_error
 from berth.node.v1 import node_pb2
 
+from .cli_output import error_line, table
+
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: connection refused at once
 NOW = datetime.now(UTC)
 ID = "4f0c2d1b9a8e" + "7" * 52
@@ -56,20 +58,6 @@ def write_cluster_file(state: Path, services: dict[str, str]) -> None:
     state.mkdir(parents=True, exist_ok=True)
     entries = {name: {"address": address} for name, address in services.items()}
     (state / "cluster.json").write_text(json.dumps({"services": entries}))
-
-
-def error_line(capsys: pytest.CaptureFixture[str], out: str = "") -> str:
-    captured = capsys.readouterr()
-    assert captured.out == out
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("Error: ")
-    return lines[0]
-
-
-def table(text: str) -> list[list[str]]:
-    """A table's cells: columns are at least three spaces apart."""
-    return [re.split(r" {3,}", line) for line in text.splitlines()]
 
 
 def placed(**changes: Any) -> ClusterContainer:

@@ -47,6 +47,8 @@ from berth.client.node import (
 )
 from berth.errors import BerthClientError
 
+from .cli_output import error_line
+
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: connection refused at once
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 ID = "4f0c2d1b9a8e" + "7" * 52
@@ -60,16 +62,6 @@ def no_ambient_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("BERTH_HOST", raising=False)
     monkeypatch.setenv("BERTH_STATE_DIR", str(tmp_path / "state"))
     return tmp_path / "state"
-
-
-def error_line(capsys: pytest.CaptureFixture[str], out: str = "") -> str:
-    """The single line a failed command wrote to stderr."""
-    captured = capsys.readouterr()
-    assert captured.out == out
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("Error: ")
-    return lines[0]
 
 
 def columns(line: str) -> list[str]:

@@ -10,7 +10,6 @@ import argparse
 import base64
 import io
 import json
-import re
 import stat
 import sys
 import threading
@@ -53,6 +52,8 @@ from berth.client.node import ImageInfo, PullProgress
 from berth.errors import BerthClientError
 from berth.image.v1 import image_pb2 as pb
 
+from .cli_output import error_line, table
+
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: connection refused at once
 REGISTRY = "127.0.0.1:5000"
 IMAGE_ID = "sha256:" + "4f0c2d1b9a8e" + "7" * 52
@@ -71,21 +72,6 @@ def no_ambient_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     monkeypatch.setenv("BERTH_AUTH_FILE", str(tmp_path / "config" / "auth.json"))
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
     return tmp_path
-
-
-def error_line(capsys: pytest.CaptureFixture[str], out: str = "") -> str:
-    """The single line a failed command wrote to stderr."""
-    captured = capsys.readouterr()
-    assert captured.out == out
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("Error: ")
-    return lines[0]
-
-
-def table(text: str) -> list[list[str]]:
-    """A table's cells: columns are at least three spaces apart."""
-    return [re.split(r" {3,}", line) for line in text.splitlines()]
 
 
 def details(**changes: Any) -> ImageDetails:
