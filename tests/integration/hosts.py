@@ -205,6 +205,15 @@ class TestNetwork:
         self.python_in(self.ctl, probe, self.control_address, str(ETCD_CLIENT_PORT))
         return proc
 
+    def start_control(self, hosts: int, prefix: str) -> HostService:
+        """`hosts` host namespaces, then etcd and a registry (not yet waited for) in the
+        control namespace: what every multi-host fixture starts from."""
+        self.create(hosts)
+        (self.run_dir / "etcd").mkdir()
+        self.start_etcd(self.run_dir / "etcd")
+        registry_data = f"--data-dir={self.run_dir / 'registry'}"
+        return self.start_service(self.ctl, "registry", registry_data, prefix=prefix)
+
     def start_service(
         self,
         host: str,

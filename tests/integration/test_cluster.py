@@ -91,12 +91,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     prefix = f"/berth-cluster-{uuid.uuid4().hex[:8]}/"
     agents: dict[str, HostService] = {}
     try:
-        net.create(3)
-        (run_dir / "etcd").mkdir()
-        net.start_etcd(run_dir / "etcd")
-        registry = net.start_service(
-            net.ctl, "registry", f"--data-dir={run_dir / 'registry'}", prefix=prefix
-        )
+        registry = net.start_control(3, prefix)
         service = net.start_service(net.ctl, "cluster", prefix=prefix)
         registry.wait_ready()
         agents.update(net.start_agents(registry.address, prefix, LEASE_TTL))

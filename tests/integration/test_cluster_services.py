@@ -106,12 +106,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     prefix = f"/berth-services-{uuid.uuid4().hex[:8]}/"
     agents: dict[str, HostService] = {}
     try:
-        net.create(3)
-        (run_dir / "etcd").mkdir()
-        net.start_etcd(run_dir / "etcd")
-        registry = net.start_service(
-            net.ctl, "registry", f"--data-dir={run_dir / 'registry'}", prefix=prefix
-        )
+        registry = net.start_control(3, prefix)
         first = net.start_service(
             net.ctl, "cluster", prefix=prefix, lease_ttl=LEASE_TTL, name="cluster-1"
         )

@@ -126,12 +126,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
     prefix = f"/berth-hosts-{uuid.uuid4().hex[:8]}/"
     agents: dict[str, HostService] = {}
     try:
-        net.create(3)
-        (run_dir / "etcd").mkdir()
-        net.start_etcd(run_dir / "etcd")
-        registry = net.start_service(
-            net.ctl, "registry", f"--data-dir={run_dir / 'registry'}", prefix=prefix
-        ).wait_ready()
+        registry = net.start_control(3, prefix).wait_ready()
         agents.update(net.start_agents(registry.address, prefix, LEASE_TTL))
         for agent in agents.values():  # started together, so their imports overlap
             agent.wait_ready()
