@@ -9,6 +9,9 @@ APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-regis
 # image tests push to and pull from it).
 BENCH_APT_PACKAGES := podman buildah
 PROTO_FILES := $(shell find protos -name '*.proto')
+# The protos are a public contract: `make lint` fails on a change that breaks clients generated
+# from this ref (a break must be deliberate: say so in the commit, then it lands on main).
+BREAKING_AGAINST ?= main
 # Empty means berthd's default state directory, which the CLI also finds on its own.
 STATE_DIR ?=
 STATE_FLAG := $(if $(STATE_DIR),--state-dir $(STATE_DIR),)
@@ -48,6 +51,7 @@ lint: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	cd protos && $(BUF) lint
+	$(BUF) breaking protos --against '.git#ref=$(BREAKING_AGAINST),subdir=protos'
 
 unit: deps
 	$(VENV)/bin/pytest -q tests/unit
@@ -62,11 +66,11 @@ demo: deps
 	$(PY) scripts/demo.py $(STATE_FLAG)
 
 bench: deps bench-apt
-	$(PY) bench/registry.py
-	$(PY) bench/node.py
-	$(PY) bench/cluster.py
-	$(PY) bench/image.py
-	$(PY) bench/builder.py
+	$(PY) -m bench.registry
+	$(PY) -m bench.node
+	$(PY) -m bench.cluster
+	$(PY) -m bench.image
+	$(PY) -m bench.builder
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)

@@ -12,8 +12,8 @@ gave an image built before; at the end both images run their CMD (berth on the c
 buildah's with podman) to the same output and agree on the config the Dockerfile sets.
 The median over --rounds of each; the table shows seconds and the ratio berth/buildah.
 
-    .venv/bin/python bench/builder.py [--rounds 5] [--isolation oci]
-    .venv/bin/python bench/builder.py --quick                    # a smoke run, one round
+    .venv/bin/python -m bench.builder [--rounds 5] [--isolation oci]
+    .venv/bin/python -m bench.builder --quick                    # a smoke run, one round
 """
 
 from __future__ import annotations
@@ -27,13 +27,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent / "scripts"))
-
-from cluster import wait_for  # noqa: E402
-from image import timed  # noqa: E402
-from node import (  # noqa: E402
+from bench.cluster import wait_for
+from bench.image import timed
+from bench.node import (
     BUSYBOX_REF,
     BUSYBOX_REPO,
     BerthSide,
@@ -45,20 +41,19 @@ from node import (  # noqa: E402
     remove_cgroup,
     unmount_all,
 )
-from oci_images import make_busybox_image  # noqa: E402
-from registry import BERTH, BenchError, run  # noqa: E402
-
-from berth.client import ClusterClient, ImageClient  # noqa: E402
-from berth.client.builder import (  # noqa: E402
+from bench.registry import BERTH, BenchError, run
+from berth.client import ClusterClient, ImageClient
+from berth.client.builder import (
     BuilderClient,
     BuildEvent,
     BuildOptions,
     BuildResult,
     StepEvent,
 )
-from berth.errors import BerthClientError  # noqa: E402
+from berth.errors import BerthClientError
+from scripts.oci_images import make_busybox_image
 
-CONTEXT = BENCH / "build-context"
+CONTEXT = Path(__file__).resolve().parent / "build-context"
 STEPS = 10  # in CONTEXT/Dockerfile, FROM included (buildah's STEP 1/10 .. 10/10)
 APP_REPO = "bench/app:1"
 BUILDAH_APP = f"localhost/{APP_REPO}"  # buildah puts a host-less name under localhost/

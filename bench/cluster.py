@@ -11,8 +11,8 @@ Part `latency`: RunContainer round trips (and the scheduler's own histogram) wit
   schedulable nodes. The extra nodes are fake: `nodes/<id>` keys bound to an etcd lease, as
   an agent registers itself; the 3 real agents are cordoned meanwhile so no container starts.
 
-    .venv/bin/python bench/cluster.py [--rounds 3] [--containers 30] [--samples 100]
-    .venv/bin/python bench/cluster.py --only latency          # one part
+    .venv/bin/python -m bench.cluster [--rounds 3] [--containers 30] [--samples 100]
+    .venv/bin/python -m bench.cluster --only latency          # one part
 """
 
 from __future__ import annotations
@@ -34,19 +34,14 @@ from pathlib import Path
 
 import grpc
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent / "scripts"))
-
-from oci_images import make_busybox_image  # noqa: E402
-from registry import BERTH, BERTHD, BenchError, free_port, port_is_free, run  # noqa: E402
-
-from berth.client import NodeClient  # noqa: E402
-from berth.cluster.v1 import cluster_pb2 as cpb  # noqa: E402
-from berth.cluster.v1 import cluster_pb2_grpc  # noqa: E402
-from berth.node.v1 import node_pb2 as npb  # noqa: E402
-from berthd import localcluster  # noqa: E402
-from berthd.common.store import Store  # noqa: E402
+from bench.registry import BERTH, BERTHD, BenchError, free_port, port_is_free, run
+from berth.client import NodeClient
+from berth.cluster.v1 import cluster_pb2 as cpb
+from berth.cluster.v1 import cluster_pb2_grpc
+from berth.types.v1 import container_pb2
+from berthd import localcluster
+from berthd.common.store import Store
+from scripts.oci_images import make_busybox_image
 
 NODES = 3
 IMAGE = "bench/busybox:1"
@@ -54,7 +49,7 @@ IMAGE = "bench/busybox:1"
 LOOP = ["sh", "-c", 'trap "exit 0" TERM; while true; do sleep 1; done']
 SERVICE = "bench-web"
 POLL = 0.05
-RUNNING = npb.CONTAINER_STATE_RUNNING
+RUNNING = container_pb2.CONTAINER_STATE_RUNNING
 LATENCY_SIZES = (3, 10, 30)
 FAKE_LEASE_TTL = 300  # outlives the latency part; revoked at its end
 
@@ -91,8 +86,8 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
 
-def spec(command: list[str], name: str = "") -> npb.ContainerSpec:
-    return npb.ContainerSpec(image=IMAGE, name=name, command=command)
+def spec(command: list[str], name: str = "") -> container_pb2.ContainerSpec:
+    return container_pb2.ContainerSpec(image=IMAGE, name=name, command=command)
 
 
 def scrape(url: str, metric: str) -> float:

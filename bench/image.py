@@ -11,9 +11,9 @@ Part `archive`: a --save-mb MiB image of 4 random layers is saved to a docker-ar
   registry's GC; podman: `podman rmi`) with berth `ImageClient.load` vs. `podman load -i`.
 The median over --rounds of each; the table shows seconds, MB/s and the ratio berth/podman.
 
-    .venv/bin/python bench/image.py [--rounds 5] [--commit-mb 100] [--save-mb 256]
-    .venv/bin/python bench/image.py --quick                     # a smoke run with small sizes
-    .venv/bin/python bench/image.py --only commit               # one part (or --only archive)
+    .venv/bin/python -m bench.image [--rounds 5] [--commit-mb 100] [--save-mb 256]
+    .venv/bin/python -m bench.image --quick                     # a smoke run with small sizes
+    .venv/bin/python -m bench.image --only commit               # one part (or --only archive)
 """
 
 from __future__ import annotations
@@ -30,12 +30,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent / "scripts"))
-
-from cluster import wait_for  # noqa: E402
-from node import (  # noqa: E402
+from bench.cluster import wait_for
+from bench.node import (
     BUSYBOX_REF,
     BUSYBOX_REPO,
     RANDOM_REF,
@@ -49,17 +45,16 @@ from node import (  # noqa: E402
     remove_cgroup,
     unmount_all,
 )
-from oci_images import make_busybox_image, make_random_image  # noqa: E402
-from registry import BERTH, BenchError, manifest_digest, rate, run  # noqa: E402
-
-from berth.client import (  # noqa: E402
+from bench.registry import BERTH, BenchError, manifest_digest, rate, run
+from berth.client import (
     ClusterClient,
     ImageClient,
     ImageDetails,
     RegistryClient,
     RunOptions,
 )
-from berth.errors import BerthClientError  # noqa: E402
+from berth.errors import BerthClientError
+from scripts.oci_images import make_busybox_image, make_random_image
 
 MIB = 1 << 20
 FULL = {"rounds": 5, "commit_mb": 100, "save_mb": 256}

@@ -9,9 +9,9 @@ Part 2 (`pull`): a cold pull + unpack of a random image (--layers x --layer-mb M
 `NodeClient.pull` on a node with an empty layer store vs. `skopeo copy` from docker-registry
 followed by `umoci unpack`, the median over --rounds, in MB/s of blob bytes.
 
-    .venv/bin/python bench/node.py [--runs 20] [--rounds 3] [--layers 4] [--layer-mb 64]
-    .venv/bin/python bench/node.py --runs 5 --layer-mb 8          # a quick check
-    .venv/bin/python bench/node.py --only start                   # one part
+    .venv/bin/python -m bench.node [--runs 20] [--rounds 3] [--layers 4] [--layer-mb 64]
+    .venv/bin/python -m bench.node --runs 5 --layer-mb 8          # a quick check
+    .venv/bin/python -m bench.node --only start                   # one part
 """
 
 from __future__ import annotations
@@ -30,12 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent / "scripts"))
-
-from oci_images import make_busybox_image, make_random_image  # noqa: E402
-from registry import (  # noqa: E402
+from bench.registry import (
     BERTH,
     BERTHD,
     ROOT_BLOB_INFO_CACHE,
@@ -52,10 +47,10 @@ from registry import (  # noqa: E402
     stop_berth,
     stop_process,
 )
-
-from berth.client.node import NodeClient, PullProgress, RunOptions  # noqa: E402
-from berth.errors import BerthClientError  # noqa: E402
-from berthd.localcluster import SERVICES, Ports  # noqa: E402
+from berth.client.node import NodeClient, PullProgress, RunOptions
+from berth.errors import BerthClientError
+from berthd.localcluster import SERVICES, Ports
+from scripts.oci_images import make_busybox_image, make_random_image
 
 BUSYBOX_REF = "latest"
 BUSYBOX_REPO = "bench/busybox:1"

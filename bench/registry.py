@@ -6,7 +6,7 @@ an empty blob-info cache every time, so it cannot skip or mount blobs it saw in 
 The printed figures are medians over the rounds, in MB/s (10^6 bytes per second) of blob bytes
 (layers + config) moved by one client command, timed from its start to its exit.
 
-    .venv/bin/python bench/registry.py [--rounds 3] [--layers 4] [--layer-mb 64]
+    .venv/bin/python -m bench.registry [--rounds 3] [--layers 4] [--layer-mb 64]
 """
 
 from __future__ import annotations
@@ -24,13 +24,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from docker_registry import free_port, start_docker_registry, stop_process  # noqa: E402
-from oci_images import make_random_image  # noqa: E402
-
-from berthd.localcluster import stop_process as stop_pid  # noqa: E402
+from berthd.localcluster import stop_process as stop_pid
+from scripts.docker_registry import free_port, start_docker_registry, stop_process
+from scripts.oci_images import make_random_image
 
 BIN = Path(sys.executable).parent
 BERTH = str(BIN / "berth")

@@ -25,8 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+# Run as `python scripts/demo.py`: Python puts scripts/ first on sys.path itself.
 from docker_registry import start_docker_registry, stop_process
 from oci_images import make_busybox_image
 

@@ -29,12 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from berth.cluster.v1 import cluster_pb2 as pb, cluster_pb2_grpc
 from berth.node.v1 import node_pb2
+from berth.types.v1 import container_pb2
 
 cluster = cluster_pb2_grpc.ClusterServiceStub(grpc.insecure_channel(sys.argv[1]))
 SERVE = sys.argv[2]
 
 def run(image, name="", constraints=(), memory=0, command=("sh", "-c", SERVE)):
-    spec = node_pb2.ContainerSpec(image=image, name=name, command=list(command))
+    spec = container_pb2.ContainerSpec(image=image, name=name, command=list(command))
     placement = pb.Placement(
         request=pb.ResourceAmounts(memory_bytes=memory), constraints=list(constraints)
     )
@@ -53,7 +54,7 @@ def call(method, request, timeout=60):
 
 def state(ref):
     c = cluster.InspectContainer(pb.InspectContainerRequest(container=ref)).container
-    return node_pb2.ContainerState.Name(c.status.state)
+    return container_pb2.ContainerState.Name(c.status.state)
 
 def until_state(ref, want, timeout=45):
     deadline = time.monotonic() + timeout
@@ -213,7 +214,9 @@ while not (logs := b"".join(
     line.data for line in cluster.ContainerLogs(pb.ContainerLogsRequest(container="web"))
 )) and time.monotonic() < deadline:
     time.sleep(0.1)
-process = node_pb2.ExecProcess(container=c["id"][:12], command=["sh", "-c", "cat; echo done >&2"])
+process = container_pb2.ExecProcess(
+    container=c["id"][:12], command=["sh", "-c", "cat; echo done >&2"]
+)
 outputs = list(cluster.Exec(iter([
     pb.ExecRequest(process=process, stdin=b"piped "),
     pb.ExecRequest(stdin=b"through", close_stdin=True),
@@ -236,8 +239,8 @@ out({
     "stderr": b"".join(o.stderr for o in outputs).decode(),
     "exit": [o.exit_code for o in outputs if o.exited],
     "stats": [stats.container_id == c["id"], stats.node_id, stats.sample.pids],
-    "stopped": node_pb2.ContainerState.Name(stopped.status.state),
-    "started": node_pb2.ContainerState.Name(started.status.state),
+    "stopped": container_pb2.ContainerState.Name(stopped.status.state),
+    "started": container_pb2.ContainerState.Name(started.status.state),
     "waited": [w.exit_code for w in waited],
     "gone": gone,
 })

@@ -25,13 +25,13 @@ SERVICES = """
 from berth.node.v1 import node_pb2_grpc
 from google.protobuf.duration_pb2 import Duration
 
-RUNNING = node_pb2.CONTAINER_STATE_RUNNING
+RUNNING = container_pb2.CONTAINER_STATE_RUNNING
 
 def spec(name, replicas, env=(), parallelism=1, monitor=1.0):
     return pb.ServiceSpec(
         name=name, replicas=replicas,
-        template=node_pb2.ContainerSpec(image=sys.argv[3], command=["sh", "-c", SERVE],
-                                        env=list(env)),
+        template=container_pb2.ContainerSpec(image=sys.argv[3], command=["sh", "-c", SERVE],
+                                             env=list(env)),
         update_config=pb.UpdateConfig(parallelism=parallelism,
                                        monitor=Duration(nanos=int(monitor * 1e9))),
     )

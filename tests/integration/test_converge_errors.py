@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from berth.client import ClusterClient, RunOptions
+from berthd.common.state.containers import STATUSES
 from berthd.common.store import Store
 
 from .conftest import NodeProcess, Services, wait_until
@@ -29,10 +30,9 @@ async def test_the_reason_is_reported_then_cleaned_up(
         assert seen.node_id == node_agent.node_id
 
         c.remove(box.id, force=True)
-    key = f"containers/{box.id}/status"
 
     for _ in range(100):  # the node notices the removal on its next pass
-        if await store.get(key) is None:
+        if await STATUSES.get(store, box.id) is None:
             break
         await asyncio.sleep(0.1)
-    assert await store.get(key) is None
+    assert await store.get(STATUSES.key(box.id)) is None

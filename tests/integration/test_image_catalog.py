@@ -16,13 +16,15 @@ from isal import igzip
 
 from berth.client import ClusterClient, NodeClient, RegistryClient, RunOptions
 from berth.errors import BerthClientError
-from berthd.cluster.desired import NODE_LAYERS, DesiredContainer, container_key
+from berthd.common.containers import ContainerConfig
 from berthd.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from berthd.common.state.containers import CONTAINERS, DesiredContainer
+from berthd.common.state.images import BUILDS, IMAGES, BuildRecord
+from berthd.common.state.nodes import NODE_LAYERS, NodeLayers
 from berthd.common.store import Store
 from berthd.common.tarsafe import UnsafeLayer
-from berthd.image.catalog import Catalog, image_key
+from berthd.image.catalog import Catalog
 from berthd.image.commit import commit, import_tarball
-from berthd.node.spec import ContainerConfig
 
 from .conftest import ServiceProcess, Services, wait_until
 from .images import busybox_layer, push_image, sha, tar_of
@@ -58,7 +60,7 @@ def two_images(client: RegistryClient, tmp_path: Path) -> tuple[str, str]:
 async def run_record(store: Store, container_id: str, image: str) -> None:
     """A cluster container record, as the cluster service writes it."""
     desired = DesiredContainer(container_id, "c", "node1", ContainerConfig(image=image))
-    await store.put(container_key(container_id), desired.to_json())
+    await CONTAINERS.put(store, container_id, desired)
 
 
 # --- inspect, history, list ----------------------------------------------------------------------
@@ -83,6 +85,12 @@ async def test_inspect_by_tag_digest_and_id_prefix(
         (detail.layers[1].digest, "tests/integration/images.py"),
     ]
     assert (detail.origin, detail.hosts) == ("", [])
+    # Built by the builder: its record says so, until the image service records an origin.
+    await BUILDS.put(store, app, BuildRecord("Dockerfile.app"))
+    detail = await catalog.inspect("test/app:1")
+    assert (detail.origin, detail.origin_detail) == ("build", "Dockerfile.app")
+    await catalog.record_origin(app, "test/app", "import", "app.tar")
+    assert (await catalog.inspect("test/app:1")).origin == "import"
     for ref in (
         f"test/app@{app}",
         app,
@@ -159,8 +167,9 @@ async def test_list_shared_size_hosts_and_containers(
     app_detail = await catalog.inspect(app)
     base, app_layer = app_detail.layers
     # node1 holds every layer of app; node2 only the shared base.
-    await store.put_json(NODE_LAYERS + "node1", {base.digest: base.size, app_layer.digest: 1})
-    await store.put_json(NODE_LAYERS + "node2", {base.digest: base.size})
+    held = {base.digest: base.size, app_layer.digest: 1}
+    await NODE_LAYERS.put(store, "node1", NodeLayers(held))
+    await NODE_LAYERS.put(store, "node2", NodeLayers({base.digest: base.size}))
     await run_record(store, "a" * 64, "test/app:1")
     await run_record(store, "b" * 64, f"test/app@{app}")
     await run_record(store, "c" * 64, "test/other:1")
@@ -224,7 +233,7 @@ async def test_removing_one_of_two_images_sharing_a_layer(
     assert removal.untagged == ["test/app:1"]
     # The manifest, then the layer and config only it used; never the shared base layer.
     assert removal.deleted == [app, app_detail.layers[1].digest, app_detail.id]
-    assert await store.get(image_key(app)) is None
+    assert await IMAGES.get(store, app) is None
     with pytest.raises(BerthClientError) as raised:
         client.get_manifest("test/app", app)
     assert raised.value.code == "NOT_FOUND"

@@ -17,10 +17,10 @@ from prometheus_client import REGISTRY
 from berth.client import RegistryClient
 from berthd.common.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
 from berthd.common.oci import mediatypes
+from berthd.common.oci.platform import host_platform
 from berthd.image.catalog import Catalog
 from berthd.image.model import Credentials, LayerEvent, TransferState
 from berthd.image.transfer import pull_external, push_external
-from berthd.node.layers import host_platform
 
 from .conftest import free_port
 from .docker_registry import (  # noqa: F401  (the fixtures)

@@ -7,15 +7,15 @@ import secrets
 import time
 
 from berth.client import NodeClient
-from berthd.cluster.desired import (
+from berthd.common.containers import ContainerConfig
+from berthd.common.state.containers import (
+    CONTAINERS,
     MANAGED_LABEL,
+    STATUSES,
     STOPPED,
     DesiredContainer,
-    container_key,
-    status_key,
 )
 from berthd.common.store import Store
-from berthd.node.spec import ContainerConfig
 
 # A long-running process that ends at once on SIGTERM (PID 1 ignores it without a handler).
 SERVE = "trap 'exit 0' TERM; while true; do sleep 0.1; done"
@@ -50,23 +50,24 @@ async def test_node_follows_its_desired_containers(
             node="some-other-node",
             config=ContainerConfig(image=busybox, command=["sleep", "1000"]),
         )
-        await store.put(container_key(mine.id), mine.to_json())
-        await store.put(container_key(elsewhere.id), elsewhere.to_json())
+        await CONTAINERS.put(store, mine.id, mine)
+        await CONTAINERS.put(store, elsewhere.id, elsewhere)
 
         # Pulled, created with the cluster's id, started; status reported.
         info = await until(lambda: _running(node, mine.id), what="desired container running")
         assert info.name == "web-1" and node.inspect(mine.id).labels[MANAGED_LABEL] == "true"
         assert [c.id for c in node.list(all=True)] == [mine.id]
-        status = await store.get_json(status_key(mine.id))
-        assert status["node"] == node_agent.node_id
+        status = await STATUSES.get(store, mine.id)
+        assert status is not None and status.node == node_agent.node_id
+        assert status.state == "running" and status.image_digest.startswith("sha256:")
 
         mine.desired = STOPPED
-        await store.put(container_key(mine.id), mine.to_json())
+        await CONTAINERS.put(store, mine.id, mine)
         await until(lambda: node.inspect(mine.id).state == "exited", what="stopped")
 
         # Reassigned elsewhere (the cluster moved it): the node removes its copy.
         mine.node = "some-other-node"
-        await store.put(container_key(mine.id), mine.to_json())
+        await CONTAINERS.put(store, mine.id, mine)
         await until(lambda: node.list(all=True) == [], what="removed")
     finally:
         node.close()

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-from oci_images import make_busybox_image  # noqa: E402
+from scripts.oci_images import make_busybox_image
 
 BERTH = [sys.executable, "-m", "berth"]
 

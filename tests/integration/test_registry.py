@@ -372,6 +372,84 @@ def test_nested_repositories_do_not_see_each_others_tags(client, tmp_path: Path)
     assert {r.name: r.tag_count for r in client.iter_repositories()} == {"a": 1, "a/b": 1}
 
 
+def test_list_manifests_across_repositories(client: RegistryClient, registry, tmp_path) -> None:
+    # One image in two repositories (same manifest digest), each tagged; an extra untagged
+    # image in the first, and an index over the shared manifest in the second.
+    layers = [b"shared base", b"shared top"]
+    shared = push_image(client, "lib/one", "v1", layers, tmp_path)
+    assert push_image(client, "lib/two", "stable", layers, tmp_path) == shared
+    client.put_manifest("lib/two", "also", OCI_MANIFEST, image(layers)[0])
+    solo_manifest, solo_blobs = image([b"solo layer"])
+    for blob in solo_blobs:
+        push_bytes(client, "lib/one", blob, tmp_path)
+    solo = client.put_manifest("lib/one", sha(solo_manifest), OCI_MANIFEST, solo_manifest)
+    size = len(image(layers)[0])
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": shared, "size": size}],
+        }
+    ).encode()
+    multi = client.put_manifest("lib/two", "multi", OCI_INDEX, index)
+
+    entries = list(client.iter_manifests())
+    expected = sorted(
+        [("lib/one", shared), ("lib/one", solo), ("lib/two", shared), ("lib/two", multi)],
+        key=lambda e: f"{e[0]}@{e[1]}",
+    )
+    assert [(e.repository, e.digest) for e in entries] == expected
+    by_key = {(e.repository, e.digest): e for e in entries}
+    manifest, blobs = image(layers)
+    one = by_key["lib/one", shared]
+    assert one.references == [sha(b) for b in blobs]  # config first, then the layers
+    assert (one.media_type, one.size) == (OCI_MANIFEST, len(manifest))
+    assert [t.name for t in one.tags] == ["v1"] and one.tags[0].digest == shared
+    assert one.pushed_at is not None and one.tags[0].pushed_at is not None
+    assert [t.name for t in by_key["lib/two", shared].tags] == ["also", "stable"]
+    assert by_key["lib/one", solo].tags == []
+    assert by_key["lib/two", multi].references == [shared]
+    assert by_key["lib/two", multi].media_type == OCI_INDEX
+
+    # Pages of one entry return the same listing, and every page but the last has a token.
+    assert list(client.iter_manifests(page_size=1)) == entries
+    s = stub(registry.address)
+    first = s.ListManifests(pb.ListManifestsRequest(page_size=3))
+    assert len(first.manifests) == 3 and first.next_page_token
+    # A tag moved after the first page does not show in the rest of that listing.
+    client.put_manifest("lib/two", "stable", OCI_INDEX, index)
+    rest = s.ListManifests(pb.ListManifestsRequest(page_size=3, page_token=first.next_page_token))
+    assert not rest.next_page_token
+    pages = [*first.manifests, *rest.manifests]
+    assert [(m.repository, m.digest) for m in pages] == expected
+    tags = {(m.repository, m.digest): [t.name for t in m.tags] for m in pages}
+    assert tags["lib/two", shared] == ["also", "stable"] and tags["lib/two", multi] == ["multi"]
+    fresh = {(e.repository, e.digest): [t.name for t in e.tags] for e in client.iter_manifests()}
+    assert fresh["lib/two", shared] == ["also"] and fresh["lib/two", multi] == ["multi", "stable"]
+
+    only_two = list(client.iter_manifests("lib/two", page_size=1))
+    assert [(e.repository, e.digest) for e in only_two] == [
+        e for e in expected if e[0] == "lib/two"
+    ]
+    assert [e.repository for e in client.iter_manifests("lib/one")] == ["lib/one", "lib/one"]
+
+    two_first = s.ListManifests(pb.ListManifestsRequest(repository="lib/two", page_size=1))
+    for request in [
+        pb.ListManifestsRequest(page_token="not a token"),
+        pb.ListManifestsRequest(page_token=first.next_page_token[:-4]),
+        # A token of a lib/two listing does not continue a lib/one listing.
+        pb.ListManifestsRequest(repository="lib/one", page_token=two_first.next_page_token),
+        pb.ListManifestsRequest(page_size=-1),
+        pb.ListManifestsRequest(repository="Bad/Name"),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            s.ListManifests(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+    with pytest.raises(BerthClientError) as missing:
+        list(client.iter_manifests("no/such"))
+    assert missing.value.code == "NOT_FOUND"
+
+
 def test_repositories_pagination_and_search(client: RegistryClient, registry, tmp_path) -> None:
     names = ["tools/busybox", "tools/alpine", "web/nginx", "web/busy-cache", "db/redis"]
     for name in names:

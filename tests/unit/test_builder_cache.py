@@ -1,14 +1,14 @@
 """Build cache keys and records, without etcd: how keys chain through a stage, what a build arg
-changes, and the records' JSON."""
+changes, what a prune frees. (The records' JSON: tests/unit/test_state.py.)"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from berthd.builder.cache import PREFIX, CacheRecord, freed_bytes, step_key
+from berthd.builder.cache import freed_bytes, step_key
 from berthd.builder.dockerfile import parse_dockerfile
 from berthd.common.oci.manifest import Descriptor
-from berthd.common.store import Entry, encode
+from berthd.common.state.build_cache import CacheRecord
 
 BASE_DIGEST = "sha256:" + "b" * 64
 DOCKERFILE = """\
@@ -82,18 +82,6 @@ def test_the_parent_and_copy_origin_are_part_of_the_key() -> None:
     # Used args are a set: their order does not matter.
     both = (("X", "1"), ("Y", "2"))
     assert step_key("a", text, both) == step_key("a", text, tuple(reversed(both)))
-
-
-def test_records_round_trip_through_their_json() -> None:
-    layer = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", "sha256:" + "c" * 64, 42)
-    history = {"created": "2024-01-01T00:00:00Z", "created_by": "RUN x # buildkit"}
-    record = CacheRecord("k" * 64, "RUN x", layer, "sha256:" + "d" * 64, history, 1.0, 2.0, 3)
-    entry = Entry(PREFIX + record.key, encode(record.to_json()), 1, 1, 0)
-    assert CacheRecord.from_entry(entry) == record
-    assert record.size == 42
-    empty = CacheRecord("e" * 64, "ENV A=1", None, "", {"empty_layer": True})
-    again = CacheRecord.from_entry(Entry(PREFIX + empty.key, encode(empty.to_json()), 1, 1, 0))
-    assert (again.layer, again.size) == (None, 0)
 
 
 def test_freed_bytes_counts_layers_no_kept_record_holds() -> None:

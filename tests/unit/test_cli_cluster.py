@@ -27,7 +27,7 @@ from berth.client.cluster import (
     Placement,
     Resources,
     ServiceInfo,
-    _container,
+    cluster_container,
     merge_env,
     resolve_service,
 )
@@ -35,7 +35,7 @@ from berth.client.node import LogLine, RunOptions
 from berth.cluster.v1 import cluster_pb2 as pb
 from berth.config import Target, resolve_cluster_address, resolve_target
 from berth.errors import BerthClientError, from_rpc_error
-from berth.node.v1 import node_pb2
+from berth.types.v1 import container_pb2
 
 from .cli_output import error_line, table
 
@@ -731,18 +731,18 @@ def test_a_container_its_node_has_not_created_is_pending() -> None:
     message = pb.Container(
         id=ID,
         name="web",
-        spec=node_pb2.ContainerSpec(image="busybox", command=["true"]),
+        spec=container_pb2.ContainerSpec(image="busybox", command=["true"]),
         node_id="n1",
         desired_state=pb.DESIRED_STATE_RUNNING,
         placement=pb.Placement(request=pb.ResourceAmounts(cpu_millis=250), constraints=["zone==a"]),
     )
     message.scheduled_at.FromDatetime(datetime(2026, 1, 1, tzinfo=UTC))
-    c = _container(message)
+    c = cluster_container(message)
     assert (c.state, c.node_id, c.desired_state) == ("pending", "n1", "running")
     assert c.placement == Placement(["zone==a"], 250, 0)
     assert c.created_at == datetime(2026, 1, 1, tzinfo=UTC)  # scheduled_at until created
-    message.status.state = node_pb2.CONTAINER_STATE_RUNNING
-    assert _container(message).state == "running"
+    message.status.state = container_pb2.CONTAINER_STATE_RUNNING
+    assert cluster_container(message).state == "running"
 
 
 def test_merge_env() -> None:

@@ -10,7 +10,6 @@ import pytest
 
 from berthd.cluster.controller import MOVE, REMOVE, START, UPDATE, Plan, realize, reconcile
 from berthd.cluster.core import DRAINED, ClusterNode, ContainerView
-from berthd.cluster.desired import DesiredContainer
 from berthd.cluster.election import keepalive_interval, lease_lost
 from berthd.cluster.events import (
     CONTAINER_DIED,
@@ -31,9 +30,11 @@ from berthd.cluster.services import (
     ServiceRecord,
     validate,
 )
+from berthd.common.containers import ContainerConfig
 from berthd.common.errors import InvalidArgument
+from berthd.common.state.containers import ContainerStatus, DesiredContainer
+from berthd.common.state.nodes import NodeRecord
 from berthd.common.store import WatchEvent
-from berthd.node.spec import ContainerConfig
 
 NOW = 1000.0
 GiB = 1 << 30
@@ -52,17 +53,16 @@ def replica(
 ) -> ContainerView:
     record = service().replica(slot, node)
     record.service_version = version
-    status = {"state": state, "started_at": started, "exit_code": 3} if state else None
+    status = ContainerStatus(state=state, started_at=started, exit_code=3) if state else None
     return ContainerView(record, status)
 
 
 def nodes(*ready: str, lost: tuple[str, ...] = (), drained: tuple[str, ...] = ()) -> dict:
     found = {}
     for node_id in (*ready, *lost):
-        info = {"id": node_id, "cpus": 4, "memory_bytes": 4 * GiB}
         found[node_id] = ClusterNode(
             id=node_id,
-            info=info,
+            record=NodeRecord(node_id, cpus=4, memory_bytes=4 * GiB),
             ready=node_id not in lost,
             availability=DRAINED if node_id in drained else "active",
         )
@@ -211,7 +211,7 @@ def test_event_tracker_derives_docker_style_events() -> None:
     assert tracker.feed(put("nodes/a", {"id": "a"})) == []  # re-registration of a known node
     record = service().replica(1, "a")
     (scheduled,) = tracker.feed(
-        WatchEvent("put", f"cluster/containers/{record.id}", record.to_json())
+        WatchEvent("put", f"cluster/containers/{record.id}", record.encode())
     )
     assert (scheduled.type, scheduled.node_id, scheduled.service_id) == (
         CONTAINER_SCHEDULED, "a", "s" * 64,
@@ -226,7 +226,7 @@ def test_event_tracker_derives_docker_style_events() -> None:
     assert (event.type, event.exit_code) == (CONTAINER_DIED, 137)
     moved = service().replica(1, "b")
     moved.previous_node = "a"
-    (event,) = tracker.feed(WatchEvent("put", f"cluster/containers/{moved.id}", moved.to_json()))
+    (event,) = tracker.feed(WatchEvent("put", f"cluster/containers/{moved.id}", moved.encode()))
     assert (event.type, event.node_id, event.previous_node_id) == (CONTAINER_RESCHEDULED, "b", "a")
     assert [e.type for e in tracker.feed(WatchEvent("delete", "nodes/a", b""))] == [NODE_LOST]
     scaled = service(5)

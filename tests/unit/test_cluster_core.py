@@ -10,16 +10,16 @@ from berthd.cluster.core import (
     ContainerView,
     allocation_after,
     build_nodes,
-    endpoint_from_entry,
+    endpoint_view,
     filter_containers,
     join_status,
     resolve,
-    statuses_from_entries,
 )
-from berthd.cluster.desired import STOPPED, DesiredContainer
+from berthd.common.containers import ContainerConfig
 from berthd.common.errors import InvalidArgument, NotFound
-from berthd.common.store import Entry
-from berthd.node.spec import ContainerConfig
+from berthd.common.state.containers import STOPPED, ContainerStatus, DesiredContainer
+from berthd.common.state.endpoints import ENDPOINTS
+from berthd.common.state.nodes import NodeRecord
 
 
 def desired(cid: str, name: str, node: str = "n1", at: float = 0.0, **kw) -> DesiredContainer:
@@ -27,24 +27,11 @@ def desired(cid: str, name: str, node: str = "n1", at: float = 0.0, **kw) -> Des
     return DesiredContainer(id=cid, name=name, node=node, config=config, scheduled_at=at, **kw)
 
 
-def entry(key: str, value: bytes) -> Entry:
-    return Entry(key, value, 1, 1, 0)
-
-
 def test_join_status_pairs_by_id_newest_first() -> None:
     old, new = desired("a" * 64, "old", at=1), desired("b" * 64, "new", at=2)
-    views = join_status([old, new], {"a" * 64: {"state": "running"}})
+    views = join_status([old, new], {"a" * 64: ContainerStatus(state="running")})
     assert [v.name for v in views] == ["new", "old"]
     assert views[0].status is None and views[1].state == "running"
-
-
-def test_statuses_from_entries_skips_other_keys() -> None:
-    entries = [
-        entry("containers/abc/status", b'{"state":"exited"}'),
-        entry("containers/abc", b"{}"),
-        entry("containers/bad/status", b"not json"),
-    ]
-    assert statuses_from_entries(entries) == {"abc": {"state": "exited"}}
 
 
 def test_resolve_by_id_then_name_then_unique_prefix() -> None:
@@ -65,7 +52,7 @@ def test_resolve_by_id_then_name_then_unique_prefix() -> None:
 
 def test_build_nodes_marks_lost_nodes_not_ready_and_counts_containers() -> None:
     nodes = build_nodes(
-        {"n1": {"id": "n1", "cpus": 2, "memory_bytes": 1000, "labels": {"zone": "a"}}},
+        {"n1": NodeRecord("n1", cpus=2, memory_bytes=1000, labels={"zone": "a"})},
         {"n1": {"cpu_millis": 500, "memory_bytes": 100}, "gone": {"cpu_millis": 1}},
         {"n1": CORDONED},
         [desired("a" * 64, "x", "n1"), desired("b" * 64, "y", "n1"), desired("c" * 64, "z", "n3")],
@@ -76,6 +63,7 @@ def test_build_nodes_marks_lost_nodes_not_ready_and_counts_containers() -> None:
     assert (n1.cpus_millis, n1.free_cpu_millis, n1.free_memory_bytes) == (2000, 1500, 900)
     assert n1.labels == {"zone": "a"}
     assert not nodes["gone"].ready and nodes["n3"].container_count == 1
+    assert nodes["gone"].record == NodeRecord("gone") and nodes["gone"].address == ""
 
 
 def test_allocation_after_adds_and_never_goes_negative() -> None:
@@ -90,9 +78,9 @@ def test_allocation_after_adds_and_never_goes_negative() -> None:
 
 def test_filter_containers() -> None:
     running = ContainerView(
-        desired("a" * 64, "web-1", "n1", labels={"app": "web"}), {"state": "running"}
+        desired("a" * 64, "web-1", "n1", labels={"app": "web"}), ContainerStatus(state="running")
     )
-    exited = ContainerView(desired("b" * 64, "web-2", "n2"), {"state": "exited"})
+    exited = ContainerView(desired("b" * 64, "web-2", "n2"), ContainerStatus(state="exited"))
     pending = ContainerView(desired("c" * 64, "db", "n2"))
     stopped_pending = ContainerView(desired("d" * 64, "old", "n2", desired=STOPPED))
     views = [running, exited, pending, stopped_pending]
@@ -103,9 +91,9 @@ def test_filter_containers() -> None:
     assert filter_containers(views, include_stopped=True, state="exited") == [exited]
 
 
-def test_endpoint_from_entry() -> None:
+def test_endpoint_view() -> None:
     raw = b'{"address":"10.0.0.1:5050","metrics":"http://x/metrics","version":"0.1"}'
-    endpoint = endpoint_from_entry(entry("endpoints/registry/host-1", raw))
+    endpoint = endpoint_view(ENDPOINTS.decode("registry/host-1", raw))
     assert (endpoint.kind, endpoint.instance, endpoint.address) == (
         "registry",
         "host-1",

@@ -26,6 +26,7 @@ from berthd.common.errors import (
 )
 from berthd.common.oci import mediatypes
 from berthd.common.oci.manifest import ParsedManifest, parse_manifest
+from berthd.common.oci.platform import host_platform, pick_platform
 from berthd.common.oci.reference import parse_reference
 from berthd.image.distribution import (
     Challenge,
@@ -43,7 +44,6 @@ from berthd.image.distribution import (
 )
 from berthd.image.model import Credentials
 from berthd.image.transfer import MountSources, local_target
-from berthd.node.layers import host_platform, pick_platform
 
 HOST = "registry.test:5000"
 REALM = "https://auth.test/token"

@@ -1,18 +1,18 @@
-"""berthd.image.changes: `--change` instructions applied to an image config, as Docker does."""
+"""berthd.common.changes: `--change` instructions applied to an image config, as Docker does."""
 
 from __future__ import annotations
 
 import pytest
 
-from berthd.common.errors import InvalidArgument
-from berthd.common.substitute import expand
-from berthd.image.changes import (
+from berthd.common.changes import (
     INSTRUCTIONS,
     ChangeState,
     apply_changes,
     apply_instruction,
     parse_instruction,
 )
+from berthd.common.errors import InvalidArgument
+from berthd.common.substitute import expand
 
 BASE = {"Env": ["PATH=/bin", "HOME=/root"], "Cmd": ["sh"], "WorkingDir": "/srv"}
 

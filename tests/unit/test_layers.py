@@ -22,6 +22,7 @@ from berth.errors import BerthClientError
 from berthd.common.errors import DataLoss, InvalidArgument, NotFound
 from berthd.common.oci import mediatypes as mt
 from berthd.common.oci.manifest import Descriptor
+from berthd.common.oci.platform import host_platform
 from berthd.common.tarsafe import UnsafeLayer
 from berthd.node.layers import (
     ImageRecord,
@@ -31,7 +32,6 @@ from berthd.node.layers import (
     PullResult,
     PullState,
     chain_ids,
-    host_platform,
     pull_image,
 )
 

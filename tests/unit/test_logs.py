@@ -6,7 +6,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from berthd.node.logs import LogRecord, follow_logs, parse_rfc3339, read_logs
+from berthd.common.timestamps import parse_rfc3339
+from berthd.node.logs import LogRecord, follow_logs, read_logs
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 

@@ -35,7 +35,7 @@ _TRANSPORT_MARKERS = (
 )
 
 
-def _transport_failure(details: str) -> bool:
+def is_transport_failure(details: str) -> bool:
     lowered = details.lower()
     return not details or any(marker in lowered for marker in _TRANSPORT_MARKERS)
 
@@ -49,7 +49,7 @@ def from_rpc_error(
     status = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = one_line((err.details() if isinstance(err, grpc.Call) else str(err)) or "")
     code = status.name if status is not None else "UNKNOWN"
-    if status == grpc.StatusCode.UNAVAILABLE and _transport_failure(details):
+    if status == grpc.StatusCode.UNAVAILABLE and is_transport_failure(details):
         # gRPC's text ends with the root cause ("...: Connection refused"); the rest is noise.
         reason = details.rsplit(": ", 1)[-1].strip(" []") or "unavailable"
         default_option = f"--{service} or BERTH_{service.upper()}"

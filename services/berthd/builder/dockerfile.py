@@ -26,11 +26,11 @@ from typing import Any
 
 import dockerfile as buildkit
 
+from berthd.common.changes import env_map, set_env
 from berthd.common.errors import InvalidArgument, NotFound
 from berthd.common.oci.digest import quoted
 from berthd.common.oci.reference import parse_reference
 from berthd.common.substitute import expand, expand_words, split_arg, split_key_values
-from berthd.image.changes import env_map, set_env
 
 # Flags each instruction accepts, and whether the flag takes a value (else it is a switch).
 # Other BuildKit flags (RUN --mount/--network/--security, ADD --checksum/--keep-git-dir) need

@@ -11,11 +11,13 @@ Layers live in the cache repository (`berth/build-cache`): COPY layers are pushe
 push RUN layers there. A state's image (an untagged manifest over its layers) is pushed there
 before a RUN runs on it, and at the end of every stage, so every cached layer stays referenced
 by a manifest and the registry's garbage collection keeps it. The final image is written under
-each tag (its layers mounted into the tag's repository) with origin "build"; its config's
-`created` is the time of its last step, so a fully cached rebuild writes the same digest.
+each tag (its layers mounted into the tag's repository) and recorded as built in the builder's
+own `builds/<digest>` family (berthd.common.state.images); its config's `created` is the time
+of its last step, so a fully cached rebuild writes the same digest, and one whose tags already
+name that digest writes nothing.
 
-Events go to `emit`, which may be called from worker threads (RUN output): pass something
-thread-safe, such as progress_stream's report.
+The registry, the cluster and the nodes are called through berthd.common.rpc, on the event
+loop; `emit` is called on the event loop too (RUN output included).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from berth.client import RegistryClient
 from berthd.builder import metrics
 from berthd.builder.cache import (
     CACHE_REPOSITORY,
@@ -68,6 +69,7 @@ from berthd.builder.model import (
 from berthd.builder.runner import RunFailed, Runner, RunResult, RunSpec
 from berthd.builder.state import State, history_entry, scratch_state
 from berthd.common.errors import BerthError, DataLoss, InvalidArgument, error_for_code
+from berthd.common.images import ImageStore, WrittenImage
 from berthd.common.oci import mediatypes
 from berthd.common.oci.digest import digest_bytes, quoted
 from berthd.common.oci.manifest import (
@@ -77,11 +79,11 @@ from berthd.common.oci.manifest import (
     encode_json,
 )
 from berthd.common.oci.reference import Reference, parse_reference
-from berthd.image.catalog import Catalog
+from berthd.common.state.images import BUILDS, BuildRecord
+from berthd.common.store import Store
 
 log = logging.getLogger("berthd.builder")
 
-ORIGIN = "build"
 FILESYSTEM_STEPS = ("RUN", "COPY", "ADD")
 
 
@@ -101,13 +103,16 @@ def _tag_reference(text: str) -> Reference:
 class Builder:
     def __init__(
         self,
-        catalog: Catalog,
+        store: Store,
+        images: ImageStore,
         cache: BuildCache,
         runner: Runner,
         scratch: Path,
         max_context_bytes: int,
     ) -> None:
-        self.catalog = catalog
+        self.store = store  # for the builder's own records of the images it built
+        self.images = images
+        self.registry = images.registry
         self.cache = cache
         self.runner = runner
         self.scratch = scratch
@@ -172,7 +177,7 @@ class Builder:
 
         async def delete_image(digest: str) -> None:
             with contextlib.suppress(BerthError):
-                await self.catalog.call(RegistryClient.delete_manifest, CACHE_REPOSITORY, digest)
+                await self.registry.delete_manifest(CACHE_REPOSITORY, digest)
 
         return await self.cache.prune(unused_for, delete_image)
 
@@ -192,7 +197,9 @@ class _Build:
         build_id: str,
         scratch: Path,
     ) -> None:
-        self.catalog = builder.catalog
+        self.store = builder.store
+        self.images = builder.images
+        self.registry = builder.registry
         self.cache = builder.cache
         self.runner = builder.runner
         self.options = options
@@ -259,7 +266,7 @@ class _Build:
         return state
 
     async def base_image(self, stage: Stage) -> State:
-        image = await self.catalog.resolve(stage.base)
+        image = await self.images.resolve(stage.base)
         config = image.config
         if config.config.get("OnBuild"):
             self.emit(BuildMessage(f"[Warning] {stage.base}: ONBUILD triggers are not run"))
@@ -353,10 +360,7 @@ class _Build:
             return None
         record, revision = found
         if record.layer is not None:
-            stat = await self.catalog.call(
-                RegistryClient.stat_blob, CACHE_REPOSITORY, record.layer.digest
-            )
-            if stat is None:
+            if await self.registry.stat_blob(CACHE_REPOSITORY, record.layer.digest) is None:
                 return None
             self.linked.add(record.layer.digest)
         task = asyncio.create_task(self._touch(record, revision))
@@ -462,9 +466,7 @@ class _Build:
         if blob.empty:
             blob.path.unlink()
             return RunResult(None)
-        await self.catalog.call(
-            RegistryClient.push_blob, CACHE_REPOSITORY, blob.path, blob.digest, blob.size
-        )
+        await self.registry.push_blob(CACHE_REPOSITORY, blob.path, blob.digest, blob.size)
         self.blobs[blob.digest] = blob.path
         self.linked.add(blob.digest)
         layer = Descriptor(mediatypes.OCI_LAYER_TAR_GZIP, blob.digest, blob.size)
@@ -492,7 +494,7 @@ class _Build:
         if path is None:
             await self.link([layer])
             path = self.scratch / f"blob-{layer.digest.removeprefix('sha256:')}"
-            await self.catalog.call(RegistryClient.pull_blob, CACHE_REPOSITORY, layer.digest, path)
+            await self.registry.pull_blob(CACHE_REPOSITORY, layer.digest, path)
             self.blobs[layer.digest] = path
         return path
 
@@ -504,9 +506,9 @@ class _Build:
         missing = [layer.digest for layer in layers if not (cache and layer.digest in self.linked)]
         if not missing:
             return
-        absent = await self.catalog.call(_mount_all, repository, missing)
-        if absent:
-            raise DataLoss(f"layer {absent[0]} is no longer in the registry; build again")
+        for digest in missing:
+            if not await self.registry.mount_blob(repository, digest):
+                raise DataLoss(f"layer {digest} is no longer in the registry; build again")
         if cache:
             self.linked.update(missing)
 
@@ -516,16 +518,11 @@ class _Build:
             return state.image
         await self.link(state.layers)
         config = encode_json(state.image_config())
-        descriptor = await self.catalog.push_bytes(
+        descriptor = await self.registry.push_bytes(
             CACHE_REPOSITORY, config, mediatypes.OCI_IMAGE_CONFIG
         )
-        manifest = build_image_manifest(descriptor, list(state.layers))
-        digest = await self.catalog.call(
-            RegistryClient.put_manifest,
-            CACHE_REPOSITORY,
-            digest_bytes(manifest),
-            mediatypes.OCI_IMAGE_MANIFEST,
-            manifest,
+        digest = await self.images.write_manifest(
+            CACHE_REPOSITORY, None, descriptor, list(state.layers)
         )
         if state.key != SCRATCH and not state.key.startswith("sha256:"):
             # The state after a step: that step's record holds the image from now on.
@@ -550,16 +547,16 @@ class _Build:
                 cached_steps=self.cached,
                 total_steps=self.total,
             )
-        detail = None
+        written: WrittenImage | None = None
         for repository, tag in targets:
             await self.link(layers, repository)
-            detail = await self.catalog.write_image(
-                repository, tag, config, layers, ORIGIN, self.options.dockerfile
-            )
-        assert detail is not None
+            written = await self.images.write_image(repository, tag, config, layers)
+        assert written is not None
+        # The same manifest bytes under every tag: one record for the image.
+        await BUILDS.put(self.store, written.digest, BuildRecord(self.options.dockerfile))
         return BuildResult(
-            digest=detail.digest,
-            id=detail.id,
+            digest=written.digest,
+            id=written.id,
             tags=[f"{t.repository}:{t.tag}" for t in tags],
             cached_steps=self.cached,
             total_steps=self.total,
@@ -577,7 +574,7 @@ class _Build:
         descriptor = Descriptor(mediatypes.OCI_IMAGE_CONFIG, image_id, len(config_bytes))
         digest = digest_bytes(build_image_manifest(descriptor, layers))
         for tag in tags:
-            if await self.catalog.tag_digest(tag.repository, str(tag.tag)) != digest:
+            if await self.registry.tag_digest(tag.repository, str(tag.tag)) != digest:
                 return None
         return digest, image_id
 
@@ -633,8 +630,3 @@ def workdir_layer(
         existing = base.get(parts[:depth])
         tree.put(parts[:depth], existing.entry if existing is not None else created)
     return write_layer(tree, scratch)
-
-
-def _mount_all(client: RegistryClient, repository: str, digests: list[str]) -> list[str]:
-    """Mount every blob into `repository` over one connection; returns those not found."""
-    return [d for d in digests if not client.mount_blob(repository, d)]

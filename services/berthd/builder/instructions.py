@@ -1,7 +1,7 @@
 """What an evaluated Dockerfile step does to the image config, its history line, RUN's argv.
 
 CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, USER, WORKDIR and VOLUME go through
-`berthd.image.changes`, the same code as `commit --change`. A Step's words are already
+`berthd.common.changes`, the same code as `commit --change`. A Step's words are already
 expanded in the stage's scope (which also holds the ARGs and the `# escape=` character), so
 those handlers are told not to expand them again (`ChangeState.expanded`). CMD and ENTRYPOINT
 in shell form
@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from berthd.builder.dockerfile import DockerfileError, Step, healthcheck_config
+from berthd.common import changes
 from berthd.common.errors import InvalidArgument
 from berthd.common.substitute import split_key_values
-from berthd.image import changes
 
 DEFAULT_SHELL = ("/bin/sh", "-c")
 # A signal by name (SIGTERM, TERM, SIGRTMIN+3) or by number.

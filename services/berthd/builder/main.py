@@ -16,9 +16,11 @@ from berthd.builder.service import BuilderServicer
 from berthd.common.config import add_common_flags, add_flag, add_peer_flag, service_config
 from berthd.common.endpoints import service_address
 from berthd.common.errors import InvalidArgument
+from berthd.common.images import ImageStore
+from berthd.common.rpc.cluster import ClusterApi
+from berthd.common.rpc.registry import RegistryApi
 from berthd.common.server import run_server
 from berthd.common.store import Store
-from berthd.image.catalog import Catalog
 
 DEFAULT_LISTEN = "127.0.0.1:5080"
 NETWORKS = ("none", "host")
@@ -66,11 +68,10 @@ async def run(args: argparse.Namespace) -> None:
     # Only builds in progress live here: what a crash left behind is never resumed.
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog(store, service_address(store, "registry", args.registry), scratch)
-    runner = Runner(
-        service_address(store, "cluster", args.cluster), CACHE_REPOSITORY, network=args.run_network
-    )
-    builder = Builder(catalog, BuildCache(store), runner, scratch, args.max_context_bytes)
+    images = ImageStore(RegistryApi(service_address(store, "registry", args.registry)))
+    cluster = ClusterApi(service_address(store, "cluster", args.cluster))
+    runner = Runner(cluster, CACHE_REPOSITORY, network=args.run_network)
+    builder = Builder(store, images, BuildCache(store), runner, scratch, args.max_context_bytes)
     servicer = BuilderServicer(builder)
 
     def mount(server: grpc.aio.Server) -> list[str]:

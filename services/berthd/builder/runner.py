@@ -14,20 +14,19 @@ USER as BuildKit does, so this only matters for a base image whose WorkingDir is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
-from berth.client import ClusterClient, NodeClient
 from berth.client.cluster import ClusterContainer
 from berth.client.containers import RunOptions
-from berth.errors import BerthClientError
-from berthd.common.endpoints import AddressGetter
-from berthd.common.errors import BerthError, FailedPrecondition, Unavailable, error_for_code
+from berthd.common.errors import BerthError, FailedPrecondition, Unavailable
 from berthd.common.oci import mediatypes
 from berthd.common.oci.manifest import Descriptor
+from berthd.common.rpc.cluster import ClusterApi
+from berthd.common.rpc.node import NodeApi
 
 log = logging.getLogger("berthd.builder.runner")
 
@@ -35,7 +34,6 @@ BUILD_LABEL = "berth.build"
 # How often the container's state is read while its node pulls and creates it.
 POLL_SECONDS = 0.02
 STARTED = ("running", "exited")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,66 +73,63 @@ class RunFailed(FailedPrecondition):
 class Runner:
     def __init__(
         self,
-        cluster_address: AddressGetter,
+        cluster: ClusterApi,
         repository: str,
         *,
         network: str = "none",
         start_timeout: float = 300.0,
     ) -> None:
-        self.cluster_address = cluster_address
+        self.cluster = cluster
         self.repository = repository  # where the node pushes the step's layer
         self.network = network
         # A node retries a container it cannot create (a bad USER, a failing pull) forever;
         # past this the step fails instead of hanging.
         self.start_timeout = start_timeout
+        self._removals: set[asyncio.Future[None]] = set()
 
     async def run(self, spec: RunSpec, output: Callable[[str], None]) -> RunResult:
-        """Run the step; `output` gets each line it prints (from a worker thread). Raises
+        """Run the step; `output` gets each line it prints (on the event loop). Raises
         RunFailed on a non-zero exit."""
-        client = ClusterClient(await self.cluster_address())
+        options = RunOptions(
+            name=spec.name,
+            entrypoint=list(spec.argv),
+            env=list(spec.env),
+            working_dir=spec.working_dir,
+            user=spec.user,
+            labels={BUILD_LABEL: spec.build_id},
+            restart="no",
+            network=self.network,
+        )
+        container = await self.cluster.run(spec.image, options)
         try:
-            options = RunOptions(
-                name=spec.name,
-                entrypoint=list(spec.argv),
-                env=list(spec.env),
-                working_dir=spec.working_dir,
-                user=spec.user,
-                labels={BUILD_LABEL: spec.build_id},
-                restart="no",
-                network=self.network,
-            )
-            container = await _blocking(client.run, spec.image, options)
-            try:
-                return await self._complete(client, container.id, spec, output)
-            finally:
-                # Shielded: a cancelled build still removes its container, which also ends a
-                # log stream still being read in a thread.
-                await asyncio.shield(_remove(client, container.id))
+            return await self._complete(container.id, spec, output)
         finally:
-            client.close()
+            # Shielded: a cancelled build still removes its container (the task is kept
+            # referenced until it is done, since the cancelled build no longer waits for it).
+            removal = asyncio.ensure_future(self._remove(container.id))
+            self._removals.add(removal)
+            removal.add_done_callback(self._removals.discard)
+            await asyncio.shield(removal)
 
     async def _complete(
-        self, client: ClusterClient, container: str, spec: RunSpec, output: Callable[[str], None]
+        self, container: str, spec: RunSpec, output: Callable[[str], None]
     ) -> RunResult:
-        info = await self._started(client, container, spec)
-        await _blocking(_follow, client, container, output)
-        exit_code = await _blocking(client.wait, container)
+        info = await self._started(container, spec)
+        await self._follow(container, output)
+        exit_code = await self.cluster.wait(container)
         if exit_code != 0:
             raise RunFailed(spec, exit_code)
-        node = await _blocking(client.node, info.node_id)
-        with NodeClient(node.address) as agent:
-            if not await _blocking(agent.changes, container):
-                return RunResult(None)
-            digest, diff_id, size = await _blocking(agent.export_layer, container, self.repository)
+        node = NodeApi((await self.cluster.node(info.node_id)).address)
+        if not await node.has_changes(container):
+            return RunResult(None)
+        digest, diff_id, size = await node.export_layer(container, self.repository)
         return RunResult(Descriptor(mediatypes.OCI_LAYER_TAR_GZIP, digest, size), diff_id)
 
-    async def _started(
-        self, client: ClusterClient, container: str, spec: RunSpec
-    ) -> ClusterContainer:
+    async def _started(self, container: str, spec: RunSpec) -> ClusterContainer:
         """The container once its node has started it (or it already exited)."""
         deadline = time.monotonic() + self.start_timeout
         while True:
-            info = await _blocking(client.inspect, container)
+            info = await self.cluster.inspect(container)
             if info.state in STARTED:
                 if info.error:  # runc refused to start it: no process ever ran
                     raise FailedPrecondition(
@@ -154,29 +149,20 @@ class Runner:
                 )
             await asyncio.sleep(POLL_SECONDS)
 
+    async def _follow(self, container: str, output: Callable[[str], None]) -> None:
+        """Every line the container prints, until it exits (its last lines included)."""
+        pending = b""
+        async with contextlib.aclosing(self.cluster.logs(container, follow=True)) as records:
+            async for record in records:
+                pending += record.data
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    output(line.decode(errors="replace"))
+        if pending:
+            output(pending.decode(errors="replace"))
 
-def _follow(client: ClusterClient, container: str, output: Callable[[str], None]) -> None:
-    """Every line the container prints, until it exits (its last lines included)."""
-    pending = b""
-    for record in client.logs(container, follow=True):
-        pending += record.data
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            output(line.decode(errors="replace"))
-    if pending:
-        output(pending.decode(errors="replace"))
-
-
-async def _remove(client: ClusterClient, container: str) -> None:
-    try:
-        await _blocking(client.remove, container, True)
-    except BerthError as exc:
-        log.warning("cannot remove build container %s: %s", container, exc)
-
-
-async def _blocking(method: Callable[..., T], *args: Any) -> T:
-    """A blocking client call in a thread; client errors become domain errors."""
-    try:
-        return await asyncio.to_thread(method, *args)
-    except BerthClientError as exc:
-        raise error_for_code(exc.code, exc.message) from exc
+    async def _remove(self, container: str) -> None:
+        try:
+            await self.cluster.remove(container, force=True)
+        except BerthError as exc:
+            log.warning("cannot remove build container %s: %s", container, exc)

@@ -12,6 +12,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from berth.builder.v1 import builder_pb2 as pb
 from berth.builder.v1 import builder_pb2_grpc
+from berth.enums.builder import STEP_STATUSES
 from berthd.builder.cache import CacheRecord
 from berthd.builder.executor import Builder
 from berthd.builder.model import (
@@ -20,21 +21,12 @@ from berthd.builder.model import (
     BuildOptions,
     BuildResult,
     StepEvent,
-    StepStatus,
 )
 from berthd.common.errors import InvalidArgument
 from berthd.common.messages import timestamp
 from berthd.common.streaming import Done, progress_stream, upload_chunks
 
 Context = grpc.aio.ServicerContext
-
-STATUSES = {
-    StepStatus.RUNNING: pb.STEP_STATUS_RUNNING,
-    StepStatus.CACHED: pb.STEP_STATUS_CACHED,
-    StepStatus.DONE: pb.STEP_STATUS_DONE,
-    StepStatus.FAILED: pb.STEP_STATUS_FAILED,
-}
-
 
 # --- conversions ------------------------------------------------------------------------------
 
@@ -64,7 +56,7 @@ def step_event(event: StepEvent) -> pb.StepEvent:
         stage=event.stage,
         instruction=event.instruction,
         line=event.line,
-        status=STATUSES[event.status],
+        status=STEP_STATUSES.value(event.status),
         output=event.output,
         layer=event.layer,
         exit_code=event.exit_code,

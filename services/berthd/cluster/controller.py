@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 from berthd.cluster import metrics
 from berthd.cluster.core import DRAINED, ClusterNode, ContainerView
-from berthd.cluster.desired import RUNNING, DesiredContainer
 from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place_replicas
 from berthd.cluster.services import (
     COMPLETED,
@@ -46,6 +45,7 @@ from berthd.cluster.services import (
     service_key,
 )
 from berthd.common.errors import BerthError, FailedPrecondition
+from berthd.common.state.containers import RUNNING, DesiredContainer
 from berthd.common.store import Compare, Store
 
 log = logging.getLogger("berthd.cluster.controller")
@@ -88,7 +88,7 @@ def node_problem(node: ClusterNode | None, node_id: str, drained_too: bool) -> s
 
 def settled(view: ContainerView, record: ServiceRecord, now: float) -> bool:
     """A replica counts as updated once it has run for the monitor time (and the delay)."""
-    started = (view.status or {}).get("started_at")
+    started = view.status.started_at if view.status else None
     if view.state != "running" or not started:
         return False
     return now - float(started) >= record.monitor_seconds + record.delay_seconds
@@ -143,7 +143,7 @@ def reconcile_service(
     state, message = record.update_state, record.update_message
     failed = [v for v in current if v.state == "exited" and v.desired.desired == RUNNING]
     if state == UPDATING and failed:
-        code = (failed[0].status or {}).get("exit_code")
+        code = failed[0].status.exit_code if failed[0].status else None
         state, message = PAUSED, f"replica {failed[0].name} exited with code {code}"
     if state != PAUSED and outdated:
         state = UPDATING

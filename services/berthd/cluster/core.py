@@ -1,21 +1,23 @@
 """The cluster's core: nodes, placement and the desired state of containers. No gRPC here.
 
 Everything is read from etcd on demand (the cluster service is stateless, any instance can
-serve any request) and every write that races is one transaction. Keys, relative to the store
-prefix, besides those of `berthd.cluster.desired`:
+serve any request) and every write that races is one transaction. It reads and writes the
+shared records through their typed modules (berthd.common.state: desired containers, their
+statuses, nodes, node layers, endpoints) and keeps these keys to itself (docs/etcd.md), relative
+to the store prefix:
 
-    nodes/<id>                      NodeInfo JSON, bound to the agent's lease: the node is ready
-                                    exactly while this key exists
-    containers/<id>/status          what the owning node last observed (written by the node)
     cluster/names/<name>            container id: makes names unique in one transaction with the
                                     placement, which a scan of the records cannot
-    endpoints/<service>/<instance>  every service instance, lease-bound (server bootstrap)
+    cluster/allocations/<node id>   {"cpu_millis", "memory_bytes", "containers"}: what the
+                                    node's placed containers reserve; updated in the same
+                                    transaction as a placement, so two concurrent runs can
+                                    never overbook a node
+    cluster/availability/<node id>  {"availability": "active" | "cordoned" | "drained"}
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import dataclasses
 import json
@@ -31,18 +33,8 @@ from typing import Any
 from berth.client import RegistryClient, parse_image_reference
 from berth.errors import BerthClientError
 from berthd.cluster import metrics
-from berthd.cluster.desired import (
-    ALLOCATIONS,
-    AVAILABILITY,
-    CONTAINERS,
-    NODE_LAYERS,
-    RUNNING,
-    STOPPED,
-    DesiredContainer,
-    container_key,
-    status_key,
-)
 from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place
+from berthd.common.containers import ContainerConfig
 from berthd.common.errors import (
     Aborted,
     AlreadyExists,
@@ -51,15 +43,23 @@ from berthd.common.errors import (
     NotFound,
     Unavailable,
 )
+from berthd.common.state.containers import (
+    CONTAINERS,
+    RUNNING,
+    STATUSES,
+    STOPPED,
+    ContainerStatus,
+    DesiredContainer,
+)
+from berthd.common.state.endpoints import ENDPOINTS, EndpointRecord, instances
+from berthd.common.state.nodes import NODE_LAYERS, NODES, NodeRecord
 from berthd.common.store import Entry, Store
-from berthd.node.spec import ContainerConfig
 
 log = logging.getLogger("berthd.cluster.core")
 
-NODES = "nodes/"
 NAMES = "cluster/names/"
-ENDPOINTS = "endpoints/"
-STATUS_SUFFIX = "/status"
+ALLOCATIONS = "cluster/allocations/"
+AVAILABILITY = "cluster/availability/"
 
 ACTIVE = "active"
 CORDONED = "cordoned"
@@ -106,8 +106,8 @@ class ClusterNode:
     """A node as the cluster sees it: what its agent registered plus what the cluster keeps."""
 
     id: str
-    # nodes/<id> as the agent wrote it; only {"id": ...} while the node is not ready.
-    info: dict[str, Any]
+    # nodes/<id> as the agent wrote it; only the id while the node is not ready.
+    record: NodeRecord
     ready: bool
     availability: str = ACTIVE
     allocated_cpu_millis: int = 0
@@ -118,19 +118,25 @@ class ClusterNode:
 
     @property
     def capacity_cpu_millis(self) -> int:
-        return int(self.info.get("cpus", 0)) * 1000
+        return self.record.cpus * 1000
 
     @property
     def capacity_memory_bytes(self) -> int:
-        return int(self.info.get("memory_bytes", 0))
+        return self.record.memory_bytes
 
     @property
     def labels(self) -> dict[str, str]:
-        return dict(self.info.get("labels", {}))
+        return dict(self.record.labels)
 
     @property
     def address(self) -> str:
-        return str(self.info.get("address", ""))
+        return self.record.address
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The node record as a dict, for berthd/cluster/service.py, which still reads it so
+        (`node.info.get("version")`); delete once it reads `record`."""
+        return dataclasses.asdict(self.record)
 
     def view(self) -> NodeView:
         return NodeView(
@@ -152,7 +158,7 @@ class ContainerView:
     """A desired record joined with the status its node reports (None until it reports)."""
 
     desired: DesiredContainer
-    status: dict[str, Any] | None = None
+    status: ContainerStatus | None = None
 
     @property
     def id(self) -> str:
@@ -164,7 +170,7 @@ class ContainerView:
 
     @property
     def state(self) -> str:
-        return str(self.status.get("state", "")) if self.status else ""
+        return self.status.state if self.status else ""
 
     @property
     def active(self) -> bool:
@@ -197,22 +203,11 @@ class Snapshot:
 
 
 def join_status(
-    desired: Iterable[DesiredContainer], statuses: dict[str, dict[str, Any]]
+    desired: Iterable[DesiredContainer], statuses: dict[str, ContainerStatus]
 ) -> list[ContainerView]:
     """Each desired record with the status reported for its id, newest placement first."""
     views = [ContainerView(d, statuses.get(d.id)) for d in desired]
     return sorted(views, key=lambda v: (-v.desired.scheduled_at, v.id))
-
-
-def statuses_from_entries(entries: Iterable[Entry]) -> dict[str, dict[str, Any]]:
-    """`containers/<id>/status` entries -> {id: status}; other keys under containers/ skipped."""
-    found = {}
-    for entry in entries:
-        if entry.key.endswith(STATUS_SUFFIX):
-            container_id = entry.key.removeprefix("containers/").removesuffix(STATUS_SUFFIX)
-            with contextlib.suppress(ValueError):
-                found[container_id] = entry.json()
-    return found
 
 
 def resolve(ref: str, containers: Iterable[ContainerView]) -> ContainerView:
@@ -235,7 +230,7 @@ def resolve(ref: str, containers: Iterable[ContainerView]) -> ContainerView:
 
 
 def build_nodes(
-    registered: dict[str, dict[str, Any]],
+    registered: dict[str, NodeRecord],
     allocations: dict[str, dict[str, Any]],
     availability: dict[str, str],
     containers: Iterable[DesiredContainer],
@@ -250,7 +245,7 @@ def build_nodes(
         allocation = allocations.get(node_id, {})
         nodes[node_id] = ClusterNode(
             id=node_id,
-            info=registered.get(node_id, {"id": node_id}),
+            record=registered.get(node_id) or NodeRecord(node_id),
             ready=node_id in registered,
             availability=availability.get(node_id, ACTIVE),
             allocated_cpu_millis=int(allocation.get("cpu_millis", 0)),
@@ -298,16 +293,14 @@ def filter_containers(
     return [v for v in views if all(check(v) for check in checks)]
 
 
-def endpoint_from_entry(entry: Entry) -> Endpoint:
-    """`endpoints/<service>/<instance>` as the server bootstrap registers it."""
-    _, kind, instance = entry.key.split("/", 2)
-    data = entry.json()
+def endpoint_view(record: EndpointRecord) -> Endpoint:
+    """An instance as the server bootstrap registered it."""
     return Endpoint(
-        kind=kind,
-        instance=instance,
-        address=str(data.get("address", "")),
-        metrics_url=str(data.get("metrics", "")),
-        version=str(data.get("version", "")),
+        kind=record.service,
+        instance=record.instance,
+        address=record.address,
+        metrics_url=record.metrics,
+        version=record.version,
     )
 
 
@@ -322,25 +315,25 @@ class ClusterCore:
     # Reads -------------------------------------------------------------------------------
 
     async def _desired(self) -> list[DesiredContainer]:
-        return [DesiredContainer.from_json(e.value) for e in await self.store.list(CONTAINERS)]
+        return [v.record for v in await CONTAINERS.list(self.store)]
 
     async def _snapshot(self) -> Snapshot:
-        registered, allocations, availability, containers, layers = await asyncio.gather(
-            self.store.list(NODES),
+        registered, allocations, availability, desired, layers = await asyncio.gather(
+            NODES.records(self.store),
             self.store.list(ALLOCATIONS),
             self.store.list(AVAILABILITY),
             self._desired(),
-            self.store.list(NODE_LAYERS),
+            NODE_LAYERS.records(self.store),
         )
         allocation_entries = {e.key.removeprefix(ALLOCATIONS): e for e in allocations}
         nodes = build_nodes(
-            {e.key.removeprefix(NODES): e.json() for e in registered},
+            registered,
             {node: e.json() for node, e in allocation_entries.items()},
             {e.key.removeprefix(AVAILABILITY): e.json()["availability"] for e in availability},
-            containers,
-            {e.key.removeprefix(NODE_LAYERS): e.json() for e in layers},
+            desired,
+            {node: held.layers for node, held in layers.items()},
         )
-        return Snapshot(nodes, containers, allocation_entries)
+        return Snapshot(nodes, desired, allocation_entries)
 
     async def nodes(self) -> list[ClusterNode]:
         return list((await self._snapshot()).nodes.values())
@@ -352,17 +345,17 @@ class ClusterCore:
         return node
 
     async def list(self, **filters: Any) -> list[ContainerView]:
-        desired, statuses = await asyncio.gather(self._desired(), self.store.list("containers/"))
-        return filter_containers(join_status(desired, statuses_from_entries(statuses)), **filters)
+        desired, statuses = await asyncio.gather(self._desired(), STATUSES.records(self.store))
+        return filter_containers(join_status(desired, statuses), **filters)
 
     async def inspect(self, ref: str) -> ContainerView:
         found = resolve(ref, await self.list(include_stopped=True))
         # Re-read its status: the list is a moment old, and callers often act on the state.
-        found.status = await self.store.get_json(status_key(found.id))
+        found.status = await STATUSES.get(self.store, found.id)
         return found
 
     async def endpoints(self) -> list[Endpoint]:
-        found = [endpoint_from_entry(e) for e in await self.store.list(ENDPOINTS)]
+        found = [endpoint_view(v.record) for v in await ENDPOINTS.list(self.store)]
         return sorted(found, key=lambda e: (e.kind, e.instance))
 
     async def image_layers(self, image: str) -> dict[str, int]:
@@ -374,9 +367,9 @@ class ClusterCore:
         if cached is not None and time.monotonic() - cached[0] < LAYER_CACHE_SECONDS:
             return cached[1]
         layers: dict[str, int] = {}
-        registries = await self.store.list(ENDPOINTS + "registry/")
+        registries = await instances(self.store, "registry")
         if registries:
-            address = str(registries[0].json().get("address", ""))
+            address = registries[0].address
             try:
                 layers = await asyncio.to_thread(manifest_layers, address, image)
             except (BerthClientError, ValueError, KeyError, TypeError) as exc:
@@ -387,13 +380,13 @@ class ClusterCore:
     async def node_address(self, container: ContainerView) -> str:
         """Where to reach the node that runs a container, for logs, exec and stats."""
         node = container.desired.node
-        info = await self.store.get_json(NODES + node)
-        if info is None or not info.get("address"):
+        info = await NODES.get(self.store, node)
+        if info is None or not info.address:
             raise Unavailable(
                 f"node {node} of container {container.name} is not ready (its agent holds no "
                 "lease in etcd): the container cannot be reached until the node is back"
             )
-        return str(info["address"])
+        return info.address
 
     # Run ---------------------------------------------------------------------------------
 
@@ -453,11 +446,11 @@ class ClusterCore:
             [
                 # Unchanged since the snapshot placement used: nobody booked the node meanwhile.
                 self.store.unchanged(node_key, allocation.mod_revision if allocation else 0),
-                self.store.absent(container_key(desired.id)),
+                CONTAINERS.absent(self.store, desired.id),
                 self.store.absent(name_key(desired.name)),
             ],
             [
-                self.store.op_put(container_key(desired.id), desired.to_json()),
+                CONTAINERS.op_put(self.store, desired.id, desired),
                 self.store.op_put(name_key(desired.name), desired.id.encode()),
                 self.store.op_put(node_key, new_allocation),
             ],
@@ -473,21 +466,21 @@ class ClusterCore:
 
     # Lifecycle -----------------------------------------------------------------------------
 
-    async def _set_desired(self, ref: str, state: str) -> tuple[ContainerView, str | None]:
+    async def _set_desired(self, ref: str, state: str) -> tuple[ContainerView, float | None]:
         """Set a container's desired state; returns it and its status's `started_at` before."""
         for _ in range(RUN_ATTEMPTS):
             view = await self.inspect(ref)
-            entry = await self.store.get(container_key(view.id))
-            if entry is None:
+            found = await CONTAINERS.read(self.store, view.id)
+            if found is None:
                 raise NotFound(f"no such container: {ref}")
-            view.desired = DesiredContainer.from_json(entry.value)
+            view.desired = found.record
             view.desired.desired = state
             ok, _ = await self.store.txn(
-                [self.store.unchanged(entry.key, entry.mod_revision)],
-                [self.store.op_put(entry.key, view.desired.to_json())],
+                [CONTAINERS.unchanged(self.store, view.id, found.mod_revision)],
+                [CONTAINERS.op_put(self.store, view.id, view.desired)],
             )
             if ok:
-                return view, (view.status or {}).get("started_at")
+                return view, view.status.started_at if view.status else None
         raise Aborted(f"container {ref} is changing concurrently; try again")
 
     async def stop(self, ref: str, timeout_seconds: int = 0) -> ContainerView:
@@ -496,7 +489,7 @@ class ClusterCore:
         if view.status is not None:
             grace = (timeout_seconds or DEFAULT_STOP_SECONDS) + STOP_SLACK_SECONDS
             view.status = await self._wait_status(
-                view, lambda s: s is not None and s.get("state") == "exited", grace, "stop"
+                view, lambda s: s is not None and s.state == "exited", grace, "stop"
             )
         return view
 
@@ -505,20 +498,20 @@ class ClusterCore:
         view, started_before = await self._set_desired(ref, RUNNING)
         view.status = await self._wait_status(
             view,
-            lambda s: s is not None and s.get("started_at") not in (None, started_before),
+            lambda s: s is not None and s.started_at not in (None, started_before),
             START_TIMEOUT_SECONDS,
             "start",
         )
         return view
 
-    async def wait(self, ref: str) -> dict[str, Any]:
+    async def wait(self, ref: str) -> ContainerStatus:
         """Block until the container exits; its final status (exit_code, oom_killed)."""
         view = await self.inspect(ref)
         # No status yet means the node has not created it yet; only a deleted status (the
         # container was removed) ends the wait without an exit.
         status = await self._wait_status(
             view,
-            lambda s: s is not None and s.get("state") == "exited",
+            lambda s: s is not None and s.state == "exited",
             None,
             "exit",
             deletion_ends=True,
@@ -536,27 +529,27 @@ class ClusterCore:
                 raise FailedPrecondition(
                     f"container {view.name} is running: stop it first or remove with force"
                 )
-            entry = await self.store.get(container_key(view.id))
-            if entry is None:
+            found = await CONTAINERS.read(self.store, view.id)
+            if found is None:
                 raise NotFound(f"no such container: {ref}")
-            desired = DesiredContainer.from_json(entry.value)
+            desired = found.record
             alloc = await self.store.get(allocation_key(desired.node))
-            node_ready = await self.store.get(NODES + desired.node) is not None
+            node_ready = await NODES.get(self.store, desired.node) is not None
             released = allocation_after(
                 alloc.json() if alloc else None, -desired.cpu_millis, -desired.memory_bytes, -1
             )
             ops = [
-                self.store.op_delete(entry.key),
+                CONTAINERS.op_delete(self.store, desired.id),
                 self.store.op_delete(name_key(desired.name)),
                 self.store.op_put(allocation_key(desired.node), released),
             ]
             if not node_ready:
                 # No agent will remove it (nor its status); one that comes back removes the
                 # unassigned container itself.
-                ops.append(self.store.op_delete(status_key(desired.id)))
+                ops.append(STATUSES.op_delete(self.store, desired.id))
             ok, _ = await self.store.txn(
                 [
-                    self.store.unchanged(entry.key, entry.mod_revision),
+                    CONTAINERS.unchanged(self.store, desired.id, found.mod_revision),
                     self.store.unchanged(
                         allocation_key(desired.node), alloc.mod_revision if alloc else 0
                     ),
@@ -574,27 +567,23 @@ class ClusterCore:
     async def _wait_status(
         self,
         view: ContainerView,
-        done: Callable[[dict[str, Any] | None], bool],
+        done: Callable[[ContainerStatus | None], bool],
         timeout: float | None,
         what: str,
         deletion_ends: bool = False,
-    ) -> dict[str, Any] | None:
-        """Watch a container's status key until `done(status)`, or until the key is deleted
-        when `deletion_ends` (then None); Unavailable on timeout."""
-        key = status_key(view.id)
+    ) -> ContainerStatus | None:
+        """Watch a container's status until `done(status)`, or until it is deleted when
+        `deletion_ends` (then None); Unavailable on timeout."""
 
-        async def follow() -> dict[str, Any] | None:
-            entries, revision = await self.store.snapshot(key)
-            status = entries[0].json() if entries else None
+        async def follow() -> ContainerStatus | None:
+            status, revision = await STATUSES.get_at(self.store, view.id)
             if done(status):
                 return status
-            async for event in self.store.watch_prefix(key, revision + 1):
-                if event.key != key:
-                    continue
-                status = json.loads(event.value) if event.kind == "put" else None
+            async for change in STATUSES.watch(self.store, revision + 1, id=view.id):
+                status = change.record
                 if done(status) or (status is None and deletion_ends):
                     return status
-            raise Unavailable(f"watch on {key} ended")
+            raise Unavailable(f"watch on the status of container {view.name} ended")
 
         try:
             async with asyncio.timeout(timeout):

@@ -13,15 +13,20 @@ last value of each key that matters and turns each watch event into zero or more
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from berthd.cluster.core import NODES, STATUS_SUFFIX
-from berthd.cluster.desired import CONTAINERS, DesiredContainer
 from berthd.cluster.services import SERVICES, ServiceRecord
+from berthd.common.state.containers import (
+    CONTAINERS,
+    STATUSES,
+    ContainerStatus,
+    DesiredContainer,
+)
+from berthd.common.state.family import Change
+from berthd.common.state.nodes import NODES
 from berthd.common.store import Entry, Store, WatchEvent
 
 NODE_JOINED = "node_joined"
@@ -31,8 +36,6 @@ CONTAINER_STARTED = "container_started"
 CONTAINER_DIED = "container_died"
 CONTAINER_RESCHEDULED = "container_rescheduled"
 SERVICE_SCALED = "service_scaled"
-
-STATUSES = "containers/"
 
 
 @dataclass
@@ -93,21 +96,20 @@ class EventTracker:
             self.feed(WatchEvent("put", entry.key, entry.value))
 
     def feed(self, event: WatchEvent) -> list[Event]:
-        key = event.key
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            if key.startswith(NODES):
-                return self._node(key.removeprefix(NODES), event)
-            if key.startswith(CONTAINERS):
-                return self._container(key.removeprefix(CONTAINERS), event)
-            if key.startswith(SERVICES):
-                return self._service(key.removeprefix(SERVICES), event)
-            if key.startswith(STATUSES) and key.endswith(STATUS_SUFFIX):
-                cid = key.removeprefix(STATUSES).removesuffix(STATUS_SUFFIX)
-                return self._status(cid, event)
+        """The events one watch event (of any key) means; unreadable records mean none."""
+        if node := NODES.change(event):
+            return self._node(node.id, node.kind)
+        if container := CONTAINERS.change(event):
+            return self._container(container)
+        if status := STATUSES.change(event):
+            return self._status(status)
+        if event.key.startswith(SERVICES):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                return self._service(event.key.removeprefix(SERVICES), event)
         return []
 
-    def _node(self, node_id: str, event: WatchEvent) -> list[Event]:
-        if event.kind == "delete":
+    def _node(self, node_id: str, kind: str) -> list[Event]:
+        if kind == "delete":
             self.nodes.discard(node_id)
             return [Event(NODE_LOST, node_id, message=f"node {node_id} lost: lease expired")]
         if node_id in self.nodes:
@@ -115,12 +117,12 @@ class EventTracker:
         self.nodes.add(node_id)
         return [Event(NODE_JOINED, node_id, message=f"node {node_id} joined")]
 
-    def _container(self, cid: str, event: WatchEvent) -> list[Event]:
-        if event.kind == "delete":
+    def _container(self, change: Change[DesiredContainer]) -> list[Event]:
+        cid, desired = change.id, change.record
+        if desired is None:
             self.containers.pop(cid, None)
             self.states.pop(cid, None)
             return []
-        desired = DesiredContainer.from_json(event.value)
         known = cid in self.containers
         self.containers[cid] = desired
         if known:
@@ -144,26 +146,26 @@ class EventTracker:
         message = f"{desired.name} scheduled on {desired.node}"
         return [Event(CONTAINER_SCHEDULED, message=message, **common)]
 
-    def _status(self, cid: str, event: WatchEvent) -> list[Event]:
-        if event.kind == "delete":
+    def _status(self, change: Change[ContainerStatus]) -> list[Event]:
+        cid, status = change.id, change.record
+        if status is None:
             self.states.pop(cid, None)
             return []
-        status = json.loads(event.value)
-        state, started = str(status.get("state", "")), status.get("started_at")
+        state, started = status.state, status.started_at
         before = self.states.get(cid)
         self.states[cid] = (state, started)
         desired = self.containers.get(cid)
         common = dict(
-            node_id=str(status.get("node", "")),
+            node_id=status.node,
             container_id=cid,
-            container_name=str(status.get("name", "")) or (desired.name if desired else ""),
+            container_name=status.name or (desired.name if desired else ""),
             service_id=desired.service if desired else "",
         )
         name = common["container_name"]
         if state == "running" and before != (state, started):
             return [Event(CONTAINER_STARTED, message=f"{name} started", **common)]
         if state == "exited" and (before is None or before[0] != "exited"):
-            code = int(status.get("exit_code") or 0)
+            code = status.exit_code
             return [
                 Event(CONTAINER_DIED, exit_code=code, message=f"{name} died ({code})", **common)
             ]
@@ -193,7 +195,7 @@ async def watch_events(store: Store, wanted: EventFilter) -> AsyncIterator[Event
     """Events from now on, until the caller stops iterating."""
     tracker = EventTracker()
     first_revision = 0
-    for prefix in (NODES, CONTAINERS, SERVICES, STATUSES):
+    for prefix in (NODES.prefix, CONTAINERS.prefix, SERVICES, STATUSES.prefix):
         entries, revision = await store.snapshot(prefix)
         first_revision = first_revision or revision
         tracker.load(entries)

@@ -15,51 +15,37 @@ import grpc
 
 from berth.cluster.v1 import cluster_pb2 as pb
 from berth.cluster.v1 import cluster_pb2_grpc
+from berth.enums.cluster import (
+    AVAILABILITIES,
+    DESIRED_STATES,
+    ENDPOINT_KINDS,
+    EVENT_TYPES,
+    NODE_STATES,
+    UPDATE_STATES,
+)
 from berth.node.v1 import node_pb2, node_pb2_grpc
+from berth.types.v1 import container_pb2
+from berth.types.v1 import node_pb2 as types_node_pb2
 from berthd.cluster.core import (
-    ACTIVE,
-    CORDONED,
-    DRAINED,
     ClusterCore,
     ClusterNode,
     ContainerView,
     Endpoint,
 )
-from berthd.cluster.desired import RUNNING
 from berthd.cluster.events import Event as ClusterEvent
 from berthd.cluster.events import EventFilter, watch_events
-from berthd.cluster.services import COMPLETED, PAUSED, UPDATING, ServiceCore, ServiceRecord
+from berthd.cluster.services import ServiceCore, ServiceRecord
+from berthd.common.container_messages import (
+    config_from_spec,
+    container_status,
+    spec_from_config,
+    state_filter,
+)
 from berthd.common.errors import BerthError, InvalidArgument
 from berthd.common.messages import timestamp
 from berthd.common.server import MAX_MESSAGE_BYTES
-from berthd.node.service import CONTAINER_STATES, config_from_spec, reverse, spec_from_config
 
 Context = grpc.aio.ServicerContext
-
-AVAILABILITIES = {
-    ACTIVE: pb.NODE_AVAILABILITY_ACTIVE,
-    CORDONED: pb.NODE_AVAILABILITY_CORDONED,
-    DRAINED: pb.NODE_AVAILABILITY_DRAINED,
-}
-ENDPOINT_KINDS = {
-    "registry": pb.ENDPOINT_KIND_REGISTRY,
-    "image": pb.ENDPOINT_KIND_IMAGE,
-    "builder": pb.ENDPOINT_KIND_BUILDER,
-    "node": pb.ENDPOINT_KIND_NODE,
-    "cluster": pb.ENDPOINT_KIND_CLUSTER,
-}
-
-
-UPDATE_STATES = {
-    UPDATING: pb.UPDATE_STATE_UPDATING,
-    COMPLETED: pb.UPDATE_STATE_COMPLETED,
-    PAUSED: pb.UPDATE_STATE_PAUSED,
-}
-EVENT_TYPES = {
-    name.removeprefix("EVENT_TYPE_").lower(): value
-    for name, value in pb.EventType.items()
-    if value != pb.EVENT_TYPE_UNSPECIFIED
-}
 
 
 class NodeCallError(BerthError):
@@ -73,7 +59,7 @@ class NodeCallError(BerthError):
 def node_message(node: ClusterNode) -> pb.Node:
     info = node.info
     return pb.Node(
-        description=node_pb2.Node(
+        description=types_node_pb2.NodeDescription(
             id=node.id,
             address=node.address,
             labels=node.labels,
@@ -82,8 +68,8 @@ def node_message(node: ClusterNode) -> pb.Node:
             version=str(info.get("version", "")),
             runtime_version=str(info.get("runtime_version", "")),
         ),
-        state=pb.NODE_STATE_READY if node.ready else pb.NODE_STATE_NOT_READY,
-        availability=AVAILABILITIES.get(node.availability, pb.NODE_AVAILABILITY_UNSPECIFIED),
+        state=NODE_STATES.value("ready" if node.ready else "down"),
+        availability=AVAILABILITIES.value(node.availability, pb.NODE_AVAILABILITY_UNSPECIFIED),
         capacity=pb.ResourceAmounts(
             cpu_millis=node.capacity_cpu_millis, memory_bytes=node.capacity_memory_bytes
         ),
@@ -94,16 +80,17 @@ def node_message(node: ClusterNode) -> pb.Node:
     )
 
 
-def status_message(status: dict | None) -> node_pb2.ContainerStatus | None:
+def status_message(status: dict | None) -> container_pb2.ContainerStatus | None:
+    """The ContainerStatus a node reported under containers/<id>/status."""
     if status is None:
         return None
-    return node_pb2.ContainerStatus(
-        state=CONTAINER_STATES.get(status.get("state", ""), 0),
+    return container_status(
+        status.get("state") or "",
         pid=status.get("pid") or 0,
         exit_code=status.get("exit_code") or 0,
         oom_killed=bool(status.get("oom_killed")),
-        started_at=timestamp(status.get("started_at")),
-        finished_at=timestamp(status.get("finished_at")),
+        started_at=status.get("started_at"),
+        finished_at=status.get("finished_at"),
         restart_count=status.get("restart_count") or 0,
         error=status.get("error") or "",
     )
@@ -122,9 +109,7 @@ def container_message(view: ContainerView) -> pb.Container:
             constraints=desired.constraints,
         ),
         node_id=desired.node,
-        desired_state=(
-            pb.DESIRED_STATE_RUNNING if desired.desired == RUNNING else pb.DESIRED_STATE_STOPPED
-        ),
+        desired_state=DESIRED_STATES.value(desired.desired, pb.DESIRED_STATE_STOPPED),
         status=status_message(view.status),
         image_digest=(view.status or {}).get("image_digest") or "",
         service_id=desired.service,
@@ -135,7 +120,7 @@ def container_message(view: ContainerView) -> pb.Container:
 
 def endpoint_message(endpoint: Endpoint) -> pb.Endpoint:
     return pb.Endpoint(
-        kind=ENDPOINT_KINDS.get(endpoint.kind, pb.ENDPOINT_KIND_UNSPECIFIED),
+        kind=ENDPOINT_KINDS.value(endpoint.kind, pb.ENDPOINT_KIND_UNSPECIFIED),
         instance=endpoint.instance,
         address=endpoint.address,
         metrics_url=endpoint.metrics_url,
@@ -184,7 +169,7 @@ def service_message(record: ServiceRecord, running: int) -> pb.Service:
         spec=spec,
         version=record.version,
         running_replicas=running,
-        update_state=UPDATE_STATES.get(record.update_state, pb.UPDATE_STATE_UNSPECIFIED),
+        update_state=UPDATE_STATES.value(record.update_state, pb.UPDATE_STATE_UNSPECIFIED),
         update_message=record.update_message,
         created_at=timestamp(record.created_at),
         updated_at=timestamp(record.updated_at),
@@ -193,7 +178,7 @@ def service_message(record: ServiceRecord, running: int) -> pb.Service:
 
 def event_message(event: ClusterEvent) -> pb.EventsResponse:
     return pb.EventsResponse(
-        type=EVENT_TYPES.get(event.type, pb.EVENT_TYPE_UNSPECIFIED),
+        type=EVENT_TYPES.value(event.type, pb.EVENT_TYPE_UNSPECIFIED),
         time=timestamp(event.time),
         node_id=event.node_id,
         container_id=event.container_id,
@@ -268,7 +253,7 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
             include_stopped=request.all,
             labels=dict(request.labels),
             name=request.name,
-            state=reverse(CONTAINER_STATES).get(request.state, ""),
+            state=state_filter(request.state),
             node_id=request.node_id,
             service=request.service,
         )
@@ -344,7 +329,7 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         if first is None or not first.HasField("process"):
             raise InvalidArgument("the first Exec message must carry the process")
         view = await self.core.inspect(first.process.container)
-        process = node_pb2.ExecProcess()
+        process = container_pb2.ExecProcess()
         process.CopyFrom(first.process)
         process.container = view.id  # the node knows ids, not cluster-wide prefixes or names
 
@@ -369,7 +354,7 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         async with self._node(view) as node:
             async for sample in node.ContainerStats(forward):
                 yield pb.ContainerStatsResponse(
-                    container_id=view.id, node_id=view.desired.node, sample=sample
+                    container_id=view.id, node_id=view.desired.node, sample=sample.sample
                 )
 
     # Services ---------------------------------------------------------------------------
@@ -424,9 +409,9 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     async def Events(
         self, request: pb.EventsRequest, context: Context
     ) -> AsyncIterator[pb.EventsResponse]:
-        names = {value: name for name, value in EVENT_TYPES.items()}
+        names = (EVENT_TYPES.name(t, "") for t in request.types)
         wanted = EventFilter(
-            types={names[t] for t in request.types if t in names},
+            types={name for name in names if name},
             node_id=request.node_id,
             container=request.container,
             service=request.service,

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from berthd.cluster.core import (
-    NODES,
-    STATUS_SUFFIX,
+    ALLOCATIONS,
+    AVAILABILITY,
     ClusterNode,
     ContainerView,
     allocation_after,
@@ -35,15 +35,8 @@ from berthd.cluster.core import (
     join_status,
     name_key,
 )
-from berthd.cluster.desired import (
-    ALLOCATIONS,
-    AVAILABILITY,
-    CONTAINERS,
-    DesiredContainer,
-    container_key,
-    status_key,
-)
 from berthd.cluster.scheduler import Request, parse_constraints
+from berthd.common.containers import ContainerConfig
 from berthd.common.errors import (
     Aborted,
     AlreadyExists,
@@ -51,8 +44,14 @@ from berthd.common.errors import (
     InvalidArgument,
     NotFound,
 )
+from berthd.common.state.containers import (
+    CONTAINERS,
+    STATUSES,
+    ContainerStatus,
+    DesiredContainer,
+)
+from berthd.common.state.nodes import NODES
 from berthd.common.store import Compare, Entry, Op, Store
-from berthd.node.spec import ContainerConfig
 
 SERVICES = "cluster/services/"
 SERVICE_NAMES = "cluster/service-names/"
@@ -182,7 +181,7 @@ class ClusterState:
     nodes: dict[str, ClusterNode]
     containers: dict[str, DesiredContainer]
     revisions: dict[str, int]  # container id or service id -> mod revision of its record
-    statuses: dict[str, dict[str, Any]]
+    statuses: dict[str, ContainerStatus]
     services: dict[str, ServiceRecord]
     allocations: dict[str, Entry]
 
@@ -192,32 +191,25 @@ class ClusterState:
 
 async def load_state(store: Store) -> ClusterState:
     registered, allocations, availability, containers, statuses, services = await asyncio.gather(
-        store.list(NODES),
+        NODES.records(store),
         store.list(ALLOCATIONS),
         store.list(AVAILABILITY),
-        store.list(CONTAINERS),
-        store.list("containers/"),
+        CONTAINERS.list(store),
+        STATUSES.records(store),
         store.list(SERVICES),
     )
-    desired = {
-        e.key.removeprefix(CONTAINERS): DesiredContainer.from_json(e.value) for e in containers
-    }
+    desired = {v.id: v.record for v in containers}
     records = {e.key.removeprefix(SERVICES): ServiceRecord.from_json(e.value) for e in services}
-    revisions = {e.key.removeprefix(CONTAINERS): e.mod_revision for e in containers}
+    revisions = {v.id: v.mod_revision for v in containers}
     revisions.update({e.key.removeprefix(SERVICES): e.mod_revision for e in services})
     allocation_entries = {e.key.removeprefix(ALLOCATIONS): e for e in allocations}
-    found_statuses: dict[str, dict[str, Any]] = {}
-    for entry in statuses:
-        if entry.key.endswith(STATUS_SUFFIX):
-            cid = entry.key.removeprefix("containers/").removesuffix(STATUS_SUFFIX)
-            found_statuses[cid] = entry.json()
     nodes = build_nodes(
-        {e.key.removeprefix(NODES): e.json() for e in registered},
+        registered,
         {node: e.json() for node, e in allocation_entries.items()},
         {e.key.removeprefix(AVAILABILITY): e.json()["availability"] for e in availability},
         desired.values(),
     )
-    return ClusterState(nodes, desired, revisions, found_statuses, records, allocation_entries)
+    return ClusterState(nodes, desired, revisions, statuses, records, allocation_entries)
 
 
 async def commit(
@@ -249,20 +241,20 @@ async def commit(
             store.op_put(allocation_key(node), allocation_after(current, cpu, memory, count))
         )
     for c in removes:
-        checks.append(store.unchanged(container_key(c.id), state.revisions.get(c.id, 0)))
-        writes.append(store.op_delete(container_key(c.id)))
+        checks.append(CONTAINERS.unchanged(store, c.id, state.revisions.get(c.id, 0)))
+        writes.append(CONTAINERS.op_delete(store, c.id))
         node = state.nodes.get(c.node)
         if node is None or not node.ready:
             # No agent will remove it (nor its status); one that comes back removes the
             # unassigned container itself.
-            writes.append(store.op_delete(status_key(c.id)))
+            writes.append(STATUSES.op_delete(store, c.id))
     for name in removed_names - added_names.keys():
         writes.append(store.op_delete(name_key(name)))
     for c in adds:
-        checks.append(store.absent(container_key(c.id)))
+        checks.append(CONTAINERS.absent(store, c.id))
         if c.name not in removed_names:
             checks.append(store.absent(name_key(c.name)))
-        writes.append(store.op_put(container_key(c.id), c.to_json()))
+        writes.append(CONTAINERS.op_put(store, c.id, c))
         writes.append(store.op_put(name_key(c.name), c.id.encode()))
     ok, _ = await store.txn(checks, writes)
     return bool(ok)

@@ -1,7 +1,7 @@
 """Finding another berth service: a flag, else the endpoints every instance registers in etcd.
 
-Every server registers `endpoints/<service>/<instance>` ({"address", ...}) bound to its lease
-(common/server.py), so a live instance is always listed and a dead one vanishes.
+Every server registers `endpoints/<service>/<instance>` (berthd.common.state.endpoints) bound
+to its lease (common/server.py), so a live instance is always listed and a dead one vanishes.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from berthd.common.errors import Unavailable
+from berthd.common.state.endpoints import instances
 from berthd.common.store import Store
 
 AddressGetter = Callable[[], Awaitable[str]]
@@ -21,11 +22,11 @@ def service_address(store: Store, service: str, flag: str = "") -> AddressGetter
     async def address() -> str:
         if flag:
             return flag
-        entries = await store.list(f"endpoints/{service}/")
-        if not entries:
+        found = await instances(store, service)
+        if not found:
             raise Unavailable(
                 f"no {service} service is registered in etcd; start one or pass --{service}"
             )
-        return str(entries[0].json()["address"])
+        return found[0].address
 
     return address

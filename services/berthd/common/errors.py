@@ -61,6 +61,12 @@ class PermissionDenied(BerthError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class DeadlineExceeded(BerthError):
+    """Another service did not answer within the call's deadline."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 _BY_CODE: dict[str, type[BerthError]] = {
     cls.code.name: cls
     for cls in (
@@ -74,6 +80,7 @@ _BY_CODE: dict[str, type[BerthError]] = {
         Aborted,
         Unauthenticated,
         PermissionDenied,
+        DeadlineExceeded,
     )
 }
 

@@ -9,7 +9,6 @@ in-flight calls before exiting.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -28,7 +27,8 @@ from berth.files import atomic_write
 from berthd.common.config import ServiceConfig, split_host_port
 from berthd.common.interceptor import ObservabilityInterceptor
 from berthd.common.logs import setup_logging
-from berthd.common.store import LeaseKeeper, Store, encode
+from berthd.common.state.endpoints import EndpointRecord, endpoint_key
+from berthd.common.store import LeaseKeeper, Store
 
 log = logging.getLogger("berthd.server")
 
@@ -86,22 +86,22 @@ async def run_server(
     for name in ("", *names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    endpoint = {
-        "service": config.service,
-        "instance": config.instance_id,
-        "address": address,
-        "metrics": metrics_url,
-        "pid": os.getpid(),
-        "version": version("berth"),
-        "started_at": time.time(),
-    }
-    keys = {f"endpoints/{config.service}/{config.instance_id}": encode(endpoint)}
+    endpoint = EndpointRecord(
+        service=config.service,
+        instance=config.instance_id,
+        address=address,
+        metrics=metrics_url,
+        pid=os.getpid(),
+        version=version("berth"),
+        started_at=time.time(),
+    )
+    keys = {endpoint_key(config.service, config.instance_id): endpoint.encode()}
     if on_start:
         keys.update(await on_start(address))
     lease = LeaseKeeper(store, config.lease_ttl, keys)
     await lease.start()
     if config.ready_file:
-        atomic_write(Path(config.ready_file), json.dumps(endpoint).encode())
+        atomic_write(Path(config.ready_file), endpoint.encode())
     log.info("serving", extra={"address": address, "metrics": metrics_url})
 
     stop = asyncio.Event()

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import aetcd
+import grpc
 from aetcd import exceptions as etcd_errors
 from aetcd import rpc, transactions, utils
 
 from berthd.common.config import split_host_port
-from berthd.common.errors import Unavailable
+from berthd.common.errors import Aborted, InvalidArgument, Unavailable
 
 log = logging.getLogger("berthd.store")
 
@@ -44,6 +45,25 @@ class WatchEvent:
     kind: Literal["put", "delete"]
     key: str
     value: bytes
+
+
+@dataclass(frozen=True)
+class Page:
+    """Keys of one range read, the store revision they were read at, and whether keys beyond
+    the limit remain in the range."""
+
+    entries: list[Entry]
+    revision: int
+    more: bool
+
+
+class RevisionCompacted(Aborted):
+    """A read asked for a revision that etcd has compacted away; start over at the latest."""
+
+
+def prefix_end(prefix: str) -> str:
+    """The first key after every key that starts with `prefix` (non-empty): a range end."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 Compare = transactions.BaseCompare
@@ -122,6 +142,38 @@ class Store:
             await self._client.connect()
             response = await self._client.kvstub.Range(request, timeout=10)
         return [self._entry(kv) for kv in response.kvs]
+
+    async def range(self, start: str, end: str, *, limit: int = 0, revision: int = 0) -> Page:
+        """Keys in [start, end) in key order, at most `limit` (0: all), as they were at
+        `revision` (0: now). The page carries the revision it was read at, so later reads at
+        that revision see the same moment: one consistent view across several reads.
+        `prefix_end(p)` as `end` ends the range after the keys starting with `p`."""
+        request = rpc.RangeRequest(
+            key=self._abs(start),
+            range_end=self._abs(end),
+            limit=limit,
+            revision=revision,
+            sort_order=rpc.RangeRequest.ASCEND,
+            sort_target=rpc.RangeRequest.KEY,
+        )
+        with _etcd_errors(self.endpoint):
+            await self._client.connect()
+            try:
+                response = await self._client.kvstub.Range(request, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                details = exc.details() or ""
+                if exc.code() == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
+                    raise RevisionCompacted(f"etcd revision {revision} was compacted") from exc
+                if exc.code() == grpc.StatusCode.OUT_OF_RANGE and "future" in details:
+                    raise InvalidArgument(f"etcd revision {revision} is in the future") from exc
+                raise Unavailable(f"etcd at {self.endpoint} failed: {details}") from exc
+        # The header holds the store's current revision, which is the one read at only when
+        # no revision was asked for.
+        return Page(
+            [self._entry(kv) for kv in response.kvs],
+            revision or int(response.header.revision),
+            bool(response.more),
+        )
 
     async def snapshot(self, prefix: str) -> tuple[list[Entry], int]:
         """Every key under `prefix` and the store revision they were read at, so a watch

@@ -1,6 +1,6 @@
 """Variable substitution in Dockerfile words, with the rules of BuildKit's shell lexer.
 
-Shared by the builder and by `commit --change` / `import --change` (berthd.image.changes).
+Shared by the builder and by `commit --change` / `import --change` (berthd.common.changes).
 
 The instructions Docker expands (ADD, ARG, COPY, ENV, EXPOSE, LABEL, STOPSIGNAL, USER, VOLUME,
 WORKDIR, and FROM with the global args) pass each word through `expand`:

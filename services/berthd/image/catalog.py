@@ -5,13 +5,12 @@ writes new ones. Reads of the registry's own records (`registry/manifests/`, `re
 come straight from etcd, read-only, so listing the catalog is two range reads instead of one
 RPC per repository; manifests and configs are fetched once and kept in memory by digest (they
 are immutable). Every write goes through the registry's API. What the image service adds lives
-under its own keys:
-
-    images/<manifest digest>    {"origin", "origin_detail", "repository", "created_at"}
-                                how an image came into the catalog (commit, import, load, pull)
+under its own keys, `images/<manifest digest>` (an ImageOrigin: how an image came into the
+catalog, commit, import, load or pull), read with the builder's `builds/<digest>` to show an
+image's origin (berthd.common.state.images).
 
 It also reads what others write: `cluster/node-layers/<node>` (which hosts hold an image) and
-`cluster/containers/<id>` (which containers use it).
+`cluster/containers/<id>` (which containers use it), through berthd.common.state.
 
 Images are named as Docker names them: `name[:tag]` (tag `latest`), `name@digest`, a manifest
 digest or image id (config digest) `sha256:<hex>`, or a unique prefix of either (at least 4 hex
@@ -33,9 +32,7 @@ from typing import Any, Literal, TypeVar
 
 from berth.client import RegistryClient
 from berth.errors import BerthClientError
-from berthd.cluster.desired import CONTAINERS, NODE_LAYERS, DesiredContainer
 from berthd.common.errors import (
-    BerthError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -53,16 +50,16 @@ from berthd.common.oci.manifest import (
     parse_manifest,
 )
 from berthd.common.oci.reference import Reference, parse_reference
+from berthd.common.state.build_cache import CACHE_REPOSITORY
+from berthd.common.state.containers import CONTAINERS
+from berthd.common.state.images import IMAGES, ImageOrigin, origin_of
+from berthd.common.state.nodes import NODE_LAYERS
 from berthd.common.store import Store
+from berthd.common.timestamps import parse_rfc3339
 from berthd.image import metrics
 from berthd.image.model import HistoryStep, ImageDetail, ImageRow, Removal
-from berthd.node.logs import parse_rfc3339
 from berthd.registry.metadata import TAGS, ManifestRecord, Metadata, split_child_key
 
-IMAGES = "images/"
-# The builder's intermediate images (untagged, one per cached state) live here and keep the
-# cached layers referenced; `berth builder prune` manages them, `image prune` leaves them be.
-BUILD_CACHE_REPOSITORY = "berth/build-cache"
 # Manifests and configs fetched at once when the cache is cold (a first `berth images`).
 FETCH_CONCURRENCY = 8
 _ID_PREFIX = re.compile(r"(sha256:)?([0-9a-f]{4,64})")
@@ -71,10 +68,6 @@ log = logging.getLogger("berthd.image.catalog")
 
 RegistryAddress = Callable[[], Awaitable[str]]
 T = TypeVar("T")
-
-
-def image_key(digest: str) -> str:
-    return IMAGES + digest
 
 
 @dataclass(frozen=True)
@@ -379,10 +372,8 @@ class Catalog:
 
     async def node_layers(self) -> dict[str, dict[str, int]]:
         """{node id: {layer digest: size}} as the node agents publish them."""
-        return {
-            entry.key.removeprefix(NODE_LAYERS): entry.json()
-            for entry in await self.store.list(NODE_LAYERS)
-        }
+        held = await NODE_LAYERS.records(self.store)
+        return {node: layers.layers for node, layers in held.items()}
 
     async def container_uses(self, snapshot: Snapshot) -> list[ContainerUse]:
         """Every cluster container, with the image its reference names now. A container counts
@@ -390,12 +381,8 @@ class Catalog:
         from `name@digest` of it (containers do not record the digest they were created from
         in the cluster's records, so a tag moved since counts for its new image)."""
         uses = []
-        for entry in await self.store.list(CONTAINERS):
-            try:
-                desired = DesiredContainer.from_json(entry.value)
-            except (ValueError, TypeError, KeyError, BerthError) as e:
-                log.warning("unreadable container record %s: %s", entry.key, e)
-                continue
+        for found in await CONTAINERS.list(self.store):  # unreadable records are skipped
+            desired = found.record
             use = container_use(desired.id, desired.config.image, snapshot.tags)
             if use is not None:
                 uses.append(use)
@@ -487,7 +474,7 @@ class Catalog:
         target, content = await self.image(ref, snapshot)
         assert content.config is not None
         config = content.config
-        origin = await self.store.get_json(image_key(target.digest)) or {}
+        origin = await origin_of(self.store, target.digest) or ImageOrigin("")
         platform = f"{config.os}/{config.architecture}"
         if isinstance(config.raw.get("variant"), str) and config.raw["variant"]:
             platform += f"/{config.raw['variant']}"
@@ -506,8 +493,8 @@ class Catalog:
             size=content.size,
             hosts=hosts_holding(content.layers, await self.node_layers()),
             platform=platform,
-            origin=str(origin.get("origin", "")),
-            origin_detail=str(origin.get("origin_detail", "")),
+            origin=origin.origin,
+            origin_detail=origin.origin_detail,
         )
 
     async def history(self, ref: str) -> list[HistoryStep]:
@@ -622,15 +609,7 @@ class Catalog:
         """Remember how an image came into the catalog (shown by inspect)."""
         if not origin:
             return
-        await self.store.put_json(
-            image_key(digest),
-            {
-                "origin": origin,
-                "origin_detail": origin_detail,
-                "repository": repository,
-                "created_at": time.time(),
-            },
-        )
+        await IMAGES.put(self.store, digest, ImageOrigin(origin, origin_detail, repository))
 
     async def tag(self, source: str, target: str) -> str:
         """Name an existing image `target` (`name[:tag]`); returns the manifest digest, which
@@ -680,7 +659,7 @@ class Catalog:
         plans = [
             (digest, Plan([], [repo], whole=False))
             for repo, digest in _dangling(snapshot, images)
-            if digest not in used and repo != BUILD_CACHE_REPOSITORY
+            if digest not in used and repo != CACHE_REPOSITORY
         ]
         if all:
             plans += [
@@ -733,7 +712,7 @@ class Catalog:
         if _holders(live, digest):
             removal.untagged += [f"{repo}@{digest}" for repo in copies]
             return removal, 0
-        await self.store.delete(image_key(digest))
+        await IMAGES.delete(self.store, digest)
         references = set()
         for repo, other in live:
             references.add(other)

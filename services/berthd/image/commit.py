@@ -28,6 +28,7 @@ from isal import igzip, igzip_lib
 from berth.client import ClusterClient, NodeClient, RegistryClient
 from berth.client.cluster import ClusterContainer, NodeInfo
 from berth.errors import BerthClientError
+from berthd.common.changes import apply_changes, parse_changes
 from berthd.common.endpoints import AddressGetter
 from berthd.common.errors import (
     FailedPrecondition,
@@ -40,6 +41,7 @@ from berthd.common.errors import (
 from berthd.common.oci import mediatypes
 from berthd.common.oci.digest import Digester, quoted
 from berthd.common.oci.manifest import Descriptor, as_oci_layer
+from berthd.common.oci.platform import host_platform
 from berthd.common.oci.reference import parse_reference
 from berthd.common.streaming import spool_upload
 from berthd.common.tarsafe import (
@@ -51,9 +53,7 @@ from berthd.common.tarsafe import (
 )
 from berthd.image import metrics
 from berthd.image.catalog import Catalog, ResolvedImage, catalog_name
-from berthd.image.changes import apply_changes, parse_changes
 from berthd.image.model import ORIGIN_COMMIT, ORIGIN_IMPORT, ImageDetail
-from berthd.node.layers import host_platform
 
 # Where the blobs of an import without a name go (an untagged commit stays in its parent's
 # repository, which already holds the parent's layers).

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from berth.enums.image import ARCHIVE_FORMATS, COMMIT_STAGES, TRANSFER_STATES
 from berth.image.v1 import image_pb2 as pb
 from berth.image.v1 import image_pb2_grpc
 from berth.types.v1 import types_pb2
@@ -17,6 +18,7 @@ from berthd.common.errors import InvalidArgument
 from berthd.common.messages import timestamp
 from berthd.common.streaming import Done, progress_stream, upload_chunks
 from berthd.image import archive, commit, metrics, transfer
+from berthd.image.archive import ArchiveFormat
 from berthd.image.catalog import Catalog
 from berthd.image.model import (
     Credentials,
@@ -26,29 +28,9 @@ from berthd.image.model import (
     LayerEvent,
     LayerProgress,
     Removal,
-    TransferState,
 )
 
 Context = grpc.aio.ServicerContext
-
-TRANSFER_STATES = {
-    TransferState.WAITING: pb.TRANSFER_STATE_WAITING,
-    TransferState.TRANSFERRING: pb.TRANSFER_STATE_TRANSFERRING,
-    TransferState.VERIFYING: pb.TRANSFER_STATE_VERIFYING,
-    TransferState.COMPLETE: pb.TRANSFER_STATE_COMPLETE,
-    TransferState.ALREADY_EXISTS: pb.TRANSFER_STATE_ALREADY_EXISTS,
-    TransferState.MOUNTED: pb.TRANSFER_STATE_MOUNTED,
-}
-COMMIT_STAGES = {
-    "resolving": pb.COMMIT_STAGE_RESOLVING,
-    "exporting": pb.COMMIT_STAGE_EXPORTING,
-    "writing": pb.COMMIT_STAGE_WRITING,
-}
-ARCHIVE_FORMATS = {
-    pb.ARCHIVE_FORMAT_UNSPECIFIED: "docker",
-    pb.ARCHIVE_FORMAT_DOCKER: "docker",
-    pb.ARCHIVE_FORMAT_OCI: "oci",
-}
 
 
 # --- conversions ------------------------------------------------------------------------------
@@ -116,12 +98,22 @@ def removal(result: Removal) -> pb.RemoveImageResponse:
 def layer_progress(event: LayerEvent) -> pb.LayerProgress:
     return pb.LayerProgress(
         digest=event.digest,
-        state=TRANSFER_STATES[event.state],
+        state=TRANSFER_STATES.value(event.state.name.lower()),
         current=event.current,
         total=event.total,
         config=event.config,
         mounted_from=event.mounted_from,
     )
+
+
+def archive_format(value: int) -> ArchiveFormat:
+    """The archive module's name ("docker", "oci") for a SaveImages format."""
+    name = ARCHIVE_FORMATS.name(value, "")
+    if not name:
+        raise InvalidArgument(
+            f"unknown archive format {value}: expected {' or '.join(ARCHIVE_FORMATS.names)}"
+        )
+    return "oci" if name == "oci-archive" else "docker"
 
 
 def credentials(message: pb.Credentials) -> Credentials:
@@ -194,7 +186,7 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
                 )
             else:
                 stage, text = item
-                yield pb.CommitContainerResponse(stage=COMMIT_STAGES[stage], message=text)
+                yield pb.CommitContainerResponse(stage=COMMIT_STAGES.value(stage), message=text)
 
     async def ImportImage(
         self, request_iterator: AsyncIterator[pb.ImportImageRequest], context: Context
@@ -220,7 +212,7 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         # Counted here, not in the core: a save is done when its last byte has been sent.
         try:
             total, chunks = await archive.save_images(
-                self.catalog, list(request.images), ARCHIVE_FORMATS[request.format]
+                self.catalog, list(request.images), archive_format(request.format)
             )
             first = True
             async for chunk in chunks:

@@ -28,6 +28,7 @@ from berth.client import RegistryClient
 from berthd.common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from berthd.common.oci.digest import hex_of
 from berthd.common.oci.manifest import Descriptor, ParsedManifest, parse_manifest
+from berthd.common.oci.platform import pick_platform
 from berthd.common.oci.reference import Reference, parse_reference
 from berthd.common.streaming import run_limited
 from berthd.image import metrics
@@ -41,7 +42,6 @@ from berthd.image.model import (
     LayerProgress,
     TransferState,
 )
-from berthd.node.layers import pick_platform
 
 PARALLEL_BLOBS = 3
 # Byte progress is reported about every 1% of a blob, and at least every this many bytes.

@@ -19,8 +19,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 from berth.client import RegistryClient
-from berthd.cluster.desired import NODE_LAYERS
 from berthd.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from berthd.common.state.nodes import NODE_LAYERS, NodeLayers, NodeRecord
 from berthd.common.store import Store
 from berthd.node import cgroups, diff, metrics
 from berthd.node.containers import ContainerManager
@@ -43,20 +43,6 @@ class StatsSample:
     memory_bytes: int
     memory_limit_bytes: int
     pids: int
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    id: str
-    address: str
-    labels: dict[str, str]
-    cpus: int
-    memory_bytes: int
-    version: str
-    runtime_version: str
-
-    def to_json(self) -> dict[str, object]:
-        return dict(self.__dict__)
 
 
 def host_memory_bytes() -> int:
@@ -90,10 +76,11 @@ class NodeAgent:
         self.address = ""
         self.runtime_version = ""
 
-    async def describe(self) -> NodeInfo:
+    async def describe(self) -> NodeRecord:
+        """This node as it registers itself (`nodes/<id>`) and answers GetNode."""
         if not self.runtime_version:
             self.runtime_version = await self.runtime.version()
-        return NodeInfo(
+        return NodeRecord(
             id=self.node_id,
             address=self.address,
             labels=self.labels,
@@ -130,7 +117,7 @@ class NodeAgent:
             return
         held = {layer.digest: layer.size for image in self.images.list() for layer in image.layers}
         try:
-            await self.store.put_json(NODE_LAYERS + self.node_id, held)
+            await NODE_LAYERS.put(self.store, self.node_id, NodeLayers(held))
         except Unavailable as exc:  # placement just loses locality until the next pull
             log.warning("cannot publish the node's layers: %s", exc)
 

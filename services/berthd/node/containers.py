@@ -2,8 +2,9 @@
 
 Each container runs under its own conmon, so it outlives the agent. The agent keeps a record per
 container on disk and a monitor task that notices exits (conmon's exit file), applies restart
-policies and reports each container's status to etcd (`containers/<id>/status`). An agent that
-starts finds every record again and adopts the containers, whatever happened while it was down.
+policies and reports each container's status to etcd (`containers/<id>/status`, a
+ContainerStatus of berthd.common.state.containers). An agent that starts finds every record
+again and adopts the containers, whatever happened while it was down.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from berthd.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from berthd.common.state.containers import STATUSES, ContainerStatus
 from berthd.common.store import Store
 from berthd.node import cgroups, metrics
 from berthd.node.layers import ImageStore, LayerStore
@@ -164,22 +166,21 @@ class ContainerManager:
     async def _report(self, record: ContainerRecord) -> None:
         if self.store is None:
             return
-        status = {
-            "node": self.node_id,
-            "name": record.name,
-            "state": record.state,
-            "pid": record.pid,
-            "exit_code": record.exit_code,
-            "oom_killed": record.oom_killed,
-            "started_at": record.started_at,
-            "finished_at": record.finished_at,
-            "restart_count": record.restart_count,
-            "error": record.error,
-            "image_digest": record.image_digest,
-            "updated_at": time.time(),
-        }
+        status = ContainerStatus(
+            node=self.node_id,
+            name=record.name,
+            state=record.state,
+            pid=record.pid,
+            exit_code=record.exit_code,
+            oom_killed=record.oom_killed,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+            restart_count=record.restart_count,
+            error=record.error,
+            image_digest=record.image_digest,
+        )
         try:
-            await self.store.put_json(f"containers/{record.id}/status", status)
+            await STATUSES.put(self.store, record.id, status)
         except Exception as exc:
             log.warning("cannot report status of %s: %s", record.id, exc)
 
@@ -544,7 +545,7 @@ class ContainerManager:
             await asyncio.to_thread(self._discard, record)
         if self.store is not None:
             with contextlib.suppress(Exception):
-                await self.store.delete(f"containers/{record.id}/status")
+                await STATUSES.delete(self.store, record.id)
         self._update_gauges()
 
     async def wait(self, ref: str) -> ContainerRecord:

@@ -12,19 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
-from berthd.cluster.desired import (
+from berthd.common.errors import BerthError, NotFound
+from berthd.common.state.containers import (
     CONTAINERS,
     MANAGED_LABEL,
     RUNNING,
+    STATUSES,
     STOPPED,
+    ContainerStatus,
     DesiredContainer,
-    status_key,
 )
-from berthd.common.errors import BerthError, NotFound
-from berthd.common.store import Store, encode
+from berthd.common.store import Store
 from berthd.node.containers import ContainerManager
 from berthd.node.records import EXITED
 from berthd.node.records import RUNNING as STATE_RUNNING
@@ -49,7 +49,7 @@ class Converger:
         # Containers whose status says why they could not be created, with the status as
         # written: no record owns it, so this converger deletes it (if it is still ours) once
         # the container is no longer assigned here.
-        self._failed: dict[str, bytes] = {}
+        self._failed: dict[str, ContainerStatus] = {}
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -64,17 +64,14 @@ class Converger:
         """Snapshot, reconcile, then follow the watch; start over if the watch breaks."""
         while True:
             try:
-                entries, revision = await self.store.snapshot(CONTAINERS)
+                records, revision = await CONTAINERS.snapshot(self.store)
                 self.desired = {}
-                for entry in entries:
-                    self._record(entry.key, entry.value)
+                for found in records:
+                    self._record(found.id, found.record)
                 retry = asyncio.create_task(self._reconcile_loop())
                 try:
-                    async for event in self.store.watch_prefix(CONTAINERS, revision + 1):
-                        if event.kind == "put":
-                            self._record(event.key, event.value)
-                        else:
-                            self.desired.pop(event.key[len(CONTAINERS) :], None)
+                    async for change in CONTAINERS.watch(self.store, revision + 1):
+                        self._record(change.id, change.record)
                         self._wake.set()
                 finally:
                     retry.cancel()
@@ -84,14 +81,9 @@ class Converger:
                 log.warning("desired-state watch failed, resynchronizing: %s", exc)
             await asyncio.sleep(RETRY_SECONDS)
 
-    def _record(self, key: str, value: bytes) -> None:
-        container_id = key[len(CONTAINERS) :]
-        try:
-            desired = DesiredContainer.from_json(value)
-        except (ValueError, KeyError, TypeError, BerthError) as exc:
-            log.error("ignoring unreadable desired state %s: %s", key, exc)
-            return
-        if desired.node == self.node_id:
+    def _record(self, container_id: str, desired: DesiredContainer | None) -> None:
+        """Follow one record (None: deleted); an unreadable one was skipped (and logged)."""
+        if desired is not None and desired.node == self.node_id:
             self.desired[container_id] = desired
         else:
             self.desired.pop(container_id, None)
@@ -128,32 +120,25 @@ class Converger:
         the same; a later success overwrites the status."""
         if desired.id in self.manager.records:
             return  # the record's own status (with its error) is reported by the manager
-        status = {
-            "node": self.node_id,
-            "name": desired.name,
-            "state": "",
-            "error": str(exc),
-            "updated_at": time.time(),
-        }
-        raw = encode(status)
+        status = ContainerStatus(node=self.node_id, name=desired.name, error=str(exc))
         try:
-            await self.store.put(status_key(desired.id), raw)
-            self._failed[desired.id] = raw
+            await STATUSES.put(self.store, desired.id, status)
+            self._failed[desired.id] = status
         except BerthError as failed:
             log.warning("cannot report it: %s", failed, extra={"container": desired.id})
 
     async def _forget_failures(self) -> None:
         """Failure statuses of containers that were created since (their record reports now)
         or are no longer assigned here (removed, or moved: nobody else would delete them)."""
-        for container_id, raw in list(self._failed.items()):
+        for container_id, status in list(self._failed.items()):
             if container_id in self.manager.records:
                 del self._failed[container_id]
             elif container_id not in self.desired:
-                key = status_key(container_id)
                 # Only our own words: the node it moved to may have reported already.
                 with contextlib.suppress(BerthError):
                     await self.store.txn(
-                        [self.store.value_is(key, raw)], [self.store.op_delete(key)]
+                        [STATUSES.value_is(self.store, container_id, status)],
+                        [STATUSES.op_delete(self.store, container_id)],
                     )
                     del self._failed[container_id]
 

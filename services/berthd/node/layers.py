@@ -25,7 +25,6 @@ import ctypes
 import errno
 import json
 import os
-import platform
 import re
 import secrets
 import shutil
@@ -57,6 +56,7 @@ from berthd.common.oci.manifest import (
     parse_image_config,
     parse_manifest,
 )
+from berthd.common.oci.platform import pick_platform
 from berthd.common.oci.reference import (
     Reference,
     is_digest,
@@ -79,8 +79,6 @@ _HEX64_RE = re.compile(r"[a-f0-9]{64}")
 _HEX_PREFIX_RE = re.compile(r"[a-f0-9]{1,64}")
 # Byte progress from worker threads is sent at most this often (plus the final figure).
 _PROGRESS_INTERVAL = 0.1
-# platform.machine() names to OCI architecture names.
-_OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
 _LIBC = ctypes.CDLL(None, use_errno=True)  # for syncfs(2), which the os module lacks
 
 
@@ -688,27 +686,3 @@ class _Pull:
             self.loop.call_soon_threadsafe(self.progress, event)
 
         return report
-
-
-def host_platform() -> tuple[str, str]:
-    """(os, architecture) of this host as OCI names them."""
-    machine = platform.machine()
-    return "linux", _OCI_ARCH.get(machine, machine)
-
-
-def pick_platform(index: ParsedManifest, what: str = "") -> Descriptor:
-    """The index entry for this host's os/architecture; `what` (a reference) prefixes the
-    error."""
-    os_name, arch = host_platform()
-    for entry in index.manifests:
-        p = entry.platform or {}
-        if p.get("os") == os_name and p.get("architecture") == arch:
-            return entry
-    offered = sorted(
-        {f"{e.platform['os']}/{e.platform['architecture']}" for e in index.manifests if e.platform}
-    )
-    prefix = f"{what}: " if what else ""
-    raise NotFound(
-        f"{prefix}the image index has no {os_name}/{arch} image "
-        f"(it has: {', '.join(offered) or 'none'})"
-    )

@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
+from berthd.common.timestamps import parse_rfc3339
+
 POLL_INTERVAL = 0.1
 _READ_CHUNK = 1 << 20
 STREAMS = ("stdout", "stderr")
@@ -30,22 +32,6 @@ class LogRecord:
     time: datetime  # when conmon read the (first part of the) line, UTC, microsecond precision
     stream: str  # "stdout" or "stderr"
     data: bytes  # the line with its "\n", or output that did not end with a newline
-
-
-def parse_rfc3339(text: str) -> datetime:
-    """RFC 3339 with up to nanoseconds (conmon, runc) -> UTC datetime (microseconds kept)."""
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    dot = text.find(".")
-    if dot != -1:
-        end = dot + 1
-        while end < len(text) and text[end].isdigit():
-            end += 1
-        # datetime holds microseconds: keep at most 6 digits of the fraction.
-        text = text[: dot + 1] + text[dot + 1 : end][:6] + text[end:]
-    parsed = datetime.fromisoformat(text)
-    # conmon writes local time with its offset; one zone makes records comparable.
-    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 class _Parser:

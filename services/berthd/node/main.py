@@ -13,7 +13,8 @@ from berth.node.v1 import node_pb2, node_pb2_grpc
 from berthd.common.config import add_common_flags, add_flag, add_peer_flag, service_config
 from berthd.common.endpoints import service_address
 from berthd.common.server import run_server
-from berthd.common.store import Store, encode
+from berthd.common.state.nodes import NODES
+from berthd.common.store import Store
 from berthd.node.agent import NodeAgent, default_node_id
 from berthd.node.containers import ContainerManager
 from berthd.node.converge import Converger
@@ -117,7 +118,7 @@ async def run(args: argparse.Namespace) -> None:
         await converger.start()
         await agent.publish_layers()
         info = await agent.describe()
-        return {f"nodes/{args.node_id}": encode(info.to_json())}
+        return {NODES.key(args.node_id): info.encode()}
 
     async def on_stop() -> None:
         # Containers keep running under their conmon; the next agent adopts them.

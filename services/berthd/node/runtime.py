@@ -42,8 +42,8 @@ from berthd.common.errors import (
     NotFound,
     Unavailable,
 )
+from berthd.common.timestamps import parse_rfc3339
 from berthd.node import cgroups
-from berthd.node.logs import parse_rfc3339
 
 # runc's own rule for container ids; it also keeps ids safe as file names in the exit dir.
 _ID = re.compile(r"^[\w+\-.]+$")
@@ -153,6 +153,9 @@ class Runtime:
                     env={**os.environ, "_OCI_SYNCPIPE": str(write_fd)},
                     pass_fds=(write_fd,),
                     start_new_session=True,
+                    # conmon also writes an `oom` file into its working directory; keep it in
+                    # the container's own directory, not wherever the agent was started.
+                    cwd=persist_dir,
                 )
             finally:
                 os.close(write_fd)  # conmon holds the only write end now: EOF if it dies

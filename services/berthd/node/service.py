@@ -10,107 +10,25 @@ from datetime import UTC
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from berth.enums.containers import LOG_STREAMS
+from berth.enums.node import CHANGE_KINDS, LAYER_STATES
 from berth.node.v1 import node_pb2 as pb
 from berth.node.v1 import node_pb2_grpc
-from berth.types.v1 import types_pb2
+from berth.types.v1 import container_pb2, node_pb2, types_pb2
+from berthd.common.container_messages import (
+    config_from_spec,
+    container_status,
+    spec_from_config,
+    state_filter,
+)
 from berthd.common.errors import InvalidArgument
 from berthd.common.messages import timestamp
 from berthd.common.streaming import Done, progress_stream
 from berthd.node.agent import NodeAgent
 from berthd.node.layers import ImageRecord
 from berthd.node.records import ContainerRecord
-from berthd.node.spec import ContainerConfig, MountSpec
 
 Context = grpc.aio.ServicerContext
-
-LAYER_STATES = {
-    "waiting": pb.LAYER_STATE_WAITING,
-    "downloading": pb.LAYER_STATE_DOWNLOADING,
-    "verifying": pb.LAYER_STATE_VERIFYING,
-    "extracting": pb.LAYER_STATE_EXTRACTING,
-    "pull_complete": pb.LAYER_STATE_PULL_COMPLETE,
-    "already_exists": pb.LAYER_STATE_ALREADY_EXISTS,
-}
-CONTAINER_STATES = {
-    "created": pb.CONTAINER_STATE_CREATED,
-    "running": pb.CONTAINER_STATE_RUNNING,
-    "exited": pb.CONTAINER_STATE_EXITED,
-    "restarting": pb.CONTAINER_STATE_RESTARTING,
-}
-RESTART_POLICIES = {
-    pb.RESTART_POLICY_NAME_UNSPECIFIED: "no",
-    pb.RESTART_POLICY_NAME_NO: "no",
-    pb.RESTART_POLICY_NAME_ON_FAILURE: "on-failure",
-    pb.RESTART_POLICY_NAME_ALWAYS: "always",
-}
-NETWORK_MODES = {
-    pb.NETWORK_MODE_UNSPECIFIED: "none",
-    pb.NETWORK_MODE_NONE: "none",
-    pb.NETWORK_MODE_HOST: "host",
-}
-RESTART_NAMES = {
-    "no": pb.RESTART_POLICY_NAME_NO,
-    "on-failure": pb.RESTART_POLICY_NAME_ON_FAILURE,
-    "always": pb.RESTART_POLICY_NAME_ALWAYS,
-}
-NETWORK_NAMES = {"none": pb.NETWORK_MODE_NONE, "host": pb.NETWORK_MODE_HOST}
-CHANGE_KINDS = {"A": pb.CHANGE_KIND_ADDED, "C": pb.CHANGE_KIND_CHANGED, "D": pb.CHANGE_KIND_DELETED}
-
-
-def reverse(mapping: dict) -> dict:
-    return {v: k for k, v in mapping.items()}
-
-
-def config_from_spec(spec: pb.ContainerSpec) -> ContainerConfig:
-    res = spec.resources
-    return ContainerConfig(
-        image=spec.image,
-        name=spec.name,
-        entrypoint=list(spec.entrypoint),
-        command=list(spec.command),
-        env=list(spec.env),
-        working_dir=spec.working_dir,
-        user=spec.user,
-        hostname=spec.hostname,
-        labels=dict(spec.labels),
-        mounts=[MountSpec(m.source, m.target, m.read_only) for m in spec.mounts],
-        read_only_rootfs=spec.read_only_rootfs,
-        memory_bytes=res.memory_bytes,
-        cpu_millis=res.cpu_millis,
-        cpu_shares=res.cpu_shares,
-        pids_limit=res.pids_limit,
-        restart_policy=RESTART_POLICIES[spec.restart_policy.name],
-        restart_max_retries=spec.restart_policy.max_retries,
-        network_mode=NETWORK_MODES[spec.network_mode],
-    )
-
-
-def spec_from_config(config: ContainerConfig) -> pb.ContainerSpec:
-    return pb.ContainerSpec(
-        image=config.image,
-        name=config.name,
-        entrypoint=config.entrypoint,
-        command=config.command,
-        env=config.env,
-        working_dir=config.working_dir,
-        user=config.user,
-        hostname=config.hostname,
-        labels=config.labels,
-        mounts=[
-            pb.Mount(source=m.source, target=m.target, read_only=m.read_only) for m in config.mounts
-        ],
-        read_only_rootfs=config.read_only_rootfs,
-        resources=pb.Resources(
-            memory_bytes=config.memory_bytes,
-            cpu_millis=config.cpu_millis,
-            cpu_shares=config.cpu_shares,
-            pids_limit=config.pids_limit,
-        ),
-        restart_policy=pb.RestartPolicy(
-            name=RESTART_NAMES[config.restart_policy], max_retries=config.restart_max_retries
-        ),
-        network_mode=NETWORK_NAMES[config.network_mode],
-    )
 
 
 def container(record: ContainerRecord) -> pb.Container:
@@ -119,14 +37,14 @@ def container(record: ContainerRecord) -> pb.Container:
         name=record.name,
         spec=spec_from_config(record.config),
         image_digest=record.image_digest,
-        status=pb.ContainerStatus(
-            state=CONTAINER_STATES[record.state],
+        status=container_status(
+            record.state,
             pid=record.pid,
             exit_code=record.exit_code,
             oom_killed=record.oom_killed,
-            created_at=timestamp(record.created_at),
-            started_at=timestamp(record.started_at),
-            finished_at=timestamp(record.finished_at),
+            created_at=record.created_at,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
             restart_count=record.restart_count,
             error=record.error,
         ),
@@ -155,7 +73,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def GetNode(self, request: pb.GetNodeRequest, context: Context) -> pb.GetNodeResponse:
         info = await self.agent.describe()
         return pb.GetNodeResponse(
-            node=pb.Node(
+            node=node_pb2.NodeDescription(
                 id=info.id,
                 address=info.address,
                 labels=info.labels,
@@ -175,7 +93,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             else:
                 yield pb.PullImageResponse(
                     layer=item.layer_digest,
-                    state=LAYER_STATES[item.state],
+                    state=LAYER_STATES.value(item.state),
                     current=item.current,
                     total=item.total,
                 )
@@ -229,7 +147,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             all=request.all,
             labels=dict(request.labels),
             name=request.name,
-            state=reverse(CONTAINER_STATES).get(request.state, ""),
+            state=state_filter(request.state),
         )
         return pb.ListContainersResponse(containers=[container(r) for r in records])
 
@@ -254,7 +172,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             ts.FromDatetime(line.time)
             yield pb.ContainerLogsResponse(
                 time=ts,
-                stream=pb.LOG_STREAM_STDERR if line.stream == "stderr" else pb.LOG_STREAM_STDOUT,
+                stream=LOG_STREAMS.value(line.stream, container_pb2.LOG_STREAM_STDOUT),
                 data=line.data,
             )
 
@@ -319,12 +237,14 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     ) -> AsyncIterator[pb.ContainerStatsResponse]:
         async for sample in self.agent.stats(request.container, request.stream):
             yield pb.ContainerStatsResponse(
-                time=timestamp(sample.time),
-                cpu_nanos=sample.cpu_nanos,
-                cpu_percent=sample.cpu_percent,
-                memory_bytes=sample.memory_bytes,
-                memory_limit_bytes=sample.memory_limit_bytes,
-                pids=sample.pids,
+                sample=container_pb2.ContainerStats(
+                    time=timestamp(sample.time),
+                    cpu_nanos=sample.cpu_nanos,
+                    cpu_percent=sample.cpu_percent,
+                    memory_bytes=sample.memory_bytes,
+                    memory_limit_bytes=sample.memory_limit_bytes,
+                    pids=sample.pids,
+                )
             )
 
     async def ContainerChanges(
@@ -332,7 +252,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     ) -> pb.ContainerChangesResponse:
         changes = await self.agent.changes(request.container)
         return pb.ContainerChangesResponse(
-            changes=[pb.Change(path=path, kind=CHANGE_KINDS[kind]) for path, kind in changes]
+            changes=[pb.Change(path=path, kind=CHANGE_KINDS.value(kind)) for path, kind in changes]
         )
 
     async def ExportLayer(

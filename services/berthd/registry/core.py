@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from berthd.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from berthd.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from berthd.common.oci.digest import digest_bytes, parse_digest
 from berthd.common.oci.manifest import parse_manifest
 from berthd.common.oci.reference import (
@@ -21,9 +21,16 @@ from berthd.common.oci.reference import (
     validate_repository,
     validate_tag,
 )
+from berthd.common.store import RevisionCompacted
 from berthd.registry import metrics
 from berthd.registry.blobstore import READ_CHUNK_BYTES, BlobStat, BlobStore, UploadInfo
-from berthd.registry.metadata import ManifestRecord, Metadata, RepoRecord, TagRecord
+from berthd.registry.metadata import (
+    ListedManifest,
+    ManifestRecord,
+    Metadata,
+    RepoRecord,
+    TagRecord,
+)
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
@@ -63,6 +70,30 @@ def decode_token(token: str) -> str | None:
     if not last:
         raise InvalidArgument(f"invalid page token {token!r}")
     return last
+
+
+def encode_manifest_token(revision: int, last: ListedManifest) -> str:
+    """ListManifests' token: the etcd revision every page is read at, and the last entry."""
+    return encode_token(f"{revision}:{last.key}")
+
+
+def decode_manifest_token(token: str, repository: str) -> tuple[int, str | None]:
+    """(revision, `<repo>@<digest>` to continue after), or (0, None) for a first page. A token
+    must come from a listing of the same repository filter."""
+    text = decode_token(token)
+    if text is None:
+        return 0, None
+    revision, _, last = text.partition(":")
+    repo, _, digest = last.rpartition("@")
+    if (
+        not revision.isdigit()
+        or int(revision) <= 0
+        or not repo
+        or not is_digest(digest)
+        or (repository and repo != repository)
+    ):
+        raise InvalidArgument(f"invalid page token {token!r} for this listing")
+    return int(revision), last
 
 
 class Registry:
@@ -226,6 +257,34 @@ class Registry:
         records = await self.meta.list_repos(decode_token(token), limit)
         next_token = encode_token(records[-1].name) if len(records) == limit else ""
         return records, next_token
+
+    async def list_manifests(
+        self, repository: str, size: int, token: str
+    ) -> tuple[list[ListedManifest], str]:
+        """A page of manifests of one repository (or all), in `<repository>@<digest>` order.
+        Every page of a listing is read at the etcd revision of its first page, so the pages
+        together are one consistent view; once etcd has compacted that revision away, the
+        listing must start over (ABORTED)."""
+        if repository:
+            validate_repository(repository)
+        limit = page_size(size)
+        revision, after = decode_manifest_token(token, repository)
+        try:
+            page = await self.meta.list_manifests(repository or None, after, limit, revision)
+            if (
+                repository
+                and not page.entries
+                and after is None
+                and not await self.meta.repo_exists_at(repository, page.revision)
+            ):
+                raise NotFound(f"repository {repository} not found")
+        except RevisionCompacted as exc:
+            raise Aborted(
+                f"the listing's view of the registry (etcd revision {revision}) has been "
+                "compacted away; list again from the first page"
+            ) from exc
+        next_token = encode_manifest_token(page.revision, page.entries[-1]) if page.more else ""
+        return page.entries, next_token
 
     async def get_repository(self, repository: str) -> RepoRecord:
         validate_repository(repository)

@@ -15,12 +15,13 @@ registry processes serve the same content.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from berthd.common.errors import Aborted, NotFound
-from berthd.common.store import Op, Store, encode
+from berthd.common.store import Entry, Op, Store, encode, prefix_end
 
 REPOS = "registry/repos/"
 TAGS = "registry/tags/"
@@ -92,6 +93,35 @@ class TagRecord:
     name: str
     digest: str
     pushed_at: float
+
+
+@dataclass(frozen=True)
+class ListedManifest:
+    """A manifest in one repository, with the tags of that repository naming it."""
+
+    repository: str
+    record: ManifestRecord
+    tags: tuple[TagRecord, ...]
+
+    @property
+    def key(self) -> str:
+        """`<repository>@<digest>`: the listing's order, and where a next page starts."""
+        return f"{self.repository}@{self.record.digest}"
+
+
+@dataclass(frozen=True)
+class ManifestPage:
+    entries: list[ListedManifest]
+    # etcd revision every record of the page was read at
+    revision: int
+    # whether manifests remain after the page
+    more: bool
+
+
+def manifest_record(digest: str, data: dict[str, Any]) -> ManifestRecord:
+    return ManifestRecord(
+        digest, data["media_type"], data["size"], tuple(data["references"]), data["created_at"]
+    )
 
 
 class Metadata:
@@ -189,11 +219,7 @@ class Metadata:
 
     async def get_manifest(self, repo: str, digest: str) -> ManifestRecord | None:
         data = await self.store.get_json(manifest_key(repo, digest))
-        if data is None:
-            return None
-        return ManifestRecord(
-            digest, data["media_type"], data["size"], tuple(data["references"]), data["created_at"]
-        )
+        return manifest_record(digest, data) if data is not None else None
 
     async def get_tag(self, repo: str, tag: str) -> TagRecord | None:
         data = await self.store.get_json(tag_key(repo, tag))
@@ -241,20 +267,54 @@ class Metadata:
         result = []
         async for entry in self.store.iterate(MANIFESTS):
             repo, digest = split_child_key(entry.key, MANIFESTS)
-            data = entry.json()
-            result.append(
-                (
-                    repo,
-                    ManifestRecord(
-                        digest,
-                        data["media_type"],
-                        data["size"],
-                        tuple(data["references"]),
-                        data["created_at"],
-                    ),
-                )
-            )
+            result.append((repo, manifest_record(digest, entry.json())))
         return result
+
+    async def list_manifests(
+        self, repo: str | None, after: str | None, limit: int, revision: int = 0
+    ) -> ManifestPage:
+        """Up to `limit` manifests of `repo` (None: every repository) in `<repo>@<digest>`
+        order after the key `after`, each with its tags, all read at `revision` (0: now).
+
+        Two kinds of range read: one for the manifests, then the tags of the repositories
+        the page spans (in batches), at the same revision, so tags and manifests agree.
+        Tag keys sort by repository exactly as manifest keys do, so that range holds the
+        page's repositories and no other with tags."""
+        prefix = f"{MANIFESTS}{repo}@" if repo else MANIFESTS
+        start = f"{MANIFESTS}{after}\0" if after else prefix
+        page = await self.store.range(start, prefix_end(prefix), limit=limit, revision=revision)
+        manifests = [(*split_child_key(e.key, MANIFESTS), e.json()) for e in page.entries]
+        tags: dict[tuple[str, str], list[TagRecord]] = defaultdict(list)
+        if manifests:
+            first, last = manifests[0][0], manifests[-1][0]
+            span = self._range_all(tag_key(first, ""), prefix_end(tag_key(last, "")), page.revision)
+            async for entry in span:
+                tag_repo, name = split_child_key(entry.key, TAGS)
+                data = entry.json()
+                tags[tag_repo, data["digest"]].append(
+                    TagRecord(name, data["digest"], data["pushed_at"])
+                )
+        entries = [
+            ListedManifest(r, manifest_record(d, data), tuple(tags.get((r, d), ())))
+            for r, d, data in manifests
+        ]
+        return ManifestPage(entries, page.revision, page.more)
+
+    async def repo_exists_at(self, repo: str, revision: int) -> bool:
+        page = await self.store.range(repo_key(repo), repo_key(repo) + "\0", revision=revision)
+        return bool(page.entries)
+
+    async def _range_all(
+        self, start: str, end: str, revision: int, batch: int = 500
+    ) -> AsyncIterator[Entry]:
+        """Every key in [start, end) at `revision`, in batches that keep each reply small."""
+        while True:
+            page = await self.store.range(start, end, limit=batch, revision=revision)
+            for entry in page.entries:
+                yield entry
+            if not page.more or not page.entries:
+                return
+            start = page.entries[-1].key + "\0"
 
     # Blob links -------------------------------------------------------------------
 

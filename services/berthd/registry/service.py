@@ -18,7 +18,7 @@ from berthd.common.messages import timestamp
 from berthd.registry import gc, metrics
 from berthd.registry.blobstore import BlobStat
 from berthd.registry.core import Registry
-from berthd.registry.metadata import RepoRecord
+from berthd.registry.metadata import ListedManifest, RepoRecord, TagRecord
 
 Context = grpc.aio.ServicerContext
 
@@ -35,6 +35,23 @@ def repository(record: RepoRecord) -> pb.Repository:
         tag_count=record.tag_count,
         created_at=timestamp(record.created_at),
         last_push_at=timestamp(record.last_push_at),
+    )
+
+
+def tag(record: TagRecord) -> pb.Tag:
+    return pb.Tag(name=record.name, digest=record.digest, pushed_at=timestamp(record.pushed_at))
+
+
+def manifest_entry(entry: ListedManifest) -> pb.ManifestEntry:
+    record = entry.record
+    return pb.ManifestEntry(
+        repository=entry.repository,
+        digest=record.digest,
+        media_type=record.media_type,
+        size=record.size,
+        references=record.references,
+        tags=[tag(t) for t in entry.tags],
+        pushed_at=timestamp(record.created_at),
     )
 
 
@@ -177,11 +194,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         tags, token = await self.registry.list_tags(
             request.repository, request.page_size, request.page_token
         )
-        return pb.ListTagsResponse(
-            tags=[
-                pb.Tag(name=t.name, digest=t.digest, pushed_at=timestamp(t.pushed_at)) for t in tags
-            ],
-            next_page_token=token,
+        return pb.ListTagsResponse(tags=[tag(t) for t in tags], next_page_token=token)
+
+    async def ListManifests(
+        self, request: pb.ListManifestsRequest, context: Context
+    ) -> pb.ListManifestsResponse:
+        entries, token = await self.registry.list_manifests(
+            request.repository, request.page_size, request.page_token
+        )
+        return pb.ListManifestsResponse(
+            manifests=[manifest_entry(e) for e in entries], next_page_token=token
         )
 
     async def DeleteTag(

@@ -15,9 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from berth.client.image import Credentials, is_registry_host
+from berth.client.image import Credentials
 from berth.errors import BerthClientError
 from berth.files import atomic_write
+from berth.reference import is_registry_host
 
 # Docker Hub goes by several names; Docker's own config files use the index's.
 _HUB = "index.docker.io"

@@ -38,6 +38,7 @@ from berth.cli.registry_cmds import format_options, parse_label
 from berth.client.cluster import ClusterClient, ClusterContainer, Placement
 from berth.client.node import ContainerInfo, NodeClient, RunOptions
 from berth.config import HOST_HELP, resolve_target
+from berth.enums.containers import CONTAINER_STATES, NETWORK_MODES, RESTART_POLICIES
 from berth.errors import BerthClientError
 
 Client = NodeClient | ClusterClient
@@ -46,7 +47,7 @@ Client = NodeClient | ClusterClient
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?) ?([kmgtp]?)i?b?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
 FILTER_KEYS = ("label", "name", "status")
-STATES = ("created", "running", "exited", "restarting")
+STATES = CONTAINER_STATES.names
 COMMAND_WIDTH = 20  # what `docker ps` keeps of COMMAND without --no-trunc
 SHORT_ID = 12
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Docker's inspect for a time that never happened
@@ -90,7 +91,7 @@ def parse_cpus(text: str) -> int:
 def parse_restart(text: str) -> tuple[str, int]:
     """Docker's --restart: no, always, on-failure or on-failure:N, as (policy, max retries)."""
     name, sep, count = text.partition(":")
-    if name not in ("no", "always", "on-failure"):
+    if name not in RESTART_POLICIES.names:
         raise argparse.ArgumentTypeError(
             f'invalid restart policy "{text}": use no, on-failure[:N] or always'
         )
@@ -402,7 +403,7 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
     add("-u", "--user", help="uid[:gid] or user name")
     add("--hostname", help="host name (default: the short id)")
     add("--read-only", action="store_true", help="mount the root filesystem read-only")
-    add("--network", choices=("none", "host"), default="none", help="network mode (none)")
+    add("--network", choices=NETWORK_MODES.names, default="none", help="network mode (none)")
     add(
         "-l",
         "--label",

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import grpc
 
@@ -27,6 +27,7 @@ from berth.builder.v1 import builder_pb2_grpc
 from berth.client.base import GrpcClient
 from berth.client.containers import time_of
 from berth.dockerignore import DEFAULT_DOCKERFILE, Matcher, context_matcher, walk_context
+from berth.enums.builder import STEP_STATUSES
 from berth.errors import BerthClientError
 
 CHUNK_SIZE = 1024 * 1024
@@ -34,12 +35,6 @@ QUEUE_DEPTH = 4  # chunks made ahead of gRPC: the tar thread never runs far ahea
 PRUNE_TIMEOUT = 600.0  # pruning a large cache deletes many keys
 
 StepStatus = Literal["", "RUNNING", "CACHED", "DONE", "FAILED"]
-STATUSES: dict[int, StepStatus] = {
-    pb.STEP_STATUS_RUNNING: "RUNNING",
-    pb.STEP_STATUS_CACHED: "CACHED",
-    pb.STEP_STATUS_DONE: "DONE",
-    pb.STEP_STATUS_FAILED: "FAILED",
-}
 
 
 # --- what goes in and comes out -----------------------------------------------------------
@@ -130,7 +125,7 @@ def _step(e: pb.StepEvent) -> StepEvent:
         stage=e.stage,
         instruction=e.instruction,
         line=e.line,
-        status=STATUSES.get(e.status, ""),
+        status=cast(StepStatus, STEP_STATUSES.name(e.status, "")),
         output=e.output,
         layer=e.layer,
         duration=e.duration.ToTimedelta().total_seconds() if e.HasField("duration") else None,

@@ -25,33 +25,15 @@ from berth.client.containers import (
 )
 from berth.cluster.v1 import cluster_pb2 as pb
 from berth.cluster.v1 import cluster_pb2_grpc
+from berth.enums.cluster import (
+    AVAILABILITIES,
+    DESIRED_STATES,
+    ENDPOINT_KINDS,
+    EVENT_TYPES,
+    NODE_STATES,
+    UPDATE_STATES,
+)
 from berth.errors import BerthClientError
-
-NODE_STATES = {pb.NODE_STATE_READY: "ready", pb.NODE_STATE_NOT_READY: "down"}
-AVAILABILITIES = {
-    pb.NODE_AVAILABILITY_ACTIVE: "active",
-    pb.NODE_AVAILABILITY_CORDONED: "cordoned",
-    pb.NODE_AVAILABILITY_DRAINED: "drained",
-}
-DESIRED_STATES = {pb.DESIRED_STATE_RUNNING: "running", pb.DESIRED_STATE_STOPPED: "stopped"}
-UPDATE_STATES = {
-    pb.UPDATE_STATE_UPDATING: "updating",
-    pb.UPDATE_STATE_COMPLETED: "completed",
-    pb.UPDATE_STATE_PAUSED: "paused",
-}
-ENDPOINT_KINDS = {
-    pb.ENDPOINT_KIND_REGISTRY: "registry",
-    pb.ENDPOINT_KIND_IMAGE: "image",
-    pb.ENDPOINT_KIND_BUILDER: "builder",
-    pb.ENDPOINT_KIND_NODE: "node",
-    pb.ENDPOINT_KIND_CLUSTER: "cluster",
-}
-# EVENT_TYPE_CONTAINER_STARTED is "container_started", and so on.
-EVENT_TYPES = {
-    value: name.removeprefix("EVENT_TYPE_").lower()
-    for name, value in pb.EventType.items()
-    if value != pb.EVENT_TYPE_UNSPECIFIED
-}
 
 
 @dataclass(frozen=True)
@@ -157,14 +139,14 @@ def _resources(r: pb.ResourceAmounts) -> Resources:
     return Resources(r.cpu_millis, r.memory_bytes)
 
 
-def _node(n: pb.Node) -> NodeInfo:
+def node_info(n: pb.Node) -> NodeInfo:
     d = n.description
     return NodeInfo(
         id=d.id,
         address=d.address,
         labels=dict(d.labels),
-        state=NODE_STATES.get(n.state, "unknown"),
-        availability=AVAILABILITIES.get(n.availability, "unknown"),
+        state=NODE_STATES.name(n.state, "unknown"),
+        availability=AVAILABILITIES.name(n.availability, "unknown"),
         capacity=_resources(n.capacity),
         allocated=_resources(n.allocated),
         container_count=n.container_count,
@@ -175,7 +157,7 @@ def _node(n: pb.Node) -> NodeInfo:
     )
 
 
-def _container(c: pb.Container) -> ClusterContainer:
+def cluster_container(c: pb.Container) -> ClusterContainer:
     fields = container_fields(c)
     if not c.HasField("status") or not c.status.state:
         fields["state"] = "pending"  # placed; its node has not created it yet (pulling)
@@ -184,7 +166,7 @@ def _container(c: pb.Container) -> ClusterContainer:
     return ClusterContainer(
         **fields,
         node_id=c.node_id,
-        desired_state=DESIRED_STATES.get(c.desired_state, "unknown"),
+        desired_state=DESIRED_STATES.name(c.desired_state, "unknown"),
         service_id=c.service_id,
         slot=c.slot,
         placement=_placement(c.placement),
@@ -200,7 +182,7 @@ def _service(s: pb.Service) -> ServiceInfo:
         replicas=s.spec.replicas,
         running_replicas=s.running_replicas,
         version=s.version,
-        update_state=UPDATE_STATES.get(s.update_state, ""),
+        update_state=UPDATE_STATES.name(s.update_state, ""),
         update_message=s.update_message,
         template=run_options(s.spec.template),
         placement=_placement(s.spec.placement),
@@ -212,7 +194,7 @@ def _service(s: pb.Service) -> ServiceInfo:
 
 def _event(e: pb.EventsResponse) -> Event:
     return Event(
-        type=EVENT_TYPES.get(e.type, "unknown"),
+        type=EVENT_TYPES.name(e.type, "unknown"),
         time=time_of(e, "time"),
         node_id=e.node_id,
         container_id=e.container_id,
@@ -274,20 +256,22 @@ class ClusterClient(ContainerStreams, GrpcClient):
 
     def nodes(self, labels: dict[str, str] | None = None) -> list[NodeInfo]:
         reply = self._call(self._stub.ListNodes, pb.ListNodesRequest(labels=labels or {}))
-        return [_node(n) for n in reply.nodes]
+        return [node_info(n) for n in reply.nodes]
 
     def node(self, node_id: str) -> NodeInfo:
-        return _node(self._call(self._stub.InspectNode, pb.InspectNodeRequest(node=node_id)).node)
+        return node_info(
+            self._call(self._stub.InspectNode, pb.InspectNodeRequest(node=node_id)).node
+        )
 
     def cordon(self, node_id: str) -> NodeInfo:
-        return _node(self._call(self._stub.CordonNode, pb.CordonNodeRequest(node=node_id)).node)
+        return node_info(self._call(self._stub.CordonNode, pb.CordonNodeRequest(node=node_id)).node)
 
     def drain(self, node_id: str) -> NodeInfo:
-        return _node(self._call(self._stub.DrainNode, pb.DrainNodeRequest(node=node_id)).node)
+        return node_info(self._call(self._stub.DrainNode, pb.DrainNodeRequest(node=node_id)).node)
 
     def activate(self, node_id: str) -> NodeInfo:
         request = pb.ActivateNodeRequest(node=node_id)
-        return _node(self._call(self._stub.ActivateNode, request).node)
+        return node_info(self._call(self._stub.ActivateNode, request).node)
 
     # Containers -------------------------------------------------------------------------
 
@@ -299,7 +283,7 @@ class ClusterClient(ContainerStreams, GrpcClient):
         request = pb.RunContainerRequest(
             spec=container_spec(image, options), placement=_placement_message(placement)
         )
-        return _container(self._call(self._stub.RunContainer, request).container)
+        return cluster_container(self._call(self._stub.RunContainer, request).container)
 
     def list(
         self,
@@ -313,21 +297,23 @@ class ClusterClient(ContainerStreams, GrpcClient):
         request = pb.ListContainersRequest(
             all=all, labels=labels or {}, name=name, node_id=node_id, service=service
         )
-        return [_container(c) for c in self._call(self._stub.ListContainers, request).containers]
+        return [
+            cluster_container(c) for c in self._call(self._stub.ListContainers, request).containers
+        ]
 
     def inspect(self, container: str) -> ClusterContainer:
         request = pb.InspectContainerRequest(container=container)
-        return _container(self._call(self._stub.InspectContainer, request).container)
+        return cluster_container(self._call(self._stub.InspectContainer, request).container)
 
     def start(self, container: str) -> ClusterContainer:
         request = pb.StartContainerRequest(container=container)
-        return _container(self._call(self._stub.StartContainer, request).container)
+        return cluster_container(self._call(self._stub.StartContainer, request).container)
 
     def stop(self, container: str, timeout: int = 0) -> ClusterContainer:
         request = pb.StopContainerRequest(container=container, timeout_seconds=timeout)
         # The cluster waits for the node to stop it: the grace time plus a margin.
         reply = self._call(self._stub.StopContainer, request, timeout=(timeout or 10) + 30)
-        return _container(reply.container)
+        return cluster_container(reply.container)
 
     def remove(self, container: str, force: bool = False) -> None:
         request = pb.RemoveContainerRequest(container=container, force=force)
@@ -368,7 +354,7 @@ class ClusterClient(ContainerStreams, GrpcClient):
 
     def service_ps(self, service: str, all: bool = False) -> list[ClusterContainer]:
         request = pb.ServicePsRequest(service=service, all=all)
-        return [_container(c) for c in self._call(self._stub.ServicePs, request).containers]
+        return [cluster_container(c) for c in self._call(self._stub.ServicePs, request).containers]
 
     def scale(self, service: str, replicas: int) -> ServiceInfo:
         request = pb.ScaleServiceRequest(service=service, replicas=replicas)
@@ -410,15 +396,14 @@ class ClusterClient(ContainerStreams, GrpcClient):
     # Discovery and events ---------------------------------------------------------------
 
     def endpoints(self, kinds: Iterable[str] = ()) -> list[EndpointInfo]:
-        by_name = {name: value for value, name in ENDPOINT_KINDS.items()}
-        unknown = [k for k in kinds if k not in by_name]
+        unknown = [k for k in kinds if k not in ENDPOINT_KINDS]
         if unknown:
             raise BerthClientError(f"unknown endpoint kind {unknown[0]!r}", "INVALID_ARGUMENT")
-        request = pb.GetEndpointsRequest(kinds=[by_name[k] for k in kinds])
+        request = pb.GetEndpointsRequest(kinds=[ENDPOINT_KINDS.value(k) for k in kinds])
         reply = self._call(self._stub.GetEndpoints, request)
         return [
             EndpointInfo(
-                ENDPOINT_KINDS.get(e.kind, "unknown"),
+                ENDPOINT_KINDS.name(e.kind, "unknown"),
                 e.instance,
                 e.address,
                 e.metrics_url,
@@ -436,12 +421,14 @@ class ClusterClient(ContainerStreams, GrpcClient):
         service: str = "",
     ) -> Iterator[Event]:
         """Cluster events as they happen, until the caller stops iterating."""
-        by_name = {name: value for value, name in EVENT_TYPES.items()}
-        unknown = [t for t in types if t not in by_name]
+        unknown = [t for t in types if t not in EVENT_TYPES]
         if unknown:
             raise BerthClientError(f"unknown event type {unknown[0]!r}", "INVALID_ARGUMENT")
         request = pb.EventsRequest(
-            types=[by_name[t] for t in types], node_id=node_id, container=container, service=service
+            types=[EVENT_TYPES.value(t) for t in types],
+            node_id=node_id,
+            container=container,
+            service=service,
         )
         for event in self._stream(self._stub.Events, request):
             yield _event(event)

@@ -1,7 +1,8 @@
 """Containers as both the node agent and the cluster speak of them.
 
-The cluster's protocol carries the node's messages (ContainerSpec, ContainerStatus, ExecProcess,
-stats samples), so both clients convert them here, to and from the same dataclasses.
+Both protocols carry the same berth.types.v1 messages (ContainerSpec, ContainerStatus,
+ExecProcess, ContainerStats), so both clients convert them here, to and from the same
+dataclasses.
 """
 
 from __future__ import annotations
@@ -12,21 +13,9 @@ from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any
 
+from berth.enums.containers import CONTAINER_STATES, LOG_STREAMS, NETWORK_MODES, RESTART_POLICIES
 from berth.errors import BerthClientError
-from berth.node.v1 import node_pb2 as pb
-
-STATES = {
-    pb.CONTAINER_STATE_CREATED: "created",
-    pb.CONTAINER_STATE_RUNNING: "running",
-    pb.CONTAINER_STATE_EXITED: "exited",
-    pb.CONTAINER_STATE_RESTARTING: "restarting",
-}
-RESTART = {
-    "no": pb.RESTART_POLICY_NAME_NO,
-    "on-failure": pb.RESTART_POLICY_NAME_ON_FAILURE,
-    "always": pb.RESTART_POLICY_NAME_ALWAYS,
-}
-NETWORK = {"none": pb.NETWORK_MODE_NONE, "host": pb.NETWORK_MODE_HOST}
+from berth.types.v1 import container_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -50,7 +39,8 @@ class ContainerInfo:
 
 @dataclass
 class RunOptions:
-    """What `docker create` takes; see ContainerSpec in node.proto for each field."""
+    """What `docker create` takes; see ContainerSpec in berth/types/v1/container.proto for
+    each field."""
 
     name: str = ""
     entrypoint: list[str] = field(default_factory=list)
@@ -96,9 +86,9 @@ def container_spec(image: str, options: RunOptions | None = None) -> pb.Containe
     """The ContainerSpec of `docker create IMAGE` with these options; bad policies fail here,
     before any call."""
     o = options or RunOptions()
-    if o.restart not in RESTART:
+    if o.restart not in RESTART_POLICIES.names:
         raise BerthClientError(f"unknown restart policy {o.restart!r}", "INVALID_ARGUMENT")
-    if o.network not in NETWORK:
+    if o.network not in NETWORK_MODES.names:
         raise BerthClientError(f"unknown network mode {o.network!r}", "INVALID_ARGUMENT")
     return pb.ContainerSpec(
         image=image,
@@ -118,8 +108,10 @@ def container_spec(image: str, options: RunOptions | None = None) -> pb.Containe
             cpu_shares=o.cpu_shares,
             pids_limit=o.pids_limit,
         ),
-        restart_policy=pb.RestartPolicy(name=RESTART[o.restart], max_retries=o.restart_max_retries),
-        network_mode=NETWORK[o.network],
+        restart_policy=pb.RestartPolicy(
+            name=RESTART_POLICIES.value(o.restart), max_retries=o.restart_max_retries
+        ),
+        network_mode=NETWORK_MODES.value(o.network),
     )
 
 
@@ -131,7 +123,7 @@ def container_fields(c: Any) -> dict[str, Any]:
         "name": c.name,
         "image": c.spec.image,
         "image_digest": c.image_digest,
-        "state": STATES.get(c.status.state, "unknown"),
+        "state": CONTAINER_STATES.name(c.status.state, "unknown"),
         "pid": c.status.pid,
         "exit_code": c.status.exit_code,
         "oom_killed": c.status.oom_killed,
@@ -147,7 +139,7 @@ def container_fields(c: Any) -> dict[str, Any]:
 
 def log_line(message: Any) -> LogLine:
     """A ContainerLogsResponse of either protocol (time, stream, data)."""
-    stream = "stderr" if message.stream == pb.LOG_STREAM_STDERR else "stdout"
+    stream = LOG_STREAMS.name(message.stream, "stdout")
     return LogLine(message.time.ToDatetime(tzinfo=UTC), stream, message.data)
 
 
@@ -177,7 +169,7 @@ def exec_output(replies: Iterable[Any], container: str) -> ExecOutput:
     raise BerthClientError(f"exec in {container} ended without an exit code", "UNKNOWN")
 
 
-def stats_sample(s: pb.ContainerStatsResponse) -> dict[str, float]:
+def stats_sample(s: pb.ContainerStats) -> dict[str, float]:
     return {
         "cpu_nanos": s.cpu_nanos,
         "cpu_percent": s.cpu_percent,
@@ -189,8 +181,6 @@ def stats_sample(s: pb.ContainerStatsResponse) -> dict[str, float]:
 
 def run_options(spec: pb.ContainerSpec) -> RunOptions:
     """The inverse of container_spec: what a stored spec (a service template) asks for."""
-    restart = {value: name for name, value in RESTART.items()}
-    network = {value: name for name, value in NETWORK.items()}
     return RunOptions(
         name=spec.name,
         entrypoint=list(spec.entrypoint),
@@ -206,9 +196,9 @@ def run_options(spec: pb.ContainerSpec) -> RunOptions:
         cpu_millis=spec.resources.cpu_millis,
         cpu_shares=spec.resources.cpu_shares,
         pids_limit=spec.resources.pids_limit,
-        restart=restart.get(spec.restart_policy.name, "no"),
+        restart=RESTART_POLICIES.name(spec.restart_policy.name, "no"),
         restart_max_retries=spec.restart_policy.max_retries,
-        network=network.get(spec.network_mode, "none"),
+        network=NETWORK_MODES.name(spec.network_mode, "none"),
     )
 
 

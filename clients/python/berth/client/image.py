@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -23,40 +22,15 @@ import grpc
 
 from berth.client.base import GrpcClient
 from berth.client.containers import time_of
-from berth.client.registry import ImageReference, Progress, parse_image_reference
+from berth.client.registry import ImageReference, Progress
+from berth.enums import Wording
+from berth.enums.image import ARCHIVE_FORMATS, COMMIT_STAGES, PULL_WORDS, PUSH_WORDS
 from berth.errors import BerthClientError
 from berth.image.v1 import image_pb2 as pb
 from berth.image.v1 import image_pb2_grpc
+from berth.reference import Reference
 
 CHUNK_SIZE = 1 << 20
-ARCHIVE_FORMATS = {"docker-archive": pb.ARCHIVE_FORMAT_DOCKER, "oci-archive": pb.ARCHIVE_FORMAT_OCI}
-# The server's TransferState in Docker's words, which differ between the two directions. A blob
-# berth's registry links from another of its repositories was not downloaded: "Already exists".
-PULL_STATES = {
-    pb.TRANSFER_STATE_WAITING: "Waiting",
-    pb.TRANSFER_STATE_TRANSFERRING: "Downloading",
-    pb.TRANSFER_STATE_VERIFYING: "Verifying Checksum",
-    pb.TRANSFER_STATE_COMPLETE: "Pull complete",
-    pb.TRANSFER_STATE_ALREADY_EXISTS: "Already exists",
-    pb.TRANSFER_STATE_MOUNTED: "Already exists",
-}
-PUSH_STATES = {
-    pb.TRANSFER_STATE_WAITING: "Waiting",
-    pb.TRANSFER_STATE_TRANSFERRING: "Pushing",
-    pb.TRANSFER_STATE_VERIFYING: "Verifying Checksum",
-    pb.TRANSFER_STATE_COMPLETE: "Pushed",
-    pb.TRANSFER_STATE_ALREADY_EXISTS: "Layer already exists",
-    pb.TRANSFER_STATE_MOUNTED: "Mounted from another repository",
-}
-COMMIT_STAGES = {
-    pb.COMMIT_STAGE_RESOLVING: "resolving",
-    pb.COMMIT_STAGE_EXPORTING: "exporting",
-    pb.COMMIT_STAGE_WRITING: "writing",
-    pb.COMMIT_STAGE_DONE: "done",
-}
-# host[:port]: DNS labels joined by dots, or a bracketed IPv6 address.
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_HOST_RE = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:]+\])(?::(?P<port>[0-9]{{1,5}}))?")
 
 Source = str | os.PathLike[str] | BinaryIO
 
@@ -184,23 +158,11 @@ class ExternalReference:
 
 
 def parse_external_reference(text: str) -> ExternalReference:
-    """Split off a registry host by Docker's rule: the first component names a host when it
-    has a '.' or a ':' or is `localhost`. The rest follows the distribution-spec grammar."""
-    first, slash, rest = text.partition("/")
-    if not (slash and ("." in first or ":" in first or first == "localhost")):
-        return ExternalReference(None, parse_image_reference(text))
-    if not is_registry_host(first):
-        raise BerthClientError(
-            f'invalid registry host "{first}" in "{text}": expected HOST[:PORT]',
-            "INVALID_ARGUMENT",
-        )
-    return ExternalReference(first, parse_image_reference(rest))
-
-
-def is_registry_host(text: str) -> bool:
-    """Whether text is HOST[:PORT] (a DNS name, an IPv4 or a bracketed IPv6 address)."""
-    match = _HOST_RE.fullmatch(text)
-    return bool(match) and (match["port"] is None or 0 < int(match["port"]) < 65536)
+    """Parse `[HOST[:PORT]/]REPO[:TAG][@DIGEST]` with the shared grammar (berth.reference):
+    by Docker's rule the first component names a host when it has a '.' or a ':' or is
+    `localhost`. Raises berth.reference.InvalidReference (code INVALID_ARGUMENT)."""
+    ref = Reference.parse(text, default_tag=None)
+    return ExternalReference(ref.registry, ImageReference(ref.repository, ref.tag, ref.digest))
 
 
 # --- conversions ------------------------------------------------------------------------------
@@ -271,9 +233,9 @@ def _credentials(c: Credentials | None) -> pb.Credentials | None:
     return pb.Credentials(username=c.username, password=c.password, identity_token=c.identity_token)
 
 
-def _transfer(p: pb.LayerProgress, states: dict[int, str]) -> TransferProgress:
+def _transfer(p: pb.LayerProgress, words: Wording) -> TransferProgress:
     return TransferProgress(
-        p.digest, states.get(p.state, "?"), p.current, p.total, p.config, p.mounted_from
+        p.digest, words(p.state, "?"), p.current, p.total, p.config, p.mounted_from
     )
 
 
@@ -363,7 +325,7 @@ class ImageClient(GrpcClient):
         )
         for event in self._stream(self._stub.CommitContainer, request):
             if progress is not None:
-                progress(CommitProgress(COMMIT_STAGES.get(event.stage, "?"), event.message))
+                progress(CommitProgress(COMMIT_STAGES.name(event.stage, "?"), event.message))
             if event.HasField("image"):
                 return _details(event.image)
         raise BerthClientError(f"commit of {container} ended without an image", "UNKNOWN")
@@ -412,12 +374,12 @@ class ImageClient(GrpcClient):
     ) -> int:
         """Write the images as one archive (fmt: docker-archive or oci-archive) to out;
         returns the bytes written."""
-        if fmt not in ARCHIVE_FORMATS:
+        if fmt not in ARCHIVE_FORMATS.names:
             raise BerthClientError(
-                f'unknown archive format "{fmt}": use {" or ".join(ARCHIVE_FORMATS)}',
+                f'unknown archive format "{fmt}": use {" or ".join(ARCHIVE_FORMATS.names)}',
                 "INVALID_ARGUMENT",
             )
-        request = pb.SaveImagesRequest(images=list(images), format=ARCHIVE_FORMATS[fmt])
+        request = pb.SaveImagesRequest(images=list(images), format=ARCHIVE_FORMATS.value(fmt))
         written = total = 0
         for chunk in self._stream(self._stub.SaveImages, request):
             total = chunk.total_size or total
@@ -446,7 +408,7 @@ class ImageClient(GrpcClient):
             if event.HasField("image"):
                 return PullResult(_details(event.image), event.local_reference)
             if progress is not None and event.HasField("progress"):
-                progress(_transfer(event.progress, PULL_STATES))
+                progress(_transfer(event.progress, PULL_WORDS))
         raise BerthClientError(f"pull of {image} ended without a result", "UNKNOWN")
 
     def push(
@@ -468,7 +430,7 @@ class ImageClient(GrpcClient):
             if event.digest:
                 return PushedImage(event.digest, event.size)
             if progress is not None and event.HasField("progress"):
-                progress(_transfer(event.progress, PUSH_STATES))
+                progress(_transfer(event.progress, PUSH_WORDS))
         raise BerthClientError(f"push of {image} ended without a result", "UNKNOWN")
 
     # Plumbing ---------------------------------------------------------------------------

@@ -20,20 +20,12 @@ from berth.client.containers import (
     container_spec,
     stats_sample,
 )
+from berth.enums.node import CHANGE_KINDS, LAYER_STATE_WORDS
 from berth.errors import BerthClientError
 from berth.node.v1 import node_pb2 as pb
 from berth.node.v1 import node_pb2_grpc
 
 __all__ = ["ContainerInfo", "ExecOutput", "ImageInfo", "LogLine", "NodeClient", "RunOptions"]
-
-LAYER_STATES = {
-    pb.LAYER_STATE_WAITING: "Waiting",
-    pb.LAYER_STATE_DOWNLOADING: "Downloading",
-    pb.LAYER_STATE_VERIFYING: "Verifying Checksum",
-    pb.LAYER_STATE_EXTRACTING: "Extracting",
-    pb.LAYER_STATE_PULL_COMPLETE: "Pull complete",
-    pb.LAYER_STATE_ALREADY_EXISTS: "Already exists",
-}
 
 
 @dataclass(frozen=True)
@@ -53,7 +45,7 @@ class ImageInfo:
     size: int
 
 
-def _container(c: pb.Container) -> ContainerInfo:
+def container_info(c: pb.Container) -> ContainerInfo:
     return ContainerInfo(**container_fields(c))
 
 
@@ -77,7 +69,7 @@ class NodeClient(ContainerStreams, GrpcClient):
             if progress is not None:
                 progress(
                     PullProgress(
-                        event.layer, LAYER_STATES.get(event.state, "?"), event.current, event.total
+                        event.layer, LAYER_STATE_WORDS(event.state, "?"), event.current, event.total
                     )
                 )
         raise BerthClientError(f"pull of {image} ended without a result", "UNKNOWN")
@@ -98,11 +90,11 @@ class NodeClient(ContainerStreams, GrpcClient):
     def create(self, image: str, options: RunOptions | None = None) -> ContainerInfo:
         spec = container_spec(image, options)
         reply = self._call(self._stub.CreateContainer, pb.CreateContainerRequest(spec=spec))
-        return _container(reply.container)
+        return container_info(reply.container)
 
     def start(self, container: str) -> ContainerInfo:
         reply = self._call(self._stub.StartContainer, pb.StartContainerRequest(container=container))
-        return _container(reply.container)
+        return container_info(reply.container)
 
     def run(self, image: str, options: RunOptions | None = None) -> ContainerInfo:
         """Create and start, like `docker run -d`."""
@@ -111,7 +103,7 @@ class NodeClient(ContainerStreams, GrpcClient):
     def stop(self, container: str, timeout: int = 0) -> ContainerInfo:
         request = pb.StopContainerRequest(container=container, timeout_seconds=timeout)
         reply = self._call(self._stub.StopContainer, request, timeout=(timeout or 10) + 30)
-        return _container(reply.container)
+        return container_info(reply.container)
 
     def kill(self, container: str, signal: str = "KILL") -> None:
         self._call(
@@ -126,27 +118,24 @@ class NodeClient(ContainerStreams, GrpcClient):
 
     def list(self, all: bool = False, labels: dict[str, str] | None = None) -> list[ContainerInfo]:
         request = pb.ListContainersRequest(all=all, labels=labels or {})
-        return [_container(c) for c in self._call(self._stub.ListContainers, request).containers]
+        return [
+            container_info(c) for c in self._call(self._stub.ListContainers, request).containers
+        ]
 
     def inspect(self, container: str) -> ContainerInfo:
         request = pb.InspectContainerRequest(container=container)
-        return _container(self._call(self._stub.InspectContainer, request).container)
+        return container_info(self._call(self._stub.InspectContainer, request).container)
 
     def stats(self, container: str) -> dict[str, float]:
         request = pb.ContainerStatsRequest(container=container, stream=False)
-        for sample in self._stream(self._stub.ContainerStats, request):
-            return stats_sample(sample)
+        for reply in self._stream(self._stub.ContainerStats, request):
+            return stats_sample(reply.sample)
         raise BerthClientError(f"no stats for {container}", "UNKNOWN")
 
     def changes(self, container: str) -> list[tuple[str, str]]:
-        kinds = {
-            pb.CHANGE_KIND_ADDED: "A",
-            pb.CHANGE_KIND_CHANGED: "C",
-            pb.CHANGE_KIND_DELETED: "D",
-        }
         request = pb.ContainerChangesRequest(container=container)
         reply = self._call(self._stub.ContainerChanges, request)
-        return [(kinds[c.kind], c.path) for c in reply.changes]
+        return [(CHANGE_KINDS.name(c.kind, "?"), c.path) for c in reply.changes]
 
     def export_layer(
         self, container: str, repository: str, pause: bool = False

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -22,6 +21,7 @@ import grpc
 
 from berth.errors import BerthClientError, from_rpc_error
 from berth.files import fsync_dir
+from berth.reference import Reference, validate_digest, validate_repository, validate_tag
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc as pb_grpc
 
@@ -36,12 +36,6 @@ Progress = Callable[[int, int], None]
 """progress(bytes_done, total); during uploads it is called from a gRPC worker thread."""
 
 T = TypeVar("T")
-
-# Distribution-spec grammar (https://github.com/opencontainers/distribution-spec).
-_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY_RE = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 
 
 @dataclass(frozen=True)
@@ -99,12 +93,35 @@ class GcReport:
 
 
 @dataclass(frozen=True)
+class ManifestInfo:
+    """A manifest stored in one repository. references: the digests it references (an
+    image's config then layers, an index's manifests); tags: the repository's tags naming it."""
+
+    repository: str
+    digest: str
+    media_type: str
+    size: int
+    references: list[str]
+    tags: list[TagInfo]
+    pushed_at: datetime | None
+
+
+@dataclass(frozen=True)
 class ImageReference:
-    """REPO[:TAG][@DIGEST] split into its parts; tag and digest are None when absent."""
+    """REPO[:TAG][@DIGEST] split into its parts; tag and digest are None when absent.
+
+    Each part is checked by the shared grammar (berth.reference) when constructed."""
 
     repository: str
     tag: str | None = None
     digest: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_repository(self.repository)
+        if self.tag is not None:
+            validate_tag(self.tag)
+        if self.digest is not None:
+            validate_digest(self.digest)
 
     @property
     def reference(self) -> str:
@@ -117,32 +134,11 @@ class ImageReference:
 
 
 def parse_image_reference(text: str) -> ImageReference:
-    """Parse REPO[:TAG][@DIGEST] with the distribution-spec grammar.
-
-    The tag is the text after the last ':' that is not followed by a '/', as in Docker.
-    """
-    name, _, digest = text.partition("@")
-    repository, tag = name, None
-    head, sep, tail = name.rpartition(":")
-    if sep and "/" not in tail:
-        repository, tag = head, tail
-    if not _REPOSITORY_RE.match(repository):
-        raise BerthClientError(
-            f'invalid repository name "{repository}": use lowercase letters, digits, '
-            "separators (. _ -) and / between components",
-            "INVALID_ARGUMENT",
-        )
-    if tag is not None and not _TAG_RE.match(tag):
-        raise BerthClientError(
-            f'invalid tag "{tag}": up to 128 letters, digits, _ . and -, not starting with . or -',
-            "INVALID_ARGUMENT",
-        )
-    if digest and not _DIGEST_RE.match(digest):
-        raise BerthClientError(
-            f'invalid digest "{digest}": expected sha256: and 64 lowercase hex digits',
-            "INVALID_ARGUMENT",
-        )
-    return ImageReference(repository, tag, digest or None)
+    """Parse REPO[:TAG][@DIGEST], a name in one registry (no host part), with the shared
+    distribution-spec grammar; a bad part raises berth.reference.InvalidReference, a
+    BerthClientError with code INVALID_ARGUMENT."""
+    ref = Reference.parse(text, default_tag=None, registry=False)
+    return ImageReference(ref.repository, ref.tag, ref.digest)
 
 
 class RegistryClient:
@@ -293,6 +289,32 @@ class RegistryClient:
             )
             response = self._unary(self._stub.ListTags, request)
             return [_tag(t) for t in response.tags], response.next_page_token
+
+        return _paginate(page)
+
+    def iter_manifests(self, repository: str = "", page_size: int = 1000) -> Iterator[ManifestInfo]:
+        """Every manifest of every repository (or of one), with its references and tags, in
+        `<repository>@<digest>` order, fetched a page at a time. All pages show the registry
+        as of the first one; ABORTED means that view expired: iterate again."""
+
+        def page(token: str) -> tuple[list[ManifestInfo], str]:
+            request = pb.ListManifestsRequest(
+                repository=repository, page_size=page_size, page_token=token
+            )
+            response = self._unary(self._stub.ListManifests, request)
+            entries = [
+                ManifestInfo(
+                    repository=m.repository,
+                    digest=m.digest,
+                    media_type=m.media_type,
+                    size=m.size,
+                    references=list(m.references),
+                    tags=[_tag(t) for t in m.tags],
+                    pushed_at=_timestamp(m, "pushed_at"),
+                )
+                for m in response.manifests
+            ]
+            return entries, response.next_page_token
 
         return _paginate(page)
 

@@ -3,44 +3,31 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 
-from berthd.common.errors import InvalidArgument
+from berth.reference import DIGEST_ALGORITHM as ALGORITHM
+from berth.reference import quoted, validate_digest
+from berthd.common.oci.reference import invalid_argument
 
-ALGORITHM = "sha256"
-_SHA256_RE = re.compile(r"sha256:[a-f0-9]{64}")
-# The image-spec's general digest grammar; a value matching it with another algorithm is
-# well-formed but unsupported, which deserves a different message than garbage.
-_ANY_DIGEST_RE = re.compile(r"([a-z0-9]+(?:[+._-][a-z0-9]+)*):[a-zA-Z0-9=_-]+")
+__all__ = [
+    "ALGORITHM",
+    "Digester",
+    "digest_bytes",
+    "digest_file",
+    "hex_of",
+    "parse_digest",
+    "quoted",
+]
+
 _READ_SIZE = 1024 * 1024
-_MAX_SHOWN = 200
-
-
-def quoted(value: object) -> str:
-    """Render a user-supplied value for a one-line error message: JSON-quoted, truncated."""
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
-    if len(text) > _MAX_SHOWN:
-        text = f"{text[:_MAX_SHOWN]}...({len(text)} chars)"
-    return text
 
 
 def parse_digest(value: str) -> str:
-    """Return `value` if it is a sha256 digest berth accepts, else raise InvalidArgument."""
-    if isinstance(value, str) and _SHA256_RE.fullmatch(value):
-        return value
-    if isinstance(value, str):
-        m = _ANY_DIGEST_RE.fullmatch(value)
-        if m and m.group(1) != ALGORITHM:
-            raise InvalidArgument(
-                f"unsupported digest algorithm {quoted(m.group(1))} in {quoted(value)}: "
-                "only sha256 is supported"
-            )
-    raise InvalidArgument(f"invalid digest {quoted(value)}: expected sha256:<64 lowercase hex>")
+    """Return `value` if it is a sha256 digest berth accepts, else raise InvalidArgument.
+
+    The syntax is `berth.reference.validate_digest`, shared with the client."""
+    with invalid_argument():
+        return validate_digest(value)
 
 
 def digest_bytes(data: bytes) -> str:

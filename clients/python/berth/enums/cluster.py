@@ -1,0 +1,54 @@
+"""Tables for the cluster's enums (berth.cluster.v1)."""
+
+from __future__ import annotations
+
+from berth.cluster.v1 import cluster_pb2 as pb
+from berth.enums import EnumTable
+
+NODE_STATES = EnumTable(
+    pb.NodeState, {pb.NODE_STATE_READY: "ready", pb.NODE_STATE_NOT_READY: "down"}
+)
+AVAILABILITIES = EnumTable(
+    pb.NodeAvailability,
+    {
+        pb.NODE_AVAILABILITY_ACTIVE: "active",
+        pb.NODE_AVAILABILITY_CORDONED: "cordoned",
+        pb.NODE_AVAILABILITY_DRAINED: "drained",
+    },
+)
+DESIRED_STATES = EnumTable(
+    pb.DesiredState, {pb.DESIRED_STATE_RUNNING: "running", pb.DESIRED_STATE_STOPPED: "stopped"}
+)
+UPDATE_STATES = EnumTable(
+    pb.UpdateState,
+    {
+        pb.UPDATE_STATE_UPDATING: "updating",
+        pb.UPDATE_STATE_COMPLETED: "completed",
+        pb.UPDATE_STATE_PAUSED: "paused",
+    },
+)
+ENDPOINT_KINDS = EnumTable(
+    pb.EndpointKind,
+    {
+        pb.ENDPOINT_KIND_REGISTRY: "registry",
+        pb.ENDPOINT_KIND_IMAGE: "image",
+        pb.ENDPOINT_KIND_BUILDER: "builder",
+        pb.ENDPOINT_KIND_NODE: "node",
+        pb.ENDPOINT_KIND_CLUSTER: "cluster",
+    },
+)
+# What `berth events --filter type=...` takes.
+EVENT_TYPES = EnumTable(
+    pb.EventType,
+    {
+        pb.EVENT_TYPE_NODE_JOINED: "node_joined",
+        pb.EVENT_TYPE_NODE_LOST: "node_lost",
+        pb.EVENT_TYPE_CONTAINER_SCHEDULED: "container_scheduled",
+        pb.EVENT_TYPE_CONTAINER_STARTED: "container_started",
+        pb.EVENT_TYPE_CONTAINER_DIED: "container_died",
+        pb.EVENT_TYPE_CONTAINER_RESCHEDULED: "container_rescheduled",
+        pb.EVENT_TYPE_SERVICE_SCALED: "service_scaled",
+    },
+)
+
+TABLES = (NODE_STATES, AVAILABILITIES, DESIRED_STATES, UPDATE_STATES, ENDPOINT_KINDS, EVENT_TYPES)

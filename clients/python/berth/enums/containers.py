@@ -1,0 +1,38 @@
+"""Tables for the container enums shared by the node and the cluster (berth.types.v1)."""
+
+from __future__ import annotations
+
+from berth.enums import EnumTable
+from berth.types.v1 import container_pb2 as pb
+
+# As `docker ps` shows them.
+CONTAINER_STATES = EnumTable(
+    pb.ContainerState,
+    {
+        pb.CONTAINER_STATE_CREATED: "created",
+        pb.CONTAINER_STATE_RUNNING: "running",
+        pb.CONTAINER_STATE_EXITED: "exited",
+        pb.CONTAINER_STATE_RESTARTING: "restarting",
+    },
+)
+# Docker's --restart values.
+RESTART_POLICIES = EnumTable(
+    pb.RestartPolicyName,
+    {
+        pb.RESTART_POLICY_NAME_NO: "no",
+        pb.RESTART_POLICY_NAME_ON_FAILURE: "on-failure",
+        pb.RESTART_POLICY_NAME_ALWAYS: "always",
+    },
+    unspecified="no",
+)
+# Docker's --network values.
+NETWORK_MODES = EnumTable(
+    pb.NetworkMode,
+    {pb.NETWORK_MODE_NONE: "none", pb.NETWORK_MODE_HOST: "host"},
+    unspecified="none",
+)
+LOG_STREAMS = EnumTable(
+    pb.LogStream, {pb.LOG_STREAM_STDOUT: "stdout", pb.LOG_STREAM_STDERR: "stderr"}
+)
+
+TABLES = (CONTAINER_STATES, RESTART_POLICIES, NETWORK_MODES, LOG_STREAMS)

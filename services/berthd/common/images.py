@@ -1,0 +1,197 @@
+"""Images in berth's registry, read and written the same way by every service that makes them.
+
+The image service (commit, import, load, pull, tag) and the builder both turn a config and
+layers into an image, and both read an image back by name: this is that shared logic, as
+containerd's `core/images` is shared by its plugins. It talks to the registry only through its
+gRPC API (berthd.common.rpc.registry), keeps no state but a cache, and writes no etcd record:
+how an image came to be is recorded by the service that made it (berthd.common.state.images).
+
+Manifests and configs are immutable, so they are cached in memory by manifest digest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from berthd.common.errors import InvalidArgument, NotFound
+from berthd.common.oci import mediatypes
+from berthd.common.oci.digest import digest_bytes, quoted
+from berthd.common.oci.manifest import (
+    Descriptor,
+    ImageConfig,
+    ParsedManifest,
+    build_image_manifest,
+    encode_json,
+    parse_image_config,
+    parse_manifest,
+)
+from berthd.common.oci.reference import parse_reference
+from berthd.common.rpc.registry import RegistryApi
+
+log = logging.getLogger("berthd.images")
+
+
+@dataclass(frozen=True)
+class Content:
+    """A manifest and, for an image, its config: immutable, so cached by manifest digest."""
+
+    digest: str
+    media_type: str
+    manifest: bytes
+    parsed: ParsedManifest
+    config_bytes: bytes = b""
+    config: ImageConfig | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return self.config is not None
+
+    @property
+    def layers(self) -> tuple[Descriptor, ...]:
+        return self.parsed.layers
+
+    @property
+    def id(self) -> str:
+        return self.parsed.config.digest if self.parsed.config else ""
+
+    @property
+    def size(self) -> int:
+        """Compressed layers plus the config, as `docker images` counts."""
+        config = self.parsed.config.size if self.parsed.config else 0
+        return config + sum(layer.size for layer in self.layers)
+
+    @property
+    def blobs(self) -> tuple[Descriptor, ...]:
+        """Layers, then the config: what an image owns besides its manifest."""
+        config = (self.parsed.config,) if self.parsed.config else ()
+        return (*self.layers, *config)
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """An image found in the registry: where, its manifest and its config, parsed."""
+
+    repository: str
+    tag: str | None
+    digest: str
+    media_type: str
+    manifest: bytes
+    parsed: ParsedManifest
+    config_bytes: bytes
+    config: ImageConfig
+
+    @classmethod
+    def of(cls, repository: str, tag: str | None, content: Content) -> ResolvedImage:
+        if content.config is None:
+            raise InvalidArgument(
+                f"{repository}@{content.digest} is a {content.media_type}, not an image"
+            )
+        return cls(
+            repository=repository,
+            tag=tag,
+            digest=content.digest,
+            media_type=content.media_type,
+            manifest=content.manifest,
+            parsed=content.parsed,
+            config_bytes=content.config_bytes,
+            config=content.config,
+        )
+
+
+@dataclass(frozen=True)
+class WrittenImage:
+    digest: str  # of the manifest
+    id: str  # the config's digest, as Docker names images
+
+
+class ImageStore:
+    """Reads and writes images through the registry's API, with a cache of their content."""
+
+    def __init__(self, registry: RegistryApi) -> None:
+        self.registry = registry
+        self._contents: dict[str, Content] = {}
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def content(self, digest: str, repository: str) -> Content:
+        """A manifest (and its config, for an image) by digest, from the cache or the registry."""
+        cached = self._contents.get(digest)
+        if cached is not None:
+            return cached
+        stored = await self.registry.get_manifest(repository, digest)
+        parsed = parse_manifest(stored.content, stored.media_type)
+        content = Content(digest, parsed.media_type, stored.content, parsed)
+        if parsed.config is not None and parsed.config.media_type in mediatypes.CONFIG_TYPES:
+            config_bytes = await self.registry.read_blob(repository, parsed.config.digest)
+            try:
+                config = parse_image_config(config_bytes)
+            except InvalidArgument as e:  # listed as a non-image, never fails a whole listing
+                log.warning("manifest %s in %s has a bad config: %s", digest, repository, e)
+            else:
+                content = Content(
+                    digest, parsed.media_type, stored.content, parsed, config_bytes, config
+                )
+        self._contents[digest] = content
+        return content
+
+    def keep_only(self, digests: set[str]) -> None:
+        """Drop cached content of manifests no longer in the registry, so the cache stays the
+        registry's size."""
+        for digest in [d for d in self._contents if d not in digests]:
+            del self._contents[digest]
+
+    async def resolve(self, ref: str) -> ResolvedImage:
+        """The image `name[:tag]` (tag `latest`) or `name@digest` names in berth's registry."""
+        reference = parse_reference(ref)
+        if reference.registry is not None:
+            raise InvalidArgument(
+                f"{ref} names an external registry; berth's images have no host "
+                "(pull it first with `berth pull`)"
+            )
+        repository = reference.repository
+        try:
+            digest = (
+                reference.digest
+                or (await self.registry.get_manifest(repository, reference.tag or "latest")).digest
+            )
+            content = await self.content(digest, repository)
+        except NotFound:
+            raise NotFound(f"No such image: {ref}") from None
+        return ResolvedImage.of(repository, None if reference.digest else reference.tag, content)
+
+    # --- writing ---------------------------------------------------------------------------
+
+    async def write_image(
+        self, repository: str, tag: str | None, config: dict[str, Any], layers: list[Descriptor]
+    ) -> WrittenImage:
+        """Store a new image whose layers are already in `repository`: push its config, then
+        put the manifest under `tag` (None: untagged, by digest)."""
+        config_bytes = encode_json(config)
+        parse_image_config(config_bytes)  # never write a config berth itself would refuse
+        descriptor = await self.registry.push_bytes(
+            repository, config_bytes, mediatypes.OCI_IMAGE_CONFIG
+        )
+        digest = await self.write_manifest(repository, tag, descriptor, layers)
+        return WrittenImage(digest, descriptor.digest)
+
+    async def write_manifest(
+        self, repository: str, tag: str | None, config: Descriptor, layers: list[Descriptor]
+    ) -> str:
+        """Put an OCI manifest over a config and layers already in `repository` (under `tag`,
+        or untagged by digest); returns its digest. Used as is where the config's bytes must
+        stay as they came (a loaded image keeps its id)."""
+        manifest = build_image_manifest(config, layers)
+        return await self.registry.put_manifest(
+            repository, tag or digest_bytes(manifest), mediatypes.OCI_IMAGE_MANIFEST, manifest
+        )
+
+    async def mount_all(self, repository: str, blobs: list[Descriptor], source: str) -> None:
+        """Link blobs `source` holds into `repository` (never copied)."""
+        for blob in blobs:
+            if not await self.registry.mount_blob(repository, blob.digest, source):
+                raise NotFound(
+                    f"blob {blob.digest} is missing from repository {quoted(source)}; "
+                    "the image is damaged"
+                )

@@ -1,0 +1,60 @@
+"""The cluster service as the other services call it: place, follow and remove containers.
+
+Values come back as the public client's dataclasses (`berth.client.cluster`), converted by the
+same functions, so a container reads the same to the CLI and to the builder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from berth.client.cluster import ClusterContainer, NodeInfo, cluster_container, node_info
+from berth.client.containers import LogLine, RunOptions, container_spec, log_line
+from berth.cluster.v1 import cluster_pb2 as pb
+from berth.cluster.v1 import cluster_pb2_grpc as pb_grpc
+from berth.errors import BerthClientError
+from berthd.common.errors import Unavailable, error_for_code
+from berthd.common.rpc.calls import ServiceApi
+
+
+class ClusterApi(ServiceApi[pb_grpc.ClusterServiceStub]):
+    SERVICE = "cluster"
+
+    def stub(self, channel: grpc.aio.Channel) -> pb_grpc.ClusterServiceStub:
+        return pb_grpc.ClusterServiceStub(channel)
+
+    async def run(self, image: str, options: RunOptions) -> ClusterContainer:
+        """Place a container and record it as desired to run (`docker run -d`)."""
+        try:
+            spec = container_spec(image, options)
+        except BerthClientError as exc:  # the client's own check of the options
+            raise error_for_code(exc.code, exc.message) from None
+        request = pb.RunContainerRequest(spec=spec)
+        return cluster_container((await self.unary("RunContainer", request)).container)
+
+    async def inspect(self, container: str) -> ClusterContainer:
+        request = pb.InspectContainerRequest(container=container)
+        reply = await self.unary("InspectContainer", request, idempotent=True)
+        return cluster_container(reply.container)
+
+    async def node(self, node_id: str) -> NodeInfo:
+        request = pb.InspectNodeRequest(node=node_id)
+        return node_info((await self.unary("InspectNode", request, idempotent=True)).node)
+
+    async def wait(self, container: str) -> int:
+        """The container's exit code, once it exits."""
+        request = pb.WaitContainerRequest(container=container)
+        async for reply in self.stream("WaitContainer", request):
+            return int(reply.exit_code)
+        raise Unavailable(f"wait on {container} ended without an exit code")
+
+    async def logs(self, container: str, follow: bool = False) -> AsyncIterator[LogLine]:
+        request = pb.ContainerLogsRequest(container=container, follow=follow)
+        async for line in self.stream("ContainerLogs", request):
+            yield log_line(line)
+
+    async def remove(self, container: str, force: bool = False) -> None:
+        request = pb.RemoveContainerRequest(container=container, force=force)
+        await self.unary("RemoveContainer", request, idempotent=True)

@@ -1,0 +1,46 @@
+"""A node agent as the other services call it: a container's state, its changes, its layer.
+
+The cluster also streams logs, exec and stats through to a node; it takes the stub from
+`connect()` and the error mapping from `error()`, so those calls share the channel and the
+messages of every other call to that node.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from berth.client.containers import ContainerInfo
+from berth.client.node import container_info
+from berth.node.v1 import node_pb2 as pb
+from berth.node.v1 import node_pb2_grpc as pb_grpc
+from berthd.common.rpc.calls import ServiceApi
+
+# Packing a large upper dir and pushing it takes as long as the data.
+EXPORT_TIMEOUT = 600.0
+
+
+class NodeApi(ServiceApi[pb_grpc.NodeServiceStub]):
+    SERVICE = "node"
+
+    def stub(self, channel: grpc.aio.Channel) -> pb_grpc.NodeServiceStub:
+        return pb_grpc.NodeServiceStub(channel)
+
+    async def inspect(self, container: str) -> ContainerInfo:
+        request = pb.InspectContainerRequest(container=container)
+        reply = await self.unary("InspectContainer", request, idempotent=True)
+        return container_info(reply.container)
+
+    async def has_changes(self, container: str) -> bool:
+        """Whether the container's filesystem differs from its image."""
+        request = pb.ContainerChangesRequest(container=container)
+        reply = await self.unary("ContainerChanges", request, idempotent=True)
+        return bool(reply.changes)
+
+    async def export_layer(
+        self, container: str, repository: str, pause: bool = False
+    ) -> tuple[str, str, int]:
+        """The node packs the container's changes as a layer and pushes it to the registry;
+        returns (digest, diff_id, size). With `pause`, the container is frozen meanwhile."""
+        request = pb.ExportLayerRequest(container=container, repository=repository, pause=pause)
+        reply = await self.unary("ExportLayer", request, timeout=EXPORT_TIMEOUT)
+        return reply.layer.digest, reply.diff_id, int(reply.layer.size)

@@ -1,0 +1,447 @@
+"""berth's registry as the other services call it: blobs, manifests and tags, asyncio end to end.
+
+Blob transfers move in 1 MiB chunks and survive a broken connection: an upload asks the
+registry where its session stands and goes on from there, a download goes on from the bytes
+already in its `.partial` file. File reads, writes and hashing run in worker threads so the
+event loop keeps serving while a large layer moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import grpc
+
+from berth.files import fsync_dir
+from berth.registry.v1 import registry_pb2 as pb
+from berth.registry.v1 import registry_pb2_grpc as pb_grpc
+from berthd.common.errors import Aborted, DataLoss, InvalidArgument, NotFound
+from berthd.common.oci.digest import digest_bytes
+from berthd.common.oci.manifest import Descriptor
+from berthd.common.rpc.calls import ServiceApi, retryable
+
+CHUNK_SIZE = 1 << 20
+RESUME_ATTEMPTS = 5
+LISTING_PAGE = 1000
+LISTING_ATTEMPTS = 3
+# A blob read into memory whole (a config) may be at most this large.
+MAX_SMALL_BLOB = 16 << 20
+
+Progress = Callable[[int, int], None]
+"""progress(bytes_done, total), called on the event loop."""
+PushOutcome = Literal["exists", "mounted", "pushed"]
+
+
+@dataclass(frozen=True)
+class StoredManifest:
+    digest: str
+    media_type: str
+    content: bytes
+
+
+@dataclass(frozen=True)
+class DeletedManifest:
+    digest: str
+    deleted_tags: list[str]
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """A manifest in one repository, the tags naming it there and the digests it references."""
+
+    repository: str
+    digest: str
+    media_type: str
+    references: tuple[str, ...]
+    tags: tuple[str, ...]
+
+
+class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
+    SERVICE = "registry"
+    PREFIX = True
+
+    def stub(self, channel: grpc.aio.Channel) -> pb_grpc.RegistryServiceStub:
+        return pb_grpc.RegistryServiceStub(channel)
+
+    # --- blobs -----------------------------------------------------------------------------
+
+    async def stat_blob(self, repository: str, digest: str) -> int | None:
+        """The blob's size, or None when the repository does not hold it."""
+        request = pb.StatBlobRequest(repository=repository, digest=digest)
+        try:
+            response = await self.unary("StatBlob", request, idempotent=True)
+        except NotFound:
+            return None
+        return int(response.descriptor.size)
+
+    async def mount_blob(self, repository: str, digest: str, from_repository: str = "") -> bool:
+        """Link a blob the registry stores into repository; False when it must be uploaded."""
+        request = pb.MountBlobRequest(
+            repository=repository, digest=digest, from_repository=from_repository
+        )
+        return bool((await self.unary("MountBlob", request, idempotent=True)).mounted)
+
+    async def push_blob(
+        self,
+        repository: str,
+        source: Path,
+        digest: str,
+        size: int,
+        progress: Progress | None = None,
+    ) -> PushOutcome:
+        """Make the file's bytes available in repository as `digest`, sending them only when
+        the registry lacks the blob."""
+        outcome: PushOutcome
+        if await self.stat_blob(repository, digest) is not None:
+            outcome = "exists"
+        elif await self.mount_blob(repository, digest):
+            outcome = "mounted"
+        else:
+            await self._upload(repository, source, digest, size, progress)
+            outcome = "pushed"
+        if progress is not None:
+            progress(size, size)
+        return outcome
+
+    async def push_bytes(self, repository: str, data: bytes, media_type: str) -> Descriptor:
+        """Store a small blob (a config) in repository."""
+        digest = digest_bytes(data)
+        if await self.stat_blob(repository, digest) is None and not await self.mount_blob(
+            repository, digest
+        ):
+            start = await self.unary("StartUpload", pb.StartUploadRequest(repository=repository))
+            upload_id = start.upload_id
+            try:
+                await self._write(upload_id, _chunks_of(upload_id, data))
+                await self._commit(upload_id, digest)
+            except BaseException:
+                await self._cancel_quietly(upload_id)
+                raise
+        return Descriptor(media_type, digest, len(data))
+
+    async def pull_blob(
+        self, repository: str, digest: str, dest: Path, progress: Progress | None = None
+    ) -> int:
+        """Download a blob to `dest`, verifying its digest; returns its size.
+
+        Bytes land in `<dest>.partial`, which a later call resumes from; `dest` appears only
+        once the digest matches, so it never holds a partial blob."""
+        algorithm, expected = _split_digest(digest)
+        size = await self.stat_blob(repository, digest)
+        if size is None:
+            raise NotFound(f"registry: blob {digest} not found in {repository}")
+        partial = dest.with_name(dest.name + ".partial")
+        hasher = hashlib.new(algorithm)
+        offset = await asyncio.to_thread(_rehash_partial, partial, hasher, size)
+        with open(partial, "ab") as out:
+            offset = await self._download(repository, digest, out, hasher, offset, size, progress)
+            await asyncio.to_thread(_flush, out)
+        if offset != size or hasher.hexdigest() != expected:
+            partial.unlink(missing_ok=True)
+            raise DataLoss(
+                f"registry: blob {digest} from {repository} does not match its digest "
+                f"(got {algorithm}:{hasher.hexdigest()}, {offset} bytes); "
+                "the partial download was deleted, pull again"
+            )
+        os.replace(partial, dest)
+        await asyncio.to_thread(fsync_dir, dest.parent)
+        return size
+
+    async def read_blob(self, repository: str, digest: str) -> bytes:
+        """A small blob (a config) in memory, verified against its digest."""
+        size = await self.stat_blob(repository, digest)
+        if size is None:
+            raise NotFound(f"registry: blob {digest} not found in {repository}")
+        if size > MAX_SMALL_BLOB:
+            raise InvalidArgument(
+                f"blob {digest} in {repository} is {size} bytes, over {MAX_SMALL_BLOB} for a config"
+            )
+        data = bytearray()
+        request = pb.ReadBlobRequest(repository=repository, digest=digest)
+        async for chunk in self.stream("ReadBlob", request):
+            data += chunk.data
+        if digest_bytes(bytes(data)) != digest:
+            raise DataLoss(f"registry: blob {digest} from {repository} does not match its digest")
+        return bytes(data)
+
+    # --- manifests and tags ----------------------------------------------------------------
+
+    async def get_manifest(self, repository: str, reference: str) -> StoredManifest:
+        """A manifest by tag or digest, with its bytes exactly as pushed."""
+        request = pb.GetManifestRequest(repository=repository, reference=reference)
+        response = await self.unary("GetManifest", request, idempotent=True)
+        return StoredManifest(response.digest, response.media_type, response.content)
+
+    async def put_manifest(
+        self, repository: str, reference: str, media_type: str, content: bytes
+    ) -> str:
+        """Store a manifest under a tag (or its own digest); returns the manifest digest.
+        Idempotent: the same bytes under the same name give the same result."""
+        request = pb.PutManifestRequest(
+            repository=repository, reference=reference, media_type=media_type, content=content
+        )
+        return str((await self.unary("PutManifest", request, idempotent=True)).digest)
+
+    async def delete_manifest(self, repository: str, reference: str) -> DeletedManifest:
+        """Delete a manifest (by digest, or the one a tag names) and every tag naming it."""
+        request = pb.DeleteManifestRequest(repository=repository, reference=reference)
+        response = await self.unary("DeleteManifest", request)
+        return DeletedManifest(response.digest, list(response.deleted_tags))
+
+    async def delete_tag(self, repository: str, tag: str) -> str:
+        """Remove a tag; returns the digest it named (the manifest stays)."""
+        request = pb.DeleteTagRequest(repository=repository, tag=tag)
+        return str((await self.unary("DeleteTag", request)).digest)
+
+    async def tag_digest(self, repository: str, tag: str) -> str | None:
+        """The manifest digest `repository:tag` names now, or None."""
+        try:
+            return (await self.get_manifest(repository, tag)).digest
+        except NotFound:
+            return None
+
+    async def list_manifests(self, repository: str = "") -> list[ManifestEntry]:
+        """Every manifest of the registry (or of one repository) with its tags, page by page,
+        as one consistent view (a view too old to finish is read again from the start)."""
+        for attempt in range(LISTING_ATTEMPTS):
+            entries: list[ManifestEntry] = []
+            token = ""
+            try:
+                while True:
+                    request = pb.ListManifestsRequest(
+                        repository=repository, page_size=LISTING_PAGE, page_token=token
+                    )
+                    response = await self.unary("ListManifests", request, idempotent=True)
+                    entries += [_manifest_entry(m) for m in response.manifests]
+                    token = response.next_page_token
+                    if not token:
+                        return entries
+            except Aborted:
+                if attempt == LISTING_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    # --- internals -------------------------------------------------------------------------
+
+    async def _upload(
+        self, repository: str, source: Path, digest: str, size: int, progress: Progress | None
+    ) -> None:
+        start = await self.unary("StartUpload", pb.StartUploadRequest(repository=repository))
+        upload_id = start.upload_id
+        try:
+            with open(source, "rb") as fileobj:
+                await self._send(upload_id, fileobj, digest, size, progress)
+            await self._commit(upload_id, digest, repository)
+        except BaseException:
+            await asyncio.shield(self._cancel_quietly(upload_id))
+            raise
+
+    async def _send(
+        self,
+        upload_id: str,
+        fileobj: BinaryIO,
+        digest: str,
+        size: int,
+        progress: Progress | None,
+    ) -> None:
+        """Send the file's bytes, asking the registry where to go on after a broken stream."""
+        offset: int | None = 0  # None: unknown after a broken stream
+        for attempt in range(RESUME_ATTEMPTS + 1):
+            try:
+                if offset is None:
+                    request = pb.GetUploadRequest(upload_id=upload_id)
+                    offset = int((await self.unary("GetUpload", request)).offset)
+                if offset < size:
+                    chunks = _file_chunks(upload_id, fileobj, offset, size, progress)
+                    offset = await self._write(upload_id, chunks)
+                break
+            except _Broken as broken:
+                if attempt == RESUME_ATTEMPTS:
+                    raise broken.error from None
+                offset = None
+                await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
+        if offset != size:
+            raise DataLoss(f"blob {digest}: the source ends after {offset} bytes, expected {size}")
+
+    async def _write(self, upload_id: str, chunks: AsyncIterator[pb.WriteUploadRequest]) -> int:
+        """One WriteUpload stream; returns the offset the registry holds."""
+        stub, address = await self.connect()
+        source = _Source(chunks)
+        try:
+            return int((await stub.WriteUpload(source.requests())).offset)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
+            # grpc cancels the call when the request iterator fails: raise what failed.
+            if source.error is not None:
+                raise source.error from None
+            if isinstance(err, asyncio.CancelledError):
+                raise
+            if retryable(err) or _broken_stream(err):
+                raise _Broken(self.error(err, address)) from None
+            raise self.error(err, address) from None
+
+    async def _commit(self, upload_id: str, digest: str, repository: str = "") -> None:
+        request = pb.CommitUploadRequest(upload_id=upload_id, digest=digest)
+        try:
+            await self.unary("CommitUpload", request)
+        except NotFound:
+            # A commit whose reply was lost leaves no session behind, but a visible blob.
+            if not repository or await self.stat_blob(repository, digest) is None:
+                raise
+
+    async def _cancel_quietly(self, upload_id: str) -> None:
+        """Best effort: free the registry's partial upload; the caller is already failing."""
+        stub, _ = await self.connect()
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.CancelUpload(pb.CancelUploadRequest(upload_id=upload_id), timeout=2.0)
+
+    async def _download(
+        self,
+        repository: str,
+        digest: str,
+        out: BinaryIO,
+        hasher: Any,
+        offset: int,
+        total: int,
+        progress: Progress | None,
+    ) -> int:
+        """Append the blob's bytes from `offset` to `out`, going on after broken streams."""
+        for attempt in range(RESUME_ATTEMPTS + 1):
+            if progress is not None:
+                progress(offset, total)
+            if offset >= total:
+                return offset
+            stub, address = await self.connect()
+            request = pb.ReadBlobRequest(repository=repository, digest=digest, offset=offset)
+            try:
+                async for chunk in stub.ReadBlob(request):
+                    if chunk.offset != offset or offset + len(chunk.data) > total:
+                        raise DataLoss(
+                            f"registry sent {len(chunk.data)} bytes of {digest} at offset "
+                            f"{chunk.offset}, expected offset {offset} of {total}"
+                        )
+                    await asyncio.to_thread(_append, out, hasher, chunk.data)
+                    offset += len(chunk.data)
+                    if progress is not None:
+                        progress(offset, total)
+                return offset
+            except grpc.aio.AioRpcError as err:
+                if attempt == RESUME_ATTEMPTS or not (retryable(err) or _broken_stream(err)):
+                    raise self.error(err, address) from None
+                await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
+        return offset
+
+
+class _Source:
+    """The requests of a client stream; an exception raised while making them (a read error,
+    a failing progress callback) is kept in `error`, since grpc reports it only as a
+    cancelled call."""
+
+    def __init__(self, requests: AsyncIterator[Any]) -> None:
+        self._requests = requests
+        self.error: Exception | None = None
+
+    async def requests(self) -> AsyncIterator[Any]:
+        try:
+            async for request in self._requests:
+                yield request
+        except Exception as exc:
+            self.error = exc
+            raise
+
+
+class _Broken(Exception):
+    """A stream the connection broke: resumable; `error` is what to raise if it stays broken."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+# A peer that vanished mid-stream shows as CANCELLED, or as INTERNAL/UNKNOWN with transport text.
+_BROKEN_HINTS = ("stream removed", "rst_stream", "socket closed", "connection reset", "goaway")
+
+
+def _broken_stream(err: grpc.aio.AioRpcError) -> bool:
+    code = err.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return True
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        details = (err.details() or "").lower()
+        return any(hint in details for hint in _BROKEN_HINTS)
+    return False
+
+
+async def _chunks_of(upload_id: str, data: bytes) -> AsyncIterator[pb.WriteUploadRequest]:
+    for offset in range(0, max(len(data), 1), CHUNK_SIZE):
+        chunk = data[offset : offset + CHUNK_SIZE]
+        yield pb.WriteUploadRequest(upload_id=upload_id, offset=offset, data=chunk)
+
+
+async def _file_chunks(
+    upload_id: str, fileobj: BinaryIO, offset: int, size: int, progress: Progress | None
+) -> AsyncIterator[pb.WriteUploadRequest]:
+    """WriteUploadRequests for bytes [offset, size) of the file, read in a worker thread."""
+    while offset < size:
+        data = await asyncio.to_thread(_read_at, fileobj, offset, min(CHUNK_SIZE, size - offset))
+        if not data:
+            return
+        yield pb.WriteUploadRequest(upload_id=upload_id, offset=offset, data=data)
+        offset += len(data)
+        if progress is not None:
+            progress(offset, size)
+
+
+def _read_at(fileobj: BinaryIO, offset: int, length: int) -> bytes:
+    fileobj.seek(offset)
+    return fileobj.read(length)
+
+
+def _append(out: BinaryIO, hasher: Any, data: bytes) -> None:
+    out.write(data)
+    hasher.update(data)
+
+
+def _flush(out: BinaryIO) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _split_digest(digest: str) -> tuple[str, str]:
+    algorithm, _, hexdigest = digest.partition(":")
+    if algorithm not in ("sha256", "sha512") or not hexdigest:
+        raise InvalidArgument(f'unsupported digest "{digest}"')
+    return algorithm, hexdigest
+
+
+def _rehash_partial(partial: Path, hasher: Any, total: int) -> int:
+    """Feed an earlier partial download to hasher; returns its length (0 if unusable)."""
+    try:
+        with open(partial, "rb") as existing:
+            length = os.fstat(existing.fileno()).st_size
+            if length > total:
+                length = 0  # not a prefix of this blob: start over
+            else:
+                while chunk := existing.read(CHUNK_SIZE):
+                    hasher.update(chunk)
+    except FileNotFoundError:
+        return 0
+    if length == 0:
+        partial.unlink(missing_ok=True)
+    return length
+
+
+def _manifest_entry(message: Any) -> ManifestEntry:
+    return ManifestEntry(
+        repository=message.repository,
+        digest=message.digest,
+        media_type=message.media_type,
+        references=tuple(message.references),
+        tags=tuple(tag.name for tag in message.tags),
+    )

@@ -1,0 +1,118 @@
+"""Cluster containers: what the cluster wants (desired) and what their node observes (status).
+
+The contract between the cluster service and the node agents (docs/etcd.md). Keys, relative
+to the store prefix:
+
+    cluster/containers/<id>     DesiredContainer. Written by the cluster only (placement,
+                                start/stop, removal, the controller), always in transactions
+                                that compare the record's revision and move the node's
+                                allocation with it. Read by the node agents (each converges on
+                                the records naming it) and the image service (which images
+                                containers use).
+    containers/<id>/status      ContainerStatus. Written by the node running the container
+                                (and deleted by it on removal); read by the cluster. The one
+                                exception: the cluster deletes it, in the transaction that
+                                deletes the desired record, when the container's node is not
+                                ready (no agent is there to do it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from berthd.common.containers import ContainerConfig
+from berthd.common.state.family import Family, known_fields
+from berthd.common.store import encode
+
+# DesiredContainer.desired
+RUNNING = "running"
+STOPPED = "stopped"
+# Label every cluster-managed container carries on its node, so an agent that comes back
+# after being declared dead knows which of its containers the cluster may have moved.
+MANAGED_LABEL = "berth.cluster.managed"
+
+
+@dataclass
+class DesiredContainer:
+    """A container the cluster placed on `node` and wants `desired` (running or stopped)."""
+
+    id: str
+    name: str
+    node: str
+    config: ContainerConfig
+    desired: str = RUNNING
+    cpu_millis: int = 0
+    memory_bytes: int = 0
+    constraints: list[str] = field(default_factory=list)
+    service: str = ""
+    slot: int = 0
+    scheduled_at: float = field(default_factory=time.time)
+    # Version of its service's spec the replica runs (rolling updates replace older ones).
+    service_version: int = 0
+    # The node it was moved from when its node was lost or drained (CONTAINER_RESCHEDULED).
+    previous_node: str = ""
+
+    def encode(self) -> bytes:
+        data = asdict(self)
+        data["config"] = json.loads(self.config.to_json())
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> DesiredContainer:
+        data: dict[str, Any] = json.loads(raw)
+        data["config"] = ContainerConfig.from_json(json.dumps(data["config"]))
+        return cls(**known_fields(cls, data))
+
+
+@dataclass
+class ContainerStatus:
+    """What the container's node last observed. `state` is the node's container state
+    (created, running, exited, restarting), or "" with `error` set when the node could not
+    create the container at all (its image does not pull, its user does not exist)."""
+
+    node: str = ""
+    name: str = ""
+    state: str = ""
+    pid: int = 0
+    exit_code: int = 0
+    oom_killed: bool = False
+    started_at: float | None = None
+    finished_at: float | None = None
+    restart_count: int = 0
+    error: str = ""
+    image_digest: str = ""
+    updated_at: float = field(default_factory=time.time)
+
+    def encode(self) -> bytes:
+        return encode(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> ContainerStatus:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("a container status is a JSON object")
+        status = cls(**known_fields(cls, data))
+        # Fields a writer left null read as their zero value.
+        status.pid = int(status.pid or 0)
+        status.exit_code = int(status.exit_code or 0)
+        status.restart_count = int(status.restart_count or 0)
+        status.error = str(status.error or "")
+        status.image_digest = str(status.image_digest or "")
+        return status
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Dict-style read for berthd/cluster/service.py, which still reads statuses as the
+        dicts they were (`status.get("exit_code")`); delete once it reads attributes."""
+        value = getattr(self, name, None)
+        return default if value is None else value
+
+
+CONTAINERS: Family[DesiredContainer] = Family(
+    "desired container", "cluster/containers/", lambda _id, raw: DesiredContainer.decode(raw)
+)
+STATUSES: Family[ContainerStatus] = Family(
+    "container status", "containers/", lambda _id, raw: ContainerStatus.decode(raw), "/status"
+)
