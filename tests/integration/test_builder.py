@@ -7,6 +7,7 @@ tests that read its image, its events and its cache. The test that prunes the ca
 
 from __future__ import annotations
 
+import asyncio
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +20,8 @@ from berth.builder.v1 import builder_pb2 as pb
 from berth.builder.v1 import builder_pb2_grpc
 from berth.client import BuilderClient, BuildOptions, ClusterClient, RegistryClient
 from berth.client.builder import StepEvent as ClientStepEvent
+from berthd.common.state.images import BUILDS, IMAGES
+from berthd.common.store import Store
 
 from .builder_cluster import BASE, Build, BuildCluster, build_cluster, requests
 from .conftest import wait_until
@@ -179,6 +182,25 @@ def test_a_rebuild_without_changes_is_cached_and_gives_the_same_image(
     assert result.cached_steps == result.total_steps == 16
     assert again.output() == []
     assert (result.digest, result.id) == (succeeded(first).digest, succeeded(first).id)
+
+
+async def test_the_builder_records_its_images_in_its_own_family(
+    first: Build, build_cluster: BuildCluster
+) -> None:
+    digest = succeeded(first).digest
+    store = Store(build_cluster.services.etcd, build_cluster.services.prefix)
+    await store.connect()
+    try:
+        found = await BUILDS.read(store, digest)
+        assert found is not None and found.record.dockerfile == "Dockerfile"
+        assert await IMAGES.get(store, digest) is None  # the image service's family
+        # A rebuild whose tags name the image already writes nothing, the record included.
+        again = await asyncio.to_thread(build_cluster.build, FILES, **OPTIONS)
+        assert succeeded(again).digest == digest
+        still = await BUILDS.read(store, digest)
+        assert still is not None and still.mod_revision == found.mod_revision
+    finally:
+        await store.close()
 
 
 def test_changing_a_copied_file_rebuilds_that_step_and_the_later_ones(

@@ -20,6 +20,7 @@ from isal import igzip
 
 from berth.client import RegistryClient
 from berthd.common.errors import DataLoss, InvalidArgument, NotFound
+from berthd.common.rpc.registry import RegistryApi
 from berthd.common.store import Store
 from berthd.image.archive import load_images, save_images
 from berthd.image.catalog import Catalog
@@ -35,10 +36,7 @@ OTHER = "test/other:2"
 
 
 def catalog_for(store: Store, registry: ServiceProcess, scratch: Path) -> Catalog:
-    async def address() -> str:
-        return registry.address
-
-    return Catalog(store, address, scratch)
+    return Catalog(store, RegistryApi(registry.address), scratch)
 
 
 @pytest.fixture
@@ -238,7 +236,7 @@ async def test_save_then_load_into_a_fresh_registry_keeps_digests(
     assert {d.digest for d in details} == set(two_images.values())
     for detail in details:
         assert detail.origin == ORIGIN_LOAD
-    with RegistryClient(await fresh.registry_address()) as loaded:
+    with RegistryClient(await fresh.registry.address()) as loaded:
         for ref, digest in two_images.items():
             repository, tag = ref.split(":")
             assert loaded.get_manifest(repository, tag).digest == digest
@@ -265,7 +263,7 @@ async def test_archives_skopeo_makes_load_with_matching_diff_ids(
     original = config_of(
         client, "test/other", client.get_manifest("test/other", "2").content, tmp_path
     )
-    with RegistryClient(await fresh.registry_address()) as loaded:
+    with RegistryClient(await fresh.registry.address()) as loaded:
         manifest = loaded.get_manifest("copied/other", "7").content
         assert config_of(loaded, "copied/other", manifest, tmp_path) == original
         diff_ids = uncompressed_digests(loaded, "copied/other", manifest, tmp_path)
@@ -308,7 +306,7 @@ async def test_a_flipped_layer_byte_is_data_loss(
     flip_byte_in(path, member)
     with pytest.raises(DataLoss, match=member):
         await load_images(fresh, file_chunks(path))
-    with RegistryClient(await fresh.registry_address()) as loaded:
+    with RegistryClient(await fresh.registry.address()) as loaded:
         assert [r.name for r in loaded.iter_repositories() if r.tag_count] == []
     assert_scratch_empty(fresh)
 

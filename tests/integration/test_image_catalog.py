@@ -18,6 +18,8 @@ from berth.client import ClusterClient, NodeClient, RegistryClient, RunOptions
 from berth.errors import BerthClientError
 from berthd.common.containers import ContainerConfig
 from berthd.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from berthd.common.rpc.cluster import ClusterApi
+from berthd.common.rpc.registry import RegistryApi
 from berthd.common.state.containers import CONTAINERS, DesiredContainer
 from berthd.common.state.images import BUILDS, IMAGES, BuildRecord
 from berthd.common.state.nodes import NODE_LAYERS, NodeLayers
@@ -43,10 +45,7 @@ def gz_size(layer: bytes) -> int:
 
 @pytest.fixture
 def catalog(store: Store, registry: ServiceProcess, tmp_path: Path) -> Catalog:
-    async def address() -> str:
-        return registry.address
-
-    return Catalog(store, address, tmp_path / "scratch")
+    return Catalog(store, RegistryApi(registry.address), tmp_path / "scratch")
 
 
 @pytest.fixture
@@ -77,7 +76,7 @@ async def test_inspect_by_tag_digest_and_id_prefix(
     assert detail.diff_ids == [sha(BASE), sha(APP)]
     assert [layer.size for layer in detail.layers] == [gz_size(BASE), gz_size(APP)]
     assert detail.size == sum(layer.size for layer in detail.layers) + len(
-        await catalog.read_blob("test/app", detail.id)
+        await catalog.registry.read_blob("test/app", detail.id)
     )
     assert detail.platform == "linux/amd64"
     assert [(s.layer, s.created_by) for s in detail.history] == [
@@ -377,9 +376,7 @@ async def test_commit_a_running_container(
     tmp_path: Path,
 ) -> None:
     cluster = services.start("cluster")
-
-    async def cluster_address() -> str:
-        return cluster.address
+    cluster_api = ClusterApi(cluster.address)
 
     script = "rm /etc/group; echo hi > /root/new; touch /tmp/ready; while true; do sleep 1; done"
     with ClusterClient(cluster.address) as c:
@@ -395,7 +392,7 @@ async def test_commit_a_running_container(
             parent_cmd = json.loads(parent.config)["config"]["Cmd"]
             detail = await commit(
                 catalog,
-                cluster_address,
+                cluster_api,
                 box.name,
                 "test/committed:v1",
                 "berth tests",
@@ -407,7 +404,7 @@ async def test_commit_a_running_container(
             with NodeClient(node_agent.address) as node:  # exec needs it thawed
                 assert node.exec(box.id, ["echo", "resumed"]).stdout == b"resumed\n"
             untagged = await commit(
-                catalog, cluster_address, box.id[:12], "", "", "", False, [], lambda *_: None
+                catalog, cluster_api, box.id[:12], "", "", "", False, [], lambda *_: None
             )
         finally:
             c.remove(box.id, force=True)
@@ -440,8 +437,6 @@ async def test_commit_a_running_container(
     assert json.loads(untagged.config)["config"]["Cmd"] == parent_cmd
 
     with pytest.raises(InvalidArgument, match="ENTRYPOINT"):
-        await commit(
-            catalog, cluster_address, box.id, "x:1", "", "", False, ["ONBUILD RUN x"], print
-        )
+        await commit(catalog, cluster_api, box.id, "x:1", "", "", False, ["ONBUILD RUN x"], print)
     with pytest.raises(NotFound):
-        await commit(catalog, cluster_address, "no-such", "x:1", "", "", False, [], print)
+        await commit(catalog, cluster_api, "no-such", "x:1", "", "", False, [], print)

@@ -18,6 +18,7 @@ from berth.client import RegistryClient
 from berthd.common.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
 from berthd.common.oci import mediatypes
 from berthd.common.oci.platform import host_platform
+from berthd.common.rpc.registry import RegistryApi
 from berthd.image.catalog import Catalog
 from berthd.image.model import Credentials, LayerEvent, TransferState
 from berthd.image.transfer import pull_external, push_external
@@ -38,10 +39,7 @@ State = TransferState
 
 @pytest.fixture
 def catalog(store, registry, tmp_path: Path) -> Catalog:
-    async def address() -> str:
-        return registry.address
-
-    return Catalog(store, address, tmp_path / "scratch")
+    return Catalog(store, RegistryApi(registry.address), tmp_path / "scratch")
 
 
 def final_states(events: list[LayerEvent]) -> dict[str, TransferState]:

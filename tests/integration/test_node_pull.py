@@ -1,5 +1,6 @@
 """pull_image against a real `berthd registry`: a two-layer busybox image with a whiteout is
-pushed with the client, then pulled, unpacked and pulled again from the cache."""
+pushed with the client, then pulled (through the services' RegistryApi), unpacked and pulled
+again from the cache."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from isal import igzip
 from berth.client import RegistryClient
 from berthd.common.errors import DataLoss
 from berthd.common.oci import mediatypes as mt
+from berthd.common.rpc.registry import RegistryApi
 from berthd.node.layers import (
     ImageStore,
     LayerStore,
@@ -98,8 +100,9 @@ def push_blob(client: RegistryClient, tmp: Path, data: bytes, media_type: str) -
 async def pull(
     client: RegistryClient, node: Path, reference: str, events: list[PullEvent]
 ) -> PullResult:
+    registry = RegistryApi(client.address)
     return await pull_image(
-        client, ImageStore(node), LayerStore(node), reference, node / "downloads", events.append
+        registry, ImageStore(node), LayerStore(node), reference, node / "downloads", events.append
     )
 
 

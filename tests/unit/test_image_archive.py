@@ -14,6 +14,7 @@ import pytest
 from isal import igzip
 
 from berthd.common.errors import DataLoss, InvalidArgument, ResourceExhausted
+from berthd.common.images import ResolvedImage
 from berthd.common.oci import mediatypes
 from berthd.common.oci.manifest import (
     Descriptor,
@@ -36,7 +37,6 @@ from berthd.image.archive_format import (
 )
 from berthd.image.archive_load import Naming, layout_naming, name_unnamed, read_layout, spool
 from berthd.image.archive_save import plan_save
-from berthd.image.catalog import ResolvedImage
 
 
 def sha(data: bytes) -> str:

@@ -12,16 +12,26 @@ import json
 import lzma
 import tarfile
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from berthd.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from berthd.common.images import Content
 from berthd.common.oci import mediatypes
-from berthd.common.oci.manifest import Descriptor, as_oci_layer, parse_image_config, parse_manifest
+from berthd.common.oci.manifest import (
+    Descriptor,
+    as_oci_layer,
+    build_image_manifest,
+    parse_image_config,
+    parse_manifest,
+)
+from berthd.common.rpc.registry import ManifestEntry, RegistryApi, StoredManifest
+from berthd.common.store import Store
 from berthd.common.tarsafe import UnsafeLayer
 from berthd.image.catalog import (
+    Catalog,
     ContainerUse,
-    Content,
     Snapshot,
     Target,
     catalog_figures,
@@ -35,8 +45,8 @@ from berthd.image.catalog import (
     shared_sizes,
     unreferenced,
 )
+from berthd.image.catalog import _dangling as dangling
 from berthd.image.commit import check_tar, commit_config, pack_layer
-from berthd.registry.metadata import ManifestRecord
 
 
 def digest(name: str) -> str:
@@ -155,17 +165,87 @@ def test_catalog_figures_count_shared_blobs_once() -> None:
     assert catalog_figures({"one": one, "two": two}) == (2, 100 + 5 + 10 + 10)
 
 
+# --- the snapshot and the content cache ---------------------------------------------------------
+
+
+class FakeRegistry:
+    """The parts of RegistryApi the catalog reads, over manifests and configs in memory."""
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+        self.entries: list[ManifestEntry] = []
+        self.reads: list[str] = []
+
+    async def list_manifests(self, repository: str = "") -> list[ManifestEntry]:
+        return list(self.entries)
+
+    async def get_manifest(self, repository: str, reference: str) -> StoredManifest:
+        self.reads.append(reference)
+        return StoredManifest(reference, mediatypes.OCI_IMAGE_MANIFEST, self.blobs[reference])
+
+    async def read_blob(self, repository: str, digest: str) -> bytes:
+        self.reads.append(digest)
+        return self.blobs[digest]
+
+
+def stored_image(blobs: dict[str, bytes], name: str) -> str:
+    """An image manifest and its config in `blobs`; returns the manifest digest."""
+    config = config_of([], 1).replace(b"amd64", name.encode())
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    manifest = build_image_manifest(
+        Descriptor(mediatypes.OCI_IMAGE_CONFIG, config_digest, len(config)), [layer(name, 5)]
+    )
+    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    blobs[config_digest], blobs[manifest_digest] = config, manifest
+    return manifest_digest
+
+
+async def test_the_snapshot_is_one_listing_and_content_is_fetched_once(tmp_path: Path) -> None:
+    blobs: dict[str, bytes] = {}
+    one, two = stored_image(blobs, "one"), stored_image(blobs, "two")
+    index = digest("index")
+    fake = FakeRegistry(blobs)
+    config_one = parse_manifest(blobs[one]).config
+    assert config_one is not None
+    references = (config_one.digest, layer("one", 5).digest)
+    fake.entries = [
+        ManifestEntry("a", one, mediatypes.OCI_IMAGE_MANIFEST, references, ("1", "2")),
+        ManifestEntry("b", one, mediatypes.OCI_IMAGE_MANIFEST, references, ()),
+        ManifestEntry("a", two, mediatypes.OCI_IMAGE_MANIFEST, (), ()),
+        ManifestEntry("a", index, mediatypes.OCI_IMAGE_INDEX, (two,), ("multi",)),
+    ]
+    catalog = Catalog(Store("unused:2379"), cast(RegistryApi, fake), tmp_path)
+    snapshot = await catalog.snapshot()
+    assert snapshot.manifests == {
+        one: {"a": references, "b": references},
+        two: {"a": ()},
+        index: {"a": (two,)},
+    }
+    assert snapshot.tags == {("a", "1"): one, ("a", "2"): one, ("a", "multi"): index}
+    fake.entries = fake.entries[:3]  # the index is gone: its image is part of nothing now
+    snapshot = await catalog.snapshot()
+    images = await catalog.contents(snapshot)
+    assert sorted(images) == sorted([one, two])
+    # An untagged copy is dangling; an image an index of its repository lists is not.
+    assert dangling(snapshot, images) == sorted([("b", one), ("a", two)])
+    fetched = list(fake.reads)
+    assert len(fetched) == 4  # two manifests and their configs
+    await catalog.contents(await catalog.snapshot())
+    assert fake.reads == fetched  # a second listing reads nothing but the names
+    fake.entries = fake.entries[2:]
+    await catalog.contents(await catalog.snapshot())
+    fake.entries.insert(0, ManifestEntry("a", one, mediatypes.OCI_IMAGE_MANIFEST, (), ()))
+    await catalog.contents(await catalog.snapshot())
+    assert fake.reads[len(fetched) :] == [one, config_one.digest]  # dropped, read again
+
+
 # --- removal rules -------------------------------------------------------------------------------
-
-
-def record(name: str, references: tuple[str, ...] = ()) -> ManifestRecord:
-    return ManifestRecord(digest(name), mediatypes.OCI_IMAGE_MANIFEST, 100, references, 0.0)
 
 
 def snapshot_of(holders: dict[str, list[str]], tags: dict[tuple[str, str], str]) -> Snapshot:
     snap = Snapshot()
     for name, repos in holders.items():
-        snap.manifests[digest(name)] = {repo: record(name) for repo in repos}
+        snap.manifests[digest(name)] = {repo: () for repo in repos}
     snap.tags = {key: digest(name) for key, name in tags.items()}
     return snap
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from berth.client import ManifestData
-from berth.errors import BerthClientError
 from berthd.common.errors import DataLoss, InvalidArgument, NotFound
 from berthd.common.oci import mediatypes as mt
 from berthd.common.oci.manifest import Descriptor
 from berthd.common.oci.platform import host_platform
+from berthd.common.rpc.registry import StoredManifest
 from berthd.common.tarsafe import UnsafeLayer
+from berthd.node import layers as layers_module
 from berthd.node.layers import (
     ImageRecord,
     ImageStore,
@@ -298,13 +298,18 @@ def test_remove_keeps_layers_other_images_or_containers_use(images: ImageStore) 
 
 
 class FakeRegistry:
-    """RegistryClient's get_manifest and pull_blob over dicts, counting blob downloads."""
+    """RegistryApi's get_manifest and pull_blob over dicts, counting blob downloads.
+
+    Like the real one, pull_blob is a coroutine that reports progress on the event loop,
+    writes into `<dest>.partial`, goes on from the bytes already there (`resumed` records
+    where each download started), and renames the file into place only when it is complete.
+    `delay` is a pause halfway through each blob, where a cancellation leaves half of it."""
 
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
         self.manifests: dict[tuple[str, str], tuple[str, bytes]] = {}
         self.downloads: list[str] = []
-        self.lock = threading.Lock()
+        self.resumed: dict[str, int] = {}
         self.delay = 0.0
 
     def add_blob(self, data: bytes) -> Descriptor:
@@ -336,21 +341,32 @@ class FakeRegistry:
         self.manifests[(repo, sha(manifest))] = (mt.OCI_IMAGE_MANIFEST, manifest)
         return sha(manifest)
 
-    def get_manifest(self, repo: str, reference: str) -> ManifestData:
+    async def get_manifest(self, repo: str, reference: str) -> StoredManifest:
         if (repo, reference) not in self.manifests:
-            raise BerthClientError(f"manifest {repo}:{reference} not found", "NOT_FOUND")
+            raise NotFound(f"registry: manifest {repo}:{reference} not found")
         media_type, content = self.manifests[(repo, reference)]
-        return ManifestData(sha(content), media_type, content)
+        return StoredManifest(sha(content), media_type, content)
 
-    def pull_blob(self, repo: str, digest: str, dest: Path, progress=None) -> int:
+    async def pull_blob(self, repo: str, digest: str, dest: Path, progress=None) -> int:
         data = self.blobs[digest]
-        with self.lock:
-            self.downloads.append(digest)
-        for done in range(0, len(data), 1000):
-            if progress is not None:
-                progress(done, len(data))
-        threading.Event().wait(self.delay)
-        Path(dest).write_bytes(data)
+        self.downloads.append(digest)
+        partial = dest.with_name(dest.name + ".partial")
+        offset = partial.stat().st_size if partial.exists() else 0
+        self.resumed[digest] = offset
+        half = max(len(data) // 2, offset)
+        with open(partial, "ab") as out:
+            for start, end in ((offset, half), (half, len(data))):
+                for done in range(start, end, 100):
+                    if progress is not None:
+                        progress(done, len(data))
+                out.write(data[start:end])
+                out.flush()
+                if end == half:
+                    await asyncio.sleep(self.delay)
+        if partial.read_bytes() != data:
+            partial.unlink()
+            raise DataLoss(f"registry: blob {digest} does not match its digest")
+        partial.rename(dest)
         if progress is not None:
             progress(len(data), len(data))
         return len(data)
@@ -479,7 +495,9 @@ async def test_failed_pull_leaves_no_layer_blob_or_record(tmp_path: Path) -> Non
     assert len(registry.downloads) == downloads  # refused before downloading anything
 
 
-async def test_cancelled_pull_stops_its_threads_and_leaves_nothing(tmp_path: Path) -> None:
+async def test_cancelled_download_leaves_only_partials_that_the_next_pull_resumes(
+    tmp_path: Path,
+) -> None:
     registry = FakeRegistry()
     registry.delay = 0.3
     registry.add_image("lib/app", "v1", [BASE, APP])
@@ -490,8 +508,57 @@ async def test_cancelled_pull_stops_its_threads_and_leaves_nothing(tmp_path: Pat
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    # The download threads have finished (awaited), and their files are gone.
-    assert list((tmp_path / "downloads").iterdir()) == []
+    # No layer, no record, no complete blob: only the halves of the layer downloads, named
+    # by chain id (the config's download, under a random name, is never resumed: it is gone).
+    chains = chain_ids([BASE.diff_id, APP.diff_id])
+    partials = {c.removeprefix("sha256:") + ".layer.partial" for c in chains}
+    assert {p.name for p in (tmp_path / "downloads").iterdir()} == partials
     assert node.layers.list() == []
     assert layer_dir_entries(node.layers) == []
+    assert node.images.list() == []
+
+    registry.delay = 0.0
+    result = await node.pull(registry, "lib/app:v1")
+    assert (result.layers_pulled, result.layers_cached) == (2, 0)
+    for layer in (BASE, APP):
+        assert registry.resumed[layer.digest] == len(layer.blob) // 2  # went on from the half
+    assert list((tmp_path / "downloads").iterdir()) == []
+
+
+async def test_cancelled_extraction_stops_its_thread_and_leaves_no_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, release = threading.Event(), threading.Event()
+    outcomes: list[BaseException | None] = []
+    extract = layers_module.extract_layer
+
+    def held_extract(tar, dest):  # in the unpack thread: wait, then read the blob
+        started.set()
+        release.wait(5)
+        try:
+            result = extract(tar, dest)
+        except BaseException as exc:
+            outcomes.append(exc)
+            raise
+        outcomes.append(None)
+        return result
+
+    monkeypatch.setattr(layers_module, "extract_layer", held_extract)
+    registry = FakeRegistry()
+    registry.add_image("lib/app", "v1", [BASE])
+    node = Node(tmp_path)
+    task = asyncio.create_task(node.pull(registry, "lib/app:v1"))
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.sleep(0.1)  # the pull handles its cancellation and waits for the thread
+    assert not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The thread was awaited: its first read of the blob stopped it, and it cleaned up.
+    assert [type(outcome).__name__ for outcome in outcomes] == ["_Stopped"]
+    assert node.layers.list() == []
+    assert layer_dir_entries(node.layers) == []
+    assert list((tmp_path / "downloads").iterdir()) == []
     assert node.images.list() == []

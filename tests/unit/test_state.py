@@ -142,14 +142,6 @@ def test_status_round_trip_and_the_shapes_nodes_wrote() -> None:
     assert ContainerStatus.decode(b'{"exit_code":null,"pid":null}').exit_code == 0
 
 
-def test_status_get_reads_like_the_dict_it_was() -> None:
-    status = ContainerStatus(state="exited", exit_code=3)
-    assert (status.get("state"), status.get("exit_code"), status.get("started_at")) == (
-        "exited", 3, None,
-    )  # fmt: skip
-    assert status.get("missing", "x") == "x"
-
-
 # Nodes -----------------------------------------------------------------------------------------
 
 

@@ -78,8 +78,10 @@ class Runner:
         *,
         network: str = "none",
         start_timeout: float = 300.0,
+        node_api: Callable[[str], NodeApi] = NodeApi,
     ) -> None:
         self.cluster = cluster
+        self.node_api = node_api  # a node agent's API by its address
         self.repository = repository  # where the node pushes the step's layer
         self.network = network
         # A node retries a container it cannot create (a bad USER, a failing pull) forever;
@@ -119,7 +121,7 @@ class Runner:
         exit_code = await self.cluster.wait(container)
         if exit_code != 0:
             raise RunFailed(spec, exit_code)
-        node = NodeApi((await self.cluster.node(info.node_id)).address)
+        node = self.node_api((await self.cluster.node(info.node_id)).address)
         if not await node.has_changes(container):
             return RunResult(None)
         digest, diff_id, size = await node.export_layer(container, self.repository)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from berth.client import RegistryClient, parse_image_reference
+from berth.client import parse_image_reference
 from berth.errors import BerthClientError
 from berthd.cluster import metrics
 from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place
@@ -38,11 +38,13 @@ from berthd.common.containers import ContainerConfig
 from berthd.common.errors import (
     Aborted,
     AlreadyExists,
+    BerthError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
+from berthd.common.rpc.registry import RegistryApi
 from berthd.common.state.containers import (
     CONTAINERS,
     RUNNING,
@@ -77,15 +79,15 @@ START_TIMEOUT_SECONDS = 30
 
 # How long an image's layer list is reused between placements (tags can move).
 LAYER_CACHE_SECONDS = 30.0
+# Locality only refines a placement: a registry slower than this is not waited for.
+LAYER_LOOKUP_SECONDS = 10.0
 
 
-def manifest_layers(registry: str, image: str) -> dict[str, int]:
+async def manifest_layers(registry: RegistryApi, image: str) -> dict[str, int]:
     """Layer digest -> size of an image manifest in berth's registry (an index has none)."""
     reference = parse_image_reference(image)
-    with RegistryClient(registry, timeout=10) as client:
-        manifest = json.loads(
-            client.get_manifest(reference.repository, reference.reference).content
-        )
+    stored = await registry.get_manifest(reference.repository, reference.reference)
+    manifest = json.loads(stored.content)
     return {layer["digest"]: int(layer["size"]) for layer in manifest.get("layers", [])}
 
 
@@ -131,12 +133,6 @@ class ClusterNode:
     @property
     def address(self) -> str:
         return self.record.address
-
-    @property
-    def info(self) -> dict[str, Any]:
-        """The node record as a dict, for berthd/cluster/service.py, which still reads it so
-        (`node.info.get("version")`); delete once it reads `record`."""
-        return dataclasses.asdict(self.record)
 
     def view(self) -> NodeView:
         return NodeView(
@@ -369,10 +365,13 @@ class ClusterCore:
         layers: dict[str, int] = {}
         registries = await instances(self.store, "registry")
         if registries:
-            address = registries[0].address
+            registry = RegistryApi(registries[0].address)
             try:
-                layers = await asyncio.to_thread(manifest_layers, address, image)
-            except (BerthClientError, ValueError, KeyError, TypeError) as exc:
+                async with asyncio.timeout(LAYER_LOOKUP_SECONDS):
+                    layers = await manifest_layers(registry, image)
+            except TimeoutError:
+                log.info("no image locality for %s: the registry did not answer in time", image)
+            except (BerthError, BerthClientError, ValueError, KeyError, TypeError) as exc:
                 log.info("no image locality for %s: %s", image, exc)
         self._layer_cache[image] = (time.monotonic(), layers)
         return layers

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -23,15 +24,10 @@ from berth.enums.cluster import (
     NODE_STATES,
     UPDATE_STATES,
 )
-from berth.node.v1 import node_pb2, node_pb2_grpc
+from berth.node.v1 import node_pb2
 from berth.types.v1 import container_pb2
 from berth.types.v1 import node_pb2 as types_node_pb2
-from berthd.cluster.core import (
-    ClusterCore,
-    ClusterNode,
-    ContainerView,
-    Endpoint,
-)
+from berthd.cluster.core import ClusterCore, ClusterNode, ContainerView, Endpoint
 from berthd.cluster.events import Event as ClusterEvent
 from berthd.cluster.events import EventFilter, watch_events
 from berthd.cluster.services import ServiceCore, ServiceRecord
@@ -41,32 +37,25 @@ from berthd.common.container_messages import (
     spec_from_config,
     state_filter,
 )
-from berthd.common.errors import BerthError, InvalidArgument
+from berthd.common.errors import InvalidArgument
 from berthd.common.messages import timestamp
-from berthd.common.server import MAX_MESSAGE_BYTES
+from berthd.common.rpc.node import NodeApi
+from berthd.common.state.containers import ContainerStatus
 
 Context = grpc.aio.ServicerContext
 
 
-class NodeCallError(BerthError):
-    """A node's own status, relayed with the node named (so the code means what it meant)."""
-
-    def __init__(self, node: str, error: grpc.aio.AioRpcError) -> None:
-        super().__init__(f"node {node}: {error.details()}")
-        self.code = error.code()
-
-
 def node_message(node: ClusterNode) -> pb.Node:
-    info = node.info
+    record = node.record
     return pb.Node(
         description=types_node_pb2.NodeDescription(
             id=node.id,
             address=node.address,
             labels=node.labels,
-            cpus=int(info.get("cpus", 0)),
+            cpus=record.cpus,
             memory_bytes=node.capacity_memory_bytes,
-            version=str(info.get("version", "")),
-            runtime_version=str(info.get("runtime_version", "")),
+            version=record.version,
+            runtime_version=record.runtime_version,
         ),
         state=NODE_STATES.value("ready" if node.ready else "down"),
         availability=AVAILABILITIES.value(node.availability, pb.NODE_AVAILABILITY_UNSPECIFIED),
@@ -80,19 +69,19 @@ def node_message(node: ClusterNode) -> pb.Node:
     )
 
 
-def status_message(status: dict | None) -> container_pb2.ContainerStatus | None:
+def status_message(status: ContainerStatus | None) -> container_pb2.ContainerStatus | None:
     """The ContainerStatus a node reported under containers/<id>/status."""
     if status is None:
         return None
     return container_status(
-        status.get("state") or "",
-        pid=status.get("pid") or 0,
-        exit_code=status.get("exit_code") or 0,
-        oom_killed=bool(status.get("oom_killed")),
-        started_at=status.get("started_at"),
-        finished_at=status.get("finished_at"),
-        restart_count=status.get("restart_count") or 0,
-        error=status.get("error") or "",
+        status.state or "",
+        pid=status.pid,
+        exit_code=status.exit_code,
+        oom_killed=bool(status.oom_killed),
+        started_at=status.started_at,
+        finished_at=status.finished_at,
+        restart_count=status.restart_count,
+        error=status.error,
     )
 
 
@@ -111,7 +100,7 @@ def container_message(view: ContainerView) -> pb.Container:
         node_id=desired.node,
         desired_state=DESIRED_STATES.value(desired.desired, pb.DESIRED_STATE_STOPPED),
         status=status_message(view.status),
-        image_digest=(view.status or {}).get("image_digest") or "",
+        image_digest=view.status.image_digest if view.status else "",
         service_id=desired.service,
         slot=desired.slot,
         scheduled_at=timestamp(desired.scheduled_at),
@@ -290,24 +279,26 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     ) -> AsyncIterator[pb.WaitContainerResponse]:
         status = await self.core.wait(request.container)
         yield pb.WaitContainerResponse(
-            exit_code=status.get("exit_code") or 0, oom_killed=bool(status.get("oom_killed"))
+            exit_code=status.exit_code, oom_killed=bool(status.oom_killed)
         )
 
     # Streams through to the owning node ----------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _node(self, view: ContainerView) -> AsyncIterator[node_pb2_grpc.NodeServiceStub]:
-        """A stub of the container's node; its failures come back as the node's status."""
-        address = await self.core.node_address(view)
-        options = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
-        async with grpc.aio.insecure_channel(address, options=options) as channel:
-            try:
-                yield node_pb2_grpc.NodeServiceStub(channel)
-            except grpc.aio.AioRpcError as exc:
-                raise NodeCallError(view.desired.node, exc) from None
+    async def _from_node(self, view: ContainerView, method: str, request: Any) -> AsyncIterator:
+        """The replies of a streaming call to the container's node, over the shared channel.
+        A failure comes back as the node's status with the node named ("node n1: ..."); a
+        caller that goes away ends the node's side of the stream too."""
+        node = NodeApi(await self.core.node_address(view))
+        stub, address = await node.connect()
+        call = getattr(stub, method)(request)
+        try:
+            async for reply in call:
+                yield reply
+        except grpc.aio.AioRpcError as err:
+            error = node.error(err, address)
+            raise type(error)(f"node {view.desired.node}: {error}") from None
+        finally:
+            call.cancel()
 
     async def ContainerLogs(
         self, request: pb.ContainerLogsRequest, context: Context
@@ -318,8 +309,8 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         )
         if request.HasField("since"):
             forward.since.CopyFrom(request.since)
-        async with self._node(view) as node:
-            async for line in node.ContainerLogs(forward):
+        async with contextlib.aclosing(self._from_node(view, "ContainerLogs", forward)) as lines:
+            async for line in lines:
                 yield pb.ContainerLogsResponse(time=line.time, stream=line.stream, data=line.data)
 
     async def Exec(
@@ -340,8 +331,8 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
             async for message in request_iterator:
                 yield node_pb2.ExecRequest(stdin=message.stdin, close_stdin=message.close_stdin)
 
-        async with self._node(view) as node:
-            async for out in node.Exec(forward()):
+        async with contextlib.aclosing(self._from_node(view, "Exec", forward())) as outputs:
+            async for out in outputs:
                 yield pb.ExecResponse(
                     stdout=out.stdout, stderr=out.stderr, exited=out.exited, exit_code=out.exit_code
                 )
@@ -351,8 +342,8 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     ) -> AsyncIterator[pb.ContainerStatsResponse]:
         view = await self.core.inspect(request.container)
         forward = node_pb2.ContainerStatsRequest(container=view.id, stream=request.stream)
-        async with self._node(view) as node:
-            async for sample in node.ContainerStats(forward):
+        async with contextlib.aclosing(self._from_node(view, "ContainerStats", forward)) as samples:
+            async for sample in samples:
                 yield pb.ContainerStatsResponse(
                     container_id=view.id, node_id=view.desired.node, sample=sample.sample
                 )

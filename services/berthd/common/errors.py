@@ -86,6 +86,14 @@ _BY_CODE: dict[str, type[BerthError]] = {
 
 
 def error_for_code(code: str, message: str) -> BerthError:
-    """The domain error for a status code name ("NOT_FOUND"), as another berth service's answer
-    arrives through the client package; unknown codes stay BerthError (UNKNOWN)."""
-    return _BY_CODE.get(code, BerthError)(message)
+    """The domain error for a status code name ("NOT_FOUND"), as another berth service answered.
+    A code with no domain class (CANCELLED, INTERNAL, ...) is kept on a plain BerthError, so
+    relaying the answer keeps its code; an unknown name is UNKNOWN."""
+    cls = _BY_CODE.get(code)
+    if cls is not None:
+        return cls(message)
+    error = BerthError(message)
+    status = getattr(grpc.StatusCode, code, None)
+    if isinstance(status, grpc.StatusCode) and status != grpc.StatusCode.OK:
+        error.code = status
+    return error

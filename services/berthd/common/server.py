@@ -27,6 +27,7 @@ from berth.files import atomic_write
 from berthd.common.config import ServiceConfig, split_host_port
 from berthd.common.interceptor import ObservabilityInterceptor
 from berthd.common.logs import setup_logging
+from berthd.common.rpc.channels import close_shared
 from berthd.common.state.endpoints import EndpointRecord, endpoint_key
 from berthd.common.store import LeaseKeeper, Store
 
@@ -115,6 +116,8 @@ async def run_server(
     await server.stop(config.drain_seconds)
     if on_stop:
         await on_stop()
+    # After the server stopped and the service's own shutdown: no outgoing call is in flight.
+    await close_shared()
     await lease.stop()
     await store.close()
     metrics_httpd.shutdown()

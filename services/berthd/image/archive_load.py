@@ -29,7 +29,6 @@ from pathlib import Path
 
 from isal import igzip, igzip_lib
 
-from berth.client import RegistryClient
 from berthd.common.errors import DataLoss, InvalidArgument, ResourceExhausted
 from berthd.common.oci import mediatypes
 from berthd.common.oci.digest import digest_bytes, quoted
@@ -375,9 +374,7 @@ class _Loader:
     async def _put_manifest(
         self, repository: str, reference: str, media_type: str, content: bytes
     ) -> None:
-        await self.catalog.call(
-            RegistryClient.put_manifest, repository, reference, media_type, content
-        )
+        await self.catalog.registry.put_manifest(repository, reference, media_type, content)
 
     async def _push_blob(self, repository: str, blob: Descriptor, what: str) -> None:
         entry = await asyncio.to_thread(self.archive.entry, blob_path(blob.digest), what)
@@ -391,14 +388,12 @@ class _Loader:
     async def _push_member(self, repository: str, entry: Entry, digest: str, what: str) -> None:
         if (repository, digest) in self._pushed:
             return
-
-        def push(client: RegistryClient) -> None:
-            with self.archive.open_at(entry) as f:
-                client.push_blob(repository, f, digest, entry.size)
-
         try:
-            # The registry hashes what arrives and refuses a mismatch (DATA_LOSS).
-            await self.catalog.call(push)
+            # Sent from where it lies in the spool; the registry hashes what arrives and
+            # refuses a mismatch (DATA_LOSS).
+            await self.catalog.registry.push_blob(
+                repository, self.archive.path, digest, entry.size, start=entry.offset
+            )
         except DataLoss as e:
             raise DataLoss(
                 f"archive member {quoted(entry.name)} ({what}) does not match its digest {digest}"
@@ -426,9 +421,10 @@ class _Loader:
         configs: dict[tuple[str, str], Descriptor] = {}
         for image, naming in zip(images, namings, strict=True):
             for repository, _ in naming.names:
-                configs[repository, digest_bytes(image.config)] = await self.catalog.push_bytes(
+                pushed = await self.catalog.registry.push_bytes(
                     repository, image.config, mediatypes.OCI_IMAGE_CONFIG
                 )
+                configs[repository, pushed.digest] = pushed
                 for layer in image.layers:
                     await self._push_layer(repository, layer)
         details: dict[str, ImageDetail] = {}
@@ -503,7 +499,8 @@ class _Loader:
         if layer.member is not None:
             await self._push_member(repository, layer.member, digest, "layer")
         elif (repository, digest) not in self._pushed:
-            await self.catalog.call(RegistryClient.push_blob, repository, layer.path, digest, size)
+            assert layer.path is not None  # a layer is a member or a file
+            await self.catalog.registry.push_blob(repository, layer.path, digest, size)
             self._pushed.add((repository, digest))
 
 

@@ -18,8 +18,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from berth.client import RegistryClient
 from berthd.common.errors import DataLoss, InvalidArgument
+from berthd.common.images import ResolvedImage
 from berthd.common.oci.digest import hex_of, quoted
 from berthd.common.oci.manifest import Descriptor, encode_json
 from berthd.image.archive_format import (
@@ -38,7 +38,7 @@ from berthd.image.archive_format import (
     tar_header,
     tar_padding,
 )
-from berthd.image.catalog import Catalog, ResolvedImage
+from berthd.image.catalog import Catalog
 
 CHUNK_SIZE = 1 << 20
 
@@ -200,11 +200,12 @@ async def _stream(catalog: Catalog, plan: SavePlan) -> AsyncIterator[bytes]:
 async def _registry_blob(catalog: Catalog, member: Member, workdir: Path) -> AsyncIterator[bytes]:
     """A blob's bytes from the registry: downloaded (and verified) to scratch, then read.
 
-    RegistryClient has no public streaming read, so the blob goes through a file; one blob
-    at a time, deleted as soon as it is sent."""
+    The registry's API reads a large blob only into a file (resumable, checked against its
+    digest before it appears), so the blob goes through one; one blob at a time, deleted as
+    soon as it is sent."""
     path = workdir / hex_of(member.digest)
     try:
-        size = await catalog.call(RegistryClient.pull_blob, member.repository, member.digest, path)
+        size = await catalog.registry.pull_blob(member.repository, member.digest, path)
         if size != member.size:
             raise DataLoss(
                 f"blob {member.digest} in {member.repository} is {size} bytes, but its "

@@ -1,10 +1,10 @@
 """The image catalog: berth's registry's repositories and tags, read as images.
 
 The registry holds the names (tags) and the content; this module reads them as images and
-writes new ones. Reads of the registry's own records (`registry/manifests/`, `registry/tags/`)
-come straight from etcd, read-only, so listing the catalog is two range reads instead of one
-RPC per repository; manifests and configs are fetched once and kept in memory by digest (they
-are immutable). Every write goes through the registry's API. What the image service adds lives
+writes new ones, only through the registry's API (berthd.common.rpc.registry): the catalog's
+names are one consistent listing (`ListManifests`, every repository's manifests with their tags
+and references, a page per thousand), and manifests and configs are fetched once and kept in
+memory by digest (they are immutable; berthd.common.images). What the image service adds lives
 under its own keys, `images/<manifest digest>` (an ImageOrigin: how an image came into the
 catalog, commit, import, load or pull), read with the builder's `builds/<digest>` to show an
 image's origin (berthd.common.state.images).
@@ -21,35 +21,19 @@ Docker does.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
-import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from berth.client import RegistryClient
-from berth.errors import BerthClientError
-from berthd.common.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    error_for_code,
-)
-from berthd.common.oci import mediatypes
-from berthd.common.oci.digest import digest_bytes, quoted
-from berthd.common.oci.manifest import (
-    Descriptor,
-    ImageConfig,
-    ParsedManifest,
-    build_image_manifest,
-    encode_json,
-    parse_image_config,
-    parse_manifest,
-)
+from berthd.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from berthd.common.images import Content, ImageStore, ResolvedImage
+from berthd.common.oci.digest import quoted
+from berthd.common.oci.manifest import Descriptor, ImageConfig
 from berthd.common.oci.reference import Reference, parse_reference
+from berthd.common.rpc.registry import RegistryApi
 from berthd.common.state.build_cache import CACHE_REPOSITORY
 from berthd.common.state.containers import CONTAINERS
 from berthd.common.state.images import IMAGES, ImageOrigin, origin_of
@@ -58,74 +42,19 @@ from berthd.common.store import Store
 from berthd.common.timestamps import parse_rfc3339
 from berthd.image import metrics
 from berthd.image.model import HistoryStep, ImageDetail, ImageRow, Removal
-from berthd.registry.metadata import TAGS, ManifestRecord, Metadata, split_child_key
 
 # Manifests and configs fetched at once when the cache is cold (a first `berth images`).
 FETCH_CONCURRENCY = 8
 _ID_PREFIX = re.compile(r"(sha256:)?([0-9a-f]{4,64})")
 
-log = logging.getLogger("berthd.image.catalog")
-
-RegistryAddress = Callable[[], Awaitable[str]]
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ResolvedImage:
-    """An image found in the registry: where, its manifest and its config, parsed."""
-
-    repository: str
-    tag: str | None
-    digest: str
-    media_type: str
-    manifest: bytes
-    parsed: ParsedManifest
-    config_bytes: bytes
-    config: ImageConfig
-
-
-@dataclass(frozen=True)
-class Content:
-    """A manifest and, for an image, its config: immutable, so cached by manifest digest."""
-
-    digest: str
-    media_type: str
-    manifest: bytes
-    parsed: ParsedManifest
-    config_bytes: bytes = b""
-    config: ImageConfig | None = None
-
-    @property
-    def is_image(self) -> bool:
-        return self.config is not None
-
-    @property
-    def layers(self) -> tuple[Descriptor, ...]:
-        return self.parsed.layers
-
-    @property
-    def id(self) -> str:
-        return self.parsed.config.digest if self.parsed.config else ""
-
-    @property
-    def size(self) -> int:
-        """Compressed layers plus the config, as `docker images` counts."""
-        config = self.parsed.config.size if self.parsed.config else 0
-        return config + sum(layer.size for layer in self.layers)
-
-    @property
-    def blobs(self) -> tuple[Descriptor, ...]:
-        """Layers, then the config: what an image owns besides its manifest."""
-        config = (self.parsed.config,) if self.parsed.config else ()
-        return (*self.layers, *config)
-
 
 @dataclass
 class Snapshot:
-    """The registry's names at one moment, read from its records in etcd."""
+    """The registry's names at one moment, as one listing of its manifests."""
 
-    # manifest digest -> {repository: record}, for every repository holding it
-    manifests: dict[str, dict[str, ManifestRecord]] = field(default_factory=dict)
+    # manifest digest -> {repository: the digests the manifest references}, for every
+    # repository holding it
+    manifests: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
     # (repository, tag) -> manifest digest
     tags: dict[tuple[str, str], str] = field(default_factory=dict)
 
@@ -266,95 +195,31 @@ def catalog_name(text: str, what: str = "image name") -> Reference:
 
 
 class Catalog:
-    def __init__(self, store: Store, registry_address: RegistryAddress, scratch: Path) -> None:
+    def __init__(self, store: Store, registry: RegistryApi, scratch: Path) -> None:
         self.store = store
-        self.registry_address = registry_address
+        self.registry = registry
+        # The images library over the registry's API, with its cache of manifests and configs.
+        self.images = ImageStore(registry)
         # Where large transient files (layers being packed or unpacked) go.
         self.scratch = scratch
-        self.metadata = Metadata(store)
-        self._contents: dict[str, Content] = {}
-        # One client (one gRPC channel, thread-safe) per registry address: a new channel per
-        # call costs a connection each time, which a cached build's many small calls feel.
-        self._clients: dict[str, RegistryClient] = {}
-
-    # --- the registry ---------------------------------------------------------------------
-
-    async def call(self, method: Callable[..., T], *args: Any) -> T:
-        """Run one blocking RegistryClient call in a thread: `await catalog.call(
-        RegistryClient.stat_blob, repository, digest)`. Client errors become domain errors."""
-        address = await self.registry_address()
-        client = self._clients.get(address)
-        if client is None:
-            client = self._clients[address] = RegistryClient(address)
-        try:
-            return await asyncio.to_thread(method, client, *args)
-        except BerthClientError as e:
-            raise error_for_code(e.code, f"registry: {e.message}") from e
-
-    def close(self) -> None:
-        """Close the registry connections (a later call opens them again)."""
-        clients, self._clients = self._clients, {}
-        for client in clients.values():
-            client.close()
-
-    async def read_blob(self, repository: str, digest: str) -> bytes:
-        """A small blob (a config) in memory, verified against its digest."""
-        path = self.scratch / f"blob-{digest.replace(':', '-')}-{time.monotonic_ns()}"
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        try:
-            await self.call(RegistryClient.pull_blob, repository, digest, path)
-            return path.read_bytes()
-        finally:
-            path.unlink(missing_ok=True)
-
-    async def push_bytes(self, repository: str, data: bytes, media_type: str) -> Descriptor:
-        """Store a small blob (a config) in repository."""
-        digest = digest_bytes(data)
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        path = self.scratch / f"push-{digest.replace(':', '-')}-{time.monotonic_ns()}"
-        try:
-            path.write_bytes(data)
-            await self.call(RegistryClient.push_blob, repository, path, digest, len(data))
-        finally:
-            path.unlink(missing_ok=True)
-        return Descriptor(media_type, digest, len(data))
 
     # --- reading the catalog ----------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:
-        """The registry's manifests and tags, as two range reads of its etcd records."""
+        """The registry's manifests and tags, as one listing through its API."""
         snapshot = Snapshot()
-        for repo, record in await self.metadata.all_manifests():
-            snapshot.manifests.setdefault(record.digest, {})[repo] = record
-        async for entry in self.store.iterate(TAGS):
-            repo, tag = split_child_key(entry.key, TAGS)
-            snapshot.tags[(repo, tag)] = str(entry.json()["digest"])
+        for entry in await self.registry.list_manifests():
+            snapshot.manifests.setdefault(entry.digest, {})[entry.repository] = entry.references
+            for tag in entry.tags:
+                snapshot.tags[(entry.repository, tag)] = entry.digest
         # Content of manifests gone from the registry is dropped, so the cache stays the
         # catalog's size.
-        for digest in [d for d in self._contents if d not in snapshot.manifests]:
-            del self._contents[digest]
+        self.images.keep_only(set(snapshot.manifests))
         return snapshot
 
     async def content(self, digest: str, repository: str) -> Content:
         """A manifest (and its config, for an image) by digest, from the cache or the registry."""
-        cached = self._contents.get(digest)
-        if cached is not None:
-            return cached
-        stored = await self.call(RegistryClient.get_manifest, repository, digest)
-        parsed = parse_manifest(stored.content, stored.media_type)
-        content = Content(digest, parsed.media_type, stored.content, parsed)
-        if parsed.config is not None and parsed.config.media_type in mediatypes.CONFIG_TYPES:
-            config_bytes = await self.read_blob(repository, parsed.config.digest)
-            try:
-                config = parse_image_config(config_bytes)
-            except InvalidArgument as e:  # listed as a non-image, never fails the whole list
-                log.warning("manifest %s in %s has a bad config: %s", digest, repository, e)
-            else:
-                content = Content(
-                    digest, parsed.media_type, stored.content, parsed, config_bytes, config
-                )
-        self._contents[digest] = content
-        return content
+        return await self.images.content(digest, repository)
 
     async def contents(self, snapshot: Snapshot) -> dict[str, Content]:
         """Content of every manifest in the snapshot, fetching what is not cached yet."""
@@ -456,17 +321,7 @@ class Catalog:
     async def resolve(self, ref: str) -> ResolvedImage:
         """Find an image by any name `inspect` takes (reference, digest, id or id prefix)."""
         target, content = await self.image(ref)
-        assert content.config is not None
-        return ResolvedImage(
-            repository=target.repository,
-            tag=target.tag,
-            digest=target.digest,
-            media_type=content.media_type,
-            manifest=content.manifest,
-            parsed=content.parsed,
-            config_bytes=content.config_bytes,
-            config=content.config,
-        )
+        return ResolvedImage.of(target.repository, target.tag, content)
 
     async def inspect(self, ref: str) -> ImageDetail:
         """Everything known about one image."""
@@ -566,14 +421,9 @@ class Catalog:
     ) -> ImageDetail:
         """Store a new image whose layers are already in `repository`: push its config, put
         the manifest (under `tag`, or untagged by digest) and record its origin."""
-        config_bytes = encode_json(config)
-        parse_image_config(config_bytes)  # never write a config berth itself would refuse
-        config_descriptor = await self.push_bytes(
-            repository, config_bytes, mediatypes.OCI_IMAGE_CONFIG
-        )
-        return await self.write_manifest(
-            repository, tag, config_descriptor, layers, origin, origin_detail
-        )
+        written = await self.images.write_image(repository, tag, config, layers)
+        await self.record_origin(written.digest, repository, origin, origin_detail)
+        return await self.inspect(f"{repository}@{written.digest}")
 
     async def write_manifest(
         self,
@@ -587,21 +437,13 @@ class Catalog:
         """Put an OCI manifest over a config and layers already in `repository` (under `tag`,
         or untagged by digest) and record its origin. Used as is where the config's bytes
         must stay as they came (a loaded image keeps its id)."""
-        manifest = build_image_manifest(config, layers)
-        digest = await self.call(
-            RegistryClient.put_manifest,
-            repository,
-            tag or digest_bytes(manifest),
-            mediatypes.OCI_IMAGE_MANIFEST,
-            manifest,
-        )
+        digest = await self.images.write_manifest(repository, tag, config, layers)
         await self.record_origin(digest, repository, origin, origin_detail)
         return await self.inspect(f"{repository}@{digest}")
 
     async def tag_digest(self, repository: str, tag: str) -> str | None:
-        """The manifest digest `repository:tag` names now, or None (one etcd read)."""
-        record = await self.metadata.get_tag(repository, tag)
-        return record.digest if record is not None else None
+        """The manifest digest `repository:tag` names now, or None."""
+        return await self.registry.tag_digest(repository, tag)
 
     async def record_origin(
         self, digest: str, repository: str, origin: str, origin_detail: str = ""
@@ -621,16 +463,13 @@ class Catalog:
         repository = name.repository
         if repository not in snapshot.manifests.get(found.digest, {}):
             for blob in content.blobs:
-                mounted = await self.call(
-                    RegistryClient.mount_blob, repository, blob.digest, found.repository
-                )
-                if not mounted:
+                if not await self.registry.mount_blob(repository, blob.digest, found.repository):
                     raise FailedPrecondition(
                         f"blob {blob.digest} of {source} is missing from repository "
                         f"{found.repository}; the image is damaged"
                     )
-        return await self.call(
-            RegistryClient.put_manifest, repository, name.tag, content.media_type, content.manifest
+        return await self.registry.put_manifest(
+            repository, name.tag, content.media_type, content.manifest
         )
 
     async def remove(self, ref: str, force: bool = False) -> Removal:
@@ -695,14 +534,14 @@ class Catalog:
         removal = Removal()
         for repo, tag in plan.untag:
             try:
-                await self.call(RegistryClient.delete_tag, repo, tag)
+                await self.registry.delete_tag(repo, tag)
             except NotFound:
                 continue  # removed concurrently: the outcome is the same
             removal.untagged.append(f"{repo}:{tag}")
         copies = []  # repositories whose untagged copy went
         for repo in plan.delete_from:
             try:
-                deleted = await self.call(RegistryClient.delete_manifest, repo, digest)
+                deleted = await self.registry.delete_manifest(repo, digest)
                 removal.untagged += [f"{repo}:{tag}" for tag in deleted.deleted_tags]
                 if not deleted.deleted_tags:
                     copies.append(repo)
@@ -716,7 +555,7 @@ class Catalog:
         references = set()
         for repo, other in live:
             references.add(other)
-            references.update(snapshot.manifests[other][repo].references)
+            references.update(snapshot.manifests[other][repo])
         freed = unreferenced(content.blobs, references)
         removal.deleted = [digest, *(blob.digest for blob in freed)]
         return removal, len(content.manifest) + sum(blob.size for blob in freed)
@@ -785,8 +624,8 @@ def _dangling(snapshot: Snapshot, images: Mapping[str, Content]) -> list[tuple[s
     children = {
         (repo, child)
         for by_repo in snapshot.manifests.values()
-        for repo, record in by_repo.items()
-        for child in record.references
+        for repo, references in by_repo.items()
+        for child in references
     }
     return sorted(
         (repo, digest)

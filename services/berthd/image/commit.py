@@ -21,28 +21,27 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 from isal import igzip, igzip_lib
 
-from berth.client import ClusterClient, NodeClient, RegistryClient
 from berth.client.cluster import ClusterContainer, NodeInfo
-from berth.errors import BerthClientError
 from berthd.common.changes import apply_changes, parse_changes
-from berthd.common.endpoints import AddressGetter
 from berthd.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
-    error_for_code,
 )
+from berthd.common.images import ResolvedImage
 from berthd.common.oci import mediatypes
 from berthd.common.oci.digest import Digester, quoted
 from berthd.common.oci.manifest import Descriptor, as_oci_layer
 from berthd.common.oci.platform import host_platform
 from berthd.common.oci.reference import parse_reference
+from berthd.common.rpc.cluster import ClusterApi
+from berthd.common.rpc.node import NodeApi
 from berthd.common.streaming import spool_upload
 from berthd.common.tarsafe import (
     OPAQUE_MARKER,
@@ -52,7 +51,7 @@ from berthd.common.tarsafe import (
     split_path,
 )
 from berthd.image import metrics
-from berthd.image.catalog import Catalog, ResolvedImage, catalog_name
+from berthd.image.catalog import Catalog, catalog_name
 from berthd.image.model import ORIGIN_COMMIT, ORIGIN_IMPORT, ImageDetail
 
 # Where the blobs of an import without a name go (an untagged commit stays in its parent's
@@ -65,19 +64,9 @@ _TAR_BUFSIZE = 64 * 1024
 CommitProgress = Callable[[str, str], None]
 """progress(stage, text); stage is "resolving", "exporting" or "writing"."""
 
-T = TypeVar("T")
-
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-async def _client_call(function: Callable[..., T], *args: Any) -> T:
-    """A blocking berth client call in a thread, its errors as domain errors."""
-    try:
-        return await asyncio.to_thread(function, *args)
-    except BerthClientError as e:
-        raise error_for_code(e.code, e.message) from e
 
 
 # --- commit ------------------------------------------------------------------------------------
@@ -86,7 +75,7 @@ async def _client_call(function: Callable[..., T], *args: Any) -> T:
 @metrics.counted(metrics.COMMITS)
 async def commit(
     catalog: Catalog,
-    cluster_address: AddressGetter,
+    cluster: ClusterApi,
     container: str,
     reference: str,
     author: str,
@@ -104,16 +93,15 @@ async def commit(
         raise InvalidArgument("no container given")
 
     progress("resolving", f"finding container {container}")
-    found, node = await _client_call(_find_container, await cluster_address(), container)
-    parent = await _parent_image(catalog, found, node)
+    found, node = await _find_container(cluster, container)
+    agent = NodeApi(node.address)
+    parent = await _parent_image(catalog, found, node, agent)
     repository = name.repository if name else parent.repository
     progress("resolving", f"container {found.name} runs on node {node.id}, image {found.image}")
 
     paused = " (paused while it is read)" if pause else ""
     progress("exporting", f"node {node.id} packs the changes of {found.name}{paused}")
-    layer_digest, diff_id, size = await _client_call(
-        _export_layer, node.address, found.id, repository, pause
-    )
+    layer_digest, diff_id, size = await agent.export_layer(found.id, repository, pause)
     progress("exporting", f"layer {layer_digest} ({size} bytes) pushed to {repository}")
 
     progress("writing", "writing the image config and manifest")
@@ -137,17 +125,16 @@ async def commit(
     )
 
 
-def _find_container(address: str, container: str) -> tuple[ClusterContainer, NodeInfo]:
-    with ClusterClient(address) as cluster:
-        found = cluster.inspect(container)
-        if not found.node_id:
-            raise BerthClientError(
-                f"container {found.name} is not placed on any node", "FAILED_PRECONDITION"
-            )
-        return found, cluster.node(found.node_id)
+async def _find_container(cluster: ClusterApi, container: str) -> tuple[ClusterContainer, NodeInfo]:
+    found = await cluster.inspect(container)
+    if not found.node_id:
+        raise FailedPrecondition(f"container {found.name} is not placed on any node")
+    return found, await cluster.node(found.node_id)
 
 
-async def _parent_image(catalog: Catalog, found: ClusterContainer, node: NodeInfo) -> ResolvedImage:
+async def _parent_image(
+    catalog: Catalog, found: ClusterContainer, node: NodeInfo, agent: NodeApi
+) -> ResolvedImage:
     """The image the container runs: its repository and the manifest digest its node pulled."""
     if found.state == "pending":
         raise FailedPrecondition(
@@ -159,7 +146,7 @@ async def _parent_image(catalog: Catalog, found: ClusterContainer, node: NodeInf
         )
     digest = found.image_digest
     if not digest:  # no status with it reported yet: ask the node that pulled it
-        digest = (await _client_call(_node_container, node.address, found.id)).image_digest
+        digest = (await agent.inspect(found.id)).image_digest
     repository = parse_reference(found.image).repository
     try:
         return await catalog.resolve(f"{repository}@{digest}")
@@ -170,20 +157,8 @@ async def _parent_image(catalog: Catalog, found: ClusterContainer, node: NodeInf
         ) from None
 
 
-def _node_container(address: str, container_id: str) -> Any:
-    with NodeClient(address) as node:
-        return node.inspect(container_id)
-
-
-def _export_layer(
-    address: str, container_id: str, repository: str, pause: bool
-) -> tuple[str, str, int]:
-    with NodeClient(address) as node:
-        return node.export_layer(container_id, repository, pause=pause)
-
-
 async def _mount(catalog: Catalog, repository: str, digest: str, source: str) -> None:
-    if not await catalog.call(RegistryClient.mount_blob, repository, digest, source):
+    if not await catalog.registry.mount_blob(repository, digest, source):
         raise FailedPrecondition(
             f"layer {digest} of the parent image is missing from repository {source}"
         )
@@ -257,7 +232,7 @@ async def import_tarball(
             raise InvalidArgument("import: the tarball is empty")
         layer = await asyncio.to_thread(pack_layer, upload, blob, max_bytes)
         upload.unlink()
-        await catalog.call(RegistryClient.push_blob, repository, blob, layer.digest, layer.size)
+        await catalog.registry.push_blob(repository, blob, layer.digest, layer.size)
         os_name, architecture = host_platform()
         created = now_rfc3339()
         step = {"created": created, "created_by": f"Imported from {source or '-'}"}

@@ -13,6 +13,8 @@ import grpc
 from berth.image.v1 import image_pb2, image_pb2_grpc
 from berthd.common.config import add_common_flags, add_flag, add_peer_flag, service_config
 from berthd.common.endpoints import service_address
+from berthd.common.rpc.cluster import ClusterApi
+from berthd.common.rpc.registry import RegistryApi
 from berthd.common.server import run_server
 from berthd.common.store import Store
 from berthd.image import metrics
@@ -47,8 +49,9 @@ async def run(args: argparse.Namespace) -> None:
     # Only transfers in progress live here: what a crash left behind is never resumed.
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog(store, service_address(store, "registry", args.registry), scratch)
-    servicer = ImageServicer(catalog, service_address(store, "cluster", args.cluster))
+    registry = RegistryApi(service_address(store, "registry", args.registry))
+    catalog = Catalog(store, registry, scratch)
+    servicer = ImageServicer(catalog, ClusterApi(service_address(store, "cluster", args.cluster)))
 
     refresher: asyncio.Task[None] | None = None
 

@@ -13,9 +13,9 @@ from berth.enums.image import ARCHIVE_FORMATS, COMMIT_STAGES, TRANSFER_STATES
 from berth.image.v1 import image_pb2 as pb
 from berth.image.v1 import image_pb2_grpc
 from berth.types.v1 import types_pb2
-from berthd.common.endpoints import AddressGetter
 from berthd.common.errors import InvalidArgument
 from berthd.common.messages import timestamp
+from berthd.common.rpc.cluster import ClusterApi
 from berthd.common.streaming import Done, progress_stream, upload_chunks
 from berthd.image import archive, commit, metrics, transfer
 from berthd.image.archive import ArchiveFormat
@@ -124,9 +124,9 @@ def credentials(message: pb.Credentials) -> Credentials:
 
 
 class ImageServicer(image_pb2_grpc.ImageServiceServicer):
-    def __init__(self, catalog: Catalog, cluster_address: AddressGetter) -> None:
+    def __init__(self, catalog: Catalog, cluster: ClusterApi) -> None:
         self.catalog = catalog
-        self.cluster_address = cluster_address
+        self.cluster = cluster
 
     async def ListImages(
         self, request: pb.ListImagesRequest, context: Context
@@ -169,7 +169,7 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         def work(report: Callable[[tuple[str, str]], None]) -> Awaitable[ImageDetail]:
             return commit.commit(
                 self.catalog,
-                self.cluster_address,
+                self.cluster,
                 request.container,
                 request.reference,
                 request.author,

@@ -24,7 +24,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
-from berth.client import RegistryClient
 from berthd.common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from berthd.common.oci.digest import hex_of
 from berthd.common.oci.manifest import Descriptor, ParsedManifest, parse_manifest
@@ -120,9 +119,9 @@ async def pull_external(
 
         async def copy(blob: Descriptor) -> None:
             digest = blob.digest
-            if await catalog.call(RegistryClient.stat_blob, repository, digest) is not None:
+            if await catalog.registry.stat_blob(repository, digest) is not None:
                 state = TransferState.ALREADY_EXISTS
-            elif await catalog.call(RegistryClient.mount_blob, repository, digest, ""):
+            elif await catalog.registry.mount_blob(repository, digest):
                 state = TransferState.MOUNTED
             else:
                 await _fetch(catalog, remote, source.repository, repository, blob, progress)
@@ -131,12 +130,8 @@ async def pull_external(
             progress(LayerEvent(digest, state, blob.size, blob.size))
 
         await _copy_blobs(parsed.required_blobs, copy, progress)
-    stored = await catalog.call(
-        RegistryClient.put_manifest,
-        repository,
-        tag or manifest.digest,
-        manifest.media_type,
-        manifest.content,
+    stored = await catalog.registry.put_manifest(
+        repository, tag or manifest.digest, manifest.media_type, manifest.content
     )
     if stored != manifest.digest:
         raise DataLoss(f"{image}: berth's registry stored the manifest as {stored}")
@@ -188,7 +183,7 @@ async def _fetch(
             )
         # The download checked the digest; berth's registry checks it again on commit.
         progress(LayerEvent(blob.digest, TransferState.VERIFYING, size, size))
-        await catalog.call(RegistryClient.push_blob, repository, path, blob.digest, size)
+        await catalog.registry.push_blob(repository, path, blob.digest, size)
     finally:
         path.unlink(missing_ok=True)
 
@@ -249,7 +244,7 @@ async def _send(
     """Stream one blob from berth's registry to scratch, then up to the remote."""
     path = _scratch_path(catalog, "push", blob.digest)
     try:
-        await catalog.call(RegistryClient.pull_blob, local_repository, blob.digest, path)
+        await catalog.registry.pull_blob(local_repository, blob.digest, path)
         report = _byte_progress(blob, progress)
         await remote.upload_blob(repository, path, blob.digest, blob.size, report)
         metrics.EXTERNAL_BYTES.labels(direction="push").inc(blob.size)

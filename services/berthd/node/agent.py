@@ -12,14 +12,14 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
 
-from berth.client import RegistryClient
 from berthd.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from berthd.common.rpc.registry import RegistryApi
 from berthd.common.state.nodes import NODE_LAYERS, NodeLayers, NodeRecord
 from berthd.common.store import Store
 from berthd.node import cgroups, diff, metrics
@@ -55,7 +55,7 @@ class NodeAgent:
         data_dir: Path,
         node_id: str,
         labels: dict[str, str],
-        registry_address: Callable[[], Awaitable[str]],
+        registry: RegistryApi,
         manager: ContainerManager,
         runtime: Runtime,
         images: ImageStore,
@@ -66,7 +66,7 @@ class NodeAgent:
         self.data_dir = data_dir
         self.node_id = node_id
         self.labels = labels
-        self.registry_address = registry_address
+        self.registry = registry
         self.containers = manager
         self.runtime = runtime
         self.images = images
@@ -95,16 +95,15 @@ class NodeAgent:
     async def pull(self, reference: str, progress: Callable[[PullEvent], None]) -> ImageRecord:
         blobs = self.data_dir / "downloads"
         blobs.mkdir(parents=True, exist_ok=True)
-        with RegistryClient(await self.registry_address()) as registry:
-            result = await pull_image(
-                registry,
-                self.images,
-                self.layers,
-                reference,
-                blobs,
-                progress,
-                concurrency=self.pull_concurrency,
-            )
+        result = await pull_image(
+            self.registry,
+            self.images,
+            self.layers,
+            reference,
+            blobs,
+            progress,
+            concurrency=self.pull_concurrency,
+        )
         metrics.PULLED_BYTES.inc(result.bytes_downloaded)
         metrics.LAYER_CACHE.labels("hit").inc(result.layers_cached)
         metrics.LAYER_CACHE.labels("miss").inc(result.layers_pulled)
@@ -231,10 +230,7 @@ class NodeAgent:
                 if frozen:
                     await self.runtime.resume(record.id)
             out.flush()
-            with RegistryClient(await self.registry_address()) as registry:
-                await asyncio.to_thread(
-                    registry.push_blob, repository, out.name, result.digest, result.size
-                )
+            await self.registry.push_blob(repository, Path(out.name), result.digest, result.size)
         return result, "application/vnd.oci.image.layer.v1.tar+gzip"
 
 

@@ -39,15 +39,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from berth.client import RegistryClient
-from berth.errors import BerthClientError
 from berth.files import fsync_dir
-from berthd.common.errors import (
-    DataLoss,
-    InvalidArgument,
-    NotFound,
-    error_for_code,
-)
+from berthd.common.errors import DataLoss, InvalidArgument, NotFound
 from berthd.common.oci.digest import digest_bytes, hex_of, parse_digest, quoted
 from berthd.common.oci.manifest import (
     Descriptor,
@@ -63,6 +56,7 @@ from berthd.common.oci.reference import (
     parse_reference,
     validate_repository,
 )
+from berthd.common.rpc.registry import RegistryApi
 from berthd.common.tarsafe import (
     ExtractResult,
     HashingReader,
@@ -77,7 +71,7 @@ T = TypeVar("T")
 _TMP_PREFIX = ".tmp-"
 _HEX64_RE = re.compile(r"[a-f0-9]{64}")
 _HEX_PREFIX_RE = re.compile(r"[a-f0-9]{1,64}")
-# Byte progress from worker threads is sent at most this often (plus the final figure).
+# Byte progress (download, extraction) is sent at most this often (plus the final figure).
 _PROGRESS_INTERVAL = 0.1
 _LIBC = ctypes.CDLL(None, use_errno=True)  # for syncfs(2), which the os module lacks
 
@@ -491,7 +485,7 @@ class _Stopped(Exception):
 
 
 async def pull_image(
-    registry: RegistryClient,
+    registry: RegistryApi,
     images: ImageStore,
     layers: LayerStore,
     reference: str,
@@ -503,7 +497,9 @@ async def pull_image(
 
     Layers are fetched and extracted concurrently (a layer's chain id depends only on the
     layers below it, so any order is fine); those already present are not downloaded.
-    `progress` is called on the event loop. On failure no partial layer is left behind.
+    Downloads are asyncio (the registry API); extraction runs in worker threads.
+    `progress` is called on the event loop. On failure no partial layer is left behind (a
+    layer's download stays in its `.partial` file, which the next pull resumes from).
     """
     ref = parse_image_ref(reference)
     pull = _Pull(registry, layers, ref.repository, blobs_dir, progress)
@@ -542,7 +538,7 @@ class _Pull:
 
     def __init__(
         self,
-        registry: RegistryClient,
+        registry: RegistryApi,
         layers: LayerStore,
         repository: str,
         blobs_dir: Path,
@@ -568,7 +564,7 @@ class _Pull:
         return digest, manifest
 
     async def _fetch_manifest(self, reference: str) -> tuple[str, ParsedManifest]:
-        data = await self._registry(self.registry.get_manifest, self.repository, reference)
+        data = await self.registry.get_manifest(self.repository, reference)
         actual = digest_bytes(data.content)
         if actual != data.digest or (is_digest(reference) and actual != reference):
             raise DataLoss(
@@ -588,6 +584,8 @@ class _Pull:
             config = parse_image_config(path.read_bytes())
         finally:
             path.unlink(missing_ok=True)
+            # Its random name is never pulled again: a download cut short is not resumed.
+            path.with_name(path.name + ".partial").unlink(missing_ok=True)
         check_config_matches(config, manifest)
         return ImageRecord(
             digest=digest,
@@ -637,22 +635,14 @@ class _Pull:
         return True
 
     async def _download(self, blob: Descriptor, path: Path, state: PullState | None) -> None:
-        callback = None if state is None else self._thread_progress(blob.digest, state)
-        size = await self._registry(
-            self.registry.pull_blob, self.repository, blob.digest, path, callback
-        )
+        callback = None if state is None else self._progress(blob.digest, state)
+        size = await self.registry.pull_blob(self.repository, blob.digest, path, callback)
         if size != blob.size:
             raise DataLoss(
                 f"blob {blob.digest} is {size} bytes in the registry but the manifest says "
                 f"{blob.size}"
             )
         self.bytes_downloaded += size
-
-    async def _registry(self, call: Callable[..., T], *args: Any) -> T:
-        try:
-            return await self._in_thread(call, *args)
-        except BerthClientError as e:
-            raise error_for_code(e.code, f"registry: {e.message}") from e
 
     async def _in_thread(self, call: Callable[..., T], *args: Any) -> T:
         """Run blocking work in a thread. If the pull is cancelled, the thread is told to stop
@@ -670,19 +660,41 @@ class _Pull:
     def _emit(self, digest: str, state: PullState, current: int = 0, total: int = 0) -> None:
         self.progress(PullEvent(digest, state, current, total))
 
-    def _thread_progress(self, digest: str, state: PullState) -> Progress:
-        """A byte-progress callback for a worker thread: throttled, delivered on the loop."""
-        last = time.monotonic()
+    def _progress(self, digest: str, state: PullState) -> Progress:
+        """A byte-progress callback on the event loop (downloads): throttled."""
+        due = _throttle()
 
         def report(done: int, total: int) -> None:
-            nonlocal last
-            if self.stop.is_set():
-                raise _Stopped(f"pull of {digest} cancelled")
-            now = time.monotonic()
-            if done < total and now - last < _PROGRESS_INTERVAL:
-                return
-            last = now
-            event = PullEvent(digest, state, done, total)
-            self.loop.call_soon_threadsafe(self.progress, event)
+            if due(done, total):
+                self._emit(digest, state, done, total)
 
         return report
+
+    def _thread_progress(self, digest: str, state: PullState) -> Progress:
+        """A byte-progress callback for a worker thread (extraction): throttled, delivered on
+        the loop; it raises once the pull is cancelled, so the thread stops and cleans up."""
+        due = _throttle()
+
+        def report(done: int, total: int) -> None:
+            if self.stop.is_set():
+                raise _Stopped(f"pull of {digest} cancelled")
+            if due(done, total):
+                event = PullEvent(digest, state, done, total)
+                self.loop.call_soon_threadsafe(self.progress, event)
+
+        return report
+
+
+def _throttle() -> Callable[[int, int], bool]:
+    """Whether a byte-progress figure is due: at most every _PROGRESS_INTERVAL, and the last."""
+    last = time.monotonic()
+
+    def due(done: int, total: int) -> bool:
+        nonlocal last
+        now = time.monotonic()
+        if done < total and now - last < _PROGRESS_INTERVAL:
+            return False
+        last = now
+        return True
+
+    return due

@@ -12,6 +12,7 @@ import grpc
 from berth.node.v1 import node_pb2, node_pb2_grpc
 from berthd.common.config import add_common_flags, add_flag, add_peer_flag, service_config
 from berthd.common.endpoints import service_address
+from berthd.common.rpc.registry import RegistryApi
 from berthd.common.server import run_server
 from berthd.common.state.nodes import NODES
 from berthd.common.store import Store
@@ -89,13 +90,13 @@ async def run(args: argparse.Namespace) -> None:
     images = ImageStore(data)
     manager = ContainerManager(data, args.node_id, runtime, images, layers, store)
 
-    registry_address = service_address(store, "registry", args.registry)
+    registry = RegistryApi(service_address(store, "registry", args.registry))
 
     agent = NodeAgent(
         data,
         args.node_id,
         parse_labels(args.label),
-        registry_address,
+        registry,
         manager,
         runtime,
         images,

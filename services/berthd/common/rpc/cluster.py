@@ -6,6 +6,7 @@ same functions, so a container reads the same to the CLI and to the builder.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -46,8 +47,10 @@ class ClusterApi(ServiceApi[pb_grpc.ClusterServiceStub]):
     async def wait(self, container: str) -> int:
         """The container's exit code, once it exits."""
         request = pb.WaitContainerRequest(container=container)
-        async for reply in self.stream("WaitContainer", request):
-            return int(reply.exit_code)
+        # Closed on return, so the call ends now instead of when the generator is collected.
+        async with contextlib.aclosing(self.stream("WaitContainer", request)) as replies:
+            async for reply in replies:
+                return int(reply.exit_code)
         raise Unavailable(f"wait on {container} ended without an exit code")
 
     async def logs(self, container: str, follow: bool = False) -> AsyncIterator[LogLine]:

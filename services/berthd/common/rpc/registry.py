@@ -95,16 +95,19 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
         digest: str,
         size: int,
         progress: Progress | None = None,
+        *,
+        start: int = 0,
     ) -> PushOutcome:
         """Make the file's bytes available in repository as `digest`, sending them only when
-        the registry lacks the blob."""
+        the registry lacks the blob. The blob is the `size` bytes of the file from `start` (a
+        member of a spooled archive is pushed from where it lies)."""
         outcome: PushOutcome
         if await self.stat_blob(repository, digest) is not None:
             outcome = "exists"
         elif await self.mount_blob(repository, digest):
             outcome = "mounted"
         else:
-            await self._upload(repository, source, digest, size, progress)
+            await self._upload(repository, source, digest, size, progress, start)
             outcome = "pushed"
         if progress is not None:
             progress(size, size)
@@ -231,13 +234,19 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
     # --- internals -------------------------------------------------------------------------
 
     async def _upload(
-        self, repository: str, source: Path, digest: str, size: int, progress: Progress | None
+        self,
+        repository: str,
+        source: Path,
+        digest: str,
+        size: int,
+        progress: Progress | None,
+        start: int = 0,
     ) -> None:
-        start = await self.unary("StartUpload", pb.StartUploadRequest(repository=repository))
-        upload_id = start.upload_id
+        session = await self.unary("StartUpload", pb.StartUploadRequest(repository=repository))
+        upload_id = session.upload_id
         try:
             with open(source, "rb") as fileobj:
-                await self._send(upload_id, fileobj, digest, size, progress)
+                await self._send(upload_id, fileobj, digest, size, progress, start)
             await self._commit(upload_id, digest, repository)
         except BaseException:
             await asyncio.shield(self._cancel_quietly(upload_id))
@@ -250,6 +259,7 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
         digest: str,
         size: int,
         progress: Progress | None,
+        start: int = 0,
     ) -> None:
         """Send the file's bytes, asking the registry where to go on after a broken stream."""
         offset: int | None = 0  # None: unknown after a broken stream
@@ -259,7 +269,7 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
                     request = pb.GetUploadRequest(upload_id=upload_id)
                     offset = int((await self.unary("GetUpload", request)).offset)
                 if offset < size:
-                    chunks = _file_chunks(upload_id, fileobj, offset, size, progress)
+                    chunks = _file_chunks(upload_id, fileobj, offset, size, progress, start)
                     offset = await self._write(upload_id, chunks)
                 break
             except _Broken as broken:
@@ -385,11 +395,18 @@ async def _chunks_of(upload_id: str, data: bytes) -> AsyncIterator[pb.WriteUploa
 
 
 async def _file_chunks(
-    upload_id: str, fileobj: BinaryIO, offset: int, size: int, progress: Progress | None
+    upload_id: str,
+    fileobj: BinaryIO,
+    offset: int,
+    size: int,
+    progress: Progress | None,
+    start: int = 0,
 ) -> AsyncIterator[pb.WriteUploadRequest]:
-    """WriteUploadRequests for bytes [offset, size) of the file, read in a worker thread."""
+    """WriteUploadRequests for bytes [offset, size) of the blob that begins at `start` in the
+    file, read in a worker thread."""
     while offset < size:
-        data = await asyncio.to_thread(_read_at, fileobj, offset, min(CHUNK_SIZE, size - offset))
+        length = min(CHUNK_SIZE, size - offset)
+        data = await asyncio.to_thread(_read_at, fileobj, start + offset, length)
         if not data:
             return
         yield pb.WriteUploadRequest(upload_id=upload_id, offset=offset, data=data)

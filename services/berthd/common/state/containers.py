@@ -103,12 +103,6 @@ class ContainerStatus:
         status.image_digest = str(status.image_digest or "")
         return status
 
-    def get(self, name: str, default: Any = None) -> Any:
-        """Dict-style read for berthd/cluster/service.py, which still reads statuses as the
-        dicts they were (`status.get("exit_code")`); delete once it reads attributes."""
-        value = getattr(self, name, None)
-        return default if value is None else value
-
 
 CONTAINERS: Family[DesiredContainer] = Family(
     "desired container", "cluster/containers/", lambda _id, raw: DesiredContainer.decode(raw)

@@ -1,0 +1,164 @@
+"""The builder's RUN steps against fake cluster and node APIs: output lines, exit codes,
+layers, and the container removed whatever happens (a cancelled build included)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from berth.client.containers import LogLine, RunOptions
+from berthd.builder.runner import BUILD_LABEL, RunFailed, Runner, RunSpec
+from berthd.common.errors import FailedPrecondition, NotFound
+
+SPEC = RunSpec(
+    line=3,
+    instruction="RUN make",
+    image="berth/build-cache@sha256:" + "a" * 64,
+    argv=["/bin/sh", "-c", "make"],
+    env=["A=1"],
+    working_dir="/src",
+    user="nobody",
+    build_id="b1",
+    name="build-b1-2",
+)
+
+
+class FakeCluster:
+    def __init__(
+        self, chunks: list[bytes], exit_code: int = 0, states: tuple[str, ...] = ("running",)
+    ) -> None:
+        self.chunks = chunks
+        self.exit_code = exit_code
+        self.states = list(states)
+        self.ran: list[tuple[str, RunOptions]] = []
+        self.removed: list[tuple[str, bool]] = []
+        self.following = asyncio.Event()
+        self.block_logs = False
+        self.remove_error: Exception | None = None
+
+    async def run(self, image: str, options: RunOptions) -> Any:
+        self.ran.append((image, options))
+        return SimpleNamespace(id="c1")
+
+    async def inspect(self, container: str) -> Any:
+        state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        return SimpleNamespace(state=state, error="", node_id="n1")
+
+    async def logs(self, container: str, follow: bool = False) -> AsyncIterator[LogLine]:
+        assert follow
+        self.following.set()
+        for chunk in self.chunks:
+            yield LogLine(datetime.now(UTC), "stdout", chunk)
+        if self.block_logs:
+            await asyncio.Event().wait()
+
+    async def wait(self, container: str) -> int:
+        return self.exit_code
+
+    async def node(self, node_id: str) -> Any:
+        return SimpleNamespace(address=f"{node_id}:1")
+
+    async def remove(self, container: str, force: bool = False) -> None:
+        await asyncio.sleep(0)
+        if self.remove_error is not None:
+            raise self.remove_error
+        self.removed.append((container, force))
+
+
+class FakeNode:
+    def __init__(self, address: str, changes: bool) -> None:
+        self.address = address
+        self.changes = changes
+        self.exported: list[tuple[str, str]] = []
+
+    async def has_changes(self, container: str) -> bool:
+        return self.changes
+
+    async def export_layer(self, container: str, repository: str) -> tuple[str, str, int]:
+        self.exported.append((container, repository))
+        return "sha256:" + "b" * 64, "sha256:" + "c" * 64, 42
+
+
+def runner(cluster: FakeCluster, changes: bool = True) -> tuple[Runner, list[FakeNode]]:
+    nodes: list[FakeNode] = []
+
+    def node_api(address: str) -> Any:
+        nodes.append(FakeNode(address, changes))
+        return nodes[-1]
+
+    return Runner(cluster, "berth/build-cache", node_api=node_api), nodes  # type: ignore[arg-type]
+
+
+async def test_a_step_streams_its_lines_and_exports_its_layer() -> None:
+    cluster = FakeCluster([b"one\ntw", b"o\n", b"last"], states=("pending", "created", "exited"))
+    run, nodes = runner(cluster)
+    lines: list[str] = []
+    result = await run.run(SPEC, lines.append)
+    assert lines == ["one", "two", "last"]
+    assert result.layer is not None and result.layer.size == 42
+    assert result.diff_id == "sha256:" + "c" * 64
+    image, options = cluster.ran[0]
+    assert image == SPEC.image and options.entrypoint == SPEC.argv
+    assert options.labels == {BUILD_LABEL: "b1"} and options.network == "none"
+    assert [n.address for n in nodes] == ["n1:1"]
+    assert nodes[0].exported == [("c1", "berth/build-cache")]
+    assert cluster.removed == [("c1", True)]
+
+
+async def test_a_step_that_changed_nothing_adds_no_layer() -> None:
+    cluster = FakeCluster([])
+    run, nodes = runner(cluster, changes=False)
+    result = await run.run(SPEC, lambda _: None)
+    assert result.layer is None and nodes[0].exported == []
+    assert cluster.removed == [("c1", True)]
+
+
+async def test_a_failing_step_raises_its_exit_code_and_removes_its_container() -> None:
+    cluster = FakeCluster([b"oops\n"], exit_code=2)
+    run, _ = runner(cluster)
+    with pytest.raises(RunFailed) as failed:
+        await run.run(SPEC, lambda _: None)
+    assert failed.value.exit_code == 2
+    assert str(failed.value).startswith("Dockerfile:3: RUN make: process")
+    assert cluster.removed == [("c1", True)]
+
+
+async def test_a_container_that_cannot_start_fails_the_step() -> None:
+    cluster = FakeCluster([])
+
+    async def inspect(container: str) -> Any:
+        return SimpleNamespace(state="pending", error="no such user", node_id="n1")
+
+    cluster.inspect = inspect  # type: ignore[method-assign]
+    run, _ = runner(cluster)
+    with pytest.raises(FailedPrecondition, match="node n1 cannot run the step: no such user"):
+        await run.run(SPEC, lambda _: None)
+    assert cluster.removed == [("c1", True)]
+
+
+async def test_a_cancelled_step_still_removes_its_container() -> None:
+    cluster = FakeCluster([b"working\n"])
+    cluster.block_logs = True
+    run, _ = runner(cluster)
+    task = asyncio.create_task(run.run(SPEC, lambda _: None))
+    await cluster.following.wait()
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert cluster.removed == [("c1", True)]
+
+
+async def test_a_failed_removal_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    cluster = FakeCluster([])
+    cluster.remove_error = NotFound("no such container")
+    run, _ = runner(cluster, changes=False)
+    assert (await run.run(SPEC, lambda _: None)).layer is None
+    assert "cannot remove build container c1" in caplog.text

@@ -1,0 +1,78 @@
+"""berthd.common.rpc.calls: another service's status codes as the caller's domain errors."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc.aio import AioRpcError, Metadata
+
+from berthd.common.errors import (
+    BerthError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
+from berthd.common.rpc.calls import domain_error, retryable
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> AioRpcError:
+    return AioRpcError(code, Metadata(), Metadata(), details)
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "prefix", "kind", "message"),
+    [
+        (grpc.StatusCode.NOT_FOUND, "No such image: x", False, NotFound, "No such image: x"),
+        (grpc.StatusCode.NOT_FOUND, "blob unknown", True, NotFound, "registry: blob unknown"),
+        (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "node  n1\n is down",
+            False,
+            FailedPrecondition,
+            "node n1 is down",
+        ),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9: "
+            "Failed to connect to remote host: Connection refused",
+            True,
+            Unavailable,
+            "cannot reach the registry at 127.0.0.1:9 (Connection refused)",
+        ),
+        # The peer's own UNAVAILABLE answer is shown as it is, with the peer's name.
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "node n2 did not report",
+            True,
+            Unavailable,
+            "registry: node n2 did not report",
+        ),
+        (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "Deadline Exceeded",
+            True,
+            DeadlineExceeded,
+            "the registry at 127.0.0.1:9 did not answer in time",
+        ),
+        (grpc.StatusCode.INTERNAL, "", False, BerthError, "the registry at 127.0.0.1:9 failed"),
+    ],
+)
+def test_status_codes_become_domain_errors(code, details, prefix, kind, message) -> None:
+    error = domain_error(rpc_error(code, details), "registry", "127.0.0.1:9", prefix)
+    assert type(error) is kind
+    assert str(error).startswith(message)
+
+
+def test_codes_without_a_domain_class_are_kept() -> None:
+    error = domain_error(rpc_error(grpc.StatusCode.CANCELLED, "gone"), "node", "n:1")
+    assert type(error) is BerthError
+    assert error.code == grpc.StatusCode.CANCELLED
+    assert BerthError.code == grpc.StatusCode.UNKNOWN  # the class default is untouched
+
+
+def test_only_a_peer_never_reached_is_retried() -> None:
+    refused = "failed to connect to all addresses; last error: Connection refused"
+    assert retryable(rpc_error(grpc.StatusCode.UNAVAILABLE, refused))
+    assert not retryable(rpc_error(grpc.StatusCode.UNAVAILABLE, "no node is ready"))
+    assert not retryable(rpc_error(grpc.StatusCode.NOT_FOUND, refused))
