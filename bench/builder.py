@@ -42,7 +42,7 @@ from bench.node import (
     unmount_all,
 )
 from bench.registry import BERTH, BenchError, run
-from berth.client import ClusterClient, ImageClient
+from berth.client import ClusterClient, ContainerConfig, ImageClient
 from berth.client.builder import (
     BuilderClient,
     BuildEvent,
@@ -167,7 +167,7 @@ class BerthBuilds:
 
     def run_image(self) -> list[str]:
         """Run the built image's CMD on the cluster; the lines it printed."""
-        container = self.cluster.run(APP_REPO).id
+        container = self.cluster.run(ContainerConfig(APP_REPO)).id
         try:
             # The cluster's wait needs a status to wait on: the node's first report.
             wait_for(

@@ -48,10 +48,10 @@ from bench.node import (
 from bench.registry import BERTH, BenchError, manifest_digest, rate, run
 from berth.client import (
     ClusterClient,
+    ContainerConfig,
     ImageClient,
     ImageDetails,
     RegistryClient,
-    RunOptions,
 )
 from berth.errors import BerthClientError
 from scripts.oci_images import make_busybox_image, make_random_image
@@ -181,9 +181,8 @@ class BerthImages:
         return False
 
     def commit_once(self, reference: str, megabytes: int) -> tuple[float, str]:
-        container = self.cluster.run(
-            BUSYBOX_REPO, RunOptions(command=["sh", "-c", changes_script(megabytes)])
-        ).id
+        config = ContainerConfig(BUSYBOX_REPO, command=["sh", "-c", changes_script(megabytes)])
+        container = self.cluster.run(config).id
         stages: dict[str, float] = {}
         image: list[ImageDetails] = []
         try:

@@ -47,7 +47,8 @@ from bench.registry import (
     stop_berth,
     stop_process,
 )
-from berth.client.node import NodeClient, PullProgress, RunOptions
+from berth.client.node import NodeClient, PullProgress
+from berth.containers import ContainerConfig
 from berth.errors import BerthClientError
 from berthd.localcluster import SERVICES, Ports
 from scripts.oci_images import make_busybox_image, make_random_image
@@ -231,7 +232,7 @@ class BerthSide:
         """The config.json the agent writes for a container of this image. The files it
         bind-mounts from the container's directory (/etc/hosts, hostname, resolv.conf) go away
         with the container: they are copied to `files` and the config points there."""
-        probe = self.client.create(BUSYBOX_REPO, RunOptions(command=TRUE))
+        probe = self.client.create(ContainerConfig(BUSYBOX_REPO, command=TRUE))
         try:
             container_dir = self.state / "node-1" / "containers" / probe.id
             config = json.loads((container_dir / "bundle" / "config.json").read_text())
@@ -252,7 +253,7 @@ class BerthSide:
         self.removals.append(time.perf_counter() - started)
 
     def start_once(self) -> float:
-        created = self.client.create(BUSYBOX_REPO, RunOptions(command=SLEEP))
+        created = self.client.create(ContainerConfig(BUSYBOX_REPO, command=SLEEP))
         try:
             started = time.perf_counter()
             info = self.client.start(created.id)
@@ -266,7 +267,7 @@ class BerthSide:
 
     def true_once(self) -> float:
         started = time.perf_counter()
-        created = self.client.create(BUSYBOX_REPO, RunOptions(command=TRUE))
+        created = self.client.create(ContainerConfig(BUSYBOX_REPO, command=TRUE))
         try:
             self.client.start(created.id)
             code = self.client.wait(created.id)

@@ -18,7 +18,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from berth.builder.v1 import builder_pb2 as pb
 from berth.builder.v1 import builder_pb2_grpc
-from berth.client import BuilderClient, BuildOptions, ClusterClient, RegistryClient
+from berth.client import BuilderClient, BuildOptions, ClusterClient, ContainerConfig, RegistryClient
 from berth.client.builder import StepEvent as ClientStepEvent
 from berthd.common.state.images import BUILDS, IMAGES
 from berthd.common.store import Store
@@ -152,7 +152,7 @@ def test_the_image_has_the_config_and_history_of_its_dockerfile(
 def test_the_built_image_runs_on_the_cluster(first: Build, build_cluster: BuildCluster) -> None:
     succeeded(first)
     with ClusterClient(build_cluster.cluster.address) as cluster:
-        container = cluster.run("test/app:1")
+        container = cluster.run(ContainerConfig("test/app:1"))
         try:
             # The cluster's wait needs a status to wait on: the node's first report.
             while cluster.inspect(container.id).state not in ("running", "exited"):

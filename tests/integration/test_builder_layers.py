@@ -12,7 +12,7 @@ from pathlib import Path
 
 from isal import igzip
 
-from berth.client import NodeClient, RegistryClient, RunOptions
+from berth.client import ContainerConfig, NodeClient, RegistryClient
 from berthd.builder.context import BuildContext
 from berthd.builder.layerfiles import LayerFiles
 from berthd.builder.layers import copy_layer
@@ -67,7 +67,7 @@ def push(
 
 def run_and_read(node: NodeClient, image: str) -> str:
     node.pull(image)
-    box = node.run(image, RunOptions()).id
+    box = node.run(ContainerConfig(image)).id
     assert node.wait(box) == 0
     return b"".join(line.data for line in node.logs(box)).decode()
 
@@ -126,10 +126,8 @@ def test_layer_files_read_what_a_node_exported(
     node: NodeClient, client: RegistryClient, busybox: str, tmp_path: Path
 ) -> None:
     node.pull(busybox)
-    box = node.run(
-        busybox,
-        RunOptions(command=["sh", "-c", "rm /etc/group; mkdir /root/new; echo hi > /root/new/f"]),
-    ).id
+    script = "rm /etc/group; mkdir /root/new; echo hi > /root/new/f"
+    box = node.run(ContainerConfig(busybox, command=["sh", "-c", script])).id
     assert node.wait(box) == 0
     digest, _diff_id, _size = node.export_layer(box, "test/busybox")
     manifest = json.loads(client.get_manifest("test/busybox", "1").content)

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from berth.client import ClusterClient, RunOptions
+from berth.client import ClusterClient, ContainerConfig
 from berthd.common.state.containers import STATUSES
 from berthd.common.store import Store
 
@@ -22,7 +22,7 @@ async def test_the_reason_is_reported_then_cleaned_up(
     cluster = services.start("cluster")
     with ClusterClient(cluster.address) as c:
         wait_until(lambda: c.nodes() and c.nodes()[0].state == "ready", 30, "the node")
-        box = c.run(busybox, RunOptions(command=["true"], user="nobody-here"))
+        box = c.run(ContainerConfig(busybox, command=["true"], user="nobody-here"))
         wait_until(lambda: c.inspect(box.id).error, 30, "the node's report")
         seen = c.inspect(box.id)
         assert seen.state == "pending"

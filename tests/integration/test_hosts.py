@@ -74,15 +74,16 @@ with RegistryClient(sys.argv[1]) as client, tempfile.TemporaryDirectory() as tmp
 
 RUN = """
 import json, sys
-from berth.client import NodeClient, RunOptions
+from berth.client import ContainerConfig, NodeClient
 
 with NodeClient(sys.argv[1]) as node:
     image = node.pull(sys.argv[2])
-    hello = node.run(sys.argv[2], RunOptions(command=["sh", "-c", "echo hello from $(hostname)"]))
+    hello_command = ["sh", "-c", "echo hello from $(hostname)"]
+    hello = node.run(ContainerConfig(sys.argv[2], command=hello_command))
     code = node.wait(hello.id)
     out = b"".join(line.data for line in node.logs(hello.id)).decode()
     node.remove(hello.id)
-    sleeper = node.run(sys.argv[2], RunOptions(command=["sleep", "60"]))
+    sleeper = node.run(ContainerConfig(sys.argv[2], command=["sleep", "60"]))
     print(json.dumps({"digest": image.digest, "code": code, "out": out, "sleeper": sleeper.id}))
 """
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from isal import igzip
 
-from berth.client import ClusterClient, NodeClient, RegistryClient, RunOptions
+from berth.client import ClusterClient, NodeClient, RegistryClient
 from berth.errors import BerthClientError
 from berthd.common.containers import ContainerConfig
 from berthd.common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -381,7 +381,7 @@ async def test_commit_a_running_container(
     script = "rm /etc/group; echo hi > /root/new; touch /tmp/ready; while true; do sleep 1; done"
     with ClusterClient(cluster.address) as c:
         wait_until(lambda: c.nodes() and c.nodes()[0].state == "ready", 30, "node")
-        box = c.run(busybox, RunOptions(command=["sh", "-c", script]))
+        box = c.run(ContainerConfig(busybox, command=["sh", "-c", script]))
         try:
             wait_until(lambda: c.inspect(box.id).state == "running", 60, "container")
             with NodeClient(node_agent.address) as node:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from berth.client import ClusterClient, ImageClient, NodeClient, Placement, RunOptions
+from berth.client import ClusterClient, ContainerConfig, ImageClient, NodeClient, Placement
 from berth.errors import BerthClientError
 
 from .conftest import NodeProcess, ServiceProcess, Services, wait_until
@@ -46,7 +46,7 @@ class ImageCluster:
     def run(self, image: str, command: list[str] | None = None, host: str = "") -> str:
         """Run to completion on `host` (any when empty); returns its output."""
         placement = Placement(constraints=[f"node.id=={host}"] if host else [])
-        box = self.cluster.run(image, RunOptions(command=command or []), placement)
+        box = self.cluster.run(ContainerConfig(image, command=command or []), placement)
         try:
             code = self.cluster.wait(box.id)
             output = b"".join(line.data for line in self.cluster.logs(box.id)).decode()
@@ -59,7 +59,7 @@ class ImageCluster:
         """Start a long-running container on `host` that runs `script` then waits."""
         command = ["sh", "-c", f"{script}; touch /tmp/done; trap 'exit 0' TERM; sleep 600 & wait"]
         placement = Placement(constraints=[f"node.id=={host}"])
-        box = self.cluster.run(image, RunOptions(command=command), placement)
+        box = self.cluster.run(ContainerConfig(image, command=command), placement)
         wait_until(lambda: self.cluster.inspect(box.id).state == "running", 60, "container")
         with NodeClient(self.agents[host].address) as node:
             wait_until(lambda: ("A", "/tmp/done") in node.changes(box.id), 30, "its script")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from berth.client import NodeClient, RegistryClient, RunOptions
+from berth.client import ContainerConfig, NodeClient, RegistryClient
 from berth.cluster.v1 import cluster_pb2, cluster_pb2_grpc
 
 from .images import busybox_layer, push_image
@@ -145,7 +145,7 @@ def test_up_three_nodes_and_kill_node(tmp_path: Path) -> None:
             push_image(registry, "test/busybox", "1", [busybox_layer()], tmp_path)
         with NodeClient(nodes["node-2"]["address"]) as node:
             node.pull("test/busybox:1")
-            container = node.run("test/busybox:1", RunOptions(command=["sleep", "600"]))
+            container = node.run(ContainerConfig("test/busybox:1", command=["sleep", "600"]))
         data = Path(nodes["node-2"]["data_dir"]) / "containers" / container.id
         conmon = int((data / "conmon.pid").read_text())
         assert alive(container.pid) and alive(conmon)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from isal import igzip
 
-from berth.client import NodeClient, RegistryClient, RunOptions
+from berth.client import ContainerConfig, NodeClient, RegistryClient
+from berth.containers import InvalidContainerConfig
 from berth.errors import BerthClientError
 from berthd.common.store import Store
 
@@ -24,7 +25,7 @@ from .images import busybox_layer, push_image, tar_of
 
 def run(node: NodeClient, image: str, *command: str, **options) -> str:
     """`docker run -d`: returns the container id."""
-    return node.run(image, RunOptions(command=list(command), **options)).id
+    return node.run(ContainerConfig(image, command=list(command), **options)).id
 
 
 def logs(node: NodeClient, container: str) -> str:
@@ -177,7 +178,13 @@ def test_hostile_layer_is_rejected_and_nothing_lands_outside(
 def test_restart_policy_on_failure_retries_then_gives_up(node, busybox) -> None:
     node.pull(busybox)
     flaky = run(
-        node, busybox, "sh", "-c", "echo try; exit 1", restart="on-failure", restart_max_retries=2
+        node,
+        busybox,
+        "sh",
+        "-c",
+        "echo try; exit 1",
+        restart_policy="on-failure",
+        restart_max_retries=2,
     )
     info = eventually(
         lambda: (i := node.inspect(flaky)).state == "exited" and i.restart_count == 2 and i,
@@ -212,11 +219,33 @@ def test_containers_outlive_the_agent_and_are_adopted(node_agent, busybox) -> No
         assert logs(node, box) == "before\nafter\n"
 
 
+def test_an_agent_starts_past_a_container_record_it_cannot_read(node_agent, busybox) -> None:
+    """A record whose config no longer validates (written by hand, or by an agent with other
+    rules) is skipped with a log line; the agent still starts and keeps the other containers."""
+    with NodeClient(node_agent.address) as node:
+        node.pull(busybox)
+        box = run(node, busybox, "sleep", "60")
+        bad = run(node, busybox, "true")
+    node_agent.process.stop()
+    record_file = node_agent.data_dir / "containers" / bad / "container.json"
+    record = json.loads(record_file.read_text())
+    record["config"]["memory_bytes"] = 1  # under Docker's 6 MB minimum: InvalidArgument
+    record_file.write_text(json.dumps(record))
+
+    node_agent.start()
+    with NodeClient(node_agent.address) as node:
+        assert node.inspect(box).state == "running"
+        assert [c.id for c in node.list(all=True)] == [box]
+    assert "skipping unreadable container record" in node_agent.process.log.read_text()
+
+
 def test_exit_while_the_agent_is_down_is_not_lost(node_agent, busybox) -> None:
     with NodeClient(node_agent.address) as node:
         node.pull(busybox)
         box = run(node, busybox, "sh", "-c", "while [ ! -f /tmp/go ]; do sleep 0.1; done; exit 9")
-        always = run(node, busybox, "sh", "-c", "echo run; sleep 0.3; exit 1", restart="always")
+        always = run(
+            node, busybox, "sh", "-c", "echo run; sleep 0.3; exit 1", restart_policy="always"
+        )
         eventually(lambda: node.inspect(box).state == "running", what="running")
         node.exec(box, ["touch", "/tmp/go"])  # it will exit while the agent is down
     node_agent.process.proc.send_signal(signal.SIGKILL)
@@ -271,16 +300,20 @@ async def test_node_registers_in_etcd_and_vanishes_when_its_lease_lapses(
 
 def test_create_errors_are_clear(node, busybox) -> None:
     with pytest.raises(BerthClientError) as missing:
-        node.run("test/not-pulled:1")
+        node.run(ContainerConfig("test/not-pulled:1"))
     assert missing.value.code == "NOT_FOUND" and "pull" in str(missing.value)
     node.pull(busybox)
     run(node, busybox, "true", name="dup")
     with pytest.raises(BerthClientError) as dup:
         run(node, busybox, "true", name="dup")
     assert "already in use" in str(dup.value)
+    bad_env = ContainerConfig(busybox, env=["NOEQUALS"])
     with pytest.raises(BerthClientError) as env:
-        node.run(busybox, RunOptions(env=["NOEQUALS"]))
+        node.run(bad_env)  # the client does not check: this is the node's answer
     assert env.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(InvalidContainerConfig) as checked:
+        bad_env.validate()
+    assert env.value.message == checked.value.message  # the same words on both sides
 
 
 def test_etc_files_and_spec_options_reach_the_process(node, busybox) -> None:
@@ -338,7 +371,7 @@ def test_image_in_use_is_kept_and_shared_layers_stay(node, busybox, client, tmp_
 def test_network_modes(node, busybox) -> None:
     node.pull(busybox)
     isolated = run(node, busybox, "sh", "-c", "ls /sys/class/net")
-    shared = run(node, busybox, "sh", "-c", "ls /sys/class/net", network="host")
+    shared = run(node, busybox, "sh", "-c", "ls /sys/class/net", network_mode="host")
     node.wait(isolated)
     node.wait(shared)
     assert logs(node, isolated).split() == ["lo"]
@@ -361,7 +394,7 @@ def test_concurrent_creates_of_one_name_leave_one_container(node, busybox) -> No
 
     def create(_: int) -> str:
         try:
-            return node.create(busybox, RunOptions(name="only-one", command=["true"])).id
+            return node.create(ContainerConfig(busybox, name="only-one", command=["true"])).id
         except BerthClientError as err:
             return err.code
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from berth.client.containers import LogLine, RunOptions
+from berth.client.containers import LogLine
+from berth.containers import ContainerConfig
 from berthd.builder.runner import BUILD_LABEL, RunFailed, Runner, RunSpec
 from berthd.common.errors import FailedPrecondition, NotFound
 
@@ -35,14 +36,14 @@ class FakeCluster:
         self.chunks = chunks
         self.exit_code = exit_code
         self.states = list(states)
-        self.ran: list[tuple[str, RunOptions]] = []
+        self.ran: list[ContainerConfig] = []
         self.removed: list[tuple[str, bool]] = []
         self.following = asyncio.Event()
         self.block_logs = False
         self.remove_error: Exception | None = None
 
-    async def run(self, image: str, options: RunOptions) -> Any:
-        self.ran.append((image, options))
+    async def run(self, config: ContainerConfig) -> Any:
+        self.ran.append(config)
         return SimpleNamespace(id="c1")
 
     async def inspect(self, container: str) -> Any:
@@ -102,9 +103,9 @@ async def test_a_step_streams_its_lines_and_exports_its_layer() -> None:
     assert lines == ["one", "two", "last"]
     assert result.layer is not None and result.layer.size == 42
     assert result.diff_id == "sha256:" + "c" * 64
-    image, options = cluster.ran[0]
-    assert image == SPEC.image and options.entrypoint == SPEC.argv
-    assert options.labels == {BUILD_LABEL: "b1"} and options.network == "none"
+    config = cluster.ran[0]
+    assert config.image == SPEC.image and config.entrypoint == SPEC.argv
+    assert config.labels == {BUILD_LABEL: "b1"} and config.network_mode == "none"
     assert [n.address for n in nodes] == ["n1:1"]
     assert nodes[0].exported == [("c1", "berth/build-cache")]
     assert cluster.removed == [("c1", True)]

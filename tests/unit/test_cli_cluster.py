@@ -31,9 +31,10 @@ from berth.client.cluster import (
     merge_env,
     resolve_service,
 )
-from berth.client.node import LogLine, RunOptions
+from berth.client.node import LogLine
 from berth.cluster.v1 import cluster_pb2 as pb
 from berth.config import Target, resolve_cluster_address, resolve_target
+from berth.containers import ContainerConfig
 from berth.errors import BerthClientError, from_rpc_error
 from berth.types.v1 import container_pb2
 
@@ -116,7 +117,7 @@ def service_info(**changes: Any) -> ServiceInfo:
         version=4,
         update_state="",
         update_message="",
-        template=RunOptions(),
+        template=ContainerConfig("demo/busybox:1.35"),
         placement=Placement(),
         labels={},
         created_at=NOW,
@@ -145,9 +146,9 @@ class FakeCluster:
     def __exit__(self, *exc_info: object) -> None:
         pass
 
-    def run(self, image: str, options: RunOptions, placement: Placement | None) -> ClusterContainer:
-        self.calls.append(("run", image, options, placement))
-        return placed(state="pending", image=image, started_at=None)
+    def run(self, config: ContainerConfig, placement: Placement | None) -> ClusterContainer:
+        self.calls.append(("run", config.image, config, placement))
+        return placed(state="pending", image=config.image, started_at=None)
 
     def inspect(self, target: str) -> ClusterContainer:
         self.calls.append(("inspect", target))
@@ -311,7 +312,7 @@ def test_service_create_takes_run_flags() -> None:
         ["httpd", "-f"],
     )
     assert placement_options(args) == Placement(["zone==a"], 0, 0)
-    assert container_cmds.spec_options(args).env == ["A=1"]
+    assert container_cmds.container_config(args).env == ["A=1"]
 
 
 def test_service_create_needs_a_name(capsys: pytest.CaptureFixture[str]) -> None:
@@ -644,14 +645,10 @@ def test_service_create_ls_ps(cluster: FakeCluster, capsys: pytest.CaptureFixtur
     argv = ["service", "create", "--name", "web", "--replicas", "3", "busybox", "httpd"]
     assert main(argv) == 0
     assert capsys.readouterr().out == f"{SERVICE_ID}\n"
-    name, image, replicas, options, placement = cluster.calls[0][1:]
-    assert (name, image, replicas, options.command, placement) == (
-        "web",
-        "busybox",
-        3,
-        ["httpd"],
-        None,
-    )
+    name, template, replicas, placement = cluster.calls[0][1:]
+    assert (name, replicas, placement) == ("web", 3, None)
+    # Replicas are named web.1, web.2, ...: the template has no name of its own.
+    assert template == ContainerConfig("busybox", command=["httpd"])
 
     assert main(["service", "ls"]) == 0
     assert table(capsys.readouterr().out) == [

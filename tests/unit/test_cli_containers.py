@@ -32,7 +32,7 @@ from berth.cli.container_cmds import (
     parse_size,
     parse_volume,
     ps_rows,
-    run_options,
+    run_config,
 )
 from berth.cli.image_cmds import PullDisplay, image_rows
 from berth.cli.main import build_parser, main
@@ -43,8 +43,8 @@ from berth.client.node import (
     ImageInfo,
     LogLine,
     PullProgress,
-    RunOptions,
 )
+from berth.containers import ContainerConfig, MountSpec
 from berth.errors import BerthClientError
 
 from .cli_output import error_line
@@ -118,10 +118,10 @@ class FakeNode:
         if target in self.failing:
             raise self.failing[target]
 
-    def create(self, image: str, options: RunOptions) -> ContainerInfo:
-        self.calls.append(("create", image, options))
+    def create(self, config: ContainerConfig) -> ContainerInfo:
+        self.calls.append(("create", config.image, config))
         if self.missing_image:
-            raise BerthClientError(f"no such image: {image}", "NOT_FOUND")
+            raise BerthClientError(f"no such image: {config.image}", "NOT_FOUND")
         return container(id=ID, state="created", started_at=None)
 
     def pull(self, image: str, progress: Callable[[PullProgress], None]) -> ImageInfo:
@@ -301,7 +301,7 @@ def test_parse_volume_rejects(text: str, mentions: str) -> None:
         parse_volume(text)
 
 
-def test_run_options_from_every_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_config_from_every_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env_file = tmp_path / "app.env"
     env_file.write_text('# settings\n\nMODE=file\n  QUOTED="kept as is"\nFROM_SHELL\nUNSET_HERE\n')
     monkeypatch.setenv("FROM_SHELL", "shell")
@@ -318,7 +318,8 @@ def test_run_options_from_every_flag(tmp_path: Path, monkeypatch: pytest.MonkeyP
     )
     assert args.detach
     assert args.image == "demo/busybox:1.35"
-    assert run_options(args) == RunOptions(
+    assert run_config(args) == ContainerConfig(
+        image="demo/busybox:1.35",
         name="web",
         entrypoint=["/bin/sh"],
         command=["-c", "echo hi"],
@@ -328,22 +329,22 @@ def test_run_options_from_every_flag(tmp_path: Path, monkeypatch: pytest.MonkeyP
         user="1000:1000",
         hostname="h1",
         labels={"team": "infra"},
-        mounts=[("/srv", "/srv", True), ("logs", "/var/log", False)],
+        mounts=[MountSpec("/srv", "/srv", True), MountSpec("logs", "/var/log", False)],
         read_only_rootfs=True,
         memory_bytes=64 * 1024**2,
         cpu_millis=500,
         cpu_shares=512,
         pids_limit=100,
-        restart="on-failure",
+        restart_policy="on-failure",
         restart_max_retries=5,
-        network="host",
+        network_mode="host",
     )
 
 
 def test_run_defaults_and_a_command_with_its_own_options() -> None:
     args = run_args("busybox", "ls", "-l", "--rm")
     assert (args.detach, args.rm, args.command) == (False, False, ["ls", "-l", "--rm"])
-    assert run_options(args) == RunOptions(command=["ls", "-l", "--rm"])
+    assert run_config(args) == ContainerConfig("busybox", command=["ls", "-l", "--rm"])
 
 
 @pytest.mark.parametrize(
@@ -361,6 +362,14 @@ def test_run_defaults_and_a_command_with_its_own_options() -> None:
         (["--rm", "--restart", "always", "busybox"], "conflicting options: --restart and --rm"),
         (["--rm", "-d", "busybox"], "--rm needs an attached run"),
         (["--env-file", "/nonexistent/app.env", "busybox"], "/nonexistent/app.env"),
+        # The container model's own checks, in the words the node and the cluster use.
+        (["-m", "1m", "busybox"], "memory limit 1048576 bytes is too small: the minimum is 6 MiB"),
+        (["--cpus", "0.005", "busybox"], "cpu_millis 5 is out of range"),
+        (["--hostname", "under_score", "busybox"], 'invalid hostname "under_score"'),
+        (["--name", "a", "busybox"], 'invalid container name "a"'),
+        (["-u", "a:b:c", "busybox"], 'invalid user "a:b:c"'),
+        (["-v", "/s:/x", "-v", "/t:/x/", "busybox"], 'duplicate mount point "/x"'),
+        (["--cpu-shares", "1", "busybox"], "cpu_shares 1 is out of range"),
         ([], "required: IMAGE"),
     ],
 )

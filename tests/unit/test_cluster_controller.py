@@ -245,3 +245,11 @@ def test_service_validation(bad: dict) -> None:
         setattr(record, key, value)
     with pytest.raises(InvalidArgument):
         validate(record)
+
+
+def test_a_service_template_is_validated_as_its_replicas_are() -> None:
+    validate(service())  # a template needs no name: its replicas are web.1, web.2, ...
+    record = service()
+    record.template.memory_bytes = 1024
+    with pytest.raises(InvalidArgument, match="memory limit 1024 bytes is too small"):
+        validate(record)

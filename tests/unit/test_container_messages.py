@@ -1,61 +1,10 @@
-"""berthd.common.container_messages: ContainerConfig <-> berth.types.v1, for node and cluster."""
+"""berthd.common.container_messages: ContainerStatus for the node and the cluster (a spec is
+converted by the container model itself: tests/unit/test_container_model.py)."""
 
 from __future__ import annotations
 
-import pytest
-
 from berth.types.v1 import container_pb2 as pb
-from berthd.common.container_messages import (
-    config_from_spec,
-    container_status,
-    spec_from_config,
-    state_filter,
-)
-from berthd.common.containers import ContainerConfig, MountSpec
-from berthd.common.errors import InvalidArgument
-
-
-def test_a_config_round_trips_through_its_spec() -> None:
-    config = ContainerConfig(
-        image="busybox",
-        name="web",
-        entrypoint=[""],
-        command=["sh", "-c", "true"],
-        env=["A=1"],
-        working_dir="/srv",
-        user="1000:1000",
-        hostname="web",
-        labels={"tier": "front"},
-        mounts=[MountSpec("/data", "/data", True), MountSpec("cache", "/cache")],
-        read_only_rootfs=True,
-        memory_bytes=64 << 20,
-        cpu_millis=500,
-        cpu_shares=512,
-        pids_limit=100,
-        restart_policy="on-failure",
-        restart_max_retries=3,
-        network_mode="host",
-    )
-    spec = spec_from_config(config)
-    assert spec.restart_policy.name == pb.RESTART_POLICY_NAME_ON_FAILURE
-    assert spec.network_mode == pb.NETWORK_MODE_HOST
-    assert config_from_spec(spec) == config
-
-
-def test_unset_policies_read_as_docker_defaults() -> None:
-    config = config_from_spec(pb.ContainerSpec(image="busybox"))
-    assert (config.restart_policy, config.network_mode) == ("no", "none")
-    config.validate()
-
-
-def test_an_unknown_enum_value_is_invalid_argument() -> None:
-    spec = pb.ContainerSpec(image="busybox", network_mode=7)  # type: ignore[arg-type]
-    with pytest.raises(InvalidArgument, match="unknown network mode 7: expected one of none"):
-        config_from_spec(spec)
-    spec = pb.ContainerSpec(image="busybox")
-    spec.restart_policy.name = 9  # type: ignore[assignment]
-    with pytest.raises(InvalidArgument, match="unknown restart policy 9"):
-        config_from_spec(spec)
+from berthd.common.container_messages import container_status, state_filter
 
 
 def test_container_status() -> None:

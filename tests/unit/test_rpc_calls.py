@@ -14,6 +14,7 @@ from berthd.common.errors import (
     Unavailable,
 )
 from berthd.common.rpc.calls import domain_error, retryable
+from berthd.common.rpc.node import NodeApi
 
 
 def rpc_error(code: grpc.StatusCode, details: str) -> AioRpcError:
@@ -76,3 +77,16 @@ def test_only_a_peer_never_reached_is_retried() -> None:
     assert retryable(rpc_error(grpc.StatusCode.UNAVAILABLE, refused))
     assert not retryable(rpc_error(grpc.StatusCode.UNAVAILABLE, "no node is ready"))
     assert not retryable(rpc_error(grpc.StatusCode.NOT_FOUND, refused))
+
+
+def test_a_named_node_is_named_in_its_errors() -> None:
+    """The cluster relays a node's failures (logs, exec, stats) naming the node."""
+    refused = "failed to connect to all addresses; last error: Connection refused"
+    node = NodeApi("127.0.0.1:9", node_id="n1")
+    error = node.error(rpc_error(grpc.StatusCode.UNAVAILABLE, refused), "127.0.0.1:9")
+    assert isinstance(error, Unavailable)
+    assert str(error) == "node n1: cannot reach the node at 127.0.0.1:9 (Connection refused)"
+    cancelled = node.error(rpc_error(grpc.StatusCode.CANCELLED, "gone"), "127.0.0.1:9")
+    assert (cancelled.code, str(cancelled)) == (grpc.StatusCode.CANCELLED, "node n1: gone")
+    unnamed = NodeApi("127.0.0.1:9").error(rpc_error(grpc.StatusCode.NOT_FOUND, "x"), "a")
+    assert str(unnamed) == "x"

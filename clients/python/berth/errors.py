@@ -18,6 +18,22 @@ class BerthClientError(Exception):
         super().__init__(self.message)
 
 
+class InvalidArgumentError(BerthClientError):
+    """A value the client package's own checks refuse before any call (a malformed image
+    reference, a bad container config): code INVALID_ARGUMENT.
+
+    The client package writes these rules once for client and server; berthd re-raises the
+    message, unchanged, as its own InvalidArgument. Values are shown JSON-quoted, so the message
+    is one line already: it is kept exact (one_line would collapse a run of spaces inside a
+    quoted value).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "INVALID_ARGUMENT")
+        self.message = message
+        self.args = (message,)
+
+
 def one_line(text: str) -> str:
     """Collapse whitespace so a message never spans several lines of a terminal."""
     return " ".join(text.split())

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Self
 
-from berth.errors import BerthClientError
+from berth.errors import InvalidArgumentError
 
 MAX_REPOSITORY_LENGTH = 255
 MAX_TAG_LENGTH = 128
@@ -30,15 +30,8 @@ _REGISTRY_RE = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[a-fA-F0-9:]+\])(?::(?
 _MAX_SHOWN = 200
 
 
-class InvalidReference(BerthClientError):
+class InvalidReference(InvalidArgumentError):
     """A malformed repository name, tag, digest, registry host or image reference."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "INVALID_ARGUMENT")
-        # Values are shown through quoted(), so the message is one line already; keep it exact
-        # (one_line would collapse a run of spaces inside a quoted value).
-        self.message = message
-        self.args = (message,)
 
 
 def quoted(value: object) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from berth.client.cluster import ClusterContainer
-from berth.client.containers import RunOptions
+from berthd.common.containers import ContainerConfig
 from berthd.common.errors import BerthError, FailedPrecondition, Unavailable
 from berthd.common.oci import mediatypes
 from berthd.common.oci.manifest import Descriptor
@@ -92,17 +92,18 @@ class Runner:
     async def run(self, spec: RunSpec, output: Callable[[str], None]) -> RunResult:
         """Run the step; `output` gets each line it prints (on the event loop). Raises
         RunFailed on a non-zero exit."""
-        options = RunOptions(
+        config = ContainerConfig(
+            image=spec.image,
             name=spec.name,
             entrypoint=list(spec.argv),
             env=list(spec.env),
             working_dir=spec.working_dir,
             user=spec.user,
             labels={BUILD_LABEL: spec.build_id},
-            restart="no",
-            network=self.network,
+            restart_policy="no",
+            network_mode=self.network,
         )
-        container = await self.cluster.run(spec.image, options)
+        container = await self.cluster.run(config)
         try:
             return await self._complete(container.id, spec, output)
         finally:

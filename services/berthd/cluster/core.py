@@ -34,7 +34,7 @@ from berth.client import parse_image_reference
 from berth.errors import BerthClientError
 from berthd.cluster import metrics
 from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place
-from berthd.common.containers import ContainerConfig
+from berthd.common.containers import ContainerConfig, validate
 from berthd.common.errors import (
     Aborted,
     AlreadyExists,
@@ -398,7 +398,7 @@ class ClusterCore:
     ) -> DesiredContainer:
         """Place a container and record it as desired running, in one transaction per try."""
         config = copy.deepcopy(config)
-        config.validate()
+        validate(config)
         texts = list(constraints)
         # A zero request means the container's limit, as Placement.request says.
         request = Request(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 
@@ -31,12 +30,8 @@ from berthd.cluster.core import ClusterCore, ClusterNode, ContainerView, Endpoin
 from berthd.cluster.events import Event as ClusterEvent
 from berthd.cluster.events import EventFilter, watch_events
 from berthd.cluster.services import ServiceCore, ServiceRecord
-from berthd.common.container_messages import (
-    config_from_spec,
-    container_status,
-    spec_from_config,
-    state_filter,
-)
+from berthd.common.container_messages import container_status, state_filter
+from berthd.common.containers import from_spec, to_spec
 from berthd.common.errors import InvalidArgument
 from berthd.common.messages import timestamp
 from berthd.common.rpc.node import NodeApi
@@ -90,7 +85,7 @@ def container_message(view: ContainerView) -> pb.Container:
     return pb.Container(
         id=desired.id,
         name=desired.name,
-        spec=spec_from_config(desired.config),
+        spec=to_spec(desired.config),
         placement=pb.Placement(
             request=pb.ResourceAmounts(
                 cpu_millis=desired.cpu_millis, memory_bytes=desired.memory_bytes
@@ -122,7 +117,7 @@ def record_from_spec(spec: pb.ServiceSpec) -> ServiceRecord:
     record = ServiceRecord(
         id="",
         name=spec.name,
-        template=config_from_spec(spec.template),
+        template=from_spec(spec.template),
         replicas=spec.replicas,
         cpu_millis=spec.placement.request.cpu_millis,
         memory_bytes=spec.placement.request.memory_bytes,
@@ -140,7 +135,7 @@ def record_from_spec(spec: pb.ServiceSpec) -> ServiceRecord:
 def service_message(record: ServiceRecord, running: int) -> pb.Service:
     spec = pb.ServiceSpec(
         name=record.name,
-        template=spec_from_config(record.template),
+        template=to_spec(record.template),
         replicas=record.replicas,
         placement=pb.Placement(
             request=pb.ResourceAmounts(
@@ -228,7 +223,7 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     ) -> pb.RunContainerResponse:
         wanted = request.placement.request
         desired = await self.core.run(
-            config_from_spec(request.spec),
+            from_spec(request.spec),
             cpu_millis=wanted.cpu_millis,
             memory_bytes=wanted.memory_bytes,
             constraints=list(request.placement.constraints),
@@ -284,21 +279,9 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
 
     # Streams through to the owning node ----------------------------------------------------
 
-    async def _from_node(self, view: ContainerView, method: str, request: Any) -> AsyncIterator:
-        """The replies of a streaming call to the container's node, over the shared channel.
-        A failure comes back as the node's status with the node named ("node n1: ..."); a
-        caller that goes away ends the node's side of the stream too."""
-        node = NodeApi(await self.core.node_address(view))
-        stub, address = await node.connect()
-        call = getattr(stub, method)(request)
-        try:
-            async for reply in call:
-                yield reply
-        except grpc.aio.AioRpcError as err:
-            error = node.error(err, address)
-            raise type(error)(f"node {view.desired.node}: {error}") from None
-        finally:
-            call.cancel()
+    async def _node(self, view: ContainerView) -> NodeApi:
+        """The container's node; its errors name it ("node n1: ...")."""
+        return NodeApi(await self.core.node_address(view), node_id=view.desired.node)
 
     async def ContainerLogs(
         self, request: pb.ContainerLogsRequest, context: Context
@@ -309,7 +292,8 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         )
         if request.HasField("since"):
             forward.since.CopyFrom(request.since)
-        async with contextlib.aclosing(self._from_node(view, "ContainerLogs", forward)) as lines:
+        node = await self._node(view)
+        async with contextlib.aclosing(node.stream("ContainerLogs", forward)) as lines:
             async for line in lines:
                 yield pb.ContainerLogsResponse(time=line.time, stream=line.stream, data=line.data)
 
@@ -331,7 +315,8 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
             async for message in request_iterator:
                 yield node_pb2.ExecRequest(stdin=message.stdin, close_stdin=message.close_stdin)
 
-        async with contextlib.aclosing(self._from_node(view, "Exec", forward())) as outputs:
+        node = await self._node(view)
+        async with contextlib.aclosing(node.stream("Exec", forward())) as outputs:
             async for out in outputs:
                 yield pb.ExecResponse(
                     stdout=out.stdout, stderr=out.stderr, exited=out.exited, exit_code=out.exit_code
@@ -342,7 +327,8 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     ) -> AsyncIterator[pb.ContainerStatsResponse]:
         view = await self.core.inspect(request.container)
         forward = node_pb2.ContainerStatsRequest(container=view.id, stream=request.stream)
-        async with contextlib.aclosing(self._from_node(view, "ContainerStats", forward)) as samples:
+        node = await self._node(view)
+        async with contextlib.aclosing(node.stream("ContainerStats", forward)) as samples:
             async for sample in samples:
                 yield pb.ContainerStatsResponse(
                     container_id=view.id, node_id=view.desired.node, sample=sample.sample

@@ -36,7 +36,8 @@ from berthd.cluster.core import (
     name_key,
 )
 from berthd.cluster.scheduler import Request, parse_constraints
-from berthd.common.containers import ContainerConfig
+from berthd.common.containers import ContainerConfig, from_json
+from berthd.common.containers import validate as validate_config
 from berthd.common.errors import (
     Aborted,
     AlreadyExists,
@@ -102,7 +103,7 @@ class ServiceRecord:
     @classmethod
     def from_json(cls, raw: bytes | str) -> ServiceRecord:
         data: dict[str, Any] = json.loads(raw)
-        data["template"] = ContainerConfig.from_json(json.dumps(data["template"]))
+        data["template"] = from_json(json.dumps(data["template"]))
         return cls(**data)
 
     def request(self) -> Request:
@@ -145,7 +146,7 @@ def validate(record: ServiceRecord) -> None:
     if record.delay_seconds < 0 or record.monitor_seconds < 0:
         raise InvalidArgument("update delay and monitor cannot be negative")
     template = dataclasses.replace(copy.deepcopy(record.template), name=f"{record.name}.1")
-    template.validate()
+    validate_config(template)
     record.request()  # constraints and requests
 
 

@@ -6,7 +6,12 @@ statuses in one interceptor, so servicers stay free of try/except blocks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import grpc
+
+from berth.errors import InvalidArgumentError
 
 
 class BerthError(Exception):
@@ -83,6 +88,16 @@ _BY_CODE: dict[str, type[BerthError]] = {
         DeadlineExceeded,
     )
 }
+
+
+@contextmanager
+def invalid_argument() -> Iterator[None]:
+    """Re-raise the client package's own checks (`berth.reference`, `berth.containers`: the
+    rules written once for client and server) as InvalidArgument, message unchanged."""
+    try:
+        yield
+    except InvalidArgumentError as exc:
+        raise InvalidArgument(exc.message) from None
 
 
 def error_for_code(code: str, message: str) -> BerthError:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from berthd.common.containers import ContainerConfig, MountSpec, validate
 from berthd.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from berthd.common.state.containers import STATUSES, ContainerStatus
 from berthd.common.store import Store
@@ -37,8 +38,6 @@ from berthd.node.records import (
 )
 from berthd.node.runtime import Runtime
 from berthd.node.spec import (
-    ContainerConfig,
-    MountSpec,
     build_runtime_config,
     effective_user,
     prepare_etc_files,
@@ -200,7 +199,8 @@ class ContainerManager:
                 continue
             try:
                 record = ContainerDir(path).load()
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, InvalidArgument) as exc:
+                # A config that no longer validates must not keep the agent from starting.
                 log.error("skipping unreadable container record %s: %s", record_file, exc)
                 continue
             self.records[record.id] = record
@@ -318,7 +318,7 @@ class ContainerManager:
         self, config: ContainerConfig, container_id: str | None = None
     ) -> ContainerRecord:
         """Create a container; `container_id` is given when the cluster chose it."""
-        config.validate()
+        validate(config)
         if container_id is not None and not re.fullmatch(r"[0-9a-f]{64}", container_id):
             raise InvalidArgument(f"container id {container_id!r} is not 64 hex characters")
         if container_id in self.records:

@@ -15,12 +15,8 @@ from berth.enums.node import CHANGE_KINDS, LAYER_STATES
 from berth.node.v1 import node_pb2 as pb
 from berth.node.v1 import node_pb2_grpc
 from berth.types.v1 import container_pb2, node_pb2, types_pb2
-from berthd.common.container_messages import (
-    config_from_spec,
-    container_status,
-    spec_from_config,
-    state_filter,
-)
+from berthd.common.container_messages import container_status, state_filter
+from berthd.common.containers import from_spec, to_spec
 from berthd.common.errors import InvalidArgument
 from berthd.common.messages import timestamp
 from berthd.common.streaming import Done, progress_stream
@@ -35,7 +31,7 @@ def container(record: ContainerRecord) -> pb.Container:
     return pb.Container(
         id=record.id,
         name=record.name,
-        spec=spec_from_config(record.config),
+        spec=to_spec(record.config),
         image_digest=record.image_digest,
         status=container_status(
             record.state,
@@ -111,7 +107,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def CreateContainer(
         self, request: pb.CreateContainerRequest, context: Context
     ) -> pb.CreateContainerResponse:
-        record = await self.agent.containers.create(config_from_spec(request.spec))
+        record = await self.agent.containers.create(from_spec(request.spec))
         return pb.CreateContainerResponse(container=container(record))
 
     async def StartContainer(

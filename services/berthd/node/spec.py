@@ -1,7 +1,7 @@
 """From a container spec and an image config to an OCI runtime bundle, with Docker's rules.
 
-The container model itself (ContainerConfig, MountSpec, their validation) lives in
-berthd.common.containers and is re-exported here for older imports.
+The container model itself (ContainerConfig, MountSpec, their validation) is the client
+package's `berth.containers`, used through berthd.common.containers.
 
 Pure functions and plain data: the container manager calls these, then mounts overlayfs and runs
 runc. Nothing here knows about gRPC; bad input raises InvalidArgument with a message a user can

@@ -16,12 +16,12 @@ from berth.cli.container_cmds import (
     add_image_arguments,
     add_spec_options,
     binary_size,
+    container_config,
     container_status,
     host_options,
     non_negative_int,
     parse_env,
     placement_options,
-    spec_options,
 )
 from berth.cli.output import (
     for_each,
@@ -258,11 +258,9 @@ def cmd_node_change(args: argparse.Namespace) -> int:
 
 
 def cmd_service_create(args: argparse.Namespace) -> int:
-    options = spec_options(args)
+    template = container_config(args)
     with connect_cluster(args) as client:
-        service = client.create_service(
-            args.name, args.image, args.replicas, options, placement_options(args)
-        )
+        service = client.create_service(args.name, template, args.replicas, placement_options(args))
     if args.format == "json":
         print_json(service)
     else:

@@ -36,9 +36,10 @@ from berth.cli.output import (
 )
 from berth.cli.registry_cmds import format_options, parse_label
 from berth.client.cluster import ClusterClient, ClusterContainer, Placement
-from berth.client.node import ContainerInfo, NodeClient, RunOptions
+from berth.client.node import ContainerInfo, NodeClient
 from berth.config import HOST_HELP, resolve_target
-from berth.enums.containers import CONTAINER_STATES, NETWORK_MODES, RESTART_POLICIES
+from berth.containers import NETWORK_MODES, RESTART_POLICIES, ContainerConfig, MountSpec
+from berth.enums.containers import CONTAINER_STATES
 from berth.errors import BerthClientError
 
 Client = NodeClient | ClusterClient
@@ -91,7 +92,7 @@ def parse_cpus(text: str) -> int:
 def parse_restart(text: str) -> tuple[str, int]:
     """Docker's --restart: no, always, on-failure or on-failure:N, as (policy, max retries)."""
     name, sep, count = text.partition(":")
-    if name not in RESTART_POLICIES.names:
+    if name not in RESTART_POLICIES:
         raise argparse.ArgumentTypeError(
             f'invalid restart policy "{text}": use no, on-failure[:N] or always'
         )
@@ -201,23 +202,26 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
-def run_options(args: argparse.Namespace) -> RunOptions:
-    """The RunOptions of a parsed `berth run`."""
+def run_config(args: argparse.Namespace) -> ContainerConfig:
+    """The container of a parsed `berth run`, validated."""
     if args.rm and args.restart[0] != "no":
         raise BerthClientError("conflicting options: --restart and --rm", "INVALID_ARGUMENT")
     if args.rm and args.detach:
         # The node has no auto-remove: only an attached client can remove after the exit.
         raise BerthClientError("--rm needs an attached run: drop -d", "INVALID_ARGUMENT")
-    return spec_options(args)
+    return container_config(args, name=args.name or "")
 
 
-def spec_options(args: argparse.Namespace) -> RunOptions:
-    """The container spec of a parsed `berth run` or `berth service create`."""
+def container_config(args: argparse.Namespace, name: str = "") -> ContainerConfig:
+    """The container of a parsed `berth run`, or the template of a `berth service create`
+    (no name: the cluster names each replica SERVICE.SLOT), validated: a mistake the node or
+    the cluster would refuse fails here, with their words, before any call (and any pull)."""
     restart, retries = args.restart
     # Files first, so -e overrides them (as in Docker).
     env = [entry for path in args.env_file for entry in read_env_file(path)]
-    return RunOptions(
-        name=args.name or "",
+    config = ContainerConfig(
+        image=args.image,
+        name=name,
         entrypoint=[args.entrypoint] if args.entrypoint else [],
         command=args.command,
         env=[*env, *(entry for entry in args.env if entry is not None)],
@@ -225,16 +229,18 @@ def spec_options(args: argparse.Namespace) -> RunOptions:
         user=args.user or "",
         hostname=args.hostname or "",
         labels=dict(args.label),
-        mounts=args.volume,
+        mounts=[MountSpec(*volume) for volume in args.volume],
         read_only_rootfs=args.read_only,
         memory_bytes=args.memory,
         cpu_millis=args.cpus,
         cpu_shares=args.cpu_shares,
         pids_limit=args.pids_limit,
-        restart=restart,
+        restart_policy=restart,
         restart_max_retries=retries,
-        network=args.network,
+        network_mode=args.network,
     )
+    config.validate()
+    return config
 
 
 def placement_options(args: argparse.Namespace) -> Placement | None:
@@ -403,7 +409,7 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
     add("-u", "--user", help="uid[:gid] or user name")
     add("--hostname", help="host name (default: the short id)")
     add("--read-only", action="store_true", help="mount the root filesystem read-only")
-    add("--network", choices=NETWORK_MODES.names, default="none", help="network mode (none)")
+    add("--network", choices=NETWORK_MODES, default="none", help="network mode (none)")
     add(
         "-l",
         "--label",
@@ -447,18 +453,18 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    options = run_options(args)
+    config = run_config(args)
     placement = placement_options(args)
     with connect(args) as client:
         if on_cluster(client):
-            return _run_on_cluster(client, args, options, placement)
+            return _run_on_cluster(client, args, config, placement)
         if placement is not None:
             raise BerthClientError(
                 "--constraint and --reserve-* place containers on cluster nodes: "
                 "drop them, or use the cluster (--host) instead of --node",
                 "INVALID_ARGUMENT",
             )
-        container = _create(client, args.image, options)
+        container = _create(client, config)
         try:
             client.start(container.id)
         except BerthClientError:
@@ -476,11 +482,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_on_cluster(
     client: ClusterClient,
     args: argparse.Namespace,
-    options: RunOptions,
+    config: ContainerConfig,
     placement: Placement | None,
 ) -> int:
     # No pull here: the chosen node pulls the image itself when it converges.
-    container = client.run(args.image, options, placement)
+    container = client.run(config, placement)
     if args.detach:
         print_line(container.id)
         return 0
@@ -674,17 +680,17 @@ def _each_container(args: argparse.Namespace, action: Callable[[Client, str], ob
     return 0
 
 
-def _create(client: NodeClient, image: str, options: RunOptions) -> ContainerInfo:
+def _create(client: NodeClient, config: ContainerConfig) -> ContainerInfo:
     """Create; when the node lacks the image, pull it (progress on stderr) and try again."""
     try:
-        return client.create(image, options)
+        return client.create(config)
     except BerthClientError as err:
         if err.code != "NOT_FOUND":
             raise
     out = err_console()
-    out.print(f"Unable to find image '{image_name(image)}' locally", markup=False)
-    pull_image(client, image, out)
-    return client.create(image, options)
+    out.print(f"Unable to find image '{image_name(config.image)}' locally", markup=False)
+    pull_image(client, config.image, out)
+    return client.create(config)
 
 
 def _attach(client: Client, container_id: str, remove: bool) -> int:

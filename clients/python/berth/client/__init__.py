@@ -18,6 +18,7 @@ _EXPORTS = {
     "ClusterClient": "berth.client.cluster",
     "ClusterContainer": "berth.client.cluster",
     "CommitProgress": "berth.client.image",
+    "ContainerConfig": "berth.containers",
     "ContainerInfo": "berth.client.node",
     "Credentials": "berth.client.image",
     "DeletedManifest": "berth.client.registry",
@@ -35,6 +36,7 @@ _EXPORTS = {
     "LoadResult": "berth.client.image",
     "ManifestData": "berth.client.registry",
     "ManifestInfo": "berth.client.registry",
+    "MountSpec": "berth.containers",
     "NodeClient": "berth.client.node",
     "NodeInfo": "berth.client.cluster",
     "Placement": "berth.client.cluster",
@@ -45,7 +47,6 @@ _EXPORTS = {
     "RegistryClient": "berth.client.registry",
     "Removal": "berth.client.image",
     "RepositoryInfo": "berth.client.registry",
-    "RunOptions": "berth.client.node",
     "ServiceInfo": "berth.client.cluster",
     "TagInfo": "berth.client.registry",
     "TransferProgress": "berth.client.image",
@@ -60,6 +61,7 @@ __all__ = [
     "ClusterClient",
     "ClusterContainer",
     "CommitProgress",
+    "ContainerConfig",
     "ContainerInfo",
     "Credentials",
     "DeletedManifest",
@@ -77,6 +79,7 @@ __all__ = [
     "LoadResult",
     "ManifestData",
     "ManifestInfo",
+    "MountSpec",
     "NodeClient",
     "NodeInfo",
     "Placement",
@@ -87,7 +90,6 @@ __all__ = [
     "RegistryClient",
     "Removal",
     "RepositoryInfo",
-    "RunOptions",
     "ServiceInfo",
     "TagInfo",
     "TransferProgress",
@@ -123,7 +125,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the eager imports
         TransferProgress,
         parse_external_reference,
     )
-    from berth.client.node import ContainerInfo, ImageInfo, NodeClient, RunOptions
+    from berth.client.node import ContainerInfo, ImageInfo, NodeClient
     from berth.client.registry import (
         BlobInfo,
         DeletedManifest,
@@ -137,6 +139,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the eager imports
         TagInfo,
         parse_image_reference,
     )
+    from berth.containers import ContainerConfig, MountSpec
 
 
 def __getattr__(name: str) -> Any:

@@ -16,15 +16,13 @@ from berth.client.base import GrpcClient
 from berth.client.containers import (
     ContainerInfo,
     ContainerStreams,
-    RunOptions,
     container_fields,
-    container_spec,
-    run_options,
     stats_sample,
     time_of,
 )
 from berth.cluster.v1 import cluster_pb2 as pb
 from berth.cluster.v1 import cluster_pb2_grpc
+from berth.containers import ContainerConfig, from_spec, to_spec
 from berth.enums.cluster import (
     AVAILABILITIES,
     DESIRED_STATES,
@@ -61,7 +59,7 @@ class NodeInfo:
 @dataclass
 class Placement:
     """Where a container may run: constraints on node labels ("zone==a", "disk!=hdd") and what
-    it reserves on its node (0: its limit in RunOptions, if any)."""
+    it reserves on its node (0: its limit in its ContainerConfig, if any)."""
 
     constraints: list[str] = field(default_factory=list)
     cpu_millis: int = 0
@@ -90,7 +88,7 @@ class ServiceInfo:
     version: int
     update_state: str  # "" (never updated), updating, completed, paused
     update_message: str
-    template: RunOptions
+    template: ContainerConfig  # what each replica runs (its image is `image`)
     placement: Placement
     labels: dict[str, str]
     created_at: datetime | None
@@ -184,7 +182,7 @@ def _service(s: pb.Service) -> ServiceInfo:
         version=s.version,
         update_state=UPDATE_STATES.name(s.update_state, ""),
         update_message=s.update_message,
-        template=run_options(s.spec.template),
+        template=from_spec(s.spec.template),
         placement=_placement(s.spec.placement),
         labels=dict(s.spec.labels),
         created_at=time_of(s, "created_at"),
@@ -275,13 +273,12 @@ class ClusterClient(ContainerStreams, GrpcClient):
 
     # Containers -------------------------------------------------------------------------
 
-    def run(
-        self, image: str, options: RunOptions | None = None, placement: Placement | None = None
-    ) -> ClusterContainer:
+    def run(self, config: ContainerConfig, placement: Placement | None = None) -> ClusterContainer:
         """Place a container and record it as desired to run, like `docker run -d`; its node
-        pulls, creates and starts it afterwards (state "pending" until then)."""
+        pulls, creates and starts it afterwards (state "pending" until then). The cluster
+        validates `config`; call config.validate() first to find a mistake before any call."""
         request = pb.RunContainerRequest(
-            spec=container_spec(image, options), placement=_placement_message(placement)
+            spec=to_spec(config), placement=_placement_message(placement)
         )
         return cluster_container(self._call(self._stub.RunContainer, request).container)
 
@@ -330,15 +327,15 @@ class ClusterClient(ContainerStreams, GrpcClient):
     def create_service(
         self,
         name: str,
-        image: str,
+        template: ContainerConfig,
         replicas: int = 1,
-        options: RunOptions | None = None,
         placement: Placement | None = None,
         labels: dict[str, str] | None = None,
     ) -> ServiceInfo:
+        """A service of `replicas` containers made from `template` (each named NAME.SLOT)."""
         spec = pb.ServiceSpec(
             name=name,
-            template=container_spec(image, options),
+            template=to_spec(template),
             replicas=replicas,
             placement=_placement_message(placement),
             labels=labels or {},

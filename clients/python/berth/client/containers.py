@@ -2,18 +2,19 @@
 
 Both protocols carry the same berth.types.v1 messages (ContainerSpec, ContainerStatus,
 ExecProcess, ContainerStats), so both clients convert them here, to and from the same
-dataclasses.
+dataclasses. What a container is made of (ContainerConfig, and its ContainerSpec) is the
+container model's, `berth.containers`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any
 
-from berth.enums.containers import CONTAINER_STATES, LOG_STREAMS, NETWORK_MODES, RESTART_POLICIES
+from berth.enums.containers import CONTAINER_STATES, LOG_STREAMS
 from berth.errors import BerthClientError
 from berth.types.v1 import container_pb2 as pb
 
@@ -37,30 +38,6 @@ class ContainerInfo:
     labels: dict[str, str]
 
 
-@dataclass
-class RunOptions:
-    """What `docker create` takes; see ContainerSpec in berth/types/v1/container.proto for
-    each field."""
-
-    name: str = ""
-    entrypoint: list[str] = field(default_factory=list)
-    command: list[str] = field(default_factory=list)
-    env: list[str] = field(default_factory=list)
-    working_dir: str = ""
-    user: str = ""
-    hostname: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-    mounts: list[tuple[str, str, bool]] = field(default_factory=list)
-    read_only_rootfs: bool = False
-    memory_bytes: int = 0
-    cpu_millis: int = 0
-    cpu_shares: int = 0
-    pids_limit: int = 0
-    restart: str = "no"
-    restart_max_retries: int = 0
-    network: str = "none"
-
-
 @dataclass(frozen=True)
 class LogLine:
     time: datetime
@@ -80,39 +57,6 @@ def time_of(message: Any, name: str) -> datetime | None:
     if not message.HasField(name):
         return None
     return getattr(message, name).ToDatetime(tzinfo=UTC)
-
-
-def container_spec(image: str, options: RunOptions | None = None) -> pb.ContainerSpec:
-    """The ContainerSpec of `docker create IMAGE` with these options; bad policies fail here,
-    before any call."""
-    o = options or RunOptions()
-    if o.restart not in RESTART_POLICIES.names:
-        raise BerthClientError(f"unknown restart policy {o.restart!r}", "INVALID_ARGUMENT")
-    if o.network not in NETWORK_MODES.names:
-        raise BerthClientError(f"unknown network mode {o.network!r}", "INVALID_ARGUMENT")
-    return pb.ContainerSpec(
-        image=image,
-        name=o.name,
-        entrypoint=o.entrypoint,
-        command=o.command,
-        env=o.env,
-        working_dir=o.working_dir,
-        user=o.user,
-        hostname=o.hostname,
-        labels=o.labels,
-        mounts=[pb.Mount(source=s, target=t, read_only=ro) for s, t, ro in o.mounts],
-        read_only_rootfs=o.read_only_rootfs,
-        resources=pb.Resources(
-            memory_bytes=o.memory_bytes,
-            cpu_millis=o.cpu_millis,
-            cpu_shares=o.cpu_shares,
-            pids_limit=o.pids_limit,
-        ),
-        restart_policy=pb.RestartPolicy(
-            name=RESTART_POLICIES.value(o.restart), max_retries=o.restart_max_retries
-        ),
-        network_mode=NETWORK_MODES.value(o.network),
-    )
 
 
 def container_fields(c: Any) -> dict[str, Any]:
@@ -177,29 +121,6 @@ def stats_sample(s: pb.ContainerStats) -> dict[str, float]:
         "memory_limit_bytes": s.memory_limit_bytes,
         "pids": s.pids,
     }
-
-
-def run_options(spec: pb.ContainerSpec) -> RunOptions:
-    """The inverse of container_spec: what a stored spec (a service template) asks for."""
-    return RunOptions(
-        name=spec.name,
-        entrypoint=list(spec.entrypoint),
-        command=list(spec.command),
-        env=list(spec.env),
-        working_dir=spec.working_dir,
-        user=spec.user,
-        hostname=spec.hostname,
-        labels=dict(spec.labels),
-        mounts=[(m.source, m.target, m.read_only) for m in spec.mounts],
-        read_only_rootfs=spec.read_only_rootfs,
-        memory_bytes=spec.resources.memory_bytes,
-        cpu_millis=spec.resources.cpu_millis,
-        cpu_shares=spec.resources.cpu_shares,
-        pids_limit=spec.resources.pids_limit,
-        restart=RESTART_POLICIES.name(spec.restart_policy.name, "no"),
-        restart_max_retries=spec.restart_policy.max_retries,
-        network=NETWORK_MODES.name(spec.network_mode, "none"),
-    )
 
 
 class ContainerStreams:

@@ -15,17 +15,16 @@ from berth.client.containers import (
     ContainerStreams,
     ExecOutput,
     LogLine,
-    RunOptions,
     container_fields,
-    container_spec,
     stats_sample,
 )
+from berth.containers import ContainerConfig, to_spec
 from berth.enums.node import CHANGE_KINDS, LAYER_STATE_WORDS
 from berth.errors import BerthClientError
 from berth.node.v1 import node_pb2 as pb
 from berth.node.v1 import node_pb2_grpc
 
-__all__ = ["ContainerInfo", "ExecOutput", "ImageInfo", "LogLine", "NodeClient", "RunOptions"]
+__all__ = ["ContainerInfo", "ExecOutput", "ImageInfo", "LogLine", "NodeClient"]
 
 
 @dataclass(frozen=True)
@@ -87,18 +86,20 @@ class NodeClient(ContainerStreams, GrpcClient):
 
     # Containers -------------------------------------------------------------------------
 
-    def create(self, image: str, options: RunOptions | None = None) -> ContainerInfo:
-        spec = container_spec(image, options)
-        reply = self._call(self._stub.CreateContainer, pb.CreateContainerRequest(spec=spec))
+    def create(self, config: ContainerConfig) -> ContainerInfo:
+        """Create a container, like `docker create`. The node validates `config`; call
+        config.validate() first to find a mistake before any call."""
+        request = pb.CreateContainerRequest(spec=to_spec(config))
+        reply = self._call(self._stub.CreateContainer, request)
         return container_info(reply.container)
 
     def start(self, container: str) -> ContainerInfo:
         reply = self._call(self._stub.StartContainer, pb.StartContainerRequest(container=container))
         return container_info(reply.container)
 
-    def run(self, image: str, options: RunOptions | None = None) -> ContainerInfo:
+    def run(self, config: ContainerConfig) -> ContainerInfo:
         """Create and start, like `docker run -d`."""
-        return self.start(self.create(image, options).id)
+        return self.start(self.create(config).id)
 
     def stop(self, container: str, timeout: int = 0) -> ContainerInfo:
         request = pb.StopContainerRequest(container=container, timeout_seconds=timeout)

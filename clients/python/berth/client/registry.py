@@ -7,7 +7,6 @@ broken connection.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -24,8 +23,8 @@ from berth.files import fsync_dir
 from berth.reference import Reference, validate_digest, validate_repository, validate_tag
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc as pb_grpc
+from berth.resume import CHUNK_SIZE, is_broken_stream, resume_download
 
-CHUNK_SIZE = 1 << 20
 MAX_MESSAGE_BYTES = 16 << 20
 # Unary calls get a deadline so a wedged server cannot hang the CLI; streams and GC do not,
 # since their duration grows with the data.
@@ -223,14 +222,12 @@ class RegistryClient:
         Bytes land in `<dest>.partial`, which a later call resumes from; the file is renamed
         into place only once the digest matches, so dest_path never holds a partial blob.
         """
-        algorithm, expected = _split_digest(digest)
         info = self.stat_blob(repository, digest)
         if info is None:
             raise BerthClientError(f"blob {digest} not found in {repository}", "NOT_FOUND")
         dest = Path(dest_path)
         partial = dest.with_name(dest.name + ".partial")
-        hasher = hashlib.new(algorithm)
-        offset = _rehash_partial(partial, hasher, info.size)
+        hasher, expected, offset = resume_download(partial, digest, info.size)
         with open(partial, "ab") as out:
             offset = self._download(repository, digest, out, hasher, offset, info.size, progress)
             out.flush()
@@ -239,7 +236,7 @@ class RegistryClient:
             partial.unlink(missing_ok=True)
             raise BerthClientError(
                 f"blob {digest} from {repository} does not match its digest "
-                f"(got {algorithm}:{hasher.hexdigest()}, {offset} bytes); "
+                f"(got {hasher.name}:{hasher.hexdigest()}, {offset} bytes); "
                 "the partial download was deleted, pull again",
                 "DATA_LOSS",
             )
@@ -421,7 +418,7 @@ class RegistryClient:
                     and self.stat_blob(repository, digest) is not None
                 ):
                     return
-                if attempt == RESUME_ATTEMPTS or not _is_broken_stream(err):
+                if attempt == RESUME_ATTEMPTS or not is_broken_stream(err.code(), err.details()):
                     raise self._error(err) from err
                 offset = None
                 time.sleep(min(0.25 * 2**attempt, 4.0))
@@ -474,7 +471,7 @@ class RegistryClient:
                         progress(offset, total)
                 return offset
             except grpc.RpcError as err:
-                if attempt == RESUME_ATTEMPTS or not _is_broken_stream(err):
+                if attempt == RESUME_ATTEMPTS or not is_broken_stream(err.code(), err.details()):
                     raise self._error(err) from err
                 time.sleep(min(0.25 * 2**attempt, 4.0))
         return offset
@@ -514,22 +511,6 @@ class _ChunkReader:
             self.error = exc
 
 
-# Connection failures surface as UNAVAILABLE or CANCELLED, and sometimes as INTERNAL/UNKNOWN
-# carrying transport text when the peer vanished mid-stream.
-_BROKEN_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
-_BROKEN_HINTS = ("stream removed", "rst_stream", "socket closed", "connection reset", "goaway")
-
-
-def _is_broken_stream(err: grpc.RpcError) -> bool:
-    code = err.code()
-    if code in _BROKEN_CODES:
-        return True
-    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-        details = (err.details() or "").lower()
-        return any(hint in details for hint in _BROKEN_HINTS)
-    return False
-
-
 def _paginate(fetch: Callable[[str], tuple[list[T], str]]) -> Iterator[T]:
     token = ""
     while True:
@@ -558,30 +539,6 @@ def _repository(message: pb.Repository) -> RepositoryInfo:
 
 def _tag(message: pb.Tag) -> TagInfo:
     return TagInfo(message.name, message.digest, _timestamp(message, "pushed_at"))
-
-
-def _split_digest(digest: str) -> tuple[str, str]:
-    algorithm, _, hexdigest = digest.partition(":")
-    if algorithm not in ("sha256", "sha512") or not hexdigest:
-        raise BerthClientError(f'unsupported digest "{digest}"', "INVALID_ARGUMENT")
-    return algorithm, hexdigest
-
-
-def _rehash_partial(partial: Path, hasher: Any, total: int) -> int:
-    """Feed an earlier partial download to hasher; returns its length (0 if unusable)."""
-    try:
-        with open(partial, "rb") as existing:
-            length = os.fstat(existing.fileno()).st_size
-            if length > total:
-                length = 0  # not a prefix of this blob: start over
-            else:
-                while chunk := existing.read(CHUNK_SIZE):
-                    hasher.update(chunk)
-    except FileNotFoundError:
-        return 0
-    if length == 0:
-        partial.unlink(missing_ok=True)
-    return length
 
 
 @contextmanager

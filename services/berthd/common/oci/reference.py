@@ -7,31 +7,20 @@ server's face of it: the same functions, raising `InvalidArgument` instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from berth import reference as grammar
-from berth.reference import MAX_REPOSITORY_LENGTH, InvalidReference, is_digest
-from berthd.common.errors import InvalidArgument
+from berth.reference import MAX_REPOSITORY_LENGTH, is_digest
+from berthd.common.errors import invalid_argument
 
 __all__ = [
     "MAX_REPOSITORY_LENGTH",
     "Reference",
+    "invalid_argument",
     "is_digest",
     "parse_reference",
     "validate_reference",
     "validate_repository",
     "validate_tag",
 ]
-
-
-@contextmanager
-def invalid_argument() -> Iterator[None]:
-    """Re-raise the grammar's InvalidReference as InvalidArgument, message unchanged."""
-    try:
-        yield
-    except InvalidReference as exc:
-        raise InvalidArgument(exc.message) from None
 
 
 def validate_repository(name: str) -> str:

@@ -113,11 +113,16 @@ class ServiceApi(Generic[Stub]):
     async def stream(
         self, method: str, request: Any, *, timeout: float | None = None
     ) -> AsyncIterator[Any]:
-        """The messages of a server-streaming call; no deadline unless given (a stream may
-        follow a container for as long as it runs)."""
+        """The replies of a server-streaming call, or of a bidirectional one when `request` is
+        an async iterator of messages; no deadline unless given (a stream may follow a
+        container for as long as it runs). Closing the generator (`contextlib.aclosing`)
+        cancels the call, so the peer's side ends too."""
         stub, address = await self.connect()
+        call = getattr(stub, method)(request, timeout=timeout)
         try:
-            async for message in getattr(stub, method)(request, timeout=timeout):
+            async for message in call:
                 yield message
         except grpc.aio.AioRpcError as err:
             raise self.error(err, address) from None
+        finally:
+            call.cancel()

@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from berth.client.cluster import ClusterContainer, NodeInfo, cluster_container, node_info
-from berth.client.containers import LogLine, RunOptions, container_spec, log_line
+from berth.client.containers import LogLine, log_line
 from berth.cluster.v1 import cluster_pb2 as pb
 from berth.cluster.v1 import cluster_pb2_grpc as pb_grpc
-from berth.errors import BerthClientError
-from berthd.common.errors import Unavailable, error_for_code
+from berthd.common.containers import ContainerConfig, to_spec
+from berthd.common.errors import Unavailable
 from berthd.common.rpc.calls import ServiceApi
 
 
@@ -26,13 +26,9 @@ class ClusterApi(ServiceApi[pb_grpc.ClusterServiceStub]):
     def stub(self, channel: grpc.aio.Channel) -> pb_grpc.ClusterServiceStub:
         return pb_grpc.ClusterServiceStub(channel)
 
-    async def run(self, image: str, options: RunOptions) -> ClusterContainer:
+    async def run(self, config: ContainerConfig) -> ClusterContainer:
         """Place a container and record it as desired to run (`docker run -d`)."""
-        try:
-            spec = container_spec(image, options)
-        except BerthClientError as exc:  # the client's own check of the options
-            raise error_for_code(exc.code, exc.message) from None
-        request = pb.RunContainerRequest(spec=spec)
+        request = pb.RunContainerRequest(spec=to_spec(config))
         return cluster_container((await self.unary("RunContainer", request)).container)
 
     async def inspect(self, container: str) -> ClusterContainer:

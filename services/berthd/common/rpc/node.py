@@ -1,11 +1,12 @@
 """A node agent as the other services call it: a container's state, its changes, its layer.
 
-The cluster also streams logs, exec and stats through to a node; it takes the stub from
-`connect()` and the error mapping from `error()`, so those calls share the channel and the
-messages of every other call to that node.
+The cluster also streams logs, exec and stats through to a node (`stream`); given the node's
+id, every error names the node ("node n1: ...").
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 
@@ -13,7 +14,8 @@ from berth.client.containers import ContainerInfo
 from berth.client.node import container_info
 from berth.node.v1 import node_pb2 as pb
 from berth.node.v1 import node_pb2_grpc as pb_grpc
-from berthd.common.rpc.calls import ServiceApi
+from berthd.common.errors import BerthError, error_for_code
+from berthd.common.rpc.calls import Address, ServiceApi
 
 # Packing a large upper dir and pushing it takes as long as the data.
 EXPORT_TIMEOUT = 600.0
@@ -22,8 +24,18 @@ EXPORT_TIMEOUT = 600.0
 class NodeApi(ServiceApi[pb_grpc.NodeServiceStub]):
     SERVICE = "node"
 
+    def __init__(self, address: Address, node_id: str = "", **options: Any) -> None:
+        super().__init__(address, **options)
+        self.node_id = node_id
+
     def stub(self, channel: grpc.aio.Channel) -> pb_grpc.NodeServiceStub:
         return pb_grpc.NodeServiceStub(channel)
+
+    def error(self, err: grpc.aio.AioRpcError, address: str) -> BerthError:
+        error = super().error(err, address)
+        if not self.node_id:
+            return error
+        return error_for_code(error.code.name, f"node {self.node_id}: {error}")
 
     async def inspect(self, container: str) -> ContainerInfo:
         request = pb.InspectContainerRequest(container=container)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -22,12 +21,13 @@ import grpc
 from berth.files import fsync_dir
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc as pb_grpc
+from berth.resume import CHUNK_SIZE, is_broken_stream, resume_download
 from berthd.common.errors import Aborted, DataLoss, InvalidArgument, NotFound
 from berthd.common.oci.digest import digest_bytes
 from berthd.common.oci.manifest import Descriptor
+from berthd.common.oci.reference import invalid_argument
 from berthd.common.rpc.calls import ServiceApi, retryable
 
-CHUNK_SIZE = 1 << 20
 RESUME_ATTEMPTS = 5
 LISTING_PAGE = 1000
 LISTING_ATTEMPTS = 3
@@ -136,13 +136,14 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
 
         Bytes land in `<dest>.partial`, which a later call resumes from; `dest` appears only
         once the digest matches, so it never holds a partial blob."""
-        algorithm, expected = _split_digest(digest)
         size = await self.stat_blob(repository, digest)
         if size is None:
             raise NotFound(f"registry: blob {digest} not found in {repository}")
         partial = dest.with_name(dest.name + ".partial")
-        hasher = hashlib.new(algorithm)
-        offset = await asyncio.to_thread(_rehash_partial, partial, hasher, size)
+        with invalid_argument():
+            hasher, expected, offset = await asyncio.to_thread(
+                resume_download, partial, digest, size
+            )
         with open(partial, "ab") as out:
             offset = await self._download(repository, digest, out, hasher, offset, size, progress)
             await asyncio.to_thread(_flush, out)
@@ -150,7 +151,7 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
             partial.unlink(missing_ok=True)
             raise DataLoss(
                 f"registry: blob {digest} from {repository} does not match its digest "
-                f"(got {algorithm}:{hasher.hexdigest()}, {offset} bytes); "
+                f"(got {hasher.name}:{hasher.hexdigest()}, {offset} bytes); "
                 "the partial download was deleted, pull again"
             )
         os.replace(partial, dest)
@@ -292,7 +293,7 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
                 raise source.error from None
             if isinstance(err, asyncio.CancelledError):
                 raise
-            if retryable(err) or _broken_stream(err):
+            if is_broken_stream(err.code(), err.details()):
                 raise _Broken(self.error(err, address)) from None
             raise self.error(err, address) from None
 
@@ -342,7 +343,9 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
                         progress(offset, total)
                 return offset
             except grpc.aio.AioRpcError as err:
-                if attempt == RESUME_ATTEMPTS or not (retryable(err) or _broken_stream(err)):
+                if attempt == RESUME_ATTEMPTS or not (
+                    retryable(err) or is_broken_stream(err.code(), err.details())
+                ):
                     raise self.error(err, address) from None
                 await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
         return offset
@@ -372,20 +375,6 @@ class _Broken(Exception):
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-# A peer that vanished mid-stream shows as CANCELLED, or as INTERNAL/UNKNOWN with transport text.
-_BROKEN_HINTS = ("stream removed", "rst_stream", "socket closed", "connection reset", "goaway")
-
-
-def _broken_stream(err: grpc.aio.AioRpcError) -> bool:
-    code = err.code()
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return True
-    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-        details = (err.details() or "").lower()
-        return any(hint in details for hint in _BROKEN_HINTS)
-    return False
 
 
 async def _chunks_of(upload_id: str, data: bytes) -> AsyncIterator[pb.WriteUploadRequest]:
@@ -428,30 +417,6 @@ def _append(out: BinaryIO, hasher: Any, data: bytes) -> None:
 def _flush(out: BinaryIO) -> None:
     out.flush()
     os.fsync(out.fileno())
-
-
-def _split_digest(digest: str) -> tuple[str, str]:
-    algorithm, _, hexdigest = digest.partition(":")
-    if algorithm not in ("sha256", "sha512") or not hexdigest:
-        raise InvalidArgument(f'unsupported digest "{digest}"')
-    return algorithm, hexdigest
-
-
-def _rehash_partial(partial: Path, hasher: Any, total: int) -> int:
-    """Feed an earlier partial download to hasher; returns its length (0 if unusable)."""
-    try:
-        with open(partial, "rb") as existing:
-            length = os.fstat(existing.fileno()).st_size
-            if length > total:
-                length = 0  # not a prefix of this blob: start over
-            else:
-                while chunk := existing.read(CHUNK_SIZE):
-                    hasher.update(chunk)
-    except FileNotFoundError:
-        return 0
-    if length == 0:
-        partial.unlink(missing_ok=True)
-    return length
 
 
 def _manifest_entry(message: Any) -> ManifestEntry:

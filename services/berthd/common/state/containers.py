@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from berthd.common.containers import ContainerConfig
+from berthd.common.containers import ContainerConfig, from_json
 from berthd.common.state.family import Family, known_fields
 from berthd.common.store import encode
 
@@ -63,7 +63,7 @@ class DesiredContainer:
     @classmethod
     def decode(cls, raw: bytes | str) -> DesiredContainer:
         data: dict[str, Any] = json.loads(raw)
-        data["config"] = ContainerConfig.from_json(json.dumps(data["config"]))
+        data["config"] = from_json(json.dumps(data["config"]))
         return cls(**known_fields(cls, data))
 
 

@@ -1,0 +1,368 @@
+"""The container model: ContainerConfig and MountSpec, written once for client and server.
+
+Plain data with Docker's validation rules, and the one conversion to and from the proto
+`berth.types.v1.ContainerSpec`. The CLI and the clients build a ContainerConfig and can check it
+before any call; the cluster stores it as the desired spec of a container, the node as its
+on-disk record (`to_json`/`from_json`) and builds runtime bundles from it. Every check raises
+InvalidContainerConfig (code INVALID_ARGUMENT) with a one-line message a person can act on;
+berthd (`berthd.common.containers`) re-raises the same message as its own InvalidArgument.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+from berth.enums import EnumTable
+from berth.enums import containers as tables
+from berth.errors import InvalidArgumentError
+from berth.reference import quoted
+from berth.types.v1 import container_pb2 as pb
+
+__all__ = [
+    "MAX_CPU_SHARES",
+    "MIN_CPU_MILLIS",
+    "MIN_MEMORY_BYTES",
+    "NETWORK_MODES",
+    "RESTART_POLICIES",
+    "ContainerConfig",
+    "InvalidContainerConfig",
+    "MountSpec",
+    "check_hostname",
+    "check_user",
+    "from_spec",
+    "to_spec",
+]
+
+RESTART_POLICIES = tables.RESTART_POLICIES.names
+# The modes a node supports, of those the proto names. "bridge" joins an existing namespace
+# (berthd.node.spec.build_runtime_config's network_namespace_path) once the node has a bridge
+# driver; add it here then, not when the proto gains it.
+NETWORK_MODES = ("none", "host")
+MIN_MEMORY_BYTES = 6 * 1024 * 1024  # Docker's "Minimum memory limit allowed is 6MB"
+MIN_CPU_MILLIS = 10  # 0.01 CPU: the kernel rejects CFS quotas under 1 ms
+MAX_CPU_SHARES = 262144
+
+_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_MAX_HOSTNAME = 64  # the kernel's HOST_NAME_MAX
+_ENV_KEY_RE = re.compile(r"[^=\x00]+")
+
+
+class InvalidContainerConfig(InvalidArgumentError):
+    """A container config (or one of its fields) that no node could run."""
+
+
+@dataclass
+class MountSpec:
+    """A bind mount (absolute host path) or named volume (a name) at `target`."""
+
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass
+class ContainerConfig:
+    """What `docker create IMAGE` takes: the proto ContainerSpec as plain data, also the node's
+    on-disk record of a container. See ContainerSpec in berth/types/v1/container.proto for each
+    field.
+
+    Empty `entrypoint` keeps the image's ENTRYPOINT (protobuf cannot tell empty from unset);
+    `[""]` clears it, as Docker's `--entrypoint ""` does. Empty `command` keeps the image's
+    CMD, unless an entrypoint is given.
+    """
+
+    image: str
+    name: str = ""
+    entrypoint: list[str] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    working_dir: str = ""
+    user: str = ""
+    hostname: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    mounts: list[MountSpec] = field(default_factory=list)
+    read_only_rootfs: bool = False
+    memory_bytes: int = 0
+    cpu_millis: int = 0
+    cpu_shares: int = 0
+    pids_limit: int = 0
+    restart_policy: str = "no"
+    restart_max_retries: int = 0
+    network_mode: str = "none"
+
+    def to_json(self) -> str:
+        """The record etcd and the node's container.json hold: the fields in order, compact.
+        Older agents wrote exactly this; keep it loadable (from_json) when fields are added."""
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ContainerConfig:
+        """Load and validate a record; unknown keys are ignored so newer agents' records load."""
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise InvalidContainerConfig(f"container config is not valid JSON: {e}") from e
+        if not isinstance(obj, dict):
+            raise InvalidContainerConfig(
+                f"container config must be a JSON object, got {quoted(obj)}"
+            )
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in obj.items() if k in known}
+        if "image" not in values:
+            raise InvalidContainerConfig('container config has no "image"')
+        mounts = values.get("mounts", [])
+        if isinstance(mounts, list):
+            values["mounts"] = [_mount_from_json(m, i) for i, m in enumerate(mounts)]
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise InvalidContainerConfig naming the first bad field; types are checked too,
+        since records come from JSON."""
+        _check_str("image", self.image)
+        if not self.image:
+            raise InvalidContainerConfig("image is required")
+        _check_str("name", self.name)
+        if self.name and not _NAME_RE.fullmatch(self.name):
+            raise InvalidContainerConfig(
+                f"invalid container name {quoted(self.name)}: "
+                "only [a-zA-Z0-9][a-zA-Z0-9_.-]+ is allowed"
+            )
+        _check_args("entrypoint", self.entrypoint)
+        _check_args("command", self.command)
+        _check_str_list("env", self.env)
+        for entry in self.env:
+            key, sep, _ = entry.partition("=")
+            if not sep or not _ENV_KEY_RE.fullmatch(key) or "\x00" in entry:
+                raise InvalidContainerConfig(
+                    f"invalid environment variable {quoted(entry)}: expected KEY=VALUE"
+                )
+        _check_str("working_dir", self.working_dir)
+        if self.working_dir and not self.working_dir.startswith("/"):
+            raise InvalidContainerConfig(
+                f"working directory {quoted(self.working_dir)} is invalid: "
+                "it needs to be an absolute path"
+            )
+        check_user(self.user)
+        _check_str("hostname", self.hostname)
+        if self.hostname:
+            check_hostname(self.hostname)
+        if not isinstance(self.labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.labels.items()
+        ):
+            raise InvalidContainerConfig("labels must map strings to strings")
+        self._validate_mounts()
+        _check_bool("read_only_rootfs", self.read_only_rootfs)
+        self._validate_resources()
+        self._validate_restart()
+        _check_network_mode(self.network_mode)
+
+    def _validate_mounts(self) -> None:
+        if not isinstance(self.mounts, list) or not all(
+            isinstance(m, MountSpec) for m in self.mounts
+        ):
+            raise InvalidContainerConfig("mounts must be a list of mounts")
+        seen: set[str] = set()
+        for m in self.mounts:
+            _check_str("mount source", m.source)
+            _check_str("mount target", m.target)
+            _check_bool("mount read_only", m.read_only)
+            where = f"mount {quoted(m.source)} -> {quoted(m.target)}"
+            if not m.source:
+                raise InvalidContainerConfig(f"{where}: source is required")
+            if not m.source.startswith("/") and not _NAME_RE.fullmatch(m.source):
+                raise InvalidContainerConfig(
+                    f"{where}: source must be an absolute host path or a volume name "
+                    "matching [a-zA-Z0-9][a-zA-Z0-9_.-]+"
+                )
+            if not m.target.startswith("/"):
+                raise InvalidContainerConfig(f"{where}: target must be an absolute path")
+            if ".." in m.target.split("/") or "\x00" in m.target:
+                raise InvalidContainerConfig(f"{where}: target must not contain '..'")
+            target = posixpath.normpath(m.target)
+            if target == "/":
+                raise InvalidContainerConfig(f"{where}: target cannot be '/'")
+            if target in seen:
+                raise InvalidContainerConfig(f"duplicate mount point {quoted(target)}")
+            seen.add(target)
+
+    def _validate_resources(self) -> None:
+        for name in ("memory_bytes", "cpu_millis", "cpu_shares", "pids_limit"):
+            _check_int(name, getattr(self, name))
+        if self.memory_bytes != 0 and self.memory_bytes < MIN_MEMORY_BYTES:
+            raise InvalidContainerConfig(
+                f"memory limit {self.memory_bytes} bytes is too small: "
+                f"the minimum is 6 MiB ({MIN_MEMORY_BYTES}), or 0 for no limit"
+            )
+        if self.cpu_millis != 0 and self.cpu_millis < MIN_CPU_MILLIS:
+            raise InvalidContainerConfig(
+                f"cpu_millis {self.cpu_millis} is out of range: "
+                f"use 0 for no limit or at least {MIN_CPU_MILLIS} (0.01 CPU)"
+            )
+        if self.cpu_shares != 0 and not 2 <= self.cpu_shares <= MAX_CPU_SHARES:
+            raise InvalidContainerConfig(
+                f"cpu_shares {self.cpu_shares} is out of range: "
+                f"use 0 for the default or 2 to {MAX_CPU_SHARES}"
+            )
+        if self.pids_limit < 0:
+            raise InvalidContainerConfig(
+                f"pids_limit {self.pids_limit} is negative: use 0 for no limit"
+            )
+
+    def _validate_restart(self) -> None:
+        _check_restart_policy(self.restart_policy)
+        _check_int("restart_max_retries", self.restart_max_retries)
+        if self.restart_max_retries and self.restart_policy != "on-failure":
+            raise InvalidContainerConfig(
+                f"maximum retry count cannot be used with restart policy {self.restart_policy!r}"
+            )
+
+
+# --- the proto --------------------------------------------------------------------------------
+
+
+def to_spec(config: ContainerConfig) -> pb.ContainerSpec:
+    """The ContainerSpec of `config`. Only the policy names are checked (they have to become
+    enum values); `config.validate()` checks the rest."""
+    _check_restart_policy(config.restart_policy)
+    _check_network_mode(config.network_mode)
+    return pb.ContainerSpec(
+        image=config.image,
+        name=config.name,
+        entrypoint=config.entrypoint,
+        command=config.command,
+        env=config.env,
+        working_dir=config.working_dir,
+        user=config.user,
+        hostname=config.hostname,
+        labels=config.labels,
+        mounts=[
+            pb.Mount(source=m.source, target=m.target, read_only=m.read_only) for m in config.mounts
+        ],
+        read_only_rootfs=config.read_only_rootfs,
+        resources=pb.Resources(
+            memory_bytes=config.memory_bytes,
+            cpu_millis=config.cpu_millis,
+            cpu_shares=config.cpu_shares,
+            pids_limit=config.pids_limit,
+        ),
+        restart_policy=pb.RestartPolicy(
+            name=tables.RESTART_POLICIES.value(config.restart_policy),
+            max_retries=config.restart_max_retries,
+        ),
+        network_mode=tables.NETWORK_MODES.value(config.network_mode),
+    )
+
+
+def from_spec(spec: pb.ContainerSpec) -> ContainerConfig:
+    """The spec as plain data, not yet validated (ContainerConfig.validate does that). Unset
+    policies read as Docker's defaults (no restart, no network); a value this package has no
+    name for is refused."""
+    res = spec.resources
+    return ContainerConfig(
+        image=spec.image,
+        name=spec.name,
+        entrypoint=list(spec.entrypoint),
+        command=list(spec.command),
+        env=list(spec.env),
+        working_dir=spec.working_dir,
+        user=spec.user,
+        hostname=spec.hostname,
+        labels=dict(spec.labels),
+        mounts=[MountSpec(m.source, m.target, m.read_only) for m in spec.mounts],
+        read_only_rootfs=spec.read_only_rootfs,
+        memory_bytes=res.memory_bytes,
+        cpu_millis=res.cpu_millis,
+        cpu_shares=res.cpu_shares,
+        pids_limit=res.pids_limit,
+        restart_policy=_name(tables.RESTART_POLICIES, spec.restart_policy.name, "restart policy"),
+        restart_max_retries=spec.restart_policy.max_retries,
+        network_mode=_name(tables.NETWORK_MODES, spec.network_mode, "network mode"),
+    )
+
+
+def _name(table: EnumTable, value: int, what: str) -> str:
+    try:
+        return table.name(value)
+    except ValueError:
+        raise InvalidContainerConfig(
+            f"unknown {what} {value}: expected one of {', '.join(table.names)}"
+        ) from None
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def check_user(user: object) -> None:
+    """A Docker --user value: user[:group], names or numeric ids."""
+    _check_str("user", user)
+    if str(user).count(":") > 1 or any(c in str(user) for c in "\x00\n"):
+        raise InvalidContainerConfig(f"invalid user {quoted(user)}: expected user[:group]")
+
+
+def check_hostname(hostname: str) -> None:
+    """An RFC 1123 host name the kernel accepts (at most 64 characters)."""
+    if len(hostname) > _MAX_HOSTNAME or not _HOSTNAME_RE.fullmatch(hostname):
+        raise InvalidContainerConfig(
+            f"invalid hostname {quoted(hostname)}: expected letters, digits and inner hyphens, "
+            f"in dot-separated labels of up to 63 characters, {_MAX_HOSTNAME} in all"
+        )
+
+
+def _check_restart_policy(policy: object) -> None:
+    _check_str("restart_policy", policy)
+    if policy not in RESTART_POLICIES:
+        raise InvalidContainerConfig(
+            f"invalid restart policy {quoted(policy)}: "
+            f"expected one of {', '.join(RESTART_POLICIES)}"
+        )
+
+
+def _check_network_mode(mode: object) -> None:
+    _check_str("network_mode", mode)
+    if mode not in NETWORK_MODES:
+        raise InvalidContainerConfig(
+            f"unsupported network mode {quoted(mode)}: expected one of {', '.join(NETWORK_MODES)}"
+        )
+
+
+def _mount_from_json(obj: object, i: int) -> MountSpec:
+    if not isinstance(obj, dict) or not isinstance(obj.get("target"), str):
+        raise InvalidContainerConfig(f"mounts[{i}] must be an object with source and target")
+    return MountSpec(obj.get("source", ""), obj["target"], obj.get("read_only", False))
+
+
+def _check_str(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise InvalidContainerConfig(f"{name} must be a string, got {quoted(value)}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidContainerConfig(f"{name} must be true or false, got {quoted(value)}")
+
+
+def _check_int(name: str, value: object) -> None:
+    # bool is an int in Python, not in JSON or protobuf.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidContainerConfig(f"{name} must be an integer, got {quoted(value)}")
+    if value < 0:
+        raise InvalidContainerConfig(f"{name} must not be negative, got {value}")
+
+
+def _check_str_list(name: str, value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidContainerConfig(f"{name} must be a list of strings, got {quoted(value)}")
+    return value
+
+
+def _check_args(name: str, value: object) -> None:
+    # runc passes args to execve, which cannot carry NUL bytes.
+    if any("\x00" in v for v in _check_str_list(name, value)):
+        raise InvalidContainerConfig(f"{name} must not contain NUL characters")
