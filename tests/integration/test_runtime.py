@@ -305,11 +305,16 @@ async def test_stats_of_a_running_container(lab: Lab) -> None:
     cgroups.remove_cgroup(box.cgroup)  # nothing left: no error
 
 
-async def test_oom_kill_is_reported(lab: Lab) -> None:
+async def test_oom_kill_is_reported(lab: Lab, tmp_path: Path, monkeypatch) -> None:
+    elsewhere = tmp_path / "agent-cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # where the agent happens to run
     box = await lab.run('echo start; x=a; while :; do x="$x$x"; done', memory=16 << 20)
     assert await lab.runtime.wait_exit(box.exit_dir, box.id, timeout=30) == 137
     # Both records agree on this host: conmon's file and the cgroup's counter.
     assert (box.persist / "oom").exists()
+    # conmon writes a second `oom` into its working directory: the container's, not the agent's.
+    assert list(elsewhere.iterdir()) == []
     assert cgroups.oom_kills(box.cgroup) == 1
     assert lab.runtime.oom_killed(box.persist)
     assert lab.runtime.oom_killed(box.dir / "empty", box.cgroup)
