@@ -16,6 +16,7 @@ from typing import cast
 
 import pytest
 
+from berth.client.registry import ManifestData
 from berthd.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from berthd.common.images import Content
 from berthd.common.oci import mediatypes
@@ -26,7 +27,7 @@ from berthd.common.oci.manifest import (
     parse_image_config,
     parse_manifest,
 )
-from berthd.common.rpc.registry import ManifestEntry, RegistryApi, StoredManifest
+from berthd.common.rpc.registry import ManifestEntry, RegistryApi
 from berthd.common.store import Store
 from berthd.common.tarsafe import UnsafeLayer
 from berthd.image.catalog import (
@@ -179,9 +180,9 @@ class FakeRegistry:
     async def list_manifests(self, repository: str = "") -> list[ManifestEntry]:
         return list(self.entries)
 
-    async def get_manifest(self, repository: str, reference: str) -> StoredManifest:
+    async def get_manifest(self, repository: str, reference: str) -> ManifestData:
         self.reads.append(reference)
-        return StoredManifest(reference, mediatypes.OCI_IMAGE_MANIFEST, self.blobs[reference])
+        return ManifestData(reference, mediatypes.OCI_IMAGE_MANIFEST, self.blobs[reference])
 
     async def read_blob(self, repository: str, digest: str) -> bytes:
         self.reads.append(digest)

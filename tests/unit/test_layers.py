@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from berth.client.registry import ManifestData
 from berthd.common.errors import DataLoss, InvalidArgument, NotFound
 from berthd.common.oci import mediatypes as mt
 from berthd.common.oci.manifest import Descriptor
 from berthd.common.oci.platform import host_platform
-from berthd.common.rpc.registry import StoredManifest
 from berthd.common.tarsafe import UnsafeLayer
 from berthd.node import layers as layers_module
 from berthd.node.layers import (
@@ -341,11 +341,11 @@ class FakeRegistry:
         self.manifests[(repo, sha(manifest))] = (mt.OCI_IMAGE_MANIFEST, manifest)
         return sha(manifest)
 
-    async def get_manifest(self, repo: str, reference: str) -> StoredManifest:
+    async def get_manifest(self, repo: str, reference: str) -> ManifestData:
         if (repo, reference) not in self.manifests:
             raise NotFound(f"registry: manifest {repo}:{reference} not found")
         media_type, content = self.manifests[(repo, reference)]
-        return StoredManifest(sha(content), media_type, content)
+        return ManifestData(sha(content), media_type, content)
 
     async def pull_blob(self, repo: str, digest: str, dest: Path, progress=None) -> int:
         data = self.blobs[digest]

@@ -18,6 +18,7 @@ from typing import Any, BinaryIO, Literal
 
 import grpc
 
+from berth.client.registry import DeletedManifest, ManifestData
 from berth.files import fsync_dir
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc as pb_grpc
@@ -37,19 +38,6 @@ MAX_SMALL_BLOB = 16 << 20
 Progress = Callable[[int, int], None]
 """progress(bytes_done, total), called on the event loop."""
 PushOutcome = Literal["exists", "mounted", "pushed"]
-
-
-@dataclass(frozen=True)
-class StoredManifest:
-    digest: str
-    media_type: str
-    content: bytes
-
-
-@dataclass(frozen=True)
-class DeletedManifest:
-    digest: str
-    deleted_tags: list[str]
 
 
 @dataclass(frozen=True)
@@ -177,11 +165,11 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
 
     # --- manifests and tags ----------------------------------------------------------------
 
-    async def get_manifest(self, repository: str, reference: str) -> StoredManifest:
+    async def get_manifest(self, repository: str, reference: str) -> ManifestData:
         """A manifest by tag or digest, with its bytes exactly as pushed."""
         request = pb.GetManifestRequest(repository=repository, reference=reference)
         response = await self.unary("GetManifest", request, idempotent=True)
-        return StoredManifest(response.digest, response.media_type, response.content)
+        return ManifestData(response.digest, response.media_type, response.content)
 
     async def put_manifest(
         self, repository: str, reference: str, media_type: str, content: bytes
