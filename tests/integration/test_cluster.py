@@ -204,6 +204,24 @@ out({"results": results, "half": half, "allocated": allocated})
     assert result["allocated"] == {f"host{n}": 2 * result["half"] for n in (1, 2, 3)}
 
 
+def test_a_burst_of_runs_is_placed_whole(cluster: Cluster) -> None:
+    """30 RunContainer calls at once on 3 hosts: racing placements on one cluster instance must
+    not use up their retries on each other (they once ended in ABORTED)."""
+    result = cluster.client(
+        """
+with ThreadPoolExecutor(30) as pool:
+    names = [f"burst-{i}" for i in range(30)]
+    results = list(pool.map(lambda n: run(sys.argv[3], name=n, command=["sleep", "60"]), names))
+remove_all()
+out(results)
+""",
+        IMAGE,
+    )
+    assert isinstance(result, list)
+    assert [r for r in result if "code" in r] == []
+    assert sorted({r["node"] for r in result}) == ["host1", "host2", "host3"]
+
+
 def test_logs_exec_stats_stop_start_wait_on_host3(cluster: Cluster) -> None:
     result = cluster.client(
         """

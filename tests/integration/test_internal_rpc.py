@@ -139,3 +139,25 @@ async def test_a_failing_upload_source_raises_its_own_error(
     with pytest.raises(RuntimeError, match="the disk went away"):
         await api.push_blob("r", tmp_path / "blob", digest_bytes(data), len(data), progress)
     assert await api.stat_blob("r", digest_bytes(data)) is None
+
+
+async def test_a_streamed_blob_is_checked_at_its_end(
+    registry: ServiceProcess, tmp_path: Path
+) -> None:
+    api = RegistryApi(registry.address)
+    data = os.urandom(2 * (1 << 20) + 3)
+    (tmp_path / "blob").write_bytes(data)
+    digest = digest_bytes(data)
+    await api.push_blob("r", tmp_path / "blob", digest, len(data))
+
+    received = b"".join([chunk async for chunk in api.stream_blob("r", digest, len(data))])
+    assert received == data
+
+    # A size that is not the blob's (a manifest that lies) fails: a larger one once every
+    # byte is in, a smaller one as soon as the registry sends more.
+    with pytest.raises(DataLoss, match=rf"does not match its digest .*{len(data)} bytes"):
+        async for _ in api.stream_blob("r", digest, len(data) + 1):
+            pass
+    with pytest.raises(DataLoss, match=f"larger than the {len(data) - 1} bytes expected"):
+        async for _ in api.stream_blob("r", digest, len(data) - 1):
+            pass

@@ -10,6 +10,7 @@ berthd (`berthd.common.containers`) re-raises the same message as its own Invali
 
 from __future__ import annotations
 
+import functools
 import json
 import posixpath
 import re
@@ -107,11 +108,16 @@ class ContainerConfig:
             obj = json.loads(text)
         except (ValueError, RecursionError) as e:
             raise InvalidContainerConfig(f"container config is not valid JSON: {e}") from e
+        return cls.from_dict(obj)
+
+    @classmethod
+    def from_dict(cls, obj: object) -> ContainerConfig:
+        """A validated config from a record already parsed from JSON (inside a larger one)."""
         if not isinstance(obj, dict):
             raise InvalidContainerConfig(
                 f"container config must be a JSON object, got {quoted(obj)}"
             )
-        known = {f.name for f in fields(cls)}
+        known = _field_names(cls)
         values = {k: v for k, v in obj.items() if k in known}
         if "image" not in values:
             raise InvalidContainerConfig('container config has no "image"')
@@ -330,6 +336,11 @@ def _check_network_mode(mode: object) -> None:
         raise InvalidContainerConfig(
             f"unsupported network mode {quoted(mode)}: expected one of {', '.join(NETWORK_MODES)}"
         )
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
 
 
 def _mount_from_json(obj: object, i: int) -> MountSpec:

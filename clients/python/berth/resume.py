@@ -32,13 +32,18 @@ def is_broken_stream(code: grpc.StatusCode | None, details: str | None) -> bool:
     return False
 
 
-def resume_download(partial: Path, digest: str, total: int) -> tuple[Any, str, int]:
-    """(hasher fed with the partial file's bytes, expected hex digest, bytes already there).
-    A partial file longer than the blob is not a prefix of it: it is deleted, and 0 returned."""
+def digest_hasher(digest: str) -> tuple[Any, str]:
+    """(a new hasher of the digest's algorithm, the expected hex digest)."""
     algorithm, _, expected = digest.partition(":")
     if algorithm not in ("sha256", "sha512") or not expected:
         raise InvalidReference(f'unsupported digest "{digest}"')
-    hasher = hashlib.new(algorithm)
+    return hashlib.new(algorithm), expected
+
+
+def resume_download(partial: Path, digest: str, total: int) -> tuple[Any, str, int]:
+    """(hasher fed with the partial file's bytes, expected hex digest, bytes already there).
+    A partial file longer than the blob is not a prefix of it: it is deleted, and 0 returned."""
+    hasher, expected = digest_hasher(digest)
     try:
         with open(partial, "rb") as existing:
             length = os.fstat(existing.fileno()).st_size
@@ -51,5 +56,5 @@ def resume_download(partial: Path, digest: str, total: int) -> tuple[Any, str, i
         return hasher, expected, 0
     if length == 0:
         partial.unlink(missing_ok=True)
-        hasher = hashlib.new(algorithm)
+        hasher = hashlib.new(hasher.name)
     return hasher, expected, length

@@ -36,7 +36,7 @@ from berthd.cluster.core import (
     name_key,
 )
 from berthd.cluster.scheduler import Request, parse_constraints
-from berthd.common.containers import ContainerConfig, from_json
+from berthd.common.containers import ContainerConfig, from_dict
 from berthd.common.containers import validate as validate_config
 from berthd.common.errors import (
     Aborted,
@@ -103,7 +103,7 @@ class ServiceRecord:
     @classmethod
     def from_json(cls, raw: bytes | str) -> ServiceRecord:
         data: dict[str, Any] = json.loads(raw)
-        data["template"] = from_json(json.dumps(data["template"]))
+        data["template"] = from_dict(data["template"])
         return cls(**data)
 
     def request(self) -> Request:

@@ -52,6 +52,12 @@ def from_json(text: str | bytes) -> ContainerConfig:
         return ContainerConfig.from_json(text)
 
 
+def from_dict(obj: object) -> ContainerConfig:
+    """A validated config from a record already parsed from JSON; see ContainerConfig.from_dict."""
+    with invalid_argument():
+        return ContainerConfig.from_dict(obj)
+
+
 def from_spec(spec: pb.ContainerSpec) -> ContainerConfig:
     """A request's ContainerSpec as a config, not yet validated."""
     with invalid_argument():

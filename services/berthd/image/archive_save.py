@@ -4,21 +4,18 @@ The whole archive is planned before its first byte: every reference is resolved 
 one fails before anything is sent), blobs shared between the images are listed once, and
 each member's header is built here, so the total size is known up front. Members are sorted
 by name and their headers fixed (mtime 0, owner 0:0), so the same images always give the same
-bytes. Layers stream from berth's registry one at a time through a scratch file, so memory
-stays bounded whatever the image's size.
+bytes. Layers stream from berth's registry one at a time, straight into the archive (hashed
+on the way: a blob that does not match its digest fails the save, whose client writes the file
+atomically), so memory stays bounded whatever the image's size.
 """
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from berthd.common.errors import DataLoss, InvalidArgument
+from berthd.common.errors import InvalidArgument
 from berthd.common.images import ResolvedImage
 from berthd.common.oci.digest import hex_of, quoted
 from berthd.common.oci.manifest import Descriptor, encode_json
@@ -170,52 +167,24 @@ async def save_images(
 
 async def _stream(catalog: Catalog, plan: SavePlan) -> AsyncIterator[bytes]:
     out = _Chunker()
-    workdir: Path | None = None
-    try:
-        for member in plan.members:
-            for chunk in out.add(member.header):
-                yield chunk
-            if member.data is not None:
-                for chunk in out.add(member.data):
-                    yield chunk
-            elif not member.directory:
-                if workdir is None:
-                    catalog.scratch.mkdir(parents=True, exist_ok=True)
-                    workdir = Path(tempfile.mkdtemp(prefix="save-", dir=catalog.scratch))
-                async with aclosing(_registry_blob(catalog, member, workdir)) as blob:
-                    async for data in blob:
-                        for chunk in out.add(data):
-                            yield chunk
-            for chunk in out.add(tar_padding(member.size)):
-                yield chunk
-        for chunk in out.add(END_OF_ARCHIVE):
+    for member in plan.members:
+        for chunk in out.add(member.header):
             yield chunk
-        if out.pending:
-            yield out.flush()
-    finally:
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-async def _registry_blob(catalog: Catalog, member: Member, workdir: Path) -> AsyncIterator[bytes]:
-    """A blob's bytes from the registry: downloaded (and verified) to scratch, then read.
-
-    The registry's API reads a large blob only into a file (resumable, checked against its
-    digest before it appears), so the blob goes through one; one blob at a time, deleted as
-    soon as it is sent."""
-    path = workdir / hex_of(member.digest)
-    try:
-        size = await catalog.registry.pull_blob(member.repository, member.digest, path)
-        if size != member.size:
-            raise DataLoss(
-                f"blob {member.digest} in {member.repository} is {size} bytes, but its "
-                f"manifest says {member.size}"
-            )
-        with open(path, "rb") as f:
-            while data := await asyncio.to_thread(f.read, CHUNK_SIZE):
-                yield data
-    finally:
-        path.unlink(missing_ok=True)
+        if member.data is not None:
+            for chunk in out.add(member.data):
+                yield chunk
+        elif not member.directory:
+            blob = catalog.registry.stream_blob(member.repository, member.digest, member.size)
+            async with aclosing(blob) as data:
+                async for piece in data:
+                    for chunk in out.add(piece):
+                        yield chunk
+        for chunk in out.add(tar_padding(member.size)):
+            yield chunk
+    for chunk in out.add(END_OF_ARCHIVE):
+        yield chunk
+    if out.pending:
+        yield out.flush()
 
 
 class _Chunker:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from berth.files import atomic_write
-from berthd.common.containers import ContainerConfig, from_json
+from berthd.common.containers import ContainerConfig, from_dict
 
 CREATED = "created"
 RUNNING = "running"
@@ -49,7 +49,7 @@ class ContainerRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ContainerRecord:
         data = dict(data)
-        data["config"] = from_json(json.dumps(data["config"]))
+        data["config"] = from_dict(data["config"])
         return cls(**data)
 
 

@@ -22,12 +22,12 @@ from berth.client.registry import DeletedManifest, ManifestData
 from berth.files import fsync_dir
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc as pb_grpc
-from berth.resume import CHUNK_SIZE, is_broken_stream, resume_download
+from berth.resume import CHUNK_SIZE, digest_hasher, is_broken_stream, resume_download
 from berthd.common.errors import Aborted, DataLoss, InvalidArgument, NotFound
 from berthd.common.oci.digest import digest_bytes
 from berthd.common.oci.manifest import Descriptor
 from berthd.common.oci.reference import invalid_argument
-from berthd.common.rpc.calls import ServiceApi, retryable
+from berthd.common.rpc.calls import ServiceApi
 
 RESUME_ATTEMPTS = 5
 LISTING_PAGE = 1000
@@ -132,19 +132,37 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
             hasher, expected, offset = await asyncio.to_thread(
                 resume_download, partial, digest, size
             )
+        if progress is not None:
+            progress(offset, size)
         with open(partial, "ab") as out:
-            offset = await self._download(repository, digest, out, hasher, offset, size, progress)
+            async with contextlib.aclosing(self._read(repository, digest, offset, size)) as data:
+                async for chunk in data:
+                    await asyncio.to_thread(_append, out, hasher, chunk)
+                    offset += len(chunk)
+                    if progress is not None:
+                        progress(offset, size)
             await asyncio.to_thread(_flush, out)
         if offset != size or hasher.hexdigest() != expected:
             partial.unlink(missing_ok=True)
-            raise DataLoss(
-                f"registry: blob {digest} from {repository} does not match its digest "
-                f"(got {hasher.name}:{hasher.hexdigest()}, {offset} bytes); "
-                "the partial download was deleted, pull again"
-            )
+            raise _mismatch(repository, digest, hasher, offset, "the partial download was deleted")
         os.replace(partial, dest)
         await asyncio.to_thread(fsync_dir, dest.parent)
         return size
+
+    async def stream_blob(self, repository: str, digest: str, size: int) -> AsyncIterator[bytes]:
+        """A blob's bytes as they arrive, hashed on the way: no copy on disk. The digest is
+        known right only at the end, so a blob that does not match ends in DataLoss after its
+        last bytes, and the consumer must drop what it received (a save writes atomically)."""
+        with invalid_argument():
+            hasher, expected = digest_hasher(digest)
+        offset = 0
+        async with contextlib.aclosing(self._read(repository, digest, 0, size)) as data:
+            async for chunk in data:
+                await asyncio.to_thread(hasher.update, chunk)
+                offset += len(chunk)
+                yield chunk
+        if offset != size or hasher.hexdigest() != expected:
+            raise _mismatch(repository, digest, hasher, offset, "do not use what was received")
 
     async def read_blob(self, repository: str, digest: str) -> bytes:
         """A small blob (a config) in memory, verified against its digest."""
@@ -300,43 +318,38 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
         with contextlib.suppress(grpc.aio.AioRpcError):
             await stub.CancelUpload(pb.CancelUploadRequest(upload_id=upload_id), timeout=2.0)
 
-    async def _download(
-        self,
-        repository: str,
-        digest: str,
-        out: BinaryIO,
-        hasher: Any,
-        offset: int,
-        total: int,
-        progress: Progress | None,
-    ) -> int:
-        """Append the blob's bytes from `offset` to `out`, going on after broken streams."""
+    async def _read(
+        self, repository: str, digest: str, offset: int, total: int
+    ) -> AsyncIterator[bytes]:
+        """The blob's bytes from `offset` to `total`, in order, going on after broken streams.
+        Ends early only if the registry's stream does (the caller checks the size)."""
         for attempt in range(RESUME_ATTEMPTS + 1):
-            if progress is not None:
-                progress(offset, total)
             if offset >= total:
-                return offset
+                return
             stub, address = await self.connect()
             request = pb.ReadBlobRequest(repository=repository, digest=digest, offset=offset)
+            call = stub.ReadBlob(request)
             try:
-                async for chunk in stub.ReadBlob(request):
-                    if chunk.offset != offset or offset + len(chunk.data) > total:
+                async for chunk in call:
+                    if chunk.offset != offset:
                         raise DataLoss(
-                            f"registry sent {len(chunk.data)} bytes of {digest} at offset "
-                            f"{chunk.offset}, expected offset {offset} of {total}"
+                            f"registry sent bytes of {digest} at offset {chunk.offset}, "
+                            f"expected offset {offset}"
                         )
-                    await asyncio.to_thread(_append, out, hasher, chunk.data)
+                    if offset + len(chunk.data) > total:
+                        raise DataLoss(
+                            f"registry: blob {digest} in {repository} is larger than the "
+                            f"{total} bytes expected"
+                        )
                     offset += len(chunk.data)
-                    if progress is not None:
-                        progress(offset, total)
-                return offset
+                    yield chunk.data
+                return
             except grpc.aio.AioRpcError as err:
-                if attempt == RESUME_ATTEMPTS or not (
-                    retryable(err) or is_broken_stream(err.code(), err.details())
-                ):
+                if attempt == RESUME_ATTEMPTS or not is_broken_stream(err.code(), err.details()):
                     raise self.error(err, address) from None
                 await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
-        return offset
+            finally:
+                call.cancel()
 
 
 class _Source:
@@ -395,6 +408,13 @@ async def _file_chunks(
 def _read_at(fileobj: BinaryIO, offset: int, length: int) -> bytes:
     fileobj.seek(offset)
     return fileobj.read(length)
+
+
+def _mismatch(repository: str, digest: str, hasher: Any, offset: int, advice: str) -> DataLoss:
+    return DataLoss(
+        f"registry: blob {digest} from {repository} does not match its digest "
+        f"(got {hasher.name}:{hasher.hexdigest()}, {offset} bytes); {advice}"
+    )
 
 
 def _append(out: BinaryIO, hasher: Any, data: bytes) -> None:

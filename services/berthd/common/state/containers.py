@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from berthd.common.containers import ContainerConfig, from_json
+from berthd.common.containers import ContainerConfig, from_dict
 from berthd.common.state.family import Family, known_fields
 from berthd.common.store import encode
 
@@ -56,14 +56,12 @@ class DesiredContainer:
     previous_node: str = ""
 
     def encode(self) -> bytes:
-        data = asdict(self)
-        data["config"] = json.loads(self.config.to_json())
-        return json.dumps(data, separators=(",", ":")).encode()
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes | str) -> DesiredContainer:
         data: dict[str, Any] = json.loads(raw)
-        data["config"] = from_json(json.dumps(data["config"]))
+        data["config"] = from_dict(data["config"])
         return cls(**known_fields(cls, data))
 
 

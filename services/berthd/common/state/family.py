@@ -12,6 +12,7 @@ and watch here, so one bad record never stops a reader.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -36,8 +37,13 @@ R = TypeVar("R", bound=Record)
 def known_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     """`data` without the keys `cls` (a dataclass) has no field for: a record written by a
     newer service still decodes."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = _field_names(cls)
     return {k: v for k, v in data.items() if k in names}
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
 
 
 @dataclass(frozen=True)
