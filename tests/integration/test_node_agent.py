@@ -228,15 +228,20 @@ def test_an_agent_starts_past_a_container_record_it_cannot_read(node_agent, busy
         bad = run(node, busybox, "true")
     node_agent.process.stop()
     record_file = node_agent.data_dir / "containers" / bad / "container.json"
-    record = json.loads(record_file.read_text())
+    original = record_file.read_text()
+    record = json.loads(original)
     record["config"]["memory_bytes"] = 1  # under Docker's 6 MB minimum: InvalidArgument
     record_file.write_text(json.dumps(record))
-
-    node_agent.start()
-    with NodeClient(node_agent.address) as node:
-        assert node.inspect(box).state == "running"
-        assert [c.id for c in node.list(all=True)] == [box]
-    assert "skipping unreadable container record" in node_agent.process.log.read_text()
+    try:
+        node_agent.start()
+        with NodeClient(node_agent.address) as node:
+            assert node.inspect(box).state == "running"
+            assert [c.id for c in node.list(all=True)] == [box]
+        assert "skipping unreadable container record" in node_agent.process.log.read_text()
+    finally:
+        # Readable again, so the fixture's clean-up removes it (and unmounts its rootfs).
+        node_agent.process.stop()
+        record_file.write_text(original)
 
 
 def test_exit_while_the_agent_is_down_is_not_lost(node_agent, busybox) -> None:
