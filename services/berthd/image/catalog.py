@@ -441,10 +441,6 @@ class Catalog:
         await self.record_origin(digest, repository, origin, origin_detail)
         return await self.inspect(f"{repository}@{digest}")
 
-    async def tag_digest(self, repository: str, tag: str) -> str | None:
-        """The manifest digest `repository:tag` names now, or None."""
-        return await self.registry.tag_digest(repository, tag)
-
     async def record_origin(
         self, digest: str, repository: str, origin: str, origin_detail: str = ""
     ) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -107,14 +108,7 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
         if await self.stat_blob(repository, digest) is None and not await self.mount_blob(
             repository, digest
         ):
-            start = await self.unary("StartUpload", pb.StartUploadRequest(repository=repository))
-            upload_id = start.upload_id
-            try:
-                await self._write(upload_id, _chunks_of(upload_id, data))
-                await self._commit(upload_id, digest)
-            except BaseException:
-                await self._cancel_quietly(upload_id)
-                raise
+            await self._upload(repository, io.BytesIO(data), digest, len(data), None)
         return Descriptor(media_type, digest, len(data))
 
     async def pull_blob(
@@ -243,16 +237,18 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
     async def _upload(
         self,
         repository: str,
-        source: Path,
+        source: Path | BinaryIO,
         digest: str,
         size: int,
         progress: Progress | None,
         start: int = 0,
     ) -> None:
+        """One upload session: send (resuming after broken streams), commit; cancelled on
+        any failure so the registry frees it."""
         session = await self.unary("StartUpload", pb.StartUploadRequest(repository=repository))
         upload_id = session.upload_id
         try:
-            with open(source, "rb") as fileobj:
+            with _opened(source) as fileobj:
                 await self._send(upload_id, fileobj, digest, size, progress, start)
             await self._commit(upload_id, digest, repository)
         except BaseException:
@@ -378,10 +374,13 @@ class _Broken(Exception):
         self.error = error
 
 
-async def _chunks_of(upload_id: str, data: bytes) -> AsyncIterator[pb.WriteUploadRequest]:
-    for offset in range(0, max(len(data), 1), CHUNK_SIZE):
-        chunk = data[offset : offset + CHUNK_SIZE]
-        yield pb.WriteUploadRequest(upload_id=upload_id, offset=offset, data=chunk)
+@contextlib.contextmanager
+def _opened(source: Path | BinaryIO) -> Iterator[BinaryIO]:
+    if isinstance(source, Path):
+        with open(source, "rb") as fileobj:
+            yield fileobj
+    else:
+        yield source
 
 
 async def _file_chunks(
