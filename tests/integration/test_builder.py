@@ -354,6 +354,32 @@ def test_list_prune_and_no_cache(build_cluster: BuildCluster) -> None:
     assert again.statuses()["COPY a.txt /a.txt"] == "DONE"
 
 
+async def test_prune_forgets_the_build_records_of_removed_images(
+    first: Build, build_cluster: BuildCluster
+) -> None:
+    """`builds/<digest>` is the builder's: once an image is gone from the registry (rmi), the
+    builder's prune deletes its record; the records of images still there stay."""
+    files = {"Dockerfile": f"FROM {BASE}\nCOPY b.txt /b.txt\n", "b.txt": "b"}
+    built = await asyncio.to_thread(build_cluster.build, files, tags=["test/gone:1"])
+    gone = succeeded(built).digest
+    kept = succeeded(first).digest
+    store = Store(build_cluster.services.etcd, build_cluster.services.prefix)
+    await store.connect()
+    try:
+        assert await BUILDS.get(store, gone) is not None
+        with RegistryClient(build_cluster.registry.address) as registry:
+            await asyncio.to_thread(registry.delete_manifest, "test/gone", gone)
+        with grpc.insecure_channel(build_cluster.builder.address) as channel:
+            stub = builder_pb2_grpc.BuilderServiceStub(channel)
+            await asyncio.to_thread(
+                stub.PruneCache, pb.PruneCacheRequest(unused_for=Duration(seconds=3600))
+            )
+        assert await BUILDS.get(store, gone) is None
+        assert await BUILDS.get(store, kept) is not None
+    finally:
+        await store.close()
+
+
 def test_the_client_sends_the_context_without_what_dockerignore_excludes(
     build_cluster: BuildCluster, tmp_path: Path
 ) -> None:

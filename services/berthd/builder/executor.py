@@ -179,7 +179,21 @@ class Builder:
             with contextlib.suppress(BerthError):
                 await self.registry.delete_manifest(CACHE_REPOSITORY, digest)
 
-        return await self.cache.prune(unused_for, delete_image)
+        result = await self.cache.prune(unused_for, delete_image)
+        await self.forget_removed_images()
+        return result
+
+    async def forget_removed_images(self) -> int:
+        """Delete the build records of images no repository holds any more (`berth rmi`
+        removed them): the records are the builder's, so the image service cannot. Records
+        are read before the registry's names, and a build writes its image before its record,
+        so an image being built right now always counts as present."""
+        records = await BUILDS.list(self.store)
+        present = {entry.digest for entry in await self.registry.list_manifests()}
+        gone = [record.id for record in records if record.id not in present]
+        for digest in gone:
+            await BUILDS.delete(self.store, digest)
+        return len(gone)
 
 
 # --- one build -----------------------------------------------------------------------------------
