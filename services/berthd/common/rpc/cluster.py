@@ -51,8 +51,9 @@ class ClusterApi(ServiceApi[pb_grpc.ClusterServiceStub]):
 
     async def logs(self, container: str, follow: bool = False) -> AsyncIterator[LogLine]:
         request = pb.ContainerLogsRequest(container=container, follow=follow)
-        async for line in self.stream("ContainerLogs", request):
-            yield log_line(line)
+        async with contextlib.aclosing(self.stream("ContainerLogs", request)) as lines:
+            async for line in lines:
+                yield log_line(line)
 
     async def remove(self, container: str, force: bool = False) -> None:
         request = pb.RemoveContainerRequest(container=container, force=force)
