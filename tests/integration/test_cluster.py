@@ -222,6 +222,29 @@ out(results)
     assert sorted({r["node"] for r in result}) == ["host1", "host2", "host3"]
 
 
+def test_stop_passes_its_timeout_to_the_node(cluster: Cluster) -> None:
+    """`StopContainer(timeout_seconds=1)` on a container that ignores SIGTERM kills it after
+    about 1 s, not after the node's default grace of 10 s (the cluster used to drop it)."""
+    result = cluster.client(
+        """
+c = run(sys.argv[3], name="stubborn", command=["sh", "-c", "trap '' TERM; while :; do sleep 1; done"])
+until_state("stubborn", "CONTAINER_STATE_RUNNING")
+began = time.monotonic()
+request = pb.StopContainerRequest(container="stubborn", timeout_seconds=1)
+stopped = cluster.StopContainer(request, timeout=60).container
+took = time.monotonic() - began
+remove_all()
+out({"took": took, "state": container_pb2.ContainerState.Name(stopped.status.state),
+     "exit_code": stopped.status.exit_code})
+""",
+        IMAGE,
+    )
+    assert isinstance(result, dict)
+    assert (result["state"], result["exit_code"]) == ("CONTAINER_STATE_EXITED", 137)
+    # Killed after the 1 s asked for: far from the 10 s default (the margin absorbs a slow host).
+    assert result["took"] < 8, result
+
+
 def test_logs_exec_stats_stop_start_wait_on_host3(cluster: Cluster) -> None:
     result = cluster.client(
         """

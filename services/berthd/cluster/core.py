@@ -478,8 +478,11 @@ class ClusterCore:
 
     # Lifecycle -----------------------------------------------------------------------------
 
-    async def _set_desired(self, ref: str, state: str) -> tuple[ContainerView, float | None]:
-        """Set a container's desired state; returns it and its status's `started_at` before."""
+    async def _set_desired(
+        self, ref: str, state: str, stop_timeout: int = 0
+    ) -> tuple[ContainerView, float | None]:
+        """Set a container's desired state (and the grace its node gives it when it stops it);
+        returns it and its status's `started_at` before."""
         for _ in range(RUN_ATTEMPTS):
             view = await self.inspect(ref)
             found = await CONTAINERS.read(self.store, view.id)
@@ -487,6 +490,7 @@ class ClusterCore:
                 raise NotFound(f"no such container: {ref}")
             view.desired = found.record
             view.desired.desired = state
+            view.desired.stop_timeout = stop_timeout
             ok, _ = await self.store.txn(
                 [CONTAINERS.unchanged(self.store, view.id, found.mod_revision)],
                 [CONTAINERS.op_put(self.store, view.id, view.desired)],
@@ -497,7 +501,7 @@ class ClusterCore:
 
     async def stop(self, ref: str, timeout_seconds: int = 0) -> ContainerView:
         """Desired stopped, then wait until the node reports it exited."""
-        view, _ = await self._set_desired(ref, STOPPED)
+        view, _ = await self._set_desired(ref, STOPPED, timeout_seconds)
         if view.status is not None:
             grace = (timeout_seconds or DEFAULT_STOP_SECONDS) + STOP_SLACK_SECONDS
             view.status = await self._wait_status(

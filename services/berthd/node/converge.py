@@ -157,7 +157,7 @@ class Converger:
             await self.manager.start(record.id)
             return
         if desired.desired == STOPPED and record.state == STATE_RUNNING:
-            await self.manager.stop(record.id)
+            await self.manager.stop(record.id, desired.stop_timeout)
         elif desired.desired == RUNNING and record.state == "created":
             await self.manager.start(record.id)
         elif desired.desired == RUNNING and record.state == EXITED and record.stopped_by_user:

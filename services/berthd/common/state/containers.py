@@ -54,6 +54,9 @@ class DesiredContainer:
     service_version: int = 0
     # The node it was moved from when its node was lost or drained (CONTAINER_RESCHEDULED).
     previous_node: str = ""
+    # Seconds between SIGTERM and SIGKILL when the node stops it (0: the node's default),
+    # as the last StopContainer asked.
+    stop_timeout: int = 0
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
