@@ -222,12 +222,35 @@ out(results)
     assert sorted({r["node"] for r in result}) == ["host1", "host2", "host3"]
 
 
+def test_waiting_on_a_container_its_node_cannot_create_ends_at_once(cluster: Cluster) -> None:
+    """The node reports why it cannot create the container (here: no such image); WaitContainer
+    answers with that reason instead of waiting for the caller's deadline."""
+    result = cluster.client(
+        """
+c = run("test/no-such-image:1", name="ghost", command=["true"])
+try:
+    list(cluster.WaitContainer(pb.WaitContainerRequest(container="ghost"), timeout=20))
+    waited = {"code": "OK"}
+except grpc.RpcError as e:
+    waited = {"code": e.code().name, "error": e.details()}
+remove_all()
+out({"run": c, "waited": waited})
+""",
+    )
+    assert isinstance(result, dict)
+    assert "node" in result["run"], result  # accepted: only its node can tell it cannot run
+    assert result["waited"]["code"] == "FAILED_PRECONDITION", result
+    assert "ghost cannot be created on node" in result["waited"]["error"]
+    assert "test/no-such-image" in result["waited"]["error"]
+
+
 def test_stop_passes_its_timeout_to_the_node(cluster: Cluster) -> None:
     """`StopContainer(timeout_seconds=1)` on a container that ignores SIGTERM kills it after
     about 1 s, not after the node's default grace of 10 s (the cluster used to drop it)."""
     result = cluster.client(
         """
-c = run(sys.argv[3], name="stubborn", command=["sh", "-c", "trap '' TERM; while :; do sleep 1; done"])
+stubborn = ["sh", "-c", "trap '' TERM; while :; do sleep 1; done"]
+c = run(sys.argv[3], name="stubborn", command=stubborn)
 until_state("stubborn", "CONTAINER_STATE_RUNNING")
 began = time.monotonic()
 request = pb.StopContainerRequest(container="stubborn", timeout_seconds=1)

@@ -521,19 +521,25 @@ class ClusterCore:
         return view
 
     async def wait(self, ref: str) -> ContainerStatus:
-        """Block until the container exits; its final status (exit_code, oom_killed)."""
+        """Block until the container exits; its final status (exit_code, oom_killed).
+        FailedPrecondition at once when its node reports it cannot create it."""
         view = await self.inspect(ref)
         # No status yet means the node has not created it yet; only a deleted status (the
         # container was removed) ends the wait without an exit.
         status = await self._wait_status(
             view,
-            lambda s: s is not None and s.state == "exited",
+            lambda s: s is not None and (s.state == "exited" or s.create_failed),
             None,
             "exit",
             deletion_ends=True,
         )
         if status is None:
             raise NotFound(f"container {view.name} was removed before it exited")
+        if status.create_failed:
+            raise FailedPrecondition(
+                f"container {view.name} cannot be created on node {view.desired.node}: "
+                f"{status.error}"
+            )
         return status
 
     async def remove(self, ref: str, force: bool = False) -> None:

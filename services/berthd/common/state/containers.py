@@ -87,6 +87,11 @@ class ContainerStatus:
     image_digest: str = ""
     updated_at: float = field(default_factory=time.time)
 
+    @property
+    def create_failed(self) -> bool:
+        """The node could not create the container at all; `error` says why."""
+        return not self.state and bool(self.error)
+
     def encode(self) -> bytes:
         return encode(asdict(self))
 
