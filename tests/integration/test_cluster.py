@@ -222,6 +222,29 @@ out(results)
     assert sorted({r["node"] for r in result}) == ["host1", "host2", "host3"]
 
 
+def test_following_logs_right_after_run_gets_every_line(cluster: Cluster) -> None:
+    """`ContainerLogs(follow)` called as soon as RunContainer returns (before the node created
+    the container, or while it is created and not started) waits for it and returns its output
+    from the first byte; it used to fail with NOT_FOUND or end with no lines."""
+    result = cluster.client(
+        """
+lines = []
+for n in range(3):
+    c = run(sys.argv[3], name=f"early-{n}", command=["sh", "-c", f"echo one {n}; echo two {n}"])
+    request = pb.ContainerLogsRequest(container=f"early-{n}", follow=True)
+    try:
+        got = b"".join(r.data for r in cluster.ContainerLogs(request, timeout=30)).decode()
+    except grpc.RpcError as e:
+        got = e.code().name + ": " + (e.details() or "")
+    lines.append(got)
+remove_all()
+out(lines)
+""",
+        IMAGE,
+    )
+    assert result == [f"one {n}\ntwo {n}\n" for n in range(3)]
+
+
 def test_waiting_on_a_container_its_node_cannot_create_ends_at_once(cluster: Cluster) -> None:
     """The node reports why it cannot create the container (here: no such image); WaitContainer
     answers with that reason instead of waiting for the caller's deadline."""

@@ -520,6 +520,23 @@ class ClusterCore:
         )
         return view
 
+    async def created(self, view: ContainerView) -> ContainerView:
+        """The container once its node has created it (a follow of its logs then misses
+        nothing); FailedPrecondition when the node reports it cannot create it."""
+        if view.status is None or not view.status.state:
+            view.status = await self._wait_status(
+                view,
+                lambda s: s is not None and (bool(s.state) or s.create_failed),
+                START_TIMEOUT_SECONDS,
+                "creation",
+            )
+        if view.status is not None and view.status.create_failed:
+            raise FailedPrecondition(
+                f"container {view.name} cannot be created on node {view.desired.node}: "
+                f"{view.status.error}"
+            )
+        return view
+
     async def wait(self, ref: str) -> ContainerStatus:
         """Block until the container exits; its final status (exit_code, oom_killed).
         FailedPrecondition at once when its node reports it cannot create it."""

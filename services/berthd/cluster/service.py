@@ -287,6 +287,8 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         self, request: pb.ContainerLogsRequest, context: Context
     ) -> AsyncIterator[pb.ContainerLogsResponse]:
         view = await self.core.inspect(request.container)
+        if request.follow:  # from the first byte, also when its node has not created it yet
+            view = await self.core.created(view)
         forward = node_pb2.ContainerLogsRequest(
             container=view.id, follow=request.follow, tail=request.tail
         )

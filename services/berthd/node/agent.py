@@ -26,7 +26,7 @@ from berthd.node import cgroups, diff, metrics
 from berthd.node.containers import ContainerManager
 from berthd.node.layers import ImageRecord, ImageStore, LayerStore, PullEvent, pull_image
 from berthd.node.logs import LogRecord, follow_logs, read_logs
-from berthd.node.records import EXITED, RUNNING
+from berthd.node.records import CREATED, EXITED, RUNNING
 from berthd.node.runtime import Runtime
 from berthd.node.spec import effective_user, resolve_user
 
@@ -148,9 +148,11 @@ class NodeAgent:
             return
 
         def finished() -> bool:
-            return record.state != RUNNING or record.id not in self.containers.records
+            current = self.containers.records.get(record.id)
+            return current is None or current.state not in (CREATED, RUNNING)
 
-        # Until the container stops running and its last lines are out.
+        # Until the container (created and not started yet, or running) stops running and its
+        # last lines are out.
         async for line in follow_logs(path, since, stop=finished, tail=tail):
             yield line
 
