@@ -10,7 +10,7 @@ import pytest
 
 from berthd.common.config import add_flag, env_name, split_host_port
 from berthd.common.errors import Aborted, InvalidArgument, NotFound
-from berthd.common.store import Entry, Page, RevisionCompacted, encode, prefix_end
+from berthd.common.store import Entry, Page, RevisionCompacted, Store, encode, prefix_end
 from berthd.registry.core import (
     Registry,
     decode_token,
@@ -84,6 +84,9 @@ def test_flags_take_defaults_from_environment(monkeypatch: pytest.MonkeyPatch) -
 class VersionedStore:
     """In-memory stand-in for `Store.range`: keeps every revision, like etcd's MVCC, so
     reads at an old revision see that moment, and compacting drops the old ones."""
+
+    # The real batching over `range`.
+    iterate_range = Store.iterate_range
 
     def __init__(self) -> None:
         self.versions: dict[int, dict[str, bytes]] = {1: {}}

@@ -35,6 +35,7 @@ from berth.errors import BerthClientError
 from berthd.cluster import metrics
 from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place
 from berthd.common.containers import ContainerConfig, validate
+from berthd.common.endpoints import service_address
 from berthd.common.errors import (
     Aborted,
     AlreadyExists,
@@ -53,7 +54,7 @@ from berthd.common.state.containers import (
     ContainerStatus,
     DesiredContainer,
 )
-from berthd.common.state.endpoints import ENDPOINTS, EndpointRecord, instances
+from berthd.common.state.endpoints import ENDPOINTS, EndpointRecord
 from berthd.common.state.nodes import NODE_LAYERS, NODES, NodeRecord
 from berthd.common.store import Entry, Store
 
@@ -306,6 +307,8 @@ def endpoint_view(record: EndpointRecord) -> Endpoint:
 class ClusterCore:
     def __init__(self, store: Store) -> None:
         self.store = store
+        # For image locality: any registered registry instance, looked up at each call.
+        self.registry = RegistryApi(service_address(store, "registry"))
         self._layer_cache: dict[str, tuple[float, dict[str, int]]] = {}
         # One placement at a time in this instance: racing placements on the same snapshot
         # only conflict in etcd and use up each other's retries (a burst of 30 runs on 3
@@ -367,16 +370,14 @@ class ClusterCore:
         if cached is not None and time.monotonic() - cached[0] < LAYER_CACHE_SECONDS:
             return cached[1]
         layers: dict[str, int] = {}
-        registries = await instances(self.store, "registry")
-        if registries:
-            registry = RegistryApi(registries[0].address)
-            try:
-                async with asyncio.timeout(LAYER_LOOKUP_SECONDS):
-                    layers = await manifest_layers(registry, image)
-            except TimeoutError:
-                log.info("no image locality for %s: the registry did not answer in time", image)
-            except (BerthError, BerthClientError, ValueError, KeyError, TypeError) as exc:
-                log.info("no image locality for %s: %s", image, exc)
+        try:
+            async with asyncio.timeout(LAYER_LOOKUP_SECONDS):
+                layers = await manifest_layers(self.registry, image)
+        except TimeoutError:
+            log.info("no image locality for %s: the registry did not answer in time", image)
+        except (BerthError, BerthClientError, ValueError, KeyError, TypeError) as exc:
+            # Unavailable too when no registry is registered.
+            log.info("no image locality for %s: %s", image, exc)
         self._layer_cache[image] = (time.monotonic(), layers)
         return layers
 
@@ -531,10 +532,7 @@ class ClusterCore:
                 "creation",
             )
         if view.status is not None and view.status.create_failed:
-            raise FailedPrecondition(
-                f"container {view.name} cannot be created on node {view.desired.node}: "
-                f"{view.status.error}"
-            )
+            raise _cannot_create(view, view.status)
         return view
 
     async def wait(self, ref: str) -> ContainerStatus:
@@ -553,10 +551,7 @@ class ClusterCore:
         if status is None:
             raise NotFound(f"container {view.name} was removed before it exited")
         if status.create_failed:
-            raise FailedPrecondition(
-                f"container {view.name} cannot be created on node {view.desired.node}: "
-                f"{status.error}"
-            )
+            raise _cannot_create(view, status)
         return status
 
     async def remove(self, ref: str, force: bool = False) -> None:
@@ -650,3 +645,10 @@ class ClusterCore:
 
     async def activate(self, node_id: str) -> ClusterNode:
         return await self.set_availability(node_id, ACTIVE)
+
+
+def _cannot_create(view: ContainerView, status: ContainerStatus) -> FailedPrecondition:
+    """The node reported that it cannot create the container (its reason in `error`)."""
+    return FailedPrecondition(
+        f"container {view.name} cannot be created on node {view.desired.node}: {status.error}"
+    )

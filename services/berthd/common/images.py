@@ -15,9 +15,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from berth.client.registry import ManifestData
 from berthd.common.errors import InvalidArgument, NotFound
 from berthd.common.oci import mediatypes
-from berthd.common.oci.digest import digest_bytes, quoted
+from berthd.common.oci.digest import digest_bytes
 from berthd.common.oci.manifest import (
     Descriptor,
     ImageConfig,
@@ -120,7 +121,11 @@ class ImageStore:
         cached = self._contents.get(digest)
         if cached is not None:
             return cached
-        stored = await self.registry.get_manifest(repository, digest)
+        return await self._keep(await self.registry.get_manifest(repository, digest), repository)
+
+    async def _keep(self, stored: ManifestData, repository: str) -> Content:
+        """Content of a manifest just fetched (its config fetched too, for an image), cached."""
+        digest = stored.digest
         parsed = parse_manifest(stored.content, stored.media_type)
         content = Content(digest, parsed.media_type, stored.content, parsed)
         if parsed.config is not None and parsed.config.media_type in mediatypes.CONFIG_TYPES:
@@ -152,11 +157,11 @@ class ImageStore:
             )
         repository = reference.repository
         try:
-            digest = (
-                reference.digest
-                or (await self.registry.get_manifest(repository, reference.tag or "latest")).digest
-            )
-            content = await self.content(digest, repository)
+            if reference.digest:
+                content = await self.content(reference.digest, repository)
+            else:  # the tag's manifest, fetched once: cached content is used when it is known
+                stored = await self.registry.get_manifest(repository, reference.tag or "latest")
+                content = self._contents.get(stored.digest) or await self._keep(stored, repository)
         except NotFound:
             raise NotFound(f"No such image: {ref}") from None
         return ResolvedImage.of(repository, None if reference.digest else reference.tag, content)
@@ -186,12 +191,3 @@ class ImageStore:
         return await self.registry.put_manifest(
             repository, tag or digest_bytes(manifest), mediatypes.OCI_IMAGE_MANIFEST, manifest
         )
-
-    async def mount_all(self, repository: str, blobs: list[Descriptor], source: str) -> None:
-        """Link blobs `source` holds into `repository` (never copied)."""
-        for blob in blobs:
-            if not await self.registry.mount_blob(repository, blob.digest, source):
-                raise NotFound(
-                    f"blob {blob.digest} is missing from repository {quoted(source)}; "
-                    "the image is damaged"
-                )

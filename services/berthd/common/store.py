@@ -199,14 +199,21 @@ class Store:
 
     async def iterate(self, prefix: str, batch: int = 500) -> AsyncIterator[Entry]:
         """Every key under `prefix`, fetched in batches so huge prefixes stay cheap."""
-        after: str | None = None
+        async for entry in self.iterate_range(prefix, prefix_end(prefix), batch=batch):
+            yield entry
+
+    async def iterate_range(
+        self, start: str, end: str, *, revision: int = 0, batch: int = 500
+    ) -> AsyncIterator[Entry]:
+        """Every key in [start, end) as at `revision` (0: now), in batches that keep each
+        reply small."""
         while True:
-            entries = await self.list(prefix, start_after=after, limit=batch)
-            for entry in entries:
+            page = await self.range(start, end, limit=batch, revision=revision)
+            for entry in page.entries:
                 yield entry
-            if len(entries) < batch:
+            if not page.more or not page.entries:
                 return
-            after = entries[-1].key
+            start = page.entries[-1].key + "\0"
 
     # Writes ---------------------------------------------------------------
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from berthd.common.errors import Aborted, NotFound
-from berthd.common.store import Entry, Op, Store, encode, prefix_end
+from berthd.common.store import Op, Store, encode, prefix_end
 
 REPOS = "registry/repos/"
 TAGS = "registry/tags/"
@@ -287,7 +287,9 @@ class Metadata:
         tags: dict[tuple[str, str], list[TagRecord]] = defaultdict(list)
         if manifests:
             first, last = manifests[0][0], manifests[-1][0]
-            span = self._range_all(tag_key(first, ""), prefix_end(tag_key(last, "")), page.revision)
+            span = self.store.iterate_range(
+                tag_key(first, ""), prefix_end(tag_key(last, "")), revision=page.revision
+            )
             async for entry in span:
                 tag_repo, name = split_child_key(entry.key, TAGS)
                 data = entry.json()
@@ -303,18 +305,6 @@ class Metadata:
     async def repo_exists_at(self, repo: str, revision: int) -> bool:
         page = await self.store.range(repo_key(repo), repo_key(repo) + "\0", revision=revision)
         return bool(page.entries)
-
-    async def _range_all(
-        self, start: str, end: str, revision: int, batch: int = 500
-    ) -> AsyncIterator[Entry]:
-        """Every key in [start, end) at `revision`, in batches that keep each reply small."""
-        while True:
-            page = await self.store.range(start, end, limit=batch, revision=revision)
-            for entry in page.entries:
-                yield entry
-            if not page.more or not page.entries:
-                return
-            start = page.entries[-1].key + "\0"
 
     # Blob links -------------------------------------------------------------------
 

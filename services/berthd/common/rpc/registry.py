@@ -167,13 +167,7 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
             raise InvalidArgument(
                 f"blob {digest} in {repository} is {size} bytes, over {MAX_SMALL_BLOB} for a config"
             )
-        data = bytearray()
-        request = pb.ReadBlobRequest(repository=repository, digest=digest)
-        async for chunk in self.stream("ReadBlob", request):
-            data += chunk.data
-        if digest_bytes(bytes(data)) != digest:
-            raise DataLoss(f"registry: blob {digest} from {repository} does not match its digest")
-        return bytes(data)
+        return b"".join([chunk async for chunk in self.stream_blob(repository, digest, size)])
 
     # --- manifests and tags ----------------------------------------------------------------
 
