@@ -4,18 +4,36 @@ from __future__ import annotations
 
 import grpc
 
+from berth.error_details import ErrorDetails
+from berth.error_details import from_rpc_error as details_of
+
 
 class BerthClientError(Exception):
     """A failure a person can act on.
 
     `code` is a grpc.StatusCode name such as "NOT_FOUND" (also for errors found on the client
     side, e.g. "INVALID_ARGUMENT" for a bad reference); `message` is always a single line.
+    `details` is what the server said beyond that (`reason`, `metadata`, the resource, the
+    fields and preconditions at fault); empty for an error found on the client side.
     """
 
-    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
+    def __init__(
+        self, message: str, code: str = "UNKNOWN", details: ErrorDetails | None = None
+    ) -> None:
         self.message = one_line(message) or code.replace("_", " ").lower()
         self.code = code
+        self.details = details or ErrorDetails()
         super().__init__(self.message)
+
+    @property
+    def reason(self) -> str:
+        """The server's stable reason ("BLOB_UNKNOWN"), or "" when it gave none."""
+        return self.details.reason
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The facts the reason comes with (an upload's `offset`, a blob's `digest`)."""
+        return self.details.metadata
 
 
 class InvalidArgumentError(BerthClientError):
@@ -77,4 +95,4 @@ def from_rpc_error(
         message = f"the {service} at {address} did not answer in time"
     else:
         message = details or f"the {service} at {address} failed with {code}"
-    return BerthClientError(message, code)
+    return BerthClientError(message, code, details_of(err))

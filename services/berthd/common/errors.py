@@ -11,13 +11,47 @@ from contextlib import contextmanager
 
 import grpc
 
+from berth.error_details import ErrorDetails, Violation
 from berth.errors import InvalidArgumentError
 
 
 class BerthError(Exception):
-    """Base of every error a user can act on. `code` is the gRPC status it maps to."""
+    """Base of every error a user can act on. `code` is the gRPC status it maps to; `details`
+    travel with it as `google.rpc` error details (docs/api.md lists the reasons).
+
+    A raise site names a stable `reason` (default: the code's name) and the facts a program
+    needs as `metadata`; `resource` is (type, name) of the thing concerned, `field` the request
+    field at fault, `violations` each precondition that failed.
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        reason: str = "",
+        metadata: dict[str, object] | None = None,
+        resource: tuple[str, str] | None = None,
+        field: str = "",
+        violations: tuple[Violation, ...] | list[Violation] = (),
+        details: ErrorDetails | None = None,
+    ) -> None:
+        super().__init__(message)
+        if details is None:
+            details = ErrorDetails(
+                reason=reason or self.code.name,
+                metadata={k: str(v) for k, v in (metadata or {}).items()},
+                resource_type=resource[0] if resource else "",
+                resource_name=resource[1] if resource else "",
+                field_violations=((field, message),) if field else (),
+                violations=tuple(violations),
+            )
+        self.details = details
+
+    @property
+    def reason(self) -> str:
+        return self.details.reason
 
 
 class InvalidArgument(BerthError):
@@ -100,14 +134,17 @@ def invalid_argument() -> Iterator[None]:
         raise InvalidArgument(exc.message) from None
 
 
-def error_for_code(code: str, message: str) -> BerthError:
-    """The domain error for a status code name ("NOT_FOUND"), as another berth service answered.
-    A code with no domain class (CANCELLED, INTERNAL, ...) is kept on a plain BerthError, so
-    relaying the answer keeps its code; an unknown name is UNKNOWN."""
+def error_for_code(code: str, message: str, details: ErrorDetails | None = None) -> BerthError:
+    """The domain error for a status code name ("NOT_FOUND"), as another berth service answered,
+    with that service's error details when it sent some (relayed unchanged). A code with no
+    domain class (CANCELLED, INTERNAL, ...) is kept on a plain BerthError, so relaying the answer
+    keeps its code; an unknown name is UNKNOWN."""
+    if details is not None and not details.reason:
+        details = None
     cls = _BY_CODE.get(code)
     if cls is not None:
-        return cls(message)
-    error = BerthError(message)
+        return cls(message, details=details)
+    error = BerthError(message, details=details)
     status = getattr(grpc.StatusCode, code, None)
     if isinstance(status, grpc.StatusCode) and status != grpc.StatusCode.OK:
         error.code = status

@@ -1,7 +1,8 @@
 """One server interceptor for every RPC of every service: metrics, error mapping, request logs.
 
 Servicers raise `BerthError`s from core code; here they become gRPC statuses with the same
-message, so no handler carries its own try/except or metrics code.
+message and their `google.rpc` error details (ErrorInfo and friends) in the standard trailer, so
+no handler carries its own try/except or metrics code.
 """
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ class _Call:
     async def fail(self, exc: BaseException) -> None:
         """Map an exception to a status; `context.abort` raises, ending the call."""
         if isinstance(exc, BerthError):
-            await self.context.abort(exc.code, str(exc))
+            message = str(exc)
+            await self.context.abort(
+                exc.code,
+                message,
+                trailing_metadata=exc.details.trailing_metadata(exc.code, message),
+            )
         log.error(
             "unhandled error in %s",
             self.full_method,

@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from berth import error_details
 from berth.errors import is_transport_failure, one_line
 from berthd.common.errors import BerthError, error_for_code
 from berthd.common.rpc.channels import Channels, shared
@@ -45,7 +46,7 @@ def domain_error(
         message = details or f"the {service} at {address} failed with {code.name}"
         if prefix:
             message = f"{service}: {message}"
-    return error_for_code(code.name, message)
+    return error_for_code(code.name, message, error_details.from_rpc_error(err))
 
 
 def retryable(err: grpc.aio.AioRpcError) -> bool:

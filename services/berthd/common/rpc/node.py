@@ -35,7 +35,7 @@ class NodeApi(ServiceApi[pb_grpc.NodeServiceStub]):
         error = super().error(err, address)
         if not self.node_id:
             return error
-        return error_for_code(error.code.name, f"node {self.node_id}: {error}")
+        return error_for_code(error.code.name, f"node {self.node_id}: {error}", error.details)
 
     async def inspect(self, container: str) -> ContainerInfo:
         request = pb.InspectContainerRequest(container=container)
