@@ -10,17 +10,23 @@ APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-regis
 BENCH_APT_PACKAGES := podman buildah
 PROTO_FILES := $(shell find protos -name '*.proto')
 # The protos are a public contract: `make lint` fails on a change that breaks clients generated
-# from this ref (a break must be deliberate: say so in the commit, then it lands on main).
-BREAKING_AGAINST ?= main
+# from the last release of the contract, the commit named in protos/RELEASE (tagged api/v1).
+BREAKING_AGAINST ?= $(shell cat protos/RELEASE)
 # Empty means berthd's default state directory, which the CLI also finds on its own.
 STATE_DIR ?=
 STATE_FLAG := $(if $(STATE_DIR),--state-dir $(STATE_DIR),)
 
-.PHONY: deps apt bench-apt venv protos lint test unit integration demo bench up down status clean
+# The Node.js client in tests/clients/node uses the protos alone; its packages are pinned by
+# its package-lock.json.
+NODE_CLIENT := tests/clients/node
+
+.PHONY: deps apt node bench-apt venv protos lint test unit integration demo bench up down status clean
 
 deps: apt venv protos
 
 # apt packages are installed only when one is missing, so repeated runs stay fast.
+apt_install_inline = { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; }
+
 define apt_install
 	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -31,6 +37,15 @@ endef
 
 apt:
 	$(call apt_install,$(APT_PACKAGES))
+
+# Debian's nodejs and npm, unless the machine already has a Node.js with npm (NodeSource's
+# nodejs package carries its own npm and conflicts with Debian's).
+node: $(NODE_CLIENT)/node_modules/.installed
+
+$(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || $(call apt_install_inline,nodejs npm)
+	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 bench-apt:
 	$(call apt_install,$(BENCH_APT_PACKAGES))
@@ -56,10 +71,10 @@ lint: deps
 unit: deps
 	$(VENV)/bin/pytest -q tests/unit
 
-integration: deps
+integration: deps node
 	$(VENV)/bin/pytest -q tests/integration
 
-test: deps lint
+test: deps node lint
 	$(VENV)/bin/pytest -q -ra tests
 
 demo: deps

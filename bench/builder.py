@@ -48,7 +48,7 @@ from berth.client.builder import (
     BuildEvent,
     BuildOptions,
     BuildResult,
-    StepEvent,
+    BuildStep,
 )
 from berth.errors import BerthClientError
 from scripts.oci_images import make_busybox_image
@@ -97,7 +97,7 @@ def step_times(events: list[BuildEvent]) -> str:
     """Where a build's time went, from the builder's own step timings, by instruction."""
     totals: dict[str, float] = {}
     for event in events:
-        if isinstance(event, StepEvent) and event.duration is not None:
+        if isinstance(event, BuildStep) and event.duration is not None:
             kind = event.instruction.split(None, 1)[0].upper()
             kind = kind if kind in ("RUN", "COPY") else "other"
             totals[kind] = totals.get(kind, 0.0) + event.duration
@@ -158,7 +158,7 @@ class BerthBuilds:
         )
         check_berth_result(results[0], no_cache, self.last, "BuilderClient.build")
         # The final status of every step, as the progress stream told it.
-        statuses = {e.number: e.status for e in events if isinstance(e, StepEvent) and e.status}
+        statuses = {e.number: e.status for e in events if isinstance(e, BuildStep) and e.status}
         wanted = "DONE" if no_cache else "CACHED"
         if len(statuses) != STEPS or set(statuses.values()) != {wanted}:
             raise BenchError(f"BuilderClient.build: step statuses {statuses}, not all {wanted}")

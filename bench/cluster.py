@@ -112,12 +112,12 @@ class Cluster:
         self.channel.close()
 
     def node_states(self) -> dict[str, int]:
-        nodes = self.stub.ListNodes(cpb.ListNodesRequest(), timeout=10).nodes
+        nodes = self.stub.ListNodes(cpb.ListNodesRequest(page_size=1000), timeout=10).nodes
         return {n.description.id: n.state for n in nodes}
 
     def replicas(self) -> list[cpb.Container]:
-        request = cpb.ServicePsRequest(service=SERVICE)
-        return list(self.stub.ServicePs(request, timeout=10).containers)
+        request = cpb.ListServiceReplicasRequest(service=SERVICE, page_size=1000)
+        return list(self.stub.ListServiceReplicas(request, timeout=10).containers)
 
     def running_replicas(self) -> list[cpb.Container]:
         return [c for c in self.replicas() if c.status.state == RUNNING]
@@ -229,7 +229,7 @@ def placement_round(cluster: Cluster, count: int, prefix: str) -> tuple[float, l
         return time.perf_counter() - began, reply.container
 
     def all_running() -> bool:
-        request = cpb.ListContainersRequest(name=prefix, state=RUNNING)
+        request = cpb.ListContainersRequest(name=prefix, state=RUNNING, page_size=1000)
         return len(cluster.stub.ListContainers(request, timeout=10).containers) >= count
 
     started = time.perf_counter()
@@ -291,7 +291,7 @@ def latency(cluster: Cluster, samples: int) -> dict[int, dict[str, float]]:
     leases: list[int] = []
     fakes: list[str] = []
     for node in real:
-        cluster.stub.CordonNode(cpb.CordonNodeRequest(node=node), timeout=10)
+        cluster.stub.CordonNode(cpb.CordonNodeRequest(node_id=node), timeout=10)
     try:
         for size in LATENCY_SIZES:
             more = [f"fake-{i}" for i in range(len(fakes) + 1, size + 1)]
@@ -333,7 +333,7 @@ def latency(cluster: Cluster, samples: int) -> dict[int, dict[str, float]]:
     finally:
         asyncio.run(revoke(etcd, prefix, leases))
         for node in real:
-            cluster.stub.ActivateNode(cpb.ActivateNodeRequest(node=node), timeout=10)
+            cluster.stub.ActivateNode(cpb.ActivateNodeRequest(node_id=node), timeout=10)
     return results
 
 

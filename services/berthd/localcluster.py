@@ -474,7 +474,8 @@ def _remove_cluster_workloads(cluster: dict) -> None:
     with grpc.insecure_channel(info["address"]) as channel:
         stub = cluster_pb2_grpc.ClusterServiceStub(channel)
         try:
-            services = stub.ListServices(cluster_pb2.ListServicesRequest(), timeout=30).services
+            request = cluster_pb2.ListServicesRequest(page_size=1000)
+            services = stub.ListServices(request, timeout=30).services
         except grpc.RpcError as err:
             services = []
             if err.code() != grpc.StatusCode.UNIMPLEMENTED:
@@ -483,8 +484,14 @@ def _remove_cluster_workloads(cluster: dict) -> None:
             with contextlib.suppress(grpc.RpcError):
                 stub.RemoveService(cluster_pb2.RemoveServiceRequest(service=service.id), timeout=60)
         try:
-            request = cluster_pb2.ListContainersRequest(all=True)
-            containers = stub.ListContainers(request, timeout=30).containers
+            containers = []
+            request = cluster_pb2.ListContainersRequest(all=True, page_size=1000)
+            while True:  # every page: a listing is at most 1000 containers at a time
+                reply = stub.ListContainers(request, timeout=30)
+                containers.extend(reply.containers)
+                if not reply.next_page_token:
+                    break
+                request.page_token = reply.next_page_token
         except grpc.RpcError as err:
             print(f"could not list the cluster's containers: {err.details()}", file=sys.stderr)
             return

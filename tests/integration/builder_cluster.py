@@ -17,6 +17,8 @@ import pytest
 from berth.builder.v1 import builder_pb2 as pb
 from berth.builder.v1 import builder_pb2_grpc
 from berth.client import RegistryClient
+from berth.error_details import ErrorDetails, from_rpc_error
+from berth.types.v1 import progress_pb2
 
 from .conftest import NodeProcess, ServiceProcess, Services
 from .images import busybox_layer, push_image, tar_of
@@ -29,21 +31,28 @@ CHUNK = 64 * 1024  # small, so a context spans several messages
 class Build:
     """What one Build call streamed back."""
 
-    steps: list[pb.StepEvent] = field(default_factory=list)
-    messages: list[str] = field(default_factory=list)
+    steps: list[pb.BuildStep] = field(default_factory=list)
+    outputs: list[pb.BuildOutput] = field(default_factory=list)
+    progress: list[progress_pb2.Progress] = field(default_factory=list)  # of no step
     result: pb.BuildResult | None = None
     error: grpc.RpcError | None = None
 
     def statuses(self) -> dict[str, str]:
         """Each step's final status by instruction (as written)."""
         return {
-            s.instruction: pb.StepStatus.Name(s.status).removeprefix("STEP_STATUS_")
+            s.instruction: progress_pb2.ProgressState.Name(s.progress.state).removeprefix(
+                "PROGRESS_STATE_"
+            )
             for s in self.steps
-            if not s.output
         }
 
     def output(self) -> list[str]:
-        return [s.output for s in self.steps if s.output]
+        """The lines the steps wrote, without their newlines."""
+        return [o.data.decode().removesuffix("\n") for o in self.outputs]
+
+    def details(self) -> ErrorDetails:
+        assert self.error is not None
+        return from_rpc_error(self.error)
 
 
 @dataclass
@@ -62,12 +71,15 @@ class BuildCluster:
             stub = builder_pb2_grpc.BuilderServiceStub(channel)
             try:
                 for response in stub.Build(requests(files, **options), timeout=120):
-                    if response.HasField("result"):
+                    kind = response.WhichOneof("event")
+                    if kind == "result":
                         build.result = response.result
-                    elif response.HasField("step"):
+                    elif kind == "step":
                         build.steps.append(response.step)
+                    elif kind == "output":
+                        build.outputs.append(response.output)
                     else:
-                        build.messages.append(response.message)
+                        build.progress.append(response.progress)
             except grpc.RpcError as e:
                 build.error = e
         return build

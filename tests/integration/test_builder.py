@@ -19,7 +19,9 @@ from google.protobuf.duration_pb2 import Duration
 from berth.builder.v1 import builder_pb2 as pb
 from berth.builder.v1 import builder_pb2_grpc
 from berth.client import BuilderClient, BuildOptions, ClusterClient, ContainerConfig, RegistryClient
-from berth.client.builder import StepEvent as ClientStepEvent
+from berth.client.builder import BuildOutput
+from berth.errors import BerthClientError
+from berth.types.v1 import progress_pb2
 from berthd.common.state.images import BUILDS, IMAGES
 from berthd.common.store import Store
 
@@ -111,7 +113,10 @@ def test_a_cold_build_executes_every_step_and_streams_run_output(first: Build) -
     assert list(result.tags) == ["test/app:1"]
     assert first.output() == ["built"]
     run = [s for s in first.steps if s.instruction == FIRST_STAGE[-1]]
-    assert run[-1].layer.startswith("sha256:") and run[-1].duration.ToNanoseconds() > 0
+    assert run[-1].layer_digest.startswith("sha256:")
+    assert run[-1].progress.duration.ToNanoseconds() > 0
+    assert {o.step for o in first.outputs} == {run[-1].number}
+    assert [o.data for o in first.outputs] == [b"built\n"]
     assert {s.stage for s in first.steps} == {"build", "stage-1"}
     lines = {s.instruction: s.line for s in first.steps}
     assert [lines[i] for i in (FIRST_STAGE[0], FIRST_STAGE[-1], SECOND_STAGE[0])] == [3, 10, 12]
@@ -266,7 +271,11 @@ def test_a_failing_run_reports_its_exit_code_and_output(build_cluster: BuildClus
         'fail && exit 3" did not complete successfully: exit code: 3'
     )
     assert failed.output() == ["about to fail"]
-    assert (failed.steps[-1].status, failed.steps[-1].exit_code) == (pb.STEP_STATUS_FAILED, 3)
+    last = failed.steps[-1]
+    assert (last.progress.state, last.exit_code) == (progress_pb2.PROGRESS_STATE_FAILED, 3)
+    details = failed.details()
+    assert details.reason == "RUN_FAILED"
+    assert details.metadata == {"step": "2", "line": "2", "exit_code": "3"}
     with ClusterClient(build_cluster.cluster.address) as cluster:
         assert [c for c in cluster.list(all=True) if "berth.build" in c.labels] == []
 
@@ -276,7 +285,7 @@ def test_a_cancelled_build_removes_its_container(build_cluster: BuildCluster) ->
     with grpc.insecure_channel(build_cluster.builder.address) as channel:
         call = builder_pb2_grpc.BuilderServiceStub(channel).Build(requests(files), timeout=120)
         for response in call:
-            if response.step.output == "started":
+            if response.output.data == b"started\n":
                 call.cancel()
                 break
     with ClusterClient(build_cluster.cluster.address) as cluster:
@@ -288,27 +297,35 @@ def test_a_cancelled_build_removes_its_container(build_cluster: BuildCluster) ->
 
 
 @pytest.mark.parametrize(
-    ("files", "code", "message"),
+    ("files", "code", "message", "reason", "metadata"),
     [
         (
             {"Dockerfile": f"FROM {BASE}\nRUN echo ok\nFOO bar\n"},
             grpc.StatusCode.INVALID_ARGUMENT,
             "Dockerfile:3: unknown instruction: FOO",
+            "DOCKERFILE_INVALID",
+            {"line": "3"},
         ),
         (
             {"Dockerfile": "FROM test/missing:1\nRUN true\n"},
             grpc.StatusCode.NOT_FOUND,
             "Dockerfile:1: FROM test/missing:1: ",
+            "BASE_IMAGE_NOT_FOUND",
+            {"image": "test/missing:1", "step": "1", "line": "1"},
         ),
         (
             {"other.txt": "x"},
             grpc.StatusCode.INVALID_ARGUMENT,
             "Dockerfile not found in the build context: Dockerfile",
+            "DOCKERFILE_NOT_FOUND",
+            {"path": "Dockerfile"},
         ),
         (
             {"Dockerfile": f"FROM {BASE}\nCOPY absent.txt /\n"},
             grpc.StatusCode.INVALID_ARGUMENT,
             "Dockerfile:2: COPY failed: file not found in build context: absent.txt",
+            "COPY_FAILED",
+            {"step": "2", "line": "2"},
         ),
         (
             # The node cannot create the step's container: it says so in the status at once
@@ -316,17 +333,55 @@ def test_a_cancelled_build_removes_its_container(build_cluster: BuildCluster) ->
             {"Dockerfile": f"FROM {BASE}\nUSER nobody-here\nRUN true\n"},
             grpc.StatusCode.FAILED_PRECONDITION,
             "Dockerfile:3: RUN true: node ",
+            "RUN_NOT_STARTED",
+            {"step": "3", "line": "3"},
         ),
     ],
 )
 def test_errors_name_their_dockerfile_line(
-    build_cluster: BuildCluster, files: dict[str, str], code: grpc.StatusCode, message: str
+    build_cluster: BuildCluster,
+    files: dict[str, str],
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: dict[str, str],
 ) -> None:
     failed = build_cluster.build(files)
     assert failed.error is not None and failed.error.code() == code
     assert failed.error.details().startswith(message), failed.error.details()
+    details = failed.details()
+    assert details.reason == reason
+    assert metadata.items() <= details.metadata.items(), details.metadata
     if "USER" in files.get("Dockerfile", ""):
         assert "nobody-here" in failed.error.details()
+
+
+def test_the_builder_applies_dockerignore_to_what_a_raw_client_sent(
+    build_cluster: BuildCluster,
+) -> None:
+    """A client that sends everything: what .dockerignore names is not there for COPY."""
+    files = {
+        "Dockerfile": f"FROM {BASE}\nCOPY . /ctx/\nRUN ls -A /ctx\n",
+        ".dockerignore": "secret.txt\n",
+        "secret.txt": "password",
+        "app.txt": "app",
+    }
+    listed = build_cluster.build(files, no_cache=True)
+    succeeded(listed)
+    assert sorted(listed.output()) == [".dockerignore", "Dockerfile", "app.txt"]
+    failed = build_cluster.build({**files, "Dockerfile": f"FROM {BASE}\nCOPY secret.txt /\n"})
+    assert failed.details().reason == "COPY_FAILED"
+
+
+def test_context_progress_comes_before_the_steps(build_cluster: BuildCluster) -> None:
+    files = {"Dockerfile": f"FROM {BASE}\n", "big.bin": b"x" * 300_000}
+    built = build_cluster.build(files)
+    succeeded(built)
+    context = [p for p in built.progress if p.id == "context"]
+    assert context[0].state == progress_pb2.PROGRESS_STATE_DOWNLOADING
+    assert context[-1].state == progress_pb2.PROGRESS_STATE_DONE
+    assert context[-1].current > 300_000 and context[-1].unit == progress_pb2.PROGRESS_UNIT_BYTES
+    assert [p.id for p in built.progress if p.id == "export"] == ["export", "export"]
 
 
 def test_list_prune_and_no_cache(build_cluster: BuildCluster) -> None:
@@ -340,13 +395,13 @@ def test_list_prune_and_no_cache(build_cluster: BuildCluster) -> None:
         stub = builder_pb2_grpc.BuilderServiceStub(channel)
         listed = stub.ListCache(pb.ListCacheRequest())
         copy = [e for e in listed.entries if e.instruction == "COPY a.txt /a.txt"]
-        assert len(copy) == 1 and copy[0].layer.startswith("sha256:") and copy[0].size > 0
-        assert listed.total_size >= copy[0].size
+        assert len(copy) == 1 and copy[0].layer_digest.startswith("sha256:") and copy[0].size > 0
+        assert listed.total_bytes >= copy[0].size
         recent = stub.PruneCache(pb.PruneCacheRequest(unused_for=Duration(seconds=3600)))
         assert recent.deleted == 0
         everything = stub.PruneCache(pb.PruneCacheRequest())
         assert everything.deleted == len(listed.entries)
-        assert everything.space_reclaimed == listed.total_size
+        assert everything.reclaimed_bytes == listed.total_bytes
         assert list(stub.ListCache(pb.ListCacheRequest()).entries) == []
 
     again = build_cluster.build(files, tags=["test/prune:1"])
@@ -395,10 +450,25 @@ def test_the_client_sends_the_context_without_what_dockerignore_excludes(
     lines: list[str] = []
 
     def collect(event: object) -> None:
-        if isinstance(event, ClientStepEvent) and event.output:
-            lines.append(event.output)
+        if isinstance(event, BuildOutput):
+            lines.append(event.data.decode().removesuffix("\n"))
 
     with BuilderClient(build_cluster.builder.address) as client:
         client.build(context, BuildOptions(no_cache=True), on_event=collect)
     assert "secret.txt" not in lines and "debug.log" not in lines
     assert {"app.txt", "Dockerfile", ".dockerignore", "keep.log"} <= set(lines)
+
+
+def test_the_client_raises_the_builders_reason_and_metadata(build_cluster: BuildCluster) -> None:
+    with (
+        BuilderClient(build_cluster.builder.address) as client,
+        pytest.raises(BerthClientError) as caught,
+    ):
+        client.build(None, dockerfile_text=f"FROM {BASE}\n\nRUN true\nCOPY\n")
+    error = caught.value
+    assert (error.code, error.reason, error.metadata) == (
+        "INVALID_ARGUMENT",
+        "DOCKERFILE_INVALID",
+        {"line": "4"},
+    )
+    assert error.details.field_violations[0][0] == "options.dockerfile_content"

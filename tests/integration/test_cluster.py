@@ -28,8 +28,10 @@ import json, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import grpc
 from berth.cluster.v1 import cluster_pb2 as pb, cluster_pb2_grpc
+from berth.error_details import from_rpc_error
 from berth.node.v1 import node_pb2
 from berth.types.v1 import container_pb2
+from google.protobuf.duration_pb2 import Duration
 
 cluster = cluster_pb2_grpc.ClusterServiceStub(grpc.insecure_channel(sys.argv[1]))
 SERVE = sys.argv[2]
@@ -44,16 +46,23 @@ def run(image, name="", constraints=(), memory=0, command=("sh", "-c", SERVE)):
         c = cluster.RunContainer(request, timeout=30).container
         return {"id": c.id, "name": c.name, "node": c.node_id}
     except grpc.RpcError as e:
-        return {"code": e.code().name, "error": e.details()}
+        return failure(e)
+
+def failure(e):
+    # A failed call: its code and message, and the details programs use.
+    d = from_rpc_error(e)
+    return {"code": e.code().name, "error": e.details(), "reason": d.reason,
+            "metadata": d.metadata, "resource": [d.resource_type, d.resource_name],
+            "violations": [[v.type, v.subject, v.description] for v in d.violations]}
 
 def call(method, request, timeout=60):
     try:
         return getattr(cluster, method)(request, timeout=timeout)
     except grpc.RpcError as e:
-        return {"code": e.code().name, "error": e.details()}
+        return failure(e)
 
 def state(ref):
-    c = cluster.InspectContainer(pb.InspectContainerRequest(container=ref)).container
+    c = cluster.GetContainer(pb.GetContainerRequest(container=ref)).container
     return container_pb2.ContainerState.Name(c.status.state)
 
 def until_state(ref, want, timeout=45):
@@ -150,12 +159,12 @@ on_h2 = run(sys.argv[3], constraints=["host==h2"])
 nowhere = run(sys.argv[3], constraints=["host==h9"])
 bad = run(sys.argv[3], constraints=["host=h2"])
 huge = run(sys.argv[3], memory=1 << 50)
-cluster.CordonNode(pb.CordonNodeRequest(node="host1"))
+cluster.CordonNode(pb.CordonNodeRequest(node_id="host1"))
 cordoned = run(sys.argv[3], constraints=["node.id==host1"])
-node = cluster.InspectNode(pb.InspectNodeRequest(node="host1")).node
-cluster.ActivateNode(pb.ActivateNodeRequest(node="host1"))
+node = cluster.GetNode(pb.GetNodeRequest(node_id="host1")).node
+cluster.ActivateNode(pb.ActivateNodeRequest(node_id="host1"))
 active = run(sys.argv[3], constraints=["node.id==host1"])
-unknown = call("InspectNode", pb.InspectNodeRequest(node="nope"))
+unknown = call("GetNode", pb.GetNodeRequest(node_id="nope"))
 remove_all()
 out({"on_h2": on_h2, "nowhere": nowhere, "bad": bad, "huge": huge, "cordoned": cordoned,
      "availability": pb.NodeAvailability.Name(node.availability), "active": active,
@@ -165,10 +174,18 @@ out({"on_h2": on_h2, "nowhere": nowhere, "bad": bad, "huge": huge, "cordoned": c
     )
     assert isinstance(result, dict)
     assert result["on_h2"]["node"] == "host2"
-    assert result["nowhere"] == {
-        "code": "FAILED_PRECONDITION",
-        "error": "0/3 nodes are available: 3 does not match constraint host==h9",
-    }
+    nowhere = result["nowhere"]
+    assert (nowhere["code"], nowhere["error"]) == (
+        "FAILED_PRECONDITION",
+        "0/3 nodes are available: 3 does not match constraint host==h9",
+    )
+    # For programs: the scheduler's reason, and why each node refused.
+    assert nowhere["reason"] == "NO_SUITABLE_NODE"
+    assert nowhere["violations"] == [
+        ["NODE_UNSUITABLE", f"node/host{n}", "does not match constraint host==h9"]
+        for n in (1, 2, 3)
+    ]
+    assert result["bad"]["reason"] == "INVALID_SPEC"
     assert result["bad"]["code"] == "INVALID_ARGUMENT"
     assert result["huge"]["code"] == "FAILED_PRECONDITION"
     assert result["huge"]["error"].startswith("0/3 nodes are available: 3 insufficient memory")
@@ -177,6 +194,8 @@ out({"on_h2": on_h2, "nowhere": nowhere, "bad": bad, "huge": huge, "cordoned": c
     assert result["availability"] == "NODE_AVAILABILITY_CORDONED"
     assert result["active"]["node"] == "host1"
     assert result["unknown"]["code"] == "NOT_FOUND"
+    assert result["unknown"]["reason"] == "NODE_NOT_FOUND"
+    assert result["unknown"]["resource"] == ["node", "nope"]
 
 
 def test_concurrent_runs_never_overbook(cluster: Cluster) -> None:
@@ -251,13 +270,18 @@ def test_waiting_on_a_container_its_node_cannot_create_ends_at_once(cluster: Clu
     result = cluster.client(
         """
 c = run("test/no-such-image:1", name="ghost", command=["true"])
+began = time.monotonic()
 try:
     list(cluster.WaitContainer(pb.WaitContainerRequest(container="ghost"), timeout=20))
     waited = {"code": "OK"}
 except grpc.RpcError as e:
-    waited = {"code": e.code().name, "error": e.details()}
+    waited = failure(e)
+took = time.monotonic() - began
+failed = cluster.GetContainer(pb.GetContainerRequest(container="ghost")).container.status
 remove_all()
-out({"run": c, "waited": waited})
+out({"run": c, "waited": waited, "took": took,
+     "state": container_pb2.ContainerState.Name(failed.state),
+     "failure": [failed.failure.reason, failed.failure.message]})
 """,
     )
     assert isinstance(result, dict)
@@ -265,10 +289,16 @@ out({"run": c, "waited": waited})
     assert result["waited"]["code"] == "FAILED_PRECONDITION", result
     assert "ghost cannot be created on node" in result["waited"]["error"]
     assert "test/no-such-image" in result["waited"]["error"]
+    assert result["waited"]["reason"] == "CONTAINER_CREATE_FAILED"
+    assert result["waited"]["metadata"]["failure_reason"] == "IMAGE_NOT_FOUND"
+    assert result["waited"]["metadata"]["node_id"] == result["run"]["node"]
+    assert result["took"] < 15, result
+    assert result["state"] == "CONTAINER_STATE_CREATE_FAILED"
+    assert result["failure"][0] == "IMAGE_NOT_FOUND"
 
 
 def test_stop_passes_its_timeout_to_the_node(cluster: Cluster) -> None:
-    """`StopContainer(timeout_seconds=1)` on a container that ignores SIGTERM kills it after
+    """`StopContainer(timeout=1s)` on a container that ignores SIGTERM kills it after
     about 1 s, not after the node's default grace of 10 s (the cluster used to drop it)."""
     result = cluster.client(
         """
@@ -276,7 +306,7 @@ stubborn = ["sh", "-c", "trap '' TERM; while :; do sleep 1; done"]
 c = run(sys.argv[3], name="stubborn", command=stubborn)
 until_state("stubborn", "CONTAINER_STATE_RUNNING")
 began = time.monotonic()
-request = pb.StopContainerRequest(container="stubborn", timeout_seconds=1)
+request = pb.StopContainerRequest(container="stubborn", timeout=Duration(seconds=1))
 stopped = cluster.StopContainer(request, timeout=60).container
 took = time.monotonic() - began
 remove_all()
@@ -304,10 +334,12 @@ while not (logs := b"".join(
 process = container_pb2.ExecProcess(
     container=c["id"][:12], command=["sh", "-c", "cat; echo done >&2"]
 )
-outputs = list(cluster.Exec(iter([
-    pb.ExecRequest(process=process, stdin=b"piped "),
-    pb.ExecRequest(stdin=b"through", close_stdin=True),
-])))
+outputs = [m.output for m in cluster.Exec(iter([
+    pb.ExecRequest(start=process),
+    pb.ExecRequest(input=container_pb2.ProcessInput(stdin=b"piped ")),
+    pb.ExecRequest(input=container_pb2.ProcessInput(stdin=b"through")),
+    pb.ExecRequest(input=container_pb2.ProcessInput(close_stdin=True)),
+]))]
 stats = next(iter(cluster.ContainerStats(pb.ContainerStatsRequest(container="web"))))
 stopped = cluster.StopContainer(pb.StopContainerRequest(container="web"), timeout=60).container
 started = cluster.StartContainer(pb.StartContainerRequest(container="web"), timeout=60).container
@@ -318,13 +350,13 @@ with ThreadPoolExecutor(1) as pool:
     cluster.StopContainer(pb.StopContainerRequest(container="web"), timeout=60)
     waited = wait.result()
 cluster.RemoveContainer(pb.RemoveContainerRequest(container="web"), timeout=60)
-gone = call("InspectContainer", pb.InspectContainerRequest(container="web"))
+gone = call("GetContainer", pb.GetContainerRequest(container="web"))
 out({
     "node": c["node"],
     "logs": logs.decode(),
     "stdout": b"".join(o.stdout for o in outputs).decode(),
     "stderr": b"".join(o.stderr for o in outputs).decode(),
-    "exit": [o.exit_code for o in outputs if o.exited],
+    "exit": [o.exit.exit_code for o in outputs if o.HasField("exit")],
     "stats": [stats.container_id == c["id"], stats.node_id, stats.sample.pids],
     "stopped": container_pb2.ContainerState.Name(stopped.status.state),
     "started": container_pb2.ContainerState.Name(started.status.state),
@@ -343,6 +375,10 @@ out({
     assert result["started"] in ("CONTAINER_STATE_RUNNING", "CONTAINER_STATE_EXITED")
     assert result["waited"] == [0]
     assert result["gone"]["code"] == "NOT_FOUND"
+    assert (result["gone"]["reason"], result["gone"]["resource"]) == (
+        "CONTAINER_NOT_FOUND",
+        ["container", "web"],
+    )
     print(json.dumps({k: result[k] for k in ("node", "stopped", "started")}))
 
 

@@ -37,7 +37,7 @@ def spec(name, replicas, env=(), parallelism=1, monitor=1.0):
     )
 
 def ps(name):
-    return cluster.ServicePs(pb.ServicePsRequest(service=name)).containers
+    return cluster.ListServiceReplicas(pb.ListServiceReplicasRequest(service=name)).containers
 
 def running(name):
     return [c for c in ps(name) if c.status.state == RUNNING]
@@ -134,7 +134,7 @@ def test_service_spreads_over_three_hosts_with_events(swarm: Swarm) -> None:
 seen = []
 def follow():
     for e in cluster.Events(pb.EventsRequest(service="web"), timeout=30):
-        seen.append((pb.EventType.Name(e.type), e.container_name, e.node_id))
+        seen.append((pb.EventType.Name(e.type), e.container.name, e.container.node_id))
         if len([s for s in seen if s[0] == "EVENT_TYPE_CONTAINER_STARTED"]) == 3:
             return
 with ThreadPoolExecutor(1) as pool:
@@ -153,6 +153,7 @@ out({
     "dup": dup["code"],
     "listed": [(s.spec.name, s.spec.replicas, s.running_replicas, s.version) for s in listed],
     "events": sorted(set(s[0] for s in seen)),
+    "created": [s[0] for s in seen].count("EVENT_TYPE_SERVICE_CREATED"),
     "started_on": sorted(s[2] for s in seen if s[0] == "EVENT_TYPE_CONTAINER_STARTED"),
 })
 """
@@ -166,8 +167,9 @@ out({
     assert result["events"] == [
         "EVENT_TYPE_CONTAINER_SCHEDULED",
         "EVENT_TYPE_CONTAINER_STARTED",
-        "EVENT_TYPE_SERVICE_SCALED",
+        "EVENT_TYPE_SERVICE_CREATED",
     ]
+    assert result["created"] == 1
     assert result["started_on"] == ["host1", "host2", "host3"]
 
 
@@ -183,7 +185,7 @@ def test_replicas_survive_the_death_of_a_host(swarm: Swarm) -> None:
             """
 moved = until_running("web", 3, timeout=15, avoid=("host1",))
 elapsed = time.time() - float(sys.argv[4])
-lost = cluster.InspectNode(pb.InspectNodeRequest(node="host1")).node
+lost = cluster.GetNode(pb.GetNodeRequest(node_id="host1")).node
 out({"elapsed": elapsed, "nodes": sorted(c.node_id for c in moved),
      "previous": [c.name for c in moved if c.node_id != "host1"],
      "state": pb.NodeState.Name(lost.state)})
@@ -203,7 +205,7 @@ deadline = time.monotonic() + 30
 while (on1 := managed_on(sys.argv[4])) or len(ps("web")) != 3:
     assert time.monotonic() < deadline, on1
     time.sleep(0.2)
-node = cluster.InspectNode(pb.InspectNodeRequest(node="host1")).node
+node = cluster.GetNode(pb.GetNodeRequest(node_id="host1")).node
 out({"replicas": len(running("web")), "on_host1": on1,
      "state": pb.NodeState.Name(node.state)})
 """,
@@ -243,16 +245,29 @@ def test_drain_moves_replicas_off_the_node(swarm: Swarm) -> None:
         """
 cluster.CreateService(pb.CreateServiceRequest(spec=spec("drained", 3)))
 until_running("drained", 3)
-node = cluster.DrainNode(pb.DrainNodeRequest(node="host3")).node
-moved = until_running("drained", 3, avoid=("host3",))
-cluster.ActivateNode(pb.ActivateNodeRequest(node="host3"))
+seen = []
+def follow():  # DrainNode's handle: the node's events, until the drain completes
+    for e in cluster.Events(pb.EventsRequest(node_id="host3"), timeout=60):
+        seen.append(pb.EventType.Name(e.type))
+        if e.type == pb.EVENT_TYPE_NODE_DRAIN_COMPLETED:
+            return
+with ThreadPoolExecutor(1) as pool:
+    events = pool.submit(follow)
+    time.sleep(0.5)
+    node = cluster.DrainNode(pb.DrainNodeRequest(node_id="host3")).node
+    moved = until_running("drained", 3, avoid=("host3",))
+    events.result(timeout=60)
+cluster.ActivateNode(pb.ActivateNodeRequest(node_id="host3"))
 out({"availability": pb.NodeAvailability.Name(node.availability),
-     "nodes": sorted(c.node_id for c in moved)})
+     "nodes": sorted(c.node_id for c in moved), "events": seen})
 """
     )
     assert isinstance(result, dict)
     assert result["availability"] == "NODE_AVAILABILITY_DRAINED"
     assert "host3" not in result["nodes"] and len(result["nodes"]) == 3
+    assert result["events"][0] == "EVENT_TYPE_NODE_AVAILABILITY_CHANGED"
+    assert "EVENT_TYPE_CONTAINER_RESCHEDULED" in result["events"]
+    assert result["events"][-1] == "EVENT_TYPE_NODE_DRAIN_COMPLETED"
     swarm.remove_service("drained")
 
 
@@ -261,6 +276,16 @@ def test_rolling_update_replaces_replicas_one_by_one(swarm: Swarm) -> None:
         """
 cluster.CreateService(pb.CreateServiceRequest(spec=spec("roll", 3)))
 old = {c.id for c in until_running("roll", 3)}
+updates = []
+def follow():  # UpdateService's handle: the version it returns, and the service's events
+    for e in cluster.Events(pb.EventsRequest(service="roll"), timeout=90):
+        if e.type in (pb.EVENT_TYPE_SERVICE_UPDATE_STARTED, pb.EVENT_TYPE_SERVICE_UPDATE_COMPLETED):
+            updates.append([pb.EventType.Name(e.type), e.service.version])
+        if e.type == pb.EVENT_TYPE_SERVICE_UPDATE_COMPLETED:
+            return
+pool = ThreadPoolExecutor(1)
+events = pool.submit(follow)
+time.sleep(0.5)
 updated = cluster.UpdateService(pb.UpdateServiceRequest(
     service="roll", spec=spec("roll", 3, env=["V=2"], monitor=1.0), version=1)).service
 stale = call("UpdateService", pb.UpdateServiceRequest(service="roll", spec=spec("roll", 3),
@@ -275,20 +300,30 @@ while True:
         if c.id not in old:
             first_seen.setdefault(c.id, now)
     fresh = [c for c in containers if c.id not in old and c.status.state == RUNNING]
-    service = cluster.ListServices(pb.ListServicesRequest()).services[0]
+    service = cluster.GetService(pb.GetServiceRequest(service="roll")).service
     if len(fresh) == 3 and service.update_state == pb.UPDATE_STATE_COMPLETED:
         break
     assert now < deadline, [(c.name, c.status.state) for c in containers]
     time.sleep(0.05)
 times = sorted(first_seen.values())
-out({"version": updated.version, "stale": stale["code"], "min_running": min(samples),
+events.result(timeout=30)
+pool.shutdown()
+out({"version": updated.version, "stale": [stale["code"], stale["reason"]],
+     "updating": pb.UpdateState.Name(updated.update_state), "updates": updates,
+     "min_running": min(samples),
      "gaps": [b - a for a, b in zip(times, times[1:])], "new": len(first_seen),
      "env": sorted({e for c in fresh for e in c.spec.env}),
      "state": pb.UpdateState.Name(service.update_state)})
 """
     )
     assert isinstance(result, dict)
-    assert (result["version"], result["stale"]) == (2, "FAILED_PRECONDITION")
+    assert (result["version"], result["stale"]) == (2, ["FAILED_PRECONDITION", "VERSION_MISMATCH"])
+    # The returned version and Events(service=...) follow the rollout to its end.
+    assert result["updating"] == "UPDATE_STATE_UPDATING"
+    assert result["updates"] == [
+        ["EVENT_TYPE_SERVICE_UPDATE_STARTED", 2],
+        ["EVENT_TYPE_SERVICE_UPDATE_COMPLETED", 2],
+    ]
     assert result["min_running"] >= 2  # never fewer than replicas - 1
     assert result["new"] == 3 and "V=2" in result["env"]
     # One at a time: each new replica appears only after the previous ran for the monitor time.

@@ -236,8 +236,10 @@ async def test_removing_one_of_two_images_sharing_a_layer(
     with pytest.raises(BerthClientError) as raised:
         client.get_manifest("test/app", app)
     assert raised.value.code == "NOT_FOUND"
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as unknown:
         await catalog.inspect(app)
+    assert unknown.value.reason == "IMAGE_NOT_FOUND"
+    assert unknown.value.details.resource_name == app
     # The other image is whole: every blob still reads back and verifies.
     tool_detail = await catalog.inspect("test/tool:1")
     for n, blob in enumerate([*(layer.digest for layer in tool_detail.layers), tool_detail.id]):
@@ -399,17 +401,17 @@ async def test_commit_a_running_container(
                 "removed group, added new",
                 True,
                 ['CMD ["cat", "/root/new"]'],
-                lambda stage, text: stages.append(stage),
+                lambda event: stages.append(event.id),
             )
             with NodeClient(node_agent.address) as node:  # exec needs it thawed
                 assert node.exec(box.id, ["echo", "resumed"]).stdout == b"resumed\n"
             untagged = await commit(
-                catalog, cluster_api, box.id[:12], "", "", "", False, [], lambda *_: None
+                catalog, cluster_api, box.id[:12], "", "", "", False, [], lambda _: None
             )
         finally:
             c.remove(box.id, force=True)
 
-    assert stages[0] == "resolving" and "exporting" in stages and stages[-1] == "writing"
+    assert stages[0] == "resolve" and "export" in stages and stages[-1] == "write"
     assert detail.repo_tags == ["test/committed:v1"]
     assert (detail.origin, detail.origin_detail) == ("commit", box.id)
     assert [layer.digest for layer in detail.layers[:-1]] == [x.digest for x in parent.layers]

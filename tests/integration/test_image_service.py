@@ -111,7 +111,8 @@ def test_commit_on_one_host_runs_on_the_other(hosts: ImageCluster, busybox: str)
         changes=['CMD ["cat", "/added", "/etc/motd"]'],
         progress=lambda event: stages.append(event.stage),
     )
-    assert "exporting" in stages and image.repo_tags == ["test/committed:1"]
+    assert stages == sorted(stages, key=["resolve", "export", "write"].index)
+    assert "export" in stages and image.repo_tags == ["test/committed:1"]
     assert hosts.metric('berth_image_commits_total{outcome="ok"}') == 1
     # The cluster reports the digest its node resolved the container's image to.
     assert hosts.cluster.inspect(box).image_digest == hosts.images.inspect(busybox).digest
@@ -135,8 +136,11 @@ def test_removing_one_of_two_images_sharing_layers_leaves_the_other_runnable(
     here, there = host_ids(hosts)
     box = hosts.start(busybox, "echo two > /two", here)
     hosts.images.commit(box, "test/two:1", message="second image")
-    with pytest.raises(BerthClientError, match="being used by container"):
+    with pytest.raises(BerthClientError, match="being used by container") as in_use:
         hosts.images.remove(busybox)  # as Docker: not while a container uses it
+    assert in_use.value.reason == "IMAGE_IN_USE"
+    [violation] = in_use.value.details.violations
+    assert violation.subject.startswith("container/")
     hosts.cluster.remove(box, force=True)
     assert hosts.images.tag(busybox, "test/one:1")
     untagged, deleted = hosts.images.remove("test/two:1")
@@ -146,6 +150,8 @@ def test_removing_one_of_two_images_sharing_layers_leaves_the_other_runnable(
     with pytest.raises(BerthClientError) as missing:
         hosts.images.inspect("test/two:1")
     assert missing.value.code == "NOT_FOUND"
+    assert missing.value.reason == "IMAGE_NOT_FOUND"
+    assert missing.value.metadata == {"image": "test/two:1"}
     hosts.images.remove(busybox)  # its other name, test/one:1, keeps the content
     assert hosts.run("test/one:1", ["sh", "-c", "echo still runs"], there) == "still runs\n"
 

@@ -20,7 +20,7 @@ from berthd.common.oci import mediatypes
 from berthd.common.oci.platform import host_platform
 from berthd.common.rpc.registry import RegistryApi
 from berthd.image.catalog import Catalog
-from berthd.image.model import Credentials, LayerEvent, TransferState
+from berthd.image.model import CONFIG_PREFIX, Credentials, Event, State
 from berthd.image.transfer import pull_external, push_external
 
 from .conftest import free_port
@@ -34,17 +34,15 @@ from .images import sha, tar_of
 
 pytestmark = pytest.mark.integration
 
-State = TransferState
-
 
 @pytest.fixture
 def catalog(store, registry, tmp_path: Path) -> Catalog:
     return Catalog(store, RegistryApi(registry.address), tmp_path / "scratch")
 
 
-def final_states(events: list[LayerEvent]) -> dict[str, TransferState]:
-    """The last state each blob reached."""
-    return {e.digest: e.state for e in events}
+def final_states(events: list[Event]) -> dict[str, State]:
+    """The last state each blob reached (by digest, the config's without its id prefix)."""
+    return {e.id.removeprefix(CONFIG_PREFIX): e.state for e in events}
 
 
 def external_bytes(direction: str) -> float:
@@ -141,17 +139,17 @@ async def test_push_then_push_again_then_push_to_another_repository(
     blobs = blobs_of(local.content)
     destination = f"{docker_registry.address}/test/busybox:1"
 
-    events: list[LayerEvent] = []
+    events: list[Event] = []
     pushed_before = external_bytes("push")
     digest, size = await push_external(catalog, busybox, destination, None, False, events.append)
     assert (digest, size) == (local.digest, len(local.content))
     size_sum = sum(client.stat_blob("test/busybox", blob).size for blob in blobs)
     assert external_bytes("push") - pushed_before == size_sum
-    assert final_states(events) == dict.fromkeys(blobs, State.COMPLETE)
+    assert final_states(events) == dict.fromkeys(blobs, State.DONE)
     assert events[0].state == State.WAITING
     # blobs[0] is the config: marked so clients show layers only, as Docker does.
-    assert {e.digest for e in events if e.config} == {blobs[0]}
-    layer_bytes = [e for e in events if e.digest == blobs[1] and e.state == State.TRANSFERRING]
+    assert {e.id for e in events if e.id.startswith(CONFIG_PREFIX)} == {CONFIG_PREFIX + blobs[0]}
+    layer_bytes = [e for e in events if e.id == blobs[1] and e.state == State.UPLOADING]
     assert layer_bytes and layer_bytes[-1].current == layer_bytes[-1].total > 1_000_000
     seen = skopeo_inspect(destination)
     assert seen["Digest"] == local.digest
@@ -160,7 +158,7 @@ async def test_push_then_push_again_then_push_to_another_repository(
         local.content
     )
 
-    again: list[LayerEvent] = []
+    again: list[Event] = []
     assert await push_external(catalog, busybox, destination, None, False, again.append) == (
         digest,
         size,
@@ -168,10 +166,10 @@ async def test_push_then_push_again_then_push_to_another_repository(
     assert final_states(again) == dict.fromkeys(blobs, State.ALREADY_EXISTS)
 
     other = f"{docker_registry.address}/other/busybox:2"
-    mounted: list[LayerEvent] = []
+    mounted: list[Event] = []
     await push_external(catalog, busybox, other, None, False, mounted.append)
     assert final_states(mounted) == dict.fromkeys(blobs, State.MOUNTED)
-    assert {e.mounted_from for e in mounted if e.state == State.MOUNTED} == {"test/busybox"}
+    assert {e.message for e in mounted if e.state == State.MOUNTED} == {"Mounted from test/busybox"}
     assert external_bytes("push") - pushed_before == size_sum  # nothing moved since
     assert skopeo_inspect(other)["Digest"] == local.digest
     assert_scratch_empty(catalog)
@@ -189,7 +187,7 @@ async def test_pull_an_image_skopeo_pushed_keeps_its_docker_manifest_bytes(
     remote_digest = skopeo_inspect(source)["Digest"]
     assert json.loads(remote_manifest)["mediaType"] == mediatypes.DOCKER_MANIFEST
 
-    events: list[LayerEvent] = []
+    events: list[Event] = []
     pulled_before = external_bytes("pull")
     image, local = await pull_external(catalog, source, None, False, "", events.append)
     assert local == "src/tool:v1"
@@ -200,21 +198,21 @@ async def test_pull_an_image_skopeo_pushed_keeps_its_docker_manifest_bytes(
     stored = client.get_manifest("src/tool", "v1")
     assert (stored.digest, stored.content) == (remote_digest, remote_manifest)
     blobs = blobs_of(remote_manifest)
-    assert final_states(events) == dict.fromkeys(blobs, State.COMPLETE)
-    assert {e.state for e in events} >= {State.WAITING, State.TRANSFERRING, State.VERIFYING}
+    assert final_states(events) == dict.fromkeys(blobs, State.DONE)
+    assert {e.state for e in events} >= {State.WAITING, State.DOWNLOADING, State.VERIFYING}
     for blob in blobs:
         assert client.stat_blob("src/tool", blob) is not None
     size_sum = sum(client.stat_blob("src/tool", blob).size for blob in blobs)
     assert external_bytes("pull") - pulled_before == size_sum
 
     # Into another local name: berth's registry links the blobs it already stores.
-    again: list[LayerEvent] = []
+    again: list[Event] = []
     image2, local2 = await pull_external(catalog, source, None, False, "copy/tool:x", again.append)
     assert (local2, image2.digest) == ("copy/tool:x", remote_digest)
     assert final_states(again) == dict.fromkeys(blobs, State.MOUNTED)
     # By digest, into the same name: everything is there already; stored untagged.
     pinned = f"{docker_registry.address}/src/tool@{remote_digest}"
-    third: list[LayerEvent] = []
+    third: list[Event] = []
     _, local3 = await pull_external(catalog, pinned, None, False, "", third.append)
     assert local3 == f"src/tool@{remote_digest}"
     assert final_states(third) == dict.fromkeys(blobs, State.ALREADY_EXISTS)
@@ -262,8 +260,10 @@ async def test_basic_auth(
     wrong = Credentials(remote.username, "not-the-password")
     with pytest.raises(Unauthenticated, match=f"^{remote.address} refused the credentials for "):
         await push_external(catalog, busybox, destination, wrong, False, lambda e: None)
-    with pytest.raises(Unauthenticated, match=f"^{remote.address}: authentication required$"):
+    with pytest.raises(Unauthenticated, match=f"^{remote.address}: authentication required$") as no:
         await push_external(catalog, busybox, destination, None, False, lambda e: None)
+    assert no.value.reason == "REGISTRY_UNAUTHORIZED"
+    assert no.value.details.metadata == {"host": remote.address}
 
     digest, _ = await push_external(
         catalog, busybox, destination, remote.credentials, False, lambda e: None
@@ -288,7 +288,7 @@ async def test_token_auth_scopes_mounts_and_identity_tokens(
     assert ("repository:tok/a:pull,push",) in [r.scopes for r in requests]
 
     # A mount asks for pull on the source repository in the same token.
-    mounted: list[LayerEvent] = []
+    mounted: list[Event] = []
     second = f"{remote.address}/tok/b:1"
     await push_external(catalog, busybox, second, remote.credentials, False, mounted.append)
     assert set(final_states(mounted).values()) == {State.MOUNTED}
@@ -317,14 +317,21 @@ async def test_bad_references_unknown_images_and_unreachable_hosts(
     catalog: Catalog, busybox: str, docker_registry: DockerRegistry
 ) -> None:
     address = docker_registry.address
-    with pytest.raises(NotFound, match=f"^{address}/no/such:1: manifest unknown$"):
+    with pytest.raises(NotFound, match=f"^{address}/no/such:1: manifest unknown$") as unknown:
         await pull_external(catalog, f"{address}/no/such:1", None, False, "", lambda e: None)
-    with pytest.raises(InvalidArgument, match=r"^test/busybox:1 has no registry host; berth pull"):
+    assert unknown.value.reason == "REGISTRY_NOT_FOUND"
+    assert unknown.value.details.metadata["codes"] == "MANIFEST_UNKNOWN"
+    with pytest.raises(
+        InvalidArgument, match=r"^test/busybox:1 has no registry host; berth pull"
+    ) as no_host:
         await pull_external(catalog, "test/busybox:1", None, False, "", lambda e: None)
+    assert no_host.value.reason == "INVALID_REFERENCE"
+    assert no_host.value.details.field_violations[0][0] == "image"
     with pytest.raises(InvalidArgument, match=r"^other:1 has no registry host; berth push"):
         await push_external(catalog, busybox, "other:1", None, False, lambda e: None)
     with pytest.raises(InvalidArgument, match="local reference must be name"):
         await pull_external(catalog, f"{address}/a:1", None, False, f"{address}/b", print)
     nobody = f"127.0.0.1:{free_port()}"
-    with pytest.raises(Unavailable, match=f"^{nobody}: cannot reach the registry"):
+    with pytest.raises(Unavailable, match=f"^{nobody}: cannot reach the registry") as down:
         await push_external(catalog, busybox, f"{nobody}/x:1", None, False, lambda e: None)
+    assert down.value.reason == "REGISTRY_UNREACHABLE"

@@ -401,9 +401,9 @@ def test_concurrent_creates_of_one_name_leave_one_container(node, busybox) -> No
         try:
             return node.create(ContainerConfig(busybox, name="only-one", command=["true"])).id
         except BerthClientError as err:
-            return err.code
+            return f"{err.code} {err.reason}"
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(create, range(4)))
-    assert sorted(r for r in results if len(r) != 64) == ["FAILED_PRECONDITION"] * 3
+    assert sorted(r for r in results if len(r) != 64) == ["ALREADY_EXISTS NAME_IN_USE"] * 3
     assert [c.name for c in node.list(all=True)] == ["only-one"]

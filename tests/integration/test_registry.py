@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -15,7 +16,8 @@ import grpc
 import pytest
 
 from berth.client import RegistryClient
-from berth.errors import BerthClientError
+from berth.client.registry import GcProgress
+from berth.errors import BerthClientError, from_rpc_error
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc
 from berthd.common.store import Store
@@ -131,6 +133,16 @@ def test_interrupted_upload_resumes_from_committed_offset(registry, tmp_path: Pa
         s.WriteUpload(iter([pb.WriteUploadRequest(upload_id=upload_id, offset=0, data=b"x")]))
     assert wrong.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert f"resume from offset {offset}" in wrong.value.details()
+    # The client's error says where to resume, for programs.
+    error = from_rpc_error(wrong.value, address=registry.address, service="registry")
+    assert isinstance(error, BerthClientError)
+    assert error.reason == "UPLOAD_OFFSET_MISMATCH"
+    assert error.metadata == {
+        "upload_id": upload_id,
+        "offset": str(offset),
+        "requested_offset": "0",
+    }
+    assert error.details.resource_type == "upload"
 
     rest = [
         pb.WriteUploadRequest(upload_id=upload_id, offset=o, data=data[o : o + 1024 * 1024])
@@ -195,11 +207,60 @@ def test_wrong_digest_is_rejected_and_nothing_is_visible(registry, tmp_path: Pat
         s.CommitUpload(pb.CommitUploadRequest(upload_id=upload_id, digest=sha(b"claimed")))
     assert err.value.code() == grpc.StatusCode.DATA_LOSS
     assert sha(data) in err.value.details()
+    error = from_rpc_error(err.value, address=registry.address)
+    assert error.reason == "DIGEST_MISMATCH"
+    assert error.metadata == {
+        "expected": sha(b"claimed"),
+        "actual": sha(data),
+        "size": str(len(data)),
+    }
     for digest in (sha(data), sha(b"claimed")):
         with pytest.raises(grpc.RpcError) as missing:
             s.StatBlob(pb.StatBlobRequest(repository="lib/bad", digest=digest))
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     assert blob_files(tmp_path / "registry-data") == {}
+    # The discarded session is gone.
+    with pytest.raises(grpc.RpcError) as gone:
+        s.GetUpload(pb.GetUploadRequest(upload_id=upload_id))
+    assert from_rpc_error(gone.value, address=registry.address).reason == "UPLOAD_UNKNOWN"
+
+
+def test_a_client_sees_digest_mismatch_and_unknown_blob_reasons(
+    client: RegistryClient, tmp_path: Path
+) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(b"what was sent")
+    with pytest.raises(BerthClientError) as mismatch:
+        client.push_blob("lib/reasons", path, sha(b"what was claimed"), len(b"what was sent"))
+    assert mismatch.value.code == "DATA_LOSS"
+    assert mismatch.value.reason == "DIGEST_MISMATCH"
+    assert mismatch.value.metadata["expected"] == sha(b"what was claimed")
+    assert mismatch.value.metadata["actual"] == sha(b"what was sent")
+
+    unknown = sha(b"never pushed")
+    with pytest.raises(BerthClientError) as missing:
+        client.pull_blob("lib/reasons", unknown, tmp_path / "out")
+    assert missing.value.code == "NOT_FOUND"
+    assert missing.value.reason == "BLOB_UNKNOWN"
+    assert missing.value.metadata == {"digest": unknown, "repository": "lib/reasons"}
+    assert (missing.value.details.resource_type, missing.value.details.resource_name) == (
+        "blob",
+        unknown,
+    )
+
+
+def test_start_upload_with_a_request_id_opens_one_session(registry, tmp_path: Path) -> None:
+    s = stub(registry.address)
+    first = s.StartUpload(pb.StartUploadRequest(repository="lib/once", request_id="req-1"))
+    again = s.StartUpload(pb.StartUploadRequest(repository="lib/once", request_id="req-1"))
+    other = s.StartUpload(pb.StartUploadRequest(repository="lib/once", request_id="req-2"))
+    plain = s.StartUpload(pb.StartUploadRequest(repository="lib/once"))
+    assert first.upload_id == again.upload_id
+    assert len({first.upload_id, other.upload_id, plain.upload_id}) == 3
+    assert len(list((tmp_path / "registry-data" / "uploads").iterdir())) == 3
+    with pytest.raises(grpc.RpcError) as bad:
+        s.StartUpload(pb.StartUploadRequest(repository="lib/once", request_id="a/b"))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_same_blob_pushed_concurrently_is_stored_once(registry, tmp_path: Path) -> None:
@@ -256,6 +317,11 @@ def test_manifest_with_missing_blob_is_refused(client: RegistryClient, tmp_path:
         client.put_manifest("lib/partial", "v1", OCI_MANIFEST, manifest)
     assert err.value.code == "FAILED_PRECONDITION"
     assert sha(b"missing layer") in str(err.value)
+    assert err.value.reason == "MANIFEST_BLOB_UNKNOWN"
+    assert err.value.metadata["digest"] == sha(b"missing layer")
+    assert err.value.metadata["digests"] == sha(b"missing layer")
+    [violation] = err.value.details.violations
+    assert (violation.type, violation.subject) == ("BLOB_UNKNOWN", f"blob/{sha(b'missing layer')}")
     # A blob in another repository is not enough: it must be pushed or mounted here.
     push_bytes(client, "lib/elsewhere", b"missing layer", tmp_path)
     with pytest.raises(BerthClientError):
@@ -477,6 +543,28 @@ def test_repositories_pagination_and_search(client: RegistryClient, registry, tm
     ]
     assert results[0].tag_count == 1 and results[0].last_push_at is not None
     assert [r.name for r in client.search("", labels={"team": "busybees"})] == ["tools/alpine"]
+    assert [r.name for r in client.search("busy", limit=3)] == [
+        "tools/busybox",
+        "web/busy-cache",
+        "db/redis",
+    ]
+    # Search pages like every listing; a token belongs to its term and labels.
+    paged, token = [], ""
+    while True:
+        page = s.Search(pb.SearchRequest(term="busy", page_size=1, page_token=token))
+        assert len(page.results) <= 1
+        paged += [r.name for r in page.results]
+        token = page.next_page_token
+        if not token:
+            break
+    assert paged == [r.name for r in results]
+    first = s.Search(pb.SearchRequest(term="busy", page_size=1))
+    with pytest.raises(grpc.RpcError) as err:
+        s.Search(pb.SearchRequest(term="redis", page_size=1, page_token=first.next_page_token))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = from_rpc_error(err.value, address=registry.address)
+    assert error.reason == "INVALID_PAGE_TOKEN"
+    assert error.details.field_violations[0][0] == "page_token"
 
 
 def test_two_replicas_share_one_blob_dir_and_etcd(services, tmp_path: Path) -> None:
@@ -520,14 +608,28 @@ def test_gc_frees_orphans_and_keeps_shared_and_young_blobs(client, tmp_path: Pat
     everything = list(blob_files(data_dir))
     age(data_dir, [d for d in everything if d != young_orphan], 7200)
 
-    dry = client.garbage_collect(dry_run=True, grace_seconds=3600)
+    stages: list[GcProgress] = []
+    dry = client.garbage_collect(dry_run=True, grace_seconds=3600, progress=stages.append)
     expected = {old_image, sha(old_config), sha(only_old), orphan}
     assert {b.digest for b in dry.deleted} == expected
     assert set(blob_files(data_dir)) == set(everything)
+    # Progress of both stages streams before the result: manifests marked, blobs swept.
+    assert [(p.stage, p.done) for p in stages] == [
+        ("mark", False),
+        ("mark", True),
+        ("sweep", False),
+        ("sweep", True),
+    ]
+    assert stages[1].current == 1  # lib/kept's manifest
+    assert stages[-1].current == stages[-1].total == len(everything)
 
     report = client.garbage_collect(grace_seconds=3600)
     assert {b.digest for b in report.deleted} == expected
-    assert report.bytes_freed == sum(b.size for b in report.deleted)
+    with pytest.raises(BerthClientError) as negative:
+        client.garbage_collect(grace_seconds=-1)
+    assert negative.value.code == "INVALID_ARGUMENT"
+    assert negative.value.details.field_violations[0][0] == "grace_period"
+    assert report.reclaimed_bytes == sum(b.size for b in report.deleted)
     assert report.blobs_young == 1
     remaining = set(blob_files(data_dir))
     assert remaining == set(everything) - expected
@@ -596,3 +698,25 @@ def test_sigterm_lets_in_flight_calls_finish(services, tmp_path: Path) -> None:
     received += [chunk.data for chunk in stream]
     assert b"".join(received) == data
     assert process.proc.wait(15) == 0
+
+
+def test_a_client_resumes_from_the_offset_a_mismatch_reports(
+    client: RegistryClient, registry
+) -> None:
+    """A write whose answer was lost leaves the session ahead of the client: the registry's
+    UPLOAD_OFFSET_MISMATCH says where it stands, and the client goes on from there."""
+    s = stub(registry.address)
+    data = os.urandom(300_000)
+    upload_id = s.StartUpload(pb.StartUploadRequest(repository="lib/ahead")).upload_id
+    s.WriteUpload(iter([pb.WriteUploadRequest(upload_id=upload_id, offset=0, data=data[:1000])]))
+    sent: list[int] = []
+    client._send_and_commit(
+        upload_id,
+        "lib/ahead",
+        io.BytesIO(data),
+        sha(data),
+        len(data),
+        lambda done, total: sent.append(done),
+    )
+    assert client.stat_blob("lib/ahead", sha(data)).size == len(data)
+    assert sent[-1] == len(data)

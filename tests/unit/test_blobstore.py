@@ -48,8 +48,14 @@ def test_commit_makes_blob_visible_with_exact_content(blobs: BlobStore) -> None:
 def test_wrong_digest_is_data_loss_and_nothing_visible(blobs: BlobStore) -> None:
     data = b"hello"
     upload_id = upload(blobs, data)
-    with pytest.raises(DataLoss, match="hash to " + sha(data)):
+    with pytest.raises(DataLoss, match="hash to " + sha(data)) as mismatch:
         blobs.commit(upload_id, sha(b"other"))
+    assert mismatch.value.reason == "DIGEST_MISMATCH"
+    assert mismatch.value.details.metadata == {
+        "expected": sha(b"other"),
+        "actual": sha(data),
+        "size": "5",
+    }
     assert blobs.stat(sha(data)) is None
     assert blobs.stat(sha(b"other")) is None
     assert list(blobs.walk()) == []
@@ -61,8 +67,14 @@ def test_chunk_at_wrong_offset_is_refused_and_says_where_to_resume(blobs: BlobSt
     upload_id = blobs.start("lib/x")
     writer = blobs.open_writer(upload_id)
     writer.write(0, b"abcd")
-    with pytest.raises(FailedPrecondition, match="resume from offset 4"):
+    with pytest.raises(FailedPrecondition, match="resume from offset 4") as mismatch:
         writer.write(2, b"cd")
+    assert mismatch.value.reason == "UPLOAD_OFFSET_MISMATCH"
+    assert mismatch.value.details.metadata == {
+        "upload_id": upload_id,
+        "offset": "4",
+        "requested_offset": "2",
+    }
     writer.close()
     assert blobs.info(upload_id).offset == 4
 
@@ -146,5 +158,6 @@ def test_delete_if_older_keeps_recently_touched_blob(blobs: BlobStore) -> None:
 
 def test_unknown_or_hostile_upload_ids_are_not_found(blobs: BlobStore) -> None:
     for bad in ("", "../../etc", "nope", "0" * 32):
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFound) as unknown:
             blobs.info(bad)
+        assert unknown.value.reason == "UPLOAD_UNKNOWN"

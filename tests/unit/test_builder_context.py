@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from berthd.builder.context import BuildContext, SourceMatch, sources_digest
+from berth.client.builder import write_context_tar
+from berth.dockerignore import Matcher, context_paths
+from berthd.builder import fstree
+from berthd.builder.context import BuildContext, SourceMatch, filter_tree, sources_digest
 from berthd.builder.sources import compile_pattern
 from berthd.common.errors import InvalidArgument, ResourceExhausted
 
@@ -47,10 +50,12 @@ async def stream(*chunks: bytes) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def receive(data: bytes, scratch: Path, max_bytes: int = MAX) -> BuildContext:
+async def receive(
+    data: bytes, scratch: Path, max_bytes: int = MAX, max_files: int = 1000
+) -> BuildContext:
     # Several chunks, as the gRPC stream delivers them.
     chunks = [data[i : i + 4096] for i in range(0, len(data), 4096)]
-    return await BuildContext.receive(stream(*chunks), scratch, max_bytes)
+    return await BuildContext.receive(stream(*chunks), scratch, max_bytes, max_files)
 
 
 @pytest.fixture
@@ -103,12 +108,49 @@ async def test_an_empty_stream_is_an_empty_context(tmp_path: Path) -> None:
 
 async def test_a_context_over_the_limit_is_refused_and_nothing_is_left(tmp_path: Path) -> None:
     data = make_tar(entry("big", data=b"x" * 100_000))
-    with pytest.raises(ResourceExhausted, match="larger than the limit of 50000 bytes"):
+    with pytest.raises(ResourceExhausted, match="larger than the limit of 50000 bytes") as e:
         await receive(data, tmp_path, max_bytes=50_000)
+    assert e.value.reason == "CONTEXT_TOO_LARGE"
+    assert e.value.details.metadata == {"limit_bytes": "50000"}
     # A small gzip stream that inflates past the limit is refused as well.
-    with pytest.raises(ResourceExhausted):
+    with pytest.raises(ResourceExhausted) as e:
         await receive(gzip.compress(data), tmp_path, max_bytes=50_000)
+    assert e.value.reason == "CONTEXT_TOO_LARGE"
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_context_with_too_many_files_is_refused(tmp_path: Path) -> None:
+    data = make_tar(*(entry(f"f{i}", data=b"x") for i in range(11)))
+    with pytest.raises(ResourceExhausted, match="more than 10 files") as e:
+        await receive(data, tmp_path, max_files=10)
+    assert e.value.reason == "CONTEXT_TOO_LARGE"
+    assert e.value.details.metadata == {"limit_files": "10"}
+    assert list(tmp_path.iterdir()) == []
+    with await receive(data, tmp_path, max_files=11) as ctx:
+        assert ctx.files == 11
+
+
+async def test_receive_reports_the_bytes_received_as_they_arrive(tmp_path: Path) -> None:
+    seen: list[int] = []
+    chunks = [b"x" * 1000, b"", b"y" * 24]  # not a tar: the count comes first anyway
+    with pytest.raises(InvalidArgument):
+        await BuildContext.receive(stream(*chunks), tmp_path, MAX, received=seen.append)
+    assert seen == [1000, 1000, 1024]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("a" * 256, "has a name longer than 255 bytes"),
+        ("/".join(["d" * 200] * 21), "has a path longer than 4096 bytes"),
+    ],
+)
+async def test_paths_past_linuxs_limits_are_refused(
+    tmp_path: Path, name: str, message: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=message) as e:
+        await receive(make_tar(entry(name, data=b"x")), tmp_path)
+    assert e.value.reason == "CONTEXT_INVALID"
 
 
 @pytest.mark.parametrize(
@@ -123,16 +165,20 @@ async def test_hostile_members_are_refused_by_name(
     tmp_path: Path, member: Entry, message: str
 ) -> None:
     data = make_tar(entry("ok", data=b"ok"), member)
-    with pytest.raises(InvalidArgument, match=f"^build context: {message}"):
+    with pytest.raises(InvalidArgument, match=f"^build context: {message}") as e:
         await receive(gzip.compress(data), tmp_path)
+    assert e.value.reason == "CONTEXT_INVALID"
+    assert e.value.details.field_violations[0][0] == "context"
     assert list(tmp_path.iterdir()) == []
 
 
 async def test_garbage_is_not_a_context(tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgument, match="not a valid tar archive"):
+    with pytest.raises(InvalidArgument, match="not a valid tar archive") as e:
         await receive(b"this is not a tar file" * 100, tmp_path)
-    with pytest.raises(InvalidArgument, match="not valid gzip data"):
+    assert e.value.reason == "CONTEXT_INVALID"
+    with pytest.raises(InvalidArgument, match="not valid gzip data") as e:
         await receive(gzip.compress(make_tar(*TREE))[:-100], tmp_path)
+    assert e.value.reason == "CONTEXT_INVALID"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -219,8 +265,9 @@ def test_symlinks_resolve_to_their_targets_content(context: BuildContext) -> Non
 def test_match_errors_name_the_line_and_the_source(
     context: BuildContext, sources: list[str], message: str
 ) -> None:
-    with pytest.raises(InvalidArgument, match=f"^Dockerfile:12: COPY failed: {message}$"):
+    with pytest.raises(InvalidArgument, match=f"^Dockerfile:12: COPY failed: {message}$") as e:
         context.match(sources, 12)
+    assert (e.value.reason, e.value.details.metadata) == ("COPY_FAILED", {"line": "12"})
     with pytest.raises(InvalidArgument, match=r"^Dockerfile:3: ADD failed: "):
         context.match(sources, 3, "ADD")
 
@@ -309,3 +356,164 @@ def test_source_match_entry_is_the_matched_path(context: BuildContext) -> None:
     assert match.entry.is_dir and match.entry.mode == 0o750
     assert replace(match, line=2).line == 2  # frozen, comparable value
     assert io.BytesIO(content(match, "sub/a.txt")).read() == b"deep"
+
+
+# --- .dockerignore, applied by the builder ------------------------------------------------------
+
+
+def ignored(tmp_path: Path, files: dict[str, str], dockerfile: str | None = "Dockerfile"):
+    """A context of `files` (a name ending in / is a directory) sent whole, with the builder's
+    .dockerignore applied: what is left of it."""
+    members = [
+        d(name.rstrip("/")) if name.endswith("/") else entry(name, data=text.encode())
+        for name, text in files.items()
+    ]
+    ctx = BuildContext.from_file(_write(tmp_path / "c.tar", make_tar(*members)), MAX)
+    ctx.apply_dockerignore(dockerfile)
+    return ctx
+
+
+def tree_paths(ctx: BuildContext) -> list[str]:
+    out: list[str] = []
+    pending = [("", ctx.tree.root)]
+    while pending:
+        prefix, node = pending.pop()
+        for name, child in (node.children or {}).items():
+            out.append(prefix + name)
+            if child.children is not None:
+                pending.append((prefix + name + "/", child))
+    return sorted(out)
+
+
+def test_the_builder_drops_what_dockerignore_excludes(tmp_path: Path) -> None:
+    ctx = ignored(
+        tmp_path,
+        {
+            "Dockerfile": "FROM scratch\n",
+            ".dockerignore": "secret.txt\nbuild\n*.log\n!keep.log\n",
+            "secret.txt": "password",
+            "app.py": "",
+            "debug.log": "",
+            "keep.log": "",
+            "build/out.bin": "",
+            "src/nested.log": "",
+        },
+    )
+    assert tree_paths(ctx) == [
+        ".dockerignore",
+        "Dockerfile",
+        "app.py",
+        "keep.log",
+        "src",
+        "src/nested.log",
+    ]
+    # Invisible to COPY, by name and by glob.
+    with pytest.raises(InvalidArgument, match=r"file not found in build context: secret\.txt"):
+        ctx.match(["secret.txt"], 2)
+    assert [m.path for m in ctx.match(["*"], 2)] == [
+        ".dockerignore",
+        "Dockerfile",
+        "app.py",
+        "keep.log",
+        "src",
+    ]
+    [match] = ctx.match(["."], 2)
+    assert "secret.txt" not in [rel for rel, _ in match.entries]
+
+
+def test_the_dockerfile_and_the_ignore_file_always_stay(tmp_path: Path) -> None:
+    files = {"docker/app.Dockerfile": "FROM scratch\n", "docker/other": "", ".dockerignore": "*"}
+    assert tree_paths(ignored(tmp_path, files, "docker/app.Dockerfile")) == [
+        ".dockerignore",
+        "docker",
+        "docker/app.Dockerfile",
+    ]
+    # A Dockerfile sent as text keeps nothing in.
+    assert tree_paths(ignored(tmp_path, files, None)) == [".dockerignore"]
+
+
+def test_a_dockerfile_specific_ignore_file_wins_on_the_builder_too(tmp_path: Path) -> None:
+    files = {
+        "app.Dockerfile": "",
+        "app.Dockerfile.dockerignore": "a\n",
+        ".dockerignore": "b\n",
+        "a": "",
+        "b": "",
+    }
+    assert tree_paths(ignored(tmp_path, files, "app.Dockerfile")) == [
+        ".dockerignore",
+        "app.Dockerfile",
+        "app.Dockerfile.dockerignore",
+        "b",
+    ]
+
+
+def test_an_exception_keeps_its_excluded_parents_and_nothing_else(tmp_path: Path) -> None:
+    files = {"Dockerfile": "", ".dockerignore": "a\n!a/b/c\n", "a/b/c": "", "a/b/d": "", "a/e": ""}
+    assert tree_paths(ignored(tmp_path, files)) == [
+        ".dockerignore",
+        "Dockerfile",
+        "a",
+        "a/b",
+        "a/b/c",
+    ]
+
+
+def test_a_malformed_ignore_file_is_an_invalid_context(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r".dockerignore: invalid .dockerignore pattern") as e:
+        ignored(tmp_path, {"Dockerfile": "", ".dockerignore": "ok\nsrc/[a\n"})
+    assert e.value.reason == "CONTEXT_INVALID"
+
+
+def test_no_ignore_file_keeps_everything(tmp_path: Path) -> None:
+    ctx = BuildContext.from_file(_write(tmp_path / "ctx.tar", make_tar(*TREE)), MAX)
+    before = tree_paths(ctx)
+    assert ctx.apply_dockerignore("Dockerfile") == 0
+    assert tree_paths(ctx) == before
+
+
+def test_filtering_a_deep_tree_needs_no_recursion(tmp_path: Path) -> None:
+    tree = fstree.Tree()
+    parts = tuple(["d"] * 3000)
+    tree.put((*parts, "file"), fstree.Entry(fstree.REGULAR, 0o644))
+    tree.put(("keep",), fstree.Entry(fstree.REGULAR, 0o644))
+    assert filter_tree(tree, Matcher(["d"])) == 1
+    assert list(tree.root.children or {}) == ["keep"]
+
+
+def test_the_builder_keeps_exactly_what_the_client_sends(tmp_path: Path) -> None:
+    """The client filters to save bytes, the builder filters for correctness: the same rules,
+    so a context sent whole and one the client filtered leave the same tree."""
+    root = tmp_path / "ctx"
+    layout = {
+        "Dockerfile": "FROM scratch\n",
+        ".dockerignore": "build\n*.log\n!keep.log\ncache\n!cache/**/*.keep\n**/*.tmp\n",
+        "app.py": "",
+        "debug.log": "",
+        "keep.log": "",
+        "build/out.bin": "",
+        "build/sub/deep": "",
+        "cache/a/b.keep": "",
+        "cache/a/c.tmp": "",
+        "cache/empty/": "",
+        "src/z.py": "",
+        "src/x.tmp": "",
+        "src/nested.log": "",
+    }
+    for name, text in layout.items():
+        path = root / name
+        if name.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    whole = _write(tmp_path / "whole.tar", context_tar_of(root, Matcher([])))
+    with BuildContext.from_file(whole, MAX) as ctx:
+        ctx.apply_dockerignore("Dockerfile")
+        assert tree_paths(ctx) == context_paths(root)
+
+
+def context_tar_of(root: Path, matcher: Matcher) -> bytes:
+    out = io.BytesIO()
+    write_context_tar(out, root, matcher)
+    return out.getvalue()

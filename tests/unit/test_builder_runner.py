@@ -13,10 +13,12 @@ import pytest
 
 from berth.client.containers import LogLine
 from berth.containers import ContainerConfig
+from berth.error_details import Violation
 from berthd.builder.runner import BUILD_LABEL, RunFailed, Runner, RunSpec
 from berthd.common.errors import FailedPrecondition, NotFound
 
 SPEC = RunSpec(
+    step=5,
     line=3,
     instruction="RUN make",
     image="berth/build-cache@sha256:" + "a" * 64,
@@ -31,9 +33,12 @@ SPEC = RunSpec(
 
 class FakeCluster:
     def __init__(
-        self, chunks: list[bytes], exit_code: int = 0, states: tuple[str, ...] = ("running",)
+        self,
+        chunks: list[bytes | tuple[str, bytes]],
+        exit_code: int = 0,
+        states: tuple[str, ...] = ("running",),
     ) -> None:
-        self.chunks = chunks
+        self.chunks = chunks  # bytes on stdout, or (stream, bytes)
         self.exit_code = exit_code
         self.states = list(states)
         self.ran: list[ContainerConfig] = []
@@ -54,7 +59,8 @@ class FakeCluster:
         assert follow
         self.following.set()
         for chunk in self.chunks:
-            yield LogLine(datetime.now(UTC), "stdout", chunk)
+            stream, data = chunk if isinstance(chunk, tuple) else ("stdout", chunk)
+            yield LogLine(datetime.now(UTC), stream, data)
         if self.block_logs:
             await asyncio.Event().wait()
 
@@ -95,12 +101,30 @@ def runner(cluster: FakeCluster, changes: bool = True) -> tuple[Runner, list[Fak
     return Runner(cluster, "berth/build-cache", node_api=node_api), nodes  # type: ignore[arg-type]
 
 
+def ignore(stream: str, data: bytes) -> None:
+    pass
+
+
 async def test_a_step_streams_its_lines_and_exports_its_layer() -> None:
-    cluster = FakeCluster([b"one\ntw", b"o\n", b"last"], states=("pending", "created", "exited"))
+    chunks: list[bytes | tuple[str, bytes]] = [
+        b"one\ntw",
+        ("stderr", b"err "),
+        b"o\n",
+        ("stderr", b"line\n\n"),
+        b"last",
+    ]
+    cluster = FakeCluster(chunks, states=("pending", "created", "exited"))
     run, nodes = runner(cluster)
-    lines: list[str] = []
-    result = await run.run(SPEC, lines.append)
-    assert lines == ["one", "two", "last"]
+    lines: list[tuple[str, bytes]] = []
+    result = await run.run(SPEC, lambda stream, data: lines.append((stream, data)))
+    # Whole lines with their newline, each stream on its own; the unfinished last one as is.
+    assert lines == [
+        ("stdout", b"one\n"),
+        ("stdout", b"two\n"),
+        ("stderr", b"err line\n"),
+        ("stderr", b"\n"),
+        ("stdout", b"last"),
+    ]
     assert result.layer is not None and result.layer.size == 42
     assert result.diff_id == "sha256:" + "c" * 64
     config = cluster.ran[0]
@@ -114,7 +138,7 @@ async def test_a_step_streams_its_lines_and_exports_its_layer() -> None:
 async def test_a_step_that_changed_nothing_adds_no_layer() -> None:
     cluster = FakeCluster([])
     run, nodes = runner(cluster, changes=False)
-    result = await run.run(SPEC, lambda _: None)
+    result = await run.run(SPEC, ignore)
     assert result.layer is None and nodes[0].exported == []
     assert cluster.removed == [("c1", True)]
 
@@ -123,9 +147,11 @@ async def test_a_failing_step_raises_its_exit_code_and_removes_its_container() -
     cluster = FakeCluster([b"oops\n"], exit_code=2)
     run, _ = runner(cluster)
     with pytest.raises(RunFailed) as failed:
-        await run.run(SPEC, lambda _: None)
+        await run.run(SPEC, ignore)
     assert failed.value.exit_code == 2
     assert str(failed.value).startswith("Dockerfile:3: RUN make: process")
+    assert failed.value.reason == "RUN_FAILED"
+    assert failed.value.details.metadata == {"step": "5", "line": "3", "exit_code": "2"}
     assert cluster.removed == [("c1", True)]
 
 
@@ -137,16 +163,39 @@ async def test_a_container_that_cannot_start_fails_the_step() -> None:
 
     cluster.inspect = inspect  # type: ignore[method-assign]
     run, _ = runner(cluster)
-    with pytest.raises(FailedPrecondition, match="node n1 cannot run the step: no such user"):
-        await run.run(SPEC, lambda _: None)
+    with pytest.raises(FailedPrecondition, match="node n1 cannot run the step: no such user") as e:
+        await run.run(SPEC, ignore)
+    assert e.value.reason == "RUN_NOT_STARTED"
+    assert e.value.details.metadata == {"step": "5", "line": "3", "node_id": "n1"}
     assert cluster.removed == [("c1", True)]
+
+
+async def test_no_node_for_the_step_is_no_node_with_the_schedulers_reasons() -> None:
+    cluster = FakeCluster([])
+    violation = Violation("NODE_UNSUITABLE", "node/n1", "insufficient memory")
+
+    async def refuse(config: ContainerConfig) -> Any:
+        raise FailedPrecondition("0/1 nodes are available", violations=[violation])
+
+    cluster.run = refuse  # type: ignore[method-assign]
+    run, _ = runner(cluster)
+    with pytest.raises(FailedPrecondition, match="0/1 nodes are available") as e:
+        await run.run(SPEC, ignore)
+    assert e.value.reason == "NO_NODE"
+    assert e.value.details.metadata == {
+        "step": "5",
+        "line": "3",
+        "cause": "FAILED_PRECONDITION",
+    }
+    assert e.value.details.violations == (violation,)
+    assert cluster.removed == []
 
 
 async def test_a_cancelled_step_still_removes_its_container() -> None:
     cluster = FakeCluster([b"working\n"])
     cluster.block_logs = True
     run, _ = runner(cluster)
-    task = asyncio.create_task(run.run(SPEC, lambda _: None))
+    task = asyncio.create_task(run.run(SPEC, ignore))
     await cluster.following.wait()
     await asyncio.sleep(0)
     task.cancel()
@@ -161,5 +210,5 @@ async def test_a_failed_removal_is_logged_not_raised(caplog: pytest.LogCaptureFi
     cluster = FakeCluster([])
     cluster.remove_error = NotFound("no such container")
     run, _ = runner(cluster, changes=False)
-    assert (await run.run(SPEC, lambda _: None)).layer is None
+    assert (await run.run(SPEC, ignore)).layer is None
     assert "cannot remove build container c1" in caplog.text

@@ -29,18 +29,19 @@ from berth.client.builder import (
     BuildCache,
     BuilderClient,
     BuildEvent,
-    BuildMessage,
     BuildOptions,
+    BuildOutput,
+    BuildProgress,
     BuildResult,
+    BuildStep,
     CacheEntry,
-    ContextSent,
     ContextStream,
     PruneReport,
-    StepEvent,
     context_tar,
 )
 from berth.dockerignore import context_matcher
 from berth.errors import BerthClientError
+from berth.types.v1 import container_pb2, progress_pb2
 
 IMAGE_ID = "sha256:" + "c" * 64
 LAYER = "sha256:" + "a" * 64
@@ -191,21 +192,44 @@ def fake_client(responses: list[pb.BuildResponse]) -> tuple[BuilderClient, FakeS
 
 def test_build_sends_options_then_the_context_and_converts_events(tmp_path: Path) -> None:
     make_context(tmp_path)
-    done_step = pb.StepEvent(
+    done_step = pb.BuildStep(
         number=2,
         total=4,
         stage="build",
         instruction="RUN make",
         line=3,
-        status=pb.STEP_STATUS_DONE,
-        layer=LAYER,
-        duration=timedelta(milliseconds=800),
+        progress=progress_pb2.Progress(
+            id="step/2",
+            state=progress_pb2.PROGRESS_STATE_DONE,
+            message="RUN make",
+            duration=timedelta(milliseconds=800),
+        ),
+        layer_digest=LAYER,
+    )
+    failed_step = pb.BuildStep(
+        number=3,
+        total=4,
+        instruction="RUN false",
+        progress=progress_pb2.Progress(id="step/3", state=progress_pb2.PROGRESS_STATE_FAILED),
+        exit_code=0,  # set: a real exit code, even 0
+    )
+    received = progress_pb2.Progress(
+        id="context",
+        state=progress_pb2.PROGRESS_STATE_DONE,
+        current=2048,
+        total=2048,
+        unit=progress_pb2.PROGRESS_UNIT_BYTES,
+        duration=timedelta(milliseconds=10),
     )
     client, stub = fake_client(
         [
-            pb.BuildResponse(message="load metadata for test/busybox:1"),
+            pb.BuildResponse(progress=received),
+            pb.BuildResponse(progress=progress_pb2.Progress(id="warning/1", message="[Warning] x")),
             pb.BuildResponse(step=done_step),
-            pb.BuildResponse(step=pb.StepEvent(number=2, total=4, output="hi")),
+            pb.BuildResponse(
+                output=pb.BuildOutput(step=2, stream=container_pb2.LOG_STREAM_STDERR, data=b"hi\n")
+            ),
+            pb.BuildResponse(step=failed_step),
             pb.BuildResponse(
                 result=pb.BuildResult(
                     digest=RESULT.digest,
@@ -232,13 +256,15 @@ def test_build_sends_options_then_the_context_and_converts_events(tmp_path: Path
         tags=["test/app:1"],
         no_cache=True,
     )
+    assert all(r.WhichOneof("request") == "context" for r in rest)
     sent = b"".join(r.context for r in rest)
     assert sent == context_tar(tmp_path)
-    assert isinstance(events[0], ContextSent) and events[0].size == len(sent)
-    assert events[1:] == [
-        BuildMessage("load metadata for test/busybox:1"),
-        StepEvent(2, 4, "build", "RUN make", 3, "DONE", layer=LAYER, duration=0.8),
-        StepEvent(2, 4, "", "", 0, "", output="hi"),
+    assert events == [
+        BuildProgress("context", "DONE", 2048, 2048, "bytes", duration=0.01),
+        BuildProgress("warning/1", "", message="[Warning] x"),
+        BuildStep(2, 4, "build", "RUN make", 3, "DONE", layer_digest=LAYER, duration=0.8),
+        BuildOutput(2, "stderr", b"hi\n"),
+        BuildStep(3, 4, "", "RUN false", 0, "FAILED", exit_code=0),
     ]
 
 
@@ -393,25 +419,39 @@ class Clock:
         return self.now
 
 
-def step(number: int, status: str, **fields: Any) -> StepEvent:
+def step(number: int, status: str, **fields: Any) -> BuildStep:
     stage = fields.pop("stage", "build")
     instruction = fields.pop("instruction", f"RUN step {number}")
-    return StepEvent(number, 4, stage, instruction, number + 1, status, **fields)  # type: ignore[arg-type]
+    return BuildStep(number, 4, stage, instruction, number + 1, status, **fields)  # type: ignore[arg-type]
+
+
+def context_received(size: int, seconds: float = 0.01) -> list[BuildProgress]:
+    """What the builder says while it receives a context of `size` bytes."""
+    return [
+        BuildProgress("context", "DOWNLOADING", size // 2, 0, "bytes"),
+        BuildProgress("context", "DOWNLOADING", size, 0, "bytes"),
+        BuildProgress("context", "DONE", size, size, "bytes", duration=seconds),
+    ]
+
+
+def message(text: str, id: str = "warning/1") -> BuildProgress:
+    return BuildProgress(id, "DONE", message=text)
 
 
 def scripted_build(progress: PlainProgress, clock: Clock, fail: bool) -> None:
     """What a builder says for a 4-step, two-stage build whose last step fails or not."""
-    progress(ContextSent(2048, 0.01))
-    progress(BuildMessage("load metadata for test/busybox:1"))
+    for event in context_received(2048):
+        progress(event)
+    progress(message("load metadata for test/busybox:1"))
     progress(step(1, "CACHED", instruction="FROM test/busybox:1"))
     progress(step(2, "RUNNING", instruction="RUN echo hi > /x"))
     clock.now += 0.512
-    progress(step(2, "", instruction="RUN echo hi > /x", output="hi"))
-    progress(step(2, "DONE", instruction="RUN echo hi > /x", layer=LAYER, duration=0.8))
+    progress(BuildOutput(2, "stdout", b"hi\n"))
+    progress(step(2, "DONE", instruction="RUN echo hi > /x", layer_digest=LAYER, duration=0.8))
     progress(step(3, "CACHED", stage="", instruction="COPY --from=build /x /x"))
     progress(step(4, "RUNNING", stage="stage-1", instruction="RUN ./test"))
     clock.now += 0.25
-    progress(step(4, "", stage="stage-1", instruction="RUN ./test", output="3 tests failed"))
+    progress(BuildOutput(4, "stderr", b"3 tests failed"))
     if fail:
         progress(step(4, "FAILED", stage="stage-1", instruction="RUN ./test", exit_code=3))
     else:
@@ -461,15 +501,30 @@ def test_the_export_joins_the_builders_own_export_messages() -> None:
     out, clock = io.StringIO(), Clock()
     progress = PlainProgress(out, clock)
     progress(step(1, "CACHED"))
-    progress(BuildMessage("exporting to image"))
-    progress(BuildMessage("exporting layers done"))
+    progress(BuildProgress("export", "RUNNING", message="exporting to image"))
+    progress(BuildProgress("export/layers", "DONE", message="exporting layers done"))
+    progress(BuildProgress("export", "DONE", message="exporting to image", duration=0.25))
     progress.finish(RESULT)
     assert out.getvalue().splitlines()[2:] == [
         "#2 exporting to image",
         "#2 exporting layers done",
         f"#2 writing image {IMAGE_ID} done",
         "#2 naming to test/app:1 done",
-        "#2 DONE 0.0s",
+        "#2 DONE 0.2s",
+    ]
+
+
+def test_output_keeps_what_the_process_wrote_but_the_newline() -> None:
+    out, clock = io.StringIO(), Clock()
+    progress = PlainProgress(out, clock)
+    progress(step(1, "RUNNING"))
+    progress(BuildOutput(1, "stdout", b"  indented \xff\n"))
+    progress(BuildOutput(1, "stderr", b"no newline"))
+    progress(BuildOutput(1, "stdout", b"\n"))
+    assert out.getvalue().splitlines()[1:] == [
+        "#1 0.000   indented \ufffd",
+        "#1 0.000 no newline",
+        "#1 0.000 ",
     ]
 
 
@@ -499,9 +554,10 @@ class FakeBuilder:
         on_event: Callable[[BuildEvent], None],
     ) -> BuildResult:
         self.builds.append({"context": context_dir, "options": options, "text": dockerfile_text})
-        on_event(ContextSent(10, 0.0))
+        for event in context_received(10, 0.0):
+            on_event(event)
         on_event(step(1, "RUNNING", instruction="RUN exit 3"))
-        on_event(step(1, "", instruction="RUN exit 3", output="about to fail"))
+        on_event(BuildOutput(1, "stdout", b"about to fail\n"))
         if self.error:
             on_event(step(1, "FAILED", instruction="RUN exit 3", exit_code=3))
             raise self.error

@@ -28,8 +28,8 @@ from berth.client.cluster import (
     Resources,
     ServiceInfo,
     cluster_container,
+    event_info,
     merge_env,
-    resolve_service,
 )
 from berth.client.node import LogLine
 from berth.cluster.v1 import cluster_pb2 as pb
@@ -74,6 +74,7 @@ def placed(**changes: Any) -> ClusterContainer:
         oom_killed=False,
         restart_count=0,
         error="",
+        failure_reason="",
         created_at=now - timedelta(minutes=3),
         started_at=now - timedelta(seconds=5),
         finished_at=None,
@@ -154,7 +155,14 @@ class FakeCluster:
         self.calls.append(("inspect", target))
         if self.pending_inspections > 0:
             self.pending_inspections -= 1
-            return placed(state="pending", started_at=None, error=self.pending_error)
+            if self.pending_error:  # the node reported it cannot create it
+                return placed(
+                    state="create_failed",
+                    started_at=None,
+                    error=self.pending_error,
+                    failure_reason="INVALID_SPEC",
+                )
+            return placed(state="pending", started_at=None)
         return placed()
 
     def list(self, all: bool = False, labels: dict[str, str] | None = None) -> list[Any]:
@@ -172,7 +180,7 @@ class FakeCluster:
     def remove(self, target: str, force: bool = False) -> None:
         self.calls.append(("remove", target, force))
 
-    def stop(self, target: str, timeout: int = 0) -> ClusterContainer:
+    def stop(self, target: str, timeout: float | None = None) -> ClusterContainer:
         self.calls.append(("stop", target, timeout))
         return placed(state="exited")
 
@@ -325,7 +333,12 @@ def test_event_filters() -> None:
         return event_request([parse_event_filter(t) for t in texts])
 
     assert request() == {"types": [], "node_id": "", "container": "", "service": ""}
-    assert request("type=node")["types"] == ["node_joined", "node_lost"]
+    assert request("type=node")["types"] == [
+        "node_joined",
+        "node_lost",
+        "node_availability_changed",
+        "node_drain_completed",
+    ]
     assert request("event=start", "event=die")["types"] == [
         "container_started",
         "container_died",
@@ -686,8 +699,16 @@ def test_events_stream_lines_and_json(
 ) -> None:
     when = datetime(2026, 11, 28, 12, 0, 0, 250000, tzinfo=UTC)
     cluster.events_to_send = [
-        Event("container_started", when, "n1", ID, "web.1", SERVICE_ID, "", 0, 0, ""),
-        Event("node_lost", when, "n2", "", "", "", "", 0, 0, "node n2 lost: lease expired"),
+        Event(
+            "container_started",
+            when,
+            "",
+            node_id="n1",
+            container_id=ID,
+            container_name="web.1",
+            service_id=SERVICE_ID,
+        ),
+        Event("node_lost", when, "node n2 lost: lease expired", node_id="n2"),
     ]
     assert main(["events", "-f", "type=container", "-f", "type=node"]) == 0
     assert capsys.readouterr().out.splitlines() == [
@@ -697,23 +718,65 @@ def test_events_stream_lines_and_json(
     assert cluster.calls[-1][1]["types"][0] == "node_joined"
     assert main(["events", "--format", "json"]) == 0
     first = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert (first["type"], first["time"]) == ("container_started", "2026-11-28T12:00:00.250000Z")
+    assert (first["type"], first["occurred_at"]) == (
+        "container_started",
+        "2026-11-28T12:00:00.250000Z",
+    )
 
 
 @pytest.mark.parametrize(
     ("event", "line"),
     [
         (
-            Event("container_died", None, "n1", "c1", "web", "", "", 137, 0, ""),
+            Event(
+                "container_died",
+                None,
+                "",
+                node_id="n1",
+                container_id="c1",
+                container_name="web",
+                exit_code=137,
+            ),
             "- container die c1 (exitCode=137, name=web, node=n1)",
         ),
         (
-            Event("container_rescheduled", None, "n3", "c1", "web.2", "s1", "n2", 0, 0, ""),
+            Event(
+                "container_died", None, "", node_id="n1", container_id="c1", exit_code=0
+            ),  # an exit code of 0 is an exit code
+            "- container die c1 (exitCode=0, node=n1)",
+        ),
+        (
+            Event(
+                "container_rescheduled",
+                None,
+                "",
+                node_id="n3",
+                container_id="c1",
+                container_name="web.2",
+                service_id="s1",
+                previous_node_id="n2",
+            ),
             "- container reschedule c1 (name=web.2, node=n3, previousNode=n2, service=s1)",
         ),
         (
-            Event("service_scaled", None, "", "", "", "s1", "", 0, 5, ""),
-            "- service scale s1 (replicas=5)",
+            Event("service_scaled", None, "", service_id="s1", service_name="web", replicas=5),
+            "- service scale s1 (name=web, replicas=5)",
+        ),
+        (
+            Event(
+                "container_create_failed",
+                None,
+                "",
+                node_id="n1",
+                container_id="c1",
+                container_name="ghost",
+                failure_reason="IMAGE_NOT_FOUND",
+            ),
+            "- container create-failed c1 (name=ghost, node=n1, reason=IMAGE_NOT_FOUND)",
+        ),
+        (
+            Event("service_update_completed", None, "", service_id="s1", replicas=3, version=2),
+            "- service update-completed s1 (replicas=3, version=2)",
         ),
     ],
 )
@@ -747,17 +810,49 @@ def test_merge_env() -> None:
     assert merge_env(env, ["A=9", "D=5"], ["C"]) == ["A=9", "B=2", "D=5"]
 
 
-def test_resolve_service() -> None:
-    services = [
-        pb.Service(id="ab" + "0" * 62, spec=pb.ServiceSpec(name="web")),
-        pb.Service(id="ac" + "0" * 62, spec=pb.ServiceSpec(name="db")),
-    ]
-    assert resolve_service(services, "web").spec.name == "web"
-    assert resolve_service(services, "ac").spec.name == "db"
-    with pytest.raises(BerthClientError, match="ambiguous"):
-        resolve_service(services, "a")
-    with pytest.raises(BerthClientError, match="no such service: x"):
-        resolve_service(services, "x")
+def test_a_container_its_node_could_not_create_says_why() -> None:
+    message = pb.Container(id=ID, name="ghost", node_id="n1")
+    message.status.state = container_pb2.CONTAINER_STATE_CREATE_FAILED
+    message.status.failure.reason = "IMAGE_NOT_FOUND"
+    message.status.failure.message = "no image test/x:1"
+    c = cluster_container(message)
+    assert (c.state, c.failure_reason, c.error) == (
+        "create_failed",
+        "IMAGE_NOT_FOUND",
+        "no image test/x:1",
+    )
+    assert container_cmds.container_status(c) == "Create failed (IMAGE_NOT_FOUND)"
+
+
+def test_events_are_read_from_their_payload() -> None:
+    died = pb.EventsResponse(
+        type=pb.EVENT_TYPE_CONTAINER_DIED,
+        message="web died (0)",
+        container=pb.ContainerEvent(
+            container_id="c1", name="web", node_id="n1", exit=container_pb2.ProcessExit()
+        ),
+    )
+    event = event_info(died)
+    assert (event.type, event.container_name, event.node_id, event.exit_code) == (
+        "container_died",
+        "web",
+        "n1",
+        0,  # unset means unset: an exit code of 0 is explicit
+    )
+    started = pb.EventsResponse(
+        type=pb.EVENT_TYPE_CONTAINER_STARTED, container=pb.ContainerEvent(container_id="c1")
+    )
+    assert event_info(started).exit_code is None
+    updated = pb.EventsResponse(
+        type=pb.EVENT_TYPE_SERVICE_UPDATE_COMPLETED,
+        service=pb.ServiceEvent(service_id="s1", name="web", replicas=3, version=2),
+    )
+    assert (event_info(updated).service_name, event_info(updated).version) == ("web", 2)
+    drained = pb.EventsResponse(
+        type=pb.EVENT_TYPE_NODE_AVAILABILITY_CHANGED,
+        node=pb.NodeEvent(node_id="n2", availability=pb.NODE_AVAILABILITY_DRAINED),
+    )
+    assert (event_info(drained).node_id, event_info(drained).availability) == ("n2", "drained")
 
 
 class _RpcError(grpc.RpcError, grpc.Call):

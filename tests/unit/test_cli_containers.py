@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -44,6 +45,7 @@ from berth.client.node import (
     LogLine,
     PullProgress,
 )
+from berth.client.sessions import Exited, Output
 from berth.containers import ContainerConfig, MountSpec
 from berth.errors import BerthClientError
 
@@ -81,6 +83,7 @@ def container(**changes: Any) -> ContainerInfo:
         oom_killed=False,
         restart_count=0,
         error="",
+        failure_reason="",
         created_at=NOW - timedelta(minutes=3),
         started_at=NOW - timedelta(seconds=5),
         finished_at=None,
@@ -91,6 +94,37 @@ def container(**changes: Any) -> ContainerInfo:
 
 
 # --- a node without a server -----------------------------------------------------------------
+
+
+class FakeSession:
+    """A ProcessSession: records stdin; after its end, the output and exit 7."""
+
+    def __init__(self, received: list[bytes]) -> None:
+        self.received = received
+        self.ended = threading.Event()
+        self.exited = False
+
+    def send(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def close_stdin(self) -> None:
+        self.ended.set()
+
+    def resize(self, rows: int, columns: int) -> None:
+        pass
+
+    def __enter__(self) -> FakeSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[Output | Exited]:
+        assert self.ended.wait(10)
+        yield Output("stdout", b"".join(self.received).upper())
+        yield Output("stderr", b"warning\n")
+        self.exited = True
+        yield Exited(7)
 
 
 class FakeNode:
@@ -137,7 +171,7 @@ class FakeNode:
         self._check(target)
         return container(id=target)
 
-    def stop(self, target: str, timeout: int = 0) -> ContainerInfo:
+    def stop(self, target: str, timeout: float | None = None) -> ContainerInfo:
         self.calls.append(("stop", target, timeout))
         self._check(target)
         return container(id=target, state="exited")
@@ -173,6 +207,14 @@ class FakeNode:
         self.calls.append(("exec", target, command, list(env)))
         self.exec_stdin = list(stdin)
         return ExecOutput(b"".join(self.exec_stdin).upper(), b"warning\n", 7)
+
+    def exec_session(
+        self, target: str, command: list[str], *, env: Iterable[str] = (), **options: Any
+    ) -> FakeSession:
+        """Upper-cases its stdin once that ends, says "warning" on stderr, exits 7."""
+        self.calls.append(("exec", target, command, list(env)))
+        self.exec_stdin = []
+        return FakeSession(self.exec_stdin)
 
     def stats(self, target: str) -> dict[str, float]:
         return {
@@ -665,12 +707,12 @@ def test_stop_kill_rm_start_echo_each_container(
     assert main(["stop", "a"]) == 0
     assert capsys.readouterr().out.splitlines() == ["a", "b", "a", "a", "a", "a"]
     assert node.calls == [
-        ("stop", "a", 1),  # the protocol's 0 means its default: 1s is the shortest it can say
-        ("stop", "b", 1),
+        ("stop", "a", 0),  # -t 0: killed at once, as in Docker
+        ("stop", "b", 0),
         ("kill", "a", "HUP"),
         ("remove", "a", True),
         ("start", "a"),
-        ("stop", "a", 0),
+        ("stop", "a", None),  # no -t: the node's default grace
     ]
 
 

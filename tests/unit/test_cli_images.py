@@ -40,6 +40,7 @@ from berth.client.image import (
     ImageDetails,
     ImageSummary,
     LoadResult,
+    ProgressEvent,
     PruneResult,
     PullResult,
     PushedImage,
@@ -49,8 +50,10 @@ from berth.client.image import (
     parse_external_reference,
 )
 from berth.client.node import ImageInfo, PullProgress
+from berth.client.registry import BlobInfo, GcProgress, GcReport
 from berth.errors import BerthClientError
 from berth.image.v1 import image_pb2 as pb
+from berth.types.v1 import progress_pb2
 
 from .cli_output import error_line, table
 
@@ -176,7 +179,8 @@ class FakeImages:
         self.calls.append(("commit", container, reference, options))
         progress = options["progress"]
         if progress is not None:
-            progress(CommitProgress("exporting", "node n1 exports the changes"))
+            progress(CommitProgress("export", "running", "node n1 exports the changes"))
+            progress(CommitProgress("export", "done", "not shown"))
         return details()
 
     def import_image(
@@ -186,11 +190,13 @@ class FakeImages:
         message: str,
         changes: list[str],
         source_name: str,
-        progress: Callable[[int, int], None],
+        progress: Callable[[ProgressEvent], None],
     ) -> ImageDetails:
         self.calls.append(("import", reference, message, changes, source_name))
         self.uploaded = _read(source)
-        progress(len(self.uploaded), len(self.uploaded))
+        size = len(self.uploaded)
+        progress(ProgressEvent("upload", "downloading", size, size, "bytes", ""))
+        progress(ProgressEvent("layer", "running", 0, 0, "", "packing"))
         return details()
 
     def save(
@@ -204,7 +210,7 @@ class FakeImages:
         return len(self.archive)
 
     def load(
-        self, source: str | BinaryIO, reference: str, progress: Callable[[int, int], None]
+        self, source: str | BinaryIO, reference: str, progress: Callable[[ProgressEvent], None]
     ) -> LoadResult:
         self.calls.append(("load", reference))
         self.uploaded = _read(source)
@@ -631,7 +637,7 @@ def test_prune_asks_first(
 def test_prune_forced_and_json(images: FakeImages, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["image", "prune", "-f", "-a", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["space_reclaimed"] == 1_234_567
+    assert data["reclaimed_bytes"] == 1_234_567
     assert data["removed"][0] == {"untagged": ["old:1"], "deleted": [DIGEST]}
     assert images.calls == [("prune", True)]
 
@@ -666,6 +672,7 @@ def test_commit_shows_stages_on_a_terminal(
     out, err = capsys.readouterr()
     assert out == IMAGE_ID + "\n"
     assert "node n1 exports the changes" in err
+    assert "not shown" not in err
 
 
 def test_import_a_file_and_stdin(
@@ -1166,7 +1173,7 @@ def detail_message() -> pb.ImageDetail:
     )
     message.layers.add(media_type="application/x", digest=LAYER_A, size=7)
     step = message.history.add(layer=LAYER_A, created_by="ADD", size=7, author="Jo")
-    step.created.FromDatetime(datetime(2024, 5, 1, tzinfo=UTC))
+    step.created_at.FromDatetime(datetime(2024, 5, 1, tzinfo=UTC))
     message.history.add(empty_layer=True, comment="c")
     return message
 
@@ -1190,9 +1197,21 @@ def test_details_with_a_broken_config() -> None:
     assert _details(message).config == {}
 
 
+class _Cancelled(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return "Locally cancelled by application!"
+
+    def trailing_metadata(self) -> tuple:
+        return ()
+
+
 class _Call:
-    """A stand-in for a stream-unary call: consumes the requests on its own thread, as gRPC
-    does, and reports a cancellation as gRPC's future does."""
+    """A stand-in for a bidirectional call: consumes the requests on its own thread, as gRPC
+    does, answers with the bytes received so far and then the result, and reports a
+    cancellation as gRPC's call iterator does."""
 
     def __init__(self, requests: Iterator[Any]) -> None:
         self.sent: list[Any] = []
@@ -1212,18 +1231,26 @@ class _Call:
         self.cancelled.set()
         return True
 
-    def result(self) -> pb.ImportImageResponse:
+    def __iter__(self) -> Iterator[pb.ImportImageResponse]:
         self._done.wait()
         if self.cancelled.is_set():
-            raise grpc.FutureCancelledError()
-        return pb.ImportImageResponse(image=detail_message())
+            raise _Cancelled()
+        received = sum(len(r.data) for r in self.sent)
+        upload = progress_pb2.Progress(
+            id="upload",
+            state=progress_pb2.PROGRESS_STATE_DOWNLOADING,
+            current=received,
+            unit=progress_pb2.PROGRESS_UNIT_BYTES,
+        )
+        yield pb.ImportImageResponse(progress=upload)
+        yield pb.ImportImageResponse(image=detail_message())
 
 
 class _Method:
     def __init__(self) -> None:
         self.call: _Call | None = None
 
-    def future(self, requests: Iterator[Any]) -> _Call:
+    def __call__(self, requests: Iterator[Any]) -> _Call:
         self.call = _Call(requests)
         return self.call
 
@@ -1249,20 +1276,25 @@ def test_import_upload_sends_options_then_chunks() -> None:
     client = ImageClient(UNREACHABLE)
     method = _Method()
     client._stub.ImportImage = method  # type: ignore[attr-defined]
-    seen: list[tuple[int, int]] = []
+    seen: list[ProgressEvent] = []
     data = io.BytesIO(b"y" * ((1 << 20) + 5))
-    image = client.import_image(data, "x:1", "m", ["CMD sh"], "-", lambda d, t: seen.append((d, t)))
+    image = client.import_image(data, "x:1", "m", ["CMD sh"], "-", seen.append)
     assert image.id == IMAGE_ID
     first, *chunks = method.call.sent
-    assert (first.reference, first.message, list(first.changes), first.source) == (
+    assert first.WhichOneof("content") == "options"
+    options = first.options
+    assert (options.reference, options.message, list(options.changes), options.source) == (
         "x:1",
         "m",
         ["CMD sh"],
         "-",
     )
-    assert first.data == b""
+    assert {c.WhichOneof("content") for c in chunks} == {"data"}
     assert [len(c.data) for c in chunks] == [1 << 20, 5]
-    assert seen[-1] == ((1 << 20) + 5, (1 << 20) + 5)
+    # The service's count of bytes received, with the file's size the service cannot know.
+    assert seen == [
+        ProgressEvent("upload", "downloading", (1 << 20) + 5, (1 << 20) + 5, "bytes", "")
+    ]
     client.close()
 
 
@@ -1290,3 +1322,56 @@ def test_a_missing_file_fails_before_any_call(tmp_path: Path) -> None:
 def test_save_rejects_an_unknown_format() -> None:
     with ImageClient(UNREACHABLE) as client, pytest.raises(BerthClientError, match="oci-archive"):
         client.save(["x"], "tar", io.BytesIO())
+
+
+# --- registry gc --------------------------------------------------------------------------------
+
+
+class FakeRegistry:
+    """A registry that garbage-collects, reporting both stages as it goes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __enter__(self) -> FakeRegistry:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def garbage_collect(
+        self,
+        dry_run: bool = False,
+        grace_seconds: float = 0,
+        progress: Callable[[GcProgress], None] | None = None,
+    ) -> GcReport:
+        self.calls.append(("gc", dry_run, grace_seconds, progress is not None))
+        if progress is not None:
+            progress(GcProgress("mark", 3, 3, True))
+            progress(GcProgress("sweep", 5, 5, True))
+        return GcReport([BlobInfo(LAYER_A, 2_000_000)], 2_000_000, 3, 1)
+
+
+def test_registry_gc_reports_what_went(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from berth.cli import registry_cmds
+
+    fake = FakeRegistry()
+    monkeypatch.setattr(registry_cmds, "RegistryClient", lambda address: fake)
+    monkeypatch.setenv("BERTH_REGISTRY", "fake:1")
+    assert main(["registry", "gc", "--grace", "10m"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "Deleted blobs:",
+        f"deleted: {LAYER_A} (2MB)",
+        "",
+        "Total reclaimed space: 2MB",
+        "Kept 3 referenced blobs and 1 unreferenced blobs younger than the grace period",
+    ]
+    assert err == ""  # stage lines only on a terminal
+    assert fake.calls == [("gc", False, 600, True)]
+    assert main(["registry", "gc", "--dry-run", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["reclaimed_bytes"], data["dry_run"]) == (2_000_000, True)
+    assert fake.calls[-1] == ("gc", True, 0, False)

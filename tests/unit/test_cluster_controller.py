@@ -8,17 +8,34 @@ from collections import Counter
 
 import pytest
 
-from berthd.cluster.controller import MOVE, REMOVE, START, UPDATE, Plan, realize, reconcile
+from berthd.cluster.controller import (
+    MOVE,
+    REMOVE,
+    RETRY,
+    START,
+    UPDATE,
+    Plan,
+    realize,
+    reconcile,
+)
 from berthd.cluster.core import DRAINED, ClusterNode, ContainerView
 from berthd.cluster.election import keepalive_interval, lease_lost
 from berthd.cluster.events import (
+    CONTAINER_CREATE_FAILED,
     CONTAINER_DIED,
     CONTAINER_RESCHEDULED,
     CONTAINER_SCHEDULED,
     CONTAINER_STARTED,
+    NODE_AVAILABILITY_CHANGED,
+    NODE_DRAIN_COMPLETED,
     NODE_JOINED,
     NODE_LOST,
+    SERVICE_CREATED,
+    SERVICE_REMOVED,
     SERVICE_SCALED,
+    SERVICE_UPDATE_COMPLETED,
+    SERVICE_UPDATE_PAUSED,
+    SERVICE_UPDATE_STARTED,
     EventFilter,
     EventTracker,
 )
@@ -155,6 +172,86 @@ def test_a_new_replica_that_exits_pauses_the_update() -> None:
     assert "exited with code 3" in plan.update_states[record.id][1]
 
 
+def failed_replica(slot: int, node: str, version: int = 1, attempt: int = 0, age: float = 0):
+    view = replica(slot, node, version=version, state="")
+    view.desired.attempt = attempt
+    view.status = ContainerStatus(
+        node=node, state="create_failed", failure_reason="IMAGE_NOT_FOUND",
+        failure_message="no such image", attempt=attempt, updated_at=NOW - age,
+    )  # fmt: skip
+    return view
+
+
+def test_a_replica_its_node_cannot_create_is_retried_with_backoff() -> None:
+    record = service(1)
+    assert kinds(reconcile([record], [failed_replica(1, "a", age=1)], nodes("a"), NOW)) == []
+    plan = reconcile([record], [failed_replica(1, "a", age=6)], nodes("a"), NOW)
+    assert kinds(plan) == [(RETRY, 1)]
+    # The backoff doubles with each attempt.
+    assert (
+        kinds(reconcile([record], [failed_replica(1, "a", attempt=2, age=6)], nodes("a"), NOW))
+        == []
+    )
+    assert kinds(
+        reconcile([record], [failed_replica(1, "a", attempt=2, age=21)], nodes("a"), NOW)
+    ) == [(RETRY, 1)]
+    views = [failed_replica(1, "a", age=6)]
+    plan = reconcile([record], views, nodes("a"), NOW)
+    changes = realize(plan, state_of([record], views, nodes("a")), NOW)
+    assert [(c.id, c.attempt) for c in changes.retries] == [(views[0].id, 1)]
+    assert changes.adds == [] and changes.removes == []
+
+
+def test_a_new_replica_its_node_cannot_create_pauses_the_update() -> None:
+    views = [failed_replica(1, "a", version=2), replica(2, "a"), replica(3, "a")]
+    record = service(3, version=2, update_state=UPDATING)
+    plan = reconcile([record], views, nodes("a"), NOW)
+    assert plan.update_states[record.id] == (
+        PAUSED, "replica web.1 cannot be created: no such image"
+    )  # fmt: skip
+
+
+def test_event_tracker_reports_create_failures_services_and_drains() -> None:
+    tracker = EventTracker()
+    tracker.load([])
+    record = service().replica(1, "a")
+    tracker.feed(WatchEvent("put", f"cluster/containers/{record.id}", record.encode()))
+    failed = {"node": "a", "name": "web.1", "state": "create_failed", "attempt": 0,
+              "failure_reason": "IMAGE_NOT_FOUND", "failure_message": "no such image"}  # fmt: skip
+    (event,) = tracker.feed(put(f"containers/{record.id}/status", failed))
+    assert (event.type, event.failure_reason, event.container_name) == (
+        CONTAINER_CREATE_FAILED, "IMAGE_NOT_FOUND", "web.1",
+    )  # fmt: skip
+    assert tracker.feed(put(f"containers/{record.id}/status", failed)) == []  # the same report
+    again = {**failed, "attempt": 1}  # tried again (StartContainer), failed again
+    assert [e.type for e in tracker.feed(put(f"containers/{record.id}/status", again))] == [
+        CONTAINER_CREATE_FAILED
+    ]
+    # Drain: the availability changes, and once the node holds no replica the drain is done.
+    (event,) = tracker.feed(put("cluster/availability/a", {"availability": "drained"}))
+    assert (event.type, event.availability) == (NODE_AVAILABILITY_CHANGED, "drained")
+    (event,) = tracker.feed(WatchEvent("delete", f"cluster/containers/{record.id}", b""))
+    assert (event.type, event.node_id) == (NODE_DRAIN_COMPLETED, "a")
+    # A service's life: created, update started, paused, completed (with the version), removed.
+    key = f"cluster/services/{'s' * 64}"
+    assert [e.type for e in tracker.feed(put(key, json.loads(service().to_json())))] == [
+        SERVICE_CREATED
+    ]
+    updating = service(version=2, update_state=UPDATING)
+    (event,) = tracker.feed(WatchEvent("put", key, updating.to_json()))
+    assert (event.type, event.version) == (SERVICE_UPDATE_STARTED, 2)
+    paused = service(version=2, update_state=PAUSED, update_message="replica web.1 exited")
+    (event,) = tracker.feed(WatchEvent("put", key, paused.to_json()))
+    assert (event.type, event.version) == (SERVICE_UPDATE_PAUSED, 2)
+    done = service(version=3, update_state=COMPLETED)
+    assert [e.type for e in tracker.feed(WatchEvent("put", key, done.to_json()))] == [
+        SERVICE_UPDATE_STARTED, SERVICE_UPDATE_COMPLETED,
+    ]  # fmt: skip
+    (event,) = tracker.feed(WatchEvent("delete", key, b""))
+    assert (event.type, event.service_name, event.version) == (SERVICE_REMOVED, "web", 3)
+    assert EventFilter(service="web").matches(event, tracker)
+
+
 def state_of(records: list[ServiceRecord], views: list[ContainerView], found: dict) -> ClusterState:
     containers = {v.id: v.desired for v in views}
     return ClusterState(
@@ -229,6 +326,9 @@ def test_event_tracker_derives_docker_style_events() -> None:
     (event,) = tracker.feed(WatchEvent("put", f"cluster/containers/{moved.id}", moved.encode()))
     assert (event.type, event.node_id, event.previous_node_id) == (CONTAINER_RESCHEDULED, "b", "a")
     assert [e.type for e in tracker.feed(WatchEvent("delete", "nodes/a", b""))] == [NODE_LOST]
+    created = service(3)
+    (event,) = tracker.feed(WatchEvent("put", f"cluster/services/{created.id}", created.to_json()))
+    assert (event.type, event.service_name, event.version) == (SERVICE_CREATED, "web", 1)
     scaled = service(5)
     (event,) = tracker.feed(WatchEvent("put", f"cluster/services/{scaled.id}", scaled.to_json()))
     assert (event.type, event.replicas) == (SERVICE_SCALED, 5)

@@ -38,6 +38,8 @@ FULL = ContainerConfig(
     restart_policy="on-failure",
     restart_max_retries=3,
     network_mode="host",
+    tty=True,
+    stdin_open=True,
 )
 # What berthd.common.containers wrote before the model moved to the client package: etcd
 # records (cluster/containers/<id>, cluster/services/<id>) and every node's container.json.
@@ -48,13 +50,14 @@ FULL_JSON = (
     '"mounts":[{"source":"/data","target":"/data","read_only":true},'
     '{"source":"cache","target":"/cache","read_only":false}],"read_only_rootfs":true,'
     '"memory_bytes":67108864,"cpu_millis":500,"cpu_shares":512,"pids_limit":100,'
-    '"restart_policy":"on-failure","restart_max_retries":3,"network_mode":"host"}'
+    '"restart_policy":"on-failure","restart_max_retries":3,"network_mode":"host",'
+    '"tty":true,"stdin_open":true}'  # added with interactive containers
 )
 DEFAULT_JSON = (
     '{"image":"busybox","name":"","entrypoint":[],"command":[],"env":[],"working_dir":"",'
     '"user":"","hostname":"","labels":{},"mounts":[],"read_only_rootfs":false,'
     '"memory_bytes":0,"cpu_millis":0,"cpu_shares":0,"pids_limit":0,"restart_policy":"no",'
-    '"restart_max_retries":0,"network_mode":"none"}'
+    '"restart_max_retries":0,"network_mode":"none","tty":false,"stdin_open":false}'
 )
 
 
@@ -65,6 +68,7 @@ def test_a_config_round_trips_through_its_spec() -> None:
     spec = to_spec(FULL)
     assert spec.restart_policy.name == pb.RESTART_POLICY_NAME_ON_FAILURE
     assert spec.network_mode == pb.NETWORK_MODE_HOST
+    assert (spec.tty, spec.stdin_open) == (True, True)
     assert [(m.source, m.target, m.read_only) for m in spec.mounts] == [
         ("/data", "/data", True),
         ("cache", "/cache", False),

@@ -110,10 +110,12 @@ def test_durations_are_duration_messages() -> None:
 def test_one_name_per_idea() -> None:
     """`*_id` holds exactly an id; a field that takes an id, prefix or name is named after the
     thing (`container`); freed space is `reclaimed_bytes`; nodes have only ids."""
+    # A message-typed `node` is the node itself (GetNodeResponse.node), not a reference to one.
     wrong = [
         f.full_name
         for f in fields()
         if f.name in ("node", "instance", "created", "bytes_freed", "space_reclaimed", "time")
+        and not (f.name == "node" and f.message_type)
     ]
     wrong += [f.full_name for f in fields() if f.name.endswith("_id") and f.type != f.TYPE_STRING]
     assert wrong == []

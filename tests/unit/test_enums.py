@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from berth.enums import EnumTable, Wording
-from berth.enums import builder as builder_enums
 from berth.enums import cluster as cluster_enums
 from berth.enums import containers as container_enums
 from berth.enums import image as image_enums
 from berth.enums import node as node_enums
+from berth.enums import progress as progress_enums
 from berth.types.v1 import container_pb2
 
-MODULES = (container_enums, node_enums, cluster_enums, image_enums, builder_enums)
+MODULES = (container_enums, node_enums, cluster_enums, image_enums, progress_enums)
 TABLES: list[EnumTable] = [t for m in MODULES for t in m.TABLES]
 WORDINGS: list[Wording] = [w for m in MODULES for w in getattr(m, "WORDINGS", ())]
 
@@ -77,11 +77,12 @@ def test_names_users_type_stay_as_they_were() -> None:
     assert image_enums.ARCHIVE_FORMATS.names == ("docker-archive", "oci-archive")
     assert cluster_enums.NODE_STATES.names == ("ready", "down")
     assert node_enums.CHANGE_KINDS.names == ("A", "C", "D")
-    assert builder_enums.STEP_STATUSES.names == ("RUNNING", "CACHED", "DONE", "FAILED")
-    assert image_enums.PULL_WORDS(image_enums.TRANSFER_STATES.value("mounted"), "?") == (
-        "Already exists"
-    )
-    assert node_enums.LAYER_STATE_WORDS(0, "?") == "?"
+    states = progress_enums.PROGRESS_STATES
+    assert {"running", "cached", "done", "failed"} <= set(states.names)
+    assert progress_enums.PULL_WORDS(states.value("mounted"), "?") == "Already exists"
+    assert progress_enums.PULL_WORDS(0, "?") == "?"
+    assert progress_enums.PULL_WORDS(states.value("done"), "?") == "Pull complete"
+    assert progress_enums.PUSH_WORDS(states.value("done"), "?") == "Pushed"
 
 
 def test_a_table_rejects_names_for_values_the_enum_lacks() -> None:
@@ -100,21 +101,26 @@ def test_a_table_rejects_names_for_values_the_enum_lacks() -> None:
 
 def test_the_node_agents_strings_are_names() -> None:
     from berth.containers import NETWORK_MODES, RESTART_POLICIES
+
+    # create_failed is the state of a container its node has no record of (it could not create
+    # it): reported to the cluster only (berthd.common.state.containers.CREATE_FAILED).
+    from berthd.common.state.containers import CREATE_FAILED
     from berthd.node.layers import PullState
     from berthd.node.records import STATES
 
-    assert set(STATES) == set(container_enums.CONTAINER_STATES.names)
-    assert {str(s) for s in PullState} == set(node_enums.LAYER_STATES.names)
+    assert {*STATES, CREATE_FAILED} == set(container_enums.CONTAINER_STATES.names)
+    assert {str(s) for s in PullState} <= set(progress_enums.PROGRESS_STATES.names)
     assert set(RESTART_POLICIES) == set(container_enums.RESTART_POLICIES.names)
     # The modes a node supports (berth.containers), of those the proto names.
     assert set(NETWORK_MODES) <= set(container_enums.NETWORK_MODES.names)
 
 
 def test_the_image_and_builder_strings_are_names() -> None:
-    from berthd.builder.model import StepStatus
+    from berthd.builder.model import ProgressState, StepStatus
     from berthd.image.archive import FORMATS
-    from berthd.image.model import TransferState
+    from berthd.image.model import State, Unit
 
-    assert {s.name.lower() for s in TransferState} == set(image_enums.TRANSFER_STATES.names)
-    assert {str(s) for s in StepStatus} == set(builder_enums.STEP_STATUSES.names)
+    states = set(progress_enums.PROGRESS_STATES.names)
+    assert {str(s) for s in (*State, *StepStatus, *ProgressState)} <= states
+    assert {str(u) for u in Unit} == {*progress_enums.PROGRESS_UNITS.names, ""}
     assert {f"{f}-archive" for f in FORMATS} == set(image_enums.ARCHIVE_FORMATS.names)

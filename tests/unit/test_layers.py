@@ -407,7 +407,7 @@ async def test_pull_reports_states_and_reuses_layers(tmp_path: Path) -> None:
     node = Node(tmp_path)
     events = node.events
     result = await node.pull(registry, "lib/app:v1")
-    full = ["waiting", "downloading", "verifying", "extracting", "pull_complete"]
+    full = ["waiting", "downloading", "verifying", "extracting", "done"]
     assert states(events, BASE.digest) == full
     assert states(events, APP.digest) == full
     assert (result.layers_pulled, result.layers_cached) == (2, 0)

@@ -42,21 +42,62 @@ def test_search_ranks_name_prefix_then_name_then_description_then_labels() -> No
         repo("tools/misc", team="redis-ops"),
         repo("web/nginx"),
     ]
-    names = [r.name for r in rank_repositories(records, "Redis", {}, 0)]
-    assert names == ["db/redis", "z/uses-redis-client", "cache/store", "tools/misc"]
+    ranked = rank_repositories(records, "Redis", {})
+    assert [r.name for _, r in ranked] == [
+        "db/redis",
+        "z/uses-redis-client",
+        "cache/store",
+        "tools/misc",
+    ]
+    assert [rank for rank, _ in ranked] == [0, 1, 2, 3]
 
 
-def test_search_label_filter_and_limit() -> None:
+def test_search_label_filter() -> None:
     records = [repo(f"r/{n}", os="linux" if n % 2 else "windows") for n in range(10)]
-    found = rank_repositories(records, "", {"os": "linux"}, 3)
-    assert [r.name for r in found] == ["r/1", "r/3", "r/5"]
+    found = rank_repositories(records, "", {"os": "linux"})
+    assert [r.name for _, r in found] == ["r/1", "r/3", "r/5", "r/7", "r/9"]
+
+
+class ReposOnly:
+    """Metadata with repositories and nothing else, for search."""
+
+    def __init__(self, records: list[RepoRecord]) -> None:
+        self.records = records
+
+    async def all_repos(self) -> list[RepoRecord]:
+        return [RepoRecord(r.name, 0.0, 0.0, r.description, dict(r.labels)) for r in self.records]
+
+    async def tag_count(self, name: str) -> int:
+        return 1
+
+
+async def test_search_pages_and_its_tokens_belong_to_their_filters() -> None:
+    records = [repo(f"r/{n}", os="linux" if n % 2 else "windows") for n in range(10)]
+    registry = Registry(None, ReposOnly(records))  # type: ignore[arg-type]
+    page, token = await registry.search("", {"os": "linux"}, 2, "")
+    names = [r.name for r in page]
+    while token:
+        page, token = await registry.search("", {"os": "linux"}, 2, token)
+        names += [r.name for r in page]
+    assert names == ["r/1", "r/3", "r/5", "r/7", "r/9"]
+    everything, token = await registry.search("", {}, 0, "")
+    assert len(everything) == 10 and token == ""
+    _, token = await registry.search("r", {}, 3, "")
+    with pytest.raises(InvalidArgument, match="page token") as failed:
+        await registry.search("x", {}, 3, token)
+    assert failed.value.reason == "INVALID_PAGE_TOKEN"
+    assert failed.value.details.field_violations[0][0] == "page_token"
 
 
 def test_page_tokens_round_trip_and_reject_garbage() -> None:
     assert decode_token(encode_token("lib/a@v1")) == "lib/a@v1"
+    assert decode_token(encode_token("v1", "tags:a"), "tags:a") == "v1"
     assert decode_token("") is None
-    with pytest.raises(InvalidArgument, match="page token"):
+    with pytest.raises(InvalidArgument, match="page token") as failed:
         decode_token("%%%")
+    assert failed.value.reason == "INVALID_PAGE_TOKEN"
+    with pytest.raises(InvalidArgument, match="another call or other filters"):
+        decode_token(encode_token("v1", "tags:a"), "tags:b")
     assert page_size(0) == 100 and page_size(5000) == 1000
     with pytest.raises(InvalidArgument):
         page_size(-1)
@@ -181,10 +222,14 @@ async def test_list_manifests_filters_one_repository_without_nested_ones(store) 
         sha("solo"),
     }
     assert [e.repository for e in await list_all(registry, "lib/app/sub")] == ["lib/app/sub"]
-    with pytest.raises(NotFound, match="lib/nothing"):
+    with pytest.raises(NotFound, match="lib/nothing") as unknown:
         await registry.list_manifests("lib/nothing", 0, "")
-    with pytest.raises(InvalidArgument):
+    assert unknown.value.reason == "NAME_UNKNOWN"
+    assert unknown.value.details.metadata == {"repository": "lib/nothing"}
+    with pytest.raises(InvalidArgument) as invalid:
         await registry.list_manifests("Not/Valid", 0, "")
+    assert invalid.value.reason == "NAME_INVALID"
+    assert invalid.value.details.field_violations[0][0] == "repository"
 
 
 async def test_list_manifests_pages_share_the_first_pages_revision(store) -> None:
@@ -217,15 +262,21 @@ async def test_list_manifests_reads_many_tags_in_batches(store) -> None:
 async def test_list_manifests_rejects_bad_tokens_and_expired_views(store) -> None:
     registry = registry_over(store)
     _, token = await registry.list_manifests("", 1, "")
-    for bad in ("%%%", encode_token("garbage"), encode_token(f"0:lib/app@{sha('x')}")):
+    for bad in (
+        "%%%",
+        encode_token("garbage", "manifests"),
+        encode_token(f"0:lib/app@{sha('x')}", "manifests"),
+        encode_token(f"1:lib/app@{sha('x')}", "tags:lib/app"),
+    ):
         with pytest.raises(InvalidArgument, match="page token"):
             await registry.list_manifests("", 1, bad)
     # A token from an unfiltered listing names a repository other than the filter's.
     with pytest.raises(InvalidArgument, match="page token"):
         await registry.list_manifests("lib/app", 1, token)
     store.compacted = store.revision
-    with pytest.raises(Aborted, match="list again"):
+    with pytest.raises(Aborted, match="list again") as expired:
         await registry.list_manifests("", 1, token)
+    assert expired.value.reason == "LISTING_EXPIRED"
 
 
 def test_prefix_end_bounds_exactly_the_prefix() -> None:

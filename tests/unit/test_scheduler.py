@@ -200,6 +200,16 @@ def test_refusal_aggregates_reasons_like_kubernetes():
         "0/3 nodes are available: 2 insufficient memory (need 512MiB, free 256MiB on the best), "
         "1 does not match constraint zone==a"
     )
+    # For programs: reason NO_SUITABLE_NODE and one NODE_UNSUITABLE violation per node.
+    details = info.value.details
+    assert (details.reason, details.metadata) == (
+        "NO_SUITABLE_NODE", {"nodes": "3", "available": "0"},
+    )  # fmt: skip
+    assert [(v.type, v.subject, v.description) for v in details.violations] == [
+        ("NODE_UNSUITABLE", "node/a", "insufficient memory (need 512MiB, free 256MiB)"),
+        ("NODE_UNSUITABLE", "node/b", "insufficient memory (need 512MiB, free 124MiB)"),
+        ("NODE_UNSUITABLE", "node/c", "does not match constraint zone==a"),
+    ]
 
 
 def test_refusal_lists_every_kind_of_reason():

@@ -130,14 +130,23 @@ def test_status_round_trip_and_the_shapes_nodes_wrote() -> None:
     exited = ContainerStatus.decode(written)
     assert (exited.state, exited.exit_code, exited.oom_killed) == ("exited", 137, True)
     assert (exited.finished_at, exited.image_digest) == (9.5, DIGEST)
-    assert ContainerStatus.decode(written).encode() == written  # the same bytes again
-    # What node/converge.py wrote for a container it could not create.
+    # What node/converge.py wrote (before failures had a reason) for a container it could not
+    # create, and for one whose start failed.
     failed = ContainerStatus.decode(
         b'{"error":"no such image","name":"web","node":"n1","state":"","updated_at":1.0}'
     )
-    assert (failed.state, failed.error, failed.pid, failed.started_at) == (
-        "", "no such image", 0, None,
+    assert (failed.state, failed.failure_reason, failed.failure_message, failed.pid) == (
+        "create_failed", "CREATE_FAILED", "no such image", 0,
     )  # fmt: skip
+    assert failed.create_failed and failed.started_at is None
+    start = ContainerStatus.decode(b'{"error":"exec failed","state":"exited","updated_at":1.0}')
+    assert (start.state, start.failure_reason) == ("exited", "START_FAILED")
+    # What it writes now: the state CREATE_FAILED with a reason, and the attempt it made.
+    now = ContainerStatus(
+        node="n1", state="create_failed", failure_reason="IMAGE_NOT_FOUND",
+        failure_message="no such image", attempt=2, updated_at=1.0,
+    )  # fmt: skip
+    assert ContainerStatus.decode(now.encode()) == now and now.create_failed
     # Nulls read as zero values.
     assert ContainerStatus.decode(b'{"exit_code":null,"pid":null}').exit_code == 0
 

@@ -95,6 +95,8 @@ class ContainerConfig:
     restart_policy: str = "no"
     restart_max_retries: int = 0
     network_mode: str = "none"
+    tty: bool = False
+    stdin_open: bool = False
 
     def to_json(self) -> str:
         """The record etcd and the node's container.json hold: the fields in order, compact.
@@ -168,6 +170,8 @@ class ContainerConfig:
         self._validate_resources()
         self._validate_restart()
         _check_network_mode(self.network_mode)
+        _check_bool("tty", self.tty)
+        _check_bool("stdin_open", self.stdin_open)
 
     def _validate_mounts(self) -> None:
         if not isinstance(self.mounts, list) or not all(
@@ -263,6 +267,8 @@ def to_spec(config: ContainerConfig) -> pb.ContainerSpec:
             max_retries=config.restart_max_retries,
         ),
         network_mode=tables.NETWORK_MODES.value(config.network_mode),
+        tty=config.tty,
+        stdin_open=config.stdin_open,
     )
 
 
@@ -290,6 +296,8 @@ def from_spec(spec: pb.ContainerSpec) -> ContainerConfig:
         restart_policy=_name(tables.RESTART_POLICIES, spec.restart_policy.name, "restart policy"),
         restart_max_retries=spec.restart_policy.max_retries,
         network_mode=_name(tables.NETWORK_MODES, spec.network_mode, "network mode"),
+        tty=spec.tty,
+        stdin_open=spec.stdin_open,
     )
 
 

@@ -1,4 +1,6 @@
-"""Which files of a build context are sent: `.dockerignore` as Docker reads and applies it.
+"""Which files of a build context count: `.dockerignore` as Docker reads and applies it. The
+client uses it to send less; the builder applies the same rules to the context it received
+(berthd.builder.context), so what a client sent beyond them is never seen.
 
 Written from the behaviour of moby/patternmatcher (the pattern language, `!` exceptions, the last
 matching rule wins, a pattern that matches a directory matches everything in it) and of
@@ -243,14 +245,30 @@ def escape(path: str) -> str:
     return "".join("\\" + ch if ch in _GLOB_CHARS else ch for ch in path)
 
 
+def ignore_file_names(dockerfile: str | None) -> list[str]:
+    """The ignore files BuildKit looks for, in order, as paths in the context: the first that
+    exists is used. `<Dockerfile>.dockerignore` next to the Dockerfile, then `.dockerignore`
+    at the top of the context."""
+    return [f"{dockerfile}{IGNORE_FILE}", IGNORE_FILE] if dockerfile else [IGNORE_FILE]
+
+
 def ignore_file(context_dir: Path, dockerfile: str | None) -> Path:
     """The ignore file BuildKit uses: `<Dockerfile>.dockerignore` next to the Dockerfile when
     there is one, else `.dockerignore` at the top of the context."""
-    if dockerfile:
-        specific = context_dir / f"{dockerfile}{IGNORE_FILE}"
-        if specific.is_file():
-            return specific
-    return context_dir / IGNORE_FILE
+    *specific, default = ignore_file_names(dockerfile)
+    for name in specific:
+        if (context_dir / name).is_file():
+            return context_dir / name
+    return context_dir / default
+
+
+def ignore_matcher(text: str, ignore_path: str, dockerfile: str | None) -> Matcher:
+    """The rules of an ignore file's `text`, plus exceptions that always keep the Dockerfile
+    (its path in the context; None when it comes from elsewhere) and the ignore file itself
+    (`ignore_path`, in the context), as Docker does. The client (what to send) and the
+    builder (what a context it received holds) both use it."""
+    always = [ignore_path, *([dockerfile] if dockerfile else [])]
+    return Matcher([*read_patterns(text), *("!" + escape(clean(p)) for p in always)])
 
 
 def context_matcher(context_dir: Path, dockerfile: str | None = DEFAULT_DOCKERFILE) -> Matcher:
@@ -259,15 +277,14 @@ def context_matcher(context_dir: Path, dockerfile: str | None = DEFAULT_DOCKERFI
     file itself, as the Docker CLI does."""
     path = ignore_file(context_dir, dockerfile)
     try:
-        rules = read_patterns(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return Matcher([])
     except UnicodeDecodeError as err:
         raise BerthClientError(
             f"{path} is not UTF-8 text: {err.reason}", "INVALID_ARGUMENT"
         ) from None
-    always = [path.relative_to(context_dir).as_posix(), *([dockerfile] if dockerfile else [])]
-    return Matcher([*rules, *("!" + escape(clean(p)) for p in always)])
+    return ignore_matcher(text, path.relative_to(context_dir).as_posix(), dockerfile)
 
 
 @dataclass(frozen=True)

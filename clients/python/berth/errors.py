@@ -80,8 +80,10 @@ def from_rpc_error(
     """Convert a failed gRPC call into a BerthClientError with a message a person can act on.
 
     `option` is how a person points the CLI elsewhere; by default --SERVICE or BERTH_SERVICE."""
-    status = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = one_line((err.details() if isinstance(err, grpc.Call) else str(err)) or "")
+    # Sync calls' errors are grpc.Call, asyncio ones AioRpcError: both have code() and details().
+    is_call = callable(getattr(err, "code", None)) and callable(getattr(err, "details", None))
+    status = err.code() if is_call else grpc.StatusCode.UNKNOWN
+    details = one_line((err.details() if is_call else str(err)) or "")
     code = status.name if status is not None else "UNKNOWN"
     if status == grpc.StatusCode.UNAVAILABLE and is_transport_failure(details):
         # gRPC's text ends with the root cause ("...: Connection refused"); the rest is noise.

@@ -22,6 +22,7 @@ layers no record holds.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -31,6 +32,10 @@ from typing import Any
 
 # CACHE_REPOSITORY: where the builder keeps layers and intermediate images (the image
 # service's prune leaves it alone); the builder's modules name it from here.
+from berth.builder.v1.builder_pb2 import ListCacheRequest
+from berthd.builder.errors import INVALID_PAGE_TOKEN
+from berthd.common.errors import InvalidArgument
+from berthd.common.pages import page_size
 from berthd.common.state.build_cache import BUILD_CACHE, CacheRecord
 from berthd.common.state.build_cache import CACHE_REPOSITORY as CACHE_REPOSITORY
 from berthd.common.state.family import Versioned
@@ -95,9 +100,9 @@ class BuildCache:
             await self.put(replace(found[0], image=digest))
 
     async def list(self) -> list[CacheRecord]:
-        """Every record, most recently used first."""
+        """Every record, most recently used first (then by key)."""
         records = [found.record for found in await BUILD_CACHE.list(self.store)]
-        records.sort(key=lambda r: r.last_used, reverse=True)
+        records.sort(key=lambda r: (-r.last_used, r.key))
         return records
 
     async def prune(
@@ -130,3 +135,48 @@ def freed_bytes(deleted: Iterable[CacheRecord], kept: Iterable[CacheRecord]) -> 
     held = {r.layer.digest for r in kept if r.layer}
     gone = {r.layer.digest: r.layer.size for r in deleted if r.layer and r.layer.digest not in held}
     return sum(gone.values())
+
+
+def cache_page(
+    records: list[CacheRecord], request: ListCacheRequest
+) -> tuple[list[CacheRecord], str]:
+    """One page of `records` (as `list` orders them) and the token of the next ("" after the
+    last). Not an offset (berthd.common.pages): the token is the position of the page's last
+    record, (last used, key), so a record a build uses meanwhile moves to the front and is
+    not listed twice, nor another skipped."""
+    size = page_size(request)
+    page_token = request.page_token
+    start = 0
+    if page_token:
+        last_used, key = _decode_token(page_token)
+        start = next(
+            (
+                i
+                for i, r in enumerate(records)
+                if r.last_used < last_used or (r.last_used == last_used and r.key > key)
+            ),
+            len(records),
+        )
+    page = records[start : start + size]
+    more = start + size < len(records)
+    return page, _encode_token(page[-1]) if more and page else ""
+
+
+def _encode_token(record: CacheRecord) -> str:
+    text = json.dumps([record.last_used, record.key], separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        last_used, key = json.loads(raw)
+        if not isinstance(key, str) or not isinstance(last_used, (int, float)):
+            raise ValueError(token)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise InvalidArgument(
+            "invalid page_token: pass the next_page_token of an earlier ListCache",
+            reason=INVALID_PAGE_TOKEN,
+            field="page_token",
+        ) from None
+    return float(last_used), key

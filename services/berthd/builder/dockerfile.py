@@ -26,6 +26,7 @@ from typing import Any
 
 import dockerfile as buildkit
 
+from berthd.builder.errors import DOCKERFILE_INVALID, STAGE_NOT_FOUND
 from berthd.common.changes import env_map, set_env
 from berthd.common.errors import InvalidArgument, NotFound
 from berthd.common.oci.digest import quoted
@@ -109,7 +110,12 @@ class DockerfileError(InvalidArgument):
     """A Dockerfile problem, reported as `Dockerfile:<line>: <what>`."""
 
     def __init__(self, line: int, what: str) -> None:
-        super().__init__(f"Dockerfile:{line}: {what}")
+        super().__init__(
+            f"Dockerfile:{line}: {what}",
+            reason=DOCKERFILE_INVALID,
+            metadata={"line": line},
+            field="options.dockerfile",
+        )
         self.line = line
         self.what = what
 
@@ -439,7 +445,12 @@ def stages_needed(df: Dockerfile, target: str | None = None) -> list[Stage]:
     FROM <stage> and COPY --from, in build order. The others are not built."""
     stage = df.stage(target) if target else df.stages[-1]
     if stage is None:
-        raise NotFound(f"target stage {quoted(target)} not found in the Dockerfile")
+        raise NotFound(
+            f"target stage {quoted(target)} not found in the Dockerfile",
+            reason=STAGE_NOT_FOUND,
+            metadata={"stage": target},
+            field="options.target",
+        )
     needed: set[int] = set()
     pending = [stage.index]
     while pending:

@@ -43,9 +43,10 @@ from berthd.builder.cache import (
     PruneResult,
     step_key,
 )
-from berthd.builder.context import BuildContext, SourceMatch, sources_digest
+from berthd.builder.context import DEFAULT_MAX_FILES, BuildContext, SourceMatch, sources_digest
 from berthd.builder.dockerfile import (
     Dockerfile,
+    DockerfileError,
     Instruction,
     Stage,
     StageScope,
@@ -54,16 +55,26 @@ from berthd.builder.dockerfile import (
     stages_needed,
     unused_build_args,
 )
+from berthd.builder.errors import (
+    BASE_IMAGE_NOT_FOUND,
+    BUILD_ARG_INVALID,
+    DOCKERFILE_NOT_FOUND,
+    TAG_INVALID,
+    annotate,
+    move_field,
+)
 from berthd.builder.fstree import SymlinkLoop, Tree, clean_parts, directory
 from berthd.builder.instructions import apply_instruction, shell_command
 from berthd.builder.layerfiles import LayerFiles
 from berthd.builder.layers import LayerBlob, copy_layer, resolve_chown, write_layer
 from berthd.builder.model import (
     BuildEvent,
-    BuildMessage,
     BuildOptions,
+    BuildProgress,
     BuildResult,
+    ProgressState,
     StepEvent,
+    StepOutput,
     StepStatus,
 )
 from berthd.builder.runner import RunFailed, Runner, RunResult, RunSpec
@@ -85,16 +96,68 @@ from berthd.common.store import Store
 log = logging.getLogger("berthd.builder")
 
 FILESYSTEM_STEPS = ("RUN", "COPY", "ADD")
+# Context progress goes out at most this often (and once when the context is complete).
+CONTEXT_PROGRESS_SECONDS = 0.1
 
 
 def _tag_reference(text: str) -> Reference:
-    reference = parse_reference(text)
+    try:
+        reference = parse_reference(text)
+    except InvalidArgument as exc:
+        annotate(exc, {"tag": text}, reason=TAG_INVALID)
+        raise
     if reference.registry is not None or reference.digest is not None:
         raise InvalidArgument(
             f"invalid tag {quoted(text)}: name the image name[:tag] in berth's registry "
-            "(push it elsewhere afterwards with `berth push`)"
+            "(push it elsewhere afterwards with `berth push`)",
+            reason=TAG_INVALID,
+            metadata={"tag": text},
+            field="options.tags",
         )
     return reference
+
+
+def _check_build_args(build_args: dict[str, str]) -> None:
+    """A build arg's name is what ARG declares: not empty, no `=` and no whitespace."""
+    for name in build_args:
+        if not name or "=" in name or any(c.isspace() for c in name):
+            raise InvalidArgument(
+                f"invalid build arg name {quoted(name)}: want NAME=VALUE",
+                reason=BUILD_ARG_INVALID,
+                metadata={"name": name},
+                field="options.build_args",
+            )
+
+
+class _ContextProgress:
+    """Progress "context" while the context arrives: bytes so far, at most every
+    CONTEXT_PROGRESS_SECONDS, then DONE with the total and the time it took."""
+
+    def __init__(self, emit: Callable[[BuildEvent], None]) -> None:
+        self.emit = emit
+        self.began = time.monotonic()
+        self.sent_at: float | None = None
+        self.size = 0
+
+    def received(self, size: int) -> None:
+        self.size = size
+        now = time.monotonic()
+        if self.sent_at is None or now - self.sent_at >= CONTEXT_PROGRESS_SECONDS:
+            self.sent_at = now
+            self.emit(BuildProgress("context", ProgressState.DOWNLOADING, "", size, 0, True))
+
+    def done(self) -> None:
+        self.emit(
+            BuildProgress(
+                "context",
+                ProgressState.DONE,
+                "",
+                self.size,
+                self.size,
+                True,
+                duration=time.monotonic() - self.began,
+            )
+        )
 
 
 # --- the service's core ------------------------------------------------------------------------
@@ -109,6 +172,7 @@ class Builder:
         runner: Runner,
         scratch: Path,
         max_context_bytes: int,
+        max_context_files: int = DEFAULT_MAX_FILES,
     ) -> None:
         self.store = store  # for the builder's own records of the images it built
         self.images = images
@@ -117,6 +181,7 @@ class Builder:
         self.runner = runner
         self.scratch = scratch
         self.max_context_bytes = max_context_bytes
+        self.max_context_files = max_context_files
 
     async def build(
         self,
@@ -144,27 +209,45 @@ class Builder:
         emit: Callable[[BuildEvent], None],
     ) -> BuildResult:
         tags = [_tag_reference(t) for t in options.tags]
+        _check_build_args(options.build_args)
         build_id = uuid.uuid4().hex[:12]
         scratch = self.scratch / f"build-{build_id}"
         scratch.mkdir(parents=True)
         context: BuildContext | None = None
         build: _Build | None = None
+        in_context = None if options.dockerfile_content else options.dockerfile
         try:
-            context = await BuildContext.receive(context_chunks, scratch, self.max_context_bytes)
+            progress = _ContextProgress(emit)
+            context = await BuildContext.receive(
+                context_chunks,
+                scratch,
+                self.max_context_bytes,
+                self.max_context_files,
+                progress.received,
+            )
+            progress.done()
+            await asyncio.to_thread(context.apply_dockerignore, in_context)
             text = options.dockerfile_content or context.read_text(options.dockerfile)
             if text is None:
                 raise InvalidArgument(
-                    f"Dockerfile not found in the build context: {options.dockerfile}"
+                    f"Dockerfile not found in the build context: {options.dockerfile}",
+                    reason=DOCKERFILE_NOT_FOUND,
+                    metadata={"path": options.dockerfile},
+                    field="options.dockerfile",
                 )
             dockerfile = parse_dockerfile(text, options.build_args)
             stages = stages_needed(dockerfile, options.target or None)
             unused = unused_build_args(dockerfile, stages, options.build_args)
+            build = _Build(self, options, dockerfile, stages, context, emit, build_id, scratch)
             if unused:
                 names = ", ".join(unused)
-                emit(BuildMessage(f"[Warning] One or more build-args [{names}] were not consumed"))
-            build = _Build(self, options, dockerfile, stages, context, emit, build_id, scratch)
+                build.warn(f"[Warning] One or more build-args [{names}] were not consumed")
             state = await build.run()
             return await build.export(state, tags)
+        except DockerfileError as exc:
+            if in_context is None:
+                move_field(exc, "options.dockerfile", "options.dockerfile_content")
+            raise
         finally:
             if build is not None:
                 await build.close()
@@ -226,6 +309,7 @@ class _Build:
         self.total = sum(1 + len(s.instructions) for s in stages)
         self.number = 0
         self.cached = 0
+        self.warnings = 0
         self.states: dict[int, State] = {}  # finished stages
         self.files: dict[int, tuple[LayerFiles, int]] = {}  # stage -> (its files, layers applied)
         self.blobs: dict[str, Path] = {}  # layer digest -> its blob in scratch
@@ -272,8 +356,15 @@ class _Build:
                 state = await self.base_image(stage)
         except BerthError as exc:
             self._event(stage, line, original, StepStatus.FAILED)
+            facts = {"step": self.number, "line": line}
+            if exc.code.name == "NOT_FOUND":
+                facts |= {"image": stage.base, "cause": exc.reason}
+            annotate(exc, facts)
+            details = exc.details
+            if exc.code.name == "NOT_FOUND":
+                details = replace(details, reason=BASE_IMAGE_NOT_FOUND)
             message = f"Dockerfile:{line}: FROM {stage.base}: {exc}"
-            raise error_for_code(exc.code.name, message) from exc
+            raise error_for_code(exc.code.name, message, details) from exc
         status = StepStatus.DONE if self.options.no_cache else StepStatus.CACHED
         self._count(status)
         self._event(stage, line, original, status, duration=time.monotonic() - began)
@@ -283,7 +374,7 @@ class _Build:
         image = await self.images.resolve(stage.base)
         config = image.config
         if config.config.get("OnBuild"):
-            self.emit(BuildMessage(f"[Warning] {stage.base}: ONBUILD triggers are not run"))
+            self.warn(f"[Warning] {stage.base}: ONBUILD triggers are not run")
         platform = {"architecture": config.architecture, "os": config.os}
         if isinstance(config.raw.get("variant"), str):
             platform["variant"] = config.raw["variant"]
@@ -319,29 +410,27 @@ class _Build:
                 record = await self.execute(stage, step, state, key, matches)
                 status = StepStatus.DONE
         except BerthError as exc:
-            exit_code = exc.exit_code if isinstance(exc, RunFailed) else 0
-            duration = time.monotonic() - began
-            failed = StepStatus.FAILED
             self._event(
                 stage,
                 instruction.line,
                 instruction.original,
-                failed,
-                duration=duration,
-                exit_code=exit_code,
+                StepStatus.FAILED,
+                duration=time.monotonic() - began,
+                exit_code=exc.exit_code if isinstance(exc, RunFailed) else None,
             )
+            annotate(exc, {"step": self.number, "line": instruction.line})
             if str(exc).startswith("Dockerfile:"):
                 raise
             # What a service said (no node for a RUN, the registry away) names the step too.
             message = f"Dockerfile:{instruction.line}: {instruction.original}: {exc}"
-            raise error_for_code(exc.code.name, message) from exc
+            raise error_for_code(exc.code.name, message, exc.details) from exc
         self._count(status)
         self._event(
             stage,
             instruction.line,
             instruction.original,
             status,
-            layer=record.layer.digest if record.layer else "",
+            layer_digest=record.layer.digest if record.layer else "",
             duration=time.monotonic() - began,
         )
         return state.after(key, config, record, step)
@@ -413,6 +502,7 @@ class _Build:
         instruction = step.instruction
         image = await self.state_image(state)
         spec = RunSpec(
+            step=self.number,
             line=instruction.line,
             instruction=instruction.original,
             image=f"{CACHE_REPOSITORY}@{image}",
@@ -424,8 +514,10 @@ class _Build:
             name=f"build-{self.build_id}-{self.number}",
         )
 
-        def output(text: str) -> None:
-            self._event(stage, instruction.line, instruction.original, StepStatus.RUNNING, text)
+        number = self.number
+
+        def output(stream: str, data: bytes) -> None:
+            self.emit(StepOutput(number, stream, data))
 
         result = await self.runner.run(spec, output)
         if result.layer is not None:
@@ -546,7 +638,20 @@ class _Build:
     # --- the result -----------------------------------------------------------------------
 
     async def export(self, state: State, tags: list[Reference]) -> BuildResult:
-        self.emit(BuildMessage("exporting to image"))
+        began = time.monotonic()
+        self.emit(BuildProgress("export", ProgressState.RUNNING, "exporting to image"))
+        result = await self._export(state, tags)
+        self.emit(
+            BuildProgress(
+                "export",
+                ProgressState.DONE,
+                "exporting to image",
+                duration=time.monotonic() - began,
+            )
+        )
+        return result
+
+    async def _export(self, state: State, tags: list[Reference]) -> BuildResult:
         config = state.image_config(self.options.labels)
         layers = list(state.layers)
         targets = [(t.repository, t.tag) for t in tags] or [(CACHE_REPOSITORY, None)]
@@ -594,6 +699,10 @@ class _Build:
 
     # --- events ---------------------------------------------------------------------------
 
+    def warn(self, message: str) -> None:
+        self.warnings += 1
+        self.emit(BuildProgress(f"warning/{self.warnings}", ProgressState.DONE, message))
+
     def _count(self, status: StepStatus) -> None:
         cached = status == StepStatus.CACHED
         self.cached += cached
@@ -605,11 +714,10 @@ class _Build:
         line: int,
         instruction: str,
         status: StepStatus,
-        output: str = "",
         *,
-        layer: str = "",
+        layer_digest: str = "",
         duration: float | None = None,
-        exit_code: int = 0,
+        exit_code: int | None = None,
     ) -> None:
         self.emit(
             StepEvent(
@@ -619,8 +727,7 @@ class _Build:
                 instruction=instruction,
                 line=line,
                 status=status,
-                output=output,
-                layer=layer,
+                layer_digest=layer_digest,
                 duration=duration,
                 exit_code=exit_code,
             )

@@ -10,6 +10,7 @@ import grpc
 
 from berth.builder.v1 import builder_pb2, builder_pb2_grpc
 from berthd.builder.cache import CACHE_REPOSITORY, BuildCache
+from berthd.builder.context import DEFAULT_MAX_FILES
 from berthd.builder.executor import Builder
 from berthd.builder.runner import Runner
 from berthd.builder.service import BuilderServicer
@@ -46,7 +47,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=4 << 30,
         type=int,
         scope="builder",
-        help="largest build context accepted, in bytes",
+        help="largest build context accepted, in bytes (of the stream, and of the tar once "
+        "decompressed)",
+    )
+    add_flag(
+        parser,
+        "--max-context-files",
+        default=DEFAULT_MAX_FILES,
+        type=int,
+        scope="builder",
+        help="most members a build context may have",
     )
     add_flag(
         parser,
@@ -71,7 +81,15 @@ async def run(args: argparse.Namespace) -> None:
     images = ImageStore(RegistryApi(service_address(store, "registry", args.registry)))
     cluster = ClusterApi(service_address(store, "cluster", args.cluster))
     runner = Runner(cluster, CACHE_REPOSITORY, network=args.run_network)
-    builder = Builder(store, images, BuildCache(store), runner, scratch, args.max_context_bytes)
+    builder = Builder(
+        store,
+        images,
+        BuildCache(store),
+        runner,
+        scratch,
+        args.max_context_bytes,
+        args.max_context_files,
+    )
     servicer = BuilderServicer(builder)
 
     def mount(server: grpc.aio.Server) -> list[str]:

@@ -19,15 +19,17 @@ class BuildOptions:
 
 
 class StepStatus(StrEnum):
-    RUNNING = "RUNNING"
-    CACHED = "CACHED"
-    DONE = "DONE"
-    FAILED = "FAILED"
+    """A step's state: names of berth.enums.progress.PROGRESS_STATES."""
+
+    RUNNING = "running"
+    CACHED = "cached"
+    DONE = "done"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
 class StepEvent:
-    """A step's status change, or (status RUNNING, `output` set) a line a RUN printed."""
+    """A step's status change."""
 
     number: int  # from 1, across the stages being built
     total: int
@@ -35,20 +37,43 @@ class StepEvent:
     instruction: str
     line: int
     status: StepStatus
-    output: str = ""
-    layer: str = ""  # digest of the layer the step added
+    layer_digest: str = ""  # of the layer the step added
     duration: float | None = None  # seconds, once cached, done or failed
-    exit_code: int = 0
+    exit_code: int | None = None  # of a RUN whose command exited non-zero
 
 
 @dataclass(frozen=True)
-class BuildMessage:
-    """A line for people that belongs to no step."""
+class StepOutput:
+    """A line a step's process wrote, with its newline (the last bytes may have none)."""
 
-    text: str
+    step: int
+    stream: str  # "stdout" or "stderr"
+    data: bytes
 
 
-BuildEvent = StepEvent | BuildMessage
+class ProgressState(StrEnum):
+    """The states of berth.types.v1.Progress the builder reports for what is not a step."""
+
+    DOWNLOADING = "downloading"
+    RUNNING = "running"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    """Progress of something that belongs to no step: "context" (bytes received), "export",
+    "warning/<n>" (a line for people in `message`)."""
+
+    id: str
+    state: ProgressState
+    message: str = ""
+    current: int = 0  # bytes, when `bytes` is set
+    total: int = 0
+    bytes: bool = False  # current and total count bytes
+    duration: float | None = None  # seconds, once done
+
+
+BuildEvent = StepEvent | StepOutput | BuildProgress
 
 
 @dataclass(frozen=True)

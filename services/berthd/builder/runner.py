@@ -18,9 +18,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from berth.client.cluster import ClusterContainer
+from berthd.builder.errors import (
+    NO_NODE,
+    RUN_FAILED,
+    RUN_NOT_STARTED,
+    RUN_START_TIMEOUT,
+    annotate,
+)
 from berthd.common.containers import ContainerConfig
 from berthd.common.errors import BerthError, FailedPrecondition, Unavailable
 from berthd.common.oci import mediatypes
@@ -40,6 +47,7 @@ STARTED = ("running", "exited")
 class RunSpec:
     """One RUN step: where it comes from in the Dockerfile, and what the container runs."""
 
+    step: int  # its number in the build
     line: int
     instruction: str  # as written, for messages
     image: str  # the state, `berth/build-cache@sha256:...`
@@ -59,15 +67,29 @@ class RunResult:
     diff_id: str = ""
 
 
+# A line of output: the stream ("stdout" or "stderr") and the bytes, newline included.
+Output = Callable[[str, bytes], None]
+
+
 class RunFailed(FailedPrecondition):
     """The command exited non-zero (BuildKit's words)."""
 
     def __init__(self, spec: RunSpec, exit_code: int) -> None:
         super().__init__(
             f"Dockerfile:{spec.line}: {spec.instruction}: process "
-            f'"{" ".join(spec.argv)}" did not complete successfully: exit code: {exit_code}'
+            f'"{" ".join(spec.argv)}" did not complete successfully: exit code: {exit_code}',
+            reason=RUN_FAILED,
+            metadata={"step": spec.step, "line": spec.line, "exit_code": exit_code},
         )
         self.exit_code = exit_code
+
+
+def _not_started(spec: RunSpec, node_id: str, message: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"Dockerfile:{spec.line}: {spec.instruction}: {message}",
+        reason=RUN_NOT_STARTED,
+        metadata={"step": spec.step, "line": spec.line, "node_id": node_id},
+    )
 
 
 class Runner:
@@ -89,9 +111,9 @@ class Runner:
         self.start_timeout = start_timeout
         self._removals: set[asyncio.Future[None]] = set()
 
-    async def run(self, spec: RunSpec, output: Callable[[str], None]) -> RunResult:
+    async def run(self, spec: RunSpec, output: Output) -> RunResult:
         """Run the step; `output` gets each line it prints (on the event loop). Raises
-        RunFailed on a non-zero exit."""
+        RunFailed on a non-zero exit, FailedPrecondition (NO_NODE) when no node can take it."""
         config = ContainerConfig(
             image=spec.image,
             name=spec.name,
@@ -103,7 +125,13 @@ class Runner:
             restart_policy="no",
             network_mode=self.network,
         )
-        container = await self.cluster.run(config)
+        try:
+            container = await self.cluster.run(config)
+        except FailedPrecondition as exc:
+            # The scheduler's refusal: every node's reason stays in the violations.
+            annotate(exc, {"step": spec.step, "line": spec.line, "cause": exc.reason})
+            exc.details = replace(exc.details, reason=NO_NODE)
+            raise
         try:
             return await self._complete(container.id, spec, output)
         finally:
@@ -114,9 +142,7 @@ class Runner:
             removal.add_done_callback(self._removals.discard)
             await asyncio.shield(removal)
 
-    async def _complete(
-        self, container: str, spec: RunSpec, output: Callable[[str], None]
-    ) -> RunResult:
+    async def _complete(self, container: str, spec: RunSpec, output: Output) -> RunResult:
         info = await self._started(container, spec)
         await self._follow(container, output)
         exit_code = await self.cluster.wait(container)
@@ -135,34 +161,36 @@ class Runner:
             info = await self.cluster.inspect(container)
             if info.state in STARTED:
                 if info.error:  # runc refused to start it: no process ever ran
-                    raise FailedPrecondition(
-                        f"Dockerfile:{spec.line}: {spec.instruction}: {info.error}"
-                    )
+                    raise _not_started(spec, info.node_id, info.error)
                 return info
             if info.error:  # its node cannot create it (the image, the user): it keeps trying
-                raise FailedPrecondition(
-                    f"Dockerfile:{spec.line}: {spec.instruction}: node {info.node_id} cannot "
-                    f"run the step: {info.error}"
+                raise _not_started(
+                    spec, info.node_id, f"node {info.node_id} cannot run the step: {info.error}"
                 )
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"Dockerfile:{spec.line}: {spec.instruction}: the step's container did not "
                     f"start within {self.start_timeout:g}s on node {info.node_id} "
-                    "(see that node agent's log)"
+                    "(see that node agent's log)",
+                    reason=RUN_START_TIMEOUT,
+                    metadata={"step": spec.step, "line": spec.line, "node_id": info.node_id},
                 )
             await asyncio.sleep(POLL_SECONDS)
 
-    async def _follow(self, container: str, output: Callable[[str], None]) -> None:
-        """Every line the container prints, until it exits (its last lines included)."""
-        pending = b""
+    async def _follow(self, container: str, output: Output) -> None:
+        """Every line the container prints, newline included, until it exits (its last bytes
+        included, with no newline if it wrote none); stdout and stderr apart."""
+        pending: dict[str, bytes] = {}
         async with contextlib.aclosing(self.cluster.logs(container, follow=True)) as records:
             async for record in records:
-                pending += record.data
-                *lines, pending = pending.split(b"\n")
+                stream = record.stream or "stdout"
+                *lines, rest = (pending.pop(stream, b"") + record.data).split(b"\n")
                 for line in lines:
-                    output(line.decode(errors="replace"))
-        if pending:
-            output(pending.decode(errors="replace"))
+                    output(stream, line + b"\n")
+                if rest:
+                    pending[stream] = rest
+        for stream, rest in pending.items():
+            output(stream, rest)
 
     async def _remove(self, container: str) -> None:
         try:

@@ -12,19 +12,22 @@ from google.protobuf.duration_pb2 import Duration
 
 from berth.builder.v1 import builder_pb2 as pb
 from berth.builder.v1 import builder_pb2_grpc
-from berth.enums.builder import STEP_STATUSES
-from berthd.builder.cache import CacheRecord
+from berth.enums.containers import LOG_STREAMS
+from berth.enums.progress import PROGRESS_STATES
+from berth.types.v1 import progress_pb2
+from berthd.builder.cache import CacheRecord, cache_page
+from berthd.builder.errors import context_invalid
 from berthd.builder.executor import Builder
 from berthd.builder.model import (
     BuildEvent,
-    BuildMessage,
     BuildOptions,
+    BuildProgress,
     BuildResult,
     StepEvent,
+    StepOutput,
 )
-from berthd.common.errors import InvalidArgument
 from berthd.common.messages import timestamp
-from berthd.common.streaming import Done, progress_stream, upload_chunks
+from berthd.common.streaming import Done, progress_stream
 
 Context = grpc.aio.ServicerContext
 
@@ -49,17 +52,36 @@ def duration(seconds: float) -> Duration:
     return message
 
 
-def step_event(event: StepEvent) -> pb.StepEvent:
-    message = pb.StepEvent(
+def build_step(event: StepEvent) -> pb.BuildStep:
+    progress = progress_pb2.Progress(
+        id=f"step/{event.number}",
+        state=PROGRESS_STATES.value(event.status),
+        message=event.instruction,
+    )
+    if event.duration is not None:
+        progress.duration.CopyFrom(duration(event.duration))
+    message = pb.BuildStep(
         number=event.number,
         total=event.total,
         stage=event.stage,
         instruction=event.instruction,
         line=event.line,
-        status=STEP_STATUSES.value(event.status),
-        output=event.output,
-        layer=event.layer,
-        exit_code=event.exit_code,
+        progress=progress,
+        layer_digest=event.layer_digest,
+    )
+    if event.exit_code is not None:
+        message.exit_code = event.exit_code
+    return message
+
+
+def build_progress(event: BuildProgress) -> progress_pb2.Progress:
+    message = progress_pb2.Progress(
+        id=event.id,
+        state=PROGRESS_STATES.value(event.state),
+        current=event.current,
+        total=event.total,
+        unit=progress_pb2.PROGRESS_UNIT_BYTES if event.bytes else 0,
+        message=event.message,
     )
     if event.duration is not None:
         message.duration.CopyFrom(duration(event.duration))
@@ -78,21 +100,37 @@ def build_response(item: BuildEvent | Done[BuildResult]) -> pb.BuildResponse:
                 total_steps=r.total_steps,
             )
         )
-    if isinstance(item, BuildMessage):
-        return pb.BuildResponse(message=item.text)
-    return pb.BuildResponse(step=step_event(item))
+    if isinstance(item, StepOutput):
+        return pb.BuildResponse(
+            output=pb.BuildOutput(
+                step=item.step, stream=LOG_STREAMS.value(item.stream), data=item.data
+            )
+        )
+    if isinstance(item, BuildProgress):
+        return pb.BuildResponse(progress=build_progress(item))
+    return pb.BuildResponse(step=build_step(item))
 
 
 def cache_entry(record: CacheRecord) -> pb.CacheEntry:
     return pb.CacheEntry(
         key=record.key,
         instruction=record.instruction,
-        layer=record.layer.digest if record.layer else "",
+        layer_digest=record.layer.digest if record.layer else "",
         size=record.size,
-        created=timestamp(record.created_at),
-        last_used=timestamp(record.last_used),
+        created_at=timestamp(record.created_at),
+        last_used_at=timestamp(record.last_used),
         uses=record.uses,
     )
+
+
+async def context_chunks(rest: AsyncIterator[pb.BuildRequest]) -> AsyncIterator[bytes]:
+    """The context bytes of the requests after the first; options again is an error."""
+    async for message in rest:
+        kind = message.WhichOneof("request")
+        if kind == "options":
+            raise context_invalid("only the first BuildRequest may carry options")
+        if kind == "context" and message.context:
+            yield message.context
 
 
 # --- the servicer -----------------------------------------------------------------------------
@@ -106,10 +144,10 @@ class BuilderServicer(builder_pb2_grpc.BuilderServiceServicer):
         self, request_iterator: AsyncIterator[pb.BuildRequest], context: Context
     ) -> AsyncIterator[pb.BuildResponse]:
         first = await anext(aiter(request_iterator), None)
-        if first is None:
-            raise InvalidArgument("Build stream carried no message")
+        if first is None or first.WhichOneof("request") != "options":
+            raise context_invalid("the first BuildRequest must carry the options")
         options = build_options(first.options)
-        chunks = upload_chunks(first, request_iterator, field="context")
+        chunks = context_chunks(request_iterator)
 
         def work(report: Callable[[BuildEvent], None]) -> Awaitable[BuildResult]:
             return self.builder.build(options, chunks, report)
@@ -121,9 +159,11 @@ class BuilderServicer(builder_pb2_grpc.BuilderServiceServicer):
         self, request: pb.ListCacheRequest, context: Context
     ) -> pb.ListCacheResponse:
         records = await self.builder.cache.list()
+        page, token = cache_page(records, request)
         return pb.ListCacheResponse(
-            entries=[cache_entry(r) for r in records],
-            total_size=sum({r.layer.digest: r.size for r in records if r.layer}.values()),
+            entries=[cache_entry(r) for r in page],
+            total_bytes=sum({r.layer.digest: r.size for r in records if r.layer}.values()),
+            next_page_token=token,
         )
 
     async def PruneCache(
@@ -132,5 +172,5 @@ class BuilderServicer(builder_pb2_grpc.BuilderServiceServicer):
         unused_for = request.unused_for.ToNanoseconds() / 1e9
         result = await self.builder.prune_cache(unused_for or None)
         return pb.PruneCacheResponse(
-            deleted=len(result.deleted), space_reclaimed=result.bytes_freed
+            deleted=len(result.deleted), reclaimed_bytes=result.bytes_freed
         )

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from berthd.builder.errors import COPY_FAILED
 from berthd.common.errors import InvalidArgument
 from berthd.common.oci.digest import quoted
 
@@ -42,8 +43,13 @@ class SourceMatch:
 
 
 def step_error(line: int, instruction: str, message: str) -> InvalidArgument:
-    """An error of a COPY/ADD step, in Docker's words: `Dockerfile:<line>: COPY failed: ...`."""
-    return InvalidArgument(f"Dockerfile:{line}: {instruction} failed: {message}")
+    """An error of a COPY/ADD step, in Docker's words: `Dockerfile:<line>: COPY failed: ...`
+    (reason COPY_FAILED; WORKDIR's --chown-like lookup of USER uses it too)."""
+    return InvalidArgument(
+        f"Dockerfile:{line}: {instruction} failed: {message}",
+        reason=COPY_FAILED if instruction in ("COPY", "ADD") else "",
+        metadata={"line": line},
+    )
 
 
 def match_sources(

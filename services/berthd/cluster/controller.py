@@ -14,7 +14,9 @@ Decisions, per service:
 - replicas of an older spec version are replaced `parallelism` at a time (stop-first, as
   Swarm's default), and only while no newer replica is still starting: one counts once it has
   been running for the update's monitor time (plus its delay). One that exits stops the update
-  (PAUSED); replicas of a removed service are removed.
+  (PAUSED), as does one its node cannot create; replicas of a removed service are removed;
+- a replica its node could not create (CREATE_FAILED: the node does not try again by itself) is
+  tried again with backoff (RETRY_BACKOFF), by raising its record's attempt.
 Standalone containers with restart policy `always` are moved off lost nodes too (not drained
 ones: drain moves service replicas only).
 """
@@ -45,7 +47,7 @@ from berthd.cluster.services import (
     service_key,
 )
 from berthd.common.errors import BerthError, FailedPrecondition
-from berthd.common.state.containers import RUNNING, DesiredContainer
+from berthd.common.state.containers import CONTAINERS, RUNNING, DesiredContainer
 from berthd.common.store import Compare, Store
 
 log = logging.getLogger("berthd.cluster.controller")
@@ -54,6 +56,11 @@ START = "start"
 REMOVE = "remove"
 MOVE = "move"
 UPDATE = "update"
+RETRY = "retry"
+
+# Seconds before a replica its node could not create is tried again, doubling per attempt.
+RETRY_BACKOFF = 5.0
+MAX_RETRY_BACKOFF = 300.0
 
 PASS_INTERVAL_SECONDS = 1.0
 RETRY_SECONDS = 1.0
@@ -140,11 +147,27 @@ def reconcile_service(
 
     current = [v for v in staying if v.desired.service_version >= record.version]
     outdated = [v for v in staying if v.desired.service_version < record.version]
+    for view in current:
+        if view.state == "create_failed" and view.desired.desired == RUNNING and view.status:
+            wait = min(RETRY_BACKOFF * 2**view.desired.attempt, MAX_RETRY_BACKOFF)
+            if now - view.status.updated_at >= wait:
+                plan.actions.append(
+                    Action(RETRY, record.id, view.desired.slot, view.id, "create failed")
+                )
     state, message = record.update_state, record.update_message
-    failed = [v for v in current if v.state == "exited" and v.desired.desired == RUNNING]
+    failed = [
+        v
+        for v in current
+        if v.state in ("exited", "create_failed") and v.desired.desired == RUNNING
+    ]
     if state == UPDATING and failed:
-        code = failed[0].status.exit_code if failed[0].status else None
-        state, message = PAUSED, f"replica {failed[0].name} exited with code {code}"
+        status = failed[0].status
+        if status is not None and status.create_failed:
+            message = f"replica {failed[0].name} cannot be created: {status.failure_message}"
+        else:
+            code = status.exit_code if status else None
+            message = f"replica {failed[0].name} exited with code {code}"
+        state = PAUSED
     if state != PAUSED and outdated:
         state = UPDATING
         in_flight = len(starts) + sum(1 for v in current if not settled(v, record, now))
@@ -198,6 +221,8 @@ class Changes:
     removes: list[DesiredContainer] = field(default_factory=list)
     moved: list[tuple[DesiredContainer, str]] = field(default_factory=list)  # (new, reason)
     unplaced: list[str] = field(default_factory=list)
+    # Records put back with a higher attempt: their node tries to create them again.
+    retries: list[DesiredContainer] = field(default_factory=list)
 
 
 def _request(container: DesiredContainer) -> Request:
@@ -221,9 +246,9 @@ def realize(plan: Plan, state: ClusterState, now: float) -> Changes:
             view.allocated_memory_bytes += sign * container.memory_bytes
             view.container_count += sign
 
-    leaving = {a.container for a in plan.actions if a.container}
+    leaving = {a.container for a in plan.actions if a.container and a.kind != RETRY}
     for action in plan.actions:
-        if action.container:
+        if action.container and action.kind != RETRY:
             old = state.containers[action.container]
             changes.removes.append(old)
             account(old, -1)
@@ -234,6 +259,14 @@ def realize(plan: Plan, state: ClusterState, now: float) -> Changes:
             spread.setdefault(c.service, Counter())[c.node] += 1
 
     for action in plan.actions:
+        if action.kind == RETRY:
+            changes.retries.append(
+                dataclasses.replace(
+                    state.containers[action.container],
+                    attempt=state.containers[action.container].attempt + 1,
+                )
+            )
+            continue
         if action.kind == REMOVE:
             continue
         old = state.containers.get(action.container)
@@ -327,6 +360,11 @@ class Controller:
             )
             compares.append(self.store.unchanged(service_key(sid), state.revisions[sid]))
             ops.append(self.store.op_put(service_key(sid), record.to_json()))
+        for retried in changes.retries:
+            compares.append(
+                CONTAINERS.unchanged(self.store, retried.id, state.revisions[retried.id])
+            )
+            ops.append(CONTAINERS.op_put(self.store, retried.id, retried))
         if not (changes.adds or changes.removes or ops):
             return False
         ok = await commit(self.store, state, changes.adds, changes.removes, compares, ops)

@@ -49,6 +49,7 @@ from berthd.common.rpc.registry import RegistryApi
 from berthd.common.state.containers import (
     CONTAINERS,
     RUNNING,
+    START_FAILED,
     STATUSES,
     STOPPED,
     ContainerStatus,
@@ -219,11 +220,22 @@ def resolve(ref: str, containers: Iterable[ContainerView]) -> ContainerView:
     prefixed = [c for c in containers if c.id.startswith(ref)]
     if len(prefixed) > 1:
         raise InvalidArgument(
-            f'container id prefix "{ref}" is ambiguous: it matches {len(prefixed)} containers'
+            f'container id prefix "{ref}" is ambiguous: it matches {len(prefixed)} containers',
+            reason="AMBIGUOUS_ID",
+            metadata={"prefix": ref, "matches": len(prefixed)},
         )
     if not prefixed:
-        raise NotFound(f"no such container: {ref}")
+        raise container_not_found(ref)
     return prefixed[0]
+
+
+def container_not_found(ref: str) -> NotFound:
+    return NotFound(
+        f"no such container: {ref}",
+        reason="CONTAINER_NOT_FOUND",
+        metadata={"container": ref},
+        resource=("container", ref),
+    )
 
 
 def build_nodes(
@@ -342,9 +354,16 @@ class ClusterCore:
         return list((await self._snapshot()).nodes.values())
 
     async def node(self, node_id: str) -> ClusterNode:
+        if not node_id:
+            raise InvalidArgument("a node id is required", field="node_id")
         node = (await self._snapshot()).nodes.get(node_id)
         if node is None:
-            raise NotFound(f"no such node: {node_id}")
+            raise NotFound(
+                f"no such node: {node_id}",
+                reason="NODE_NOT_FOUND",
+                metadata={"node_id": node_id},
+                resource=("node", node_id),
+            )
         return node
 
     async def list(self, **filters: Any) -> list[ContainerView]:
@@ -388,7 +407,9 @@ class ClusterCore:
         if info is None or not info.address:
             raise Unavailable(
                 f"node {node} of container {container.name} is not ready (its agent holds no "
-                "lease in etcd): the container cannot be reached until the node is back"
+                "lease in etcd): the container cannot be reached until the node is back",
+                reason="NODE_UNREACHABLE",
+                metadata={"node_id": node, "container_id": container.id},
             )
         return info.address
 
@@ -430,7 +451,12 @@ class ClusterCore:
         snapshot = await self._snapshot()
         name = config.name or self._generate_name(snapshot.containers)
         if any(c.name == name for c in snapshot.containers):
-            raise AlreadyExists(f'the container name "{name}" is already in use')
+            raise AlreadyExists(
+                f'the container name "{name}" is already in use',
+                reason="NAME_IN_USE",
+                metadata={"name": name},
+                resource=("container", name),
+            )
         try:
             node = place([n.view() for n in snapshot.nodes.values()], request)
         except FailedPrecondition:
@@ -480,18 +506,21 @@ class ClusterCore:
     # Lifecycle -----------------------------------------------------------------------------
 
     async def _set_desired(
-        self, ref: str, state: str, stop_timeout: int = 0
+        self, ref: str, state: str, stop_grace: float | None = None, retry: bool = False
     ) -> tuple[ContainerView, float | None]:
-        """Set a container's desired state (and the grace its node gives it when it stops it);
+        """Set a container's desired state (and the grace its node gives it when it stops it;
+        with `retry`, a new attempt: its node tries again what it failed or what exited);
         returns it and its status's `started_at` before."""
         for _ in range(RUN_ATTEMPTS):
             view = await self.inspect(ref)
             found = await CONTAINERS.read(self.store, view.id)
             if found is None:
-                raise NotFound(f"no such container: {ref}")
+                raise container_not_found(ref)
             view.desired = found.record
             view.desired.desired = state
-            view.desired.stop_timeout = stop_timeout
+            view.desired.stop_grace = stop_grace
+            if retry:
+                view.desired.attempt += 1
             ok, _ = await self.store.txn(
                 [CONTAINERS.unchanged(self.store, view.id, found.mod_revision)],
                 [CONTAINERS.op_put(self.store, view.id, view.desired)],
@@ -500,25 +529,52 @@ class ClusterCore:
                 return view, view.status.started_at if view.status else None
         raise Aborted(f"container {ref} is changing concurrently; try again")
 
-    async def stop(self, ref: str, timeout_seconds: int = 0) -> ContainerView:
-        """Desired stopped, then wait until the node reports it exited."""
-        view, _ = await self._set_desired(ref, STOPPED, timeout_seconds)
-        if view.status is not None:
-            grace = (timeout_seconds or DEFAULT_STOP_SECONDS) + STOP_SLACK_SECONDS
+    async def stop(self, ref: str, timeout: float | None = None) -> ContainerView:
+        """Desired stopped, then wait until the node reports it exited (`timeout`: seconds
+        between SIGTERM and SIGKILL; None: the node's default, 10)."""
+        view, _ = await self._set_desired(ref, STOPPED, timeout)
+        if view.status is not None and view.state in ("created", "running", "restarting"):
+            grace = (DEFAULT_STOP_SECONDS if timeout is None else timeout) + STOP_SLACK_SECONDS
             view.status = await self._wait_status(
-                view, lambda s: s is not None and s.state == "exited", grace, "stop"
+                view,
+                lambda s: s is None or s.state not in ("running", "restarting"),
+                grace,
+                "stop",
             )
         return view
 
     async def start(self, ref: str) -> ContainerView:
-        """Desired running, then wait until the node (re)started it."""
-        view, started_before = await self._set_desired(ref, RUNNING)
-        view.status = await self._wait_status(
-            view,
-            lambda s: s is not None and s.started_at not in (None, started_before),
-            START_TIMEOUT_SECONDS,
-            "start",
-        )
+        """Desired running with a new attempt, then wait until the node (re)started it.
+        FailedPrecondition when the node reports it failed to create or start it again."""
+        current = await self.inspect(ref)
+        if current.desired.desired == RUNNING and current.state == "running":
+            return current  # nothing to do, as `docker start` of a running container
+        view, started_before = await self._set_desired(ref, RUNNING, retry=True)
+        attempt = view.desired.attempt
+
+        def done(s: ContainerStatus | None) -> bool:
+            if s is None:
+                return False
+            if s.started_at not in (None, started_before) and s.state != "create_failed":
+                return True
+            return s.attempt >= attempt and (
+                s.create_failed or (s.state == "exited" and s.failure_reason == START_FAILED)
+            )
+
+        view.status = await self._wait_status(view, done, START_TIMEOUT_SECONDS, "start")
+        if view.status is not None and view.status.create_failed:
+            raise cannot_create(view, view.status)
+        if view.status is not None and view.status.failure_reason == START_FAILED:
+            raise FailedPrecondition(
+                f"container {view.name} failed to start on node {view.desired.node}: "
+                f"{view.status.failure_message}",
+                reason="CONTAINER_START_FAILED",
+                metadata={
+                    "container_id": view.id,
+                    "node_id": view.desired.node,
+                    "failure_reason": START_FAILED,
+                },
+            )
         return view
 
     async def created(self, view: ContainerView) -> ContainerView:
@@ -527,12 +583,12 @@ class ClusterCore:
         if view.status is None or not view.status.state:
             view.status = await self._wait_status(
                 view,
-                lambda s: s is not None and (bool(s.state) or s.create_failed),
+                lambda s: s is not None and bool(s.state),
                 START_TIMEOUT_SECONDS,
                 "creation",
             )
         if view.status is not None and view.status.create_failed:
-            raise _cannot_create(view, view.status)
+            raise cannot_create(view, view.status)
         return view
 
     async def wait(self, ref: str) -> ContainerStatus:
@@ -549,9 +605,14 @@ class ClusterCore:
             deletion_ends=True,
         )
         if status is None:
-            raise NotFound(f"container {view.name} was removed before it exited")
+            raise NotFound(
+                f"container {view.name} was removed before it exited",
+                reason="CONTAINER_NOT_FOUND",
+                metadata={"container": view.id},
+                resource=("container", view.id),
+            )
         if status.create_failed:
-            raise _cannot_create(view, status)
+            raise cannot_create(view, status)
         return status
 
     async def remove(self, ref: str, force: bool = False) -> None:
@@ -561,11 +622,13 @@ class ClusterCore:
             view = await self.inspect(ref)
             if view.active and not force:
                 raise FailedPrecondition(
-                    f"container {view.name} is running: stop it first or remove with force"
+                    f"container {view.name} is running: stop it first or remove with force",
+                    reason="CONTAINER_RUNNING",
+                    metadata={"container_id": view.id},
                 )
             found = await CONTAINERS.read(self.store, view.id)
             if found is None:
-                raise NotFound(f"no such container: {ref}")
+                raise container_not_found(ref)
             desired = found.record
             alloc = await self.store.get(allocation_key(desired.node))
             node_ready = await NODES.get(self.store, desired.node) is not None
@@ -647,8 +710,17 @@ class ClusterCore:
         return await self.set_availability(node_id, ACTIVE)
 
 
-def _cannot_create(view: ContainerView, status: ContainerStatus) -> FailedPrecondition:
-    """The node reported that it cannot create the container (its reason in `error`)."""
+def cannot_create(view: ContainerView, status: ContainerStatus) -> FailedPrecondition:
+    """The node reported that it cannot create the container: FAILED_PRECONDITION, reason
+    CONTAINER_CREATE_FAILED, the node's reason in metadata `failure_reason`."""
     return FailedPrecondition(
-        f"container {view.name} cannot be created on node {view.desired.node}: {status.error}"
+        f"container {view.name} cannot be created on node {view.desired.node}: "
+        f"{status.failure_message}",
+        reason="CONTAINER_CREATE_FAILED",
+        metadata={
+            "container_id": view.id,
+            "node_id": view.desired.node,
+            "failure_reason": status.failure_reason,
+        },
+        resource=("container", view.id),
     )

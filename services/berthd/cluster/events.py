@@ -4,23 +4,31 @@ Nothing writes events: they are what changes of the keys mean. `EventTracker` re
 last value of each key that matters and turns each watch event into zero or more events:
 
     nodes/<id>                    put of an unknown node: joined; delete: lost (lease expired)
+    cluster/availability/<id>     a new availability: availability changed; a drained node
+                                  left with no service replica: drain completed
     cluster/containers/<id>       put of a new id: scheduled, or rescheduled when the record
                                   names the node it left (`previous_node`)
-    containers/<id>/status        running with a new start time: started; exited: died
-    cluster/services/<id>         a new replica count: service scaled
+    containers/<id>/status        running with a new start time: started; exited: died;
+                                  create_failed (at a new attempt): create failed
+    cluster/services/<id>         new: created; a new replica count: scaled; a new version:
+                                  update started; update state completed or paused: update
+                                  completed or paused (with the version); delete: removed
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from berthd.cluster.services import SERVICES, ServiceRecord
+from berthd.cluster.core import AVAILABILITY
+from berthd.cluster.services import COMPLETED, PAUSED, SERVICES, ServiceRecord
 from berthd.common.state.containers import (
     CONTAINERS,
+    CREATE_FAILED,
     STATUSES,
     ContainerStatus,
     DesiredContainer,
@@ -36,20 +44,59 @@ CONTAINER_STARTED = "container_started"
 CONTAINER_DIED = "container_died"
 CONTAINER_RESCHEDULED = "container_rescheduled"
 SERVICE_SCALED = "service_scaled"
+CONTAINER_CREATE_FAILED = "container_create_failed"
+NODE_AVAILABILITY_CHANGED = "node_availability_changed"
+NODE_DRAIN_COMPLETED = "node_drain_completed"
+SERVICE_CREATED = "service_created"
+SERVICE_UPDATE_STARTED = "service_update_started"
+SERVICE_UPDATE_COMPLETED = "service_update_completed"
+SERVICE_UPDATE_PAUSED = "service_update_paused"
+SERVICE_REMOVED = "service_removed"
+
+NODE_EVENTS = (NODE_JOINED, NODE_LOST, NODE_AVAILABILITY_CHANGED, NODE_DRAIN_COMPLETED)
+SERVICE_EVENTS = (
+    SERVICE_SCALED,
+    SERVICE_CREATED,
+    SERVICE_UPDATE_STARTED,
+    SERVICE_UPDATE_COMPLETED,
+    SERVICE_UPDATE_PAUSED,
+    SERVICE_REMOVED,
+)
 
 
 @dataclass
 class Event:
+    """One event; which fields are set depends on its type's family (node, container or
+    service), as EventsResponse's payload."""
+
     type: str
     node_id: str = ""
     container_id: str = ""
     container_name: str = ""
     service_id: str = ""
     previous_node_id: str = ""
+    # For container_died: how it exited.
     exit_code: int = 0
+    oom_killed: bool = False
+    # For container_create_failed: why.
+    failure_reason: str = ""
+    failure_message: str = ""
+    # For service events: the service's name, replica count and version after the event.
+    service_name: str = ""
     replicas: int = 0
+    version: int = 0
+    # For node_availability_changed.
+    availability: str = ""
     message: str = ""
     time: float = field(default_factory=time.time)
+
+    @property
+    def family(self) -> str:
+        if self.type in NODE_EVENTS:
+            return "node"
+        if self.type in SERVICE_EVENTS:
+            return "service"
+        return "container"
 
 
 @dataclass
@@ -70,7 +117,7 @@ class EventFilter:
         if self.container and not _refers(self.container, event.container_id, event.container_name):
             return False
         if self.service:
-            name = tracker.service_names.get(event.service_id, "")
+            name = event.service_name or tracker.service_names.get(event.service_id, "")
             if not event.service_id or not _refers(self.service, event.service_id, name):
                 return False
         return True
@@ -85,9 +132,10 @@ class EventTracker:
 
     def __init__(self) -> None:
         self.nodes: set[str] = set()
+        self.availability: dict[str, str] = {}
         self.containers: dict[str, DesiredContainer] = {}
-        self.states: dict[str, tuple[str, Any]] = {}  # id -> (state, started_at)
-        self.replicas: dict[str, int] = {}
+        self.states: dict[str, tuple[str, Any, int]] = {}  # id -> (state, started_at, attempt)
+        self.services: dict[str, ServiceRecord] = {}
         self.service_names: dict[str, str] = {}
 
     def load(self, entries: Iterable[Entry]) -> None:
@@ -106,7 +154,40 @@ class EventTracker:
         if event.key.startswith(SERVICES):
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 return self._service(event.key.removeprefix(SERVICES), event)
+        if event.key.startswith(AVAILABILITY):
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                return self._availability(event.key.removeprefix(AVAILABILITY), event)
         return []
+
+    def _replicas_on(self, node_id: str) -> int:
+        return sum(1 for c in self.containers.values() if c.service and c.node == node_id)
+
+    def _drain_completed(self, node_id: str) -> list[Event]:
+        if self.availability.get(node_id) != "drained" or self._replicas_on(node_id):
+            return []
+        return [
+            Event(
+                NODE_DRAIN_COMPLETED,
+                node_id,
+                message=f"node {node_id} drained: no service replica is left on it",
+            )
+        ]
+
+    def _availability(self, node_id: str, event: WatchEvent) -> list[Event]:
+        value = "active"
+        if event.kind != "delete":
+            value = str(json.loads(event.value)["availability"])
+        if self.availability.get(node_id, "active") == value:
+            self.availability[node_id] = value
+            return []
+        self.availability[node_id] = value
+        changed = Event(
+            NODE_AVAILABILITY_CHANGED,
+            node_id,
+            availability=value,
+            message=f"node {node_id} is {value}",
+        )
+        return [changed, *self._drain_completed(node_id)]
 
     def _node(self, node_id: str, kind: str) -> list[Event]:
         if kind == "delete":
@@ -120,8 +201,10 @@ class EventTracker:
     def _container(self, change: Change[DesiredContainer]) -> list[Event]:
         cid, desired = change.id, change.record
         if desired is None:
-            self.containers.pop(cid, None)
+            gone = self.containers.pop(cid, None)
             self.states.pop(cid, None)
+            if gone is not None and gone.service:
+                return self._drain_completed(gone.node)
             return []
         known = cid in self.containers
         self.containers[cid] = desired
@@ -153,7 +236,7 @@ class EventTracker:
             return []
         state, started = status.state, status.started_at
         before = self.states.get(cid)
-        self.states[cid] = (state, started)
+        self.states[cid] = (state, started, status.attempt)
         desired = self.containers.get(cid)
         common = dict(
             node_id=status.node,
@@ -162,40 +245,79 @@ class EventTracker:
             service_id=desired.service if desired else "",
         )
         name = common["container_name"]
-        if state == "running" and before != (state, started):
+        if state == "running" and (before is None or before[:2] != (state, started)):
             return [Event(CONTAINER_STARTED, message=f"{name} started", **common)]
         if state == "exited" and (before is None or before[0] != "exited"):
             code = status.exit_code
             return [
-                Event(CONTAINER_DIED, exit_code=code, message=f"{name} died ({code})", **common)
+                Event(
+                    CONTAINER_DIED,
+                    exit_code=code,
+                    oom_killed=bool(status.oom_killed),
+                    message=f"{name} died ({code})",
+                    **common,
+                )
+            ]
+        if state == CREATE_FAILED and (before is None or before != self.states[cid]):
+            return [
+                Event(
+                    CONTAINER_CREATE_FAILED,
+                    failure_reason=status.failure_reason,
+                    failure_message=status.failure_message,
+                    message=f"{name} cannot be created: {status.failure_message}",
+                    **common,
+                )
             ]
         return []
 
     def _service(self, sid: str, event: WatchEvent) -> list[Event]:
         if event.kind == "delete":
-            self.replicas.pop(sid, None)
-            return []
+            gone = self.services.pop(sid, None)
+            if gone is None:
+                return []
+            return [self._service_event(SERVICE_REMOVED, gone, f"service {gone.name} removed")]
         record = ServiceRecord.from_json(event.value)
         self.service_names[sid] = record.name
-        before = self.replicas.get(sid)
-        self.replicas[sid] = record.replicas
-        if before == record.replicas:
-            return []
-        return [
-            Event(
-                SERVICE_SCALED,
-                service_id=sid,
-                replicas=record.replicas,
-                message=f"service {record.name} scaled to {record.replicas}",
-            )
-        ]
+        before = self.services.get(sid)
+        self.services[sid] = record
+        if before is None:
+            return [self._service_event(SERVICE_CREATED, record, f"service {record.name} created")]
+        events = []
+        if before.replicas != record.replicas:
+            text = f"service {record.name} scaled to {record.replicas}"
+            events.append(self._service_event(SERVICE_SCALED, record, text))
+        if record.version > before.version:
+            text = f"service {record.name} updating to version {record.version}"
+            events.append(self._service_event(SERVICE_UPDATE_STARTED, record, text))
+        if record.update_state != before.update_state or record.version > before.version:
+            if record.update_state == COMPLETED:
+                text = f"service {record.name} updated to version {record.version}"
+                events.append(self._service_event(SERVICE_UPDATE_COMPLETED, record, text))
+            elif record.update_state == PAUSED:
+                text = (
+                    f"service {record.name} update to version {record.version} paused: "
+                    f"{record.update_message}"
+                )
+                events.append(self._service_event(SERVICE_UPDATE_PAUSED, record, text))
+        return events
+
+    @staticmethod
+    def _service_event(kind: str, record: ServiceRecord, message: str) -> Event:
+        return Event(
+            kind,
+            service_id=record.id,
+            service_name=record.name,
+            replicas=record.replicas,
+            version=record.version,
+            message=message,
+        )
 
 
 async def watch_events(store: Store, wanted: EventFilter) -> AsyncIterator[Event]:
     """Events from now on, until the caller stops iterating."""
     tracker = EventTracker()
     first_revision = 0
-    for prefix in (NODES.prefix, CONTAINERS.prefix, SERVICES, STATUSES.prefix):
+    for prefix in (NODES.prefix, AVAILABILITY, CONTAINERS.prefix, SERVICES, STATUSES.prefix):
         entries, revision = await store.snapshot(prefix)
         first_revision = first_revision or revision
         tracker.load(entries)

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from berth.error_details import Violation
 from berthd.common.errors import FailedPrecondition, InvalidArgument
 
 # Score weights. Spread ranges over [0, 1] (1 - allocation fraction), so LOCALITY_WEIGHT is the
@@ -100,7 +101,9 @@ class Request:
         if self.cpu_millis < 0 or self.memory_bytes < 0:
             raise InvalidArgument(
                 f"resource requests cannot be negative (cpu {self.cpu_millis} millicpus, "
-                f"memory {self.memory_bytes} bytes)"
+                f"memory {self.memory_bytes} bytes)",
+                reason="INVALID_SPEC",
+                field="placement.request",
             )
 
     @property
@@ -112,29 +115,33 @@ class Request:
         return sum(self.image_layers.values())
 
 
+def _bad_constraint(message: str) -> InvalidArgument:
+    return InvalidArgument(message, reason="INVALID_SPEC", field="placement.constraints")
+
+
 def parse_constraint(text: str) -> Constraint:
     """Parse `key==value` / `key!=value`; `node.labels.key` is a synonym of `key`, `node.id`
     matches the node id. Raises InvalidArgument with the expected form for anything else."""
     match = _CONSTRAINT_RE.match(text)
     if match is None:
         if "=" in text and "==" not in text and "!=" not in text:
-            raise InvalidArgument(
+            raise _bad_constraint(
                 f'invalid placement constraint "{text}": use == or != (a single = is not an '
                 f"operator), {_CONSTRAINT_HELP}"
             )
-        raise InvalidArgument(f'invalid placement constraint "{text}": {_CONSTRAINT_HELP}')
+        raise _bad_constraint(f'invalid placement constraint "{text}": {_CONSTRAINT_HELP}')
     written_key, op, value = match.groups()
     key = written_key
     if written_key.startswith(NODE_LABELS_PREFIX):
         key = written_key.removeprefix(NODE_LABELS_PREFIX)
         if not key:
-            raise InvalidArgument(
+            raise _bad_constraint(
                 f'invalid placement constraint "{text}": node.labels. needs a label key, '
                 "for example node.labels.zone==a"
             )
     elif written_key.startswith("node.") and written_key != NODE_ID_KEY:
         # Swarm also knows node.hostname, node.role...; refusing them beats never matching.
-        raise InvalidArgument(
+        raise _bad_constraint(
             f'unsupported placement constraint key "{written_key}" in "{text}": use node.id, '
             "node.labels.<key> or a label key"
         )
@@ -231,6 +238,20 @@ def unavailable_message(total: int, rejections: dict[str, Rejection]) -> str:
     return f"{total - len(rejections)}/{total} nodes are available: " + ", ".join(parts)
 
 
+def unsuitable(message: str, total: int, rejections: dict[str, Rejection]) -> FailedPrecondition:
+    """The scheduler's refusal: FAILED_PRECONDITION, reason NO_SUITABLE_NODE, one
+    NODE_UNSUITABLE violation per node (subject "node/<id>") saying why it cannot take it."""
+    return FailedPrecondition(
+        message,
+        reason="NO_SUITABLE_NODE",
+        metadata={"nodes": total, "available": total - len(rejections)},
+        violations=[
+            Violation("NODE_UNSUITABLE", f"node/{node_id}", rejection.describe())
+            for node_id, rejection in sorted(rejections.items())
+        ],
+    )
+
+
 def _fraction(used: int, capacity: int) -> float:
     if capacity <= 0:
         return 0.0 if used <= 0 else 1.0
@@ -289,7 +310,7 @@ def place(nodes: Iterable[NodeView], request: Request) -> NodeView:
     nodes = list(nodes)
     fit, rejections = filter_nodes(nodes, request)
     if not fit:
-        raise FailedPrecondition(unavailable_message(len(nodes), rejections))
+        raise unsuitable(unavailable_message(len(nodes), rejections), len(nodes), rejections)
     return _best(fit, request, nodes)
 
 
@@ -320,7 +341,9 @@ def place_replicas(
         fit, rejections = filter_nodes(working, request)
         if not fit:
             reason = unavailable_message(len(working), rejections)
-            raise FailedPrecondition(f"only {index} of {count} replicas fit: {reason}")
+            raise unsuitable(
+                f"only {index} of {count} replicas fit: {reason}", len(working), rejections
+            )
         fewest = min(replicas[node.id] for node in fit)
         best = _best([n for n in fit if replicas[n.id] == fewest], request, working)
         best.allocated_cpu_millis += request.cpu_millis

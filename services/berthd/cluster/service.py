@@ -9,7 +9,8 @@ them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
@@ -27,13 +28,15 @@ from berth.node.v1 import node_pb2
 from berth.types.v1 import container_pb2
 from berth.types.v1 import node_pb2 as types_node_pb2
 from berthd.cluster.core import ClusterCore, ClusterNode, ContainerView, Endpoint
+from berthd.cluster.events import CONTAINER_CREATE_FAILED, CONTAINER_DIED, EventFilter, watch_events
 from berthd.cluster.events import Event as ClusterEvent
-from berthd.cluster.events import EventFilter, watch_events
 from berthd.cluster.services import ServiceCore, ServiceRecord
 from berthd.common.container_messages import container_status, state_filter
 from berthd.common.containers import from_spec, to_spec
 from berthd.common.errors import InvalidArgument
+from berthd.common.idempotency import once
 from berthd.common.messages import timestamp
+from berthd.common.pages import paginate
 from berthd.common.rpc.node import NodeApi
 from berthd.common.state.containers import ContainerStatus
 
@@ -76,7 +79,9 @@ def status_message(status: ContainerStatus | None) -> container_pb2.ContainerSta
         started_at=status.started_at,
         finished_at=status.finished_at,
         restart_count=status.restart_count,
-        error=status.error,
+        created_at=status.created_at,
+        failure_reason=status.failure_reason,
+        failure_message=status.failure_message,
     )
 
 
@@ -105,7 +110,7 @@ def container_message(view: ContainerView) -> pb.Container:
 def endpoint_message(endpoint: Endpoint) -> pb.Endpoint:
     return pb.Endpoint(
         kind=ENDPOINT_KINDS.value(endpoint.kind, pb.ENDPOINT_KIND_UNSPECIFIED),
-        instance=endpoint.instance,
+        instance_id=endpoint.instance,
         address=endpoint.address,
         metrics_url=endpoint.metrics_url,
         version=endpoint.version,
@@ -117,7 +122,7 @@ def record_from_spec(spec: pb.ServiceSpec) -> ServiceRecord:
     record = ServiceRecord(
         id="",
         name=spec.name,
-        template=from_spec(spec.template),
+        template=from_spec(spec.template, "spec.template"),
         replicas=spec.replicas,
         cpu_millis=spec.placement.request.cpu_millis,
         memory_bytes=spec.placement.request.memory_bytes,
@@ -161,18 +166,49 @@ def service_message(record: ServiceRecord, running: int) -> pb.Service:
 
 
 def event_message(event: ClusterEvent) -> pb.EventsResponse:
-    return pb.EventsResponse(
+    message = pb.EventsResponse(
         type=EVENT_TYPES.value(event.type, pb.EVENT_TYPE_UNSPECIFIED),
-        time=timestamp(event.time),
-        node_id=event.node_id,
-        container_id=event.container_id,
-        container_name=event.container_name,
-        service_id=event.service_id,
-        previous_node_id=event.previous_node_id,
-        exit_code=event.exit_code,
-        replicas=event.replicas,
+        occurred_at=timestamp(event.time),
         message=event.message,
     )
+    if event.family == "node":
+        message.node.CopyFrom(
+            pb.NodeEvent(
+                node_id=event.node_id,
+                availability=AVAILABILITIES.value(
+                    event.availability, pb.NODE_AVAILABILITY_UNSPECIFIED
+                ),
+            )
+        )
+    elif event.family == "service":
+        message.service.CopyFrom(
+            pb.ServiceEvent(
+                service_id=event.service_id,
+                name=event.service_name,
+                replicas=event.replicas,
+                version=event.version,
+            )
+        )
+    else:
+        container = pb.ContainerEvent(
+            container_id=event.container_id,
+            name=event.container_name,
+            node_id=event.node_id,
+            service_id=event.service_id,
+            previous_node_id=event.previous_node_id,
+        )
+        if event.type == CONTAINER_DIED:
+            container.exit.CopyFrom(
+                container_pb2.ProcessExit(exit_code=event.exit_code, oom_killed=event.oom_killed)
+            )
+        if event.type == CONTAINER_CREATE_FAILED:
+            container.failure.CopyFrom(
+                container_pb2.ContainerFailure(
+                    reason=event.failure_reason, message=event.failure_message
+                )
+            )
+        message.container.CopyFrom(container)
+    return message
 
 
 class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
@@ -194,27 +230,27 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
             and (not request.availability or n.availability == request.availability)
             and wanted.items() <= dict(n.description.labels).items()
         ]
-        return pb.ListNodesResponse(nodes=nodes)
+        found, token = paginate("cluster.ListNodes", request, nodes)
+        return pb.ListNodesResponse(nodes=found, next_page_token=token)
 
-    async def InspectNode(
-        self, request: pb.InspectNodeRequest, context: Context
-    ) -> pb.InspectNodeResponse:
-        return pb.InspectNodeResponse(node=node_message(await self.core.node(request.node)))
+    async def GetNode(self, request: pb.GetNodeRequest, context: Context) -> pb.GetNodeResponse:
+        return pb.GetNodeResponse(node=node_message(await self.core.node(request.node_id)))
 
     async def CordonNode(
         self, request: pb.CordonNodeRequest, context: Context
     ) -> pb.CordonNodeResponse:
-        return pb.CordonNodeResponse(node=node_message(await self.core.cordon(request.node)))
+        return pb.CordonNodeResponse(node=node_message(await self.core.cordon(request.node_id)))
 
     async def DrainNode(
         self, request: pb.DrainNodeRequest, context: Context
     ) -> pb.DrainNodeResponse:
-        return pb.DrainNodeResponse(node=node_message(await self.core.drain(request.node)))
+        return pb.DrainNodeResponse(node=node_message(await self.core.drain(request.node_id)))
 
     async def ActivateNode(
         self, request: pb.ActivateNodeRequest, context: Context
     ) -> pb.ActivateNodeResponse:
-        return pb.ActivateNodeResponse(node=node_message(await self.core.activate(request.node)))
+        node = await self.core.activate(request.node_id)
+        return pb.ActivateNodeResponse(node=node_message(node))
 
     # Containers -------------------------------------------------------------------------
 
@@ -222,13 +258,24 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         self, request: pb.RunContainerRequest, context: Context
     ) -> pb.RunContainerResponse:
         wanted = request.placement.request
-        desired = await self.core.run(
-            from_spec(request.spec),
-            cpu_millis=wanted.cpu_millis,
-            memory_bytes=wanted.memory_bytes,
-            constraints=list(request.placement.constraints),
+        config = from_spec(request.spec)
+
+        async def run() -> pb.RunContainerResponse:
+            desired = await self.core.run(
+                config,
+                cpu_millis=wanted.cpu_millis,
+                memory_bytes=wanted.memory_bytes,
+                constraints=list(request.placement.constraints),
+            )
+            return pb.RunContainerResponse(container=container_message(ContainerView(desired)))
+
+        return await once(
+            self.core.store,
+            "cluster.RunContainer",
+            request.request_id,
+            pb.RunContainerResponse,
+            run,
         )
-        return pb.RunContainerResponse(container=container_message(ContainerView(desired)))
 
     async def ListContainers(
         self, request: pb.ListContainersRequest, context: Context
@@ -239,22 +286,35 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
             name=request.name,
             state=state_filter(request.state),
             node_id=request.node_id,
-            service=request.service,
+            service=await self._service_id(request.service),
         )
-        return pb.ListContainersResponse(containers=[container_message(v) for v in views])
+        found, token = paginate("cluster.ListContainers", request, views)
+        return pb.ListContainersResponse(
+            containers=[container_message(v) for v in found], next_page_token=token
+        )
 
-    async def InspectContainer(
-        self, request: pb.InspectContainerRequest, context: Context
-    ) -> pb.InspectContainerResponse:
+    async def _service_id(self, ref: str) -> str:
+        """The id of the service `ref` names (id, id prefix or name); "" for no filter."""
+        if not ref:
+            return ""
+        record, _ = await self.services.inspect(ref)
+        return record.id
+
+    async def GetContainer(
+        self, request: pb.GetContainerRequest, context: Context
+    ) -> pb.GetContainerResponse:
         view = await self.core.inspect(request.container)
-        return pb.InspectContainerResponse(container=container_message(view))
+        return pb.GetContainerResponse(container=container_message(view))
 
     async def StopContainer(
         self, request: pb.StopContainerRequest, context: Context
     ) -> pb.StopContainerResponse:
-        if request.timeout_seconds < 0:
-            raise InvalidArgument("timeout must not be negative")
-        view = await self.core.stop(request.container, request.timeout_seconds)
+        timeout = None
+        if request.HasField("timeout"):
+            timeout = request.timeout.ToTimedelta().total_seconds()
+            if timeout < 0:
+                raise InvalidArgument("timeout must not be negative", field="timeout")
+        view = await self.core.stop(request.container, timeout)
         return pb.StopContainerResponse(container=container_message(view))
 
     async def StartContainer(
@@ -297,32 +357,62 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         node = await self._node(view)
         async with contextlib.aclosing(node.stream("ContainerLogs", forward)) as lines:
             async for line in lines:
-                yield pb.ContainerLogsResponse(time=line.time, stream=line.stream, data=line.data)
+                yield pb.ContainerLogsResponse(
+                    written_at=line.written_at, stream=line.stream, data=line.data
+                )
 
     async def Exec(
         self, request_iterator: AsyncIterator[pb.ExecRequest], context: Context
     ) -> AsyncIterator[pb.ExecResponse]:
-        first = await anext(aiter(request_iterator), None)
-        if first is None or not first.HasField("process"):
-            raise InvalidArgument("the first Exec message must carry the process")
-        view = await self.core.inspect(first.process.container)
-        process = container_pb2.ExecProcess()
-        process.CopyFrom(first.process)
-        process.container = view.id  # the node knows ids, not cluster-wide prefixes or names
+        sessions = self._session("Exec", request_iterator, node_pb2.ExecRequest, created=False)
+        async with contextlib.aclosing(sessions) as outputs:
+            async for output in outputs:
+                yield pb.ExecResponse(output=output)
 
-        async def forward() -> AsyncIterator[node_pb2.ExecRequest]:
-            yield node_pb2.ExecRequest(
-                process=process, stdin=first.stdin, close_stdin=first.close_stdin
-            )
-            async for message in request_iterator:
-                yield node_pb2.ExecRequest(stdin=message.stdin, close_stdin=message.close_stdin)
+    async def AttachContainer(
+        self, request_iterator: AsyncIterator[pb.AttachContainerRequest], context: Context
+    ) -> AsyncIterator[pb.AttachContainerResponse]:
+        # A container not created yet (its node still pulls) is waited for, so its output
+        # arrives from the first byte, as for a followed ContainerLogs.
+        sessions = self._session(
+            "AttachContainer", request_iterator, node_pb2.AttachContainerRequest, created=True
+        )
+        async with contextlib.aclosing(sessions) as outputs:
+            async for output in outputs:
+                yield pb.AttachContainerResponse(output=output)
+
+    async def _session(
+        self,
+        method: str,
+        requests: AsyncIterator[Any],
+        node_request: Callable[..., Any],
+        *,
+        created: bool,
+    ) -> AsyncIterator[container_pb2.ProcessOutput]:
+        """Relay an interactive session (Exec, AttachContainer) to the container's node: the
+        first message starts it and names the container anywhere in the cluster (the node is
+        given its id), every later one is input."""
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("request") != "start":
+            raise InvalidArgument(f"the first {method} message must be the start", field="start")
+        view = await self.core.inspect(first.start.container)
+        if created:
+            view = await self.core.created(view)
+        start = type(first.start)()
+        start.CopyFrom(first.start)
+        start.container = view.id
+
+        async def forward() -> AsyncIterator[Any]:
+            yield node_request(start=start)
+            async for message in requests:
+                if message.WhichOneof("request") == "start":
+                    raise InvalidArgument(f"only the first {method} message may be the start")
+                yield node_request(input=message.input)
 
         node = await self._node(view)
-        async with contextlib.aclosing(node.stream("Exec", forward())) as outputs:
+        async with contextlib.aclosing(node.stream(method, forward())) as outputs:
             async for out in outputs:
-                yield pb.ExecResponse(
-                    stdout=out.stdout, stderr=out.stderr, exited=out.exited, exit_code=out.exit_code
-                )
+                yield out.output
 
     async def ContainerStats(
         self, request: pb.ContainerStatsRequest, context: Context
@@ -341,26 +431,49 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     async def CreateService(
         self, request: pb.CreateServiceRequest, context: Context
     ) -> pb.CreateServiceResponse:
-        record = await self.services.create(record_from_spec(request.spec))
-        return pb.CreateServiceResponse(service=service_message(record, 0))
+        spec = record_from_spec(request.spec)
+
+        async def create() -> pb.CreateServiceResponse:
+            record = await self.services.create(spec)
+            return pb.CreateServiceResponse(service=service_message(record, 0))
+
+        return await once(
+            self.core.store,
+            "cluster.CreateService",
+            request.request_id,
+            pb.CreateServiceResponse,
+            create,
+        )
 
     async def ListServices(
         self, request: pb.ListServicesRequest, context: Context
     ) -> pb.ListServicesResponse:
         wanted = dict(request.labels).items()
+        services = [
+            (record, running)
+            for record, running in await self.services.list()
+            if wanted <= record.labels.items()
+        ]
+        found, token = paginate("cluster.ListServices", request, services)
         return pb.ListServicesResponse(
-            services=[
-                service_message(record, running)
-                for record, running in await self.services.list()
-                if wanted <= record.labels.items()
-            ]
+            services=[service_message(record, running) for record, running in found],
+            next_page_token=token,
         )
 
-    async def ServicePs(
-        self, request: pb.ServicePsRequest, context: Context
-    ) -> pb.ServicePsResponse:
+    async def GetService(
+        self, request: pb.GetServiceRequest, context: Context
+    ) -> pb.GetServiceResponse:
+        record, running = await self.services.inspect(request.service)
+        return pb.GetServiceResponse(service=service_message(record, running))
+
+    async def ListServiceReplicas(
+        self, request: pb.ListServiceReplicasRequest, context: Context
+    ) -> pb.ListServiceReplicasResponse:
         views = await self.services.ps(request.service, include_stopped=request.all)
-        return pb.ServicePsResponse(containers=[container_message(v) for v in views])
+        found, token = paginate("cluster.ListServiceReplicas", request, views)
+        return pb.ListServiceReplicasResponse(
+            containers=[container_message(v) for v in found], next_page_token=token
+        )
 
     async def ScaleService(
         self, request: pb.ScaleServiceRequest, context: Context
@@ -406,5 +519,5 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         kinds = set(request.kinds)
         endpoints = [endpoint_message(e) for e in await self.core.endpoints()]
         endpoints = [e for e in endpoints if not kinds or e.kind in kinds]
-        endpoints.sort(key=lambda e: (e.kind, e.instance))
+        endpoints.sort(key=lambda e: (e.kind, e.instance_id))
         return pb.GetEndpointsResponse(endpoints=endpoints)

@@ -137,16 +137,30 @@ def validate(record: ServiceRecord) -> None:
     if not _NAME_RE.match(record.name):
         raise InvalidArgument(
             f'invalid service name "{record.name}": use letters, digits, "_" and "-" '
-            "(starting with a letter or digit, at most 63 characters)"
+            "(starting with a letter or digit, at most 63 characters)",
+            reason="INVALID_SPEC",
+            field="spec.name",
         )
     if record.replicas < 0:
-        raise InvalidArgument(f"replica count cannot be negative, got {record.replicas}")
+        raise InvalidArgument(
+            f"replica count cannot be negative, got {record.replicas}",
+            reason="INVALID_SPEC",
+            field="spec.replicas",
+        )
     if record.parallelism < 1:
-        raise InvalidArgument(f"update parallelism must be at least 1, got {record.parallelism}")
+        raise InvalidArgument(
+            f"update parallelism must be at least 1, got {record.parallelism}",
+            reason="INVALID_SPEC",
+            field="spec.update_config.parallelism",
+        )
     if record.delay_seconds < 0 or record.monitor_seconds < 0:
-        raise InvalidArgument("update delay and monitor cannot be negative")
+        raise InvalidArgument(
+            "update delay and monitor cannot be negative",
+            reason="INVALID_SPEC",
+            field="spec.update_config",
+        )
     template = dataclasses.replace(copy.deepcopy(record.template), name=f"{record.name}.1")
-    validate_config(template)
+    validate_config(template, field="spec.template")
     record.request()  # constraints and requests
 
 
@@ -161,9 +175,18 @@ def resolve_service(ref: str, services: Iterable[ServiceRecord]) -> ServiceRecor
             return found[0]
     prefixed = [s for s in services if s.id.startswith(ref)]
     if len(prefixed) > 1:
-        raise InvalidArgument(f'service id prefix "{ref}" is ambiguous')
+        raise InvalidArgument(
+            f'service id prefix "{ref}" is ambiguous',
+            reason="AMBIGUOUS_ID",
+            metadata={"prefix": ref, "matches": len(prefixed)},
+        )
     if not prefixed:
-        raise NotFound(f"no such service: {ref}")
+        raise NotFound(
+            f"no such service: {ref}",
+            reason="SERVICE_NOT_FOUND",
+            metadata={"service": ref},
+            resource=("service", ref),
+        )
     return prefixed[0]
 
 
@@ -241,6 +264,14 @@ async def commit(
         writes.append(
             store.op_put(allocation_key(node), allocation_after(current, cpu, memory, count))
         )
+    # Adds before removes: watchers see a moved container arrive on its new node before it
+    # leaves the old one (the events: rescheduled, then the drained node's drain completed).
+    for c in adds:
+        checks.append(CONTAINERS.absent(store, c.id))
+        if c.name not in removed_names:
+            checks.append(store.absent(name_key(c.name)))
+        writes.append(CONTAINERS.op_put(store, c.id, c))
+        writes.append(store.op_put(name_key(c.name), c.id.encode()))
     for c in removes:
         checks.append(CONTAINERS.unchanged(store, c.id, state.revisions.get(c.id, 0)))
         writes.append(CONTAINERS.op_delete(store, c.id))
@@ -251,12 +282,6 @@ async def commit(
             writes.append(STATUSES.op_delete(store, c.id))
     for name in removed_names - added_names.keys():
         writes.append(store.op_delete(name_key(name)))
-    for c in adds:
-        checks.append(CONTAINERS.absent(store, c.id))
-        if c.name not in removed_names:
-            checks.append(store.absent(name_key(c.name)))
-        writes.append(CONTAINERS.op_put(store, c.id, c))
-        writes.append(store.op_put(name_key(c.name), c.id.encode()))
     ok, _ = await store.txn(checks, writes)
     return bool(ok)
 
@@ -293,7 +318,12 @@ class ServiceCore:
             ],
         )
         if not ok:
-            raise AlreadyExists(f'the service name "{record.name}" is already in use')
+            raise AlreadyExists(
+                f'the service name "{record.name}" is already in use',
+                reason="NAME_IN_USE",
+                metadata={"name": record.name},
+                resource=("service", record.name),
+            )
         return record
 
     async def list(self) -> list[tuple[ServiceRecord, int]]:
@@ -323,7 +353,13 @@ class ServiceCore:
             if expected_version and record.version != expected_version:
                 raise FailedPrecondition(
                     f"service {record.name} is at version {record.version}, not "
-                    f"{expected_version}: it changed meanwhile; inspect it and try again"
+                    f"{expected_version}: it changed meanwhile; inspect it and try again",
+                    reason="VERSION_MISMATCH",
+                    metadata={
+                        "service_id": record.id,
+                        "version": record.version,
+                        "expected_version": expected_version,
+                    },
                 )
             change(record)
             validate(record)

@@ -23,10 +23,17 @@ def container_status(
     started_at: float | None = None,
     finished_at: float | None = None,
     restart_count: int = 0,
-    error: str = "",
+    failure_reason: str = "",
+    failure_message: str = "",
 ) -> pb.ContainerStatus:
     """A ContainerStatus from a node's record of a container (times in seconds since the
-    epoch). An unknown or empty state is sent as UNSPECIFIED: not created yet."""
+    epoch). An unknown or empty state is sent as UNSPECIFIED: not created yet. The failure is
+    set only when there is one (a reason or a message)."""
+    failure = None
+    if failure_reason or failure_message:
+        failure = pb.ContainerFailure(
+            reason=failure_reason or "CREATE_FAILED", message=failure_message
+        )
     return pb.ContainerStatus(
         state=CONTAINER_STATES.value(state, pb.CONTAINER_STATE_UNSPECIFIED),
         pid=pid,
@@ -36,7 +43,7 @@ def container_status(
         started_at=timestamp(started_at),
         finished_at=timestamp(finished_at),
         restart_count=restart_count,
-        error=error,
+        failure=failure,
     )
 
 

@@ -20,8 +20,9 @@ from berth.containers import (
     ContainerConfig,
     MountSpec,
 )
+from berth.errors import InvalidArgumentError
 from berth.types.v1 import container_pb2 as pb
-from berthd.common.errors import invalid_argument
+from berthd.common.errors import InvalidArgument, invalid_argument
 
 __all__ = [
     "MAX_CPU_SHARES",
@@ -40,10 +41,13 @@ __all__ = [
 ]
 
 
-def validate(config: ContainerConfig) -> None:
-    """config.validate(), raising InvalidArgument."""
-    with invalid_argument():
+def validate(config: ContainerConfig, field: str = "spec") -> None:
+    """config.validate(), raising InvalidArgument with reason INVALID_SPEC and `field` (the
+    request field the config came from) as the field at fault."""
+    try:
         config.validate()
+    except InvalidArgumentError as exc:
+        raise InvalidArgument(exc.message, reason="INVALID_SPEC", field=field) from None
 
 
 def from_json(text: str | bytes) -> ContainerConfig:
@@ -58,10 +62,13 @@ def from_dict(obj: object) -> ContainerConfig:
         return ContainerConfig.from_dict(obj)
 
 
-def from_spec(spec: pb.ContainerSpec) -> ContainerConfig:
-    """A request's ContainerSpec as a config, not yet validated."""
-    with invalid_argument():
+def from_spec(spec: pb.ContainerSpec, field: str = "spec") -> ContainerConfig:
+    """A request's ContainerSpec as a config, not yet validated; InvalidArgument with reason
+    INVALID_SPEC (and `field`) for one that cannot be a config at all."""
+    try:
         return model.from_spec(spec)
+    except InvalidArgumentError as exc:
+        raise InvalidArgument(exc.message, reason="INVALID_SPEC", field=field) from None
 
 
 def to_spec(config: ContainerConfig) -> pb.ContainerSpec:

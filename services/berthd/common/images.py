@@ -87,7 +87,8 @@ class ResolvedImage:
     def of(cls, repository: str, tag: str | None, content: Content) -> ResolvedImage:
         if content.config is None:
             raise InvalidArgument(
-                f"{repository}@{content.digest} is a {content.media_type}, not an image"
+                f"{repository}@{content.digest} is a {content.media_type}, not an image",
+                metadata={"digest": content.digest, "media_type": content.media_type},
             )
         return cls(
             repository=repository,
@@ -153,7 +154,9 @@ class ImageStore:
         if reference.registry is not None:
             raise InvalidArgument(
                 f"{ref} names an external registry; berth's images have no host "
-                "(pull it first with `berth pull`)"
+                "(pull it first with `berth pull`)",
+                reason="INVALID_REFERENCE",
+                metadata={"image": ref},
             )
         repository = reference.repository
         try:
@@ -163,7 +166,12 @@ class ImageStore:
                 stored = await self.registry.get_manifest(repository, reference.tag or "latest")
                 content = self._contents.get(stored.digest) or await self._keep(stored, repository)
         except NotFound:
-            raise NotFound(f"No such image: {ref}") from None
+            raise NotFound(
+                f"No such image: {ref}",
+                reason="IMAGE_NOT_FOUND",
+                metadata={"image": ref},
+                resource=("image", ref),
+            ) from None
         return ResolvedImage.of(repository, None if reference.digest else reference.tag, content)
 
     # --- writing ---------------------------------------------------------------------------

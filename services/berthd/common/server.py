@@ -1,9 +1,9 @@
 """Server bootstrap shared by every service.
 
 One call, `run_server`, gives a service: a grpc.aio server with the observability interceptor,
-the standard health service and server reflection, a Prometheus endpoint, its endpoint key in
-etcd bound to a kept-alive lease, a ready file for supervisors, and a SIGTERM that drains
-in-flight calls before exiting.
+the standard health service, server reflection (v1 and v1alpha), a Prometheus endpoint, its
+endpoint key in etcd bound to a kept-alive lease, a ready file for supervisors, and a SIGTERM
+that drains in-flight calls before exiting.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics, start_http_server
 
 from berth.files import atomic_write
 from berthd.common.config import ServiceConfig, split_host_port
 from berthd.common.interceptor import ObservabilityInterceptor
 from berthd.common.logs import setup_logging
+from berthd.common.reflection import enable_reflection
 from berthd.common.rpc.channels import close_shared
 from berthd.common.state.endpoints import EndpointRecord, endpoint_key
 from berthd.common.store import LeaseKeeper, Store
@@ -73,7 +73,7 @@ async def run_server(
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
+    enable_reflection([*names, health_name], server)
 
     port = server.add_insecure_port(config.listen)
     if port == 0:

@@ -59,7 +59,7 @@ from berthd.image.archive_format import (
     user_reference,
 )
 from berthd.image.catalog import Catalog
-from berthd.image.model import ORIGIN_LOAD, ImageDetail
+from berthd.image.model import ORIGIN_LOAD, Event, ImageDetail, Report, State, Unit, ignore
 
 DEFAULT_MAX_ARCHIVE_BYTES = 64 << 30
 _MAX_INDEX_DEPTH = 4  # nested image indexes followed
@@ -301,9 +301,12 @@ async def load_images(
     chunks: AsyncIterator[bytes],
     reference: str = "",
     max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+    progress: Report = ignore,
 ) -> tuple[list[ImageDetail], list[str]]:
     """Store the images of an archive; returns them and the `name:tag` references that now
     name them. `reference` names images the archive leaves unnamed (see name_unnamed).
+    Progress: "upload" DONE once the archive is in (the caller reports its bytes as they
+    arrive), then "images" (names stored, of how many) RUNNING and DONE.
 
     Everything is read and checked before the first manifest is stored, so a broken archive
     leaves no image behind (blobs pushed before the error are left to garbage collection).
@@ -314,28 +317,43 @@ async def load_images(
     workdir = Path(tempfile.mkdtemp(prefix="load-", dir=catalog.scratch))
     try:
         path = await spool(chunks, workdir / "archive", max_bytes)
+        received = path.stat().st_size
+        progress(Event("upload", State.DONE, received, received))
         archive = await asyncio.to_thread(Archive.open, path)
-        loader = _Loader(catalog, archive, workdir)
+        loader = _Loader(catalog, archive, workdir, progress)
         if archive.has(DOCKER_MANIFEST_FILE):
-            return await loader.docker_archive(reference)
-        if archive.has(INDEX_FILE):
+            result = await loader.docker_archive(reference)
+        elif archive.has(INDEX_FILE):
             targets = await asyncio.to_thread(read_layout, archive)
             name_unnamed([t.naming for t in targets], reference)
-            return await loader.store_layout(targets, DETAIL_OCI)
-        raise InvalidArgument(
-            f"the archive is neither a docker-archive (no {DOCKER_MANIFEST_FILE}) nor an OCI "
-            f"layout (no {INDEX_FILE})"
-        )
+            result = await loader.store_layout(targets, DETAIL_OCI)
+        else:
+            raise InvalidArgument(
+                f"the archive is neither a docker-archive (no {DOCKER_MANIFEST_FILE}) nor an "
+                f"OCI layout (no {INDEX_FILE})",
+                reason="INVALID_ARCHIVE",
+                field="data",
+            )
+        stored = len(result[1])
+        progress(Event("images", State.DONE, stored, stored, Unit.ITEMS))
+        return result
     finally:
         await asyncio.to_thread(shutil.rmtree, workdir, True)
 
 
 class _Loader:
-    def __init__(self, catalog: Catalog, archive: Archive, workdir: Path) -> None:
+    def __init__(
+        self, catalog: Catalog, archive: Archive, workdir: Path, progress: Report = ignore
+    ) -> None:
         self.catalog = catalog
         self.archive = archive
         self.workdir = workdir
+        self.progress = progress
         self._pushed: set[tuple[str, str]] = set()  # (repository, blob digest)
+
+    def stored(self, done: int, total: int) -> None:
+        """Report `done` of `total` names stored."""
+        self.progress(Event("images", State.RUNNING, done, total, Unit.ITEMS))
 
     # --- OCI layouts
 
@@ -355,9 +373,10 @@ class _Loader:
             for image in target.images
             for what, blob in _blobs(image)
         }
+        self.stored(0, len(placed))
         await run_limited(pushes.values(), PARALLEL_PUSHES)
         loaded: dict[str, str] = {}  # image digest -> a repository holding it
-        for repository, tag, target in placed:
+        for done, (repository, tag, target) in enumerate(placed, 1):
             for image in target.images:
                 digest = image.descriptor.digest
                 # Byte-identical, so every digest stays what the archive says.
@@ -368,6 +387,7 @@ class _Loader:
                 if image.runnable:
                     loaded.setdefault(digest, repository)
             await self._put_manifest(repository, tag, target.media_type, target.content)
+            self.stored(done, len(placed))
         details = [await self.catalog.inspect(f"{r}@{d}") for d, r in loaded.items()]
         return details, [f"{repository}:{tag}" for repository, tag, _ in placed]
 
@@ -396,7 +416,9 @@ class _Loader:
             )
         except DataLoss as e:
             raise DataLoss(
-                f"archive member {quoted(entry.name)} ({what}) does not match its digest {digest}"
+                f"archive member {quoted(entry.name)} ({what}) does not match its digest {digest}",
+                reason="DIGEST_MISMATCH",
+                metadata={"member": entry.name, "expected": digest, **e.details.metadata},
             ) from e
         self._pushed.add((repository, digest))
 
@@ -419,6 +441,8 @@ class _Loader:
             for entry, naming in zip(entries, namings, strict=True)
         ]
         configs: dict[tuple[str, str], Descriptor] = {}
+        total = sum(len(naming.names) for naming in namings)
+        self.stored(0, total)
         for image, naming in zip(images, namings, strict=True):
             for repository, _ in naming.names:
                 pushed = await self.catalog.registry.push_bytes(
@@ -428,6 +452,7 @@ class _Loader:
                 for layer in image.layers:
                     await self._push_layer(repository, layer)
         details: dict[str, ImageDetail] = {}
+        done = 0
         for image, naming in zip(images, namings, strict=True):
             for repository, tag in naming.names:
                 config = configs[repository, digest_bytes(image.config)]
@@ -436,6 +461,8 @@ class _Loader:
                     repository, tag, config, layer_descriptors, ORIGIN_LOAD, DETAIL_DOCKER
                 )
                 details.setdefault(detail.digest, detail)
+                done += 1
+                self.stored(done, total)
         references = [f"{r}:{t}" for naming in namings for r, t in naming.names]
         return list(details.values()), references
 

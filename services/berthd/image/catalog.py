@@ -21,6 +21,9 @@ Docker does.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from berth.error_details import Violation
 from berthd.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from berthd.common.images import Content, ImageStore, ResolvedImage
 from berthd.common.oci.digest import quoted
@@ -45,6 +49,8 @@ from berthd.image.model import HistoryStep, ImageDetail, ImageRow, Removal
 
 # Manifests and configs fetched at once when the cache is cold (a first `berth images`).
 FETCH_CONCURRENCY = 8
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
 _ID_PREFIX = re.compile(r"(sha256:)?([0-9a-f]{4,64})")
 
 
@@ -178,17 +184,99 @@ def container_use(
     return ContainerUse(container_id, repo, None if reference.digest else tag, digest)
 
 
-def catalog_name(text: str, what: str = "image name") -> Reference:
+def image_not_found(ref: str) -> NotFound:
+    return NotFound(
+        f"No such image: {ref}",
+        reason="IMAGE_NOT_FOUND",
+        metadata={"image": ref},
+        resource=("image", ref),
+    )
+
+
+def reference_of(text: str, field: str, default_tag: str | None = "latest") -> Reference:
+    """parse_reference, its error given reason INVALID_REFERENCE and the request field."""
+    try:
+        return parse_reference(text, default_tag)
+    except InvalidArgument as e:
+        raise invalid_reference(str(e), field, text) from None
+
+
+def invalid_reference(message: str, field: str, text: str) -> InvalidArgument:
+    return InvalidArgument(message, reason="INVALID_REFERENCE", field=field, metadata={field: text})
+
+
+def catalog_name(text: str, what: str = "image name", field: str = "reference") -> Reference:
     """`name[:tag]` for a new name in the catalog (tag `latest`): no registry host, no digest."""
-    reference = parse_reference(text)
+    reference = reference_of(text, field)
     if reference.registry is not None:
-        raise InvalidArgument(
+        raise invalid_reference(
             f"{what} {quoted(text)} has a registry host: berth's catalog names have no host; "
-            f"`berth push SRC {text}` copies an image out to that registry"
+            f"`berth push SRC {text}` copies an image out to that registry",
+            field,
+            text,
         )
     if reference.digest is not None:
-        raise InvalidArgument(f"{what} {quoted(text)} must be name[:tag], without a digest")
+        raise invalid_reference(
+            f"{what} {quoted(text)} must be name[:tag], without a digest", field, text
+        )
     return reference
+
+
+# --- pages of the list ------------------------------------------------------------------------
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument(f"page size {requested} is negative", field="page_size")
+    return min(requested or DEFAULT_PAGE, MAX_PAGE)
+
+
+def _row_key(row: ImageRow) -> tuple[float, str, str]:
+    """The list's order: newest first, then by repository and tag."""
+    return (-(row.created or 0.0), row.repository, row.tag)
+
+
+def _filters_scope(reference: str, all: bool, dangling_only: bool) -> str:
+    text = json.dumps([reference, all, dangling_only])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def encode_page_token(row: ImageRow, scope: str) -> str:
+    """An opaque token: the filters of the listing (hashed) and the last row's key."""
+    key = _row_key(row)
+    return base64.urlsafe_b64encode(json.dumps([scope, *key]).encode()).decode()
+
+
+def decode_page_token(token: str, scope: str) -> tuple[float, str, str] | None:
+    """The key of the last row of the previous page; None for a first page."""
+    if not token:
+        return None
+    try:
+        text = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+        owner, created, repository, tag = json.loads(text)
+        key = (float(created), str(repository), str(tag))
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise InvalidArgument(
+            f"invalid page token {token!r}", reason="INVALID_PAGE_TOKEN", field="page_token"
+        ) from None
+    if owner != scope:
+        raise InvalidArgument(
+            f"invalid page token {token!r} for this listing (it belongs to other filters)",
+            reason="INVALID_PAGE_TOKEN",
+            field="page_token",
+        )
+    return key
+
+
+def page_of(
+    rows: Sequence[ImageRow], size: int, token: str, scope: str
+) -> tuple[list[ImageRow], str]:
+    """The page of `rows` (in the list's order) after the token's row, and the next token."""
+    limit = page_size(size)
+    after = decode_page_token(token, scope)
+    rest = [r for r in rows if after is None or _row_key(r) > after]
+    page = rest[:limit]
+    return page, encode_page_token(page[-1], scope) if len(rest) > limit else ""
 
 
 # --- the catalog --------------------------------------------------------------------------------
@@ -256,26 +344,28 @@ class Catalog:
     async def target(self, ref: str, snapshot: Snapshot) -> Target:
         """Which manifest `ref` names (see the module docstring for the forms)."""
         if not ref:
-            raise InvalidArgument("no image given")
+            raise InvalidArgument("no image given", reason="INVALID_REFERENCE", field="image")
         id_like = _ID_PREFIX.fullmatch(ref)
         # `sha256:...` and 64 hex digits can only be a digest or an image id.
         if id_like and (id_like.group(1) or len(id_like.group(2)) == 64):
             return await self._by_id(id_like.group(2), ref, snapshot)
         try:
-            reference = parse_reference(ref)
+            reference = reference_of(ref, "image")
         except InvalidArgument:
             if id_like:
                 return await self._by_id(id_like.group(2), ref, snapshot)
             raise
         if reference.registry is not None:
-            raise InvalidArgument(
+            raise invalid_reference(
                 f"{ref} names an external registry; berth's catalog names have no host "
-                "(pull it first with `berth pull`)"
+                "(pull it first with `berth pull`)",
+                "image",
+                ref,
             )
         repo = reference.repository
         if reference.digest is not None:
             if repo not in snapshot.manifests.get(reference.digest, {}):
-                raise NotFound(f"No such image: {ref}")
+                raise image_not_found(ref)
             return Target(reference.digest, repo, None, "digest")
         tag = reference.tag or "latest"
         digest = snapshot.tags.get((repo, tag))
@@ -283,7 +373,7 @@ class Catalog:
             return Target(digest, repo, tag, "tag")
         if id_like:
             return await self._by_id(id_like.group(2), ref, snapshot)
-        raise NotFound(f"No such image: {ref}")
+        raise image_not_found(ref)
 
     async def _by_id(self, hex_prefix: str, ref: str, snapshot: Snapshot) -> Target:
         """A manifest whose digest, or whose image's id (config digest), starts with the hex."""
@@ -293,12 +383,14 @@ class Catalog:
             if content.is_image and content.id.startswith(prefix):
                 matches.add(digest)
         if not matches:
-            raise NotFound(f"No such image: {ref}")
+            raise image_not_found(ref)
         if len(matches) > 1:
             shown = ", ".join(sorted(d.removeprefix("sha256:")[:12] for d in matches))
             raise FailedPrecondition(
                 f"image id prefix {ref} is ambiguous: it matches {len(matches)} images "
-                f"({shown}); give more digits"
+                f"({shown}); give more digits",
+                reason="AMBIGUOUS_ID",
+                metadata={"prefix": ref, "matches": ",".join(sorted(matches))},
             )
         digest = matches.pop()
         tagged = snapshot.tags_of(digest)
@@ -314,7 +406,9 @@ class Catalog:
         if not content.is_image:
             what = "an image index" if content.parsed.kind == "index" else "not an image"
             raise FailedPrecondition(
-                f"{ref} is {what} ({content.media_type}); name one of its images by digest"
+                f"{ref} is {what} ({content.media_type}); name one of its images by digest",
+                reason="NOT_AN_IMAGE",
+                metadata={"image": ref, "digest": target.digest, "media_type": content.media_type},
             )
         return target, content
 
@@ -358,6 +452,22 @@ class Catalog:
         assert content.config is not None
         return list(reversed(pair_history(content.config, content.layers)))
 
+    async def list_page(
+        self,
+        reference: str = "",
+        all: bool = False,
+        dangling_only: bool = False,
+        size: int = 0,
+        token: str = "",
+    ) -> tuple[list[ImageRow], str]:
+        """A page of list()'s rows after the token's, and the token of the next page. A token
+        belongs to the filters of the listing that returned it."""
+        scope = _filters_scope(reference, all, dangling_only)
+        page_size(size)
+        decode_page_token(token, scope)  # a bad token fails before the catalog is read
+        rows = await self.list(reference, all, dangling_only)
+        return page_of(rows, size, token, scope)
+
     async def list(
         self, reference: str = "", all: bool = False, dangling_only: bool = False
     ) -> list[ImageRow]:
@@ -397,8 +507,7 @@ class Catalog:
             for repo, digest in _dangling(snapshot, images):
                 if _wanted(wanted, repo, None):
                     rows.append(row(repo, "", images[digest]))
-        rows.sort(key=lambda r: (r.repository, r.tag))
-        rows.sort(key=lambda r: r.created or 0.0, reverse=True)
+        rows.sort(key=_row_key)
         return rows
 
     async def figures(self) -> tuple[int, int]:
@@ -452,7 +561,7 @@ class Catalog:
     async def tag(self, source: str, target: str) -> str:
         """Name an existing image `target` (`name[:tag]`); returns the manifest digest, which
         stays the same. Its blobs are mounted into the target repository, never copied."""
-        name = catalog_name(target, "target")
+        name = catalog_name(target, "target", "target")
         assert name.tag is not None
         snapshot = await self.snapshot()
         found, content = await self.image(source, snapshot)
@@ -462,7 +571,10 @@ class Catalog:
                 if not await self.registry.mount_blob(repository, blob.digest, found.repository):
                     raise FailedPrecondition(
                         f"blob {blob.digest} of {source} is missing from repository "
-                        f"{found.repository}; the image is damaged"
+                        f"{found.repository}; the image is damaged",
+                        reason="IMAGE_DAMAGED",
+                        metadata={"digest": blob.digest, "repository": found.repository},
+                        resource=("blob", blob.digest),
                     )
         return await self.registry.put_manifest(
             repository, name.tag, content.media_type, content.manifest
@@ -586,21 +698,36 @@ def removal_plan(target: Target, snapshot: Snapshot) -> Plan:
 
 def check_unused(plan: Plan, digest: str, image_id: str, uses: Iterable[ContainerUse]) -> None:
     """Refuse (like Docker) a removal that takes away the name or the image a container was
-    created from."""
+    created from; the error names every such container (one precondition violation each)."""
     untagged = set(plan.untag)
+    users = []
     for use in uses:
         names_tag = use.tag is not None and (use.repository, use.tag) in untagged
         loses_image = use.digest == digest and (plan.whole or use.repository in plan.delete_from)
-        if not (names_tag or loses_image):
-            continue
-        if plan.untag:
-            repo, tag = plan.untag[0]
-            what = f'remove repository reference "{repo}:{tag}" (must force)'
-        else:
-            what = f"delete {image_id.removeprefix('sha256:')[:12]} (must be forced)"
-        raise FailedPrecondition(
-            f"conflict: unable to {what} - image is being used by container {use.id[:12]}"
-        )
+        if names_tag or loses_image:
+            users.append(use)
+    if not users:
+        return
+    if plan.untag:
+        repo, tag = plan.untag[0]
+        what = f'remove repository reference "{repo}:{tag}" (must force)'
+    else:
+        what = f"delete {image_id.removeprefix('sha256:')[:12]} (must be forced)"
+    raise FailedPrecondition(
+        f"conflict: unable to {what} - image is being used by container {users[0].id[:12]}",
+        reason="IMAGE_IN_USE",
+        metadata={"image": digest, "containers": ",".join(u.id for u in users)},
+        resource=("image", digest),
+        violations=[
+            Violation(
+                "IMAGE_IN_USE",
+                f"container/{use.id}",
+                f"container {use.id[:12]} was created from "
+                + (f"{use.repository}:{use.tag}" if use.tag else f"{use.repository}@{digest}"),
+            )
+            for use in users
+        ],
+    )
 
 
 def catalog_figures(images: Mapping[str, Content]) -> tuple[int, int]:
@@ -635,9 +762,13 @@ def _dangling(snapshot: Snapshot, images: Mapping[str, Content]) -> list[tuple[s
 def _list_filter(reference: str) -> Reference | None:
     if not reference:
         return None
-    parsed = parse_reference(reference, default_tag=None)
+    parsed = reference_of(reference, "reference", default_tag=None)
     if parsed.registry is not None or parsed.digest is not None:
-        raise InvalidArgument(f"list filter {quoted(reference)} must be a repository or repo:tag")
+        raise invalid_reference(
+            f"list filter {quoted(reference)} must be a repository or repo:tag",
+            "reference",
+            reference,
+        )
     return parsed
 
 

@@ -16,8 +16,10 @@ import copy
 import lzma
 import os
 import tarfile
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +54,16 @@ from berthd.common.tarsafe import (
 )
 from berthd.image import metrics
 from berthd.image.catalog import Catalog, catalog_name
-from berthd.image.model import ORIGIN_COMMIT, ORIGIN_IMPORT, ImageDetail
+from berthd.image.model import (
+    ORIGIN_COMMIT,
+    ORIGIN_IMPORT,
+    Event,
+    ImageDetail,
+    Report,
+    State,
+    Unit,
+    ignore,
+)
 
 # Where the blobs of an import without a name go (an untagged commit stays in its parent's
 # repository, which already holds the parent's layers).
@@ -61,8 +72,27 @@ DEFAULT_IMPORT_LIMIT = 8 << 30  # bytes, compressed upload and uncompressed tar 
 _CHUNK = 1 << 20
 _TAR_BUFSIZE = 64 * 1024
 
-CommitProgress = Callable[[str, str], None]
-"""progress(stage, text); stage is "resolving", "exporting" or "writing"."""
+
+class Stages:
+    """A commit's stages as progress events: each stage is RUNNING (with a line for people)
+    until the next one starts or finish() is called, then DONE with the time it took."""
+
+    def __init__(self, report: Report) -> None:
+        self._report = report
+        self._current = ""
+        self._started = 0.0
+
+    def __call__(self, stage: str, message: str) -> None:
+        if stage != self._current:
+            self.finish()
+            self._current, self._started = stage, time.monotonic()
+        self._report(Event(stage, State.RUNNING, unit=Unit.NONE, message=message))
+
+    def finish(self) -> None:
+        if self._current:
+            seconds = time.monotonic() - self._started
+            self._report(Event(self._current, State.DONE, unit=Unit.NONE, seconds=seconds))
+            self._current = ""
 
 
 def now_rfc3339() -> str:
@@ -82,29 +112,32 @@ async def commit(
     message: str,
     pause: bool,
     changes: list[str],
-    progress: CommitProgress,
+    report: Report = ignore,
 ) -> ImageDetail:
     """Snapshot a cluster container's changed filesystem as a new image named `reference`
-    (`name[:tag]`; empty: untagged, in the parent's repository)."""
+    (`name[:tag]`; empty: untagged, in the parent's repository). Progress: the stages
+    "resolve", "export" and "write"."""
     # Everything the caller typed is checked before anything is touched.
     name = catalog_name(reference, "reference") if reference else None
-    parse_changes(changes)
+    with _field("changes"):
+        parse_changes(changes)
     if not container:
-        raise InvalidArgument("no container given")
+        raise InvalidArgument("no container given", field="container")
 
-    progress("resolving", f"finding container {container}")
+    progress = Stages(report)
+    progress("resolve", f"finding container {container}")
     found, node = await _find_container(cluster, container)
     agent = NodeApi(node.address)
     parent = await _parent_image(catalog, found, node, agent)
     repository = name.repository if name else parent.repository
-    progress("resolving", f"container {found.name} runs on node {node.id}, image {found.image}")
+    progress("resolve", f"container {found.name} runs on node {node.id}, image {found.image}")
 
     paused = " (paused while it is read)" if pause else ""
-    progress("exporting", f"node {node.id} packs the changes of {found.name}{paused}")
+    progress("export", f"node {node.id} packs the changes of {found.name}{paused}")
     layer_digest, diff_id, size = await agent.export_layer(found.id, repository, pause)
-    progress("exporting", f"layer {layer_digest} ({size} bytes) pushed to {repository}")
+    progress("export", f"layer {layer_digest} ({size} bytes) pushed to {repository}")
 
-    progress("writing", "writing the image config and manifest")
+    progress("write", "writing the image config and manifest")
     if repository != parent.repository:
         for layer in parent.parsed.layers:
             await _mount(catalog, repository, layer.digest, parent.repository)
@@ -120,15 +153,33 @@ async def commit(
     )
     layers = [*map(as_oci_layer, parent.parsed.layers)]
     layers.append(Descriptor(mediatypes.OCI_LAYER_TAR_GZIP, layer_digest, size))
-    return await catalog.write_image(
+    image = await catalog.write_image(
         repository, name.tag if name else None, config, layers, ORIGIN_COMMIT, found.id
     )
+    progress.finish()
+    return image
+
+
+@contextmanager
+def _field(field: str) -> Iterator[None]:
+    """An InvalidArgument without a more specific reason names the request field at fault."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        if exc.reason != "INVALID_ARGUMENT" or exc.details.field_violations:
+            raise
+        raise InvalidArgument(str(exc), field=field) from None
 
 
 async def _find_container(cluster: ClusterApi, container: str) -> tuple[ClusterContainer, NodeInfo]:
     found = await cluster.inspect(container)
     if not found.node_id:
-        raise FailedPrecondition(f"container {found.name} is not placed on any node")
+        raise FailedPrecondition(
+            f"container {found.name} is not placed on any node",
+            reason="CONTAINER_NOT_PLACED",
+            metadata={"container": found.id},
+            resource=("container", found.id),
+        )
     return found, await cluster.node(found.node_id)
 
 
@@ -138,11 +189,17 @@ async def _parent_image(
     """The image the container runs: its repository and the manifest digest its node pulled."""
     if found.state == "pending":
         raise FailedPrecondition(
-            f"container {found.name} is not created on node {node.id} yet; commit it once it runs"
+            f"container {found.name} is not created on node {node.id} yet; commit it once it runs",
+            reason="CONTAINER_NOT_CREATED",
+            metadata={"container": found.id, "node_id": node.id},
+            resource=("container", found.id),
         )
     if node.state != "ready":
         raise Unavailable(
-            f"node {node.id} of container {found.name} is {node.state}: its changes cannot be read"
+            f"node {node.id} of container {found.name} is {node.state}: its changes cannot be read",
+            reason="NODE_UNAVAILABLE",
+            metadata={"node_id": node.id, "state": node.state},
+            resource=("node", node.id),
         )
     digest = found.image_digest
     if not digest:  # no status with it reported yet: ask the node that pulled it
@@ -153,14 +210,20 @@ async def _parent_image(
     except NotFound:
         raise FailedPrecondition(
             f"the image of container {found.name} ({found.image}, {digest}) is no longer in "
-            "the registry, so the new image would have no parent layers"
+            "the registry, so the new image would have no parent layers",
+            reason="PARENT_IMAGE_UNKNOWN",
+            metadata={"image": f"{repository}@{digest}", "container": found.id},
+            resource=("image", f"{repository}@{digest}"),
         ) from None
 
 
 async def _mount(catalog: Catalog, repository: str, digest: str, source: str) -> None:
     if not await catalog.registry.mount_blob(repository, digest, source):
         raise FailedPrecondition(
-            f"layer {digest} of the parent image is missing from repository {source}"
+            f"layer {digest} of the parent image is missing from repository {source}",
+            reason="IMAGE_DAMAGED",
+            metadata={"digest": digest, "repository": source},
+            resource=("blob", digest),
         )
 
 
@@ -217,22 +280,42 @@ async def import_tarball(
     changes: list[str],
     source: str,
     max_bytes: int = DEFAULT_IMPORT_LIMIT,
+    progress: Report = ignore,
 ) -> ImageDetail:
     """A root filesystem tarball as a one-layer image named `reference` (`name[:tag]`; empty:
-    untagged, in the `imported` repository)."""
+    untagged, in the `imported` repository). Progress: "upload" DONE once every byte is in
+    (the caller reports the bytes as they arrive), then "layer" RUNNING and DONE."""
     name = catalog_name(reference, "reference") if reference else None
-    config_section = apply_changes({}, changes)
+    with _field("changes"):
+        config_section = apply_changes({}, changes)
     repository = name.repository if name else IMPORT_REPOSITORY
     catalog.scratch.mkdir(parents=True, exist_ok=True)
     base = catalog.scratch / f"import-{uuid.uuid4().hex}"
     upload, blob = base.with_suffix(".upload"), base.with_suffix(".tar.gz")
     try:
         too_large = f"import: the tarball is larger than {_gib(max_bytes)}"
-        if await spool_upload(chunks, upload, max_bytes, too_large) == 0:
-            raise InvalidArgument("import: the tarball is empty")
+        received = await spool_upload(chunks, upload, max_bytes, too_large)
+        if received == 0:
+            raise InvalidArgument(
+                "import: the tarball is empty", reason="INVALID_ARCHIVE", field="data"
+            )
+        progress(Event("upload", State.DONE, received, received))
+        started = time.monotonic()
+        progress(
+            Event("layer", State.RUNNING, unit=Unit.NONE, message="checking and packing the layer")
+        )
         layer = await asyncio.to_thread(pack_layer, upload, blob, max_bytes)
         upload.unlink()
         await catalog.registry.push_blob(repository, blob, layer.digest, layer.size)
+        progress(
+            Event(
+                "layer",
+                State.DONE,
+                unit=Unit.NONE,
+                message=f"layer {layer.digest} ({layer.size} bytes)",
+                seconds=time.monotonic() - started,
+            )
+        )
         os_name, architecture = host_platform()
         created = now_rfc3339()
         step = {"created": created, "created_by": f"Imported from {source or '-'}"}
@@ -298,7 +381,11 @@ def _decompressed(raw: BinaryIO) -> BinaryIO:
     if head.startswith(b"\xfd7zXZ\x00"):
         return lzma.LZMAFile(raw)  # type: ignore[return-value]
     if head.startswith(_ZSTD_MAGIC):
-        raise InvalidArgument("import: zstd tarballs are not supported; use gzip, bzip2 or xz")
+        raise InvalidArgument(
+            "import: zstd tarballs are not supported; use gzip, bzip2 or xz",
+            reason="INVALID_ARCHIVE",
+            field="data",
+        )
     return raw
 
 
@@ -318,10 +405,16 @@ class _Tee:
         try:
             data = self.source.read(size)
         except _CORRUPT as e:
-            raise InvalidArgument(f"import: the tarball is not valid compressed data: {e}") from e
+            raise InvalidArgument(
+                f"import: the tarball is not valid compressed data: {e}",
+                reason="INVALID_ARCHIVE",
+                field="data",
+            ) from e
         if self.source.size > self.max_bytes:
             raise ResourceExhausted(
-                f"import: the uncompressed tar is larger than {_gib(self.max_bytes)}"
+                f"import: the uncompressed tar is larger than {_gib(self.max_bytes)}",
+                reason="ARCHIVE_TOO_LARGE",
+                metadata={"limit": self.max_bytes},
             )
         self.sink.write(data)
         return data
@@ -357,7 +450,11 @@ def check_tar(stream: Any) -> int:
             for member in tar:
                 checker.check(member)
     except tarfile.TarError as e:
-        raise InvalidArgument(f"import: not a tar archive (plain, gzip, bzip2 or xz): {e}") from e
+        raise InvalidArgument(
+            f"import: not a tar archive (plain, gzip, bzip2 or xz): {e}",
+            reason="INVALID_ARCHIVE",
+            field="data",
+        ) from e
     return checker.entries
 
 

@@ -184,25 +184,56 @@ def _error_codes(body: bytes) -> set[str]:
         return set()
 
 
+def _facts(host: str, what: str, status: int = 0, codes: Iterable[str] = ()) -> dict[str, object]:
+    """ErrorInfo metadata of an external registry's error."""
+    facts: dict[str, object] = {"host": host, "what": what}
+    if status:
+        facts["status"] = status
+    if codes:
+        facts["codes"] = ",".join(sorted(codes))
+    return facts
+
+
 def error_for_status(host: str, status: int, what: str, body: bytes) -> BerthError:
-    """The domain error for a failed registry response about `what` (a reference or a URL)."""
+    """The domain error for a failed registry response about `what` (a reference or a URL).
+    Reasons start with REGISTRY_; the metadata names the host, the HTTP status and the
+    registry's own error codes."""
     message = registry_message(body) or f"HTTP {status}"
     codes = _error_codes(body)
+    facts = _facts(host, what, status, codes)
     if status == 401:
-        return Unauthenticated(f"{host}: authentication required for {what}: {message}")
+        return Unauthenticated(
+            f"{host}: authentication required for {what}: {message}",
+            reason="REGISTRY_UNAUTHORIZED",
+            metadata=facts,
+        )
     if status == 403:
-        return PermissionDenied(f"{host}: permission denied for {what}: {message}")
+        return PermissionDenied(
+            f"{host}: permission denied for {what}: {message}",
+            reason="REGISTRY_DENIED",
+            metadata=facts,
+        )
     if status == 404:
-        return NotFound(f"{what}: {message}")
+        return NotFound(f"{what}: {message}", reason="REGISTRY_NOT_FOUND", metadata=facts)
     if "DIGEST_INVALID" in codes:
-        return DataLoss(f"{what}: {message}")
+        return DataLoss(f"{what}: {message}", reason="REGISTRY_DIGEST_INVALID", metadata=facts)
     if status == 429:
-        return ResourceExhausted(f"{host}: too many requests for {what}: {message}")
+        return ResourceExhausted(
+            f"{host}: too many requests for {what}: {message}",
+            reason="REGISTRY_RATE_LIMITED",
+            metadata=facts,
+        )
     if status >= 500:
-        return Unavailable(f"{host}: registry error on {what}: {message}")
+        return Unavailable(
+            f"{host}: registry error on {what}: {message}",
+            reason="REGISTRY_UNAVAILABLE",
+            metadata=facts,
+        )
     if status == 400:
-        return InvalidArgument(f"{host}: {what}: {message}")
-    return FailedPrecondition(f"{host}: {what}: {message}")
+        return InvalidArgument(
+            f"{host}: {what}: {message}", reason="REGISTRY_BAD_REQUEST", metadata=facts
+        )
+    return FailedPrecondition(f"{host}: {what}: {message}", reason="REGISTRY_ERROR", metadata=facts)
 
 
 def parse_range_end(header: str | None) -> int:
@@ -320,7 +351,11 @@ class DistributionClient:
         )
         try:
             if response.status_code == 404:
-                raise NotFound(f"{what}: manifest unknown")
+                raise NotFound(
+                    f"{what}: manifest unknown",
+                    reason="REGISTRY_NOT_FOUND",
+                    metadata=_facts(self.host, what, 404, ("MANIFEST_UNKNOWN",)),
+                )
             await self._check(response, what)
             content = await _read_limited(response, MAX_MANIFEST_BYTES, what)
         finally:
@@ -330,7 +365,11 @@ class DistributionClient:
         pinned = reference if is_digest(reference) else ""
         for expected in (pinned, claimed if claimed.startswith("sha256:") else ""):
             if expected and expected != digest:
-                raise DataLoss(f"{what}: the registry sent a manifest with digest {digest}")
+                raise DataLoss(
+                    f"{what}: the registry sent a manifest with digest {digest}",
+                    reason="DIGEST_MISMATCH",
+                    metadata={"host": self.host, "expected": expected, "actual": digest},
+                )
         try:
             media_type = _manifest_media_type(response.headers.get("content-type", ""), content)
         except InvalidArgument as e:
@@ -353,7 +392,11 @@ class DistributionClient:
         digest = digest_bytes(content)
         claimed = response.headers.get("docker-content-digest", "")
         if claimed.startswith("sha256:") and claimed != digest:
-            raise DataLoss(f"{what}: the registry stored the manifest as {claimed}, not {digest}")
+            raise DataLoss(
+                f"{what}: the registry stored the manifest as {claimed}, not {digest}",
+                reason="DIGEST_MISMATCH",
+                metadata={"host": self.host, "expected": digest, "actual": claimed},
+            )
         return digest
 
     # --- blobs -----------------------------------------------------------------------------
@@ -412,7 +455,9 @@ class DistributionClient:
             got = received.hasher
             if got.digest != digest:
                 raise DataLoss(
-                    f"{what}: the registry sent {got.size} bytes with digest {got.digest}"
+                    f"{what}: the registry sent {got.size} bytes with digest {got.digest}",
+                    reason="DIGEST_MISMATCH",
+                    metadata={"host": self.host, "expected": digest, "actual": got.digest},
                 )
             os.replace(partial, dest)
         finally:
@@ -478,7 +523,9 @@ class DistributionClient:
             except _Broken as broken:
                 if attempt == RESUME_ATTEMPTS:
                     raise Unavailable(
-                        f"{self.host}: {action} of {what} broke: {broken}"
+                        f"{self.host}: {action} of {what} broke: {broken}",
+                        reason="REGISTRY_UNREACHABLE",
+                        metadata=_facts(self.host, what),
                     ) from broken
             await asyncio.sleep(0.25 * 2**attempt)
             if recover is not None:
@@ -503,7 +550,11 @@ class DistributionClient:
         )
         try:
             if response.status_code == 404:
-                raise NotFound(f"{what}: blob unknown")
+                raise NotFound(
+                    f"{what}: blob unknown",
+                    reason="REGISTRY_NOT_FOUND",
+                    metadata=_facts(self.host, what, 404, ("BLOB_UNKNOWN",)),
+                )
             await self._check(response, what)
             if offset and response.status_code != 206:  # the server ignored Range: start over
                 received.restart()
@@ -576,7 +627,9 @@ class DistributionClient:
         if not location:
             raise FailedPrecondition(
                 f"{self.host}: {what}: the registry answered HTTP {response.status_code} "
-                "without a Location for the upload"
+                "without a Location for the upload",
+                reason="REGISTRY_ERROR",
+                metadata=_facts(self.host, what, response.status_code),
             )
         return join_location(str(response.url), location)
 
@@ -611,7 +664,11 @@ class DistributionClient:
                     request, stream=stream, follow_redirects=follow_redirects
                 )
             except httpx.TransportError as e:
-                raise Unavailable(f"{self.host}: cannot reach the registry: {_describe(e)}") from e
+                raise Unavailable(
+                    f"{self.host}: cannot reach the registry: {_describe(e)}",
+                    reason="REGISTRY_UNREACHABLE",
+                    metadata={"host": self.host},
+                ) from e
             if response.status_code != 401:
                 return response
             await response.aclose()
@@ -669,7 +726,11 @@ class DistributionClient:
     async def _fetch_token(self, challenge: Challenge, scopes: tuple[str, ...]) -> _Token:
         realm = challenge.params.get("realm")
         if not realm:
-            raise Unauthenticated(f"{self.host}: the registry's Bearer challenge has no realm")
+            raise Unauthenticated(
+                f"{self.host}: the registry's Bearer challenge has no realm",
+                reason="REGISTRY_UNAUTHORIZED",
+                metadata={"host": self.host},
+            )
         service = challenge.params.get("service", "")
         creds = self._credentials
         try:
@@ -692,14 +753,18 @@ class DistributionClient:
                 response = await self._http.get(realm, params=query, auth=auth)
         except httpx.TransportError as e:
             raise Unavailable(
-                f"{self.host}: cannot reach the token server {realm}: {_describe(e)}"
+                f"{self.host}: cannot reach the token server {realm}: {_describe(e)}",
+                reason="REGISTRY_UNREACHABLE",
+                metadata={"host": self.host, "realm": realm},
             ) from e
         if response.status_code in (401, 403):
             raise self._refused(sent=bool(creds))
         if not response.is_success:
             raise Unauthenticated(
                 f"{self.host}: the token server {realm} answered HTTP {response.status_code}: "
-                f"{registry_message(response.content)}"
+                f"{registry_message(response.content)}",
+                reason="REGISTRY_UNAUTHORIZED",
+                metadata={"host": self.host, "realm": realm, "status": response.status_code},
             )
         try:
             body = response.json()
@@ -708,16 +773,29 @@ class DistributionClient:
         except (ValueError, AttributeError, TypeError):
             value, seconds = None, 0
         if not isinstance(value, str) or not value:
-            raise Unauthenticated(f"{self.host}: the token server {realm} sent no token")
+            raise Unauthenticated(
+                f"{self.host}: the token server {realm} sent no token",
+                reason="REGISTRY_UNAUTHORIZED",
+                metadata={"host": self.host, "realm": realm},
+            )
         expires = time.monotonic() + max(seconds - TOKEN_MARGIN_SECONDS, 1)
         return _Token(value, scopes, expires)
 
     def _refused(self, sent: bool) -> Unauthenticated:
         creds = self._credentials
+        facts = {"host": self.host}
         if not sent or not creds:
-            return Unauthenticated(f"{self.host}: authentication required")
+            return Unauthenticated(
+                f"{self.host}: authentication required",
+                reason="REGISTRY_UNAUTHORIZED",
+                metadata=facts,
+            )
         who = creds.username or "the identity token"
-        return Unauthenticated(f"{self.host} refused the credentials for {who}")
+        return Unauthenticated(
+            f"{self.host} refused the credentials for {who}",
+            reason="REGISTRY_UNAUTHORIZED",
+            metadata={**facts, "username": creds.username},
+        )
 
     async def _check(self, response: httpx.Response, what: str) -> None:
         if response.is_success:
@@ -735,7 +813,11 @@ async def _read_limited(response: httpx.Response, limit: int, what: str) -> byte
     async for chunk in response.aiter_bytes():
         data += chunk
         if len(data) > limit:
-            raise ResourceExhausted(f"{what}: manifest is larger than {limit} bytes")
+            raise ResourceExhausted(
+                f"{what}: manifest is larger than {limit} bytes",
+                reason="MANIFEST_TOO_LARGE",
+                metadata={"limit": limit},
+            )
     return bytes(data)
 
 

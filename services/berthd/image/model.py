@@ -65,28 +65,53 @@ class Removal:
     deleted: list[str] = field(default_factory=list)
 
 
-class TransferState(StrEnum):
-    WAITING = "Waiting"
-    TRANSFERRING = "Transferring"
-    VERIFYING = "Verifying Checksum"
-    COMPLETE = "Complete"
-    ALREADY_EXISTS = "Already exists"
-    MOUNTED = "Mounted"
+class State(StrEnum):
+    """Where one item of a long operation is; the values are the names of
+    berth.types.v1.ProgressState (berth.enums.progress.PROGRESS_STATES)."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    DOWNLOADING = "downloading"
+    UPLOADING = "uploading"
+    VERIFYING = "verifying"
+    DONE = "done"
+    ALREADY_EXISTS = "already_exists"
+    MOUNTED = "mounted"
+
+
+class Unit(StrEnum):
+    """What an event's current and total count."""
+
+    NONE = ""
+    BYTES = "bytes"
+    ITEMS = "items"
+
+
+# A pull's or push's events about the image config have this prefix before the digest
+# (Docker shows no line for the config).
+CONFIG_PREFIX = "config:"
 
 
 @dataclass(frozen=True)
-class LayerEvent:
-    """Progress of one blob in a pull, push or load."""
+class Event:
+    """Progress of one item of a long operation (berth.types.v1.Progress): a blob by digest
+    in a pull or push, a stage ("resolve", "export", "write") of a commit, the bytes received
+    ("upload") of an import or load."""
 
-    digest: str
-    state: TransferState
+    id: str
+    state: State
     current: int = 0
     total: int = 0
-    config: bool = False  # the image config, not a layer
-    mounted_from: str = ""  # MOUNTED in a push: the remote repository it came from
+    unit: Unit = Unit.BYTES
+    message: str = ""
+    seconds: float | None = None  # time spent on the item, once it is DONE
 
 
-LayerProgress = Callable[[LayerEvent], None]
+Report = Callable[[Event], None]
+
+
+def ignore(event: Event) -> None:
+    """A Report that drops every event."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ remote holds in another repository are mounted from there, the rest are streamed
 registry through a scratch file; then the manifest bytes go up unchanged.
 
 Blobs move three at a time, each through a file under the catalog's scratch directory (never
-in memory), with per-blob progress events.
+in memory), with per-blob progress events (berth.types.v1.Progress: id the blob's digest, with
+"config:" before it for the image config).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 from berthd.common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from berthd.common.oci.digest import hex_of
@@ -34,12 +36,13 @@ from berthd.image import metrics
 from berthd.image.catalog import Catalog
 from berthd.image.distribution import DistributionClient, Manifest
 from berthd.image.model import (
+    CONFIG_PREFIX,
     ORIGIN_PULL,
     Credentials,
+    Event,
     ImageDetail,
-    LayerEvent,
-    LayerProgress,
-    TransferState,
+    Report,
+    State,
 )
 
 PARALLEL_BLOBS = 3
@@ -71,14 +74,26 @@ class MountSources:
 MOUNT_SOURCES = MountSources()
 
 
-def external_reference(text: str, verb: str) -> Reference:
+def _reference(text: str, field: str) -> Reference:
+    try:
+        return parse_reference(text)
+    except InvalidArgument as e:
+        raise InvalidArgument(
+            str(e), reason="INVALID_REFERENCE", field=field, metadata={field: text}
+        ) from None
+
+
+def external_reference(text: str, verb: Literal["pull", "push"], field: str = "image") -> Reference:
     """Parse a reference that must name an external registry (`host[:port]/name[:tag]`)."""
-    reference = parse_reference(text)
+    reference = _reference(text, field)
     if reference.registry is None:
         way = "from" if verb == "pull" else "to"
         raise InvalidArgument(
             f"{text} has no registry host; berth {verb} copies {way} an external registry, "
-            f"e.g. {EXAMPLE}"
+            f"e.g. {EXAMPLE}",
+            reason="INVALID_REFERENCE",
+            field=field,
+            metadata={field: text},
         )
     return reference
 
@@ -88,11 +103,14 @@ def local_target(source: Reference, local_reference: str) -> tuple[str, str | No
     it untagged by digest. Default: the source without its host, same tag (or digest)."""
     if not local_reference:
         return source.repository, source.tag
-    target = parse_reference(local_reference)
+    target = _reference(local_reference, "local_reference")
     if target.registry is not None or target.digest is not None:
         raise InvalidArgument(
             f"{local_reference}: the local reference must be name[:tag] in berth's registry, "
-            "without a registry host or digest"
+            "without a registry host or digest",
+            reason="INVALID_REFERENCE",
+            field="local_reference",
+            metadata={"local_reference": local_reference},
         )
     return target.repository, target.tag
 
@@ -106,7 +124,7 @@ async def pull_external(
     credentials: Credentials | None,
     insecure: bool,
     local_reference: str,
-    progress: LayerProgress,
+    progress: Report,
 ) -> tuple[ImageDetail, str]:
     """Copy `host/name[:tag|@digest]` into berth's registry; returns the image and the local
     reference it was stored under."""
@@ -120,21 +138,25 @@ async def pull_external(
         async def copy(blob: Descriptor) -> None:
             digest = blob.digest
             if await catalog.registry.stat_blob(repository, digest) is not None:
-                state = TransferState.ALREADY_EXISTS
+                state = State.ALREADY_EXISTS
             elif await catalog.registry.mount_blob(repository, digest):
-                state = TransferState.MOUNTED
+                state = State.MOUNTED
             else:
                 await _fetch(catalog, remote, source.repository, repository, blob, progress)
-                state = TransferState.COMPLETE
+                state = State.DONE
             MOUNT_SOURCES.remember(host, digest, source.repository)
-            progress(LayerEvent(digest, state, blob.size, blob.size))
+            progress(Event(digest, state, blob.size, blob.size))
 
         await _copy_blobs(parsed.required_blobs, copy, progress)
     stored = await catalog.registry.put_manifest(
         repository, tag or manifest.digest, manifest.media_type, manifest.content
     )
     if stored != manifest.digest:
-        raise DataLoss(f"{image}: berth's registry stored the manifest as {stored}")
+        raise DataLoss(
+            f"{image}: berth's registry stored the manifest as {stored}",
+            reason="DIGEST_MISMATCH",
+            metadata={"expected": manifest.digest, "actual": stored},
+        )
     await catalog.record_origin(stored, repository, ORIGIN_PULL, image)
     detail = await catalog.inspect(f"{repository}@{stored}")
     return detail, f"{repository}:{tag}" if tag else f"{repository}@{stored}"
@@ -151,7 +173,11 @@ async def _image_manifest(
         manifest = await remote.get_manifest(source.repository, entry.digest)
         parsed = _parse(manifest, what)
         if parsed.kind != "image":
-            raise FailedPrecondition(f"{what}: the index's {entry.digest} is another index")
+            raise FailedPrecondition(
+                f"{what}: the index's {entry.digest} is another index",
+                reason="NOT_AN_IMAGE",
+                metadata={"digest": entry.digest},
+            )
     return manifest, parsed
 
 
@@ -159,7 +185,9 @@ def _parse(manifest: Manifest, what: str) -> ParsedManifest:
     try:
         return parse_manifest(manifest.content, manifest.media_type)
     except InvalidArgument as e:
-        raise InvalidArgument(f"{what}: {e}") from e
+        raise InvalidArgument(
+            f"{what}: {e}", reason="MANIFEST_INVALID", metadata={"digest": manifest.digest}
+        ) from e
 
 
 async def _fetch(
@@ -168,21 +196,23 @@ async def _fetch(
     remote_repository: str,
     repository: str,
     blob: Descriptor,
-    progress: LayerProgress,
+    progress: Report,
 ) -> None:
     """Download one blob to scratch, then push it into berth's registry."""
     path = _scratch_path(catalog, "pull", blob.digest)
     try:
-        report = _byte_progress(blob, progress)
+        report = _byte_progress(blob, progress, State.DOWNLOADING)
         size = await remote.download_blob(remote_repository, blob.digest, path, report)
         metrics.EXTERNAL_BYTES.labels(direction="pull").inc(size)
         if size != blob.size:
             raise DataLoss(
                 f"{remote.host}/{remote_repository}@{blob.digest}: {size} bytes, "
-                f"the manifest says {blob.size}"
+                f"the manifest says {blob.size}",
+                reason="SIZE_MISMATCH",
+                metadata={"digest": blob.digest, "expected": blob.size, "actual": size},
             )
         # The download checked the digest; berth's registry checks it again on commit.
-        progress(LayerEvent(blob.digest, TransferState.VERIFYING, size, size))
+        progress(Event(blob.digest, State.VERIFYING, size, size))
         await catalog.registry.push_blob(repository, path, blob.digest, size)
     finally:
         path.unlink(missing_ok=True)
@@ -197,14 +227,18 @@ async def push_external(
     destination: str,
     credentials: Credentials | None,
     insecure: bool,
-    progress: LayerProgress,
+    progress: Report,
 ) -> tuple[str, int]:
     """Copy an image of berth's catalog to `host/name[:tag]`; returns the pushed manifest's
     digest and size."""
-    target = external_reference(destination, "push")
+    target = external_reference(destination, "push", "destination")
     local = await catalog.resolve(image)
     if target.digest is not None and target.digest != local.digest:
-        raise InvalidArgument(f"{destination} pins {target.digest}, but {image} is {local.digest}")
+        raise InvalidArgument(
+            f"{destination} pins {target.digest}, but {image} is {local.digest}",
+            field="destination",
+            metadata={"expected": target.digest, "actual": local.digest},
+        )
     host = str(target.registry)
     repository = target.repository
     progress = _marking_config(progress, local.parsed)
@@ -213,18 +247,19 @@ async def push_external(
         async def copy(blob: Descriptor) -> None:
             digest = blob.digest
             source = MOUNT_SOURCES.lookup(host, digest)
+            message = ""
             if await remote.blob_exists(repository, digest) is not None:
-                state = TransferState.ALREADY_EXISTS
+                state = State.ALREADY_EXISTS
             elif source not in (None, repository) and await remote.mount_blob(
                 repository, digest, str(source)
             ):
-                state = TransferState.MOUNTED
+                state = State.MOUNTED
+                message = f"Mounted from {source}"
             else:
                 await _send(catalog, remote, local.repository, repository, blob, progress)
-                state = TransferState.COMPLETE
+                state = State.DONE
             MOUNT_SOURCES.remember(host, digest, repository)
-            mounted_from = str(source) if state == TransferState.MOUNTED else ""
-            progress(LayerEvent(digest, state, blob.size, blob.size, mounted_from=mounted_from))
+            progress(Event(digest, state, blob.size, blob.size, message=message))
 
         await _copy_blobs(local.parsed.required_blobs, copy, progress)
         digest = await remote.put_manifest(
@@ -239,13 +274,13 @@ async def _send(
     local_repository: str,
     repository: str,
     blob: Descriptor,
-    progress: LayerProgress,
+    progress: Report,
 ) -> None:
     """Stream one blob from berth's registry to scratch, then up to the remote."""
     path = _scratch_path(catalog, "push", blob.digest)
     try:
         await catalog.registry.pull_blob(local_repository, blob.digest, path)
-        report = _byte_progress(blob, progress)
+        report = _byte_progress(blob, progress, State.UPLOADING)
         await remote.upload_blob(repository, path, blob.digest, blob.size, report)
         metrics.EXTERNAL_BYTES.labels(direction="push").inc(blob.size)
     finally:
@@ -258,28 +293,31 @@ async def _send(
 async def _copy_blobs(
     blobs: Iterable[Descriptor],
     copy: Callable[[Descriptor], Awaitable[None]],
-    progress: LayerProgress,
+    progress: Report,
 ) -> None:
     """Run copy() for each distinct blob, PARALLEL_BLOBS at a time; the first failure
     cancels the rest and is raised as itself."""
     unique = list({blob.digest: blob for blob in blobs}.values())
     for blob in unique:
-        progress(LayerEvent(blob.digest, TransferState.WAITING, 0, blob.size))
+        progress(Event(blob.digest, State.WAITING, 0, blob.size))
     await run_limited([functools.partial(copy, blob) for blob in unique], PARALLEL_BLOBS)
 
 
-def _marking_config(progress: LayerProgress, manifest: ParsedManifest) -> LayerProgress:
-    """progress, with the config blob's events marked (clients show layers only)."""
+def _marking_config(progress: Report, manifest: ParsedManifest) -> Report:
+    """progress, with the config blob's ids prefixed "config:" (clients show layers only)."""
     config = manifest.config.digest if manifest.config is not None else ""
 
-    def report(event: LayerEvent) -> None:
-        progress(replace(event, config=True) if event.digest == config else event)
+    def report(event: Event) -> None:
+        if event.id == config:
+            event = replace(event, id=CONFIG_PREFIX + event.id)
+        progress(event)
 
     return report
 
 
-def _byte_progress(blob: Descriptor, progress: LayerProgress) -> Callable[[int, int], None]:
-    """A (current, total) callback that reports TRANSFERRING about every 1% of the blob."""
+def _byte_progress(blob: Descriptor, progress: Report, state: State) -> Callable[[int, int], None]:
+    """A (current, total) callback that reports `state` (DOWNLOADING or UPLOADING) about
+    every 1% of the blob."""
     step = max(blob.size // 100, PROGRESS_STEP)
     last = -step
 
@@ -288,7 +326,7 @@ def _byte_progress(blob: Descriptor, progress: LayerProgress) -> Callable[[int, 
         total = total or blob.size
         if current - last >= step or current >= total:
             last = current
-            progress(LayerEvent(blob.digest, TransferState.TRANSFERRING, current, total))
+            progress(Event(blob.digest, state, current, total))
 
     return report
 

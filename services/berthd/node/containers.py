@@ -24,7 +24,7 @@ from pathlib import Path
 
 from berthd.common.containers import ContainerConfig, MountSpec, validate
 from berthd.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from berthd.common.state.containers import STATUSES, ContainerStatus
+from berthd.common.state.containers import START_FAILED, STATUSES, ContainerStatus
 from berthd.common.store import Store
 from berthd.node import cgroups, metrics
 from berthd.node.layers import ImageStore, LayerStore
@@ -143,8 +143,17 @@ class ContainerManager:
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
-            raise InvalidArgument(f"container id prefix {ref!r} is ambiguous")
-        raise NotFound(f"no such container: {ref}")
+            raise InvalidArgument(
+                f"container id prefix {ref!r} is ambiguous",
+                reason="AMBIGUOUS_ID",
+                metadata={"prefix": ref, "matches": len(matches)},
+            )
+        raise NotFound(
+            f"no such container: {ref}",
+            reason="CONTAINER_NOT_FOUND",
+            metadata={"container": ref},
+            resource=("container", ref),
+        )
 
     async def _save(self, record: ContainerRecord) -> None:
         await asyncio.to_thread(self.dir(record.id).save, record)
@@ -175,8 +184,11 @@ class ContainerManager:
             started_at=record.started_at,
             finished_at=record.finished_at,
             restart_count=record.restart_count,
-            error=record.error,
+            failure_reason=(record.failure_reason or START_FAILED) if record.error else "",
+            failure_message=record.error,
             image_digest=record.image_digest,
+            attempt=record.attempt,
+            created_at=record.created_at,
         )
         try:
             await STATUSES.put(self.store, record.id, status)
@@ -326,7 +338,12 @@ class ContainerManager:
         image = self.images.get(config.image)
         name = config.name or self._generate_name()
         if self._name_taken(name):
-            raise FailedPrecondition(f'the container name "{name}" is already in use')
+            raise AlreadyExists(
+                f'the container name "{name}" is already in use',
+                reason="NAME_IN_USE",
+                metadata={"name": name},
+                resource=("container", name),
+            )
         # Reserved until the record exists: preparing awaits, and a concurrent create of
         # the same name must not slip in meanwhile.
         self._reserved_names.add(name)
@@ -431,7 +448,11 @@ class ContainerManager:
             record.stopped_by_user = False
             await self._run(record)
             if record.state != RUNNING:
-                raise FailedPrecondition(f"container {record.name} failed to start: {record.error}")
+                raise FailedPrecondition(
+                    f"container {record.name} failed to start: {record.error}",
+                    reason="CONTAINER_START_FAILED",
+                    metadata={"container_id": record.id, "failure_reason": START_FAILED},
+                )
         return record
 
     async def _run(self, record: ContainerRecord) -> None:
@@ -448,6 +469,8 @@ class ContainerManager:
                 persist_dir=cdir.persist,
                 pid_file=cdir.pid_file,
                 conmon_pid_file=cdir.conmon_pid_file,
+                terminal=record.config.tty,
+                stdin=record.config.stdin_open,
             )
 
         try:
@@ -463,6 +486,7 @@ class ContainerManager:
             record.state = EXITED
             record.exit_code = 128
             record.error = str(exc)
+            record.failure_reason = START_FAILED
             record.finished_at = time.time()
             await self.runtime.delete(record.id, force=True)
             await self._save(record)
@@ -471,14 +495,16 @@ class ContainerManager:
         metrics.START_SECONDS.observe(time.perf_counter() - began)
         record.state = RUNNING
         record.error = ""
+        record.failure_reason = ""
         record.oom_killed = False
         record.started_at = time.time()
         record.finished_at = None
         await self._save(record)
 
-    async def stop(self, ref: str, timeout: int = 0) -> ContainerRecord:
+    async def stop(self, ref: str, timeout: float | None = None) -> ContainerRecord:
+        """SIGTERM, then SIGKILL after `timeout` seconds (None: 10; 0: SIGKILL at once)."""
         record = self.resolve(ref)
-        timeout = timeout or DEFAULT_STOP_TIMEOUT
+        timeout = DEFAULT_STOP_TIMEOUT if timeout is None else timeout
         record.stopped_by_user = True
         if record.state == RESTARTING:
             async with self.lock(record.id):
@@ -487,8 +513,9 @@ class ContainerManager:
             return record
         if record.state != RUNNING:
             return record
-        await self._signal(record, signal.SIGTERM)
-        if not await self._wait_exited(record, timeout):
+        if timeout > 0:
+            await self._signal(record, signal.SIGTERM)
+        if timeout <= 0 or not await self._wait_exited(record, timeout):
             await self._signal(record, signal.SIGKILL)
             await self._wait_exited(record, 10)
         return record
@@ -497,7 +524,11 @@ class ContainerManager:
         record = self.resolve(ref)
         number = parse_signal(sig)
         if record.state != RUNNING:
-            raise FailedPrecondition(f"container {record.name} is not running")
+            raise FailedPrecondition(
+                f"container {record.name} is not running",
+                reason="CONTAINER_NOT_RUNNING",
+                metadata={"container_id": record.id},
+            )
         if number in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
             record.stopped_by_user = True
         await self._signal(record, number, strict=True)
@@ -530,7 +561,9 @@ class ContainerManager:
         if record.state == RUNNING:
             if not force:
                 raise FailedPrecondition(
-                    f"container {record.name} is running: stop it first or remove with force"
+                    f"container {record.name} is running: stop it first or remove with force",
+                    reason="CONTAINER_RUNNING",
+                    metadata={"container_id": record.id},
                 )
             record.stopped_by_user = True
             await self._signal(record, signal.SIGKILL)

@@ -5,6 +5,11 @@ node watches them and makes its containers match: pull the image and create the 
 with the cluster's id, start it, stop it, remove it when the record goes. An agent that comes
 back after being declared dead removes the cluster containers no longer assigned to it, so a
 rescheduled replica never runs twice.
+
+A container the node cannot create (its image is missing or does not pull, its spec is refused)
+gets the status CREATE_FAILED with the reason, once: the node does not try it again until the
+record's `attempt` goes up (StartContainer, or the controller for a service replica). Nor does
+it start again a container that exited on its own or failed to start.
 """
 
 from __future__ import annotations
@@ -14,9 +19,14 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from berthd.common.errors import BerthError, NotFound
+from berthd.common.errors import AlreadyExists, BerthError, InvalidArgument, NotFound
 from berthd.common.state.containers import (
     CONTAINERS,
+    CREATE_FAILED,
+    CREATE_FAILED_REASON,
+    IMAGE_NOT_FOUND,
+    IMAGE_PULL_FAILED,
+    INVALID_SPEC,
     MANAGED_LABEL,
     RUNNING,
     STATUSES,
@@ -26,7 +36,7 @@ from berthd.common.state.containers import (
 )
 from berthd.common.store import Store
 from berthd.node.containers import ContainerManager
-from berthd.node.records import EXITED
+from berthd.node.records import EXITED, RESTARTING
 from berthd.node.records import RUNNING as STATE_RUNNING
 
 log = logging.getLogger("berthd.node.converge")
@@ -35,6 +45,15 @@ RETRY_SECONDS = 2.0
 
 # Pulls the image onto the node (the agent's pull, with its metrics).
 Pull = Callable[[str], Awaitable[object]]
+
+
+class CreateFailure(Exception):
+    """Why the node cannot create a container: a ContainerFailure reason and a message."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
 class Converger:
@@ -48,7 +67,8 @@ class Converger:
         self._wake = asyncio.Event()
         # Containers whose status says why they could not be created, with the status as
         # written: no record owns it, so this converger deletes it (if it is still ours) once
-        # the container is no longer assigned here.
+        # the container is no longer assigned here. Not tried again before the record's
+        # attempt goes above the status's.
         self._failed: dict[str, ContainerStatus] = {}
 
     async def start(self) -> None:
@@ -97,13 +117,8 @@ class Converger:
                 await asyncio.wait_for(self._wake.wait(), RETRY_SECONDS)
 
     async def reconcile(self) -> None:
-        for desired in list(self.desired.values()):
-            try:
-                await self._converge(desired)
-            except BerthError as exc:
-                log.warning("cannot converge container: %s", exc, extra={"container": desired.id})
-                await self._report_failure(desired, exc)
-        await self._forget_failures()
+        # Removals first: a replica replaced on this node (a rolling update, stop-first) leaves
+        # its name to the new one, which could not be created while the old one is here.
         for record in list(self.manager.records.values()):
             managed = record.config.labels.get(MANAGED_LABEL)
             if managed and record.id not in self.desired:
@@ -112,18 +127,38 @@ class Converger:
                 )
                 with contextlib.suppress(NotFound):
                     await self.manager.remove(record.id, force=True)
+        for desired in list(self.desired.values()):
+            try:
+                await self._converge(desired)
+            except CreateFailure as exc:
+                log.warning(
+                    "cannot create container: %s", exc.message, extra={"container": desired.id}
+                )
+                await self._report_failure(desired, exc)
+            except BerthError as exc:
+                log.warning("cannot converge container: %s", exc, extra={"container": desired.id})
+            except Exception:  # one container's trouble must not stop the others'
+                log.exception("cannot converge container %s", desired.id)
+        await self._forget_failures()
 
-    async def _report_failure(self, desired: DesiredContainer, exc: BerthError) -> None:
+    async def _report_failure(self, desired: DesiredContainer, exc: CreateFailure) -> None:
         """A container this node cannot create (its image does not pull, its user does not
-        exist) has no record to report: say why in its status, so that whoever waits for it
-        (a `berth run`, a build step) learns it now, not after a timeout. It is retried all
-        the same; a later success overwrites the status."""
+        exist) has no record to report: say why in its status (CREATE_FAILED), so that whoever
+        waits for it (a `berth run`, a build step) learns it now, not after a timeout. It is
+        not tried again until its attempt goes up; a later success overwrites the status."""
         if desired.id in self.manager.records:
             return  # the record's own status (with its error) is reported by the manager
-        status = ContainerStatus(node=self.node_id, name=desired.name, error=str(exc))
+        status = ContainerStatus(
+            node=self.node_id,
+            name=desired.name,
+            state=CREATE_FAILED,
+            failure_reason=exc.reason,
+            failure_message=exc.message,
+            attempt=desired.attempt,
+        )
+        self._failed[desired.id] = status  # not tried again, even if the report fails
         try:
             await STATUSES.put(self.store, desired.id, status)
-            self._failed[desired.id] = status
         except BerthError as failed:
             log.warning("cannot report it: %s", failed, extra={"container": desired.id})
 
@@ -142,24 +177,67 @@ class Converger:
                     )
                     del self._failed[container_id]
 
+    async def _failed_before(self, desired: DesiredContainer) -> bool:
+        """Whether this node already failed to create the container at this attempt (known
+        from this run, or from the status an earlier run of the agent wrote)."""
+        failed = self._failed.get(desired.id)
+        if failed is None:
+            with contextlib.suppress(BerthError):
+                status = await STATUSES.get(self.store, desired.id)
+                if status is not None and status.create_failed and status.node == self.node_id:
+                    self._failed[desired.id] = failed = status
+        return failed is not None and failed.attempt >= desired.attempt
+
+    async def _create(self, desired: DesiredContainer) -> None:
+        """Pull the image if needed, create the container with the cluster's id; CreateFailure
+        with the reason when it cannot be."""
+        desired.config.labels[MANAGED_LABEL] = "true"
+        desired.config.name = desired.name
+        image = desired.config.image
+        try:
+            self.manager.images.get(image)
+        except NotFound:
+            try:
+                await self.pull(image)
+            except NotFound as exc:
+                raise CreateFailure(IMAGE_NOT_FOUND, f"cannot pull {image}: {exc}") from None
+            except InvalidArgument as exc:
+                raise CreateFailure(INVALID_SPEC, f"cannot pull {image}: {exc}") from None
+            except Exception as exc:
+                raise CreateFailure(IMAGE_PULL_FAILED, f"cannot pull {image}: {exc}") from None
+        except InvalidArgument as exc:
+            raise CreateFailure(INVALID_SPEC, str(exc)) from None
+        try:
+            record = await self.manager.create(desired.config, container_id=desired.id)
+        except AlreadyExists as exc:
+            holder = next(
+                (r for r in self.manager.records.values() if r.name == desired.name), None
+            )
+            if holder is not None and holder.config.labels.get(MANAGED_LABEL):
+                raise  # a cluster container on its way out (removed above next pass): retried
+            raise CreateFailure(CREATE_FAILED_REASON, str(exc)) from None
+        except InvalidArgument as exc:
+            raise CreateFailure(INVALID_SPEC, str(exc)) from None
+        except Exception as exc:
+            raise CreateFailure(CREATE_FAILED_REASON, str(exc)) from None
+        record.attempt = desired.attempt
+
     async def _converge(self, desired: DesiredContainer) -> None:
         record = self.manager.records.get(desired.id)
         if record is None:
-            if desired.desired != RUNNING:
+            if desired.desired != RUNNING or await self._failed_before(desired):
                 return
-            desired.config.labels[MANAGED_LABEL] = "true"
-            desired.config.name = desired.name
-            try:
-                self.manager.images.get(desired.config.image)
-            except NotFound:
-                await self.pull(desired.config.image)
-            record = await self.manager.create(desired.config, container_id=desired.id)
-            await self.manager.start(record.id)
+            await self._create(desired)
+            await self.manager.start(desired.id)  # a failure is in the record's status
             return
-        if desired.desired == STOPPED and record.state == STATE_RUNNING:
-            await self.manager.stop(record.id, desired.stop_timeout)
-        elif desired.desired == RUNNING and record.state == "created":
-            await self.manager.start(record.id)
-        elif desired.desired == RUNNING and record.state == EXITED and record.stopped_by_user:
-            # Started again through the cluster after a stop.
+        if desired.desired == STOPPED and record.state in (STATE_RUNNING, RESTARTING):
+            await self.manager.stop(record.id, desired.stop_grace)
+        elif desired.desired != RUNNING:
+            return
+        elif record.state == "created" or (
+            record.state == EXITED and (record.stopped_by_user or desired.attempt > record.attempt)
+        ):
+            # Created and never started (the agent stopped in between), started again through
+            # the cluster after a stop, or StartContainer on one that exited or failed to start.
+            record.attempt = desired.attempt
             await self.manager.start(record.id)

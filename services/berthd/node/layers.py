@@ -454,13 +454,14 @@ def _resolve(records: list[ImageRecord], text: str) -> ImageRecord:
 
 
 class PullState(StrEnum):
-    """A layer's progress through a pull (node.proto's LayerState, lowercase)."""
+    """A layer's progress through a pull: names of berth.enums.progress.PROGRESS_STATES (DONE is
+    Docker's "Pull complete")."""
 
     WAITING = "waiting"
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
     EXTRACTING = "extracting"
-    PULL_COMPLETE = "pull_complete"
+    PULL_COMPLETE = "done"
     ALREADY_EXISTS = "already_exists"
 
 

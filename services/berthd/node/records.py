@@ -37,9 +37,13 @@ class ContainerRecord:
     started_at: float | None = None
     finished_at: float | None = None
     restart_count: int = 0
+    # Why the last start failed (failure_reason START_FAILED), for a person; "" when it did not.
     error: str = ""
+    failure_reason: str = ""
     # Set by stop/kill from a user: restart policies do not bring the container back.
     stopped_by_user: bool = False
+    # The cluster's DesiredContainer.attempt this container was last created or started for.
+    attempt: int = 0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -92,8 +92,15 @@ class Runtime:
         conmon_pid_file: Path,
         name: str | None = None,
         log_size_max: int | None = None,
+        terminal: bool = False,
+        stdin: bool = False,
     ) -> int:
         """Create the container under a new conmon; return the container's pid (not started).
+
+        `terminal` (config.json must say `terminal: true` too) has conmon take the pty runc
+        makes and keep stdin open across attached clients; `stdin` gives a process without a
+        terminal a stdin pipe that conmon closes when the first attached client ends its input
+        (berthd.node.terminal describes the attach socket and the ctl fifo).
 
         `exit_dir/<id>` receives the exit code, `persist_dir` conmon's `exit` and `oom` files;
         files left there by a previous run of the same id are removed first.
@@ -137,6 +144,10 @@ class Runtime:
             "--socket-dir-path", str(socket_dir),
             "--log-level", "info",
         ]  # fmt: skip
+        if terminal:
+            argv += ["--terminal", "--leave-stdin-open"]
+        elif stdin:
+            argv += ["--stdin"]
         if log_size_max:
             argv += ["--log-size-max", str(log_size_max)]
 

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from berth.enums.containers import LOG_STREAMS
-from berth.enums.node import CHANGE_KINDS, LAYER_STATES
+from berth.enums.node import CHANGE_KINDS
+from berth.enums.progress import PROGRESS_STATES
 from berth.node.v1 import node_pb2 as pb
 from berth.node.v1 import node_pb2_grpc
-from berth.types.v1 import container_pb2, node_pb2, types_pb2
+from berth.types.v1 import container_pb2, node_pb2, progress_pb2, types_pb2
 from berthd.common.container_messages import container_status, state_filter
 from berthd.common.containers import from_spec, to_spec
 from berthd.common.errors import InvalidArgument
 from berthd.common.messages import timestamp
+from berthd.common.pages import paginate
 from berthd.common.streaming import Done, progress_stream
 from berthd.node.agent import NodeAgent
+from berthd.node.attach import attach_container, detach_sequence, exec_session, relay
 from berthd.node.layers import ImageRecord
+from berthd.node.process_messages import exec_options, first_request, inputs, process_output
 from berthd.node.records import ContainerRecord
 
 Context = grpc.aio.ServicerContext
@@ -42,7 +46,8 @@ def container(record: ContainerRecord) -> pb.Container:
             started_at=record.started_at,
             finished_at=record.finished_at,
             restart_count=record.restart_count,
-            error=record.error,
+            failure_reason=(record.failure_reason or "START_FAILED") if record.error else "",
+            failure_message=record.error,
         ),
     )
 
@@ -88,16 +93,21 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 yield pb.PullImageResponse(image=image(item.result))
             else:
                 yield pb.PullImageResponse(
-                    layer=item.layer_digest,
-                    state=LAYER_STATES.value(item.state),
-                    current=item.current,
-                    total=item.total,
+                    progress=progress_pb2.Progress(
+                        id=item.layer_digest,
+                        state=PROGRESS_STATES.value(item.state),
+                        current=item.current,
+                        total=item.total,
+                        unit=progress_pb2.PROGRESS_UNIT_BYTES,
+                    )
                 )
 
     async def ListImages(
         self, request: pb.ListImagesRequest, context: Context
     ) -> pb.ListImagesResponse:
-        return pb.ListImagesResponse(images=[image(i) for i in self.agent.images.list()])
+        records = sorted(self.agent.images.list(), key=lambda i: (-i.pulled_at, i.digest))
+        found, token = paginate("node.ListImages", request, records)
+        return pb.ListImagesResponse(images=[image(i) for i in found], next_page_token=token)
 
     async def RemoveImage(
         self, request: pb.RemoveImageRequest, context: Context
@@ -119,9 +129,12 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def StopContainer(
         self, request: pb.StopContainerRequest, context: Context
     ) -> pb.StopContainerResponse:
-        if request.timeout_seconds < 0:
-            raise InvalidArgument("timeout must not be negative")
-        record = await self.agent.containers.stop(request.container, request.timeout_seconds)
+        timeout = None
+        if request.HasField("timeout"):
+            timeout = request.timeout.ToTimedelta().total_seconds()
+            if timeout < 0:
+                raise InvalidArgument("timeout must not be negative", field="timeout")
+        record = await self.agent.containers.stop(request.container, timeout)
         return pb.StopContainerResponse(container=container(record))
 
     async def KillContainer(
@@ -145,13 +158,16 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             name=request.name,
             state=state_filter(request.state),
         )
-        return pb.ListContainersResponse(containers=[container(r) for r in records])
+        found, token = paginate("node.ListContainers", request, records)
+        return pb.ListContainersResponse(
+            containers=[container(r) for r in found], next_page_token=token
+        )
 
-    async def InspectContainer(
-        self, request: pb.InspectContainerRequest, context: Context
-    ) -> pb.InspectContainerResponse:
+    async def GetContainer(
+        self, request: pb.GetContainerRequest, context: Context
+    ) -> pb.GetContainerResponse:
         record = self.agent.containers.resolve(request.container)
-        return pb.InspectContainerResponse(container=container(record))
+        return pb.GetContainerResponse(container=container(record))
 
     async def WaitContainer(
         self, request: pb.WaitContainerRequest, context: Context
@@ -167,7 +183,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             ts = Timestamp()
             ts.FromDatetime(line.time)
             yield pb.ContainerLogsResponse(
-                time=ts,
+                written_at=ts,
                 stream=LOG_STREAMS.value(line.stream, container_pb2.LOG_STREAM_STDOUT),
                 data=line.data,
             )
@@ -175,58 +191,29 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def Exec(
         self, request_iterator: AsyncIterator[pb.ExecRequest], context: Context
     ) -> AsyncIterator[pb.ExecResponse]:
-        first = await anext(aiter(request_iterator), None)
-        if first is None or not first.HasField("process"):
-            raise InvalidArgument("the first Exec message must carry the process")
-        spec = first.process
-        proc = await self.agent.exec(
-            spec.container, list(spec.command), list(spec.env), spec.working_dir, spec.user
+        process = await first_request(request_iterator, "Exec")
+        detach_keys = detach_sequence(process.detach_keys, process.tty)
+        session = await exec_session(self.agent, exec_options(process))
+        events = relay(session, inputs(request_iterator, "Exec"), detach_keys)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield pb.ExecResponse(output=process_output(event))
+
+    async def AttachContainer(
+        self, request_iterator: AsyncIterator[pb.AttachContainerRequest], context: Context
+    ) -> AsyncIterator[pb.AttachContainerResponse]:
+        options = await first_request(request_iterator, "AttachContainer")
+        session = attach_container(
+            self.agent, options.container, logs=options.logs, stdin=options.stdin
         )
-        outputs: asyncio.Queue[pb.ExecResponse | None] = asyncio.Queue()
-
-        async def pump(stream: asyncio.StreamReader | None, field: str) -> None:
-            while stream is not None and (data := await stream.read(65536)):
-                await outputs.put(pb.ExecResponse(**{field: data}))
-            await outputs.put(None)
-
-        async def feed() -> None:
-            assert proc.stdin is not None
-            message: pb.ExecRequest | None = first
-            try:
-                while message is not None:
-                    if message.stdin:
-                        proc.stdin.write(message.stdin)
-                        await proc.stdin.drain()
-                    if message.close_stdin:
-                        break
-                    message = await anext(aiter(request_iterator), None)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            finally:
-                proc.stdin.close()
-
-        tasks = [
-            asyncio.create_task(pump(proc.stdout, "stdout")),
-            asyncio.create_task(pump(proc.stderr, "stderr")),
-            asyncio.create_task(feed()),
-        ]
-        try:
-            open_streams = 2
-            while open_streams:
-                item = await outputs.get()
-                if item is None:
-                    open_streams -= 1
-                else:
-                    yield item
-            code = await proc.wait()
-            yield pb.ExecResponse(exited=True, exit_code=code if code >= 0 else 128 - code)
-        finally:
-            for task in tasks:
-                task.cancel()
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+        size = options.terminal_size
+        if size.rows and size.columns:
+            await session.resize(size.rows, size.columns)
+        detach_keys = detach_sequence(options.detach_keys, session.tty)
+        events = relay(session, inputs(request_iterator, "AttachContainer"), detach_keys)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield pb.AttachContainerResponse(output=process_output(event))
 
     async def ContainerStats(
         self, request: pb.ContainerStatsRequest, context: Context
@@ -234,8 +221,10 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         async for sample in self.agent.stats(request.container, request.stream):
             yield pb.ContainerStatsResponse(
                 sample=container_pb2.ContainerStats(
-                    time=timestamp(sample.time),
-                    cpu_nanos=sample.cpu_nanos,
+                    sampled_at=timestamp(sample.time),
+                    cpu_usage=Duration(
+                        seconds=sample.cpu_nanos // 10**9, nanos=sample.cpu_nanos % 10**9
+                    ),
                     cpu_percent=sample.cpu_percent,
                     memory_bytes=sample.memory_bytes,
                     memory_limit_bytes=sample.memory_limit_bytes,

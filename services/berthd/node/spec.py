@@ -471,7 +471,8 @@ def build_runtime_config(
     return {
         "ociVersion": OCI_VERSION,
         "process": {
-            "terminal": False,
+            # A pty from runc, whose master conmon (-t) receives over its console socket.
+            "terminal": config.tty,
             "user": user_obj,
             "args": list(args),
             "env": list(env),

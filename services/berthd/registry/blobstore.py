@@ -77,10 +77,15 @@ class UploadWriter:
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         except FileNotFoundError:
-            raise NotFound(f"upload {upload_id} not found (cancelled or committed?)") from None
+            raise upload_unknown(upload_id) from None
         if not _lock(self._fd, fcntl.LOCK_EX):
             os.close(self._fd)
-            raise FailedPrecondition(f"upload {upload_id} is being written by another connection")
+            raise FailedPrecondition(
+                f"upload {upload_id} is being written by another connection",
+                reason="UPLOAD_IN_USE",
+                metadata={"upload_id": upload_id},
+                resource=("upload", upload_id),
+            )
         self.offset = os.fstat(self._fd).st_size
         self._digester = store.take_digester(upload_id, self.offset)
         # write() and close() run in executor threads; a write still running when its caller
@@ -91,22 +96,38 @@ class UploadWriter:
     def write(self, offset: int, data: bytes) -> int:
         if len(data) > MAX_CHUNK_BYTES:
             raise ResourceExhausted(
-                f"chunk of {len(data)} bytes is larger than the limit of {MAX_CHUNK_BYTES}"
+                f"chunk of {len(data)} bytes is larger than the limit of {MAX_CHUNK_BYTES}",
+                reason="CHUNK_TOO_LARGE",
+                metadata={"size": len(data), "limit": MAX_CHUNK_BYTES},
+                field="data",
             )
         with self._mutex:
             if self._closed:
-                raise FailedPrecondition(f"upload {self.upload_id}: the stream was closed")
+                raise FailedPrecondition(
+                    f"upload {self.upload_id}: the stream was closed",
+                    reason="UPLOAD_CLOSED",
+                    metadata={"upload_id": self.upload_id},
+                )
             if offset != self.offset:
                 raise FailedPrecondition(
                     f"upload {self.upload_id}: chunk starts at offset {offset} but "
-                    f"{self.offset} bytes are stored; resume from offset {self.offset}"
+                    f"{self.offset} bytes are stored; resume from offset {self.offset}",
+                    reason="UPLOAD_OFFSET_MISMATCH",
+                    metadata={
+                        "upload_id": self.upload_id,
+                        "offset": self.offset,
+                        "requested_offset": offset,
+                    },
+                    resource=("upload", self.upload_id),
                 )
             written = os.write(self._fd, data)
             if written != len(data):
                 # A short write (disk full) leaves the stored offset where the file ends.
                 self.offset += written
                 raise ResourceExhausted(
-                    f"upload {self.upload_id}: stored {written} of {len(data)} bytes (disk full?)"
+                    f"upload {self.upload_id}: stored {written} of {len(data)} bytes (disk full?)",
+                    reason="STORAGE_FULL",
+                    metadata={"upload_id": self.upload_id, "offset": self.offset},
                 )
             if self._digester is not None:
                 self._digester.update(data)
@@ -149,6 +170,25 @@ class BlobReader:
                 self._fd = -1
 
 
+def upload_unknown(upload_id: str) -> NotFound:
+    return NotFound(
+        f"upload {upload_id} not found (cancelled or committed?)",
+        reason="UPLOAD_UNKNOWN",
+        metadata={"upload_id": upload_id},
+        resource=("upload", upload_id),
+    )
+
+
+def blob_unknown(digest: str, repository: str = "") -> NotFound:
+    where = f" in repository {repository}" if repository else ""
+    return NotFound(
+        f"blob {digest} not found{where}",
+        reason="BLOB_UNKNOWN",
+        metadata={"digest": digest, **({"repository": repository} if repository else {})},
+        resource=("blob", digest),
+    )
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -182,13 +222,13 @@ class BlobStore:
         try:
             return BlobReader(os.open(self.path(digest), os.O_RDONLY))
         except FileNotFoundError:
-            raise NotFound(f"blob {digest} not found") from None
+            raise blob_unknown(digest) from None
 
     def read_all(self, digest: str) -> bytes:
         try:
             return self.path(digest).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"blob {digest} not found") from None
+            raise blob_unknown(digest) from None
 
     def put(self, content: bytes) -> tuple[str, bool]:
         """Store small content (manifests) directly; returns (digest, already_existed)."""
@@ -222,7 +262,12 @@ class BlobStore:
 
     def upload_dir(self, upload_id: str) -> Path:
         if not upload_id or not all(c in "0123456789abcdef" for c in upload_id):
-            raise NotFound(f"upload {upload_id!r} not found")
+            raise NotFound(
+                f"upload {upload_id!r} not found",
+                reason="UPLOAD_UNKNOWN",
+                metadata={"upload_id": upload_id},
+                resource=("upload", upload_id),
+            )
         return self.uploads / upload_id
 
     def upload_data(self, upload_id: str) -> Path:
@@ -243,7 +288,7 @@ class BlobStore:
             meta = json.loads((directory / "info.json").read_text())
             fd = os.open(directory / "data", os.O_RDONLY)
         except FileNotFoundError:
-            raise NotFound(f"upload {upload_id} not found (cancelled or committed?)") from None
+            raise upload_unknown(upload_id) from None
         try:
             # Briefly wait for a writer whose stream just broke, so the offset is final; a
             # healthy stream still writing gets its current offset.
@@ -274,7 +319,7 @@ class BlobStore:
         expected = parse_digest(expected)
         data = self.upload_data(upload_id)
         if not data.exists():
-            raise NotFound(f"upload {upload_id} not found (cancelled or committed?)")
+            raise upload_unknown(upload_id)
         with open(data, "rb") as f:
             os.fsync(f.fileno())
         size = data.stat().st_size
@@ -287,7 +332,10 @@ class BlobStore:
             self.cancel(upload_id)
             raise DataLoss(
                 f"digest mismatch: expected {expected} but the {size} uploaded bytes hash to "
-                f"{actual}; the upload was discarded"
+                f"{actual}; the upload was discarded",
+                reason="DIGEST_MISMATCH",
+                metadata={"expected": expected, "actual": actual, "size": size},
+                resource=("upload", upload_id),
             )
         final = self.path(actual)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -307,7 +355,7 @@ class BlobStore:
         self._digesters.pop(upload_id, None)
         directory = self.upload_dir(upload_id)
         if not directory.exists():
-            raise NotFound(f"upload {upload_id} not found (cancelled or committed?)")
+            raise upload_unknown(upload_id)
         shutil.rmtree(directory, ignore_errors=True)
 
     def open_uploads(self) -> list[UploadInfo]:

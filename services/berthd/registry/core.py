@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
+from berth.error_details import Violation
 from berthd.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from berthd.common.oci.digest import digest_bytes, parse_digest
 from berthd.common.oci.manifest import parse_manifest
@@ -23,14 +28,23 @@ from berthd.common.oci.reference import (
 )
 from berthd.common.store import RevisionCompacted
 from berthd.registry import metrics
-from berthd.registry.blobstore import READ_CHUNK_BYTES, BlobStat, BlobStore, UploadInfo
+from berthd.registry.blobstore import (
+    READ_CHUNK_BYTES,
+    BlobStat,
+    BlobStore,
+    UploadInfo,
+    blob_unknown,
+)
 from berthd.registry.metadata import (
     ListedManifest,
     ManifestRecord,
     Metadata,
     RepoRecord,
     TagRecord,
+    name_unknown,
 )
+
+T = TypeVar("T")
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
@@ -50,37 +64,80 @@ class Chunk:
     total_size: int
 
 
+@contextmanager
+def invalid(reason: str, field: str, **metadata: object) -> Iterator[None]:
+    """Give a validation error (from the shared grammar) a stable reason and its request field;
+    the message stays as the grammar wrote it."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        if exc.reason != "INVALID_ARGUMENT":
+            raise
+        raise InvalidArgument(str(exc), reason=reason, field=field, metadata=metadata) from None
+
+
+def checked(check: Callable[[str], T], value: str, reason: str, field: str) -> T:
+    with invalid(reason, field, **{field: value}):
+        return check(value)
+
+
+def repository_name(name: str, field: str = "repository") -> str:
+    return checked(validate_repository, name, "NAME_INVALID", field)
+
+
+def digest_of(value: str, field: str = "digest") -> str:
+    return checked(parse_digest, value, "DIGEST_INVALID", field)
+
+
 def page_size(requested: int) -> int:
     if requested < 0:
-        raise InvalidArgument(f"page size {requested} is negative")
+        raise InvalidArgument(f"page size {requested} is negative", field="page_size")
     return min(requested or DEFAULT_PAGE, MAX_PAGE)
 
 
-def encode_token(last: str) -> str:
-    return base64.urlsafe_b64encode(last.encode()).decode()
+def bad_token(token: str, why: str = "") -> InvalidArgument:
+    return InvalidArgument(
+        f"invalid page token {token!r}{why}", reason="INVALID_PAGE_TOKEN", field="page_token"
+    )
 
 
-def decode_token(token: str) -> str | None:
+def encode_token(last: str, scope: str = "") -> str:
+    """An opaque page token: where the listing goes on, and which listing (`scope`: the call
+    and its filters) it belongs to."""
+    return base64.urlsafe_b64encode(f"{scope}\n{last}".encode()).decode()
+
+
+def decode_token(token: str, scope: str = "") -> str | None:
+    """The `last` of a token encode_token made for the same scope; None for a first page."""
     if not token:
         return None
     try:
-        last = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+        text = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError):
-        last = ""
-    if not last:
-        raise InvalidArgument(f"invalid page token {token!r}")
+        text = ""
+    owner, newline, last = text.partition("\n")
+    if not newline or not last:
+        raise bad_token(token)
+    if owner != scope:
+        raise bad_token(token, " for this listing (it belongs to another call or other filters)")
     return last
+
+
+def filter_scope(kind: str, *filters: object) -> str:
+    """A token scope naming a call and its filters, short whatever the filters are."""
+    text = json.dumps(filters, sort_keys=True, separators=(",", ":"))
+    return f"{kind}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def encode_manifest_token(revision: int, last: ListedManifest) -> str:
     """ListManifests' token: the etcd revision every page is read at, and the last entry."""
-    return encode_token(f"{revision}:{last.key}")
+    return encode_token(f"{revision}:{last.key}", "manifests")
 
 
 def decode_manifest_token(token: str, repository: str) -> tuple[int, str | None]:
     """(revision, `<repo>@<digest>` to continue after), or (0, None) for a first page. A token
     must come from a listing of the same repository filter."""
-    text = decode_token(token)
+    text = decode_token(token, "manifests")
     if text is None:
         return 0, None
     revision, _, last = text.partition(":")
@@ -92,7 +149,7 @@ def decode_manifest_token(token: str, repository: str) -> tuple[int, str | None]
         or not is_digest(digest)
         or (repository and repo != repository)
     ):
-        raise InvalidArgument(f"invalid page token {token!r} for this listing")
+        raise bad_token(token, " for this listing")
     return int(revision), last
 
 
@@ -104,14 +161,14 @@ class Registry:
     # Uploads ----------------------------------------------------------------------
 
     async def start_upload(self, repository: str) -> str:
-        validate_repository(repository)
+        repository_name(repository)
         return await asyncio.to_thread(self.blobs.start, repository)
 
     async def upload_info(self, upload_id: str) -> UploadInfo:
         return await asyncio.to_thread(self.blobs.info, upload_id)
 
     async def commit_upload(self, upload_id: str, digest: str) -> tuple[BlobStat, bool]:
-        parse_digest(digest)
+        digest_of(digest)
         info = await self.upload_info(upload_id)
         stat, existed = await asyncio.to_thread(self.blobs.commit, upload_id, digest)
         if existed:
@@ -125,11 +182,11 @@ class Registry:
     # Blobs --------------------------------------------------------------------------
 
     async def stat_blob(self, repository: str, digest: str) -> BlobStat:
-        validate_repository(repository)
-        digest = parse_digest(digest)
+        repository_name(repository)
+        digest = digest_of(digest)
         stat = self.blobs.stat(digest)
         if stat is None or not await self.meta.is_linked(repository, digest):
-            raise NotFound(f"blob {digest} not found in repository {repository}")
+            raise blob_unknown(digest, repository)
         # A client that learns the blob exists will reference it soon: keep GC off it.
         self.blobs.touch(digest)
         return stat
@@ -139,10 +196,17 @@ class Registry:
     ) -> AsyncIterator[Chunk]:
         stat = await self.stat_blob(repository, digest)
         if offset < 0 or length < 0:
-            raise InvalidArgument(f"offset {offset} and length {length} must not be negative")
+            raise InvalidArgument(
+                f"offset {offset} and length {length} must not be negative",
+                reason="INVALID_RANGE",
+                field="offset" if offset < 0 else "length",
+            )
         if offset > stat.size:
             raise InvalidArgument(
-                f"offset {offset} is past the end of {digest} ({stat.size} bytes)"
+                f"offset {offset} is past the end of {digest} ({stat.size} bytes)",
+                reason="INVALID_RANGE",
+                metadata={"offset": offset, "size": stat.size},
+                field="offset",
             )
         end = stat.size if length == 0 else min(stat.size, offset + length)
         return self._chunks(digest, offset, end, stat.size)
@@ -164,7 +228,12 @@ class Registry:
             while at < end:
                 data = await pending
                 if not data:
-                    raise NotFound(f"blob {digest} is shorter than its recorded size")
+                    raise NotFound(
+                        f"blob {digest} is shorter than its recorded size",
+                        reason="BLOB_UNKNOWN",
+                        metadata={"digest": digest},
+                        resource=("blob", digest),
+                    )
                 if at + len(data) < end:
                     pending = read(at + len(data))
                 metrics.BYTES_SENT.inc(len(data))
@@ -175,10 +244,10 @@ class Registry:
 
     async def mount_blob(self, repository: str, digest: str, source: str) -> BlobStat | None:
         """Link an existing blob into `repository`; None if there is nothing to mount."""
-        validate_repository(repository)
-        digest = parse_digest(digest)
+        repository_name(repository)
+        digest = digest_of(digest)
         if source:
-            validate_repository(source)
+            repository_name(source, "from_repository")
             if not await self.meta.is_linked(source, digest):
                 return None
         stat = self.blobs.stat(digest)
@@ -193,31 +262,58 @@ class Registry:
     async def put_manifest(
         self, repository: str, reference: str, media_type: str, content: bytes
     ) -> tuple[str, int]:
-        validate_repository(repository)
-        validate_reference(reference)
-        parsed = parse_manifest(content, media_type or None)
+        repository_name(repository)
+        checked(validate_reference, reference, "INVALID_REFERENCE", "reference")
+        with invalid("MANIFEST_INVALID", "content"):
+            parsed = parse_manifest(content, media_type or None)
         digest = digest_bytes(content)
         if is_digest(reference) and reference != digest:
             raise InvalidArgument(
                 f"manifest digest mismatch: reference is {reference} but the content hashes "
-                f"to {digest}"
+                f"to {digest}",
+                reason="DIGEST_INVALID",
+                metadata={"expected": reference, "actual": digest},
+                field="reference",
             )
+        missing: list[Violation] = []
         for index, blob in enumerate(parsed.required_blobs):
             where = "config" if parsed.config is not None and index == 0 else "layer"
             if self.blobs.stat(blob.digest) is None or not await self.meta.is_linked(
                 repository, blob.digest
             ):
-                raise FailedPrecondition(
-                    f"{where} blob {blob.digest} is not in repository {repository}; "
-                    "push or mount it before the manifest"
+                missing.append(
+                    Violation(
+                        "BLOB_UNKNOWN",
+                        f"blob/{blob.digest}",
+                        f"{where} blob {blob.digest} is not in repository {repository}; "
+                        "push or mount it before the manifest",
+                    )
                 )
-            self.blobs.touch(blob.digest)
+            else:
+                self.blobs.touch(blob.digest)
         for child in parsed.children:
             if await self.meta.get_manifest(repository, child.digest) is None:
-                raise FailedPrecondition(
-                    f"manifest {child.digest} listed in the index is not in repository "
-                    f"{repository}; push it before the index"
+                missing.append(
+                    Violation(
+                        "MANIFEST_UNKNOWN",
+                        f"manifest/{child.digest}",
+                        f"manifest {child.digest} listed in the index is not in repository "
+                        f"{repository}; push it before the index",
+                    )
                 )
+        if missing:
+            digests = [v.subject.partition("/")[2] for v in missing]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise FailedPrecondition(
+                missing[0].description + more,
+                reason="MANIFEST_BLOB_UNKNOWN",
+                metadata={
+                    "repository": repository,
+                    "digest": digests[0],
+                    "digests": ",".join(digests),
+                },
+                violations=missing,
+            )
         await asyncio.to_thread(self.blobs.put, content)
         references = tuple(d.digest for d in (*parsed.required_blobs, *parsed.children))
         record = ManifestRecord(digest, parsed.media_type, len(content), references, time.time())
@@ -226,18 +322,22 @@ class Registry:
         return digest, len(content)
 
     async def resolve(self, repository: str, reference: str) -> ManifestRecord:
-        validate_repository(repository)
-        validate_reference(reference)
+        repository_name(repository)
+        checked(validate_reference, reference, "INVALID_REFERENCE", "reference")
         digest = reference
         if not is_digest(reference):
             tag = await self.meta.get_tag(repository, reference)
             if tag is None:
                 await self.meta.require_repo(repository)
-                raise NotFound(f"manifest unknown: {repository} has no tag {reference}")
+                raise manifest_unknown(
+                    f"manifest unknown: {repository} has no tag {reference}",
+                    repository,
+                    reference,
+                )
             digest = tag.digest
         record = await self.meta.get_manifest(repository, digest)
         if record is None:
-            raise NotFound(f"manifest unknown: {repository}@{digest}")
+            raise manifest_unknown(f"manifest unknown: {repository}@{digest}", repository, digest)
         return record
 
     async def get_manifest(self, repository: str, reference: str) -> StoredManifest:
@@ -254,8 +354,8 @@ class Registry:
 
     async def list_repositories(self, size: int, token: str) -> tuple[list[RepoRecord], str]:
         limit = page_size(size)
-        records = await self.meta.list_repos(decode_token(token), limit)
-        next_token = encode_token(records[-1].name) if len(records) == limit else ""
+        records = await self.meta.list_repos(decode_token(token, "repositories"), limit)
+        next_token = encode_token(records[-1].name, "repositories") if len(records) == limit else ""
         return records, next_token
 
     async def list_manifests(
@@ -266,7 +366,7 @@ class Registry:
         together are one consistent view; once etcd has compacted that revision away, the
         listing must start over (ABORTED)."""
         if repository:
-            validate_repository(repository)
+            repository_name(repository)
         limit = page_size(size)
         revision, after = decode_manifest_token(token, repository)
         try:
@@ -277,17 +377,19 @@ class Registry:
                 and after is None
                 and not await self.meta.repo_exists_at(repository, page.revision)
             ):
-                raise NotFound(f"repository {repository} not found")
+                raise name_unknown(repository)
         except RevisionCompacted as exc:
             raise Aborted(
                 f"the listing's view of the registry (etcd revision {revision}) has been "
-                "compacted away; list again from the first page"
+                "compacted away; list again from the first page",
+                reason="LISTING_EXPIRED",
+                metadata={"revision": revision},
             ) from exc
         next_token = encode_manifest_token(page.revision, page.entries[-1]) if page.more else ""
         return page.entries, next_token
 
     async def get_repository(self, repository: str) -> RepoRecord:
-        validate_repository(repository)
+        repository_name(repository)
         return await self.meta.require_repo(repository)
 
     async def update_repository(
@@ -297,12 +399,14 @@ class Registry:
         labels: dict[str, str],
         replace_labels: bool,
     ) -> RepoRecord:
-        validate_repository(repository)
+        repository_name(repository)
         if description is not None and len(description) > 4096:
-            raise InvalidArgument("description is longer than 4096 characters")
+            raise InvalidArgument("description is longer than 4096 characters", field="description")
         for key in labels:
             if not key or len(key) > 256:
-                raise InvalidArgument(f"label key {key!r} must be 1 to 256 characters")
+                raise InvalidArgument(
+                    f"label key {key!r} must be 1 to 256 characters", field="labels"
+                )
 
         def change(record: RepoRecord) -> None:
             if description is not None:
@@ -318,30 +422,57 @@ class Registry:
     async def list_tags(
         self, repository: str, size: int, token: str
     ) -> tuple[list[TagRecord], str]:
-        validate_repository(repository)
+        repository_name(repository)
         await self.meta.require_repo(repository)
         limit = page_size(size)
-        tags = await self.meta.list_tags(repository, decode_token(token), limit)
-        next_token = encode_token(tags[-1].name) if len(tags) == limit else ""
+        scope = f"tags:{repository}"
+        tags = await self.meta.list_tags(repository, decode_token(token, scope), limit)
+        next_token = encode_token(tags[-1].name, scope) if len(tags) == limit else ""
         return tags, next_token
 
     async def delete_tag(self, repository: str, tag: str) -> str:
-        validate_repository(repository)
-        validate_tag(tag)
+        repository_name(repository)
+        checked(validate_tag, tag, "INVALID_REFERENCE", "tag")
         return await self.meta.delete_tag(repository, tag)
 
-    async def search(self, term: str, labels: dict[str, str], limit: int) -> list[RepoRecord]:
-        results = rank_repositories(await self.meta.all_repos(), term, labels, limit)
-        for record in results:
+    async def search(
+        self, term: str, labels: dict[str, str], size: int, token: str
+    ) -> tuple[list[RepoRecord], str]:
+        """A page of the repositories matching term and labels, best match first."""
+        limit = page_size(size)
+        scope = filter_scope("search", term.strip().lower(), labels)
+        after = decode_token(token, scope)
+        ranked = rank_repositories(await self.meta.all_repos(), term, labels)
+        if after is not None:
+            rank, _, name = after.partition(":")
+            if not rank.isdigit() or not name:
+                raise bad_token(token)
+            ranked = [(r, record) for r, record in ranked if (r, record.name) > (int(rank), name)]
+        page = ranked[:limit]
+        for _, record in page:
             record.tag_count = await self.meta.tag_count(record.name)
-        return results
+        more = len(ranked) > limit
+        next_token = encode_token(f"{page[-1][0]}:{page[-1][1].name}", scope) if more else ""
+        return [record for _, record in page], next_token
+
+
+def manifest_unknown(message: str, repository: str, reference: str) -> NotFound:
+    return NotFound(
+        message,
+        reason="MANIFEST_UNKNOWN",
+        metadata={"repository": repository, "reference": reference},
+        resource=(
+            "manifest",
+            f"{repository}@{reference}" if is_digest(reference) else f"{repository}:{reference}",
+        ),
+    )
 
 
 def rank_repositories(
-    records: list[RepoRecord], term: str, labels: dict[str, str], limit: int
-) -> list[RepoRecord]:
-    """Filter by labels, then rank: a name starting with the term, a name containing it,
-    a description containing it, a label containing it; ties in name order."""
+    records: list[RepoRecord], term: str, labels: dict[str, str]
+) -> list[tuple[int, RepoRecord]]:
+    """Filter by labels, then rank: a name starting with the term (0), a name containing it
+    (1), a description containing it (2), a label containing it (3); ties in name order."""
     needle = term.strip().lower()
     ranked: list[tuple[int, str, RepoRecord]] = []
     for record in records:
@@ -357,4 +488,4 @@ def rank_repositories(
             continue
         ranked.append((rank, record.name, record))
     ranked.sort(key=lambda item: item[:2])
-    return [record for _, _, record in ranked[: limit or 25]]
+    return [(rank, record) for rank, _, record in ranked]

@@ -29,6 +29,15 @@ MANIFESTS = "registry/manifests/"
 LINKS = "registry/links/"
 
 
+def name_unknown(repo: str) -> NotFound:
+    return NotFound(
+        f"repository {repo} not found",
+        reason="NAME_UNKNOWN",
+        metadata={"repository": repo},
+        resource=("repository", repo),
+    )
+
+
 def repo_key(repo: str) -> str:
     return REPOS + repo
 
@@ -145,7 +154,7 @@ class Metadata:
     async def require_repo(self, repo: str) -> RepoRecord:
         record = await self.get_repo(repo)
         if record is None:
-            raise NotFound(f"repository {repo} not found")
+            raise name_unknown(repo)
         return record
 
     async def list_repos(self, start_after: str | None, limit: int) -> list[RepoRecord]:
@@ -176,7 +185,7 @@ class Metadata:
             entry = await self.store.get(repo_key(repo))
             if entry is None:
                 if not create:
-                    raise NotFound(f"repository {repo} not found")
+                    raise name_unknown(repo)
                 now = time.time()
                 record = RepoRecord(repo, now, now)
                 revision = 0
@@ -190,7 +199,11 @@ class Metadata:
             )
             if ok:
                 return record
-        raise Aborted(f"repository {repo} is being updated concurrently; try again")
+        raise Aborted(
+            f"repository {repo} is being updated concurrently; try again",
+            reason="CONCURRENT_UPDATE",
+            metadata={"repository": repo},
+        )
 
     # Manifests and tags ---------------------------------------------------------
 
@@ -239,12 +252,21 @@ class Metadata:
     async def delete_tag(self, repo: str, tag: str) -> str:
         entry = await self.store.get(tag_key(repo, tag))
         if entry is None:
-            raise NotFound(f"tag {tag} not found in repository {repo}")
+            raise NotFound(
+                f"tag {tag} not found in repository {repo}",
+                reason="TAG_UNKNOWN",
+                metadata={"repository": repo, "tag": tag},
+                resource=("tag", f"{repo}:{tag}"),
+            )
         ok, _ = await self.store.txn(
             [self.store.unchanged(entry.key, entry.mod_revision)], [self.store.op_delete(entry.key)]
         )
         if not ok:
-            raise Aborted(f"tag {repo}:{tag} changed while deleting it; try again")
+            raise Aborted(
+                f"tag {repo}:{tag} changed while deleting it; try again",
+                reason="CONCURRENT_UPDATE",
+                metadata={"repository": repo, "tag": tag},
+            )
         return str(entry.json()["digest"])
 
     async def delete_manifest(self, repo: str, digest: str) -> list[str]:
@@ -260,7 +282,11 @@ class Metadata:
         ops += [self.store.op_delete(tag_key(repo, t.name)) for t in tags]
         ok, _ = await self.store.txn(compares, ops)
         if not ok:
-            raise Aborted(f"tags of {repo} changed while deleting {digest}; try again")
+            raise Aborted(
+                f"tags of {repo} changed while deleting {digest}; try again",
+                reason="CONCURRENT_UPDATE",
+                metadata={"repository": repo, "digest": digest},
+            )
         return [t.name for t in tags]
 
     async def all_manifests(self) -> list[tuple[str, ManifestRecord]]:

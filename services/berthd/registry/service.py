@@ -6,15 +6,17 @@ Errors raised by the core become status codes in the common interceptor.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc
-from berth.types.v1 import types_pb2
+from berth.types.v1 import progress_pb2, types_pb2
 from berthd.common.errors import InvalidArgument
+from berthd.common.idempotency import once
 from berthd.common.messages import timestamp
+from berthd.common.streaming import Done, progress_stream
 from berthd.registry import gc, metrics
 from berthd.registry.blobstore import BlobStat
 from berthd.registry.core import Registry
@@ -42,6 +44,28 @@ def tag(record: TagRecord) -> pb.Tag:
     return pb.Tag(name=record.name, digest=record.digest, pushed_at=timestamp(record.pushed_at))
 
 
+def gc_progress(stage: gc.GcStage) -> progress_pb2.Progress:
+    return progress_pb2.Progress(
+        id=stage.stage,
+        state=progress_pb2.PROGRESS_STATE_DONE
+        if stage.done
+        else progress_pb2.PROGRESS_STATE_RUNNING,
+        current=stage.current,
+        total=stage.total,
+        unit=progress_pb2.PROGRESS_UNIT_ITEMS,
+    )
+
+
+def gc_result(report: gc.GcReport) -> pb.GarbageCollectResult:
+    return pb.GarbageCollectResult(
+        deleted=[descriptor(b) for b in report.deleted],
+        reclaimed_bytes=report.reclaimed_bytes,
+        blobs_marked=report.blobs_marked,
+        blobs_young=report.blobs_young,
+        uploads_removed=report.uploads_removed,
+    )
+
+
 def manifest_entry(entry: ListedManifest) -> pb.ManifestEntry:
     record = entry.record
     return pb.ManifestEntry(
@@ -62,8 +86,17 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def StartUpload(
         self, request: pb.StartUploadRequest, context: Context
     ) -> pb.StartUploadResponse:
-        return pb.StartUploadResponse(
-            upload_id=await self.registry.start_upload(request.repository)
+        async def start() -> pb.StartUploadResponse:
+            return pb.StartUploadResponse(
+                upload_id=await self.registry.start_upload(request.repository)
+            )
+
+        return await once(
+            self.registry.meta.store,
+            "registry.StartUpload",
+            request.request_id,
+            pb.StartUploadResponse,
+            start,
         )
 
     async def WriteUpload(
@@ -79,7 +112,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     )
                 elif chunk.upload_id != writer.upload_id:
                     raise InvalidArgument(
-                        "every chunk of a WriteUpload stream must name one upload"
+                        "every chunk of a WriteUpload stream must name one upload",
+                        field="upload_id",
                     )
                 await asyncio.to_thread(writer.write, chunk.offset, chunk.data)
                 metrics.BYTES_RECEIVED.inc(len(chunk.data))
@@ -214,23 +248,29 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         )
 
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
-        results = await self.registry.search(request.term, dict(request.labels), request.limit)
-        return pb.SearchResponse(results=[repository(r) for r in results])
+        results, token = await self.registry.search(
+            request.term, dict(request.labels), request.page_size, request.page_token
+        )
+        return pb.SearchResponse(results=[repository(r) for r in results], next_page_token=token)
 
     async def GarbageCollect(
         self, request: pb.GarbageCollectRequest, context: Context
-    ) -> pb.GarbageCollectResponse:
-        if request.grace_period_seconds < 0:
-            raise InvalidArgument("grace period must not be negative")
-        report = await gc.collect(
-            self.registry.blobs,
-            self.registry.meta,
-            dry_run=request.dry_run,
-            grace_seconds=request.grace_period_seconds,
-        )
-        return pb.GarbageCollectResponse(
-            deleted=[descriptor(b) for b in report.deleted],
-            bytes_freed=report.bytes_freed,
-            blobs_marked=report.blobs_marked,
-            blobs_young=report.blobs_young,
-        )
+    ) -> AsyncIterator[pb.GarbageCollectResponse]:
+        grace = request.grace_period.ToTimedelta().total_seconds()
+        if grace < 0:
+            raise InvalidArgument("grace period must not be negative", field="grace_period")
+
+        def work(report: gc.GcProgress) -> Awaitable[gc.GcReport]:
+            return gc.collect(
+                self.registry.blobs,
+                self.registry.meta,
+                dry_run=request.dry_run,
+                grace_seconds=grace,
+                progress=report,
+            )
+
+        async for item in progress_stream(work):
+            if isinstance(item, Done):
+                yield pb.GarbageCollectResponse(result=gc_result(item.result))
+            else:
+                yield pb.GarbageCollectResponse(progress=gc_progress(item))

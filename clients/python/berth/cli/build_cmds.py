@@ -24,11 +24,11 @@ from berth.client.builder import (
     BuildCache,
     BuilderClient,
     BuildEvent,
-    BuildMessage,
     BuildOptions,
+    BuildOutput,
+    BuildProgress,
     BuildResult,
-    ContextSent,
-    StepEvent,
+    BuildStep,
 )
 from berth.client.registry import parse_image_reference
 from berth.config import BUILDER_HELP, resolve_service_address
@@ -153,8 +153,10 @@ def build_options(args: argparse.Namespace, dockerfile: str) -> BuildOptions:
 class PlainProgress:
     """BuildKit's plain progress from the builder's events; the client's on_event callback.
 
-    Every step is a vertex `#N` numbered in order of appearance; consecutive messages share
-    one; `finish` adds the export vertex from the result."""
+    Every step is a vertex `#N` numbered in order of appearance, its output lines under it;
+    the context the builder received is one (`[internal] load build context`); consecutive
+    lines for people (warnings, the export) share one; `finish` adds the image to the export
+    vertex from the result."""
 
     def __init__(self, out: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
         self._out = out
@@ -162,24 +164,25 @@ class PlainProgress:
         self._count = 0
         self._steps: dict[int, int] = {}  # step number -> vertex
         self._started: dict[int, float] = {}  # step number -> when it began running
+        self._context: int | None = None  # the context's vertex
         self._messages: int | None = None  # the vertex consecutive messages go to
+        self._said: dict[str, str] = {}  # progress id -> the message shown last
+        self._export_seconds: float | None = None
         self._last_event = clock()
 
     def __call__(self, event: BuildEvent) -> None:
         self._last_event = self._clock()
-        if isinstance(event, StepEvent):
+        if isinstance(event, BuildStep):
             self._messages = None
             self._step(event)
-        elif isinstance(event, BuildMessage):
-            if self._messages is None:
-                self._messages = self._vertex()
-            self._line(self._messages, event.text)
-        elif isinstance(event, ContextSent):
-            self._messages = None
-            vertex = self._vertex()
-            self._line(vertex, "[internal] load build context")
-            self._line(vertex, f"transferring context: {human_size(event.size)} done")
-            self._line(vertex, f"DONE {event.seconds:.1f}s")
+        elif isinstance(event, BuildOutput):
+            self._output(event)
+        elif isinstance(event, BuildProgress):
+            if event.id == "context":
+                self._messages = None
+                self._context_progress(event)
+            else:
+                self._progress(event)
 
     def finish(self, result: BuildResult) -> None:
         """The export vertex: the image id and its names (after the builder's own export
@@ -191,28 +194,61 @@ class PlainProgress:
         self._line(vertex, f"writing image {result.id} done")
         for tag in result.tags:
             self._line(vertex, f"naming to {tag} done")
-        self._line(vertex, f"DONE {self._clock() - self._last_event:.1f}s")
+        seconds = self._export_seconds
+        if seconds is None:
+            seconds = self._clock() - self._last_event
+        self._line(vertex, f"DONE {seconds:.1f}s")
 
-    def _step(self, e: StepEvent) -> None:
-        vertex = self._steps.get(e.number)
-        if vertex is None:
-            vertex = self._steps[e.number] = self._vertex()
-            where = f"{e.stage} {e.number}/{e.total}" if e.stage else f"{e.number}/{e.total}"
-            self._line(vertex, f"[{where}] {e.instruction}")
-        now = self._clock()
+    def _context_progress(self, p: BuildProgress) -> None:
+        if self._context is None:
+            self._context = self._vertex()
+            self._line(self._context, "[internal] load build context")
+        if p.state == "DONE":
+            self._line(self._context, f"transferring context: {human_size(p.current)} done")
+            self._line(self._context, f"DONE {p.duration or 0.0:.1f}s")
+
+    def _progress(self, p: BuildProgress) -> None:
+        """A line for people that belongs to no step: shown once per item and message."""
+        if p.id == "export" and p.state == "DONE":
+            self._export_seconds = p.duration
+        if not p.message or self._said.get(p.id) == p.message:
+            return
+        self._said[p.id] = p.message
+        if self._messages is None:
+            self._messages = self._vertex()
+        self._line(self._messages, p.message)
+
+    def _step(self, e: BuildStep) -> None:
+        vertex = self._step_vertex(e.number, e)
         if e.status == "RUNNING":
-            self._started.setdefault(e.number, now)
-        if e.output:
-            elapsed = now - self._started.get(e.number, now)
-            self._line(vertex, f"{elapsed:.3f} {e.output}")
-        if e.status == "CACHED":
+            self._started.setdefault(e.number, self._clock())
+        elif e.status == "CACHED":
             self._line(vertex, "CACHED")
         elif e.status == "DONE":
-            if e.layer:
-                self._line(vertex, f"writing layer {e.layer} done")
+            if e.layer_digest:
+                self._line(vertex, f"writing layer {e.layer_digest} done")
             self._line(vertex, f"DONE {e.duration or 0.0:.1f}s")
         elif e.status == "FAILED":
-            self._line(vertex, f"ERROR: exit code: {e.exit_code}" if e.exit_code else "ERROR")
+            failed = e.exit_code is not None
+            self._line(vertex, f"ERROR: exit code: {e.exit_code}" if failed else "ERROR")
+
+    def _output(self, o: BuildOutput) -> None:
+        self._messages = None
+        vertex = self._step_vertex(o.step, None)
+        now = self._clock()
+        elapsed = now - self._started.setdefault(o.step, now)
+        text = o.data.decode(errors="replace").removesuffix("\n")
+        self._line(vertex, f"{elapsed:.3f} {text}")
+
+    def _step_vertex(self, number: int, e: BuildStep | None) -> int:
+        """The step's vertex, made (with its header) when the step first shows up."""
+        vertex = self._steps.get(number)
+        if vertex is None:
+            vertex = self._steps[number] = self._vertex()
+            if e is not None:
+                where = f"{e.stage} {e.number}/{e.total}" if e.stage else f"{e.number}/{e.total}"
+                self._line(vertex, f"[{where}] {e.instruction}")
+        return vertex
 
     def _vertex(self) -> int:
         self._count += 1
@@ -347,7 +383,7 @@ def cmd_builder_prune(args: argparse.Namespace) -> int:
         print_json(report)
     else:
         print_line(f"Deleted build cache entries: {report.deleted}")
-        print_line(f"Total reclaimed space: {human_size(report.space_reclaimed)}")
+        print_line(f"Total reclaimed space: {human_size(report.reclaimed_bytes)}")
     return 0
 
 
@@ -370,8 +406,8 @@ def cache_rows(cache: BuildCache, no_trunc: bool = False) -> list[list[str]]:
             e.key[:KEY_WIDTH],
             e.instruction if no_trunc else truncate(e.instruction, INSTRUCTION_WIDTH),
             human_size(e.size),
-            human_ago(e.created),
-            human_ago(e.last_used),
+            human_ago(e.created_at),
+            human_ago(e.last_used_at),
             str(e.uses),
         ]
         for e in cache.entries

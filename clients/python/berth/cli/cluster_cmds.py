@@ -60,6 +60,14 @@ EVENT_WORDS = {
     "container_died": ("container", "die"),
     "container_rescheduled": ("container", "reschedule"),
     "service_scaled": ("service", "scale"),
+    "container_create_failed": ("container", "create-failed"),
+    "node_availability_changed": ("node", "update"),
+    "node_drain_completed": ("node", "drained"),
+    "service_created": ("service", "create"),
+    "service_update_started": ("service", "update"),
+    "service_update_completed": ("service", "update-completed"),
+    "service_update_paused": ("service", "update-paused"),
+    "service_removed": ("service", "remove"),
 }
 EVENT_FILTER_KEYS = ("type", "event", "node", "container", "service")
 
@@ -427,14 +435,18 @@ def event_line(e: Event) -> str:
     obj, action = EVENT_WORDS.get(e.type, ("cluster", e.type))
     subject = {"node": e.node_id, "container": e.container_id, "service": e.service_id}
     attributes = {
-        "name": e.container_name,
+        "name": e.container_name or e.service_name,
         "node": e.node_id if obj != "node" else "",
         "previousNode": e.previous_node_id,
         "service": e.service_id if obj != "service" else "",
-        "exitCode": str(e.exit_code) if e.type == "container_died" else "",
-        "replicas": str(e.replicas) if e.type == "service_scaled" else "",
+        "exitCode": str(e.exit_code) if e.exit_code is not None else "",
+        "oomKilled": "true" if e.oom_killed else "",
+        "reason": e.failure_reason,
+        "availability": e.availability,
+        "replicas": str(e.replicas) if obj == "service" else "",
+        "version": str(e.version) if e.type.startswith("service_update") else "",
     }
     shown = ", ".join(f"{k}={v}" for k, v in sorted(attributes.items()) if v)
-    when = format_time(e.time.replace(microsecond=0)) if e.time else "-"
+    when = format_time(e.occurred_at.replace(microsecond=0)) if e.occurred_at else "-"
     line = f"{when} {obj} {action} {subject.get(obj, '')}"
     return f"{line} ({shown})" if shown else line

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from berth.cli.image_cmds import image_name, pull_image
+from berth.cli.interactive import check_tty, detach_keys_option, run_session, terminal_size
 from berth.cli.output import (
     err_console,
     for_each,
@@ -40,6 +41,7 @@ from berth.client.node import ContainerInfo, NodeClient
 from berth.config import HOST_HELP, resolve_target
 from berth.containers import NETWORK_MODES, RESTART_POLICIES, ContainerConfig, MountSpec
 from berth.enums.containers import CONTAINER_STATES
+from berth.error_details import ErrorDetails
 from berth.errors import BerthClientError
 
 Client = NodeClient | ClusterClient
@@ -52,7 +54,6 @@ STATES = CONTAINER_STATES.names
 COMMAND_WIDTH = 20  # what `docker ps` keeps of COMMAND without --no-trunc
 SHORT_ID = 12
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Docker's inspect for a time that never happened
-STDIN_CHUNK = 64 * 1024
 # How long an attached `run` waits for the cluster's node to pull and create the container.
 NODE_START_TIMEOUT = 300.0
 NODE_START_NOTICE = 2.0  # after this, say on stderr what we are waiting for
@@ -209,7 +210,10 @@ def run_config(args: argparse.Namespace) -> ContainerConfig:
     if args.rm and args.detach:
         # The node has no auto-remove: only an attached client can remove after the exit.
         raise BerthClientError("--rm needs an attached run: drop -d", "INVALID_ARGUMENT")
-    return container_config(args, name=args.name or "")
+    config = container_config(args, name=args.name or "")
+    config.tty = args.tty
+    config.stdin_open = args.interactive
+    return config
 
 
 def container_config(args: argparse.Namespace, name: str = "") -> ContainerConfig:
@@ -288,6 +292,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     exec_ = commands.add_parser("exec", parents=node, help="run a command in a running container")
     exec_.add_argument("-i", "--interactive", action="store_true", help="send stdin to it")
+    _add_terminal_options(exec_)
+    exec_.add_argument("-u", "--user", help="uid[:gid] or user name (default: the container's)")
+    exec_.add_argument(
+        "-w", "--workdir", type=absolute_path, metavar="DIR", help="working directory"
+    )
     _add_env_option(exec_)
     exec_.add_argument("container", metavar="CONTAINER")
     exec_.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
@@ -340,6 +349,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     diff.add_argument("container", metavar="CONTAINER")
     diff.set_defaults(func=cmd_diff)
 
+    attach = commands.add_parser(
+        "attach", parents=node, help="connect to a running container's main process"
+    )
+    attach.add_argument("--no-stdin", action="store_true", help="do not send our stdin to it")
+    attach.add_argument(
+        "--detach-keys",
+        type=detach_keys_option,
+        default="",
+        metavar="KEYS",
+        help="keys that detach and leave it running (default ctrl-p,ctrl-q)",
+    )
+    attach.add_argument("container", metavar="CONTAINER")
+    attach.set_defaults(func=cmd_attach)
+
 
 def host_options() -> argparse.ArgumentParser:
     """--host on a subcommand; SUPPRESS keeps it from overwriting the global flag."""
@@ -376,6 +399,8 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     add("-d", "--detach", action="store_true", help="run in the background and print the id")
     add("--rm", action="store_true", help="remove the container when it exits")
     add("--name", help="container name (default: generated)")
+    add("-i", "--interactive", action="store_true", help="keep stdin open and send ours to it")
+    _add_terminal_options(run)
     add_spec_options(run)
     add_image_arguments(run)
 
@@ -454,6 +479,8 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = run_config(args)
+    if not args.detach:
+        check_tty(args.interactive, args.tty)
     placement = placement_options(args)
     with connect(args) as client:
         if on_cluster(client):
@@ -476,7 +503,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.detach:
             print_line(container.id)
             return 0
-        return _attach(client, container.id, remove=args.rm)
+        return _attach_run(client, container.id, args)
 
 
 def _run_on_cluster(
@@ -497,19 +524,27 @@ def _run_on_cluster(
             with contextlib.suppress(BerthClientError):
                 client.remove(container.id, force=True)
         raise
-    return _attach(client, container.id, remove=args.rm)
+    return _attach_run(client, container.id, args)
 
 
 def _wait_for_node(client: ClusterClient, container: ClusterContainer) -> None:
     """Until the container's node has created it: before that it has no logs to follow."""
     started = time.monotonic()
     noticed = False
-    while container.state == "pending":
-        if container.error:  # the node reported why it cannot create it (it keeps trying)
+    while container.state in ("pending", "create_failed"):
+        if container.state == "create_failed":  # the node said why it cannot create it
             raise BerthClientError(
                 f"node {container.node_id} cannot create container {container.name}: "
                 f"{container.error}",
                 "FAILED_PRECONDITION",
+                ErrorDetails(
+                    reason="CONTAINER_CREATE_FAILED",
+                    metadata={
+                        "container_id": container.id,
+                        "node_id": container.node_id,
+                        "failure_reason": container.failure_reason,
+                    },
+                ),
             )
         waited = time.monotonic() - started
         if waited > NODE_START_TIMEOUT:
@@ -570,13 +605,34 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     if not args.command:
         raise BerthClientError("exec needs a command to run", "INVALID_ARGUMENT")
+    check_tty(args.interactive, args.tty)
     env = [entry for entry in args.env if entry is not None]
     with connect(args) as client:
-        stdin = _stdin_chunks() if args.interactive else ()
-        result = client.exec(args.container, args.command, stdin=stdin, env=env)
-    write_output("stdout", result.stdout)
-    write_output("stderr", result.stderr)
-    return result.exit_code
+        session = client.exec_session(
+            args.container,
+            args.command,
+            env=env,
+            tty=args.tty,
+            size=terminal_size() if args.tty else None,
+            detach_keys=args.detach_keys,
+            working_dir=args.workdir or "",
+            user=args.user or "",
+        )
+        return run_session(session, stdin=args.interactive, tty_mode=args.tty)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        spec = client.spec(args.container)
+        stdin = spec.stdin_open and not args.no_stdin
+        check_tty(stdin, spec.tty)
+        session = client.attach(
+            args.container,
+            stdin=stdin,
+            size=terminal_size() if spec.tty else None,
+            detach_keys=args.detach_keys,
+        )
+        return run_session(session, stdin=stdin, tty_mode=spec.tty)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -584,9 +640,8 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    # The protocol reads 0 as its default (10s): the shortest grace it can express is 1s.
-    timeout = 0 if args.timeout is None else max(args.timeout, 1)
-    return _each_container(args, lambda client, c: client.stop(c, timeout))
+    # No -t: the node's default (10 s); -t 0 kills at once, as Docker's.
+    return _each_container(args, lambda client, c: client.stop(c, args.timeout))
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
@@ -709,10 +764,33 @@ def _attach(client: Client, container_id: str, remove: bool) -> int:
     return exit_code
 
 
-def _stdin_chunks() -> Iterator[bytes]:
-    # read1: send what is there now, so a command reading a terminal line by line gets each line.
-    while chunk := sys.stdin.buffer.read1(STDIN_CHUNK):
-        yield chunk
+def _attach_run(client: Client, container_id: str, args: argparse.Namespace) -> int:
+    """`run` without -d: follow the output to the exit, or with -i/-t attach to the process
+    (its output from the first byte, our stdin and terminal to it); --rm once it exited."""
+    if not (args.interactive or args.tty):
+        return _attach(client, container_id, remove=args.rm)
+    session = client.attach(
+        container_id,
+        stdin=args.interactive,
+        logs=True,
+        size=terminal_size() if args.tty else None,
+        detach_keys=args.detach_keys,
+    )
+    exit_code = run_session(session, stdin=args.interactive, tty_mode=args.tty)
+    if args.rm and session.exited:
+        client.remove(container_id, force=True)
+    return exit_code
+
+
+def _add_terminal_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-t", "--tty", action="store_true", help="give it a terminal")
+    parser.add_argument(
+        "--detach-keys",
+        type=detach_keys_option,
+        default="",
+        metavar="KEYS",
+        help="keys that detach and leave it running (default ctrl-p,ctrl-q)",
+    )
 
 
 def write_output(stream: str, data: bytes) -> None:
@@ -753,6 +831,8 @@ def container_status(c: ContainerInfo, now: datetime | None = None) -> str:
     3 seconds ago"; "Pending" while the cluster's node pulls and creates it."""
     if c.state == "pending":
         return "Pending"
+    if c.state == "create_failed":
+        return f"Create failed ({c.failure_reason or 'CREATE_FAILED'})"
     if c.state == "running":
         # Docker's durations use the words of its relative times, without the "ago".
         return f"Up {human_ago(c.started_at, now).removesuffix(' ago')}" if c.started_at else "Up"
@@ -831,6 +911,7 @@ def docker_inspect(c: ContainerInfo) -> dict[str, Any]:
             "Pid": c.pid,
             "ExitCode": c.exit_code,
             "Error": c.error,
+            "FailureReason": c.failure_reason,
             "StartedAt": when(c.started_at),
             "FinishedAt": when(c.finished_at),
         },

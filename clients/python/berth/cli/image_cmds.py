@@ -44,6 +44,7 @@ from berth.client.image import (
     ImageClient,
     ImageDetails,
     ImageSummary,
+    ProgressEvent,
     Removal,
     TransferProgress,
     parse_external_reference,
@@ -510,13 +511,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         result = client.prune(all=args.all)
     if args.format == "json":
         removed = [r._asdict() for r in result.removed]
-        print_json({"removed": removed, "space_reclaimed": result.space_reclaimed})
+        print_json({"removed": removed, "reclaimed_bytes": result.reclaimed_bytes})
         return 0
     # Docker's prune report starts its lines in lower case: "untagged: x:1".
     lines = [line[0].lower() + line[1:] for r in result.removed for line in removal_lines(r)]
     if lines:
         _print_lines(["Deleted Images:", *lines, ""])
-    print_line(f"Total reclaimed space: {human_size(result.space_reclaimed)}")
+    print_line(f"Total reclaimed space: {human_size(result.reclaimed_bytes)}")
     return 0
 
 
@@ -528,7 +529,8 @@ def cmd_commit(args: argparse.Namespace) -> int:
     out = err_console()
 
     def stage(event: CommitProgress) -> None:
-        if event.message and event.stage != "done":
+        # Each stage (resolve, export, write) says what it does while it runs.
+        if event.message and event.state == "running":
             out.print(event.message, markup=False)
 
     show = out.is_terminal and args.format != "json"
@@ -553,7 +555,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         source = _stdin("import - reads the tarball from stdin, which is a terminal: pipe one in")
     name = "-" if args.file == "-" else Path(args.file).name  # no directories in the history
     with connect_images(args) as client, _bar(args, "Importing") as bar:
-        image = client.import_image(source, reference, args.message, args.change, name, bar.update)
+        image = client.import_image(
+            source, reference, args.message, args.change, name, _received(bar)
+        )
     _print_image(image, args)
     return 0
 
@@ -586,7 +590,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         "requested load from stdin, but stdin is a terminal: use -i FILE or redirect"
     )
     with connect_images(args) as client, _bar(args, "Loading") as bar:
-        result = client.load(source, reference, bar.update)
+        result = client.load(source, reference, _received(bar))
     if args.format == "json":
         images = [docker_image(i) for i in result.images]
         print_json({"references": result.references, "images": images})
@@ -594,6 +598,16 @@ def cmd_load(args: argparse.Namespace) -> int:
     unnamed = [f"Loaded image ID: {i.id}" for i in result.images if not i.repo_tags]
     _print_lines([*(f"Loaded image: {r}" for r in result.references), *unnamed])
     return 0
+
+
+def _received(bar: ByteProgress) -> Callable[[ProgressEvent], None]:
+    """The service's progress of an upload on the bar: the bytes it received so far."""
+
+    def show(event: ProgressEvent) -> None:
+        if event.id == "upload":
+            bar.update(event.current, event.total)
+
+    return show
 
 
 def _bar(args: argparse.Namespace, description: str) -> ByteProgress:

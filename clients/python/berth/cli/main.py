@@ -31,7 +31,7 @@ _COMMANDS = {
     "registry_cmds": "search registry",
     "oci_cmds": "oci",
     "image_cmds": "images history tag rmi commit import save load pull push login logout image",
-    "container_cmds": "run ps logs exec start stop kill rm inspect wait stats diff",
+    "container_cmds": "run ps logs exec attach start stop kill rm inspect wait stats diff",
     "cluster_cmds": "node service events",
     "build_cmds": "build builder",
 }

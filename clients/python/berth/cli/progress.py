@@ -193,3 +193,46 @@ class ByteProgress:
     def update(self, done: int, total: int) -> None:
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=done, total=total or None)
+
+
+class _StageColumn(ProgressColumn):
+    """`Sweeping blobs  1200/5000`, or `Marking manifests  1200` while the total is unknown."""
+
+    def render(self, task: Task) -> Text:
+        done, total = int(task.completed), int(task.total or 0)
+        counts = f"{done}/{total}" if total > 0 else str(done)
+        status = " done" if task.fields.get("finished") else ""
+        return Text(f"{task.description} {counts}{status}", no_wrap=True, overflow="ellipsis")
+
+
+class StageProgress:
+    """One live line per stage of an operation that counts items (a garbage collection's mark
+    and sweep, a load's images), on terminals only; nothing when out is not one. `labels`
+    maps a stage id to its line's words ("sweep": "Sweeping blobs")."""
+
+    def __init__(self, out: Console, labels: dict[str, str]) -> None:
+        self._progress = (
+            Progress(_StageColumn(), console=out, refresh_per_second=8, transient=False)
+            if out.is_terminal
+            else None
+        )
+        self._labels = labels
+        self._tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> StageProgress:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, stage: str, current: int, total: int, done: bool) -> None:
+        if self._progress is None:
+            return
+        task = self._tasks.get(stage)
+        if task is None:
+            label = self._labels.get(stage, stage)
+            task = self._tasks[stage] = self._progress.add_task(label, total=None)
+        self._progress.update(task, completed=current, total=total or None, finished=done)

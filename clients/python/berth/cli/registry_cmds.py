@@ -10,6 +10,7 @@ from datetime import datetime
 
 from berth.cli.output import (
     FORMATS,
+    err_console,
     format_time,
     human_ago,
     human_size,
@@ -20,7 +21,9 @@ from berth.cli.output import (
     print_table,
     truncate,
 )
+from berth.cli.progress import StageProgress
 from berth.client.registry import (
+    GcProgress,
     GcReport,
     RegistryClient,
     RepositoryInfo,
@@ -245,9 +248,20 @@ def cmd_set(args: argparse.Namespace) -> int:
     return 0
 
 
+GC_STAGES = {"mark": "Marking manifests", "sweep": "Sweeping blobs"}
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
-    with connect_registry(args) as client:
-        report = client.garbage_collect(dry_run=args.dry_run, grace_seconds=args.grace or 0)
+    # The stages' progress goes to stderr on a terminal: stdout keeps only the report.
+    show = args.format != "json"
+    with connect_registry(args) as client, StageProgress(err_console(), GC_STAGES) as stages:
+
+        def progress(event: GcProgress) -> None:
+            stages.update(event.stage, event.current, event.total, event.done)
+
+        report = client.garbage_collect(
+            dry_run=args.dry_run, grace_seconds=args.grace or 0, progress=progress if show else None
+        )
     if args.format == "json":
         print_json({**jsonable(report), "dry_run": args.dry_run})
     else:
@@ -305,7 +319,7 @@ def _print_gc(report: GcReport, dry_run: bool) -> None:
             print_line(f"{verb}: {blob.digest} ({human_size(blob.size)})")
         print_line()
     total = "Total space that would be reclaimed" if dry_run else "Total reclaimed space"
-    print_line(f"{total}: {human_size(report.bytes_freed)}")
+    print_line(f"{total}: {human_size(report.reclaimed_bytes)}")
     print_line(
         f"Kept {report.blobs_marked} referenced blobs and {report.blobs_young} unreferenced "
         "blobs younger than the grace period"

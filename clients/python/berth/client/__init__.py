@@ -40,6 +40,7 @@ _EXPORTS = {
     "NodeClient": "berth.client.node",
     "NodeInfo": "berth.client.cluster",
     "Placement": "berth.client.cluster",
+    "ProcessSession": "berth.client.sessions",
     "PruneResult": "berth.client.image",
     "PullResult": "berth.client.image",
     "PushResult": "berth.client.registry",
@@ -83,6 +84,7 @@ __all__ = [
     "NodeClient",
     "NodeInfo",
     "Placement",
+    "ProcessSession",
     "PruneResult",
     "PullResult",
     "PushResult",
@@ -139,6 +141,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the eager imports
         TagInfo,
         parse_image_reference,
     )
+    from berth.client.sessions import ProcessSession
     from berth.containers import ContainerConfig, MountSpec
 
 

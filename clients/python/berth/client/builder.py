@@ -1,9 +1,11 @@
 """Typed client for the builder service (berth.builder.v1).
 
 `build` streams the build context as a tar made on the fly: a thread walks the context
-directory (after `.dockerignore`, see berth.dockerignore) and writes the tar into ~1 MiB chunks
-that gRPC sends while the thread reads on; no temporary file. The builder's progress comes back
-as small event dataclasses, and the call ends with the image.
+directory (after `.dockerignore`, see berth.dockerignore: the builder applies it too, so this
+only saves bytes) and writes the tar into ~1 MiB chunks that gRPC sends while the thread reads
+on; no temporary file. The builder's progress comes back as small event dataclasses (a step's
+change, a line of its output, progress of what is no step: the context as it arrives, the
+export, warnings), and the call ends with the image.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from berth.builder.v1 import builder_pb2_grpc
 from berth.client.base import GrpcClient
 from berth.client.containers import time_of
 from berth.dockerignore import DEFAULT_DOCKERFILE, Matcher, context_matcher, walk_context
-from berth.enums.builder import STEP_STATUSES
+from berth.enums.containers import LOG_STREAMS
+from berth.enums.progress import PROGRESS_STATES, PROGRESS_UNITS
 from berth.errors import BerthClientError
+from berth.types.v1 import progress_pb2
 
 CHUNK_SIZE = 1024 * 1024
 QUEUE_DEPTH = 4  # chunks made ahead of gRPC: the tar thread never runs far ahead
@@ -53,37 +57,44 @@ class BuildOptions:
 
 
 @dataclass(frozen=True)
-class StepEvent:
-    """A step changed status, or printed a line (`output`, with status "")."""
+class BuildStep:
+    """A step changed: RUNNING, CACHED, DONE or FAILED."""
 
     number: int  # from 1, across the stages being built
     total: int
-    stage: str
+    stage: str  # its AS name, `stage-<index>` in a multi-stage build, else ""
     instruction: str
     line: int  # in the Dockerfile
     status: StepStatus
-    output: str = ""
-    layer: str = ""  # digest of the layer the step added, once done
-    duration: float | None = None  # seconds, once done or cached
-    exit_code: int = 0  # of a failed RUN
+    layer_digest: str = ""  # of the layer the step added, once done or cached
+    duration: float | None = None  # seconds, once cached, done or failed
+    exit_code: int | None = None  # of a RUN whose command exited non-zero
 
 
 @dataclass(frozen=True)
-class BuildMessage:
-    """A line for people that belongs to no step."""
+class BuildOutput:
+    """A line a step's process wrote, newline included (the last bytes may have none)."""
 
-    text: str
+    step: int
+    stream: str  # "stdout" or "stderr"
+    data: bytes
 
 
 @dataclass(frozen=True)
-class ContextSent:
-    """The whole context went out: its tar's size and how long making and sending it took."""
+class BuildProgress:
+    """Progress of something that belongs to no step: "context" (the context as the builder
+    receives it, `current` bytes), "export", "warning/<n>" (`message` says it)."""
 
-    size: int
-    seconds: float
+    id: str
+    state: str  # "DOWNLOADING", "RUNNING", "DONE", ...
+    current: int = 0
+    total: int = 0
+    unit: str = ""  # "bytes", "items" or ""
+    message: str = ""
+    duration: float | None = None  # seconds, once done
 
 
-BuildEvent = StepEvent | BuildMessage | ContextSent
+BuildEvent = BuildStep | BuildOutput | BuildProgress
 
 
 @dataclass(frozen=True)
@@ -99,37 +110,59 @@ class BuildResult:
 class CacheEntry:
     key: str
     instruction: str
-    layer: str  # "" for a step that changed only the config
+    layer_digest: str  # "" for a step that changed only the config
     size: int
-    created: datetime | None
-    last_used: datetime | None
+    created_at: datetime | None
+    last_used_at: datetime | None
     uses: int
 
 
 @dataclass(frozen=True)
 class BuildCache:
     entries: list[CacheEntry]  # most recently used first
-    total_size: int
+    total_bytes: int  # of the distinct layers the whole cache holds
 
 
 @dataclass(frozen=True)
 class PruneReport:
     deleted: int
-    space_reclaimed: int
+    reclaimed_bytes: int
 
 
-def _step(e: pb.StepEvent) -> StepEvent:
-    return StepEvent(
+def _seconds(progress: progress_pb2.Progress) -> float | None:
+    if not progress.HasField("duration"):
+        return None
+    return progress.duration.ToTimedelta().total_seconds()
+
+
+def _step(e: pb.BuildStep) -> BuildStep:
+    return BuildStep(
         number=e.number,
         total=e.total,
         stage=e.stage,
         instruction=e.instruction,
         line=e.line,
-        status=cast(StepStatus, STEP_STATUSES.name(e.status, "")),
-        output=e.output,
-        layer=e.layer,
-        duration=e.duration.ToTimedelta().total_seconds() if e.HasField("duration") else None,
-        exit_code=e.exit_code,
+        # Upper case, as BuildKit prints a step's state.
+        status=cast(StepStatus, PROGRESS_STATES.name(e.progress.state, "").upper()),
+        layer_digest=e.layer_digest,
+        duration=_seconds(e.progress),
+        exit_code=e.exit_code if e.HasField("exit_code") else None,
+    )
+
+
+def _output(o: pb.BuildOutput) -> BuildOutput:
+    return BuildOutput(o.step, LOG_STREAMS.name(o.stream, "stdout"), o.data)
+
+
+def _progress(p: progress_pb2.Progress) -> BuildProgress:
+    return BuildProgress(
+        id=p.id,
+        state=PROGRESS_STATES.name(p.state, "").upper(),
+        current=p.current,
+        total=p.total,
+        unit=PROGRESS_UNITS.name(p.unit, ""),
+        message=p.message,
+        duration=_seconds(p),
     )
 
 
@@ -141,10 +174,10 @@ def _cache_entry(e: pb.CacheEntry) -> CacheEntry:
     return CacheEntry(
         e.key,
         e.instruction,
-        e.layer,
+        e.layer_digest,
         e.size,
-        time_of(e, "created"),
-        time_of(e, "last_used"),
+        time_of(e, "created_at"),
+        time_of(e, "last_used_at"),
         e.uses,
     )
 
@@ -349,19 +382,18 @@ class BuilderClient(GrpcClient):
         context.on_error = call.cancel
         if context.error is not None:  # failed before on_error was set
             call.cancel()
-        announced = False
         result: BuildResult | None = None
         try:
             for response in call:
-                if not announced and context.seconds is not None:
-                    emit(ContextSent(context.size, context.seconds))
-                    announced = True
-                if response.HasField("result"):
+                kind = response.WhichOneof("event")
+                if kind == "result":
                     result = _result(response.result)
-                elif response.HasField("step"):
+                elif kind == "step":
                     emit(_step(response.step))
-                elif response.message:
-                    emit(BuildMessage(response.message))
+                elif kind == "output":
+                    emit(_output(response.output))
+                elif kind == "progress":
+                    emit(_progress(response.progress))
         except grpc.RpcError as err:
             if context.error is not None:
                 raise BerthClientError(
@@ -376,9 +408,18 @@ class BuilderClient(GrpcClient):
             raise BerthClientError(f"the builder at {self.address} sent no image", "UNKNOWN")
         return result
 
-    def list_cache(self) -> BuildCache:
-        reply = self._call(self._stub.ListCache, pb.ListCacheRequest())
-        return BuildCache([_cache_entry(e) for e in reply.entries], reply.total_size)
+    def list_cache(self, page_size: int = 0) -> BuildCache:
+        """The whole cache, most recently used first (read `page_size` entries a call; 0:
+        the builder's default)."""
+        entries: list[CacheEntry] = []
+        token = ""
+        while True:
+            request = pb.ListCacheRequest(page_size=page_size, page_token=token)
+            reply = self._call(self._stub.ListCache, request)
+            entries += [_cache_entry(e) for e in reply.entries]
+            token = reply.next_page_token
+            if not token:
+                return BuildCache(entries, reply.total_bytes)
 
     def prune_cache(self, unused_for: timedelta | None = None) -> PruneReport:
         """Delete the cache entries unused for at least unused_for; None or 0: all of them."""
@@ -386,7 +427,7 @@ class BuilderClient(GrpcClient):
         if unused_for:
             request.unused_for.FromTimedelta(unused_for)
         reply = self._call(self._stub.PruneCache, request, timeout=PRUNE_TIMEOUT)
-        return PruneReport(reply.deleted, reply.space_reclaimed)
+        return PruneReport(reply.deleted, reply.reclaimed_bytes)
 
 
 def _check_dockerfile(context_dir: Path | None, dockerfile: str) -> None:
@@ -405,12 +446,12 @@ def _check_dockerfile(context_dir: Path | None, dockerfile: str) -> None:
 __all__ = [
     "BuildCache",
     "BuildEvent",
-    "BuildMessage",
     "BuildOptions",
+    "BuildOutput",
+    "BuildProgress",
     "BuildResult",
+    "BuildStep",
     "BuilderClient",
     "CacheEntry",
-    "ContextSent",
     "PruneReport",
-    "StepEvent",
 ]

@@ -8,6 +8,8 @@ they run (ClusterContainer).
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,6 +18,7 @@ from berth.client.base import GrpcClient
 from berth.client.containers import (
     ContainerInfo,
     ContainerStreams,
+    all_pages,
     container_fields,
     stats_sample,
     time_of,
@@ -68,7 +71,8 @@ class Placement:
 
 @dataclass(frozen=True)
 class ClusterContainer(ContainerInfo):
-    """A container with its placement. State "pending" until its node has created it."""
+    """A container with its placement. State "pending" until its node has created it,
+    "create_failed" when it could not (`failure_reason` and `error` say why)."""
 
     node_id: str
     desired_state: str  # running, stopped
@@ -106,16 +110,29 @@ class EndpointInfo:
 
 @dataclass(frozen=True)
 class Event:
+    """One cluster event, flattened: the fields of its payload (node, container or service)
+    are set, the others empty."""
+
     type: str  # node_joined, node_lost, container_scheduled, container_started, ...
-    time: datetime | None
-    node_id: str
-    container_id: str
-    container_name: str
-    service_id: str
-    previous_node_id: str
-    exit_code: int
-    replicas: int
+    occurred_at: datetime | None
     message: str
+    node_id: str = ""
+    container_id: str = ""
+    container_name: str = ""
+    service_id: str = ""
+    previous_node_id: str = ""
+    # container_died: how it exited (None for other events).
+    exit_code: int | None = None
+    oom_killed: bool = False
+    # container_create_failed: why.
+    failure_reason: str = ""
+    failure_message: str = ""
+    # service events: name, replica count and spec version after the event.
+    service_name: str = ""
+    replicas: int = 0
+    version: int = 0
+    # node_availability_changed: active, cordoned or drained.
+    availability: str = ""
 
 
 # --- conversions ------------------------------------------------------------------------------
@@ -190,19 +207,43 @@ def _service(s: pb.Service) -> ServiceInfo:
     )
 
 
-def _event(e: pb.EventsResponse) -> Event:
-    return Event(
-        type=EVENT_TYPES.name(e.type, "unknown"),
-        time=time_of(e, "time"),
-        node_id=e.node_id,
-        container_id=e.container_id,
-        container_name=e.container_name,
-        service_id=e.service_id,
-        previous_node_id=e.previous_node_id,
-        exit_code=e.exit_code,
-        replicas=e.replicas,
-        message=e.message,
-    )
+def event_info(e: pb.EventsResponse) -> Event:
+    common = {
+        "type": EVENT_TYPES.name(e.type, "unknown"),
+        "occurred_at": time_of(e, "occurred_at"),
+        "message": e.message,
+    }
+    payload = e.WhichOneof("payload")
+    if payload == "node":
+        return Event(
+            **common,
+            node_id=e.node.node_id,
+            availability=AVAILABILITIES.name(e.node.availability, ""),
+        )
+    if payload == "service":
+        s = e.service
+        return Event(
+            **common,
+            service_id=s.service_id,
+            service_name=s.name,
+            replicas=s.replicas,
+            version=s.version,
+        )
+    if payload == "container":
+        c = e.container
+        return Event(
+            **common,
+            node_id=c.node_id,
+            container_id=c.container_id,
+            container_name=c.name,
+            service_id=c.service_id,
+            previous_node_id=c.previous_node_id,
+            exit_code=c.exit.exit_code if c.HasField("exit") else None,
+            oom_killed=c.exit.oom_killed,
+            failure_reason=c.failure.reason,
+            failure_message=c.failure.message,
+        )
+    return Event(**common)
 
 
 def merge_env(env: list[str], add: Iterable[str] = (), remove: Iterable[str] = ()) -> list[str]:
@@ -224,20 +265,6 @@ def merge_env(env: list[str], add: Iterable[str] = (), remove: Iterable[str] = (
     return result
 
 
-def resolve_service(services: Iterable[pb.Service], ref: str) -> pb.Service:
-    """A service by id, name or unique id prefix, as the cluster resolves containers."""
-    services = list(services)
-    for s in services:
-        if ref in (s.id, s.spec.name):
-            return s
-    matches = [s for s in services if ref and s.id.startswith(ref)]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        raise BerthClientError(f"service id prefix {ref} is ambiguous", "INVALID_ARGUMENT")
-    raise BerthClientError(f"no such service: {ref}", "NOT_FOUND")
-
-
 # --- the client -------------------------------------------------------------------------------
 
 
@@ -253,34 +280,55 @@ class ClusterClient(ContainerStreams, GrpcClient):
     # Nodes ------------------------------------------------------------------------------
 
     def nodes(self, labels: dict[str, str] | None = None) -> list[NodeInfo]:
-        reply = self._call(self._stub.ListNodes, pb.ListNodesRequest(labels=labels or {}))
-        return [node_info(n) for n in reply.nodes]
+        request = pb.ListNodesRequest(labels=labels or {})
+        nodes = all_pages(lambda r: self._call(self._stub.ListNodes, r), request, "nodes")
+        return [node_info(n) for n in nodes]
 
     def node(self, node_id: str) -> NodeInfo:
-        return node_info(
-            self._call(self._stub.InspectNode, pb.InspectNodeRequest(node=node_id)).node
-        )
+        return node_info(self._call(self._stub.GetNode, pb.GetNodeRequest(node_id=node_id)).node)
 
     def cordon(self, node_id: str) -> NodeInfo:
-        return node_info(self._call(self._stub.CordonNode, pb.CordonNodeRequest(node=node_id)).node)
+        request = pb.CordonNodeRequest(node_id=node_id)
+        return node_info(self._call(self._stub.CordonNode, request).node)
 
     def drain(self, node_id: str) -> NodeInfo:
-        return node_info(self._call(self._stub.DrainNode, pb.DrainNodeRequest(node=node_id)).node)
+        """Cordon the node and move its service replicas away; returns at once (follow with
+        events(node_id=...): container_rescheduled, then node_drain_completed)."""
+        request = pb.DrainNodeRequest(node_id=node_id)
+        return node_info(self._call(self._stub.DrainNode, request).node)
 
     def activate(self, node_id: str) -> NodeInfo:
-        request = pb.ActivateNodeRequest(node=node_id)
+        request = pb.ActivateNodeRequest(node_id=node_id)
         return node_info(self._call(self._stub.ActivateNode, request).node)
+
+    def _retried(self, method: object, request: object) -> object:
+        """A call with a request_id: sent again (up to 3 times) when the cluster could not be
+        reached or did not answer in time, so a lost answer never runs the work twice."""
+        for attempt in range(3):
+            try:
+                return self._call(method, request)  # type: ignore[arg-type]
+            except BerthClientError as err:
+                if attempt == 2 or err.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED"):
+                    raise
+                time.sleep(0.5 * (attempt + 1))  # ABORTED: the first try may still be running
+        raise AssertionError("unreachable")
 
     # Containers -------------------------------------------------------------------------
 
-    def run(self, config: ContainerConfig, placement: Placement | None = None) -> ClusterContainer:
+    def run(
+        self, config: ContainerConfig, placement: Placement | None = None, request_id: str = ""
+    ) -> ClusterContainer:
         """Place a container and record it as desired to run, like `docker run -d`; its node
         pulls, creates and starts it afterwards (state "pending" until then). The cluster
-        validates `config`; call config.validate() first to find a mistake before any call."""
+        validates `config`; call config.validate() first to find a mistake before any call.
+        The call carries `request_id` (a new UUID when empty) and is retried with it when the
+        answer is lost: never two containers for one call."""
         request = pb.RunContainerRequest(
-            spec=to_spec(config), placement=_placement_message(placement)
+            spec=to_spec(config),
+            placement=_placement_message(placement),
+            request_id=request_id or str(uuid.uuid4()),
         )
-        return cluster_container(self._call(self._stub.RunContainer, request).container)
+        return cluster_container(self._retried(self._stub.RunContainer, request).container)
 
     def list(
         self,
@@ -294,22 +342,28 @@ class ClusterClient(ContainerStreams, GrpcClient):
         request = pb.ListContainersRequest(
             all=all, labels=labels or {}, name=name, node_id=node_id, service=service
         )
-        return [
-            cluster_container(c) for c in self._call(self._stub.ListContainers, request).containers
-        ]
+        containers = all_pages(
+            lambda r: self._call(self._stub.ListContainers, r), request, "containers"
+        )
+        return [cluster_container(c) for c in containers]
 
     def inspect(self, container: str) -> ClusterContainer:
-        request = pb.InspectContainerRequest(container=container)
-        return cluster_container(self._call(self._stub.InspectContainer, request).container)
+        request = pb.GetContainerRequest(container=container)
+        return cluster_container(self._call(self._stub.GetContainer, request).container)
 
     def start(self, container: str) -> ClusterContainer:
         request = pb.StartContainerRequest(container=container)
         return cluster_container(self._call(self._stub.StartContainer, request).container)
 
-    def stop(self, container: str, timeout: int = 0) -> ClusterContainer:
-        request = pb.StopContainerRequest(container=container, timeout_seconds=timeout)
+    def stop(self, container: str, timeout: float | None = None) -> ClusterContainer:
+        """SIGTERM, then SIGKILL after `timeout` seconds (None: the node's default, 10; 0:
+        SIGKILL at once); returns once its node stopped it."""
+        request = pb.StopContainerRequest(container=container)
+        if timeout is not None:
+            request.timeout.FromNanoseconds(int(timeout * 1e9))
         # The cluster waits for the node to stop it: the grace time plus a margin.
-        reply = self._call(self._stub.StopContainer, request, timeout=(timeout or 10) + 30)
+        grace = 10 if timeout is None else timeout
+        reply = self._call(self._stub.StopContainer, request, timeout=grace + 30)
         return cluster_container(reply.container)
 
     def remove(self, container: str, force: bool = False) -> None:
@@ -331,8 +385,10 @@ class ClusterClient(ContainerStreams, GrpcClient):
         replicas: int = 1,
         placement: Placement | None = None,
         labels: dict[str, str] | None = None,
+        request_id: str = "",
     ) -> ServiceInfo:
-        """A service of `replicas` containers made from `template` (each named NAME.SLOT)."""
+        """A service of `replicas` containers made from `template` (each named NAME.SLOT).
+        Retried with its request_id (a new UUID when empty) when the answer is lost."""
         spec = pb.ServiceSpec(
             name=name,
             template=to_spec(template),
@@ -340,18 +396,27 @@ class ClusterClient(ContainerStreams, GrpcClient):
             placement=_placement_message(placement),
             labels=labels or {},
         )
-        reply = self._call(self._stub.CreateService, pb.CreateServiceRequest(spec=spec))
-        return _service(reply.service)
+        request = pb.CreateServiceRequest(spec=spec, request_id=request_id or str(uuid.uuid4()))
+        return _service(self._retried(self._stub.CreateService, request).service)
 
     def services(self, labels: dict[str, str] | None = None) -> list[ServiceInfo]:
         return [_service(s) for s in self._service_messages(labels)]
 
     def service(self, service: str) -> ServiceInfo:
-        return _service(resolve_service(self._service_messages(), service))
+        return _service(self._service_message(service))
+
+    def _service_message(self, service: str) -> pb.Service:
+        request = pb.GetServiceRequest(service=service)
+        return self._call(self._stub.GetService, request).service
 
     def service_ps(self, service: str, all: bool = False) -> list[ClusterContainer]:
-        request = pb.ServicePsRequest(service=service, all=all)
-        return [cluster_container(c) for c in self._call(self._stub.ServicePs, request).containers]
+        """The service's replicas and their nodes (ListServiceReplicas), like
+        `docker service ps`."""
+        request = pb.ListServiceReplicasRequest(service=service, all=all)
+        replicas = all_pages(
+            lambda r: self._call(self._stub.ListServiceReplicas, r), request, "containers"
+        )
+        return [cluster_container(c) for c in replicas]
 
     def scale(self, service: str, replicas: int) -> ServiceInfo:
         request = pb.ScaleServiceRequest(service=service, replicas=replicas)
@@ -370,7 +435,7 @@ class ClusterClient(ContainerStreams, GrpcClient):
         the whole spec, so the current one is edited as a message (keeping every field this
         client does not know) and sent with its version: a concurrent change fails rather than
         being overwritten."""
-        current = resolve_service(self._service_messages(), service)
+        current = self._service_message(service)
         spec = pb.ServiceSpec()
         spec.CopyFrom(current.spec)
         if image is not None:
@@ -388,7 +453,7 @@ class ClusterClient(ContainerStreams, GrpcClient):
 
     def _service_messages(self, labels: dict[str, str] | None = None) -> list[pb.Service]:
         request = pb.ListServicesRequest(labels=labels or {})
-        return list(self._call(self._stub.ListServices, request).services)
+        return all_pages(lambda r: self._call(self._stub.ListServices, r), request, "services")
 
     # Discovery and events ---------------------------------------------------------------
 
@@ -401,7 +466,7 @@ class ClusterClient(ContainerStreams, GrpcClient):
         return [
             EndpointInfo(
                 ENDPOINT_KINDS.name(e.kind, "unknown"),
-                e.instance,
+                e.instance_id,
                 e.address,
                 e.metrics_url,
                 e.version,
@@ -428,4 +493,4 @@ class ClusterClient(ContainerStreams, GrpcClient):
             service=service,
         )
         for event in self._stream(self._stub.Events, request):
-            yield _event(event)
+            yield event_info(event)

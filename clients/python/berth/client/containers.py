@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any
 
+from berth.client.sessions import Exited, Output, ProcessSession, output_event
 from berth.enums.containers import CONTAINER_STATES, LOG_STREAMS
 from berth.errors import BerthClientError
 from berth.types.v1 import container_pb2 as pb
@@ -30,7 +31,11 @@ class ContainerInfo:
     exit_code: int
     oom_killed: bool
     restart_count: int
+    # Why the node could not create it (state "create_failed") or its last start failed, for a
+    # person; "" when nothing failed. failure_reason is the stable word: IMAGE_NOT_FOUND,
+    # IMAGE_PULL_FAILED, INVALID_SPEC, CREATE_FAILED or START_FAILED.
     error: str
+    failure_reason: str
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
@@ -50,6 +55,23 @@ class ExecOutput:
     stdout: bytes
     stderr: bytes
     exit_code: int
+
+
+# Items asked for per page when a client reads a whole listing (the servers' maximum).
+PAGE_SIZE = 1000
+
+
+def all_pages(call: Callable[[Any], Any], request: Any, field: str) -> list[Any]:
+    """Every item of a paged List call: `call(request)` page after page, following
+    next_page_token, items from each reply's `field`."""
+    request.page_size = request.page_size or PAGE_SIZE
+    items: list[Any] = []
+    while True:
+        reply = call(request)
+        items.extend(getattr(reply, field))
+        if not reply.next_page_token:
+            return items
+        request.page_token = reply.next_page_token
 
 
 def time_of(message: Any, name: str) -> datetime | None:
@@ -72,7 +94,8 @@ def container_fields(c: Any) -> dict[str, Any]:
         "exit_code": c.status.exit_code,
         "oom_killed": c.status.oom_killed,
         "restart_count": c.status.restart_count,
-        "error": c.status.error,
+        "error": c.status.failure.message,
+        "failure_reason": c.status.failure.reason,
         "created_at": time_of(c.status, "created_at"),
         "started_at": time_of(c.status, "started_at"),
         "finished_at": time_of(c.status, "finished_at"),
@@ -82,9 +105,9 @@ def container_fields(c: Any) -> dict[str, Any]:
 
 
 def log_line(message: Any) -> LogLine:
-    """A ContainerLogsResponse of either protocol (time, stream, data)."""
+    """A ContainerLogsResponse of either protocol (written_at, stream, data)."""
     stream = LOG_STREAMS.name(message.stream, "stdout")
-    return LogLine(message.time.ToDatetime(tzinfo=UTC), stream, message.data)
+    return LogLine(message.written_at.ToDatetime(tzinfo=UTC), stream, message.data)
 
 
 def exec_requests(
@@ -96,26 +119,27 @@ def exec_requests(
 ) -> Iterator[Any]:
     """The Exec request stream of either protocol: the process, its stdin, then end of input."""
     process = pb.ExecProcess(container=container, command=command, env=list(env))
-    yield request_type(process=process)
+    yield request_type(start=process)
     for chunk in stdin:
-        yield request_type(stdin=chunk)
-    yield request_type(close_stdin=True)
+        yield request_type(input=pb.ProcessInput(stdin=chunk))
+    yield request_type(input=pb.ProcessInput(close_stdin=True))
 
 
 def exec_output(replies: Iterable[Any], container: str) -> ExecOutput:
-    """Collect an Exec reply stream (stdout, stderr, then exited with the code)."""
+    """Collect an Exec reply stream (stdout, stderr, then the exit)."""
     out, err = bytearray(), bytearray()
     for reply in replies:
-        out += reply.stdout
-        err += reply.stderr
-        if reply.exited:
-            return ExecOutput(bytes(out), bytes(err), reply.exit_code)
+        event = output_event(reply.output)
+        if isinstance(event, Output):
+            (err if event.stream == "stderr" else out).extend(event.data)
+        elif isinstance(event, Exited):
+            return ExecOutput(bytes(out), bytes(err), event.exit_code)
     raise BerthClientError(f"exec in {container} ended without an exit code", "UNKNOWN")
 
 
 def stats_sample(s: pb.ContainerStats) -> dict[str, float]:
     return {
-        "cpu_nanos": s.cpu_nanos,
+        "cpu_nanos": s.cpu_usage.ToNanoseconds(),
         "cpu_percent": s.cpu_percent,
         "memory_bytes": s.memory_bytes,
         "memory_limit_bytes": s.memory_limit_bytes,
@@ -131,6 +155,8 @@ class ContainerStreams:
     _stub: Any
     # Both provided by GrpcClient, which comes after this class in the clients' bases.
     _stream: Callable[[Any, Any], Iterator[Any]]
+    _error: Callable[[Any], Exception]
+    _call: Callable[..., Any]
 
     def wait(self, container: str) -> int:
         request = self.MESSAGES.WaitContainerRequest(container=container)
@@ -149,3 +175,55 @@ class ContainerStreams:
         """Run a process in the container, feed it stdin, collect its output and exit code."""
         requests = exec_requests(self.MESSAGES.ExecRequest, container, command, stdin, env)
         return exec_output(self._stream(self._stub.Exec, requests), container)
+
+    def spec(self, container: str) -> pb.ContainerSpec:
+        """The container's spec, as created (tty and stdin_open tell how to attach)."""
+        request = self.MESSAGES.GetContainerRequest(container=container)
+        return self._call(self._stub.GetContainer, request).container.spec
+
+    def exec_session(
+        self,
+        container: str,
+        command: list[str],
+        *,
+        env: Iterable[str] = (),
+        tty: bool = False,
+        size: tuple[int, int] | None = None,
+        detach_keys: str = "",
+        working_dir: str = "",
+        user: str = "",
+    ) -> ProcessSession:
+        """An interactive exec (`docker exec -i/-t`): send input to the session, iterate its
+        output. `size` is the terminal's (rows, columns)."""
+        process = pb.ExecProcess(
+            container=container,
+            command=command,
+            env=list(env),
+            working_dir=working_dir,
+            user=user,
+            tty=tty,
+            detach_keys=detach_keys,
+        )
+        if size is not None:
+            process.terminal_size.CopyFrom(pb.TerminalSize(rows=size[0], columns=size[1]))
+        return ProcessSession(self._stub.Exec, self.MESSAGES.ExecRequest, process, self._error)
+
+    def attach(
+        self,
+        container: str,
+        *,
+        stdin: bool = False,
+        logs: bool = False,
+        size: tuple[int, int] | None = None,
+        detach_keys: str = "",
+    ) -> ProcessSession:
+        """Attach to a container's main process (`docker attach`); with `logs`, its output
+        from the first byte."""
+        options = pb.AttachOptions(
+            container=container, stdin=stdin, logs=logs, detach_keys=detach_keys
+        )
+        if size is not None:
+            options.terminal_size.CopyFrom(pb.TerminalSize(rows=size[0], columns=size[1]))
+        return ProcessSession(
+            self._stub.AttachContainer, self.MESSAGES.AttachContainerRequest, options, self._error
+        )

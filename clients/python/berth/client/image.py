@@ -3,7 +3,8 @@
 Mirrors the other clients: plain Python values and dataclasses in and out, gRPC errors as
 `BerthClientError`. Unary calls have a deadline; streams (commit, import, save, load, pull,
 push) have none, since their duration grows with the data. Uploads (import, load) move in 1 MiB
-chunks, the first message carrying the options.
+chunks, the first message carrying the options, while the service streams back its progress
+(berth.types.v1.Progress, as `ProgressEvent`s) and then the result.
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ from berth.client.base import GrpcClient
 from berth.client.containers import time_of
 from berth.client.registry import ImageReference, Progress
 from berth.enums import Wording
-from berth.enums.image import ARCHIVE_FORMATS, COMMIT_STAGES, PULL_WORDS, PUSH_WORDS
+from berth.enums.image import ARCHIVE_FORMATS
+from berth.enums.progress import PROGRESS_STATES, PROGRESS_UNITS, PULL_WORDS, PUSH_WORDS
 from berth.errors import BerthClientError
 from berth.image.v1 import image_pb2 as pb
 from berth.image.v1 import image_pb2_grpc
 from berth.reference import Reference
+from berth.types.v1 import progress_pb2
 
 CHUNK_SIZE = 1 << 20
+# A pull's or push's progress ids for the image config start with this (then the digest).
+CONFIG_PREFIX = "config:"
+LIST_PAGE = 1000
 
 Source = str | os.PathLike[str] | BinaryIO
 
@@ -105,8 +111,23 @@ class TransferProgress:
 
 
 @dataclass(frozen=True)
+class ProgressEvent:
+    """One berth.types.v1.Progress of a long operation: `id` the item (a stage, "upload"),
+    `state` a name of berth.enums.image.PROGRESS_STATES ("running", "done", ...), `unit`
+    "bytes", "items" or ""; `total` 0 when unknown."""
+
+    id: str
+    state: str
+    current: int
+    total: int
+    unit: str
+    message: str
+
+
+@dataclass(frozen=True)
 class CommitProgress:
-    stage: str  # resolving, exporting, writing, done
+    stage: str  # resolve, export, write
+    state: str  # running, done
     message: str
 
 
@@ -128,7 +149,7 @@ class Removal(NamedTuple):
 
 class PruneResult(NamedTuple):
     removed: list[Removal]
-    space_reclaimed: int
+    reclaimed_bytes: int
 
 
 class LoadResult(NamedTuple):
@@ -174,7 +195,7 @@ def _summary(i: pb.Image) -> ImageSummary:
         tag=i.tag,
         digest=i.digest,
         id=i.id,
-        created=time_of(i, "created"),
+        created=time_of(i, "created_at"),
         size=i.size,
         shared_size=i.shared_size,
         hosts=list(i.hosts),
@@ -185,7 +206,7 @@ def _summary(i: pb.Image) -> ImageSummary:
 def _step(h: pb.HistoryEntry) -> HistoryStep:
     return HistoryStep(
         layer=h.layer,
-        created=time_of(h, "created"),
+        created=time_of(h, "created_at"),
         created_by=h.created_by,
         size=h.size,
         comment=h.comment,
@@ -218,7 +239,7 @@ def _details(d: pb.ImageDetail) -> ImageDetails:
         layers=[Layer(x.media_type, x.digest, x.size, dict(x.annotations)) for x in d.layers],
         diff_ids=list(d.diff_ids),
         history=[_step(h) for h in d.history],
-        created=time_of(d, "created"),
+        created=time_of(d, "created_at"),
         size=d.size,
         hosts=list(d.hosts),
         platform=d.platform,
@@ -233,28 +254,70 @@ def _credentials(c: Credentials | None) -> pb.Credentials | None:
     return pb.Credentials(username=c.username, password=c.password, identity_token=c.identity_token)
 
 
-def _transfer(p: pb.LayerProgress, words: Wording) -> TransferProgress:
-    return TransferProgress(
-        p.digest, words(p.state, "?"), p.current, p.total, p.config, p.mounted_from
+def _event(p: progress_pb2.Progress) -> ProgressEvent:
+    return ProgressEvent(
+        p.id,
+        PROGRESS_STATES.name(p.state, ""),
+        p.current,
+        p.total,
+        PROGRESS_UNITS.name(p.unit, ""),
+        p.message,
     )
 
 
+def _transfer(p: progress_pb2.Progress, words: Wording) -> TransferProgress:
+    """A blob's Progress in a pull or push: id its digest ("config:" before it for the
+    config); a push's MOUNTED says where from in its message ("Mounted from x")."""
+    config = p.id.startswith(CONFIG_PREFIX)
+    digest = p.id.removeprefix(CONFIG_PREFIX)
+    mounted_from = ""
+    if p.state == progress_pb2.PROGRESS_STATE_MOUNTED and p.message.startswith("Mounted from "):
+        mounted_from = p.message.removeprefix("Mounted from ")
+    return TransferProgress(digest, words(p.state, "?"), p.current, p.total, config, mounted_from)
+
+
 def _size_of(f: BinaryIO) -> int:
-    """Bytes a regular file holds from its current position; 0 (unknown) for pipes."""
+    """Bytes a regular file (or a seekable stream) holds from its current position; 0
+    (unknown) for pipes."""
     try:
         info = os.fstat(f.fileno())
         return info.st_size - f.tell() if stat.S_ISREG(info.st_mode) else 0
     except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        if not f.seekable():
+            return 0
+        here = f.tell()
+        end = f.seek(0, os.SEEK_END)
+        f.seek(here)
+        return end - here
+    except (OSError, ValueError, AttributeError):
         return 0
 
 
-def _chunks(f: BinaryIO, total: int, progress: Progress | None) -> Iterator[bytes]:
-    done = 0
+def _chunks(f: BinaryIO) -> Iterator[bytes]:
     while chunk := f.read(CHUNK_SIZE):
-        done += len(chunk)
         yield chunk
-        if progress is not None:
-            progress(done, max(total, done))
+
+
+def _upload_progress(
+    progress: Callable[[ProgressEvent], None] | None, size: int
+) -> Callable[[progress_pb2.Progress], None]:
+    """The service's progress of an upload, as events; the service cannot know the size of
+    the bytes still to come, so the bytes received ("upload") get the file's size as total
+    when it is known (not for a pipe)."""
+
+    def report(p: progress_pb2.Progress) -> None:
+        if progress is None:
+            return
+        event = _event(p)
+        if event.id == "upload" and not event.total and size:
+            event = ProgressEvent(
+                event.id, event.state, event.current, size, event.unit, event.message
+            )
+        progress(event)
+
+    return report
 
 
 # --- the client -------------------------------------------------------------------------------
@@ -274,17 +337,39 @@ class ImageClient(GrpcClient):
         self, reference: str = "", all: bool = False, dangling: bool = False
     ) -> list[ImageSummary]:
         """Newest first, one entry per tag; untagged images with `all`, only them with
-        `dangling`."""
-        request = pb.ListImagesRequest(reference=reference, all=all, dangling_only=dangling)
-        return [_summary(i) for i in self._call(self._stub.ListImages, request).images]
+        `dangling`. Every page of the listing."""
+        return list(self.iter_images(reference, all, dangling))
+
+    def iter_images(
+        self,
+        reference: str = "",
+        all: bool = False,
+        dangling: bool = False,
+        page_size: int = LIST_PAGE,
+    ) -> Iterator[ImageSummary]:
+        """images(), fetched a page at a time."""
+        token = ""
+        while True:
+            request = pb.ListImagesRequest(
+                reference=reference,
+                all=all,
+                dangling_only=dangling,
+                page_size=page_size,
+                page_token=token,
+            )
+            reply = self._call(self._stub.ListImages, request)
+            yield from (_summary(i) for i in reply.images)
+            token = reply.next_page_token
+            if not token:
+                return
 
     def inspect(self, image: str) -> ImageDetails:
-        reply = self._call(self._stub.InspectImage, pb.InspectImageRequest(image=image))
+        reply = self._call(self._stub.GetImage, pb.GetImageRequest(image=image))
         return _details(reply.image)
 
     def history(self, image: str) -> list[HistoryStep]:
         """Newest step first, as `docker history` shows it."""
-        reply = self._call(self._stub.ImageHistory, pb.ImageHistoryRequest(image=image))
+        reply = self._call(self._stub.GetImageHistory, pb.GetImageHistoryRequest(image=image))
         return [_step(h) for h in reply.entries]
 
     def tag(self, source: str, target: str) -> str:
@@ -301,7 +386,7 @@ class ImageClient(GrpcClient):
     def prune(self, all: bool = False) -> PruneResult:
         reply = self._call(self._stub.PruneImages, pb.PruneImagesRequest(all=all), timeout=600)
         removed = [Removal(list(r.untagged), list(r.deleted)) for r in reply.removed]
-        return PruneResult(removed, reply.space_reclaimed)
+        return PruneResult(removed, reply.reclaimed_bytes)
 
     # Making images ----------------------------------------------------------------------
 
@@ -324,10 +409,11 @@ class ImageClient(GrpcClient):
             changes=list(changes),
         )
         for event in self._stream(self._stub.CommitContainer, request):
-            if progress is not None:
-                progress(CommitProgress(COMMIT_STAGES.name(event.stage, "?"), event.message))
             if event.HasField("image"):
                 return _details(event.image)
+            if progress is not None and event.HasField("progress"):
+                p = event.progress
+                progress(CommitProgress(p.id, PROGRESS_STATES.name(p.state, ""), p.message))
         raise BerthClientError(f"commit of {container} ended without an image", "UNKNOWN")
 
     def import_image(
@@ -337,31 +423,50 @@ class ImageClient(GrpcClient):
         message: str = "",
         changes: Iterable[str] = (),
         source_name: str = "",
-        progress: Progress | None = None,
+        progress: Callable[[ProgressEvent], None] | None = None,
     ) -> ImageDetails:
         """A root filesystem tarball (plain, gzip, bzip2 or xz) as a single-layer image.
-        progress(bytes_sent, total) runs on a gRPC thread; total is 0 for a pipe."""
-        options = pb.ImportImageRequest(
+        progress sees the service's events: "upload" (bytes received; total is 0 for a pipe),
+        then "layer"."""
+        options = pb.ImportImageOptions(
             reference=reference, message=message, changes=list(changes), source=source_name
         )
         with ExitStack() as stack:
             f = _open(source, stack)
-            chunks = _chunks(f, _size_of(f), progress)
-            requests = _with_first(options, (pb.ImportImageRequest(data=c) for c in chunks))
-            return _details(self._upload(self._stub.ImportImage, requests).image)
+            report = _upload_progress(progress, _size_of(f))
+            requests = _with_first(
+                pb.ImportImageRequest(options=options),
+                (pb.ImportImageRequest(data=c) for c in _chunks(f)),
+            )
+            for reply in self._exchange(self._stub.ImportImage, requests):
+                if reply.HasField("image"):
+                    return _details(reply.image)
+                report(reply.progress)
+        raise BerthClientError("import ended without an image", "UNKNOWN")
 
     def load(
-        self, source: Source, reference: str = "", progress: Progress | None = None
+        self,
+        source: Source,
+        reference: str = "",
+        progress: Callable[[ProgressEvent], None] | None = None,
     ) -> LoadResult:
         """A docker-archive or OCI-layout tar into the catalog; `reference` names images the
-        archive leaves unnamed."""
-        options = pb.LoadImagesRequest(reference=reference)
+        archive leaves unnamed. progress sees the service's events: "upload" (bytes received;
+        total is 0 for a pipe), then "images" (names stored)."""
+        options = pb.LoadImagesOptions(reference=reference)
         with ExitStack() as stack:
             f = _open(source, stack)
-            chunks = _chunks(f, _size_of(f), progress)
-            requests = _with_first(options, (pb.LoadImagesRequest(data=c) for c in chunks))
-            reply = self._upload(self._stub.LoadImages, requests)
-        return LoadResult([_details(i) for i in reply.images], list(reply.references))
+            report = _upload_progress(progress, _size_of(f))
+            requests = _with_first(
+                pb.LoadImagesRequest(options=options),
+                (pb.LoadImagesRequest(data=c) for c in _chunks(f)),
+            )
+            for reply in self._exchange(self._stub.LoadImages, requests):
+                if reply.HasField("result"):
+                    result = reply.result
+                    return LoadResult([_details(i) for i in result.images], list(result.references))
+                report(reply.progress)
+        raise BerthClientError("load ended without a result", "UNKNOWN")
 
     # Moving images ----------------------------------------------------------------------
 
@@ -381,10 +486,12 @@ class ImageClient(GrpcClient):
             )
         request = pb.SaveImagesRequest(images=list(images), format=ARCHIVE_FORMATS.value(fmt))
         written = total = 0
-        for chunk in self._stream(self._stub.SaveImages, request):
-            total = chunk.total_size or total
-            out.write(chunk.data)
-            written += len(chunk.data)
+        for reply in self._stream(self._stub.SaveImages, request):
+            if reply.HasField("progress"):
+                total = reply.progress.total or total
+                continue
+            out.write(reply.data)
+            written += len(reply.data)
             if progress is not None:
                 progress(written, max(total, written))
         return written
@@ -405,8 +512,8 @@ class ImageClient(GrpcClient):
             local_reference=local_reference,
         )
         for event in self._stream(self._stub.PullImage, request):
-            if event.HasField("image"):
-                return PullResult(_details(event.image), event.local_reference)
+            if event.HasField("result"):
+                return PullResult(_details(event.result.image), event.result.local_reference)
             if progress is not None and event.HasField("progress"):
                 progress(_transfer(event.progress, PULL_WORDS))
         raise BerthClientError(f"pull of {image} ended without a result", "UNKNOWN")
@@ -418,28 +525,33 @@ class ImageClient(GrpcClient):
         credentials: Credentials | None = None,
         insecure: bool = False,
         progress: Callable[[TransferProgress], None] | None = None,
+        request_id: str = "",
     ) -> PushedImage:
-        """Copy an image of the catalog to an external registry (`HOST[:PORT]/name[:tag]`)."""
+        """Copy an image of the catalog to an external registry (`HOST[:PORT]/name[:tag]`).
+        A `request_id` (a UUID, say) makes a retry safe: a second push with it returns the
+        first one's result without pushing again."""
         request = pb.PushImageRequest(
             image=image,
             destination=destination,
             credentials=_credentials(credentials),
             insecure=insecure,
+            request_id=request_id,
         )
         for event in self._stream(self._stub.PushImage, request):
-            if event.digest:
-                return PushedImage(event.digest, event.size)
+            if event.HasField("result"):
+                return PushedImage(event.result.digest, event.result.size)
             if progress is not None and event.HasField("progress"):
                 progress(_transfer(event.progress, PUSH_WORDS))
         raise BerthClientError(f"push of {image} ended without a result", "UNKNOWN")
 
     # Plumbing ---------------------------------------------------------------------------
 
-    def _upload(self, method: Any, requests: Iterator[Any]) -> Any:
-        """A client-streaming call without a deadline. gRPC reads `requests` on its own thread
-        and, should reading fail, would end the stream as if the data were complete and log
-        the error: here a failed read cancels the call (so the server never takes a truncated
-        archive for a whole one) and is raised as it was."""
+    def _exchange(self, method: Any, requests: Iterator[Any]) -> Iterator[Any]:
+        """A bidirectional call without a deadline: `requests` go up while the replies come
+        back. gRPC reads `requests` on its own thread and, should reading fail, would end the
+        stream as if the data were complete and log the error: here a failed read cancels the
+        call (so the server never takes a truncated archive for a whole one) and is raised as
+        it was."""
         failure: list[Exception] = []
         started = threading.Event()
         calls: list[Any] = []
@@ -452,20 +564,20 @@ class ImageClient(GrpcClient):
                 started.wait()
                 calls[0].cancel()
 
-        call = method.future(guarded())
+        call = method(guarded())
         calls.append(call)
         started.set()
         try:
-            return call.result()
-        except (grpc.RpcError, grpc.FutureCancelledError) as err:
+            yield from call
+        except grpc.RpcError as err:
             if failure:
                 raise failure[0] from None
-            if isinstance(err, grpc.RpcError):
-                raise self._error(err) from err
-            raise BerthClientError("the upload was cancelled", "CANCELLED") from None
+            raise self._error(err) from err
         except BaseException:
-            call.cancel()  # Ctrl-C: do not leave the upload running
+            call.cancel()  # Ctrl-C, or the caller stopped reading: do not leave it running
             raise
+        finally:
+            call.cancel()  # a no-op once the call ended
 
 
 def _open(source: Source, stack: ExitStack) -> BinaryIO:

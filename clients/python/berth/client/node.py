@@ -15,11 +15,13 @@ from berth.client.containers import (
     ContainerStreams,
     ExecOutput,
     LogLine,
+    all_pages,
     container_fields,
     stats_sample,
 )
 from berth.containers import ContainerConfig, to_spec
-from berth.enums.node import CHANGE_KINDS, LAYER_STATE_WORDS
+from berth.enums.node import CHANGE_KINDS
+from berth.enums.progress import PULL_WORDS
 from berth.errors import BerthClientError
 from berth.node.v1 import node_pb2 as pb
 from berth.node.v1 import node_pb2_grpc
@@ -65,19 +67,20 @@ class NodeClient(ContainerStreams, GrpcClient):
                 return ImageInfo(
                     i.digest, list(i.references), i.config_digest, list(i.chain_ids), i.size
                 )
-            if progress is not None:
-                progress(
-                    PullProgress(
-                        event.layer, LAYER_STATE_WORDS(event.state, "?"), event.current, event.total
-                    )
-                )
+            if progress is not None and event.HasField("progress"):
+                p = event.progress
+                progress(PullProgress(p.id, PULL_WORDS(p.state, "?"), p.current, p.total))
         raise BerthClientError(f"pull of {image} ended without a result", "UNKNOWN")
 
     def images(self) -> list[ImageInfo]:
-        reply = self._call(self._stub.ListImages, pb.ListImagesRequest())
+        images = all_pages(
+            lambda request: self._call(self._stub.ListImages, request),
+            pb.ListImagesRequest(),
+            "images",
+        )
         return [
             ImageInfo(i.digest, list(i.references), i.config_digest, list(i.chain_ids), i.size)
-            for i in reply.images
+            for i in images
         ]
 
     def remove_image(self, image: str) -> list[str]:
@@ -101,9 +104,14 @@ class NodeClient(ContainerStreams, GrpcClient):
         """Create and start, like `docker run -d`."""
         return self.start(self.create(config).id)
 
-    def stop(self, container: str, timeout: int = 0) -> ContainerInfo:
-        request = pb.StopContainerRequest(container=container, timeout_seconds=timeout)
-        reply = self._call(self._stub.StopContainer, request, timeout=(timeout or 10) + 30)
+    def stop(self, container: str, timeout: float | None = None) -> ContainerInfo:
+        """SIGTERM, then SIGKILL after `timeout` seconds (None: the node's default, 10; 0:
+        SIGKILL at once)."""
+        request = pb.StopContainerRequest(container=container)
+        if timeout is not None:
+            request.timeout.FromNanoseconds(int(timeout * 1e9))
+        grace = 10 if timeout is None else timeout
+        reply = self._call(self._stub.StopContainer, request, timeout=grace + 30)
         return container_info(reply.container)
 
     def kill(self, container: str, signal: str = "KILL") -> None:
@@ -119,13 +127,14 @@ class NodeClient(ContainerStreams, GrpcClient):
 
     def list(self, all: bool = False, labels: dict[str, str] | None = None) -> list[ContainerInfo]:
         request = pb.ListContainersRequest(all=all, labels=labels or {})
-        return [
-            container_info(c) for c in self._call(self._stub.ListContainers, request).containers
-        ]
+        containers = all_pages(
+            lambda r: self._call(self._stub.ListContainers, r), request, "containers"
+        )
+        return [container_info(c) for c in containers]
 
     def inspect(self, container: str) -> ContainerInfo:
-        request = pb.InspectContainerRequest(container=container)
-        return container_info(self._call(self._stub.InspectContainer, request).container)
+        request = pb.GetContainerRequest(container=container)
+        return container_info(self._call(self._stub.GetContainer, request).container)
 
     def stats(self, container: str) -> dict[str, float]:
         request = pb.ContainerStatsRequest(container=container, stream=False)

@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar
 
 import grpc
+from google.protobuf import duration_pb2
 
+from berth.error_details import from_rpc_error as details_of
 from berth.errors import BerthClientError, from_rpc_error
 from berth.files import fsync_dir
 from berth.reference import Reference, validate_digest, validate_repository, validate_tag
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc as pb_grpc
 from berth.resume import CHUNK_SIZE, is_broken_stream, resume_download
+from berth.types.v1 import progress_pb2
 
 MAX_MESSAGE_BYTES = 16 << 20
 # Unary calls get a deadline so a wedged server cannot hang the CLI; streams and GC do not,
@@ -86,9 +89,21 @@ class TagInfo:
 @dataclass(frozen=True)
 class GcReport:
     deleted: list[BlobInfo]
-    bytes_freed: int
+    reclaimed_bytes: int
     blobs_marked: int
     blobs_young: int
+    uploads_removed: int = 0
+
+
+@dataclass(frozen=True)
+class GcProgress:
+    """A stage of a collection: "mark" (manifests read) or "sweep" (blobs checked, of total;
+    0 when unknown); done once the stage is over."""
+
+    stage: str
+    current: int
+    total: int
+    done: bool
 
 
 @dataclass(frozen=True)
@@ -222,9 +237,10 @@ class RegistryClient:
         Bytes land in `<dest>.partial`, which a later call resumes from; the file is renamed
         into place only once the digest matches, so dest_path never holds a partial blob.
         """
-        info = self.stat_blob(repository, digest)
-        if info is None:
-            raise BerthClientError(f"blob {digest} not found in {repository}", "NOT_FOUND")
+        # NOT_FOUND is the registry's own error here (reason BLOB_UNKNOWN, the digest).
+        request = pb.StatBlobRequest(repository=repository, digest=digest)
+        descriptor = self._unary(self._stub.StatBlob, request).descriptor
+        info = BlobInfo(descriptor.digest or digest, descriptor.size)
         dest = Path(dest_path)
         partial = dest.with_name(dest.name + ".partial")
         hasher, expected, offset = resume_download(partial, digest, info.size)
@@ -339,23 +355,58 @@ class RegistryClient:
         request = pb.DeleteTagRequest(repository=repository, tag=tag)
         return self._unary(self._stub.DeleteTag, request).digest
 
+    def iter_search(
+        self, term: str, labels: Mapping[str, str] | None = None, page_size: int = 100
+    ) -> Iterator[RepositoryInfo]:
+        """Every repository matching term (names first, then descriptions and labels), fetched
+        a page at a time."""
+
+        def page(token: str) -> tuple[list[RepositoryInfo], str]:
+            request = pb.SearchRequest(
+                term=term, labels=dict(labels or {}), page_size=page_size, page_token=token
+            )
+            response = self._unary(self._stub.Search, request)
+            return [_repository(r) for r in response.results], response.next_page_token
+
+        return _paginate(page)
+
     def search(
         self, term: str, labels: Mapping[str, str] | None = None, limit: int = 25
     ) -> list[RepositoryInfo]:
-        """Repositories matching term (names first, then descriptions and labels)."""
-        request = pb.SearchRequest(term=term, labels=dict(labels or {}), limit=limit)
-        return [_repository(r) for r in self._unary(self._stub.Search, request).results]
+        """The best `limit` repositories matching term (names first, then descriptions and
+        labels)."""
+        found = self.iter_search(term, labels, page_size=min(max(limit, 1), 1000))
+        return [r for _, r in zip(range(limit), found, strict=False)]
 
-    def garbage_collect(self, dry_run: bool = False, grace_seconds: int = 0) -> GcReport:
-        """Delete unreferenced blobs older than grace_seconds (0: the server default, 1 h)."""
-        request = pb.GarbageCollectRequest(dry_run=dry_run, grace_period_seconds=grace_seconds)
-        response = self._unary(self._stub.GarbageCollect, request, deadline=False)
-        return GcReport(
-            deleted=[BlobInfo(d.digest, d.size) for d in response.deleted],
-            bytes_freed=response.bytes_freed,
-            blobs_marked=response.blobs_marked,
-            blobs_young=response.blobs_young,
-        )
+    def garbage_collect(
+        self,
+        dry_run: bool = False,
+        grace_seconds: float = 0,
+        progress: Callable[[GcProgress], None] | None = None,
+    ) -> GcReport:
+        """Delete unreferenced blobs older than grace_seconds (0: the server default, 1 h);
+        progress, if given, sees each stage's advance."""
+        grace = duration_pb2.Duration()
+        grace.FromNanoseconds(int(grace_seconds * 1e9))
+        request = pb.GarbageCollectRequest(dry_run=dry_run, grace_period=grace)
+        try:
+            for event in self._stub.GarbageCollect(request):
+                if event.HasField("result"):
+                    result = event.result
+                    return GcReport(
+                        deleted=[BlobInfo(d.digest, d.size) for d in result.deleted],
+                        reclaimed_bytes=result.reclaimed_bytes,
+                        blobs_marked=result.blobs_marked,
+                        blobs_young=result.blobs_young,
+                        uploads_removed=result.uploads_removed,
+                    )
+                if progress is not None and event.HasField("progress"):
+                    p = event.progress
+                    done = p.state == progress_pb2.PROGRESS_STATE_DONE
+                    progress(GcProgress(p.id, p.current, p.total, done))
+        except grpc.RpcError as err:
+            raise self._error(err) from err
+        raise BerthClientError("garbage collection ended without a result", "UNKNOWN")
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -418,7 +469,15 @@ class RegistryClient:
                     and self.stat_blob(repository, digest) is not None
                 ):
                     return
-                if attempt == RESUME_ATTEMPTS or not is_broken_stream(err.code(), err.details()):
+                if attempt == RESUME_ATTEMPTS:
+                    raise self._error(err) from err
+                resume = _resume_offset(err)
+                if resume is not None:
+                    # The session holds other bytes than this client thought (a write whose
+                    # answer was lost): the error says where it stands; go on from there.
+                    offset = resume
+                    continue
+                if not is_broken_stream(err.code(), err.details()):
                     raise self._error(err) from err
                 offset = None
                 time.sleep(min(0.25 * 2**attempt, 4.0))
@@ -509,6 +568,17 @@ class _ChunkReader:
                     self.progress(offset, self.size)
         except OSError as exc:
             self.error = exc
+
+
+def _resume_offset(err: grpc.RpcError) -> int | None:
+    """The committed offset an UPLOAD_OFFSET_MISMATCH error reports, else None."""
+    if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        return None
+    details = details_of(err)
+    offset = details.metadata.get("offset", "")
+    if details.reason != "UPLOAD_OFFSET_MISMATCH" or not offset.isdigit():
+        return None
+    return int(offset)
 
 
 def _paginate(fetch: Callable[[str], tuple[list[T], str]]) -> Iterator[T]:

@@ -48,6 +48,14 @@ EVENT_TYPES = EnumTable(
         pb.EVENT_TYPE_CONTAINER_DIED: "container_died",
         pb.EVENT_TYPE_CONTAINER_RESCHEDULED: "container_rescheduled",
         pb.EVENT_TYPE_SERVICE_SCALED: "service_scaled",
+        pb.EVENT_TYPE_CONTAINER_CREATE_FAILED: "container_create_failed",
+        pb.EVENT_TYPE_NODE_AVAILABILITY_CHANGED: "node_availability_changed",
+        pb.EVENT_TYPE_NODE_DRAIN_COMPLETED: "node_drain_completed",
+        pb.EVENT_TYPE_SERVICE_CREATED: "service_created",
+        pb.EVENT_TYPE_SERVICE_UPDATE_STARTED: "service_update_started",
+        pb.EVENT_TYPE_SERVICE_UPDATE_COMPLETED: "service_update_completed",
+        pb.EVENT_TYPE_SERVICE_UPDATE_PAUSED: "service_update_paused",
+        pb.EVENT_TYPE_SERVICE_REMOVED: "service_removed",
     },
 )
 

@@ -13,6 +13,7 @@ CONTAINER_STATES = EnumTable(
         pb.CONTAINER_STATE_RUNNING: "running",
         pb.CONTAINER_STATE_EXITED: "exited",
         pb.CONTAINER_STATE_RESTARTING: "restarting",
+        pb.CONTAINER_STATE_CREATE_FAILED: "create_failed",
     },
 )
 # Docker's --restart values.

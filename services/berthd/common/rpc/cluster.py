@@ -7,6 +7,7 @@ same functions, so a container reads the same to the CLI and to the builder.
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -27,18 +28,20 @@ class ClusterApi(ServiceApi[pb_grpc.ClusterServiceStub]):
         return pb_grpc.ClusterServiceStub(channel)
 
     async def run(self, config: ContainerConfig) -> ClusterContainer:
-        """Place a container and record it as desired to run (`docker run -d`)."""
-        request = pb.RunContainerRequest(spec=to_spec(config))
-        return cluster_container((await self.unary("RunContainer", request)).container)
+        """Place a container and record it as desired to run (`docker run -d`). The request
+        carries a request_id, so a retry after a lost answer never runs a second one."""
+        request = pb.RunContainerRequest(spec=to_spec(config), request_id=str(uuid.uuid4()))
+        reply = await self.unary("RunContainer", request, idempotent=True)
+        return cluster_container(reply.container)
 
     async def inspect(self, container: str) -> ClusterContainer:
-        request = pb.InspectContainerRequest(container=container)
-        reply = await self.unary("InspectContainer", request, idempotent=True)
+        request = pb.GetContainerRequest(container=container)
+        reply = await self.unary("GetContainer", request, idempotent=True)
         return cluster_container(reply.container)
 
     async def node(self, node_id: str) -> NodeInfo:
-        request = pb.InspectNodeRequest(node=node_id)
-        return node_info((await self.unary("InspectNode", request, idempotent=True)).node)
+        request = pb.GetNodeRequest(node_id=node_id)
+        return node_info((await self.unary("GetNode", request, idempotent=True)).node)
 
     async def wait(self, container: str) -> int:
         """The container's exit code, once it exits."""

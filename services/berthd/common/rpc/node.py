@@ -14,8 +14,8 @@ from berth.client.containers import ContainerInfo
 from berth.client.node import container_info
 from berth.node.v1 import node_pb2 as pb
 from berth.node.v1 import node_pb2_grpc as pb_grpc
-from berthd.common.errors import BerthError, error_for_code
-from berthd.common.rpc.calls import Address, ServiceApi
+from berthd.common.errors import BerthError, Unavailable, error_for_code
+from berthd.common.rpc.calls import Address, ServiceApi, retryable
 
 # Packing a large upper dir and pushing it takes as long as the data.
 EXPORT_TIMEOUT = 600.0
@@ -35,11 +35,18 @@ class NodeApi(ServiceApi[pb_grpc.NodeServiceStub]):
         error = super().error(err, address)
         if not self.node_id:
             return error
-        return error_for_code(error.code.name, f"node {self.node_id}: {error}", error.details)
+        message = f"node {self.node_id}: {error}"
+        if retryable(err):  # the agent could not be reached at all
+            return Unavailable(
+                message,
+                reason="NODE_UNREACHABLE",
+                metadata={"node_id": self.node_id, "address": address},
+            )
+        return error_for_code(error.code.name, message, error.details)
 
     async def inspect(self, container: str) -> ContainerInfo:
-        request = pb.InspectContainerRequest(container=container)
-        reply = await self.unary("InspectContainer", request, idempotent=True)
+        request = pb.GetContainerRequest(container=container)
+        reply = await self.unary("GetContainer", request, idempotent=True)
         return container_info(reply.container)
 
     async def has_changes(self, container: str) -> bool:

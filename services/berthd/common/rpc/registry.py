@@ -24,7 +24,7 @@ from berth.files import fsync_dir
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc as pb_grpc
 from berth.resume import CHUNK_SIZE, digest_hasher, is_broken_stream, resume_download
-from berthd.common.errors import Aborted, DataLoss, InvalidArgument, NotFound
+from berthd.common.errors import Aborted, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from berthd.common.oci.digest import digest_bytes
 from berthd.common.oci.manifest import Descriptor
 from berthd.common.oci.reference import invalid_argument
@@ -274,6 +274,17 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
                     raise broken.error from None
                 offset = None
                 await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
+            except FailedPrecondition as refused:
+                # The session holds other bytes than we thought (a write whose answer was
+                # lost): the error says where it stands; go on from there.
+                committed = refused.details.metadata.get("offset", "")
+                if (
+                    attempt == RESUME_ATTEMPTS
+                    or refused.reason != "UPLOAD_OFFSET_MISMATCH"
+                    or not committed.isdigit()
+                ):
+                    raise
+                offset = int(committed)
         if offset != size:
             raise DataLoss(f"blob {digest}: the source ends after {offset} bytes, expected {size}")
 

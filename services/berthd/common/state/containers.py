@@ -30,6 +30,14 @@ from berthd.common.store import encode
 # DesiredContainer.desired
 RUNNING = "running"
 STOPPED = "stopped"
+# ContainerStatus.state of a container its node could not create (no record on the node).
+CREATE_FAILED = "create_failed"
+# ContainerStatus.failure_reason values (ContainerFailure.reason in the proto).
+IMAGE_NOT_FOUND = "IMAGE_NOT_FOUND"
+IMAGE_PULL_FAILED = "IMAGE_PULL_FAILED"
+INVALID_SPEC = "INVALID_SPEC"
+CREATE_FAILED_REASON = "CREATE_FAILED"
+START_FAILED = "START_FAILED"
 # Label every cluster-managed container carries on its node, so an agent that comes back
 # after being declared dead knows which of its containers the cluster may have moved.
 MANAGED_LABEL = "berth.cluster.managed"
@@ -54,9 +62,12 @@ class DesiredContainer:
     service_version: int = 0
     # The node it was moved from when its node was lost or drained (CONTAINER_RESCHEDULED).
     previous_node: str = ""
-    # Seconds between SIGTERM and SIGKILL when the node stops it (0: the node's default),
-    # as the last StopContainer asked.
-    stop_timeout: int = 0
+    # Seconds between SIGTERM and SIGKILL when the node stops it (None: the node's default,
+    # 0: kill at once), as the last StopContainer asked.
+    stop_grace: float | None = None
+    # Incremented by every StartContainer: the node tries again a container it could not
+    # create (or that exited on its own) only when this is above the attempt it last made.
+    attempt: int = 0
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -71,8 +82,11 @@ class DesiredContainer:
 @dataclass
 class ContainerStatus:
     """What the container's node last observed. `state` is the node's container state
-    (created, running, exited, restarting), or "" with `error` set when the node could not
-    create the container at all (its image does not pull, its user does not exist)."""
+    (created, running, exited, restarting), or CREATE_FAILED when the node could not create
+    the container at all (its image does not pull, its user does not exist): then
+    `failure_reason` (IMAGE_NOT_FOUND, IMAGE_PULL_FAILED, INVALID_SPEC, CREATE_FAILED) and
+    `failure_message` say why. An exited container whose last start failed has
+    failure_reason START_FAILED. `attempt` is the DesiredContainer.attempt the node acted on."""
 
     node: str = ""
     name: str = ""
@@ -83,14 +97,17 @@ class ContainerStatus:
     started_at: float | None = None
     finished_at: float | None = None
     restart_count: int = 0
-    error: str = ""
+    failure_reason: str = ""
+    failure_message: str = ""
     image_digest: str = ""
+    attempt: int = 0
+    created_at: float | None = None
     updated_at: float = field(default_factory=time.time)
 
     @property
     def create_failed(self) -> bool:
-        """The node could not create the container at all; `error` says why."""
-        return not self.state and bool(self.error)
+        """The node could not create the container at all; the failure says why."""
+        return self.state == CREATE_FAILED
 
     def encode(self) -> bytes:
         return encode(asdict(self))
@@ -105,8 +122,15 @@ class ContainerStatus:
         status.pid = int(status.pid or 0)
         status.exit_code = int(status.exit_code or 0)
         status.restart_count = int(status.restart_count or 0)
-        status.error = str(status.error or "")
+        status.attempt = int(status.attempt or 0)
+        status.failure_reason = str(status.failure_reason or "")
+        status.failure_message = str(status.failure_message or "")
         status.image_digest = str(status.image_digest or "")
+        error = data.get("error")
+        if error and not status.failure_message:  # written before failures had a reason
+            status.failure_message = str(error)
+            status.failure_reason = START_FAILED if status.state else CREATE_FAILED_REASON
+            status.state = status.state or CREATE_FAILED
         return status
 
 
