@@ -71,8 +71,9 @@ class Demo:
 
     # --- running ---
 
-    def run(self, argv: list[str], capture: bool = False) -> str:
-        """Show and run a command; its output goes straight to the terminal unless captured."""
+    def run(self, argv: list[str], capture: bool = False, fails: bool = False) -> str:
+        """Show and run a command; its output goes straight to the terminal unless captured.
+        With `fails`, the command must fail (the step shows a refusal)."""
         self.show(argv)
         try:
             done = subprocess.run(
@@ -89,13 +90,15 @@ class Demo:
             sys.stdout.write(done.stdout)
             sys.stderr.write(done.stderr)
             sys.stdout.flush()
-        if done.returncode != 0:
+        if (done.returncode != 0) != fails:
             shown = shlex.join([Path(argv[0]).name, *argv[1:]])
             raise StepFailed(f"step {self.step} ({shown}) exited with status {done.returncode}")
+        if fails:
+            print(f"(exit status {done.returncode})", flush=True)
         return done.stdout if capture else ""
 
-    def berth(self, *args: str, capture: bool = False) -> str:
-        return self.run([str(BIN / "berth"), *args], capture=capture)
+    def berth(self, *args: str, capture: bool = False, fails: bool = False) -> str:
+        return self.run([str(BIN / "berth"), *args], capture=capture, fails=fails)
 
     def state_args(self) -> list[str]:
         return ["--state-dir", str(self.state_dir)] if self.state_dir else []
@@ -295,6 +298,14 @@ class Demo:
         self.berth("stop", "-t", "1", "demo-web")
         self.berth("rm", "demo-web")
         self.berth("images")
+
+        self.heading(
+            "A container whose image does not exist: its node says so at once, with a reason"
+        )
+        self.berth("run", "-d", "--name", "demo-typo", "demo/hello:nosuch")
+        self.berth("wait", "demo-typo", fails=True)
+        self.berth("ps", "-a", "--filter", "name=demo-typo")
+        self.berth("rm", "demo-typo")
 
     def external_steps(self, work: Path) -> None:
         self.heading("Push the built image to an external registry (docker-registry on loopback)")

@@ -102,8 +102,6 @@ def node_info(node_id: str, **changes: Any) -> NodeInfo:
         container_count=2,
         version="0.1.0",
         runtime_version="runc 1.1.7",
-        joined_at=NOW,
-        state_changed_at=NOW,
     )
     return replace(base, **changes)
 

@@ -26,7 +26,6 @@ from berth.cli.container_cmds import (
 from berth.cli.output import (
     for_each,
     format_time,
-    human_ago,
     jsonable,
     print_fields,
     print_json,
@@ -396,8 +395,6 @@ def node_fields(n: NodeInfo) -> list[tuple[str, str]]:
         *fields,
         ("Version", n.version or "-"),
         ("Runtime", n.runtime_version or "-"),
-        ("Joined", format_time(n.joined_at) if n.joined_at else "-"),
-        ("State changed", human_ago(n.state_changed_at)),
     ]
 
 

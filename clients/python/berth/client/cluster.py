@@ -55,8 +55,6 @@ class NodeInfo:
     container_count: int
     version: str
     runtime_version: str
-    joined_at: datetime | None
-    state_changed_at: datetime | None
 
 
 @dataclass
@@ -167,8 +165,6 @@ def node_info(n: pb.Node) -> NodeInfo:
         container_count=n.container_count,
         version=d.version,
         runtime_version=d.runtime_version,
-        joined_at=time_of(n, "joined_at"),
-        state_changed_at=time_of(n, "state_changed_at"),
     )
 
 
