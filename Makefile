@@ -66,6 +66,9 @@ lint: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	cd protos && $(BUF) lint
+	@# A shallow clone lacks the release commit: deepen it first.
+	@git cat-file -e '$(BREAKING_AGAINST)^{commit}' 2>/dev/null || git fetch -q --unshallow || \
+	  { echo "the contract's release $(BREAKING_AGAINST) (protos/RELEASE) is not in this clone"; exit 1; }
 	$(BUF) breaking protos --against '.git#ref=$(BREAKING_AGAINST),subdir=protos'
 
 unit: deps
