@@ -9,6 +9,7 @@ import) is one such line without a digest, on terminals only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Self
 
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn, Task, TaskID
@@ -18,6 +19,25 @@ from rich.text import Text
 from berth.cli.output import human_size, short_digest
 
 BAR_WIDTH = 50
+
+
+class _Live:
+    """A rich Progress shown live on a terminal, and nothing at all when `out` is not one; a
+    context manager that starts and stops it."""
+
+    def __init__(self, out: Console, column: ProgressColumn) -> None:
+        self._progress = (
+            Progress(column, console=out, refresh_per_second=8) if out.is_terminal else None
+        )
+
+    def __enter__(self) -> Self:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
 
 
 def docker_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
@@ -70,25 +90,12 @@ class LayerLine:
         self._display.announce(self.digest, status)
 
 
-class LayerProgress:
+class LayerProgress(_Live):
     """The set of layer lines of one push or pull; use as a context manager."""
 
     def __init__(self, out: Console, verb: str) -> None:
+        super().__init__(out, _DockerColumn(verb, out))
         self._console = out
-        self._progress = (
-            Progress(_DockerColumn(verb, out), console=out, refresh_per_second=8)
-            if out.is_terminal
-            else None
-        )
-
-    def __enter__(self) -> LayerProgress:
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
 
     def add(self, digest: str, total: int) -> LayerLine:
         """A new line, shown as `Waiting` until the layer's transfer starts."""
@@ -167,28 +174,15 @@ class _BytesColumn(ProgressColumn):
         return Text(f"{task.description} {bar}", no_wrap=True, overflow="ellipsis")
 
 
-class ByteProgress:
+class ByteProgress(_Live):
     """One bar for a whole stream of bytes on a terminal; nothing when out is not one.
     `update` has the signature of the client's upload and download callbacks."""
 
     def __init__(self, out: Console, description: str) -> None:
-        self._progress = (
-            Progress(_BytesColumn(out), console=out, refresh_per_second=8, transient=False)
-            if out.is_terminal
-            else None
+        super().__init__(out, _BytesColumn(out))
+        self._task: TaskID | None = (
+            self._progress.add_task(description, total=None) if self._progress else None
         )
-        self._task: TaskID | None = None
-        self._description = description
-
-    def __enter__(self) -> ByteProgress:
-        if self._progress is not None:
-            self._task = self._progress.add_task(self._description, total=None)
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
 
     def update(self, done: int, total: int) -> None:
         if self._progress is not None and self._task is not None:
@@ -205,28 +199,15 @@ class _StageColumn(ProgressColumn):
         return Text(f"{task.description} {counts}{status}", no_wrap=True, overflow="ellipsis")
 
 
-class StageProgress:
+class StageProgress(_Live):
     """One live line per stage of an operation that counts items (a garbage collection's mark
     and sweep, a load's images), on terminals only; nothing when out is not one. `labels`
     maps a stage id to its line's words ("sweep": "Sweeping blobs")."""
 
     def __init__(self, out: Console, labels: dict[str, str]) -> None:
-        self._progress = (
-            Progress(_StageColumn(), console=out, refresh_per_second=8, transient=False)
-            if out.is_terminal
-            else None
-        )
+        super().__init__(out, _StageColumn())
         self._labels = labels
         self._tasks: dict[str, TaskID] = {}
-
-    def __enter__(self) -> StageProgress:
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
 
     def update(self, stage: str, current: int, total: int, done: bool) -> None:
         if self._progress is None:
