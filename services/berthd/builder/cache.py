@@ -22,7 +22,6 @@ layers no record holds.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import time
@@ -33,14 +32,14 @@ from typing import Any
 # CACHE_REPOSITORY: where the builder keeps layers and intermediate images (the image
 # service's prune leaves it alone); the builder's modules name it from here.
 from berth.builder.v1.builder_pb2 import ListCacheRequest
-from berthd.builder.errors import INVALID_PAGE_TOKEN
-from berthd.common.errors import InvalidArgument
-from berthd.common.pages import page_size
+from berthd.common.pages import bad_token, decode_token, encode_token, page_size
 from berthd.common.state.build_cache import BUILD_CACHE, CacheRecord
 from berthd.common.state.build_cache import CACHE_REPOSITORY as CACHE_REPOSITORY
 from berthd.common.state.family import Versioned
 from berthd.common.store import Store
 
+# The scope of ListCache's page tokens (it has no filters).
+LIST_CACHE = "builder.ListCache"
 # Every key starts from this version, so a change in how steps are executed invalidates older
 # records at once.
 KEY_VERSION = "berth-build-cache-v1"
@@ -144,11 +143,11 @@ def cache_page(
     last). Not an offset (berthd.common.pages): the token is the position of the page's last
     record, (last used, key), so a record a build uses meanwhile moves to the front and is
     not listed twice, nor another skipped."""
-    size = page_size(request)
-    page_token = request.page_token
+    size = page_size(request.page_size)
     start = 0
-    if page_token:
-        last_used, key = _decode_token(page_token)
+    position = decode_token(request.page_token, LIST_CACHE)
+    if position is not None:
+        last_used, key = _position(position)
         start = next(
             (
                 i
@@ -159,24 +158,12 @@ def cache_page(
         )
     page = records[start : start + size]
     more = start + size < len(records)
-    return page, _encode_token(page[-1]) if more and page else ""
+    return page, encode_token(LIST_CACHE, page[-1].last_used, page[-1].key) if more and page else ""
 
 
-def _encode_token(record: CacheRecord) -> str:
-    text = json.dumps([record.last_used, record.key], separators=(",", ":"))
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        last_used, key = json.loads(raw)
-        if not isinstance(key, str) or not isinstance(last_used, (int, float)):
-            raise ValueError(token)
-    except (ValueError, TypeError, UnicodeDecodeError):
-        raise InvalidArgument(
-            "invalid page_token: pass the next_page_token of an earlier ListCache",
-            reason=INVALID_PAGE_TOKEN,
-            field="page_token",
-        ) from None
-    return float(last_used), key
+def _position(position: list[object]) -> tuple[float, str]:
+    """(last used, key) of the previous page's last record."""
+    match position:
+        case [int() | float() as last_used, str() as key]:
+            return float(last_used), key
+    raise bad_token()

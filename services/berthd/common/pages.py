@@ -1,9 +1,11 @@
-"""Pages of a listing (docs/api.md, Pagination) for the node's and the cluster's List calls.
+"""Pages of a listing (docs/api.md, Pagination): one page size rule and one page token for
+every List and Search call of every service.
 
-A listing is computed whole (it is read from memory or one etcd range), sorted, then cut: the
-page token is opaque to clients and carries the offset of the next item plus a fingerprint of
-the call and its filters, so a token given back with other filters (or to another call) is
-refused with INVALID_ARGUMENT, reason INVALID_PAGE_TOKEN, field `page_token`.
+A token is opaque to clients. It carries the listing it belongs to (`scope`: the call and its
+filters, hashed) and where the listing goes on (`position`: an offset, or the sort key of the
+last item returned, which stays right when items are added or removed between pages). A token
+given back with other filters, or to another call, is refused with INVALID_ARGUMENT, reason
+INVALID_PAGE_TOKEN, field `page_token`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
@@ -24,62 +26,71 @@ MAX_PAGE_SIZE = 1000
 T = TypeVar("T")
 
 
-def _fingerprint(listing: str, request: Message) -> str:
-    """The call and its filters: the request without its paging fields."""
+def page_size(requested: int) -> int:
+    """The page size a request's `page_size` means: 0 is the default, at most the maximum."""
+    if requested < 0:
+        raise InvalidArgument(
+            f"page_size must not be negative, got {requested}", field="page_size"
+        )
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def scope_of(listing: str, *filters: object) -> str:
+    """A scope naming a call ("registry.Search") and its filters, short whatever they are."""
+    text = json.dumps(filters, sort_keys=True, separators=(",", ":"), default=str)
+    return f"{listing}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def request_scope(listing: str, request: Message) -> str:
+    """The scope of a request: its call and every field but the paging ones."""
     filters = type(request)()
     filters.CopyFrom(request)
     for name in ("page_size", "page_token"):
         filters.ClearField(name)
-    digest = hashlib.sha256(
-        listing.encode() + b"\0" + filters.SerializeToString(deterministic=True)
-    )
-    return digest.hexdigest()[:16]
+    return scope_of(listing, filters.SerializeToString(deterministic=True).hex())
 
 
-def _bad_token(listing: str) -> InvalidArgument:
+def bad_token(why: str = "") -> InvalidArgument:
     return InvalidArgument(
-        f"invalid page_token for {listing}: pass back the next_page_token of the previous page, "
-        "with the same filters",
+        "invalid page_token: pass back the next_page_token of the previous page, with the same "
+        f"filters{why}",
         reason="INVALID_PAGE_TOKEN",
         field="page_token",
     )
 
 
-def page_size(request: Message) -> int:
-    size = int(getattr(request, "page_size", 0))
-    if size < 0:
-        raise InvalidArgument(
-            f"page_size must not be negative, got {size}",
-            reason="INVALID_ARGUMENT",
-            field="page_size",
-        )
-    return min(size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+def encode_token(scope: str, *position: Any) -> str:
+    """The token of the page after `position` in the listing `scope` names."""
+    text = json.dumps([scope, *position], separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def _offset(listing: str, request: Message) -> int:
-    token = getattr(request, "page_token", "")
+def decode_token(token: str, scope: str) -> list[Any] | None:
+    """The position in a token encode_token made for `scope`; None for a first page (no token).
+    The caller checks the position's shape and raises bad_token() when it is wrong."""
     if not token:
-        return 0
+        return None
     try:
         data = json.loads(base64.urlsafe_b64decode(token.encode() + b"=" * (-len(token) % 4)))
-        offset, fingerprint = int(data["o"]), str(data["f"])
-    except (ValueError, KeyError, TypeError):
-        raise _bad_token(listing) from None
-    if offset < 0 or fingerprint != _fingerprint(listing, request):
-        raise _bad_token(listing)
-    return offset
-
-
-def _token(listing: str, request: Message, offset: int) -> str:
-    data = json.dumps({"o": offset, "f": _fingerprint(listing, request)}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(data.encode()).decode().rstrip("=")
+    except (ValueError, UnicodeDecodeError):
+        raise bad_token() from None
+    if not isinstance(data, list) or not data or not data[1:]:
+        raise bad_token()
+    if data[0] != scope:
+        raise bad_token(" (it belongs to another call or other filters)")
+    return data[1:]
 
 
 def paginate(listing: str, request: Message, items: Sequence[T]) -> tuple[list[T], str]:
     """The page of `items` (the whole listing, in its order) that `request` asks for, and the
     next page's token ("" on the last page). `listing` names the call ("cluster.ListNodes")."""
-    size = page_size(request)
-    start = _offset(listing, request)
+    size = page_size(int(getattr(request, "page_size", 0)))
+    scope = request_scope(listing, request)
+    position = decode_token(getattr(request, "page_token", ""), scope)
+    start = 0
+    if position is not None:
+        if len(position) != 1 or not isinstance(position[0], int) or position[0] < 0:
+            raise bad_token()
+        start = position[0]
     end = start + size
-    token = _token(listing, request, end) if end < len(items) else ""
-    return list(items[start:end]), token
+    return list(items[start:end]), encode_token(scope, end) if end < len(items) else ""

@@ -21,9 +21,6 @@ Docker does.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,6 +34,7 @@ from berthd.common.images import Content, ImageStore, ResolvedImage
 from berthd.common.oci.digest import quoted
 from berthd.common.oci.manifest import Descriptor, ImageConfig
 from berthd.common.oci.reference import Reference, parse_reference
+from berthd.common.pages import bad_token, decode_token, encode_token, page_size, scope_of
 from berthd.common.rpc.registry import RegistryApi
 from berthd.common.state.build_cache import CACHE_REPOSITORY
 from berthd.common.state.containers import CONTAINERS
@@ -49,8 +47,6 @@ from berthd.image.model import HistoryStep, ImageDetail, ImageRow, Removal
 
 # Manifests and configs fetched at once when the cache is cold (a first `berth images`).
 FETCH_CONCURRENCY = 8
-DEFAULT_PAGE = 100
-MAX_PAGE = 1000
 _ID_PREFIX = re.compile(r"(sha256:)?([0-9a-f]{4,64})")
 
 
@@ -225,47 +221,21 @@ def catalog_name(text: str, what: str = "image name", field: str = "reference") 
 # --- pages of the list ------------------------------------------------------------------------
 
 
-def page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument(f"page size {requested} is negative", field="page_size")
-    return min(requested or DEFAULT_PAGE, MAX_PAGE)
-
-
 def _row_key(row: ImageRow) -> tuple[float, str, str]:
     """The list's order: newest first, then by repository and tag."""
     return (-(row.created or 0.0), row.repository, row.tag)
 
 
-def _filters_scope(reference: str, all: bool, dangling_only: bool) -> str:
-    text = json.dumps([reference, all, dangling_only])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def encode_page_token(row: ImageRow, scope: str) -> str:
-    """An opaque token: the filters of the listing (hashed) and the last row's key."""
-    key = _row_key(row)
-    return base64.urlsafe_b64encode(json.dumps([scope, *key]).encode()).decode()
-
-
-def decode_page_token(token: str, scope: str) -> tuple[float, str, str] | None:
+def _after(token: str, scope: str) -> tuple[float, str, str] | None:
     """The key of the last row of the previous page; None for a first page."""
-    if not token:
+    position = decode_token(token, scope)
+    if position is None:
         return None
     try:
-        text = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
-        owner, created, repository, tag = json.loads(text)
-        key = (float(created), str(repository), str(tag))
-    except (ValueError, TypeError, UnicodeDecodeError):
-        raise InvalidArgument(
-            f"invalid page token {token!r}", reason="INVALID_PAGE_TOKEN", field="page_token"
-        ) from None
-    if owner != scope:
-        raise InvalidArgument(
-            f"invalid page token {token!r} for this listing (it belongs to other filters)",
-            reason="INVALID_PAGE_TOKEN",
-            field="page_token",
-        )
-    return key
+        created, repository, tag = position
+        return (float(created), str(repository), str(tag))
+    except (ValueError, TypeError):
+        raise bad_token() from None
 
 
 def page_of(
@@ -273,10 +243,10 @@ def page_of(
 ) -> tuple[list[ImageRow], str]:
     """The page of `rows` (in the list's order) after the token's row, and the next token."""
     limit = page_size(size)
-    after = decode_page_token(token, scope)
+    after = _after(token, scope)
     rest = [r for r in rows if after is None or _row_key(r) > after]
     page = rest[:limit]
-    return page, encode_page_token(page[-1], scope) if len(rest) > limit else ""
+    return page, encode_token(scope, *_row_key(page[-1])) if len(rest) > limit else ""
 
 
 # --- the catalog --------------------------------------------------------------------------------
@@ -462,9 +432,9 @@ class Catalog:
     ) -> tuple[list[ImageRow], str]:
         """A page of list()'s rows after the token's, and the token of the next page. A token
         belongs to the filters of the listing that returned it."""
-        scope = _filters_scope(reference, all, dangling_only)
+        scope = scope_of("image.ListImages", reference, all, dangling_only)
         page_size(size)
-        decode_page_token(token, scope)  # a bad token fails before the catalog is read
+        _after(token, scope)  # a bad token fails before the catalog is read
         rows = await self.list(reference, all, dangling_only)
         return page_of(rows, size, token, scope)
 

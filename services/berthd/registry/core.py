@@ -7,9 +7,6 @@ Every input is validated here, so the servicer only converts messages.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +23,7 @@ from berthd.common.oci.reference import (
     validate_repository,
     validate_tag,
 )
+from berthd.common.pages import bad_token, decode_token, encode_token, page_size, scope_of
 from berthd.common.store import RevisionCompacted
 from berthd.registry import metrics
 from berthd.registry.blobstore import (
@@ -45,9 +43,6 @@ from berthd.registry.metadata import (
 )
 
 T = TypeVar("T")
-
-DEFAULT_PAGE = 100
-MAX_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -89,68 +84,34 @@ def digest_of(value: str, field: str = "digest") -> str:
     return checked(parse_digest, value, "DIGEST_INVALID", field)
 
 
-def page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument(f"page size {requested} is negative", field="page_size")
-    return min(requested or DEFAULT_PAGE, MAX_PAGE)
-
-
-def bad_token(token: str, why: str = "") -> InvalidArgument:
-    return InvalidArgument(
-        f"invalid page token {token!r}{why}", reason="INVALID_PAGE_TOKEN", field="page_token"
-    )
-
-
-def encode_token(last: str, scope: str = "") -> str:
-    """An opaque page token: where the listing goes on, and which listing (`scope`: the call
-    and its filters) it belongs to."""
-    return base64.urlsafe_b64encode(f"{scope}\n{last}".encode()).decode()
-
-
-def decode_token(token: str, scope: str = "") -> str | None:
-    """The `last` of a token encode_token made for the same scope; None for a first page."""
-    if not token:
+def _last(token: str, scope: str) -> str | None:
+    """The name a listing of names (repositories, tags) goes on after; None for a first page."""
+    position = decode_token(token, scope)
+    if position is None:
         return None
-    try:
-        text = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
-    except (ValueError, UnicodeDecodeError):
-        text = ""
-    owner, newline, last = text.partition("\n")
-    if not newline or not last:
-        raise bad_token(token)
-    if owner != scope:
-        raise bad_token(token, " for this listing (it belongs to another call or other filters)")
-    return last
-
-
-def filter_scope(kind: str, *filters: object) -> str:
-    """A token scope naming a call and its filters, short whatever the filters are."""
-    text = json.dumps(filters, sort_keys=True, separators=(",", ":"))
-    return f"{kind}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    if len(position) != 1 or not isinstance(position[0], str) or not position[0]:
+        raise bad_token()
+    return position[0]
 
 
 def encode_manifest_token(revision: int, last: ListedManifest) -> str:
     """ListManifests' token: the etcd revision every page is read at, and the last entry."""
-    return encode_token(f"{revision}:{last.key}", "manifests")
+    return encode_token("manifests", revision, last.key)
 
 
 def decode_manifest_token(token: str, repository: str) -> tuple[int, str | None]:
     """(revision, `<repo>@<digest>` to continue after), or (0, None) for a first page. A token
     must come from a listing of the same repository filter."""
-    text = decode_token(token, "manifests")
-    if text is None:
+    position = decode_token(token, "manifests")
+    if position is None:
         return 0, None
-    revision, _, last = text.partition(":")
+    if len(position) != 2 or not isinstance(position[0], int) or not isinstance(position[1], str):
+        raise bad_token()
+    revision, last = position
     repo, _, digest = last.rpartition("@")
-    if (
-        not revision.isdigit()
-        or int(revision) <= 0
-        or not repo
-        or not is_digest(digest)
-        or (repository and repo != repository)
-    ):
-        raise bad_token(token, " for this listing")
-    return int(revision), last
+    if revision <= 0 or not repo or not is_digest(digest) or (repository and repo != repository):
+        raise bad_token(" (it belongs to another call or other filters)")
+    return revision, last
 
 
 class Registry:
@@ -354,8 +315,8 @@ class Registry:
 
     async def list_repositories(self, size: int, token: str) -> tuple[list[RepoRecord], str]:
         limit = page_size(size)
-        records = await self.meta.list_repos(decode_token(token, "repositories"), limit)
-        next_token = encode_token(records[-1].name, "repositories") if len(records) == limit else ""
+        records = await self.meta.list_repos(_last(token, "repositories"), limit)
+        next_token = encode_token("repositories", records[-1].name) if len(records) == limit else ""
         return records, next_token
 
     async def list_manifests(
@@ -426,8 +387,8 @@ class Registry:
         await self.meta.require_repo(repository)
         limit = page_size(size)
         scope = f"tags:{repository}"
-        tags = await self.meta.list_tags(repository, decode_token(token, scope), limit)
-        next_token = encode_token(tags[-1].name, scope) if len(tags) == limit else ""
+        tags = await self.meta.list_tags(repository, _last(token, scope), limit)
+        next_token = encode_token(scope, tags[-1].name) if len(tags) == limit else ""
         return tags, next_token
 
     async def delete_tag(self, repository: str, tag: str) -> str:
@@ -440,19 +401,19 @@ class Registry:
     ) -> tuple[list[RepoRecord], str]:
         """A page of the repositories matching term and labels, best match first."""
         limit = page_size(size)
-        scope = filter_scope("search", term.strip().lower(), labels)
+        scope = scope_of("registry.Search", term.strip().lower(), labels)
         after = decode_token(token, scope)
         ranked = rank_repositories(await self.meta.all_repos(), term, labels)
         if after is not None:
-            rank, _, name = after.partition(":")
-            if not rank.isdigit() or not name:
-                raise bad_token(token)
-            ranked = [(r, record) for r, record in ranked if (r, record.name) > (int(rank), name)]
+            if len(after) != 2 or not isinstance(after[0], int) or not isinstance(after[1], str):
+                raise bad_token()
+            rank, name = after
+            ranked = [(r, record) for r, record in ranked if (r, record.name) > (rank, name)]
         page = ranked[:limit]
         for _, record in page:
             record.tag_count = await self.meta.tag_count(record.name)
         more = len(ranked) > limit
-        next_token = encode_token(f"{page[-1][0]}:{page[-1][1].name}", scope) if more else ""
+        next_token = encode_token(scope, page[-1][0], page[-1][1].name) if more else ""
         return [record for _, record in page], next_token
 
 
