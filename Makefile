@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BUF := npx --yes @bufbuild/buf@1.47.2
-APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-registry openssl iproute2 curl
+# golang-github-containers-common ships the default seccomp profile containers run with
+# (/usr/share/containers/seccomp.json, Docker's and Podman's).
+APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-registry openssl iproute2 curl \
+  golang-github-containers-common
 # Peers the benchmarks measure berth against (not needed by the tests; docker-registry is: the
 # image tests push to and pull from it).
 BENCH_APT_PACKAGES := podman buildah

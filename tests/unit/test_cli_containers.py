@@ -898,3 +898,53 @@ def test_no_node_configured_says_how_to_get_one(capsys: pytest.CaptureFixture[st
     assert "--node" in line
     assert "BERTH_NODE" in line
     assert "berthd up" in line
+
+
+def test_security_flags_reach_the_config_and_inspect(tmp_path: Path) -> None:
+    profile = tmp_path / "profile.json"
+    profile.write_text('{\n  "defaultAction": "SCMP_ACT_ALLOW"\n}\n')
+    args = run_args(
+        "--cap-add",
+        "sys_admin",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges=false",
+        "--security-opt",
+        f"seccomp={profile}",
+        "--userns",
+        "host",
+        "busybox",
+    )
+    config = run_config(args)
+    assert (config.cap_add, config.cap_drop, config.userns) == (["sys_admin"], ["ALL"], "host")
+    # The CLI sends the profile's JSON: the node cannot read the client's files.
+    assert config.security_opt == [
+        "no-new-privileges=false",
+        'seccomp={"defaultAction":"SCMP_ACT_ALLOW"}',
+    ]
+    data = docker_inspect(replace(container(), cap_add=["NET_ADMIN"], userns="host"))
+    assert data["HostConfig"] == {
+        "CapAdd": ["NET_ADMIN"],
+        "CapDrop": None,
+        "SecurityOpt": None,
+        "UsernsMode": "host",
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["--cap-add", "FLY", "busybox"], 'unknown capability "FLY"'),
+        (["--security-opt", "seccomp=/no/such.json", "busybox"], "cannot read seccomp profile"),
+        (["--security-opt", "label=disable", "busybox"], "unsupported security option"),
+        (["--userns", "remap", "busybox"], "invalid choice: 'remap'"),
+    ],
+)
+def test_security_flag_mistakes(
+    argv: list[str], mentions: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises((SystemExit, BerthClientError)) as failed:
+        run_config(run_args(*argv))
+    said = str(failed.value) + capsys.readouterr().err
+    assert mentions in said

@@ -4,15 +4,21 @@ server's face of it (berthd.common.containers), which refuses with the same word
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 
 from berth.containers import (
+    ALL_CAPABILITIES,
+    DEFAULT_CAPABILITIES,
     ContainerConfig,
     InvalidContainerConfig,
     MountSpec,
+    SecurityOptions,
+    capabilities,
     from_spec,
+    security_options,
     to_spec,
 )
 from berth.types.v1 import container_pb2 as pb
@@ -40,6 +46,10 @@ FULL = ContainerConfig(
     network_mode="host",
     tty=True,
     stdin_open=True,
+    cap_add=["NET_ADMIN"],
+    cap_drop=["cap_mknod"],
+    security_opt=["seccomp=unconfined", "no-new-privileges=false"],
+    userns="host",
 )
 # What berthd.common.containers wrote before the model moved to the client package: etcd
 # records (cluster/containers/<id>, cluster/services/<id>) and every node's container.json.
@@ -51,13 +61,17 @@ FULL_JSON = (
     '{"source":"cache","target":"/cache","read_only":false}],"read_only_rootfs":true,'
     '"memory_bytes":67108864,"cpu_millis":500,"cpu_shares":512,"pids_limit":100,'
     '"restart_policy":"on-failure","restart_max_retries":3,"network_mode":"host",'
-    '"tty":true,"stdin_open":true}'  # added with interactive containers
+    '"tty":true,"stdin_open":true,'  # added with interactive containers
+    # added with the security options
+    '"cap_add":["NET_ADMIN"],"cap_drop":["cap_mknod"],'
+    '"security_opt":["seccomp=unconfined","no-new-privileges=false"],"userns":"host"}'
 )
 DEFAULT_JSON = (
     '{"image":"busybox","name":"","entrypoint":[],"command":[],"env":[],"working_dir":"",'
     '"user":"","hostname":"","labels":{},"mounts":[],"read_only_rootfs":false,'
     '"memory_bytes":0,"cpu_millis":0,"cpu_shares":0,"pids_limit":0,"restart_policy":"no",'
-    '"restart_max_retries":0,"network_mode":"none","tty":false,"stdin_open":false}'
+    '"restart_max_retries":0,"network_mode":"none","tty":false,"stdin_open":false,'
+    '"cap_add":[],"cap_drop":[],"security_opt":[],"userns":""}'
 )
 
 
@@ -260,3 +274,67 @@ def test_the_servers_checks_raise_invalid_argument() -> None:
         server.check_hostname("-x")
     server.check_user("1000:1000")
     server.check_hostname("web-1")
+
+
+# --- capabilities and security options ---------------------------------------------------------
+
+
+def caps(**fields: Any) -> list[str]:
+    return capabilities(ContainerConfig("busybox", **fields))
+
+
+def test_capabilities_follow_dockers_rules() -> None:
+    assert caps() == list(DEFAULT_CAPABILITIES)
+    assert caps(cap_add=["sys_admin", "CAP_NET_ADMIN", "SYS_ADMIN"]) == [
+        *DEFAULT_CAPABILITIES,
+        "CAP_SYS_ADMIN",
+        "CAP_NET_ADMIN",
+    ]
+    assert caps(cap_drop=["net_raw", "CAP_CHOWN"]) == [
+        c for c in DEFAULT_CAPABILITIES if c not in ("CAP_NET_RAW", "CAP_CHOWN")
+    ]
+    assert caps(cap_drop=["ALL"]) == []
+    assert caps(cap_drop=["all"], cap_add=["NET_BIND_SERVICE"]) == ["CAP_NET_BIND_SERVICE"]
+    assert caps(cap_add=["ALL"]) == list(ALL_CAPABILITIES)
+    assert caps(cap_add=["ALL"], cap_drop=["SYS_ADMIN"]) == [
+        c for c in ALL_CAPABILITIES if c != "CAP_SYS_ADMIN"
+    ]
+    # Added and dropped: added, as in moby.
+    assert "CAP_SYS_TIME" in caps(cap_add=["SYS_TIME"], cap_drop=["SYS_TIME"])
+    assert len(ALL_CAPABILITIES) == 41
+
+
+def opts(*security_opt: str) -> SecurityOptions:
+    return security_options(ContainerConfig("busybox", security_opt=list(security_opt)))
+
+
+def test_security_options_read_dockers_syntax() -> None:
+    assert opts() == SecurityOptions("default", True)
+    assert opts("seccomp=unconfined") == SecurityOptions("unconfined", True)
+    assert opts("seccomp:unconfined", "no-new-privileges:false").no_new_privileges is False
+    assert opts("no-new-privileges").no_new_privileges is True
+    assert opts("no-new-privileges=false", "no-new-privileges=true").no_new_privileges is True
+    profile = '{"defaultAction": "SCMP_ACT_ALLOW"}'
+    assert opts(f"seccomp={profile}").seccomp == profile
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"cap_add": ["FLY"]}, 'unknown capability "FLY": expected a name such as NET_ADMIN'),
+        ({"cap_drop": ["CAP_"]}, 'unknown capability "CAP_"'),
+        ({"cap_add": "NET_ADMIN"}, "cap_add must be a list of strings"),
+        ({"security_opt": ["apparmor=unconfined"]}, 'unsupported security option "apparmor='),
+        ({"security_opt": ["no-new-privileges=maybe"]}, "no-new-privileges takes true or false"),
+        ({"security_opt": ["seccomp=/etc/profile.json"]}, "seccomp takes unconfined or a"),
+        ({"security_opt": ["seccomp={nope"]}, "invalid seccomp profile in security option"),
+        ({"security_opt": ['seccomp={"syscalls": []}']}, "with a defaultAction"),
+        ({"userns": "private"}, 'unsupported user namespace mode "private": only host'),
+    ],
+)
+def test_bad_security_options_are_refused(fields: dict[str, Any], message: str) -> None:
+    config = ContainerConfig("busybox", **fields)
+    with pytest.raises(InvalidContainerConfig, match=re.escape(message)):
+        config.validate()
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        server.validate(config)

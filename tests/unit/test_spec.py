@@ -284,7 +284,14 @@ def test_runtime_config_has_docker_defaults(tmp_path: Path) -> None:
         "/proc/sys",
         "/proc/sysrq-trigger",
     ]
-    assert [n["type"] for n in linux["namespaces"]] == ["pid", "ipc", "uts", "mount", "network"]
+    assert [n["type"] for n in linux["namespaces"]] == [
+        "pid",
+        "ipc",
+        "uts",
+        "mount",
+        "cgroup",
+        "network",
+    ]
     assert {d["path"] for d in linux["devices"]} == {
         "/dev/null",
         "/dev/zero",

@@ -23,17 +23,24 @@ from berth.reference import quoted
 from berth.types.v1 import container_pb2 as pb
 
 __all__ = [
+    "ALL_CAPABILITIES",
+    "DEFAULT_CAPABILITIES",
     "MAX_CPU_SHARES",
     "MIN_CPU_MILLIS",
     "MIN_MEMORY_BYTES",
     "NETWORK_MODES",
     "RESTART_POLICIES",
+    "USERNS_MODES",
     "ContainerConfig",
     "InvalidContainerConfig",
     "MountSpec",
+    "SecurityOptions",
+    "capabilities",
     "check_hostname",
     "check_user",
     "from_spec",
+    "normalize_capability",
+    "security_options",
     "to_spec",
 ]
 
@@ -51,6 +58,76 @@ _LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
 _HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _MAX_HOSTNAME = 64  # the kernel's HOST_NAME_MAX
 _ENV_KEY_RE = re.compile(r"[^=\x00]+")
+
+# Docker's default capability set (moby oci/caps/defaults.go), in its order.
+DEFAULT_CAPABILITIES = tuple(
+    f"CAP_{name}"
+    for name in (
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FSETID",
+        "FOWNER",
+        "MKNOD",
+        "NET_RAW",
+        "SETGID",
+        "SETUID",
+        "SETFCAP",
+        "SETPCAP",
+        "NET_BIND_SERVICE",
+        "SYS_CHROOT",
+        "KILL",
+        "AUDIT_WRITE",
+    )
+)
+# Every capability, by number (linux/capability.h, 0 to 40): what --cap-add ALL gives.
+ALL_CAPABILITIES = tuple(
+    f"CAP_{name}"
+    for name in (
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
+    )
+)
+# --userns values a node supports: the host's user namespace ("" is the default, the same).
+USERNS_MODES = ("", "host")
 
 
 class InvalidContainerConfig(InvalidArgumentError):
@@ -97,6 +174,10 @@ class ContainerConfig:
     network_mode: str = "none"
     tty: bool = False
     stdin_open: bool = False
+    cap_add: list[str] = field(default_factory=list)
+    cap_drop: list[str] = field(default_factory=list)
+    security_opt: list[str] = field(default_factory=list)
+    userns: str = ""
 
     def to_json(self) -> str:
         """The record etcd and the node's container.json hold: the fields in order, compact.
@@ -172,6 +253,14 @@ class ContainerConfig:
         _check_network_mode(self.network_mode)
         _check_bool("tty", self.tty)
         _check_bool("stdin_open", self.stdin_open)
+        capabilities(self)  # checks cap_add and cap_drop
+        security_options(self)  # checks security_opt
+        _check_str("userns", self.userns)
+        if self.userns not in USERNS_MODES:
+            raise InvalidContainerConfig(
+                f"unsupported user namespace mode {quoted(self.userns)}: only host (the default) "
+                "is supported; remapped user namespaces are not"
+            )
 
     def _validate_mounts(self) -> None:
         if not isinstance(self.mounts, list) or not all(
@@ -269,6 +358,10 @@ def to_spec(config: ContainerConfig) -> pb.ContainerSpec:
         network_mode=tables.NETWORK_MODES.value(config.network_mode),
         tty=config.tty,
         stdin_open=config.stdin_open,
+        cap_add=config.cap_add,
+        cap_drop=config.cap_drop,
+        security_opt=config.security_opt,
+        userns=config.userns,
     )
 
 
@@ -298,7 +391,98 @@ def from_spec(spec: pb.ContainerSpec) -> ContainerConfig:
         network_mode=_name(tables.NETWORK_MODES, spec.network_mode, "network mode"),
         tty=spec.tty,
         stdin_open=spec.stdin_open,
+        cap_add=list(spec.cap_add),
+        cap_drop=list(spec.cap_drop),
+        security_opt=list(spec.security_opt),
+        userns=spec.userns,
     )
+
+
+# --- capabilities and security options --------------------------------------------------------
+
+
+def normalize_capability(name: object) -> str:
+    """Docker's capability names as runc takes them: CAP_ prefixed, upper case; "ALL" stays."""
+    _check_str("capability", name)
+    upper = str(name).strip().upper()
+    if upper == "ALL":
+        return upper
+    cap = upper if upper.startswith("CAP_") else f"CAP_{upper}"
+    if cap not in ALL_CAPABILITIES:
+        raise InvalidContainerConfig(
+            f"unknown capability {quoted(name)}: expected a name such as NET_ADMIN or "
+            "CAP_SYS_ADMIN, or ALL"
+        )
+    return cap
+
+
+def capabilities(config: ContainerConfig) -> list[str]:
+    """The container's capability (bounding) set: Docker's defaults with cap_drop removed and
+    cap_add added, with moby's rules (oci/caps TweakCapabilities): ALL in cap_add is every
+    capability but those dropped; ALL in cap_drop starts from nothing and adds cap_add."""
+    adds = [normalize_capability(c) for c in _check_str_list("cap_add", config.cap_add)]
+    drops = [normalize_capability(c) for c in _check_str_list("cap_drop", config.cap_drop)]
+    if "ALL" in adds:
+        return [c for c in ALL_CAPABILITIES if c not in drops]
+    base = [] if "ALL" in drops else [c for c in DEFAULT_CAPABILITIES if c not in drops]
+    # As in moby, a capability both added and dropped is added.
+    return base + [c for c in dict.fromkeys(adds) if c not in base]
+
+
+@dataclass(frozen=True)
+class SecurityOptions:
+    """security_opt read: `seccomp` is "default", "unconfined" or a profile's JSON text."""
+
+    seccomp: str = "default"
+    no_new_privileges: bool = True
+
+
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def security_options(config: ContainerConfig) -> SecurityOptions:
+    """Read security_opt with Docker's syntax (KEY=VALUE, or the old KEY:VALUE); the last of
+    a key wins. Refuses what a node cannot do with a message naming what it can."""
+    seccomp, nnp = "default", True
+    for opt in _check_str_list("security_opt", config.security_opt):
+        key, sep, value = opt.partition("=")
+        if not sep and key not in ("no-new-privileges",):
+            key, sep, value = opt.partition(":")
+        if key == "no-new-privileges":
+            if sep and value.lower() not in _BOOLS:
+                raise InvalidContainerConfig(
+                    f"invalid security option {quoted(opt)}: no-new-privileges takes true or false"
+                )
+            nnp = _BOOLS[value.lower()] if sep else True
+        elif key == "seccomp" and sep:
+            if value == "unconfined":
+                seccomp = value
+            elif value.lstrip().startswith("{"):
+                try:
+                    profile = json.loads(value)
+                except (ValueError, RecursionError) as e:
+                    raise InvalidContainerConfig(
+                        f"invalid seccomp profile in security option: not valid JSON: {e}"
+                    ) from None
+                if not isinstance(profile, dict) or not isinstance(
+                    profile.get("defaultAction"), str
+                ):
+                    raise InvalidContainerConfig(
+                        "invalid seccomp profile in security option: expected a JSON object "
+                        "with a defaultAction, in Docker's seccomp profile format"
+                    )
+                seccomp = value
+            else:
+                raise InvalidContainerConfig(
+                    f"invalid security option {quoted(opt)}: seccomp takes unconfined or a "
+                    "profile's JSON (the berth CLI reads seccomp=FILE and sends its contents)"
+                )
+        else:
+            raise InvalidContainerConfig(
+                f"unsupported security option {quoted(opt)}: expected seccomp=unconfined, "
+                "seccomp=PROFILE or no-new-privileges[=true|false]"
+            )
+    return SecurityOptions(seccomp, nnp)
 
 
 def _name(table: EnumTable, value: int, what: str) -> str:

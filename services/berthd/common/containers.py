@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from berth import containers as model
 from berth.containers import (
+    DEFAULT_CAPABILITIES,
     MAX_CPU_SHARES,
     MIN_CPU_MILLIS,
     MIN_MEMORY_BYTES,
@@ -19,12 +20,15 @@ from berth.containers import (
     RESTART_POLICIES,
     ContainerConfig,
     MountSpec,
+    capabilities,
+    security_options,
 )
 from berth.errors import InvalidArgumentError
 from berth.types.v1 import container_pb2 as pb
 from berthd.common.errors import InvalidArgument, invalid_argument
 
 __all__ = [
+    "DEFAULT_CAPABILITIES",
     "MAX_CPU_SHARES",
     "MIN_CPU_MILLIS",
     "MIN_MEMORY_BYTES",
@@ -32,10 +36,12 @@ __all__ = [
     "RESTART_POLICIES",
     "ContainerConfig",
     "MountSpec",
+    "capabilities",
     "check_hostname",
     "check_user",
     "from_json",
     "from_spec",
+    "security_options",
     "to_spec",
     "validate",
 ]

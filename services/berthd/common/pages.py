@@ -29,9 +29,7 @@ T = TypeVar("T")
 def page_size(requested: int) -> int:
     """The page size a request's `page_size` means: 0 is the default, at most the maximum."""
     if requested < 0:
-        raise InvalidArgument(
-            f"page_size must not be negative, got {requested}", field="page_size"
-        )
+        raise InvalidArgument(f"page_size must not be negative, got {requested}", field="page_size")
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 

@@ -23,11 +23,14 @@ from berthd.common.containers import (
     NETWORK_MODES,
     ContainerConfig,
     MountSpec,
+    capabilities,
     check_hostname,
     check_user,
+    security_options,
 )
 from berthd.common.errors import InvalidArgument
 from berthd.common.oci.digest import quoted
+from berthd.node import seccomp
 
 OCI_VERSION = "1.0.2"
 # Docker's PATH for images that set none (moby's system.DefaultPathEnv on Linux).
@@ -35,26 +38,6 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CPU_PERIOD_US = 100_000
 SHM_SIZE = "65536k"
 MAX_NOFILE = 1_048_576
-# Docker's default capability set (moby oci/caps/defaults.go).
-DEFAULT_CAPABILITIES = tuple(
-    f"CAP_{name}"
-    for name in (
-        "CHOWN",
-        "DAC_OVERRIDE",
-        "FSETID",
-        "FOWNER",
-        "MKNOD",
-        "NET_RAW",
-        "SETGID",
-        "SETUID",
-        "SETFCAP",
-        "SETPCAP",
-        "NET_BIND_SERVICE",
-        "SYS_CHROOT",
-        "KILL",
-        "AUDIT_WRITE",
-    )
-)
 # moby oci/defaults.go: kernel interfaces a container must not read or write.
 MASKED_PATHS = (
     "/proc/asound",
@@ -433,12 +416,14 @@ def build_runtime_config(
     if config.network_mode == "host" and network_namespace_path:
         raise InvalidArgument("host network mode cannot join another network namespace")
 
-    caps = list(DEFAULT_CAPABILITIES)
+    # Docker's default set with cap_add/cap_drop applied.
+    caps = capabilities(config)
+    security = security_options(config)
     # A non-root user gets no effective/permitted capabilities, as after execve (moby's
     # CVE-2022-24769 fix); inheritable/ambient stay empty so they cannot leak through exec.
-    capabilities: dict[str, list[str]] = {"bounding": caps}
+    cap_sets: dict[str, list[str]] = {"bounding": caps}
     if uid == 0:
-        capabilities.update(effective=list(caps), permitted=list(caps))
+        cap_sets.update(effective=list(caps), permitted=list(caps))
 
     # A user mount replaces a default one at the same place, as in Docker.
     targets = {posixpath.normpath(m.target) for m in mounts}
@@ -457,7 +442,10 @@ def build_runtime_config(
     for m in sorted(mounts, key=lambda m: posixpath.normpath(m.target).count("/")):
         oci_mounts.append(_bind(posixpath.normpath(m.target), m.source, m.read_only))
 
-    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    # A private cgroup namespace: the container sees its own cgroup as the root.
+    namespaces: list[dict[str, str]] = [
+        {"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")
+    ]
     if config.network_mode != "host":
         netns = {"type": "network"}
         if network_namespace_path:
@@ -468,6 +456,30 @@ def build_runtime_config(
     user_obj: dict[str, Any] = {"uid": uid, "gid": gid}
     if additional_gids:
         user_obj["additionalGids"] = list(additional_gids)
+    linux: dict[str, Any] = {
+        "namespaces": namespaces,
+        "resources": _resources(config),
+        "cgroupsPath": cgroups_path,
+        "devices": [
+            {
+                "path": p,
+                "type": "c",
+                "major": ma,
+                "minor": mi,
+                "fileMode": 0o666,
+                "uid": 0,
+                "gid": 0,
+            }
+            for p, ma, mi in DEFAULT_DEVICES
+        ],
+        "maskedPaths": list(MASKED_PATHS),
+        "readonlyPaths": list(READONLY_PATHS),
+    }
+    if security.seccomp == "default":
+        # Raises FailedPrecondition when the node lacks the profile: never silently unconfined.
+        linux["seccomp"] = seccomp.default_seccomp(caps)
+    elif security.seccomp != "unconfined":
+        linux["seccomp"] = seccomp.custom_seccomp(security.seccomp, caps)
     return {
         "ociVersion": OCI_VERSION,
         "process": {
@@ -477,32 +489,14 @@ def build_runtime_config(
             "args": list(args),
             "env": list(env),
             "cwd": cwd,
-            "capabilities": capabilities,
+            "capabilities": cap_sets,
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
-            "noNewPrivileges": True,
+            "noNewPrivileges": security.no_new_privileges,
         },
         "root": {"path": str(rootfs), "readonly": config.read_only_rootfs},
         "hostname": hostname,
         "mounts": oci_mounts,
-        "linux": {
-            "namespaces": namespaces,
-            "resources": _resources(config),
-            "cgroupsPath": cgroups_path,
-            "devices": [
-                {
-                    "path": p,
-                    "type": "c",
-                    "major": ma,
-                    "minor": mi,
-                    "fileMode": 0o666,
-                    "uid": 0,
-                    "gid": 0,
-                }
-                for p, ma, mi in DEFAULT_DEVICES
-            ],
-            "maskedPaths": list(MASKED_PATHS),
-            "readonlyPaths": list(READONLY_PATHS),
-        },
+        "linux": linux,
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import re
@@ -39,7 +40,13 @@ from berth.cli.registry_cmds import format_options, parse_label
 from berth.client.cluster import ClusterClient, ClusterContainer, Placement
 from berth.client.node import ContainerInfo, NodeClient
 from berth.config import HOST_HELP, resolve_target
-from berth.containers import NETWORK_MODES, RESTART_POLICIES, ContainerConfig, MountSpec
+from berth.containers import (
+    NETWORK_MODES,
+    RESTART_POLICIES,
+    USERNS_MODES,
+    ContainerConfig,
+    MountSpec,
+)
 from berth.enums.containers import CONTAINER_STATES
 from berth.error_details import ErrorDetails
 from berth.errors import BerthClientError
@@ -191,6 +198,26 @@ def parse_tail(text: str) -> int | None:
     return int(text)
 
 
+def security_opt(text: str) -> str:
+    """--security-opt, as the Docker CLI sends it: seccomp=FILE becomes seccomp=<the file's
+    JSON> (the node cannot read the client's files); other values go as they are, for the
+    model to check."""
+    key, sep, value = text.partition("=")
+    if key != "seccomp" or not sep or value == "unconfined" or value.lstrip().startswith("{"):
+        return text
+    try:
+        profile = json.loads(Path(value).read_text())
+    except OSError as e:
+        raise argparse.ArgumentTypeError(
+            f'cannot read seccomp profile "{value}": {e.strerror or e}'
+        ) from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f'seccomp profile "{value}" is not valid JSON: {e}'
+        ) from None
+    return "seccomp=" + json.dumps(profile, separators=(",", ":"))
+
+
 def absolute_path(text: str) -> str:
     if not text.startswith("/"):
         raise argparse.ArgumentTypeError(f'the working directory "{text}" must be absolute')
@@ -242,6 +269,10 @@ def container_config(args: argparse.Namespace, name: str = "") -> ContainerConfi
         restart_policy=restart,
         restart_max_retries=retries,
         network_mode=args.network,
+        cap_add=args.cap_add,
+        cap_drop=args.cap_drop,
+        security_opt=args.security_opt,
+        userns=args.userns,
     )
     config.validate()
     return config
@@ -445,6 +476,35 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
         help="set a label (repeatable)",
     )
     add("--entrypoint", metavar="CMD", help="replace the image's entrypoint")
+    add(
+        "--cap-add",
+        action="append",
+        default=[],
+        metavar="CAP",
+        help="add a capability to Docker's default set, e.g. NET_ADMIN, or ALL (repeatable)",
+    )
+    add(
+        "--cap-drop",
+        action="append",
+        default=[],
+        metavar="CAP",
+        help="drop a capability from the default set, or ALL (repeatable)",
+    )
+    add(
+        "--security-opt",
+        action="append",
+        type=security_opt,
+        default=[],
+        metavar="OPT",
+        help="seccomp=unconfined, seccomp=PROFILE.json, no-new-privileges[=true|false] "
+        "(repeatable)",
+    )
+    add(
+        "--userns",
+        choices=[m for m in USERNS_MODES if m],
+        default="",
+        help="user namespace: host (the default; remapping is not supported)",
+    )
     add(
         "--constraint",
         action="append",
@@ -919,6 +979,13 @@ def docker_inspect(c: ContainerInfo) -> dict[str, Any]:
         "Name": f"/{c.name}",
         "RestartCount": c.restart_count,
         "Config": {"Image": c.image, "Cmd": c.command, "Labels": c.labels},
+        # Docker's names; null when not set, as Docker shows them.
+        "HostConfig": {
+            "CapAdd": c.cap_add or None,
+            "CapDrop": c.cap_drop or None,
+            "SecurityOpt": c.security_opt or None,
+            "UsernsMode": c.userns,
+        },
     }
     if isinstance(c, ClusterContainer):
         # Where the cluster put it, in Swarm's words where Swarm has them.

@@ -9,7 +9,7 @@ container model's, `berth.containers`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any
@@ -41,6 +41,11 @@ class ContainerInfo:
     finished_at: datetime | None
     command: list[str]
     labels: dict[str, str]
+    # Security options of its spec (ContainerSpec's cap_add, cap_drop, security_opt, userns).
+    cap_add: list[str] = field(default_factory=list, kw_only=True)
+    cap_drop: list[str] = field(default_factory=list, kw_only=True)
+    security_opt: list[str] = field(default_factory=list, kw_only=True)
+    userns: str = field(default="", kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,10 @@ def container_fields(c: Any) -> dict[str, Any]:
         "finished_at": time_of(c.status, "finished_at"),
         "command": [*c.spec.entrypoint, *c.spec.command],
         "labels": dict(c.spec.labels),
+        "cap_add": list(c.spec.cap_add),
+        "cap_drop": list(c.spec.cap_drop),
+        "security_opt": list(c.spec.security_opt),
+        "userns": c.spec.userns,
     }
 
 
