@@ -131,8 +131,10 @@ class Demo:
         services = cluster["services"]
         registry, host, node = services["registry"], services["cluster"], services["node"]
         # The CLI would find the default state directory by itself; exporting the addresses
-        # makes every command below talk to this cluster whatever --state-dir was.
+        # (and the state directory, where the CLI finds the cluster's CA and the admin
+        # certificate) makes every command below talk to this cluster whatever --state-dir was.
         exported = {
+            "BERTH_STATE_DIR": cluster["state_dir"],
             "BERTH_REGISTRY": registry["address"],
             "BERTH_HOST": host["address"],
             "BERTH_IMAGE": services["image"]["address"],

@@ -238,8 +238,13 @@ def tls_dir(state: Path) -> Path:
 
 
 def ensure_tls(state: Path) -> CertificateAuthority:
-    """The CA in <state>/tls (made on first use) and the certificates of etcd and the admin."""
+    """The CA in <state>/tls and the certificates of etcd and the admin. A state directory
+    without a CA adopts the one BERTH_TLS_CA and BERTH_TLS_CA_KEY name (several local clusters
+    under one CA), else a new CA is made."""
     directory = tls_dir(state)
+    shared_cert, shared_key = os.environ.get("BERTH_TLS_CA"), os.environ.get("BERTH_TLS_CA_KEY")
+    if not (directory / CA_FILE).exists() and shared_cert and shared_key:
+        CertificateAuthority.load(Path(shared_cert), Path(shared_key)).save(directory)
     ca = ensure_ca(directory)
     _ensure_cert(ca, directory, "etcd", "service:etcd", LONG_LIFETIME)
     _ensure_cert(ca, directory, "client", "user:admin", LONG_LIFETIME)

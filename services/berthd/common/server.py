@@ -82,6 +82,8 @@ async def run_server(
     if credentials is None:
         raise RuntimeError("TLS is required: the service has no certificate")
     channels.configure(credentials)
+    # etcd checks the client certificate at each handshake: reconnect with the renewed one.
+    credentials.on_renew.append(store.reconnect)
     renewal = asyncio.create_task(credentials.keep_renewed(), name="certificate renewal")
     port = server.add_secure_port(config.listen, credentials.server_credentials())
     if port == 0:

@@ -146,10 +146,27 @@ class Store:
         self.endpoint = endpoint
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         credentials = credentials or env_credentials()
+        self._retired: list[aetcd.Client] = []
         if credentials is None:
             self._client = aetcd.Client(host=host, port=port, timeout=10)
         else:
             self._client = _TlsClient(host, port, credentials)
+
+    async def reconnect(self) -> None:
+        """A new connection for every call from now on, made with the credentials of now (a
+        renewed certificate). Watches and calls in flight finish on the old connection, which
+        is closed two renewals later."""
+        old = self._client
+        if not isinstance(old, _TlsClient):
+            return
+        new = _TlsClient(old._host, old._port, old._credentials)
+        with _etcd_errors(self.endpoint):
+            await new.connect()
+        self._client = new
+        self._retired.append(old)
+        while len(self._retired) > 2:
+            with contextlib.suppress(Exception):
+                await self._retired.pop(0).close()
 
     async def connect(self) -> None:
         with _etcd_errors(self.endpoint):
@@ -157,6 +174,9 @@ class Store:
             await self._client.status()
 
     async def close(self) -> None:
+        for retired in self._retired:
+            with contextlib.suppress(Exception):
+                await retired.close()
         await self._client.close()
 
     # Keys -----------------------------------------------------------------

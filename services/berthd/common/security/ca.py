@@ -24,7 +24,8 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 CA_LIFETIME = datetime.timedelta(days=3650)
 DEFAULT_LIFETIME = datetime.timedelta(hours=24)
-# Clocks of different hosts disagree a little: a certificate is valid from a minute ago.
+# Clocks of different hosts disagree a little: a certificate is valid from a minute ago (from a
+# twentieth of its life ago for short ones, so that renewal at two thirds stays meaningful).
 BACKDATE = datetime.timedelta(minutes=1)
 URI_SCHEME = "berth"
 KINDS = ("service", "node", "user")
@@ -167,7 +168,7 @@ class CertificateAuthority:
             except ValueError:
                 sans.append(x509.DNSName(host))
         now = _now()
-        not_before = now - BACKDATE
+        not_before = now - min(BACKDATE, lifetime / 20)
         not_after = now + lifetime
         cert = (
             x509.CertificateBuilder()

@@ -25,6 +25,7 @@ import functools
 import logging
 import socket
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -117,6 +118,8 @@ class InstanceCredentials:
         )
         self.lifetime = datetime.timedelta(seconds=lifetime)
         self._lock = threading.Lock()
+        # Called after each renewal (the store reconnects to etcd with the new certificate).
+        self.on_renew: list[Callable[[], Awaitable[None]]] = []
         self.generation = 0
         self._served_generation = -1
         self.current = self._obtain(initial=True)
@@ -173,6 +176,12 @@ class InstanceCredentials:
             except Exception:
                 log.exception("certificate renewal failed; retrying in 10 s")
                 await asyncio.sleep(10)
+                continue
+            for hook in self.on_renew:
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("after the certificate renewal")
 
     # -- credentials ---------------------------------------------------------------------
 
