@@ -99,6 +99,11 @@ def test_instance_credentials_issue_renew_and_write(tmp_path: Path) -> None:
         key_path=str(key),
     )  # fmt: skip
     assert reader.current.cert_pem == creds.current.cert_pem
+    assert reader.renew() is None  # the files were not rotated: nothing changes
+    assert reader.generation == 0
+    creds.renew()  # rotates the files
+    assert reader.renew() is not None
+    assert (reader.generation, reader.current.cert_pem) == (1, creds.current.cert_pem)
 
 
 def test_tls_is_required(tmp_path: Path) -> None:

@@ -154,9 +154,17 @@ class InstanceCredentials:
             "to issue one"
         )
 
-    def renew(self) -> Issued:
-        """A new certificate: signed here with the CA key, else re-read from the files."""
+    def renew(self) -> Issued | None:
+        """A new certificate: signed here with the CA key, else re-read from the files; None
+        when the files still hold the current certificate (nobody rotated them yet)."""
         issued = self._obtain(initial=False)
+        if issued.cert_pem == self.current.cert_pem:
+            left = self.current.not_after - _now()
+            log.warning(
+                "certificate due for renewal but its files were not rotated",
+                extra={"identity": self.identity, "seconds_left": int(left.total_seconds())},
+            )
+            return None
         with self._lock:
             self.current = issued
             self.generation += 1
@@ -172,10 +180,15 @@ class InstanceCredentials:
             delay = (self.current.renew_at() - _now()).total_seconds()
             await asyncio.sleep(max(delay, 1.0))
             try:
-                await asyncio.to_thread(self.renew)
+                renewed = await asyncio.to_thread(self.renew)
             except Exception:
                 log.exception("certificate renewal failed; retrying in 10 s")
                 await asyncio.sleep(10)
+                continue
+            if renewed is None:
+                # Look at the files again a few times before the certificate expires.
+                left = (self.current.not_after - _now()).total_seconds()
+                await asyncio.sleep(max(min(left / 10, 60.0), 1.0))
                 continue
             for hook in self.on_renew:
                 try:
