@@ -19,14 +19,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from berth.client import RegistryClient
+from berth.client import NodeClient, RegistryClient
 from berth.image.v1 import image_pb2, image_pb2_grpc
 from berth.tls import secure_channel
 from berthd.common.errors import Unavailable
 from berthd.common.security.ca import CertificateAuthority, certificate_identity
 from berthd.common.store import Store
 
-from .conftest import ClusterCA, ServiceProcess, Services, wait_until
+from .conftest import ClusterCA, NodeProcess, ServiceProcess, Services, wait_until
 from .images import busybox_layer, push_image
 
 
@@ -129,6 +129,18 @@ def test_a_service_calling_another_presents_its_certificate(
         return {line.get("identity", "") for line in log_lines(registry) if "method" in line}
 
     wait_until(lambda: "service:image" in callers(), 10, "the image service's call")
+    assert refused(image.address) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_node_agent_pulls_as_itself(
+    node_agent: NodeProcess, node: NodeClient, busybox: str, registry: ServiceProcess
+) -> None:
+    """The node agent's calls to the registry carry `node:<id>`; its own port refuses
+    plaintext like every other."""
+    node.pull(busybox)
+    callers = {line.get("identity", "") for line in log_lines(registry) if "method" in line}
+    assert f"node:{node_agent.node_id}" in callers
+    assert refused(node_agent.address) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_a_certificate_from_another_ca_is_refused(
