@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc.aio import AioRpcError, Metadata
 
-from berth.errors import BerthClientError
+from berth.errors import BerthClientError, from_rpc_error
 from berth.tls import channel_credentials, client_files
 
 
@@ -37,3 +39,20 @@ def test_the_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         Path("/etc/berth/me.crt"),
         Path("/etc/berth/me.key"),
     )
+
+
+def test_tls_failures_read_as_such() -> None:
+    handshake = (
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Tls "
+        "handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:"
+        "OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate: OK"
+    )
+    err = AioRpcError(grpc.StatusCode.UNAVAILABLE, Metadata(), Metadata(), handshake)
+    message = str(from_rpc_error(err, address="127.0.0.1:1", service="cluster"))
+    assert message.startswith(
+        "TLS handshake with the cluster at 127.0.0.1:1 failed (CERTIFICATE_VERIFY_FAILED: "
+        "unable to get local issuer certificate); check that --tls-ca or BERTH_TLS_CA"
+    )
+    closed = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:x:1: Socket closed"
+    err = AioRpcError(grpc.StatusCode.UNAVAILABLE, Metadata(), Metadata(), closed)
+    assert "may have refused this client's certificate" in str(from_rpc_error(err, address="x"))
