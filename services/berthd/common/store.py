@@ -154,8 +154,9 @@ class Store:
 
     async def reconnect(self) -> None:
         """A new connection for every call from now on, made with the credentials of now (a
-        renewed certificate). Watches and calls in flight finish on the old connection, which
-        is closed two renewals later."""
+        renewed certificate). Watches and calls in flight carry on over the old connection,
+        kept open until `close` (one idle channel per renewal: a day's certificate makes one
+        every 16 hours), so no watcher sees its stream cut by a renewal."""
         old = self._client
         if not isinstance(old, _TlsClient):
             return
@@ -164,9 +165,6 @@ class Store:
             await new.connect()
         self._client = new
         self._retired.append(old)
-        while len(self._retired) > 2:
-            with contextlib.suppress(Exception):
-                await self._retired.pop(0).close()
 
     async def connect(self) -> None:
         with _etcd_errors(self.endpoint):
