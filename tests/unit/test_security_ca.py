@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,23 @@ def test_instance_credentials_issue_renew_and_write(tmp_path: Path) -> None:
     creds.renew()  # rotates the files
     assert reader.renew() is not None
     assert (reader.generation, reader.current.cert_pem) == (1, creds.current.cert_pem)
+
+
+def test_an_expired_certificate_file_is_refused(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create()
+    ca.save(tmp_path)
+    cert, key = tmp_path / "old.crt", tmp_path / "old.key"
+    ca.issue("service:image", lifetime=datetime.timedelta(seconds=1)).write(cert, key)
+    time.sleep(1.1)
+    files = {"cert_path": str(cert), "key_path": str(key)}
+    with pytest.raises(ValueError, match="expired"):
+        InstanceCredentials("service:image", [], ca_path=str(tmp_path / "ca.crt"), **files)
+    # With the CA key the instance issues itself a fresh one instead.
+    fresh = InstanceCredentials(
+        "service:image", [], ca_path=str(tmp_path / "ca.crt"), ca_key_path=str(tmp_path / "ca.key"),
+        **files,
+    )  # fmt: skip
+    assert fresh.current.not_after > datetime.datetime.now(datetime.UTC)
 
 
 def test_tls_is_required(tmp_path: Path) -> None:

@@ -140,7 +140,14 @@ class InstanceCredentials:
     def _obtain(self, initial: bool) -> Issued:
         if initial and self._files_present():
             issued = self._read_files()
-            if issued.not_after > _now() + self.lifetime / 10 or self.ca is None:
+            if issued.not_after > _now() + self.lifetime / 10:
+                return issued
+            if self.ca is None:
+                if issued.not_after <= _now():
+                    raise ValueError(
+                        f"the certificate {self.cert_path} expired at "
+                        f"{issued.not_after.isoformat()}: give the instance a new one"
+                    )
                 return issued
         if self.ca is not None:
             issued = self.ca.issue(self.identity, self.hosts, self.lifetime)
