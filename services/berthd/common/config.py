@@ -135,6 +135,11 @@ def service_config(service: str, args: argparse.Namespace) -> ServiceConfig:
         ca_key_path=args.tls_ca_key,
         lifetime=args.tls_lifetime,
     )
+    from berthd.common.rpc import channels
+
+    # Every channel this process opens to another service presents this certificate, also
+    # those made before the server starts.
+    channels.configure(credentials)
     return ServiceConfig(
         credentials=credentials,
         identity=identity,
