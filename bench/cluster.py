@@ -38,6 +38,7 @@ from bench.registry import BERTH, BERTHD, BenchError, free_port, port_is_free, r
 from berth.client import NodeClient
 from berth.cluster.v1 import cluster_pb2 as cpb
 from berth.cluster.v1 import cluster_pb2_grpc
+from berth.tls import secure_channel
 from berth.types.v1 import container_pb2
 from berthd import localcluster
 from berthd.common.store import Store
@@ -104,7 +105,9 @@ class Cluster:
     def __init__(self, state: Path) -> None:
         self.state = state
         self.info = json.loads((state / "cluster.json").read_text())
-        self.channel = grpc.insecure_channel(self.info["services"]["cluster"]["address"])
+        # The cluster's CA and admin certificate, for these channels and for etcd.
+        localcluster.use_state_credentials(state)
+        self.channel = secure_channel(self.info["services"]["cluster"]["address"])
         self.stub = cluster_pb2_grpc.ClusterServiceStub(self.channel)
         self.metrics = self.info["services"]["cluster"]["metrics"]
 

@@ -50,7 +50,7 @@ from bench.registry import (
 from berth.client.node import NodeClient, PullProgress
 from berth.containers import ContainerConfig
 from berth.errors import BerthClientError
-from berthd.localcluster import SERVICES, Ports
+from berthd.localcluster import SERVICES, Ports, use_state_credentials
 from scripts.oci_images import make_busybox_image, make_random_image
 
 BUSYBOX_REF = "latest"
@@ -202,6 +202,9 @@ def berth_cluster(state: Path) -> Iterator[dict]:
             [BERTHD, "up", "--state-dir", str(state), "--base-port", str(cluster_base_port())],
             "berthd up",
         )
+        # Clients here and the CLI commands run from here use this cluster's CA and admin
+        # certificate.
+        use_state_credentials(state)
         yield json.loads((state / "cluster.json").read_text())
     finally:
         try:

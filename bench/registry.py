@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from berthd.localcluster import stop_process as stop_pid
+from berthd.localcluster import use_state_credentials
 from scripts.docker_registry import free_port, start_docker_registry, stop_process
 from scripts.oci_images import make_random_image
 
@@ -130,6 +131,7 @@ def berth_round(work: Path, source: Path, expected: str, size: int) -> tuple[flo
             [BERTHD, "up", "--state-dir", str(state), "--base-port", str(free_base_port())],
             "berthd up",
         )
+        use_state_credentials(state)  # the CLI below uses this cluster's CA and certificate
         cluster = json.loads((state / "cluster.json").read_text())
         address = cluster["services"]["registry"]["address"]
         push = run(

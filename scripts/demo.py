@@ -115,6 +115,28 @@ class Demo:
             raise StepFailed(f"step {self.step}: `berthd up` wrote no {state}/cluster.json")
         return cluster
 
+    def tls_steps(self, address: str, state: Path) -> None:
+        """Every port speaks mutual TLS: the cluster's certificate names its identity, and a
+        plaintext client is refused."""
+        self.heading("Every port speaks mutual TLS, with certificates from the cluster's own CA")
+        tls = state / "tls"
+        print(f"(`berthd up` made the CA and every certificate in {tls}; the CLI finds them there)")
+        argv = ["openssl", "s_client", "-connect", address, "-CAfile", str(tls / "ca.crt")]
+        argv += ["-cert", str(tls / "client.crt"), "-key", str(tls / "client.key")]
+        argv += ["-brief", "-verify_return_error"]
+        self.show(argv)
+        done = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+        )
+        wanted = ("Protocol version", "Peer certificate", "Verification")
+        for line in (done.stdout + done.stderr).splitlines():
+            if line.startswith(wanted):
+                print(line)
+        if done.returncode != 0 or "Peer certificate: CN = service:cluster" not in done.stderr:
+            raise StepFailed(f"step {self.step}: the cluster's certificate was not verified")
+        # Plaintext HTTP/2 to the same port: the server takes it for a broken TLS handshake.
+        self.run(["curl", "-sS", "--http2-prior-knowledge", f"http://{address}/"], fails=True)
+
     def berthd(self, *args: str) -> str:
         return self.run([str(BIN / "berthd"), *args, *self.state_args()])
 
@@ -131,8 +153,10 @@ class Demo:
         services = cluster["services"]
         registry, host, node = services["registry"], services["cluster"], services["node"]
         # The CLI would find the default state directory by itself; exporting the addresses
-        # makes every command below talk to this cluster whatever --state-dir was.
+        # (and the state directory, where the CLI finds the cluster's CA and the admin
+        # certificate) makes every command below talk to this cluster whatever --state-dir was.
         exported = {
+            "BERTH_STATE_DIR": cluster["state_dir"],
             "BERTH_REGISTRY": registry["address"],
             "BERTH_HOST": host["address"],
             "BERTH_IMAGE": services["image"]["address"],
@@ -142,6 +166,7 @@ class Demo:
         self.env.update(exported)
         print(f"(the commands below run with {' '.join(f'{k}={v}' for k, v in exported.items())})")
 
+        self.tls_steps(host["address"], Path(cluster["state_dir"]))
         work = Path(tempfile.mkdtemp(prefix="berth-demo-"))
         try:
             self.image_steps(work)

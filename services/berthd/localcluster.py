@@ -15,6 +15,12 @@ Port plan, from `--base-port` N: etcd client N, peer N+1; service i of SERVICES 
 metrics N+11+2i (N+10..N+39 are kept for services); node-1 is the "node" service (N+12, N+13);
 node-K for K >= 2 at N+40+2(K-2) and N+41+2(K-2).
 
+TLS: `up` makes the cluster CA in `<state>/tls` (`ca.crt`, `ca.key`) on first use, and there
+the certificates of everything it starts (`etcd`, one per service and node agent) plus the
+`user:admin` client certificate the CLI picks up (`client.crt`, `client.key`); all mode 0600.
+etcd serves https with `--client-cert-auth`; every service gets `--tls-ca`, `--tls-cert`,
+`--tls-key` and `--tls-ca-key`, so it renews its own certificate at two thirds of its life.
+
 cluster.json: {"state_dir", "prefix", "etcd": {...}, "services": {"registry", "node", "cluster",
 "image", "builder"}, "nodes": {"node-1": {...}, ...}}; each process entry has address, metrics,
 pid, marker, log, and each node also data_dir and argv. services.node is node-1: what
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -46,6 +53,14 @@ from berth.cluster.v1 import cluster_pb2, cluster_pb2_grpc
 from berth.config import default_state_dir
 from berth.errors import BerthClientError
 from berth.files import atomic_write
+from berth.tls import CA_FILE, CLIENT_CERT, CLIENT_KEY, TLS_DIR, secure_channel
+from berthd.common.security.ca import (
+    CA_KEY,
+    DEFAULT_LIFETIME,
+    CertificateAuthority,
+    ensure_ca,
+    validity,
+)
 
 CLUSTER_FILE = "cluster.json"
 DEFAULT_BASE_PORT = 23790
@@ -144,6 +159,28 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         if name in ("kill-node", "start-node"):
             parser.add_argument("node", metavar="NODE", help="node id, such as node-2")
         parser.set_defaults(run=handler)
+    ca = commands.add_parser("ca", help="the cluster CA")
+    ca_commands = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
+    init = ca_commands.add_parser(
+        "init", help="make the cluster CA (EC P-256) and the admin certificate, if missing"
+    )
+    init.add_argument(
+        "--state-dir",
+        type=Path,
+        default=default_state_dir(),
+        help="the CA goes to STATE_DIR/tls [env BERTH_STATE_DIR]",
+    )
+    init.set_defaults(run=ca_init)
+
+
+def ca_init(args: argparse.Namespace) -> int:
+    state: Path = args.state_dir.resolve()
+    directory = tls_dir(state)
+    existed = (directory / CA_FILE).exists()
+    ca = ensure_tls(state)
+    subject = ca.cert.subject.rfc4514_string()
+    print(f"{'kept the' if existed else 'made a'} cluster CA ({subject}) in {directory}")
+    return 0
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -189,9 +226,60 @@ def _wait_for(
     raise RuntimeError(f"{what} did not become ready within 30s; see {log}")
 
 
+# --- TLS -------------------------------------------------------------------------------------
+
+# Certificates `up` issues for etcd and the admin credential live long: nothing renews them
+# while the cluster runs (each `up` issues them again when a third of their life is left).
+LONG_LIFETIME = datetime.timedelta(days=90)
+
+
+def tls_dir(state: Path) -> Path:
+    return state / TLS_DIR
+
+
+def ensure_tls(state: Path) -> CertificateAuthority:
+    """The CA in <state>/tls and the certificates of etcd and the admin. A state directory
+    without a CA adopts the one BERTH_TLS_CA and BERTH_TLS_CA_KEY name (several local clusters
+    under one CA), else a new CA is made."""
+    directory = tls_dir(state)
+    shared_cert, shared_key = os.environ.get("BERTH_TLS_CA"), os.environ.get("BERTH_TLS_CA_KEY")
+    if not (directory / CA_FILE).exists() and shared_cert and shared_key:
+        CertificateAuthority.load(Path(shared_cert), Path(shared_key)).save(directory)
+    ca = ensure_ca(directory)
+    _ensure_cert(ca, directory, "etcd", "service:etcd", LONG_LIFETIME)
+    _ensure_cert(ca, directory, "client", "user:admin", LONG_LIFETIME)
+    return ca
+
+
+def _ensure_cert(
+    ca: CertificateAuthority,
+    directory: Path,
+    name: str,
+    identity: str,
+    lifetime: datetime.timedelta = DEFAULT_LIFETIME,
+) -> None:
+    """Issue <name>.crt/.key when missing or with less than a third of its life left."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    if cert.exists() and key.exists():
+        not_before, not_after = validity(cert.read_bytes())
+        left = not_after - datetime.datetime.now(datetime.UTC)
+        if left > (not_after - not_before) / 3:
+            return
+    ca.issue(identity, ["127.0.0.1", "localhost"], lifetime).write(cert, key)
+
+
+def use_state_credentials(state: Path) -> None:
+    """This process (`berthd up/down/status`) talks to the cluster with the state directory's
+    CA and admin certificate, whatever the environment names."""
+    directory = tls_dir(state)
+    os.environ["BERTH_TLS_CA"] = str(directory / CA_FILE)
+    os.environ["BERTH_TLS_CERT"] = str(directory / CLIENT_CERT)
+    os.environ["BERTH_TLS_KEY"] = str(directory / CLIENT_KEY)
+
+
 def _grpc_healthy(address: str, timeout: float = 1.0) -> bool:
     try:
-        with grpc.insecure_channel(address) as channel:
+        with secure_channel(address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )
@@ -201,10 +289,16 @@ def _grpc_healthy(address: str, timeout: float = 1.0) -> bool:
 
 
 def _etcd_healthy(endpoint: str) -> bool:
+    """etcd's /health over https, with the admin certificate (etcd requires one)."""
+    import ssl
     import urllib.request
 
+    context = ssl.create_default_context(cafile=os.environ["BERTH_TLS_CA"])
+    context.load_cert_chain(os.environ["BERTH_TLS_CERT"], os.environ["BERTH_TLS_KEY"])
     try:
-        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=1) as reply:
+        with urllib.request.urlopen(
+            f"https://{endpoint}/health", timeout=1, context=context
+        ) as reply:
             return json.loads(reply.read()).get("health") == "true"
     except OSError:
         return False
@@ -229,7 +323,8 @@ def _check_ports_free(ports: Ports, nodes: int) -> None:
 
 def start_etcd(state: Path, ports: Ports) -> dict[str, object]:
     binary = shutil.which("etcd") or "/usr/bin/etcd"
-    client = f"http://127.0.0.1:{ports.etcd}"
+    tls = tls_dir(state)
+    client = f"https://127.0.0.1:{ports.etcd}"
     peer = f"http://127.0.0.1:{ports.etcd_peer}"
     log = state / "logs" / "etcd.log"
     proc = _spawn(
@@ -242,6 +337,11 @@ def start_etcd(state: Path, ports: Ports) -> dict[str, object]:
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster=berth={peer}",
+            # Clients speak TLS and present a certificate from the cluster CA.
+            f"--cert-file={tls / 'etcd.crt'}",
+            f"--key-file={tls / 'etcd.key'}",
+            f"--trusted-ca-file={tls / CA_FILE}",
+            "--client-cert-auth",
             "--logger=zap",
         ],
         log,
@@ -286,6 +386,9 @@ def _spawn_berthd(
 ) -> Starting:
     ready = state / "run" / f"{name}.json"
     ready.parent.mkdir(parents=True, exist_ok=True)
+    tls = tls_dir(state)
+    identity = f"node:{name}" if service == "node" else f"service:{name}"
+    _ensure_cert(CertificateAuthority.load_dir(tls), tls, name, identity)
     ready.unlink(missing_ok=True)
     log = state / "logs" / f"{name}.log"
     argv = [
@@ -297,6 +400,11 @@ def _spawn_berthd(
         f"--metrics-listen=127.0.0.1:{ports[1]}",
         f"--etcd={etcd}",
         f"--ready-file={ready}",
+        f"--tls-ca={tls / CA_FILE}",
+        f"--tls-cert={tls / f'{name}.crt'}",
+        f"--tls-key={tls / f'{name}.key'}",
+        # A local cluster's services renew their own certificates with the CA's key.
+        f"--tls-ca-key={tls / CA_KEY}",
         *extra_args,
     ]
     return Starting(name, _spawn(argv, log), ready, log, argv, extra or {})
@@ -403,6 +511,8 @@ def up(args: argparse.Namespace) -> int:
         _print_cluster(existing)
         return 0
     state.mkdir(parents=True, exist_ok=True)
+    ensure_tls(state)
+    use_state_credentials(state)
     ports = Ports(args.base_port)
     _check_ports_free(ports, args.nodes)
     cluster: dict = {"state_dir": str(state), "prefix": "/berth/", "services": {}, "nodes": {}}
@@ -471,7 +581,7 @@ def _remove_cluster_workloads(cluster: dict) -> None:
     info = cluster.get("services", {}).get("cluster")
     if info is None or not process_alive(info["pid"], info["marker"]):
         return
-    with grpc.insecure_channel(info["address"]) as channel:
+    with secure_channel(info["address"]) as channel:
         stub = cluster_pb2_grpc.ClusterServiceStub(channel)
         try:
             request = cluster_pb2.ListServicesRequest(page_size=1000)
@@ -576,6 +686,7 @@ def unmount_under(root: Path) -> list[str]:
 
 def down(args: argparse.Namespace) -> int:
     state: Path = args.state_dir.resolve()
+    use_state_credentials(state)
     cluster = load(state)
     if cluster is None:
         print(f"no cluster recorded in {state}", file=sys.stderr)
@@ -600,6 +711,7 @@ def down(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     state: Path = args.state_dir.resolve()
+    use_state_credentials(state)
     cluster = load(state)
     if cluster is None:
         print(f"no cluster recorded in {state}; start one with `berthd up`", file=sys.stderr)
@@ -725,6 +837,7 @@ def kill_node(args: argparse.Namespace) -> int:
 
 def start_node(args: argparse.Namespace) -> int:
     state: Path = args.state_dir.resolve()
+    use_state_credentials(state)
     cluster, node = _node_entry(state, args.node)
     if process_alive(node["pid"], node["marker"]):
         print(f"{args.node} is already running (pid {node['pid']})", file=sys.stderr)

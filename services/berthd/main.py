@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(result)
             return 0
         return int(result or 0)
-    except (BerthError, RuntimeError, OSError) as exc:
+    except (BerthError, RuntimeError, OSError, ValueError) as exc:
         print(f"berthd: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

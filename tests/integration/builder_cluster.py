@@ -18,6 +18,7 @@ from berth.builder.v1 import builder_pb2 as pb
 from berth.builder.v1 import builder_pb2_grpc
 from berth.client import RegistryClient
 from berth.error_details import ErrorDetails, from_rpc_error
+from berth.tls import secure_channel
 from berth.types.v1 import progress_pb2
 
 from .conftest import NodeProcess, ServiceProcess, Services
@@ -67,7 +68,7 @@ class BuildCluster:
     def build(self, files: dict[str, str | bytes], **options: object) -> Build:
         """Build a context made of `files` (name -> content) with these BuildOptions."""
         build = Build()
-        with grpc.insecure_channel(self.builder.address) as channel:
+        with secure_channel(self.builder.address) as channel:
             stub = builder_pb2_grpc.BuilderServiceStub(channel)
             try:
                 for response in stub.Build(requests(files, **options), timeout=120):

@@ -2,6 +2,12 @@
 
 Each test gets its own etcd key prefix, so tests share the etcd without seeing each other's keys.
 Everything started here is stopped by pid at teardown.
+
+TLS is on everywhere, as in production: one CA per session (`cluster_ca`) whose files are put in
+this process's environment, so every process a test starts inherits them: services read
+BERTH_TLS_CA and BERTH_TLS_CA_KEY and issue their own certificates; clients in the test process
+(berth.client, Store) read BERTH_TLS_CA with the `user:test` certificate in
+BERTH_TLS_CERT/BERTH_TLS_KEY. etcd serves TLS with --client-cert-auth.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from berth.client import NodeClient, RegistryClient
+from berthd.common.security.ca import CA_CERT, CA_KEY, CertificateAuthority
 from berthd.common.store import Store
 
 from .images import busybox_layer, push_image
@@ -64,8 +71,66 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
             proc.wait()
 
 
+@dataclass(frozen=True)
+class ClusterCA:
+    """The session's CA and the files derived from it."""
+
+    dir: Path
+    ca: CertificateAuthority
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / CA_CERT
+
+    @property
+    def ca_key(self) -> Path:
+        return self.dir / CA_KEY
+
+    def issue(self, name: str, identity: str, hosts: list[str] | tuple[str, ...] = ()) -> Path:
+        """Write <name>.crt and <name>.key for identity; returns the certificate's path."""
+        self.ca.issue(identity, list(hosts)).write(
+            self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        )
+        return self.dir / f"{name}.crt"
+
+    def etcd_flags(self, name: str, hosts: list[str]) -> list[str]:
+        """etcd's TLS flags: https with a certificate for hosts, client certificates required."""
+        cert = self.issue(name, "service:etcd", hosts)
+        return [
+            f"--cert-file={cert}",
+            f"--key-file={cert.with_suffix('.key')}",
+            f"--trusted-ca-file={self.ca_cert}",
+            "--client-cert-auth",
+        ]
+
+
+TLS_ENV = ("BERTH_TLS_CA", "BERTH_TLS_CA_KEY", "BERTH_TLS_CERT", "BERTH_TLS_KEY")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cluster_ca(tmp_path_factory) -> Iterator[ClusterCA]:
+    directory = tmp_path_factory.mktemp("tls")
+    ca = CertificateAuthority.create("berth test CA")
+    ca.save(directory)
+    files = ClusterCA(directory, ca)
+    client = files.issue("client", "user:test")
+    saved = {name: os.environ.get(name) for name in TLS_ENV}
+    os.environ.update(
+        BERTH_TLS_CA=str(files.ca_cert),
+        BERTH_TLS_CA_KEY=str(files.ca_key),
+        BERTH_TLS_CERT=str(client),
+        BERTH_TLS_KEY=str(client.with_suffix(".key")),
+    )
+    yield files
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
-def etcd_endpoint(tmp_path_factory) -> Iterator[str]:
+def etcd_endpoint(tmp_path_factory, cluster_ca: ClusterCA) -> Iterator[str]:
     if shutil.which("etcd") is None:
         pytest.fail("etcd is not installed: run `make deps`")
     data = tmp_path_factory.mktemp("etcd")
@@ -75,11 +140,12 @@ def etcd_endpoint(tmp_path_factory) -> Iterator[str]:
             "etcd",
             "--name=test",
             f"--data-dir={data / 'data'}",
-            f"--listen-client-urls=http://127.0.0.1:{client}",
-            f"--advertise-client-urls=http://127.0.0.1:{client}",
+            f"--listen-client-urls=https://127.0.0.1:{client}",
+            f"--advertise-client-urls=https://127.0.0.1:{client}",
             f"--listen-peer-urls=http://127.0.0.1:{peer}",
             f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
             f"--initial-cluster=test=http://127.0.0.1:{peer}",
+            *cluster_ca.etcd_flags("etcd", ["127.0.0.1", "localhost"]),
             "--logger=zap",
         ],
         data / "etcd.log",

@@ -14,6 +14,10 @@ mount namespace and remounts /sys, which hides /sys/fs/cgroup (runc then fails) 
 agent's overlay mounts out of sight of the host. With `nsenter --net` a node agent shares the
 host's mounts and cgroups exactly as a single-host agent does.
 
+TLS between namespaces as between hosts: etcd in -ctl serves https with client-cert auth, and
+every service issues its certificate (for its namespace address) from the session's CA, whose
+files the processes inherit in BERTH_TLS_CA and BERTH_TLS_CA_KEY (conftest.cluster_ca).
+
 Everything created is recorded in a module-level registry and removed by `close()`, which is
 idempotent and also runs at interpreter exit.
 """
@@ -34,6 +38,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from berthd.common.security.ca import CertificateAuthority
 from berthd.localcluster import unmount_under
 
 from .conftest import stop_process, wait_until
@@ -176,8 +181,14 @@ class TestNetwork:
 
     def start_etcd(self, data: Path) -> subprocess.Popen:
         """etcd in the control namespace on the bridge address; returns once it accepts clients."""
-        url = f"http://{self.control_address}:{ETCD_CLIENT_PORT}"
+        url = f"https://{self.control_address}:{ETCD_CLIENT_PORT}"
         peer = f"http://127.0.0.1:{ETCD_PEER_PORT}"
+        # TLS with client certificates, from the session's CA (conftest.cluster_ca).
+        ca = CertificateAuthority.load(
+            Path(os.environ["BERTH_TLS_CA"]), Path(os.environ["BERTH_TLS_CA_KEY"])
+        )
+        cert, key = data / "etcd.crt", data / "etcd.key"
+        ca.issue("service:etcd", [self.control_address]).write(cert, key)
         proc = self.spawn(
             self.ctl,
             [
@@ -189,6 +200,10 @@ class TestNetwork:
                 f"--listen-peer-urls={peer}",
                 f"--initial-advertise-peer-urls={peer}",
                 f"--initial-cluster=ctl={peer}",
+                f"--cert-file={cert}",
+                f"--key-file={key}",
+                f"--trusted-ca-file={os.environ['BERTH_TLS_CA']}",
+                "--client-cert-auth",
                 "--logger=zap",
             ],
             data / "etcd.log",

@@ -21,6 +21,7 @@ from berth.builder.v1 import builder_pb2_grpc
 from berth.client import BuilderClient, BuildOptions, ClusterClient, ContainerConfig, RegistryClient
 from berth.client.builder import BuildOutput
 from berth.errors import BerthClientError
+from berth.tls import secure_channel
 from berth.types.v1 import progress_pb2
 from berthd.common.state.images import BUILDS, IMAGES
 from berthd.common.store import Store
@@ -282,7 +283,7 @@ def test_a_failing_run_reports_its_exit_code_and_output(build_cluster: BuildClus
 
 def test_a_cancelled_build_removes_its_container(build_cluster: BuildCluster) -> None:
     files = {"Dockerfile": f"FROM {BASE}\nRUN echo started && sleep 600\n"}
-    with grpc.insecure_channel(build_cluster.builder.address) as channel:
+    with secure_channel(build_cluster.builder.address) as channel:
         call = builder_pb2_grpc.BuilderServiceStub(channel).Build(requests(files), timeout=120)
         for response in call:
             if response.output.data == b"started\n":
@@ -391,7 +392,7 @@ def test_list_prune_and_no_cache(build_cluster: BuildCluster) -> None:
     succeeded(rebuilt)
     assert rebuilt.statuses() == {f"FROM {BASE}": "DONE", "COPY a.txt /a.txt": "DONE"}
 
-    with grpc.insecure_channel(build_cluster.builder.address) as channel:
+    with secure_channel(build_cluster.builder.address) as channel:
         stub = builder_pb2_grpc.BuilderServiceStub(channel)
         listed = stub.ListCache(pb.ListCacheRequest())
         copy = [e for e in listed.entries if e.instruction == "COPY a.txt /a.txt"]
@@ -424,7 +425,7 @@ async def test_prune_forgets_the_build_records_of_removed_images(
         assert await BUILDS.get(store, gone) is not None
         with RegistryClient(build_cluster.registry.address) as registry:
             await asyncio.to_thread(registry.delete_manifest, "test/gone", gone)
-        with grpc.insecure_channel(build_cluster.builder.address) as channel:
+        with secure_channel(build_cluster.builder.address) as channel:
             stub = builder_pb2_grpc.BuilderServiceStub(channel)
             await asyncio.to_thread(
                 stub.PruneCache, pb.PruneCacheRequest(unused_for=Duration(seconds=3600))

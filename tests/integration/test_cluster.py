@@ -25,6 +25,7 @@ SERVE = "echo hello from $(hostname); trap 'exit 0' TERM; while true; do sleep 0
 # Helpers every snippet starts with; the cluster address is argv[1], the rest is per test.
 CLIENT = """
 import json, sys, time
+from berth.tls import secure_channel
 from concurrent.futures import ThreadPoolExecutor
 import grpc
 from berth.cluster.v1 import cluster_pb2 as pb, cluster_pb2_grpc
@@ -33,7 +34,7 @@ from berth.node.v1 import node_pb2
 from berth.types.v1 import container_pb2
 from google.protobuf.duration_pb2 import Duration
 
-cluster = cluster_pb2_grpc.ClusterServiceStub(grpc.insecure_channel(sys.argv[1]))
+cluster = cluster_pb2_grpc.ClusterServiceStub(secure_channel(sys.argv[1]))
 SERVE = sys.argv[2]
 
 def run(image, name="", constraints=(), memory=0, command=("sh", "-c", SERVE)):

@@ -11,6 +11,7 @@ from berth.client import ClusterClient
 from berth.cluster.v1 import cluster_pb2 as pb
 from berth.cluster.v1 import cluster_pb2_grpc
 from berth.error_details import from_rpc_error
+from berth.tls import secure_channel
 from berth.types.v1 import container_pb2
 
 from .conftest import NodeProcess, Services, wait_until
@@ -23,7 +24,7 @@ def cluster(services: Services, node_agent: NodeProcess, registry):
     process = services.start("cluster")
     with ClusterClient(process.address) as client:
         wait_until(lambda: client.nodes() and client.nodes()[0].state == "ready", 30, "the node")
-    channel = grpc.insecure_channel(process.address)
+    channel = secure_channel(process.address)
     yield process.address, cluster_pb2_grpc.ClusterServiceStub(channel)
     channel.close()
 

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 # Service helpers on top of test_cluster's CLIENT; argv[3] is the image.
 SERVICES = """
 from berth.node.v1 import node_pb2_grpc
+from berth.tls import secure_channel
 from google.protobuf.duration_pb2 import Duration
 
 RUNNING = container_pb2.CONTAINER_STATE_RUNNING
@@ -52,7 +53,7 @@ def until_running(name, count, timeout=60, avoid=()):
         time.sleep(0.05)
 
 def managed_on(address):
-    node = node_pb2_grpc.NodeServiceStub(grpc.insecure_channel(address))
+    node = node_pb2_grpc.NodeServiceStub(secure_channel(address))
     listed = node.ListContainers(node_pb2.ListContainersRequest(all=True), timeout=10).containers
     return sorted(c.name for c in listed)
 """

@@ -16,6 +16,7 @@ from berth.client import ClusterClient, ContainerConfig
 from berth.cluster.v1 import cluster_pb2 as pb
 from berth.cluster.v1 import cluster_pb2_grpc
 from berth.error_details import from_rpc_error
+from berth.tls import secure_channel
 from berth.types.v1 import container_pb2
 from berthd.common.state.containers import STATUSES
 from berthd.common.store import Store
@@ -41,7 +42,7 @@ async def test_a_missing_image_fails_the_creation_at_once_with_its_reason(
     services: Services, node_agent: NodeProcess, registry, store: Store
 ) -> None:
     cluster = services.start("cluster")
-    channel = grpc.insecure_channel(cluster.address)
+    channel = secure_channel(cluster.address)
     stub = cluster_pb2_grpc.ClusterServiceStub(channel)
     events: list[pb.EventsResponse] = []
     stream = stub.Events(pb.EventsRequest(types=[pb.EVENT_TYPE_CONTAINER_CREATE_FAILED]))

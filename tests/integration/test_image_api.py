@@ -20,6 +20,7 @@ from berth.client.image import ProgressEvent, TransferProgress
 from berth.errors import BerthClientError, from_rpc_error
 from berth.image.v1 import image_pb2 as pb
 from berth.image.v1 import image_pb2_grpc
+from berth.tls import secure_channel
 from berth.types.v1 import progress_pb2
 
 from .conftest import ServiceProcess, Services
@@ -42,7 +43,7 @@ def images(image_service: ServiceProcess) -> Iterator[ImageClient]:
 
 @pytest.fixture
 def stub(image_service: ServiceProcess) -> Iterator[image_pb2_grpc.ImageServiceStub]:
-    with grpc.insecure_channel(image_service.address) as channel:
+    with secure_channel(image_service.address) as channel:
         yield image_pb2_grpc.ImageServiceStub(channel)
 
 

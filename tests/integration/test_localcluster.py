@@ -6,14 +6,14 @@ import json
 import os
 import random
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
-import grpc
-
 from berth.client import ContainerConfig, NodeClient, RegistryClient
 from berth.cluster.v1 import cluster_pb2, cluster_pb2_grpc
+from berth.tls import secure_channel
 
 from .images import busybox_layer, push_image
 
@@ -37,8 +37,13 @@ def free_base_port(nodes: int = 1) -> int:
     raise RuntimeError("no free port block")
 
 
-def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env})
+def run(
+    argv: list[str], env: dict[str, str], *, own_tls: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run argv with env added; with own_tls, without the session CA's BERTH_TLS_* variables,
+    so `berthd up` makes a CA of its own and clients find everything in the state directory."""
+    base = {k: v for k, v in os.environ.items() if not (own_tls and k.startswith("BERTH_TLS_"))}
+    return subprocess.run(argv, capture_output=True, text=True, env={**base, **env})
 
 
 def alive(pid: int) -> bool:
@@ -51,10 +56,12 @@ def alive(pid: int) -> bool:
 
 
 def test_up_status_down(tmp_path: Path) -> None:
+    """With no TLS settings at all: `up` makes the CA and every certificate, and the CLI and
+    `status` find them in the state directory."""
     state = tmp_path / "state"
     env = {"BERTH_STATE_DIR": str(state)}
     base = free_base_port()
-    started = run([*BERTHD, "up", "--base-port", str(base)], env)
+    started = run([*BERTHD, "up", "--base-port", str(base)], env, own_tls=True)
     try:
         assert started.returncode == 0, started.stderr
         assert f"export BERTH_REGISTRY=127.0.0.1:{base + 10}" in started.stdout
@@ -65,23 +72,46 @@ def test_up_status_down(tmp_path: Path) -> None:
         assert f"export BERTH_BUILDER=127.0.0.1:{base + 18}" in started.stdout
         assert all(alive(pid) for pid in pids)
 
-        status = run([*BERTHD, "status"], env)
+        tls = state / "tls"
+        made = {"ca", "client", "etcd", "registry", "node-1", "cluster", "image", "builder"}
+        assert {p.stem for p in tls.iterdir()} == made
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in tls.iterdir())
+        session_ca = Path(os.environ["BERTH_TLS_CA"]).read_bytes()
+        assert (tls / "ca.crt").read_bytes() != session_ca  # a CA of its own
+
+        status = run([*BERTHD, "status"], env, own_tls=True)
         assert status.returncode == 0, status.stdout
         assert status.stdout.count("healthy") == 6  # etcd and five services
 
-        # The CLI finds the cluster through the default state directory alone.
-        listed = run([sys.executable, "-m", "berth", "registry", "ls", "--format", "json"], env)
+        # The CLI finds the cluster, its CA and the admin certificate through the default
+        # state directory alone.
+        ls = [sys.executable, "-m", "berth", "registry", "ls", "--format", "json"]
+        listed = run(ls, env, own_tls=True)
         assert listed.returncode == 0, listed.stderr
         assert json.loads(listed.stdout) == []
+        # --tls-ca overrides: another CA does not vouch for the cluster's certificates.
+        wrong = run([ls[0], "-m", "berth", "--tls-ca", os.environ["BERTH_TLS_CA"], *ls[3:]], env)
+        assert wrong.returncode == 1
 
-        again = run([*BERTHD, "up", "--base-port", str(base)], env)
+        again = run([*BERTHD, "up", "--base-port", str(base)], env, own_tls=True)
         assert again.returncode == 0 and "already running" in again.stderr
     finally:
-        stopped = run([*BERTHD, "down"], env)
+        stopped = run([*BERTHD, "down"], env, own_tls=True)
     assert stopped.returncode == 0, stopped.stderr
     assert not any(alive(pid) for pid in pids)
     assert not (state / "cluster.json").exists()
-    assert run([*BERTHD, "status"], env).returncode == 1
+    assert run([*BERTHD, "status"], env, own_tls=True).returncode == 1
+
+
+def test_ca_init(tmp_path: Path) -> None:
+    made = run([*BERTHD, "ca", "init", "--state-dir", str(tmp_path)], {}, own_tls=True)
+    assert made.returncode == 0, made.stderr
+    assert "made a cluster CA" in made.stdout
+    ca = (tmp_path / "tls" / "ca.crt").read_bytes()
+    assert stat.S_IMODE((tmp_path / "tls" / "ca.key").stat().st_mode) == 0o600
+    kept = run([*BERTHD, "ca", "init", "--state-dir", str(tmp_path)], {}, own_tls=True)
+    assert "kept the cluster CA" in kept.stdout
+    assert (tmp_path / "tls" / "ca.crt").read_bytes() == ca
 
 
 def test_up_refuses_ports_in_use(tmp_path: Path) -> None:
@@ -132,7 +162,7 @@ def test_up_three_nodes_and_kill_node(tmp_path: Path) -> None:
         assert status.stdout.count("healthy") == 8
 
         # The cluster service sees three ready nodes, each labelled as its own host.
-        with grpc.insecure_channel(cluster["services"]["cluster"]["address"]) as channel:
+        with secure_channel(cluster["services"]["cluster"]["address"]) as channel:
             stub = cluster_pb2_grpc.ClusterServiceStub(channel)
             listed = stub.ListNodes(cluster_pb2.ListNodesRequest(), timeout=10).nodes
         assert {n.description.id: dict(n.description.labels) for n in listed} == {

@@ -34,7 +34,15 @@ def test_node_client_against_a_live_cluster(tmp_path: Path) -> None:
             text=True,
             timeout=600,
             cwd=CLIENT,
-            env={"PATH": "/usr/bin:/bin", "BERTH_CLUSTER": address, "BUSYBOX": _busybox()},
+            env={
+                "PATH": "/usr/bin:/bin",
+                "BERTH_CLUSTER": address,
+                "BUSYBOX": _busybox(),
+                # The files `berthd up` wrote: the CA and the admin's client certificate.
+                "BERTH_TLS_CA": str(state / "tls" / "ca.crt"),
+                "BERTH_TLS_CERT": str(state / "tls" / "client.crt"),
+                "BERTH_TLS_KEY": str(state / "tls" / "client.key"),
+            },
         )
         sys.stdout.write(result.stdout[-6000:])
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

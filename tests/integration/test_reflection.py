@@ -7,13 +7,14 @@ import grpc
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
+from berth.tls import secure_channel
 from tests.integration.conftest import ServiceProcess
 
 
 def _ask(address: str, package: str, *requests: reflection_pb2.ServerReflectionRequest) -> list:
     """One reflection stream under `package`, spoken as raw bytes: nothing of the server's
     reflection code is reused by the client side."""
-    with grpc.insecure_channel(address) as channel:
+    with secure_channel(address) as channel:
         call = channel.stream_stream(
             f"/{package}.ServerReflection/ServerReflectionInfo",
             request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,

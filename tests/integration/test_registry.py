@@ -20,6 +20,7 @@ from berth.client.registry import GcProgress
 from berth.errors import BerthClientError, from_rpc_error
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc
+from berth.tls import secure_channel
 from berthd.common.store import Store
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -33,9 +34,7 @@ def sha(data: bytes) -> str:
 
 
 def stub(address: str) -> registry_pb2_grpc.RegistryServiceStub:
-    channel = grpc.insecure_channel(
-        address, options=[("grpc.max_send_message_length", 16 * 1024 * 1024)]
-    )
+    channel = secure_channel(address, options=[("grpc.max_send_message_length", 16 * 1024 * 1024)])
     return registry_pb2_grpc.RegistryServiceStub(channel)
 
 
@@ -168,7 +167,7 @@ def test_clients_that_hang_up_mid_stream_do_not_hurt_the_server(registry) -> Non
     s.WriteUpload(iter(chunks))
     s.CommitUpload(pb.CommitUploadRequest(upload_id=upload_id, digest=sha(data)))
     for n in range(10):
-        with grpc.insecure_channel(registry.address) as channel:
+        with secure_channel(registry.address) as channel:
             call = registry_pb2_grpc.RegistryServiceStub(channel).ReadBlob(
                 pb.ReadBlobRequest(repository="lib/hangup", digest=sha(data))
             )
@@ -644,7 +643,7 @@ def test_health_reflection_and_metrics(registry, client: RegistryClient, tmp_pat
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    channel = grpc.insecure_channel(registry.address)
+    channel = secure_channel(registry.address)
     health = health_pb2_grpc.HealthStub(channel)
     for name in ("", "berth.registry.v1.RegistryService"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=name))

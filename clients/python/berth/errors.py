@@ -85,7 +85,15 @@ def from_rpc_error(
     status = err.code() if is_call else grpc.StatusCode.UNKNOWN
     details = one_line((err.details() if is_call else str(err)) or "")
     code = status.name if status is not None else "UNKNOWN"
-    if status == grpc.StatusCode.UNAVAILABLE and is_transport_failure(details):
+    if status == grpc.StatusCode.UNAVAILABLE and "handshake failed" in details.lower():
+        # "...: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:...:
+        # OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate: OK"
+        cause = details.rsplit("OPENSSL_internal:", 1)[-1].removesuffix(": OK").strip()
+        message = (
+            f"TLS handshake with the {service} at {address} failed ({cause}); check that "
+            "--tls-ca or BERTH_TLS_CA names that cluster's CA (docs/security.md)"
+        )
+    elif status == grpc.StatusCode.UNAVAILABLE and is_transport_failure(details):
         # gRPC's text ends with the root cause ("...: Connection refused"); the rest is noise.
         reason = details.rsplit(": ", 1)[-1].strip(" []") or "unavailable"
         default_option = f"--{service} or BERTH_{service.upper()}"
@@ -93,6 +101,12 @@ def from_rpc_error(
             f"cannot reach the {service} at {address} ({reason}); start a local cluster with "
             f"`berthd up`, or point {option or default_option} at a running one"
         )
+        if reason.lower() == "socket closed":
+            # TLS 1.3: a server that refuses the client's certificate just closes the socket.
+            message += (
+                "; if it is running, it may have refused this client's certificate "
+                "(BERTH_TLS_CERT, BERTH_TLS_KEY; docs/security.md)"
+            )
     elif status == grpc.StatusCode.DEADLINE_EXCEEDED:
         message = f"the {service} at {address} did not answer in time"
     else:

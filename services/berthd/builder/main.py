@@ -72,7 +72,7 @@ async def run(args: argparse.Namespace) -> None:
     if args.run_network not in NETWORKS:
         raise InvalidArgument(f"--run-network must be one of {', '.join(NETWORKS)}")
     config = service_config("builder", args)
-    store = Store(config.etcd, config.etcd_prefix)
+    store = Store(config.etcd, config.etcd_prefix, config.credentials.channel_credentials)
     await store.connect()
     scratch = Path(args.data_dir) / "scratch"
     # Only builds in progress live here: what a crash left behind is never resumed.

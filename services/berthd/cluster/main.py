@@ -30,7 +30,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     config = service_config("cluster", args)
-    store = Store(config.etcd, config.etcd_prefix)
+    store = Store(config.etcd, config.etcd_prefix, config.credentials.channel_credentials)
     await store.connect()
     core = ClusterCore(store)
     election = Election(store, config.instance_id, config.lease_ttl)

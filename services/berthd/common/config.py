@@ -11,6 +11,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def env_name(flag: str, scope: str | None = None) -> str:
@@ -65,6 +66,11 @@ class ServiceConfig:
     drain_seconds: float = 10.0
     ready_file: str | None = None
     log_level: str = "info"
+    # berthd.common.security.tls.InstanceCredentials: this instance's certificate (TLS is
+    # required: every gRPC port and etcd).
+    credentials: Any = None
+    # Who this instance is in its certificate: service:<name>, or node:<id>.
+    identity: str = ""
 
 
 def add_common_flags(parser: argparse.ArgumentParser, service: str, default_listen: str) -> None:
@@ -110,10 +116,33 @@ def add_common_flags(parser: argparse.ArgumentParser, service: str, default_list
         help="write a JSON file with the bound addresses once serving",
     )
     add_flag(parser, "--log-level", default="info", help="debug, info, warning or error")
+    from berthd.common.security.tls import add_tls_flags
+
+    add_tls_flags(parser, service)
 
 
 def service_config(service: str, args: argparse.Namespace) -> ServiceConfig:
+    from berthd.common.security.tls import InstanceCredentials, hosts_for
+
+    node_id = getattr(args, "node_id", None)
+    identity = f"node:{node_id}" if service == "node" and node_id else f"service:{service}"
+    credentials = InstanceCredentials(
+        identity,
+        hosts_for(args.listen, args.advertise),
+        ca_path=args.tls_ca,
+        cert_path=args.tls_cert,
+        key_path=args.tls_key,
+        ca_key_path=args.tls_ca_key,
+        lifetime=args.tls_lifetime,
+    )
+    from berthd.common.rpc import channels
+
+    # Every channel this process opens to another service presents this certificate, also
+    # those made before the server starts.
+    channels.configure(credentials)
     return ServiceConfig(
+        credentials=credentials,
+        identity=identity,
         service=service,
         listen=args.listen,
         advertise=args.advertise,

@@ -19,6 +19,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from berthd.common.errors import BerthError
+from berthd.common.security.tls import peer_identity
 
 log = logging.getLogger("berthd.rpc")
 
@@ -51,6 +52,8 @@ class _Call:
         self.request_id = _request_id(context)
         # Read now: context.peer() on a call the client has cancelled crashes grpc's C core.
         self.peer = context.peer()
+        # Who the caller is by its verified certificate (service:x, node:y, user:z), if any.
+        self.identity = peer_identity(context)
         self.start = time.perf_counter()
         self.cancelled = False
         RPC_IN_FLIGHT.labels(service, self.method).inc()
@@ -90,6 +93,7 @@ class _Call:
                 "duration_ms": round(elapsed * 1000, 2),
                 "request_id": self.request_id,
                 "peer": self.peer,
+                "identity": self.identity or "-",
                 **({"details": self.context.details()} if name not in ("OK", "CANCELLED") else {}),
             },
         )

@@ -3,7 +3,9 @@
 One call, `run_server`, gives a service: a grpc.aio server with the observability interceptor,
 the standard health service, server reflection (v1 and v1alpha), a Prometheus endpoint, its
 endpoint key in etcd bound to a kept-alive lease, a ready file for supervisors, and a SIGTERM
-that drains in-flight calls before exiting.
+that drains in-flight calls before exiting. The port speaks TLS only (mutual TLS: callers
+present a certificate from the cluster CA), with the instance's certificate renewed at two
+thirds of its life without a restart (berthd.common.security.tls).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from berthd.common.config import ServiceConfig, split_host_port
 from berthd.common.interceptor import ObservabilityInterceptor
 from berthd.common.logs import setup_logging
 from berthd.common.reflection import enable_reflection
+from berthd.common.rpc import channels
 from berthd.common.rpc.channels import close_shared
 from berthd.common.state.endpoints import EndpointRecord, endpoint_key
 from berthd.common.store import LeaseKeeper, Store
@@ -75,7 +78,14 @@ async def run_server(
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     enable_reflection([*names, health_name], server)
 
-    port = server.add_insecure_port(config.listen)
+    credentials = config.credentials
+    if credentials is None:
+        raise RuntimeError("TLS is required: the service has no certificate")
+    channels.configure(credentials)
+    # etcd checks the client certificate at each handshake: reconnect with the renewed one.
+    credentials.on_renew.append(store.reconnect)
+    renewal = asyncio.create_task(credentials.keep_renewed(), name="certificate renewal")
+    port = server.add_secure_port(config.listen, credentials.server_credentials())
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")
     metrics_host, metrics_port = split_host_port(config.metrics_listen)
@@ -103,7 +113,10 @@ async def run_server(
     await lease.start()
     if config.ready_file:
         atomic_write(Path(config.ready_file), endpoint.encode())
-    log.info("serving", extra={"address": address, "metrics": metrics_url})
+    log.info(
+        "serving",
+        extra={"address": address, "metrics": metrics_url, "identity": credentials.identity},
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -114,6 +127,7 @@ async def run_server(
     log.info("draining", extra={"grace_seconds": config.drain_seconds})
     await health.enter_graceful_shutdown()
     await server.stop(config.drain_seconds)
+    renewal.cancel()
     if on_stop:
         await on_stop()
     # After the server stopped and the service's own shutdown: no outgoing call is in flight.

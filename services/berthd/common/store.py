@@ -11,14 +11,16 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+import os
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import aetcd
 import grpc
 from aetcd import exceptions as etcd_errors
-from aetcd import rpc, transactions, utils
+from aetcd import rpc, transactions, utils, watcher
 
 from berthd.common.config import split_host_port
 from berthd.common.errors import Aborted, InvalidArgument, Unavailable
@@ -82,12 +84,87 @@ def _etcd_errors(endpoint: str) -> Iterator[None]:
         raise Unavailable(f"etcd at {endpoint} failed: {exc or type(exc).__name__}") from exc
 
 
+class _TlsClient(aetcd.Client):
+    """aetcd's client over TLS with a client certificate: aetcd 1.0 only opens plaintext
+    channels, so `connect` is aetcd's own with the channel made by berthd.common.rpc. The
+    credentials are asked for at each (re)connection, so a renewed certificate is used."""
+
+    def __init__(
+        self, host: str, port: int, credentials: Callable[[], grpc.ChannelCredentials]
+    ) -> None:
+        super().__init__(host=host, port=port, timeout=10)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        from berthd.common.rpc.channels import etcd_channel
+
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            self.channel = etcd_channel(target, self._credentials(), list(self._options.items()))
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(
+                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+def env_credentials() -> Callable[[], grpc.ChannelCredentials] | None:
+    """etcd client credentials from BERTH_TLS_CA/CERT/KEY (tools and tests), or None."""
+    ca, cert, key = (os.environ.get(f"BERTH_TLS_{n}") for n in ("CA", "CERT", "KEY"))
+    if not ca:
+        return None
+    creds = grpc.ssl_channel_credentials(
+        Path(ca).read_bytes(),
+        Path(key).read_bytes() if key else None,
+        Path(cert).read_bytes() if cert else None,
+    )
+    return lambda: creds
+
+
 class Store:
-    def __init__(self, endpoint: str, prefix: str = "/berth/") -> None:
+    """`credentials` gives the TLS client credentials for etcd (a service passes its
+    instance's; by default BERTH_TLS_CA/CERT/KEY; plaintext only when none are set)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        prefix: str = "/berth/",
+        credentials: Callable[[], grpc.ChannelCredentials] | None = None,
+    ) -> None:
         host, port = split_host_port(endpoint)
         self.endpoint = endpoint
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
-        self._client = aetcd.Client(host=host, port=port, timeout=10)
+        credentials = credentials or env_credentials()
+        self._retired: list[aetcd.Client] = []
+        if credentials is None:
+            self._client = aetcd.Client(host=host, port=port, timeout=10)
+        else:
+            self._client = _TlsClient(host, port, credentials)
+
+    async def reconnect(self) -> None:
+        """A new connection for every call from now on, made with the credentials of now (a
+        renewed certificate). Watches and calls in flight carry on over the old connection,
+        kept open until `close` (one idle channel per renewal: a day's certificate makes one
+        every 16 hours), so no watcher sees its stream cut by a renewal."""
+        old = self._client
+        if not isinstance(old, _TlsClient):
+            return
+        new = _TlsClient(old._host, old._port, old._credentials)
+        with _etcd_errors(self.endpoint):
+            await new.connect()
+        self._client = new
+        self._retired.append(old)
 
     async def connect(self) -> None:
         with _etcd_errors(self.endpoint):
@@ -95,6 +172,9 @@ class Store:
             await self._client.status()
 
     async def close(self) -> None:
+        for retired in self._retired:
+            with contextlib.suppress(Exception):
+                await retired.close()
         await self._client.close()
 
     # Keys -----------------------------------------------------------------

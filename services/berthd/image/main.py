@@ -43,7 +43,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     config = service_config("image", args)
-    store = Store(config.etcd, config.etcd_prefix)
+    store = Store(config.etcd, config.etcd_prefix, config.credentials.channel_credentials)
     await store.connect()
     scratch = Path(args.data_dir) / "scratch"
     # Only transfers in progress live here: what a crash left behind is never resumed.

@@ -81,7 +81,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     config = service_config("node", args)
-    store = Store(config.etcd, config.etcd_prefix)
+    store = Store(config.etcd, config.etcd_prefix, config.credentials.channel_credentials)
     await store.connect()
     data = Path(args.data_dir)
     data.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     config = service_config("registry", args)
-    store = Store(config.etcd, config.etcd_prefix)
+    store = Store(config.etcd, config.etcd_prefix, config.credentials.channel_credentials)
     await store.connect()
     registry = Registry(BlobStore(Path(args.data_dir)), Metadata(store))
 

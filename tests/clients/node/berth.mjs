@@ -2,6 +2,12 @@
 // files loaded at run time with @grpc/proto-loader, Google's standard protos from
 // google-proto-files, and nothing from berth's Python code. Only the cluster's address is
 // given (BERTH_CLUSTER); every other service is found through GetEndpoints.
+//
+// Every berth port speaks TLS with certificates from the cluster CA, and asks callers for a
+// certificate from that CA (mutual TLS): BERTH_TLS_CA names the CA file (`berthd up` writes
+// <state>/tls/ca.crt), BERTH_TLS_CERT and BERTH_TLS_KEY the client's certificate and key
+// (<state>/tls/client.crt and client.key).
+import { readFileSync } from "node:fs";
 import { createGzip } from "node:zlib";
 import { createHash } from "node:crypto";
 import path from "node:path";
@@ -103,8 +109,15 @@ export function bidi(stub, method, requests) {
   return done;
 }
 
+/** TLS credentials from the files BERTH_TLS_CA, BERTH_TLS_CERT and BERTH_TLS_KEY name. */
+export function credentials(env = process.env) {
+  if (!env.BERTH_TLS_CA) throw new Error("BERTH_TLS_CA must name the cluster's CA file");
+  const read = (name) => (env[name] ? readFileSync(env[name]) : null);
+  return grpc.credentials.createSsl(read("BERTH_TLS_CA"), read("BERTH_TLS_KEY"), read("BERTH_TLS_CERT"));
+}
+
 export function stub(Service, address) {
-  return new Service(address, grpc.credentials.createInsecure(), {
+  return new Service(address, credentials(), {
     "grpc.max_receive_message_length": 16 * 1024 * 1024,
     "grpc.max_send_message_length": 16 * 1024 * 1024,
   });

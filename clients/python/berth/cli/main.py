@@ -38,7 +38,15 @@ _COMMANDS = {
 COMMAND_MODULES = list(_COMMANDS)
 MODULE_OF = {command: module for module, words in _COMMANDS.items() for command in words.split()}
 # Global options that take a value, to find the command word after them.
-_VALUED_OPTIONS = {"--registry", "--host", "--image-service", "--node", "--format", "--builder"}
+_VALUED_OPTIONS = {
+    "--registry",
+    "--host",
+    "--image-service",
+    "--node",
+    "--format",
+    "--builder",
+    "--tls-ca",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,6 +82,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "cluster (see below)",
     )
     parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=None,
+        help="the cluster's CA certificate (default: $BERTH_TLS_CA, else the `berthd up` "
+        "cluster's); the client certificate comes from $BERTH_TLS_CERT and $BERTH_TLS_KEY, "
+        "else the `berthd up` cluster's",
+    )
+    parser.add_argument(
         "--format", choices=FORMATS, default="table", help="output of data: table (default), json"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -101,6 +117,9 @@ def command_module(argv: Sequence[str] | None) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser(argv).parse_args(argv)
+        if args.tls_ca:
+            # Every client the command makes reads it (berth.tls).
+            os.environ["BERTH_TLS_CA"] = args.tls_ca
         return args.func(args)
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,7 @@ from typing import Any, Self
 import grpc
 
 from berth.errors import from_rpc_error
+from berth.tls import secure_channel
 
 MAX_MESSAGE = 16 * 1024 * 1024
 
@@ -21,7 +22,7 @@ class GrpcClient:
     def __init__(self, address: str, *, timeout: float | None = 60.0) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
+        self._channel = secure_channel(
             address,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE),

@@ -26,6 +26,7 @@ from berth.reference import Reference, validate_digest, validate_repository, val
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc as pb_grpc
 from berth.resume import CHUNK_SIZE, is_broken_stream, resume_download
+from berth.tls import secure_channel
 from berth.types.v1 import progress_pb2
 
 MAX_MESSAGE_BYTES = 16 << 20
@@ -161,7 +162,7 @@ class RegistryClient:
     def __init__(self, address: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         self.address = address
         self._timeout = timeout
-        self._channel = grpc.insecure_channel(
+        self._channel = secure_channel(
             address,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -1,7 +1,11 @@
 """The channels a service opens to other berth services: one grpc.aio channel per address.
 
 This is the one place where a service's outgoing connections are made, so transport
-credentials (mTLS, when the security issue brings it) are added here and nowhere else.
+credentials are added here and nowhere else: TLS verified against the cluster CA, with the
+instance's own certificate as client certificate (mutual TLS; see docs/security.md). After the
+certificate is renewed, the next `get` of an address opens a channel with the new one (calls
+in flight on the old channel finish there). A process that configured no instance credentials
+(a tool, a test) uses the client files of berth.tls.
 A channel belongs to the event loop it was made on; `shared()` gives the process's registry
 of channels for the running loop.
 """
@@ -10,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Protocol
 
 import grpc
+
+from berth.tls import channel_credentials as client_file_credentials
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CHANNEL_OPTIONS = (
@@ -20,26 +27,50 @@ CHANNEL_OPTIONS = (
 )
 
 
+class CredentialSource(Protocol):
+    """What berthd.common.security.tls.InstanceCredentials offers channels."""
+
+    generation: int
+
+    def channel_credentials(self) -> grpc.ChannelCredentials: ...
+
+
+_source: CredentialSource | None = None
+
+
+def configure(source: CredentialSource | None) -> None:
+    """Set the process's instance credentials (run_server does, before serving)."""
+    global _source
+    _source = source
+
+
 class Channels:
     """Open channels by address, made on first use and kept until `close`."""
 
-    def __init__(self, credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.credentials = credentials
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, source: CredentialSource | None = None) -> None:
+        self.source = source
+        self._channels: dict[str, tuple[int, grpc.aio.Channel]] = {}
+        self._retired: list[grpc.aio.Channel] = []
 
     def get(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            if self.credentials is None:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            else:
-                channel = grpc.aio.secure_channel(address, self.credentials, CHANNEL_OPTIONS)
-            self._channels[address] = channel
+        source = self.source or _source
+        generation = source.generation if source is not None else 0
+        entry = self._channels.get(address)
+        if entry is not None and entry[0] == generation:
+            return entry[1]
+        if entry is not None:
+            self._retired.append(entry[1])  # closed with the others: calls on it may run
+        credentials = (
+            source.channel_credentials() if source is not None else client_file_credentials()
+        )
+        channel = grpc.aio.secure_channel(address, credentials, CHANNEL_OPTIONS)
+        self._channels[address] = (generation, channel)
         return channel
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
-        for channel in channels.values():
+        retired, self._retired = self._retired, []
+        for channel in [*(c for _, c in channels.values()), *retired]:
             with contextlib.suppress(Exception):
                 await channel.close()
 
@@ -63,3 +94,10 @@ async def close_shared() -> None:
     channels = _shared.pop(asyncio.get_running_loop(), None)
     if channels is not None:
         await channels.close()
+
+
+def etcd_channel(
+    target: str, credentials: grpc.ChannelCredentials, options: list[tuple[str, object]]
+) -> grpc.aio.Channel:
+    """The store's channel to etcd: TLS with a client certificate (etcd's --client-cert-auth)."""
+    return grpc.aio.secure_channel(target, credentials, options)
