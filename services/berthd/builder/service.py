@@ -8,12 +8,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 
 from berth.builder.v1 import builder_pb2 as pb
 from berth.builder.v1 import builder_pb2_grpc
 from berth.enums.containers import LOG_STREAMS
-from berth.enums.progress import PROGRESS_STATES
 from berth.types.v1 import progress_pb2
 from berthd.builder.cache import CacheRecord, cache_page
 from berthd.builder.errors import context_invalid
@@ -26,7 +24,7 @@ from berthd.builder.model import (
     StepEvent,
     StepOutput,
 )
-from berthd.common.messages import timestamp
+from berthd.common.messages import progress, timestamp
 from berthd.common.streaming import Done, progress_stream
 
 Context = grpc.aio.ServicerContext
@@ -46,27 +44,17 @@ def build_options(message: pb.BuildOptions) -> BuildOptions:
     )
 
 
-def duration(seconds: float) -> Duration:
-    message = Duration()
-    message.FromNanoseconds(round(seconds * 1e9))
-    return message
-
-
 def build_step(event: StepEvent) -> pb.BuildStep:
-    progress = progress_pb2.Progress(
-        id=f"step/{event.number}",
-        state=PROGRESS_STATES.value(event.status),
-        message=event.instruction,
+    step = progress(
+        f"step/{event.number}", event.status, message=event.instruction, seconds=event.duration
     )
-    if event.duration is not None:
-        progress.duration.CopyFrom(duration(event.duration))
     message = pb.BuildStep(
         number=event.number,
         total=event.total,
         stage=event.stage,
         instruction=event.instruction,
         line=event.line,
-        progress=progress,
+        progress=step,
         layer_digest=event.layer_digest,
     )
     if event.exit_code is not None:
@@ -75,17 +63,15 @@ def build_step(event: StepEvent) -> pb.BuildStep:
 
 
 def build_progress(event: BuildProgress) -> progress_pb2.Progress:
-    message = progress_pb2.Progress(
-        id=event.id,
-        state=PROGRESS_STATES.value(event.state),
+    return progress(
+        event.id,
+        event.state,
         current=event.current,
         total=event.total,
-        unit=progress_pb2.PROGRESS_UNIT_BYTES if event.bytes else 0,
+        unit="bytes" if event.bytes else "",
         message=event.message,
+        seconds=event.duration,
     )
-    if event.duration is not None:
-        message.duration.CopyFrom(duration(event.duration))
-    return message
 
 
 def build_response(item: BuildEvent | Done[BuildResult]) -> pb.BuildResponse:

@@ -35,7 +35,7 @@ from berthd.common.container_messages import container_status, state_filter
 from berthd.common.containers import from_spec, to_spec
 from berthd.common.errors import InvalidArgument
 from berthd.common.idempotency import once
-from berthd.common.messages import timestamp
+from berthd.common.messages import duration, timestamp
 from berthd.common.pages import paginate
 from berthd.common.rpc.node import NodeApi
 from berthd.common.state.containers import ContainerStatus
@@ -151,8 +151,8 @@ def service_message(record: ServiceRecord, running: int) -> pb.Service:
         update_config=pb.UpdateConfig(parallelism=record.parallelism),
         labels=record.labels,
     )
-    spec.update_config.delay.FromNanoseconds(int(record.delay_seconds * 1e9))
-    spec.update_config.monitor.FromNanoseconds(int(record.monitor_seconds * 1e9))
+    spec.update_config.delay.CopyFrom(duration(record.delay_seconds))
+    spec.update_config.monitor.CopyFrom(duration(record.monitor_seconds))
     return pb.Service(
         id=record.id,
         spec=spec,

@@ -8,13 +8,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable
 
 import grpc
-from google.protobuf import duration_pb2
 
 from berth.enums.image import ARCHIVE_FORMATS
-from berth.enums.progress import PROGRESS_STATES, PROGRESS_UNITS
 from berth.image.v1 import image_pb2 as pb
 from berth.image.v1 import image_pb2_grpc
 from berth.types.v1 import progress_pb2, types_pb2
+from berthd.common import messages
 from berthd.common.errors import InvalidArgument
 from berthd.common.idempotency import once
 from berthd.common.messages import timestamp
@@ -103,19 +102,15 @@ def removal(result: Removal) -> pb.RemoveImageResponse:
 
 
 def progress(event: Event) -> progress_pb2.Progress:
-    message = progress_pb2.Progress(
-        id=event.id,
-        state=PROGRESS_STATES.value(str(event.state)),
+    return messages.progress(
+        event.id,
+        str(event.state),
         current=event.current,
         total=event.total,
-        unit=PROGRESS_UNITS.value(str(event.unit)),
+        unit=str(event.unit),
         message=event.message,
+        seconds=event.seconds,
     )
-    if event.seconds is not None:
-        duration = duration_pb2.Duration()
-        duration.FromNanoseconds(int(event.seconds * 1e9))
-        message.duration.CopyFrom(duration)
-    return message
 
 
 def archive_format(value: int) -> ArchiveFormat:

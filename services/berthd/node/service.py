@@ -12,14 +12,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from berth.enums.containers import LOG_STREAMS
 from berth.enums.node import CHANGE_KINDS
-from berth.enums.progress import PROGRESS_STATES
 from berth.node.v1 import node_pb2 as pb
 from berth.node.v1 import node_pb2_grpc
-from berth.types.v1 import container_pb2, node_pb2, progress_pb2, types_pb2
+from berth.types.v1 import container_pb2, node_pb2, types_pb2
 from berthd.common.container_messages import container_status, state_filter
 from berthd.common.containers import from_spec, to_spec
 from berthd.common.errors import InvalidArgument
-from berthd.common.messages import timestamp
+from berthd.common.messages import progress, timestamp
 from berthd.common.pages import paginate
 from berthd.common.streaming import Done, progress_stream
 from berthd.node.agent import NodeAgent
@@ -93,12 +92,12 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 yield pb.PullImageResponse(image=image(item.result))
             else:
                 yield pb.PullImageResponse(
-                    progress=progress_pb2.Progress(
-                        id=item.layer_digest,
-                        state=PROGRESS_STATES.value(item.state),
+                    progress=progress(
+                        item.layer_digest,
+                        item.state,
                         current=item.current,
                         total=item.total,
-                        unit=progress_pb2.PROGRESS_UNIT_BYTES,
+                        unit="bytes",
                     )
                 )
 

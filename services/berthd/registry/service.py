@@ -15,7 +15,7 @@ from berth.registry.v1 import registry_pb2_grpc
 from berth.types.v1 import progress_pb2, types_pb2
 from berthd.common.errors import InvalidArgument
 from berthd.common.idempotency import once
-from berthd.common.messages import timestamp
+from berthd.common.messages import progress, timestamp
 from berthd.common.streaming import Done, progress_stream
 from berthd.registry import gc, metrics
 from berthd.registry.blobstore import BlobStat
@@ -45,14 +45,12 @@ def tag(record: TagRecord) -> pb.Tag:
 
 
 def gc_progress(stage: gc.GcStage) -> progress_pb2.Progress:
-    return progress_pb2.Progress(
-        id=stage.stage,
-        state=progress_pb2.PROGRESS_STATE_DONE
-        if stage.done
-        else progress_pb2.PROGRESS_STATE_RUNNING,
+    return progress(
+        stage.stage,
+        "done" if stage.done else "running",
         current=stage.current,
         total=stage.total,
-        unit=progress_pb2.PROGRESS_UNIT_ITEMS,
+        unit="items",
     )
 
 
