@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from berth.error_details import ErrorDetails
 from berth.reference import InvalidReference
 
 CHUNK_SIZE = 1 << 20
@@ -20,6 +21,15 @@ CHUNK_SIZE = 1 << 20
 # carrying transport text when the peer vanished mid-stream.
 _BROKEN_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 _BROKEN_HINTS = ("stream removed", "rst_stream", "socket closed", "connection reset", "goaway")
+
+
+def committed_offset(details: ErrorDetails) -> int | None:
+    """Where an upload stands, as the registry's UPLOAD_OFFSET_MISMATCH refusal of a write at
+    another offset says (a write whose answer was lost); None for any other error."""
+    offset = details.metadata.get("offset", "")
+    if details.reason != "UPLOAD_OFFSET_MISMATCH" or not offset.isdigit():
+        return None
+    return int(offset)
 
 
 def is_broken_stream(code: grpc.StatusCode | None, details: str | None) -> bool:

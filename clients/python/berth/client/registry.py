@@ -25,7 +25,7 @@ from berth.files import fsync_dir
 from berth.reference import Reference, validate_digest, validate_repository, validate_tag
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc as pb_grpc
-from berth.resume import CHUNK_SIZE, is_broken_stream, resume_download
+from berth.resume import CHUNK_SIZE, committed_offset, is_broken_stream, resume_download
 from berth.tls import secure_channel
 from berth.types.v1 import progress_pb2
 
@@ -575,11 +575,7 @@ def _resume_offset(err: grpc.RpcError) -> int | None:
     """The committed offset an UPLOAD_OFFSET_MISMATCH error reports, else None."""
     if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
         return None
-    details = details_of(err)
-    offset = details.metadata.get("offset", "")
-    if details.reason != "UPLOAD_OFFSET_MISMATCH" or not offset.isdigit():
-        return None
-    return int(offset)
+    return committed_offset(details_of(err))
 
 
 def _paginate(fetch: Callable[[str], tuple[list[T], str]]) -> Iterator[T]:

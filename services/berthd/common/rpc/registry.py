@@ -23,7 +23,13 @@ from berth.client.registry import DeletedManifest, ManifestData
 from berth.files import fsync_dir
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc as pb_grpc
-from berth.resume import CHUNK_SIZE, digest_hasher, is_broken_stream, resume_download
+from berth.resume import (
+    CHUNK_SIZE,
+    committed_offset,
+    digest_hasher,
+    is_broken_stream,
+    resume_download,
+)
 from berthd.common.errors import Aborted, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from berthd.common.oci.digest import digest_bytes
 from berthd.common.oci.manifest import Descriptor
@@ -277,14 +283,10 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
             except FailedPrecondition as refused:
                 # The session holds other bytes than we thought (a write whose answer was
                 # lost): the error says where it stands; go on from there.
-                committed = refused.details.metadata.get("offset", "")
-                if (
-                    attempt == RESUME_ATTEMPTS
-                    or refused.reason != "UPLOAD_OFFSET_MISMATCH"
-                    or not committed.isdigit()
-                ):
+                committed = committed_offset(refused.details)
+                if attempt == RESUME_ATTEMPTS or committed is None:
                     raise
-                offset = int(committed)
+                offset = committed
         if offset != size:
             raise DataLoss(f"blob {digest}: the source ends after {offset} bytes, expected {size}")
 
