@@ -26,6 +26,7 @@ from berth.errors import BerthClientError, InvalidArgumentError
 from berth.node.v1 import node_pb2
 from berth.types.v1 import container_pb2 as pb
 from berthd.common.errors import InvalidArgument
+from berthd.common.streaming import session_start
 from berthd.node.attach import (
     CloseStdin,
     Detached,
@@ -39,7 +40,6 @@ from berthd.node.attach import (
 )
 from berthd.node.process_messages import (
     exec_options,
-    first_request,
     inputs,
     process_input,
     process_output,
@@ -146,7 +146,7 @@ async def test_request_streams() -> None:
         node_pb2.ExecRequest(input=pb.ProcessInput()),
         node_pb2.ExecRequest(input=pb.ProcessInput(close_stdin=True)),
     )
-    first = await first_request(stream, "Exec")
+    first = await session_start(stream, "Exec")
     assert exec_options(first).tty and (exec_options(first).rows, exec_options(first).columns) == (
         24,
         80,
@@ -154,9 +154,9 @@ async def test_request_streams() -> None:
     assert [e async for e in inputs(stream, "Exec")] == [Stdin(b"a"), CloseStdin()]
 
     with pytest.raises(InvalidArgument, match="first Exec message must be the start"):
-        await first_request(requests(node_pb2.ExecRequest(input=pb.ProcessInput())), "Exec")
+        await session_start(requests(node_pb2.ExecRequest(input=pb.ProcessInput())), "Exec")
     with pytest.raises(InvalidArgument, match="first Exec message"):
-        await first_request(requests(), "Exec")
+        await session_start(requests(), "Exec")
     again = requests(node_pb2.ExecRequest(start=start))
     with pytest.raises(InvalidArgument, match="only the first"):
         _ = [e async for e in inputs(again, "Exec")]

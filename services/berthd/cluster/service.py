@@ -39,6 +39,7 @@ from berthd.common.messages import duration, timestamp
 from berthd.common.pages import paginate
 from berthd.common.rpc.node import NodeApi
 from berthd.common.state.containers import ContainerStatus
+from berthd.common.streaming import session_inputs, session_start
 
 Context = grpc.aio.ServicerContext
 
@@ -392,22 +393,18 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         """Relay an interactive session (Exec, AttachContainer) to the container's node: the
         first message starts it and names the container anywhere in the cluster (the node is
         given its id), every later one is input."""
-        first = await anext(aiter(requests), None)
-        if first is None or first.WhichOneof("request") != "start":
-            raise InvalidArgument(f"the first {method} message must be the start", field="start")
-        view = await self.core.inspect(first.start.container)
+        asked = await session_start(requests, method)
+        view = await self.core.inspect(asked.container)
         if created:
             view = await self.core.created(view)
-        start = type(first.start)()
-        start.CopyFrom(first.start)
+        start = type(asked)()
+        start.CopyFrom(asked)
         start.container = view.id
 
         async def forward() -> AsyncIterator[Any]:
             yield node_request(start=start)
-            async for message in requests:
-                if message.WhichOneof("request") == "start":
-                    raise InvalidArgument(f"only the first {method} message may be the start")
-                yield node_request(input=message.input)
+            async for message in session_inputs(requests, method):
+                yield node_request(input=message)
 
         node = await self._node(view)
         async with contextlib.aclosing(node.stream(method, forward())) as outputs:

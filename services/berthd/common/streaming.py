@@ -1,5 +1,6 @@
 """Turn a long operation that reports progress through a callback into a server stream; read
-the bytes of a client stream; run jobs a few at a time.
+the bytes of a client stream; split a session's requests (a `start`, then `input`s); run jobs
+a few at a time.
 
 Core functions take a `progress(event)` callback and return a result; a streaming RPC wants
 an async iterator of events followed by the result. `progress_stream` bridges the two, from
@@ -14,9 +15,9 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from berthd.common.errors import ResourceExhausted
+from berthd.common.errors import InvalidArgument, ResourceExhausted
 
 E = TypeVar("E")
 R = TypeVar("R")
@@ -79,6 +80,26 @@ async def spool_upload(
                 raise ResourceExhausted(too_large)
             await asyncio.to_thread(out.write, chunk)
     return size
+
+
+async def session_start(requests: AsyncIterator[Any], rpc: str) -> Any:
+    """The `start` of a session's request stream (Exec, AttachContainer: a `oneof request` of
+    `start`, then `input`s); INVALID_ARGUMENT when the stream begins otherwise."""
+    first = await anext(aiter(requests), None)
+    if first is None or first.WhichOneof("request") != "start":
+        raise InvalidArgument(f"the first {rpc} message must be the start", field="start")
+    return first.start
+
+
+async def session_inputs(requests: AsyncIterator[Any], rpc: str) -> AsyncIterator[Any]:
+    """The `input`s that follow the start (berth.types.v1.ProcessInput); a second start is
+    INVALID_ARGUMENT."""
+    async for request in requests:
+        kind = request.WhichOneof("request")
+        if kind == "start":
+            raise InvalidArgument(f"only the first {rpc} message may be the start", field="start")
+        if kind == "input":
+            yield request.input
 
 
 async def run_limited(jobs: Iterable[Callable[[], Awaitable[object]]], limit: int) -> None:

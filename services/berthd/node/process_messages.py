@@ -1,5 +1,5 @@
 """berth.types.v1 ProcessInput / ProcessOutput <-> the node's attach events (berthd.node.attach),
-and the request streams of Exec and AttachContainer (a `start` first, then `input`s)."""
+and the input events of an Exec or AttachContainer request stream."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from berth.types.v1 import container_pb2 as pb
-from berthd.common.errors import InvalidArgument
+from berthd.common.streaming import session_inputs
 from berthd.node.attach import (
     CloseStdin,
     Detached,
@@ -47,21 +47,10 @@ def process_output(event: Event) -> pb.ProcessOutput:
     raise TypeError(f"not a process event: {event!r}")
 
 
-async def first_request(requests: AsyncIterator[Any], rpc: str) -> Any:
-    """The `start` of an Exec or AttachContainer request stream."""
-    first = await anext(aiter(requests), None)
-    if first is None or first.WhichOneof("request") != "start":
-        raise InvalidArgument(f"the first {rpc} message must be the start", field="start")
-    return first.start
-
-
 async def inputs(requests: AsyncIterator[Any], rpc: str) -> AsyncIterator[Input]:
-    """The `input`s that follow the start; a second start is refused."""
-    async for request in requests:
-        kind = request.WhichOneof("request")
-        if kind == "start":
-            raise InvalidArgument(f"only the first {rpc} message may be the start", field="start")
-        if kind == "input" and (event := process_input(request.input)) is not None:
+    """The input events that follow the start; a second start is refused."""
+    async for message in session_inputs(requests, rpc):
+        if (event := process_input(message)) is not None:
             yield event
 
 

@@ -20,11 +20,11 @@ from berthd.common.containers import from_spec, to_spec
 from berthd.common.errors import InvalidArgument
 from berthd.common.messages import progress, timestamp
 from berthd.common.pages import paginate
-from berthd.common.streaming import Done, progress_stream
+from berthd.common.streaming import Done, progress_stream, session_start
 from berthd.node.agent import NodeAgent
 from berthd.node.attach import attach_container, detach_sequence, exec_session, relay
 from berthd.node.layers import ImageRecord
-from berthd.node.process_messages import exec_options, first_request, inputs, process_output
+from berthd.node.process_messages import exec_options, inputs, process_output
 from berthd.node.records import ContainerRecord
 
 Context = grpc.aio.ServicerContext
@@ -190,7 +190,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def Exec(
         self, request_iterator: AsyncIterator[pb.ExecRequest], context: Context
     ) -> AsyncIterator[pb.ExecResponse]:
-        process = await first_request(request_iterator, "Exec")
+        process = await session_start(request_iterator, "Exec")
         detach_keys = detach_sequence(process.detach_keys, process.tty)
         session = await exec_session(self.agent, exec_options(process))
         events = relay(session, inputs(request_iterator, "Exec"), detach_keys)
@@ -201,7 +201,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def AttachContainer(
         self, request_iterator: AsyncIterator[pb.AttachContainerRequest], context: Context
     ) -> AsyncIterator[pb.AttachContainerResponse]:
-        options = await first_request(request_iterator, "AttachContainer")
+        options = await session_start(request_iterator, "AttachContainer")
         session = attach_container(
             self.agent, options.container, logs=options.logs, stdin=options.stdin
         )
