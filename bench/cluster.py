@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -307,13 +308,17 @@ def latency(cluster: Cluster, samples: int) -> dict[int, dict[str, float]]:
             placed = [cluster.stub.RunContainer(cpb.RunContainerRequest(spec=spec(["true"])))]
             sum0 = scrape(cluster.metrics, "berth_cluster_scheduling_seconds_sum")
             count0 = scrape(cluster.metrics, "berth_cluster_scheduling_seconds_count")
-            rtts = []
-            for _ in range(samples):
+            # Every other call carries a request_id, as berth's own clients send one: the
+            # difference is what idempotency costs (an etcd lease, a claim, the stored reply).
+            rtts: list[float] = []
+            keyed: list[float] = []
+            for i in range(samples):
+                request = cpb.RunContainerRequest(spec=spec(["true"]))
+                if i % 2:
+                    request.request_id = uuid.uuid4().hex
                 began = time.perf_counter()
-                reply = cluster.stub.RunContainer(
-                    cpb.RunContainerRequest(spec=spec(["true"])), timeout=30
-                )
-                rtts.append(time.perf_counter() - began)
+                reply = cluster.stub.RunContainer(request, timeout=30)
+                (keyed if i % 2 else rtts).append(time.perf_counter() - began)
                 placed.append(reply)
                 if reply.container.node_id in real:
                     raise BenchError(f"placed on cordoned {reply.container.node_id}")
@@ -322,12 +327,14 @@ def latency(cluster: Cluster, samples: int) -> dict[int, dict[str, float]]:
             used = len({r.container.node_id for r in placed})
             results[size] = {
                 "median": statistics.median(rtts),
+                "keyed": statistics.median(keyed),
                 "p95": pct(rtts, 0.95),
                 "server": (sum1 - sum0) / (count1 - count0) if count1 > count0 else 0.0,
                 "registered": float(size + len(real)),
             }
             print(
                 f"{size:3} schedulable nodes: RunContainer median {ms(results[size]['median'])} ms"
+                f" ({ms(results[size]['keyed'])} ms with a request_id)"
                 f", p95 {ms(results[size]['p95'])} ms, scheduler {ms(results[size]['server'])}"
                 f" ms/placement; {samples} placements over {used} nodes",
                 flush=True,
@@ -383,14 +390,14 @@ def report(args: argparse.Namespace, figures: dict) -> None:
     if "latency" in figures:
         header = (
             f"{'schedulable nodes':>18}{'registered':>12}{'RunContainer ms':>17}{'p95 ms':>9}"
-            f"{'scheduler ms':>14}"
+            f"{'scheduler ms':>14}{'with request_id ms':>20}"
         )
         print(header)
         print("-" * len(header))
         for size, row in figures["latency"].items():
             print(
                 f"{size:>18}{int(row['registered']):>12}{ms(row['median']):>17}"
-                f"{ms(row['p95']):>9}{ms(row['server']):>14}"
+                f"{ms(row['p95']):>9}{ms(row['server']):>14}{ms(row['keyed']):>20}"
             )
 
 
