@@ -2,13 +2,16 @@
 
 A client that retries `RunContainer` after a lost answer must not run a second container. The
 first call with a `request_id` claims `requests/<scope>/<request_id>` in etcd; when it
-succeeds, its response (serialized protobuf) replaces the claim, under a lease of `TTL`
-seconds. A later call with the same id gets that response back; one that arrives while the
-first is in flight gets ABORTED. A failed call releases its claim, so the retry does the work.
+succeeds, its response (serialized protobuf) replaces the claim. Keys expire with a lease
+the hour's keys share, so a response is kept at least `TTL` seconds. A later call with the
+same id gets that response back; one that arrives while the first is in flight gets ABORTED.
+A failed call releases its claim, so the retry does the work.
 """
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -23,6 +26,8 @@ TTL = 24 * 3600
 CLAIM = b"claim"
 DONE = b"done:"
 MAX_REQUEST_ID = 128
+LEASE_REUSE = 3600
+_leases: weakref.WeakKeyDictionary[Store, tuple[int, float]] = weakref.WeakKeyDictionary()
 
 Response = TypeVar("Response", bound=Message)
 
@@ -47,9 +52,7 @@ async def once(
             field="request_id",
         )
     key = _key(scope, request_id)
-    lease = await store.grant_lease(TTL)
-    if not await store.create(key, CLAIM, lease=lease):
-        await store.revoke_lease(lease)
+    if not await store.create(key, CLAIM, lease=await _lease(store)):
         entry = await store.get(key)
         if entry is not None and entry.value.startswith(DONE):
             return response_type.FromString(entry.value[len(DONE) :])
@@ -61,7 +64,19 @@ async def once(
     try:
         response = await work()
     except BaseException:
-        await store.revoke_lease(lease)  # releases the claim: a retry does the work
+        await store.delete(key)  # releases the claim: a retry does the work
         raise
-    await store.put(key, DONE + response.SerializeToString(), lease=lease)
+    await store.put(key, DONE + response.SerializeToString(), lease=await _lease(store))
     return response
+
+
+async def _lease(store: Store) -> int:
+    """The lease the keys of this hour share: one grant an hour instead of one per call (an
+    etcd write on RunContainer's path). It lives TTL + LEASE_REUSE seconds, so a key lives at
+    least TTL."""
+    held = _leases.get(store)
+    now = time.monotonic()
+    if held is None or now - held[1] > LEASE_REUSE:
+        held = (await store.grant_lease(TTL + LEASE_REUSE), now)
+        _leases[store] = held
+    return held[0]
