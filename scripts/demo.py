@@ -137,6 +137,28 @@ class Demo:
         # Plaintext HTTP/2 to the same port: the server takes it for a broken TLS handshake.
         self.run(["curl", "-sS", "--http2-prior-knowledge", f"http://{address}/"], fails=True)
 
+    def access_steps(self, cluster: dict) -> None:
+        """People and programs log in with tokens that carry a role: a reader may look around,
+        and is refused anything that changes the cluster."""
+        self.heading("A token with the reader role may look, and is refused what it may not do")
+        token = self.berth(
+            "token", "create", "--name", "demo-reader", "--role", "reader", "-q", capture=True
+        ).strip()
+        saved = dict(self.env)
+        # The reader's program: the token, and the cluster's public port (no client certificate).
+        self.env["BERTH_TOKEN"] = token
+        self.env["BERTH_HOST"] = cluster["services"]["cluster"]["public_address"]
+        print(
+            f"(with BERTH_TOKEN=berth_… and BERTH_HOST={self.env['BERTH_HOST']}, the public port)"
+        )
+        try:
+            self.berth("node", "ls")
+            self.berth("node", "drain", VICTIM, fails=True)
+            self.berth("token", "ls", fails=True)
+        finally:
+            self.env = saved
+        self.berth("token", "rm", "demo-reader")
+
     def berthd(self, *args: str) -> str:
         return self.run([str(BIN / "berthd"), *args, *self.state_args()])
 
@@ -167,6 +189,7 @@ class Demo:
         print(f"(the commands below run with {' '.join(f'{k}={v}' for k, v in exported.items())})")
 
         self.tls_steps(host["address"], Path(cluster["state_dir"]))
+        self.access_steps(cluster)
         work = Path(tempfile.mkdtemp(prefix="berth-demo-"))
         try:
             self.image_steps(work)

@@ -68,7 +68,9 @@ STOP_TIMEOUT = 15.0
 # Node agents started by `up` hold short leases, so a killed node is noticed within seconds.
 DEFAULT_NODE_LEASE_TTL = 3
 MAX_NODES = 100
-# Ports base+10 .. base+39 are kept for the services (15 of them); extra node agents sit above.
+# Ports base+10 .. base+29 are kept for the services (10 of them), base+30 .. base+39 for their
+# public ports; extra node agents sit above.
+PUBLIC_PORTS_OFFSET = 30
 EXTRA_NODES_OFFSET = 40
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -78,8 +80,8 @@ class Ports:
     """Every port is an offset from one base, so a second cluster needs one flag.
 
     etcd client N, etcd peer N+1; berth service i (in SERVICES order) N+10+2i (gRPC) and
-    N+11+2i (metrics); node-1 is the "node" service; node-K (K >= 2) N+40+2(K-2) and
-    N+41+2(K-2).
+    N+11+2i (metrics), and N+30+i its public port (token and anonymous callers; node agents
+    have none); node-1 is the "node" service; node-K (K >= 2) N+40+2(K-2) and N+41+2(K-2).
     """
 
     base: int
@@ -96,6 +98,10 @@ class Ports:
         """(gRPC port, metrics port) of the index-th berth service."""
         return self.base + 10 + 2 * index, self.base + 11 + 2 * index
 
+    def public(self, index: int) -> int:
+        """The public port of the index-th berth service."""
+        return self.base + PUBLIC_PORTS_OFFSET + index
+
     def node(self, number: int) -> tuple[int, int]:
         """(gRPC port, metrics port) of node agent `node-<number>`, from 1."""
         if number == 1:
@@ -105,8 +111,10 @@ class Ports:
 
     def all(self, nodes: int) -> list[int]:
         wanted = [self.etcd, self.etcd_peer]
-        for index in range(len(SERVICES)):
+        for index, name in enumerate(SERVICES):
             wanted += self.service(index)
+            if name != "node":
+                wanted.append(self.public(index))
         for number in range(2, nodes + 1):
             wanted += self.node(number)
         return wanted
@@ -233,6 +241,10 @@ def _wait_for(
 LONG_LIFETIME = datetime.timedelta(days=90)
 
 
+# In <state>/tls with the other keys; only the cluster service reads it.
+SECRETS_KEY = "secrets.key"
+
+
 def tls_dir(state: Path) -> Path:
     return state / TLS_DIR
 
@@ -248,7 +260,17 @@ def ensure_tls(state: Path) -> CertificateAuthority:
     ca = ensure_ca(directory)
     _ensure_cert(ca, directory, "etcd", "service:etcd", LONG_LIFETIME)
     _ensure_cert(ca, directory, "client", "user:admin", LONG_LIFETIME)
+    _ensure_secrets_key(directory / SECRETS_KEY)
     return ca
+
+
+def _ensure_secrets_key(path: Path) -> None:
+    """The key the cluster encrypts secrets with (32 random bytes, mode 0600), made once: a
+    new key would leave every stored secret unreadable."""
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(os.urandom(32))
 
 
 def _ensure_cert(
@@ -275,6 +297,8 @@ def use_state_credentials(state: Path) -> None:
     os.environ["BERTH_TLS_CA"] = str(directory / CA_FILE)
     os.environ["BERTH_TLS_CERT"] = str(directory / CLIENT_CERT)
     os.environ["BERTH_TLS_KEY"] = str(directory / CLIENT_KEY)
+    # The administrator's certificate, not a token someone logged in with.
+    os.environ["BERTH_TOKEN"] = ""
 
 
 def _grpc_healthy(address: str, timeout: float = 1.0) -> bool:
@@ -367,6 +391,7 @@ class Starting:
         info = json.loads(self.ready.read_text())
         return {
             "address": info["address"],
+            **({"public_address": info["public_address"]} if info.get("public_address") else {}),
             "metrics": info["metrics"],
             "pid": self.proc.pid,
             "marker": f"--ready-file={self.ready}",
@@ -414,6 +439,10 @@ def start_service(name: str, index: int, state: Path, ports: Ports, etcd: str) -
     # Each service keeps its data in its own folder of the state directory; the cluster keeps
     # everything in etcd.
     extra = [] if name == "cluster" else [f"--data-dir={state / name}"]
+    if name == "cluster":
+        extra.append(f"--secrets-key={tls_dir(state) / SECRETS_KEY}")
+    # Token callers and anonymous pulls come in on the public port (no client certificate).
+    extra.append(f"--public-listen=127.0.0.1:{ports.public(index)}")
     return _spawn_berthd(name, name, state, ports.service(index), etcd, extra).wait()
 
 
@@ -493,7 +522,10 @@ def exports(cluster: dict) -> list[str]:
 def _print_cluster(cluster: dict) -> None:
     print(f"{'etcd':10} {cluster['etcd']['endpoint']:22} pid {cluster['etcd']['pid']}")
     for name, info in processes(cluster):
-        print(f"{name:10} {info['address']:22} pid {info['pid']}  metrics {info['metrics']}")
+        public = f"  public {info['public_address']}" if info.get("public_address") else ""
+        print(
+            f"{name:10} {info['address']:22} pid {info['pid']}  metrics {info['metrics']}{public}"
+        )
     print()
     print("\n".join(exports(cluster)))
 

@@ -104,7 +104,14 @@ class ClusterCA:
         ]
 
 
-TLS_ENV = ("BERTH_TLS_CA", "BERTH_TLS_CA_KEY", "BERTH_TLS_CERT", "BERTH_TLS_KEY")
+TLS_ENV = (
+    "BERTH_TLS_CA",
+    "BERTH_TLS_CA_KEY",
+    "BERTH_TLS_CERT",
+    "BERTH_TLS_KEY",
+    "BERTH_AUTH_FILE",
+    "BERTH_TOKEN",
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -113,14 +120,18 @@ def cluster_ca(tmp_path_factory) -> Iterator[ClusterCA]:
     ca = CertificateAuthority.create("berth test CA")
     ca.save(directory)
     files = ClusterCA(directory, ca)
-    client = files.issue("client", "user:test")
+    # The tests act as the cluster's administrator unless a test says otherwise.
+    client = files.issue("client", "user:admin")
     saved = {name: os.environ.get(name) for name in TLS_ENV}
     os.environ.update(
         BERTH_TLS_CA=str(files.ca_cert),
         BERTH_TLS_CA_KEY=str(files.ca_key),
         BERTH_TLS_CERT=str(client),
         BERTH_TLS_KEY=str(client.with_suffix(".key")),
+        # No token this machine's user logged in with speaks for the tests.
+        BERTH_AUTH_FILE=str(directory / "auth.json"),
     )
+    os.environ.pop("BERTH_TOKEN", None)
     yield files
     for name, value in saved.items():
         if value is None:
@@ -186,6 +197,8 @@ class ServiceProcess:
     address: str
     metrics: str
     log: Path
+    # The port for callers without a client certificate (tokens, anonymous).
+    public_address: str = ""
 
     def stop(self) -> int:
         stop_process(self.proc)
@@ -212,6 +225,7 @@ class Services:
                 "berthd.main",
                 service,
                 "--listen=127.0.0.1:0",
+                "--public-listen=127.0.0.1:0",
                 "--metrics-listen=127.0.0.1:0",
                 f"--etcd={self.etcd}",
                 f"--etcd-prefix={self.prefix}",
@@ -228,7 +242,9 @@ class Services:
             stop_process(proc)
             raise RuntimeError(f"{service} failed to start:\n{log.read_text()[-3000:]}") from None
         info = json.loads(ready.read_text())
-        started = ServiceProcess(service, proc, info["address"], info["metrics"], log)
+        started = ServiceProcess(
+            service, proc, info["address"], info["metrics"], log, info.get("public_address", "")
+        )
         self.started.append(started)
         return started
 

@@ -18,6 +18,7 @@ from berth.tls import secure_channel
 from .images import busybox_layer, push_image
 
 BERTHD = [sys.executable, "-m", "berthd.main"]
+BERTH = [sys.executable, "-m", "berth"]
 
 
 def free_base_port(nodes: int = 1) -> int:
@@ -74,8 +75,14 @@ def test_up_status_down(tmp_path: Path) -> None:
 
         tls = state / "tls"
         made = {"ca", "client", "etcd", "registry", "node-1", "cluster", "image", "builder"}
-        assert {p.stem for p in tls.iterdir()} == made
+        assert {p.stem for p in tls.iterdir()} == made | {"secrets"}
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in tls.iterdir())
+        assert len((tls / "secrets.key").read_bytes()) == 32
+        # The cluster got the key: secrets can be made with no flag.
+        value = tmp_path / "value"
+        value.write_text("s3cret")
+        created = run([*BERTH, "secret", "create", "pw", str(value)], env, own_tls=True)
+        assert created.returncode == 0 and len(created.stdout.strip()) == 25, created.stderr
         session_ca = Path(os.environ["BERTH_TLS_CA"]).read_bytes()
         assert (tls / "ca.crt").read_bytes() != session_ca  # a CA of its own
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_localcluster import BERTHD, free_base_port, run
+from .test_localcluster import BERTH, BERTHD, free_base_port, run
 
 CLIENT = Path(__file__).resolve().parents[1] / "clients" / "node"
 
@@ -27,7 +27,13 @@ def test_node_client_against_a_live_cluster(tmp_path: Path) -> None:
     try:
         assert started.returncode == 0, started.stderr
         cluster = json.loads((state / "cluster.json").read_text())
-        address = cluster["services"]["cluster"]["address"]
+        # The client is a developer's program: a developer token, on the public ports.
+        created = run(
+            [*BERTH, "token", "create", "--name", "node-client", "--role", "developer", "-q"], env
+        )
+        assert created.returncode == 0, created.stderr
+        token = created.stdout.strip()
+        address = cluster["services"]["cluster"]["public_address"]
         result = subprocess.run(
             [node, "--test", "--test-concurrency=1", *map(str, sorted(CLIENT.glob("*.test.mjs")))],
             capture_output=True,
@@ -38,10 +44,9 @@ def test_node_client_against_a_live_cluster(tmp_path: Path) -> None:
                 "PATH": "/usr/bin:/bin",
                 "BERTH_CLUSTER": address,
                 "BUSYBOX": _busybox(),
-                # The files `berthd up` wrote: the CA and the admin's client certificate.
+                # The CA file `berthd up` wrote, and the token: no client certificate.
                 "BERTH_TLS_CA": str(state / "tls" / "ca.crt"),
-                "BERTH_TLS_CERT": str(state / "tls" / "client.crt"),
-                "BERTH_TLS_KEY": str(state / "tls" / "client.key"),
+                "BERTH_TOKEN": token,
             },
         )
         sys.stdout.write(result.stdout[-6000:])

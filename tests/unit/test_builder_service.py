@@ -27,8 +27,17 @@ from berthd.builder.service import BuilderServicer
 from berthd.common.errors import NotFound
 from berthd.common.interceptor import ObservabilityInterceptor
 from berthd.common.oci.manifest import Descriptor
+from berthd.common.security.authorize import Authorizer
+from berthd.common.security.principal import Principal, from_certificate
 
 DIGEST = "sha256:" + "e" * 64
+
+
+class AsAdmin(Authorizer):
+    """This plaintext test server treats every caller as the administrator."""
+
+    async def principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        return from_certificate("user:admin")
 
 
 def tar_of(files: dict[str, bytes]) -> bytes:
@@ -156,7 +165,7 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
         max_context_bytes=64 * 1024,
         max_context_files=100,
     )
-    grpc_server = grpc.aio.server(interceptors=[ObservabilityInterceptor("builder")])
+    grpc_server = grpc.aio.server(interceptors=[ObservabilityInterceptor("builder", AsAdmin(None))])
     builder_pb2_grpc.add_BuilderServiceServicer_to_server(BuilderServicer(builder), grpc_server)
     port = grpc_server.add_insecure_port("127.0.0.1:0")
     await grpc_server.start()

@@ -66,6 +66,10 @@ def test_registry_subcommands() -> None:
     )
     args = parser.parse_args(["registry", "set", "lib/x", "--description", "d", "--label", "k=v"])
     assert (args.description, dict(args.label), args.replace_labels) == ("d", {"k": "v"}, False)
+    assert args.visibility is None
+    assert parser.parse_args(["registry", "set", "lib/x", "--visibility", "public"]).visibility == (
+        "public"
+    )
     args = parser.parse_args(["registry", "gc", "--dry-run", "--grace", "10m"])
     assert (args.dry_run, args.grace) == (True, 600)
     assert parser.parse_args(["registry", "gc"]).grace is None
@@ -136,6 +140,7 @@ def test_parse_image_reference_rejects(text: str) -> None:
         (["frobnicate"], "invalid choice"),
         (["registry", "tags", "Upper/Case"], "invalid repository name"),
         (["registry", "set", "lib/x", "--registry", UNREACHABLE], "nothing to change"),
+        (["registry", "set", "lib/x", "--visibility", "open"], "invalid choice: 'open'"),
         (["oci", "push", "/nonexistent/layout:v1", "lib/x"], "no OCI layout at /nonexistent"),
         (["oci", "pull", "lib/x", "dir:bad ref"], "invalid layout reference"),
     ],

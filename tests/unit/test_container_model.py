@@ -15,6 +15,7 @@ from berth.containers import (
     ContainerConfig,
     InvalidContainerConfig,
     MountSpec,
+    SecretReference,
     SecurityOptions,
     capabilities,
     from_spec,
@@ -50,6 +51,7 @@ FULL = ContainerConfig(
     cap_drop=["cap_mknod"],
     security_opt=["seccomp=unconfined", "no-new-privileges=false"],
     userns="host",
+    secrets=[SecretReference("db-pass"), SecretReference("tls.key", "key.pem", 0o400, 70, 70)],
 )
 # What berthd.common.containers wrote before the model moved to the client package: etcd
 # records (cluster/containers/<id>, cluster/services/<id>) and every node's container.json.
@@ -64,14 +66,17 @@ FULL_JSON = (
     '"tty":true,"stdin_open":true,'  # added with interactive containers
     # added with the security options
     '"cap_add":["NET_ADMIN"],"cap_drop":["cap_mknod"],'
-    '"security_opt":["seccomp=unconfined","no-new-privileges=false"],"userns":"host"}'
+    '"security_opt":["seccomp=unconfined","no-new-privileges=false"],"userns":"host",'
+    # added with secrets
+    '"secrets":[{"name":"db-pass","target":"","mode":0,"uid":0,"gid":0},'
+    '{"name":"tls.key","target":"key.pem","mode":256,"uid":70,"gid":70}]}'
 )
 DEFAULT_JSON = (
     '{"image":"busybox","name":"","entrypoint":[],"command":[],"env":[],"working_dir":"",'
     '"user":"","hostname":"","labels":{},"mounts":[],"read_only_rootfs":false,'
     '"memory_bytes":0,"cpu_millis":0,"cpu_shares":0,"pids_limit":0,"restart_policy":"no",'
     '"restart_max_retries":0,"network_mode":"none","tty":false,"stdin_open":false,'
-    '"cap_add":[],"cap_drop":[],"security_opt":[],"userns":""}'
+    '"cap_add":[],"cap_drop":[],"security_opt":[],"userns":"","secrets":[]}'
 )
 
 
@@ -333,6 +338,44 @@ def test_security_options_read_dockers_syntax() -> None:
     ],
 )
 def test_bad_security_options_are_refused(fields: dict[str, Any], message: str) -> None:
+    config = ContainerConfig("busybox", **fields)
+    with pytest.raises(InvalidContainerConfig, match=re.escape(message)):
+        config.validate()
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        server.validate(config)
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+
+def test_a_secret_reference_defaults_to_its_name_and_0444() -> None:
+    assert (SecretReference("db").file_name, SecretReference("db").file_mode) == ("db", 0o444)
+    named = SecretReference("db", "pw", 0o400)
+    assert (named.file_name, named.file_mode) == ("pw", 0o400)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"secrets": [SecretReference("-db")]}, 'invalid secret name "-db": use letters'),
+        ({"secrets": [SecretReference("a" * 65)]}, "at most 64 characters"),
+        ({"secrets": [SecretReference("")]}, "a secret name is required"),
+        ({"secrets": [SecretReference("db", "a/b")]}, 'invalid target "a/b": expected a file'),
+        ({"secrets": [SecretReference("db", "..")]}, 'invalid target ".."'),
+        (
+            {"secrets": [SecretReference("db"), SecretReference("pw", "db")]},
+            'duplicate secret target "/run/secrets/db"',
+        ),
+        ({"secrets": [SecretReference("db", mode=0o1777)]}, "mode 0o1777 is invalid"),
+        ({"secrets": [SecretReference("db", uid=-1)]}, 'secret "db" uid must not be negative'),
+        (
+            {"secrets": [SecretReference("db")], "mounts": [MountSpec("/x", "/run/secrets")]},
+            'mount target "/run/secrets" conflicts with the container\'s secrets',
+        ),
+        ({"secrets": ["db"]}, "secrets must be a list of secret references"),
+    ],
+)
+def test_bad_secret_references_are_refused(fields: dict[str, Any], message: str) -> None:
     config = ContainerConfig("busybox", **fields)
     with pytest.raises(InvalidContainerConfig, match=re.escape(message)):
         config.validate()

@@ -15,7 +15,7 @@ from google.protobuf.descriptor import (
 )
 
 from berth.builder.v1 import builder_pb2
-from berth.cluster.v1 import cluster_pb2
+from berth.cluster.v1 import cluster_pb2, secrets_pb2
 from berth.image.v1 import image_pb2
 from berth.node.v1 import node_pb2
 from berth.registry.v1 import registry_pb2
@@ -27,6 +27,7 @@ FILES: list[FileDescriptor] = [
     for m in (
         builder_pb2,
         cluster_pb2,
+        secrets_pb2,
         image_pb2,
         node_pb2,
         registry_pb2,
@@ -73,6 +74,7 @@ def test_the_walk_sees_every_service() -> None:
     assert names == {
         "berth.builder.v1.BuilderService",
         "berth.cluster.v1.ClusterService",
+        "berth.cluster.v1.SecretService",
         "berth.image.v1.ImageService",
         "berth.node.v1.NodeService",
         "berth.registry.v1.RegistryService",

@@ -10,9 +10,10 @@ from berth.enums import containers as container_enums
 from berth.enums import image as image_enums
 from berth.enums import node as node_enums
 from berth.enums import progress as progress_enums
+from berth.enums import registry as registry_enums
 from berth.types.v1 import container_pb2
 
-MODULES = (container_enums, node_enums, cluster_enums, image_enums, progress_enums)
+MODULES = (container_enums, node_enums, cluster_enums, image_enums, progress_enums, registry_enums)
 TABLES: list[EnumTable] = [t for m in MODULES for t in m.TABLES]
 WORDINGS: list[Wording] = [w for m in MODULES for w in getattr(m, "WORDINGS", ())]
 
@@ -76,6 +77,7 @@ def test_names_users_type_stay_as_they_were() -> None:
     assert container_enums.NETWORK_MODES.names == ("none", "host")
     assert image_enums.ARCHIVE_FORMATS.names == ("docker-archive", "oci-archive")
     assert cluster_enums.NODE_STATES.names == ("ready", "down")
+    assert registry_enums.VISIBILITIES.names == ("private", "public")
     assert node_enums.CHANGE_KINDS.names == ("A", "C", "D")
     states = progress_enums.PROGRESS_STATES
     assert {"running", "cached", "done", "failed"} <= set(states.names)

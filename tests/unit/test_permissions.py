@@ -3,7 +3,10 @@ gives each role and identity what the security model says (docs/api.md, issue "S
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 from google.protobuf.descriptor import MethodDescriptor
@@ -18,20 +21,38 @@ from berth.registry.v1 import registry_pb2
 from berthd.common.security.permissions import (
     IDENTITIES,
     METHODS,
+    REPOSITORY_PERMISSIONS,
     ROLES,
+    UPLOAD,
     Permission,
     Role,
     permissions_of,
     rule_for,
 )
 
-SERVED = (builder_pb2, cluster_pb2, image_pb2, node_pb2, registry_pb2, health_pb2)
+PROTOS = Path(__file__).resolve().parents[2] / "protos"
+
+
+def berth_proto_modules() -> list[ModuleType]:
+    """The generated module of every .proto file in protos/: a new file is walked too."""
+    modules = []
+    for path in sorted(PROTOS.rglob("*.proto")):
+        name = str(path.relative_to(PROTOS).with_suffix("")).replace("/", ".")
+        modules.append(importlib.import_module(f"{name}_pb2"))
+    return modules
 
 
 def served_methods() -> Iterator[MethodDescriptor]:
-    for module in SERVED:
+    for module in [*berth_proto_modules(), health_pb2]:
         for service in module.DESCRIPTOR.services_by_name.values():
             yield from service.methods
+
+
+def test_the_walk_sees_every_service() -> None:
+    services = {m.containing_service.full_name for m in served_methods()}
+    for module in (builder_pb2, cluster_pb2, image_pb2, node_pb2, registry_pb2):
+        assert set(module.DESCRIPTOR.services_by_name) <= {s.rpartition(".")[2] for s in services}
+    assert "berth.cluster.v1.AccessService" in services
 
 
 def full_name(method: MethodDescriptor) -> str:
@@ -54,15 +75,23 @@ def test_every_rpc_of_every_service_has_a_rule() -> None:
 def test_repository_fields_exist_in_their_requests() -> None:
     for method in served_methods():
         rule = METHODS[full_name(method)]
-        if rule.repository and rule.repository != "upload":
-            assert rule.repository in method.input_type.fields_by_name, full_name(method)
+        if rule.repository and rule.repository != UPLOAD:
+            message = method.input_type
+            for part in rule.repository.split("."):
+                assert part in message.fields_by_name, full_name(method)
+                message = message.fields_by_name[part].message_type or message
         if rule.repository:
-            assert rule.permission.value.startswith("repository:"), full_name(method)
+            assert rule.repository_permission in REPOSITORY_PERMISSIONS, full_name(method)
 
 
-def test_only_health_is_public_and_reflection_needs_a_credential() -> None:
+def test_only_health_whoami_and_joining_are_public_and_reflection_needs_a_credential() -> None:
     public = sorted(n for n, r in METHODS.items() if r.permission == Permission.PUBLIC)
-    assert public == [f"/grpc.health.v1.Health/{m}" for m in ("Check", "List", "Watch")]
+    assert public == [
+        "/berth.cluster.v1.AccessService/GetIdentity",
+        # The join token in the request is the credential of a node without a certificate.
+        "/berth.cluster.v1.JoinService/JoinNode",
+        *(f"/grpc.health.v1.Health/{m}" for m in ("Check", "List", "Watch")),
+    ]
     assert rule_for("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo").permission != (
         Permission.PUBLIC
     )
@@ -71,6 +100,8 @@ def test_only_health_is_public_and_reflection_needs_a_credential() -> None:
 
 @pytest.mark.parametrize("name", sorted(n for n, r in METHODS.items() if r.mutates))
 def test_a_reader_may_call_no_mutating_rpc(name: str) -> None:
+    if name == "/berth.cluster.v1.JoinService/JoinNode":
+        return  # checked against its join token, not a role
     assert METHODS[name].permission not in ROLES[Role.READER]
 
 
@@ -87,4 +118,24 @@ def test_roles_and_identities() -> None:
     assert Permission.CONTAINER_WRITE not in node
     # Only services and admins reach a node agent.
     may_drive_nodes = sorted(k for k, p in IDENTITIES.items() if Permission.NODE_AGENT in p)
-    assert may_drive_nodes == ["service:cluster", "service:image"]
+    # The builder runs RUN steps on a node; the image service exports a committed layer.
+    assert may_drive_nodes == ["service:builder", "service:cluster", "service:image"]
+
+
+def test_the_roles_table_in_the_docs_is_the_code() -> None:
+    """docs/security.md's role table, read back, gives ROLES: the docs cannot drift."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    header = "| permission | what | admin | operator | developer | reader |"
+    rows = docs[docs.index(header) :].split("\n\n", 1)[0].splitlines()[2:]
+    roles = [Role.ADMIN, Role.OPERATOR, Role.DEVELOPER, Role.READER]
+    documented: dict[Role, set[Permission]] = {role: set() for role in roles}
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        permission = Permission(cells[0].strip("`"))
+        for role, cell in zip(roles, cells[2:], strict=True):
+            if cell == "✓":
+                documented[role].add(permission)
+    assert {role: frozenset(p) for role, p in documented.items()} == {r: ROLES[r] for r in roles}
+    assert {Permission(r.strip("|").split("|")[0].strip().strip("`")) for r in rows} == set(
+        Permission
+    )

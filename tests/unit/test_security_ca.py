@@ -86,14 +86,16 @@ def test_instance_credentials_issue_renew_and_write(tmp_path: Path) -> None:
     assert cert.read_bytes() == first.cert_pem
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     # The server hands grpc its configuration once per generation.
-    creds.server_credentials()
-    assert creds._fetch() is None
+    fetch, other_port = creds.config_fetcher(), creds.config_fetcher()
+    assert fetch() is None
     creds.renew()
     assert creds.generation == 1
     assert creds.current.cert_pem != first.cert_pem
     assert cert.read_bytes() == creds.current.cert_pem
-    assert creds._fetch() is not None
-    assert creds._fetch() is None
+    assert fetch() is not None
+    assert fetch() is None
+    # Each port gets the renewed certificate, not only the first to ask.
+    assert other_port() is not None
     # Without the CA key an instance serves (and re-reads) the files it was given.
     reader = InstanceCredentials(
         "service:image", [], ca_path=str(tmp_path / "ca.crt"), cert_path=str(cert),

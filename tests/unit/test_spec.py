@@ -430,3 +430,38 @@ def test_init_layer(tmp_path: Path) -> None:
         assert (tmp_path / d).is_dir()
     for f in ("etc/hosts", "etc/hostname", "etc/resolv.conf"):
         assert (tmp_path / f).is_file()
+
+
+def test_secrets_are_mounted_read_only_at_run_secrets_last(tmp_path: Path) -> None:
+    cfg = ContainerConfig("img", command=["true"], mounts=[MountSpec("/srv/run", "/run")])
+    args, env, cwd = resolve_process({}, cfg)
+    config = build_runtime_config(
+        config=cfg,
+        args=args,
+        env=env,
+        cwd=cwd,
+        uid=0,
+        gid=0,
+        rootfs=tmp_path / "rootfs",
+        hostname="box",
+        etc_files={},
+        cgroups_path="/berth/node1/abc",
+        secrets_dir=tmp_path / "secrets",
+    )
+    # After the user's /run, so it lands on top; read-only, no devices, set-uid or programs.
+    assert config["mounts"][-1] == {
+        "destination": "/run/secrets",
+        "type": "bind",
+        "source": str(tmp_path / "secrets"),
+        "options": ["rbind", "rprivate", "ro", "nosuid", "nodev", "noexec"],
+    }
+    assert "/run/secrets" not in [m["destination"] for m in runtime_config(tmp_path)["mounts"]]
+
+
+def test_the_init_layer_holds_run_secrets_only_for_a_container_with_secrets(
+    tmp_path: Path,
+) -> None:
+    write_init_layer(tmp_path / "plain")
+    write_init_layer(tmp_path / "secret", secrets=True)
+    assert not (tmp_path / "plain" / "run").exists()
+    assert (tmp_path / "secret" / "run" / "secrets").is_dir()

@@ -182,11 +182,12 @@ def test_node_layers_are_a_plain_object() -> None:
 def test_endpoint_round_trip_and_the_json_servers_wrote() -> None:
     raw = (
         b'{"address":"10.0.0.1:5050","instance":"host-1","metrics":"http://x/metrics",'
-        b'"pid":7,"service":"registry","started_at":1.5,"version":"0.1"}'
+        b'"pid":7,"public_address":"10.0.0.1:5051","service":"registry","started_at":1.5,'
+        b'"version":"0.1"}'
     )
     record = ENDPOINTS.decode("registry/host-1", raw)
     assert record == EndpointRecord(
-        "registry", "host-1", "10.0.0.1:5050", "http://x/metrics", 7, "0.1", 1.5
+        "registry", "host-1", "10.0.0.1:5050", "http://x/metrics", 7, "0.1", 1.5, "10.0.0.1:5051"
     )
     assert record.encode() == raw and record.id == "registry/host-1"
     assert ENDPOINTS.decode("registry/host-1", with_unknown(raw, zone="a")) == record

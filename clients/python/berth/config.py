@@ -22,6 +22,32 @@ def default_state_dir() -> Path:
     return Path.home() / ".local" / "state" / "berth"
 
 
+def auth_file() -> Path:
+    """Where `berth login` keeps credentials: $BERTH_AUTH_FILE, else
+    $XDG_CONFIG_HOME/berth/auth.json, else ~/.config/berth/auth.json."""
+    if explicit := os.environ.get("BERTH_AUTH_FILE"):
+        return Path(explicit).expanduser()
+    if xdg := os.environ.get("XDG_CONFIG_HOME"):
+        return Path(xdg).expanduser() / "berth" / "auth.json"
+    return Path.home() / ".config" / "berth" / "auth.json"
+
+
+def cluster_token() -> str | None:
+    """The token berth calls carry: $BERTH_TOKEN (set but empty: no token), else the one
+    `berth login --token` stored; None: the client certificate (or nothing) speaks for the
+    caller."""
+    from_env = os.environ.get("BERTH_TOKEN")
+    if from_env is not None:
+        return from_env.strip() or None
+    try:
+        data = json.loads(auth_file().read_text())
+    except (OSError, ValueError):
+        return None
+    entry = data.get("berth") if isinstance(data, dict) else None
+    token = entry.get("token") if isinstance(entry, dict) else None
+    return str(token) if token else None
+
+
 def load_cluster_file(state_dir: Path) -> dict[str, Any] | None:
     """The cluster description `berthd up` wrote into state_dir, or None when there is none.
 
@@ -137,7 +163,10 @@ def _cluster_file_address(service: str, hint: str) -> str:
             f"no {service} address: {hint} (no {state_dir / CLUSTER_FILE})", "FAILED_PRECONDITION"
         )
     entry = (cluster.get("services") or {}).get(service) or {}
-    address = entry.get("address") if isinstance(entry, dict) else None
+    if not isinstance(entry, dict):
+        entry = {}
+    # A token caller uses the public port (no client certificate needed there).
+    address = (cluster_token() and entry.get("public_address")) or entry.get("address")
     if not address:
         raise BerthClientError(
             f"the cluster in {state_dir / CLUSTER_FILE} runs no {service} service; {hint}",

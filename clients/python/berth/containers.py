@@ -30,13 +30,16 @@ __all__ = [
     "MIN_MEMORY_BYTES",
     "NETWORK_MODES",
     "RESTART_POLICIES",
+    "SECRETS_DIR",
     "USERNS_MODES",
     "ContainerConfig",
     "InvalidContainerConfig",
     "MountSpec",
+    "SecretReference",
     "SecurityOptions",
     "capabilities",
     "check_hostname",
+    "check_secret_name",
     "check_user",
     "from_spec",
     "normalize_capability",
@@ -128,6 +131,13 @@ ALL_CAPABILITIES = tuple(
 )
 # --userns values a node supports: the host's user namespace ("" is the default, the same).
 USERNS_MODES = ("", "host")
+# Where a container's secrets are, one file each (Docker's place).
+SECRETS_DIR = "/run/secrets"
+DEFAULT_SECRET_MODE = 0o444
+# Docker's (swarmkit's) rule for secret names.
+_SECRET_NAME_RE = re.compile(r"[a-zA-Z0-9]+(?:[a-zA-Z0-9_.-]*[a-zA-Z0-9])?")
+MAX_SECRET_NAME = 64
+_MAX_UINT32 = 2**32 - 1
 
 
 class InvalidContainerConfig(InvalidArgumentError):
@@ -141,6 +151,26 @@ class MountSpec:
     source: str
     target: str
     read_only: bool = False
+
+
+@dataclass
+class SecretReference:
+    """A cluster secret the container reads at /run/secrets/<target>: only its name, never
+    its value. Empty `target` means the name, `mode` 0 means 0444 (`file_name`, `file_mode`)."""
+
+    name: str
+    target: str = ""
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+
+    @property
+    def file_name(self) -> str:
+        return self.target or self.name
+
+    @property
+    def file_mode(self) -> int:
+        return self.mode or DEFAULT_SECRET_MODE
 
 
 @dataclass
@@ -178,6 +208,7 @@ class ContainerConfig:
     cap_drop: list[str] = field(default_factory=list)
     security_opt: list[str] = field(default_factory=list)
     userns: str = ""
+    secrets: list[SecretReference] = field(default_factory=list)
 
     def to_json(self) -> str:
         """The record etcd and the node's container.json hold: the fields in order, compact.
@@ -207,6 +238,9 @@ class ContainerConfig:
         mounts = values.get("mounts", [])
         if isinstance(mounts, list):
             values["mounts"] = [_mount_from_json(m, i) for i, m in enumerate(mounts)]
+        secrets = values.get("secrets", [])
+        if isinstance(secrets, list):
+            values["secrets"] = [_secret_from_json(r, i) for i, r in enumerate(secrets)]
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -261,6 +295,46 @@ class ContainerConfig:
                 f"unsupported user namespace mode {quoted(self.userns)}: only host (the default) "
                 "is supported; remapped user namespaces are not"
             )
+        self._validate_secrets()
+
+    def _validate_secrets(self) -> None:
+        if not isinstance(self.secrets, list) or not all(
+            isinstance(r, SecretReference) for r in self.secrets
+        ):
+            raise InvalidContainerConfig("secrets must be a list of secret references")
+        files: set[str] = set()
+        for ref in self.secrets:
+            check_secret_name(ref.name)
+            _check_str("secret target", ref.target)
+            where = f"secret {quoted(ref.name)}"
+            target = ref.file_name
+            if "/" in target or target in (".", "..") or "\x00" in target or len(target) > 255:
+                raise InvalidContainerConfig(
+                    f"{where}: invalid target {quoted(target)}: expected a file name under "
+                    f"{SECRETS_DIR}/ (no '/')"
+                )
+            if target in files:
+                raise InvalidContainerConfig(
+                    f"duplicate secret target {quoted(f'{SECRETS_DIR}/{target}')}"
+                )
+            files.add(target)
+            for what in ("mode", "uid", "gid"):
+                value = getattr(ref, what)
+                _check_int(f"{where} {what}", value)
+                if value > _MAX_UINT32:
+                    raise InvalidContainerConfig(f"{where}: {what} {value} is out of range")
+            if ref.mode > 0o777:
+                raise InvalidContainerConfig(
+                    f"{where}: mode {ref.mode:#o} is invalid: expected permission bits up to 0777"
+                )
+        if self.secrets:
+            for m in self.mounts:
+                target = posixpath.normpath(m.target)
+                if target == SECRETS_DIR or target.startswith(SECRETS_DIR + "/"):
+                    raise InvalidContainerConfig(
+                        f"mount target {quoted(m.target)} conflicts with the container's "
+                        f"secrets at {SECRETS_DIR}"
+                    )
 
     def _validate_mounts(self) -> None:
         if not isinstance(self.mounts, list) or not all(
@@ -362,6 +436,10 @@ def to_spec(config: ContainerConfig) -> pb.ContainerSpec:
         cap_drop=config.cap_drop,
         security_opt=config.security_opt,
         userns=config.userns,
+        secrets=[
+            pb.SecretReference(name=r.name, target=r.target, mode=r.mode, uid=r.uid, gid=r.gid)
+            for r in config.secrets
+        ],
     )
 
 
@@ -395,6 +473,7 @@ def from_spec(spec: pb.ContainerSpec) -> ContainerConfig:
         cap_drop=list(spec.cap_drop),
         security_opt=list(spec.security_opt),
         userns=spec.userns,
+        secrets=[SecretReference(r.name, r.target, r.mode, r.uid, r.gid) for r in spec.secrets],
     )
 
 
@@ -513,6 +592,19 @@ def check_hostname(hostname: str) -> None:
         )
 
 
+def check_secret_name(name: object) -> None:
+    """Docker's rule for secret names: letters, digits, '-', '_' and '.', starting and ending
+    with a letter or digit, at most 64 characters."""
+    _check_str("secret name", name)
+    if not name:
+        raise InvalidContainerConfig("a secret name is required")
+    if len(str(name)) > MAX_SECRET_NAME or not _SECRET_NAME_RE.fullmatch(str(name)):
+        raise InvalidContainerConfig(
+            f"invalid secret name {quoted(name)}: use letters, digits, '-', '_' and '.', "
+            f"starting and ending with a letter or digit, at most {MAX_SECRET_NAME} characters"
+        )
+
+
 def _check_restart_policy(policy: object) -> None:
     _check_str("restart_policy", policy)
     if policy not in RESTART_POLICIES:
@@ -539,6 +631,13 @@ def _mount_from_json(obj: object, i: int) -> MountSpec:
     if not isinstance(obj, dict) or not isinstance(obj.get("target"), str):
         raise InvalidContainerConfig(f"mounts[{i}] must be an object with source and target")
     return MountSpec(obj.get("source", ""), obj["target"], obj.get("read_only", False))
+
+
+def _secret_from_json(obj: object, i: int) -> SecretReference:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        raise InvalidContainerConfig(f"secrets[{i}] must be an object with a name")
+    known = _field_names(SecretReference)
+    return SecretReference(**{k: v for k, v in obj.items() if k in known})
 
 
 def _check_str(name: str, value: object) -> None:

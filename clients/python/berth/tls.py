@@ -1,11 +1,15 @@
-"""How a client finds the cluster's CA and its own certificate, like kubectl's kubeconfig.
+"""How a client finds the cluster's CA and its credential, like kubectl's kubeconfig.
 
-Every berth port speaks TLS with certificates from the cluster CA, and berth's servers ask every
-caller for a certificate from that CA (mutual TLS). A client needs three files:
+Every berth port speaks TLS with certificates from the cluster CA. A client needs:
 
 - the CA certificate: --tls-ca, else $BERTH_TLS_CA, else `<state dir>/tls/ca.crt`;
-- its certificate and key: $BERTH_TLS_CERT and $BERTH_TLS_KEY, else `<state dir>/tls/client.crt`
-  and `client.key` (the `user:admin` credential `berthd up` writes, mode 0600).
+- a credential: a token ($BERTH_TOKEN, else the one `berth login --token` stored), sent as
+  `authorization: Bearer <token>` on every call; and/or a client certificate and key:
+  $BERTH_TLS_CERT and $BERTH_TLS_KEY, else `<state dir>/tls/client.crt` and `client.key` (the
+  `user:admin` credential `berthd up` writes, mode 0600). A token wins over the certificate.
+
+A service's main port asks for a client certificate (mutual TLS); its public port does not, and
+serves token and anonymous callers (berth.config picks that port for a token caller).
 
 The state directory is the one `berthd up` uses (BERTH_STATE_DIR, see berth.config).
 """
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from berth.config import default_state_dir
+from berth.config import cluster_token, default_state_dir
 from berth.errors import BerthClientError
 
 TLS_DIR = "tls"
@@ -71,12 +75,18 @@ def channel_credentials(state_dir: Path | None = None) -> grpc.ChannelCredential
         for p in (files.ca, files.cert, files.key)
         if p is not None
     )
-    creds = _cache.get(stamp)
+    token = cluster_token()
+    creds = _cache.get((stamp, token))
     if creds is None:
         ca = _read(files.ca, "cluster CA certificate")
         cert = _read(files.cert, "client certificate") if files.cert else None
         key = _read(files.key, "client key") if files.key else None
-        creds = _cache[stamp] = grpc.ssl_channel_credentials(ca, key, cert)
+        creds = grpc.ssl_channel_credentials(ca, key, cert)
+        if token:
+            creds = grpc.composite_channel_credentials(
+                creds, grpc.access_token_call_credentials(token)
+            )
+        _cache[(stamp, token)] = creds
     return creds
 
 

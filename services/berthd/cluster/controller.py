@@ -38,6 +38,7 @@ from berthd.cluster.core import DRAINED, ClusterNode, ContainerView
 from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place_replicas
 from berthd.cluster.services import (
     COMPLETED,
+    CONTROLLER,
     PAUSED,
     UPDATING,
     ClusterState,
@@ -264,6 +265,7 @@ def realize(plan: Plan, state: ClusterState, now: float) -> Changes:
                 dataclasses.replace(
                     state.containers[action.container],
                     attempt=state.containers[action.container].attempt + 1,
+                    changed_by=CONTROLLER,
                 )
             )
             continue
@@ -272,8 +274,13 @@ def realize(plan: Plan, state: ClusterState, now: float) -> Changes:
         old = state.containers.get(action.container)
         if action.kind == MOVE:
             assert old is not None
+            # The admission stamp moves with it; the actor is the controller.
             new = dataclasses.replace(
-                old, id=secrets.token_hex(32), previous_node=old.node, scheduled_at=now
+                old,
+                id=secrets.token_hex(32),
+                previous_node=old.node,
+                scheduled_at=now,
+                changed_by=CONTROLLER,
             )
         else:
             new = state.services[action.service].replica(action.slot, node="")
@@ -356,7 +363,10 @@ class Controller:
         ops = []
         for sid, (update_state, message) in plan.update_states.items():
             record = dataclasses.replace(
-                state.services[sid], update_state=update_state, update_message=message
+                state.services[sid],
+                update_state=update_state,
+                update_message=message,
+                changed_by=CONTROLLER,
             )
             compares.append(self.store.unchanged(service_key(sid), state.revisions[sid]))
             ops.append(self.store.op_put(service_key(sid), record.to_json()))

@@ -12,7 +12,12 @@ to the store prefix:
                                     node's placed containers reserve; updated in the same
                                     transaction as a placement, so two concurrent runs can
                                     never overbook a node
-    cluster/availability/<node id>  {"availability": "active" | "cordoned" | "drained"}
+    cluster/availability/<node id>  {"availability": "active" | "cordoned" | "drained",
+                                    "changed_by": principal}
+
+Writes made for a request name its principal (`current_principal()`, unless the caller passes
+one) as the record's `changed_by`, the actor of the events they cause; a container spec that
+needs host access is admitted here (berthd.common.security.admission).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from berth.client import parse_image_reference
 from berth.errors import BerthClientError
 from berthd.cluster import metrics
 from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place
+from berthd.cluster.secrets import secret_guards
 from berthd.common.containers import ContainerConfig, validate
 from berthd.common.endpoints import service_address
 from berthd.common.errors import (
@@ -46,6 +52,8 @@ from berthd.common.errors import (
     Unavailable,
 )
 from berthd.common.rpc.registry import RegistryApi
+from berthd.common.security.admission import admit
+from berthd.common.security.principal import Principal, current_principal
 from berthd.common.state.containers import (
     CONTAINERS,
     RUNNING,
@@ -57,7 +65,7 @@ from berthd.common.state.containers import (
 )
 from berthd.common.state.endpoints import ENDPOINTS, EndpointRecord
 from berthd.common.state.nodes import NODE_LAYERS, NODES, NodeRecord
-from berthd.common.store import Entry, Store
+from berthd.common.store import Compare, Entry, Store
 
 log = logging.getLogger("berthd.cluster.core")
 
@@ -186,6 +194,7 @@ class Endpoint:
     address: str
     metrics_url: str = ""
     version: str = ""
+    public_address: str = ""
 
 
 @dataclass
@@ -310,6 +319,7 @@ def endpoint_view(record: EndpointRecord) -> Endpoint:
         address=record.address,
         metrics_url=record.metrics,
         version=record.version,
+        public_address=record.public_address,
     )
 
 
@@ -421,10 +431,15 @@ class ClusterCore:
         cpu_millis: int = 0,
         memory_bytes: int = 0,
         constraints: Iterable[str] = (),
+        principal: Principal | None = None,
     ) -> DesiredContainer:
-        """Place a container and record it as desired running, in one transaction per try."""
+        """Place a container and record it as desired running, in one transaction per try.
+        PermissionDenied (HOST_ACCESS_DENIED) when its spec needs host access the principal
+        lacks; nothing is written then."""
         config = copy.deepcopy(config)
         validate(config)
+        principal = principal or current_principal()
+        stamps = {"host_access_by": admit(config, principal), "changed_by": principal.name}
         texts = list(constraints)
         # A zero request means the container's limit, as Placement.request says.
         request = Request(
@@ -435,7 +450,7 @@ class ClusterCore:
         )
         for _ in range(RUN_ATTEMPTS):
             async with self._placing:
-                desired = await self._place_once(config, request, texts)
+                desired = await self._place_once(config, request, texts, stamps)
             if desired is not None:
                 return desired
             # Lost a race (another instance's placement on that node, or the name): spread.
@@ -443,12 +458,18 @@ class ClusterCore:
         raise Aborted("too many concurrent placements; try again")
 
     async def _place_once(
-        self, config: ContainerConfig, request: Request, texts: list[str]
+        self,
+        config: ContainerConfig,
+        request: Request,
+        texts: list[str],
+        stamps: dict[str, str] | None = None,
     ) -> DesiredContainer | None:
         """One try: choose a node on a fresh snapshot and commit; None when the commit lost a
-        race."""
+        race. `stamps`: the record's host_access_by and changed_by."""
         started = time.monotonic()
         snapshot = await self._snapshot()
+        # NotFound for a secret that does not exist; the commit fails if one goes meanwhile.
+        guards = await secret_guards(self.store, [config])
         name = config.name or self._generate_name(snapshot.containers)
         if any(c.name == name for c in snapshot.containers):
             raise AlreadyExists(
@@ -470,13 +491,16 @@ class ClusterCore:
             cpu_millis=request.cpu_millis,
             memory_bytes=request.memory_bytes,
             constraints=texts,
+            **(stamps or {}),
         )
-        placed = await self._commit_placement(desired, snapshot.allocations.get(node.id))
+        placed = await self._commit_placement(desired, snapshot.allocations.get(node.id), guards)
         metrics.SCHEDULING_SECONDS.observe(time.monotonic() - started)
         metrics.PLACEMENTS.labels("placed" if placed else "conflict").inc()
         return desired if placed else None
 
-    async def _commit_placement(self, desired: DesiredContainer, allocation: Entry | None) -> bool:
+    async def _commit_placement(
+        self, desired: DesiredContainer, allocation: Entry | None, guards: Iterable[Compare] = ()
+    ) -> bool:
         node_key = allocation_key(desired.node)
         new_allocation = allocation_after(
             allocation.json() if allocation else None, desired.cpu_millis, desired.memory_bytes, 1
@@ -487,6 +511,7 @@ class ClusterCore:
                 self.store.unchanged(node_key, allocation.mod_revision if allocation else 0),
                 CONTAINERS.absent(self.store, desired.id),
                 self.store.absent(name_key(desired.name)),
+                *guards,
             ],
             [
                 CONTAINERS.op_put(self.store, desired.id, desired),
@@ -506,7 +531,12 @@ class ClusterCore:
     # Lifecycle -----------------------------------------------------------------------------
 
     async def _set_desired(
-        self, ref: str, state: str, stop_grace: float | None = None, retry: bool = False
+        self,
+        ref: str,
+        state: str,
+        stop_grace: float | None = None,
+        retry: bool = False,
+        principal: Principal | None = None,
     ) -> tuple[ContainerView, float | None]:
         """Set a container's desired state (and the grace its node gives it when it stops it;
         with `retry`, a new attempt: its node tries again what it failed or what exited);
@@ -519,6 +549,7 @@ class ClusterCore:
             view.desired = found.record
             view.desired.desired = state
             view.desired.stop_grace = stop_grace
+            view.desired.changed_by = (principal or current_principal()).name
             if retry:
                 view.desired.attempt += 1
             ok, _ = await self.store.txn(
@@ -694,9 +725,14 @@ class ClusterCore:
 
     # Node availability ----------------------------------------------------------------------
 
-    async def set_availability(self, node_id: str, availability: str) -> ClusterNode:
+    async def set_availability(
+        self, node_id: str, availability: str, principal: Principal | None = None
+    ) -> ClusterNode:
         await self.node(node_id)  # NotFound for an unknown node
-        await self.store.put_json(availability_key(node_id), {"availability": availability})
+        changed_by = (principal or current_principal()).name
+        await self.store.put_json(
+            availability_key(node_id), {"availability": availability, "changed_by": changed_by}
+        )
         return await self.node(node_id)
 
     async def cordon(self, node_id: str) -> ClusterNode:

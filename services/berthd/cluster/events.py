@@ -13,6 +13,11 @@ last value of each key that matters and turns each watch event into zero or more
     cluster/services/<id>         new: created; a new replica count: scaled; a new version:
                                   update started; update state completed or paused: update
                                   completed or paused (with the version); delete: removed
+
+Each event names its actor, the principal that caused it: the `changed_by` of the desired
+container, service or availability record (the user of the request, `service:cluster` for the
+controller's own writes), `node:<id>` for what a node reports (joined, container statuses),
+and nobody ("") for a node whose lease expired.
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ class Event:
     # For node_availability_changed.
     availability: str = ""
     message: str = ""
+    # Who caused it: `user:<name>`, `node:<id>`, `service:cluster`; "" when unknown.
+    actor: str = ""
     time: float = field(default_factory=time.time)
 
     @property
@@ -133,6 +140,7 @@ class EventTracker:
     def __init__(self) -> None:
         self.nodes: set[str] = set()
         self.availability: dict[str, str] = {}
+        self.availability_by: dict[str, str] = {}  # node id -> who set its availability
         self.containers: dict[str, DesiredContainer] = {}
         self.states: dict[str, tuple[str, Any, int]] = {}  # id -> (state, started_at, attempt)
         self.services: dict[str, ServiceRecord] = {}
@@ -170,13 +178,17 @@ class EventTracker:
                 NODE_DRAIN_COMPLETED,
                 node_id,
                 message=f"node {node_id} drained: no service replica is left on it",
+                # Whoever drained it: the controller only carried the drain out.
+                actor=self.availability_by.get(node_id, ""),
             )
         ]
 
     def _availability(self, node_id: str, event: WatchEvent) -> list[Event]:
-        value = "active"
+        value, actor = "active", ""
         if event.kind != "delete":
-            value = str(json.loads(event.value)["availability"])
+            data = json.loads(event.value)
+            value, actor = str(data["availability"]), str(data.get("changed_by") or "")
+        self.availability_by[node_id] = actor
         if self.availability.get(node_id, "active") == value:
             self.availability[node_id] = value
             return []
@@ -186,6 +198,7 @@ class EventTracker:
             node_id,
             availability=value,
             message=f"node {node_id} is {value}",
+            actor=actor,
         )
         return [changed, *self._drain_completed(node_id)]
 
@@ -196,7 +209,9 @@ class EventTracker:
         if node_id in self.nodes:
             return []
         self.nodes.add(node_id)
-        return [Event(NODE_JOINED, node_id, message=f"node {node_id} joined")]
+        return [
+            Event(NODE_JOINED, node_id, message=f"node {node_id} joined", actor=f"node:{node_id}")
+        ]
 
     def _container(self, change: Change[DesiredContainer]) -> list[Event]:
         cid, desired = change.id, change.record
@@ -215,6 +230,7 @@ class EventTracker:
             container_id=cid,
             container_name=desired.name,
             service_id=desired.service,
+            actor=desired.changed_by,
         )
         if desired.previous_node:
             return [
@@ -243,6 +259,7 @@ class EventTracker:
             container_id=cid,
             container_name=status.name or (desired.name if desired else ""),
             service_id=desired.service if desired else "",
+            actor=f"node:{status.node}" if status.node else "",
         )
         name = common["container_name"]
         if state == "running" and (before is None or before[:2] != (state, started)):
@@ -310,6 +327,7 @@ class EventTracker:
             replicas=record.replicas,
             version=record.version,
             message=message,
+            actor=record.changed_by,
         )
 
 

@@ -8,12 +8,25 @@ import contextlib
 
 import grpc
 
-from berth.cluster.v1 import cluster_pb2, cluster_pb2_grpc
+from berth.cluster.v1 import (
+    access_pb2,
+    access_pb2_grpc,
+    cluster_pb2,
+    cluster_pb2_grpc,
+    join_pb2,
+    join_pb2_grpc,
+    secrets_pb2,
+    secrets_pb2_grpc,
+)
+from berthd.cluster.access import AccessCore, AccessServicer
 from berthd.cluster.controller import Controller
 from berthd.cluster.core import ClusterCore
 from berthd.cluster.election import Election
+from berthd.cluster.join import JoinCore, JoinServicer
+from berthd.cluster.secret_service import SecretServicer
+from berthd.cluster.secrets import SecretBox, SecretCore, SecretsKeyError
 from berthd.cluster.service import ClusterServicer
-from berthd.common.config import add_common_flags, service_config
+from berthd.common.config import add_common_flags, add_flag, service_config
 from berthd.common.server import run_server
 from berthd.common.store import Store
 
@@ -25,11 +38,23 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "cluster", help="run the cluster service (nodes, placement, containers across hosts)"
     )
     add_common_flags(parser, "cluster", DEFAULT_LISTEN)
+    add_flag(
+        parser,
+        "--secrets-key",
+        default="",
+        scope="cluster",
+        help="file of 32 random bytes (mode 0600) that encrypts secrets in etcd; without it "
+        "secrets cannot be created or delivered",
+    )
     parser.set_defaults(run=run)
 
 
 async def run(args: argparse.Namespace) -> None:
     config = service_config("cluster", args)
+    try:
+        box = SecretBox.from_file(args.secrets_key) if args.secrets_key else None
+    except SecretsKeyError as exc:
+        raise SystemExit(f"berthd cluster: {exc}") from None
     store = Store(config.etcd, config.etcd_prefix, config.credentials.channel_credentials)
     await store.connect()
     core = ClusterCore(store)
@@ -52,6 +77,28 @@ async def run(args: argparse.Namespace) -> None:
 
     def mount(server: grpc.aio.Server) -> list[str]:
         cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(core), server)
-        return [cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name]
+        access_pb2_grpc.add_AccessServiceServicer_to_server(
+            AccessServicer(AccessCore(store)), server
+        )
+        # Nodes join and renew here; signing needs the CA key (--tls-ca-key).
+        credentials = config.credentials
+        join = JoinCore(
+            store,
+            credentials.ca_pem,
+            credentials.ca,
+            credentials.lifetime,
+            config.etcd,
+            config.etcd_prefix,
+        )
+        join_pb2_grpc.add_JoinServiceServicer_to_server(JoinServicer(join), server)
+        secrets_pb2_grpc.add_SecretServiceServicer_to_server(
+            SecretServicer(SecretCore(store, box)), server
+        )
+        return [
+            cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
+            access_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
+            join_pb2.DESCRIPTOR.services_by_name["JoinService"].full_name,
+            secrets_pb2.DESCRIPTOR.services_by_name["SecretService"].full_name,
+        ]
 
     await run_server(config, store, mount, on_start=on_start, on_stop=on_stop)

@@ -115,6 +115,7 @@ def endpoint_message(endpoint: Endpoint) -> pb.Endpoint:
         address=endpoint.address,
         metrics_url=endpoint.metrics_url,
         version=endpoint.version,
+        public_address=endpoint.public_address,
     )
 
 
@@ -171,6 +172,7 @@ def event_message(event: ClusterEvent) -> pb.EventsResponse:
         type=EVENT_TYPES.value(event.type, pb.EVENT_TYPE_UNSPECIFIED),
         occurred_at=timestamp(event.time),
         message=event.message,
+        actor=event.actor,
     )
     if event.family == "node":
         message.node.CopyFrom(

@@ -9,6 +9,11 @@ and removes replicas until they match. Keys, relative to the store prefix:
 
 Replicas are ordinary DesiredContainer records (`cluster/containers/<id>`) with `service`,
 `slot` and `service_version` set, named `<service>.<slot>`.
+
+A template that needs host access is admitted at CreateService and UpdateService
+(berthd.common.security.admission); its replicas carry the service's stamp (`host_access_by`).
+Every write names its principal as `changed_by` (`current_principal()` for requests,
+`service:cluster` for the controller's own writes): the actor of the events it causes.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from berthd.cluster.core import (
     name_key,
 )
 from berthd.cluster.scheduler import Request, parse_constraints
+from berthd.cluster.secrets import secret_guards
 from berthd.common.containers import ContainerConfig, from_dict
 from berthd.common.containers import validate as validate_config
 from berthd.common.errors import (
@@ -45,12 +51,15 @@ from berthd.common.errors import (
     InvalidArgument,
     NotFound,
 )
+from berthd.common.security.admission import admit
+from berthd.common.security.principal import Principal, current_principal
 from berthd.common.state.containers import (
     CONTAINERS,
     STATUSES,
     ContainerStatus,
     DesiredContainer,
 )
+from berthd.common.state.family import known_fields
 from berthd.common.state.nodes import NODES
 from berthd.common.store import Compare, Entry, Op, Store
 
@@ -63,6 +72,8 @@ COMPLETED = "completed"
 PAUSED = "paused"
 
 DEFAULT_MONITOR_SECONDS = 5.0
+# The actor of the controller's own decisions (replicas placed, moved, retried; update states).
+CONTROLLER = "service:cluster"
 ATTEMPTS = 12
 # Swarm's service name grammar: a DNS label, so `<name>.<slot>` stays a valid container name.
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
@@ -94,6 +105,10 @@ class ServiceRecord:
     update_message: str = ""
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    # Who admitted the host access the template needs ("" when it needs none); replicas carry it.
+    host_access_by: str = ""
+    # The principal who last changed the record (CONTROLLER for update states).
+    changed_by: str = ""
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -104,7 +119,8 @@ class ServiceRecord:
     def from_json(cls, raw: bytes | str) -> ServiceRecord:
         data: dict[str, Any] = json.loads(raw)
         data["template"] = from_dict(data["template"])
-        return cls(**data)
+        # Fields a newer writer added are ignored; ones an older writer lacked take defaults.
+        return cls(**known_fields(cls, data))
 
     def request(self) -> Request:
         # A zero request means the template's limits, as for RunContainer.
@@ -129,6 +145,8 @@ class ServiceRecord:
             service=self.id,
             slot=slot,
             service_version=self.version,
+            host_access_by=self.host_access_by,
+            changed_by=CONTROLLER,
         )
 
 
@@ -302,16 +320,25 @@ class ServiceCore:
         found = resolve_service(ref, [r for r, _ in records])
         return next((r, rev) for r, rev in records if r.id == found.id)
 
-    async def create(self, record: ServiceRecord) -> ServiceRecord:
+    async def create(
+        self, record: ServiceRecord, principal: Principal | None = None
+    ) -> ServiceRecord:
+        """PermissionDenied (HOST_ACCESS_DENIED) when the template needs host access the
+        principal (default: the request's) lacks; nothing is written then."""
         record.template = copy.deepcopy(record.template)
         # Swarm restarts failed tasks; a replica that exits is restarted by its node.
         if record.template.restart_policy == "no":
             record.template.restart_policy = "always"
         validate(record)
+        principal = principal or current_principal()
+        record.host_access_by = admit(record.template, principal, "spec.template")
+        record.changed_by = principal.name
         record.id = secrets.token_hex(32)
         record.created_at = record.updated_at = time.time()
+        # NotFound for a secret that does not exist; the commit fails if one goes meanwhile.
+        guards = await secret_guards(self.store, [record.template], "spec.template.secrets")
         ok, _ = await self.store.txn(
-            [self.store.absent(service_name_key(record.name))],
+            [self.store.absent(service_name_key(record.name)), *guards],
             [
                 self.store.op_put(service_key(record.id), record.to_json()),
                 self.store.op_put(service_name_key(record.name), record.id.encode()),
@@ -363,25 +390,38 @@ class ServiceCore:
                 )
             change(record)
             validate(record)
+            guards = await secret_guards(self.store, [record.template], "spec.template.secrets")
             record.updated_at = time.time()
             ok, _ = await self.store.txn(
-                [self.store.unchanged(service_key(record.id), revision)],
+                [self.store.unchanged(service_key(record.id), revision), *guards],
                 [self.store.op_put(service_key(record.id), record.to_json())],
             )
             if ok:
                 return record
         raise Aborted(f"service {ref} is changing concurrently; try again")
 
-    async def scale(self, ref: str, replicas: int) -> ServiceRecord:
+    async def scale(
+        self, ref: str, replicas: int, principal: Principal | None = None
+    ) -> ServiceRecord:
+        actor = (principal or current_principal()).name
+
         def change(record: ServiceRecord) -> None:
             record.replicas = replicas
+            record.changed_by = actor
 
         return await self._change(ref, change)
 
     async def update(
-        self, ref: str, spec: ServiceRecord, expected_version: int = 0
+        self,
+        ref: str,
+        spec: ServiceRecord,
+        expected_version: int = 0,
+        principal: Principal | None = None,
     ) -> ServiceRecord:
-        """Replace the spec (not the name), bump the version: the controller rolls replicas."""
+        """Replace the spec (not the name), bump the version: the controller rolls replicas.
+        The new template is admitted as at create (the stamp is the updater's)."""
+        principal = principal or current_principal()
+        stamp = admit(spec.template, principal, "spec.template")
 
         def change(record: ServiceRecord) -> None:
             if spec.name and spec.name != record.name:
@@ -394,15 +434,26 @@ class ServiceCore:
                     setattr(record, f.name, copy.deepcopy(getattr(spec, f.name)))
             if record.template.restart_policy == "no":
                 record.template.restart_policy = "always"
+            record.host_access_by, record.changed_by = stamp, principal.name
             record.version += 1
             record.update_state, record.update_message = UPDATING, ""
 
         return await self._change(ref, change, expected_version)
 
-    async def remove(self, ref: str) -> None:
-        """Delete the service, its name and every replica in one transaction."""
+    async def remove(self, ref: str, principal: Principal | None = None) -> None:
+        """Delete the service, its name and every replica in one transaction. The record is
+        first rewritten naming the remover (`changed_by`): a deletion carries no value, and
+        the SERVICE_REMOVED event takes its actor from the record it last saw."""
+        actor = (principal or current_principal()).name
         for _ in range(ATTEMPTS):
             record, revision = await self._find(ref)
+            if record.changed_by != actor:
+                record.changed_by = actor
+                await self.store.txn(
+                    [self.store.unchanged(service_key(record.id), revision)],
+                    [self.store.op_put(service_key(record.id), record.to_json())],
+                )
+                continue  # read again: the delete compares the new revision
             state = await load_state(self.store)
             replicas = [c for c in state.containers.values() if c.service == record.id]
             ok = await commit(

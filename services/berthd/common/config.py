@@ -71,6 +71,9 @@ class ServiceConfig:
     credentials: Any = None
     # Who this instance is in its certificate: service:<name>, or node:<id>.
     identity: str = ""
+    # A second port for callers without a client certificate: TLS, and a bearer token in the
+    # metadata or no credential at all (anonymous). Empty: none.
+    public_listen: str = ""
 
 
 def add_common_flags(parser: argparse.ArgumentParser, service: str, default_listen: str) -> None:
@@ -85,6 +88,14 @@ def add_common_flags(parser: argparse.ArgumentParser, service: str, default_list
         default=default_listen,
         scope=service,
         help="gRPC listen address host:port",
+    )
+    add_flag(
+        parser,
+        "--public-listen",
+        default="",
+        scope=service,
+        help="a second gRPC address for callers without a client certificate: TLS with a "
+        "bearer token, or anonymous (public repositories, health); default: none",
     )
     add_flag(
         parser,
@@ -128,7 +139,7 @@ def service_config(service: str, args: argparse.Namespace) -> ServiceConfig:
     identity = f"node:{node_id}" if service == "node" and node_id else f"service:{service}"
     credentials = InstanceCredentials(
         identity,
-        hosts_for(args.listen, args.advertise),
+        hosts_for(args.listen, args.advertise, args.public_listen),
         ca_path=args.tls_ca,
         cert_path=args.tls_cert,
         key_path=args.tls_key,
@@ -145,6 +156,7 @@ def service_config(service: str, args: argparse.Namespace) -> ServiceConfig:
         identity=identity,
         service=service,
         listen=args.listen,
+        public_listen=args.public_listen,
         advertise=args.advertise,
         metrics_listen=args.metrics_listen,
         etcd=args.etcd,

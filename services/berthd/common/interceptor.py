@@ -1,8 +1,12 @@
-"""One server interceptor for every RPC of every service: metrics, error mapping, request logs.
+"""One server interceptor for every RPC of every service: authorization, metrics, error
+mapping, request logs.
 
-Servicers raise `BerthError`s from core code; here they become gRPC statuses with the same
-message and their `google.rpc` error details (ErrorInfo and friends) in the standard trailer, so
-no handler carries its own try/except or metrics code.
+Before a handler runs, the call's principal is resolved (token, certificate or anonymous) and
+checked against the permission table (berthd.common.security.authorize); handlers read it with
+`current_principal()`. Servicers raise `BerthError`s from core code; here they become gRPC
+statuses with the same message and their `google.rpc` error details (ErrorInfo and friends) in
+the standard trailer, so no handler carries its own try/except, metrics or permission code.
+Every mutating call is written to the `berthd.audit` log with its principal.
 """
 
 from __future__ import annotations
@@ -19,9 +23,17 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from berthd.common.errors import BerthError
-from berthd.common.security.tls import peer_identity
+from berthd.common.security.authorize import Authorizer
+from berthd.common.security.permissions import Rule
+from berthd.common.security.principal import (
+    ANONYMOUS,
+    Principal,
+    reset_current_principal,
+    set_current_principal,
+)
 
 log = logging.getLogger("berthd.rpc")
+audit = logging.getLogger("berthd.audit")
 
 RPC_REQUESTS = Counter(
     "berth_grpc_requests_total",
@@ -44,19 +56,37 @@ RPC_IN_FLIGHT = Gauge(
 class _Call:
     """Bookkeeping for one call: timing, status, and one log line at the end."""
 
-    def __init__(self, service: str, full_method: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(
+        self,
+        service: str,
+        full_method: str,
+        context: grpc.aio.ServicerContext,
+        authorizer: Authorizer,
+    ) -> None:
         self.service = service
         self.method = full_method.rsplit("/", 1)[-1]
         self.full_method = full_method
         self.context = context
+        self.authorizer = authorizer
         self.request_id = _request_id(context)
         # Read now: context.peer() on a call the client has cancelled crashes grpc's C core.
         self.peer = context.peer()
-        # Who the caller is by its verified certificate (service:x, node:y, user:z), if any.
-        self.identity = peer_identity(context)
+        self.principal: Principal = ANONYMOUS
+        self.rule: Rule | None = None
         self.start = time.perf_counter()
         self.cancelled = False
         RPC_IN_FLIGHT.labels(service, self.method).inc()
+
+    async def authorize(self, request: Any = None) -> None:
+        """Who is calling and whether they may; `request` when the call has one message (a
+        streamed request's repositories are checked by its handler)."""
+        self.principal = await self.authorizer.principal(self.context)
+        self.rule = self.authorizer.rule(self.full_method)
+        self.authorizer.check_method(self.principal, self.full_method, self.rule)
+        if request is not None:
+            await self.authorizer.check_request(
+                self.principal, self.full_method, self.rule, request
+            )
 
     async def fail(self, exc: BaseException) -> None:
         """Map an exception to a status; `context.abort` raises, ending the call."""
@@ -93,10 +123,22 @@ class _Call:
                 "duration_ms": round(elapsed * 1000, 2),
                 "request_id": self.request_id,
                 "peer": self.peer,
-                "identity": self.identity or "-",
+                "identity": self.principal.name,
                 **({"details": self.context.details()} if name not in ("OK", "CANCELLED") else {}),
             },
         )
+        if self.rule is not None and self.rule.mutates:
+            audit.info(
+                "mutation",
+                extra={
+                    "method": self.full_method,
+                    "principal": self.principal.name,
+                    "via": self.principal.via,
+                    "code": name,
+                    "request_id": self.request_id,
+                    "peer": self.peer,
+                },
+            )
 
 
 def _code_name(code: object) -> str:
@@ -117,11 +159,18 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 def _wrap_unary_response(
-    service: str, method: str, behavior: Callable[..., Awaitable[Any]]
+    service: str,
+    method: str,
+    behavior: Callable[..., Awaitable[Any]],
+    authorizer: Authorizer,
+    unary_request: bool,
 ) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = _Call(service, method, context)
+        call = _Call(service, method, context, authorizer)
+        principal = None
         try:
+            await call.authorize(request if unary_request else None)
+            principal = set_current_principal(call.principal)
             return await behavior(request, context)
         except asyncio.CancelledError:
             call.cancelled = True  # the client hung up or the deadline passed
@@ -131,17 +180,26 @@ def _wrap_unary_response(
         except Exception as exc:
             await call.fail(exc)
         finally:
+            if principal is not None:
+                reset_current_principal(principal)
             call.finish()
 
     return handler
 
 
 def _wrap_stream_response(
-    service: str, method: str, behavior: Callable[..., AsyncIterator[Any]]
+    service: str,
+    method: str,
+    behavior: Callable[..., AsyncIterator[Any]],
+    authorizer: Authorizer,
+    unary_request: bool,
 ) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = _Call(service, method, context)
+        call = _Call(service, method, context, authorizer)
         try:
+            await call.authorize(request if unary_request else None)
+            # Set in this generator's own context: what the handler's generator sees.
+            set_current_principal(call.principal)
             async for response in behavior(request, context):
                 yield response
         except (asyncio.CancelledError, GeneratorExit):
@@ -160,8 +218,9 @@ def _wrap_stream_response(
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every method handler; `service` labels the metrics of this process."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, authorizer: Authorizer) -> None:
         self._service = service
+        self._authorizer = authorizer
 
     async def intercept_service(
         self,
@@ -176,23 +235,30 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        auth = self._authorizer
         if handler.unary_unary:
-            wrapped = _wrap_unary_response(self._service, method, handler.unary_unary)
+            wrapped = _wrap_unary_response(self._service, method, handler.unary_unary, auth, True)
             return grpc.unary_unary_rpc_method_handler(wrapped, **codec)
         if handler.stream_unary:
-            wrapped = _wrap_unary_response(self._service, method, handler.stream_unary)
+            wrapped = _wrap_unary_response(self._service, method, handler.stream_unary, auth, False)
             return grpc.stream_unary_rpc_method_handler(wrapped, **codec)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_streaming(method, handler.unary_stream), **codec
+                self._wrap_streaming(method, handler.unary_stream, True), **codec
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_streaming(method, handler.stream_stream), **codec
+            self._wrap_streaming(method, handler.stream_stream, False), **codec
         )
 
-    def _wrap_streaming(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_streaming(
+        self, method: str, behavior: Callable[..., Any], unary_request: bool
+    ) -> Callable[..., Any]:
         # Streaming handlers are either async generators or coroutines that call
         # context.write (grpc's own health service does the latter).
         if inspect.isasyncgenfunction(behavior):
-            return _wrap_stream_response(self._service, method, behavior)
-        return _wrap_unary_response(self._service, method, behavior)
+            return _wrap_stream_response(
+                self._service, method, behavior, self._authorizer, unary_request
+            )
+        return _wrap_unary_response(
+            self._service, method, behavior, self._authorizer, unary_request
+        )

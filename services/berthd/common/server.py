@@ -5,7 +5,9 @@ the standard health service, server reflection (v1 and v1alpha), a Prometheus en
 endpoint key in etcd bound to a kept-alive lease, a ready file for supervisors, and a SIGTERM
 that drains in-flight calls before exiting. The port speaks TLS only (mutual TLS: callers
 present a certificate from the cluster CA), with the instance's certificate renewed at two
-thirds of its life without a restart (berthd.common.security.tls).
+thirds of its life without a restart (berthd.common.security.tls). With --public-listen a
+second port serves the same methods over TLS without a client certificate: callers there
+present a bearer token or nothing (anonymous). The interceptor authorizes every call either way.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from berthd.common.logs import setup_logging
 from berthd.common.reflection import enable_reflection
 from berthd.common.rpc import channels
 from berthd.common.rpc.channels import close_shared
+from berthd.common.security.authorize import Authorizer
+from berthd.common.security.tokens import TokenVerifier
 from berthd.common.state.endpoints import EndpointRecord, endpoint_key
 from berthd.common.store import LeaseKeeper, Store
 
@@ -57,16 +61,20 @@ async def run_server(
     mount: Mount,
     on_start: Callable[[str], Awaitable[dict[str, bytes]]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    authorizer: Authorizer | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain and clean up.
 
     `on_start(address)` runs once the server listens; the keys it returns are registered in
-    etcd under this instance's lease (a node's `nodes/<id>`, for example).
+    etcd under this instance's lease (a node's `nodes/<id>`, for example). `authorizer`
+    defaults to tokens checked against etcd and no public repositories.
     """
     setup_logging(config.service, config.instance_id, config.log_level)
     disable_created_metrics()  # the *_created series only add noise to every counter
     server = grpc.aio.server(
-        interceptors=[ObservabilityInterceptor(config.service)],
+        interceptors=[
+            ObservabilityInterceptor(config.service, authorizer or Authorizer(TokenVerifier(store)))
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -88,6 +96,15 @@ async def run_server(
     port = server.add_secure_port(config.listen, credentials.server_credentials())
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")
+    public_address = ""
+    if config.public_listen:
+        public_port = server.add_secure_port(
+            config.public_listen, credentials.server_credentials(require_client_auth=False)
+        )
+        if public_port == 0:
+            raise RuntimeError(f"cannot listen on {config.public_listen}")
+        host, _ = split_host_port(config.public_listen)
+        public_address = f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{public_port}"
     metrics_host, metrics_port = split_host_port(config.metrics_listen)
     metrics_httpd, _ = start_http_server(metrics_port, addr=metrics_host)
     metrics_url = f"http://{metrics_host}:{metrics_httpd.server_port}/metrics"
@@ -101,6 +118,7 @@ async def run_server(
         service=config.service,
         instance=config.instance_id,
         address=address,
+        public_address=public_address,
         metrics=metrics_url,
         pid=os.getpid(),
         version=version("berth"),
@@ -115,7 +133,12 @@ async def run_server(
         atomic_write(Path(config.ready_file), endpoint.encode())
     log.info(
         "serving",
-        extra={"address": address, "metrics": metrics_url, "identity": credentials.identity},
+        extra={
+            "address": address,
+            "public_address": public_address or "-",
+            "metrics": metrics_url,
+            "identity": credentials.identity,
+        },
     )
 
     stop = asyncio.Event()

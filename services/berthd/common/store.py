@@ -330,6 +330,13 @@ class Store:
     def value_is(self, key: str, value: bytes) -> Compare:
         return transactions.Value(self._abs(key)) == value
 
+    def unchanged_since(self, prefix: str, revision: int) -> Compare:
+        """No key under `prefix` was created or changed after `revision` (a deletion is not
+        seen): a check over a whole family read at that revision, in one compare."""
+        start = self._abs(prefix)
+        mod = transactions.Mod(start, range_end=utils.prefix_range_end(start))
+        return mod < revision + 1
+
     def op_put(self, key: str, value: bytes | Any, lease: int | None = None) -> Op:
         raw = value if isinstance(value, bytes) else encode(value)
         return transactions.Put(self._abs(key), raw, lease=lease)

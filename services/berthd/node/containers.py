@@ -37,6 +37,7 @@ from berthd.node.records import (
     ContainerRecord,
 )
 from berthd.node.runtime import Runtime
+from berthd.node.secrets import SecretMounts, default_dir
 from berthd.node.spec import (
     build_runtime_config,
     effective_user,
@@ -101,6 +102,7 @@ class ContainerManager:
         images: ImageStore,
         layers: LayerStore,
         store: Store | None,
+        secrets: SecretMounts | None = None,
     ) -> None:
         self.root = data_dir / "containers"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -110,6 +112,8 @@ class ContainerManager:
         self.images = images
         self.layers = layers
         self.store = store
+        # Without a way to the cluster, a container that names secrets cannot be created.
+        self.secrets = secrets or SecretMounts(default_dir(data_dir), None)
         self.records: dict[str, ContainerRecord] = {}
         self._reserved_names: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -216,6 +220,8 @@ class ContainerManager:
                 log.error("skipping unreadable container record %s: %s", record_file, exc)
                 continue
             self.records[record.id] = record
+        # Secrets of containers removed while the agent was away (or mid-removal) go now.
+        await asyncio.to_thread(self.secrets.sweep, list(self.records))
         for record in list(self.records.values()):
             await self._adopt(record)
         self._update_gauges()
@@ -357,6 +363,8 @@ class ContainerManager:
             chain_ids=list(image.chain_ids),
         )
         try:
+            # Before anything is made: SECRET_UNAVAILABLE when the cluster does not give them.
+            await self.secrets.ensure(container_id, name, config.secrets)
             await asyncio.to_thread(self._prepare, record, image.config)
             self.records[container_id] = record
         except BaseException:
@@ -395,7 +403,7 @@ class ContainerManager:
         """Directories, overlay root filesystem, /etc files and the OCI bundle."""
         cdir = self.dir(record.id)
         cdir.make()
-        write_init_layer(cdir.init)
+        write_init_layer(cdir.init, secrets=bool(record.config.secrets))
         self._ensure_rootfs(record)
         config = record.config
         hostname = config.hostname or record.id[:12]
@@ -416,6 +424,7 @@ class ContainerManager:
             mounts=mounts,
             etc_files=etc_files,
             cgroups_path=self.cgroups_path(record.id),
+            secrets_dir=self.secrets.path(record.id) if config.secrets else None,
         )
         (cdir.bundle / "config.json").write_text(json.dumps(runtime_config, indent=1))
 
@@ -435,6 +444,7 @@ class ContainerManager:
 
     def _discard(self, record: ContainerRecord) -> None:
         cdir = self.dir(record.id)
+        self.secrets.release(record.id)
         unmount(cdir.rootfs)
         shutil.rmtree(cdir.root, ignore_errors=True)
 
@@ -474,6 +484,8 @@ class ContainerManager:
             )
 
         try:
+            # Filled again when a reboot emptied /run (a no-op when mounted).
+            await self.secrets.ensure(record.id, record.name, record.config.secrets)
             await asyncio.to_thread(self._ensure_rootfs, record)
             try:
                 record.pid = await create()

@@ -6,10 +6,12 @@ with the cluster's id, start it, stop it, remove it when the record goes. An age
 back after being declared dead removes the cluster containers no longer assigned to it, so a
 rescheduled replica never runs twice.
 
-A container the node cannot create (its image is missing or does not pull, its spec is refused)
-gets the status CREATE_FAILED with the reason, once: the node does not try it again until the
-record's `attempt` goes up (StartContainer, or the controller for a service replica). Nor does
-it start again a container that exited on its own or failed to start.
+A container the node cannot create (its image is missing or does not pull, its spec is refused,
+its spec needs host access and its record carries no admission stamp: HOST_ACCESS_DENIED, see
+berthd.common.security.admission) gets the status CREATE_FAILED with the reason, once: the node
+does not try it again until the record's `attempt` goes up (StartContainer, or the controller
+for a service replica). Nor does it start again a container that exited on its own or failed
+to start.
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from berthd.common.errors import AlreadyExists, BerthError, InvalidArgument, NotFound
+from berthd.common.security.admission import host_access
 from berthd.common.state.containers import (
     CONTAINERS,
     CREATE_FAILED,
     CREATE_FAILED_REASON,
+    HOST_ACCESS_DENIED,
     IMAGE_NOT_FOUND,
     IMAGE_PULL_FAILED,
     INVALID_SPEC,
     MANAGED_LABEL,
     RUNNING,
+    SECRET_UNAVAILABLE,
     STATUSES,
     STOPPED,
     ContainerStatus,
@@ -54,6 +59,22 @@ class CreateFailure(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+def check_admitted(desired: DesiredContainer) -> None:
+    """Defence in depth: the cluster admits host access and stamps the record; a record that
+    needs it without a stamp was written by something else, and is not created."""
+    try:
+        reasons = host_access(desired.config)
+    except InvalidArgument as exc:
+        raise CreateFailure(INVALID_SPEC, str(exc)) from None
+    if reasons and not desired.host_access_by:
+        what = ", ".join(r.description for r in reasons)
+        raise CreateFailure(
+            HOST_ACCESS_DENIED,
+            f"its spec needs host access ({what}) and the cluster did not admit it "
+            "(the record has no host_access_by)",
+        )
 
 
 class Converger:
@@ -191,6 +212,7 @@ class Converger:
     async def _create(self, desired: DesiredContainer) -> None:
         """Pull the image if needed, create the container with the cluster's id; CreateFailure
         with the reason when it cannot be."""
+        check_admitted(desired)
         desired.config.labels[MANAGED_LABEL] = "true"
         desired.config.name = desired.name
         image = desired.config.image
@@ -219,7 +241,10 @@ class Converger:
         except InvalidArgument as exc:
             raise CreateFailure(INVALID_SPEC, str(exc)) from None
         except Exception as exc:
-            raise CreateFailure(CREATE_FAILED_REASON, str(exc)) from None
+            # The cluster did not give the container's secrets: SECRET_UNAVAILABLE.
+            secret = isinstance(exc, BerthError) and exc.reason == SECRET_UNAVAILABLE
+            reason = SECRET_UNAVAILABLE if secret else CREATE_FAILED_REASON
+            raise CreateFailure(reason, str(exc)) from None
         record.attempt = desired.attempt
 
     async def _converge(self, desired: DesiredContainer) -> None:

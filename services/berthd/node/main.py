@@ -13,14 +13,17 @@ from berth.node.v1 import node_pb2, node_pb2_grpc
 from berthd.common.config import add_common_flags, add_flag, add_peer_flag, service_config
 from berthd.common.endpoints import service_address
 from berthd.common.rpc.registry import RegistryApi
+from berthd.common.rpc.secrets import SecretApi
 from berthd.common.server import run_server
 from berthd.common.state.nodes import NODES
 from berthd.common.store import Store
 from berthd.node.agent import NodeAgent, default_node_id
 from berthd.node.containers import ContainerManager
 from berthd.node.converge import Converger
+from berthd.node.join import join, log_joined, needs_join, renewal_signer
 from berthd.node.layers import ImageStore, LayerStore
 from berthd.node.runtime import Runtime
+from berthd.node.secrets import SecretMounts, default_dir
 from berthd.node.service import NodeServicer
 
 DEFAULT_LISTEN = "127.0.0.1:5060"
@@ -54,6 +57,31 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="node label key=value, repeatable [env BERTH_NODE_LABELS, comma-separated]",
     )
     add_peer_flag(parser, "node", "registry", "where images are pulled from")
+    add_peer_flag(parser, "node", "cluster", "where containers' secrets come from")
+    add_flag(
+        parser,
+        "--secrets-dir",
+        default="",
+        scope="node",
+        help="where containers' secrets are mounted, one tmpfs each; keep it on /run, out of "
+        "the data directory (default: /run/berth/<hash of the data directory>/secrets)",
+    )
+    add_flag(
+        parser,
+        "--join",
+        default="",
+        scope="node",
+        help="the cluster's public address host:port: join it with --join-token, and have "
+        "it renew this node's certificate (nodes without the CA key)",
+    )
+    add_flag(
+        parser,
+        "--join-token",
+        default="",
+        scope="node",
+        help="join token (`berth node join-token`): get this node's certificate from the "
+        "cluster when --tls-cert/--tls-key do not exist yet",
+    )
     add_flag(
         parser,
         "--runc",
@@ -80,15 +108,24 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
+    joined = await join(args) if needs_join(args) else None
     config = service_config("node", args)
     store = Store(config.etcd, config.etcd_prefix, config.credentials.channel_credentials)
     await store.connect()
+    if args.join and config.credentials.ca is None:
+        # No CA key here: the cluster signs the renewals of a node that joined it.
+        config.credentials.signer = renewal_signer(store, config.credentials)
     data = Path(args.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     runtime = Runtime(runc=args.runc, conmon=args.conmon, root=data / "runc")
     layers = LayerStore(data)
     images = ImageStore(data)
-    manager = ContainerManager(data, args.node_id, runtime, images, layers, store)
+    cluster = SecretApi(service_address(store, "cluster", args.cluster))
+    secrets = SecretMounts(
+        Path(args.secrets_dir) if args.secrets_dir else default_dir(data),
+        cluster.container_secrets,
+    )
+    manager = ContainerManager(data, args.node_id, runtime, images, layers, store, secrets)
 
     registry = RegistryApi(service_address(store, "registry", args.registry))
 
@@ -114,6 +151,8 @@ async def run(args: argparse.Namespace) -> None:
     )
 
     async def on_start(address: str) -> dict[str, bytes]:
+        if joined is not None:
+            log_joined(args, joined)
         agent.address = address
         await manager.start_background()
         await converger.start()

@@ -20,6 +20,8 @@ from berthd.common.containers import from_spec, to_spec
 from berthd.common.errors import InvalidArgument
 from berthd.common.messages import progress, timestamp
 from berthd.common.pages import paginate
+from berthd.common.security.admission import admit
+from berthd.common.security.principal import current_principal
 from berthd.common.streaming import Done, progress_stream, session_start
 from berthd.node.agent import NodeAgent
 from berthd.node.attach import attach_container, detach_sequence, exec_session, relay
@@ -116,7 +118,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def CreateContainer(
         self, request: pb.CreateContainerRequest, context: Context
     ) -> pb.CreateContainerResponse:
-        record = await self.agent.containers.create(from_spec(request.spec))
+        config = from_spec(request.spec)
+        # Admission, as the cluster does: a direct call (an admin, a berth service) needs
+        # host:access for a spec with host-level power.
+        admit(config, current_principal())
+        record = await self.agent.containers.create(config)
         return pb.CreateContainerResponse(container=container(record))
 
     async def StartContainer(

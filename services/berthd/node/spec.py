@@ -21,6 +21,7 @@ from typing import Any
 
 from berthd.common.containers import (
     NETWORK_MODES,
+    SECRETS_DIR,
     ContainerConfig,
     MountSpec,
     capabilities,
@@ -399,6 +400,7 @@ def build_runtime_config(
     cgroups_path: str,
     mounts: Sequence[MountSpec] | None = None,
     network_namespace_path: str | None = None,
+    secrets_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The OCI runtime-spec config.json for runc, with Docker's defaults.
 
@@ -406,7 +408,8 @@ def build_runtime_config(
     resolve_user, `etc_files` from prepare_etc_files. `mounts` are config.mounts with volume
     names resolved to host paths (default: config.mounts, which must then all be paths).
     `network_namespace_path` joins an existing network namespace (a future bridge mode)
-    instead of making a new one.
+    instead of making a new one. `secrets_dir` (the container's secrets tmpfs on the node) is
+    mounted read-only at /run/secrets.
     """
     check_hostname(hostname)
     mounts = config.mounts if mounts is None else mounts
@@ -441,6 +444,10 @@ def build_runtime_config(
     # Parents before children, so /data/sub lands on top of /data.
     for m in sorted(mounts, key=lambda m: posixpath.normpath(m.target).count("/")):
         oci_mounts.append(_bind(posixpath.normpath(m.target), m.source, m.read_only))
+    if secrets_dir is not None:
+        # Last, so a user's mount of /run cannot cover it; the model refuses one at its place.
+        options = ["rbind", "rprivate", "ro", "nosuid", "nodev", "noexec"]
+        oci_mounts.append(_mount(SECRETS_DIR, "bind", str(secrets_dir), options))
 
     # A private cgroup namespace: the container sees its own cgroup as the root.
     namespaces: list[dict[str, str]] = [
@@ -500,13 +507,14 @@ def build_runtime_config(
     }
 
 
-def write_init_layer(path: Path) -> None:
-    """Fill `path` with the mount points every container needs (Docker's init layer).
+def write_init_layer(path: Path, secrets: bool = False) -> None:
+    """Fill `path` with the mount points every container needs (Docker's init layer), and
+    /run/secrets for a container with `secrets`.
 
     Stacked as the top lower dir, right under the upper dir: runc then finds its mount points
     and never creates them in the upper dir, where they would show up as changes.
     """
-    for d in INIT_LAYER_DIRS:
+    for d in (*INIT_LAYER_DIRS, *([SECRETS_DIR.lstrip("/")] if secrets else [])):
         (path / d).mkdir(mode=0o755, parents=True, exist_ok=True)
     for f in INIT_LAYER_FILES:
         (path / f).touch(mode=0o644, exist_ok=True)

@@ -26,6 +26,7 @@ from berthd.common.oci.reference import (
 from berthd.common.pages import bad_token, decode_token, encode_token, page_size, scope_of
 from berthd.common.store import RevisionCompacted
 from berthd.registry import metrics
+from berthd.registry.access import MayPull, PublicCache, sees
 from berthd.registry.blobstore import (
     READ_CHUNK_BYTES,
     BlobStat,
@@ -34,6 +35,7 @@ from berthd.registry.blobstore import (
     blob_unknown,
 )
 from berthd.registry.metadata import (
+    VISIBILITIES,
     ListedManifest,
     ManifestRecord,
     Metadata,
@@ -115,9 +117,23 @@ def decode_manifest_token(token: str, repository: str) -> tuple[int, str | None]
 
 
 class Registry:
+    """Calls that list or mount take `may_pull` (berthd.registry.access.pull_filter): None
+    for a caller who may pull everything, else they show and use only the repositories the
+    caller may pull and the public ones."""
+
     def __init__(self, blobs: BlobStore, meta: Metadata) -> None:
         self.blobs = blobs
         self.meta = meta
+        self.is_public = PublicCache(self._read_public)
+
+    async def _read_public(self, repository: str) -> bool:
+        record = await self.meta.get_repo(repository, with_tag_count=False)
+        return record is not None and record.public
+
+    async def _sees(self, may_pull: MayPull | None, repository: str) -> bool:
+        if may_pull is None or may_pull(repository):
+            return True
+        return await self.is_public(repository)
 
     # Uploads ----------------------------------------------------------------------
 
@@ -203,13 +219,24 @@ class Registry:
         finally:
             reader.close()
 
-    async def mount_blob(self, repository: str, digest: str, source: str) -> BlobStat | None:
-        """Link an existing blob into `repository`; None if there is nothing to mount."""
+    async def mount_blob(
+        self, repository: str, digest: str, source: str, may_pull: MayPull | None = None
+    ) -> BlobStat | None:
+        """Link an existing blob into `repository`; None if there is nothing to mount. The
+        caller's right to pull `source` is checked before; without a source, a caller who
+        may not pull everything mounts only a blob that a repository it sees holds, so a
+        digest alone never opens a private repository's blob."""
         repository_name(repository)
         digest = digest_of(digest)
         if source:
             repository_name(source, "from_repository")
             if not await self.meta.is_linked(source, digest):
+                return None
+        elif may_pull is not None:
+            for holder in await self.meta.linked_repos(digest):
+                if await self._sees(may_pull, holder):
+                    break
+            else:
                 return None
         stat = self.blobs.stat(digest)
         if stat is None:
@@ -313,23 +340,44 @@ class Registry:
 
     # Repositories and tags -------------------------------------------------------------------
 
-    async def list_repositories(self, size: int, token: str) -> tuple[list[RepoRecord], str]:
+    async def list_repositories(
+        self, size: int, token: str, may_pull: MayPull | None = None
+    ) -> tuple[list[RepoRecord], str]:
         limit = page_size(size)
-        records = await self.meta.list_repos(_last(token, "repositories"), limit)
-        next_token = encode_token("repositories", records[-1].name) if len(records) == limit else ""
-        return records, next_token
+        after = _last(token, "repositories")
+        if may_pull is None:
+            records = await self.meta.list_repos(after, limit)
+            last = records[-1].name if len(records) == limit else ""
+            return records, encode_token("repositories", last) if last else ""
+        # Read on past hidden repositories until one more visible than the page shows, so a
+        # token (and the promise of a next page) only ever comes from a visible one.
+        shown: list[RepoRecord] = []
+        while len(shown) <= limit:
+            batch = await self.meta.list_repos(after, limit + 1, with_tag_count=False)
+            shown += [r for r in batch if sees(may_pull, r.name, r.public)]
+            if len(batch) < limit + 1:
+                break
+            after = batch[-1].name
+        page = shown[:limit]
+        for record in page:
+            record.tag_count = await self.meta.tag_count(record.name)
+        more = len(shown) > limit
+        return page, encode_token("repositories", page[-1].name) if more else ""
 
     async def list_manifests(
-        self, repository: str, size: int, token: str
+        self, repository: str, size: int, token: str, may_pull: MayPull | None = None
     ) -> tuple[list[ListedManifest], str]:
         """A page of manifests of one repository (or all), in `<repository>@<digest>` order.
         Every page of a listing is read at the etcd revision of its first page, so the pages
         together are one consistent view; once etcd has compacted that revision away, the
-        listing must start over (ABORTED)."""
+        listing must start over (ABORTED). A listing of every repository shows only those the
+        caller sees (`may_pull`); one repository's was authorized on its name."""
         if repository:
             repository_name(repository)
         limit = page_size(size)
         revision, after = decode_manifest_token(token, repository)
+        if not repository and may_pull is not None:
+            return await self._visible_manifests(may_pull, limit, revision, after)
         try:
             page = await self.meta.list_manifests(repository or None, after, limit, revision)
             if (
@@ -349,6 +397,36 @@ class Registry:
         next_token = encode_manifest_token(page.revision, page.entries[-1]) if page.more else ""
         return page.entries, next_token
 
+    async def _visible_manifests(
+        self, may_pull: MayPull, limit: int, revision: int, after: str | None
+    ) -> tuple[list[ListedManifest], str]:
+        """list_manifests over every repository the caller sees: read on past hidden entries
+        until one more visible entry than the page holds (or the end)."""
+        seen: dict[str, bool] = {}
+        shown: list[ListedManifest] = []
+        try:
+            while len(shown) <= limit:
+                page = await self.meta.list_manifests(None, after, limit + 1, revision)
+                revision = page.revision
+                for entry in page.entries:
+                    if entry.repository not in seen:
+                        seen[entry.repository] = await self._sees(may_pull, entry.repository)
+                    if seen[entry.repository]:
+                        shown.append(entry)
+                if not page.more or not page.entries:
+                    break
+                after = page.entries[-1].key
+        except RevisionCompacted as exc:
+            raise Aborted(
+                f"the listing's view of the registry (etcd revision {revision}) has been "
+                "compacted away; list again from the first page",
+                reason="LISTING_EXPIRED",
+                metadata={"revision": revision},
+            ) from exc
+        entries = shown[:limit]
+        more = len(shown) > limit
+        return entries, encode_manifest_token(revision, entries[-1]) if more else ""
+
     async def get_repository(self, repository: str) -> RepoRecord:
         repository_name(repository)
         return await self.meta.require_repo(repository)
@@ -359,8 +437,16 @@ class Registry:
         description: str | None,
         labels: dict[str, str],
         replace_labels: bool,
+        visibility: str | None = None,
     ) -> RepoRecord:
+        """Change what is given (None: leave it). `visibility` is "private" or "public"."""
         repository_name(repository)
+        if visibility is not None and visibility not in VISIBILITIES:
+            raise InvalidArgument(
+                f"unknown visibility {visibility!r}: one of {', '.join(VISIBILITIES)}",
+                reason="VISIBILITY_INVALID",
+                field="visibility",
+            )
         if description is not None and len(description) > 4096:
             raise InvalidArgument("description is longer than 4096 characters", field="description")
         for key in labels:
@@ -376,8 +462,11 @@ class Registry:
                 record.labels = dict(labels)
             else:
                 record.labels.update(labels)
+            if visibility is not None:
+                record.visibility = visibility
 
         await self.meta.update_repo(repository, change)
+        self.is_public.forget(repository)
         return await self.meta.require_repo(repository)
 
     async def list_tags(
@@ -397,13 +486,20 @@ class Registry:
         return await self.meta.delete_tag(repository, tag)
 
     async def search(
-        self, term: str, labels: dict[str, str], size: int, token: str
+        self,
+        term: str,
+        labels: dict[str, str],
+        size: int,
+        token: str,
+        may_pull: MayPull | None = None,
     ) -> tuple[list[RepoRecord], str]:
-        """A page of the repositories matching term and labels, best match first."""
+        """A page of the repositories matching term and labels that the caller sees, best
+        match first."""
         limit = page_size(size)
         scope = scope_of("registry.Search", term.strip().lower(), labels)
         after = decode_token(token, scope)
-        ranked = rank_repositories(await self.meta.all_repos(), term, labels)
+        records = [r for r in await self.meta.all_repos() if sees(may_pull, r.name, r.public)]
+        ranked = rank_repositories(records, term, labels)
         if after is not None:
             if len(after) != 2 or not isinstance(after[0], int) or not isinstance(after[1], str):
                 raise bad_token()

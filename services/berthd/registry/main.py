@@ -9,6 +9,8 @@ import grpc
 
 from berth.registry.v1 import registry_pb2, registry_pb2_grpc
 from berthd.common.config import add_common_flags, add_flag, service_config
+from berthd.common.security.authorize import Authorizer
+from berthd.common.security.tokens import TokenVerifier
 from berthd.common.server import run_server
 from berthd.common.store import Store
 from berthd.registry.blobstore import BlobStore
@@ -37,9 +39,12 @@ async def run(args: argparse.Namespace) -> None:
     store = Store(config.etcd, config.etcd_prefix, config.credentials.channel_credentials)
     await store.connect()
     registry = Registry(BlobStore(Path(args.data_dir)), Metadata(store))
+    # Public repositories are pullable with no credential: the registry answers which are.
+    authorizer = Authorizer(TokenVerifier(store), public_repository=registry.is_public)
 
     def mount(server: grpc.aio.Server) -> list[str]:
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), server)
+        servicer = RegistryServicer(registry, authorizer)
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
         return [registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name]
 
-    await run_server(config, store, mount)
+    await run_server(config, store, mount, authorizer=authorizer)

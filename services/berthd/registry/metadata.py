@@ -3,7 +3,8 @@
 Keys (relative to the store prefix). A repository name never contains `@`, so `<repo>@` is an
 exact prefix for one repository's children even when other names nest under it (`a` and `a/b`):
 
-    registry/repos/<repo>                 {"created_at", "last_push_at", "description", "labels"}
+    registry/repos/<repo>                 {"created_at", "last_push_at", "description", "labels",
+                                           "visibility"}
     registry/tags/<repo>@<tag>            {"digest", "pushed_at"}
     registry/manifests/<repo>@<digest>    {"media_type", "size", "references", "created_at"}
     registry/links/<repo>@<digest>        {"size", "linked_at"}   blob belongs to the repository
@@ -27,6 +28,12 @@ REPOS = "registry/repos/"
 TAGS = "registry/tags/"
 MANIFESTS = "registry/manifests/"
 LINKS = "registry/links/"
+
+# A repository's visibility: who may pull it and find it. Records written before visibility
+# existed have none and are private.
+PRIVATE = "private"
+PUBLIC = "public"
+VISIBILITIES = (PRIVATE, PUBLIC)
 
 
 def name_unknown(repo: str) -> NotFound:
@@ -68,6 +75,11 @@ class RepoRecord:
     description: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     tag_count: int = 0
+    visibility: str = PRIVATE
+
+    @property
+    def public(self) -> bool:
+        return self.visibility == PUBLIC
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,6 +87,7 @@ class RepoRecord:
             "last_push_at": self.last_push_at,
             "description": self.description,
             "labels": self.labels,
+            "visibility": self.visibility,
         }
 
     @classmethod
@@ -85,6 +98,7 @@ class RepoRecord:
             last_push_at=data["last_push_at"],
             description=data.get("description", ""),
             labels=dict(data.get("labels", {})),
+            visibility=PUBLIC if data.get("visibility") == PUBLIC else PRIVATE,
         )
 
 
@@ -157,13 +171,16 @@ class Metadata:
             raise name_unknown(repo)
         return record
 
-    async def list_repos(self, start_after: str | None, limit: int) -> list[RepoRecord]:
+    async def list_repos(
+        self, start_after: str | None, limit: int, *, with_tag_count: bool = True
+    ) -> list[RepoRecord]:
         entries = await self.store.list(
             REPOS, start_after=repo_key(start_after) if start_after else None, limit=limit
         )
         records = [RepoRecord.from_json(e.key[len(REPOS) :], e.json()) for e in entries]
-        for record in records:
-            record.tag_count = await self.tag_count(record.name)
+        if with_tag_count:
+            for record in records:
+                record.tag_count = await self.tag_count(record.name)
         return records
 
     async def all_repos(self) -> list[RepoRecord]:
@@ -339,6 +356,16 @@ class Metadata:
 
     async def is_linked(self, repo: str, digest: str) -> bool:
         return await self.store.get(link_key(repo, digest)) is not None
+
+    async def linked_repos(self, digest: str) -> list[str]:
+        """Every repository holding the blob (a scan of all links: for the rare mount without
+        a source repository by a caller who may not pull every repository)."""
+        repos = []
+        async for entry in self.store.iterate(LINKS):
+            repo, linked = split_child_key(entry.key, LINKS)
+            if linked == digest:
+                repos.append(repo)
+        return repos
 
     async def unlink_everywhere(self, digests: set[str]) -> int:
         removed = 0

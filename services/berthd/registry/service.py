@@ -1,6 +1,9 @@
 """gRPC servicer for berth.registry.v1: converts messages and calls the core, nothing more.
 
-Errors raised by the core become status codes in the common interceptor.
+Errors raised by the core become status codes in the common interceptor, which also checks
+the repositories a request names. What it cannot see is checked here, for the call's
+principal: an upload session's repository (found from its id), a mount's source repository,
+and which repositories a listing shows (berthd.registry.access).
 """
 
 from __future__ import annotations
@@ -10,19 +13,25 @@ from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 
+from berth.enums.registry import VISIBILITIES
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc
 from berth.types.v1 import progress_pb2, types_pb2
 from berthd.common.errors import InvalidArgument
 from berthd.common.idempotency import once
 from berthd.common.messages import progress, timestamp
+from berthd.common.security.authorize import Authorizer
+from berthd.common.security.permissions import Permission
+from berthd.common.security.principal import current_principal
 from berthd.common.streaming import Done, progress_stream
 from berthd.registry import gc, metrics
+from berthd.registry.access import MayPull, pull_filter
 from berthd.registry.blobstore import BlobStat
 from berthd.registry.core import Registry
 from berthd.registry.metadata import ListedManifest, RepoRecord, TagRecord
 
 Context = grpc.aio.ServicerContext
+SERVICE = pb.DESCRIPTOR.services_by_name["RegistryService"].full_name
 
 
 def descriptor(blob: BlobStat) -> types_pb2.Descriptor:
@@ -37,7 +46,27 @@ def repository(record: RepoRecord) -> pb.Repository:
         tag_count=record.tag_count,
         created_at=timestamp(record.created_at),
         last_push_at=timestamp(record.last_push_at),
+        visibility=VISIBILITIES.value(record.visibility),
     )
+
+
+def visibility(value: int) -> str | None:
+    """A request's visibility as the core's word; None for "leave it" (UNSPECIFIED)."""
+    if value == pb.VISIBILITY_UNSPECIFIED:
+        return None
+    name = VISIBILITIES.name(value, "")
+    if not name:
+        raise InvalidArgument(
+            f"unknown visibility {value}: VISIBILITY_PRIVATE or VISIBILITY_PUBLIC",
+            reason="VISIBILITY_INVALID",
+            field="visibility",
+        )
+    return name
+
+
+def may_pull() -> MayPull | None:
+    """Which repositories the call's principal may pull (None: all)."""
+    return pull_filter(current_principal())
 
 
 def tag(record: TagRecord) -> pb.Tag:
@@ -78,8 +107,20 @@ def manifest_entry(entry: ListedManifest) -> pb.ManifestEntry:
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, authorizer: Authorizer) -> None:
         self.registry = registry
+        self.authorizer = authorizer
+
+    async def _check(self, permission: Permission, repository: str, method: str) -> None:
+        await self.authorizer.check_repository(
+            current_principal(), permission, repository, f"/{SERVICE}/{method}"
+        )
+
+    async def _check_upload(self, upload_id: str, method: str) -> None:
+        """The caller may push to the session's repository (an unknown session fails as
+        before, with UPLOAD_UNKNOWN: its id says nothing about any repository)."""
+        info = await self.registry.upload_info(upload_id)
+        await self._check(Permission.REPOSITORY_PUSH, info.repository, method)
 
     async def StartUpload(
         self, request: pb.StartUploadRequest, context: Context
@@ -105,6 +146,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         try:
             async for chunk in request_iterator:
                 if writer is None:
+                    await self._check_upload(chunk.upload_id, "WriteUpload")
                     writer = await asyncio.to_thread(
                         self.registry.blobs.open_writer, chunk.upload_id
                     )
@@ -128,6 +170,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def GetUpload(
         self, request: pb.GetUploadRequest, context: Context
     ) -> pb.GetUploadResponse:
+        await self._check_upload(request.upload_id, "GetUpload")
         info = await self.registry.upload_info(request.upload_id)
         return pb.GetUploadResponse(
             upload_id=info.upload_id,
@@ -139,12 +182,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def CommitUpload(
         self, request: pb.CommitUploadRequest, context: Context
     ) -> pb.CommitUploadResponse:
+        await self._check_upload(request.upload_id, "CommitUpload")
         blob, existed = await self.registry.commit_upload(request.upload_id, request.digest)
         return pb.CommitUploadResponse(descriptor=descriptor(blob), deduplicated=existed)
 
     async def CancelUpload(
         self, request: pb.CancelUploadRequest, context: Context
     ) -> pb.CancelUploadResponse:
+        await self._check_upload(request.upload_id, "CancelUpload")
         await self.registry.cancel_upload(request.upload_id)
         return pb.CancelUploadResponse()
 
@@ -166,8 +211,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def MountBlob(
         self, request: pb.MountBlobRequest, context: Context
     ) -> pb.MountBlobResponse:
+        if request.from_repository:
+            await self._check(Permission.REPOSITORY_PULL, request.from_repository, "MountBlob")
         blob = await self.registry.mount_blob(
-            request.repository, request.digest, request.from_repository
+            request.repository, request.digest, request.from_repository, may_pull()
         )
         if blob is None:
             return pb.MountBlobResponse(mounted=False)
@@ -199,7 +246,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.ListRepositoriesRequest, context: Context
     ) -> pb.ListRepositoriesResponse:
         records, token = await self.registry.list_repositories(
-            request.page_size, request.page_token
+            request.page_size, request.page_token, may_pull()
         )
         return pb.ListRepositoriesResponse(
             repositories=[repository(r) for r in records], next_page_token=token
@@ -219,6 +266,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             request.description if request.HasField("description") else None,
             dict(request.labels),
             request.replace_labels,
+            visibility(request.visibility),
         )
         return pb.UpdateRepositoryResponse(repository=repository(record))
 
@@ -232,7 +280,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.ListManifestsRequest, context: Context
     ) -> pb.ListManifestsResponse:
         entries, token = await self.registry.list_manifests(
-            request.repository, request.page_size, request.page_token
+            request.repository, request.page_size, request.page_token, may_pull()
         )
         return pb.ListManifestsResponse(
             manifests=[manifest_entry(e) for e in entries], next_page_token=token
@@ -247,7 +295,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
         results, token = await self.registry.search(
-            request.term, dict(request.labels), request.page_size, request.page_token
+            request.term, dict(request.labels), request.page_size, request.page_token, may_pull()
         )
         return pb.SearchResponse(results=[repository(r) for r in results], next_page_token=token)
 

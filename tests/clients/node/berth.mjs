@@ -3,10 +3,11 @@
 // google-proto-files, and nothing from berth's Python code. Only the cluster's address is
 // given (BERTH_CLUSTER); every other service is found through GetEndpoints.
 //
-// Every berth port speaks TLS with certificates from the cluster CA, and asks callers for a
-// certificate from that CA (mutual TLS): BERTH_TLS_CA names the CA file (`berthd up` writes
-// <state>/tls/ca.crt), BERTH_TLS_CERT and BERTH_TLS_KEY the client's certificate and key
-// (<state>/tls/client.crt and client.key).
+// Every berth port speaks TLS with certificates from the cluster CA: BERTH_TLS_CA names the CA
+// file (`berthd up` writes <state>/tls/ca.crt). With BERTH_TOKEN the client dials the services'
+// public ports and sends the token in every call's metadata (`authorization: Bearer`), as a
+// user's program would; otherwise it presents a client certificate (BERTH_TLS_CERT and
+// BERTH_TLS_KEY) to their main ports (mutual TLS).
 import { readFileSync } from "node:fs";
 import { createGzip } from "node:zlib";
 import { createHash } from "node:crypto";
@@ -109,10 +110,21 @@ export function bidi(stub, method, requests) {
   return done;
 }
 
-/** TLS credentials from the files BERTH_TLS_CA, BERTH_TLS_CERT and BERTH_TLS_KEY name. */
+/** TLS credentials: the CA file BERTH_TLS_CA names, and BERTH_TOKEN in every call's metadata,
+ * else the client certificate and key BERTH_TLS_CERT and BERTH_TLS_KEY name. */
 export function credentials(env = process.env) {
   if (!env.BERTH_TLS_CA) throw new Error("BERTH_TLS_CA must name the cluster's CA file");
   const read = (name) => (env[name] ? readFileSync(env[name]) : null);
+  if (env.BERTH_TOKEN) {
+    return grpc.credentials.combineChannelCredentials(
+      grpc.credentials.createSsl(read("BERTH_TLS_CA")),
+      grpc.credentials.createFromMetadataGenerator((_, done) => {
+        const metadata = new grpc.Metadata();
+        metadata.add("authorization", `Bearer ${env.BERTH_TOKEN}`);
+        done(null, metadata);
+      }),
+    );
+  }
   return grpc.credentials.createSsl(read("BERTH_TLS_CA"), read("BERTH_TLS_KEY"), read("BERTH_TLS_CERT"));
 }
 
@@ -130,7 +142,8 @@ export async function connect(clusterAddress) {
   const address = (kind) => {
     const found = endpoints.find((e) => e.kind === kind);
     if (!found) throw new Error(`no ${kind} endpoint in ${JSON.stringify(endpoints)}`);
-    return found.address;
+    // A token caller has no client certificate: the public port is the one it can use.
+    return process.env.BERTH_TOKEN ? found.public_address : found.address;
   };
   return {
     cluster,

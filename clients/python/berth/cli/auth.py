@@ -1,4 +1,5 @@
-"""Credentials for external registries: what `berth login` stores and `pull`/`push` send.
+"""Credentials for external registries: what `berth login` stores and `pull`/`push` send, and
+the cluster token `berth login --token` stores (read by berth.tls for every call).
 
 Stored in Docker's config.json shape, `{"auths": {"HOST": {"auth": base64("user:pass")}}}`, in
 $BERTH_AUTH_FILE, else $XDG_CONFIG_HOME/berth/auth.json, else ~/.config/berth/auth.json, mode
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from berth.client.image import Credentials
+from berth.config import auth_file
 from berth.errors import BerthClientError
 from berth.files import atomic_write
 from berth.reference import is_registry_host
@@ -25,18 +27,33 @@ _HUB = "index.docker.io"
 _HUB_ALIASES = {"docker.io", "registry-1.docker.io", _HUB}
 
 
-def auth_file() -> Path:
-    if explicit := os.environ.get("BERTH_AUTH_FILE"):
-        return Path(explicit).expanduser()
-    if xdg := os.environ.get("XDG_CONFIG_HOME"):
-        return Path(xdg).expanduser() / "berth" / "auth.json"
-    return Path.home() / ".config" / "berth" / "auth.json"
-
-
 def docker_config_file() -> Path:
     if explicit := os.environ.get("DOCKER_CONFIG"):
         return Path(explicit).expanduser() / "config.json"
     return Path.home() / ".docker" / "config.json"
+
+
+CLUSTER_KEY = "berth"
+
+
+def save_cluster_token(token: str, principal: str) -> Path:
+    """Store the token every berth call sends (`authorization: Bearer`)."""
+    path = auth_file()
+    data = _read(path)
+    data[CLUSTER_KEY] = {"token": token, "principal": principal}
+    _write(path, data)
+    return path
+
+
+def remove_cluster_token() -> str | None:
+    """Forget the cluster token; the principal it stood for, or None when there was none."""
+    path = auth_file()
+    data = _read(path)
+    entry = data.pop(CLUSTER_KEY, None)
+    if entry is None:
+        return None
+    _write(path, data)
+    return str(entry.get("principal", "")) if isinstance(entry, dict) else ""
 
 
 def registry_host(server: str) -> str:

@@ -32,8 +32,9 @@ from berth.cli.output import (
     print_line,
     print_table,
 )
-from berth.cli.registry_cmds import format_options
+from berth.cli.registry_cmds import format_options, parse_duration
 from berth.client.cluster import ClusterClient, ClusterContainer, Event, NodeInfo, ServiceInfo
+from berth.client.join import JoinClient, JoinInfo
 from berth.config import resolve_cluster_address
 from berth.errors import BerthClientError
 
@@ -154,6 +155,24 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         change = nodes.add_parser(name, parents=data, help=help_text)
         change.add_argument("node_ids", nargs="+", metavar="NODE", help="node id")
         change.set_defaults(func=cmd_node_change, method=method)
+    join_token = nodes.add_parser(
+        "join-token",
+        parents=data,
+        help="show or rotate the token new nodes join with, and the command to run on them",
+    )
+    join_token.add_argument(
+        "--rotate", action="store_true", help="make a new token; the current one stops working"
+    )
+    join_token.add_argument(
+        "--expires",
+        type=parse_duration,
+        metavar="DURATION",
+        help="with --rotate: the token's lifetime (24h, 30m, 7d); default: it never expires",
+    )
+    join_token.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the token (with --rotate)"
+    )
+    join_token.set_defaults(func=cmd_node_join_token)
 
     service = commands.add_parser("service", help="replicated services")
     services = service.add_subparsers(dest="service_command", metavar="COMMAND", required=True)
@@ -259,6 +278,65 @@ def cmd_node_change(args: argparse.Namespace) -> int:
             if args.format == "json" and changed:
                 print_json(changed)
     return 0
+
+
+def cmd_node_join_token(args: argparse.Namespace) -> int:
+    if args.expires is not None and not args.rotate:
+        raise BerthClientError(
+            "--expires needs --rotate: it sets the new token's lifetime", "INVALID_ARGUMENT"
+        )
+    if args.quiet and not args.rotate:
+        # Only the hash is kept: the token is shown once, when it is made.
+        raise BerthClientError(
+            "the cluster keeps only the join token's hash; make a new one with "
+            "`berth node join-token --rotate -q`",
+            "FAILED_PRECONDITION",
+        )
+    with JoinClient(resolve_cluster_address(args.host)) as client:
+        info = client.rotate_join_token(args.expires or 0) if args.rotate else client.join_token()
+    if args.format == "json":
+        print_json(info)
+    elif args.quiet:
+        print_line(info.token.token if info.token else "")
+    else:
+        print_line(join_token_text(info, args.rotate))
+    return 0
+
+
+ROTATE_COMMAND = "    berth node join-token --rotate"
+
+
+def join_token_text(info: JoinInfo, rotated: bool) -> str:
+    """What `docker swarm join-token` prints: the command to run on a new host, once there
+    is a token to show; else what the current token is and how to get a new one."""
+    token = info.token
+    if token is None:
+        return "This cluster has no join token yet. Make one with:\n\n" + ROTATE_COMMAND
+    expires = format_time(token.expires_at) if token.expires_at else "never"
+    created = format_time(token.created_at) if token.created_at else "-"
+    made = f"made {created} by {token.created_by or '-'}, expires {expires}"
+    if not rotated:
+        stale = "" if token.ca_digest == info.ca_digest else " It was made for another CA."
+        return (
+            f"This cluster has a join token ({made}).{stale}\n"
+            "The cluster keeps only its hash, so it cannot be shown again. To show a new one "
+            "(the current one stops working at once):\n\n" + ROTATE_COMMAND
+        )
+    address = info.join_addresses[0] if info.join_addresses else "CLUSTER_PUBLIC_ADDRESS"
+    command = [
+        "berthd node",
+        f"--join {address}",
+        f"--join-token {token.token}",
+        "--tls-ca ca.crt --tls-cert node.crt --tls-key node.key",
+        f"--etcd {info.etcd_endpoint or 'ETCD_ADDRESS'}",
+    ]
+    if info.etcd_prefix and info.etcd_prefix != "/berth/":
+        command.append(f"--etcd-prefix {info.etcd_prefix}")
+    return (
+        f"Rotated the join token ({made}); the previous one no longer works.\n\n"
+        "To add a node to this cluster, copy the cluster's CA certificate to the new host as "
+        f"ca.crt (sha256 {info.ca_digest}) and run there:\n\n    " + " \\\n        ".join(command)
+    )
 
 
 # --- service commands -------------------------------------------------------------------------
@@ -428,10 +506,12 @@ def service_ps_rows(replicas: Iterable[ClusterContainer]) -> list[list[str]]:
 
 
 def event_line(e: Event) -> str:
-    """`docker events` style: TIME OBJECT ACTION ID (key=value, ...), attributes sorted."""
+    """`docker events` style: TIME OBJECT ACTION ID (key=value, ...), attributes sorted; the
+    principal that caused it is the `actor` attribute."""
     obj, action = EVENT_WORDS.get(e.type, ("cluster", e.type))
     subject = {"node": e.node_id, "container": e.container_id, "service": e.service_id}
     attributes = {
+        "actor": e.actor,
         "name": e.container_name or e.service_name,
         "node": e.node_id if obj != "node" else "",
         "previousNode": e.previous_node_id,

@@ -46,6 +46,7 @@ from berth.containers import (
     USERNS_MODES,
     ContainerConfig,
     MountSpec,
+    SecretReference,
 )
 from berth.enums.containers import CONTAINER_STATES
 from berth.error_details import ErrorDetails
@@ -218,6 +219,36 @@ def security_opt(text: str) -> str:
     return "seccomp=" + json.dumps(profile, separators=(",", ":"))
 
 
+def parse_secret(text: str) -> SecretReference:
+    """--secret NAME, or Docker's long form source=NAME,target=FILE,mode=0400,uid=0,gid=0
+    (mode in octal); the model checks the values."""
+    if "=" not in text:
+        return SecretReference(text)
+    fields: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = {"src": "source"}.get(key.strip(), key.strip())
+        if not sep or key not in ("source", "target", "mode", "uid", "gid"):
+            raise argparse.ArgumentTypeError(
+                f'invalid --secret "{text}": expected NAME or '
+                "source=NAME[,target=FILE][,mode=0400][,uid=N][,gid=N]"
+            )
+        fields[key] = value.strip()
+    if not fields.get("source"):
+        raise argparse.ArgumentTypeError(f'invalid --secret "{text}": source=NAME is required')
+    numbers: dict[str, int] = {}
+    for key, base in (("mode", 8), ("uid", 10), ("gid", 10)):
+        if key in fields:
+            try:
+                numbers[key] = int(fields[key].removeprefix("0o"), base)
+            except ValueError:
+                kind = "an octal mode such as 0400" if base == 8 else "a number"
+                raise argparse.ArgumentTypeError(
+                    f'invalid --secret "{text}": {key} must be {kind}'
+                ) from None
+    return SecretReference(fields["source"], fields.get("target", ""), **numbers)
+
+
 def absolute_path(text: str) -> str:
     if not text.startswith("/"):
         raise argparse.ArgumentTypeError(f'the working directory "{text}" must be absolute')
@@ -273,6 +304,7 @@ def container_config(args: argparse.Namespace, name: str = "") -> ContainerConfi
         cap_drop=args.cap_drop,
         security_opt=args.security_opt,
         userns=args.userns,
+        secrets=args.secret,
     )
     config.validate()
     return config
@@ -504,6 +536,15 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
         choices=[m for m in USERNS_MODES if m],
         default="",
         help="user namespace: host (the default; remapping is not supported)",
+    )
+    add(
+        "--secret",
+        action="append",
+        type=parse_secret,
+        default=[],
+        metavar="SECRET",
+        help="give the container a cluster secret at /run/secrets/: NAME, or "
+        "source=NAME,target=FILE,mode=0400,uid=N,gid=N (cluster; repeatable)",
     )
     add(
         "--constraint",

@@ -218,8 +218,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         ("load", "read images from a tar archive", data, _load_parser),
         ("pull", "copy an image from an external registry", cached, _pull_parser),
         ("push", "copy an image to an external registry", data, _push_parser),
-        ("login", "store credentials for an external registry", [], _login_parser),
-        ("logout", "forget credentials for an external registry", [], _logout_parser),
+        ("login", "log in to the cluster (a token) or an external registry", [], _login_parser),
+        ("logout", "forget the cluster token or a registry's credentials", [], _logout_parser),
     ]
     for name, help, parents, build in top_level:
         build(commands.add_parser(name, parents=parents, help=help, description=help))
@@ -369,12 +369,28 @@ def _login_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-u", "--username", default="", help="user name")
     p.add_argument("-p", "--password", default=None, help="password (prefer --password-stdin)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    p.add_argument("server", metavar="SERVER", help="registry HOST[:PORT]")
+    p.add_argument(
+        "--token", default=None, help="the cluster: a berth token (prefer --token-stdin)"
+    )
+    p.add_argument(
+        "--token-stdin", action="store_true", help="the cluster: read a berth token from stdin"
+    )
+    p.add_argument(
+        "server",
+        nargs="?",
+        metavar="SERVER",
+        help="an external registry HOST[:PORT]; without it, log in to the berth cluster",
+    )
     p.set_defaults(func=cmd_login)
 
 
 def _logout_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("server", metavar="SERVER", help="registry HOST[:PORT]")
+    p.add_argument(
+        "server",
+        nargs="?",
+        metavar="SERVER",
+        help="an external registry HOST[:PORT]; without it, forget the cluster token",
+    )
     p.set_defaults(func=cmd_logout)
 
 
@@ -777,6 +793,21 @@ def _feed(lines: TransferDisplay) -> Callable[[TransferProgress], None]:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
+    if args.server is None:
+        if args.username or args.password is not None or args.password_stdin:
+            raise BerthClientError(
+                "the berth cluster takes a token (--token-stdin), not a user name and password; "
+                "name the registry HOST to log in to an external registry",
+                "INVALID_ARGUMENT",
+            )
+        from berth.cli.access_cmds import cluster_login
+
+        return cluster_login(args)
+    if args.token is not None or args.token_stdin:
+        raise BerthClientError(
+            "--token and --token-stdin log in to the berth cluster: drop SERVER",
+            "INVALID_ARGUMENT",
+        )
     if args.password is not None and args.password_stdin:
         raise BerthClientError(
             "--password and --password-stdin are mutually exclusive", "INVALID_ARGUMENT"
@@ -812,6 +843,10 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
+    if args.server is None:
+        from berth.cli.access_cmds import cluster_logout
+
+        return cluster_logout()
     host = auth.registry_host(args.server)
     if auth.remove_credentials(host):
         print_line(f"Removing login credentials for {host}")

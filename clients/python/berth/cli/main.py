@@ -33,7 +33,9 @@ _COMMANDS = {
     "image_cmds": "images history tag rmi commit import save load pull push login logout image",
     "container_cmds": "run ps logs exec attach start stop kill rm inspect wait stats diff",
     "cluster_cmds": "node service events",
+    "secret_cmds": "secret",
     "build_cmds": "build builder",
+    "access_cmds": "token",
 }
 COMMAND_MODULES = list(_COMMANDS)
 MODULE_OF = {command: module for module, words in _COMMANDS.items() for command in words.split()}

@@ -31,6 +31,7 @@ from berth.client.registry import (
     parse_image_reference,
 )
 from berth.config import resolve_service_address
+from berth.enums.registry import VISIBILITIES
 from berth.errors import BerthClientError
 
 DESCRIPTION_WIDTH = 45  # what `docker search` keeps without --no-trunc
@@ -149,7 +150,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("repository", type=repository_name, metavar="REPO")
     inspect.set_defaults(func=cmd_inspect)
 
-    set_ = sub.add_parser("set", parents=common, help="set a repository's description or labels")
+    set_ = sub.add_parser(
+        "set", parents=common, help="set a repository's description, labels or visibility"
+    )
     set_.add_argument("repository", type=repository_name, metavar="REPO")
     set_.add_argument("--description", metavar="TEXT", help="new description")
     set_.add_argument(
@@ -164,6 +167,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--replace-labels",
         action="store_true",
         help="make the given labels the only ones (none given: remove all)",
+    )
+    set_.add_argument(
+        "--visibility",
+        choices=VISIBILITIES.names,
+        help="private: only those granted access can pull and find it (the default); "
+        "public: anyone can, without logging in",
     )
     set_.set_defaults(func=cmd_set)
 
@@ -194,14 +203,14 @@ def _positive_int(text: str) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     with connect_registry(args) as client:
         results = client.search(args.term, labels=dict(args.label), limit=args.limit)
-    _print_repositories(results, args)
+    _print_repositories(results, args, visibility=False)
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with connect_registry(args) as client:
         repositories = list(client.iter_repositories())
-    _print_repositories(repositories, args)
+    _print_repositories(repositories, args, visibility=True)
     return 0
 
 
@@ -230,9 +239,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    if args.description is None and not args.label and not args.replace_labels:
+    if (
+        args.description is None
+        and not args.label
+        and not args.replace_labels
+        and args.visibility is None
+    ):
         raise BerthClientError(
-            "nothing to change: pass --description, --label or --replace-labels", "INVALID_ARGUMENT"
+            "nothing to change: pass --description, --label, --replace-labels or --visibility",
+            "INVALID_ARGUMENT",
         )
     with connect_registry(args) as client:
         repository = client.update_repository(
@@ -240,6 +255,7 @@ def cmd_set(args: argparse.Namespace) -> int:
             description=args.description,
             labels=dict(args.label),
             replace_labels=args.replace_labels,
+            visibility=args.visibility,
         )
     if args.format == "json":
         print_json(repository)
@@ -272,7 +288,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
 # --- rendering --------------------------------------------------------------------------------
 
 
-def _print_repositories(repositories: list[RepositoryInfo], args: argparse.Namespace) -> None:
+def _print_repositories(
+    repositories: list[RepositoryInfo], args: argparse.Namespace, *, visibility: bool
+) -> None:
+    """`search` keeps `docker search`'s columns; `registry ls` adds each one's visibility."""
     if args.format == "json":
         print_json(repositories)
         return
@@ -280,13 +299,15 @@ def _print_repositories(repositories: list[RepositoryInfo], args: argparse.Names
     rows = [
         [
             r.name,
+            *([r.visibility] if visibility else []),
             r.description if width is None else truncate(r.description, width),
             str(r.tag_count),
             human_ago(r.last_push_at),
         ]
         for r in repositories
     ]
-    print_table(["NAME", "DESCRIPTION", "TAGS", "LAST PUSH"], rows)
+    headers = ["NAME", *(["VISIBILITY"] if visibility else []), "DESCRIPTION", "TAGS", "LAST PUSH"]
+    print_table(headers, rows)
 
 
 def _print_tags(tags: Iterable[TagInfo]) -> None:
@@ -302,6 +323,7 @@ def _print_repository(repository: RepositoryInfo) -> None:
     print_fields(
         [
             ("Name", repository.name),
+            ("Visibility", repository.visibility),
             ("Description", repository.description or "-"),
             ("Labels", labels or "-"),
             ("Tags", str(repository.tag_count)),

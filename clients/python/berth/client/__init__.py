@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 # Public name -> the module that defines it.
 _EXPORTS = {
+    "AccessClient": "berth.client.access",
+    "Identity": "berth.client.access",
+    "TokenInfo": "berth.client.access",
     "BlobInfo": "berth.client.registry",
     "BuildOptions": "berth.client.builder",
     "BuildResult": "berth.client.builder",
@@ -32,6 +35,9 @@ _EXPORTS = {
     "ImageInfo": "berth.client.node",
     "ImageReference": "berth.client.registry",
     "ImageSummary": "berth.client.image",
+    "JoinClient": "berth.client.join",
+    "JoinInfo": "berth.client.join",
+    "JoinTokenInfo": "berth.client.join",
     "Layer": "berth.client.image",
     "LoadResult": "berth.client.image",
     "ManifestData": "berth.client.registry",
@@ -48,6 +54,9 @@ _EXPORTS = {
     "RegistryClient": "berth.client.registry",
     "Removal": "berth.client.image",
     "RepositoryInfo": "berth.client.registry",
+    "SecretClient": "berth.client.secrets",
+    "SecretInfo": "berth.client.secrets",
+    "SecretReference": "berth.containers",
     "ServiceInfo": "berth.client.cluster",
     "TagInfo": "berth.client.registry",
     "TransferProgress": "berth.client.image",
@@ -55,6 +64,7 @@ _EXPORTS = {
     "parse_image_reference": "berth.client.registry",
 }
 __all__ = [
+    "AccessClient",
     "BlobInfo",
     "BuildOptions",
     "BuildResult",
@@ -71,11 +81,15 @@ __all__ = [
     "ExternalReference",
     "GcReport",
     "HistoryStep",
+    "Identity",
     "ImageClient",
     "ImageDetails",
     "ImageInfo",
     "ImageReference",
     "ImageSummary",
+    "JoinClient",
+    "JoinInfo",
+    "JoinTokenInfo",
     "Layer",
     "LoadResult",
     "ManifestData",
@@ -92,8 +106,12 @@ __all__ = [
     "RegistryClient",
     "Removal",
     "RepositoryInfo",
+    "SecretClient",
+    "SecretInfo",
+    "SecretReference",
     "ServiceInfo",
     "TagInfo",
+    "TokenInfo",
     "TransferProgress",
     "parse_external_reference",
     "parse_image_reference",
@@ -127,6 +145,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the eager imports
         TransferProgress,
         parse_external_reference,
     )
+    from berth.client.join import JoinClient, JoinInfo, JoinTokenInfo
     from berth.client.node import ContainerInfo, ImageInfo, NodeClient
     from berth.client.registry import (
         BlobInfo,
@@ -141,8 +160,9 @@ if TYPE_CHECKING:  # for type checkers and editors: the eager imports
         TagInfo,
         parse_image_reference,
     )
+    from berth.client.secrets import SecretClient, SecretInfo
     from berth.client.sessions import ProcessSession
-    from berth.containers import ContainerConfig, MountSpec
+    from berth.containers import ContainerConfig, MountSpec, SecretReference
 
 
 def __getattr__(name: str) -> Any:

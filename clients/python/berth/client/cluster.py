@@ -131,6 +131,8 @@ class Event:
     version: int = 0
     # node_availability_changed: active, cordoned or drained.
     availability: str = ""
+    # Who caused it: `user:<name>`, `node:<id>`, `service:cluster`; "" when nobody did.
+    actor: str = ""
 
 
 # --- conversions ------------------------------------------------------------------------------
@@ -208,6 +210,7 @@ def event_info(e: pb.EventsResponse) -> Event:
         "type": EVENT_TYPES.name(e.type, "unknown"),
         "occurred_at": time_of(e, "occurred_at"),
         "message": e.message,
+        "actor": e.actor,
     }
     payload = e.WhichOneof("payload")
     if payload == "node":

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, Literal, TypeVar
 import grpc
 from google.protobuf import duration_pb2
 
+from berth.enums.registry import VISIBILITIES
 from berth.error_details import from_rpc_error as details_of
 from berth.errors import BerthClientError, from_rpc_error
 from berth.files import fsync_dir
@@ -72,12 +73,16 @@ class DeletedManifest:
 
 @dataclass(frozen=True)
 class RepositoryInfo:
+    """visibility: "private" (only callers allowed to pull it see it) or "public" (anyone,
+    with or without a credential)."""
+
     name: str
     description: str
     labels: dict[str, str]
     tag_count: int
     created_at: datetime | None
     last_push_at: datetime | None
+    visibility: str = "private"
 
 
 @dataclass(frozen=True)
@@ -342,13 +347,22 @@ class RegistryClient:
         description: str | None = None,
         labels: Mapping[str, str] | None = None,
         replace_labels: bool = False,
+        visibility: str | None = None,
     ) -> RepositoryInfo:
-        """Set the description (None leaves it) and merge labels in, or replace them all."""
+        """Set the description (None leaves it) and merge labels in, or replace them all;
+        `visibility` "public" or "private" (None leaves it)."""
         request = pb.UpdateRepositoryRequest(
             repository=repository, labels=dict(labels or {}), replace_labels=replace_labels
         )
         if description is not None:
             request.description = description
+        if visibility is not None:
+            if visibility not in VISIBILITIES:
+                names = " or ".join(VISIBILITIES.names)
+                raise BerthClientError(
+                    f'invalid visibility "{visibility}": {names}', "INVALID_ARGUMENT"
+                )
+            request.visibility = VISIBILITIES.value(visibility)
         return _repository(self._unary(self._stub.UpdateRepository, request).repository)
 
     def delete_tag(self, repository: str, tag: str) -> str:
@@ -601,6 +615,8 @@ def _repository(message: pb.Repository) -> RepositoryInfo:
         tag_count=message.tag_count,
         created_at=_timestamp(message, "created_at"),
         last_push_at=_timestamp(message, "last_push_at"),
+        # Never unspecified from a registry that knows visibility; private is the default.
+        visibility=VISIBILITIES.name(message.visibility, "private"),
     )
 
 

@@ -2,5 +2,5 @@
 
 One channel per address (`channels`), deadlines, retries of idempotent calls while a peer
 cannot be reached, and status codes turned back into domain errors (`calls`); a typed API per
-service (`registry`, `cluster`, `node`).
+service (`registry`, `cluster`, `node`; `secrets`: a node's GetContainerSecrets).
 """

@@ -75,6 +75,25 @@ class Channels:
                 await channel.close()
 
 
+class _CaOnly:
+    """Credentials that verify the server against the CA and present no certificate."""
+
+    generation = 0
+
+    def __init__(self, ca_pem: bytes) -> None:
+        self._credentials = grpc.ssl_channel_credentials(ca_pem)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return self._credentials
+
+
+def public_channels(ca_pem: bytes) -> Channels:
+    """Channels to services' public ports (--public-listen) that present no client
+    certificate: a node joining the cluster has none yet. The server is still verified
+    against the CA in `ca_pem`."""
+    return Channels(_CaOnly(ca_pem))
+
+
 _shared: dict[asyncio.AbstractEventLoop, Channels] = {}
 
 

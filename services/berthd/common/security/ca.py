@@ -5,19 +5,26 @@ Identities live in the certificate: the CN and a URI SAN `berth://service/<name>
 `berth://node/<id>` name the principal (`service:<name>`, `node:<id>`); DNS and IP SANs name the
 addresses it serves. Certificates are short-lived (24 h by default) and renewed at two thirds of
 their life (berthd.common.security.tls).
+
+A certificate is either issued with a key made here (`issue`: the CA's holder makes its own
+instances' certificates) or signed for a certificate signing request (`sign_csr`: a node that
+joins or renews keeps its key and sends a CSR; see berthd.common.security.join_token).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_CERT = "ca.crt"
@@ -29,6 +36,17 @@ DEFAULT_LIFETIME = datetime.timedelta(hours=24)
 BACKDATE = datetime.timedelta(minutes=1)
 URI_SCHEME = "berth"
 KINDS = ("service", "node", "user")
+# What a CSR's key may be: EC on the NIST curves TLS libraries accept, or RSA of 2048 bits or
+# more.
+CSR_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+MIN_RSA_BITS = 2048
+# A node serves a few addresses; more names than this is not a node's CSR.
+MAX_HOSTS = 32
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+class InvalidCsr(ValueError):
+    """A certificate signing request berth will not sign; the message says why."""
 
 
 def identity_uri(identity: str) -> str:
@@ -83,9 +101,86 @@ def _key_usage(ca: bool) -> x509.KeyUsage:
     )
 
 
+def _host_names(hosts: list[str] | tuple[str, ...]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in dict.fromkeys(hosts):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
+
+
+def certificate_digest(cert_pem: bytes) -> str:
+    """SHA-256 of a certificate's DER encoding, hex (what `openssl x509 -outform der |
+    sha256sum` prints): how a join token names the CA it trusts."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def make_csr(identity: str, hosts: list[str] | tuple[str, ...]) -> tuple[bytes, bytes]:
+    """A new EC P-256 key and a CSR for it naming `identity` and `hosts` (DNS and IP SANs):
+    (csr_pem, key_pem). The key never leaves the requester."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity)]))
+        .add_extension(x509.SubjectAlternativeName(_host_names(hosts)), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def csr_hosts(csr: x509.CertificateSigningRequest) -> list[str]:
+    """The DNS names and IP addresses a CSR asks for. Every other name (URI, e-mail, the
+    subject) is ignored: the signer decides the identity. Wildcards and malformed names are
+    refused."""
+    try:
+        sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    except ValueError as exc:  # a malformed extension
+        raise InvalidCsr(f"the CSR's subject alternative names do not parse: {exc}") from None
+    hosts = [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    for name in sans.get_values_for_type(x509.DNSName):
+        labels = name.rstrip(".").split(".")
+        if len(name) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+            raise InvalidCsr(f"the CSR names an invalid host {name!r} (wildcards are refused)")
+        hosts.append(name)
+    hosts = list(dict.fromkeys(hosts))
+    if len(hosts) > MAX_HOSTS:
+        raise InvalidCsr(f"the CSR names {len(hosts)} hosts; at most {MAX_HOSTS}")
+    return hosts
+
+
+def load_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
+    """A CSR that parses, is signed by its own key, and has a key berth accepts."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise InvalidCsr("not a PEM certificate signing request (PKCS#10)") from None
+    try:
+        valid = csr.is_signature_valid
+        key = csr.public_key()
+    except (ValueError, TypeError) as exc:  # an unsupported algorithm
+        raise InvalidCsr(f"the CSR's key or signature is not supported: {exc}") from None
+    if not valid:
+        raise InvalidCsr("the CSR's signature does not match its key")
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, CSR_CURVES):
+            raise InvalidCsr(f"the CSR's EC key is on {key.curve.name}; use P-256, P-384 or P-521")
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise InvalidCsr(f"the CSR's RSA key has {key.key_size} bits; at least {MIN_RSA_BITS}")
+    else:
+        raise InvalidCsr(f"the CSR's key is {type(key).__name__}; use an EC or RSA key")
+    return csr
+
+
 @dataclass(frozen=True)
 class Issued:
-    """A certificate and its private key, PEM encoded, with its validity."""
+    """A certificate and its private key, PEM encoded, with its validity. A certificate
+    signed for a CSR has no key here (`key_pem` empty): its requester holds it."""
 
     cert_pem: bytes
     key_pem: bytes
@@ -166,12 +261,28 @@ class CertificateAuthority:
         """A certificate for `identity` (`service:<name>`, `node:<id>`) valid for server and
         client authentication, with `hosts` (names or IP addresses) as SANs."""
         key = ec.generate_private_key(ec.SECP256R1())
-        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity_uri(identity))]
-        for host in dict.fromkeys(hosts):
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                sans.append(x509.DNSName(host))
+        cert_pem, not_before, not_after = self._sign(identity, key.public_key(), hosts, lifetime)
+        return Issued(cert_pem, _key_pem(key), not_before, not_after)
+
+    def sign_csr(
+        self, csr_pem: bytes, identity: str, lifetime: datetime.timedelta = DEFAULT_LIFETIME
+    ) -> Issued:
+        """A certificate for `identity` with the CSR's key and its DNS and IP names; the
+        identity the CSR itself names, if any, is ignored (InvalidCsr for a CSR that does not
+        verify). The result has no key: the requester holds it."""
+        csr = load_csr(csr_pem)
+        hosts = csr_hosts(csr)
+        cert_pem, not_before, not_after = self._sign(identity, csr.public_key(), hosts, lifetime)
+        return Issued(cert_pem, b"", not_before, not_after)
+
+    def _sign(
+        self,
+        identity: str,
+        public_key: CertificatePublicKeyTypes,
+        hosts: list[str] | tuple[str, ...],
+        lifetime: datetime.timedelta,
+    ) -> tuple[bytes, datetime.datetime, datetime.datetime]:
+        sans = [x509.UniformResourceIdentifier(identity_uri(identity)), *_host_names(hosts)]
         now = _now()
         not_before = now - min(BACKDATE, lifetime / 20)
         not_after = now + lifetime
@@ -179,7 +290,7 @@ class CertificateAuthority:
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity)]))
             .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(not_before)
             .not_valid_after(not_after)
@@ -200,12 +311,14 @@ class CertificateAuthority:
             )
             .sign(self.key, hashes.SHA256())
         )
-        return Issued(
-            cert.public_bytes(serialization.Encoding.PEM),
-            _key_pem(key),
-            not_before,
-            not_after,
-        )
+        # The certificate's own times: X.509 keeps whole seconds.
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        return pem, cert.not_valid_before_utc, cert.not_valid_after_utc
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the CA certificate (DER), hex."""
+        return certificate_digest(self.cert_pem)
 
 
 def ensure_ca(directory: Path) -> CertificateAuthority:

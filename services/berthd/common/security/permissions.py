@@ -1,10 +1,9 @@
 """Who may call what: one table from every RPC of every berth service to the permission it
 needs, and the permissions of each role and identity.
 
-This is the security issue's authorization model, written first as data so it can be reviewed
-and tested on its own (tests/unit/test_permissions.py walks every service descriptor and fails
-on an RPC with no entry). The interceptor that enforces it, the identities it is checked
-against (certificates, tokens) and repository visibility come with the rest of that issue.
+The one interceptor (berthd.common.interceptor) enforces it before any handler runs, against the
+call's principal (berthd.common.security.principal); tests/unit/test_permissions.py walks every
+service descriptor and fails on an RPC with no entry. docs/security.md explains the model.
 """
 
 from __future__ import annotations
@@ -52,19 +51,51 @@ class Permission(StrEnum):
     # Host-level power in a container spec: host bind mounts, the host network, extra
     # capabilities, an unconfined seccomp profile (admission, checked by cluster and node).
     HOST_ACCESS = "host:access"
-    # Create, list and revoke tokens; rotate join tokens.
+    # Create, list and revoke tokens; see and rotate the join token.
     TOKEN_MANAGE = "token:manage"
+    # Renew one's own node certificate (node agents).
+    CERTIFICATE_RENEW = "certificate:renew"
+    # List secrets (names and metadata, never values).
+    SECRET_READ = "secret:read"
+    # Create and remove secrets.
+    SECRET_WRITE = "secret:write"
+    # Receive the values of the secrets of containers placed on oneself (node agents; the
+    # cluster checks the container is on the calling node).
+    SECRET_DELIVER = "secret:deliver"
+
+
+# Permissions that can be limited to repositories (a token's `--repo team/*`).
+REPOSITORY_PERMISSIONS = frozenset(
+    {Permission.REPOSITORY_PULL, Permission.REPOSITORY_PUSH, Permission.REPOSITORY_DELETE}
+)
+
+
+# Rule.repository for calls whose repository is their upload session's: the registry checks it
+# when it finds the session.
+UPLOAD = "upload"
 
 
 @dataclass(frozen=True)
 class Rule:
-    """What one RPC needs. `repository` names the request field that holds the repository the
-    call acts on, when the permission is a repository one and the request says which; `upload`
-    means the repository is the upload session's."""
+    """What one RPC needs: `permission`, and when `repository` names a request field (a dotted
+    path; a repeated field names several) the repository permission `scope` (default: the
+    permission itself) on each repository named there. `reference` says the field holds image
+    references (`[host/]name[:tag]`) rather than repository names; references that name no
+    repository (an image id or digest) are not scoped. A rule without `repository` on a
+    repository permission is a listing: the handler shows only what the caller may pull.
+    `mutates` marks calls recorded with their principal."""
 
     permission: Permission
     repository: str = ""
     mutates: bool = False
+    scope: Permission | None = None
+    reference: bool = False
+
+    @property
+    def repository_permission(self) -> Permission | None:
+        if self.scope is not None:
+            return self.scope
+        return self.permission if self.permission in REPOSITORY_PERMISSIONS else None
 
 
 P = Permission
@@ -74,22 +105,22 @@ def _rules(service: str, table: dict[str, Rule]) -> dict[str, Rule]:
     return {f"/{service}/{method}": rule for method, rule in table.items()}
 
 
-def _read(permission: Permission, repository: str = "") -> Rule:
-    return Rule(permission, repository)
+def _read(permission: Permission, repository: str = "", scope: Permission | None = None) -> Rule:
+    return Rule(permission, repository, scope=scope, reference=scope is not None)
 
 
-def _write(permission: Permission, repository: str = "") -> Rule:
-    return Rule(permission, repository, mutates=True)
+def _write(permission: Permission, repository: str = "", scope: Permission | None = None) -> Rule:
+    return Rule(permission, repository, mutates=True, scope=scope, reference=scope is not None)
 
 
 REGISTRY = _rules(
     "berth.registry.v1.RegistryService",
     {
         "StartUpload": _write(P.REPOSITORY_PUSH, "repository"),
-        "WriteUpload": _write(P.REPOSITORY_PUSH, "upload"),
-        "GetUpload": _read(P.REPOSITORY_PUSH, "upload"),
-        "CommitUpload": _write(P.REPOSITORY_PUSH, "upload"),
-        "CancelUpload": _write(P.REPOSITORY_PUSH, "upload"),
+        "WriteUpload": _write(P.REPOSITORY_PUSH, UPLOAD),
+        "GetUpload": _read(P.REPOSITORY_PUSH, UPLOAD),
+        "CommitUpload": _write(P.REPOSITORY_PUSH, UPLOAD),
+        "CancelUpload": _write(P.REPOSITORY_PUSH, UPLOAD),
         "StatBlob": _read(P.REPOSITORY_PULL, "repository"),
         "ReadBlob": _read(P.REPOSITORY_PULL, "repository"),
         # Mounting also reads from_repository: checked as a pull there.
@@ -115,15 +146,17 @@ IMAGE = _rules(
         "ListImages": _read(P.IMAGE_READ),
         "GetImage": _read(P.IMAGE_READ),
         "GetImageHistory": _read(P.IMAGE_READ),
-        "TagImage": _write(P.IMAGE_WRITE),
-        "RemoveImage": _write(P.IMAGE_WRITE),
+        # The image service acts on berth's registry as service:image, so the caller's
+        # repository scope is checked here, on the references the request names.
+        "TagImage": _write(P.IMAGE_WRITE, "target", P.REPOSITORY_PUSH),
+        "RemoveImage": _write(P.IMAGE_WRITE, "image", P.REPOSITORY_DELETE),
         "PruneImages": _write(P.IMAGE_WRITE),
-        "CommitContainer": _write(P.IMAGE_WRITE),
+        "CommitContainer": _write(P.IMAGE_WRITE, "reference", P.REPOSITORY_PUSH),
         "ImportImage": _write(P.IMAGE_WRITE),
-        "SaveImages": _read(P.IMAGE_READ),
+        "SaveImages": _read(P.IMAGE_READ, "images", P.REPOSITORY_PULL),
         "LoadImages": _write(P.IMAGE_WRITE),
-        "PullImage": _write(P.IMAGE_WRITE),
-        "PushImage": _write(P.IMAGE_WRITE),
+        "PullImage": _write(P.IMAGE_WRITE, "local_reference", P.REPOSITORY_PUSH),
+        "PushImage": _write(P.IMAGE_WRITE, "image", P.REPOSITORY_PULL),
     },
 )
 
@@ -167,6 +200,41 @@ CLUSTER = _rules(
     },
 )
 
+# Users' tokens, served by the cluster (berth.cluster.v1.AccessService).
+ACCESS = _rules(
+    "berth.cluster.v1.AccessService",
+    {
+        "CreateToken": _write(P.TOKEN_MANAGE),
+        "ListTokens": _read(P.TOKEN_MANAGE),
+        "DeleteToken": _write(P.TOKEN_MANAGE),
+        # Who the caller is: any caller, anonymous included (`berth login` checks a token).
+        "GetIdentity": _read(P.PUBLIC),
+    },
+)
+
+# Nodes joining the cluster (berth.cluster.v1.JoinService).
+JOIN = _rules(
+    "berth.cluster.v1.JoinService",
+    {
+        "GetJoinToken": _read(P.TOKEN_MANAGE),
+        "RotateJoinToken": _write(P.TOKEN_MANAGE),
+        # The join token in the request is the credential: a new node has no certificate yet.
+        "JoinNode": _write(P.PUBLIC),
+        "RenewNodeCertificate": _write(P.CERTIFICATE_RENEW),
+    },
+)
+
+# Secrets (berth.cluster.v1.SecretService): values go in, never out.
+SECRETS = _rules(
+    "berth.cluster.v1.SecretService",
+    {
+        "CreateSecret": _write(P.SECRET_WRITE),
+        "ListSecrets": _read(P.SECRET_READ),
+        "RemoveSecret": _write(P.SECRET_WRITE),
+        "GetContainerSecrets": _read(P.SECRET_DELIVER),
+    },
+)
+
 # Every call on a node agent: only berth's own services (and admins) talk to it.
 NODE = _rules(
     "berth.node.v1.NodeService",
@@ -205,7 +273,17 @@ STANDARD = {
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Rule(P.CLUSTER_READ),
 }
 
-METHODS: dict[str, Rule] = {**REGISTRY, **IMAGE, **BUILDER, **CLUSTER, **NODE, **STANDARD}
+METHODS: dict[str, Rule] = {
+    **REGISTRY,
+    **IMAGE,
+    **BUILDER,
+    **CLUSTER,
+    **ACCESS,
+    **JOIN,
+    **SECRETS,
+    **NODE,
+    **STANDARD,
+}
 
 
 class Role(StrEnum):
@@ -223,6 +301,7 @@ _READ = frozenset(
         P.CONTAINER_READ,
         P.SERVICE_READ,
         P.CLUSTER_READ,
+        P.SECRET_READ,
     }
 )
 
@@ -230,10 +309,12 @@ ROLES: dict[Role, frozenset[Permission]] = {
     Role.READER: _READ,
     # Push and pull the repositories granted, build, run containers (without host access).
     Role.DEVELOPER: _READ
-    | {P.REPOSITORY_PUSH, P.IMAGE_WRITE, P.BUILD, P.CONTAINER_WRITE, P.SERVICE_WRITE},
+    | {P.REPOSITORY_PUSH, P.IMAGE_WRITE, P.BUILD, P.CONTAINER_WRITE, P.SERVICE_WRITE}
+    | {P.SECRET_WRITE},
     # Run the cluster: nodes, services, containers; no tokens, no registry deletions.
     Role.OPERATOR: _READ
-    | {P.CONTAINER_WRITE, P.SERVICE_WRITE, P.NODE_MANAGE, P.IMAGE_WRITE, P.REGISTRY_ADMIN},
+    | {P.CONTAINER_WRITE, P.SERVICE_WRITE, P.NODE_MANAGE, P.IMAGE_WRITE, P.REGISTRY_ADMIN}
+    | {P.SECRET_WRITE},
     Role.ADMIN: frozenset(Permission),
 }
 
@@ -241,11 +322,16 @@ ROLES: dict[Role, frozenset[Permission]] = {
 # pushes a committed container's layer; nothing else: it cannot create tokens or call other
 # nodes. Services call each other for their own work.
 IDENTITIES: dict[str, frozenset[Permission]] = {
-    "node": frozenset({P.PUBLIC, P.REPOSITORY_PULL, P.REPOSITORY_PUSH}),
+    "node": frozenset(
+        {P.PUBLIC, P.REPOSITORY_PULL, P.REPOSITORY_PUSH, P.CERTIFICATE_RENEW, P.SECRET_DELIVER}
+    ),
     "service:registry": frozenset({P.PUBLIC}),
     "service:image": _READ | {P.REPOSITORY_PUSH, P.REPOSITORY_DELETE, P.NODE_AGENT},
-    "service:builder": _READ | {P.REPOSITORY_PUSH, P.CONTAINER_WRITE},
-    "service:cluster": _READ | {P.NODE_AGENT},
+    # The builder runs RUN steps in containers on a node agent, and reads their changes.
+    "service:builder": _READ | {P.REPOSITORY_PUSH, P.CONTAINER_WRITE, P.NODE_AGENT},
+    # The cluster passes admitted specs on to node agents (host access was checked for the
+    # user who asked: the node checks the admission stamp, see docs/security.md).
+    "service:cluster": _READ | {P.NODE_AGENT, P.HOST_ACCESS},
 }
 
 

@@ -7,8 +7,9 @@ Where the certificate comes from (flags, each with an environment variable):
 - `--tls-cert/--tls-key` files (written by `berthd up`, or by an operator);
 - with `--tls-ca-key` (the CA's key: `berthd up` and the tests) the instance issues its own
   certificate when the files are missing or not given, and renews it by signing a new one (the
-  files, when given, are rewritten). Without the CA key the instance re-reads its files at
-  renewal time: whatever rotates them (an operator, later the join flow) is picked up.
+  files, when given, are rewritten). Without the CA key the instance asks its `signer` when it
+  has one (a node that joined with a join token asks the cluster: berthd.node.join), else it
+  re-reads its files at renewal time: whatever rotates them (an operator) is picked up.
 
 The server side uses grpc's dynamic SSL credentials: grpc asks for the current certificate at
 each new TLS handshake, so connections made after a renewal get the new certificate while open
@@ -120,8 +121,10 @@ class InstanceCredentials:
         self._lock = threading.Lock()
         # Called after each renewal (the store reconnects to etcd with the new certificate).
         self.on_renew: list[Callable[[], Awaitable[None]]] = []
+        # Without the CA key: who signs a renewal (a joined node asks the cluster); it returns
+        # the new certificate and its key. None: re-read the files.
+        self.signer: Callable[[], Awaitable[Issued]] | None = None
         self.generation = 0
-        self._served_generation = -1
         self.current = self._obtain(initial=True)
 
     # -- obtaining a certificate ---------------------------------------------------------
@@ -172,6 +175,19 @@ class InstanceCredentials:
                 extra={"identity": self.identity, "seconds_left": int(left.total_seconds())},
             )
             return None
+        return self._install(issued)
+
+    async def renew_async(self) -> Issued | None:
+        """`renew`, or, without the CA key and with a signer, the certificate the signer
+        obtains, written to the files."""
+        if self.ca is not None or self.signer is None:
+            return await asyncio.to_thread(self.renew)
+        issued = await self.signer()
+        if self.cert_path and self.key_path:
+            await asyncio.to_thread(issued.write, self.cert_path, self.key_path)
+        return self._install(issued)
+
+    def _install(self, issued: Issued) -> Issued:
         with self._lock:
             self.current = issued
             self.generation += 1
@@ -187,7 +203,7 @@ class InstanceCredentials:
             delay = (self.current.renew_at() - _now()).total_seconds()
             await asyncio.sleep(max(delay, 1.0))
             try:
-                renewed = await asyncio.to_thread(self.renew)
+                renewed = await self.renew_async()
             except Exception:
                 log.exception("certificate renewal failed; retrying in 10 s")
                 await asyncio.sleep(10)
@@ -211,19 +227,28 @@ class InstanceCredentials:
             [(issued.key_pem, issued.cert_pem)], root_certificates=self.ca_pem
         )
 
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """grpc calls this before each new handshake: a new configuration after a renewal."""
+    def config_fetcher(self) -> Callable[[], grpc.ServerCertificateConfiguration | None]:
+        """What grpc calls before each new handshake on one port: a new configuration after a
+        renewal, else None. Each port keeps its own served generation."""
         with self._lock:
-            if self._served_generation == self.generation:
-                return None
-            self._served_generation = self.generation
-        return self._server_config()
+            served = [self.generation]
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            with self._lock:
+                if served[0] == self.generation:
+                    return None
+                served[0] = self.generation
+            return self._server_config()
+
+        return fetch
 
     def server_credentials(self, require_client_auth: bool = True) -> grpc.ServerCredentials:
-        with self._lock:
-            self._served_generation = self.generation
+        """Credentials for one listening port. Without client auth (the public port) callers
+        present no certificate."""
         return grpc.dynamic_ssl_server_credentials(
-            self._server_config(), self._fetch, require_client_authentication=require_client_auth
+            self._server_config(),
+            self.config_fetcher(),
+            require_client_authentication=require_client_auth,
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:

@@ -37,7 +37,11 @@ IMAGE_NOT_FOUND = "IMAGE_NOT_FOUND"
 IMAGE_PULL_FAILED = "IMAGE_PULL_FAILED"
 INVALID_SPEC = "INVALID_SPEC"
 CREATE_FAILED_REASON = "CREATE_FAILED"
+# The node could not get the container's secrets from the cluster.
+SECRET_UNAVAILABLE = "SECRET_UNAVAILABLE"
 START_FAILED = "START_FAILED"
+# The spec needs host access and the record carries no admission stamp (host_access_by).
+HOST_ACCESS_DENIED = "HOST_ACCESS_DENIED"
 # Label every cluster-managed container carries on its node, so an agent that comes back
 # after being declared dead knows which of its containers the cluster may have moved.
 MANAGED_LABEL = "berth.cluster.managed"
@@ -68,6 +72,12 @@ class DesiredContainer:
     # Incremented by every StartContainer: the node tries again a container it could not
     # create (or that exited on its own) only when this is above the attempt it last made.
     attempt: int = 0
+    # Admission: who admitted the host access its spec needs (berthd.common.security.admission);
+    # empty when it needs none. A node creates a host-access spec only with this stamp.
+    host_access_by: str = ""
+    # The principal who last changed the record (`user:alice`; `service:cluster` for the
+    # controller's own decisions): the actor of the events it causes.
+    changed_by: str = ""
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -76,7 +86,11 @@ class DesiredContainer:
     def decode(cls, raw: bytes | str) -> DesiredContainer:
         data: dict[str, Any] = json.loads(raw)
         data["config"] = from_dict(data["config"])
-        return cls(**known_fields(cls, data))
+        desired = cls(**known_fields(cls, data))
+        # Written before admission and actors (or null): nobody.
+        desired.host_access_by = str(desired.host_access_by or "")
+        desired.changed_by = str(desired.changed_by or "")
+        return desired
 
 
 @dataclass
@@ -84,9 +98,10 @@ class ContainerStatus:
     """What the container's node last observed. `state` is the node's container state
     (created, running, exited, restarting), or CREATE_FAILED when the node could not create
     the container at all (its image does not pull, its user does not exist): then
-    `failure_reason` (IMAGE_NOT_FOUND, IMAGE_PULL_FAILED, INVALID_SPEC, CREATE_FAILED) and
-    `failure_message` say why. An exited container whose last start failed has
-    failure_reason START_FAILED. `attempt` is the DesiredContainer.attempt the node acted on."""
+    `failure_reason` (IMAGE_NOT_FOUND, IMAGE_PULL_FAILED, INVALID_SPEC, CREATE_FAILED,
+    HOST_ACCESS_DENIED) and `failure_message` say why. An exited container whose last start
+    failed has failure_reason START_FAILED. `attempt` is the DesiredContainer.attempt the node
+    acted on."""
 
     node: str = ""
     name: str = ""

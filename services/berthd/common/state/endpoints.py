@@ -21,11 +21,12 @@ from berthd.common.store import Store, encode
 class EndpointRecord:
     service: str  # registry, image, builder, node, cluster
     instance: str
-    address: str  # host:port of its gRPC server
+    address: str  # host:port of its gRPC server (mutual TLS)
     metrics: str = ""  # URL of its Prometheus metrics
     pid: int = 0
     version: str = ""
     started_at: float = 0.0
+    public_address: str = ""  # host:port for token and anonymous callers (TLS), if any
 
     @property
     def id(self) -> str:
