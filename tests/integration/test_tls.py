@@ -102,7 +102,7 @@ def test_the_callers_identity_reaches_the_server(
     )
     with grpc.secure_channel(registry.address, credentials) as channel:
         check(channel)
-    with secure_channel(registry.address) as channel:  # the test's own user:test certificate
+    with secure_channel(registry.address) as channel:  # the test's own user:admin certificate
         check(channel)
 
     def identities() -> set[str]:
@@ -112,7 +112,7 @@ def test_the_callers_identity_reaches_the_server(
             if line.get("method") == "/grpc.health.v1.Health/Check"
         }
 
-    wait_until(lambda: {"service:probe", "user:test"} <= identities(), 5, "rpc log lines")
+    wait_until(lambda: {"service:probe", "user:admin"} <= identities(), 5, "rpc log lines")
 
 
 def test_a_service_calling_another_presents_its_certificate(
