@@ -53,7 +53,7 @@ from berth.cluster.v1 import cluster_pb2, cluster_pb2_grpc
 from berth.config import default_state_dir
 from berth.errors import BerthClientError
 from berth.files import atomic_write
-from berth.tls import CA_FILE, CLIENT_CERT, CLIENT_KEY, TLS_DIR, secure_channel
+from berth.tls import CA_FILE, CLIENT_CERT, CLIENT_KEY, TLS_DIR, plaintext_mode, secure_channel
 from berthd.common.security.ca import (
     CA_KEY,
     DEFAULT_LIFETIME,
@@ -317,11 +317,14 @@ def _etcd_healthy(endpoint: str) -> bool:
     import ssl
     import urllib.request
 
-    context = ssl.create_default_context(cafile=os.environ["BERTH_TLS_CA"])
-    context.load_cert_chain(os.environ["BERTH_TLS_CERT"], os.environ["BERTH_TLS_KEY"])
+    if plaintext_mode():
+        scheme, context = "http", None
+    else:
+        scheme, context = "https", ssl.create_default_context(cafile=os.environ["BERTH_TLS_CA"])
+        context.load_cert_chain(os.environ["BERTH_TLS_CERT"], os.environ["BERTH_TLS_KEY"])
     try:
         with urllib.request.urlopen(
-            f"https://{endpoint}/health", timeout=1, context=context
+            f"{scheme}://{endpoint}/health", timeout=1, context=context
         ) as reply:
             return json.loads(reply.read()).get("health") == "true"
     except OSError:
@@ -348,9 +351,17 @@ def _check_ports_free(ports: Ports, nodes: int) -> None:
 def start_etcd(state: Path, ports: Ports) -> dict[str, object]:
     binary = shutil.which("etcd") or "/usr/bin/etcd"
     tls = tls_dir(state)
-    client = f"https://127.0.0.1:{ports.etcd}"
+    plaintext = plaintext_mode()  # benchmarks only: etcd without TLS too
+    client = f"{'http' if plaintext else 'https'}://127.0.0.1:{ports.etcd}"
     peer = f"http://127.0.0.1:{ports.etcd_peer}"
     log = state / "logs" / "etcd.log"
+    # Clients speak TLS and present a certificate from the cluster CA.
+    tls_flags = [
+        f"--cert-file={tls / 'etcd.crt'}",
+        f"--key-file={tls / 'etcd.key'}",
+        f"--trusted-ca-file={tls / CA_FILE}",
+        "--client-cert-auth",
+    ]
     proc = _spawn(
         [
             binary,
@@ -361,11 +372,7 @@ def start_etcd(state: Path, ports: Ports) -> dict[str, object]:
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster=berth={peer}",
-            # Clients speak TLS and present a certificate from the cluster CA.
-            f"--cert-file={tls / 'etcd.crt'}",
-            f"--key-file={tls / 'etcd.key'}",
-            f"--trusted-ca-file={tls / CA_FILE}",
-            "--client-cert-auth",
+            *([] if plaintext else tls_flags),
             "--logger=zap",
         ],
         log,
@@ -543,6 +550,11 @@ def up(args: argparse.Namespace) -> int:
         _print_cluster(existing)
         return 0
     state.mkdir(parents=True, exist_ok=True)
+    if plaintext_mode():
+        print(
+            "WARNING: security is off (plaintext, no authentication): the benchmark-only mode",
+            file=sys.stderr,
+        )
     ensure_tls(state)
     use_state_credentials(state)
     ports = Ports(args.base_port)

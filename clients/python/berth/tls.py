@@ -25,6 +25,11 @@ import grpc
 from berth.config import cluster_token, default_state_dir
 from berth.errors import BerthClientError
 
+# Benchmarks only (bench/security.py): every berth process and client of a `berthd up` started
+# with this variable set to 1 speaks plaintext, without certificates or tokens, so the cost of
+# security can be measured against the same build without it. Never set it anywhere else.
+PLAINTEXT_ENV = "BERTH_INSECURE_PLAINTEXT_FOR_BENCHMARKS"
+
 TLS_DIR = "tls"
 CA_FILE = "ca.crt"
 CLIENT_CERT = "client.crt"
@@ -90,6 +95,13 @@ def channel_credentials(state_dir: Path | None = None) -> grpc.ChannelCredential
     return creds
 
 
+def plaintext_mode() -> bool:
+    """Whether this process runs in the benchmark-only plaintext mode (PLAINTEXT_ENV)."""
+    return os.environ.get(PLAINTEXT_ENV) == "1"
+
+
 def secure_channel(address: str, options: list | tuple = ()) -> grpc.Channel:
-    """A blocking TLS channel to a berth service."""
+    """A blocking TLS channel to a berth service (plaintext in the benchmark-only mode)."""
+    if plaintext_mode():
+        return grpc.insecure_channel(address, options=list(options))
     return grpc.secure_channel(address, channel_credentials(), options=list(options))

@@ -27,6 +27,7 @@ from grpc_health.v1._async import HealthServicer
 from prometheus_client import disable_created_metrics, start_http_server
 
 from berth.files import atomic_write
+from berth.tls import PLAINTEXT_ENV, plaintext_mode
 from berthd.common.config import ServiceConfig, split_host_port
 from berthd.common.interceptor import ObservabilityInterceptor
 from berthd.common.logs import setup_logging
@@ -93,13 +94,28 @@ async def run_server(
     # etcd checks the client certificate at each handshake: reconnect with the renewed one.
     credentials.on_renew.append(store.reconnect)
     renewal = asyncio.create_task(credentials.keep_renewed(), name="certificate renewal")
-    port = server.add_secure_port(config.listen, credentials.server_credentials())
+    plaintext = plaintext_mode()
+    if plaintext:
+        log.warning(
+            "SECURITY IS OFF: plaintext ports, every caller is the administrator "
+            "(the benchmark-only mode, %s=1)",
+            PLAINTEXT_ENV,
+        )
+    port = (
+        server.add_insecure_port(config.listen)
+        if plaintext
+        else server.add_secure_port(config.listen, credentials.server_credentials())
+    )
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")
     public_address = ""
     if config.public_listen:
-        public_port = server.add_secure_port(
-            config.public_listen, credentials.server_credentials(require_client_auth=False)
+        public_port = (
+            server.add_insecure_port(config.public_listen)
+            if plaintext
+            else server.add_secure_port(
+                config.public_listen, credentials.server_credentials(require_client_auth=False)
+            )
         )
         if public_port == 0:
             raise RuntimeError(f"cannot listen on {config.public_listen}")

@@ -22,6 +22,7 @@ import grpc
 from aetcd import exceptions as etcd_errors
 from aetcd import rpc, transactions, utils, watcher
 
+from berth.tls import plaintext_mode
 from berthd.common.config import split_host_port
 from berthd.common.errors import Aborted, InvalidArgument, Unavailable
 
@@ -147,7 +148,7 @@ class Store:
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         credentials = credentials or env_credentials()
         self._retired: list[aetcd.Client] = []
-        if credentials is None:
+        if credentials is None or plaintext_mode():
             self._client = aetcd.Client(host=host, port=port, timeout=10)
         else:
             self._client = _TlsClient(host, port, credentials)

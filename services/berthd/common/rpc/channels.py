@@ -19,6 +19,7 @@ from typing import Protocol
 import grpc
 
 from berth.tls import channel_credentials as client_file_credentials
+from berth.tls import plaintext_mode
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CHANNEL_OPTIONS = (
@@ -60,6 +61,10 @@ class Channels:
             return entry[1]
         if entry is not None:
             self._retired.append(entry[1])  # closed with the others: calls on it may run
+        if plaintext_mode():  # benchmarks only (berth.tls.PLAINTEXT_ENV)
+            channel = grpc.aio.insecure_channel(address, CHANNEL_OPTIONS)
+            self._channels[address] = (generation, channel)
+            return channel
         credentials = (
             source.channel_credentials() if source is not None else client_file_credentials()
         )
