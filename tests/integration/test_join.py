@@ -314,10 +314,11 @@ def test_a_cluster_without_the_ca_key_cannot_sign(
 
 
 def test_a_joined_node_renews_through_the_cluster_while_serving(
-    services: Services, registry: ServiceProcess, cluster_ca: ClusterCA
+    services: Services, registry: ServiceProcess, cluster_ca: ClusterCA, busybox: str
 ) -> None:
     """The cluster signs 30 s certificates; the node renews at two thirds of that over mutual
-    TLS with its current certificate, writes the new files and keeps serving."""
+    TLS with its current certificate, writes the new files and keeps serving: a container
+    started before the renewal runs on, and the cluster reaches it after."""
     cluster = services.start("cluster", "--tls-lifetime=30")
     with JoinClient(cluster.address) as admin:
         token = admin.rotate_join_token().token
@@ -326,7 +327,20 @@ def test_a_joined_node_renews_through_the_cluster_while_serving(
     flags = node_flags(services, registry, node_id, cluster.public_address, token.token)
     agent = services.start("node", *flags, env=NO_CA_KEY)
     cert_file = services.tmp / f"{node_id}-tls" / "node.crt"
+    client = ClusterClient(cluster.address)
     try:
+        wait_until(
+            lambda: node_id in {n.id for n in client.nodes() if n.state == "ready"},
+            30,
+            "the joined node in ListNodes",
+        )
+        # Prints a line a second: its logs show it ran through the renewal.
+        ticker = ContainerConfig(
+            image=busybox, command=["sh", "-c", "while true; do echo tick; sleep 1; done"]
+        )
+        container = client.run(ticker)
+        assert container.node_id == node_id
+        wait_until(lambda: client.inspect(container.id).state == "running", 30, "running")
         first = served_certificate(agent.address, cluster_ca)
         life = first.not_valid_after_utc - first.not_valid_before_utc
         assert life <= datetime.timedelta(seconds=32)
@@ -346,7 +360,13 @@ def test_a_joined_node_renews_through_the_cluster_while_serving(
         ]
         assert renewals and renewals[0].get("identity") == f"node:{node_id}"
         # Still a node of the cluster: registered (etcd reached with the new certificate).
-        with ClusterClient(cluster.address) as client:
-            assert client.node(node_id).state == "ready"
+        assert client.node(node_id).state == "ready"
+        # The container ran through the renewal, and the cluster reaches it over the node's
+        # new certificate (logs are relayed from the node).
+        assert client.inspect(container.id).state == "running"
+        ticks = b"".join(line.data for line in client.logs(container.id))
+        assert ticks.count(b"tick\n") >= 15
+        client.remove(container.id, force=True)
     finally:
+        client.close()
         agent.stop()
