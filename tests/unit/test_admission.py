@@ -64,6 +64,11 @@ def test_a_default_spec_needs_no_host_access() -> None:
     # A default capability dropped and added back is the default set.
     assert host_access(config(cap_drop=["NET_RAW"], cap_add=["net_raw"])) == []
     assert admit(config(), DEVELOPER) == ""
+    # A remapped user namespace is less power, not more: a developer may ask for it.
+    remapped = config(userns="remap")
+    assert host_access(remapped) == []
+    assert host_access(pb.ContainerSpec(image="busybox", userns="remap")) == []
+    assert admit(remapped, DEVELOPER) == ""
 
 
 @pytest.mark.parametrize(

@@ -923,6 +923,7 @@ def test_security_flags_reach_the_config_and_inspect(tmp_path: Path) -> None:
         "no-new-privileges=false",
         'seccomp={"defaultAction":"SCMP_ACT_ALLOW"}',
     ]
+    assert run_config(run_args("--userns", "remap", "busybox")).userns == "remap"
     data = docker_inspect(replace(container(), cap_add=["NET_ADMIN"], userns="host"))
     assert data["HostConfig"] == {
         "CapAdd": ["NET_ADMIN"],
@@ -938,7 +939,8 @@ def test_security_flags_reach_the_config_and_inspect(tmp_path: Path) -> None:
         (["--cap-add", "FLY", "busybox"], 'unknown capability "FLY"'),
         (["--security-opt", "seccomp=/no/such.json", "busybox"], "cannot read seccomp profile"),
         (["--security-opt", "label=disable", "busybox"], "unsupported security option"),
-        (["--userns", "remap", "busybox"], "invalid choice: 'remap'"),
+        (["--userns", "private", "busybox"], "invalid choice: 'private'"),
+        (["--userns", "remap", "--network", "host", "busybox"], "cannot share the host's network"),
     ],
 )
 def test_security_flag_mistakes(

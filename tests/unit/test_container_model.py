@@ -334,7 +334,11 @@ def test_security_options_read_dockers_syntax() -> None:
         ({"security_opt": ["seccomp=/etc/profile.json"]}, "seccomp takes unconfined or a"),
         ({"security_opt": ["seccomp={nope"]}, "invalid seccomp profile in security option"),
         ({"security_opt": ['seccomp={"syscalls": []}']}, "with a defaultAction"),
-        ({"userns": "private"}, 'unsupported user namespace mode "private": only host'),
+        ({"userns": "private"}, 'unsupported user namespace mode "private": host (the default)'),
+        (
+            {"userns": "remap", "network_mode": "host"},
+            "user namespace mode remap cannot share the host's network namespace",
+        ),
     ],
 )
 def test_bad_security_options_are_refused(fields: dict[str, Any], message: str) -> None:

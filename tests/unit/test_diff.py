@@ -16,6 +16,7 @@ import pytest
 
 from berthd.common.errors import FailedPrecondition
 from berthd.node.diff import changes, export_layer
+from berthd.node.idmap import IdMap
 
 
 def write(path: Path, text: str = "x") -> Path:
@@ -114,10 +115,12 @@ def test_a_lower_file_hides_what_a_lower_directory_held(tmp_path: Path) -> None:
     assert changes(upper, [base, top]) == [("/x", "C"), ("/x/inner", "A")]
 
 
-def export(upper: Path) -> tuple[bytes, list[tarfile.TarInfo], dict[str, bytes]]:
+def export(
+    upper: Path, idmap: IdMap | None = None
+) -> tuple[bytes, list[tarfile.TarInfo], dict[str, bytes]]:
     """(compressed layer, its tar entries, contents of its regular files)."""
     out = io.BytesIO()
-    result = export_layer(upper, out)
+    result = export_layer(upper, out, idmap=idmap)
     compressed = out.getvalue()
     raw = gzip.decompress(compressed)
     # The digests are computed in the same pass as the write.
@@ -214,3 +217,55 @@ def test_overlay_features_that_keep_data_below_are_refused(
     os.setxattr(tmp_path / "upper" / "moved", xattr, b"/old")
     with pytest.raises(FailedPrecondition, match=f"{option}=off"):
         export_layer(tmp_path / "upper", io.BytesIO())
+
+
+# --- a remapped container's upper dir (--userns remap) ----------------------------------------
+
+REMAP = IdMap(100000, 65536)
+
+
+def remap_tree(upper: Path) -> None:
+    """What a remapped container leaves: every owner in its range, whiteouts the kernel's."""
+    for path in [upper, *upper.rglob("*")]:
+        st = os.lstat(path)
+        if not stat.S_ISCHR(st.st_mode):
+            os.lchown(path, REMAP.start + st.st_uid, REMAP.start + st.st_gid)
+
+
+def test_changes_of_a_remapped_upper_dir_are_the_same(layers: tuple[Path, list[Path]]) -> None:
+    upper, lowers = layers
+    expected = changes(upper, lowers)
+    remap_tree(upper)
+    # Copied-up directories owned by host 100000 are root's, as in the lowers.
+    assert changes(upper, lowers, REMAP) == expected
+    # Without the mapping they would all look changed.
+    assert ("/tmp", "C") in changes(upper, lowers)
+
+
+def test_export_of_a_remapped_upper_dir_has_the_containers_owners(tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    write(upper / "root/new")
+    write(upper / "home/app/file")
+    write(upper / "odd")
+    whiteout(upper / "etc/hostname")
+    opaque(upper / "data")
+    remap_tree(upper)
+    os.chown(upper / "home/app/file", 101000, 101001)
+    os.chown(upper / "odd", 0, 200000)  # not the container's: overflow, as it sees them
+    _, members, _ = export(upper, REMAP)
+    owners = {m.name: (m.uid, m.gid) for m in members}
+    assert owners == {
+        "data": (0, 0),
+        "data/.wh..wh..opq": (0, 0),
+        "etc": (0, 0),
+        "etc/.wh.hostname": (0, 0),
+        "home": (0, 0),
+        "home/app": (0, 0),
+        "home/app/file": (1000, 1001),
+        "odd": (65534, 65534),
+        "root": (0, 0),
+        "root/new": (0, 0),
+    }
+    # The same upper dir read as the host's: host ids as they are.
+    _, members, _ = export(upper)
+    assert {m.name: m.uid for m in members}["root/new"] == 100000

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from berthd.common.errors import InvalidArgument
+from berthd.node.idmap import IdMap
 from berthd.node.spec import (
     DEFAULT_PATH,
     ContainerConfig,
@@ -237,7 +238,9 @@ def test_symlink_loops_and_special_files_count_as_missing(tmp_path: Path) -> Non
 # --- config.json --------------------------------------------------------------------------
 
 
-def runtime_config(tmp_path: Path, uid: int = 0, **fields: Any) -> dict[str, Any]:
+def runtime_config(
+    tmp_path: Path, uid: int = 0, idmap: IdMap | None = None, **fields: Any
+) -> dict[str, Any]:
     cfg = ContainerConfig("img", command=["true"], **fields)
     cfg.validate()
     args, env, cwd = resolve_process({}, cfg)
@@ -254,6 +257,7 @@ def runtime_config(tmp_path: Path, uid: int = 0, **fields: Any) -> dict[str, Any
         hostname="box",
         etc_files=etc,
         cgroups_path="/berth/node1/abc",
+        idmap=idmap,
     )
     json.dumps(config)  # must serialize as is
     return config
@@ -465,3 +469,47 @@ def test_the_init_layer_holds_run_secrets_only_for_a_container_with_secrets(
     write_init_layer(tmp_path / "secret", secrets=True)
     assert not (tmp_path / "plain" / "run").exists()
     assert (tmp_path / "secret" / "run" / "secrets").is_dir()
+
+
+# --- --userns remap ---------------------------------------------------------------------------
+
+
+def test_uid_and_gid_mappings_only_in_remap_mode(tmp_path: Path) -> None:
+    host = runtime_config(tmp_path, userns="host")
+    assert "uidMappings" not in host["linux"] and "gidMappings" not in host["linux"]
+    assert "user" not in [n["type"] for n in host["linux"]["namespaces"]]
+    remapped = runtime_config(tmp_path, idmap=IdMap(100000, 65536), userns="remap")
+    linux = remapped["linux"]
+    assert [n["type"] for n in linux["namespaces"]][-2:] == ["network", "user"]
+    mapping = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    assert linux["uidMappings"] == linux["gidMappings"] == mapping
+    # The container's ids stay the container's: the mapping translates them.
+    assert remapped["process"]["user"] == {"uid": 0, "gid": 0, "additionalGids": [10]}
+    assert set(remapped["process"]["capabilities"]["effective"]) == DOCKER_CAPS
+    assert "seccomp" in linux  # the same filter: unshare and mount stay refused
+
+
+@pytest.mark.parametrize(
+    ("uid", "fields", "message"),
+    [
+        (70000, {}, "uid 70000 is outside the remapped user namespace, which maps ids 0 to 999"),
+        (0, {"network_mode": "host"}, "cannot share the host's network namespace"),
+    ],
+)
+def test_what_a_remapped_container_cannot_have(
+    tmp_path: Path, uid: int, fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        runtime_config(tmp_path, uid=uid, idmap=IdMap(100000, 1000), **fields)
+
+
+def test_additional_gids_must_be_mapped_too(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="gid 10 is outside"):
+        runtime_config(tmp_path, idmap=IdMap(100000, 5))
+
+
+def test_etc_files_belong_to_a_remapped_root(tmp_path: Path) -> None:
+    files = prepare_etc_files(tmp_path / "etc", "box", "none", owner=(100000, 100000))
+    for path in files.values():
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (100000, 100000, 0o644)

@@ -32,6 +32,7 @@ __all__ = [
     "RESTART_POLICIES",
     "SECRETS_DIR",
     "USERNS_MODES",
+    "USERNS_REMAP",
     "ContainerConfig",
     "InvalidContainerConfig",
     "MountSpec",
@@ -129,8 +130,10 @@ ALL_CAPABILITIES = tuple(
         "CHECKPOINT_RESTORE",
     )
 )
-# --userns values a node supports: the host's user namespace ("" is the default, the same).
-USERNS_MODES = ("", "host")
+# --userns values a node supports: the host's user namespace ("" is the default, the same),
+# or "remap": a user namespace whose root is an unprivileged host uid (the node's range).
+USERNS_MODES = ("", "host", "remap")
+USERNS_REMAP = "remap"
 # Where a container's secrets are, one file each (Docker's place).
 SECRETS_DIR = "/run/secrets"
 DEFAULT_SECRET_MODE = 0o444
@@ -292,8 +295,15 @@ class ContainerConfig:
         _check_str("userns", self.userns)
         if self.userns not in USERNS_MODES:
             raise InvalidContainerConfig(
-                f"unsupported user namespace mode {quoted(self.userns)}: only host (the default) "
-                "is supported; remapped user namespaces are not"
+                f"unsupported user namespace mode {quoted(self.userns)}: host (the default) or "
+                "remap"
+            )
+        if self.userns == USERNS_REMAP and self.network_mode == "host":
+            # As Docker: sysfs cannot be mounted by a user namespace that does not own the
+            # network namespace, so runc would fail later with a mount error.
+            raise InvalidContainerConfig(
+                "user namespace mode remap cannot share the host's network namespace "
+                "(--network host): use --userns host with it"
             )
         self._validate_secrets()
 

@@ -167,9 +167,12 @@ class NodeAgent:
         for item in env:
             if "=" not in item:
                 raise InvalidArgument(f"environment entry {item!r} is not KEY=VALUE")
-        rootfs = self.containers.dir(record.id).rootfs
+        rootfs = self.containers.rootfs(record)
         image = self.images.get(record.image_digest)
         uid, gid, _ = resolve_user(rootfs, user or effective_user(image.config, record.config))
+        if record.id_map is not None:
+            record.id_map.check("uid", [uid])
+            record.id_map.check("gid", [gid])
         return await self.runtime.exec(
             record.id,
             command,
@@ -208,7 +211,8 @@ class NodeAgent:
     async def changes(self, ref: str) -> list[tuple[str, str]]:
         record = self.containers.resolve(ref)
         upper = self.containers.dir(record.id).upper
-        return await asyncio.to_thread(diff.changes, upper, self.containers.lower_dirs(record))
+        lowers = self.containers.lower_dirs(record)
+        return await asyncio.to_thread(diff.changes, upper, lowers, record.id_map)
 
     async def export(
         self, ref: str, repository: str, pause: bool = False
@@ -227,7 +231,7 @@ class NodeAgent:
             if frozen:
                 await self.runtime.pause(record.id)
             try:
-                result = await asyncio.to_thread(diff.export_layer, upper, out)
+                result = await asyncio.to_thread(diff.export_layer, upper, out, idmap=record.id_map)
             finally:
                 if frozen:
                     await self.runtime.resume(record.id)

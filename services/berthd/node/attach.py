@@ -282,7 +282,10 @@ async def exec_session(agent: NodeAgent, options: ExecOptions) -> Session:
     cdir = agent.containers.dir(record.id)
     image = agent.images.get(record.image_digest)
     user = options.user or effective_user(image.config, record.config)
-    uid, gid, _ = resolve_user(cdir.rootfs, user)
+    uid, gid, _ = resolve_user(agent.containers.rootfs(record), user)
+    if record.id_map is not None:
+        record.id_map.check("uid", [uid])
+        record.id_map.check("gid", [gid])
     return await terminal.ExecSession.start(
         agent.runtime,
         record.id,

@@ -13,20 +13,24 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from berth.containers import USERNS_REMAP
 from berthd.common.containers import ContainerConfig, MountSpec, validate
 from berthd.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from berthd.common.state.containers import START_FAILED, STATUSES, ContainerStatus
 from berthd.common.store import Store
-from berthd.node import cgroups, metrics
+from berthd.node import cgroups, idmap, metrics
+from berthd.node.idmap import IdMap
 from berthd.node.layers import ImageStore, LayerStore
 from berthd.node.records import (
     EXITED,
@@ -37,7 +41,7 @@ from berthd.node.records import (
     ContainerRecord,
 )
 from berthd.node.runtime import Runtime
-from berthd.node.secrets import SecretMounts, default_dir
+from berthd.node.secrets import RUN_ROOT, SecretMounts, default_dir, run_dir
 from berthd.node.spec import (
     build_runtime_config,
     effective_user,
@@ -103,10 +107,18 @@ class ContainerManager:
         layers: LayerStore,
         store: Store | None,
         secrets: SecretMounts | None = None,
+        remap: IdMap | None = None,
     ) -> None:
         self.root = data_dir / "containers"
         self.root.mkdir(parents=True, exist_ok=True)
         self.volumes = data_dir / "volumes"
+        # `--userns remap`: the node's range for new containers (a record keeps its own).
+        self.remap = remap or IdMap.parse(idmap.DEFAULT_RANGE)
+        # Where remapped containers' root filesystems are mounted: runc enters the user
+        # namespace before it bind-mounts the root, so every directory above it must be
+        # searchable by the mapped root, which the data directory's need not be (Docker
+        # refuses a data root below a 0700 directory; this works with any).
+        self.remapped_root = run_dir(data_dir) / "rootfs"
         self.node_id = node_id
         self.runtime = runtime
         self.images = images
@@ -127,6 +139,12 @@ class ContainerManager:
 
     def dir(self, container_id: str) -> ContainerDir:
         return ContainerDir(self.root / container_id)
+
+    def rootfs(self, record: ContainerRecord) -> Path:
+        """Where the container's overlay root filesystem is mounted."""
+        if record.idmap:
+            return self.remapped_root / record.id
+        return self.dir(record.id).rootfs
 
     def cgroups_path(self, container_id: str) -> str:
         return f"/berth/{self.node_id}/{container_id}"
@@ -222,6 +240,7 @@ class ContainerManager:
             self.records[record.id] = record
         # Secrets of containers removed while the agent was away (or mid-removal) go now.
         await asyncio.to_thread(self.secrets.sweep, list(self.records))
+        await asyncio.to_thread(self._sweep_remapped, set(self.records))
         for record in list(self.records.values()):
             await self._adopt(record)
         self._update_gauges()
@@ -229,8 +248,7 @@ class ContainerManager:
         self._reporter_task = asyncio.create_task(self._reporter())
 
     async def _adopt(self, record: ContainerRecord) -> None:
-        cdir = self.dir(record.id)
-        if record.state in (RUNNING, RESTARTING) or cdir.rootfs.is_mount():
+        if record.state in (RUNNING, RESTARTING) or self.rootfs(record).is_mount():
             await asyncio.to_thread(self._ensure_rootfs, record)
         if record.state == RUNNING:
             state = await self.runtime.state(record.id)
@@ -355,16 +373,22 @@ class ContainerManager:
         self._reserved_names.add(name)
         container_id = container_id or secrets.token_hex(32)
         config.name = name
+        remapped = config.userns == USERNS_REMAP
         record = ContainerRecord(
             id=container_id,
             name=name,
             config=config,
             image_digest=image.digest,
             chain_ids=list(image.chain_ids),
+            idmap=[self.remap.start, self.remap.size] if remapped else [],
         )
         try:
+            if record.id_map is not None:
+                for ref in config.secrets:
+                    record.id_map.check(f"secret {ref.name}'s uid", [ref.uid])
+                    record.id_map.check(f"secret {ref.name}'s gid", [ref.gid])
             # Before anything is made: SECRET_UNAVAILABLE when the cluster does not give them.
-            await self.secrets.ensure(container_id, name, config.secrets)
+            await self.secrets.ensure(container_id, name, config.secrets, record.id_map)
             await asyncio.to_thread(self._prepare, record, image.config)
             self.records[container_id] = record
         except BaseException:
@@ -397,22 +421,67 @@ class ContainerManager:
             raise FailedPrecondition(
                 f"layer {missing[0].name} of container {record.name} is missing on this node"
             )
-        mount_overlay(lowers, cdir.upper, cdir.work, cdir.rootfs)
+        id_map = record.id_map
+        if id_map is None:
+            mount_overlay(lowers, cdir.upper, cdir.work, cdir.rootfs)
+            return
+        target = self.rootfs(record)
+        if target.is_mount():
+            return
+        self._make_remapped_root()
+        target.mkdir(mode=0o755, exist_ok=True)
+        idmap.mount_overlay(lowers, cdir.upper, cdir.work, target, id_map)
+
+    def _make_remapped_root(self) -> None:
+        """The directory of remapped root filesystems, searchable by any mapped root (0711:
+        traversable, not listable), as is every directory above it."""
+        self.remapped_root.mkdir(parents=True, exist_ok=True)
+        self.remapped_root.chmod(0o711)
+        for directory in self.remapped_root.parents:
+            mode = directory.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                if directory.is_relative_to(RUN_ROOT):  # ours: /run/berth, /run/berth/<hash>
+                    directory.chmod(stat.S_IMODE(mode) | 0o011)
+                    continue
+                raise FailedPrecondition(
+                    f"{directory} (mode {stat.S_IMODE(mode):04o}) is not searchable by others: "
+                    "a remapped container's root cannot reach its root filesystem below it"
+                )
+
+    def _sweep_remapped(self, keep: set[str]) -> None:
+        """Unmount remapped root filesystems of containers this agent no longer has (one that
+        died between a mount and saving the record, or a record that did not load)."""
+        if not self.remapped_root.is_dir():
+            return
+        for path in self.remapped_root.iterdir():
+            if path.name not in keep and re.fullmatch(r"[0-9a-f]{64}", path.name):
+                log.info("unmounting a stale root filesystem", extra={"container": path.name})
+                unmount(path)
+                with contextlib.suppress(OSError):
+                    path.rmdir()
 
     def _prepare(self, record: ContainerRecord, image_config: dict) -> None:
         """Directories, overlay root filesystem, /etc files and the OCI bundle."""
         cdir = self.dir(record.id)
         cdir.make()
+        id_map = record.id_map
+        owner = id_map.root if id_map is not None else None
+        if owner is not None:
+            # The container's root owns its root directory and everything it writes (the
+            # upper dir cannot be idmapped); the work dir is overlayfs's, made alike.
+            for directory in (cdir.upper, cdir.work):
+                os.chown(directory, *owner)
         write_init_layer(cdir.init, secrets=bool(record.config.secrets))
         self._ensure_rootfs(record)
+        rootfs = self.rootfs(record)
         config = record.config
         hostname = config.hostname or record.id[:12]
         args, env, cwd = resolve_process(image_config, config, hostname=hostname)
-        uid, gid, extra_gids = resolve_user(cdir.rootfs, effective_user(image_config, config))
-        etc_files = prepare_etc_files(cdir.etc, hostname, config.network_mode)
-        mounts = [self._volume_source(m) for m in config.mounts]
+        uid, gid, extra_gids = resolve_user(rootfs, effective_user(image_config, config))
+        etc_files = prepare_etc_files(cdir.etc, hostname, config.network_mode, owner=owner)
+        mounts = [self._volume_source(m, owner) for m in config.mounts]
         runtime_config = build_runtime_config(
-            rootfs=cdir.rootfs,
+            rootfs=rootfs,
             args=args,
             env=env,
             cwd=cwd,
@@ -425,11 +494,14 @@ class ContainerManager:
             etc_files=etc_files,
             cgroups_path=self.cgroups_path(record.id),
             secrets_dir=self.secrets.path(record.id) if config.secrets else None,
+            idmap=id_map,
         )
         (cdir.bundle / "config.json").write_text(json.dumps(runtime_config, indent=1))
 
-    def _volume_source(self, mount: MountSpec) -> MountSpec:
-        """Named volumes live under `<data>/volumes/<name>`; paths are bind mounts."""
+    def _volume_source(self, mount: MountSpec, owner: tuple[int, int] | None) -> MountSpec:
+        """Named volumes live under `<data>/volumes/<name>`; paths are bind mounts. A volume
+        made for a remapped container belongs to its root (`owner`), as Docker's do; an
+        existing one is used as it is."""
         if mount.source.startswith("/"):
             if not Path(mount.source).exists():
                 raise InvalidArgument(
@@ -439,13 +511,25 @@ class ContainerManager:
         if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", mount.source):
             raise InvalidArgument(f"invalid volume name {mount.source!r}")
         path = self.volumes / mount.source
-        path.mkdir(parents=True, exist_ok=True)
+        self.volumes.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            pass
+        else:
+            if owner is not None:
+                os.chown(path, *owner)
         return MountSpec(str(path), mount.target, mount.read_only)
 
     def _discard(self, record: ContainerRecord) -> None:
         cdir = self.dir(record.id)
         self.secrets.release(record.id)
         unmount(cdir.rootfs)
+        if record.idmap:
+            remapped = self.rootfs(record)
+            unmount(remapped)
+            with contextlib.suppress(OSError):
+                remapped.rmdir()
         shutil.rmtree(cdir.root, ignore_errors=True)
 
     # Start, stop, kill, remove ------------------------------------------------------------------
@@ -485,7 +569,7 @@ class ContainerManager:
 
         try:
             # Filled again when a reboot emptied /run (a no-op when mounted).
-            await self.secrets.ensure(record.id, record.name, record.config.secrets)
+            await self.secrets.ensure(record.id, record.name, record.config.secrets, record.id_map)
             await asyncio.to_thread(self._ensure_rootfs, record)
             try:
                 record.pid = await create()

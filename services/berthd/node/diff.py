@@ -5,6 +5,10 @@ contents are hidden as a directory with `trusted.overlay.opaque=y`; OCI layers s
 things `.wh.NAME` and `.wh..wh..opq`. The upper dir is written by the container, so it is walked
 through directory fds with O_NOFOLLOW: a symlink swapped in mid-walk cannot make us read host
 files into a layer.
+
+A remapped container (`--userns remap`) writes its upper dir as host ids of its range
+(berthd.node.idmap); given its IdMap, both readers map them back to the container's ids, so a
+committed layer has the uid 0 files Docker's have.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from isal import igzip
 
 from berthd.common.errors import FailedPrecondition
 from berthd.common.oci.digest import Digester
+from berthd.node.idmap import IdMap
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -190,22 +195,30 @@ def _path_opaque(path: Path) -> bool:
         raise
 
 
-def _same_dir(a: os.stat_result, b: os.stat_result) -> bool:
+def _owner(st: os.stat_result, idmap: IdMap | None) -> tuple[int, int]:
+    """The uid and gid of an upper dir entry as the container (and a layer) sees them."""
+    if idmap is None:
+        return st.st_uid, st.st_gid
+    return idmap.to_container(st.st_uid), idmap.to_container(st.st_gid)
+
+
+def _same_dir(upper: os.stat_result, lower: os.stat_result, idmap: IdMap | None) -> bool:
     # Docker skips a directory that was only copied up on the way to a change below it; the
     # change itself brings the directory back as "C".
-    return (a.st_mode, a.st_uid, a.st_gid, a.st_mtime_ns) == (
-        b.st_mode,
-        b.st_uid,
-        b.st_gid,
-        b.st_mtime_ns,
+    return (upper.st_mode, *_owner(upper, idmap), upper.st_mtime_ns) == (
+        lower.st_mode,
+        lower.st_uid,
+        lower.st_gid,
+        lower.st_mtime_ns,
     )
 
 
-def changes(upper: Path, lowers: list[Path]) -> list[tuple[str, str]]:
+def changes(upper: Path, lowers: list[Path], idmap: IdMap | None = None) -> list[tuple[str, str]]:
     """(path, kind) like `docker diff`: A added, C changed, D deleted; sorted by path.
 
     `lowers` are the read-only layer directories bottom first, in image order (chain ids);
-    overlayfs' lowerdir option lists them the other way round.
+    overlayfs' lowerdir option lists them the other way round. `idmap`: the container's
+    remapped user namespace, whose host ids the upper dir holds.
     """
     below = _Lowers(lowers)
     found: dict[str, str] = {}
@@ -224,7 +237,7 @@ def changes(upper: Path, lowers: list[Path]) -> list[tuple[str, str]]:
         elif is_dir and _is_opaque(_xattrs(e)):
             found[path] = "C"
             hidden += (f"{e.rel}/{name}" for name in below.children(e.rel))
-        elif not (is_dir and stat.S_ISDIR(old.st_mode) and _same_dir(e.st, old)):
+        elif not (is_dir and stat.S_ISDIR(old.st_mode) and _same_dir(e.st, old, idmap)):
             found[path] = "C"
     for rel in hidden:
         if rel not in seen:
@@ -255,11 +268,15 @@ class _HashingWriter:
         return len(data)
 
 
-def _tarinfo(e: _Entry, name: str, xattrs: dict[str, bytes]) -> tarfile.TarInfo:
+def _tarinfo(
+    e: _Entry, name: str, xattrs: dict[str, bytes], idmap: IdMap | None
+) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = _TAR_TYPES[stat.S_IFMT(e.st.st_mode)]
     info.mode = stat.S_IMODE(e.st.st_mode)
-    info.uid, info.gid = e.st.st_uid, e.st.st_gid
+    info.uid, info.gid = _owner(e.st, idmap)
+    if idmap is not None:
+        xattrs = {k: idmap.xattr_to_container(k, v) for k, v in xattrs.items()}
     info.uname = info.gname = ""  # numeric owners: names mean nothing across images
     # Whole seconds, as Docker writes them: a fractional mtime costs a PAX header per entry.
     info.mtime = int(e.st.st_mtime)
@@ -273,31 +290,37 @@ def _tarinfo(e: _Entry, name: str, xattrs: dict[str, bytes]) -> tarfile.TarInfo:
     return info
 
 
-def _marker(e: _Entry, name: str, mode: int) -> tarfile.TarInfo:
-    """An empty regular file standing for a whiteout, owned and dated like `e`."""
+def _marker(e: _Entry, name: str, mode: int, owner: tuple[int, int]) -> tarfile.TarInfo:
+    """An empty regular file standing for a whiteout, owned by `owner`, dated like `e`."""
     info = tarfile.TarInfo(name)
     info.mode = mode
-    info.uid, info.gid = e.st.st_uid, e.st.st_gid
+    info.uid, info.gid = owner
     info.uname = info.gname = ""
     info.mtime = int(e.st.st_mtime)
     return info
 
 
-def _add_entry(tar: tarfile.TarFile, e: _Entry, links: dict[tuple[int, int], str]) -> None:
+def _add_entry(
+    tar: tarfile.TarFile, e: _Entry, links: dict[tuple[int, int], str], idmap: IdMap | None
+) -> None:
     parent = posixpath.dirname(e.rel)
     if e.whiteout:
         # Mode 0600 like Docker's overlay driver; the kernel's whiteouts say nothing useful.
-        tar.addfile(_marker(e, posixpath.join(parent, WHITEOUT_PREFIX + e.name), 0o600))
+        # overlayfs makes them with the mounter's credentials: host root, which is no one in
+        # a remapped container, so they are root's there too.
+        owner = (e.st.st_uid, e.st.st_gid) if idmap is None else (0, 0)
+        tar.addfile(_marker(e, posixpath.join(parent, WHITEOUT_PREFIX + e.name), 0o600, owner))
         return
     kind = stat.S_IFMT(e.st.st_mode)
     if kind not in _TAR_TYPES:
         return
     xattrs = _xattrs(e)
-    info = _tarinfo(e, e.rel, xattrs)
+    info = _tarinfo(e, e.rel, xattrs, idmap)
     if kind == stat.S_IFDIR:
         tar.addfile(info)
         if _is_opaque(xattrs):
-            tar.addfile(_marker(e, posixpath.join(e.rel, OPAQUE_MARKER), info.mode))
+            marker = posixpath.join(e.rel, OPAQUE_MARKER)
+            tar.addfile(_marker(e, marker, info.mode, (info.uid, info.gid)))
         return
     if e.st.st_nlink > 1:
         key = (e.st.st_dev, e.st.st_ino)
@@ -324,10 +347,14 @@ def _add_entry(tar: tarfile.TarFile, e: _Entry, links: dict[tuple[int, int], str
         tar.addfile(info, f)
 
 
-def export_layer(upper: Path, out: BinaryIO, *, compresslevel: int = 1) -> ExportResult:
+def export_layer(
+    upper: Path, out: BinaryIO, *, compresslevel: int = 1, idmap: IdMap | None = None
+) -> ExportResult:
     """Write the upper dir to `out` as an OCI layer (tar+gzip, whiteouts in `.wh.` form).
 
     Deterministic for the same tree: sorted entries, whole-second mtimes, no gzip timestamp.
+    `idmap`: the container's remapped user namespace; owners (and file capabilities) are
+    written as the container's ids, host ids outside its range as the overflow id 65534.
     """
     compressed = _HashingWriter(out)
     with igzip.IGzipFile(fileobj=compressed, mode="wb", compresslevel=compresslevel, mtime=0) as gz:
@@ -335,5 +362,5 @@ def export_layer(upper: Path, out: BinaryIO, *, compresslevel: int = 1) -> Expor
         with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             links: dict[tuple[int, int], str] = {}
             for entry in _walk(upper):
-                _add_entry(tar, entry, links)
+                _add_entry(tar, entry, links, idmap)
     return ExportResult(raw.digester.digest, compressed.digester.digest, compressed.digester.size)

@@ -12,6 +12,7 @@ import grpc
 from berth.node.v1 import node_pb2, node_pb2_grpc
 from berthd.common.config import add_common_flags, add_flag, add_peer_flag, service_config
 from berthd.common.endpoints import service_address
+from berthd.common.errors import InvalidArgument
 from berthd.common.rpc.registry import RegistryApi
 from berthd.common.rpc.secrets import SecretApi
 from berthd.common.server import run_server
@@ -20,6 +21,7 @@ from berthd.common.store import Store
 from berthd.node.agent import NodeAgent, default_node_id
 from berthd.node.containers import ContainerManager
 from berthd.node.converge import Converger
+from berthd.node.idmap import DEFAULT_RANGE, IdMap
 from berthd.node.join import join, log_joined, needs_join, renewal_signer
 from berthd.node.layers import ImageStore, LayerStore
 from berthd.node.runtime import Runtime
@@ -98,6 +100,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_flag(
         parser,
+        "--userns-remap-range",
+        default=DEFAULT_RANGE,
+        scope="node",
+        help="host uids and gids START:SIZE that `--userns remap` containers' ids 0..SIZE-1 "
+        "map to (Docker's userns-remap); reserve them for it, as /etc/subuid does",
+    )
+    add_flag(
+        parser,
         "--pull-concurrency",
         default=3,
         type=int,
@@ -108,6 +118,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
+    try:
+        remap = IdMap.parse(args.userns_remap_range)
+    except InvalidArgument as exc:
+        raise SystemExit(f"berthd node: --userns-remap-range: {exc}") from None
     joined = await join(args) if needs_join(args) else None
     config = service_config("node", args)
     store = Store(config.etcd, config.etcd_prefix, config.credentials.channel_credentials)
@@ -125,7 +139,9 @@ async def run(args: argparse.Namespace) -> None:
         Path(args.secrets_dir) if args.secrets_dir else default_dir(data),
         cluster.container_secrets,
     )
-    manager = ContainerManager(data, args.node_id, runtime, images, layers, store, secrets)
+    manager = ContainerManager(
+        data, args.node_id, runtime, images, layers, store, secrets, remap=remap
+    )
 
     registry = RegistryApi(service_address(store, "registry", args.registry))
 

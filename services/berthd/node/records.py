@@ -14,6 +14,7 @@ from typing import Any
 
 from berth.files import atomic_write
 from berthd.common.containers import ContainerConfig, from_dict
+from berthd.node.idmap import IdMap
 
 CREATED = "created"
 RUNNING = "running"
@@ -44,6 +45,14 @@ class ContainerRecord:
     stopped_by_user: bool = False
     # The cluster's DesiredContainer.attempt this container was last created or started for.
     attempt: int = 0
+    # [start, size] of a remapped container's user namespace (`--userns remap`), fixed when it
+    # is created: its upper dir holds ids of that range even if the node's range changes.
+    # Empty: the host's user namespace.
+    idmap: list[int] = field(default_factory=list)
+
+    @property
+    def id_map(self) -> IdMap | None:
+        return IdMap(*self.idmap) if self.idmap else None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -54,7 +63,10 @@ class ContainerRecord:
     def from_json(cls, data: dict[str, Any]) -> ContainerRecord:
         data = dict(data)
         data["config"] = from_dict(data["config"])
-        return cls(**data)
+        record = cls(**data)
+        if record.idmap:
+            IdMap(*record.idmap)  # a bad range fails the load, not a later mount
+        return record
 
 
 class ContainerDir:

@@ -28,6 +28,7 @@ from berthd.common.containers import SecretReference
 from berthd.common.errors import BerthError, FailedPrecondition
 from berthd.common.rpc.secrets import SecretFile
 from berthd.common.state.containers import SECRET_UNAVAILABLE
+from berthd.node.idmap import IdMap
 
 log = logging.getLogger("berthd.node.secrets")
 
@@ -39,11 +40,16 @@ PAGE = 4096
 _ID = re.compile(r"[0-9a-f]{64}")
 
 
-def default_dir(data_dir: Path) -> Path:
-    """/run/berth/<hash of the data directory>/secrets: under /run (memory), and apart for
-    every agent of a host (each has its own data directory)."""
+def run_dir(data_dir: Path) -> Path:
+    """/run/berth/<hash of the data directory>: the agent's place under /run (memory), apart
+    for every agent of a host (each has its own data directory)."""
     digest = hashlib.sha256(str(data_dir.absolute()).encode()).hexdigest()[:12]
-    return RUN_ROOT / digest / "secrets"
+    return RUN_ROOT / digest
+
+
+def default_dir(data_dir: Path) -> Path:
+    """/run/berth/<hash of the data directory>/secrets."""
+    return run_dir(data_dir) / "secrets"
 
 
 def unavailable(container: str, why: str) -> FailedPrecondition:
@@ -83,10 +89,16 @@ class SecretMounts:
         return self.path(container_id).is_mount()
 
     async def ensure(
-        self, container_id: str, name: str, references: Iterable[SecretReference]
+        self,
+        container_id: str,
+        name: str,
+        references: Iterable[SecretReference],
+        idmap: IdMap | None = None,
     ) -> Path | None:
         """The container's secrets tmpfs, mounted and filled (None when it has no secrets);
-        FailedPrecondition with reason SECRET_UNAVAILABLE when the cluster does not give them."""
+        FailedPrecondition with reason SECRET_UNAVAILABLE when the cluster does not give them.
+        In a remapped container (`idmap`) the files' uid and gid are the container's, so the
+        host ids are the range's."""
         wanted = list(references)
         if not wanted:
             return None
@@ -102,11 +114,11 @@ class SecretMounts:
         missing = {r.file_name for r in wanted} - {f.target for f in files}
         if missing:
             raise unavailable(name, f"the cluster sent no value for {', '.join(sorted(missing))}")
-        await asyncio.to_thread(self._fill, path, files)
+        await asyncio.to_thread(self._fill, path, files, idmap)
         log.info("secrets mounted", extra={"container": container_id, "count": len(files)})
         return path
 
-    def _fill(self, path: Path, files: list[SecretFile]) -> None:
+    def _fill(self, path: Path, files: list[SecretFile], idmap: IdMap | None = None) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         size = sum(-(-len(f.data) // PAGE) * PAGE for f in files) + PAGE * (len(files) + 1)
         # Only the node's root may write it; no devices, set-uid or programs run from it.
@@ -123,7 +135,10 @@ class SecretMounts:
                     view = memoryview(f.data)
                     while view:
                         view = view[os.write(fd, view) :]
-                    os.fchown(fd, f.uid, f.gid)
+                    if idmap is None:
+                        os.fchown(fd, f.uid, f.gid)
+                    else:
+                        os.fchown(fd, idmap.to_host(f.uid), idmap.to_host(f.gid))
                     os.fchmod(fd, f.mode)
                 finally:
                     os.close(fd)

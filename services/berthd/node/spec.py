@@ -32,6 +32,7 @@ from berthd.common.containers import (
 from berthd.common.errors import InvalidArgument
 from berthd.common.oci.digest import quoted
 from berthd.node import seccomp
+from berthd.node.idmap import IdMap
 
 OCI_VERSION = "1.0.2"
 # Docker's PATH for images that set none (moby's system.DefaultPathEnv on Linux).
@@ -401,6 +402,7 @@ def build_runtime_config(
     mounts: Sequence[MountSpec] | None = None,
     network_namespace_path: str | None = None,
     secrets_dir: str | Path | None = None,
+    idmap: IdMap | None = None,
 ) -> dict[str, Any]:
     """The OCI runtime-spec config.json for runc, with Docker's defaults.
 
@@ -409,7 +411,9 @@ def build_runtime_config(
     names resolved to host paths (default: config.mounts, which must then all be paths).
     `network_namespace_path` joins an existing network namespace (a future bridge mode)
     instead of making a new one. `secrets_dir` (the container's secrets tmpfs on the node) is
-    mounted read-only at /run/secrets.
+    mounted read-only at /run/secrets. `idmap` runs the container in a user namespace of its
+    own with that mapping (`--userns remap`); the root filesystem must then be readable
+    through it (berthd.node.idmap).
     """
     check_hostname(hostname)
     mounts = config.mounts if mounts is None else mounts
@@ -418,6 +422,15 @@ def build_runtime_config(
             raise InvalidArgument(f"mount source {quoted(m.source)} is not a host path")
     if config.network_mode == "host" and network_namespace_path:
         raise InvalidArgument("host network mode cannot join another network namespace")
+    if idmap is not None:
+        if config.network_mode == "host":
+            # The model refuses it too; sysfs cannot be mounted without owning the netns.
+            raise InvalidArgument(
+                "user namespace mode remap cannot share the host's network namespace"
+            )
+        # runc would fail with a bare "invalid argument" from setuid/setgroups.
+        idmap.check("uid", [uid])
+        idmap.check("gid", [gid, *additional_gids])
 
     # Docker's default set with cap_add/cap_drop applied.
     caps = capabilities(config)
@@ -458,6 +471,8 @@ def build_runtime_config(
         if network_namespace_path:
             netns["path"] = network_namespace_path
         namespaces.append(netns)
+    if idmap is not None:
+        namespaces.append({"type": "user"})
 
     nofile = nofile_limit()
     user_obj: dict[str, Any] = {"uid": uid, "gid": gid}
@@ -482,6 +497,9 @@ def build_runtime_config(
         "maskedPaths": list(MASKED_PATHS),
         "readonlyPaths": list(READONLY_PATHS),
     }
+    if idmap is not None:
+        linux["uidMappings"] = idmap.oci()
+        linux["gidMappings"] = idmap.oci()
     if security.seccomp == "default":
         # Raises FailedPrecondition when the node lacks the profile: never silently unconfined.
         linux["seccomp"] = seccomp.default_seccomp(caps)
@@ -521,13 +539,19 @@ def write_init_layer(path: Path, secrets: bool = False) -> None:
 
 
 def prepare_etc_files(
-    container_dir: Path, hostname: str, network_mode: str, *, address: str | None = None
+    container_dir: Path,
+    hostname: str,
+    network_mode: str,
+    *,
+    address: str | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> dict[str, Path]:
     """Write the container's hosts, hostname and resolv.conf into `container_dir`.
 
     Returns {destination in the container: host file}, for build_runtime_config's
     etc_files. `address` is the container's own IP once it has one (bridge mode); without it
-    the hostname resolves to loopback.
+    the hostname resolves to loopback. `owner` (host uid, gid) is a remapped container's root,
+    which must be able to write them as Docker's containers can.
     """
     check_hostname(hostname)
     if network_mode not in NETWORK_MODES:
@@ -547,5 +571,7 @@ def prepare_etc_files(
         path = container_dir / name
         path.write_text(text)
         path.chmod(0o644)
+        if owner is not None:
+            os.chown(path, *owner)
         written[f"/etc/{name}"] = path
     return written

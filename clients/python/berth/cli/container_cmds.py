@@ -535,7 +535,8 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
         "--userns",
         choices=[m for m in USERNS_MODES if m],
         default="",
-        help="user namespace: host (the default; remapping is not supported)",
+        help="user namespace: host (the default: root in the container is the host's root) "
+        "or remap (root in the container is an unprivileged host uid, 100000 by default)",
     )
     add(
         "--secret",

@@ -18,9 +18,9 @@ What counts as host access, read from the spec's fields:
 - `seccomp=unconfined` or a custom seccomp profile (it can allow any system call);
 - `no-new-privileges=false` (setuid binaries regain their power).
 
-`userns` takes only "" or "host", both the host's user namespace that every container has
-(berth does not remap yet): it grants nothing and is not host access. The spec has no device
-field.
+`userns` is not host access in any mode: "" and "host" are the host's user namespace that a
+default container has, and "remap" takes power away (the container's root is an unprivileged
+host uid). The spec has no device field.
 """
 
 from __future__ import annotations
