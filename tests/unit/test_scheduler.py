@@ -333,6 +333,18 @@ def test_replicas_account_resources_and_leave_the_callers_nodes_alone():
     )
 
 
+def test_replicas_account_cpu():
+    """Three 600m replicas do not fit on two 1000m nodes: each placement takes its CPU."""
+    nodes = [node(n, cpu=1000) for n in ("a", "b")]
+    assert ids(place_replicas(nodes, request(cpu=600), 2)) == ["a", "b"]
+    with pytest.raises(FailedPrecondition) as info:
+        place_replicas(nodes, request(cpu=600), 3)
+    assert str(info.value) == (
+        "only 2 of 3 replicas fit: 0/2 nodes are available: "
+        "2 insufficient cpu (need 0.6 CPUs, free 0.4 CPUs on the best)"
+    )
+
+
 def test_replica_count_validation():
     assert place_replicas([node("a")], request(), 0) == []
     with pytest.raises(InvalidArgument, match="cannot be negative"):
