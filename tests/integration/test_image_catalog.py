@@ -21,6 +21,7 @@ from berthd.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from berthd.common.rpc.cluster import ClusterApi
 from berthd.common.rpc.registry import RegistryApi
 from berthd.common.state.containers import CONTAINERS, DesiredContainer
+from berthd.common.state.build_cache import CACHE_REPOSITORY
 from berthd.common.state.images import BUILDS, IMAGES, BuildRecord
 from berthd.common.state.nodes import NODE_LAYERS, NodeLayers
 from berthd.common.store import Store
@@ -442,3 +443,28 @@ async def test_commit_a_running_container(
         await commit(catalog, cluster_api, box.id, "x:1", "", "", False, ["ONBUILD RUN x"], print)
     with pytest.raises(NotFound):
         await commit(catalog, cluster_api, "no-such", "x:1", "", "", False, [], print)
+
+
+async def test_prune_spares_the_build_cache(
+    catalog: Catalog, client: RegistryClient, tmp_path: Path
+) -> None:
+    """docs/image.md: prune never removes the builder's intermediate images in
+    berth/build-cache, even one whose manifest is also a tagged image prune -a removes (a
+    base image the builder pushed as the state before a RUN)."""
+    only_cached = push_image(client, CACHE_REPOSITORY, "t", [BASE, APP], tmp_path)
+    client.delete_tag(CACHE_REPOSITORY, "t")  # the builder's images are untagged
+    unused = push_image(client, "test/base", "1", [BASE, TOOL], tmp_path)
+    assert push_image(client, CACHE_REPOSITORY, "t", [BASE, TOOL], tmp_path) == unused
+    client.delete_tag(CACHE_REPOSITORY, "t")
+
+    removed, _ = await catalog.prune()
+    assert removed == []
+    removed, _ = await catalog.prune(all=True)
+    assert [r.untagged for r in removed] == [["test/base:1"]]
+    for digest in (only_cached, unused):  # both still whole in the cache repository
+        manifest = json.loads(client.get_manifest(CACHE_REPOSITORY, digest).content)
+        for n, blob in enumerate([manifest["config"], *manifest["layers"]]):
+            client.pull_blob(CACHE_REPOSITORY, blob["digest"], tmp_path / f"{digest[7:19]}-{n}")
+    with pytest.raises(BerthClientError) as gone:
+        client.get_manifest("test/base", "1")
+    assert gone.value.code == "NOT_FOUND"

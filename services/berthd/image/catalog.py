@@ -579,8 +579,9 @@ class Catalog:
             if digest not in used and repo != CACHE_REPOSITORY
         ]
         if all:
+            # The builder's copy in its cache repository stays: its cache records need it.
             plans += [
-                (digest, Plan([], snapshot.holders(digest), whole=True))
+                (digest, Plan([], _outside_cache(snapshot.holders(digest)), whole=True))
                 for digest in sorted(images)
                 if digest not in used and snapshot.tags_of(digest)
             ]
@@ -708,6 +709,10 @@ def catalog_figures(images: Mapping[str, Content]) -> tuple[int, int]:
 
 def _holders(live: set[tuple[str, str]], digest: str) -> list[str]:
     return [repo for repo, d in live if d == digest]
+
+
+def _outside_cache(repositories: list[str]) -> list[str]:
+    return [r for r in repositories if r != CACHE_REPOSITORY]
 
 
 def _dangling(snapshot: Snapshot, images: Mapping[str, Content]) -> list[tuple[str, str]]:
