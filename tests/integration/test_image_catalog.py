@@ -20,8 +20,8 @@ from berthd.common.containers import ContainerConfig
 from berthd.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from berthd.common.rpc.cluster import ClusterApi
 from berthd.common.rpc.registry import RegistryApi
-from berthd.common.state.containers import CONTAINERS, DesiredContainer
 from berthd.common.state.build_cache import CACHE_REPOSITORY
+from berthd.common.state.containers import CONTAINERS, DesiredContainer
 from berthd.common.state.images import BUILDS, IMAGES, BuildRecord
 from berthd.common.state.nodes import NODE_LAYERS, NodeLayers
 from berthd.common.store import Store
