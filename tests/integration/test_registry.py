@@ -639,6 +639,53 @@ def test_gc_frees_orphans_and_keeps_shared_and_young_blobs(client, tmp_path: Pat
         assert client.stat_blob("lib/kept", layer["digest"]) is not None
 
 
+def test_gc_keeps_blobs_a_stat_a_mount_or_a_manifest_push_refreshed(client, tmp_path) -> None:
+    """docs/registry.md: stats, mounts and manifest pushes refresh a blob's age, so a blob a
+    client was just told about is not swept under it; an old blob nobody touched is."""
+    data_dir = tmp_path / "registry-data"
+    stated = push_bytes(client, "lib/src", b"stated", tmp_path)
+    mounted = push_bytes(client, "lib/src", b"mounted", tmp_path)
+    untouched = push_bytes(client, "lib/src", b"untouched", tmp_path)
+    manifest, parts = image([b"layer of a pushed then deleted manifest"])
+    for part in parts:
+        push_bytes(client, "lib/src", part, tmp_path)
+    age(data_dir, list(blob_files(data_dir)), 7200)  # all older than the grace period
+
+    assert client.stat_blob("lib/src", stated) is not None
+    assert client.mount_blob("lib/dst", mounted, "lib/src")
+    client.put_manifest("lib/src", "v1", OCI_MANIFEST, manifest)
+    client.delete_manifest("lib/src", "v1")  # its blobs are unreferenced again, but young
+
+    report = client.garbage_collect(grace_seconds=3600)
+    assert [b.digest for b in report.deleted] == [untouched]
+    assert set(blob_files(data_dir)) >= {stated, mounted, *(sha(p) for p in parts)}
+
+
+def test_gc_removes_upload_sessions_idle_for_a_day(registry, client, tmp_path) -> None:
+    """docs/registry.md: upload sessions untouched for 24 h are removed by GC; younger ones,
+    however old their start, stay and resume."""
+    s = stub(registry.address)
+    sessions = {}
+    for name in ("idle", "almost", "fresh"):
+        upload_id = s.StartUpload(pb.StartUploadRequest(repository="lib/up")).upload_id
+        chunk = pb.WriteUploadRequest(upload_id=upload_id, offset=0, data=b"0123456789")
+        s.WriteUpload(iter([chunk]))
+        sessions[name] = upload_id
+    uploads = tmp_path / "registry-data" / "uploads"
+    for name, idle_hours in (("idle", 24.5), ("almost", 23.5)):
+        old = time.time() - idle_hours * 3600
+        os.utime(uploads / sessions[name] / "data", (old, old))
+
+    assert client.garbage_collect(dry_run=True).uploads_removed == 0
+    assert client.garbage_collect().uploads_removed == 1
+    with pytest.raises(grpc.RpcError) as gone:
+        s.GetUpload(pb.GetUploadRequest(upload_id=sessions["idle"]))
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not (uploads / sessions["idle"]).exists()
+    for name in ("almost", "fresh"):
+        assert s.GetUpload(pb.GetUploadRequest(upload_id=sessions[name])).offset == 10
+
+
 def test_health_reflection_and_metrics(registry, client: RegistryClient, tmp_path) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
