@@ -23,6 +23,8 @@ from berth.registry.v1 import registry_pb2_grpc
 from berth.tls import secure_channel
 from berthd.common.store import Store
 
+from .conftest import wait_until
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -731,19 +733,52 @@ async def test_endpoint_is_registered_and_removed_on_sigterm(
         await store.close()
 
 
-def test_sigterm_lets_in_flight_calls_finish(services, tmp_path: Path) -> None:
+def test_sigterm_reports_not_serving_and_lets_in_flight_calls_finish(
+    services, tmp_path: Path
+) -> None:
+    """docs/operations.md: on SIGTERM a service reports NOT_SERVING (a health watcher hears
+    it), then in-flight calls finish and it exits 0."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     process = services.registry()
     data = os.urandom(8 * 1024 * 1024)
     with RegistryClient(process.address) as c:
         push_bytes(c, "lib/drain", data, tmp_path)
-    s = stub(process.address)
+    channel = secure_channel(process.address)
+    s = registry_pb2_grpc.RegistryServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service="berth.registry.v1.RegistryService"), timeout=60
+    )
+    assert next(health).status == health_pb2.HealthCheckResponse.SERVING
     stream = s.ReadBlob(pb.ReadBlobRequest(repository="lib/drain", digest=sha(data)))
     received = [next(stream).data]
     process.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    assert next(health).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    health.cancel()
     received += [chunk.data for chunk in stream]
     assert b"".join(received) == data
     assert process.proc.wait(15) == 0
+
+
+def test_the_log_line_of_a_call_carries_its_x_request_id(registry) -> None:
+    """docs/operations.md: each RPC's log line has `request_id`, from `x-request-id` if given."""
+    s = stub(registry.address)
+    missing = pb.StatBlobRequest(repository="lib/logged", digest=sha(b"absent"))
+    with pytest.raises(grpc.RpcError):
+        s.StatBlob(missing, metadata=(("x-request-id", "req-7f3a"),))
+    s.ListRepositories(pb.ListRepositoriesRequest())  # no id given: one is made up
+
+    def calls() -> list[dict]:
+        text = registry.log.read_text()
+        lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        return [line for line in lines if str(line.get("method", "")).endswith("ListRepositories")
+                or line.get("request_id") == "req-7f3a"]  # fmt: skip
+
+    wait_until(lambda: len(calls()) == 2, 30, "both calls logged")
+    tagged, other = calls()
+    assert tagged["request_id"] == "req-7f3a"
+    assert tagged["method"].endswith("StatBlob") and tagged["code"] == "NOT_FOUND"
+    assert other["request_id"] and other["request_id"] != "req-7f3a"
 
 
 def test_a_client_resumes_from_the_offset_a_mismatch_reports(
