@@ -688,6 +688,26 @@ def test_gc_removes_upload_sessions_idle_for_a_day(registry, client, tmp_path) -
         assert s.GetUpload(pb.GetUploadRequest(upload_id=sessions[name])).offset == 10
 
 
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_the_client_refuses_a_blob_corrupted_on_the_registrys_disk(
+    client: RegistryClient, tmp_path: Path, damage: str
+) -> None:
+    """The registry serves what its disk holds; the client checks the digest on pull and
+    refuses bytes that do not match it with DATA_LOSS, leaving no file behind."""
+    data = os.urandom(300_000)
+    digest = push_bytes(client, "lib/rot", data, tmp_path)
+    on_disk = tmp_path / "registry-data" / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    rotten = bytearray(data)
+    rotten[150_000] ^= 0xFF
+    on_disk.write_bytes(bytes(rotten) if damage == "flipped byte" else data[:200_000])
+    dest = tmp_path / "pulled"
+    with pytest.raises(BerthClientError) as refused:
+        client.pull_blob("lib/rot", digest, dest)
+    assert refused.value.code == "DATA_LOSS"
+    assert digest in str(refused.value)
+    assert sorted(p.name for p in tmp_path.glob("pulled*")) == []
+
+
 def test_health_reflection_and_metrics(registry, client: RegistryClient, tmp_path) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
