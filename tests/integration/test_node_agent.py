@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import itertools
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from berth.client import ContainerConfig, NodeClient, RegistryClient
 from berth.containers import InvalidContainerConfig
 from berth.errors import BerthClientError
 from berthd.common.store import Store
+from berthd.node.containers import restart_delay
 
 from .images import busybox_layer, push_image, tar_of
 
@@ -192,6 +194,19 @@ def test_restart_policy_on_failure_retries_then_gives_up(node, busybox) -> None:
     )
     assert info.exit_code == 1
     assert logs(node, flaky).count("try") == 3
+
+
+def test_restart_backoff_doubles(node, busybox) -> None:
+    """docs/node.md: restart backoff doubles from 100 ms. Read from the timestamps conmon
+    wrote on each run's first line: run k+1 starts at least restart_delay(k) after run k."""
+    node.pull(busybox)
+    crashing = run(node, busybox, "sh", "-c", "echo start; exit 1", restart_policy="always")
+    eventually(lambda: node.inspect(crashing).restart_count >= 6, 60, "six restarts")
+    node.stop(crashing, timeout=0)
+    starts = [line.time for line in node.logs(crashing) if line.data == b"start\n"]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]
+    assert len(gaps) >= 6
+    assert all(gap >= restart_delay(k) for k, gap in enumerate(gaps[:6])), gaps
 
 
 def test_containers_outlive_the_agent_and_are_adopted(node_agent, busybox) -> None:

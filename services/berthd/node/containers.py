@@ -59,7 +59,14 @@ MONITOR_INTERVAL = 0.05
 SAMPLE_INTERVAL = 1.0
 DEFAULT_STOP_TIMEOUT = 10
 # Restart backoff: Docker doubles from 100 ms; capped so a crash loop stays cheap.
-RESTART_BACKOFF = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0)
+FIRST_RESTART_DELAY = 0.1
+MAX_RESTART_DELAY = 5.0
+
+
+def restart_delay(restart_count: int) -> float:
+    """Seconds to wait before restarting a container that has restarted `restart_count`
+    times: 0.1, 0.2, 0.4, ... doubling, at most MAX_RESTART_DELAY."""
+    return min(FIRST_RESTART_DELAY * 2 ** min(restart_count, 16), MAX_RESTART_DELAY)
 
 
 def mount_overlay(lowers: list[Path], upper: Path, work: Path, target: Path) -> None:
@@ -335,7 +342,7 @@ class ContainerManager:
     def _schedule_restart(self, record: ContainerRecord) -> None:
         if record.id in self._restarts and not self._restarts[record.id].done():
             return
-        delay = RESTART_BACKOFF[min(record.restart_count, len(RESTART_BACKOFF) - 1)]
+        delay = restart_delay(record.restart_count)
 
         async def restart() -> None:
             await asyncio.sleep(delay)
