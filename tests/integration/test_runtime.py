@@ -206,8 +206,7 @@ async def test_container_outlives_the_object_that_made_it(lab: Lab) -> None:
     assert os.getsid(conmon) != os.getsid(0)
 
     del creator
-    gc.collect()
-    await asyncio.sleep(0.3)
+    gc.collect()  # finalizers run here: none may take the container down
     # What a restarted agent does: a new Runtime on the same root finds the container.
     adopted = {s.id: s for s in await lab.runtime.list_containers()}
     assert adopted[box.id].status == "running"
@@ -289,9 +288,11 @@ async def test_exec_with_pipes_env_user_and_cwd(lab: Lab) -> None:
 
 async def test_stats_of_a_running_container(lab: Lab) -> None:
     box = await lab.run(
-        "sleep 1000 & i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; wait", memory=64 << 20
+        "sleep 1000 & i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo counted; wait",
+        memory=64 << 20,
     )
-    await asyncio.sleep(0.3)
+    # Once it has counted, it has used CPU, and sh and sleep are both alive.
+    await wait_for(lambda: [r.data for r in read_logs(box.log)] == [b"counted\n"], 30, "counted")
     stats = cgroups.read_stats(box.cgroup)
     assert stats is not None
     assert stats.pids >= 2
