@@ -1,11 +1,15 @@
 """Replicated services on three hosts (tests/integration/hosts.py), with two cluster instances:
 spread, surviving a host's death, scaling, rolling updates, events and controller failover.
-Clients run inside the control namespace, like test_cluster.py."""
+Clients run inside the control namespace, like test_cluster.py. Each test stands alone, and none
+asserts on elapsed time: they wait for the event itself (timeouts only guard against a hang) and
+check order and spacing from what the cluster recorded."""
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .hosts import HostService, TestNetwork
+from .hosts import REPO, HostService, TestNetwork
 from .test_cluster import CLIENT, IMAGE, LEASE_TTL, SERVE
 from .test_hosts import PUSH, _cleanup_agents
 
@@ -52,6 +56,12 @@ def until_running(name, count, timeout=60, avoid=()):
         assert time.monotonic() < deadline, [(c.name, c.node_id, c.status.state) for c in ps(name)]
         time.sleep(0.05)
 
+def watch(request, timeout=90):
+    # An Events stream that already watches (its headers came): it sees every later change.
+    stream = cluster.Events(request, timeout=timeout)
+    stream.initial_metadata()
+    return stream
+
 def managed_on(address):
     node = node_pb2_grpc.NodeServiceStub(secure_channel(address))
     listed = node.ListContainers(node_pb2.ListContainersRequest(all=True), timeout=10).containers
@@ -86,6 +96,19 @@ class Swarm:
         address = (via or self.live()[0]).address
         code = CLIENT + SERVICES + body
         return self.net.python_json(self.net.ctl, code, address, SERVE, IMAGE, *args, timeout=120)
+
+    def client_process(self, body: str, *args: str) -> subprocess.Popen:
+        """The same snippet as `client`, started in the background with stdin and stdout
+        piped, for a test that acts while it runs."""
+        code = CLIENT + SERVICES + body
+        argv = [sys.executable, "-c", code, self.live()[0].address, SERVE, IMAGE, *args]
+        return subprocess.Popen(
+            [*self.net.exec_argv(self.net.ctl), *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
 
     def live(self) -> list[HostService]:
         return [i for i in self.instances if i.proc.poll() is None]
@@ -133,18 +156,19 @@ def test_service_spreads_over_three_hosts_with_events(swarm: Swarm) -> None:
     result = swarm.client(
         """
 seen = []
+stream = watch(pb.EventsRequest(service="web"))
 def follow():
-    for e in cluster.Events(pb.EventsRequest(service="web"), timeout=30):
+    for e in stream:
         seen.append((pb.EventType.Name(e.type), e.container.name, e.container.node_id))
         if len([s for s in seen if s[0] == "EVENT_TYPE_CONTAINER_STARTED"]) == 3:
             return
 with ThreadPoolExecutor(1) as pool:
     events = pool.submit(follow)
-    time.sleep(0.5)
     created = cluster.CreateService(pb.CreateServiceRequest(spec=spec("web", 3))).service
     replicas = until_running("web", 3)
     dup = call("CreateService", pb.CreateServiceRequest(spec=spec("web", 1)))
-    events.result(timeout=30)
+    events.result(timeout=90)
+stream.cancel()
 listed = cluster.ListServices(pb.ListServicesRequest()).services
 out({
     "nodes": sorted(c.node_id for c in replicas),
@@ -172,48 +196,67 @@ out({
     ]
     assert result["created"] == 1
     assert result["started_on"] == ["host1", "host2", "host3"]
+    swarm.remove_service("web")
 
 
 def test_replicas_survive_the_death_of_a_host(swarm: Swarm) -> None:
-    """web (3 replicas, from the previous test) loses host1: its replica runs elsewhere within
-    the TTL plus a few seconds; when host1 returns its agent removes the stale copy."""
+    """A 3-replica service loses host1: the cluster sees the node lost (its lease expired),
+    then moves that replica elsewhere, in that order; when host1 returns its agent removes
+    the stale copy."""
     host1 = swarm.net.hosts[0]
     agent1 = swarm.agents["host1"].address
-    cut_at = time.time()  # the snippet measures from the cut, its own start-up included
-    swarm.net.cut(host1)
-    try:
-        result = swarm.client(
-            """
-moved = until_running("web", 3, timeout=15, avoid=("host1",))
-elapsed = time.time() - float(sys.argv[4])
+    placed = swarm.client(
+        'cluster.CreateService(pb.CreateServiceRequest(spec=spec("moving", 3)))\n'
+        'out({c.node_id: c.name for c in until_running("moving", 3)})'
+    )
+    assert isinstance(placed, dict) and sorted(placed) == ["host1", "host2", "host3"]
+    cut_at = time.time()  # only printed: how long the move took is measured in bench/
+    script = """
+stream = watch(pb.EventsRequest(node_id="host1"))  # the node's events and its containers'
+print("watching", flush=True)
+sys.stdin.readline()  # the test cuts host1 now
+seen = []
+for e in stream:
+    seen.append([pb.EventType.Name(e.type), e.container.name, e.container.previous_node_id])
+    if e.type == pb.EVENT_TYPE_CONTAINER_RESCHEDULED:
+        break
+stream.cancel()
+moved = until_running("moving", 3, timeout=90, avoid=("host1",))
 lost = cluster.GetNode(pb.GetNodeRequest(node_id="host1")).node
-out({"elapsed": elapsed, "nodes": sorted(c.node_id for c in moved),
-     "previous": [c.name for c in moved if c.node_id != "host1"],
+out({"events": seen, "nodes": sorted(c.node_id for c in moved),
      "state": pb.NodeState.Name(lost.state)})
-""",
-            str(cut_at),
-        )
+"""
+    follower = swarm.client_process(script)
+    try:
+        assert follower.stdout is not None and follower.stdout.readline() == "watching\n"
+        swarm.net.cut(host1)
+        out, _ = follower.communicate("cut\n", timeout=150)
     finally:
         swarm.net.restore(host1)
-    assert isinstance(result, dict)
-    print(json.dumps({"host_death_to_running_elsewhere_seconds": round(result["elapsed"], 2)}))
-    assert result["elapsed"] < LEASE_TTL + 6
+    assert follower.returncode == 0, out
+    result = json.loads(out.splitlines()[-1])
+    print(json.dumps({"host_death_to_running_elsewhere_seconds": round(time.time() - cut_at, 2)}))
+    events = [e for e in result["events"] if e[0] != "EVENT_TYPE_CONTAINER_DIED"]
+    assert events == [
+        ["EVENT_TYPE_NODE_LOST", "", ""],
+        ["EVENT_TYPE_CONTAINER_RESCHEDULED", placed["host1"], "host1"],
+    ]
     assert sorted(result["nodes"]) in (["host2", "host2", "host3"], ["host2", "host3", "host3"])
     assert result["state"] == "NODE_STATE_NOT_READY"
     after = swarm.client(
         """
-deadline = time.monotonic() + 30
-while (on1 := managed_on(sys.argv[4])) or len(ps("web")) != 3:
+deadline = time.monotonic() + 60
+while (on1 := managed_on(sys.argv[4])) or len(ps("moving")) != 3:
     assert time.monotonic() < deadline, on1
     time.sleep(0.2)
 node = cluster.GetNode(pb.GetNodeRequest(node_id="host1")).node
-out({"replicas": len(running("web")), "on_host1": on1,
+out({"replicas": len(running("moving")), "on_host1": on1,
      "state": pb.NodeState.Name(node.state)})
 """,
         agent1,
     )
     assert after == {"replicas": 3, "on_host1": [], "state": "NODE_STATE_READY"}
-    swarm.remove_service("web")
+    swarm.remove_service("moving")
 
 
 def test_scale_three_five_two(swarm: Swarm) -> None:
@@ -247,17 +290,18 @@ def test_drain_moves_replicas_off_the_node(swarm: Swarm) -> None:
 cluster.CreateService(pb.CreateServiceRequest(spec=spec("drained", 3)))
 until_running("drained", 3)
 seen = []
+stream = watch(pb.EventsRequest(node_id="host3"))
 def follow():  # DrainNode's handle: the node's events, until the drain completes
-    for e in cluster.Events(pb.EventsRequest(node_id="host3"), timeout=60):
+    for e in stream:
         seen.append(pb.EventType.Name(e.type))
         if e.type == pb.EVENT_TYPE_NODE_DRAIN_COMPLETED:
             return
 with ThreadPoolExecutor(1) as pool:
     events = pool.submit(follow)
-    time.sleep(0.5)
     node = cluster.DrainNode(pb.DrainNodeRequest(node_id="host3")).node
     moved = until_running("drained", 3, avoid=("host3",))
-    events.result(timeout=60)
+    events.result(timeout=90)
+stream.cancel()
 cluster.ActivateNode(pb.ActivateNodeRequest(node_id="host3"))
 out({"availability": pb.NodeAvailability.Name(node.availability),
      "nodes": sorted(c.node_id for c in moved), "events": seen})
@@ -278,41 +322,41 @@ def test_rolling_update_replaces_replicas_one_by_one(swarm: Swarm) -> None:
 cluster.CreateService(pb.CreateServiceRequest(spec=spec("roll", 3)))
 old = {c.id for c in until_running("roll", 3)}
 updates = []
+stream = watch(pb.EventsRequest(service="roll"))
 def follow():  # UpdateService's handle: the version it returns, and the service's events
-    for e in cluster.Events(pb.EventsRequest(service="roll"), timeout=90):
+    for e in stream:
         if e.type in (pb.EVENT_TYPE_SERVICE_UPDATE_STARTED, pb.EVENT_TYPE_SERVICE_UPDATE_COMPLETED):
             updates.append([pb.EventType.Name(e.type), e.service.version])
         if e.type == pb.EVENT_TYPE_SERVICE_UPDATE_COMPLETED:
             return
 pool = ThreadPoolExecutor(1)
 events = pool.submit(follow)
-time.sleep(0.5)
 updated = cluster.UpdateService(pb.UpdateServiceRequest(
     service="roll", spec=spec("roll", 3, env=["V=2"], monitor=1.0), version=1)).service
 stale = call("UpdateService", pb.UpdateServiceRequest(service="roll", spec=spec("roll", 3),
                                                        version=1))
-samples, first_seen = [], {}
-deadline = time.monotonic() + 60
+samples = []
+deadline = time.monotonic() + 90
 while True:
     containers = ps("roll")
-    now = time.monotonic()
     samples.append(sum(1 for c in containers if c.status.state == RUNNING))
-    for c in containers:
-        if c.id not in old:
-            first_seen.setdefault(c.id, now)
     fresh = [c for c in containers if c.id not in old and c.status.state == RUNNING]
     service = cluster.GetService(pb.GetServiceRequest(service="roll")).service
     if len(fresh) == 3 and service.update_state == pb.UPDATE_STATE_COMPLETED:
         break
-    assert now < deadline, [(c.name, c.status.state) for c in containers]
+    assert time.monotonic() < deadline, [(c.name, c.status.state) for c in containers]
     time.sleep(0.05)
-times = sorted(first_seen.values())
-events.result(timeout=30)
+events.result(timeout=90)
+stream.cancel()
 pool.shutdown()
+# What the cluster recorded: when it placed each new replica, when its node started it.
+fresh.sort(key=lambda c: c.scheduled_at.ToNanoseconds())
+placed = [c.scheduled_at.ToNanoseconds() / 1e9 for c in fresh]
+started = [c.status.started_at.ToNanoseconds() / 1e9 for c in fresh]
 out({"version": updated.version, "stale": [stale["code"], stale["reason"]],
      "updating": pb.UpdateState.Name(updated.update_state), "updates": updates,
      "min_running": min(samples),
-     "gaps": [b - a for a, b in zip(times, times[1:])], "new": len(first_seen),
+     "ran_before_next": [b - a for a, b in zip(started, placed[1:])],
      "env": sorted({e for c in fresh for e in c.spec.env}),
      "state": pb.UpdateState.Name(service.update_state)})
 """
@@ -326,9 +370,11 @@ out({"version": updated.version, "stale": [stale["code"], stale["reason"]],
         ["EVENT_TYPE_SERVICE_UPDATE_COMPLETED", 2],
     ]
     assert result["min_running"] >= 2  # never fewer than replicas - 1
-    assert result["new"] == 3 and "V=2" in result["env"]
-    # One at a time: each new replica appears only after the previous ran for the monitor time.
-    assert all(gap >= 0.9 for gap in result["gaps"]), result["gaps"]
+    assert "V=2" in result["env"]
+    # One at a time: the cluster placed each new replica only after the one before had run
+    # for the monitor time (1 s), by its node's start time and the cluster's placement time.
+    assert len(result["ran_before_next"]) == 2
+    assert all(ran >= 1.0 for ran in result["ran_before_next"]), result["ran_before_next"]
     assert result["state"] == "UPDATE_STATE_COMPLETED"
     swarm.remove_service("roll")
 
@@ -344,16 +390,16 @@ def test_controller_fails_over_to_the_second_instance(swarm: Swarm) -> None:
     assert created == 3
     leader.proc.send_signal(signal.SIGKILL)  # no resignation: the follower waits for the TTL
     leader.proc.wait()
-    started = time.monotonic()
+    started = time.monotonic()  # only printed: failover time is a figure, not a promise
     while swarm.leaders() != ["cluster-2"]:
-        assert time.monotonic() - started < LEASE_TTL + 5, "no failover"
+        assert time.monotonic() - started < 60, "no failover within a minute"
         time.sleep(0.2)
     failover = time.monotonic() - started
     host2 = swarm.net.hosts[1]
     swarm.net.cut(host2)
     try:
         moved = swarm.client(
-            'out(sorted(c.node_id for c in until_running("fo", 3, timeout=15, avoid=("host2",))))'
+            'out(sorted(c.node_id for c in until_running("fo", 3, timeout=90, avoid=("host2",))))'
         )
     finally:
         swarm.net.restore(host2)

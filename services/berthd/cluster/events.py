@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,14 +331,19 @@ class EventTracker:
         )
 
 
-async def watch_events(store: Store, wanted: EventFilter) -> AsyncIterator[Event]:
-    """Events from now on, until the caller stops iterating."""
+async def watch_events(
+    store: Store, wanted: EventFilter, watching: Callable[[], Awaitable[None]] | None = None
+) -> AsyncIterator[Event]:
+    """Events from now on, until the caller stops iterating. `watching` is awaited once the
+    starting revision is fixed: every change after it is in the stream."""
     tracker = EventTracker()
     first_revision = 0
     for prefix in (NODES.prefix, AVAILABILITY, CONTAINERS.prefix, SERVICES, STATUSES.prefix):
         entries, revision = await store.snapshot(prefix)
         first_revision = first_revision or revision
         tracker.load(entries)
+    if watching is not None:
+        await watching()
     # From the first snapshot on: changes made while the others were read replay onto values
     # already known, so they produce no event twice.
     async for event in store.watch_prefix("", first_revision + 1):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 import grpc
@@ -507,7 +508,10 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
             container=request.container,
             service=request.service,
         )
-        async for event in watch_events(self.core.store, wanted):
+        # Headers go out once the stream watches, so a client can wait for them before it
+        # makes the change it wants to see.
+        watching = partial(context.send_initial_metadata, ())
+        async for event in watch_events(self.core.store, wanted, watching):
             yield event_message(event)
 
     # Discovery ----------------------------------------------------------------------------
