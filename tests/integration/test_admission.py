@@ -268,7 +268,7 @@ async def test_events_name_who_did_what(setup: Setup) -> None:
         follower = threading.Thread(target=follow, daemon=True)
         follower.start()
         try:
-            time.sleep(0.5)  # the stream is open
+            stream.initial_metadata()  # the stream watches: it sees what follows
             mine = setup.developer.RunContainer(
                 pb.RunContainerRequest(spec=spec(setup.image, name="devs"))
             ).container

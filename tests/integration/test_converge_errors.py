@@ -59,7 +59,7 @@ async def test_a_missing_image_fails_the_creation_at_once_with_its_reason(
     try:
         with ClusterClient(cluster.address) as c:
             _ready(c)
-            time.sleep(0.5)  # the event stream is open
+            stream.initial_metadata()  # the stream watches: it sees what follows
             ghost = c.run(ContainerConfig("test/no-such-image:1", name="ghost", command=["true"]))
 
             # WaitContainer ends at once: FAILED_PRECONDITION, CONTAINER_CREATE_FAILED and the
