@@ -1,7 +1,8 @@
 """Server bootstrap shared by every service.
 
 One call, `run_server`, gives a service: a grpc.aio server with the observability interceptor,
-the standard health service, server reflection (v1 and v1alpha), a Prometheus endpoint, its
+the standard health service (NOT_SERVING while etcd cannot be reached: EtcdWatchdog), server
+reflection (v1 and v1alpha), a Prometheus endpoint, its
 endpoint key in etcd bound to a kept-alive lease, a ready file for supervisors, and a SIGTERM
 that drains in-flight calls before exiting. The port speaks TLS only (mutual TLS: callers
 present a certificate from the cluster CA), with the instance's certificate renewed at two
