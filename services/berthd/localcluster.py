@@ -318,7 +318,12 @@ def _service_health(address: str, timeout: float = 1.0) -> tuple[bool, str]:
                 return False, "not serving: cannot reach etcd"
             return False, "not serving"
     except grpc.RpcError as err:
-        return False, f"no answer ({err.code().name})"
+        details = err.details() if callable(getattr(err, "details", None)) else ""
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return False, "no answer in time"
+        # grpc's text ends with the root cause ("...: Connection refused").
+        cause = (details or "").rsplit(": ", 1)[-1].strip(" []").lower()
+        return False, f"no answer: {cause or err.code().name}"
 
 
 def _etcd_healthy(endpoint: str) -> bool:
