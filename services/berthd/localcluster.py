@@ -301,15 +301,29 @@ def use_state_credentials(state: Path) -> None:
     os.environ["BERTH_TOKEN"] = ""
 
 
-def _grpc_healthy(address: str, timeout: float = 1.0) -> bool:
+def _service_health(address: str, timeout: float = 1.0) -> tuple[bool, str]:
+    """(healthy, why not) from the service's gRPC health: no answer, or NOT_SERVING and
+    whether that is because it cannot reach etcd (its `etcd` health entry)."""
     try:
         with secure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=timeout
-            )
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return True, ""
+            try:
+                etcd = stub.Check(health_pb2.HealthCheckRequest(service="etcd"), timeout=timeout)
+            except grpc.RpcError:
+                return False, "not serving"
+            if etcd.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                return False, "not serving: cannot reach etcd"
+            return False, "not serving"
+    except grpc.RpcError as err:
+        details = err.details() if callable(getattr(err, "details", None)) else ""
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return False, "no answer in time"
+        # grpc's text ends with the root cause ("...: Connection refused").
+        cause = (details or "").rsplit(": ", 1)[-1].strip(" []").lower()
+        return False, f"no answer: {cause or err.code().name}"
 
 
 def _etcd_healthy(endpoint: str) -> bool:
@@ -762,13 +776,18 @@ def status(args: argparse.Namespace) -> int:
         return 1
     entries = [(name, info["address"]) for name, info in processes(cluster)]
     with ThreadPoolExecutor(max(1, len(entries))) as pool:
-        checks = list(pool.map(lambda e: _grpc_healthy(e[1]), entries))
-    rows = [("etcd", cluster["etcd"]["endpoint"], _etcd_healthy(cluster["etcd"]["endpoint"]))]
-    rows += [(name, address, ok) for (name, address), ok in zip(entries, checks, strict=True)]
+        checks = list(pool.map(lambda e: _service_health(e[1]), entries))
+    etcd = cluster["etcd"]["endpoint"]
+    etcd_ok = _etcd_healthy(etcd)
+    rows = [("etcd", etcd, etcd_ok, "" if etcd_ok else "no healthy answer at /health")]
+    rows += [
+        (name, address, ok, why) for (name, address), (ok, why) in zip(entries, checks, strict=True)
+    ]
     print(f"{'SERVICE':10} {'ADDRESS':22} STATUS")
-    for name, address, healthy in rows:
-        print(f"{name:10} {address:22} {'healthy' if healthy else 'UNHEALTHY'}")
-    return 0 if all(healthy for _, _, healthy in rows) else 1
+    for name, address, healthy, why in rows:
+        text = "healthy" if healthy else f"UNHEALTHY ({why})"
+        print(f"{name:10} {address:22} {text}")
+    return 0 if all(row[2] for row in rows) else 1
 
 
 # --- kill-node / start-node ------------------------------------------------------------------

@@ -11,6 +11,7 @@ from berth.client import ClusterClient
 from berth.cluster.v1 import cluster_pb2 as pb
 from berth.cluster.v1 import cluster_pb2_grpc
 from berth.error_details import from_rpc_error
+from berth.node.v1 import node_pb2, node_pb2_grpc
 from berth.tls import secure_channel
 from berth.types.v1 import container_pb2
 
@@ -115,7 +116,90 @@ def test_unknown_things_and_refusals_carry_their_reason(cluster) -> None:
     bad = container_pb2.ContainerSpec(image="test/absent:1", env=["NOEQUALS"])
     code, details = error_of(lambda: stub.RunContainer(pb.RunContainerRequest(spec=bad)))
     assert (code, details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SPEC")
-    assert [name for name, _ in details.field_violations] == ["spec"]
+    assert [name for name, _ in details.field_violations] == ["spec.env"]
+
+
+def refusal(call) -> tuple[str, str, list[str], str]:
+    """(code, reason, fields at fault, message) of a call that must fail."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    details = from_rpc_error(info.value)
+    fields = [name for name, _ in details.field_violations]
+    return info.value.code().name, details.reason, fields, info.value.details()
+
+
+def test_what_a_node_would_refuse_is_refused_at_the_front_door(cluster, node_agent) -> None:
+    """Unknown enum values and specs no node can run are INVALID_ARGUMENT naming the field,
+    from the cluster before anything is recorded, and from the node; never INTERNAL, never a
+    container Pending with an error."""
+    _, stub = cluster
+    good = spec("")
+    specs = {
+        "network_mode": container_pb2.ContainerSpec(
+            image="test/absent:1", command=["true"], network_mode=99
+        ),
+        "restart_policy.name": container_pb2.ContainerSpec(
+            image="test/absent:1",
+            command=["true"],
+            restart_policy=container_pb2.RestartPolicy(name=7),
+        ),
+        "image": container_pb2.ContainerSpec(image="::::", command=["true"]),
+    }
+    for field, bad in specs.items():
+        code, reason, fields, message = refusal(
+            lambda b=bad: stub.RunContainer(pb.RunContainerRequest(spec=b))
+        )
+        assert (code, reason, fields) == ("INVALID_ARGUMENT", "INVALID_SPEC", [f"spec.{field}"])
+        assert "internal error" not in message
+        service = pb.ServiceSpec(name="front", template=bad, replicas=1)
+        code, reason, fields, _ = refusal(
+            lambda s=service: stub.CreateService(pb.CreateServiceRequest(spec=s))
+        )
+        assert (code, reason, fields) == (
+            "INVALID_ARGUMENT",
+            "INVALID_SPEC",
+            [f"spec.template.{field}"],
+        )
+    _, _, _, message = refusal(
+        lambda: stub.RunContainer(pb.RunContainerRequest(spec=specs["image"]))
+    )
+    assert message.startswith('invalid image "::::": ')
+    created = stub.CreateService(
+        pb.CreateServiceRequest(spec=pb.ServiceSpec(name="front", template=good, replicas=0))
+    ).service
+    update = pb.ServiceSpec(name="front", template=specs["image"], replicas=0)
+    code, reason, fields, _ = refusal(
+        lambda: stub.UpdateService(
+            pb.UpdateServiceRequest(service="front", spec=update, version=created.version)
+        )
+    )
+    assert (code, reason, fields) == ("INVALID_ARGUMENT", "INVALID_SPEC", ["spec.template.image"])
+    assert stub.ListContainers(pb.ListContainersRequest(all=True)).containers == []
+
+    # Enum filters: refused, not a listing that silently matches nothing.
+    for call, field in (
+        (lambda: stub.ListContainers(pb.ListContainersRequest(state=99)), "state"),
+        (lambda: stub.ListNodes(pb.ListNodesRequest(state=99)), "state"),
+        (lambda: stub.ListNodes(pb.ListNodesRequest(availability=99)), "availability"),
+        (lambda: stub.GetEndpoints(pb.GetEndpointsRequest(kinds=[99])), "kinds[0]"),
+        (lambda: list(stub.Events(pb.EventsRequest(types=[1, 99]), timeout=30)), "types[1]"),
+    ):
+        code, reason, fields, message = refusal(call)
+        assert (code, reason, fields) == ("INVALID_ARGUMENT", "UNKNOWN_ENUM_VALUE", [field])
+        assert message.startswith(f"unknown {field} 99: expected one of ")
+
+    # The node refuses the same, with the same words.
+    with secure_channel(node_agent.address) as channel:
+        node = node_pb2_grpc.NodeServiceStub(channel)
+        for field, bad in specs.items():
+            code, reason, fields, _ = refusal(
+                lambda b=bad: node.CreateContainer(node_pb2.CreateContainerRequest(spec=b))
+            )
+            assert (code, reason, fields) == ("INVALID_ARGUMENT", "INVALID_SPEC", [f"spec.{field}"])
+        code, reason, fields, _ = refusal(
+            lambda: node.ListContainers(node_pb2.ListContainersRequest(state=99))
+        )
+        assert (code, reason, fields) == ("INVALID_ARGUMENT", "UNKNOWN_ENUM_VALUE", ["state"])
 
 
 def test_a_container_that_exits_on_its_own_stays_desired_running(cluster, busybox) -> None:

@@ -27,7 +27,7 @@ from berthd.common import containers as server
 from berthd.common.errors import InvalidArgument
 
 FULL = ContainerConfig(
-    "registry.example:5000/team/app:1.2",
+    "registry.example/team/app:1.2",
     name="web.1",
     entrypoint=[""],
     command=["sh", "-c", "echo héllo"],
@@ -56,7 +56,7 @@ FULL = ContainerConfig(
 # What berthd.common.containers wrote before the model moved to the client package: etcd
 # records (cluster/containers/<id>, cluster/services/<id>) and every node's container.json.
 FULL_JSON = (
-    '{"image":"registry.example:5000/team/app:1.2","name":"web.1","entrypoint":[""],'
+    '{"image":"registry.example/team/app:1.2","name":"web.1","entrypoint":[""],'
     '"command":["sh","-c","echo héllo"],"env":["A=1","EMPTY="],"working_dir":"/srv",'
     '"user":"1000:1000","hostname":"web-1","labels":{"tier":"front","é":"ü"},'
     '"mounts":[{"source":"/data","target":"/data","read_only":true},'

@@ -14,12 +14,14 @@ import functools
 import json
 import posixpath
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
 from berth.enums import EnumTable
 from berth.enums import containers as tables
 from berth.errors import InvalidArgumentError
-from berth.reference import quoted
+from berth.reference import parse_container_image, quoted
 from berth.types.v1 import container_pb2 as pb
 
 __all__ = [
@@ -144,7 +146,23 @@ _MAX_UINT32 = 2**32 - 1
 
 
 class InvalidContainerConfig(InvalidArgumentError):
-    """A container config (or one of its fields) that no node could run."""
+    """A container config (or one of its fields) that no node could run. `field` is the
+    ContainerSpec field at fault as a path ("network_mode", "restart_policy.name"), "" when
+    no one field is."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@contextmanager
+def _field(name: str) -> Iterator[None]:
+    """Name the spec field a check inside is about, unless the check named one itself."""
+    try:
+        yield
+    except InvalidContainerConfig as exc:
+        exc.field = exc.field or name
+        raise
 
 
 @dataclass
@@ -249,63 +267,83 @@ class ContainerConfig:
         return cfg
 
     def validate(self) -> None:
-        """Raise InvalidContainerConfig naming the first bad field; types are checked too,
-        since records come from JSON."""
-        _check_str("image", self.image)
-        if not self.image:
-            raise InvalidContainerConfig("image is required")
-        _check_str("name", self.name)
-        if self.name and not _NAME_RE.fullmatch(self.name):
-            raise InvalidContainerConfig(
-                f"invalid container name {quoted(self.name)}: "
-                "only [a-zA-Z0-9][a-zA-Z0-9_.-]+ is allowed"
-            )
-        _check_args("entrypoint", self.entrypoint)
-        _check_args("command", self.command)
-        _check_str_list("env", self.env)
-        for entry in self.env:
-            key, sep, _ = entry.partition("=")
-            if not sep or not _ENV_KEY_RE.fullmatch(key) or "\x00" in entry:
+        """Raise InvalidContainerConfig naming the first bad field (its `field`, as the
+        ContainerSpec names it); types are checked too, since records come from JSON."""
+        with _field("image"):
+            check_image(self.image)
+        with _field("name"):
+            _check_str("name", self.name)
+            if self.name and not _NAME_RE.fullmatch(self.name):
                 raise InvalidContainerConfig(
-                    f"invalid environment variable {quoted(entry)}: expected KEY=VALUE"
+                    f"invalid container name {quoted(self.name)}: "
+                    "only [a-zA-Z0-9][a-zA-Z0-9_.-]+ is allowed"
                 )
-        _check_str("working_dir", self.working_dir)
-        if self.working_dir and not self.working_dir.startswith("/"):
-            raise InvalidContainerConfig(
-                f"working directory {quoted(self.working_dir)} is invalid: "
-                "it needs to be an absolute path"
-            )
-        check_user(self.user)
-        _check_str("hostname", self.hostname)
-        if self.hostname:
-            check_hostname(self.hostname)
-        if not isinstance(self.labels, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.labels.items()
-        ):
-            raise InvalidContainerConfig("labels must map strings to strings")
-        self._validate_mounts()
-        _check_bool("read_only_rootfs", self.read_only_rootfs)
-        self._validate_resources()
-        self._validate_restart()
-        _check_network_mode(self.network_mode)
-        _check_bool("tty", self.tty)
-        _check_bool("stdin_open", self.stdin_open)
-        capabilities(self)  # checks cap_add and cap_drop
-        security_options(self)  # checks security_opt
-        _check_str("userns", self.userns)
-        if self.userns not in USERNS_MODES:
-            raise InvalidContainerConfig(
-                f"unsupported user namespace mode {quoted(self.userns)}: host (the default) or "
-                "remap"
-            )
-        if self.userns == USERNS_REMAP and self.network_mode == "host":
-            # As Docker: sysfs cannot be mounted by a user namespace that does not own the
-            # network namespace, so runc would fail later with a mount error.
-            raise InvalidContainerConfig(
-                "user namespace mode remap cannot share the host's network namespace "
-                "(--network host): use --userns host with it"
-            )
-        self._validate_secrets()
+        with _field("entrypoint"):
+            _check_args("entrypoint", self.entrypoint)
+        with _field("command"):
+            _check_args("command", self.command)
+        with _field("env"):
+            _check_str_list("env", self.env)
+            for entry in self.env:
+                key, sep, _ = entry.partition("=")
+                if not sep or not _ENV_KEY_RE.fullmatch(key) or "\x00" in entry:
+                    raise InvalidContainerConfig(
+                        f"invalid environment variable {quoted(entry)}: expected KEY=VALUE"
+                    )
+        with _field("working_dir"):
+            _check_str("working_dir", self.working_dir)
+            if self.working_dir and not self.working_dir.startswith("/"):
+                raise InvalidContainerConfig(
+                    f"working directory {quoted(self.working_dir)} is invalid: "
+                    "it needs to be an absolute path"
+                )
+        with _field("user"):
+            check_user(self.user)
+        with _field("hostname"):
+            _check_str("hostname", self.hostname)
+            if self.hostname:
+                check_hostname(self.hostname)
+        with _field("labels"):
+            if not isinstance(self.labels, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.labels.items()
+            ):
+                raise InvalidContainerConfig("labels must map strings to strings")
+        with _field("mounts"):
+            self._validate_mounts()
+        with _field("read_only_rootfs"):
+            _check_bool("read_only_rootfs", self.read_only_rootfs)
+        with _field("resources"):
+            self._validate_resources()
+        with _field("restart_policy"):
+            self._validate_restart()
+        with _field("network_mode"):
+            _check_network_mode(self.network_mode)
+        with _field("tty"):
+            _check_bool("tty", self.tty)
+        with _field("stdin_open"):
+            _check_bool("stdin_open", self.stdin_open)
+        for caps in ("cap_add", "cap_drop"):
+            with _field(caps):
+                for cap in _check_str_list(caps, getattr(self, caps)):
+                    normalize_capability(cap)
+        with _field("security_opt"):
+            security_options(self)
+        with _field("userns"):
+            _check_str("userns", self.userns)
+            if self.userns not in USERNS_MODES:
+                raise InvalidContainerConfig(
+                    f"unsupported user namespace mode {quoted(self.userns)}: host (the default) "
+                    "or remap"
+                )
+            if self.userns == USERNS_REMAP and self.network_mode == "host":
+                # As Docker: sysfs cannot be mounted by a user namespace that does not own the
+                # network namespace, so runc would fail later with a mount error.
+                raise InvalidContainerConfig(
+                    "user namespace mode remap cannot share the host's network namespace "
+                    "(--network host): use --userns host with it"
+                )
+        with _field("secrets"):
+            self._validate_secrets()
 
     def _validate_secrets(self) -> None:
         if not isinstance(self.secrets, list) or not all(
@@ -377,34 +415,42 @@ class ContainerConfig:
 
     def _validate_resources(self) -> None:
         for name in ("memory_bytes", "cpu_millis", "cpu_shares", "pids_limit"):
-            _check_int(name, getattr(self, name))
+            with _field(f"resources.{name}"):
+                _check_int(name, getattr(self, name))
         if self.memory_bytes != 0 and self.memory_bytes < MIN_MEMORY_BYTES:
             raise InvalidContainerConfig(
                 f"memory limit {self.memory_bytes} bytes is too small: "
-                f"the minimum is 6 MiB ({MIN_MEMORY_BYTES}), or 0 for no limit"
+                f"the minimum is 6 MiB ({MIN_MEMORY_BYTES}), or 0 for no limit",
+                "resources.memory_bytes",
             )
         if self.cpu_millis != 0 and self.cpu_millis < MIN_CPU_MILLIS:
             raise InvalidContainerConfig(
                 f"cpu_millis {self.cpu_millis} is out of range: "
-                f"use 0 for no limit or at least {MIN_CPU_MILLIS} (0.01 CPU)"
+                f"use 0 for no limit or at least {MIN_CPU_MILLIS} (0.01 CPU)",
+                "resources.cpu_millis",
             )
         if self.cpu_shares != 0 and not 2 <= self.cpu_shares <= MAX_CPU_SHARES:
             raise InvalidContainerConfig(
                 f"cpu_shares {self.cpu_shares} is out of range: "
-                f"use 0 for the default or 2 to {MAX_CPU_SHARES}"
+                f"use 0 for the default or 2 to {MAX_CPU_SHARES}",
+                "resources.cpu_shares",
             )
         if self.pids_limit < 0:
             raise InvalidContainerConfig(
-                f"pids_limit {self.pids_limit} is negative: use 0 for no limit"
+                f"pids_limit {self.pids_limit} is negative: use 0 for no limit",
+                "resources.pids_limit",
             )
 
     def _validate_restart(self) -> None:
-        _check_restart_policy(self.restart_policy)
-        _check_int("restart_max_retries", self.restart_max_retries)
-        if self.restart_max_retries and self.restart_policy != "on-failure":
-            raise InvalidContainerConfig(
-                f"maximum retry count cannot be used with restart policy {self.restart_policy!r}"
-            )
+        with _field("restart_policy.name"):
+            _check_restart_policy(self.restart_policy)
+        with _field("restart_policy.max_retries"):
+            _check_int("restart_max_retries", self.restart_max_retries)
+            if self.restart_max_retries and self.restart_policy != "on-failure":
+                raise InvalidContainerConfig(
+                    "maximum retry count cannot be used with restart policy "
+                    f"{self.restart_policy!r}"
+                )
 
 
 # --- the proto --------------------------------------------------------------------------------
@@ -474,9 +520,14 @@ def from_spec(spec: pb.ContainerSpec) -> ContainerConfig:
         cpu_millis=res.cpu_millis,
         cpu_shares=res.cpu_shares,
         pids_limit=res.pids_limit,
-        restart_policy=_name(tables.RESTART_POLICIES, spec.restart_policy.name, "restart policy"),
+        restart_policy=_name(
+            tables.RESTART_POLICIES,
+            spec.restart_policy.name,
+            "restart policy",
+            "restart_policy.name",
+        ),
         restart_max_retries=spec.restart_policy.max_retries,
-        network_mode=_name(tables.NETWORK_MODES, spec.network_mode, "network mode"),
+        network_mode=_name(tables.NETWORK_MODES, spec.network_mode, "network mode", "network_mode"),
         tty=spec.tty,
         stdin_open=spec.stdin_open,
         cap_add=list(spec.cap_add),
@@ -574,16 +625,30 @@ def security_options(config: ContainerConfig) -> SecurityOptions:
     return SecurityOptions(seccomp, nnp)
 
 
-def _name(table: EnumTable, value: int, what: str) -> str:
+def _name(table: EnumTable, value: int, what: str, field: str) -> str:
+    """The name of a spec's enum value; a value without one (a newer client's, or garbage)
+    is refused naming the field, as any bad field is."""
     try:
         return table.name(value)
     except ValueError:
         raise InvalidContainerConfig(
-            f"unknown {what} {value}: expected one of {', '.join(table.names)}"
+            f"unknown {what} {value}: expected one of {', '.join(table.names)}", field
         ) from None
 
 
 # --- checks -----------------------------------------------------------------------------------
+
+
+def check_image(image: object) -> None:
+    """A container's image as a node can pull it (berth.reference.parse_container_image): the
+    cluster refuses here what the node would only refuse once the container is placed."""
+    _check_str("image", image)
+    if not image:
+        raise InvalidContainerConfig("image is required")
+    try:
+        parse_container_image(str(image))
+    except InvalidArgumentError as exc:
+        raise InvalidContainerConfig(f"invalid image {quoted(image)}: {exc.message}") from None
 
 
 def check_user(user: object) -> None:

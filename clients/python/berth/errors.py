@@ -85,7 +85,13 @@ def from_rpc_error(
     status = err.code() if is_call else grpc.StatusCode.UNKNOWN
     details = one_line((err.details() if is_call else str(err)) or "")
     code = status.name if status is not None else "UNKNOWN"
-    if status == grpc.StatusCode.UNAVAILABLE and "handshake failed" in details.lower():
+    server_details = details_of(err)
+    # An answer with a reason is the server's own (it reached etcd's failure, or a node's):
+    # shown as it is, never read as this client failing to reach the server.
+    answered = bool(server_details.reason)
+    if answered:
+        message = details or f"the {service} at {address} failed with {code}"
+    elif status == grpc.StatusCode.UNAVAILABLE and "handshake failed" in details.lower():
         # "...: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:...:
         # OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate: OK"
         cause = details.rsplit("OPENSSL_internal:", 1)[-1].removesuffix(": OK").strip()
@@ -111,4 +117,4 @@ def from_rpc_error(
         message = f"the {service} at {address} did not answer in time"
     else:
         message = details or f"the {service} at {address} failed with {code}"
-    return BerthClientError(message, code, details_of(err))
+    return BerthClientError(message, code, server_details)

@@ -209,3 +209,16 @@ def parse_reference(
 ) -> Reference:
     """`Reference.parse`: `[host[:port]/]name[:tag][@digest]` into its validated parts."""
     return Reference.parse(text, default_tag, registry=registry)
+
+
+def parse_container_image(text: str, default_tag: str | None = "latest") -> Reference:
+    """A container's image as a node pulls it: `repo[:tag]` or `repo@digest` in berth's
+    registry, which has no host part, so a host-looking first component is part of the
+    repository (`a.b/c` is the repository `a.b/c`; `host:5000/c` is refused, a repository name
+    has no ':'). The node pulls with this rule and the cluster refuses up front what it
+    refuses (ContainerConfig.validate), so no container waits Pending on a bad name."""
+    ref = Reference.parse(text, default_tag)
+    if ref.registry is None:
+        return ref
+    repository = validate_repository(f"{ref.registry}/{ref.repository}")
+    return Reference(None, repository, ref.tag, ref.digest)

@@ -36,7 +36,7 @@ from berthd.common.container_messages import container_status, state_filter
 from berthd.common.containers import from_spec, to_spec
 from berthd.common.errors import InvalidArgument
 from berthd.common.idempotency import once
-from berthd.common.messages import duration, timestamp
+from berthd.common.messages import duration, enum_name, enum_names, timestamp
 from berthd.common.pages import paginate
 from berthd.common.rpc.node import NodeApi
 from berthd.common.state.containers import ContainerStatus
@@ -225,6 +225,8 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     async def ListNodes(
         self, request: pb.ListNodesRequest, context: Context
     ) -> pb.ListNodesResponse:
+        enum_name(NODE_STATES, request.state, "state")
+        enum_name(AVAILABILITIES, request.availability, "availability")
         nodes = [node_message(n) for n in await self.core.nodes()]
         wanted = dict(request.labels)
         nodes = [
@@ -501,9 +503,8 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     async def Events(
         self, request: pb.EventsRequest, context: Context
     ) -> AsyncIterator[pb.EventsResponse]:
-        names = (EVENT_TYPES.name(t, "") for t in request.types)
         wanted = EventFilter(
-            types={name for name in names if name},
+            types=set(enum_names(EVENT_TYPES, request.types, "types")),
             node_id=request.node_id,
             container=request.container,
             service=request.service,
@@ -519,6 +520,7 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     async def GetEndpoints(
         self, request: pb.GetEndpointsRequest, context: Context
     ) -> pb.GetEndpointsResponse:
+        enum_names(ENDPOINT_KINDS, request.kinds, "kinds")
         kinds = set(request.kinds)
         endpoints = [endpoint_message(e) for e in await self.core.endpoints()]
         endpoints = [e for e in endpoints if not kinds or e.kind in kinds]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from berth.enums.containers import CONTAINER_STATES
 from berth.types.v1 import container_pb2 as pb
-from berthd.common.messages import timestamp
+from berthd.common.messages import enum_name, timestamp
 
 
 def container_status(
@@ -47,6 +47,7 @@ def container_status(
     )
 
 
-def state_filter(value: int) -> str:
-    """A ListContainers state filter as a state name; "" (no filter) for UNSPECIFIED."""
-    return CONTAINER_STATES.name(value, "")
+def state_filter(value: int, field: str = "state") -> str:
+    """A ListContainers state filter as a state name; "" (no filter) for UNSPECIFIED;
+    INVALID_ARGUMENT naming `field` for a value without a name."""
+    return enum_name(CONTAINER_STATES, value, field)

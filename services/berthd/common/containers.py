@@ -47,19 +47,30 @@ __all__ = [
     "check_user",
     "from_json",
     "from_spec",
+    "invalid_spec",
     "security_options",
     "to_spec",
     "validate",
 ]
 
 
+def invalid_spec(exc: InvalidArgumentError, field: str = "spec") -> InvalidArgument:
+    """The model's refusal as InvalidArgument with reason INVALID_SPEC; the field at fault is
+    `field` (the request field the config came from) with the model's own field below it
+    ("spec.network_mode")."""
+    inner = getattr(exc, "field", "")
+    return InvalidArgument(
+        exc.message, reason="INVALID_SPEC", field=f"{field}.{inner}" if inner else field
+    )
+
+
 def validate(config: ContainerConfig, field: str = "spec") -> None:
-    """config.validate(), raising InvalidArgument with reason INVALID_SPEC and `field` (the
-    request field the config came from) as the field at fault."""
+    """config.validate(), raising InvalidArgument with reason INVALID_SPEC naming the field
+    at fault under `field` (see invalid_spec)."""
     try:
         config.validate()
     except InvalidArgumentError as exc:
-        raise InvalidArgument(exc.message, reason="INVALID_SPEC", field=field) from None
+        raise invalid_spec(exc, field) from None
 
 
 def from_json(text: str | bytes) -> ContainerConfig:
@@ -80,7 +91,7 @@ def from_spec(spec: pb.ContainerSpec, field: str = "spec") -> ContainerConfig:
     try:
         return model.from_spec(spec)
     except InvalidArgumentError as exc:
-        raise InvalidArgument(exc.message, reason="INVALID_SPEC", field=field) from None
+        raise invalid_spec(exc, field) from None
 
 
 def to_spec(config: ContainerConfig) -> pb.ContainerSpec:

@@ -20,9 +20,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from aetcd import exceptions as etcd_errors
 from prometheus_client import Counter, Gauge, Histogram
 
-from berthd.common.errors import BerthError
+from berthd.common.errors import BerthError, Unavailable
 from berthd.common.security.authorize import Authorizer
 from berthd.common.security.permissions import Rule
 from berthd.common.security.principal import (
@@ -103,6 +104,16 @@ class _Call:
             exc_info=exc,
             extra={"request_id": self.request_id},
         )
+        if isinstance(exc, DEPENDENCY_ERRORS):
+            # A call to etcd or another service that no mapping caught: still the dependency's
+            # failure, said in one clean line (the log above has the library's text).
+            await self.fail(
+                Unavailable(
+                    f"the {self.service} could not complete {self.method}: a service it "
+                    f"depends on failed ({_dependency_code(exc)}); retry later",
+                    reason="DEPENDENCY_UNAVAILABLE",
+                )
+            )
         await self.context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
 
     def finish(self) -> None:
@@ -139,6 +150,21 @@ class _Call:
                     "peer": self.peer,
                 },
             )
+
+
+# What a call to etcd or to another berth service raises when it fails: grpc's errors and
+# aetcd's wrappers of them. berthd.common.store and berthd.common.rpc map them to domain errors.
+DEPENDENCY_ERRORS = (grpc.RpcError, etcd_errors.ClientError)
+
+
+def _dependency_code(exc: BaseException) -> str:
+    for err in (exc, exc.__cause__):
+        code = getattr(err, "code", None)
+        if isinstance(err, grpc.RpcError) and callable(code):
+            status = code()
+            if isinstance(status, grpc.StatusCode):
+                return status.name
+    return type(exc).__name__
 
 
 def _code_name(code: object) -> str:

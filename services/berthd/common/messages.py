@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from berth.enums import UNSPECIFIED, EnumTable
 from berth.enums.progress import PROGRESS_STATES, PROGRESS_UNITS
 from berth.types.v1 import progress_pb2
+from berthd.common.errors import InvalidArgument
+
+# The reason of a request enum value the server has no name for (docs/api.md).
+UNKNOWN_ENUM_VALUE = "UNKNOWN_ENUM_VALUE"
 
 
 def timestamp(seconds: float | None) -> Timestamp | None:
@@ -47,3 +54,25 @@ def progress(
     if seconds is not None:
         event.duration.CopyFrom(duration(seconds))
     return event
+
+
+def enum_name(table: EnumTable, value: int, field: str) -> str:
+    """The name of a request's enum value; "" for UNSPECIFIED (a filter not set). A value the
+    table has no name for (a newer client's, or garbage) is INVALID_ARGUMENT naming `field`,
+    never a filter that silently matches nothing or a KeyError."""
+    if value == UNSPECIFIED:
+        return ""
+    name = table.name(value, "")
+    if not name:
+        raise InvalidArgument(
+            f"unknown {field} {value}: expected one of {', '.join(table.names)}",
+            reason=UNKNOWN_ENUM_VALUE,
+            metadata={"value": value, "enum": table.full_name},
+            field=field,
+        )
+    return name
+
+
+def enum_names(table: EnumTable, values: Iterable[int], field: str) -> list[str]:
+    """enum_name of each value of a repeated field (`field[i]` names a bad one)."""
+    return [n for i, v in enumerate(values) if (n := enum_name(table, v, f"{field}[{i}]"))]

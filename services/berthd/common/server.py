@@ -1,7 +1,8 @@
 """Server bootstrap shared by every service.
 
 One call, `run_server`, gives a service: a grpc.aio server with the observability interceptor,
-the standard health service, server reflection (v1 and v1alpha), a Prometheus endpoint, its
+the standard health service (NOT_SERVING while etcd cannot be reached: EtcdWatchdog), server
+reflection (v1 and v1alpha), a Prometheus endpoint, its
 endpoint key in etcd bound to a kept-alive lease, a ready file for supervisors, and a SIGTERM
 that drains in-flight calls before exiting. The port speaks TLS only (mutual TLS: callers
 present a certificate from the cluster CA), with the instance's certificate renewed at two
@@ -29,6 +30,7 @@ from prometheus_client import disable_created_metrics, start_http_server
 from berth.files import atomic_write
 from berth.tls import PLAINTEXT_ENV, plaintext_mode
 from berthd.common.config import ServiceConfig, split_host_port
+from berthd.common.errors import Unavailable
 from berthd.common.interceptor import ObservabilityInterceptor
 from berthd.common.logs import setup_logging
 from berthd.common.reflection import enable_reflection
@@ -45,6 +47,49 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 # Adds servicers to the server and returns their full names (for health and reflection).
 Mount = Callable[[grpc.aio.Server], list[str]]
+
+# The health entry that says whether this instance reaches etcd (`berthd status` reads it to
+# say why a service is NOT_SERVING).
+ETCD_HEALTH = "etcd"
+# How often the watchdog asks etcd, and how long it waits for the answer.
+ETCD_CHECK_SECONDS = 2.0
+ETCD_CHECK_TIMEOUT = 2.0
+
+
+class EtcdWatchdog:
+    """Health follows etcd: every service needs it for every call, so while this instance
+    cannot reach it, `""`, each service name and ETCD_HEALTH read NOT_SERVING (load balancers
+    and `berthd status` see it); SERVING again when etcd answers."""
+
+    def __init__(self, store: Store, health: HealthServicer, names: list[str]) -> None:
+        self._store = store
+        self._health = health
+        self._names = ["", *names, ETCD_HEALTH]
+        self.reachable = True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(ETCD_CHECK_SECONDS)
+            try:
+                await self._store.ping(ETCD_CHECK_TIMEOUT)
+            except Unavailable as exc:
+                if self.reachable:
+                    log.error("NOT_SERVING: %s", exc)
+                    await self._set(False)
+            else:
+                if not self.reachable:
+                    log.info("SERVING: etcd at %s answers again", self._store.endpoint)
+                    await self._set(True)
+
+    async def _set(self, reachable: bool) -> None:
+        self.reachable = reachable
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if reachable
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self._names:
+            await self._health.set(name, status)
 
 
 def _advertised(config: ServiceConfig, port: int) -> str:
@@ -127,7 +172,7 @@ async def run_server(
     address = _advertised(config, port)
 
     await server.start()
-    for name in ("", *names):
+    for name in ("", *names, ETCD_HEALTH):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     endpoint = EndpointRecord(
@@ -157,6 +202,7 @@ async def run_server(
         },
     )
 
+    watchdog = asyncio.create_task(EtcdWatchdog(store, health, names).run(), name="etcd watchdog")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -164,6 +210,7 @@ async def run_server(
     await stop.wait()
 
     log.info("draining", extra={"grace_seconds": config.drain_seconds})
+    watchdog.cancel()
     await health.enter_graceful_shutdown()
     await server.stop(config.drain_seconds)
     renewal.cancel()

@@ -22,6 +22,7 @@ import grpc
 from aetcd import exceptions as etcd_errors
 from aetcd import rpc, transactions, utils, watcher
 
+from berth.errors import is_transport_failure, one_line
 from berth.tls import plaintext_mode
 from berthd.common.config import split_host_port
 from berthd.common.errors import Aborted, InvalidArgument, Unavailable
@@ -77,12 +78,61 @@ def encode(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
 
 
+# The reason of every error that comes from etcd being unreachable or failing (docs/api.md).
+ETCD_UNAVAILABLE = "ETCD_UNAVAILABLE"
+
+# How the errors of etcd's client library arrive: aetcd's own (wrapping grpc's), grpc's from
+# the stubs called directly, and the client's connect wait.
+ETCD_ERRORS = (etcd_errors.ClientError, grpc.RpcError, TimeoutError)
+
+
+def etcd_unavailable(endpoint: str, exc: BaseException) -> Unavailable:
+    """The one error for etcd failing a call, whatever the call: UNAVAILABLE with reason
+    ETCD_UNAVAILABLE and a message that names the store and the cause in one line, never the
+    library's text with its repr and debug string."""
+    reachable, cause = _etcd_cause(exc)
+    what = "cannot be reached" if not reachable else "failed"
+    return Unavailable(
+        f"the cluster state store (etcd at {endpoint}) {what} ({cause}); retry once it is back",
+        reason=ETCD_UNAVAILABLE,
+        metadata={"endpoint": endpoint},
+    )
+
+
+def _etcd_cause(exc: BaseException) -> tuple[bool, str]:
+    """(whether etcd answered at all, the cause in a few words)."""
+    rpc_error = exc if isinstance(exc, grpc.RpcError) else exc.__cause__
+    if isinstance(exc, TimeoutError):
+        return False, "no answer in time"
+    if isinstance(rpc_error, grpc.RpcError) and callable(getattr(rpc_error, "code", None)):
+        code = rpc_error.code()
+        details = one_line(rpc_error.details() or "")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return False, "no answer in time"
+        if code == grpc.StatusCode.UNAVAILABLE and is_transport_failure(details):
+            # grpc's text ends with the root cause ("...: Connection refused").
+            return False, details.rsplit(": ", 1)[-1].strip(" []").lower() or "unavailable"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return False, details or "unavailable"
+        return True, details or code.name
+    if isinstance(exc, etcd_errors.ConnectionFailedError | etcd_errors.ConnectionTimeoutError):
+        return False, one_line(str(exc)) or "no connection"
+    return True, one_line(str(exc)) or type(exc).__name__
+
+
 @contextlib.contextmanager
 def _etcd_errors(endpoint: str) -> Iterator[None]:
     try:
         yield
-    except etcd_errors.ClientError as exc:
-        raise Unavailable(f"etcd at {endpoint} failed: {exc or type(exc).__name__}") from exc
+    except etcd_errors.RevisionCompactedError as exc:
+        raise RevisionCompacted(f"etcd revision was compacted: {exc}") from exc
+    except ETCD_ERRORS as exc:
+        raise etcd_unavailable(endpoint, exc) from exc
+
+
+# grpc waits up to 2 minutes between reconnection attempts after a long outage; etcd back
+# must be found within seconds (health turns SERVING again, calls work).
+CHANNEL_OPTIONS = {"grpc.max_reconnect_backoff_ms": 2000}
 
 
 class _TlsClient(aetcd.Client):
@@ -93,7 +143,7 @@ class _TlsClient(aetcd.Client):
     def __init__(
         self, host: str, port: int, credentials: Callable[[], grpc.ChannelCredentials]
     ) -> None:
-        super().__init__(host=host, port=port, timeout=10)
+        super().__init__(host=host, port=port, timeout=10, options=CHANNEL_OPTIONS)
         self._credentials = credentials
 
     async def connect(self) -> None:
@@ -149,7 +199,7 @@ class Store:
         credentials = credentials or env_credentials()
         self._retired: list[aetcd.Client] = []
         if credentials is None or plaintext_mode():
-            self._client = aetcd.Client(host=host, port=port, timeout=10)
+            self._client = aetcd.Client(host=host, port=port, timeout=10, options=CHANNEL_OPTIONS)
         else:
             self._client = _TlsClient(host, port, credentials)
 
@@ -171,6 +221,13 @@ class Store:
         with _etcd_errors(self.endpoint):
             await self._client.connect()
             await self._client.status()
+
+    async def ping(self, timeout: float = 2.0) -> None:
+        """One cheap call (etcd's Status) that fails with ETCD_UNAVAILABLE within `timeout`
+        when etcd cannot be reached: the health watchdog's probe."""
+        with _etcd_errors(self.endpoint):
+            await asyncio.wait_for(self._client.connect(), timeout)
+            await self._client.maintenancestub.Status(rpc.StatusRequest(), timeout=timeout)
 
     async def close(self) -> None:
         for retired in self._retired:
@@ -247,7 +304,7 @@ class Store:
                     raise RevisionCompacted(f"etcd revision {revision} was compacted") from exc
                 if exc.code() == grpc.StatusCode.OUT_OF_RANGE and "future" in details:
                     raise InvalidArgument(f"etcd revision {revision} is in the future") from exc
-                raise Unavailable(f"etcd at {self.endpoint} failed: {details}") from exc
+                raise
         # The header holds the store's current revision, which is the one read at only when
         # no revision was asked for.
         return Page(
@@ -376,11 +433,15 @@ class Store:
                 self._abs(prefix), start_revision=start_revision
             )
         try:
-            async for event in watch:
-                kind: Literal["put", "delete"] = "put" if event.kind == "PUT" else "delete"
-                yield WatchEvent(kind, self._rel(event.kv.key), event.kv.value)
+            # The stream breaks when etcd goes away: the same error as any other call.
+            with _etcd_errors(self.endpoint):
+                async for event in watch:
+                    kind: Literal["put", "delete"] = "put" if event.kind == "PUT" else "delete"
+                    yield WatchEvent(kind, self._rel(event.kv.key), event.kv.value)
         finally:
-            await watch.cancel()
+            # Best effort: on a broken stream there is nothing left to cancel.
+            with contextlib.suppress(*ETCD_ERRORS):
+                await watch.cancel()
 
 
 class LeaseKeeper:

@@ -39,8 +39,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from berth import reference as grammar
 from berth.files import fsync_dir
-from berthd.common.errors import DataLoss, InvalidArgument, NotFound
+from berthd.common.errors import DataLoss, InvalidArgument, NotFound, invalid_argument
 from berthd.common.oci.digest import digest_bytes, hex_of, parse_digest, quoted
 from berthd.common.oci.manifest import (
     Descriptor,
@@ -50,12 +51,7 @@ from berthd.common.oci.manifest import (
     parse_manifest,
 )
 from berthd.common.oci.platform import pick_platform
-from berthd.common.oci.reference import (
-    Reference,
-    is_digest,
-    parse_reference,
-    validate_repository,
-)
+from berthd.common.oci.reference import is_digest
 from berthd.common.rpc.registry import RegistryApi
 from berthd.common.tarsafe import (
     ExtractResult,
@@ -399,16 +395,14 @@ class ImageStore:
         fsync_dir(self.directory)
 
 
-def parse_image_ref(text: str) -> Reference:
+def parse_image_ref(text: str) -> grammar.Reference:
     """`repo[:tag]` or `repo@digest` in berth's registry (tag defaults to latest).
 
-    berth's registry has no host part, so `a.b/c` is the repository `a.b/c`.
+    berth's registry has no host part, so `a.b/c` is the repository `a.b/c`: the client
+    package's rule (`berth.reference.parse_container_image`), which the cluster checks too.
     """
-    ref = parse_reference(text)
-    if ref.registry is None:
-        return ref
-    repository = validate_repository(f"{ref.registry}/{ref.repository}")
-    return Reference(None, repository, ref.tag, ref.digest)
+    with invalid_argument():
+        return grammar.parse_container_image(text)
 
 
 def _resolve(records: list[ImageRecord], text: str) -> ImageRecord:

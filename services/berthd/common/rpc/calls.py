@@ -37,7 +37,7 @@ def domain_error(
     `prefix` puts the service's name before the peer's own message ("registry: ...")."""
     code = err.code()
     details = one_line(err.details() or "")
-    if code == grpc.StatusCode.UNAVAILABLE and is_transport_failure(details):
+    if code == grpc.StatusCode.UNAVAILABLE and retryable(err):
         reason = details.rsplit(": ", 1)[-1].strip(" []") or "unavailable"
         message = f"cannot reach the {service} at {address} ({reason})"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -50,8 +50,11 @@ def domain_error(
 
 
 def retryable(err: grpc.aio.AioRpcError) -> bool:
-    """The peer was never reached (refused, reset, not resolvable): the call did nothing."""
-    return err.code() == grpc.StatusCode.UNAVAILABLE and is_transport_failure(err.details() or "")
+    """The peer was never reached (refused, reset, not resolvable): the call did nothing. An
+    answer with a reason is the peer's own (its etcd is away, say), whatever its words."""
+    if err.code() != grpc.StatusCode.UNAVAILABLE or error_details.from_rpc_error(err).reason:
+        return False
+    return is_transport_failure(err.details() or "")
 
 
 class ServiceApi(Generic[Stub]):

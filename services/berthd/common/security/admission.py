@@ -31,8 +31,8 @@ from berth import containers as model
 from berth.error_details import Violation
 from berth.errors import InvalidArgumentError
 from berth.types.v1 import container_pb2 as pb
-from berthd.common.containers import ContainerConfig
-from berthd.common.errors import InvalidArgument, PermissionDenied
+from berthd.common.containers import ContainerConfig, invalid_spec
+from berthd.common.errors import PermissionDenied
 from berthd.common.security.permissions import Permission
 from berthd.common.security.principal import Principal
 
@@ -71,7 +71,7 @@ def host_access(spec: ContainerConfig | pb.ContainerSpec, field: str = "spec") -
         adds = [model.normalize_capability(c) for c in config.cap_add]
         options = model.security_options(config)
     except InvalidArgumentError as exc:
-        raise InvalidArgument(exc.message, reason="INVALID_SPEC", field=field) from None
+        raise invalid_spec(exc, field) from None
     found = [
         HostAccess(
             BIND_MOUNT,
