@@ -7,10 +7,12 @@ is freed; GC runs clean throughout.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +23,10 @@ import pytest
 from berth.client import RegistryClient
 from berth.errors import BerthClientError, from_rpc_error
 from berth.registry.v1 import registry_pb2 as pb
+from berthd.common.store import Store
 
 from .conftest import ServiceProcess, Services
-from .test_registry import OCI_MANIFEST, blob_files, image, push_bytes, sha, stub
+from .test_registry import OCI_MANIFEST, age, blob_files, image, push_bytes, sha, stub
 
 pytestmark = pytest.mark.integration
 
@@ -172,3 +175,99 @@ def test_a_full_disk_is_storage_full_leaves_nothing_half_written_and_recovers(
         assert report.deleted == [] and report.uploads_removed == 0
         assert session_dirs(disk) == []
         assert sha(layer) in blob_files(disk.data_dir)
+
+
+def put_raw(endpoint: str, prefix: str, key: str, value: bytes) -> None:
+    async def put() -> None:
+        store = Store(endpoint, prefix)
+        await store.connect()
+        try:
+            await store.put(key, value)
+        finally:
+            await store.close()
+
+    asyncio.run(put())
+
+
+def age_tree(path: Path, seconds: float) -> None:
+    old = time.time() - seconds
+    for p in [path, *path.rglob("*")]:
+        os.utime(p, (old, old))
+
+
+def test_gc_removes_damaged_upload_sessions_and_still_collects(
+    registry: ServiceProcess, tmp_path: Path
+) -> None:
+    """What a full disk left before: a session with an empty info.json broke every GC after
+    it had deleted blobs. Now GC skips it, removes it once old, and collects the rest."""
+    data_dir = tmp_path / "registry-data"
+    rpc = stub(registry.address)
+    with RegistryClient(registry.address) as client:
+        orphan = push_bytes(client, "lib/gc", b"referenced by nothing", tmp_path)
+        age(data_dir, [orphan], 7200)
+        uploads = data_dir / "uploads"
+        empty = rpc.StartUpload(pb.StartUploadRequest(repository="lib/gc")).upload_id
+        (uploads / empty / "info.json").write_bytes(b"")
+        (uploads / "0123abcd").mkdir()  # no files at all: a creation cut short
+        (uploads / ".new-4567cdef").mkdir()  # today's staging, never renamed
+        young = rpc.StartUpload(pb.StartUploadRequest(repository="lib/gc")).upload_id
+        (uploads / young / "info.json").write_bytes(b'{"repository": ')
+        for name in (empty, "0123abcd", ".new-4567cdef"):
+            age_tree(uploads / name, 7200)
+
+        with pytest.raises(grpc.RpcError) as damaged:
+            rpc.GetUpload(pb.GetUploadRequest(upload_id=empty))
+        error = error_of(damaged.value)
+        assert (error.code, error.reason) == ("NOT_FOUND", "UPLOAD_UNKNOWN")
+        assert "is damaged" in str(error) and "start the upload again" in str(error)
+
+        report = client.garbage_collect(grace_seconds=3600)
+        assert [b.digest for b in report.deleted] == [orphan]
+        assert report.uploads_removed == 3
+        # The young damaged session stays until it is older than the grace period.
+        assert sorted(p.name for p in uploads.iterdir()) == [young]
+        assert client.garbage_collect(grace_seconds=3600).deleted == []
+
+
+def test_gc_rebuilds_a_damaged_manifest_record_or_stops_before_deleting(
+    registry: ServiceProcess, etcd_endpoint: str, etcd_prefix: str, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "registry-data"
+    with RegistryClient(registry.address) as client:
+        manifest, blobs = image([b"kept layer"])
+        for blob in blobs:
+            push_bytes(client, "lib/rec", blob, tmp_path)
+        digest = client.put_manifest("lib/rec", "v1", OCI_MANIFEST, manifest)
+        orphan = push_bytes(client, "lib/rec", b"garbage", tmp_path)
+        age(data_dir, list(blob_files(data_dir)), 7200)
+        key = f"registry/manifests/lib/rec@{digest}"
+        put_raw(etcd_endpoint, etcd_prefix, key, b"")
+
+        with pytest.raises(BerthClientError) as read:
+            client.get_manifest("lib/rec", "v1")
+        assert (read.value.code, read.value.reason) == ("DATA_LOSS", "MANIFEST_RECORD_CORRUPT")
+        assert list(client.iter_manifests("lib/rec")) == []  # skipped, not a failed listing
+
+        # The record is rebuilt from the manifest's blob: its layers are kept.
+        report = client.garbage_collect(grace_seconds=3600)
+        assert [b.digest for b in report.deleted] == [orphan]
+        assert client.get_manifest("lib/rec", "v1").content == manifest
+        assert set(blob_files(data_dir)) == {digest, *(sha(b) for b in blobs)}
+
+        # A damaged record whose blob is gone too: GC stops, and has deleted nothing.
+        lost = sha(b"a manifest nobody has")
+        put_raw(etcd_endpoint, etcd_prefix, f"registry/manifests/lib/rec@{lost}", b"{")
+        garbage = push_bytes(client, "lib/rec", b"more garbage", tmp_path)
+        age(data_dir, [garbage], 7200)
+        before = blob_files(data_dir)
+        with pytest.raises(BerthClientError) as stopped:
+            client.garbage_collect(grace_seconds=3600)
+        assert (stopped.value.code, stopped.value.reason) == (
+            "DATA_LOSS",
+            "MANIFEST_RECORD_CORRUPT",
+        )
+        assert "nothing was deleted" in str(stopped.value)
+        assert blob_files(data_dir) == before
+        # The way out the message names: delete it by digest, then GC runs clean.
+        assert client.delete_manifest("lib/rec", lost).digest == lost
+        assert [b.digest for b in client.garbage_collect(grace_seconds=3600).deleted] == [garbage]
