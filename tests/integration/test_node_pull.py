@@ -183,6 +183,32 @@ async def test_wrong_diff_id_fails_with_data_loss_and_leaves_no_layer(
     assert not [p for p in (node / "downloads").iterdir() if not p.name.endswith(".partial")]
 
 
+async def test_a_layer_whose_size_is_not_its_descriptors_is_data_loss_before_download(
+    client: RegistryClient, tmp_path: Path
+) -> None:
+    layers = push_image(client, tmp_path, "v1")
+    media_type, content = _manifest_of(client, "v1")
+    manifest = json.loads(content)
+    manifest["layers"][1]["size"] += 1
+    client.put_manifest(REPO, "wrong-size", media_type, json.dumps(manifest).encode())
+    node = tmp_path / "node"
+
+    with pytest.raises(DataLoss) as lost:
+        await pull(client, node, f"{REPO}:wrong-size", [])
+
+    assert lost.value.reason == "SIZE_MISMATCH"
+    size = layers[1]["size"]
+    assert str(lost.value) == (
+        f"blob {layers[1]['digest']} in {REPO} is {size} bytes but its descriptor says "
+        f"{size + 1}; the image is damaged: push it again"
+    )
+    assert ImageStore(node).list() == []
+    # Nothing of that layer was downloaded (the other, pulled alongside, may leave a
+    # `.partial` to resume from).
+    top = chain_ids([sha(BASE_TAR), sha(TOP_TAR)])[1].removeprefix("sha256:")
+    assert not [p for p in (node / "downloads").iterdir() if p.name.startswith(top)]
+
+
 def _manifest_of(client: RegistryClient, tag: str) -> tuple[str, bytes]:
     data = client.get_manifest(REPO, tag)
     return data.media_type, data.content

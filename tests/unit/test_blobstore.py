@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
 
 import pytest
 
-from berthd.common.errors import DataLoss, FailedPrecondition, NotFound, ResourceExhausted
+from berthd.common.errors import (
+    DataLoss,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from berthd.common.storage import Storage
 from berthd.registry import blobstore
 from berthd.registry.blobstore import MAX_CHUNK_BYTES, BlobStore
 
@@ -161,3 +170,64 @@ def test_unknown_or_hostile_upload_ids_are_not_found(blobs: BlobStore) -> None:
         with pytest.raises(NotFound) as unknown:
             blobs.info(bad)
         assert unknown.value.reason == "UPLOAD_UNKNOWN"
+
+
+def test_a_session_another_replica_extended_is_hashed_again_at_commit(tmp_path: Path) -> None:
+    """Two registries share the directory: A holds the running digest of the 3000 bytes it
+    received, B appends 2000 more. A's commit must hash the 5000 bytes, not trust its digest:
+    without the size check a 5000-byte blob would be stored under the first 3000's digest."""
+    a, b = BlobStore(tmp_path / "data"), BlobStore(tmp_path / "data")
+    data = os.urandom(5000)
+    for claimed in (sha(data[:3000]), sha(data)):
+        upload_id = a.start("lib/x")
+        writer = a.open_writer(upload_id)
+        writer.write(0, data[:3000])
+        writer.close()
+        writer = b.open_writer(upload_id)
+        writer.write(3000, data[3000:])
+        writer.close()
+        if claimed == sha(data):
+            stat, _ = a.commit(upload_id, claimed)
+            assert (stat.digest, stat.size) == (sha(data), 5000)
+            assert a.read_all(sha(data)) == data
+        else:
+            with pytest.raises(DataLoss) as mismatch:
+                a.commit(upload_id, claimed)
+            assert mismatch.value.reason == "DIGEST_MISMATCH"
+            assert mismatch.value.details.metadata["actual"] == sha(data)
+            assert a.stat(claimed) is None
+
+
+def test_sessions_appear_whole_and_damaged_ones_are_reported(blobs: BlobStore) -> None:
+    upload_id = blobs.start("lib/x")
+    assert [p.name for p in blobs.uploads.iterdir()] == [upload_id]  # no staging left
+    assert json.loads((blobs.upload_dir(upload_id) / "info.json").read_text())["repository"] == (
+        "lib/x"
+    )
+    (blobs.upload_dir(upload_id) / "info.json").write_text("")
+    with pytest.raises(NotFound) as damaged:
+        blobs.info(upload_id)
+    assert damaged.value.reason == "UPLOAD_UNKNOWN"
+    assert "is damaged (its info.json is not valid JSON)" in str(damaged.value)
+    scan = blobs.scan_uploads()
+    assert scan.sessions == [] and [b.name for b in scan.broken] == [upload_id]
+    blobs.remove_broken(upload_id)
+    assert list(blobs.uploads.iterdir()) == []
+    with pytest.raises(NotFound):
+        blobs.remove_broken("../../etc")
+
+
+def test_storage_errors_name_the_directory_and_never_the_errno(tmp_path: Path) -> None:
+    disk = Storage("the registry's data directory", tmp_path)
+    full = disk.error(OSError(errno.ENOSPC, "No space left on device"), "cannot start an upload")
+    assert isinstance(full, ResourceExhausted) and full.reason == "STORAGE_FULL"
+    assert str(full) == (
+        f"cannot start an upload: the registry's data directory {tmp_path} is full; "
+        "free space and retry"
+    )
+    broken = disk.error(OSError(errno.EIO, "Input/output error"), "cannot commit upload 1")
+    assert isinstance(broken, Unavailable) and broken.reason == "STORAGE_ERROR"
+    assert "failed with an I/O error" in str(broken) and "Errno" not in str(broken)
+    assert disk.error(FileNotFoundError(errno.ENOENT, "gone"), "x") is None
+    with pytest.raises(Unavailable), disk.guard("cannot read"):
+        raise OSError(errno.EIO, "Input/output error")

@@ -469,6 +469,14 @@ def test_check_config_matches_counts_layers():
     )
 
 
+def test_check_config_matches_refuses_fewer_diff_ids_than_layers():
+    """Too few diff_ids must be refused as clearly as too many: otherwise the pull goes on
+    and fails later with a bare ValueError."""
+    cfg = parse_image_config(dump(config_doc(rootfs={"type": "layers", "diff_ids": [D1]})))
+    msg = error_of(InvalidArgument, check_config_matches, cfg, parse_manifest(dump(image())))
+    assert msg.startswith("image config has 1 rootfs.diff_ids but the manifest has 2 layers")
+
+
 def test_check_config_matches_rejects_index():
     cfg = parse_image_config(UMOCI_CONFIG)
     msg = error_of(InvalidArgument, check_config_matches, cfg, parse_manifest(UMOCI_INDEX))

@@ -600,7 +600,7 @@ class _Build:
         if path is None:
             await self.link([layer])
             path = self.scratch / f"blob-{layer.digest.removeprefix('sha256:')}"
-            await self.registry.pull_blob(CACHE_REPOSITORY, layer.digest, path)
+            await self.registry.pull_blob(CACHE_REPOSITORY, layer.digest, path, size=layer.size)
             self.blobs[layer.digest] = path
         return path
 

@@ -279,7 +279,7 @@ async def _send(
     """Stream one blob from berth's registry to scratch, then up to the remote."""
     path = _scratch_path(catalog, "push", blob.digest)
     try:
-        await catalog.registry.pull_blob(local_repository, blob.digest, path)
+        await catalog.registry.pull_blob(local_repository, blob.digest, path, size=blob.size)
         report = _byte_progress(blob, progress, State.UPLOADING)
         await remote.upload_blob(repository, path, blob.digest, blob.size, report)
         metrics.EXTERNAL_BYTES.labels(direction="push").inc(blob.size)

@@ -631,12 +631,9 @@ class _Pull:
 
     async def _download(self, blob: Descriptor, path: Path, state: PullState | None) -> None:
         callback = None if state is None else self._progress(blob.digest, state)
-        size = await self.registry.pull_blob(self.repository, blob.digest, path, callback)
-        if size != blob.size:
-            raise DataLoss(
-                f"blob {blob.digest} is {size} bytes in the registry but the manifest says "
-                f"{blob.size}"
-            )
+        size = await self.registry.pull_blob(
+            self.repository, blob.digest, path, callback, size=blob.size
+        )
         self.bytes_downloaded += size
 
     async def _in_thread(self, call: Callable[..., T], *args: Any) -> T:

@@ -5,11 +5,18 @@ Layout under the data directory (which several registry processes may share):
     blobs/sha256/<2 hex>/<64 hex>    immutable, read-only blob files
     uploads/<id>/data                bytes received so far for an upload session
     uploads/<id>/info.json           repository and start time of the session
+    uploads/.new-<id>/               a session being created (renamed to <id> once whole)
 
 A blob becomes visible only by `link()`ing a fully written, fsynced and verified upload file to
 its final name, so a crash at any moment leaves either the whole blob or nothing. `link` fails if
 the blob exists, which is how concurrent uploads of one blob end with exactly one copy.
-The session's state lives in files, not memory, so any replica can resume or commit it.
+The session's state lives in files, not memory, so any replica can resume or commit it; a
+session appears under its id only once both files are written, so a full disk or a crash never
+leaves one with an empty or partial `info.json`. A damaged session (left by an older version,
+or by the disk) is reported as unknown to its client and removed by GC.
+
+A full disk is RESOURCE_EXHAUSTED (STORAGE_FULL) and a failing one UNAVAILABLE (STORAGE_ERROR),
+from every write (`berthd.common.storage`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import threading
@@ -28,7 +36,10 @@ from pathlib import Path
 
 from berth.files import fsync_dir
 from berthd.common.errors import DataLoss, FailedPrecondition, NotFound, ResourceExhausted
-from berthd.common.oci.digest import Digester, digest_file, hex_of, parse_digest
+from berthd.common.oci.digest import Digester, digest_bytes, digest_file, hex_of, parse_digest
+from berthd.common.storage import Storage
+
+log = logging.getLogger("berthd.registry.blobstore")
 
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 READ_CHUNK_BYTES = 1024 * 1024
@@ -48,6 +59,29 @@ class UploadInfo:
     offset: int
     started_at: float
     updated_at: float
+
+
+@dataclass(frozen=True)
+class BrokenUpload:
+    """A directory under uploads/ that is no usable session: a damaged record, or a session
+    whose creation never finished (`.new-<id>`). `name` is the directory's name."""
+
+    name: str
+    why: str
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class UploadScan:
+    sessions: list[UploadInfo]
+    broken: list[BrokenUpload]
+
+
+STAGING = ".new-"
+
+
+class _Damaged(Exception):
+    """An upload session's files cannot be read as a session; the message says why."""
 
 
 # A client that lost its connection resumes at once, while the server may still be finishing
@@ -120,14 +154,18 @@ class UploadWriter:
                     },
                     resource=("upload", self.upload_id),
                 )
-            written = os.write(self._fd, data)
+            disk = self._store.disk
+            facts = {"upload_id": self.upload_id}
+            with disk.guard(f"upload {self.upload_id}", **facts, offset=self.offset):
+                written = os.write(self._fd, data)
             if written != len(data):
                 # A short write (disk full) leaves the stored offset where the file ends.
                 self.offset += written
                 raise ResourceExhausted(
-                    f"upload {self.upload_id}: stored {written} of {len(data)} bytes (disk full?)",
+                    f"upload {self.upload_id}: {disk.name} {disk.path} is full; "
+                    f"{self.offset} bytes are stored: resume from there once space is freed",
                     reason="STORAGE_FULL",
-                    metadata={"upload_id": self.upload_id, "offset": self.offset},
+                    metadata={**facts, "offset": self.offset, "directory": str(disk.path)},
                 )
             if self._digester is not None:
                 self._digester.update(data)
@@ -141,7 +179,10 @@ class UploadWriter:
                 return
             self._closed = True
             try:
-                os.fsync(self._fd)
+                with self._store.disk.guard(
+                    f"upload {self.upload_id}", upload_id=self.upload_id, offset=self.offset
+                ):
+                    os.fsync(self._fd)
             finally:
                 os.close(self._fd)
             if self._digester is not None:
@@ -192,6 +233,7 @@ def blob_unknown(digest: str, repository: str = "") -> NotFound:
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.disk = Storage("the registry's data directory", root)
         self.blobs = root / "blobs"
         self.uploads = root / "uploads"
         self.blobs.mkdir(parents=True, exist_ok=True)
@@ -231,14 +273,27 @@ class BlobStore:
             raise blob_unknown(digest) from None
 
     def put(self, content: bytes) -> tuple[str, bool]:
-        """Store small content (manifests) directly; returns (digest, already_existed)."""
-        upload_id = self.start("")
-        with open(self.upload_data(upload_id), "wb") as f:
-            f.write(content)
-        digester = Digester()
-        digester.update(content)
-        self._digesters[upload_id] = digester
-        stat, existed = self.commit(upload_id, digester.digest)
+        """Store small content (manifests) directly; returns (digest, already_existed).
+        Content already stored is only touched, so re-tagging needs no free space."""
+        digest = digest_bytes(content)
+        self.touch(digest)
+        if self.stat(digest) is not None:
+            return digest, True
+        upload_id = self.start("", action="cannot store the manifest")
+        try:
+            with (
+                self.disk.guard("cannot store the manifest"),
+                open(self.upload_data(upload_id), "wb") as f,
+            ):
+                f.write(content)
+            digester = Digester()
+            digester.update(content)
+            self._digesters[upload_id] = digester
+            stat, existed = self.commit(upload_id, digest, action="cannot store the manifest")
+        except BaseException:
+            with contextlib.suppress(NotFound):
+                self.cancel(upload_id)
+            raise
         return stat.digest, existed
 
     def walk(self) -> Iterator[BlobStat]:
@@ -273,22 +328,70 @@ class BlobStore:
     def upload_data(self, upload_id: str) -> Path:
         return self.upload_dir(upload_id) / "data"
 
-    def start(self, repository: str) -> str:
+    def start(self, repository: str, action: str = "cannot start an upload") -> str:
+        """A new session, built under a staging name and renamed into place whole."""
         upload_id = uuid.uuid4().hex
-        directory = self.uploads / upload_id
-        directory.mkdir()
-        (directory / "data").touch()
-        info = {"repository": repository, "started_at": time.time()}
-        (directory / "info.json").write_text(json.dumps(info))
+        staging = self.uploads / f"{STAGING}{upload_id}"
+        info = json.dumps({"repository": repository, "started_at": time.time()}).encode()
+        try:
+            with self.disk.guard(action):
+                staging.mkdir()
+                (staging / "data").touch()
+                fd = os.open(staging / "info.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    view = memoryview(info)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                fsync_dir(staging)
+                os.rename(staging, self.uploads / upload_id)
+                fsync_dir(self.uploads)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return upload_id
+
+    def _read_info(self, directory: Path) -> tuple[str, float]:
+        """(repository, started_at) of a session directory; _Damaged when unreadable,
+        FileNotFoundError when the directory is gone."""
+        if not directory.is_dir():
+            raise FileNotFoundError(directory)
+        try:
+            meta = json.loads((directory / "info.json").read_bytes())
+        except FileNotFoundError:
+            if not directory.exists():
+                raise
+            raise _Damaged("its info.json is missing") from None
+        except ValueError:
+            raise _Damaged("its info.json is not valid JSON") from None
+        repository = meta.get("repository") if isinstance(meta, dict) else None
+        started = meta.get("started_at") if isinstance(meta, dict) else None
+        if not isinstance(repository, str) or not isinstance(started, int | float):
+            raise _Damaged("its info.json lacks the repository or start time")
+        if not (directory / "data").is_file():
+            if not directory.exists():
+                raise FileNotFoundError(directory)
+            raise _Damaged("its data file is missing")
+        return repository, float(started)
 
     def info(self, upload_id: str) -> UploadInfo:
         directory = self.upload_dir(upload_id)
         try:
-            meta = json.loads((directory / "info.json").read_text())
+            repository, started_at = self._read_info(directory)
             fd = os.open(directory / "data", os.O_RDONLY)
         except FileNotFoundError:
             raise upload_unknown(upload_id) from None
+        except _Damaged as exc:
+            log.warning("upload session %s is damaged: %s", upload_id, exc)
+            raise NotFound(
+                f"upload {upload_id} is damaged ({exc}) and cannot be resumed; "
+                "start the upload again",
+                reason="UPLOAD_UNKNOWN",
+                metadata={"upload_id": upload_id},
+                resource=("upload", upload_id),
+            ) from None
         try:
             # Briefly wait for a writer whose stream just broke, so the offset is final; a
             # healthy stream still writing gets its current offset.
@@ -296,9 +399,7 @@ class BlobStore:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        return UploadInfo(
-            upload_id, meta["repository"], st.st_size, meta["started_at"], st.st_mtime
-        )
+        return UploadInfo(upload_id, repository, st.st_size, started_at, st.st_mtime)
 
     def open_writer(self, upload_id: str) -> UploadWriter:
         return UploadWriter(self, upload_id)
@@ -314,16 +415,23 @@ class BlobStore:
     def keep_digester(self, upload_id: str, digester: Digester) -> None:
         self._digesters[upload_id] = digester
 
-    def commit(self, upload_id: str, expected: str) -> tuple[BlobStat, bool]:
-        """Verify and publish an upload; returns the blob and whether it already existed."""
+    def commit(self, upload_id: str, expected: str, action: str = "") -> tuple[BlobStat, bool]:
+        """Verify and publish an upload; returns the blob and whether it already existed.
+        On a full disk the session stays, to be committed again once space is freed."""
         expected = parse_digest(expected)
         data = self.upload_data(upload_id)
         if not data.exists():
             raise upload_unknown(upload_id)
+        with self.disk.guard(action or f"cannot commit upload {upload_id}", upload_id=upload_id):
+            return self._commit(upload_id, expected, data)
+
+    def _commit(self, upload_id: str, expected: str, data: Path) -> tuple[BlobStat, bool]:
         with open(data, "rb") as f:
             os.fsync(f.fileno())
         size = data.stat().st_size
         digester = self._digesters.pop(upload_id, None)
+        # The size check matters: another replica may have extended the session since this
+        # process hashed it, and a stale digest would publish its bytes under the wrong name.
         if digester is not None and digester.size == size:
             actual = digester.digest
         else:
@@ -358,9 +466,47 @@ class BlobStore:
             raise upload_unknown(upload_id)
         shutil.rmtree(directory, ignore_errors=True)
 
-    def open_uploads(self) -> list[UploadInfo]:
-        sessions = []
+    def scan_uploads(self) -> UploadScan:
+        """Every session, and every directory under uploads/ that is none (damaged, or left
+        by a creation that never finished); reads only, so GC can decide before it deletes."""
+        sessions: list[UploadInfo] = []
+        broken: list[BrokenUpload] = []
         for directory in self.uploads.iterdir():
+            name = directory.name
+            try:
+                if name.startswith(STAGING):
+                    raise _Damaged("its creation never finished")
+                self._read_info(directory)
+            except _Damaged as exc:
+                broken.append(BrokenUpload(name, str(exc), _newest_mtime(directory)))
+                continue
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # committed or cancelled meanwhile, or no directory
             with contextlib.suppress(NotFound):
-                sessions.append(self.info(directory.name))
-        return sessions
+                sessions.append(self.info(name))
+        return UploadScan(sessions, broken)
+
+    def open_uploads(self) -> list[UploadInfo]:
+        return self.scan_uploads().sessions
+
+    def remove_broken(self, name: str) -> None:
+        """Remove a directory `scan_uploads` reported broken."""
+        if name.startswith(STAGING):
+            upload_id = name[len(STAGING) :]
+            self.upload_dir(upload_id)  # checks the id's form: nothing outside uploads/
+            path = self.uploads / name
+        else:
+            path = self.upload_dir(name)
+        self._digesters.pop(name, None)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _newest_mtime(directory: Path) -> float:
+    """When anything in a session directory last changed (0 when it vanished)."""
+    newest = 0.0
+    with contextlib.suppress(OSError):
+        newest = directory.stat().st_mtime
+        for child in directory.iterdir():
+            with contextlib.suppress(OSError):
+                newest = max(newest, child.stat().st_mtime)
+    return newest

@@ -36,6 +36,7 @@ from berthd.registry.blobstore import (
 )
 from berthd.registry.metadata import (
     VISIBILITIES,
+    CorruptManifest,
     ListedManifest,
     ManifestRecord,
     Metadata,
@@ -280,7 +281,7 @@ class Registry:
             else:
                 self.blobs.touch(blob.digest)
         for child in parsed.children:
-            if await self.meta.get_manifest(repository, child.digest) is None:
+            if not await self.meta.has_manifest(repository, child.digest):
                 missing.append(
                     Violation(
                         "MANIFEST_UNKNOWN",
@@ -334,9 +335,13 @@ class Registry:
         return StoredManifest(record.digest, record.media_type, content)
 
     async def delete_manifest(self, repository: str, reference: str) -> tuple[str, list[str]]:
-        record = await self.resolve(repository, reference)
-        tags = await self.meta.delete_manifest(repository, record.digest)
-        return record.digest, tags
+        try:
+            digest = (await self.resolve(repository, reference)).digest
+        except CorruptManifest as exc:
+            # A damaged record can still be deleted: that is how an operator clears it.
+            digest = exc.digest
+        tags = await self.meta.delete_manifest(repository, digest)
+        return digest, tags
 
     # Repositories and tags -------------------------------------------------------------------
 

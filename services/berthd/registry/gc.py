@@ -4,19 +4,29 @@ Safe while the registry serves traffic: blobs younger than the grace period are 
 stats, mounts and manifest pushes touch a blob's mtime, so a blob a client is about to reference
 counts as young), upload sessions live outside the blob tree, and each blob's age is checked
 again just before it is unlinked.
+
+It reads and checks everything it decides on (manifest records, blobs, upload sessions) before
+it deletes anything, so a damaged record found on the way can stop it only while nothing is
+deleted yet. A damaged manifest record is rebuilt from the manifest's blob; one whose blob is
+gone too stops GC (DATA_LOSS, MANIFEST_RECORD_CORRUPT), since the blobs it references are
+unknown. A damaged upload session is removed once older than the grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from berthd.common.errors import DataLoss, InvalidArgument, NotFound
+from berthd.common.oci.digest import digest_bytes
+from berthd.common.oci.manifest import parse_manifest
 from berthd.registry import metrics
 from berthd.registry.blobstore import BlobStat, BlobStore
-from berthd.registry.metadata import Metadata
+from berthd.registry.metadata import ManifestRecord, Metadata
 
 log = logging.getLogger("berthd.registry.gc")
 
@@ -56,12 +66,47 @@ def _ignore(stage: GcStage) -> None:
     pass
 
 
-async def mark(meta: Metadata, progress: GcProgress = _ignore) -> set[str]:
-    """Every digest a manifest in any repository references, manifests included."""
+def _rebuilt(blobs: BlobStore, repo: str, digest: str) -> ManifestRecord:
+    """A damaged manifest record rebuilt from the manifest's own blob; DataLoss if the blob
+    is gone or is no manifest."""
+    try:
+        content = blobs.read_all(digest)
+        if digest_bytes(content) != digest:
+            raise ValueError("content does not match its digest")
+        parsed = parse_manifest(content, None)
+    except (NotFound, InvalidArgument, ValueError) as exc:
+        log.error("manifest record %s@%s is damaged and cannot be rebuilt: %s", repo, digest, exc)
+        raise DataLoss(
+            f"the record of manifest {repo}@{digest} is damaged and its content is missing or "
+            "unreadable, so garbage collection cannot tell which blobs it references; nothing "
+            "was deleted. Delete that manifest by its digest and run it again",
+            reason="MANIFEST_RECORD_CORRUPT",
+            metadata={"repository": repo, "digest": digest},
+            resource=("manifest", f"{repo}@{digest}"),
+        ) from None
+    references = tuple(d.digest for d in (*parsed.required_blobs, *parsed.children))
+    return ManifestRecord(digest, parsed.media_type, len(content), references, time.time())
+
+
+async def mark(
+    meta: Metadata,
+    progress: GcProgress = _ignore,
+    blobs: BlobStore | None = None,
+    repair: bool = True,
+) -> set[str]:
+    """Every digest a manifest in any repository references, manifests included. A damaged
+    record is rebuilt from its blob (and rewritten, with `repair`)."""
     marked: set[str] = set()
     progress(GcStage("mark", 0))
     manifests = await meta.all_manifests()
-    for count, (_, record) in enumerate(manifests, 1):
+    for count, (repo, digest, found, entry) in enumerate(manifests, 1):
+        record = found
+        if record is None:
+            if blobs is None:
+                raise DataLoss(f"the record of manifest {repo}@{digest} is damaged")
+            record = await asyncio.to_thread(_rebuilt, blobs, repo, digest)
+            if repair and await meta.repair_manifest(repo, record, entry):
+                log.warning("rebuilt the damaged record of manifest %s@%s", repo, digest)
         marked.add(record.digest)
         marked.update(record.references)
         if count % PROGRESS_EVERY == 0:
@@ -80,9 +125,11 @@ async def collect(
 ) -> GcReport:
     metrics.GC_RUNS.labels("dry-run" if dry_run else "delete").inc()
     cutoff = time.time() - (grace_seconds or DEFAULT_GRACE_SECONDS)
-    marked = await mark(meta, progress)
+    # Read and check everything first: whatever stops GC stops it before any deletion.
+    marked = await mark(meta, progress, blobs, repair=not dry_run)
     report = GcReport()
     found = await asyncio.to_thread(lambda: list(blobs.walk()))
+    uploads = await asyncio.to_thread(blobs.scan_uploads)
     progress(GcStage("sweep", 0, len(found)))
     for count, blob in enumerate(found, 1):
         if blob.digest in marked:
@@ -101,9 +148,17 @@ async def collect(
         metrics.GC_FREED_BYTES.inc(report.reclaimed_bytes)
         metrics.GC_DELETED_BLOBS.inc(len(report.deleted))
         abandoned = time.time() - ABANDONED_UPLOAD_SECONDS
-        for upload in await asyncio.to_thread(blobs.open_uploads):
+        for upload in uploads.sessions:
             if upload.updated_at < abandoned:
-                await asyncio.to_thread(blobs.cancel, upload.upload_id)
+                with contextlib.suppress(NotFound):  # committed or cancelled meanwhile
+                    await asyncio.to_thread(blobs.cancel, upload.upload_id)
+                    report.uploads_removed += 1
+        # A damaged session can never be committed (its repository is unknown); one younger
+        # than the grace period may still be an older replica's session being created.
+        for broken in uploads.broken:
+            if broken.updated_at < cutoff:
+                log.warning("removing damaged upload session %s: %s", broken.name, broken.why)
+                await asyncio.to_thread(blobs.remove_broken, broken.name)
                 report.uploads_removed += 1
     progress(GcStage("sweep", len(found), len(found), done=True))
     log.info(

@@ -15,14 +15,18 @@ registry processes serve the same content.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from berthd.common.errors import Aborted, NotFound
-from berthd.common.store import Op, Store, encode, prefix_end
+from berthd.common.errors import Aborted, DataLoss, NotFound
+from berthd.common.store import Entry, Op, Store, encode, prefix_end
+
+log = logging.getLogger("berthd.registry.metadata")
 
 REPOS = "registry/repos/"
 TAGS = "registry/tags/"
@@ -141,10 +145,58 @@ class ManifestPage:
     more: bool
 
 
-def manifest_record(digest: str, data: dict[str, Any]) -> ManifestRecord:
-    return ManifestRecord(
-        digest, data["media_type"], data["size"], tuple(data["references"]), data["created_at"]
-    )
+class CorruptManifest(DataLoss):
+    """A manifest record in etcd that cannot be read (damaged by hand or by a bug): readers
+    report it, listings skip it, GC rebuilds it from the manifest's blob."""
+
+    def __init__(self, repo: str, digest: str) -> None:
+        super().__init__(
+            f"the record of manifest {repo}@{digest} is damaged; delete the manifest by its "
+            "digest and push it again",
+            reason="MANIFEST_RECORD_CORRUPT",
+            metadata={"repository": repo, "digest": digest},
+            resource=("manifest", f"{repo}@{digest}"),
+        )
+        self.repository = repo
+        self.digest = digest
+
+
+def _manifest_json(record: ManifestRecord) -> dict[str, Any]:
+    return {
+        "media_type": record.media_type,
+        "size": record.size,
+        "references": list(record.references),
+        "created_at": record.created_at,
+    }
+
+
+def manifest_record(digest: str, value: bytes | dict[str, Any], repo: str = "") -> ManifestRecord:
+    """The record from its etcd value; CorruptManifest when it is not one."""
+    try:
+        data = _json_object(value)
+        references = data["references"]
+        record = ManifestRecord(
+            digest, data["media_type"], data["size"], tuple(references), data["created_at"]
+        )
+    except (ValueError, TypeError, KeyError):
+        raise CorruptManifest(repo, digest) from None
+    if (
+        not isinstance(record.media_type, str)
+        or not isinstance(record.size, int)
+        or not isinstance(references, list)
+        or not all(isinstance(r, str) for r in record.references)
+        or not isinstance(record.created_at, int | float)
+    ):
+        raise CorruptManifest(repo, digest)
+    return record
+
+
+def _json_object(value: bytes | dict[str, Any]) -> dict[str, Any]:
+    """A record's JSON object from its raw value (or the object itself)."""
+    data = json.loads(value) if isinstance(value, bytes) else value
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
 
 
 class Metadata:
@@ -226,17 +278,7 @@ class Metadata:
 
     async def put_manifest(self, repo: str, record: ManifestRecord, tag: str | None) -> None:
         """Record a manifest (and its tag) and bump the repository's last push, atomically."""
-        ops = [
-            self.store.op_put(
-                manifest_key(repo, record.digest),
-                {
-                    "media_type": record.media_type,
-                    "size": record.size,
-                    "references": list(record.references),
-                    "created_at": record.created_at,
-                },
-            )
-        ]
+        ops = [self.store.op_put(manifest_key(repo, record.digest), _manifest_json(record))]
         if tag is not None:
             ops.append(
                 self.store.op_put(
@@ -248,8 +290,13 @@ class Metadata:
         )
 
     async def get_manifest(self, repo: str, digest: str) -> ManifestRecord | None:
-        data = await self.store.get_json(manifest_key(repo, digest))
-        return manifest_record(digest, data) if data is not None else None
+        """The record, None if there is none; CorruptManifest if it is damaged."""
+        entry = await self.store.get(manifest_key(repo, digest))
+        return manifest_record(digest, entry.value, repo) if entry is not None else None
+
+    async def has_manifest(self, repo: str, digest: str) -> bool:
+        """Whether a record exists, damaged or not."""
+        return await self.store.get(manifest_key(repo, digest)) is not None
 
     async def get_tag(self, repo: str, tag: str) -> TagRecord | None:
         data = await self.store.get_json(tag_key(repo, tag))
@@ -306,12 +353,26 @@ class Metadata:
             )
         return [t.name for t in tags]
 
-    async def all_manifests(self) -> list[tuple[str, ManifestRecord]]:
-        result = []
+    async def all_manifests(self) -> list[tuple[str, str, ManifestRecord | None, Entry]]:
+        """Every manifest record as (repository, digest, record, entry); the record is None
+        when it is damaged (the caller decides: GC rebuilds it from the blob)."""
+        result: list[tuple[str, str, ManifestRecord | None, Entry]] = []
         async for entry in self.store.iterate(MANIFESTS):
             repo, digest = split_child_key(entry.key, MANIFESTS)
-            result.append((repo, manifest_record(digest, entry.json())))
+            try:
+                record: ManifestRecord | None = manifest_record(digest, entry.value, repo)
+            except CorruptManifest:
+                record = None
+            result.append((repo, digest, record, entry))
         return result
+
+    async def repair_manifest(self, repo: str, record: ManifestRecord, damaged: Entry) -> bool:
+        """Replace a damaged record with `record`, unless it changed since it was read."""
+        ok, _ = await self.store.txn(
+            [self.store.unchanged(damaged.key, damaged.mod_revision)],
+            [self.store.op_put(damaged.key, _manifest_json(record))],
+        )
+        return ok
 
     async def list_manifests(
         self, repo: str | None, after: str | None, limit: int, revision: int = 0
@@ -326,7 +387,14 @@ class Metadata:
         prefix = f"{MANIFESTS}{repo}@" if repo else MANIFESTS
         start = f"{MANIFESTS}{after}\0" if after else prefix
         page = await self.store.range(start, prefix_end(prefix), limit=limit, revision=revision)
-        manifests = [(*split_child_key(e.key, MANIFESTS), e.json()) for e in page.entries]
+        manifests = []
+        for e in page.entries:
+            repo_name, digest = split_child_key(e.key, MANIFESTS)
+            try:
+                manifests.append((repo_name, digest, manifest_record(digest, e.value, repo_name)))
+            except CorruptManifest:
+                # One damaged record must not hide every other: skip it and say so.
+                log.warning("skipping the damaged record of manifest %s@%s", repo_name, digest)
         tags: dict[tuple[str, str], list[TagRecord]] = defaultdict(list)
         if manifests:
             first, last = manifests[0][0], manifests[-1][0]
@@ -340,8 +408,7 @@ class Metadata:
                     TagRecord(name, data["digest"], data["pushed_at"])
                 )
         entries = [
-            ListedManifest(r, manifest_record(d, data), tuple(tags.get((r, d), ())))
-            for r, d, data in manifests
+            ListedManifest(r, record, tuple(tags.get((r, d), ()))) for r, d, record in manifests
         ]
         return ManifestPage(entries, page.revision, page.more)
 

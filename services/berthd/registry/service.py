@@ -9,6 +9,7 @@ and which repositories a listing shows (berthd.registry.access).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable
 
 import grpc
@@ -17,7 +18,7 @@ from berth.enums.registry import VISIBILITIES
 from berth.registry.v1 import registry_pb2 as pb
 from berth.registry.v1 import registry_pb2_grpc
 from berth.types.v1 import progress_pb2, types_pb2
-from berthd.common.errors import InvalidArgument
+from berthd.common.errors import BerthError, InvalidArgument
 from berthd.common.idempotency import once
 from berthd.common.messages import progress, timestamp
 from berthd.common.security.authorize import Authorizer
@@ -159,13 +160,17 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 metrics.BYTES_RECEIVED.inc(len(chunk.data))
             if writer is None:
                 raise InvalidArgument("WriteUpload stream carried no chunk")
+            # The offset is only promised once durable: a failed fsync fails the call.
+            await asyncio.shield(asyncio.to_thread(writer.close))
             return pb.WriteUploadResponse(offset=writer.offset)
         finally:
             metrics.UPLOADS_IN_PROGRESS.dec()
             if writer is not None:
                 # Shielded: when the client hangs up, this task is cancelled, and an unshielded
-                # executor job still queued would never run, leaving the session locked.
-                await asyncio.shield(asyncio.to_thread(writer.close))
+                # executor job still queued would never run, leaving the session locked. The
+                # call already failed here (or closed above): its first error is the one to tell.
+                with contextlib.suppress(BerthError):
+                    await asyncio.shield(asyncio.to_thread(writer.close))
 
     async def GetUpload(
         self, request: pb.GetUploadRequest, context: Context

@@ -118,15 +118,25 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
         return Descriptor(media_type, digest, len(data))
 
     async def pull_blob(
-        self, repository: str, digest: str, dest: Path, progress: Progress | None = None
+        self,
+        repository: str,
+        digest: str,
+        dest: Path,
+        progress: Progress | None = None,
+        *,
+        size: int | None = None,
     ) -> int:
-        """Download a blob to `dest`, verifying its digest; returns its size.
+        """Download a blob to `dest`, verifying its digest (and its `size`, the one its
+        descriptor gives, before any byte moves); returns its size.
 
         Bytes land in `<dest>.partial`, which a later call resumes from; `dest` appears only
         once the digest matches, so it never holds a partial blob."""
-        size = await self.stat_blob(repository, digest)
-        if size is None:
+        stored = await self.stat_blob(repository, digest)
+        if stored is None:
             raise NotFound(f"registry: blob {digest} not found in {repository}")
+        if size is not None and stored != size:
+            raise size_mismatch(repository, digest, stored, size)
+        size = stored
         partial = dest.with_name(dest.name + ".partial")
         with invalid_argument():
             hasher, expected, offset = await asyncio.to_thread(
@@ -414,6 +424,22 @@ async def _file_chunks(
 def _read_at(fileobj: BinaryIO, offset: int, length: int) -> bytes:
     fileobj.seek(offset)
     return fileobj.read(length)
+
+
+def size_mismatch(repository: str, digest: str, stored: int, described: int) -> DataLoss:
+    """A blob whose size is not the one its descriptor gives: the image is damaged."""
+    return DataLoss(
+        f"blob {digest} in {repository} is {stored} bytes but its descriptor says {described}; "
+        "the image is damaged: push it again",
+        reason="SIZE_MISMATCH",
+        metadata={
+            "repository": repository,
+            "digest": digest,
+            "expected": described,
+            "actual": stored,
+        },
+        resource=("blob", digest),
+    )
 
 
 def _mismatch(repository: str, digest: str, hasher: Any, offset: int, advice: str) -> DataLoss:
