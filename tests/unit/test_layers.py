@@ -347,8 +347,13 @@ class FakeRegistry:
         media_type, content = self.manifests[(repo, reference)]
         return ManifestData(sha(content), media_type, content)
 
-    async def pull_blob(self, repo: str, digest: str, dest: Path, progress=None) -> int:
+    async def pull_blob(
+        self, repo: str, digest: str, dest: Path, progress=None, *, size: int | None = None
+    ) -> int:
         data = self.blobs[digest]
+        # Like the registry client: a descriptor whose size is not the blob's moves no byte.
+        if size is not None and size != len(data):
+            raise DataLoss(f"blob {digest} has {len(data)} bytes, its descriptor says {size}")
         self.downloads.append(digest)
         partial = dest.with_name(dest.name + ".partial")
         offset = partial.stat().st_size if partial.exists() else 0
