@@ -850,12 +850,21 @@ def _create(client: NodeClient, config: ContainerConfig) -> ContainerInfo:
     return client.create(config)
 
 
+# Exit codes of a container whose process could not start (Docker's 126, 127; berth's 128).
+START_FAILURE_CODES = (126, 127, 128)
+
+
 def _attach(client: Client, container_id: str, remove: bool) -> int:
     """Stream the container's output until it exits; its exit code is ours."""
     try:
         for line in client.logs(container_id, follow=True):
             write_output(line.stream, line.data)
         exit_code = client.wait(container_id)
+        if exit_code in START_FAILURE_CODES:
+            # A process that never started has no output: say why, in the node's words.
+            info = client.inspect(container_id)
+            if info.error:
+                err_console().print(f"Error: {info.error}", markup=False, soft_wrap=True)
     except KeyboardInterrupt:
         # Pass Ctrl-C on, as Docker's sig-proxy does; the container may choose to ignore it.
         with contextlib.suppress(BerthClientError):
