@@ -937,9 +937,15 @@ def filter_containers(
 # --- rendering --------------------------------------------------------------------------------
 
 
+UNKNOWN_NODE_DOWN = "Unknown (node down)"
+
+
 def container_status(c: ContainerInfo, now: datetime | None = None) -> str:
     """Docker's STATUS: "Up 5 seconds", "Exited (3) 2 minutes ago", "Created", "Restarting (1)
-    3 seconds ago"; "Pending" while the cluster's node pulls and creates it."""
+    3 seconds ago"; "Pending" while the cluster's node pulls and creates it; "Unknown (node
+    down)" while its node is not ready, whatever that node said last."""
+    if not getattr(c, "node_ready", True):
+        return UNKNOWN_NODE_DOWN
     if c.state == "pending":
         return "Pending"
     if c.state == "create_failed":
@@ -1040,7 +1046,11 @@ def docker_inspect(c: ContainerInfo) -> dict[str, Any]:
     }
     if isinstance(c, ClusterContainer):
         # Where the cluster put it, in Swarm's words where Swarm has them.
-        data["Node"] = {"ID": c.node_id}
+        data["Node"] = {"ID": c.node_id, "Ready": c.node_ready}
+        if not c.node_ready:
+            # What its node said last may no longer hold: the status says so, as `ps` does.
+            data["State"]["Status"] = "unknown"
+            data["State"]["Running"] = False
         data["DesiredState"] = c.desired_state
         data["ServiceID"] = c.service_id
         data["Slot"] = c.slot
