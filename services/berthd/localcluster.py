@@ -1,4 +1,5 @@
-"""`berthd up | down | status | kill-node | start-node`: a local cluster for development.
+"""`berthd up | down | status | start | stop | restart | kill-node | start-node`: a local cluster
+for development.
 
 `up` starts etcd (the Debian binary, data under the state directory) and every berth service as
 background processes, `--nodes N` node agents among them (`node-1` .. `node-N`, each with its own
@@ -9,7 +10,9 @@ loopback), waits until each is healthy, and records them in `<state>/cluster.jso
 the cluster, then on each node; a killed node's containers with runc), then stops the processes
 by pid (checking the pid still runs what we started); `status` health-checks them. `kill-node`
 simulates a host death (SIGKILL of an agent, its conmons and every process in its cgroups),
-`start-node` brings the host back with the same command line.
+`start-node` brings the host back with the same command line. `stop`, `start` and `restart` do
+the same for any one component (etcd, a service, a node agent) and record the new pid, so `down`
+stops what runs.
 
 Port plan, from `--base-port` N: etcd client N, peer N+1; service i of SERVICES gRPC N+10+2i and
 metrics N+11+2i (N+10..N+39 are kept for services); node-1 is the "node" service (N+12, N+13);
@@ -23,7 +26,8 @@ etcd serves https with `--client-cert-auth`; every service gets `--tls-ca`, `--t
 
 cluster.json: {"state_dir", "prefix", "etcd": {...}, "services": {"registry", "node", "cluster",
 "image", "builder"}, "nodes": {"node-1": {...}, ...}}; each process entry has address, metrics,
-pid, marker, log, and each node also data_dir and argv. services.node is node-1: what
+pid, marker, log and argv (the command line `start` runs again), and each node also data_dir.
+services.node is node-1: what
 single-host clients use.
 """
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import shutil
@@ -40,7 +45,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +140,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         ("status", status, "show the health of a cluster started with `berthd up`"),
         ("kill-node", kill_node, "simulate a host death: SIGKILL a node agent and its containers"),
         ("start-node", start_node, "start a node agent again after kill-node (the host is back)"),
+        ("start", start, "start one component again (etcd, a service, node-K) as `up` did"),
+        ("stop", stop, "stop one component (SIGTERM); `start` brings it back"),
+        ("restart", restart, "stop one component and start it again"),
     ):
         parser = commands.add_parser(name, help=text)
         parser.add_argument(
@@ -166,6 +174,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
             )
         if name in ("kill-node", "start-node"):
             parser.add_argument("node", metavar="NODE", help="node id, such as node-2")
+        if name in ("start", "stop", "restart"):
+            parser.add_argument(
+                "service",
+                metavar="SERVICE",
+                help="etcd, registry, cluster, image, builder, or a node agent (node-2; node is"
+                " node-1)",
+            )
         parser.set_defaults(run=handler)
     ca = commands.add_parser("ca", help="the cluster CA")
     ca_commands = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
@@ -376,8 +391,7 @@ def start_etcd(state: Path, ports: Ports) -> dict[str, object]:
         f"--trusted-ca-file={tls / CA_FILE}",
         "--client-cert-auth",
     ]
-    proc = _spawn(
-        [
+    argv = [
             binary,
             "--name=berth",
             f"--data-dir={state / 'etcd'}",
@@ -388,12 +402,17 @@ def start_etcd(state: Path, ports: Ports) -> dict[str, object]:
             f"--initial-cluster=berth={peer}",
             *([] if plaintext else tls_flags),
             "--logger=zap",
-        ],
-        log,
-    )
-    endpoint = f"127.0.0.1:{ports.etcd}"
-    _wait_for(lambda: _etcd_healthy(endpoint), "etcd", proc, log)
-    return {"endpoint": endpoint, "pid": proc.pid, "marker": "--name=berth", "log": str(log)}
+    ]  # fmt: skip
+    entry = {"endpoint": f"127.0.0.1:{ports.etcd}", "marker": "--name=berth", "log": str(log)}
+    return _respawn_etcd({**entry, "argv": argv})
+
+
+def _respawn_etcd(entry: dict) -> dict:
+    """Start etcd with its recorded command line; the entry with the new pid once healthy."""
+    log = Path(entry["log"])
+    proc = _spawn(entry["argv"], log)
+    _wait_for(lambda: _etcd_healthy(entry["endpoint"]), "etcd", proc, log)
+    return {**entry, "pid": proc.pid}
 
 
 @dataclass
@@ -464,7 +483,8 @@ def start_service(name: str, index: int, state: Path, ports: Ports, etcd: str) -
         extra.append(f"--secrets-key={tls_dir(state) / SECRETS_KEY}")
     # Token callers and anonymous pulls come in on the public port (no client certificate).
     extra.append(f"--public-listen=127.0.0.1:{ports.public(index)}")
-    return _spawn_berthd(name, name, state, ports.service(index), etcd, extra).wait()
+    started = _spawn_berthd(name, name, state, ports.service(index), etcd, extra)
+    return {**started.wait(), "argv": started.argv}
 
 
 def spawn_node(number: int, state: Path, ports: Ports, etcd: str, lease_ttl: int) -> Starting:
@@ -899,23 +919,119 @@ def kill_node(args: argparse.Namespace) -> int:
 
 
 def start_node(args: argparse.Namespace) -> int:
+    """`start-node NODE`: `start` for a node agent (kept for the demo and older scripts)."""
+    args.service = args.node
+    return start(args)
+
+
+# --- start / stop / restart one component ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(state: Path) -> Iterator[None]:
+    """One command at a time reads and rewrites cluster.json (a chaos test restarts several
+    components at once: no pid may be lost)."""
+    with open(state / "cluster.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def components(cluster: dict) -> list[str]:
+    """What `start`, `stop` and `restart` accept: etcd, each service, each node agent."""
+    names = ["etcd"] if "etcd" in cluster else []
+    return names + [name for name, _ in processes(cluster)]
+
+
+def _component(cluster: dict, name: str) -> tuple[str, dict]:
+    """(canonical name, cluster.json entry); `node` is node-1, as in services.node."""
+    if name == "node" and "nodes" in cluster:
+        name = node_id(1)
+    if name == "etcd" and "etcd" in cluster:
+        return name, cluster["etcd"]
+    entry = dict(processes(cluster)).get(name)
+    if entry is None:
+        known = ", ".join(components(cluster))
+        raise RuntimeError(f"no component {name!r} in this cluster; one of: {known}")
+    return name, entry
+
+
+def _record(cluster: dict, name: str, entry: dict) -> None:
+    """Put a component's new entry everywhere cluster.json names it."""
+    if name == "etcd":
+        cluster["etcd"] = entry
+        return
+    if name in cluster.get("nodes", {}):
+        old = cluster["nodes"][name]
+        cluster["nodes"][name] = entry
+        if cluster["services"].get("node", {}).get("marker") == old["marker"]:
+            cluster["services"]["node"] = entry
+        return
+    cluster["services"][name] = entry
+
+
+def _start_component(name: str, entry: dict) -> dict:
+    """Start a stopped component with the command line `up` recorded; its new entry."""
+    if "argv" not in entry:
+        raise RuntimeError(f"{name} was recorded without its command line; run `berthd up`")
+    if name == "etcd":
+        return _respawn_etcd(entry)
+    ready = Path(entry["marker"].removeprefix("--ready-file="))
+    ready.unlink(missing_ok=True)
+    log = Path(entry["log"])
+    kept = {k: v for k, v in entry.items() if k in ("data_dir", "argv")}
+    return Starting(name, _spawn(entry["argv"], log), ready, log, entry["argv"], kept).wait()
+
+
+def _state_of(args: argparse.Namespace) -> Path:
     state: Path = args.state_dir.resolve()
     use_state_credentials(state)
-    cluster, node = _node_entry(state, args.node)
-    if process_alive(node["pid"], node["marker"]):
-        print(f"{args.node} is already running (pid {node['pid']})", file=sys.stderr)
-        return 0
-    if "argv" not in node:
-        raise RuntimeError(f"{args.node} was recorded without its command line; run `berthd up`")
-    ready = Path(node["marker"].removeprefix("--ready-file="))
-    ready.unlink(missing_ok=True)
-    log = Path(node["log"])
-    proc = _spawn(node["argv"], log)
-    started = Starting(args.node, proc, ready, log, node["argv"], {"data_dir": node["data_dir"]})
-    cluster["nodes"][args.node] = {**started.wait(), "argv": node["argv"]}
-    if cluster["services"].get("node", {}).get("marker") == node["marker"]:
-        cluster["services"]["node"] = cluster["nodes"][args.node]
-    save(state, cluster)
-    info = cluster["nodes"][args.node]
-    print(f"started {args.node}: {info['address']} pid {info['pid']}")
+    if load(state) is None:
+        raise RuntimeError(f"no cluster recorded in {state}; start one with `berthd up`")
+    return state
+
+
+def start(args: argparse.Namespace) -> int:
+    state = _state_of(args)
+    with _locked(state):
+        cluster = load(state) or {}
+        name, entry = _component(cluster, args.service)
+        if process_alive(entry["pid"], entry["marker"]) and _pid_running(entry["pid"]):
+            print(f"{name} is already running (pid {entry['pid']})", file=sys.stderr)
+            return 0
+        entry = _start_component(name, entry)
+        _record(cluster, name, entry)
+        save(state, cluster)
+    where = entry.get("address") or entry.get("endpoint")
+    print(f"started {name}: {where} pid {entry['pid']}")
+    return 0
+
+
+def stop(args: argparse.Namespace) -> int:
+    """SIGTERM (SIGKILL after a timeout) one component; a node agent's containers live on, as
+    when an agent is stopped on a real host. cluster.json keeps its entry for `start`."""
+    state = _state_of(args)
+    with _locked(state):
+        name, entry = _component(load(state) or {}, args.service)
+        if not process_alive(entry["pid"], entry["marker"]):
+            print(f"{name} is not running", file=sys.stderr)
+            return 0
+        stop_process(entry["pid"], entry["marker"])
+    print(f"stopped {name} (pid {entry['pid']})")
+    return 0
+
+
+def restart(args: argparse.Namespace) -> int:
+    state = _state_of(args)
+    with _locked(state):
+        cluster = load(state) or {}
+        name, entry = _component(cluster, args.service)
+        stop_process(entry["pid"], entry["marker"])
+        entry = _start_component(name, entry)
+        _record(cluster, name, entry)
+        save(state, cluster)
+    where = entry.get("address") or entry.get("endpoint")
+    print(f"restarted {name}: {where} pid {entry['pid']}")
     return 0

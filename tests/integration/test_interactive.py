@@ -183,8 +183,8 @@ def test_exec_it_gives_a_terminal(
     # A command that cannot start: runc's words, no session left behind.
     term = Terminal([*BERTH, "exec", "-it", "box", "no-such-command"], cluster)
     terminals.append(term)
-    assert term.wait() == 1
-    assert b"executable file not found" in term.seen, term.seen
+    assert term.wait() == 127  # Docker's code for a command not found
+    assert b"executable file not found" in term.seen and b"{" not in term.seen, term.seen
 
 
 def test_run_it_on_one_node(cluster: dict[str, str], terminals: list[Terminal]) -> None:
@@ -281,6 +281,30 @@ def test_run_t_and_exec_i_without_a_terminal(cluster: dict[str, str], box: str) 
     tty_out = berth(cluster, "run", "--rm", "-t", IMAGE, "sh", "-c", "tty; exit 4")
     assert tty_out.returncode == 4
     assert re.match(rb"/dev/pts/\d+\r\n", tty_out.stdout), tty_out
+
+
+def test_exec_and_run_failures_are_docker_exit_codes_and_one_line(
+    cluster: dict[str, str], box: str
+) -> None:
+    """Through the cluster and the CLI: 127 for a command not found, 126 for one that is not
+    executable, a status for bad input; one line on stderr, never runc's JSON."""
+    missing = berth(cluster, "exec", "box", "no-such-command")
+    assert missing.returncode == 127, missing
+    assert missing.stderr.count(b"\n") == 1 and b"{" not in missing.stderr, missing.stderr
+    assert b'"no-such-command": executable file not found in $PATH' in missing.stderr
+    denied = berth(cluster, "exec", "box", "/etc/passwd")
+    assert denied.returncode == 126, denied
+    assert b"permission denied" in denied.stderr and b"{" not in denied.stderr, denied.stderr
+    nowhere = berth(cluster, "exec", "-w", "/no/such/dir", "box", "true")
+    assert nowhere.returncode == 1, nowhere
+    assert nowhere.stderr.count(b"\n") == 1 and b"/no/such/dir" in nowhere.stderr
+    assert b"{" not in nowhere.stderr and b"\\" not in nowhere.stderr, nowhere.stderr
+    nul = berth(cluster, "exec", "-e", "A=b\x01", "box", "sh", "-c", 'test "$A" = "b\x01"')
+    assert nul.returncode == 0, nul  # (argv cannot carry a NUL: the node test sends one)
+    run_missing = berth(cluster, "run", "--rm", IMAGE, "no-such-command")
+    assert run_missing.returncode == 127, run_missing
+    assert b"executable file not found" in run_missing.stderr
+    assert b"{" not in run_missing.stderr, run_missing.stderr
 
 
 def test_plain_run_still_follows_the_output(cluster: dict[str, str]) -> None:

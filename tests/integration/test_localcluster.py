@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from berth.client import ContainerConfig, NodeClient, RegistryClient
@@ -207,3 +208,76 @@ def test_up_three_nodes_and_kill_node(tmp_path: Path) -> None:
     assert not any(alive(pid) for pid in pids)
     # `down` cleans up after the dead node too.
     assert mounts_under(state) == []
+
+
+def test_start_stop_restart_one_component_keeps_cluster_json_true(tmp_path: Path) -> None:
+    """Every component, etcd included, can be stopped, started and restarted by name; the new
+    pid is recorded, so `down` stops what runs."""
+    state = tmp_path / "state"
+    env = {"BERTH_STATE_DIR": str(state)}
+    base = free_base_port(nodes=2)
+    started = run([*BERTHD, "up", "--base-port", str(base), "--nodes", "2"], env)
+    seen: list[int] = []
+
+    def recorded() -> dict:
+        cluster = json.loads((state / "cluster.json").read_text())
+        seen.extend([cluster["etcd"]["pid"], *(s["pid"] for s in cluster["services"].values())])
+        seen.extend(n["pid"] for n in cluster["nodes"].values())
+        return cluster
+
+    def pid_of(cluster: dict, name: str) -> int:
+        if name == "etcd":
+            return cluster["etcd"]["pid"]
+        return cluster["nodes"].get(name, cluster["services"].get(name, {})).get("pid", 0)
+
+    try:
+        assert started.returncode == 0, started.stderr
+        before = recorded()
+        for name in ("etcd", "registry", "cluster", "image", "builder", "node-1", "node-2"):
+            old = pid_of(before, name)
+            restarted = run([*BERTHD, "restart", name], env)
+            assert restarted.returncode == 0, (name, restarted.stderr)
+            after = recorded()
+            new = pid_of(after, name)
+            assert new != old and alive(new) and not alive(old), name
+            assert f"restarted {name}" in restarted.stdout and f"pid {new}" in restarted.stdout
+            before = after
+        # services.node is node-1: it follows node-1's new pid.
+        assert before["services"]["node"] == before["nodes"]["node-1"]
+
+        stopped = run([*BERTHD, "stop", "registry"], env)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not alive(pid_of(before, "registry"))
+        status = run([*BERTHD, "status"], env)
+        assert status.returncode == 1
+        assert [line.split()[-1] for line in status.stdout.splitlines() if "registry" in line] == [
+            "UNHEALTHY"
+        ]
+        again = run([*BERTHD, "stop", "registry"], env)
+        assert again.returncode == 0 and "not running" in again.stderr
+        back = run([*BERTHD, "start", "registry"], env)
+        assert back.returncode == 0, back.stderr
+        assert alive(pid_of(recorded(), "registry"))
+        twice = run([*BERTHD, "start", "registry"], env)
+        assert twice.returncode == 0 and "already running" in twice.stderr
+
+        # `node` names node-1, as services.node does; etcd stops and starts like the others.
+        for name in ("node", "etcd"):
+            assert run([*BERTHD, "stop", name], env).returncode == 0
+            assert run([*BERTHD, "start", name], env).returncode == 0
+        after = recorded()
+        assert alive(after["nodes"]["node-1"]["pid"]) and alive(after["etcd"]["pid"])
+        # Services reconnect to the restarted etcd on their own (the guard only bounds it).
+        deadline = time.monotonic() + 60
+        while (status := run([*BERTHD, "status"], env)).returncode != 0:
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(0.5)
+
+        unknown = run([*BERTHD, "restart", "node-9"], env)
+        assert unknown.returncode != 0
+        assert "no component 'node-9'" in unknown.stderr and "node-2" in unknown.stderr
+        assert "Traceback" not in unknown.stderr
+    finally:
+        stopped = run([*BERTHD, "down"], env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert seen and not any(alive(pid) for pid in set(seen))

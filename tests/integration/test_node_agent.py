@@ -112,6 +112,39 @@ def test_exec_streams_stdin_and_returns_output_and_exit_code(node, busybox) -> N
     assert err.value.code == "NOT_FOUND"
 
 
+def test_exec_failures_are_exit_codes_or_statuses_with_one_clear_line(node, busybox) -> None:
+    """Docker's codes for a process that cannot start (127 not found, 126 not executable) with
+    one line on stderr; bad input is INVALID_ARGUMENT before runc runs; never runc's JSON."""
+    node.pull(busybox)
+    box = run(node, busybox, "sh", "-c", "echo x > /not-executable; sleep 1000")
+    eventually(lambda: node.exec(box, ["test", "-f", "/not-executable"]).exit_code == 0)
+    missing = node.exec(box, ["no-such-command"])
+    assert missing.exit_code == 127
+    assert missing.stdout == b""
+    assert missing.stderr.count(b"\n") == 1 and b"{" not in missing.stderr, missing.stderr
+    assert b"no-such-command" in missing.stderr and b"not found" in missing.stderr
+    absolute = node.exec(box, ["/no/such/file"])
+    assert absolute.exit_code == 127 and b"/no/such/file" in absolute.stderr, absolute.stderr
+    denied = node.exec(box, ["/not-executable"])
+    assert denied.exit_code == 126
+    assert denied.stderr.count(b"\n") == 1 and b"permission denied" in denied.stderr.lower()
+    for command, env, cwd, field in (
+        (["true"], ["A=b\0c"], "", "env"),
+        (["tr\0ue"], [], "", "command"),
+        (["true"], [], "relative/dir", "working_dir"),
+    ):
+        with pytest.raises(BerthClientError) as err:
+            node.exec(box, command, env=env, working_dir=cwd)
+        assert err.value.code == "INVALID_ARGUMENT", (field, err.value)
+        assert "{" not in str(err.value) and field.replace("_", " ") in str(err.value), err.value
+    # A working directory that is no directory: runc's own words, in one line, as a status.
+    with pytest.raises(BerthClientError) as err:
+        node.exec(box, ["true"], working_dir="/etc/passwd")
+    assert err.value.code == "FAILED_PRECONDITION", err.value
+    assert "{" not in str(err.value) and "\n" not in str(err.value), err.value
+    assert node.exec(box, ["true"], working_dir="/etc").exit_code == 0
+
+
 def test_containers_share_the_unpacked_layer(node, busybox, node_agent) -> None:
     node.pull(busybox)
     first = run(node, busybox, "sleep", "1000")

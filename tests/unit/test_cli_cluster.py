@@ -573,7 +573,7 @@ def test_inspect_shows_the_placement(
 ) -> None:
     assert main(["inspect", "web"]) == 0
     [data] = json.loads(capsys.readouterr().out)
-    assert data["Node"] == {"ID": "n1"}
+    assert data["Node"] == {"ID": "n1", "Ready": True}
     assert data["State"]["Running"] is True
 
 
@@ -820,6 +820,19 @@ def test_a_container_its_node_could_not_create_says_why() -> None:
         "no image test/x:1",
     )
     assert container_cmds.container_status(c) == "Create failed (IMAGE_NOT_FOUND)"
+
+
+def test_a_container_on_a_node_that_is_down_is_unknown() -> None:
+    message = pb.Container(id=ID, name="web", node_id="n1", node_state=pb.NODE_STATE_NOT_READY)
+    message.status.state = container_pb2.CONTAINER_STATE_RUNNING
+    c = cluster_container(message)
+    assert not c.node_ready and c.state == "running"  # the node's last word, kept
+    assert container_cmds.container_status(c) == "Unknown (node down)"
+    data = container_cmds.docker_inspect(c)
+    assert data["State"]["Status"] == "unknown" and not data["State"]["Running"]
+    assert data["Node"] == {"ID": "n1", "Ready": False}
+    message.node_state = pb.NODE_STATE_READY
+    assert container_cmds.container_status(cluster_container(message)).startswith("Up")
 
 
 def test_events_are_read_from_their_payload() -> None:

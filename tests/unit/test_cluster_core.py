@@ -34,6 +34,14 @@ def test_join_status_pairs_by_id_newest_first() -> None:
     assert views[0].status is None and views[1].state == "running"
 
 
+def test_join_status_says_whether_the_node_is_ready() -> None:
+    up, down = desired("a" * 64, "up", node="n1"), desired("b" * 64, "down", node="n2")
+    running = ContainerStatus(state="running")
+    views = join_status([up, down], {"a" * 64: running, "b" * 64: running}, {"n1"})
+    assert {v.name: v.node_ready for v in views} == {"up": True, "down": False}
+    assert all(v.node_ready for v in join_status([up, down], {}))  # not known: ready
+
+
 def test_resolve_by_id_then_name_then_unique_prefix() -> None:
     views = [
         ContainerView(desired("ab" + "0" * 62, "web")),

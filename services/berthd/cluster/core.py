@@ -31,7 +31,7 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +165,8 @@ class ContainerView:
 
     desired: DesiredContainer
     status: ContainerStatus | None = None
+    # Whether its node holds its lease now: if not, `status` is the node's last word.
+    node_ready: bool = True
 
     @property
     def id(self) -> str:
@@ -210,10 +212,19 @@ class Snapshot:
 
 
 def join_status(
-    desired: Iterable[DesiredContainer], statuses: dict[str, ContainerStatus]
+    desired: Iterable[DesiredContainer],
+    statuses: dict[str, ContainerStatus],
+    ready_nodes: Collection[str] | None = None,
 ) -> list[ContainerView]:
-    """Each desired record with the status reported for its id, newest placement first."""
-    views = [ContainerView(d, statuses.get(d.id)) for d in desired]
+    """Each desired record with the status reported for its id and whether its node is ready
+    (`ready_nodes`: the nodes registered now; None: not known, taken as ready), newest
+    placement first."""
+    views = [
+        ContainerView(
+            d, statuses.get(d.id), ready_nodes is None or not d.node or d.node in ready_nodes
+        )
+        for d in desired
+    ]
     return sorted(views, key=lambda v: (-v.desired.scheduled_at, v.id))
 
 
@@ -377,8 +388,14 @@ class ClusterCore:
         return node
 
     async def list(self, **filters: Any) -> list[ContainerView]:
-        desired, statuses = await asyncio.gather(self._desired(), STATUSES.records(self.store))
-        return filter_containers(join_status(desired, statuses), **filters)
+        desired, statuses, ready = await asyncio.gather(
+            self._desired(), STATUSES.records(self.store), self._ready_nodes()
+        )
+        return filter_containers(join_status(desired, statuses, ready), **filters)
+
+    async def _ready_nodes(self) -> set[str]:
+        """The nodes whose agents hold their lease now (nodes/<id> exists)."""
+        return set(await NODES.records(self.store))
 
     async def inspect(self, ref: str) -> ContainerView:
         found = resolve(ref, await self.list(include_stopped=True))

@@ -106,6 +106,9 @@ def container_message(view: ContainerView) -> pb.Container:
         service_id=desired.service,
         slot=desired.slot,
         scheduled_at=timestamp(desired.scheduled_at),
+        node_state=(
+            NODE_STATES.value("ready" if view.node_ready else "down") if desired.node else 0
+        ),
     )
 
 

@@ -209,7 +209,10 @@ def resolve_service(ref: str, services: Iterable[ServiceRecord]) -> ServiceRecor
 
 
 def running_count(record: ServiceRecord, views: Iterable[ContainerView]) -> int:
-    return sum(1 for v in views if v.desired.service == record.id and v.state == "running")
+    """Replicas known to run: a node that is down cannot say so."""
+    return sum(
+        1 for v in views if v.desired.service == record.id and v.state == "running" and v.node_ready
+    )
 
 
 # Cluster state and the replica transaction -------------------------------------------------
@@ -228,7 +231,8 @@ class ClusterState:
     allocations: dict[str, Entry]
 
     def views(self) -> list[ContainerView]:
-        return join_status(self.containers.values(), self.statuses)
+        ready = {node_id for node_id, node in self.nodes.items() if node.ready}
+        return join_status(self.containers.values(), self.statuses, ready)
 
 
 async def load_state(store: Store) -> ClusterState:

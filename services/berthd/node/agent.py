@@ -45,6 +45,24 @@ class StatsSample:
     pids: int
 
 
+def check_exec(command: list[str], env: list[str], working_dir: str, user: str) -> None:
+    """Refuse what runc would refuse, before it runs, in the words of the request's fields."""
+    if not command:
+        raise InvalidArgument("exec needs a command", field="command")
+    for field, values in (("command", command), ("env", env), ("working dir", [working_dir])):
+        if any("\0" in value for value in values):
+            raise InvalidArgument(f"the {field} contains a NUL byte", field=field.replace(" ", "_"))
+    if "\0" in user:
+        raise InvalidArgument("the user contains a NUL byte", field="user")
+    for item in env:
+        if not item.partition("=")[0] or "=" not in item:
+            raise InvalidArgument(f"environment entry {item!r} is not KEY=VALUE", field="env")
+    if working_dir and not working_dir.startswith("/"):
+        raise InvalidArgument(
+            f"the working dir {working_dir!r} is not an absolute path", field="working_dir"
+        )
+
+
 def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -162,11 +180,7 @@ class NodeAgent:
         record = self.containers.resolve(ref)
         if record.state != RUNNING:
             raise FailedPrecondition(f"container {record.name} is not running")
-        if not command:
-            raise InvalidArgument("exec needs a command")
-        for item in env:
-            if "=" not in item:
-                raise InvalidArgument(f"environment entry {item!r} is not KEY=VALUE")
+        check_exec(command, env, cwd, user)
         rootfs = self.containers.rootfs(record)
         image = self.images.get(record.image_digest)
         uid, gid, _ = resolve_user(rootfs, user or effective_user(image.config, record.config))

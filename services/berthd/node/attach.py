@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Protocol
 
 from berth.detach_keys import DetachMatcher, parse_detach_keys
-from berthd.common.errors import FailedPrecondition, InvalidArgument, NotFound, invalid_argument
+from berthd.common.errors import FailedPrecondition, NotFound, invalid_argument
 from berthd.node import logs, terminal
-from berthd.node.agent import NodeAgent
+from berthd.node.agent import NodeAgent, check_exec
 from berthd.node.containers import ContainerManager
 from berthd.node.records import CREATED, RESTARTING, RUNNING, ContainerRecord
+from berthd.node.runtime import ProcessNotStarted
 from berthd.node.spec import effective_user, resolve_user
 
 # How often an attached client's log file and container state are looked at.
@@ -240,6 +241,36 @@ class PipeSession:
                 self.proc.kill()
 
 
+class NotStarted:
+    """A process that could not start: one line on stderr and the shell's exit code (127 no
+    such command, 126 not executable), as `docker exec` reports it."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        self.exit_code = exit_code
+        self.message = message
+
+    async def output(self) -> AsyncIterator[tuple[str, bytes]]:
+        yield "stderr", self.message.encode() + b"\n"
+
+    async def write(self, data: bytes) -> None:
+        """Nobody reads: input is dropped."""
+
+    async def close_stdin(self) -> None:
+        pass
+
+    async def resize(self, rows: int, columns: int) -> None:
+        pass
+
+    async def wait(self) -> tuple[int, bool]:
+        return self.exit_code, False
+
+    def detach(self) -> None:
+        pass
+
+    def hang_up(self) -> None:
+        pass
+
+
 # --- exec ---------------------------------------------------------------------------------------
 
 
@@ -258,6 +289,13 @@ class ExecOptions:
 async def exec_session(agent: NodeAgent, options: ExecOptions) -> Session:
     """Start a process in a running container: on a pty under conmon with `tty`, else with
     pipes."""
+    try:
+        return await _exec_session(agent, options)
+    except ProcessNotStarted as failed:
+        return NotStarted(failed.exit_code, failed.message)
+
+
+async def _exec_session(agent: NodeAgent, options: ExecOptions) -> Session:
     if not options.tty:
         proc = await agent.exec(
             options.container,
@@ -274,11 +312,7 @@ async def exec_session(agent: NodeAgent, options: ExecOptions) -> Session:
             reason="CONTAINER_NOT_RUNNING",
             metadata={"container_id": record.id},
         )
-    if not options.command:
-        raise InvalidArgument("exec needs a command", field="command")
-    for item in options.env:
-        if "=" not in item:
-            raise InvalidArgument(f"environment entry {item!r} is not KEY=VALUE", field="env")
+    check_exec(options.command, options.env, options.working_dir, options.user)
     cdir = agent.containers.dir(record.id)
     image = agent.images.get(record.image_digest)
     user = options.user or effective_user(image.config, record.config)

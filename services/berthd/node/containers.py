@@ -40,7 +40,7 @@ from berthd.node.records import (
     ContainerDir,
     ContainerRecord,
 )
-from berthd.node.runtime import Runtime
+from berthd.node.runtime import ProcessNotStarted, Runtime
 from berthd.node.secrets import RUN_ROOT, SecretMounts, default_dir, run_dir
 from berthd.node.spec import (
     build_runtime_config,
@@ -587,7 +587,8 @@ class ContainerManager:
             await self.runtime.start(record.id)
         except Exception as exc:
             record.state = EXITED
-            record.exit_code = 128
+            # Docker's codes: 127 no such command, 126 not executable, else 128.
+            record.exit_code = exc.exit_code if isinstance(exc, ProcessNotStarted) else 128
             record.error = str(exc)
             record.failure_reason = START_FAILED
             record.finished_at = time.time()

@@ -91,9 +91,17 @@ class Converger:
         # the container is no longer assigned here. Not tried again before the record's
         # attempt goes above the status's.
         self._failed: dict[str, ContainerStatus] = {}
+        # Set by the fence (berthd.node.fence) while the node is cut off: nothing is started.
+        self.fenced = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
+
+    async def resynchronize(self) -> None:
+        """Follow the desired state from a fresh snapshot (the old watch may be stale or on a
+        dead connection): the first reconcile after it acts on what etcd holds now."""
+        await self.stop()
+        await self.start()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -249,6 +257,19 @@ class Converger:
 
     async def _converge(self, desired: DesiredContainer) -> None:
         record = self.manager.records.get(desired.id)
+        if self.fenced:
+            # Cut off: the cluster may run this container elsewhere by now. Stops only.
+            if (
+                desired.desired == STOPPED
+                and record is not None
+                and record.state
+                in (
+                    STATE_RUNNING,
+                    RESTARTING,
+                )
+            ):
+                await self.manager.stop(record.id, desired.stop_grace)
+            return
         if record is None:
             if desired.desired != RUNNING or await self._failed_before(desired):
                 return

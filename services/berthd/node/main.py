@@ -21,6 +21,7 @@ from berthd.common.store import Store
 from berthd.node.agent import NodeAgent, default_node_id
 from berthd.node.containers import ContainerManager
 from berthd.node.converge import Converger
+from berthd.node.fence import Fence
 from berthd.node.idmap import DEFAULT_RANGE, IdMap
 from berthd.node.join import join, log_joined, needs_join, renewal_signer
 from berthd.node.layers import ImageStore, LayerStore
@@ -29,6 +30,9 @@ from berthd.node.secrets import SecretMounts, default_dir
 from berthd.node.service import NodeServicer
 
 DEFAULT_LISTEN = "127.0.0.1:5060"
+# Nomad's stop_after_client_disconnect for service replicas: longer than a lease TTL, so a
+# replica is stopped only where the cluster has declared the node down.
+DEFAULT_STOP_AFTER_DISCONNECT = 30.0
 
 
 def parse_labels(items: list[str]) -> dict[str, str]:
@@ -114,6 +118,23 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         scope="node",
         help="layers downloaded at once",
     )
+    add_flag(
+        parser,
+        "--stop-after-disconnect",
+        default=DEFAULT_STOP_AFTER_DISCONNECT,
+        type=float,
+        scope="node",
+        help="seconds this node may be cut off from etcd (its registration unseen) before it "
+        "stops its service replicas itself, which the cluster runs elsewhere by then; 0: never",
+    )
+    add_flag(
+        parser,
+        "--stop-standalone-after-disconnect",
+        default=0.0,
+        type=float,
+        scope="node",
+        help="the same for standalone cluster containers; 0 (default): they run on",
+    )
     parser.set_defaults(run=run)
 
 
@@ -166,18 +187,29 @@ async def run(args: argparse.Namespace) -> None:
         store, args.node_id, manager, lambda image: agent.pull(image, lambda _: None)
     )
 
+    fence = Fence(
+        store,
+        args.node_id,
+        manager,
+        converger,
+        args.stop_after_disconnect,
+        args.stop_standalone_after_disconnect,
+    )
+
     async def on_start(address: str) -> dict[str, bytes]:
         if joined is not None:
             log_joined(args, joined)
         agent.address = address
         await manager.start_background()
         await converger.start()
+        await fence.start()
         await agent.publish_layers()
         info = await agent.describe()
         return {NODES.key(args.node_id): info.encode()}
 
     async def on_stop() -> None:
         # Containers keep running under their conmon; the next agent adopts them.
+        await fence.stop()
         await converger.stop()
         await manager.stop_background()
 

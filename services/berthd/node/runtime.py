@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,6 +51,8 @@ _ID = re.compile(r"^[\w+\-.]+$")
 _TEXT_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
 CREATE_TIMEOUT = 30.0
 EXIT_POLL_INTERVAL = 0.05
+# How often a starting exec looks for the pid file runc writes once the process runs.
+EXEC_START_POLL = 0.005
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,9 @@ class Runtime:
             raise Unavailable(f"conmon failed to create {container_id}: {detail}") from None
         if pid <= 0:
             detail = _runc_message(str(reply.get("message", "")).encode()) or "no message"
+            failure = exec_failure(detail, f"creating container {container_id}")
+            if isinstance(failure, ProcessNotStarted):
+                raise failure  # no such command, not executable: Docker's exit codes
             raise _error_for(f"creating container {container_id}", detail)
         return pid
 
@@ -265,9 +271,10 @@ class Runtime:
 
         The process gets the container process's capabilities, rlimits and security settings;
         `env` entries ("KEY=value") override or extend the container's environment. The returned
-        runc process exits with the process's status (128 + signal if it was killed); a failure
-        of runc itself is exit status 255 with its message on stderr. Exec sessions are children
-        of the agent: unlike containers they do not survive it.
+        runc process exits with the process's status (128 + signal if it was killed). Returns
+        once the process runs: a process that could not start raises ProcessNotStarted (126,
+        127) or the error `exec_failure` gives, never an exit status of runc's own. Exec
+        sessions are children of the agent: unlike containers they do not survive it.
         """
         if not args:
             raise InvalidArgument("exec needs a command")
@@ -278,23 +285,46 @@ class Runtime:
             raise FailedPrecondition(f"container {container_id} is {state.status}, not running")
         config = json.loads((state.bundle / "config.json").read_text())
         process = _exec_process(config["process"], args, env, cwd, uid, gid)
-        # The spec goes through a memfd: no file to clean up when the session ends.
+        # The spec and runc's log go through memfds, the pid file (written by runc once the
+        # process runs) into a private directory: nothing is left when the session ends.
         spec_fd = os.memfd_create("berth-exec-process", os.MFD_CLOEXEC)
+        log_fd = os.memfd_create("berth-exec-log", os.MFD_CLOEXEC)
+        scratch = Path(tempfile.mkdtemp(prefix="exec-", dir=self.root))
         try:
             os.write(spec_fd, json.dumps(process).encode())
-            return await asyncio.create_subprocess_exec(
-                *self._runc_argv(),
+            # With --log, runc's errors go to the log (and one plain line to stderr, which is
+            # the process's too: that line is never relayed, since the process never ran).
+            proc = await asyncio.create_subprocess_exec(
+                self.runc,
+                "--root",
+                str(self.root),
+                "--log",
+                f"/proc/self/fd/{log_fd}",
+                "--log-format",
+                "json",
                 "exec",
+                "--pid-file",
+                str(scratch / "pid"),
                 "--process",
                 f"/proc/self/fd/{spec_fd}",
                 container_id,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=(spec_fd,),
+                pass_fds=(spec_fd, log_fd),
             )
+            if await _started(proc, scratch / "pid"):
+                return proc
+            os.lseek(log_fd, 0, os.SEEK_SET)
+            log = b""
+            while chunk := os.read(log_fd, 65536):
+                log += chunk
+            await proc.communicate()  # runc's own plain line on stderr: dropped
+            raise exec_failure(_runc_message(log) or f"runc exited with {proc.returncode}")
         finally:
             os.close(spec_fd)
+            os.close(log_fd)
+            shutil.rmtree(scratch, ignore_errors=True)
 
     # --- what conmon leaves behind -----------------------------------------------------------
 
@@ -418,6 +448,56 @@ def _runc_message(stderr: bytes) -> str:
         found = _TEXT_MSG.search(line)
         messages.append(found[1].encode().decode("unicode_escape") if found else line)
     return "; ".join(messages)
+
+
+class ProcessNotStarted(FailedPrecondition):
+    """A process that could not start because of its command, which exec reports as a shell
+    does: Docker's exit codes (127: no such command, 126: not executable) and one line for
+    stderr. Where no exit code can be reported, it is a FAILED_PRECONDITION."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message, reason="PROCESS_NOT_STARTED", metadata={"exit_code": exit_code})
+        self.exit_code = exit_code
+        self.message = message
+
+
+# runc's layers of context in front of what went wrong: the caller knows it was an exec.
+_EXEC_PREFIXES = ("exec failed: ", "runc create failed: ", "unable to start container process: ")
+
+
+def exec_failure(message: str, what: str = "exec failed") -> ProcessNotStarted | BerthError:
+    """runc's message for a process that did not start -> an exit code or an error status."""
+    detail = message.strip()
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _EXEC_PREFIXES:
+            if detail.startswith(prefix):
+                detail = detail[len(prefix) :]
+                stripped = True
+    line = f"{what}: " + " ".join(detail.split())
+    # `exec: "name": ...` is runc's lookup of the executable, the last step before execve.
+    if detail.startswith("exec: "):
+        lowered = detail.lower()
+        if "not found" in lowered or "no such file or directory" in lowered:
+            return ProcessNotStarted(127, line)
+        if "permission denied" in lowered or "is a directory" in lowered:
+            return ProcessNotStarted(126, line)
+    return FailedPrecondition(line, reason="EXEC_FAILED")
+
+
+async def _started(proc: asyncio.subprocess.Process, pid_file: Path) -> bool:
+    """Whether runc started the process: its pid file appears; else runc exits first."""
+    exited = asyncio.ensure_future(proc.wait())
+    try:
+        while not pid_file.exists():
+            if exited.done():
+                return pid_file.exists()
+            await asyncio.wait([exited], timeout=EXEC_START_POLL)
+        return True
+    finally:
+        if not exited.done():
+            exited.cancel()
 
 
 def _error_for(what: str, message: str) -> BerthError:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from berthd.common.errors import FailedPrecondition, NotFound, Unavailable
-from berthd.node.runtime import Runtime, _exec_process, _runc_message
+from berthd.node.runtime import Runtime, _exec_process, _runc_message, exec_failure
 
 STDOUT_PIPE = 2
 STDERR_PIPE = 3
@@ -331,7 +331,7 @@ def _reply(line: bytes, what: str) -> int:
         raise Unavailable(f"conmon failed {what}: no answer") from None
     if value <= 0:
         message = _runc_message(str(reply.get("message", "")).encode()) or "no message"
-        raise FailedPrecondition(f"exec failed: {message}", reason="EXEC_FAILED")
+        raise exec_failure(message)
     return value
 
 

@@ -850,12 +850,21 @@ def _create(client: NodeClient, config: ContainerConfig) -> ContainerInfo:
     return client.create(config)
 
 
+# Exit codes of a container whose process could not start (Docker's 126, 127; berth's 128).
+START_FAILURE_CODES = (126, 127, 128)
+
+
 def _attach(client: Client, container_id: str, remove: bool) -> int:
     """Stream the container's output until it exits; its exit code is ours."""
     try:
         for line in client.logs(container_id, follow=True):
             write_output(line.stream, line.data)
         exit_code = client.wait(container_id)
+        if exit_code in START_FAILURE_CODES:
+            # A process that never started has no output: say why, in the node's words.
+            info = client.inspect(container_id)
+            if info.error:
+                err_console().print(f"Error: {info.error}", markup=False, soft_wrap=True)
     except KeyboardInterrupt:
         # Pass Ctrl-C on, as Docker's sig-proxy does; the container may choose to ignore it.
         with contextlib.suppress(BerthClientError):
@@ -928,9 +937,15 @@ def filter_containers(
 # --- rendering --------------------------------------------------------------------------------
 
 
+UNKNOWN_NODE_DOWN = "Unknown (node down)"
+
+
 def container_status(c: ContainerInfo, now: datetime | None = None) -> str:
     """Docker's STATUS: "Up 5 seconds", "Exited (3) 2 minutes ago", "Created", "Restarting (1)
-    3 seconds ago"; "Pending" while the cluster's node pulls and creates it."""
+    3 seconds ago"; "Pending" while the cluster's node pulls and creates it; "Unknown (node
+    down)" while its node is not ready, whatever that node said last."""
+    if not getattr(c, "node_ready", True):
+        return UNKNOWN_NODE_DOWN
     if c.state == "pending":
         return "Pending"
     if c.state == "create_failed":
@@ -1031,7 +1046,11 @@ def docker_inspect(c: ContainerInfo) -> dict[str, Any]:
     }
     if isinstance(c, ClusterContainer):
         # Where the cluster put it, in Swarm's words where Swarm has them.
-        data["Node"] = {"ID": c.node_id}
+        data["Node"] = {"ID": c.node_id, "Ready": c.node_ready}
+        if not c.node_ready:
+            # What its node said last may no longer hold: the status says so, as `ps` does.
+            data["State"]["Status"] = "unknown"
+            data["State"]["Running"] = False
         data["DesiredState"] = c.desired_state
         data["ServiceID"] = c.service_id
         data["Slot"] = c.slot

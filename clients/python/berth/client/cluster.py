@@ -78,6 +78,9 @@ class ClusterContainer(ContainerInfo):
     slot: int  # replica slot from 1; 0 for a standalone container
     placement: Placement
     scheduled_at: datetime | None
+    # False while its node is down (its lease expired): the state is the node's last report,
+    # which may no longer hold ("Unknown (node down)" in `berth ps`).
+    node_ready: bool = True
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,7 @@ def cluster_container(c: pb.Container) -> ClusterContainer:
         slot=c.slot,
         placement=_placement(c.placement),
         scheduled_at=scheduled_at,
+        node_ready=c.node_state != pb.NODE_STATE_NOT_READY,
     )
 
 

@@ -125,9 +125,12 @@ def exec_requests(
     command: list[str],
     stdin: Iterable[bytes] = (),
     env: Iterable[str] = (),
+    working_dir: str = "",
 ) -> Iterator[Any]:
     """The Exec request stream of either protocol: the process, its stdin, then end of input."""
-    process = pb.ExecProcess(container=container, command=command, env=list(env))
+    process = pb.ExecProcess(
+        container=container, command=command, env=list(env), working_dir=working_dir
+    )
     yield request_type(start=process)
     for chunk in stdin:
         yield request_type(input=pb.ProcessInput(stdin=chunk))
@@ -179,10 +182,17 @@ class ContainerStreams:
             yield log_line(line)
 
     def exec(
-        self, container: str, command: list[str], stdin: Iterable[bytes] = (), env: list[str] = ()
+        self,
+        container: str,
+        command: list[str],
+        stdin: Iterable[bytes] = (),
+        env: list[str] = (),
+        working_dir: str = "",
     ) -> ExecOutput:
         """Run a process in the container, feed it stdin, collect its output and exit code."""
-        requests = exec_requests(self.MESSAGES.ExecRequest, container, command, stdin, env)
+        requests = exec_requests(
+            self.MESSAGES.ExecRequest, container, command, stdin, env, working_dir
+        )
         return exec_output(self._stream(self._stub.Exec, requests), container)
 
     def spec(self, container: str) -> pb.ContainerSpec:
