@@ -250,9 +250,9 @@ def test_start_stop_restart_one_component_keeps_cluster_json_true(tmp_path: Path
         assert not alive(pid_of(before, "registry"))
         status = run([*BERTHD, "status"], env)
         assert status.returncode == 1
-        assert [line.split()[-1] for line in status.stdout.splitlines() if "registry" in line] == [
-            "UNHEALTHY"
-        ]
+        (registry_line,) = [line for line in status.stdout.splitlines() if "registry" in line]
+        # STATUS, then why: "UNHEALTHY (no answer: connection refused)".
+        assert "UNHEALTHY (no answer" in registry_line, registry_line
         again = run([*BERTHD, "stop", "registry"], env)
         assert again.returncode == 0 and "not running" in again.stderr
         back = run([*BERTHD, "start", "registry"], env)
