@@ -39,6 +39,7 @@ from berthd.node.records import (
     STATES,
     ContainerDir,
     ContainerRecord,
+    load_records,
 )
 from berthd.node.runtime import ProcessNotStarted, Runtime
 from berthd.node.secrets import RUN_ROOT, SecretMounts, default_dir, run_dir
@@ -234,17 +235,7 @@ class ContainerManager:
 
     async def start_background(self) -> None:
         """Load every record, adopt what still runs, settle what exited while we were away."""
-        for path in sorted(self.root.iterdir()):
-            record_file = path / "container.json"
-            if not record_file.exists():
-                continue
-            try:
-                record = ContainerDir(path).load()
-            except (ValueError, KeyError, TypeError, InvalidArgument) as exc:
-                # A config that no longer validates must not keep the agent from starting.
-                log.error("skipping unreadable container record %s: %s", record_file, exc)
-                continue
-            self.records[record.id] = record
+        self.records.update(await asyncio.to_thread(load_records, self.root))
         # Secrets of containers removed while the agent was away (or mid-removal) go now.
         await asyncio.to_thread(self.secrets.sweep, list(self.records))
         await asyncio.to_thread(self._sweep_remapped, set(self.records))

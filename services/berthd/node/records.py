@@ -7,6 +7,7 @@ restarts (even after SIGKILL) finds every container again and adopts it.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +15,10 @@ from typing import Any
 
 from berth.files import atomic_write
 from berthd.common.containers import ContainerConfig, from_dict
+from berthd.common.errors import InvalidArgument
 from berthd.node.idmap import IdMap
+
+log = logging.getLogger("berthd.node.records")
 
 CREATED = "created"
 RUNNING = "running"
@@ -106,3 +110,20 @@ class ContainerDir:
 
     def load(self) -> ContainerRecord:
         return ContainerRecord.from_json(json.loads(self.record.read_text()))
+
+
+def load_records(root: Path) -> dict[str, ContainerRecord]:
+    """Every container record under `root` (`<data>/containers`), by id."""
+    records: dict[str, ContainerRecord] = {}
+    for path in sorted(root.iterdir()):
+        record_file = path / "container.json"
+        if not record_file.exists():
+            continue
+        try:
+            record = ContainerDir(path).load()
+        except (ValueError, KeyError, TypeError, InvalidArgument) as exc:
+            # A config that no longer validates must not keep the agent from starting.
+            log.error("skipping unreadable container record %s: %s", record_file, exc)
+            continue
+        records[record.id] = record
+    return records
