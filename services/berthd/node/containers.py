@@ -28,6 +28,7 @@ from berth.containers import USERNS_REMAP
 from berthd.common.containers import ContainerConfig, MountSpec, validate
 from berthd.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from berthd.common.state.containers import START_FAILED, STATUSES, ContainerStatus
+from berthd.common.storage import Storage
 from berthd.common.store import Store
 from berthd.node import cgroups, idmap, metrics
 from berthd.node.idmap import IdMap
@@ -119,6 +120,7 @@ class ContainerManager:
     ) -> None:
         self.root = data_dir / "containers"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.disk = Storage("the node's data directory", data_dir)
         self.volumes = data_dir / "volumes"
         # `--userns remap`: the node's range for new containers (a record keeps its own).
         self.remap = remap or IdMap.parse(idmap.DEFAULT_RANGE)
@@ -186,7 +188,14 @@ class ContainerManager:
         )
 
     async def _save(self, record: ContainerRecord) -> None:
-        await asyncio.to_thread(self.dir(record.id).save, record)
+        with self.disk.guard(
+            f"cannot save the record of container {record.name}", container_id=record.id
+        ):
+            await asyncio.to_thread(self.dir(record.id).save, record)
+        await self._saved(record)
+
+    async def _saved(self, record: ContainerRecord) -> None:
+        """A record now on disk: report it to the cluster and wake whoever waits on it."""
         self._reports.put_nowait(record.id)
         self._update_gauges()
         async with self._changed:
@@ -387,14 +396,17 @@ class ContainerManager:
                     record.id_map.check(f"secret {ref.name}'s gid", [ref.gid])
             # Before anything is made: SECRET_UNAVAILABLE when the cluster does not give them.
             await self.secrets.ensure(container_id, name, config.secrets, record.id_map)
-            await asyncio.to_thread(self._prepare, record, image.config)
+            # A full disk fails the create as STORAGE_FULL, and _discard leaves nothing of it.
+            with self.disk.guard(f"cannot create container {name}", container_id=container_id):
+                await asyncio.to_thread(self._prepare, record, image.config)
+                await asyncio.to_thread(self.dir(record.id).save, record)
             self.records[container_id] = record
         except BaseException:
             await asyncio.to_thread(self._discard, record)
             raise
         finally:
             self._reserved_names.discard(name)
-        await self._save(record)
+        await self._saved(record)
         return record
 
     def _name_taken(self, name: str) -> bool:

@@ -53,6 +53,7 @@ from berthd.common.oci.manifest import (
 from berthd.common.oci.platform import pick_platform
 from berthd.common.oci.reference import is_digest
 from berthd.common.rpc.registry import RegistryApi
+from berthd.common.storage import BROKEN, FULL
 from berthd.common.tarsafe import (
     ExtractResult,
     HashingReader,
@@ -387,11 +388,15 @@ class ImageStore:
 
     def _write(self, record: ImageRecord) -> None:
         tmp = self.directory / f"{_TMP_PREFIX}{secrets.token_hex(8)}.json"
-        with open(tmp, "wb") as f:
-            f.write(record.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._record_path(record.digest))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(record.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._record_path(record.digest))
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written record
+            raise
         fsync_dir(self.directory)
 
 
@@ -547,6 +552,8 @@ class _Pull:
         self.loop = asyncio.get_running_loop()
         self.stop = threading.Event()
         self.bytes_downloaded = 0
+        # Set when a layer's download or unpacking found the disk full or failing.
+        self.disk_failed = False
         blobs_dir.mkdir(parents=True, exist_ok=True)
 
     async def manifest(self, reference: str) -> tuple[str, ParsedManifest]:
@@ -624,6 +631,15 @@ class _Pull:
                         layer.media_type,
                         self._thread_progress(layer.digest, PullState.EXTRACTING),
                     )
+                except BaseException as exc:
+                    if isinstance(exc, OSError) and exc.errno in FULL | BROKEN:
+                        self.disk_failed = True
+                    if self.disk_failed:
+                        # Kept for a resume, partial downloads would hold the space the pull
+                        # lacked: this layer's goes, and so do those of the layers cancelled
+                        # with it (this task holds the layer's pull lock: nobody else writes it).
+                        blob.with_name(blob.name + ".partial").unlink(missing_ok=True)
+                    raise
                 finally:
                     blob.unlink(missing_ok=True)
         self._emit(layer.digest, PullState.PULL_COMPLETE)
