@@ -16,7 +16,7 @@ import pytest
 
 from berthd.builder.cache import BuildCache
 from berthd.builder.executor import Builder
-from berthd.builder.model import BuildOptions
+from berthd.builder.model import BuildEvent, BuildOptions, StepEvent
 from berthd.builder.runner import Runner
 from berthd.common.errors import BerthError, ResourceExhausted
 from berthd.common.images import ImageStore
@@ -96,8 +96,11 @@ async def test_a_build_on_a_full_disk_is_storage_full_and_leaves_nothing(
     filler.unlink()
 
     filler = fill(small_disk, leave=4 * MIB)
+    events: list[BuildEvent] = []
     with pytest.raises(BerthError) as layer_full:
-        await builder.build(options, chunks_of(context), lambda event: None)
+        await builder.build(options, chunks_of(context), events.append)
+    # The context was in: it was the COPY's layer that did not fit.
+    assert [e.instruction for e in events if isinstance(e, StepEvent)][-1].startswith("COPY")
     assert_storage_full(layer_full.value, scratch)
     assert os.listdir(scratch) == []
     filler.unlink()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from berth.client import ContainerConfig, NodeClient, RegistryClient
+from berth.client.node import PullProgress
 from berth.errors import BerthClientError
 
 from .conftest import NodeProcess, ServiceProcess, Services
@@ -112,9 +113,15 @@ def test_a_pull_onto_a_full_disk_is_storage_full_and_leaves_nothing(
 
         # Room for the download, not for unpacking it next to the download.
         disk.fill(leave=10 * MIB)
+        events: list[PullProgress] = []
         with pytest.raises(BerthClientError) as unpack:
-            node.pull("test/big:1")
+            node.pull("test/big:1", events.append)
         assert_storage_full(unpack.value, disk)
+        # It was the unpacking that failed: the big layer's download was whole, its
+        # extraction began and never completed.
+        big_layer = {e.layer for e in events if e.state == "Extracting" and e.total > 5 * MIB}
+        assert len(big_layer) == 1
+        assert not [e for e in events if e.layer in big_layer and e.state == "Pull complete"]
         left = disk.leftovers()
         assert left["downloads"] == [] and left["images"] == []
         assert not [name for name in left["layers"] if name.startswith(".tmp-")]
