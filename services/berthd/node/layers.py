@@ -20,10 +20,10 @@ runs of `extract_layer` with diff_id hashing, 64 MiB gzip layers made with zlib 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import errno
 import json
+import logging
 import os
 import re
 import secrets
@@ -64,6 +64,8 @@ from berthd.common.tarsafe import (
 
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
+
+log = logging.getLogger("berthd.node.layers")
 
 _TMP_PREFIX = ".tmp-"
 _HEX64_RE = re.compile(r"[a-f0-9]{64}")
@@ -330,11 +332,15 @@ class ImageStore:
         return _resolve(self._load_all(), ref_or_digest)
 
     def find(self, digest: str) -> ImageRecord | None:
-        """The image with this manifest digest, or None."""
+        """The image with this manifest digest, or None (also when its record is damaged: a
+        pull then downloads the image again and rewrites the record whole)."""
         path = self._record_path(digest)
         try:
             return self._read(path)
         except FileNotFoundError:
+            return None
+        except DataLoss as e:
+            log.error("%s; pulling the image again", e)
             return None
 
     def add(self, record: ImageRecord) -> ImageRecord:
@@ -374,8 +380,14 @@ class ImageStore:
         records = []
         for path in self.directory.iterdir():
             if path.suffix == ".json" and _HEX64_RE.fullmatch(path.stem):
-                with contextlib.suppress(FileNotFoundError):  # removed since the listing
+                try:
                     records.append(self._read(path))
+                except FileNotFoundError:  # removed since the listing
+                    continue
+                except (DataLoss, OSError) as e:
+                    # One damaged record must not break every listing and every pull.
+                    reason = e.strerror if isinstance(e, OSError) else e.__cause__
+                    log.error("skipping unreadable image record %s: %s", path, reason)
         return records
 
     @staticmethod
