@@ -567,3 +567,23 @@ async def test_cancelled_extraction_stops_its_thread_and_leaves_no_layer(
     assert layer_dir_entries(node.layers) == []
     assert list((tmp_path / "downloads").iterdir()) == []
     assert node.images.list() == []
+
+
+def test_a_damaged_image_record_is_skipped_and_a_pull_repairs_it(
+    images: ImageStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One unreadable record (a disk that failed under it, a hand edit) must not break every
+    listing and every pull on the node: it is skipped with a log line, and rewritten whole by
+    the next pull of that image."""
+    web = images.add(record("web", [BASE.diff_id], ("web:1",)))
+    broken = images.add(record("broken", [APP.diff_id], ("broken:1",)))
+    path = images.directory / f"{broken.digest[7:]}.json"
+    path.write_bytes(b'{"digest": ')
+    assert images.list() == [web]
+    assert images.get("web:1") == web
+    assert f"skipping unreadable image record {path}" in caplog.text
+    with pytest.raises(NotFound):
+        images.get("broken:1")
+    assert images.find(broken.digest) is None  # a pull downloads it again
+    assert images.add(broken) == broken  # and stores it, as pull_image does
+    assert images.get("broken:1") == broken

@@ -91,6 +91,7 @@ from berthd.common.oci.manifest import (
 )
 from berthd.common.oci.reference import Reference, parse_reference
 from berthd.common.state.images import BUILDS, BuildRecord
+from berthd.common.storage import Storage
 from berthd.common.store import Store
 
 log = logging.getLogger("berthd.builder")
@@ -180,6 +181,8 @@ class Builder:
         self.cache = cache
         self.runner = runner
         self.scratch = scratch
+        # Contexts, spools and layers go in scratch: a full disk fails a build as STORAGE_FULL.
+        self.disk = Storage("the builder's scratch directory", scratch)
         self.max_context_bytes = max_context_bytes
         self.max_context_files = max_context_files
 
@@ -192,7 +195,8 @@ class Builder:
         began = time.monotonic()
         outcome = "error"
         try:
-            result = await self._build(options, context_chunks, emit)
+            with self.disk.guard("cannot build"):
+                result = await self._build(options, context_chunks, emit)
             outcome = "ok"
             return result
         except RunFailed:

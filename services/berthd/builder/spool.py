@@ -4,6 +4,7 @@ an append-only spool of copied data (archives and image layers, which cannot be 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -116,5 +117,8 @@ class Spool:
         return data
 
     def close(self) -> None:
-        self._file.close()
+        # Closing flushes, which raises again on a full disk: moot for a file deleted next
+        # (the fd is closed either way), and it must not keep the other cleanups from running.
+        with contextlib.suppress(OSError):
+            self._file.close()
         self.path.unlink(missing_ok=True)

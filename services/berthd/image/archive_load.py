@@ -313,32 +313,34 @@ async def load_images(
     """
     if reference:
         user_reference(reference)  # a bad option fails before the upload is read
-    catalog.scratch.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="load-", dir=catalog.scratch))
-    try:
-        path = await spool(chunks, workdir / "archive", max_bytes)
-        received = path.stat().st_size
-        progress(Event("upload", State.DONE, received, received))
-        archive = await asyncio.to_thread(Archive.open, path)
-        loader = _Loader(catalog, archive, workdir, progress)
-        if archive.has(DOCKER_MANIFEST_FILE):
-            result = await loader.docker_archive(reference)
-        elif archive.has(INDEX_FILE):
-            targets = await asyncio.to_thread(read_layout, archive)
-            name_unnamed([t.naming for t in targets], reference)
-            result = await loader.store_layout(targets, DETAIL_OCI)
-        else:
-            raise InvalidArgument(
-                f"the archive is neither a docker-archive (no {DOCKER_MANIFEST_FILE}) nor an "
-                f"OCI layout (no {INDEX_FILE})",
-                reason="INVALID_ARCHIVE",
-                field="data",
-            )
-        stored = len(result[1])
-        progress(Event("images", State.DONE, stored, stored, Unit.ITEMS))
-        return result
-    finally:
-        await asyncio.to_thread(shutil.rmtree, workdir, True)
+    # The spool and its prepared layers go in scratch: a full disk is STORAGE_FULL.
+    with catalog.disk.guard("cannot load the archive"):
+        catalog.scratch.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix="load-", dir=catalog.scratch))
+        try:
+            path = await spool(chunks, workdir / "archive", max_bytes)
+            received = path.stat().st_size
+            progress(Event("upload", State.DONE, received, received))
+            archive = await asyncio.to_thread(Archive.open, path)
+            loader = _Loader(catalog, archive, workdir, progress)
+            if archive.has(DOCKER_MANIFEST_FILE):
+                result = await loader.docker_archive(reference)
+            elif archive.has(INDEX_FILE):
+                targets = await asyncio.to_thread(read_layout, archive)
+                name_unnamed([t.naming for t in targets], reference)
+                result = await loader.store_layout(targets, DETAIL_OCI)
+            else:
+                raise InvalidArgument(
+                    f"the archive is neither a docker-archive (no {DOCKER_MANIFEST_FILE}) nor an "
+                    f"OCI layout (no {INDEX_FILE})",
+                    reason="INVALID_ARCHIVE",
+                    field="data",
+                )
+            stored = len(result[1])
+            progress(Event("images", State.DONE, stored, stored, Unit.ITEMS))
+            return result
+        finally:
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
 
 
 class _Loader:

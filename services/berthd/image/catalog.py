@@ -40,6 +40,7 @@ from berthd.common.state.build_cache import CACHE_REPOSITORY
 from berthd.common.state.containers import CONTAINERS
 from berthd.common.state.images import IMAGES, ImageOrigin, origin_of
 from berthd.common.state.nodes import NODE_LAYERS
+from berthd.common.storage import Storage
 from berthd.common.store import Store
 from berthd.common.timestamps import parse_rfc3339
 from berthd.image import metrics
@@ -260,6 +261,8 @@ class Catalog:
         self.images = ImageStore(registry)
         # Where large transient files (layers being packed or unpacked) go.
         self.scratch = scratch
+        # A full scratch disk fails a load, import or transfer as STORAGE_FULL.
+        self.disk = Storage("the image service's scratch directory", scratch)
 
     # --- reading the catalog ----------------------------------------------------------------
 

@@ -289,53 +289,57 @@ async def import_tarball(
     with _field("changes"):
         config_section = apply_changes({}, changes)
     repository = name.repository if name else IMPORT_REPOSITORY
-    catalog.scratch.mkdir(parents=True, exist_ok=True)
-    base = catalog.scratch / f"import-{uuid.uuid4().hex}"
-    upload, blob = base.with_suffix(".upload"), base.with_suffix(".tar.gz")
-    try:
-        too_large = f"import: the tarball is larger than {_gib(max_bytes)}"
-        received = await spool_upload(chunks, upload, max_bytes, too_large)
-        if received == 0:
-            raise InvalidArgument(
-                "import: the tarball is empty", reason="INVALID_ARCHIVE", field="data"
+    # The upload and its packed layer go in scratch: a full disk is STORAGE_FULL.
+    with catalog.disk.guard("cannot import the tarball"):
+        catalog.scratch.mkdir(parents=True, exist_ok=True)
+        base = catalog.scratch / f"import-{uuid.uuid4().hex}"
+        upload, blob = base.with_suffix(".upload"), base.with_suffix(".tar.gz")
+        try:
+            too_large = f"import: the tarball is larger than {_gib(max_bytes)}"
+            received = await spool_upload(chunks, upload, max_bytes, too_large)
+            if received == 0:
+                raise InvalidArgument(
+                    "import: the tarball is empty", reason="INVALID_ARCHIVE", field="data"
+                )
+            progress(Event("upload", State.DONE, received, received))
+            started = time.monotonic()
+            progress(
+                Event(
+                    "layer", State.RUNNING, unit=Unit.NONE, message="checking and packing the layer"
+                )
             )
-        progress(Event("upload", State.DONE, received, received))
-        started = time.monotonic()
-        progress(
-            Event("layer", State.RUNNING, unit=Unit.NONE, message="checking and packing the layer")
-        )
-        layer = await asyncio.to_thread(pack_layer, upload, blob, max_bytes)
-        upload.unlink()
-        await catalog.registry.push_blob(repository, blob, layer.digest, layer.size)
-        progress(
-            Event(
-                "layer",
-                State.DONE,
-                unit=Unit.NONE,
-                message=f"layer {layer.digest} ({layer.size} bytes)",
-                seconds=time.monotonic() - started,
+            layer = await asyncio.to_thread(pack_layer, upload, blob, max_bytes)
+            upload.unlink()
+            await catalog.registry.push_blob(repository, blob, layer.digest, layer.size)
+            progress(
+                Event(
+                    "layer",
+                    State.DONE,
+                    unit=Unit.NONE,
+                    message=f"layer {layer.digest} ({layer.size} bytes)",
+                    seconds=time.monotonic() - started,
+                )
             )
-        )
-        os_name, architecture = host_platform()
-        created = now_rfc3339()
-        step = {"created": created, "created_by": f"Imported from {source or '-'}"}
-        if message:
-            step["comment"] = message
-        config = {
-            "created": created,
-            "architecture": architecture,
-            "os": os_name,
-            "config": config_section,
-            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
-            "history": [step],
-        }
-        descriptor = Descriptor(mediatypes.OCI_LAYER_TAR_GZIP, layer.digest, layer.size)
-        return await catalog.write_image(
-            repository, name.tag if name else None, config, [descriptor], ORIGIN_IMPORT, source
-        )
-    finally:
-        upload.unlink(missing_ok=True)
-        blob.unlink(missing_ok=True)
+            os_name, architecture = host_platform()
+            created = now_rfc3339()
+            step = {"created": created, "created_by": f"Imported from {source or '-'}"}
+            if message:
+                step["comment"] = message
+            config = {
+                "created": created,
+                "architecture": architecture,
+                "os": os_name,
+                "config": config_section,
+                "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+                "history": [step],
+            }
+            descriptor = Descriptor(mediatypes.OCI_LAYER_TAR_GZIP, layer.digest, layer.size)
+            return await catalog.write_image(
+                repository, name.tag if name else None, config, [descriptor], ORIGIN_IMPORT, source
+            )
+        finally:
+            upload.unlink(missing_ok=True)
+            blob.unlink(missing_ok=True)
 
 
 def _gib(size: int) -> str:

@@ -199,23 +199,26 @@ async def _fetch(
     progress: Report,
 ) -> None:
     """Download one blob to scratch, then push it into berth's registry."""
-    path = _scratch_path(catalog, "pull", blob.digest)
-    try:
-        report = _byte_progress(blob, progress, State.DOWNLOADING)
-        size = await remote.download_blob(remote_repository, blob.digest, path, report)
-        metrics.EXTERNAL_BYTES.labels(direction="pull").inc(size)
-        if size != blob.size:
-            raise DataLoss(
-                f"{remote.host}/{remote_repository}@{blob.digest}: {size} bytes, "
-                f"the manifest says {blob.size}",
-                reason="SIZE_MISMATCH",
-                metadata={"digest": blob.digest, "expected": blob.size, "actual": size},
-            )
-        # The download checked the digest; berth's registry checks it again on commit.
-        progress(Event(blob.digest, State.VERIFYING, size, size))
-        await catalog.registry.push_blob(repository, path, blob.digest, size)
-    finally:
-        path.unlink(missing_ok=True)
+    with catalog.disk.guard(f"cannot pull {blob.digest}", digest=blob.digest):
+        path = _scratch_path(catalog, "pull", blob.digest)
+        try:
+            report = _byte_progress(blob, progress, State.DOWNLOADING)
+            size = await remote.download_blob(remote_repository, blob.digest, path, report)
+            metrics.EXTERNAL_BYTES.labels(direction="pull").inc(size)
+            if size != blob.size:
+                raise DataLoss(
+                    f"{remote.host}/{remote_repository}@{blob.digest}: {size} bytes, "
+                    f"the manifest says {blob.size}",
+                    reason="SIZE_MISMATCH",
+                    metadata={"digest": blob.digest, "expected": blob.size, "actual": size},
+                )
+            # The download checked the digest; berth's registry checks it again on commit.
+            progress(Event(blob.digest, State.VERIFYING, size, size))
+            await catalog.registry.push_blob(repository, path, blob.digest, size)
+        finally:
+            path.unlink(missing_ok=True)
+            # Its name is never used again: a download cut short is not resumed.
+            path.with_name(path.name + ".partial").unlink(missing_ok=True)
 
 
 # --- push -----------------------------------------------------------------------------------
@@ -277,14 +280,17 @@ async def _send(
     progress: Report,
 ) -> None:
     """Stream one blob from berth's registry to scratch, then up to the remote."""
-    path = _scratch_path(catalog, "push", blob.digest)
-    try:
-        await catalog.registry.pull_blob(local_repository, blob.digest, path, size=blob.size)
-        report = _byte_progress(blob, progress, State.UPLOADING)
-        await remote.upload_blob(repository, path, blob.digest, blob.size, report)
-        metrics.EXTERNAL_BYTES.labels(direction="push").inc(blob.size)
-    finally:
-        path.unlink(missing_ok=True)
+    with catalog.disk.guard(f"cannot push {blob.digest}", digest=blob.digest):
+        path = _scratch_path(catalog, "push", blob.digest)
+        try:
+            await catalog.registry.pull_blob(local_repository, blob.digest, path, size=blob.size)
+            report = _byte_progress(blob, progress, State.UPLOADING)
+            await remote.upload_blob(repository, path, blob.digest, blob.size, report)
+            metrics.EXTERNAL_BYTES.labels(direction="push").inc(blob.size)
+        finally:
+            path.unlink(missing_ok=True)
+            # Its name is never used again: a download cut short is not resumed.
+            path.with_name(path.name + ".partial").unlink(missing_ok=True)
 
 
 # --- shared ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 from berthd.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from berthd.common.rpc.registry import RegistryApi
 from berthd.common.state.nodes import NODE_LAYERS, NodeLayers, NodeRecord
+from berthd.common.storage import Storage
 from berthd.common.store import Store
 from berthd.node import cgroups, diff, metrics
 from berthd.node.containers import ContainerManager
@@ -82,6 +83,7 @@ class NodeAgent:
         store: Store | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.disk = Storage("the node's data directory", data_dir)
         self.node_id = node_id
         self.labels = labels
         self.registry = registry
@@ -112,16 +114,19 @@ class NodeAgent:
 
     async def pull(self, reference: str, progress: Callable[[PullEvent], None]) -> ImageRecord:
         blobs = self.data_dir / "downloads"
-        blobs.mkdir(parents=True, exist_ok=True)
-        result = await pull_image(
-            self.registry,
-            self.images,
-            self.layers,
-            reference,
-            blobs,
-            progress,
-            concurrency=self.pull_concurrency,
-        )
+        # Downloads, layers and image records all live in the data directory: a full disk
+        # fails the pull as STORAGE_FULL, and pull_image leaves nothing partial behind.
+        with self.disk.guard(f"cannot pull {reference}", image=reference):
+            blobs.mkdir(parents=True, exist_ok=True)
+            result = await pull_image(
+                self.registry,
+                self.images,
+                self.layers,
+                reference,
+                blobs,
+                progress,
+                concurrency=self.pull_concurrency,
+            )
         metrics.PULLED_BYTES.inc(result.bytes_downloaded)
         metrics.LAYER_CACHE.labels("hit").inc(result.layers_cached)
         metrics.LAYER_CACHE.labels("miss").inc(result.layers_pulled)

@@ -28,6 +28,7 @@ from berth.containers import USERNS_REMAP
 from berthd.common.containers import ContainerConfig, MountSpec, validate
 from berthd.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from berthd.common.state.containers import START_FAILED, STATUSES, ContainerStatus
+from berthd.common.storage import Storage
 from berthd.common.store import Store
 from berthd.node import cgroups, idmap, metrics
 from berthd.node.idmap import IdMap
@@ -39,6 +40,7 @@ from berthd.node.records import (
     STATES,
     ContainerDir,
     ContainerRecord,
+    load_records,
 )
 from berthd.node.runtime import ProcessNotStarted, Runtime
 from berthd.node.secrets import RUN_ROOT, SecretMounts, default_dir, run_dir
@@ -118,6 +120,7 @@ class ContainerManager:
     ) -> None:
         self.root = data_dir / "containers"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.disk = Storage("the node's data directory", data_dir)
         self.volumes = data_dir / "volumes"
         # `--userns remap`: the node's range for new containers (a record keeps its own).
         self.remap = remap or IdMap.parse(idmap.DEFAULT_RANGE)
@@ -185,7 +188,14 @@ class ContainerManager:
         )
 
     async def _save(self, record: ContainerRecord) -> None:
-        await asyncio.to_thread(self.dir(record.id).save, record)
+        with self.disk.guard(
+            f"cannot save the record of container {record.name}", container_id=record.id
+        ):
+            await asyncio.to_thread(self.dir(record.id).save, record)
+        await self._saved(record)
+
+    async def _saved(self, record: ContainerRecord) -> None:
+        """A record now on disk: report it to the cluster and wake whoever waits on it."""
         self._reports.put_nowait(record.id)
         self._update_gauges()
         async with self._changed:
@@ -234,17 +244,7 @@ class ContainerManager:
 
     async def start_background(self) -> None:
         """Load every record, adopt what still runs, settle what exited while we were away."""
-        for path in sorted(self.root.iterdir()):
-            record_file = path / "container.json"
-            if not record_file.exists():
-                continue
-            try:
-                record = ContainerDir(path).load()
-            except (ValueError, KeyError, TypeError, InvalidArgument) as exc:
-                # A config that no longer validates must not keep the agent from starting.
-                log.error("skipping unreadable container record %s: %s", record_file, exc)
-                continue
-            self.records[record.id] = record
+        self.records.update(await asyncio.to_thread(load_records, self.root))
         # Secrets of containers removed while the agent was away (or mid-removal) go now.
         await asyncio.to_thread(self.secrets.sweep, list(self.records))
         await asyncio.to_thread(self._sweep_remapped, set(self.records))
@@ -396,14 +396,17 @@ class ContainerManager:
                     record.id_map.check(f"secret {ref.name}'s gid", [ref.gid])
             # Before anything is made: SECRET_UNAVAILABLE when the cluster does not give them.
             await self.secrets.ensure(container_id, name, config.secrets, record.id_map)
-            await asyncio.to_thread(self._prepare, record, image.config)
+            # A full disk fails the create as STORAGE_FULL, and _discard leaves nothing of it.
+            with self.disk.guard(f"cannot create container {name}", container_id=container_id):
+                await asyncio.to_thread(self._prepare, record, image.config)
+                await asyncio.to_thread(self.dir(record.id).save, record)
             self.records[container_id] = record
         except BaseException:
             await asyncio.to_thread(self._discard, record)
             raise
         finally:
             self._reserved_names.discard(name)
-        await self._save(record)
+        await self._saved(record)
         return record
 
     def _name_taken(self, name: str) -> bool:

@@ -20,10 +20,10 @@ runs of `extract_layer` with diff_id hashing, 64 MiB gzip layers made with zlib 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import errno
 import json
+import logging
 import os
 import re
 import secrets
@@ -53,6 +53,7 @@ from berthd.common.oci.manifest import (
 from berthd.common.oci.platform import pick_platform
 from berthd.common.oci.reference import is_digest
 from berthd.common.rpc.registry import RegistryApi
+from berthd.common.storage import BROKEN, FULL
 from berthd.common.tarsafe import (
     ExtractResult,
     HashingReader,
@@ -63,6 +64,8 @@ from berthd.common.tarsafe import (
 
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
+
+log = logging.getLogger("berthd.node.layers")
 
 _TMP_PREFIX = ".tmp-"
 _HEX64_RE = re.compile(r"[a-f0-9]{64}")
@@ -329,11 +332,15 @@ class ImageStore:
         return _resolve(self._load_all(), ref_or_digest)
 
     def find(self, digest: str) -> ImageRecord | None:
-        """The image with this manifest digest, or None."""
+        """The image with this manifest digest, or None (also when its record is damaged: a
+        pull then downloads the image again and rewrites the record whole)."""
         path = self._record_path(digest)
         try:
             return self._read(path)
         except FileNotFoundError:
+            return None
+        except DataLoss as e:
+            log.error("%s; pulling the image again", e)
             return None
 
     def add(self, record: ImageRecord) -> ImageRecord:
@@ -373,8 +380,14 @@ class ImageStore:
         records = []
         for path in self.directory.iterdir():
             if path.suffix == ".json" and _HEX64_RE.fullmatch(path.stem):
-                with contextlib.suppress(FileNotFoundError):  # removed since the listing
+                try:
                     records.append(self._read(path))
+                except FileNotFoundError:  # removed since the listing
+                    continue
+                except (DataLoss, OSError) as e:
+                    # One damaged record must not break every listing and every pull.
+                    reason = e.strerror if isinstance(e, OSError) else e.__cause__
+                    log.error("skipping unreadable image record %s: %s", path, reason)
         return records
 
     @staticmethod
@@ -387,11 +400,15 @@ class ImageStore:
 
     def _write(self, record: ImageRecord) -> None:
         tmp = self.directory / f"{_TMP_PREFIX}{secrets.token_hex(8)}.json"
-        with open(tmp, "wb") as f:
-            f.write(record.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._record_path(record.digest))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(record.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._record_path(record.digest))
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written record
+            raise
         fsync_dir(self.directory)
 
 
@@ -547,6 +564,8 @@ class _Pull:
         self.loop = asyncio.get_running_loop()
         self.stop = threading.Event()
         self.bytes_downloaded = 0
+        # Set when a layer's download or unpacking found the disk full or failing.
+        self.disk_failed = False
         blobs_dir.mkdir(parents=True, exist_ok=True)
 
     async def manifest(self, reference: str) -> tuple[str, ParsedManifest]:
@@ -624,6 +643,15 @@ class _Pull:
                         layer.media_type,
                         self._thread_progress(layer.digest, PullState.EXTRACTING),
                     )
+                except BaseException as exc:
+                    if isinstance(exc, OSError) and exc.errno in FULL | BROKEN:
+                        self.disk_failed = True
+                    if self.disk_failed:
+                        # Kept for a resume, partial downloads would hold the space the pull
+                        # lacked: this layer's goes, and so do those of the layers cancelled
+                        # with it (this task holds the layer's pull lock: nobody else writes it).
+                        blob.with_name(blob.name + ".partial").unlink(missing_ok=True)
+                    raise
                 finally:
                     blob.unlink(missing_ok=True)
         self._emit(layer.digest, PullState.PULL_COMPLETE)

@@ -6,7 +6,9 @@ restarts (even after SIGKILL) finds every container again and adopts it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +16,10 @@ from typing import Any
 
 from berth.files import atomic_write
 from berthd.common.containers import ContainerConfig, from_dict
+from berthd.common.errors import InvalidArgument
 from berthd.node.idmap import IdMap
+
+log = logging.getLogger("berthd.node.records")
 
 CREATED = "created"
 RUNNING = "running"
@@ -64,9 +69,31 @@ class ContainerRecord:
         data = dict(data)
         data["config"] = from_dict(data["config"])
         record = cls(**data)
+        record._check()
         if record.idmap:
             IdMap(*record.idmap)  # a bad range fails the load, not a later mount
         return record
+
+    def _check(self) -> None:
+        """A record the agent acts on (signals a pid, mounts chain ids) has fields of the
+        right kinds: a damaged one fails here, at load, not in the monitor later."""
+        if self.state not in STATES:
+            raise ValueError(f"unknown state {self.state!r}")
+        for name in ("id", "name", "image_digest", "error", "failure_reason"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} is not a string")
+        for name in ("pid", "exit_code", "restart_count", "attempt"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} is not an integer")
+        for name in ("created_at", "started_at", "finished_at"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, int | float):
+                raise TypeError(f"{name} is not a number")
+        if not isinstance(self.chain_ids, list) or not all(
+            isinstance(c, str) for c in self.chain_ids
+        ):
+            raise TypeError("chain_ids is not a list of strings")
 
 
 class ContainerDir:
@@ -106,3 +133,29 @@ class ContainerDir:
 
     def load(self) -> ContainerRecord:
         return ContainerRecord.from_json(json.loads(self.record.read_text()))
+
+
+def load_records(root: Path) -> dict[str, ContainerRecord]:
+    """Every container record under `root` (`<data>/containers`), by id. A record that cannot
+    be read or makes no sense is skipped with a log line: one damaged file must not keep the
+    agent (and every other container) from starting. Its directory stays for a person to see."""
+    records: dict[str, ContainerRecord] = {}
+    for path in sorted(root.iterdir()):
+        record_file = path / "container.json"
+        # Temporary files of a write cut short (atomic_write's names): never a record.
+        for leftover in path.glob(".container.json.*.tmp"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        if not record_file.exists():
+            continue
+        try:
+            record = ContainerDir(path).load()
+            if record.id != path.name:
+                raise ValueError(f"it names container {record.id}")
+        except (OSError, ValueError, KeyError, TypeError, InvalidArgument) as exc:
+            # OSError: a disk that fails under the record (EIO), or no file where it should be.
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            log.error("skipping unreadable container record %s: %s", record_file, reason)
+            continue
+        records[record.id] = record
+    return records
