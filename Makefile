@@ -92,6 +92,7 @@ bench: deps bench-apt
 	$(PY) -m bench.cluster
 	$(PY) -m bench.image
 	$(PY) -m bench.builder
+	$(PY) -m bench.security
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)
