@@ -1,8 +1,9 @@
 """The chaos test's cluster on the 3-host namespace harness (tests/integration/hosts.py): etcd,
-the registry and two cluster instances in the control namespace, a node agent per host.
+the registry, the image service and two cluster instances in the control namespace, a node agent
+per host.
 
 Every component can be SIGKILLed and started again over the same data, and every host's link
-cut and restored. The registry and the cluster instances listen on fixed ports, so clients (and
+cut and restored. The registry, image and cluster instances listen on fixed ports, so clients (and
 the agents' --registry) find a restarted one where it was; agents register their new address.
 """
 
@@ -24,6 +25,7 @@ from .schedule import CUT, KILL, Fault
 LEASE_TTL = 3
 REGISTRY_PORT = 5000
 CLUSTER_PORTS = {"cluster-1": 5001, "cluster-2": 5002}
+IMAGE_PORT = 5003
 READY_TIMEOUT = 90  # a guard for a restart on a busy 2-core machine
 
 
@@ -49,6 +51,10 @@ class ChaosCluster:
         return [f"{self.net.control_address}:{port}" for port in CLUSTER_PORTS.values()]
 
     @property
+    def image(self) -> str:
+        return f"{self.net.control_address}:{IMAGE_PORT}"
+
+    @property
     def registry_data(self) -> Path:
         return self.run_dir / "registry"
 
@@ -58,7 +64,7 @@ class ChaosCluster:
         self.net.create(3)
         (self.run_dir / "etcd").mkdir()
         self.etcd = self.net.start_etcd(self.run_dir / "etcd")
-        starting = [self._start_service("registry")]
+        starting = [self._start_service("registry"), self._start_service("image")]
         starting += [self._start_service(name) for name in CLUSTER_PORTS]
         starting += [self._start_agent(n) for n in (1, 2, 3)]
         for service in starting:  # started together, so their imports overlap
@@ -67,6 +73,12 @@ class ChaosCluster:
     def _start_service(self, name: str) -> HostService:
         if name == "registry":
             extra = [f"--data-dir={self.registry_data}", f"--listen={self.registry}"]
+        elif name == "image":
+            extra = [
+                f"--data-dir={self.run_dir / 'image'}",
+                f"--listen={self.image}",
+                f"--registry={self.registry}",
+            ]
         else:
             extra = [f"--listen={self.net.control_address}:{CLUSTER_PORTS[name]}"]
         service = self.net.start_service(
@@ -160,6 +172,7 @@ class ChaosCluster:
             f"tests.chaos.{module}",
             mode,
             f"--registry={self.registry}",
+            f"--image={self.image}",
             *clusters,
             *extra,
         ]

@@ -86,6 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["snapshot", "gc", "cleanup"])
     parser.add_argument("--registry", required=True)
+    parser.add_argument("--image", required=True)
     parser.add_argument("--cluster", action="append", required=True)
     parser.add_argument("--journal", default="")
     parser.add_argument("--pushes", action="store_true")

@@ -19,6 +19,7 @@ CUT = "cut"
 COMPONENTS = (
     "etcd",
     "registry",
+    "image",
     "cluster-1",
     "cluster-2",
     "node-host1",

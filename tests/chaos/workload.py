@@ -1,9 +1,10 @@
 """The chaos workload, run inside the harness's control namespace (the test process has no
 route to the test subnet): `python -m tests.chaos.workload setup|run ...`.
 
-`setup` pushes the base image and creates the 3-replica service. `run` pushes, pulls and runs
-containers until the stop file appears, appending every acknowledged operation (the call
-returned OK) to a journal, one JSON object a line: what the invariants hold the cluster to.
+`setup` pushes the base image and creates the 3-replica service. `run` pushes, pulls, tags
+(through the image service) and runs containers until the stop file appears, appending every
+acknowledged operation (the call returned OK) to a journal, one JSON object a line: what the
+invariants hold the cluster to.
 Failed calls are expected while components are down; they are journaled with their status code
 and message, which must be honest (no raw exception text).
 """
@@ -20,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from berth.client import ClusterClient, ContainerConfig, RegistryClient
+from berth.client import ClusterClient, ContainerConfig, ImageClient, RegistryClient
 from berth.errors import BerthClientError
 from tests.integration.images import busybox_layer, push_image, tar_of
 
@@ -52,6 +53,7 @@ def error_record(what: str, err: Exception) -> dict[str, str]:
 class Workload:
     def __init__(self, args: argparse.Namespace, journal: Journal) -> None:
         self.registry = args.registry
+        self.image = args.image
         self.clusters = args.cluster
         self.stop_file = Path(args.stop)
         self.journal = journal
@@ -81,7 +83,8 @@ class Workload:
             n += 1
             reference = f"chaos/p{n}:1"
             # Uploads of up to a few MiB, so some are cut mid-way by a kill.
-            unique = tar_of({"data.bin": os.urandom(self.rng.randint(1, 3 << 20))})
+            size = self.rng.choice([16 << 10, 256 << 10, 2 << 20])
+            unique = tar_of({"data.bin": os.urandom(self.rng.randint(1, size))})
 
             def push(reference: str = reference, unique: bytes = unique) -> str:
                 repository, tag = reference.split(":")
@@ -98,6 +101,28 @@ class Workload:
                 with self.lock:
                     self.pushed.append((reference, str(digest)))
             time.sleep(self.rng.uniform(0.2, 1.0))
+
+    def tags(self) -> None:
+        """Tag acknowledged pushes anew through the image service: each acknowledged tag is a
+        push the invariants hold the registry to."""
+        n = 0
+        while not self.stopped():
+            with self.lock:
+                choice = self.rng.choice(self.pushed) if self.pushed else None
+            if choice:
+                n += 1
+                target = f"chaos/tagged:{n}"
+
+                def tag(source: str = choice[0], target: str = target) -> str:
+                    with ImageClient(self.image, timeout=CALL_TIMEOUT) as images:
+                        return images.tag(source, target)
+
+                digest = self.attempt("tag", tag)
+                if digest:
+                    self.journal.write(op="push", ref=target, digest=digest, source=choice[0])
+                    if digest != choice[1]:
+                        self.journal.write(op="bad_read", ref=target, want=choice[1], got=digest)
+            time.sleep(self.rng.uniform(1.0, 3.0))
 
     def pulls(self) -> None:
         while not self.stopped():
@@ -183,7 +208,7 @@ def run(args: argparse.Namespace) -> None:
     workload = Workload(args, Journal(Path(args.journal)))
     threads = [
         threading.Thread(target=fn, name=fn.__name__)
-        for fn in (workload.pushes, workload.pulls, workload.runs)
+        for fn in (workload.pushes, workload.pulls, workload.tags, workload.runs)
     ]
     for thread in threads:
         thread.start()
@@ -195,6 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["setup", "run"])
     parser.add_argument("--registry", required=True)
+    parser.add_argument("--image", required=True)
     parser.add_argument("--cluster", action="append", required=True)
     parser.add_argument("--journal", default="")
     parser.add_argument("--stop", default="")
