@@ -90,6 +90,7 @@ def test_chaos(tmp_path_factory: pytest.TempPathFactory) -> None:
     print(f"\n{replay()}", flush=True)
     faults = generate(SEED, MINUTES * 60)
     run_dir = tmp_path_factory.mktemp("chaos")
+    print(f"logs and journal in {run_dir}", flush=True)
     cluster = ChaosCluster(run_dir)
     journal, stop = run_dir / "journal.jsonl", run_dir / "stop"
     violations: list[str] = []

@@ -70,11 +70,17 @@ def test_pushes_must_read_back_with_their_digest() -> None:
     assert [v.split()[1] for v in check_pushes(pushes, lost)] == ["chaos/p2:1"]
 
 
-def test_raw_exception_text_is_a_violation() -> None:
+def test_unmapped_codes_and_raw_exception_text_are_violations() -> None:
     honest = {"what": "run", "code": "UNAVAILABLE", "message": "etcd is unreachable"}
     raw = {"what": "run", "code": "INTERNAL", "message": "<AioRpcError of RPC ...>"}
+    raw_text = {"what": "pull", "code": "UNAVAILABLE", "message": "[Errno 111] refused"}
+    leaked = {"what": "push", "code": "KeyError", "message": "'digest'"}
     assert check_errors([honest]) == []
-    assert len(check_errors([honest, raw])) == 1
+    assert check_errors([honest, raw, raw_text, leaked]) == [
+        "run failed with INTERNAL: <AioRpcError of RPC ...>",
+        "pull failed with UNAVAILABLE: [Errno 111] refused",
+        "push failed with KeyError: 'digest'",
+    ]
 
 
 def snapshot(replicas: list[tuple[str, int, str, str]], on_nodes: dict) -> dict:
