@@ -45,6 +45,10 @@ class Acknowledged:
     def error_codes(self) -> dict[str, int]:
         return dict(Counter(f"{e['what']}:{e['code']}" for e in self.errors))
 
+    def error_samples(self) -> dict[str, str]:
+        """One message for each kind of failed call, for the run's summary."""
+        return {f"{e['what']}:{e['code']}": e["message"] for e in reversed(self.errors)}
+
 
 def check_pushes(pushes: dict[str, str], read: dict[str, object]) -> list[str]:
     """Every acknowledged push reads back whole, with the digest it was acknowledged with."""

@@ -143,6 +143,7 @@ def test_chaos(tmp_path_factory: pytest.TempPathFactory) -> None:
                     "runs": len(acked.runs),
                     "removed": len(acked.removed),
                     "failed_calls": acked.error_codes(),
+                    "failure_samples": acked.error_samples(),
                     "container_states": sorted(
                         c["state"] for cid, c in snapshot["containers"].items() if cid in acked.runs
                     ),
