@@ -66,9 +66,11 @@ def revive(cluster: ChaosCluster, crashes: list[str]) -> None:
 
 
 def settle(cluster: ChaosCluster, journal: Path, acked: Acknowledged) -> tuple[dict, list[str]]:
-    """Snapshots until the service and the acknowledged containers hold their invariants, or
-    the guard runs out; returns the last snapshot and what it still violates."""
+    """Snapshots until the service and the acknowledged containers hold their invariants in
+    two snapshots in a row (a passing glimpse is not a settled cluster), or the guard runs out;
+    returns the last snapshot and what it still violates."""
     deadline = time.monotonic() + SETTLE_GUARD
+    held = 0
     while True:
         try:
             snapshot = cluster.client("observe", "snapshot", f"--journal={journal}")
@@ -81,7 +83,8 @@ def settle(cluster: ChaosCluster, journal: Path, acked: Acknowledged) -> tuple[d
         found = [f"node {h} is not registered" for h in HOSTS if h not in snapshot["nodes"]]
         found += check_service(snapshot, SERVICE, REPLICAS)
         found += check_containers(snapshot, acked.runs, acked.removed)
-        if not found or time.monotonic() > deadline:
+        held = 0 if found else held + 1
+        if held == 2 or (found and time.monotonic() > deadline):
             return snapshot, found
         time.sleep(2)
 
