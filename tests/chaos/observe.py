@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from berth.client import ClusterClient, NodeClient, RegistryClient
@@ -52,15 +53,22 @@ def snapshot(args: argparse.Namespace) -> dict[str, object]:
             on_nodes[node.id] = failure(err)
     out["on_nodes"] = on_nodes
     if args.pushes:
-        pushes: dict[str, object] = {}
-        for record in journal:
-            if record["op"] == "push":
-                try:
-                    pushes[record["ref"]] = read_image(args.registry, record["ref"])
-                except BerthClientError as err:
-                    pushes[record["ref"]] = failure(err)
-        out["pushes"] = pushes
+        references = [r["ref"] for r in journal if r["op"] == "push"]
+        with (
+            RegistryClient(args.registry, timeout=CALL_TIMEOUT) as client,
+            ThreadPoolExecutor(4) as pool,
+        ):
+            out["pushes"] = dict(
+                zip(references, pool.map(lambda r: read(client, r), references), strict=True)
+            )
     return out
+
+
+def read(client: RegistryClient, reference: str) -> object:
+    try:
+        return read_image(client, reference)
+    except BerthClientError as err:
+        return failure(err)
 
 
 def gc(args: argparse.Namespace) -> dict[str, object]:

@@ -59,6 +59,7 @@ class Workload:
         self.journal = journal
         self.rng = random.Random(args.seed)
         self.pushed: list[tuple[str, str]] = []  # (reference, digest) acknowledged
+        self.unanswered: set[str] = set()  # containers a remove was sent for, answer lost
         self.lock = threading.Lock()
         self.base_layer = busybox_layer()
 
@@ -134,7 +135,8 @@ class Workload:
 
     def pull(self, reference: str, digest: str) -> None:
         """Read an acknowledged push back; a wrong answer (not a failed call) is journaled."""
-        got = read_image(self.registry, reference)
+        with RegistryClient(self.registry, timeout=CALL_TIMEOUT) as client:
+            got = read_image(client, reference)
         if got != digest:
             self.journal.write(op="bad_read", ref=reference, want=digest, got=got)
 
@@ -159,33 +161,44 @@ class Workload:
             if cid:
                 self.journal.write(op="run", id=cid, name=config.name, image=config.image)
                 live.append(str(cid))
-            if len(live) > LIVE_CONTAINERS:
-                oldest = live[0]
-
-                def remove(cid: str = oldest) -> bool:
-                    with self.cluster() as cluster:
-                        cluster.remove(cid, force=True)
-                    return True
-
-                if self.attempt("remove", remove):
-                    self.journal.write(op="removed", id=oldest)
-                    live.pop(0)
+            if len(live) > LIVE_CONTAINERS and self.remove(live[0]):
+                live.pop(0)
             time.sleep(self.rng.uniform(1.0, 3.0))
 
+    def remove(self, cid: str) -> bool:
+        """Remove an acknowledged container; True once it is gone (journaled as removed). An
+        attempt whose answer was lost (UNAVAILABLE, DEADLINE_EXCEEDED) may have removed it:
+        NOT_FOUND after one is that removal. NOT_FOUND at the first attempt is not: the
+        container was lost, and it stays acknowledged for the invariants to report."""
+        try:
+            with self.cluster() as cluster:
+                cluster.remove(cid, force=True)
+        except BerthClientError as err:
+            if err.code == "NOT_FOUND" and cid in self.unanswered:
+                self.journal.write(op="removed", id=cid, after_lost_answer=True)
+                return True
+            self.journal.write(**error_record("remove", err))
+            if err.code == "NOT_FOUND":
+                return True  # nothing left to remove; the invariants see it gone
+            self.unanswered.add(cid)
+            time.sleep(0.5)
+            return False
+        self.journal.write(op="removed", id=cid)
+        return True
 
-def read_image(registry: str, reference: str) -> str:
+
+def read_image(client: RegistryClient, reference: str) -> str:
     """The digest of `reference`'s manifest, after reading every blob it names (each checked
     against its digest by the client) and the manifest's own bytes against the digest."""
     repository, tag = reference.split(":")
-    with RegistryClient(registry, timeout=CALL_TIMEOUT) as client:
-        manifest = client.get_manifest(repository, tag)
-        if "sha256:" + hashlib.sha256(manifest.content).hexdigest() != manifest.digest:
-            return "manifest bytes do not match " + manifest.digest
-        body = json.loads(manifest.content)
-        with tempfile.TemporaryDirectory() as tmp:
-            for descriptor in [body["config"], *body["layers"]]:
-                client.pull_blob(repository, descriptor["digest"], Path(tmp) / "blob")
-        return manifest.digest
+    manifest = client.get_manifest(repository, tag)
+    if "sha256:" + hashlib.sha256(manifest.content).hexdigest() != manifest.digest:
+        return "manifest bytes do not match " + manifest.digest
+    body = json.loads(manifest.content)
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, descriptor in enumerate([body["config"], *body["layers"]]):
+            client.pull_blob(repository, descriptor["digest"], Path(tmp) / f"blob-{n}")
+    return manifest.digest
 
 
 def setup(args: argparse.Namespace) -> None:
