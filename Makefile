@@ -23,7 +23,7 @@ STATE_FLAG := $(if $(STATE_DIR),--state-dir $(STATE_DIR),)
 # its package-lock.json.
 NODE_CLIENT := tests/clients/node
 
-.PHONY: deps apt node bench-apt venv protos lint test unit integration demo bench up down status clean
+.PHONY: deps apt node bench-apt venv protos lint test unit integration chaos demo bench up down status clean
 
 deps: apt venv protos
 
@@ -82,6 +82,13 @@ integration: deps node
 
 test: deps node lint
 	$(VENV)/bin/pytest -q -ra tests
+
+# The chaos test for longer than its bounded run in `make test` (1 minute of faults); a seed
+# from a failure message replays that run: `CHAOS_SEED=123 make chaos`.
+CHAOS_MINUTES ?= 30
+CHAOS_SEED ?=
+chaos: deps
+	CHAOS_MINUTES=$(CHAOS_MINUTES) CHAOS_SEED=$(CHAOS_SEED) $(VENV)/bin/pytest -q -s -ra tests/chaos
 
 demo: deps
 	$(PY) scripts/demo.py $(STATE_FLAG)

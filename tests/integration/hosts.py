@@ -271,18 +271,22 @@ class TestNetwork:
         """One node agent per host, without waiting: node id `hostN`, label `host=hN`, data in
         `run_dir/hostN`, pulling from `registry`. Call `.wait_ready()` on each."""
         return {
-            f"host{n}": self.start_service(
-                host,
-                "node",
-                f"--data-dir={self.run_dir / f'host{n}'}",
-                f"--node-id=host{n}",
-                f"--label=host=h{n}",
-                f"--registry={registry}",
-                prefix=prefix,
-                lease_ttl=lease_ttl,
-            )
-            for n, host in enumerate(self.hosts, start=1)
+            f"host{n}": self.start_agent(n, registry, prefix, lease_ttl)
+            for n in range(1, len(self.hosts) + 1)
         }
+
+    def start_agent(self, n: int, registry: str, prefix: str, lease_ttl: int) -> HostService:
+        """The node agent of host `n` (see start_agents), also to restart it after a kill."""
+        return self.start_service(
+            self.host(n),
+            "node",
+            f"--data-dir={self.run_dir / f'host{n}'}",
+            f"--node-id=host{n}",
+            f"--label=host=h{n}",
+            f"--registry={registry}",
+            prefix=prefix,
+            lease_ttl=lease_ttl,
+        )
 
     def close(self) -> None:
         """Stop processes, unmount leftovers under run_dir, delete namespaces. Idempotent."""
