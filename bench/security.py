@@ -176,7 +176,9 @@ def pull(client: RegistryClient, image: Image, repository: str, dest: Path) -> N
         client.pull_blob(repository, blob.digest, dest / blob.digest.split(":")[1])
 
 
-def latency(cluster: Cluster, stub: cluster_pb2_grpc.ClusterServiceStub, samples: int) -> dict:
+def latency(
+    cluster: Cluster, stub: cluster_pb2_grpc.ClusterServiceStub, samples: int
+) -> dict[str, float]:
     """Sequential RunContainer round trips; every other call carries a request_id, as berth's
     own clients send. Also the scheduler's own mean time per placement (snapshot, choice and
     transaction in etcd: the part of a round trip spent in the cluster's core). The containers
@@ -224,7 +226,9 @@ def transfer(address: str, image: Image, repository: str, work: Path) -> tuple[f
     return rate(image.size, pushed), rate(image.size, pulled)
 
 
-def measure(mode: str, cluster: Cluster, image: Image, samples: int, work: Path) -> dict:
+def measure(
+    mode: str, cluster: Cluster, image: Image, samples: int, work: Path
+) -> dict[str, float]:
     """Every figure of one mode; the caller has set the environment (plaintext, token)."""
     services = cluster.info["services"]
     port = "public_address" if mode == TOKEN else "address"
@@ -310,15 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                             result = measure(mode, cluster, images[mode], args.samples, work)
                         for name, value in result.items():
                             figures[mode][name].append(value)
-                        print(
-                            f"round {number}: {mode:10} push {result['push']:6.1f} MB/s"
-                            f"  pull {result['pull']:6.1f} MB/s"
-                            f"  RunContainer p50 {result['RunContainer p50']:5.1f} ms"
-                            f" p95 {result['RunContainer p95']:5.1f} ms"
-                            f" (request_id {result['RunContainer + request_id p50']:5.1f} ms,"
-                            f" scheduler {result['scheduler, mean']:4.1f} ms)",
-                            flush=True,
-                        )
+                        shown = (f"{name} {result[name]:.1f} {unit}" for name, unit, _ in ROWS)
+                        print(f"round {number}: {mode:9}  {', '.join(shown)}", flush=True)
         report(figures, args)
     except (BenchError, BerthClientError, grpc.RpcError, RuntimeError) as exc:
         detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
