@@ -48,6 +48,16 @@ from berthd.registry.metadata import (
 T = TypeVar("T")
 
 
+def listing_expired(revision: int) -> Aborted:
+    """A page token whose etcd revision was compacted: the listing starts over."""
+    return Aborted(
+        f"the listing's view of the registry (etcd revision {revision}) has been "
+        "compacted away; list again from the first page",
+        reason="LISTING_EXPIRED",
+        metadata={"revision": revision},
+    )
+
+
 @dataclass(frozen=True)
 class StoredManifest:
     digest: str
@@ -393,12 +403,7 @@ class Registry:
             ):
                 raise name_unknown(repository)
         except RevisionCompacted as exc:
-            raise Aborted(
-                f"the listing's view of the registry (etcd revision {revision}) has been "
-                "compacted away; list again from the first page",
-                reason="LISTING_EXPIRED",
-                metadata={"revision": revision},
-            ) from exc
+            raise listing_expired(revision) from exc
         next_token = encode_manifest_token(page.revision, page.entries[-1]) if page.more else ""
         return page.entries, next_token
 
@@ -422,12 +427,7 @@ class Registry:
                     break
                 after = page.entries[-1].key
         except RevisionCompacted as exc:
-            raise Aborted(
-                f"the listing's view of the registry (etcd revision {revision}) has been "
-                "compacted away; list again from the first page",
-                reason="LISTING_EXPIRED",
-                metadata={"revision": revision},
-            ) from exc
+            raise listing_expired(revision) from exc
         entries = shown[:limit]
         more = len(shown) > limit
         return entries, encode_manifest_token(revision, entries[-1]) if more else ""

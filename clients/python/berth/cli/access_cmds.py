@@ -10,7 +10,14 @@ import sys
 
 from berth.cli import auth
 from berth.cli.container_cmds import host_options
-from berth.cli.output import for_each, format_time, human_ago, print_json, print_line, print_table
+from berth.cli.output import (
+    for_each,
+    format_time,
+    human_ago,
+    print_json,
+    print_line,
+    print_listing,
+)
 from berth.cli.registry_cmds import format_options, parse_duration
 from berth.client.access import AccessClient, TokenInfo
 from berth.config import resolve_cluster_address
@@ -90,13 +97,7 @@ def token_rows(tokens: list[TokenInfo]) -> list[list[str]]:
 def cmd_token_ls(args: argparse.Namespace) -> int:
     with connect(args) as client:
         tokens = client.tokens()
-    if args.format == "json":
-        print_json(tokens)
-    elif args.quiet:
-        for t in tokens:
-            print_line(t.name)
-    else:
-        print_table(TOKEN_HEADERS, token_rows(tokens))
+    print_listing(args, tokens, TOKEN_HEADERS, token_rows, lambda t: t.name)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -171,3 +172,20 @@ def inspect_each(targets: Iterable[str], describe: Callable[[str], Any]) -> None
     finally:
         if found:
             print_json(found)
+
+
+def print_listing(
+    args: argparse.Namespace,
+    items: Sequence[Any],
+    headers: Sequence[str],
+    rows: Callable[[Sequence[Any]], Sequence[Sequence[str]]],
+    quiet: Callable[[Any], str],
+) -> None:
+    """An `ls`: JSON with --format json, one `quiet(item)` per line with -q, else the table."""
+    if args.format == "json":
+        print_json(items)
+    elif args.quiet:
+        for item in items:
+            print_line(quiet(item))
+    else:
+        print_table(headers, rows(items))

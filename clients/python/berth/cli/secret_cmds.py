@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from berth.cli.container_cmds import host_options
-from berth.cli.output import for_each, human_ago, print_json, print_line, print_table
+from berth.cli.output import for_each, human_ago, print_json, print_line, print_listing
 from berth.cli.registry_cmds import format_options, parse_label
 from berth.client.secrets import MAX_SECRET_BYTES, SecretClient, SecretInfo
 from berth.config import resolve_cluster_address
@@ -87,13 +87,7 @@ def secret_rows(secrets: list[SecretInfo]) -> list[list[str]]:
 def cmd_secret_ls(args: argparse.Namespace) -> int:
     with connect(args) as client:
         secrets = client.list()
-    if args.format == "json":
-        print_json(secrets)
-    elif args.quiet:
-        for s in secrets:
-            print_line(s.id)
-    else:
-        print_table(SECRET_HEADERS, secret_rows(secrets))
+    print_listing(args, secrets, SECRET_HEADERS, secret_rows, lambda s: s.id)
     return 0
 
 

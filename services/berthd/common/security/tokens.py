@@ -11,7 +11,6 @@ every instance within that many seconds without a lookup in etcd per call.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import re
@@ -20,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from berthd.common.errors import InvalidArgument, Unauthenticated
+from berthd.common.security.join_token import secret_digest
 from berthd.common.security.permissions import Role, permissions_of
 from berthd.common.security.principal import Principal
 from berthd.common.state.family import Family, known_fields
@@ -70,10 +70,6 @@ class TokenRecord:
 TOKENS: Family[TokenRecord] = Family("token", "tokens/", TokenRecord.decode)
 
 
-def _digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
 def new_token(
     name: str,
     role: str,
@@ -106,7 +102,7 @@ def new_token(
         id=id,
         name=name,
         role=role,
-        secret_sha256=_digest(secret),
+        secret_sha256=secret_digest(secret),
         repositories=list(repositories),
         created_at=time.time(),
         expires_at=expires_at,
@@ -138,7 +134,7 @@ class TokenVerifier:
     async def principal(self, token: str) -> Principal:
         id, secret = parse_token(token)
         record = await self._record(id)
-        if record is None or not hmac.compare_digest(record.secret_sha256, _digest(secret)):
+        if record is None or not hmac.compare_digest(record.secret_sha256, secret_digest(secret)):
             raise Unauthenticated(
                 "the token is not valid: it was revoked or never existed", reason="TOKEN_INVALID"
             )
