@@ -7,8 +7,6 @@ the scratch directory, leaves nothing in scratch, and builds once space is freed
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from berthd.common.state.build_cache import CACHE_REPOSITORY
 from berthd.common.store import Store
 
 from .conftest import ServiceProcess
+from .disks import small_tmpfs
 from .images import tar_of
 
 pytestmark = pytest.mark.integration
@@ -36,13 +35,8 @@ MIB = 1024 * 1024
 @pytest.fixture
 def small_disk() -> Iterator[Path]:
     """A 16 MiB tmpfs, unmounted at teardown."""
-    mount = Path(tempfile.mkdtemp(prefix="berth-builder-disk-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
-    try:
+    with small_tmpfs("berth-builder-disk-", "size=16m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-        mount.rmdir()
 
 
 def fill(mount: Path, leave: int) -> Path:

@@ -8,8 +8,6 @@ space is freed.
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from berthd.image.catalog import Catalog
 from berthd.image.commit import import_tarball
 
 from .conftest import ServiceProcess
+from .disks import small_tmpfs
 from .images import busybox_layer
 from .test_image_archive import BUSYBOX, file_chunks, save_to
 from .test_image_catalog import chunks_of
@@ -33,13 +32,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def small_scratch() -> Iterator[Path]:
     """An 8 MiB tmpfs, unmounted at teardown; the scratch directory is inside it."""
-    mount = Path(tempfile.mkdtemp(prefix="berth-image-disk-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
-    try:
+    with small_tmpfs("berth-image-disk-", "size=8m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-        mount.rmdir()
 
 
 def fill(mount: Path) -> Path:

@@ -8,8 +8,6 @@ record behind, and works again once space is freed.
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from berth.client.node import PullProgress
 from berth.errors import BerthClientError
 
 from .conftest import NodeProcess, ServiceProcess, Services
+from .disks import small_tmpfs
 from .images import busybox_layer, push_image, tar_of
 
 pytestmark = pytest.mark.integration
@@ -69,9 +68,7 @@ class SmallDisk:
 def small_disk(services: Services, registry: ServiceProcess) -> Iterator[SmallDisk]:
     """A node agent whose data directory is a 24 MiB tmpfs; the agent (and its containers)
     go and the tmpfs is unmounted at teardown."""
-    mount = Path(tempfile.mkdtemp(prefix="berth-node-disk-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], check=True)
-    try:
+    with small_tmpfs("berth-node-disk-", "size=24m") as mount:
         agent = NodeProcess(services, mount / "node", f"test-{uuid.uuid4().hex[:8]}", registry)
         agent.start()
         disk = SmallDisk(mount, agent)
@@ -80,9 +77,6 @@ def small_disk(services: Services, registry: ServiceProcess) -> Iterator[SmallDi
         finally:
             (mount / "filler").unlink(missing_ok=True)
             agent.cleanup()
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-        mount.rmdir()
 
 
 def assert_storage_full(error: BerthClientError, disk: SmallDisk) -> None:

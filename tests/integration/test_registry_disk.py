@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from berth.registry.v1 import registry_pb2 as pb
 from berthd.common.store import Store
 
 from .conftest import ServiceProcess, Services
+from .disks import small_tmpfs
 from .test_registry import OCI_MANIFEST, age, blob_files, image, push_bytes, sha, stub
 
 pytestmark = pytest.mark.integration
@@ -70,20 +70,13 @@ class SmallDisk:
 def small_disk(services: Services) -> Iterator[SmallDisk]:
     """A registry whose data directory is a 16 MiB tmpfs with 400 inodes; the registry is
     stopped and the tmpfs unmounted at teardown."""
-    mount = Path(tempfile.mkdtemp(prefix="berth-full-disk-"))
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m,nr_inodes=400", "tmpfs", str(mount)], check=True
-    )
-    try:
+    with small_tmpfs("berth-full-disk-", "size=16m,nr_inodes=400") as mount:
         data_dir = mount / "registry"
         registry = services.registry(data_dir)
         try:
             yield SmallDisk(mount, data_dir, registry)
         finally:
             registry.stop()
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-        mount.rmdir()
 
 
 def error_of(err: grpc.RpcError) -> BerthClientError:
