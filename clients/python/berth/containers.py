@@ -14,8 +14,6 @@ import functools
 import json
 import posixpath
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
 from berth.enums import EnumTable
@@ -155,14 +153,23 @@ class InvalidContainerConfig(InvalidArgumentError):
         self.field = field
 
 
-@contextmanager
-def _field(name: str) -> Iterator[None]:
-    """Name the spec field a check inside is about, unless the check named one itself."""
-    try:
-        yield
-    except InvalidContainerConfig as exc:
-        exc.field = exc.field or name
-        raise
+class _field:
+    """Name the spec field a check inside is about, unless the check named one itself. A
+    class, not a generator context manager: every record read from etcd is validated, field by
+    field, and the generator's set-up cost was most of that."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, trace: object) -> bool:
+        if isinstance(exc, InvalidContainerConfig):
+            exc.field = exc.field or self.name
+        return False
 
 
 @dataclass
@@ -645,10 +652,19 @@ def check_image(image: object) -> None:
     _check_str("image", image)
     if not image:
         raise InvalidContainerConfig("image is required")
+    if problem := _image_problem(str(image)):
+        raise InvalidContainerConfig(f"invalid image {quoted(image)}: {problem}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _image_problem(image: str) -> str | None:
+    """Why a node could not pull `image`, or None. Cached: every desired record read back
+    from etcd is validated again, and a cluster's records name few distinct images."""
     try:
-        parse_container_image(str(image))
+        parse_container_image(image)
     except InvalidArgumentError as exc:
-        raise InvalidContainerConfig(f"invalid image {quoted(image)}: {exc.message}") from None
+        return exc.message
+    return None
 
 
 def check_user(user: object) -> None:
