@@ -5,6 +5,7 @@ guard."""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 from berthd.common.containers import ContainerConfig
@@ -12,7 +13,14 @@ from berthd.common.state.containers import MANAGED_LABEL, SERVICE_LABEL, Desired
 from berthd.main import build_parser
 from berthd.node.fence import Disconnection, is_replica, victims
 from berthd.node.records import EXITED, RESTARTING, RUNNING, ContainerDir, ContainerRecord
-from berthd.node.watchdog import Guard, _mark_stopped, parse_args, watchdog_argv
+from berthd.node.watchdog import (
+    PID_FILE,
+    Guard,
+    _mark_stopped,
+    parse_args,
+    replace_watchdog,
+    watchdog_argv,
+)
 
 
 def record(
@@ -125,3 +133,11 @@ def test_the_watchdog_gets_the_agents_etcd_tls_and_fencing_settings(tmp_path: Pa
     assert args.tls_ca == str(Path("ca.crt").absolute())  # the agent's cwd is not its own
     assert args.tls_cert == str(Path("n1.crt").absolute())
     assert (args.stop_after_disconnect, args.stop_standalone_after_disconnect) == (12, 40)
+
+
+def test_an_agent_that_cannot_record_its_watchdogs_pid_runs_without_one(tmp_path: Path) -> None:
+    # A watchdog nobody could find by its pid would never be replaced or killed.
+    (tmp_path / PID_FILE / "in-the-way").mkdir(parents=True)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    assert replace_watchdog(tmp_path, sleeper) is None
+    assert replace_watchdog(tmp_path / "missing", None) is None  # fencing off: none starts

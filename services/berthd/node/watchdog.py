@@ -202,7 +202,16 @@ def replace_watchdog(data_dir: Path, argv: list[str] | None) -> int | None:
     )
     # Reaped if it exits while the agent lives (it has nothing to guard once the agent dies).
     threading.Thread(target=proc.wait, daemon=True, name="watchdog reaper").start()
-    atomic_write(data_dir / PID_FILE, f"{proc.pid}\n".encode())
+    try:
+        atomic_write(data_dir / PID_FILE, f"{proc.pid}\n".encode())
+    except OSError as exc:
+        # A full data directory must not keep the agent from starting; a watchdog nobody can
+        # find by its pid would never be replaced: none runs.
+        proc.kill()
+        log.error(
+            "no node watchdog: cannot record its pid in %s: %s", data_dir, exc.strerror or exc
+        )
+        return None
     log.info("started the node watchdog", extra={"watchdog_pid": proc.pid})
     return proc.pid
 
@@ -308,7 +317,12 @@ async def _wait_exited(
 
 async def stop_container(runtime: Runtime, cdir: ContainerDir, record: ContainerRecord) -> None:
     """SIGTERM, SIGKILL after STOP_GRACE, as the agent's stop does, through runc."""
-    await asyncio.to_thread(_mark_stopped, cdir, record)
+    try:
+        await asyncio.to_thread(_mark_stopped, cdir, record)
+    except OSError as exc:  # a full disk: stop it all the same (the agent may restart it)
+        log.warning(
+            "cannot mark it stopped: %s", exc.strerror or exc, extra={"container": record.id}
+        )
     if record.state != RUNNING:
         return
     for sig, wait in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, STOP_GRACE)):
@@ -318,6 +332,13 @@ async def stop_container(runtime: Runtime, cdir: ContainerDir, record: Container
             log.info("stopped: the node's agent is dead", extra={"container": record.id})
             return
     log.warning("the container did not stop after SIGKILL", extra={"container": record.id})
+
+
+async def _stop_one(runtime: Runtime, data: Path, record: ContainerRecord) -> None:
+    try:
+        await stop_container(runtime, ContainerDir(data / "containers" / record.id), record)
+    except (BerthError, OSError) as exc:
+        log.warning("cannot stop it: %s", exc, extra={"container": record.id})
 
 
 async def guard(args: argparse.Namespace) -> None:
@@ -358,12 +379,8 @@ async def guard(args: argparse.Namespace) -> None:
                     now - (watch.lost.since or now),
                     len(found),
                 )
-            for record in found:
-                cdir = ContainerDir(data / "containers" / record.id)
-                try:
-                    await stop_container(runtime, cdir, record)
-                except (BerthError, OSError) as exc:
-                    log.warning("cannot stop it: %s", exc, extra={"container": record.id})
+            # All at once: one container's grace must not delay the others'.
+            await asyncio.gather(*(_stop_one(runtime, data, record) for record in found))
             if not watch.done:
                 await asyncio.sleep(CHECK_INTERVAL)
         log.info("nothing left to guard")
