@@ -8,8 +8,9 @@ data directory `<state>/node-K`, ports, runc root and cgroup parent `/berth/node
 loopback), waits until each is healthy, and records them in `<state>/cluster.json`, the file the
 `berth` CLI reads when no address is given. `down` removes every service and container (through
 the cluster, then on each node; a killed node's containers with runc), then stops the processes
-by pid (checking the pid still runs what we started); `status` health-checks them. `kill-node`
-simulates a host death (SIGKILL of an agent, its conmons and every process in its cgroups),
+by pid (checking the pid still runs what we started) and the agents' watchdogs by the pid in
+their data directories; `status` health-checks them. `kill-node` simulates a host death
+(SIGKILL of an agent, its watchdog, its conmons and every process in its cgroups),
 `start-node` brings the host back with the same command line. `stop`, `start` and `restart` do
 the same for any one component (etcd, a service, a node agent) and record the new pid, so `down`
 stops what runs.
@@ -66,6 +67,7 @@ from berthd.common.security.ca import (
     ensure_ca,
     validity,
 )
+from berthd.node.watchdog import kill_watchdog
 
 CLUSTER_FILE = "cluster.json"
 DEFAULT_BASE_PORT = 23790
@@ -779,6 +781,10 @@ def down(args: argparse.Namespace) -> int:
         with ThreadPoolExecutor(len(nodes)) as pool:
             list(pool.map(lambda item: _remove_node_containers(*item), nodes.items()))
     _stop_all(cluster)
+    # The agents' watchdogs outlive their agents by design (berthd.node.watchdog).
+    for node in nodes.values():
+        if node.get("data_dir"):
+            kill_watchdog(Path(node["data_dir"]))
     (state / CLUSTER_FILE).unlink(missing_ok=True)
     print(f"stopped the cluster in {state}")
     return 0
@@ -894,6 +900,8 @@ def kill_node(args: argparse.Namespace) -> int:
     if agent is not None:
         os.kill(agent, signal.SIGKILL)
     data = Path(node["data_dir"]) if node.get("data_dir") else None
+    # Its watchdog (berthd.node.watchdog) too: on a dead host nothing stops anything.
+    watchdog = kill_watchdog(data) if data is not None else None
     conmons, containers = _container_pids(args.node, data)
     _sigkill(conmons)
     _sigkill(containers)
@@ -911,6 +919,8 @@ def kill_node(args: argparse.Namespace) -> int:
     if left:
         raise RuntimeError(f"{args.node}: processes {left} survived SIGKILL")
     what = f"agent pid {agent}" if agent else "agent (already dead)"
+    if watchdog is not None:
+        what += f", watchdog pid {watchdog}"
     print(
         f"killed {args.node}: {what}, {len(conmons)} conmon(s),"
         f" {len(victims) - len(conmons) - (1 if agent else 0)} container process(es)"

@@ -30,6 +30,7 @@ import pytest
 from berth.client import NodeClient, RegistryClient
 from berthd.common.security.ca import CA_CERT, CA_KEY, CertificateAuthority
 from berthd.common.store import Store
+from berthd.node.watchdog import kill_watchdog
 
 from .images import busybox_layer, push_image
 
@@ -213,6 +214,7 @@ class Services:
         self.etcd = etcd
         self.prefix = prefix
         self.started: list[ServiceProcess] = []
+        self.node_data: set[Path] = set()
 
     def start(self, service: str, *extra: str, env: dict[str, str] | None = None) -> ServiceProcess:
         n = len(self.started)
@@ -246,6 +248,11 @@ class Services:
             service, proc, info["address"], info["metrics"], log, info.get("public_address", "")
         )
         self.started.append(started)
+        if service == "node":
+            # Its watchdog outlives it by design: stop_all kills it by the pid in the data dir.
+            data = next((a.split("=", 1)[1] for a in extra if a.startswith("--data-dir=")), "")
+            if data:
+                self.node_data.add(Path(data))
         return started
 
     def registry(self, data_dir: Path | None = None) -> ServiceProcess:
@@ -255,6 +262,8 @@ class Services:
     def stop_all(self) -> None:
         for service in reversed(self.started):
             service.stop()
+        for data in self.node_data:
+            kill_watchdog(data)
 
 
 @pytest.fixture

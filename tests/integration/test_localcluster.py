@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from berth.client import ContainerConfig, NodeClient, RegistryClient
+from berth.client import ClusterClient, ContainerConfig, NodeClient, Placement, RegistryClient
 from berth.cluster.v1 import cluster_pb2, cluster_pb2_grpc
 from berth.tls import secure_channel
+from berthd.node.watchdog import watchdog_pid
 
 from .images import busybox_layer, push_image
 
@@ -162,6 +163,11 @@ def test_up_three_nodes_and_kill_node(tmp_path: Path) -> None:
         }
         pids = [cluster["etcd"]["pid"], *(s["pid"] for s in cluster["services"].values())]
         pids += [n["pid"] for n in nodes.values()]
+        # Each agent's watchdog (berthd.node.watchdog), which outlives its agent by design.
+        found = {name: watchdog_pid(Path(n["data_dir"])) for name, n in nodes.items()}
+        watchdogs = {name: pid for name, pid in found.items() if pid}
+        assert len(watchdogs) == 3, found
+        pids += watchdogs.values()
         assert all(alive(pid) for pid in pids)
 
         status = run([*BERTHD, "status"], env)
@@ -187,13 +193,26 @@ def test_up_three_nodes_and_kill_node(tmp_path: Path) -> None:
         data = Path(nodes["node-2"]["data_dir"]) / "containers" / container.id
         conmon = int((data / "conmon.pid").read_text())
         assert alive(container.pid) and alive(conmon)
+        # A service replica there too: node-2's watchdog has something to guard, and would
+        # outlive its agent but for kill-node.
+        with ClusterClient(cluster["services"]["cluster"]["address"]) as client:
+            template = ContainerConfig("test/busybox:1", command=["sleep", "600"])
+            only_2 = Placement(constraints=["node.id==node-2"])
+            client.create_service("web", template, replicas=1, placement=only_2)
+            deadline = time.monotonic() + 60
+            while not [c for c in client.service_ps("web") if c.state == "running"]:
+                assert time.monotonic() < deadline, "web.1 not running within 60s"
+                time.sleep(0.1)
 
         killed = run([*BERTHD, "kill-node", "node-2"], env)
         assert killed.returncode == 0, killed.stderr
         assert "killed node-2" in killed.stdout
         assert not alive(nodes["node-2"]["pid"])
         assert not alive(conmon) and not alive(container.pid)
+        # A host death takes the agent's watchdog too: it cannot stop anything on a dead host.
+        assert not alive(watchdogs["node-2"])
         others = [nodes["node-1"]["pid"], nodes["node-3"]["pid"], cluster["etcd"]["pid"]]
+        others += [watchdogs["node-1"], watchdogs["node-3"]]
         assert all(alive(pid) for pid in others)
 
         status = run([*BERTHD, "status"], env)

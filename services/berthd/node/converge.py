@@ -34,6 +34,7 @@ from berthd.common.state.containers import (
     MANAGED_LABEL,
     RUNNING,
     SECRET_UNAVAILABLE,
+    SERVICE_LABEL,
     STATUSES,
     STOPPED,
     ContainerStatus,
@@ -222,6 +223,8 @@ class Converger:
         with the reason when it cannot be."""
         check_admitted(desired)
         desired.config.labels[MANAGED_LABEL] = "true"
+        if desired.service:
+            desired.config.labels[SERVICE_LABEL] = desired.service
         desired.config.name = desired.name
         image = desired.config.image
         try:

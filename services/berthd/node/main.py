@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,7 @@ from berthd.node.layers import ImageStore, LayerStore
 from berthd.node.runtime import Runtime
 from berthd.node.secrets import SecretMounts, default_dir
 from berthd.node.service import NodeServicer
+from berthd.node.watchdog import replace_watchdog, watchdog_argv
 
 DEFAULT_LISTEN = "127.0.0.1:5060"
 # Nomad's stop_after_client_disconnect for service replicas: longer than a lease TTL, so a
@@ -200,6 +202,11 @@ async def run(args: argparse.Namespace) -> None:
         if joined is not None:
             log_joined(args, joined)
         agent.address = address
+        # The previous agent's watchdog goes before this agent adopts the containers; this
+        # agent's own outlives it, to stop its replicas should it die (berthd.node.watchdog).
+        fencing = args.stop_after_disconnect > 0 or args.stop_standalone_after_disconnect > 0
+        argv = watchdog_argv(args, data) if fencing else None
+        await asyncio.to_thread(replace_watchdog, data, argv)
         await manager.start_background()
         await converger.start()
         await fence.start()

@@ -45,6 +45,9 @@ HOST_ACCESS_DENIED = "HOST_ACCESS_DENIED"
 # Label every cluster-managed container carries on its node, so an agent that comes back
 # after being declared dead knows which of its containers the cluster may have moved.
 MANAGED_LABEL = "berth.cluster.managed"
+# Label of a service replica on its node: the service's name. The node's fence and its
+# watchdog (which has no desired state, the agent being dead) tell replicas by it.
+SERVICE_LABEL = "berth.cluster.service"
 
 
 @dataclass
