@@ -254,6 +254,26 @@ def test_run_it_detach_attach_and_exit_code(
     assert b"cannot attach to a stopped container" in refused.stderr, refused
 
 
+def test_run_of_an_image_with_no_command_says_so(
+    cluster: dict[str, str], terminals: list[Terminal], tmp_path: Path
+) -> None:
+    """Docker's "no command specified", one line and exit 125, with a terminal or without."""
+    state = json.loads((Path(cluster["BERTH_STATE_DIR"]) / "cluster.json").read_text())
+    with RegistryClient(state["services"]["registry"]["address"]) as registry:
+        push_image(registry, "test/nocmd", "1", [busybox_layer()], tmp_path, cmd=[])
+    term = Terminal([*BERTH, "run", "-it", "--rm", "test/nocmd:1"], cluster)
+    terminals.append(term)
+    assert term.wait(timeout=60) == 125, term.seen
+    shown = term.seen.decode().strip().splitlines()
+    assert len(shown) == 1 and "no command specified" in shown[0], term.seen
+    plain = berth(cluster, "run", "--rm", "test/nocmd:1")
+    assert plain.returncode == 125, plain
+    lines = plain.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "no command specified" in lines[0], plain.stderr
+    listed = berth(cluster, "ps", "-a", "--format", "json")
+    assert "test/nocmd" not in listed.stdout.decode(), listed.stdout  # --rm: nothing left
+
+
 def test_run_t_and_exec_i_without_a_terminal(cluster: dict[str, str], box: str) -> None:
     refused = berth(cluster, "exec", "-it", "box", "sh")
     assert refused.returncode == 1
