@@ -455,3 +455,30 @@ def test_concurrent_creates_of_one_name_leave_one_container(node, busybox) -> No
         results = list(pool.map(create, range(4)))
     assert sorted(r for r in results if len(r) != 64) == ["ALREADY_EXISTS NAME_IN_USE"] * 3
     assert [c.name for c in node.list(all=True)] == ["only-one"]
+
+
+def test_concurrent_removes_of_one_container_are_not_found_never_internal(node, busybox) -> None:
+    """Removes of one container that race (a client retrying, the cluster's converger and a
+    person): one removes it, the others find nothing to remove (they used to fail INTERNAL
+    with a KeyError). A running one too, with force, while it exits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    node.pull(busybox)
+    created = node.create(ContainerConfig(busybox, command=["true"])).id
+    exiting = run(node, busybox, "sh", "-c", "while [ ! -f /tmp/go ]; do sleep 0.1; done")
+    eventually(lambda: node.inspect(exiting).state == "running", what="running")
+    node.exec(exiting, ["touch", "/tmp/go"])  # it exits while the removes come
+
+    def remove(container: str) -> str:
+        try:
+            node.remove(container, force=True)
+            return "OK"
+        except BerthClientError as err:
+            return f"{err.code} {err.reason}"
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(remove, [created] * 4 + [exiting] * 4))
+    for outcome in (results[:4], results[4:]):
+        assert "OK" in outcome, results
+        assert set(outcome) <= {"OK", "NOT_FOUND CONTAINER_NOT_FOUND"}, results
+    assert node.list(all=True) == []
