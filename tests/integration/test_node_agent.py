@@ -303,7 +303,9 @@ def test_exit_while_the_agent_is_down_is_not_lost(node_agent, busybox) -> None:
         node.exec(box, ["touch", "/tmp/go"])  # it will exit while the agent is down
     node_agent.process.proc.send_signal(signal.SIGKILL)
     node_agent.process.proc.wait()
-    time.sleep(1)
+    # Its monitor (conmon) writes the exit code while nobody listens.
+    exit_file = node_agent.data_dir / "containers" / box / "exit" / box
+    eventually(lambda: exit_file.exists() and exit_file.read_text().strip(), what="the exit")
     node_agent.start()
     with NodeClient(node_agent.address) as node:
         info = eventually(lambda: (i := node.inspect(box)).state == "exited" and i, what="exit")
@@ -331,17 +333,18 @@ async def test_node_registers_in_etcd_and_vanishes_when_its_lease_lapses(
         status = (await store.get(f"containers/{box}/status")).json()
         assert status["state"] == "exited" and status["node"] == node_agent.node_id
 
-        # A frozen agent stops keeping its lease: its node key vanishes within the TTL (5 s).
+        # A frozen agent stops keeping its lease: its node key vanishes once the lease lapses
+        # (the guard is far beyond the TTL: it only bounds a hang).
         node_agent.process.proc.send_signal(signal.SIGSTOP)
         try:
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 60
             while await store.get(f"nodes/{node_agent.node_id}") is not None:
-                assert time.monotonic() < deadline, "node key outlived its lease"
+                assert time.monotonic() < deadline, "node key never went"
                 await asyncio.sleep(0.2)
         finally:
             node_agent.process.proc.send_signal(signal.SIGCONT)
         # Thawed, it notices the lapsed lease and registers again; SIGTERM deregisters it.
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while await store.get(f"nodes/{node_agent.node_id}") is None:
             assert time.monotonic() < deadline, "node did not register again"
             await asyncio.sleep(0.2)
