@@ -27,7 +27,9 @@ etcd serves https with `--client-cert-auth`; every service gets `--tls-ca`, `--t
 
 cluster.json: {"state_dir", "prefix", "etcd": {...}, "services": {"registry", "node", "cluster",
 "image", "builder"}, "nodes": {"node-1": {...}, ...}}; each process entry has address, metrics,
-pid, marker, log and argv (the command line `start` runs again), and each node also data_dir.
+pid, marker (an argument only this cluster's process has: its ready file, etcd's data directory;
+a recorded pid counts as the process only while the marker is one of its arguments), log and
+argv (the command line `start` runs again), and each node also data_dir.
 services.node is node-1: what
 single-host clients use.
 """
@@ -212,12 +214,13 @@ def ca_init(args: argparse.Namespace) -> int:
 
 
 def process_alive(pid: int, marker: str) -> bool:
-    """True if `pid` runs and its command line still contains `marker` (pids get reused)."""
+    """True if `pid` runs and `marker` is still one of its arguments (pids get reused). A
+    whole argument, not a part of one: `--data-dir=/s/etcd` is not `--data-dir=/s/etcd-2/etcd`."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return marker in cmdline
+    return marker.encode() in args
 
 
 def _pid_running(pid: int) -> bool:
@@ -380,6 +383,11 @@ def _check_ports_free(ports: Ports, nodes: int) -> None:
 
 
 def start_etcd(state: Path, ports: Ports) -> dict[str, object]:
+    return _respawn_etcd(etcd_entry(state, ports))
+
+
+def etcd_entry(state: Path, ports: Ports) -> dict[str, object]:
+    """How the cluster of `state` runs its etcd: endpoint, log, command line and marker."""
     binary = shutil.which("etcd") or "/usr/bin/etcd"
     tls = tls_dir(state)
     plaintext = plaintext_mode()  # benchmarks only: etcd without TLS too
@@ -405,8 +413,10 @@ def start_etcd(state: Path, ports: Ports) -> dict[str, object]:
             *([] if plaintext else tls_flags),
             "--logger=zap",
     ]  # fmt: skip
-    entry = {"endpoint": f"127.0.0.1:{ports.etcd}", "marker": "--name=berth", "log": str(log)}
-    return _respawn_etcd({**entry, "argv": argv})
+    # The data directory is this cluster's own: two clusters on one machine (two state
+    # directories) never take each other's etcd for theirs (`--name=berth` is every one's).
+    marker = f"--data-dir={state / 'etcd'}"
+    return {"endpoint": f"127.0.0.1:{ports.etcd}", "marker": marker, "log": str(log), "argv": argv}
 
 
 def _respawn_etcd(entry: dict) -> dict:

@@ -70,13 +70,14 @@ def push_image(
     cmd: list[str] | None = None,
     diff_ids: list[str] | None = None,
 ) -> str:
-    """Gzip the layers, write an OCI config and manifest, push it all; returns the digest."""
+    """Gzip the layers, write an OCI config and manifest, push it all; returns the digest.
+    The image's CMD is `cmd`, `sh` when None (`[]`: an image with no command)."""
     blobs = [igzip.compress(layer, compresslevel=1, mtime=0) for layer in layer_tars]
     config = json.dumps(
         {
             "architecture": "amd64",
             "os": "linux",
-            "config": {"Cmd": cmd or ["sh"], "Env": ["PATH=/bin"]},
+            "config": {"Cmd": ["sh"] if cmd is None else cmd, "Env": ["PATH=/bin"]},
             "rootfs": {"type": "layers", "diff_ids": diff_ids or [sha(t) for t in layer_tars]},
             "history": [{"created_by": "tests/integration/images.py"} for _ in layer_tars],
         }

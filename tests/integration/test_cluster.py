@@ -267,20 +267,19 @@ out(lines)
 
 def test_waiting_on_a_container_its_node_cannot_create_ends_at_once(cluster: Cluster) -> None:
     """The node reports why it cannot create the container (here: no such image); WaitContainer
-    answers with that reason instead of waiting for the caller's deadline."""
+    answers with that reason instead of waiting for the caller's deadline (which would end it
+    DEADLINE_EXCEEDED: the deadline only guards against a hang)."""
     result = cluster.client(
         """
 c = run("test/no-such-image:1", name="ghost", command=["true"])
-began = time.monotonic()
 try:
-    list(cluster.WaitContainer(pb.WaitContainerRequest(container="ghost"), timeout=20))
+    list(cluster.WaitContainer(pb.WaitContainerRequest(container="ghost"), timeout=60))
     waited = {"code": "OK"}
 except grpc.RpcError as e:
     waited = failure(e)
-took = time.monotonic() - began
 failed = cluster.GetContainer(pb.GetContainerRequest(container="ghost")).container.status
 remove_all()
-out({"run": c, "waited": waited, "took": took,
+out({"run": c, "waited": waited,
      "state": container_pb2.ContainerState.Name(failed.state),
      "failure": [failed.failure.reason, failed.failure.message]})
 """,
@@ -293,33 +292,39 @@ out({"run": c, "waited": waited, "took": took,
     assert result["waited"]["reason"] == "CONTAINER_CREATE_FAILED"
     assert result["waited"]["metadata"]["failure_reason"] == "IMAGE_NOT_FOUND"
     assert result["waited"]["metadata"]["node_id"] == result["run"]["node"]
-    assert result["took"] < 15, result
     assert result["state"] == "CONTAINER_STATE_CREATE_FAILED"
     assert result["failure"][0] == "IMAGE_NOT_FOUND"
 
 
 def test_stop_passes_its_timeout_to_the_node(cluster: Cluster) -> None:
-    """`StopContainer(timeout=1s)` on a container that ignores SIGTERM kills it after
-    about 1 s, not after the node's default grace of 10 s (the cluster used to drop it)."""
+    """`StopContainer(timeout=0s)` kills at once: the container never sees a SIGTERM. The
+    cluster used to drop the timeout, and the node's default sent SIGTERM, which the
+    container's trap writes to its log, and waited 10 s before the SIGKILL."""
     result = cluster.client(
         """
-stubborn = ["sh", "-c", "trap '' TERM; while :; do sleep 1; done"]
+stubborn = ["sh", "-c", "trap 'echo got TERM' TERM; echo trapping; while :; do sleep 0.1; done"]
 c = run(sys.argv[3], name="stubborn", command=stubborn)
 until_state("stubborn", "CONTAINER_STATE_RUNNING")
-began = time.monotonic()
-request = pb.StopContainerRequest(container="stubborn", timeout=Duration(seconds=1))
+deadline = time.monotonic() + 30  # the trap is set before the first line is written
+while b"trapping" not in (logs := b"".join(
+    line.data for line in cluster.ContainerLogs(pb.ContainerLogsRequest(container="stubborn"))
+)):
+    assert time.monotonic() < deadline, logs
+    time.sleep(0.1)
+request = pb.StopContainerRequest(container="stubborn", timeout=Duration(seconds=0))
 stopped = cluster.StopContainer(request, timeout=60).container
-took = time.monotonic() - began
+logs = b"".join(
+    line.data for line in cluster.ContainerLogs(pb.ContainerLogsRequest(container="stubborn"))
+)
 remove_all()
-out({"took": took, "state": container_pb2.ContainerState.Name(stopped.status.state),
-     "exit_code": stopped.status.exit_code})
+out({"state": container_pb2.ContainerState.Name(stopped.status.state),
+     "exit_code": stopped.status.exit_code, "logs": logs.decode()})
 """,
         IMAGE,
     )
     assert isinstance(result, dict)
     assert (result["state"], result["exit_code"]) == ("CONTAINER_STATE_EXITED", 137)
-    # Killed after the 1 s asked for: far from the 10 s default (the margin absorbs a slow host).
-    assert result["took"] < 8, result
+    assert result["logs"] == "trapping\n", result  # SIGKILL only: no TERM reached the trap
 
 
 def test_logs_exec_stats_stop_start_wait_on_host3(cluster: Cluster) -> None:
@@ -344,12 +349,10 @@ outputs = [m.output for m in cluster.Exec(iter([
 stats = next(iter(cluster.ContainerStats(pb.ContainerStatsRequest(container="web"))))
 stopped = cluster.StopContainer(pb.StopContainerRequest(container="web"), timeout=60).container
 started = cluster.StartContainer(pb.StartContainerRequest(container="web"), timeout=60).container
-with ThreadPoolExecutor(1) as pool:
-    wait = pool.submit(lambda: list(cluster.WaitContainer(
-        pb.WaitContainerRequest(container="web"), timeout=60)))
-    time.sleep(0.5)
-    cluster.StopContainer(pb.StopContainerRequest(container="web"), timeout=60)
-    waited = wait.result()
+waiting = cluster.WaitContainer(pb.WaitContainerRequest(container="web"), timeout=60)
+waiting.initial_metadata()  # the wait watches: it sees the exit the stop brings
+cluster.StopContainer(pb.StopContainerRequest(container="web"), timeout=60)
+waited = list(waiting)
 cluster.RemoveContainer(pb.RemoveContainerRequest(container="web"), timeout=60)
 gone = call("GetContainer", pb.GetContainerRequest(container="web"))
 out({
@@ -400,7 +403,7 @@ with RegistryClient(registry) as client, tempfile.TemporaryDirectory() as tmp:
 # Only host2 holds the image's big layer; every host holds the busybox base layer.
 with NodeClient(nodes["host2"].address) as node:
     node.pull("test/local:1")
-time.sleep(0.5)  # the agent publishes its layers after the pull
+# The pull's result comes after the agent published its layers in etcd, where placement reads.
 placed = [run("test/local:1", name="local")]
 remove_all()
 out(placed)

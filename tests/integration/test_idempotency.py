@@ -47,14 +47,16 @@ async def test_an_empty_result_is_remembered_too(store: Store) -> None:
 
 
 async def test_a_request_in_flight_is_aborted(store: Store) -> None:
+    working = asyncio.Event()  # the first call claimed the request_id and does its work
     release = asyncio.Event()
 
     async def slow() -> types_pb2.Descriptor:
+        working.set()
         await release.wait()
         return types_pb2.Descriptor(size=7)
 
     first = asyncio.create_task(idempotency.once(store, "t", "busy", types_pb2.Descriptor, slow))
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(working.wait(), 30)
     with pytest.raises(Aborted) as raised:
         await idempotency.once(store, "t", "busy", types_pb2.Descriptor, slow)
     assert raised.value.reason == "REQUEST_IN_PROGRESS"

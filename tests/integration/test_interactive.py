@@ -87,6 +87,19 @@ class Terminal:
                     return self.seen[start : found.end()]
                 raise AssertionError(f"{pattern!r} not seen; the terminal shows {self.seen!r}")
 
+    def until(self, command: bytes, pattern: bytes, timeout: float = 60) -> None:
+        """Type `command` until its output shows `pattern`: for what the remote side takes in
+        a moment after we act (a resize, an attach that starts forwarding what we type)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.type(command)
+            try:
+                self.expect(pattern, timeout=1)
+                return
+            except AssertionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+
     def wait(self, timeout: float = 20) -> int:
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None and time.monotonic() < deadline:
@@ -165,17 +178,17 @@ def test_exec_it_gives_a_terminal(
     term.type(b"stty size\r")
     term.expect(b"\r\n24 80\r\n")
     term.set_size(33, 101)
-    time.sleep(0.5)
-    term.type(b"stty size\r")
-    term.expect(b"\r\n33 101\r\n")
-    # Ctrl-C reaches the remote foreground process as SIGINT, through its pty.
+    term.until(b"stty size\r", b"\r\n33 101\r\n")
+    # Ctrl-C reaches the remote foreground process as SIGINT, through its pty: 130, and the
+    # sleep never finished (it would say "slept" and $? would be 0).
     term.type(b"sleep 60; echo slept\r")
-    time.sleep(1)
-    began = time.monotonic()
+    deadline = time.monotonic() + 60
+    while not re.search(rb"sleep 60\s*$", berth(cluster, "exec", "box", "ps").stdout, re.M):
+        assert time.monotonic() < deadline, "the sleep did not start"
+        time.sleep(0.2)
     term.type(CTRL_C)
     term.type(b"echo status=$?\r")
-    term.expect(b"status=130\r\n", timeout=10)
-    assert time.monotonic() - began < 10
+    term.expect(b"status=130\r\n", timeout=50)
     assert b"slept" not in term.seen.replace(b"echo slept", b"")
     # The exit code is the CLI's.
     term.type(b"exit 3\r")
@@ -231,9 +244,7 @@ def test_run_it_detach_attach_and_exit_code(
     term.type(b"echo hello-$((40 + 2))\r")
     term.expect(b"\r\nhello-42\r\n")
     term.set_size(40, 120)
-    time.sleep(0.5)
-    term.type(b"stty size\r")
-    term.expect(b"\r\n40 120\r\n")
+    term.until(b"stty size\r", b"\r\n40 120\r\n")
     term.type(CTRL_P_Q)
     assert term.wait() == 0
     assert state_of(cluster, "shell") == "running"
@@ -243,15 +254,34 @@ def test_run_it_detach_attach_and_exit_code(
 
     term = Terminal([*BERTH, "attach", "shell"], cluster)
     terminals.append(term)
-    time.sleep(1)
-    term.type(b"echo again-$((1 + 1))\r")
-    term.expect(b"\r\nagain-2\r\n")
+    # What we type before the CLI forwards it is flushed when it sets the terminal raw.
+    term.until(b"echo again-$((1 + 1))\r", b"\r\nagain-2\r\n")
     term.type(b"exit 3\r")
     assert term.wait() == 3
     assert state_of(cluster, "shell") == "exited"
     refused = berth(cluster, "attach", "--no-stdin", "shell")
     assert refused.returncode == 1
     assert b"cannot attach to a stopped container" in refused.stderr, refused
+
+
+def test_run_of_an_image_with_no_command_says_so(
+    cluster: dict[str, str], terminals: list[Terminal], tmp_path: Path
+) -> None:
+    """Docker's "no command specified", one line and exit 125, with a terminal or without."""
+    state = json.loads((Path(cluster["BERTH_STATE_DIR"]) / "cluster.json").read_text())
+    with RegistryClient(state["services"]["registry"]["address"]) as registry:
+        push_image(registry, "test/nocmd", "1", [busybox_layer()], tmp_path, cmd=[])
+    term = Terminal([*BERTH, "run", "-it", "--rm", "test/nocmd:1"], cluster)
+    terminals.append(term)
+    assert term.wait(timeout=60) == 125, term.seen
+    shown = term.seen.decode().strip().splitlines()
+    assert len(shown) == 1 and "no command specified" in shown[0], term.seen
+    plain = berth(cluster, "run", "--rm", "test/nocmd:1")
+    assert plain.returncode == 125, plain
+    lines = plain.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "no command specified" in lines[0], plain.stderr
+    listed = berth(cluster, "ps", "-a", "--format", "json")
+    assert "test/nocmd" not in listed.stdout.decode(), listed.stdout  # --rm: nothing left
 
 
 def test_run_t_and_exec_i_without_a_terminal(cluster: dict[str, str], box: str) -> None:

@@ -14,7 +14,6 @@ import pytest
 
 from berthd.common.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 from berthd.common.oci.digest import digest_bytes
-from berthd.common.rpc.calls import FIRST_BACKOFF
 from berthd.common.rpc.channels import Channels
 from berthd.common.rpc.registry import RegistryApi
 
@@ -98,12 +97,24 @@ async def test_idempotent_calls_wait_for_a_peer_that_is_starting(
     services: Services, tmp_path: Path
 ) -> None:
     port = free_port()
-    # Ten attempts wait about 6.5 s in all: long enough for a registry process to start.
-    api = RegistryApi(f"127.0.0.1:{port}", attempts=10)
+    # Every attempt looks the address up: the second look-up means the first was refused.
+    looked_up = 0
+    retrying = asyncio.Event()
+
+    async def address() -> str:
+        nonlocal looked_up
+        looked_up += 1
+        if looked_up == 2:
+            retrying.set()
+        return f"127.0.0.1:{port}"
+
+    # Sixty attempts wait about a minute in all: a guard, far longer than a registry takes to
+    # start.
+    api = RegistryApi(address, attempts=60)
     missing = "sha256:" + "0" * 64
     call = asyncio.ensure_future(api.stat_blob("r", missing))
-    await asyncio.sleep(FIRST_BACKOFF * 3)
-    assert not call.done()  # refused, and waiting to try again
+    await asyncio.wait_for(retrying.wait(), 30)
+    assert not call.done()  # refused, and trying again
     await asyncio.to_thread(
         services.start, "registry", f"--data-dir={tmp_path / 'data'}", f"--listen=127.0.0.1:{port}"
     )

@@ -303,7 +303,9 @@ def test_exit_while_the_agent_is_down_is_not_lost(node_agent, busybox) -> None:
         node.exec(box, ["touch", "/tmp/go"])  # it will exit while the agent is down
     node_agent.process.proc.send_signal(signal.SIGKILL)
     node_agent.process.proc.wait()
-    time.sleep(1)
+    # Its monitor (conmon) writes the exit code while nobody listens.
+    exit_file = node_agent.data_dir / "containers" / box / "exit" / box
+    eventually(lambda: exit_file.exists() and exit_file.read_text().strip(), what="the exit")
     node_agent.start()
     with NodeClient(node_agent.address) as node:
         info = eventually(lambda: (i := node.inspect(box)).state == "exited" and i, what="exit")
@@ -331,17 +333,18 @@ async def test_node_registers_in_etcd_and_vanishes_when_its_lease_lapses(
         status = (await store.get(f"containers/{box}/status")).json()
         assert status["state"] == "exited" and status["node"] == node_agent.node_id
 
-        # A frozen agent stops keeping its lease: its node key vanishes within the TTL (5 s).
+        # A frozen agent stops keeping its lease: its node key vanishes once the lease lapses
+        # (the guard is far beyond the TTL: it only bounds a hang).
         node_agent.process.proc.send_signal(signal.SIGSTOP)
         try:
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 60
             while await store.get(f"nodes/{node_agent.node_id}") is not None:
-                assert time.monotonic() < deadline, "node key outlived its lease"
+                assert time.monotonic() < deadline, "node key never went"
                 await asyncio.sleep(0.2)
         finally:
             node_agent.process.proc.send_signal(signal.SIGCONT)
         # Thawed, it notices the lapsed lease and registers again; SIGTERM deregisters it.
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while await store.get(f"nodes/{node_agent.node_id}") is None:
             assert time.monotonic() < deadline, "node did not register again"
             await asyncio.sleep(0.2)
@@ -455,3 +458,30 @@ def test_concurrent_creates_of_one_name_leave_one_container(node, busybox) -> No
         results = list(pool.map(create, range(4)))
     assert sorted(r for r in results if len(r) != 64) == ["ALREADY_EXISTS NAME_IN_USE"] * 3
     assert [c.name for c in node.list(all=True)] == ["only-one"]
+
+
+def test_concurrent_removes_of_one_container_are_not_found_never_internal(node, busybox) -> None:
+    """Removes of one container that race (a client retrying, the cluster's converger and a
+    person): one removes it, the others find nothing to remove (they used to fail INTERNAL
+    with a KeyError). A running one too, with force, while it exits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    node.pull(busybox)
+    created = node.create(ContainerConfig(busybox, command=["true"])).id
+    exiting = run(node, busybox, "sh", "-c", "while [ ! -f /tmp/go ]; do sleep 0.1; done")
+    eventually(lambda: node.inspect(exiting).state == "running", what="running")
+    node.exec(exiting, ["touch", "/tmp/go"])  # it exits while the removes come
+
+    def remove(container: str) -> str:
+        try:
+            node.remove(container, force=True)
+            return "OK"
+        except BerthClientError as err:
+            return f"{err.code} {err.reason}"
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(remove, [created] * 4 + [exiting] * 4))
+    for outcome in (results[:4], results[4:]):
+        assert "OK" in outcome, results
+        assert set(outcome) <= {"OK", "NOT_FOUND CONTAINER_NOT_FOUND"}, results
+    assert node.list(all=True) == []

@@ -31,7 +31,7 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -639,9 +639,12 @@ class ClusterCore:
             raise cannot_create(view, view.status)
         return view
 
-    async def wait(self, ref: str) -> ContainerStatus:
+    async def wait(
+        self, ref: str, watching: Callable[[], Awaitable[None]] | None = None
+    ) -> ContainerStatus:
         """Block until the container exits; its final status (exit_code, oom_killed).
-        FailedPrecondition at once when its node reports it cannot create it."""
+        FailedPrecondition at once when its node reports it cannot create it. `watching` is
+        awaited once the wait sees every later change (a caller may then stop it)."""
         view = await self.inspect(ref)
         # No status yet means the node has not created it yet; only a deleted status (the
         # container was removed) ends the wait without an exit.
@@ -651,6 +654,7 @@ class ClusterCore:
             None,
             "exit",
             deletion_ends=True,
+            watching=watching,
         )
         if status is None:
             raise NotFound(
@@ -716,12 +720,16 @@ class ClusterCore:
         timeout: float | None,
         what: str,
         deletion_ends: bool = False,
+        watching: Callable[[], Awaitable[None]] | None = None,
     ) -> ContainerStatus | None:
         """Watch a container's status until `done(status)`, or until it is deleted when
-        `deletion_ends` (then None); Unavailable on timeout."""
+        `deletion_ends` (then None); Unavailable on timeout. `watching` is awaited once the
+        status is read: the watch from that revision on misses nothing later."""
 
         async def follow() -> ContainerStatus | None:
             status, revision = await STATUSES.get_at(self.store, view.id)
+            if watching is not None:
+                await watching()
             if done(status):
                 return status
             async for change in STATUSES.watch(self.store, revision + 1, id=view.id):

@@ -341,7 +341,11 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     async def WaitContainer(
         self, request: pb.WaitContainerRequest, context: Context
     ) -> AsyncIterator[pb.WaitContainerResponse]:
-        status = await self.core.wait(request.container)
+        # Headers go out once the wait watches: a client that waits for them before it stops
+        # the container cannot miss the exit.
+        status = await self.core.wait(
+            request.container, watching=partial(context.send_initial_metadata, ())
+        )
         yield pb.WaitContainerResponse(
             exit_code=status.exit_code, oom_killed=bool(status.oom_killed)
         )

@@ -106,6 +106,15 @@ def parse_signal(value: str | int) -> int:
         raise InvalidArgument(f"unknown signal {value!r}") from None
 
 
+def container_not_found(ref: str) -> NotFound:
+    return NotFound(
+        f"no such container: {ref}",
+        reason="CONTAINER_NOT_FOUND",
+        metadata={"container": ref},
+        resource=("container", ref),
+    )
+
+
 class ContainerManager:
     def __init__(
         self,
@@ -180,12 +189,7 @@ class ContainerManager:
                 reason="AMBIGUOUS_ID",
                 metadata={"prefix": ref, "matches": len(matches)},
             )
-        raise NotFound(
-            f"no such container: {ref}",
-            reason="CONTAINER_NOT_FOUND",
-            metadata={"container": ref},
-            resource=("container", ref),
-        )
+        raise container_not_found(ref)
 
     async def _save(self, record: ContainerRecord) -> None:
         with self.disk.guard(
@@ -676,6 +680,10 @@ class ContainerManager:
             await self._signal(record, signal.SIGKILL)
             await self._wait_exited(record, 10)
         async with self.lock(record.id):
+            if self.records.get(record.id) is not record:
+                # Another remove (a retry, the converger) got here first: as if this one had
+                # come a moment later.
+                raise container_not_found(ref)
             task = self._restarts.pop(record.id, None)
             if task is not None:
                 task.cancel()

@@ -32,6 +32,7 @@ from berth.cli.output import (
     human_ago,
     inspect_each,
     jsonable,
+    print_error,
     print_json,
     print_line,
     print_table,
@@ -579,33 +580,49 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
 # --- commands ---------------------------------------------------------------------------------
 
 
+# Docker's exit code when `run` itself fails: the container could not be created or started
+# (an image with no command, a refused spec, a node that cannot pull).
+CANNOT_RUN = 125
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = run_config(args)
     if not args.detach:
         check_tty(args.interactive, args.tty)
     placement = placement_options(args)
     with connect(args) as client:
-        if on_cluster(client):
-            return _run_on_cluster(client, args, config, placement)
-        if placement is not None:
+        if not on_cluster(client) and placement is not None:
             raise BerthClientError(
                 "--constraint and --reserve-* place containers on cluster nodes: "
                 "drop them, or use the cluster (--host) instead of --node",
                 "INVALID_ARGUMENT",
             )
-        container = _create(client, config)
         try:
-            client.start(container.id)
-        except BerthClientError:
-            if args.rm:
-                # The start error is the one to report, not a failed clean-up.
-                with contextlib.suppress(BerthClientError):
-                    client.remove(container.id, force=True)
-            raise
+            if on_cluster(client):
+                container_id = _run_on_cluster(client, args, config, placement)
+            else:
+                container_id = _run_on_node(client, args, config)
+        except BerthClientError as err:
+            print_error(err)
+            return CANNOT_RUN
         if args.detach:
-            print_line(container.id)
+            print_line(container_id)
             return 0
-        return _attach_run(client, container.id, args)
+        return _attach_run(client, container_id, args)
+
+
+def _run_on_node(client: NodeClient, args: argparse.Namespace, config: ContainerConfig) -> str:
+    """Create (pulling the image if needed) and start; the container's id."""
+    container = _create(client, config)
+    try:
+        client.start(container.id)
+    except BerthClientError:
+        if args.rm:
+            # The start error is the one to report, not a failed clean-up.
+            with contextlib.suppress(BerthClientError):
+                client.remove(container.id, force=True)
+        raise
+    return container.id
 
 
 def _run_on_cluster(
@@ -613,12 +630,12 @@ def _run_on_cluster(
     args: argparse.Namespace,
     config: ContainerConfig,
     placement: Placement | None,
-) -> int:
+) -> str:
+    """Schedule, and unless detached wait until the node created it; the container's id."""
     # No pull here: the chosen node pulls the image itself when it converges.
     container = client.run(config, placement)
     if args.detach:
-        print_line(container.id)
-        return 0
+        return container.id
     try:
         _wait_for_node(client, container)
     except (BerthClientError, KeyboardInterrupt):
@@ -626,7 +643,7 @@ def _run_on_cluster(
             with contextlib.suppress(BerthClientError):
                 client.remove(container.id, force=True)
         raise
-    return _attach_run(client, container.id, args)
+    return container.id
 
 
 def _wait_for_node(client: ClusterClient, container: ClusterContainer) -> None:
