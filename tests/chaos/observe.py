@@ -72,11 +72,11 @@ def read(client: RegistryClient, reference: str) -> object:
 
 
 def gc(args: argparse.Namespace) -> dict[str, object]:
-    """Registry GC with (almost) no grace: the workload is over, so every blob no manifest
+    """Registry GC with no grace period: the workload is over, so every blob no manifest
     references goes, and every acknowledged push must survive it."""
     with RegistryClient(args.registry, timeout=120) as client:
         try:
-            report = client.garbage_collect(grace_seconds=0.001)
+            report = client.garbage_collect(grace_seconds=0)
         except BerthClientError as err:
             return {"error": failure(err)}
     return {"deleted": len(report.deleted), "uploads_removed": report.uploads_removed}

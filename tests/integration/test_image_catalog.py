@@ -468,3 +468,39 @@ async def test_prune_spares_the_build_cache(
     with pytest.raises(BerthClientError) as gone:
         client.get_manifest("test/base", "1")
     assert gone.value.code == "NOT_FOUND"
+
+
+async def test_rmi_never_removes_the_build_cache_copy(
+    catalog: Catalog, client: RegistryClient, tmp_path: Path
+) -> None:
+    """Before: `rmi <digest>` (and `rmi name:tag` of the last tag) deleted the image from
+    every repository, the builder's cache repository included, so the cache records naming
+    it broke. Now rmi removes the user-visible references only, as `docker rmi` leaves
+    BuildKit's cache alone; naming the cache's copy itself is refused."""
+    # Two built images: the builder keeps each untagged in its cache repository too.
+    app = push_image(client, "test/app", "1", [BASE, APP], tmp_path)
+    tool = push_image(client, "test/tool", "1", [BASE, TOOL], tmp_path)
+    for digest, layers in ((app, [BASE, APP]), (tool, [BASE, TOOL])):
+        assert push_image(client, CACHE_REPOSITORY, "t", layers, tmp_path) == digest
+        client.delete_tag(CACHE_REPOSITORY, "t")
+
+    by_digest = await catalog.remove(app)
+    assert (by_digest.untagged, by_digest.deleted) == (["test/app:1"], [])
+    by_tag = await catalog.remove("test/tool:1")
+    assert (by_tag.untagged, by_tag.deleted) == (["test/tool:1", f"test/tool@{tool}"], [])
+    for digest in (app, tool):  # gone from the catalog's names, whole in the cache
+        with pytest.raises(NotFound):
+            await catalog.inspect(f"test/app@{digest}")
+        manifest = json.loads(client.get_manifest(CACHE_REPOSITORY, digest).content)
+        for n, blob in enumerate([manifest["config"], *manifest["layers"]]):
+            client.pull_blob(CACHE_REPOSITORY, blob["digest"], tmp_path / f"{digest[7:19]}-{n}")
+
+    # Only the cache holds them now: by digest, id or the cache's name, rmi says where they
+    # are and what removes them.
+    for ref in (app, tool[7:19], f"{CACHE_REPOSITORY}@{app}"):
+        with pytest.raises(FailedPrecondition) as refused:
+            await catalog.remove(ref, force=True)
+        assert refused.value.reason == "IMAGE_IN_BUILD_CACHE"
+        assert CACHE_REPOSITORY in str(refused.value)
+        assert "berth builder prune" in str(refused.value)
+    assert client.get_manifest(CACHE_REPOSITORY, app).digest == app

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from berth.client import RegistryClient
 from berth.client.registry import GcProgress
@@ -629,7 +630,7 @@ def test_gc_frees_orphans_and_keeps_shared_and_young_blobs(client, tmp_path: Pat
     with pytest.raises(BerthClientError) as negative:
         client.garbage_collect(grace_seconds=-1)
     assert negative.value.code == "INVALID_ARGUMENT"
-    assert negative.value.details.field_violations[0][0] == "grace_period"
+    assert negative.value.details.field_violations[0][0] == "min_age"
     assert report.reclaimed_bytes == sum(b.size for b in report.deleted)
     assert report.blobs_young == 1
     remaining = set(blob_files(data_dir))
@@ -639,6 +640,26 @@ def test_gc_frees_orphans_and_keeps_shared_and_young_blobs(client, tmp_path: Pat
     kept = client.get_manifest("lib/kept", "v1")
     for layer in json.loads(kept.content)["layers"]:
         assert client.stat_blob("lib/kept", layer["digest"]) is not None
+
+
+def test_gc_with_no_grace_period_keeps_nothing_for_its_age(registry, client, tmp_path) -> None:
+    """Before: a grace period of 0 was read as "unset" and became the 1 h default."""
+    data_dir = tmp_path / "registry-data"
+    kept = push_image(client, "lib/zero", "v1", [b"referenced"], tmp_path)
+    fresh = push_bytes(client, "lib/zero", b"uploaded a moment ago", tmp_path)
+    # Unset, and an explicit 0 in grace_period (what clients written before min_age send
+    # for "the default"), both mean the server default: the fresh blob is young.
+    assert client.garbage_collect().blobs_young == 1
+    zero = duration_pb2.Duration(seconds=0)
+    request = pb.GarbageCollectRequest(grace_period=zero)
+    [*_, last] = stub(registry.address).GarbageCollect(request)
+    assert (last.result.blobs_young, list(last.result.deleted)) == (1, [])
+
+    report = client.garbage_collect(grace_seconds=0)
+    assert [b.digest for b in report.deleted] == [fresh]
+    assert report.blobs_young == 0
+    assert fresh not in blob_files(data_dir)
+    assert client.get_manifest("lib/zero", "v1").digest == kept
 
 
 def test_gc_keeps_blobs_a_stat_a_mount_or_a_manifest_push_refreshed(client, tmp_path) -> None:

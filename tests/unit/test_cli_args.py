@@ -101,9 +101,11 @@ def test_parse_duration_rejects(text: str) -> None:
         parse_duration(text)
 
 
-def test_grace_of_zero_is_refused_because_zero_means_the_server_default() -> None:
-    with pytest.raises(argparse.ArgumentTypeError, match="at least 1s"):
-        parse_grace("0s")
+def test_a_grace_of_zero_means_zero_and_no_flag_the_server_default() -> None:
+    assert parse_grace("0s") == 0
+    parser = build_parser()
+    assert parser.parse_args(["registry", "gc", "--grace", "0s"]).grace == 0
+    assert parser.parse_args(["registry", "gc"]).grace is None
 
 
 @pytest.mark.parametrize(

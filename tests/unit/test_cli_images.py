@@ -1342,7 +1342,7 @@ class FakeRegistry:
     def garbage_collect(
         self,
         dry_run: bool = False,
-        grace_seconds: float = 0,
+        grace_seconds: float | None = None,
         progress: Callable[[GcProgress], None] | None = None,
     ) -> GcReport:
         self.calls.append(("gc", dry_run, grace_seconds, progress is not None))
@@ -1374,4 +1374,6 @@ def test_registry_gc_reports_what_went(
     assert main(["registry", "gc", "--dry-run", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert (data["reclaimed_bytes"], data["dry_run"]) == (2_000_000, True)
-    assert fake.calls[-1] == ("gc", True, 0, False)
+    assert fake.calls[-1] == ("gc", True, None, False)  # no --grace: the server's default
+    assert main(["registry", "gc", "--grace", "0s", "--format", "json"]) == 0
+    assert fake.calls[-1] == ("gc", False, 0, False)  # 0 means 0

@@ -14,7 +14,7 @@ from berthd.common.security.principal import ANONYMOUS, Principal, from_certific
 from berthd.registry.access import PublicCache, pull_filter, sees
 from berthd.registry.blobstore import BlobStat
 from berthd.registry.core import Registry
-from berthd.registry.metadata import PRIVATE, PUBLIC, RepoRecord
+from berthd.registry.metadata import PRIVATE, PUBLIC, RecordPage, RepoRecord
 
 from .test_registry_core import VersionedStore, push, registry_over, sha
 
@@ -96,16 +96,17 @@ class Repos:
 
     async def list_repos(
         self, start_after: str | None, limit: int, *, with_tag_count: bool = True
-    ) -> list[RepoRecord]:
+    ) -> RecordPage[RepoRecord]:
         self.reads += 1
         after = [r for r in self.records if start_after is None or r.name > start_after]
-        return [
+        page = [
             RepoRecord(r.name, 0.0, 0.0, r.description, dict(r.labels), 0, r.visibility)
             for r in (after[:limit] if limit else after)
         ]
+        return RecordPage(page, page[-1].name if page else None, 1, len(page) < len(after))
 
     async def all_repos(self) -> list[RepoRecord]:
-        return await self.list_repos(None, 0)
+        return (await self.list_repos(None, 0)).records
 
     async def tag_count(self, name: str) -> int:
         return 2

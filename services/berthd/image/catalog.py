@@ -556,8 +556,10 @@ class Catalog:
     async def remove(self, ref: str, force: bool = False) -> Removal:
         """`docker rmi`: `name:tag` untags, and deletes the image when no repository has it
         tagged any more; `name@digest` deletes the manifest from that repository; a digest,
-        id or id prefix deletes it from every repository with all its tags. Blobs no other
-        manifest references are reported as deleted: the registry's GC frees them later."""
+        id or id prefix deletes it from every repository with all its tags. The builder's
+        cache repository keeps its copy (FAILED_PRECONDITION when only it holds the image).
+        Blobs no other manifest references are reported as deleted: the registry's GC frees
+        them later."""
         snapshot = await self.snapshot()
         target = await self.target(ref, snapshot)
         content = await self.content(target.digest, target.repository)
@@ -654,8 +656,15 @@ class Plan:
 
 
 def removal_plan(target: Target, snapshot: Snapshot) -> Plan:
-    """See Catalog.remove for the rules."""
+    """See Catalog.remove for the rules. The builder's copy in its cache repository is never
+    part of a plan: its cache records name it (as `docker rmi` leaves BuildKit's cache
+    alone), and naming only that copy is refused."""
     holders = snapshot.holders(target.digest)
+    visible = _outside_cache(holders)
+    if target.repository == CACHE_REPOSITORY or not visible:
+        raise in_build_cache(target.digest)
+    # Whole: nothing of it stays, not even the cache's copy.
+    whole = visible == holders
     if target.by == "tag":
         assert target.tag is not None
         others = [
@@ -664,10 +673,20 @@ def removal_plan(target: Target, snapshot: Snapshot) -> Plan:
         untag = [(target.repository, target.tag)]
         if others:
             return Plan(untag, [], whole=False)
-        return Plan(untag, holders, whole=True)
+        return Plan(untag, visible, whole=whole)
     if target.by == "digest":
         return Plan([], [target.repository], whole=holders == [target.repository])
-    return Plan([], holders, whole=True)
+    return Plan([], visible, whole=whole)
+
+
+def in_build_cache(digest: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"image {digest} is held only by the builder's cache ({CACHE_REPOSITORY}), whose "
+        "records use it; `berth builder prune` removes it",
+        reason="IMAGE_IN_BUILD_CACHE",
+        metadata={"image": digest, "repository": CACHE_REPOSITORY},
+        resource=("image", digest),
+    )
 
 
 def check_unused(plan: Plan, digest: str, image_id: str, uses: Iterable[ContainerUse]) -> None:

@@ -37,6 +37,7 @@ from berthd.registry.blobstore import (
 from berthd.registry.metadata import (
     VISIBILITIES,
     CorruptManifest,
+    CorruptRepository,
     ListedManifest,
     ManifestRecord,
     Metadata,
@@ -107,9 +108,10 @@ def _last(token: str, scope: str) -> str | None:
     return position[0]
 
 
-def encode_manifest_token(revision: int, last: ListedManifest) -> str:
-    """ListManifests' token: the etcd revision every page is read at, and the last entry."""
-    return encode_token("manifests", revision, last.key)
+def encode_manifest_token(revision: int, last: str) -> str:
+    """ListManifests' token: the etcd revision every page is read at, and the
+    `<repository>@<digest>` of the last record read."""
+    return encode_token("manifests", revision, last)
 
 
 def decode_manifest_token(token: str, repository: str) -> tuple[int, str | None]:
@@ -138,7 +140,11 @@ class Registry:
         self.is_public = PublicCache(self._read_public)
 
     async def _read_public(self, repository: str) -> bool:
-        record = await self.meta.get_repo(repository, with_tag_count=False)
+        try:
+            record = await self.meta.get_repo(repository, with_tag_count=False)
+        except CorruptRepository as exc:
+            exc.skipped()
+            return False  # private, the safe default, until a write repairs it
         return record is not None and record.public
 
     async def _sees(self, may_pull: MayPull | None, repository: str) -> bool:
@@ -361,18 +367,18 @@ class Registry:
         limit = page_size(size)
         after = _last(token, "repositories")
         if may_pull is None:
-            records = await self.meta.list_repos(after, limit)
-            last = records[-1].name if len(records) == limit else ""
-            return records, encode_token("repositories", last) if last else ""
+            page = await self.meta.list_repos(after, limit)
+            more = page.more and page.last is not None
+            return page.records, encode_token("repositories", page.last) if more else ""
         # Read on past hidden repositories until one more visible than the page shows, so a
         # token (and the promise of a next page) only ever comes from a visible one.
         shown: list[RepoRecord] = []
         while len(shown) <= limit:
             batch = await self.meta.list_repos(after, limit + 1, with_tag_count=False)
-            shown += [r for r in batch if sees(may_pull, r.name, r.public)]
-            if len(batch) < limit + 1:
+            shown += [r for r in batch.records if sees(may_pull, r.name, r.public)]
+            if not batch.more or batch.last is None:
                 break
-            after = batch[-1].name
+            after = batch.last
         page = shown[:limit]
         for record in page:
             record.tag_count = await self.meta.tag_count(record.name)
@@ -404,7 +410,8 @@ class Registry:
                 raise name_unknown(repository)
         except RevisionCompacted as exc:
             raise listing_expired(revision) from exc
-        next_token = encode_manifest_token(page.revision, page.entries[-1]) if page.more else ""
+        more = page.more and page.last is not None
+        next_token = encode_manifest_token(page.revision, page.last) if more else ""
         return page.entries, next_token
 
     async def _visible_manifests(
@@ -423,14 +430,14 @@ class Registry:
                         seen[entry.repository] = await self._sees(may_pull, entry.repository)
                     if seen[entry.repository]:
                         shown.append(entry)
-                if not page.more or not page.entries:
+                if not page.more or page.last is None:
                     break
-                after = page.entries[-1].key
+                after = page.last
         except RevisionCompacted as exc:
             raise listing_expired(revision) from exc
         entries = shown[:limit]
         more = len(shown) > limit
-        return entries, encode_manifest_token(revision, entries[-1]) if more else ""
+        return entries, encode_manifest_token(revision, entries[-1].key) if more else ""
 
     async def get_repository(self, repository: str) -> RepoRecord:
         repository_name(repository)
@@ -481,9 +488,9 @@ class Registry:
         await self.meta.require_repo(repository)
         limit = page_size(size)
         scope = f"tags:{repository}"
-        tags = await self.meta.list_tags(repository, _last(token, scope), limit)
-        next_token = encode_token(scope, tags[-1].name) if len(tags) == limit else ""
-        return tags, next_token
+        page = await self.meta.list_tags(repository, _last(token, scope), limit)
+        more = page.more and page.last is not None
+        return page.records, encode_token(scope, page.last) if more else ""
 
     async def delete_tag(self, repository: str, tag: str) -> str:
         repository_name(repository)

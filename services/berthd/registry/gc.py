@@ -120,11 +120,13 @@ async def collect(
     meta: Metadata,
     *,
     dry_run: bool,
-    grace_seconds: float,
+    grace_seconds: float | None,
     progress: GcProgress = _ignore,
 ) -> GcReport:
+    """`grace_seconds` None is the default; 0 keeps no unreferenced blob for its age."""
     metrics.GC_RUNS.labels("dry-run" if dry_run else "delete").inc()
-    cutoff = time.time() - (grace_seconds or DEFAULT_GRACE_SECONDS)
+    grace = DEFAULT_GRACE_SECONDS if grace_seconds is None else grace_seconds
+    cutoff = time.time() - grace
     # Read and check everything first: whatever stops GC stops it before any deletion.
     marked = await mark(meta, progress, blobs, repair=not dry_run)
     report = GcReport()

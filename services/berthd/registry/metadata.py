@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from berthd.common.errors import Aborted, DataLoss, NotFound
 from berthd.common.store import Entry, Op, Store, encode, prefix_end
@@ -95,13 +95,24 @@ class RepoRecord:
         }
 
     @classmethod
-    def from_json(cls, name: str, data: dict[str, Any]) -> RepoRecord:
+    def from_json(cls, name: str, value: bytes | dict[str, Any]) -> RepoRecord:
+        """The record from its etcd value; CorruptRepository when it is not one."""
+        try:
+            data = _fields(value, created_at=(int, float), last_push_at=(int, float))
+            labels = data.get("labels", {})
+            description = data.get("description", "")
+            if not isinstance(description, str) or not isinstance(labels, dict):
+                raise ValueError("description or labels of the wrong kind")
+            if not all(isinstance(v, str) for v in (*labels, *labels.values())):
+                raise ValueError("a label that is not a string")
+        except ValueError:
+            raise CorruptRepository(name) from None
         return cls(
             name=name,
             created_at=data["created_at"],
             last_push_at=data["last_push_at"],
-            description=data.get("description", ""),
-            labels=dict(data.get("labels", {})),
+            description=description,
+            labels=dict(labels),
             visibility=PUBLIC if data.get("visibility") == PUBLIC else PRIVATE,
         )
 
@@ -120,6 +131,15 @@ class TagRecord:
     name: str
     digest: str
     pushed_at: float
+
+    @classmethod
+    def from_json(cls, repo: str, name: str, value: bytes | dict[str, Any]) -> TagRecord:
+        """The record from its etcd value; CorruptTag when it is not one."""
+        try:
+            data = _fields(value, digest=(str,), pushed_at=(int, float))
+        except ValueError:
+            raise CorruptTag(repo, name) from None
+        return cls(name, data["digest"], data["pushed_at"])
 
 
 @dataclass(frozen=True)
@@ -143,22 +163,70 @@ class ManifestPage:
     revision: int
     # whether manifests remain after the page
     more: bool
+    # `<repository>@<digest>` of the last record read, damaged or not: where the next page
+    # starts (None when nothing was read)
+    last: str | None = None
 
 
-class CorruptManifest(DataLoss):
-    """A manifest record in etcd that cannot be read (damaged by hand or by a bug): readers
-    report it, listings skip it, GC rebuilds it from the manifest's blob."""
+class CorruptRecord(DataLoss):
+    """A record in etcd that cannot be read (damaged by hand, by a bug or by an older
+    version): a reader of that one record reports it (DATA_LOSS), listings skip it with a log
+    line (`skipped`), and GC never needs it to decide (see each kind for the way out)."""
+
+    def __init__(
+        self, kind: str, name: str, remedy: str, metadata: dict[str, object], reason: str
+    ) -> None:
+        super().__init__(
+            f"the record of {kind} {name} is damaged; {remedy}",
+            reason=reason,
+            metadata=metadata,
+            resource=(kind, name),
+        )
+
+    def skipped(self) -> None:
+        log.warning("skipping a damaged record: %s", self)
+
+
+class CorruptManifest(CorruptRecord):
+    """Listings skip it; GC rebuilds it from the manifest's blob."""
 
     def __init__(self, repo: str, digest: str) -> None:
         super().__init__(
-            f"the record of manifest {repo}@{digest} is damaged; delete the manifest by its "
-            "digest and push it again",
-            reason="MANIFEST_RECORD_CORRUPT",
-            metadata={"repository": repo, "digest": digest},
-            resource=("manifest", f"{repo}@{digest}"),
+            "manifest",
+            f"{repo}@{digest}",
+            "delete the manifest by its digest and push it again",
+            {"repository": repo, "digest": digest},
+            "MANIFEST_RECORD_CORRUPT",
         )
         self.repository = repo
         self.digest = digest
+
+
+class CorruptTag(CorruptRecord):
+    """Listings skip it; DeleteTag removes it, a push of the tag rewrites it."""
+
+    def __init__(self, repo: str, tag: str) -> None:
+        super().__init__(
+            "tag",
+            f"{repo}:{tag}",
+            "delete the tag and push it again",
+            {"repository": repo, "tag": tag},
+            "TAG_RECORD_CORRUPT",
+        )
+
+
+class CorruptRepository(CorruptRecord):
+    """Listings and search skip it (its manifests and tags still read); the next push or
+    UpdateRepository rewrites it whole, private, with no description or labels."""
+
+    def __init__(self, repo: str) -> None:
+        super().__init__(
+            "repository",
+            repo,
+            "push to it or update it (`berth registry set`) to rewrite it",
+            {"repository": repo},
+            "REPOSITORY_RECORD_CORRUPT",
+        )
 
 
 def _manifest_json(record: ManifestRecord) -> dict[str, Any]:
@@ -173,30 +241,55 @@ def _manifest_json(record: ManifestRecord) -> dict[str, Any]:
 def manifest_record(digest: str, value: bytes | dict[str, Any], repo: str = "") -> ManifestRecord:
     """The record from its etcd value; CorruptManifest when it is not one."""
     try:
-        data = _json_object(value)
-        references = data["references"]
-        record = ManifestRecord(
-            digest, data["media_type"], data["size"], tuple(references), data["created_at"]
-        )
-    except (ValueError, TypeError, KeyError):
+        data = _fields(value, media_type=(str,), size=(int,), references=(list,))
+        data = _fields(data, created_at=(int, float))
+        if not all(isinstance(r, str) for r in data["references"]):
+            raise ValueError("a reference that is not a string")
+    except ValueError:
         raise CorruptManifest(repo, digest) from None
-    if (
-        not isinstance(record.media_type, str)
-        or not isinstance(record.size, int)
-        or not isinstance(references, list)
-        or not all(isinstance(r, str) for r in record.references)
-        or not isinstance(record.created_at, int | float)
-    ):
-        raise CorruptManifest(repo, digest)
-    return record
+    return ManifestRecord(
+        digest, data["media_type"], data["size"], tuple(data["references"]), data["created_at"]
+    )
 
 
-def _json_object(value: bytes | dict[str, Any]) -> dict[str, Any]:
-    """A record's JSON object from its raw value (or the object itself)."""
-    data = json.loads(value) if isinstance(value, bytes) else value
+def _fields(value: bytes | dict[str, Any], **kinds: tuple[type, ...]) -> dict[str, Any]:
+    """A record's JSON object from its raw value (or the object itself), with each field
+    named in `kinds` present and of one of its types; ValueError otherwise."""
+    data = json.loads(value) if isinstance(value, bytes) else value  # JSONDecodeError: ValueError
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
+    for name, types in kinds.items():
+        # bool is an int to isinstance, and never a right value here
+        if not isinstance(data.get(name), types) or isinstance(data[name], bool):
+            raise ValueError(f"field {name} missing or of the wrong kind")
     return data
+
+
+T = TypeVar("T")
+
+
+def readable(entries: Sequence[Entry], parse: Callable[[Entry], T]) -> list[T]:
+    """The records of `entries` that parse; a damaged one is skipped with a log line, so it
+    never hides every other."""
+    records = []
+    for entry in entries:
+        try:
+            records.append(parse(entry))
+        except CorruptRecord as exc:
+            exc.skipped()
+    return records
+
+
+@dataclass(frozen=True)
+class RecordPage(Generic[T]):
+    """Up to a page of readable records, the key of the last record read (damaged or not:
+    where the next page starts), the revision they were read at, and whether keys remain
+    after it."""
+
+    records: list[T]
+    last: str | None
+    revision: int
+    more: bool
 
 
 class Metadata:
@@ -206,10 +299,11 @@ class Metadata:
     # Repositories -------------------------------------------------------------
 
     async def get_repo(self, repo: str, *, with_tag_count: bool = True) -> RepoRecord | None:
-        data = await self.store.get_json(repo_key(repo))
-        if data is None:
+        """The record, None if there is none; CorruptRepository if it is damaged."""
+        entry = await self.store.get(repo_key(repo))
+        if entry is None:
             return None
-        record = RepoRecord.from_json(repo, data)
+        record = RepoRecord.from_json(repo, entry.value)
         if with_tag_count:
             record.tag_count = await self.tag_count(repo)
         return record
@@ -225,21 +319,46 @@ class Metadata:
 
     async def list_repos(
         self, start_after: str | None, limit: int, *, with_tag_count: bool = True
-    ) -> list[RepoRecord]:
-        entries = await self.store.list(
-            REPOS, start_after=repo_key(start_after) if start_after else None, limit=limit
+    ) -> RecordPage[RepoRecord]:
+        """Up to `limit` readable repositories after `start_after` (damaged ones skipped);
+        `last` is a repository name."""
+        page = await self._page(
+            REPOS, repo_key(start_after) if start_after else None, limit, _repo_of
         )
-        records = [RepoRecord.from_json(e.key[len(REPOS) :], e.json()) for e in entries]
         if with_tag_count:
-            for record in records:
+            for record in page.records:
                 record.tag_count = await self.tag_count(record.name)
-        return records
+        last = page.last[len(REPOS) :] if page.last else None
+        return RecordPage(page.records, last, page.revision, page.more)
 
     async def all_repos(self) -> list[RepoRecord]:
-        return [
-            RepoRecord.from_json(e.key[len(REPOS) :], e.json())
-            async for e in self.store.iterate(REPOS)
-        ]
+        """Every readable repository (damaged ones skipped)."""
+        return readable([e async for e in self.store.iterate(REPOS)], _repo_of)
+
+    async def _page(
+        self,
+        prefix: str,
+        after_key: str | None,
+        limit: int,
+        parse: Callable[[Entry], T],
+        revision: int = 0,
+    ) -> RecordPage[T]:
+        """Up to `limit` (0: all) readable records under `prefix` after the key `after_key`,
+        all read at one revision: reads on past damaged records until the page is full or
+        the keys end, so a page of damaged records is never an empty page or a lost cursor."""
+        records: list[T] = []
+        start = after_key + "\0" if after_key else prefix
+        last = None
+        while True:
+            want = limit - len(records) if limit else 0
+            page = await self.store.range(start, prefix_end(prefix), limit=want, revision=revision)
+            revision = page.revision
+            records += readable(page.entries, parse)
+            if page.entries:
+                last = page.entries[-1].key
+            if not page.more or not page.entries or (limit and len(records) >= limit):
+                return RecordPage(records, last, revision, page.more)
+            start = page.entries[-1].key + "\0"
 
     async def update_repo(
         self,
@@ -259,8 +378,14 @@ class Metadata:
                 record = RepoRecord(repo, now, now)
                 revision = 0
             else:
-                record = RepoRecord.from_json(repo, entry.json())
                 revision = entry.mod_revision
+                try:
+                    record = RepoRecord.from_json(repo, entry.value)
+                except CorruptRepository as exc:
+                    # A write is how a damaged record is repaired: start it over (private).
+                    log.warning("rewriting a damaged record: %s", exc)
+                    now = time.time()
+                    record = RepoRecord(repo, now, now)
             change(record)
             ok, _ = await self.store.txn(
                 [self.store.unchanged(repo_key(repo), revision)],
@@ -299,19 +424,20 @@ class Metadata:
         return await self.store.get(manifest_key(repo, digest)) is not None
 
     async def get_tag(self, repo: str, tag: str) -> TagRecord | None:
-        data = await self.store.get_json(tag_key(repo, tag))
-        return TagRecord(tag, data["digest"], data["pushed_at"]) if data else None
+        """The record, None if there is none; CorruptTag if it is damaged."""
+        entry = await self.store.get(tag_key(repo, tag))
+        return TagRecord.from_json(repo, tag, entry.value) if entry is not None else None
 
-    async def list_tags(self, repo: str, start_after: str | None, limit: int) -> list[TagRecord]:
-        entries = await self.store.list(
-            f"{TAGS}{repo}@",
-            start_after=tag_key(repo, start_after) if start_after else None,
-            limit=limit,
+    async def list_tags(
+        self, repo: str, start_after: str | None, limit: int
+    ) -> RecordPage[TagRecord]:
+        """Up to `limit` (0: all) readable tags after `start_after` (damaged ones skipped);
+        `last` is a tag name."""
+        page = await self._page(
+            f"{TAGS}{repo}@", tag_key(repo, start_after) if start_after else None, limit, _tag_of
         )
-        return [
-            TagRecord(split_child_key(e.key, TAGS)[1], e.json()["digest"], e.json()["pushed_at"])
-            for e in entries
-        ]
+        last = split_child_key(page.last, TAGS)[1] if page.last else None
+        return RecordPage(page.records, last, page.revision, page.more)
 
     async def delete_tag(self, repo: str, tag: str) -> str:
         entry = await self.store.get(tag_key(repo, tag))
@@ -331,11 +457,14 @@ class Metadata:
                 reason="CONCURRENT_UPDATE",
                 metadata={"repository": repo, "tag": tag},
             )
-        return str(entry.json()["digest"])
+        try:
+            return TagRecord.from_json(repo, tag, entry.value).digest
+        except CorruptTag:
+            return ""  # what it named is unknown; deleting it is how it is cleared
 
     async def delete_manifest(self, repo: str, digest: str) -> list[str]:
         """Delete a manifest and every tag pointing at it, atomically; returns those tags."""
-        tags = [t for t in await self.list_tags(repo, None, 0) if t.digest == digest]
+        tags = [t for t in (await self.list_tags(repo, None, 0)).records if t.digest == digest]
         compares = [
             self.store.value_is(
                 tag_key(repo, t.name), encode({"digest": t.digest, "pushed_at": t.pushed_at})
@@ -385,32 +514,23 @@ class Metadata:
         Tag keys sort by repository exactly as manifest keys do, so that range holds the
         page's repositories and no other with tags."""
         prefix = f"{MANIFESTS}{repo}@" if repo else MANIFESTS
-        start = f"{MANIFESTS}{after}\0" if after else prefix
-        page = await self.store.range(start, prefix_end(prefix), limit=limit, revision=revision)
-        manifests = []
-        for e in page.entries:
-            repo_name, digest = split_child_key(e.key, MANIFESTS)
-            try:
-                manifests.append((repo_name, digest, manifest_record(digest, e.value, repo_name)))
-            except CorruptManifest:
-                # One damaged record must not hide every other: skip it and say so.
-                log.warning("skipping the damaged record of manifest %s@%s", repo_name, digest)
+        after_key = MANIFESTS + after if after else None
+        page = await self._page(prefix, after_key, limit, _listed_manifest, revision)
+        manifests: list[tuple[str, ManifestRecord]] = page.records
         tags: dict[tuple[str, str], list[TagRecord]] = defaultdict(list)
         if manifests:
             first, last = manifests[0][0], manifests[-1][0]
             span = self.store.iterate_range(
                 tag_key(first, ""), prefix_end(tag_key(last, "")), revision=page.revision
             )
-            async for entry in span:
-                tag_repo, name = split_child_key(entry.key, TAGS)
-                data = entry.json()
-                tags[tag_repo, data["digest"]].append(
-                    TagRecord(name, data["digest"], data["pushed_at"])
-                )
+            for tag_repo, tag in readable([e async for e in span], _repo_and_tag_of):
+                tags[tag_repo, tag.digest].append(tag)
         entries = [
-            ListedManifest(r, record, tuple(tags.get((r, d), ()))) for r, d, record in manifests
+            ListedManifest(r, record, tuple(tags.get((r, record.digest), ())))
+            for r, record in manifests
         ]
-        return ManifestPage(entries, page.revision, page.more)
+        last_key = page.last[len(MANIFESTS) :] if page.last else None
+        return ManifestPage(entries, page.revision, page.more, last_key)
 
     async def repo_exists_at(self, repo: str, revision: int) -> bool:
         page = await self.store.range(repo_key(repo), repo_key(repo) + "\0", revision=revision)
@@ -440,3 +560,21 @@ class Metadata:
             if split_child_key(entry.key, LINKS)[1] in digests:
                 removed += await self.store.delete(entry.key)
         return removed
+
+
+def _repo_of(entry: Entry) -> RepoRecord:
+    return RepoRecord.from_json(entry.key[len(REPOS) :], entry.value)
+
+
+def _tag_of(entry: Entry) -> TagRecord:
+    return _repo_and_tag_of(entry)[1]
+
+
+def _repo_and_tag_of(entry: Entry) -> tuple[str, TagRecord]:
+    repo, name = split_child_key(entry.key, TAGS)
+    return repo, TagRecord.from_json(repo, name, entry.value)
+
+
+def _listed_manifest(entry: Entry) -> tuple[str, ManifestRecord]:
+    repo, digest = split_child_key(entry.key, MANIFESTS)
+    return repo, manifest_record(digest, entry.value, repo)

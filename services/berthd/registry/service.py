@@ -307,9 +307,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def GarbageCollect(
         self, request: pb.GarbageCollectRequest, context: Context
     ) -> AsyncIterator[pb.GarbageCollectResponse]:
-        grace = request.grace_period.ToTimedelta().total_seconds()
-        if grace < 0:
-            raise InvalidArgument("grace period must not be negative", field="grace_period")
+        # min_age set (0 included) is used as given; grace_period's 0 is "unset" for
+        # clients written before min_age existed.
+        field = "min_age" if request.HasField("min_age") else "grace_period"
+        grace: float | None = getattr(request, field).ToTimedelta().total_seconds()
+        if grace is not None and grace < 0:
+            raise InvalidArgument(f"{field} must not be negative", field=field)
+        if field == "grace_period" and not grace:
+            grace = None
 
         def work(report: gc.GcProgress) -> Awaitable[gc.GcReport]:
             return gc.collect(

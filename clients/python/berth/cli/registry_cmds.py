@@ -56,13 +56,9 @@ def parse_duration(text: str) -> int:
 
 
 def parse_grace(text: str) -> int:
-    seconds = parse_duration(text)
-    if seconds < 1:
-        # The protocol reads 0 as "server default" (1h): refuse rather than surprise.
-        raise argparse.ArgumentTypeError(
-            "the grace period must be at least 1s; omit --grace for the server default (1h)"
-        )
-    return seconds
+    """A grace period: 0 keeps no unreferenced blob for its age (omit --grace for the
+    server's default)."""
+    return parse_duration(text)
 
 
 def parse_label(text: str) -> tuple[str, str]:
@@ -182,7 +178,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--grace",
         type=parse_grace,
         metavar="DURATION",
-        help="keep unreferenced blobs younger than this, e.g. 30s, 10m, 1h (default: 1h)",
+        help="keep unreferenced blobs younger than this, e.g. 30s, 10m, 1h; 0 keeps none "
+        "(default: the server's, 1h)",
     )
     gc.set_defaults(func=cmd_gc)
 
@@ -276,7 +273,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             stages.update(event.stage, event.current, event.total, event.done)
 
         report = client.garbage_collect(
-            dry_run=args.dry_run, grace_seconds=args.grace or 0, progress=progress if show else None
+            dry_run=args.dry_run, grace_seconds=args.grace, progress=progress if show else None
         )
     if args.format == "json":
         print_json({**jsonable(report), "dry_run": args.dry_run})

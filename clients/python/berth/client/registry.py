@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar
 
 import grpc
-from google.protobuf import duration_pb2
 
 from berth.enums.registry import VISIBILITIES
 from berth.error_details import from_rpc_error as details_of
@@ -396,14 +395,14 @@ class RegistryClient:
     def garbage_collect(
         self,
         dry_run: bool = False,
-        grace_seconds: float = 0,
+        grace_seconds: float | None = None,
         progress: Callable[[GcProgress], None] | None = None,
     ) -> GcReport:
-        """Delete unreferenced blobs older than grace_seconds (0: the server default, 1 h);
-        progress, if given, sees each stage's advance."""
-        grace = duration_pb2.Duration()
-        grace.FromNanoseconds(int(grace_seconds * 1e9))
-        request = pb.GarbageCollectRequest(dry_run=dry_run, grace_period=grace)
+        """Delete unreferenced blobs older than grace_seconds (None: the server default, 1 h;
+        0: every unreferenced blob); progress, if given, sees each stage's advance."""
+        request = pb.GarbageCollectRequest(dry_run=dry_run)
+        if grace_seconds is not None:
+            request.min_age.FromNanoseconds(int(grace_seconds * 1e9))
         try:
             for event in self._stub.GarbageCollect(request):
                 if event.HasField("result"):
