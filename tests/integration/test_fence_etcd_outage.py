@@ -16,6 +16,7 @@ the moment both agents logged that they hold).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ import pytest
 
 from berth.client import ClusterClient, ContainerConfig, NodeClient, RegistryClient
 from berth.errors import BerthClientError
+from berthd.node.fence import PEERS_FILE
 
 from .conftest import ClusterCA, ServiceProcess, Services
 from .images import busybox_layer, push_image
@@ -57,6 +59,14 @@ def logged(process: ServiceProcess, text: str) -> bool:
     return text in process.log.read_text(errors="replace")
 
 
+def knows(data: Path, peer: str) -> bool:
+    """Whether a node agent has read `peer` from etcd (it remembers its peers on disk)."""
+    try:
+        return peer in json.loads((data / PEERS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def test_etcd_down_for_everyone_does_not_stop_the_replicas(
     etcd: OwnEtcd, own_services: Services, tmp_path: Path
 ) -> None:
@@ -76,6 +86,9 @@ def test_etcd_down_for_everyone_does_not_stop_the_replicas(
                 lambda: [n for n, _ in replicas(cluster, "web")] == ["outage-a", "outage-b"],
                 "one replica on each node",
             )
+            # Each agent has read the other from etcd: it has someone to ask.
+            until(lambda: knows(tmp_path / "outage-a", "outage-b"), "a knows b")
+            until(lambda: knows(tmp_path / "outage-b", "outage-a"), "b knows a")
             before = replicas(cluster, "web")
             ids = {c.id for c in cluster.service_ps("web")}
             on = {"outage-a": running_on(a.address), "outage-b": running_on(b.address)}
