@@ -6,7 +6,8 @@ cluster cannot write without etcd), so stopping the replicas would only turn a c
 outage into a data-plane one: each agent asks the other whether it is alive, it answers (and
 cannot reach etcd either), and the replicas run on. When etcd returns, everything is as
 before: the same replicas, on the same nodes, running. (A host that is really cut off still
-fences: test_node_fencing.py and test_hosts.py.)
+fences: test_node_fencing.py.) An agent that dies during the outage leaves a watchdog that
+holds the same way, and fences once etcd is back and the cluster moved its replica.
 
 Every wait is on the event itself, with a generous guard; the one stretch of time the test
 lets pass is the one in which nothing may happen (twice --stop-after-disconnect, counted from
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,6 +35,7 @@ from .conftest import ClusterCA, ServiceProcess, Services
 from .images import busybox_layer, push_image
 from .test_etcd_outage import NOT_SERVING, SERVING, OwnEtcd, health
 from .test_node_fencing import LOOP, node_state, replicas, running_on, start_node, until
+from .test_node_watchdog import runc_running
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +61,29 @@ def own_services(tmp_path: Path, etcd: OwnEtcd) -> Iterator[Services]:
 
 def logged(process: ServiceProcess, text: str) -> bool:
     return text in process.log.read_text(errors="replace")
+
+
+def empty(address: str) -> bool:
+    """Whether a node agent holds no container any more (its converger removed them)."""
+    with NodeClient(address) as node:
+        return not node.list(all=True)
+
+
+def clear(agents: list[ServiceProcess]) -> None:
+    """Remove what is left on the live agents, and wait until it is gone (a removal racing
+    the agent's converger may fail: try again)."""
+    for agent in agents:
+        if agent.proc.poll() is not None:
+            continue
+        with NodeClient(agent.address) as node:
+
+            def removed(node: NodeClient = node) -> bool:
+                for container in node.list(all=True):
+                    with contextlib.suppress(BerthClientError):
+                        node.remove(container.id, force=True)
+                return not node.list(all=True)
+
+            until(removed, f"{agent.address} empty")
 
 
 def knows(data: Path, peer: str) -> bool:
@@ -125,11 +152,76 @@ def test_etcd_down_for_everyone_does_not_stop_the_replicas(
             assert running_on(a.address) == on["outage-a"]
             assert running_on(b.address) == on["outage-b"]
             cluster.remove_service("web")
+            for agent in agents:
+                until(lambda s=agent: empty(s.address), "the replicas removed")
     finally:
         if etcd.proc is None or etcd.proc.poll() is not None:
             etcd.start()
-        for agent in agents:
-            with NodeClient(agent.address) as node:
-                for container in node.list(all=True):
-                    with contextlib.suppress(BerthClientError):  # its converger may race us
-                        node.remove(container.id, force=True)
+        clear(agents)
+
+
+def test_a_dead_agents_watchdog_holds_in_an_etcd_outage_and_fences_once_etcd_is_back(
+    etcd: OwnEtcd, own_services: Services, tmp_path: Path
+) -> None:
+    """The agent dies during the outage: its watchdog asks the peers the agent remembered
+    (`peers.json`) and holds; once etcd is back the dead agent's lease expires, the cluster
+    moves the replica, and the watchdog stops the old one."""
+    registry = own_services.registry()
+    with RegistryClient(registry.address) as client:
+        push_image(client, "test/busybox", "1", [busybox_layer()], tmp_path)
+    cluster_process = own_services.start("cluster")
+    limit = f"--stop-after-disconnect={STOP_AFTER:g}"
+    data_a = tmp_path / "outage-a"
+    a = start_node(own_services, registry, tmp_path, "outage-a", limit)
+    b = start_node(own_services, registry, tmp_path, "outage-b", limit)
+    agents = [a, b]
+    try:
+        with ClusterClient(cluster_process.address) as cluster:
+            until(lambda: node_state(cluster, "outage-b") == "ready", "b ready")
+            cluster.create_service("web", ContainerConfig("test/busybox:1", command=LOOP), 2)
+            until(
+                lambda: [n for n, _ in replicas(cluster, "web")] == ["outage-a", "outage-b"],
+                "one replica on each node",
+            )
+            on_a = {c.id for c in cluster.service_ps("web") if c.node_id == "outage-a"}
+            until(lambda: knows(data_a, "outage-b"), "a knows b")
+            until(lambda: knows(tmp_path / "outage-b", "outage-a"), "b knows a")
+
+            etcd.kill()
+            until(lambda: logged(a, HOLD_LINE), "a holds")
+            os.kill(a.proc.pid, signal.SIGKILL)
+            a.proc.wait()
+            # The watchdog (its lines go to the agent's log) holds too: a second hold line.
+            until(
+                lambda: (
+                    on_a <= runc_running(data_a)
+                    and a.log.read_text(errors="replace").count(HOLD_LINE) >= 2
+                ),
+                "the watchdog holds",
+            )
+            held_since = time.monotonic()
+            while time.monotonic() - held_since < 2 * STOP_AFTER:
+                assert on_a <= runc_running(data_a), "the watchdog stopped a's replica"
+                time.sleep(0.5)
+
+            etcd.start()
+
+            # Now a's registration is gone from a reachable etcd: the cluster moves the
+            # replica, the watchdog stops the old one.
+            def moved() -> bool:
+                try:
+                    return [n for n, _ in replicas(cluster, "web")] == ["outage-b"] * 2
+                except BerthClientError:  # the cluster service finds etcd again
+                    return False
+
+            until(moved, "both replicas on b")
+            until(lambda: not on_a & runc_running(data_a), "a's old replica stopped")
+            cluster.remove_service("web")
+            until(lambda: empty(b.address), "b's replicas removed")
+    finally:
+        if etcd.proc is None or etcd.proc.poll() is not None:
+            etcd.start()
+        if a.proc.poll() is not None:  # the agent removes what its dead predecessor left
+            a = start_node(own_services, registry, tmp_path, "outage-a", limit)
+            agents.append(a)
+        clear(agents)
