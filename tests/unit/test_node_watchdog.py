@@ -11,7 +11,7 @@ from pathlib import Path
 from berthd.common.containers import ContainerConfig
 from berthd.common.state.containers import MANAGED_LABEL, SERVICE_LABEL, DesiredContainer
 from berthd.main import build_parser
-from berthd.node.fence import Disconnection, is_replica, victims
+from berthd.node.fence import Disconnection, Observation, Sight, is_replica, victims
 from berthd.node.records import EXITED, RESTARTING, RUNNING, ContainerDir, ContainerRecord
 from berthd.node.watchdog import (
     PID_FILE,
@@ -47,6 +47,10 @@ RESTARTING_REPLICA = record("web3", state=RESTARTING, service="web")
 ALL = [REPLICA, SOLO, LOCAL, EXITED_REPLICA, RESTARTING_REPLICA]
 
 
+SEEN = Observation(Sight.SEEN)
+ABSENT = Observation(Sight.ABSENT)
+
+
 def names(found: list[ContainerRecord]) -> list[str]:
     return [r.name for r in found]
 
@@ -75,23 +79,23 @@ def test_a_replica_is_known_by_its_label_or_by_the_desired_state() -> None:
 
 def test_time_counts_from_the_first_failed_check() -> None:
     lost = Disconnection()
-    assert lost.observe(True, 100.0) == 0
-    assert lost.observe(False, 101.0) == 0
-    assert lost.observe(False, 104.5) == 3.5
-    assert lost.observe(True, 105.0) == 0
-    assert lost.observe(False, 110.0) == 0  # a new run of failures starts over
+    assert lost.observe(SEEN, 100.0) == 0
+    assert lost.observe(ABSENT, 101.0) == 0
+    assert lost.observe(ABSENT, 104.5) == 3.5
+    assert lost.observe(SEEN, 105.0) == 0
+    assert lost.observe(ABSENT, 110.0) == 0  # a new run of failures starts over
 
 
 def test_the_watchdog_stops_each_replica_once_then_has_nothing_to_guard() -> None:
     guard = Guard([REPLICA, SOLO, LOCAL, EXITED_REPLICA], stop_after=6, standalone_after=0)
     assert not guard.done
-    assert guard.step(True, 0.0) == []  # the dead agent's lease has not expired yet
-    assert guard.step(False, 1.0) == []
-    assert guard.step(False, 6.9) == []
-    assert guard.step(True, 7.0) == []  # seen again: the count starts over
-    assert guard.step(False, 8.0) == []
-    assert names(guard.step(False, 14.0)) == ["web1"]
-    assert guard.step(False, 15.0) == []
+    assert guard.step(SEEN, 0.0) == []  # the dead agent's lease has not expired yet
+    assert guard.step(ABSENT, 1.0) == []
+    assert guard.step(ABSENT, 6.9) == []
+    assert guard.step(SEEN, 7.0) == []  # seen again: the count starts over
+    assert guard.step(ABSENT, 8.0) == []
+    assert names(guard.step(ABSENT, 14.0)) == ["web1"]
+    assert guard.step(ABSENT, 15.0) == []
     assert guard.done  # the standalone container runs on, and is not guarded
 
 

@@ -22,7 +22,7 @@ from berthd.common.store import Store
 from berthd.node.agent import NodeAgent, default_node_id
 from berthd.node.containers import ContainerManager
 from berthd.node.converge import Converger
-from berthd.node.fence import Fence
+from berthd.node.fence import PEERS_FILE, Fence, Peers
 from berthd.node.idmap import DEFAULT_RANGE, IdMap
 from berthd.node.join import join, log_joined, needs_join, renewal_signer
 from berthd.node.layers import ImageStore, LayerStore
@@ -126,8 +126,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=DEFAULT_STOP_AFTER_DISCONNECT,
         type=float,
         scope="node",
-        help="seconds this node may be cut off from etcd (its registration unseen) before it "
-        "stops its service replicas itself, which the cluster runs elsewhere by then; 0: never",
+        help="seconds this node may be cut off from etcd (its registration unseen; an etcd "
+        "down for every node does not count) before it stops its service replicas itself, "
+        "which the cluster runs elsewhere by then; 0: never",
     )
     add_flag(
         parser,
@@ -196,6 +197,7 @@ async def run(args: argparse.Namespace) -> None:
         converger,
         args.stop_after_disconnect,
         args.stop_standalone_after_disconnect,
+        Peers(args.node_id, data / PEERS_FILE),
     )
 
     async def on_start(address: str) -> dict[str, bytes]:

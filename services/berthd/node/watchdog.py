@@ -13,12 +13,13 @@ is in charge. Once the agent is dead it reads the agent's container records, che
 CHECK_INTERVAL whether the node's registration (`nodes/<id>`) is in etcd, and when it has been
 unseen for --stop-after-disconnect (the cluster has moved the replicas by then) it stops the
 node's service replicas itself, through runc under the node's runc root: SIGTERM, SIGKILL
-after STOP_GRACE. Standalone cluster containers only with --stop-standalone-after-disconnect;
-containers made on the node directly never. The rule is the fence's own (`fence.victims`),
-with replicas told by their label. Before it signals a container it marks its record stopped
-by the user, so the agent that comes back adopts it as exited and does not restart it (its
-converger then removes it if the cluster moved it). It exits once nothing it could stop is
-left, or when a new agent has replaced it.
+after STOP_GRACE. An unreachable etcd counts only while the peers the agent last knew
+(`<data>/peers.json`) do not say it is down for everyone. Standalone cluster containers only
+with --stop-standalone-after-disconnect; containers made on the node directly never. The rule
+is the fence's own (`fence.victims`, `fence.observe`), with replicas told by their label.
+Before it signals a container it marks its record stopped by the user, so the agent that comes
+back adopts it as exited and does not restart it (its converger then removes it if the cluster
+moved it). It exits once nothing it could stop is left, or when a new agent has replaced it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
@@ -43,14 +44,18 @@ from berth.files import atomic_write
 from berth.tls import plaintext_mode
 from berthd.common.errors import BerthError, FailedPrecondition, NotFound
 from berthd.common.logs import setup_logging
+from berthd.common.rpc.channels import Channels, CredentialSource
 from berthd.common.security.tls import InstanceCredentials
 from berthd.common.store import Store
 from berthd.node.fence import (
     CHECK_INTERVAL,
+    PEERS_FILE,
     STOP_GRACE,
     Disconnection,
+    Observation,
+    Peers,
     is_replica,
-    registered,
+    observe,
     victims,
 )
 from berthd.node.records import EXITED, RESTARTING, RUNNING, ContainerDir, ContainerRecord
@@ -98,10 +103,10 @@ class Guard:
         """Nothing left that would ever be stopped: the watchdog may exit."""
         return not self._victims(math.inf)
 
-    def step(self, seen: bool, now: float) -> list[ContainerRecord]:
-        """One registration check: the containers to stop now (each once)."""
-        lost_for = self.lost.observe(seen, now)
-        if seen:
+    def step(self, observation: Observation, now: float) -> list[ContainerRecord]:
+        """One check (`fence.observe`): the containers to stop now (each once)."""
+        lost_for = self.lost.observe(observation, now)
+        if lost_for <= 0:
             return []
         found = self._victims(lost_for)
         self.stopped.update(record.id for record in found)
@@ -243,18 +248,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def etcd_credentials(
+class CertFiles:
+    """The agent's certificate files as a credential source (berthd.common.rpc.channels): read
+    again at each connection, and a new generation (new channels) once its renewal rewrote
+    them."""
+
+    def __init__(self, ca: bytes, cert: Path, key: Path) -> None:
+        self.ca, self.cert, self.key = ca, cert, key
+
+    @property
+    def generation(self) -> int:
+        try:
+            return self.cert.stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.ca, self.key.read_bytes(), self.cert.read_bytes())
+
+
+def credential_source(
     args: argparse.Namespace,
-) -> tuple[Callable[[], grpc.ChannelCredentials] | None, InstanceCredentials | None]:
-    """(credentials for etcd, what keeps them renewed or None). The agent's certificate files,
-    read again at each connection (its renewals rewrite them); without files, a certificate
-    issued here with the CA key, kept in memory: never written over the agent's files."""
+) -> tuple[CredentialSource | None, InstanceCredentials | None]:
+    """(the credentials for etcd and the peers, what keeps them renewed or None). The agent's
+    certificate files; without files, a certificate issued here with the CA key, kept in
+    memory: never written over the agent's files. None: plaintext, or the environment's."""
     if plaintext_mode() or not args.tls_ca:
         return None, None
     ca = Path(args.tls_ca).read_bytes()
     cert, key = Path(args.tls_cert or "/nonexistent"), Path(args.tls_key or "/nonexistent")
     if cert.is_file() and key.is_file():
-        return lambda: grpc.ssl_channel_credentials(ca, key.read_bytes(), cert.read_bytes()), None
+        return CertFiles(ca, cert, key), None
     credentials = InstanceCredentials(
         f"node:{args.node_id}",
         ["localhost", "127.0.0.1"],
@@ -262,7 +286,7 @@ def etcd_credentials(
         ca_key_path=args.tls_ca_key,
         lifetime=args.tls_lifetime,
     )
-    return credentials.channel_credentials, credentials
+    return credentials, credentials
 
 
 async def agent_exit(pid: int) -> None:
@@ -357,8 +381,12 @@ async def guard(args: argparse.Namespace) -> None:
         args.stop_after_disconnect,
         extra={"agent_pid": args.agent_pid},
     )
-    credentials, renewer = etcd_credentials(args)
-    store = Store(args.etcd, args.etcd_prefix, credentials)
+    source, renewer = credential_source(args)
+    store = Store(args.etcd, args.etcd_prefix, source.channel_credentials if source else None)
+    # The peers the agent last knew, asked (over its TLS) should etcd be unreachable.
+    channels = Channels(source)
+    peers = Peers(args.node_id, data / PEERS_FILE, channels)
+    await asyncio.to_thread(peers.load)
     renewal = None
     if renewer is not None:
         renewer.on_renew.append(store.reconnect)
@@ -369,9 +397,9 @@ async def guard(args: argparse.Namespace) -> None:
             if watchdog_pid(data) != os.getpid():
                 log.info("replaced by a new agent's watchdog")
                 return
-            seen = await registered(store, args.node_id)
+            observation = await observe(store, args.node_id, peers)
             now = time.monotonic()
-            found = watch.step(seen, now)
+            found = watch.step(observation, now)
             if found:
                 log.warning(
                     "no registration for %.0fs and no agent: stopping %d container(s) "
@@ -387,6 +415,7 @@ async def guard(args: argparse.Namespace) -> None:
     finally:
         if renewal is not None:
             renewal.cancel()
+        await channels.close()
         with contextlib.suppress(Exception):
             await store.close()
 
