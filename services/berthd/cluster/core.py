@@ -7,7 +7,8 @@ statuses, nodes, node layers, endpoints) and keeps these keys to itself (docs/et
 to the store prefix:
 
     cluster/names/<name>            container id: makes names unique in one transaction with the
-                                    placement, which a scan of the records cannot
+                                    placement, which a scan of the records cannot; also how
+                                    `inspect` finds a container by name without a listing
     cluster/allocations/<node id>   {"cpu_millis", "memory_bytes", "containers"}: what the
                                     node's placed containers reserve; updated in the same
                                     transaction as a placement, so two concurrent runs can
