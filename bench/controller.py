@@ -26,7 +26,7 @@ import grpc
 
 from bench.cluster import spec
 from bench.registry import BenchError
-from bench.security import berth_cluster, make_image, push
+from bench.security import TAG, Image, berth_cluster, make_image
 from berth.client.registry import RegistryClient
 from berth.cluster.v1 import cluster_pb2 as cpb
 from berth.errors import BerthClientError
@@ -47,6 +47,14 @@ def etcd_ranges(endpoint: str) -> float:
     with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     return sum(float(v) for v in RANGE.findall(text))
+
+
+def push(client: RegistryClient, image: Image, repository: str) -> None:
+    """Its blobs (mounted from another repository after the first push: registry work and
+    etcd writes, no bytes) and its manifest."""
+    for blob in image.layout.blobs_for(image.manifest):
+        client.push_blob(repository, image.layout.blob_path(blob.digest), blob.digest, blob.size)
+    client.put_manifest(repository, TAG, image.manifest.media_type, image.manifest.content)
 
 
 def main(argv: list[str] | None = None) -> int:
