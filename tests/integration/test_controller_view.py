@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from berthd.cluster.controller import Controller
-from berthd.cluster.core import ClusterCore, name_key
+from berthd.cluster.core import ClusterCore, allocation_after, allocation_key, name_key
 from berthd.cluster.services import ServiceRecord, service_key
 from berthd.common.containers import ContainerConfig
 from berthd.common.state.containers import CONTAINERS, STATUSES, ContainerStatus, DesiredContainer
@@ -152,3 +152,24 @@ async def test_inspect_reads_the_container_asked_for_not_every_one(
         await core.inspect("0")
     with pytest.raises(Exception, match="no such container: nope"):
         await core.inspect("nope")
+
+
+async def test_a_refused_pass_reads_again_only_the_keys_it_wrote(
+    store: Store, counting: CountingStore
+) -> None:
+    await NODES.put(store, "n1", NodeRecord("n1", cpus=4, memory_bytes=4 * GiB))
+    web = ServiceRecord(
+        id="s" * 64, name="web", template=ContainerConfig(image="busybox"), replicas=1
+    )
+    await store.put(service_key(web.id), web.to_json())
+    controller = Controller(counting)
+    await controller.load()  # no watch runs: the view sees only what it reads or writes
+    # Meanwhile another placement books n1: the pass's compare on n1's allocation fails.
+    await store.put_json(allocation_key("n1"), allocation_after(None, 0, 0, 1))
+    counting.reads = counting.records = 0
+    assert await controller.reconcile_once() is False
+    # n1's allocation (found) and the new replica's record (absent), not the world.
+    assert (counting.reads, counting.records) == (2, 1)
+    assert await controller.reconcile_once() is True
+    assert [c.record.name for c in await CONTAINERS.list(store)] == ["web.1"]
+    assert (await store.get_json(allocation_key("n1")))["containers"] == 2

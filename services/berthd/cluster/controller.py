@@ -548,7 +548,8 @@ class Controller:
         world). When that changed the view, the pass runs again at once; otherwise what refused
         it is outside the view (a name in use, the fence) and it is tried again later."""
         metrics.CONTROLLER_CONFLICTS.inc()
-        keys = sorted({self.store.written(op)[0] for op in writes})
+        # Name claims are not in the view: a taken one is a conflict the view cannot see.
+        keys = sorted({k for k, _ in map(self.store.written, writes) if k.startswith(WATCHED)})
         reads = await asyncio.gather(*(self.store.get_at(key) for key in keys))
         changed = [self.view.apply_read(k, e, rev) for k, (e, rev) in zip(keys, reads, strict=True)]
         if any(changed):
