@@ -1,10 +1,19 @@
 """The controller: keeps every service's replicas, and `always` containers, true to the spec.
 
-Only the elected instance runs it (`berthd.cluster.election`). Each pass reads the whole state
-(`load_state`), decides with the pure `reconcile` what to start, remove, move and roll, places
-what needs a node, and writes it all in one transaction that also checks this instance still
+Only the elected instance runs it (`berthd.cluster.election`). It keeps an in-memory view of the
+families it decides on (`berthd.cluster.view`: nodes, allocations, availability, desired
+containers, statuses, services; nothing else wakes it): listed once at one revision, then fed
+by a watch of those prefixes from the next revision, listed again only when the watch is lost
+or its revision compacted. Each change marks the services (and standalone `always` containers)
+it can affect dirty; a pass decides, with the pure `reconcile`, what to do for the dirty ones
+only: start, remove, move and roll; places what needs a node and writes it all in one
+transaction that compares every record and allocation it read and that this instance still
 holds the election key: a deposed leader's late pass is refused by etcd rather than racing the
-new leader. A pass runs after every change under the store prefix and at least every second.
+new leader. The committed writes are applied to the view at once; a refused transaction re-reads
+the keys it wrote (not the world) and the pass runs again. Decisions that wait on time alone (a
+replica settling during a rolling update, the backoff of a replica its node could not create)
+are looked at again by a timer for those services only (`next_check`); nothing runs on a
+period.
 
 Decisions, per service:
 - a replica whose node's lease expired (the node is not ready) or whose node is drained is
@@ -18,14 +27,15 @@ Decisions, per service:
 - a replica its node could not create (CREATE_FAILED: the node does not try again by itself) is
   tried again with backoff (RETRY_BACKOFF), by raising its record's attempt.
 Standalone containers with restart policy `always` are moved off lost nodes too (not drained
-ones: drain moves service replicas only).
+ones: drain moves service replicas only). What finds no room is looked at again when a node,
+its availability or an allocation changes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import heapq
 import logging
 import secrets
 import time
@@ -43,13 +53,13 @@ from berthd.cluster.services import (
     UPDATING,
     ClusterState,
     ServiceRecord,
-    commit,
-    load_state,
+    commit_ops,
     service_key,
 )
-from berthd.common.errors import BerthError, FailedPrecondition
+from berthd.cluster.view import WATCHED, ClusterView, Dirty
+from berthd.common.errors import BerthError, FailedPrecondition, Unavailable
 from berthd.common.state.containers import CONTAINERS, RUNNING, DesiredContainer
-from berthd.common.store import Compare, Store
+from berthd.common.store import Compare, Op, RevisionCompacted, Store, WatchEvent, prefix_end
 
 log = logging.getLogger("berthd.cluster.controller")
 
@@ -63,8 +73,11 @@ RETRY = "retry"
 RETRY_BACKOFF = 5.0
 MAX_RETRY_BACKOFF = 300.0
 
-PASS_INTERVAL_SECONDS = 1.0
+# Before a pass that failed (etcd unreachable) or lost its transaction to a change the view
+# cannot see (a name taken by a standalone container, the fence) is tried again.
 RETRY_SECONDS = 1.0
+# Past a due time, so that the comparison it waited for (`settled`, the backoff) holds.
+DUE_MARGIN_SECONDS = 0.001
 
 
 @dataclass(frozen=True)
@@ -213,6 +226,27 @@ def reconcile(
     return plan
 
 
+def next_check(record: ServiceRecord, replicas: list[ContainerView], now: float) -> float | None:
+    """When time alone can change what `reconcile_service` decides for this service (None:
+    only a change can): a current replica settling while an update may wait on it, a replica
+    its node could not create reaching the end of its backoff."""
+    rolling = record.update_state == UPDATING or any(
+        v.desired.service_version < record.version for v in replicas
+    )
+    times = []
+    for view in replicas:
+        if view.desired.service_version < record.version or view.status is None:
+            continue
+        started = view.status.started_at
+        if rolling and view.state == "running" and started:
+            times.append(float(started) + record.monitor_seconds + record.delay_seconds)
+        if view.state == "create_failed" and view.desired.desired == RUNNING:
+            wait = min(RETRY_BACKOFF * 2**view.desired.attempt, MAX_RETRY_BACKOFF)
+            times.append(view.status.updated_at + wait)
+    later = [t + DUE_MARGIN_SECONDS for t in times if t > now]
+    return min(later, default=None)
+
+
 # Carrying a plan out -----------------------------------------------------------------------------
 
 
@@ -224,6 +258,9 @@ class Changes:
     unplaced: list[str] = field(default_factory=list)
     # Records put back with a higher attempt: their node tries to create them again.
     retries: list[DesiredContainer] = field(default_factory=list)
+    # What found no room (service ids, standalone container ids): tried again when capacity
+    # may have changed.
+    blocked: Dirty = field(default_factory=Dirty)
 
 
 def _request(container: DesiredContainer) -> Request:
@@ -255,9 +292,10 @@ def realize(plan: Plan, state: ClusterState, now: float) -> Changes:
             account(old, -1)
     # Spread each service's new replicas over the nodes holding fewest of its remaining ones.
     spread: dict[str, Counter[str]] = {}
-    for c in state.containers.values():
-        if c.service and c.id not in leaving:
-            spread.setdefault(c.service, Counter())[c.node] += 1
+    for sid in {a.service for a in plan.actions if a.service and a.kind not in (REMOVE, RETRY)}:
+        spread[sid] = Counter(
+            state.containers[cid].node for cid in state.replica_ids(sid) if cid not in leaving
+        )
 
     for action in plan.actions:
         if action.kind == RETRY:
@@ -290,6 +328,10 @@ def realize(plan: Plan, state: ClusterState, now: float) -> Changes:
         except FailedPrecondition as exc:
             metrics.PLACEMENTS.labels("unschedulable").inc()
             changes.unplaced.append(f"{new.name}: {exc}")
+            if action.service:
+                changes.blocked.services.add(action.service)
+            else:
+                changes.blocked.containers.add(action.container)
             if old is not None:
                 # Keep the old record rather than lose the container with nowhere to go.
                 changes.removes.remove(old)
@@ -314,53 +356,158 @@ class Controller:
         self.store = store
         # Compare that holds only while this instance leads (the election key is ours).
         self.fence = fence
-        self._wake = asyncio.Event()
+        self.view = ClusterView()
+        # Service id -> when time alone may change its decisions (`next_check`).
+        self._due: dict[str, float] = {}
+        # (when, what): passes to try again, after a failure or a conflict the view cannot see.
+        self._later: list[tuple[float, int, Dirty]] = []
+        self._later_seq = 0
 
     async def run(self) -> None:
-        """Reconcile until cancelled: after every change under the prefix, and every second."""
-        watcher = asyncio.create_task(self._watch())
+        """List, watch and reconcile until cancelled; list again after a lost watch or a
+        compaction."""
+        while True:
+            try:
+                await self._follow()
+            except RevisionCompacted as exc:
+                log.info("controller view compacted away, listing again: %s", exc)
+            except BerthError as exc:
+                log.warning("controller watch failed: %s", exc)
+                await asyncio.sleep(RETRY_SECONDS)
+
+    async def load(self) -> int:
+        """List every watched family at one revision into the view (all of it dirty); that
+        revision."""
+        first = await self.store.range(WATCHED[0], prefix_end(WATCHED[0]), limit=1)
+        revision = first.revision
+
+        async def family(prefix: str) -> list:
+            return [
+                e
+                async for e in self.store.iterate_range(
+                    prefix, prefix_end(prefix), revision=revision
+                )
+            ]
+
+        listed = await asyncio.gather(*(family(p) for p in WATCHED))
+        self.view.load(entry for entries in listed for entry in entries)
+        self._due.clear()
+        self._later.clear()
+        metrics.CONTROLLER_LISTINGS.inc()
+        return revision
+
+    async def _follow(self) -> None:
+        revision = await self.load()
+        queue: asyncio.Queue[WatchEvent | BaseException] = asyncio.Queue()
+        watchers = [
+            asyncio.create_task(self._watch(prefix, revision + 1, queue)) for prefix in WATCHED
+        ]
         try:
             while True:
-                self._wake.clear()
                 try:
                     await self.reconcile_once()
                 except BerthError as exc:
                     log.warning("reconcile pass failed: %s", exc)
                 except Exception:  # a bad record must not end the controller: next pass
                     log.exception("reconcile pass failed")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), PASS_INTERVAL_SECONDS)
+                await self._next(queue)
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
 
-    async def _watch(self) -> None:
+    async def _watch(
+        self, prefix: str, start: int, queue: asyncio.Queue[WatchEvent | BaseException]
+    ) -> None:
+        try:
+            async for event in self.store.watch_prefix(prefix, start):
+                queue.put_nowait(event)
+            queue.put_nowait(Unavailable(f"the watch of {prefix} ended"))
+        except BerthError as exc:  # the view is lost: `_follow` lists again
+            queue.put_nowait(exc)
+
+    async def _next(self, queue: asyncio.Queue[WatchEvent | BaseException]) -> None:
+        """Wait for a change or for the next due time; apply every change that arrived."""
+        timeout = None
+        if self.view.dirty:
+            timeout = 0.0
+        else:
+            times = [*self._due.values(), *(t for t, _, _ in self._later[:1])]
+            if times:
+                timeout = max(min(times) - time.time(), 0.0)
+        try:
+            item = await asyncio.wait_for(queue.get(), timeout)
+        except TimeoutError:
+            return
+        # The rest of a transaction's events arrive with it: take them in the same pass.
+        await asyncio.sleep(0)
         while True:
-            try:
-                async for event in self.store.watch_prefix(""):
-                    if not event.key.startswith(("endpoints/", "election/")):
-                        self._wake.set()
-            except BerthError as exc:
-                log.warning("controller watch failed: %s", exc)
-            await asyncio.sleep(RETRY_SECONDS)
+            if isinstance(item, BaseException):
+                raise item
+            self.view.apply(item)
+            if queue.empty():
+                return
+            item = queue.get_nowait()
+
+    def _take_due(self, now: float) -> Dirty:
+        dirty = self.view.take_dirty()
+        for sid, when in list(self._due.items()):
+            if when <= now:
+                dirty.services.add(sid)
+                del self._due[sid]
+        while self._later and self._later[0][0] <= now:
+            dirty.update(heapq.heappop(self._later)[2])
+        return dirty
+
+    def _retry_later(self, dirty: Dirty, now: float) -> None:
+        self._later_seq += 1
+        heapq.heappush(self._later, (now + RETRY_SECONDS, self._later_seq, dirty))
 
     async def reconcile_once(self) -> bool:
-        """One pass; True when something was written."""
-        state = await load_state(self.store)
-        ready = sum(1 for n in state.nodes.values() if n.ready)
-        metrics.NODES.labels("ready").set(ready)
-        metrics.NODES.labels("not_ready").set(len(state.nodes) - ready)
+        """One pass over what is dirty (everything, the first time); True when something was
+        written."""
+        if not self.view.loaded:
+            await self.load()
         now = time.time()
-        plan = reconcile(state.services.values(), state.views(), state.nodes, now)
+        dirty = self._take_due(now)
+        if not dirty:
+            return False
+        metrics.CONTROLLER_PASSES.inc()
+        try:
+            return await self._reconcile(dirty, now)
+        except BaseException:
+            self._retry_later(dirty, now)
+            raise
+
+    async def _reconcile(self, dirty: Dirty, now: float) -> bool:
+        view = self.view
+        metrics.NODES.labels("ready").set(len(view.registered))
+        metrics.NODES.labels("not_ready").set(len(view.nodes) - len(view.registered))
+        records = [view.services[sid] for sid in dirty.services if sid in view.services]
+        containers = view.views(dirty)
+        plan = reconcile(records, containers, view.nodes, now)
+        replicas: dict[str, list[ContainerView]] = {}
+        for v in containers:
+            replicas.setdefault(v.desired.service, []).append(v)
+        for sid in dirty.services:
+            record = view.services.get(sid)
+            when = next_check(record, replicas.get(sid, []), now) if record else None
+            if when is None:
+                self._due.pop(sid, None)
+            else:
+                self._due[sid] = when
+        view.blocked.services -= dirty.services
+        view.blocked.containers -= dirty.containers
         if not plan.actions and not plan.update_states:
             return False
         started = time.monotonic()
+        state = view.state()
         changes = realize(plan, state, now)
+        view.blocked.update(changes.blocked)
         for reason in changes.unplaced:
             log.warning("cannot place replica: %s", reason)
         compares = [self.fence] if self.fence is not None else []
-        ops = []
+        ops: list[Op] = []
         for sid, (update_state, message) in plan.update_states.items():
             record = dataclasses.replace(
                 state.services[sid],
@@ -377,16 +524,35 @@ class Controller:
             ops.append(CONTAINERS.op_put(self.store, retried.id, retried))
         if not (changes.adds or changes.removes or ops):
             return False
-        ok = await commit(self.store, state, changes.adds, changes.removes, compares, ops)
+        checks, writes = commit_ops(self.store, state, changes.adds, changes.removes, compares, ops)
+        ok, revision = await self.store.txn_at(checks, writes)
         if changes.adds:
             metrics.SCHEDULING_SECONDS.observe(time.monotonic() - started)
             metrics.PLACEMENTS.labels("placed" if ok else "conflict").inc(len(changes.adds))
-        if ok:
-            for new, reason in changes.moved:
-                kind = "node_drained" if reason.endswith("drained") else "node_lost"
-                metrics.RESCHEDULES.labels(kind).inc()
-                log.info(
-                    "rescheduled",
-                    extra={"container": new.name, "node": new.node, "reason": reason},
-                )
-        return ok
+        if not ok:
+            await self._refresh(writes, dirty, now)
+            return False
+        for op in writes:
+            view.apply_write(*self.store.written(op), revision)
+        for new, reason in changes.moved:
+            kind = "node_drained" if reason.endswith("drained") else "node_lost"
+            metrics.RESCHEDULES.labels(kind).inc()
+            log.info(
+                "rescheduled",
+                extra={"container": new.name, "node": new.node, "reason": reason},
+            )
+        return True
+
+    async def _refresh(self, writes: list[Op], dirty: Dirty, now: float) -> None:
+        """After a refused transaction: read again the keys it would have written (not the
+        world). When that changed the view, the pass runs again at once; otherwise what refused
+        it is outside the view (a name in use, the fence) and it is tried again later."""
+        metrics.CONTROLLER_CONFLICTS.inc()
+        # Name claims are not in the view: a taken one is a conflict the view cannot see.
+        keys = sorted({k for k, _ in map(self.store.written, writes) if k.startswith(WATCHED)})
+        reads = await asyncio.gather(*(self.store.get_at(key) for key in keys))
+        changed = [self.view.apply_read(k, e, rev) for k, (e, rev) in zip(keys, reads, strict=True)]
+        if any(changed):
+            self.view.dirty.update(dirty)
+        else:
+            self._retry_later(dirty, now)

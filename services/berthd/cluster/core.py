@@ -7,7 +7,8 @@ statuses, nodes, node layers, endpoints) and keeps these keys to itself (docs/et
 to the store prefix:
 
     cluster/names/<name>            container id: makes names unique in one transaction with the
-                                    placement, which a scan of the records cannot
+                                    placement, which a scan of the records cannot; also how
+                                    `inspect` finds a container by name without a listing
     cluster/allocations/<node id>   {"cpu_millis", "memory_bytes", "containers"}: what the
                                     node's placed containers reserve; updated in the same
                                     transaction as a placement, so two concurrent runs can
@@ -65,7 +66,7 @@ from berthd.common.state.containers import (
 )
 from berthd.common.state.endpoints import ENDPOINTS, EndpointRecord
 from berthd.common.state.nodes import NODE_LAYERS, NODES, NodeRecord
-from berthd.common.store import Compare, Entry, Store
+from berthd.common.store import Compare, Entry, Store, prefix_end
 
 log = logging.getLogger("berthd.cluster.core")
 
@@ -398,10 +399,41 @@ class ClusterCore:
         return set(await NODES.records(self.store))
 
     async def inspect(self, ref: str) -> ContainerView:
-        found = resolve(ref, await self.list(include_stopped=True))
-        # Re-read its status: the list is a moment old, and callers often act on the state.
-        found.status = await STATUSES.get(self.store, found.id)
-        return found
+        """One container by full id, name or unique id prefix (as `resolve`), read by key:
+        its record, its name claim, its status and its node, never the whole family."""
+        desired = await self._find(ref)
+        status, node = await asyncio.gather(
+            STATUSES.get(self.store, desired.id),
+            NODES.get(self.store, desired.node) if desired.node else asyncio.sleep(0),
+        )
+        return ContainerView(desired, status, not desired.node or node is not None)
+
+    async def _find(self, ref: str) -> DesiredContainer:
+        if not ref:
+            raise InvalidArgument("a container id, id prefix or name is required")
+        by_id, claim = await asyncio.gather(
+            CONTAINERS.get(self.store, ref), self.store.get(name_key(ref))
+        )
+        if by_id is not None:
+            return by_id
+        if claim is not None:
+            # The claim is written and deleted with the record, in one transaction.
+            named = await CONTAINERS.get(self.store, claim.value.decode())
+            if named is not None:
+                return named
+        # An id prefix: two keys tell a unique one from an ambiguous one.
+        page = await self.store.range(CONTAINERS.key(ref), prefix_end(CONTAINERS.key(ref)), limit=2)
+        if len(page.entries) > 1:
+            matches = await self.store.count(CONTAINERS.key(ref))
+            raise InvalidArgument(
+                f'container id prefix "{ref}" is ambiguous: it matches {matches} containers',
+                reason="AMBIGUOUS_ID",
+                metadata={"prefix": ref, "matches": matches},
+            )
+        found = CONTAINERS.versioned(page.entries[0]) if page.entries else None
+        if found is None:
+            raise container_not_found(ref)
+        return found.record
 
     async def endpoints(self) -> list[Endpoint]:
         found = [endpoint_view(v.record) for v in await ENDPOINTS.list(self.store)]

@@ -23,3 +23,15 @@ RESCHEDULES = Counter(
 LEADER = Gauge(
     "berth_cluster_leader", "1 while this instance holds the controller election, else 0."
 )
+CONTROLLER_PASSES = Counter(
+    "berth_cluster_controller_passes_total",
+    "Controller passes that had something to reconcile (services or containers marked dirty).",
+)
+CONTROLLER_LISTINGS = Counter(
+    "berth_cluster_controller_listings_total",
+    "Full listings of the controller's view: at leadership, after a lost or compacted watch.",
+)
+CONTROLLER_CONFLICTS = Counter(
+    "berth_cluster_controller_conflicts_total",
+    "Controller transactions refused by etcd (a record changed meanwhile, or the fence).",
+)

@@ -229,6 +229,14 @@ class ClusterState:
     statuses: dict[str, ContainerStatus]
     services: dict[str, ServiceRecord]
     allocations: dict[str, Entry]
+    # Service id -> ids of its replicas, when the reader keeps that index (the controller's
+    # view); None: found by a scan of `containers`.
+    by_service: dict[str, set[str]] | None = None
+
+    def replica_ids(self, service_id: str) -> Iterable[str]:
+        if self.by_service is not None:
+            return self.by_service.get(service_id, ())
+        return [c.id for c in self.containers.values() if c.service == service_id]
 
     def views(self) -> list[ContainerView]:
         ready = {node_id for node_id, node in self.nodes.items() if node.ready}
@@ -268,6 +276,20 @@ async def commit(
 ) -> bool:
     """Add and remove container records in one transaction, moving their reservations between
     node allocations. False when anything read in `state` changed meanwhile."""
+    checks, writes = commit_ops(store, state, adds, removes, compares, ops)
+    ok, _ = await store.txn(checks, writes)
+    return bool(ok)
+
+
+def commit_ops(
+    store: Store,
+    state: ClusterState,
+    adds: Sequence[DesiredContainer] = (),
+    removes: Sequence[DesiredContainer] = (),
+    compares: Sequence[Compare] = (),
+    ops: Sequence[Op] = (),
+) -> tuple[list[Compare], list[Op]]:
+    """The compares and writes of `commit`, for a caller that runs the transaction itself."""
     deltas: dict[str, list[int]] = {}
     for sign, containers in ((1, adds), (-1, removes)):
         for c in containers:
@@ -304,8 +326,7 @@ async def commit(
             writes.append(STATUSES.op_delete(store, c.id))
     for name in removed_names - added_names.keys():
         writes.append(store.op_delete(name_key(name)))
-    ok, _ = await store.txn(checks, writes)
-    return bool(ok)
+    return checks, writes
 
 
 # The core the servicer calls ------------------------------------------------------------------

@@ -49,6 +49,9 @@ class WatchEvent:
     kind: Literal["put", "delete"]
     key: str
     value: bytes
+    # The revision of the change (of a delete: the revision that deleted the key), so a
+    # reader that also reads keys directly can tell which of the two is newer.
+    mod_revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,11 @@ class Store:
     def _rel(self, key: bytes) -> str:
         return key.decode()[len(self.prefix) :]
 
+    def written(self, op: Op) -> tuple[str, bytes | None]:
+        """What a put or delete op writes: its key (relative) and value (None: a delete)."""
+        value = op.value if isinstance(op, transactions.Put) else None
+        return self._rel(op.key), value
+
     def _entry(self, kv: Any) -> Entry:
         return Entry(self._rel(kv.key), kv.value, kv.create_revision, kv.mod_revision, kv.lease)
 
@@ -252,6 +260,16 @@ class Store:
         with _etcd_errors(self.endpoint):
             result = await self._client.get(self._abs(key))
         return self._entry(result) if result is not None else None
+
+    async def get_at(self, key: str) -> tuple[Entry | None, int]:
+        """Key `key` (or None) and the store revision it was read at: its absence is known as
+        of that revision."""
+        request = rpc.RangeRequest(key=self._abs(key))
+        with _etcd_errors(self.endpoint):
+            await self._client.connect()
+            response = await self._client.kvstub.Range(request, timeout=10)
+        entry = self._entry(response.kvs[0]) if response.kvs else None
+        return entry, int(response.header.revision)
 
     async def get_json(self, key: str) -> Any | None:
         entry = await self.get(key)
@@ -408,6 +426,19 @@ class Store:
         with _etcd_errors(self.endpoint):
             return await self._client.transaction(list(compare), list(success), list(failure))
 
+    async def txn_at(self, compare: Sequence[Compare], success: Sequence[Op]) -> tuple[bool, int]:
+        """`txn` without failure ops, returning whether it succeeded and the store revision it
+        ran at: the mod revision of every key it wrote, so the writer can apply its own writes
+        to a view it keeps (the watch then brings them again at the same revision)."""
+        request = rpc.TxnRequest(
+            compare=[c.build_message() for c in compare],
+            success=self._client._ops_to_requests(list(success)),
+        )
+        with _etcd_errors(self.endpoint):
+            await self._client.connect()
+            response = await self._client.kvstub.Txn(request, timeout=10)
+        return bool(response.succeeded), int(response.header.revision)
+
     # Leases and watches -------------------------------------------------------
 
     async def grant_lease(self, ttl: int) -> int:
@@ -437,7 +468,8 @@ class Store:
             with _etcd_errors(self.endpoint):
                 async for event in watch:
                     kind: Literal["put", "delete"] = "put" if event.kind == "PUT" else "delete"
-                    yield WatchEvent(kind, self._rel(event.kv.key), event.kv.value)
+                    kv = event.kv
+                    yield WatchEvent(kind, self._rel(kv.key), kv.value, int(kv.mod_revision))
         finally:
             # Best effort: on a broken stream there is nothing left to cancel.
             with contextlib.suppress(*ETCD_ERRORS):

@@ -107,6 +107,11 @@ class Family(Generic[R]):
             log.warning("ignoring unreadable %s record %s: %s", self.name, self.key(id), exc)
             return None
 
+    def versioned(self, entry: Entry) -> Versioned[R] | None:
+        """A stored entry of this family as a record with its revision; None for another
+        family's key or a value that does not decode (logged)."""
+        return self._versioned(entry)
+
     def _versioned(self, entry: Entry) -> Versioned[R] | None:
         id = self.id_of(entry.key)
         if id is None:
