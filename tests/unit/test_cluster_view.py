@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from berthd.cluster.controller import next_check
+from berthd.cluster.controller import RESYNC_SECONDS, Controller, next_check
 from berthd.cluster.core import ContainerView
 from berthd.cluster.services import UPDATING, ServiceRecord, service_key
 from berthd.cluster.view import ClusterView, Dirty
@@ -191,3 +191,19 @@ def test_next_check_is_when_an_update_can_go_on_or_a_retry_is_due() -> None:
     # The backoff after attempt 1 is 10 s.
     due = next_check(web(), [ContainerView(failed, status)], now)
     assert due is not None and abs(due - (now + 9)) < 0.01
+
+
+def test_the_periodic_resync_looks_at_everything_from_memory() -> None:
+    replica = web().replica(1, "a")
+    view = loaded(
+        put(service_key(SID), web().to_json(), 2),
+        put(CONTAINERS.key(replica.id), replica.encode(), 3),
+        node_put("a", 4),
+    )
+    controller = Controller(store=None)  # type: ignore[arg-type]  # the resync reads no store
+    controller.view = view
+    now = controller._next_resync - 1
+    assert not controller._take_due(now)
+    taken = controller._take_due(now + 1 + RESYNC_SECONDS / 2)
+    assert taken.services == {SID}
+    assert not controller._take_due(now + 2 + RESYNC_SECONDS / 2)  # the next one is a period on

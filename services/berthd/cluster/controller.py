@@ -12,8 +12,9 @@ holds the election key: a deposed leader's late pass is refused by etcd rather t
 new leader. The committed writes are applied to the view at once; a refused transaction re-reads
 the keys it wrote (not the world) and the pass runs again. Decisions that wait on time alone (a
 replica settling during a rolling update, the backoff of a replica its node could not create)
-are looked at again by a timer for those services only (`next_check`); nothing runs on a
-period.
+are looked at again by a timer for those services only (`next_check`). A pass over the whole
+view runs every RESYNC_SECONDS all the same, from memory (no etcd read), as Kubernetes'
+informers resync: a change the dirty rules missed is not missed for ever.
 
 Decisions, per service:
 - a replica whose node's lease expired (the node is not ready) or whose node is drained is
@@ -76,6 +77,7 @@ MAX_RETRY_BACKOFF = 300.0
 # Before a pass that failed (etcd unreachable) or lost its transaction to a change the view
 # cannot see (a name taken by a standalone container, the fence) is tried again.
 RETRY_SECONDS = 1.0
+RESYNC_SECONDS = 30.0
 # Past a due time, so that the comparison it waited for (`settled`, the backoff) holds.
 DUE_MARGIN_SECONDS = 0.001
 
@@ -361,6 +363,7 @@ class Controller:
         self._due: dict[str, float] = {}
         # (when, what): passes to try again, after a failure or a conflict the view cannot see.
         self._later: list[tuple[float, int, Dirty]] = []
+        self._next_resync = time.time() + RESYNC_SECONDS
         self._later_seq = 0
 
     async def run(self) -> None:
@@ -433,8 +436,7 @@ class Controller:
             timeout = 0.0
         else:
             times = [*self._due.values(), *(t for t, _, _ in self._later[:1])]
-            if times:
-                timeout = max(min(times) - time.time(), 0.0)
+            timeout = max(min([*times, self._next_resync]) - time.time(), 0.0)
         try:
             item = await asyncio.wait_for(queue.get(), timeout)
         except TimeoutError:
@@ -450,6 +452,9 @@ class Controller:
             item = queue.get_nowait()
 
     def _take_due(self, now: float) -> Dirty:
+        if now >= self._next_resync:
+            self.view.mark_all_dirty()
+            self._next_resync = now + RESYNC_SECONDS
         dirty = self.view.take_dirty()
         for sid, when in list(self._due.items()):
             if when <= now:

@@ -121,6 +121,10 @@ class ClusterView:
         for entry in entries:
             self._set(entry.key, entry.value, entry.mod_revision)
         self.loaded = True
+        self.mark_all_dirty()
+
+    def mark_all_dirty(self) -> None:
+        """Every service and `always` container to be looked at by the next pass."""
         self.dirty.services |= set(self.services) | set(self.by_service)
         self.dirty.containers |= {c.id for c in self.containers.values() if _watched_always(c)}
 
