@@ -100,6 +100,7 @@ bench: deps bench-apt
 	$(PY) -m bench.image
 	$(PY) -m bench.builder
 	$(PY) -m bench.security
+	$(PY) -m bench.scale
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)

@@ -462,10 +462,16 @@ class Bench:
         step.samples["CPU s during prune: cluster"] = [cpu["cluster"]]
         step.samples["CPU s during prune: image"] = [cpu["image"]]
         step.notes["prune"] = f"{len(result.removed)} images removed"
+        # busybox runs in every container: prune -a must keep it.
+        if not self.images.images(IMAGE.split(":")[0]):
+            step.notes["prune"] += f", {IMAGE} among them though containers use it"
 
     def measure(self, step: Step, index: int) -> None:
         print(f"\n== step {index + 1}: {step.label()}", flush=True)
         self.populate(step)
+        # Other work on the machine moves every figure: the load average is shown with them.
+        step.notes["load"] = "{:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+        print(f"  load average {step.notes['load']}", flush=True)
         print(f"  on the agents: {step.notes['spread']}", flush=True)
         for part in (self.idle, lambda s: self.point_ops(s, index), self.listings,
                      lambda s: self.placement(s, index), self.scheduling):  # fmt: skip
@@ -600,6 +606,8 @@ def summary(steps: list[Step]) -> list[str]:
         f"first step: {first.label()}; last: {last.label()}",
         f"containers per agent at the last step: {last.notes.get('spread', '-')};"
         f" pushed last: {last.notes.get('push', '-')}; prune: {last.notes.get('prune', '-')}",
+        "load average (1, 5, 15 min) at each step: "
+        + "; ".join(step.notes.get("load", "?") for step in steps),
     ]
     header = f"{'figure':38}{'first':>12}{'last':>12}{'last/first':>12}  goal"
     lines += [header, "-" * (len(header) + 40)]
