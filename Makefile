@@ -100,6 +100,8 @@ bench: deps bench-apt
 	$(PY) -m bench.image
 	$(PY) -m bench.builder
 	$(PY) -m bench.security
+	$(PY) -m bench.controller
+	$(PY) -m bench.scale
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)
