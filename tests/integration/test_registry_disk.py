@@ -170,6 +170,41 @@ def test_a_full_disk_is_storage_full_leaves_nothing_half_written_and_recovers(
         assert sha(layer) in blob_files(disk.data_dir)
 
 
+def test_a_disk_turned_read_only_is_storage_error_publishes_nothing_and_recovers(
+    small_disk: SmallDisk, tmp_path: Path
+) -> None:
+    """A real filesystem failing under the registry (remounted read-only, as ext4 does on an
+    I/O error with errors=remount-ro): UNAVAILABLE STORAGE_ERROR, nothing published."""
+    disk = small_disk
+    rpc = stub(disk.registry.address)
+    with RegistryClient(disk.registry.address) as client:
+        manifest, blobs = image([b"before the failure"])
+        for blob in blobs:
+            push_bytes(client, "lib/ro", blob, tmp_path)
+        client.put_manifest("lib/ro", "v1", OCI_MANIFEST, manifest)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk.mount)], check=True)
+        try:
+            with pytest.raises(grpc.RpcError) as start:
+                rpc.StartUpload(pb.StartUploadRequest(repository="lib/ro"))
+            error = error_of(start.value)
+            assert (error.code, error.reason) == ("UNAVAILABLE", "STORAGE_ERROR"), error
+            assert "Errno" not in str(error) and "internal" not in str(error).lower()
+            with pytest.raises(BerthClientError) as put:  # its blobs are there: it needs the disk
+                client.put_manifest("lib/ro", "v2", OCI_MANIFEST, manifest + b" ")
+            assert (put.value.code, put.value.reason) == ("UNAVAILABLE", "STORAGE_ERROR")
+            # What was stored before still reads, stats included (they refresh a blob's age).
+            assert client.get_manifest("lib/ro", "v1").content == manifest
+            assert client.stat_blob("lib/ro", sha(blobs[0])).size == len(blobs[0])
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(disk.mount)], check=True)
+        with pytest.raises(BerthClientError) as missing:
+            client.get_manifest("lib/ro", "v2")
+        assert missing.value.code == "NOT_FOUND"
+        assert session_dirs(disk) == []
+        push_bytes(client, "lib/ro", b"after the disk is back", tmp_path)
+        assert client.garbage_collect(grace_seconds=3600).uploads_removed == 0
+
+
 def put_raw(endpoint: str, prefix: str, key: str, value: bytes) -> None:
     async def put() -> None:
         store = Store(endpoint, prefix)

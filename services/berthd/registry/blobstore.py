@@ -256,9 +256,16 @@ class BlobStore:
         return BlobStat(digest, st.st_size, st.st_mtime)
 
     def touch(self, digest: str) -> None:
-        """Mark a blob as recently used, so GC's grace period protects it from now on."""
-        with contextlib.suppress(FileNotFoundError):
+        """Mark a blob as recently used, so GC's grace period protects it from now on. Best
+        effort on a failing disk: reads (a stat, a pull) go on working on a read-only one, and
+        a write that needed the disk fails on its own (GC cannot delete there either)."""
+        try:
             os.utime(self.path(digest))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if self.disk.error(exc, f"cannot mark blob {digest} as used") is None:
+                raise
 
     def open_reader(self, digest: str) -> BlobReader:
         try:
