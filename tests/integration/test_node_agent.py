@@ -455,3 +455,24 @@ def test_concurrent_creates_of_one_name_leave_one_container(node, busybox) -> No
         results = list(pool.map(create, range(4)))
     assert sorted(r for r in results if len(r) != 64) == ["ALREADY_EXISTS NAME_IN_USE"] * 3
     assert [c.name for c in node.list(all=True)] == ["only-one"]
+
+
+def test_concurrent_removes_of_one_container_all_succeed(node, busybox) -> None:
+    """Two removers at once (the cluster converging and a person, say): the container goes
+    once, and the one that waited for the other finds it gone, as it asked, not INTERNAL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    node.pull(busybox)
+    cid = run(node, busybox, "sleep", "600")
+
+    def remove(_: int) -> str:
+        try:
+            node.remove(cid, force=True)
+        except BerthClientError as err:
+            return f"{err.code} {err.message}"
+        return "removed"
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(remove, range(4)))
+    assert all(r == "removed" or r.startswith("NOT_FOUND") for r in results), results
+    assert "removed" in results and node.list(all=True) == []

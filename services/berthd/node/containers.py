@@ -676,6 +676,8 @@ class ContainerManager:
             await self._signal(record, signal.SIGKILL)
             await self._wait_exited(record, 10)
         async with self.lock(record.id):
+            if record.id not in self.records:
+                return  # a concurrent remove (the cluster converging, say) took it meanwhile
             task = self._restarts.pop(record.id, None)
             if task is not None:
                 task.cancel()
