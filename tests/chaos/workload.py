@@ -36,7 +36,7 @@ REPLICAS = 3
 SERVE = "trap 'exit 0' TERM; while true; do sleep 1; done"
 CALL_TIMEOUT = 20  # a call to a dead component fails after this, and the workload goes on
 LIVE_CONTAINERS = 12  # acknowledged containers kept; older ones are removed (bounds the load)
-# A guard, not a promise: a build that takes this long under faults is hung (see check_builds).
+# A guard, not a promise: a build that takes this long under faults is hung (check_failed_builds).
 BUILD_DEADLINE = 240
 REBUILD_CHANCE = 0.3
 ON_BUILT_CHANCE = 0.4  # a new build starts FROM an image built before, not the base
