@@ -1,10 +1,12 @@
 """The chaos test's cluster on the 3-host namespace harness (tests/integration/hosts.py): etcd,
-the registry, the image service and two cluster instances in the control namespace, a node agent
-per host.
+the registry, the image service, the builder and two cluster instances in the control namespace,
+a node agent per host.
 
 Every component can be SIGKILLed and started again over the same data, and every host's link
-cut and restored. The registry, image and cluster instances listen on fixed ports, so clients (and
-the agents' --registry) find a restarted one where it was; agents register their new address.
+cut and restored. The registry, image, builder and cluster instances listen on fixed ports, so
+clients (and the agents' --registry) find a restarted one where it was; agents register their
+new address. The builder finds a cluster instance through etcd, as a real deployment would, so
+it follows a killed instance to the other one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ LEASE_TTL = 3
 REGISTRY_PORT = 5000
 CLUSTER_PORTS = {"cluster-1": 5001, "cluster-2": 5002}
 IMAGE_PORT = 5003
+BUILDER_PORT = 5004
 READY_TIMEOUT = 90  # a guard for a restart on a busy 2-core machine
 
 
@@ -35,7 +38,7 @@ class ChaosCluster:
         self.net = TestNetwork(run_dir)
         self.prefix = f"/berth-chaos-{uuid.uuid4().hex[:8]}/"
         self.etcd: subprocess.Popen | None = None
-        self.services: dict[str, HostService] = {}  # registry, cluster-N
+        self.services: dict[str, HostService] = {}  # registry, image, builder, cluster-N
         self.agents: dict[str, HostService] = {}  # host1.. -> its node agent
         self.killed: set[str] = set()  # killed by the schedule, not yet restarted
         self.restarts = 0
@@ -55,8 +58,16 @@ class ChaosCluster:
         return f"{self.net.control_address}:{IMAGE_PORT}"
 
     @property
+    def builder(self) -> str:
+        return f"{self.net.control_address}:{BUILDER_PORT}"
+
+    @property
     def registry_data(self) -> Path:
         return self.run_dir / "registry"
+
+    @property
+    def builder_scratch(self) -> Path:
+        return self.run_dir / "builder" / "scratch"
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -64,7 +75,7 @@ class ChaosCluster:
         self.net.create(3)
         (self.run_dir / "etcd").mkdir()
         self.etcd = self.net.start_etcd(self.run_dir / "etcd")
-        starting = [self._start_service("registry"), self._start_service("image")]
+        starting = [self._start_service(name) for name in ("registry", "image", "builder")]
         starting += [self._start_service(name) for name in CLUSTER_PORTS]
         starting += [self._start_agent(n) for n in (1, 2, 3)]
         for service in starting:  # started together, so their imports overlap
@@ -77,6 +88,12 @@ class ChaosCluster:
             extra = [
                 f"--data-dir={self.run_dir / 'image'}",
                 f"--listen={self.image}",
+                f"--registry={self.registry}",
+            ]
+        elif name == "builder":
+            extra = [
+                f"--data-dir={self.run_dir / 'builder'}",
+                f"--listen={self.builder}",
                 f"--registry={self.registry}",
             ]
         else:
@@ -173,6 +190,9 @@ class ChaosCluster:
             mode,
             f"--registry={self.registry}",
             f"--image={self.image}",
+            f"--builder={self.builder}",
+            f"--etcd={self.net.etcd}",
+            f"--prefix={self.prefix}",
             *clusters,
             *extra,
         ]

@@ -14,13 +14,16 @@ from pathlib import Path
 # Raw exception text that must never reach a user in a status message.
 RAW_TEXT = ("AioRpcError", "Traceback", "[Errno", "_InactiveRpcError", "StatusCode.")
 HEX64 = re.compile(r"[0-9a-f]{64}")
+BUILD_CONTAINER = "build-"  # how the builder names a RUN step's container (its runner)
 
 
 @dataclass
 class Acknowledged:
     """What the workload was told succeeded, from its journal."""
 
-    pushes: dict[str, str] = field(default_factory=dict)  # reference -> digest
+    pushes: dict[str, str] = field(default_factory=dict)  # reference -> digest (builds too)
+    builds: list[dict] = field(default_factory=list)  # acknowledged builds, as journaled
+    failed_builds: list[dict] = field(default_factory=list)  # their tags may hold anything whole
     runs: dict[str, str] = field(default_factory=dict)  # container id -> name
     removed: set[str] = field(default_factory=set)
     bad_reads: list[dict] = field(default_factory=list)
@@ -30,8 +33,10 @@ class Acknowledged:
     def from_journal(cls, records: list[dict]) -> Acknowledged:
         acked = cls()
         for r in records:
-            if r["op"] == "push":
+            if r["op"] in ("push", "build"):
                 acked.pushes[r["ref"]] = r["digest"]
+                if r["op"] == "build":
+                    acked.builds.append(r)
             elif r["op"] == "run":
                 acked.runs[r["id"]] = r["name"]
             elif r["op"] == "removed":
@@ -40,6 +45,8 @@ class Acknowledged:
                 acked.bad_reads.append(r)
             elif r["op"] == "error":
                 acked.errors.append(r)
+                if r["what"] == "build":
+                    acked.failed_builds.append(r)
         return acked
 
     def error_codes(self) -> dict[str, int]:
@@ -63,6 +70,85 @@ def check_pushes(pushes: dict[str, str], read: dict[str, object]) -> list[str]:
 def check_reads(bad_reads: list[dict]) -> list[str]:
     """A read during the run may fail, but never answer with the wrong content."""
     return [f"read of {r['ref']} gave {r['got']}, pushed as {r['want']}" for r in bad_reads]
+
+
+def check_rebuilds(builds: list[dict]) -> list[str]:
+    """A rebuild of an acknowledged build's context is all cached: the very same image."""
+    return [
+        f"build {b['ref']} rebuilt {b['rebuild_of']} ({b['want']}) as {b['digest']}"
+        for b in builds
+        if "rebuild_of" in b and b["digest"] != b["want"]
+    ]
+
+
+def check_failed_builds(failed: list[dict], read: dict[str, object], deadline: float) -> list[str]:
+    """A build may fail under faults, but not hang past the workload's guard, and its tag then
+    names nothing or a whole image (a build whose answer was lost may have finished); never a
+    half-written one."""
+    found = [
+        f"build {b['ref']} hung: no answer in {b['seconds']:g}s"
+        for b in failed
+        if b.get("seconds", 0) >= deadline
+    ]
+    for reference, got in sorted(read.items()):
+        whole = isinstance(got, str) and got.startswith("sha256:")
+        absent = isinstance(got, dict) and got.get("code") == "NOT_FOUND"
+        if not (whole or absent):
+            found.append(f"failed build {reference} left a tag that reads back as {got}")
+    return found
+
+
+def check_image_records(records: dict, cache_repository: str) -> list[str]:
+    """No half-written image record: every manifest the registry holds has every blob it
+    names; every build record (builds/<digest>) decodes and names a manifest the registry
+    holds; every build cache record decodes, and the intermediate image it holds (if any) is
+    in the cache repository."""
+    found = []
+    held = {m["digest"] for m in records["manifests"]}
+    cached = {m["digest"] for m in records["manifests"] if m["repository"] == cache_repository}
+    for m in records["manifests"]:
+        if m["missing"]:
+            missing = ", ".join(d[7:19] for d in m["missing"])
+            found.append(f"manifest {m['repository']}@{m['digest'][7:19]} lacks blobs {missing}")
+    for digest, record in sorted(records["builds"].items()):
+        if isinstance(record, str):
+            found.append(f"build record {digest[7:19]} {record}")
+        elif digest not in held:
+            found.append(f"build record {digest[7:19]} names an image the registry lacks")
+    for key, record in sorted(records["cache"].items()):
+        if isinstance(record, str):
+            found.append(f"build cache record {key[:12]} {record}")
+        elif record["image"] and record["image"] not in cached:
+            found.append(
+                f"build cache record {key[:12]} holds image {record['image'][7:19]}, "
+                f"which {cache_repository} lacks"
+            )
+    return found
+
+
+def check_build_containers(snapshot: dict) -> list[str]:
+    """A build's RUN containers go with the build: none is left once no build runs, neither
+    in the cluster's list nor on a node."""
+    found = [
+        f"build container {c['name']} ({c['state']}) outlived its build"
+        for c in snapshot["containers"].values()
+        if c["name"].startswith(BUILD_CONTAINER)
+    ]
+    for node, containers in sorted(snapshot["on_nodes"].items()):
+        if isinstance(containers, list):
+            found += [
+                f"build container {c['name']} ({c['state']}) is left on node {node}"
+                for c in containers
+                if c["name"].startswith(BUILD_CONTAINER)
+            ]
+    return found
+
+
+def check_scratch(scratch: Path) -> list[str]:
+    """Once no build runs, the builder's scratch directory is empty: every build, finished,
+    failed or cancelled, took its context and layers with it."""
+    left = sorted(p.name for p in scratch.iterdir()) if scratch.is_dir() else []
+    return [f"the builder's scratch directory still holds {left}"] if left else []
 
 
 # Status codes a failure under faults may honestly have: INTERNAL and UNKNOWN say that a failure

@@ -1,7 +1,9 @@
-"""The chaos test: a workload of pushes, pulls, runs and a 3-replica service on three hosts,
-while a seeded schedule SIGKILLs components (etcd, registry, cluster instances, node agents) or
-cuts a host's link, and starts or restores each again. Once the schedule is over and the cluster
-has settled, the invariants of tests/chaos/invariants.py must hold.
+"""The chaos test: a workload of pushes, pulls, tags, builds, runs and a 3-replica service on
+three hosts, while a seeded schedule SIGKILLs components (etcd, registry, image, builder, cluster
+instances, node agents) or cuts a host's link, some of them overlapping, and starts or restores
+each again. Once the schedule is over and the cluster has settled, the invariants of
+tests/chaos/invariants.py must hold, and an acknowledged build's context, built again after GC,
+must give the very same image from the cache.
 
 CHAOS_MINUTES (default 1: the bounded run of `make test`) is how long faults keep coming;
 CHAOS_SEED picks the schedule (default: a random one). The seed is printed first and is in every
@@ -12,6 +14,7 @@ cluster is waited on until it settles, with a generous guard against a hang.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -21,18 +24,25 @@ from pathlib import Path
 
 import pytest
 
+from berthd.common.state.build_cache import CACHE_REPOSITORY
+
 from .cluster import ChaosCluster
 from .invariants import (
     Acknowledged,
+    check_build_containers,
     check_containers,
     check_errors,
+    check_failed_builds,
+    check_image_records,
     check_pushes,
     check_reads,
+    check_rebuilds,
     check_registry_files,
+    check_scratch,
     check_service,
 )
 from .schedule import HOSTS, Fault, generate
-from .workload import REPLICAS, SERVICE
+from .workload import BUILD_DEADLINE, REPLICAS, SERVICE
 
 MINUTES = float(os.environ.get("CHAOS_MINUTES") or 1)
 SEED = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(1 << 32))
@@ -46,15 +56,26 @@ def replay() -> str:
 
 
 def play(cluster: ChaosCluster, faults: list[Fault], crashes: list[str]) -> None:
-    """Each fault at its time (later if the restart before took longer), then its end."""
+    """Each fault's begin and end at its time (later if a restart before took longer); when
+    faults overlap, the second begins while the first lasts."""
     began = time.monotonic()
-    for fault in faults:
-        time.sleep(max(0.0, began + fault.at - time.monotonic()))
-        revive(cluster, crashes)
-        print(f"  {fault}", flush=True)
-        cluster.begin(fault)
-        time.sleep(max(0.0, began + fault.end - time.monotonic()))
-        cluster.end(fault)
+    # Ends before begins at the same time; a group's faults in order.
+    events = sorted(
+        [(f.at, 1, n, f) for n, f in enumerate(faults)]
+        + [(f.end, 0, n, f) for n, f in enumerate(faults)]
+    )
+    active = 0
+    for at, begins, _, fault in events:
+        time.sleep(max(0.0, began + at - time.monotonic()))
+        if begins:
+            if not active:  # a crash is restarted on an otherwise whole cluster
+                revive(cluster, crashes)
+            print(f"  {fault}" + ("  (overlapping)" if active else ""), flush=True)
+            cluster.begin(fault)
+            active += 1
+        else:
+            cluster.end(fault)
+            active -= 1
     revive(cluster, crashes)
 
 
@@ -83,10 +104,26 @@ def settle(cluster: ChaosCluster, journal: Path, acked: Acknowledged) -> tuple[d
         found = [f"node {h} is not registered" for h in HOSTS if h not in snapshot["nodes"]]
         found += check_service(snapshot, SERVICE, REPLICAS)
         found += check_containers(snapshot, acked.runs, acked.removed)
+        found += check_build_containers(snapshot)
         held = 0 if found else held + 1
         if held == 2 or (found and time.monotonic() > deadline):
             return snapshot, found
         time.sleep(2)
+
+
+def rebuild(cluster: ChaosCluster, acked: Acknowledged) -> list[str]:
+    """The first acknowledged build's context, built again after the run and GC: its cache
+    must have survived whole, so the very same image comes back."""
+    first = next((b for b in acked.builds if "rebuild_of" not in b), None)
+    if first is None:
+        return ["no build was acknowledged during the run"]
+    got = cluster.client(
+        "observe", "rebuild", f"--context={first['context']}", "--tag=chaos/rebuilt:1"
+    )
+    assert isinstance(got, dict)
+    if got.get("digest") != first["digest"]:
+        return [f"{first['ref']} ({first['digest']}) rebuilt after the run gives {got}"]
+    return []
 
 
 def test_chaos(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -124,10 +161,17 @@ def test_chaos(tmp_path_factory: pytest.TempPathFactory) -> None:
         acked = Acknowledged.from_journal(records)
         snapshot, found = settle(cluster, journal, acked)
         violations += found + check_reads(acked.bad_reads) + check_errors(acked.errors)
+        violations += check_rebuilds(acked.builds) + check_scratch(cluster.builder_scratch)
         read = cluster.client("observe", "snapshot", f"--journal={journal}", "--pushes")
         assert isinstance(read, dict)
         violations += check_pushes(acked.pushes, read["pushes"])
+        violations += check_failed_builds(
+            acked.failed_builds, read["failed_builds"], BUILD_DEADLINE
+        )
         violations += check_registry_files(cluster.registry_data, after_gc=False)
+        records = cluster.client("observe", "records")
+        assert isinstance(records, dict)
+        violations += check_image_records(records, CACHE_REPOSITORY)
         gc = cluster.client("observe", "gc")
         assert isinstance(gc, dict)
         if "error" in gc:
@@ -136,13 +180,22 @@ def test_chaos(tmp_path_factory: pytest.TempPathFactory) -> None:
         after = cluster.client("observe", "snapshot", f"--journal={journal}", "--pushes")
         assert isinstance(after, dict)
         violations += [f"after GC: {v}" for v in check_pushes(acked.pushes, after["pushes"])]
+        records = cluster.client("observe", "records")
+        assert isinstance(records, dict)
+        violations += [f"after GC: {v}" for v in check_image_records(records, CACHE_REPOSITORY)]
+        violations += rebuild(cluster, acked)
         violations += [f"{c} after the run" for c in cluster.crashed()]
         print(
             json.dumps(
                 {
                     "seed": SEED,
                     "faults": len(faults),
-                    "pushes": len(acked.pushes),
+                    "overlapping": sum(
+                        later.at < earlier.end for earlier, later in itertools.pairwise(faults)
+                    ),
+                    "pushes": len(acked.pushes) - len(acked.builds),
+                    "builds": len(acked.builds),
+                    "rebuilds": sum("rebuild_of" in b for b in acked.builds),
                     "runs": len(acked.runs),
                     "removed": len(acked.removed),
                     "failed_calls": acked.error_codes(),

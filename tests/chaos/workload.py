@@ -2,9 +2,12 @@
 route to the test subnet): `python -m tests.chaos.workload setup|run ...`.
 
 `setup` pushes the base image and creates the 3-replica service. `run` pushes, pulls, tags
-(through the image service) and runs containers until the stop file appears, appending every
-acknowledged operation (the call returned OK) to a journal, one JSON object a line: what the
-invariants hold the cluster to.
+(through the image service), builds (through the builder: a COPY and a RUN on the busybox base or
+on an image built before, and now and then a rebuild of an acknowledged build's context, which
+must be all cached and give the very same image) and runs containers until the stop file appears,
+appending every acknowledged operation (the call returned OK) to a journal, one JSON object a
+line: what the invariants hold the cluster to. Built images are pulled, tagged and run like
+pushed ones.
 Failed calls are expected while components are down; they are journaled with their status code
 and message, which must be honest (no raw exception text).
 """
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 from berth.client import ClusterClient, ContainerConfig, ImageClient, RegistryClient
+from berth.client.builder import BuilderClient, BuildOptions
 from berth.errors import BerthClientError
 from tests.integration.images import busybox_layer, push_image, tar_of
 
@@ -32,6 +36,10 @@ REPLICAS = 3
 SERVE = "trap 'exit 0' TERM; while true; do sleep 1; done"
 CALL_TIMEOUT = 20  # a call to a dead component fails after this, and the workload goes on
 LIVE_CONTAINERS = 12  # acknowledged containers kept; older ones are removed (bounds the load)
+# A guard, not a promise: a build that takes this long under faults is hung (check_failed_builds).
+BUILD_DEADLINE = 240
+REBUILD_CHANCE = 0.3
+ON_BUILT_CHANCE = 0.4  # a new build starts FROM an image built before, not the base
 
 
 class Journal:
@@ -44,16 +52,38 @@ class Journal:
             self._file.write(json.dumps(record) + "\n")
 
 
-def error_record(what: str, err: Exception) -> dict[str, str]:
+def error_record(what: str, err: Exception, **facts: str) -> dict[str, str]:
     if isinstance(err, BerthClientError):
-        return {"op": "error", "what": what, "code": err.code, "message": err.message}
-    return {"op": "error", "what": what, "code": type(err).__name__, "message": str(err)}
+        return {"op": "error", "what": what, "code": err.code, "message": err.message, **facts}
+    return {"op": "error", "what": what, "code": type(err).__name__, "message": str(err), **facts}
+
+
+def write_context(directory: Path, n: int, base: str, data: bytes) -> Path:
+    """Build n's context: its own data (so its COPY and RUN are new to the cache) on `base`."""
+    directory.mkdir(parents=True)
+    (directory / "data.txt").write_bytes(data)
+    (directory / "Dockerfile").write_text(
+        f"FROM {base}\n"
+        f"COPY data.txt /chaos/data-{n}.txt\n"
+        f"RUN wc -c /chaos/data-{n}.txt > /chaos/built-{n} && echo build {n} >> /chaos/built-{n}\n"
+        f"ENV CHAOS_BUILD={n}\n"
+    )
+    return directory
+
+
+def build(address: str, context: Path, reference: str) -> str:
+    """Build `context` tagged `reference`; the image's manifest digest."""
+    with BuilderClient(address, timeout=CALL_TIMEOUT) as builder:
+        options = BuildOptions(tags=[reference])
+        return builder.build(context, options, deadline=BUILD_DEADLINE).digest
 
 
 class Workload:
     def __init__(self, args: argparse.Namespace, journal: Journal) -> None:
         self.registry = args.registry
         self.image = args.image
+        self.builder = args.builder
+        self.contexts = Path(args.journal).parent / "contexts"  # kept for the final rebuild
         self.clusters = args.cluster
         self.stop_file = Path(args.stop)
         self.journal = journal
@@ -140,6 +170,41 @@ class Workload:
         if got != digest:
             self.journal.write(op="bad_read", ref=reference, want=digest, got=got)
 
+    def builds(self) -> None:
+        """New builds, and rebuilds of acknowledged ones under a new tag; each acknowledged
+        build is a push the invariants hold the registry to, and a failed one is journaled
+        with its tag (whatever that tag names afterwards must read back whole)."""
+        n = 0
+        built: list[dict[str, str]] = []  # acknowledged: context, ref, digest
+        while not self.stopped():
+            n += 1
+            reference = f"chaos/b{n}:1"
+            facts: dict[str, str] = {}
+            if built and self.rng.random() < REBUILD_CHANCE:
+                again = self.rng.choice(built)
+                context = Path(again["context"])
+                facts = {"rebuild_of": again["ref"], "want": again["digest"]}
+            else:
+                on_built = built and self.rng.random() < ON_BUILT_CHANCE
+                base = self.rng.choice(built)["ref"] if on_built else BASE
+                data = os.urandom(self.rng.randint(1, 64 << 10)).hex().encode()
+                context = write_context(self.contexts / f"b{n}", n, base, data)
+            began = time.monotonic()
+            try:
+                digest = build(self.builder, context, reference)
+            except Exception as err:  # journaled with the tag it may have left behind
+                seconds = round(time.monotonic() - began, 1)
+                self.journal.write(**error_record("build", err, ref=reference), seconds=seconds)
+                time.sleep(0.5)
+                continue
+            self.journal.write(
+                op="build", ref=reference, digest=digest, context=str(context), **facts
+            )
+            built.append({"context": str(context), "ref": reference, "digest": digest})
+            with self.lock:
+                self.pushed.append((reference, digest))
+            time.sleep(self.rng.uniform(0.5, 2.0))
+
     def runs(self) -> None:
         n = 0
         live: list[str] = []
@@ -221,7 +286,7 @@ def run(args: argparse.Namespace) -> None:
     workload = Workload(args, Journal(Path(args.journal)))
     threads = [
         threading.Thread(target=fn, name=fn.__name__)
-        for fn in (workload.pushes, workload.pulls, workload.tags, workload.runs)
+        for fn in (workload.pushes, workload.pulls, workload.tags, workload.builds, workload.runs)
     ]
     for thread in threads:
         thread.start()
@@ -234,6 +299,9 @@ def main() -> None:
     parser.add_argument("mode", choices=["setup", "run"])
     parser.add_argument("--registry", required=True)
     parser.add_argument("--image", required=True)
+    parser.add_argument("--builder", required=True)
+    parser.add_argument("--etcd", required=True)
+    parser.add_argument("--prefix", required=True)
     parser.add_argument("--cluster", action="append", required=True)
     parser.add_argument("--journal", default="")
     parser.add_argument("--stop", default="")

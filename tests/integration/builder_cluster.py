@@ -125,6 +125,8 @@ def build_cluster(
             push_image(client, repository, tag, [busybox_layer()], tmp)
         yield BuildCluster(services, registry, cluster, node, builder, tmp)
     finally:
-        if node is not None:
-            node.cleanup()
-        services.stop_all()
+        try:
+            if node is not None:
+                node.cleanup()
+        finally:  # a failing cleanup must not leave the services running
+            services.stop_all()

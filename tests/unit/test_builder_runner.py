@@ -14,7 +14,8 @@ import pytest
 from berth.client.containers import LogLine
 from berth.containers import ContainerConfig
 from berth.error_details import Violation
-from berthd.builder.runner import BUILD_LABEL, RunFailed, Runner, RunSpec
+from berthd.builder.reaper import orphans
+from berthd.builder.runner import BUILD_LABEL, BUILDER_LABEL, RunFailed, Runner, RunSpec
 from berthd.common.errors import FailedPrecondition, NotFound
 
 SPEC = RunSpec(
@@ -212,3 +213,32 @@ async def test_a_failed_removal_is_logged_not_raised(caplog: pytest.LogCaptureFi
     run, _ = runner(cluster, changes=False)
     assert (await run.run(SPEC, ignore)).layer is None
     assert "cannot remove build container c1" in caplog.text
+
+
+async def test_step_containers_carry_their_build_and_builder_instance() -> None:
+    cluster = FakeCluster([b"ok\n"])
+    run = Runner(
+        cluster,  # type: ignore[arg-type]
+        "berth/build-cache",
+        instance="vm-1",
+        node_api=lambda address: FakeNode(address, True),  # type: ignore[arg-type]
+    )
+    await run.run(SPEC, ignore)
+    assert cluster.ran[0].labels == {BUILD_LABEL: "b1", BUILDER_LABEL: "vm-1"}
+
+
+def step(name: str, labels: dict[str, str]) -> Any:
+    return SimpleNamespace(id=name, name=name, labels=labels)
+
+
+def test_orphans_are_step_containers_no_running_build_owns() -> None:
+    listed = [
+        step("build-b1-2", {BUILD_LABEL: "b1", BUILDER_LABEL: "me"}),  # running here
+        step("build-b2-2", {BUILD_LABEL: "b2", BUILDER_LABEL: "me"}),  # ended here
+        step("build-b3-2", {BUILD_LABEL: "b3", BUILDER_LABEL: "other"}),  # a live builder's
+        step("build-b4-2", {BUILD_LABEL: "b4", BUILDER_LABEL: "dead"}),  # a dead builder's
+        step("build-b5-2", {BUILD_LABEL: "b5"}),  # made before builders labelled theirs
+        step("build-me", {}),  # somebody's container named like a step's
+    ]
+    found = orphans(listed, "me", running={"b1"}, live={"me", "other"})
+    assert [c.name for c in found] == ["build-b2-2", "build-b4-2", "build-b5-2"]

@@ -9,13 +9,18 @@ from pathlib import Path
 
 from tests.chaos.invariants import (
     Acknowledged,
+    check_build_containers,
     check_containers,
     check_errors,
+    check_failed_builds,
+    check_image_records,
     check_pushes,
+    check_rebuilds,
     check_registry_files,
+    check_scratch,
     check_service,
 )
-from tests.chaos.schedule import COMPONENTS, CUT, HOSTS, KILL, generate
+from tests.chaos.schedule import COMPONENTS, CUT, HOSTS, KILL, Fault, can_overlap, generate
 
 
 def test_same_seed_same_schedule_other_seed_other_schedule() -> None:
@@ -26,17 +31,55 @@ def test_same_seed_same_schedule_other_seed_other_schedule() -> None:
     assert long[: len(short)] == short
 
 
-def test_faults_come_one_after_another_within_the_length() -> None:
+def groups(faults: list[Fault]) -> list[list[Fault]]:
+    """Faults grouped by overlap: a fault that begins before the one before ends joins it."""
+    found: list[list[Fault]] = []
+    for fault in faults:
+        if found and fault.at < max(f.end for f in found[-1]):
+            found[-1].append(fault)
+        else:
+            found.append([fault])
+    return found
+
+
+def test_groups_of_faults_come_one_after_another_within_the_length() -> None:
     for seed in range(50):
         faults = generate(seed, 300)
-        assert faults and all(f.at < 300 for f in faults)
-        for before, after in itertools.pairwise(faults):
-            assert after.at > before.end
+        assert faults and faults == sorted(faults, key=lambda f: f.at)
+        for before, after in itertools.pairwise(groups(faults)):
+            assert after[0].at > max(f.end for f in before)
+            assert after[0].at < 300
         for f in faults:
             assert f.duration > 0
             assert (f.action, f.target) in [(KILL, c) for c in COMPONENTS] + [
                 (CUT, h) for h in HOSTS
             ]
+
+
+def test_some_faults_overlap_and_each_recovery_still_works_during_the_other() -> None:
+    found = [g for seed in range(50) for g in groups(generate(seed, 300))]
+    pairs = [g for g in found if len(g) == 2]
+    assert all(len(g) <= 2 for g in found)
+    assert 0.15 < len(pairs) / len(found) < 0.45
+    for first, second in pairs:
+        assert first.at < second.at < first.end
+        assert can_overlap((first.action, first.target), (second.action, second.target))
+    kinds = {(a.action, b.action) for a, b in pairs}
+    assert kinds == {(KILL, KILL), (KILL, CUT), (CUT, KILL), (CUT, CUT)}
+    # A link cut while etcd is down; never another restart that would need etcd.
+    assert any((KILL, "etcd") in {(a.action, a.target), (b.action, b.target)} for a, b in pairs)
+
+
+def test_what_may_not_overlap() -> None:
+    assert not can_overlap((KILL, "etcd"), (KILL, "registry"))
+    assert not can_overlap((KILL, "builder"), (KILL, "etcd"))
+    assert can_overlap((KILL, "etcd"), (CUT, "host2"))
+    assert not can_overlap((KILL, "node-host2"), (CUT, "host2"))
+    assert not can_overlap((CUT, "host2"), (KILL, "node-host2"))
+    assert can_overlap((CUT, "host1"), (KILL, "node-host2"))
+    assert not can_overlap((CUT, "host1"), (CUT, "host1"))
+    assert can_overlap((CUT, "host1"), (CUT, "host3"))
+    assert can_overlap((KILL, "builder"), (KILL, "cluster-1"))
 
 
 def test_every_kind_of_fault_is_drawn() -> None:
@@ -53,14 +96,105 @@ JOURNAL = [
     {"op": "run", "id": "c3", "name": "chaos-run-3", "image": "x"},
     {"op": "removed", "id": "c3"},
     {"op": "error", "what": "run", "code": "UNAVAILABLE", "message": "etcd is unreachable"},
+    {"op": "build", "ref": "chaos/b1:1", "digest": "sha256:c", "context": "/c/b1"},
+    {
+        "op": "build",
+        "ref": "chaos/b3:1",
+        "digest": "sha256:c",
+        "context": "/c/b1",
+        "rebuild_of": "chaos/b1:1",
+        "want": "sha256:c",
+    },
+    {
+        "op": "error",
+        "what": "build",
+        "code": "UNAVAILABLE",
+        "message": "cannot reach the builder",
+        "ref": "chaos/b2:1",
+        "seconds": 3.0,
+    },
 ]
 
 
 def test_acknowledged_from_the_journal() -> None:
     acked = Acknowledged.from_journal(JOURNAL)
-    assert acked.pushes == {"chaos/p1:1": "sha256:a", "chaos/p2:1": "sha256:b"}
+    # An acknowledged build is a push the registry must honor.
+    assert acked.pushes == {
+        "chaos/p1:1": "sha256:a",
+        "chaos/p2:1": "sha256:b",
+        "chaos/b1:1": "sha256:c",
+        "chaos/b3:1": "sha256:c",
+    }
+    assert [b["ref"] for b in acked.builds] == ["chaos/b1:1", "chaos/b3:1"]
+    assert [b["ref"] for b in acked.failed_builds] == ["chaos/b2:1"]
     assert set(acked.runs) == {"c1", "c2", "c3"} and acked.removed == {"c3"}
-    assert acked.error_codes() == {"run:UNAVAILABLE": 1}
+    assert acked.error_codes() == {"run:UNAVAILABLE": 1, "build:UNAVAILABLE": 1}
+
+
+def test_a_rebuild_must_give_the_same_image() -> None:
+    acked = Acknowledged.from_journal(JOURNAL)
+    assert check_rebuilds(acked.builds) == []
+    acked.builds[1]["digest"] = "sha256:d"
+    assert check_rebuilds(acked.builds) == [
+        "build chaos/b3:1 rebuilt chaos/b1:1 (sha256:c) as sha256:d"
+    ]
+
+
+def test_a_failed_build_leaves_its_tag_absent_or_whole_and_does_not_hang() -> None:
+    failed = Acknowledged.from_journal(JOURNAL).failed_builds
+    absent = {"chaos/b2:1": {"code": "NOT_FOUND", "message": "no such tag"}}
+    assert check_failed_builds(failed, absent, 240) == []
+    assert check_failed_builds(failed, {"chaos/b2:1": "sha256:e"}, 240) == []  # answer lost
+    broken = {"chaos/b2:1": {"code": "DATA_LOSS", "message": "blob gone"}}
+    assert check_failed_builds(failed, broken, 240) == [
+        "failed build chaos/b2:1 left a tag that reads back as "
+        "{'code': 'DATA_LOSS', 'message': 'blob gone'}"
+    ]
+    mismatch = {"chaos/b2:1": "manifest bytes do not match sha256:e"}
+    assert len(check_failed_builds(failed, mismatch, 240)) == 1
+    hung = [{**failed[0], "code": "DEADLINE_EXCEEDED", "seconds": 240.2}]
+    assert check_failed_builds(hung, {}, 240) == ["build chaos/b2:1 hung: no answer in 240.2s"]
+
+
+D1, D2, D3 = (f"sha256:{c * 64}" for c in "123")
+
+
+def test_image_records_whole_and_pointing_at_what_the_registry_holds() -> None:
+    records = {
+        "manifests": [
+            {"repository": "chaos/b1", "digest": D1, "missing": []},
+            {"repository": "berth/build-cache", "digest": D2, "missing": []},
+        ],
+        "builds": {D1: {"dockerfile": "Dockerfile"}},
+        "cache": {"k" * 64: {"layer": D3, "image": D2}, "j" * 64: {"layer": "", "image": ""}},
+    }
+    assert check_image_records(records, "berth/build-cache") == []
+    records["manifests"][0]["missing"] = [D3]
+    records["builds"][D3] = {"dockerfile": "Dockerfile"}
+    records["builds"][D2] = "does not decode: Expecting value"
+    records["cache"]["k" * 64]["image"] = D1  # not an intermediate image
+    assert check_image_records(records, "berth/build-cache") == [
+        "manifest chaos/b1@111111111111 lacks blobs 333333333333",
+        "build record 222222222222 does not decode: Expecting value",
+        "build record 333333333333 names an image the registry lacks",
+        "build cache record kkkkkkkkkkkk holds image 111111111111, which berth/build-cache lacks",
+    ]
+
+
+def test_no_build_container_outlives_its_build(tmp_path: Path) -> None:
+    snap = snapshot(WHOLE, WHOLE_ON_NODES)
+    assert check_build_containers(snap) == []
+    snap["containers"]["x"] = {"name": "build-0123abcd-3", "state": "exited"}
+    snap["on_nodes"]["host3"] = [{"name": "build-0123abcd-3", "state": "exited"}]
+    assert check_build_containers(snap) == [
+        "build container build-0123abcd-3 (exited) outlived its build",
+        "build container build-0123abcd-3 (exited) is left on node host3",
+    ]
+    assert check_scratch(tmp_path / "missing") == [] and check_scratch(tmp_path) == []
+    (tmp_path / "build-0123abcd").mkdir()
+    assert check_scratch(tmp_path) == [
+        "the builder's scratch directory still holds ['build-0123abcd']"
+    ]
 
 
 def test_pushes_must_read_back_with_their_digest() -> None:

@@ -177,9 +177,11 @@ class FakeStub:
     def __init__(self, responses: list[pb.BuildResponse]) -> None:
         self.responses = responses
         self.calls: list[FakeCall] = []
+        self.timeouts: list[float | None] = []
 
-    def Build(self, requests: Iterator[pb.BuildRequest]) -> FakeCall:
+    def Build(self, requests: Iterator[pb.BuildRequest], timeout: float | None = None) -> FakeCall:
         self.calls.append(FakeCall(requests, self.responses))
+        self.timeouts.append(timeout)
         return self.calls[-1]
 
 
@@ -272,9 +274,12 @@ def test_build_with_dockerfile_text_sends_it_and_an_empty_context() -> None:
     client, stub = fake_client([pb.BuildResponse(result=pb.BuildResult(id=IMAGE_ID))])
     with client:
         client.build(None, dockerfile_text="FROM scratch\n")
+        client.build(None, dockerfile_text="FROM scratch\n", deadline=240)
     first, *rest = stub.calls[0].received
     assert first.options.dockerfile == "" and first.options.dockerfile_content == "FROM scratch\n"
     assert members(b"".join(r.context for r in rest)) == {}
+    # No deadline unless the caller gives one: a build takes as long as it takes.
+    assert stub.timeouts == [None, 240]
 
 
 def test_a_context_read_error_is_reported_as_itself(

@@ -185,6 +185,7 @@ class Builder:
         self.disk = Storage("the builder's scratch directory", scratch)
         self.max_context_bytes = max_context_bytes
         self.max_context_files = max_context_files
+        self.running: set[str] = set()  # ids of the builds in progress (for the reaper)
 
     async def build(
         self,
@@ -220,6 +221,7 @@ class Builder:
         context: BuildContext | None = None
         build: _Build | None = None
         in_context = None if options.dockerfile_content else options.dockerfile
+        self.running.add(build_id)
         try:
             progress = _ContextProgress(emit)
             context = await BuildContext.receive(
@@ -253,6 +255,7 @@ class Builder:
                 move_field(exc, "options.dockerfile", "options.dockerfile_content")
             raise
         finally:
+            self.running.discard(build_id)
             if build is not None:
                 await build.close()
             if context is not None:

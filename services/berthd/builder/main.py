@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from berth.builder.v1 import builder_pb2, builder_pb2_grpc
 from berthd.builder.cache import CACHE_REPOSITORY, BuildCache
 from berthd.builder.context import DEFAULT_MAX_FILES
 from berthd.builder.executor import Builder
+from berthd.builder.reaper import Reaper
 from berthd.builder.runner import Runner
 from berthd.builder.service import BuilderServicer
 from berthd.common.config import add_common_flags, add_flag, add_peer_flag, service_config
@@ -80,7 +83,9 @@ async def run(args: argparse.Namespace) -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     images = ImageStore(RegistryApi(service_address(store, "registry", args.registry)))
     cluster = ClusterApi(service_address(store, "cluster", args.cluster))
-    runner = Runner(cluster, CACHE_REPOSITORY, network=args.run_network)
+    runner = Runner(
+        cluster, CACHE_REPOSITORY, network=args.run_network, instance=config.instance_id
+    )
     builder = Builder(
         store,
         images,
@@ -91,9 +96,23 @@ async def run(args: argparse.Namespace) -> None:
         args.max_context_files,
     )
     servicer = BuilderServicer(builder)
+    reaper = Reaper(cluster, store, config.instance_id, lambda: set(builder.running))
+    sweeping: asyncio.Task[None] | None = None
 
     def mount(server: grpc.aio.Server) -> list[str]:
         builder_pb2_grpc.add_BuilderServiceServicer_to_server(servicer, server)
         return [builder_pb2.DESCRIPTOR.services_by_name["BuilderService"].full_name]
 
-    await run_server(config, store, mount)
+    async def on_start(address: str) -> dict[str, bytes]:
+        nonlocal sweeping
+        # Step containers a failed removal or a killed builder left behind (reaper.py).
+        sweeping = asyncio.create_task(reaper.run(), name="build container reaper")
+        return {}
+
+    async def on_stop() -> None:
+        if sweeping is not None:
+            sweeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeping
+
+    await run_server(config, store, mount, on_start=on_start, on_stop=on_stop)

@@ -37,7 +37,8 @@ from berthd.common.rpc.node import NodeApi
 
 log = logging.getLogger("berthd.builder.runner")
 
-BUILD_LABEL = "berth.build"
+BUILD_LABEL = "berth.build"  # a step container's build id
+BUILDER_LABEL = "berth.builder"  # the builder instance running that build (reaper.py)
 # How often the container's state is read while its node pulls and creates it.
 POLL_SECONDS = 0.02
 STARTED = ("running", "exited")
@@ -99,6 +100,7 @@ class Runner:
         repository: str,
         *,
         network: str = "none",
+        instance: str = "",
         start_timeout: float = 300.0,
         node_api: Callable[[str], NodeApi] = NodeApi,
     ) -> None:
@@ -106,6 +108,8 @@ class Runner:
         self.node_api = node_api  # a node agent's API by its address
         self.repository = repository  # where the node pushes the step's layer
         self.network = network
+        # This builder's instance id, on every step container it runs.
+        self.owner = {BUILDER_LABEL: instance} if instance else {}
         # A node retries a container it cannot create (a bad USER, a failing pull) forever;
         # past this the step fails instead of hanging.
         self.start_timeout = start_timeout
@@ -121,7 +125,7 @@ class Runner:
             env=list(spec.env),
             working_dir=spec.working_dir,
             user=spec.user,
-            labels={BUILD_LABEL: spec.build_id},
+            labels={BUILD_LABEL: spec.build_id} | self.owner,
             restart_policy="no",
             network_mode=self.network,
         )

@@ -352,11 +352,14 @@ class BuilderClient(GrpcClient):
         *,
         dockerfile_text: str | None = None,
         on_event: Callable[[BuildEvent], None] | None = None,
+        deadline: float | None = None,
     ) -> BuildResult:
         """Build an image from context_dir (None: an empty context) like `docker build`.
 
         The Dockerfile is options.dockerfile inside the context, or dockerfile_text when given
-        (`-f -`, or a file outside the context). on_event sees the progress, in this thread."""
+        (`-f -`, or a file outside the context). on_event sees the progress, in this thread.
+        A build has no deadline unless `deadline` gives one, in seconds for the whole call
+        (then DEADLINE_EXCEEDED, and the builder stops the build)."""
         options = options or BuildOptions()
         if dockerfile_text is None:
             _check_dockerfile(context_dir, options.dockerfile)
@@ -375,7 +378,7 @@ class BuilderClient(GrpcClient):
         context = ContextStream(context_dir, matcher)
         context.start()
         try:
-            call = self._stub.Build(_requests(message, context))
+            call = self._stub.Build(_requests(message, context), timeout=deadline)
         except BaseException:
             context.close()
             raise

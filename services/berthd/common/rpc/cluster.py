@@ -58,6 +58,18 @@ class ClusterApi(ServiceApi[pb_grpc.ClusterServiceStub]):
             async for line in lines:
                 yield log_line(line)
 
+    async def list(self, *, name: str = "") -> list[ClusterContainer]:
+        """Every container, running or not (whose name contains `name`), all pages."""
+        containers: list[ClusterContainer] = []
+        token = ""
+        while True:
+            request = pb.ListContainersRequest(all=True, name=name, page_token=token)
+            reply = await self.unary("ListContainers", request, idempotent=True)
+            containers += [cluster_container(c) for c in reply.containers]
+            token = reply.next_page_token
+            if not token:
+                return containers
+
     async def remove(self, container: str, force: bool = False) -> None:
         request = pb.RemoveContainerRequest(container=container, force=force)
         await self.unary("RemoveContainer", request, idempotent=True)
