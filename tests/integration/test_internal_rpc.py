@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from berthd.common.endpoints import service_address
 from berthd.common.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 from berthd.common.oci.digest import digest_bytes
 from berthd.common.rpc.channels import Channels
 from berthd.common.rpc.registry import RegistryApi
+from berthd.common.state.endpoints import instances
+from berthd.common.store import Store
 
 from .conftest import ServiceProcess, Services, free_port
 
@@ -172,3 +175,24 @@ async def test_a_streamed_blob_is_checked_at_its_end(
     with pytest.raises(DataLoss, match=f"larger than the {len(data) - 1} bytes expected"):
         async for _ in api.stream_blob("r", digest, len(data) - 1):
             pass
+
+
+async def test_a_retry_goes_to_another_instance_while_a_dead_one_is_still_registered(
+    services: Services, store: Store, tmp_path: Path
+) -> None:
+    """Two registries share a blob directory; the one a caller was using dies (SIGKILL: its
+    registration stays until its 5 s lease expires). The caller's next attempt goes to the live
+    one instead of failing against the dead one for the rest of the lease."""
+    data = tmp_path / "shared"
+    first, second = services.registry(data), services.registry(data)
+    getter = service_address(store, "registry")
+    listed = [i.address for i in await instances(store, "registry")]
+    assert sorted(listed) == sorted([first.address, second.address])
+    dead = await getter()  # the instance callers use first
+    next(s for s in (first, second) if s.address == dead).proc.kill()
+    api = RegistryApi(getter)
+    missing = "sha256:" + "0" * 64
+    assert await api.stat_blob("r", missing) is None  # answered by the live instance
+    # ... while the dead instance was still registered: the getter passed over it.
+    assert dead in [i.address for i in await instances(store, "registry")]
+    assert await getter() != dead

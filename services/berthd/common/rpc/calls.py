@@ -91,6 +91,13 @@ class ServiceApi(Generic[Stub]):
     def error(self, err: grpc.aio.AioRpcError, address: str) -> BerthError:
         return domain_error(err, self.SERVICE, address, self.PREFIX)
 
+    def _unreachable(self, err: grpc.aio.AioRpcError, address: str) -> None:
+        """Tell an address getter that can choose (berthd.common.endpoints.ServiceAddress)
+        that the peer at `address` was not reached, so the next attempt goes elsewhere."""
+        report = getattr(self._address, "unreachable", None)
+        if report is not None and retryable(err):
+            report(address)
+
     async def unary(
         self,
         method: str,
@@ -107,6 +114,7 @@ class ServiceApi(Generic[Stub]):
             try:
                 return await getattr(stub, method)(request, timeout=timeout)
             except grpc.aio.AioRpcError as err:
+                self._unreachable(err, address)
                 if idempotent and attempt < self.attempts - 1 and retryable(err):
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, MAX_BACKOFF)
@@ -127,6 +135,7 @@ class ServiceApi(Generic[Stub]):
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as err:
+            self._unreachable(err, address)
             raise self.error(err, address) from None
         finally:
             call.cancel()
