@@ -40,8 +40,10 @@ def catalog_for(store: Store, registry: ServiceProcess, scratch: Path) -> Catalo
 
 
 @pytest.fixture
-def catalog(store: Store, registry: ServiceProcess, tmp_path: Path) -> Catalog:
-    return catalog_for(store, registry, tmp_path / "scratch")
+async def catalog(store: Store, registry: ServiceProcess, tmp_path: Path) -> AsyncIterator[Catalog]:
+    catalog = catalog_for(store, registry, tmp_path / "scratch")
+    yield catalog
+    await catalog.close()
 
 
 @pytest.fixture
@@ -55,7 +57,9 @@ async def fresh(etcd_endpoint: str, tmp_path: Path) -> AsyncIterator[Catalog]:
     await store.connect()
     try:
         registry = services.registry(home / "registry-data")
-        yield catalog_for(store, registry, home / "scratch")
+        catalog = catalog_for(store, registry, home / "scratch")
+        yield catalog
+        await catalog.close()
     finally:
         services.stop_all()
         await store.delete_prefix("")

@@ -45,8 +45,10 @@ def gz_size(layer: bytes) -> int:
 
 
 @pytest.fixture
-def catalog(store: Store, registry: ServiceProcess, tmp_path: Path) -> Catalog:
-    return Catalog(store, RegistryApi(registry.address), tmp_path / "scratch")
+async def catalog(store: Store, registry: ServiceProcess, tmp_path: Path) -> AsyncIterator[Catalog]:
+    catalog = Catalog(store, RegistryApi(registry.address), tmp_path / "scratch")
+    yield catalog
+    await catalog.close()
 
 
 @pytest.fixture

@@ -88,3 +88,5 @@ async def test_load_and_import_on_a_full_disk_are_storage_full_and_leave_no_spoo
     )
     assert detail.digest
     assert os.listdir(scratch) == []
+    await roomy.close()
+    await catalog.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def catalog(store, registry, tmp_path: Path) -> Catalog:
-    return Catalog(store, RegistryApi(registry.address), tmp_path / "scratch")
+async def catalog(store, registry, tmp_path: Path) -> AsyncIterator[Catalog]:
+    catalog = Catalog(store, RegistryApi(registry.address), tmp_path / "scratch")
+    yield catalog
+    await catalog.close()
 
 
 def final_states(events: list[Event]) -> dict[str, State]:

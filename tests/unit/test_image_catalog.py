@@ -18,7 +18,7 @@ import pytest
 
 from berth.client.registry import ManifestData
 from berthd.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from berthd.common.images import Content
+from berthd.common.images import Content, ImageStore
 from berthd.common.oci import mediatypes
 from berthd.common.oci.manifest import (
     Descriptor,
@@ -28,12 +28,10 @@ from berthd.common.oci.manifest import (
     parse_manifest,
 )
 from berthd.common.rpc.registry import ManifestEntry, RegistryApi
-from berthd.common.store import Store
+from berthd.common.state.registry import NameChange
 from berthd.common.tarsafe import UnsafeLayer
 from berthd.image.catalog import (
-    Catalog,
     ContainerUse,
-    Snapshot,
     Target,
     catalog_figures,
     catalog_name,
@@ -48,6 +46,7 @@ from berthd.image.catalog import (
 )
 from berthd.image.catalog import _dangling as dangling
 from berthd.image.commit import check_tar, commit_config, pack_layer
+from berthd.image.names import Snapshot
 
 
 def digest(name: str) -> str:
@@ -184,8 +183,9 @@ class FakeRegistry:
         self.reads.append(reference)
         return ManifestData(reference, mediatypes.OCI_IMAGE_MANIFEST, self.blobs[reference])
 
-    async def read_blob(self, repository: str, digest: str) -> bytes:
+    async def read_blob(self, repository: str, digest: str, size: int | None = None) -> bytes:
         self.reads.append(digest)
+        assert size == len(self.blobs[digest])
         return self.blobs[digest]
 
 
@@ -201,54 +201,70 @@ def stored_image(blobs: dict[str, bytes], name: str) -> str:
     return manifest_digest
 
 
-async def test_the_snapshot_is_one_listing_and_content_is_fetched_once(tmp_path: Path) -> None:
+def test_the_names_follow_changes_and_count_the_users_of_each_digest() -> None:
+    names = Snapshot()
+    one, two, index = digest("one"), digest("two"), digest("index")
+    cfg, base = digest("cfg"), digest("base")
+    for change in (
+        NameChange("manifest", "a", one, (cfg, base)),
+        NameChange("manifest", "b", one, (cfg, base)),
+        NameChange("manifest", "a", two, (base, base)),  # a layer twice counts once
+        NameChange("manifest", "a", index, (two,)),
+        NameChange("tag", "a", "1", one),
+        NameChange("tag", "a", "2", one),
+        NameChange("tag", "a", "multi", index),
+        NameChange("tag", "a", "broken", None),  # a damaged record reads as absent
+    ):
+        assert names.apply(change) is None
+    assert names.holders(one) == ["a", "b"]
+    assert names.tags_of(one) == [("a", "1"), ("a", "2")]
+    assert (names.tag("a", "multi"), names.tag("b", "1"), names.tag("a", "broken")) == (
+        index,
+        None,
+        None,
+    )
+    assert names.users == {cfg: 2, base: 3, two: 1}
+    # An untagged copy is dangling; an image an index of its repository lists is not.
+    images = cast(dict[str, Content], {one: None, two: None})
+    assert dangling(names, images) == [("b", one)]
+    # A tag moved, then the index and one copy of `one` deleted.
+    names.apply(NameChange("tag", "a", "2", two))
+    assert (names.tags_of(one), names.tags_of(two)) == ([("a", "1")], [("a", "2")])
+    assert names.apply(NameChange("manifest", "a", index, None)) == index
+    assert names.apply(NameChange("manifest", "a", one, None)) is None  # b holds it still
+    assert names.users == {cfg: 1, base: 2}
+    frozen = names.copy()
+    assert names.apply(NameChange("manifest", "b", one, None)) == one
+    assert (names.holders(one), frozen.holders(one)) == ([], ["b"])
+    assert Snapshot.of(frozen.manifests, frozen.tags).users == frozen.users
+
+
+async def test_content_is_fetched_once_into_memory_and_dropped_when_gone() -> None:
     blobs: dict[str, bytes] = {}
     one, two = stored_image(blobs, "one"), stored_image(blobs, "two")
-    index = digest("index")
     fake = FakeRegistry(blobs)
+    images = ImageStore(cast(RegistryApi, fake))
     config_one = parse_manifest(blobs[one]).config
     assert config_one is not None
-    references = (config_one.digest, layer("one", 5).digest)
-    fake.entries = [
-        ManifestEntry("a", one, mediatypes.OCI_IMAGE_MANIFEST, references, ("1", "2")),
-        ManifestEntry("b", one, mediatypes.OCI_IMAGE_MANIFEST, references, ()),
-        ManifestEntry("a", two, mediatypes.OCI_IMAGE_MANIFEST, (), ()),
-        ManifestEntry("a", index, mediatypes.OCI_IMAGE_INDEX, (two,), ("multi",)),
-    ]
-    catalog = Catalog(Store("unused:2379"), cast(RegistryApi, fake), tmp_path)
-    snapshot = await catalog.snapshot()
-    assert snapshot.manifests == {
-        one: {"a": references, "b": references},
-        two: {"a": ()},
-        index: {"a": (two,)},
-    }
-    assert snapshot.tags == {("a", "1"): one, ("a", "2"): one, ("a", "multi"): index}
-    fake.entries = fake.entries[:3]  # the index is gone: its image is part of nothing now
-    snapshot = await catalog.snapshot()
-    images = await catalog.contents(snapshot)
-    assert sorted(images) == sorted([one, two])
-    # An untagged copy is dangling; an image an index of its repository lists is not.
-    assert dangling(snapshot, images) == sorted([("b", one), ("a", two)])
-    fetched = list(fake.reads)
-    assert len(fetched) == 4  # two manifests and their configs
-    await catalog.contents(await catalog.snapshot())
-    assert fake.reads == fetched  # a second listing reads nothing but the names
-    fake.entries = fake.entries[2:]
-    await catalog.contents(await catalog.snapshot())
-    fake.entries.insert(0, ManifestEntry("a", one, mediatypes.OCI_IMAGE_MANIFEST, (), ()))
-    await catalog.contents(await catalog.snapshot())
-    assert fake.reads[len(fetched) :] == [one, config_one.digest]  # dropped, read again
+    await images.content(one, "a")
+    await images.content(one, "a")
+    assert fake.reads == [one, config_one.digest]  # the manifest, then its config by size
+    images.forget(one)
+    await images.content(one, "a")
+    assert fake.reads[2:] == [one, config_one.digest]
+    # The cache holds at most its bytes: the least recently used goes first.
+    small = ImageStore(cast(RegistryApi, fake), cache_bytes=len(blobs[one]) + 10)
+    await small.content(one, "a")
+    await small.content(two, "a")
+    assert (small.cached(one), small.cached(two) is not None) == (None, True)
 
 
 # --- removal rules -------------------------------------------------------------------------------
 
 
 def snapshot_of(holders: dict[str, list[str]], tags: dict[tuple[str, str], str]) -> Snapshot:
-    snap = Snapshot()
-    for name, repos in holders.items():
-        snap.manifests[digest(name)] = {repo: () for repo in repos}
-    snap.tags = {key: digest(name) for key, name in tags.items()}
-    return snap
+    manifests = {digest(name): {repo: () for repo in repos} for name, repos in holders.items()}
+    return Snapshot.of(manifests, {key: digest(name) for key, name in tags.items()})
 
 
 def test_untag_keeps_an_image_tagged_elsewhere_and_deletes_the_last_tag_everywhere() -> None:

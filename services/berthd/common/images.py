@@ -6,12 +6,15 @@ containerd's `core/images` is shared by its plugins. It talks to the registry on
 gRPC API (berthd.common.rpc.registry), keeps no state but a cache, and writes no etcd record:
 how an image came to be is recorded by the service that made it (berthd.common.state.images).
 
-Manifests and configs are immutable, so they are cached in memory by manifest digest.
+Manifests and configs are immutable, so they are cached in memory by manifest digest (at most
+CACHE_BYTES of them, the least recently used dropped first), read straight into memory: the
+manifest with GetManifest, the config with one ReadBlob of the size its descriptor gives.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +35,9 @@ from berthd.common.oci.reference import parse_reference
 from berthd.common.rpc.registry import RegistryApi
 
 log = logging.getLogger("berthd.images")
+
+# Bytes of manifests and configs kept in memory (a small image's are about 2 KiB).
+CACHE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,10 @@ class ResolvedImage:
         )
 
 
+def _weight(content: Content) -> int:
+    return len(content.manifest) + len(content.config_bytes)
+
+
 @dataclass(frozen=True)
 class WrittenImage:
     digest: str  # of the manifest
@@ -111,15 +121,23 @@ class WrittenImage:
 class ImageStore:
     """Reads and writes images through the registry's API, with a cache of their content."""
 
-    def __init__(self, registry: RegistryApi) -> None:
+    def __init__(self, registry: RegistryApi, cache_bytes: int = CACHE_BYTES) -> None:
         self.registry = registry
-        self._contents: dict[str, Content] = {}
+        self._contents: OrderedDict[str, Content] = OrderedDict()
+        self._cached_bytes = 0
+        self._cache_limit = cache_bytes
 
     # --- reading ---------------------------------------------------------------------------
 
+    def cached(self, digest: str) -> Content | None:
+        content = self._contents.get(digest)
+        if content is not None:
+            self._contents.move_to_end(digest)
+        return content
+
     async def content(self, digest: str, repository: str) -> Content:
         """A manifest (and its config, for an image) by digest, from the cache or the registry."""
-        cached = self._contents.get(digest)
+        cached = self.cached(digest)
         if cached is not None:
             return cached
         return await self._keep(await self.registry.get_manifest(repository, digest), repository)
@@ -130,7 +148,8 @@ class ImageStore:
         parsed = parse_manifest(stored.content, stored.media_type)
         content = Content(digest, parsed.media_type, stored.content, parsed)
         if parsed.config is not None and parsed.config.media_type in mediatypes.CONFIG_TYPES:
-            config_bytes = await self.registry.read_blob(repository, parsed.config.digest)
+            config = parsed.config
+            config_bytes = await self.registry.read_blob(repository, config.digest, config.size)
             try:
                 config = parse_image_config(config_bytes)
             except InvalidArgument as e:  # listed as a non-image, never fails a whole listing
@@ -139,14 +158,28 @@ class ImageStore:
                 content = Content(
                     digest, parsed.media_type, stored.content, parsed, config_bytes, config
                 )
-        self._contents[digest] = content
+        self._remember(content)
         return content
+
+    def _remember(self, content: Content) -> None:
+        self.forget(content.digest)
+        self._contents[content.digest] = content
+        self._cached_bytes += _weight(content)
+        while self._cached_bytes > self._cache_limit and len(self._contents) > 1:
+            _, dropped = self._contents.popitem(last=False)
+            self._cached_bytes -= _weight(dropped)
+
+    def forget(self, digest: str) -> None:
+        """Drop a manifest's content (it left the registry)."""
+        dropped = self._contents.pop(digest, None)
+        if dropped is not None:
+            self._cached_bytes -= _weight(dropped)
 
     def keep_only(self, digests: set[str]) -> None:
         """Drop cached content of manifests no longer in the registry, so the cache stays the
         registry's size."""
         for digest in [d for d in self._contents if d not in digests]:
-            del self._contents[digest]
+            self.forget(digest)
 
     async def resolve(self, ref: str) -> ResolvedImage:
         """The image `name[:tag]` (tag `latest`) or `name@digest` names in berth's registry."""
@@ -164,7 +197,7 @@ class ImageStore:
                 content = await self.content(reference.digest, repository)
             else:  # the tag's manifest, fetched once: cached content is used when it is known
                 stored = await self.registry.get_manifest(repository, reference.tag or "latest")
-                content = self._contents.get(stored.digest) or await self._keep(stored, repository)
+                content = self.cached(stored.digest) or await self._keep(stored, repository)
         except NotFound:
             raise NotFound(
                 f"No such image: {ref}",

@@ -456,13 +456,24 @@ class Store:
         with _etcd_errors(self.endpoint):
             await self._client.revoke_lease(lease_id)
 
-    async def watch_prefix(
+    def watch_prefix(
         self, prefix: str, start_revision: int | None = None
     ) -> AsyncIterator[WatchEvent]:
+        start = self._abs(prefix)
+        return self._watch(start, utils.prefix_range_end(start), start_revision)
+
+    def watch_range(
+        self, start: str, end: str, start_revision: int | None = None
+    ) -> AsyncIterator[WatchEvent]:
+        """Changes of the keys in [start, end), in revision order (the changes of one
+        transaction in the order of its ops), from `start_revision`."""
+        return self._watch(self._abs(start), self._abs(end), start_revision)
+
+    async def _watch(
+        self, start: bytes, end: bytes, start_revision: int | None
+    ) -> AsyncIterator[WatchEvent]:
         with _etcd_errors(self.endpoint):
-            watch = await self._client.watch_prefix(
-                self._abs(prefix), start_revision=start_revision
-            )
+            watch = await self._client.watch(start, range_end=end, start_revision=start_revision)
         try:
             # The stream breaks when etcd goes away: the same error as any other call.
             with _etcd_errors(self.endpoint):

@@ -24,7 +24,7 @@ import asyncio
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,28 +45,11 @@ from berthd.common.store import Store
 from berthd.common.timestamps import parse_rfc3339
 from berthd.image import metrics
 from berthd.image.model import HistoryStep, ImageDetail, ImageRow, Removal
+from berthd.image.names import NamesView, Snapshot
 
 # Manifests and configs fetched at once when the cache is cold (a first `berth images`).
 FETCH_CONCURRENCY = 8
 _ID_PREFIX = re.compile(r"(sha256:)?([0-9a-f]{4,64})")
-
-
-@dataclass
-class Snapshot:
-    """The registry's names at one moment, as one listing of its manifests."""
-
-    # manifest digest -> {repository: the digests the manifest references}, for every
-    # repository holding it
-    manifests: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
-    # (repository, tag) -> manifest digest
-    tags: dict[tuple[str, str], str] = field(default_factory=dict)
-
-    def tags_of(self, digest: str) -> list[tuple[str, str]]:
-        """(repository, tag) pairs naming the manifest, sorted."""
-        return sorted(key for key, d in self.tags.items() if d == digest)
-
-    def holders(self, digest: str) -> list[str]:
-        return sorted(self.manifests.get(digest, {}))
 
 
 @dataclass(frozen=True)
@@ -259,6 +242,8 @@ class Catalog:
         self.registry = registry
         # The images library over the registry's API, with its cache of manifests and configs.
         self.images = ImageStore(registry)
+        # The registry's names, in memory and up to date (a watch and a marker's point read).
+        self.names = NamesView(store, on_gone=self.images.forget, on_reload=self.images.keep_only)
         # Where large transient files (layers being packed or unpacked) go.
         self.scratch = scratch
         # A full scratch disk fails a load, import or transfer as STORAGE_FULL.
@@ -267,16 +252,12 @@ class Catalog:
     # --- reading the catalog ----------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:
-        """The registry's manifests and tags, as one listing through its API."""
-        snapshot = Snapshot()
-        for entry in await self.registry.list_manifests():
-            snapshot.manifests.setdefault(entry.digest, {})[entry.repository] = entry.references
-            for tag in entry.tags:
-                snapshot.tags[(entry.repository, tag)] = entry.digest
-        # Content of manifests gone from the registry is dropped, so the cache stays the
-        # catalog's size.
-        self.images.keep_only(set(snapshot.manifests))
-        return snapshot
+        """The registry's manifests and tags as they are now, a copy the watch leaves alone
+        (for listings and prune; a point question reads `self.names.current()`)."""
+        return (await self.names.current()).copy()
+
+    async def close(self) -> None:
+        await self.names.close()
 
     async def content(self, digest: str, repository: str) -> Content:
         """A manifest (and its config, for an image) by digest, from the cache or the registry."""
@@ -341,18 +322,34 @@ class Catalog:
                 raise image_not_found(ref)
             return Target(reference.digest, repo, None, "digest")
         tag = reference.tag or "latest"
-        digest = snapshot.tags.get((repo, tag))
-        if digest is not None and digest in snapshot.manifests:
+        digest = snapshot.tag(repo, tag)
+        if digest is not None:
             return Target(digest, repo, tag, "tag")
         if id_like:
             return await self._by_id(id_like.group(2), ref, snapshot)
         raise image_not_found(ref)
 
     async def _by_id(self, hex_prefix: str, ref: str, snapshot: Snapshot) -> Target:
-        """A manifest whose digest, or whose image's id (config digest), starts with the hex."""
+        """A manifest whose digest, or whose image's id (config digest), starts with the hex.
+        An image manifest references its config first, so only the manifests whose first
+        reference starts with the hex are fetched (if not cached) to tell."""
         prefix = "sha256:" + hex_prefix
-        matches = {d for d in snapshot.manifests if d.startswith(prefix)}
-        for digest, content in (await self.contents(snapshot)).items():
+        matches = set()
+        candidates: dict[str, str] = {}  # manifest digest -> a repository holding it
+        where: dict[str, str] = {}  # manifest digest -> the repository a match is named in
+        for digest, by_repo in snapshot.manifests.items():
+            if digest.startswith(prefix):
+                matches.add(digest)
+            elif any(refs and refs[0].startswith(prefix) for refs in by_repo.values()):
+                candidates[digest] = min(by_repo)
+        for digest in (*matches, *candidates):
+            tagged = snapshot.tags_of(digest)
+            where[digest] = tagged[0][0] if tagged else snapshot.holders(digest)[0]
+        for digest, repository in candidates.items():
+            try:
+                content = await self.content(digest, repository)
+            except NotFound:  # deleted meanwhile
+                continue
             if content.is_image and content.id.startswith(prefix):
                 matches.add(digest)
         if not matches:
@@ -366,14 +363,12 @@ class Catalog:
                 metadata={"prefix": ref, "matches": ",".join(sorted(matches))},
             )
         digest = matches.pop()
-        tagged = snapshot.tags_of(digest)
-        repository = tagged[0][0] if tagged else snapshot.holders(digest)[0]
-        return Target(digest, repository, None, "id")
+        return Target(digest, where[digest], None, "id")
 
     async def image(self, ref: str, snapshot: Snapshot | None = None) -> tuple[Target, Content]:
         """The image `ref` names, with its content; an index or artifact is refused."""
         if snapshot is None:
-            snapshot = await self.snapshot()
+            snapshot = await self.names.current()
         target = await self.target(ref, snapshot)
         content = await self.content(target.digest, target.repository)
         if not content.is_image:
@@ -392,7 +387,7 @@ class Catalog:
 
     async def inspect(self, ref: str) -> ImageDetail:
         """Everything known about one image."""
-        snapshot = await self.snapshot()
+        snapshot = await self.names.current()
         target, content = await self.image(ref, snapshot)
         assert content.config is not None
         config = content.config
@@ -536,7 +531,7 @@ class Catalog:
         stays the same. Its blobs are mounted into the target repository, never copied."""
         name = catalog_name(target, "target", "target")
         assert name.tag is not None
-        snapshot = await self.snapshot()
+        snapshot = await self.names.current()
         found, content = await self.image(source, snapshot)
         repository = name.repository
         if repository not in snapshot.manifests.get(found.digest, {}):
@@ -560,14 +555,15 @@ class Catalog:
         cache repository keeps its copy (FAILED_PRECONDITION when only it holds the image).
         Blobs no other manifest references are reported as deleted: the registry's GC frees
         them later."""
-        snapshot = await self.snapshot()
+        snapshot = await self.names.current()
         target = await self.target(ref, snapshot)
         content = await self.content(target.digest, target.repository)
+        # What the removal needs, read at once (the watch changes the names as it goes on).
         plan = removal_plan(target, snapshot)
+        ledger = Ledger(snapshot, [target.digest])
         if not force:
             check_unused(plan, target.digest, content.id, await self.container_uses(snapshot))
-        live = {(repo, d) for d, by_repo in snapshot.manifests.items() for repo in by_repo}
-        removal, _ = await self._execute(plan, target.digest, content, snapshot, live)
+        removal, _ = await self._execute(plan, target.digest, content, ledger)
         return removal
 
     async def prune(self, all: bool = False) -> tuple[list[Removal], int]:
@@ -577,7 +573,8 @@ class Catalog:
         snapshot = await self.snapshot()
         images = {d: c for d, c in (await self.contents(snapshot)).items() if c.is_image}
         used = {u.digest for u in await self.container_uses(snapshot) if u.digest}
-        live = {(repo, d) for d, by_repo in snapshot.manifests.items() for repo in by_repo}
+        # Read once; each removal updates it (no walk of the catalog per removal).
+        ledger = Ledger(snapshot, images)
         plans = [
             (digest, Plan([], [repo], whole=False))
             for repo, digest in _dangling(snapshot, images)
@@ -593,14 +590,13 @@ class Catalog:
         removals, reclaimed = [], 0
         for digest, plan in plans:
             # A dangling copy may already have gone with its whole image.
-            plan.delete_from = [r for r in plan.delete_from if (r, digest) in live]
+            plan.delete_from = [r for r in plan.delete_from if r in ledger.copies[digest]]
             if plan.delete_from:
-                removal, freed = await self._execute(plan, digest, images[digest], snapshot, live)
+                removal, freed = await self._execute(plan, digest, images[digest], ledger)
                 removals.append(removal)
                 reclaimed += freed
-        remaining = {digest for _, digest in live}
         metrics.observe_catalog(
-            *catalog_figures({d: c for d, c in images.items() if d in remaining})
+            *catalog_figures({d: c for d, c in images.items() if ledger.copies[d]})
         )
         return removals, reclaimed
 
@@ -609,12 +605,10 @@ class Catalog:
         plan: Plan,
         digest: str,
         content: Content,
-        snapshot: Snapshot,
-        live: set[tuple[str, str]],
+        ledger: Ledger,
     ) -> tuple[Removal, int]:
-        """Carry out a removal plan. `live`, the (repository, manifest) pairs that still exist,
-        is updated, so removals in a row report each freed blob once. Returns what was done
-        and the bytes freed."""
+        """Carry out a removal plan. The ledger is updated, so removals in a row report each
+        freed blob once. Returns what was done and the bytes freed."""
         removal = Removal()
         for repo, tag in plan.untag:
             try:
@@ -631,16 +625,12 @@ class Catalog:
                     copies.append(repo)
             except NotFound:
                 pass  # deleted concurrently
-            live.discard((repo, digest))
-        if _holders(live, digest):
+            ledger.deleted(repo, digest)
+        if ledger.copies[digest]:
             removal.untagged += [f"{repo}@{digest}" for repo in copies]
             return removal, 0
         await IMAGES.delete(self.store, digest)
-        references = set()
-        for repo, other in live:
-            references.add(other)
-            references.update(snapshot.manifests[other][repo])
-        freed = unreferenced(content.blobs, references)
+        freed = unreferenced(content.blobs, ledger.referenced(content.blobs))
         removal.deleted = [digest, *(blob.digest for blob in freed)]
         return removal, len(content.manifest) + sum(blob.size for blob in freed)
 
@@ -653,6 +643,28 @@ class Plan:
     untag: list[tuple[str, str]]
     delete_from: list[str]
     whole: bool
+
+
+class Ledger:
+    """What removals in a row need to know of the catalog, read once from the names: the
+    repositories holding each manifest to remove (with what each copy references), and how
+    many copies anywhere reference each of those digests. Each deletion updates it, so a
+    removal knows what it frees without walking the catalog."""
+
+    def __init__(self, snapshot: Snapshot, digests: Iterable[str]) -> None:
+        # manifest digest -> {repository: its references there}, the copies not deleted yet
+        self.copies = {d: dict(snapshot.manifests.get(d, {})) for d in digests}
+        copies = [refs for by_repo in self.copies.values() for refs in by_repo.values()]
+        self.users = {r: snapshot.users.get(r, 0) for refs in copies for r in refs}
+
+    def deleted(self, repository: str, digest: str) -> None:
+        references = self.copies[digest].pop(repository, None)
+        for reference in set(references or ()):
+            self.users[reference] -= 1
+
+    def referenced(self, blobs: Iterable[Descriptor]) -> set[str]:
+        """Those of `blobs` a remaining manifest still references."""
+        return {b.digest for b in blobs if self.users.get(b.digest, 0) > 0}
 
 
 def removal_plan(target: Target, snapshot: Snapshot) -> Plan:
@@ -727,10 +739,6 @@ def catalog_figures(images: Mapping[str, Content]) -> tuple[int, int]:
     """(distinct images, bytes of the distinct blobs they use)."""
     sizes = {blob.digest: blob.size for c in images.values() for blob in c.blobs}
     return len(images), sum(sizes.values())
-
-
-def _holders(live: set[tuple[str, str]], digest: str) -> list[str]:
-    return [repo for repo, d in live if d == digest]
 
 
 def _outside_cache(repositories: list[str]) -> list[str]:

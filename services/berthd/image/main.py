@@ -70,5 +70,6 @@ async def run(args: argparse.Namespace) -> None:
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
+        await catalog.close()
 
     await run_server(config, store, mount, on_start=on_start, on_stop=on_stop)

@@ -8,6 +8,12 @@ exact prefix for one repository's children even when other names nest under it (
     registry/tags/<repo>@<tag>            {"digest", "pushed_at"}
     registry/manifests/<repo>@<digest>    {"media_type", "size", "references", "created_at"}
     registry/links/<repo>@<digest>        {"size", "linked_at"}   blob belongs to the repository
+    registry/names-changed                {"changed_at"}: put last in every transaction that
+                                          writes or deletes a tag or manifest record
+
+The tag and manifest keys (and the marker) are built in berthd.common.state.registry, since the
+image service reads them too: it keeps the catalog's names in memory from a watch, and the
+marker's revision tells it whether that view is up to date with one point read.
 
 Because all of this is in etcd and blobs are files in a shared directory, any number of
 registry processes serve the same content.
@@ -24,14 +30,19 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from berthd.common.errors import Aborted, DataLoss, NotFound
+from berthd.common.state.registry import (
+    LINKS,
+    MANIFESTS,
+    REPOS,
+    TAGS,
+    manifest_key,
+    op_names_changed,
+    split_child_key,
+    tag_key,
+)
 from berthd.common.store import Entry, Op, Store, encode, prefix_end
 
 log = logging.getLogger("berthd.registry.metadata")
-
-REPOS = "registry/repos/"
-TAGS = "registry/tags/"
-MANIFESTS = "registry/manifests/"
-LINKS = "registry/links/"
 
 # A repository's visibility: who may pull it and find it. Records written before visibility
 # existed have none and are private.
@@ -53,22 +64,8 @@ def repo_key(repo: str) -> str:
     return REPOS + repo
 
 
-def tag_key(repo: str, tag: str) -> str:
-    return f"{TAGS}{repo}@{tag}"
-
-
-def manifest_key(repo: str, digest: str) -> str:
-    return f"{MANIFESTS}{repo}@{digest}"
-
-
 def link_key(repo: str, digest: str) -> str:
     return f"{LINKS}{repo}@{digest}"
-
-
-def split_child_key(key: str, kind_prefix: str) -> tuple[str, str]:
-    """`registry/tags/a/b@v1` -> ("a/b", "v1")."""
-    repo, _, child = key[len(kind_prefix) :].rpartition("@")
-    return repo, child
 
 
 @dataclass
@@ -410,6 +407,7 @@ class Metadata:
                     tag_key(repo, tag), {"digest": record.digest, "pushed_at": record.created_at}
                 )
             )
+        ops.append(op_names_changed(self.store))
         await self.update_repo(
             repo, lambda r: setattr(r, "last_push_at", record.created_at), create=True, also=ops
         )
@@ -449,7 +447,8 @@ class Metadata:
                 resource=("tag", f"{repo}:{tag}"),
             )
         ok, _ = await self.store.txn(
-            [self.store.unchanged(entry.key, entry.mod_revision)], [self.store.op_delete(entry.key)]
+            [self.store.unchanged(entry.key, entry.mod_revision)],
+            [self.store.op_delete(entry.key), op_names_changed(self.store)],
         )
         if not ok:
             raise Aborted(
@@ -473,7 +472,7 @@ class Metadata:
         ]
         ops = [self.store.op_delete(manifest_key(repo, digest))]
         ops += [self.store.op_delete(tag_key(repo, t.name)) for t in tags]
-        ok, _ = await self.store.txn(compares, ops)
+        ok, _ = await self.store.txn(compares, [*ops, op_names_changed(self.store)])
         if not ok:
             raise Aborted(
                 f"tags of {repo} changed while deleting {digest}; try again",
@@ -499,7 +498,7 @@ class Metadata:
         """Replace a damaged record with `record`, unless it changed since it was read."""
         ok, _ = await self.store.txn(
             [self.store.unchanged(damaged.key, damaged.mod_revision)],
-            [self.store.op_put(damaged.key, _manifest_json(record))],
+            [self.store.op_put(damaged.key, _manifest_json(record)), op_names_changed(self.store)],
         )
         return ok
 

@@ -41,6 +41,8 @@ LISTING_PAGE = 1000
 LISTING_ATTEMPTS = 3
 # A blob read into memory whole (a config) may be at most this large.
 MAX_SMALL_BLOB = 16 << 20
+# Chunks smaller than this are hashed on the event loop.
+SMALL_CHUNK = 64 << 10
 
 Progress = Callable[[int, int], None]
 """progress(bytes_done, total), called on the event loop."""
@@ -168,15 +170,20 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
         offset = 0
         async with contextlib.aclosing(self._read(repository, digest, 0, size)) as data:
             async for chunk in data:
-                await asyncio.to_thread(hasher.update, chunk)
+                if len(chunk) < SMALL_CHUNK:  # a config: hashed faster than a thread starts
+                    hasher.update(chunk)
+                else:
+                    await asyncio.to_thread(hasher.update, chunk)
                 offset += len(chunk)
                 yield chunk
         if offset != size or hasher.hexdigest() != expected:
             raise _mismatch(repository, digest, hasher, offset, "do not use what was received")
 
-    async def read_blob(self, repository: str, digest: str) -> bytes:
-        """A small blob (a config) in memory, verified against its digest."""
-        size = await self.stat_blob(repository, digest)
+    async def read_blob(self, repository: str, digest: str, size: int | None = None) -> bytes:
+        """A small blob (a config) in memory, verified against its digest (and its `size`,
+        when a descriptor gives it: then the blob is read without asking its size first)."""
+        if size is None:
+            size = await self.stat_blob(repository, digest)
         if size is None:
             raise NotFound(f"registry: blob {digest} not found in {repository}")
         if size > MAX_SMALL_BLOB:

@@ -1,0 +1,153 @@
+"""The image catalog's names against a real registry process and etcd: a question about one
+image reads that image, not the catalog (no listing of the registry, a few etcd reads however
+many images there are), and the in-memory names are never behind a change the registry made
+before the question (the registry's names-changed marker)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from berth.client import RegistryClient
+from berthd.common.rpc.registry import RegistryApi
+from berthd.common.store import Entry, Page, Store
+from berthd.image.catalog import Catalog
+
+from .conftest import ServiceProcess
+from .images import push_image, tar_of
+
+pytestmark = pytest.mark.integration
+
+IMAGES = 40
+
+
+class CountingStore(Store):
+    """A real store that counts the reads it makes and the records they return."""
+
+    reads = 0
+    records = 0
+
+    def _counted(self, found: int) -> None:
+        self.reads += 1
+        self.records += found
+
+    async def get(self, key: str) -> Entry | None:
+        entry = await super().get(key)
+        self._counted(entry is not None)
+        return entry
+
+    async def get_at(self, key: str) -> tuple[Entry | None, int]:
+        entry, revision = await super().get_at(key)
+        self._counted(entry is not None)
+        return entry, revision
+
+    async def list(self, prefix: str, **kw) -> list[Entry]:  # type: ignore[override]
+        entries = await super().list(prefix, **kw)
+        self._counted(len(entries))
+        return entries
+
+    async def range(self, start: str, end: str, **kw) -> Page:  # type: ignore[override]
+        page = await super().range(start, end, **kw)
+        self._counted(len(page.entries))
+        return page
+
+    async def snapshot(self, prefix: str) -> tuple[list[Entry], int]:
+        entries, revision = await super().snapshot(prefix)
+        self._counted(len(entries))
+        return entries, revision
+
+    async def count(self, prefix: str) -> int:
+        self._counted(0)
+        return await super().count(prefix)
+
+
+class CountingRegistry(RegistryApi):
+    """The real registry client, counting its calls by method."""
+
+    calls: Counter[str]
+
+    async def unary(self, method: str, request: Any, **kw: Any) -> Any:
+        self.calls[method] += 1
+        return await super().unary(method, request, **kw)
+
+
+@pytest.fixture
+async def counting(etcd_endpoint: str, etcd_prefix: str) -> AsyncIterator[CountingStore]:
+    s = CountingStore(etcd_endpoint, etcd_prefix)
+    await s.connect()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def catalog(
+    counting: CountingStore, registry: ServiceProcess, tmp_path: Path
+) -> AsyncIterator[Catalog]:
+    api = CountingRegistry(registry.address)
+    api.calls = Counter()
+    catalog = Catalog(counting, api, tmp_path / "scratch")
+    yield catalog
+    await catalog.close()
+
+
+def push_many(client: RegistryClient, tmp: Path, count: int) -> list[str]:
+    return [
+        push_image(client, f"many/img{n}", "1", [tar_of({f"f{n}": b"x" * n})], tmp)
+        for n in range(count)
+    ]
+
+
+async def test_a_point_question_reads_one_image_not_the_catalog(
+    catalog: Catalog, counting: CountingStore, client: RegistryClient, tmp_path: Path
+) -> None:
+    digests = push_many(client, tmp_path, IMAGES)
+    registry = catalog.registry
+    assert isinstance(registry, CountingRegistry)
+    # Warm: the names listed once, the image's content fetched once.
+    target = "many/img7:1"
+    detail = await catalog.inspect(target)
+    assert detail.digest == digests[7]
+    for question in (
+        lambda: catalog.inspect(target),
+        lambda: catalog.history(target),
+        lambda: catalog.inspect(detail.id[7:19]),  # an id prefix
+        lambda: catalog.inspect(digests[7]),
+        lambda: catalog.resolve(f"many/img7@{digests[7]}"),
+    ):
+        registry.calls.clear()
+        counting.reads = counting.records = 0
+        await question()
+        # No listing of the registry, and content comes from memory.
+        assert registry.calls == Counter(), registry.calls
+        # The marker, the image's origin records and the node-layer records: not the 40
+        # images' tags and manifests.
+        assert counting.records <= 3, counting.records
+        assert counting.reads <= 5, counting.reads
+    registry.calls.clear()
+    await catalog.tag(target, "many/img7:again")
+    # The manifest put under the new tag: nothing listed.
+    assert registry.calls == Counter({"PutManifest": 1}), registry.calls
+    assert (await catalog.inspect(target)).repo_tags == ["many/img7:1", "many/img7:again"]
+
+
+async def test_the_names_hold_every_change_the_registry_made_before_the_question(
+    catalog: Catalog, client: RegistryClient, tmp_path: Path
+) -> None:
+    digest = push_image(client, "fresh/app", "1", [tar_of({"a": b"a"})], tmp_path)
+    assert (await catalog.inspect("fresh/app:1")).repo_tags == ["fresh/app:1"]
+    # Tags and deletions made straight through the registry (another process) are seen by
+    # the very next question, every time: never a view a change behind.
+    manifest = client.get_manifest("fresh/app", "1")
+    for n in range(10):
+        client.put_manifest("fresh/app", f"t{n}", manifest.media_type, manifest.content)
+        detail = await catalog.inspect(f"fresh/app:t{n}")
+        assert (detail.digest, f"fresh/app:t{n}") == (digest, detail.repo_tags[-1])
+        client.delete_tag("fresh/app", f"t{n}")
+        assert (await catalog.inspect("fresh/app:1")).repo_tags == ["fresh/app:1"]
+    client.delete_manifest("fresh/app", digest)
+    assert [row.repository for row in await catalog.list("fresh")] == []
+    assert catalog.names.listings == 1
