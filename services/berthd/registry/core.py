@@ -247,6 +247,12 @@ class Registry:
         digest = digest_of(digest)
         if source:
             repository_name(source, "from_repository")
+        # No file, nothing to mount: asked before any record is read (a pusher asks this for
+        # every blob it is about to upload).
+        stat = self.blobs.stat(digest)
+        if stat is None:
+            return None
+        if source:
             if not await self.meta.is_linked(source, digest):
                 return None
         elif may_pull is not None:
@@ -255,9 +261,6 @@ class Registry:
                     break
             else:
                 return None
-        stat = self.blobs.stat(digest)
-        if stat is None:
-            return None
         self.blobs.touch(digest)
         await self.meta.link_blob(repository, digest, stat.size)
         return stat
