@@ -5,7 +5,11 @@ grpc_server_handled_total).
 One plaintext etcd and one `berthd registry` (BERTH_INSECURE_PLAINTEXT_FOR_BENCHMARKS=1, so
 etcd's /metrics answers over http), nothing else: at each size the registry is filled up to that
 many repositories, each with one tag of one tiny image (its blobs mounted from the first
-repository: registry work and etcd writes, no bytes), then each figure is sampled.
+repository: registry work and etcd writes, no bytes), then each figure is sampled: every page
+of ListRepositories at the registry's default page size (100), RPC time, and the same through
+the typed client (as `berth registry ls` lists: its conversion of each message included), and
+a Search; the size of
+etcd's database file (never compacted here) is printed with them.
 
     .venv/bin/python -m bench.registry_ls [--sizes 10,2000] [--samples 5]
 """
@@ -165,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
             channel = grpc.insecure_channel(address)
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
 
+            client = RegistryClient(address)
+
+            def list_all_client() -> int:
+                return len(list(client.iter_repositories()))
+
             def list_all() -> int:
                 token, count = "", 0
                 while True:
@@ -180,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                 reply = stub.Search(pb.SearchRequest(term="repo"), timeout=60)
                 return len(reply.results)
 
-            print("repositories | registry ls (all pages) | Range calls | search | Range calls")
+            print("repositories | registry ls (RPC, all pages) | Range calls | registry ls"
+                  " (typed client) | search | Range calls | etcd db")  # fmt: skip
             filled = 0
             for size in sizes:
                 fill(address, filled, size)
@@ -188,10 +198,14 @@ def main(argv: list[str] | None = None) -> int:
                 if list_all() != size:
                     raise BenchError(f"registry ls shows {list_all()} repositories, not {size}")
                 ls, ls_ranges = measure(list_all, args.samples, endpoint)
+                cli, _ = measure(list_all_client, args.samples, endpoint)
                 found, found_ranges = measure(search, args.samples, endpoint)
-                print(f"{size} | {ls * 1000:.1f} ms | {ls_ranges:.0f} | {found * 1000:.1f} ms"
-                      f" | {found_ranges:.0f}", flush=True)  # fmt: skip
+                db = (work / "etcd" / "member" / "snap" / "db").stat().st_size / 2**20
+                print(f"{size} | {ls * 1000:.1f} ms | {ls_ranges:.0f} | {cli * 1000:.1f} ms"
+                      f" | {found * 1000:.1f} ms | {found_ranges:.0f} | {db:.1f} MiB",
+                      flush=True)  # fmt: skip
             channel.close()
+            client.close()
     except (BenchError, BerthClientError, grpc.RpcError, OSError) as exc:
         detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
         print(f"bench FAILED: {detail}", file=sys.stderr)
