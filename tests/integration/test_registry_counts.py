@@ -19,6 +19,7 @@ from berth.client import RegistryClient
 from berthd.common.store import Store
 from berthd.registry.blobstore import BlobStore
 from berthd.registry.core import Registry
+from berthd.registry.gc import collect
 from berthd.registry.metadata import Metadata, repo_key
 
 from .conftest import ServiceProcess
@@ -202,3 +203,36 @@ def test_concurrent_pushes_of_tags_to_one_repository_count_each_tag_once(
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda name: client.delete_tag(repo, name), tags[:12]))
         assert client.get_repository(repo).tag_count == 13
+
+
+async def test_a_mount_with_no_source_reads_the_blobs_holders_not_every_link(
+    counting: CountingStore, tmp_path: Path
+) -> None:
+    """A caller who may pull only some repositories mounts a blob with no source repository
+    (what the client does for every blob it pushes): the registry asks which repositories hold
+    that blob, one narrow read, never a scan of every link. A link written before that index
+    existed is indexed by GC."""
+    registry = Registry(BlobStore(tmp_path / "blobs"), Metadata(counting))
+    for n in range(30):
+        await push(registry, f"other/r{n:02}", ["v1"], f"layer {n}".encode())
+    shared = f"team layer {0}".encode()
+    await push(registry, "team/a", ["v1"], shared)
+    digest, _ = registry.blobs.put(shared)
+    team = lambda name: name.startswith("team/")  # noqa: E731
+
+    counting.reads = counting.records = 0
+    assert await registry.mount_blob("team/b", digest, "", team) is not None
+    assert counting.records <= 2, counting.records  # the holders of that one blob
+    assert await registry.mount_blob("team/c", digest, "", lambda name: False) is None
+    private = b"only in other/r00"
+    other, _ = registry.blobs.put(private)
+    await registry.meta.link_blob("other/r00", other, len(private))
+    assert await registry.mount_blob("team/b", other, "", team) is None
+
+    # A link as an older registry wrote it, with no entry in the index: GC indexes it.
+    legacy = b"linked by an older registry"
+    old, _ = registry.blobs.put(legacy)
+    await counting.put_json(f"registry/links/team/old@{old}", {"size": len(legacy)})
+    assert await registry.mount_blob("team/b", old, "", team) is None
+    await collect(registry.blobs, registry.meta, dry_run=False, grace_seconds=3600)
+    assert await registry.mount_blob("team/b", old, "", team) is not None

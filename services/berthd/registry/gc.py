@@ -166,8 +166,11 @@ async def collect(
                 log.warning("removing damaged upload session %s: %s", broken.name, broken.why)
                 await asyncio.to_thread(blobs.remove_broken, broken.name)
                 report.uploads_removed += 1
-        # Not part of the mark: counts a listing shows, put right where hand edits made them
-        # wrong. A compaction in the middle of its read only postpones it to the next run.
+        # Not part of the mark: the index of links by blob completed (links an older version
+        # wrote), and the counts a listing shows put right where hand edits made them wrong.
+        # A compaction in the middle of the count's read only postpones it to the next run.
+        if indexed := await meta.index_holders():
+            log.info("indexed %d blob links by blob", indexed)
         try:
             await meta.recount_tags()
         except RevisionCompacted:

@@ -8,6 +8,7 @@ exact prefix for one repository's children even when other names nest under it (
     registry/tags/<repo>@<tag>            {"digest", "pushed_at"}
     registry/manifests/<repo>@<digest>    {"media_type", "size", "references", "created_at"}
     registry/links/<repo>@<digest>        {"size", "linked_at"}   blob belongs to the repository
+    registry/holders/<digest>@<repo>      {}   the same link, by blob: which repositories hold it
 
 Because all of this is in etcd and blobs are files in a shared directory, any number of
 registry processes serve the same content.
@@ -40,6 +41,7 @@ REPOS = "registry/repos/"
 TAGS = "registry/tags/"
 MANIFESTS = "registry/manifests/"
 LINKS = "registry/links/"
+HOLDERS = "registry/holders/"
 
 # A repository's visibility: who may pull it and find it. Records written before visibility
 # existed have none and are private.
@@ -71,6 +73,10 @@ def manifest_key(repo: str, digest: str) -> str:
 
 def link_key(repo: str, digest: str) -> str:
     return f"{LINKS}{repo}@{digest}"
+
+
+def holder_key(digest: str, repo: str) -> str:
+    return f"{HOLDERS}{digest}@{repo}"
 
 
 def split_child_key(key: str, kind_prefix: str) -> tuple[str, str]:
@@ -678,27 +684,52 @@ class Metadata:
     # Blob links -------------------------------------------------------------------
 
     async def link_blob(self, repo: str, digest: str, size: int) -> None:
-        await self.store.put_json(link_key(repo, digest), {"size": size, "linked_at": time.time()})
+        """The blob belongs to the repository: its link, and the same by blob, in one txn."""
+        await self.store.txn(
+            [],
+            [
+                self.store.op_put(link_key(repo, digest), {"size": size, "linked_at": time.time()}),
+                self.store.op_put(holder_key(digest, repo), {}),
+            ],
+        )
 
     async def is_linked(self, repo: str, digest: str) -> bool:
         return await self.store.get(link_key(repo, digest)) is not None
 
     async def linked_repos(self, digest: str) -> list[str]:
-        """Every repository holding the blob (a scan of all links: for the rare mount without
-        a source repository by a caller who may not pull every repository)."""
-        repos = []
-        async for entry in self.store.iterate(LINKS):
-            repo, linked = split_child_key(entry.key, LINKS)
-            if linked == digest:
-                repos.append(repo)
-        return repos
+        """Every repository holding the blob: one read of its holders (a link written before
+        holders were kept is found once GC has indexed it: `index_holders`)."""
+        prefix = f"{HOLDERS}{digest}@"
+        return [e.key[len(prefix) :] async for e in self.store.iterate(prefix)]
 
     async def unlink_everywhere(self, digests: set[str]) -> int:
         removed = 0
         async for entry in self.store.iterate(LINKS):
             if split_child_key(entry.key, LINKS)[1] in digests:
                 removed += await self.store.delete(entry.key)
+        for digest in digests:
+            await self.store.delete_prefix(f"{HOLDERS}{digest}@")
         return removed
+
+    async def index_holders(self) -> int:
+        """Holder entries for the links that have none (written before holders were kept),
+        and none left for a link that is gone: one pass over each family. Returns how many
+        it wrote."""
+        links = set()
+        async for entry in self.store.iterate(LINKS):
+            repo, digest = split_child_key(entry.key, LINKS)
+            links.add((digest, repo))
+        held = set()
+        async for entry in self.store.iterate(HOLDERS):
+            digest, _, repo = entry.key[len(HOLDERS) :].partition("@")
+            held.add((digest, repo))
+        for digest, repo in held - links:
+            # Unless linked meanwhile (GC's unlink and a new link race): then it stays.
+            if not await self.is_linked(repo, digest):
+                await self.store.delete(holder_key(digest, repo))
+        for digest, repo in links - held:
+            await self.store.put_json(holder_key(digest, repo), {})
+        return len(links - held)
 
 
 def _repo_of(entry: Entry) -> RepoRecord:
