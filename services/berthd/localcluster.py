@@ -384,9 +384,9 @@ def _check_ports_free(ports: Ports, nodes: int) -> None:
 
 # etcd keeps every revision until it is compacted, and grows until its quota stops all writes.
 # Periodic compaction keeps the last 5 minutes of history whatever the write rate (a revision
-# count would shrink to seconds during a burst of pushes): a ListManifests listing and a watch
-# resumed after a short outage stay valid that long, and the services resynchronize when not.
-# The quota is etcd's default, written out: berth's records are small (about 15 MiB for 2000
+# count would shrink to seconds during a burst of pushes): a paged ListManifests listing stays
+# valid that long, and the services' watches resynchronize when a compaction catches them.
+# The quota is etcd's default, written out: berth's records are small (2.8 MiB for 2000
 # repositories), so reaching it means a runaway writer, not growth.
 ETCD_MAINTENANCE = (
     "--auto-compaction-mode=periodic",
