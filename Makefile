@@ -102,6 +102,7 @@ bench: deps bench-apt
 	$(PY) -m bench.security
 	$(PY) -m bench.controller
 	$(PY) -m bench.scale
+	$(PY) -m bench.node_idle
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)
