@@ -13,6 +13,7 @@ Every wait is on the event itself, with a generous guard.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -30,6 +31,9 @@ import pytest
 
 from berth.client import ClusterClient, ContainerConfig, NodeClient
 from berth.errors import BerthClientError
+from berthd.common.state.nodes import NODES, NodeRecord
+from berthd.common.store import Store
+from berthd.node.fence import Peers, observe
 
 from .conftest import ServiceProcess, Services
 
@@ -268,3 +272,27 @@ def test_a_node_that_is_down_is_unknown_and_a_cut_off_node_stops_its_replicas(
                     # Its converger may be removing it at the same moment.
                     with contextlib.suppress(BerthClientError):
                         node.remove(container.id, force=True)
+
+
+async def test_an_agent_knows_a_node_that_joined_a_moment_ago(store: Store) -> None:
+    """The peers a fence asks when etcd is cut off come from a watch of nodes/, not a read every
+    10 s: a node that registered just before the cut is asked (with the periodic read, an agent
+    that had read the nodes before it joined knew nobody, and a cut-off host never fenced)."""
+    peers = Peers("a")
+    follower = asyncio.create_task(peers.follow(store))
+    try:
+        deadline = time.monotonic() + GUARD
+        await NODES.put(store, "c", NodeRecord("c", address="127.0.0.1:3"))
+        while peers.known != {"c": "127.0.0.1:3"}:
+            assert time.monotonic() < deadline, peers.known
+            await asyncio.sleep(0.05)
+        await observe(store, "a", peers)  # a check while etcd answers reads nothing more
+        await NODES.put(store, "b", NodeRecord("b", address="127.0.0.1:2"))
+        await NODES.delete(store, "c")
+        while peers.known != {"b": "127.0.0.1:2"}:
+            assert time.monotonic() < deadline, peers.known
+            await asyncio.sleep(0.05)
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower

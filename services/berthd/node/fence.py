@@ -16,14 +16,15 @@ A failed check is one of two things, and only one of them is a partition:
 - etcd cannot be reached: this host may be cut off, or etcd may be down for everyone, and then
   nothing was moved (the cluster cannot write) and stopping replicas would turn a control-plane
   outage into a data-plane one. So the fence asks a few other node agents (`Peers`: their
-  addresses as last read from `nodes/` while etcd answered, kept in `<data>/peers.json`) for
-  their health entry `etcd`, over the node's own TLS. A peer that reaches etcd (SERVING) proves
-  the fault is this host's: the clock runs. When none does and a majority of the asked peers
-  answer (they cannot reach etcd either), it is an etcd outage: the clock does not run ("etcd
-  unreachable but N/M peers answer: not fencing"), and starts from zero at the first failed
-  check that is not explained so. No peer known (a one-node cluster): no fencing on an
-  unreachable etcd at all, only on a confirmed-absent registration. (Peers notice a dead etcd
-  within about 4 s, server.EtcdWatchdog: the clock may run for those first seconds.)
+  addresses followed from `nodes/` with a watch while etcd answered, kept in
+  `<data>/peers.json`) for their health entry `etcd`, over the node's own TLS. A peer that
+  reaches etcd (SERVING) proves the fault is this host's: the clock runs. When none does and a
+  majority of the asked peers answer (they cannot reach etcd either), it is an etcd outage: the
+  clock does not run ("etcd unreachable but N/M peers answer: not fencing"), and starts from
+  zero at the first failed check that is not explained so. No peer known (a one-node cluster):
+  no fencing on an unreachable etcd at all, only on a confirmed-absent registration. (Peers
+  notice a dead etcd within about 4 s, server.EtcdWatchdog: the clock may run for those first
+  seconds.)
 What stays ambiguous: a split with no majority side, say two nodes that lose each other while
 etcd is down too. Each asks the other, hears nothing, and both fence after `stop_after` though
 nothing was moved; the rule errs towards stopping (no duplicates) when it cannot tell.
@@ -83,6 +84,9 @@ PEERS_FILE = "peers.json"
 PEERS_ASKED = 5
 PEER_TIMEOUT = 1.5
 PEERS_REFRESH = 10.0
+# The agent follows nodes/ with a watch instead (a node that joined a moment ago is known when
+# the cut comes); after a lost watch it reads again this often.
+PEERS_RETRY = 2.0
 
 
 def is_replica(record: ContainerRecord, desired: DesiredContainer | None = None) -> bool:
@@ -226,6 +230,7 @@ class Peers:
         self.channels = channels
         self.known: dict[str, str] = {}  # node id -> address
         self._refreshed = -math.inf
+        self._following = False
 
     def load(self) -> None:
         """The peers the file remembers (none when it is missing or unreadable)."""
@@ -237,10 +242,33 @@ class Peers:
         except (OSError, ValueError, AttributeError) as exc:
             log.debug("no peers remembered in %s: %s", self.path, exc)
 
+    async def follow(self, store: Store) -> None:
+        """Keep the peers current from nodes/ (read once, then watched) until cancelled; read
+        again after a lost watch or a compaction. While it follows, `refresh` reads nothing."""
+        self._following = True
+        try:
+            while True:
+                try:
+                    found, revision = await NODES.snapshot(store)
+                    nodes = {v.id: v.record.address for v in found}
+                    await self.remember(nodes)
+                    async for change in NODES.watch(store, revision + 1):
+                        if change.record is not None:
+                            nodes[change.id] = change.record.address
+                        else:
+                            nodes.pop(change.id, None)
+                        await self.remember(dict(nodes))
+                except BerthError as exc:
+                    log.debug("the watch of the nodes ended: %s", exc)
+                await asyncio.sleep(PEERS_RETRY)
+        finally:
+            self._following = False
+
     async def refresh(self, store: Store) -> None:
-        """Read the nodes again, at most every PEERS_REFRESH (etcd answered just now)."""
+        """Read the nodes again, at most every PEERS_REFRESH (etcd answered just now), unless
+        `follow` keeps them current."""
         now = time.monotonic()
-        if now - self._refreshed < PEERS_REFRESH:
+        if self._following or now - self._refreshed < PEERS_REFRESH:
             return
         try:
             async with asyncio.timeout(CHECK_TIMEOUT):
@@ -324,16 +352,19 @@ class Fence:
         self.fenced = False
         self._stopped: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self.stop_after > 0 or self.standalone_after > 0:
+            self._follower = asyncio.create_task(self.peers.follow(self.store))
             self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._follower):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _run(self) -> None:
         lost = Disconnection()
