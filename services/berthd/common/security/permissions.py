@@ -188,6 +188,7 @@ CLUSTER = _rules(
         "Exec": _write(P.CONTAINER_WRITE),
         "AttachContainer": _write(P.CONTAINER_WRITE),
         "ContainerStats": _read(P.CONTAINER_READ),
+        "ListContainerStats": _read(P.CONTAINER_READ),
         "CreateService": _write(P.SERVICE_WRITE),
         "ListServices": _read(P.SERVICE_READ),
         "GetService": _read(P.SERVICE_READ),
@@ -257,6 +258,7 @@ NODE = _rules(
             "Exec",
             "AttachContainer",
             "ContainerStats",
+            "ListContainerStats",
             "ContainerChanges",
             "ExportLayer",
         )
