@@ -784,21 +784,33 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    # One call a round: the cluster (or the node) samples every container at once, each
+    # CPU percent from two readings of its cgroup.
     with connect(args) as client:
         while True:
             started = time.monotonic()
-            names = args.containers or [c.id[:SHORT_ID] for c in client.list()]
-            samples = [(name, client.stats(name)) for name in names]
+            entries = client.stats_many(args.containers)
+            names = args.containers or [e["container_id"][:SHORT_ID] for e in entries]
+            samples = list(zip(names, entries, strict=True))
             if args.format == "json":
-                print_json([{"container": name, **sample} for name, sample in samples])
+                print_json([stats_json(name, entry) for name, entry in samples])
             else:
                 if not args.no_stream and sys.stdout.isatty():
                     sys.stdout.write("\033[2J\033[H")  # redraw in place, as `docker stats`
                 print_stats_table(samples)
+            failed = [(name, e["error"]) for name, e in samples if e["error"]]
+            for name, error in failed:
+                print_error(f"no stats for {name}: {error}")
             if args.no_stream:
-                return 0
+                return 1 if failed else 0
             sys.stdout.flush()
             time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+
+
+def stats_json(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    figures = ("cpu_nanos", "cpu_percent", "memory_bytes", "memory_limit_bytes", "pids")
+    found = {"container": name, **{key: entry[key] for key in figures}}
+    return {**found, "error": entry["error"]} if entry["error"] else found
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -1091,9 +1103,11 @@ def binary_size(size: float) -> str:
     return f"{size:.4g}{units[unit]}"
 
 
-def print_stats_table(samples: list[tuple[str, dict[str, float]]]) -> None:
+def print_stats_table(samples: list[tuple[str, dict[str, Any]]]) -> None:
     rows = [
-        [
+        [name, "--", "-- / --", "--"]  # no sample, as `docker stats` shows one it cannot read
+        if s.get("error")
+        else [
             name,
             f"{s['cpu_percent']:.2f}%",
             f"{binary_size(s['memory_bytes'])} / "
