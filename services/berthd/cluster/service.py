@@ -436,13 +436,13 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
                     container_id=view.id, node_id=view.desired.node, sample=sample.sample
                 )
 
-    async def ListContainerStats(
-        self, request: pb.ListContainerStatsRequest, context: Context
-    ) -> pb.ListContainerStatsResponse:
+    async def BatchContainerStats(
+        self, request: pb.BatchContainerStatsRequest, context: Context
+    ) -> pb.BatchContainerStatsResponse:
         entries = await sample_stats(
             self.core, list(request.containers), lambda address, node: NodeApi(address, node)
         )
-        return pb.ListContainerStatsResponse(
+        return pb.BatchContainerStatsResponse(
             stats=[
                 pb.ContainerStatsEntry(
                     container_id=e.view.id,

@@ -1,4 +1,4 @@
-"""`berth stats` for many containers: one ListContainerStats call per node, all nodes at once.
+"""`berth stats` for many containers: one BatchContainerStats call per node, all nodes at once.
 
 Each node reads its containers' cgroups twice with one short interval for all, so the time of a
 listing is about one interval plus the slowest node, whatever the number of containers. A

@@ -226,11 +226,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         async for sample in self.agent.stats(request.container, request.stream):
             yield pb.ContainerStatsResponse(sample=stats_message(sample))
 
-    async def ListContainerStats(
-        self, request: pb.ListContainerStatsRequest, context: Context
-    ) -> pb.ListContainerStatsResponse:
+    async def BatchContainerStats(
+        self, request: pb.BatchContainerStatsRequest, context: Context
+    ) -> pb.BatchContainerStatsResponse:
         samples = await self.agent.stats_many(list(request.containers))
-        return pb.ListContainerStatsResponse(
+        return pb.BatchContainerStatsResponse(
             stats=[
                 pb.ContainerStatsEntry(container_id=container_id, sample=stats_message(sample))
                 for container_id, sample in samples

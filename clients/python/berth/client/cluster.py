@@ -384,8 +384,8 @@ class ClusterClient(ContainerStreams, GrpcClient):
         """One sample of each container (every running one when none is named), in one call:
         the cluster asks every node concerned at once. A container whose node cannot be
         reached comes with an `error` and zero figures."""
-        request = pb.ListContainerStatsRequest(containers=list(containers))
-        reply = self._call(self._stub.ListContainerStats, request)
+        request = pb.BatchContainerStatsRequest(containers=list(containers))
+        reply = self._call(self._stub.BatchContainerStats, request)
         return [
             {
                 "container_id": e.container_id,

@@ -145,8 +145,8 @@ class NodeClient(ContainerStreams, GrpcClient):
 
     def stats_many(self, containers: Iterable[str] = ()) -> list[dict[str, Any]]:
         """One sample of each container (every running one when none is named), in one call."""
-        request = pb.ListContainerStatsRequest(containers=list(containers))
-        reply = self._call(self._stub.ListContainerStats, request)
+        request = pb.BatchContainerStatsRequest(containers=list(containers))
+        reply = self._call(self._stub.BatchContainerStats, request)
         return [
             {
                 "container_id": e.container_id,

@@ -54,9 +54,9 @@ class NodeApi(ServiceApi[pb_grpc.NodeServiceStub]):
 
     async def stats_many(self, containers: list[str]) -> list[container_pb2.ContainerStats]:
         """One sample of each container (ids on this node), in the order asked."""
-        request = pb.ListContainerStatsRequest(containers=containers)
+        request = pb.BatchContainerStatsRequest(containers=containers)
         reply = await self.unary(
-            "ListContainerStats", request, idempotent=True, timeout=STATS_TIMEOUT
+            "BatchContainerStats", request, idempotent=True, timeout=STATS_TIMEOUT
         )
         return [entry.sample for entry in reply.stats]
 
