@@ -386,6 +386,42 @@ out({
     print(json.dumps({k: result[k] for k in ("node", "stopped", "started")}))
 
 
+def test_stats_of_many_containers_in_one_call_with_a_cpu_percent(cluster: Cluster) -> None:
+    # One sample used to show 0.00 % CPU for every container; and `berth stats` made a round
+    # trip through the cluster per container. Now: one call, each node asked once.
+    result = cluster.client(
+        """
+loop = ["sh", "-c", "yes > /dev/null"]
+busy = run(sys.argv[3], name="busy", constraints=["host==h1"], command=loop)
+idle = run(sys.argv[3], name="idle", constraints=["host==h2"], command=["sleep", "1000"])
+until_state("busy", "CONTAINER_STATE_RUNNING")
+until_state("idle", "CONTAINER_STATE_RUNNING")
+named = cluster.BatchContainerStats(pb.BatchContainerStatsRequest(containers=["idle", "busy"]))
+everything = cluster.BatchContainerStats(pb.BatchContainerStatsRequest())
+missing = call("BatchContainerStats", pb.BatchContainerStatsRequest(containers=["busy", "nosuch"]))
+remove_all()
+out({
+    "named": [[e.name, e.node_id, e.sample.cpu_percent, e.sample.pids, e.error]
+              for e in named.stats],
+    "everything": sorted(e.name for e in everything.stats),
+    "missing": missing,
+})
+""",
+        IMAGE,
+    )
+    assert isinstance(result, dict)
+    (idle, host2, idle_cpu, idle_pids, idle_error), (busy, host1, busy_cpu, _, busy_error) = result[
+        "named"
+    ]
+    assert (idle, host2, busy, host1) == ("idle", "host2", "busy", "host1")
+    assert idle_error == busy_error == ""
+    # The host is shared with other work: "clearly busy" is a few percent of a CPU.
+    assert busy_cpu > 2.0 and idle_cpu < 1.0 and idle_pids == 1, result
+    assert {"busy", "idle"} <= set(result["everything"])
+    assert result["missing"]["code"] == "NOT_FOUND"
+    assert result["missing"]["reason"] == "CONTAINER_NOT_FOUND"
+
+
 def test_image_locality_wins_when_loads_are_equal(cluster: Cluster) -> None:
     result = cluster.client(
         """

@@ -162,6 +162,25 @@ def test_containers_share_the_unpacked_layer(node, busybox, node_agent) -> None:
     assert stats["pids"] >= 1 and stats["memory_bytes"] > 0
 
 
+def test_stats_without_stream_show_a_busy_container_busy_and_an_idle_one_idle(
+    node, busybox
+) -> None:
+    # One sample (`berth stats --no-stream`) used to show 0.00 % for every container: its CPU
+    # percent had no earlier reading to compare with.
+    node.pull(busybox)
+    busy = run(node, busybox, "sh", "-c", "yes > /dev/null")
+    idle = run(node, busybox, "sleep", "1000")
+    eventually(lambda: node.stats(busy)["pids"] >= 1, what="the busy loop running")
+    # The host is shared (other work competes for its CPUs): "clearly busy" is a few percent.
+    assert node.stats(busy)["cpu_percent"] > 2.0
+    assert node.stats(idle)["cpu_percent"] < 1.0
+    both = node.stats_many([busy, idle])
+    assert [s["container_id"] for s in both] == [busy, idle]
+    assert both[0]["cpu_percent"] > 2.0 and both[1]["cpu_percent"] < 1.0
+    node.remove(busy, force=True)
+    node.remove(idle, force=True)
+
+
 def test_deleted_file_shows_in_changes_and_exported_layer_hides_it(
     node, busybox, client: RegistryClient, tmp_path: Path
 ) -> None:

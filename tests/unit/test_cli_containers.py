@@ -216,14 +216,23 @@ class FakeNode:
         self.exec_stdin = []
         return FakeSession(self.exec_stdin)
 
-    def stats(self, target: str) -> dict[str, float]:
-        return {
-            "cpu_nanos": 10**9,
-            "cpu_percent": 12.345,
-            "memory_bytes": 1_613_824,
-            "memory_limit_bytes": 64 * 1024**2,
-            "pids": 3,
-        }
+    def stats_many(self, targets: Iterable[str] = ()) -> list[dict[str, Any]]:
+        self.calls.append(("stats_many", list(targets)))
+        ids = list(targets) or [c.id for c in self.containers]
+        return [
+            {
+                "container_id": target,
+                "name": "",
+                "node_id": "",
+                "error": "node n2: not reachable" if target in self.failing else "",
+                "cpu_nanos": 10**9,
+                "cpu_percent": 12.345,
+                "memory_bytes": 1_613_824,
+                "memory_limit_bytes": 64 * 1024**2,
+                "pids": 3,
+            }
+            for target in ids
+        ]
 
     def changes(self, target: str) -> list[tuple[str, str]]:
         return [("C", "/etc"), ("A", "/etc/new.conf"), ("D", "/tmp/gone")]
@@ -811,9 +820,25 @@ def test_stats_snapshot(node: FakeNode, capsys: pytest.CaptureFixture[str]) -> N
         ["web", "12.35%", "1.539MiB / 64MiB", "3"],
     ]
     node.containers = [container()]
+    node.calls.clear()
     assert main(["stats", "--no-stream", "--format", "json"]) == 0
     [sample] = json.loads(capsys.readouterr().out)
     assert (sample["container"], sample["pids"]) == (ID[:12], 3)
+    # Every container in one call (the server fans out), not a listing and a call each.
+    assert node.calls == [("stats_many", [])]
+
+
+def test_stats_of_a_container_out_of_reach_show_dashes_and_fail(
+    node: FakeNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node.failing["db"] = BerthClientError("unused", "UNAVAILABLE")
+    assert main(["stats", "--no-stream", "web", "db"]) == 1
+    out, err = capsys.readouterr()
+    assert [columns(line) for line in out.splitlines()][1:] == [
+        ["web", "12.35%", "1.539MiB / 64MiB", "3"],
+        ["db", "--", "-- / --", "--"],
+    ]
+    assert err == "Error: no stats for db: node n2: not reachable\n"
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from berthd.cluster.core import ClusterCore, ClusterNode, ContainerView, Endpoin
 from berthd.cluster.events import CONTAINER_CREATE_FAILED, CONTAINER_DIED, EventFilter, watch_events
 from berthd.cluster.events import Event as ClusterEvent
 from berthd.cluster.services import ServiceCore, ServiceRecord
+from berthd.cluster.stats import sample_stats
 from berthd.common.container_messages import container_status, state_filter
 from berthd.common.containers import from_spec, to_spec
 from berthd.common.errors import InvalidArgument
@@ -434,6 +435,25 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
                 yield pb.ContainerStatsResponse(
                     container_id=view.id, node_id=view.desired.node, sample=sample.sample
                 )
+
+    async def BatchContainerStats(
+        self, request: pb.BatchContainerStatsRequest, context: Context
+    ) -> pb.BatchContainerStatsResponse:
+        entries = await sample_stats(
+            self.core, list(request.containers), lambda address, node: NodeApi(address, node)
+        )
+        return pb.BatchContainerStatsResponse(
+            stats=[
+                pb.ContainerStatsEntry(
+                    container_id=e.view.id,
+                    name=e.view.name,
+                    node_id=e.view.desired.node,
+                    sample=e.sample,
+                    error=e.error,
+                )
+                for e in entries
+            ]
+        )
 
     # Services ---------------------------------------------------------------------------
 

@@ -27,11 +27,15 @@ from berthd.node import cgroups, diff, metrics
 from berthd.node.containers import ContainerManager
 from berthd.node.layers import ImageRecord, ImageStore, LayerStore, PullEvent, pull_image
 from berthd.node.logs import LogRecord, follow_logs, read_logs
-from berthd.node.records import CREATED, EXITED, RUNNING
+from berthd.node.records import CREATED, EXITED, RUNNING, ContainerRecord
 from berthd.node.runtime import Runtime
 from berthd.node.spec import effective_user, resolve_user
 
-STATS_INTERVAL = 1.0
+STATS_INTERVAL = 1.0  # between the samples of a stream
+# Between the two cgroup readings behind a first (or only) sample's CPU percent: long enough for
+# a busy container to show (the kernel charges CPU time at least every scheduler tick), short
+# enough for `berth stats --no-stream` over many containers to stay interactive.
+FIRST_SAMPLE_INTERVAL = 0.1
 
 log = logging.getLogger("berthd.node.agent")
 
@@ -44,6 +48,25 @@ class StatsSample:
     memory_bytes: int
     memory_limit_bytes: int
     pids: int
+
+
+@dataclass(frozen=True)
+class _Reading:
+    time: float  # wall clock, for the sample's timestamp
+    cpu: cgroups.CpuReading
+    raw: cgroups.CgroupStats | None  # None: not running, or its cgroup is gone
+
+
+def _sample(before: _Reading, after: _Reading) -> StatsSample:
+    raw = after.raw
+    return StatsSample(
+        time=after.time,
+        cpu_nanos=after.cpu.cpu_nanos,
+        cpu_percent=cgroups.cpu_percent(before.cpu, after.cpu) if before.raw and raw else 0.0,
+        memory_bytes=raw.memory_bytes if raw else 0,
+        memory_limit_bytes=raw.memory_limit_bytes if raw else 0,
+        pids=raw.pids if raw else 0,
+    )
 
 
 def check_exec(command: list[str], env: list[str], working_dir: str, user: str) -> None:
@@ -202,28 +225,42 @@ class NodeAgent:
         )
 
     async def stats(self, ref: str, stream: bool) -> AsyncIterator[StatsSample]:
+        """A sample, then (with `stream`) one every STATS_INTERVAL until the container exits.
+        The first one's CPU percent is over FIRST_SAMPLE_INTERVAL, each later one's since the
+        one before, as `docker stats` compares its previous and current sample."""
         record = self.containers.resolve(ref)
-        path = self.containers.cgroups_path(record.id)
-        previous: tuple[float, int] | None = None
+        previous = self._reading(record)
+        await asyncio.sleep(FIRST_SAMPLE_INTERVAL if record.state == RUNNING else 0)
         while True:
-            raw = cgroups.read_stats(path) if record.state == RUNNING else None
-            now = time.time()
-            cpu = raw.cpu_nanos if raw else 0
-            percent = 0.0
-            if previous and raw and now > previous[0]:
-                percent = (cpu - previous[1]) / ((now - previous[0]) * 1e9) * 100
-            previous = (now, cpu)
-            yield StatsSample(
-                time=now,
-                cpu_nanos=cpu,
-                cpu_percent=round(percent, 2),
-                memory_bytes=raw.memory_bytes if raw else 0,
-                memory_limit_bytes=raw.memory_limit_bytes if raw else 0,
-                pids=raw.pids if raw else 0,
-            )
+            current = self._reading(record)
+            yield _sample(previous, current)
             if not stream or record.state == EXITED:
                 return
+            previous = current
             await asyncio.sleep(STATS_INTERVAL)
+
+    async def stats_many(self, refs: list[str]) -> list[tuple[str, StatsSample]]:
+        """One sample of each container (every running one when refs is empty), (id, sample)
+        in the order asked: all cgroups read, one FIRST_SAMPLE_INTERVAL for all, read again."""
+        if refs:
+            records = [self.containers.resolve(ref) for ref in refs]
+        else:
+            running = (r for r in self.containers.records.values() if r.state == RUNNING)
+            records = sorted(running, key=lambda r: r.name)
+        before = [self._reading(record) for record in records]
+        if any(record.state == RUNNING for record in records):
+            await asyncio.sleep(FIRST_SAMPLE_INTERVAL)
+        after = [self._reading(record) for record in records]
+        return [
+            (record.id, _sample(first, second))
+            for record, first, second in zip(records, before, after, strict=True)
+        ]
+
+    def _reading(self, record: ContainerRecord) -> _Reading:
+        running = record.state == RUNNING
+        raw = cgroups.read_stats(self.containers.cgroups_path(record.id)) if running else None
+        cpu = cgroups.CpuReading(time.monotonic_ns(), raw.cpu_nanos if raw else 0)
+        return _Reading(time.time(), cpu, raw)
 
     # Filesystem changes ----------------------------------------------------------------------
 

@@ -32,6 +32,25 @@ class CgroupStats:
 
 
 @dataclass(frozen=True)
+class CpuReading:
+    """A cgroup's CPU counter and when it was read (monotonic clock: wall time can jump)."""
+
+    at_nanos: int
+    cpu_nanos: int
+
+
+def cpu_percent(before: CpuReading, after: CpuReading) -> float:
+    """CPU use between two readings in percent of one CPU (200.0: two CPUs busy), as `docker
+    stats` computes it from its previous and current sample. A counter that went back (the
+    cgroup was made anew) or no time between the readings reads as 0."""
+    elapsed = after.at_nanos - before.at_nanos
+    used = after.cpu_nanos - before.cpu_nanos
+    if elapsed <= 0 or used <= 0:
+        return 0.0
+    return round(used / elapsed * 100, 2)
+
+
+@dataclass(frozen=True)
 class _Mount:
     point: Path
     root: str  # the hierarchy's path mounted there ("/" unless a cgroup namespace narrows it)

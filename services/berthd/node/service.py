@@ -23,7 +23,7 @@ from berthd.common.pages import paginate
 from berthd.common.security.admission import admit
 from berthd.common.security.principal import current_principal
 from berthd.common.streaming import Done, progress_stream, session_start
-from berthd.node.agent import NodeAgent
+from berthd.node.agent import NodeAgent, StatsSample
 from berthd.node.attach import attach_container, detach_sequence, exec_session, relay
 from berthd.node.layers import ImageRecord
 from berthd.node.process_messages import exec_options, inputs, process_output
@@ -224,18 +224,18 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: pb.ContainerStatsRequest, context: Context
     ) -> AsyncIterator[pb.ContainerStatsResponse]:
         async for sample in self.agent.stats(request.container, request.stream):
-            yield pb.ContainerStatsResponse(
-                sample=container_pb2.ContainerStats(
-                    sampled_at=timestamp(sample.time),
-                    cpu_usage=Duration(
-                        seconds=sample.cpu_nanos // 10**9, nanos=sample.cpu_nanos % 10**9
-                    ),
-                    cpu_percent=sample.cpu_percent,
-                    memory_bytes=sample.memory_bytes,
-                    memory_limit_bytes=sample.memory_limit_bytes,
-                    pids=sample.pids,
-                )
-            )
+            yield pb.ContainerStatsResponse(sample=stats_message(sample))
+
+    async def BatchContainerStats(
+        self, request: pb.BatchContainerStatsRequest, context: Context
+    ) -> pb.BatchContainerStatsResponse:
+        samples = await self.agent.stats_many(list(request.containers))
+        return pb.BatchContainerStatsResponse(
+            stats=[
+                pb.ContainerStatsEntry(container_id=container_id, sample=stats_message(sample))
+                for container_id, sample in samples
+            ]
+        )
 
     async def ContainerChanges(
         self, request: pb.ContainerChangesRequest, context: Context
@@ -257,3 +257,14 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             ),
             diff_id=result.diff_id,
         )
+
+
+def stats_message(sample: StatsSample) -> container_pb2.ContainerStats:
+    return container_pb2.ContainerStats(
+        sampled_at=timestamp(sample.time),
+        cpu_usage=Duration(seconds=sample.cpu_nanos // 10**9, nanos=sample.cpu_nanos % 10**9),
+        cpu_percent=sample.cpu_percent,
+        memory_bytes=sample.memory_bytes,
+        memory_limit_bytes=sample.memory_limit_bytes,
+        pids=sample.pids,
+    )

@@ -21,25 +21,25 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from berth.cli.image_cmds import image_name, pull_image
 from berth.cli.interactive import check_tty, detach_keys_option, run_session, terminal_size
 from berth.cli.output import (
     err_console,
     for_each,
+    format_options,
     format_time,
     human_ago,
     inspect_each,
     jsonable,
+    parse_label,
     print_error,
     print_json,
     print_line,
     print_table,
 )
-from berth.cli.registry_cmds import format_options, parse_label
 from berth.client.cluster import ClusterClient, ClusterContainer, Placement
-from berth.client.node import ContainerInfo, NodeClient
+from berth.client.containers import ContainerInfo
 from berth.config import HOST_HELP, resolve_target
 from berth.containers import (
     NETWORK_MODES,
@@ -53,7 +53,26 @@ from berth.enums.containers import CONTAINER_STATES
 from berth.error_details import ErrorDetails
 from berth.errors import BerthClientError
 
-Client = NodeClient | ClusterClient
+if TYPE_CHECKING:
+    from berth.client.node import NodeClient
+
+    Client = NodeClient | ClusterClient
+
+
+def __getattr__(name: str) -> Any:
+    """NodeClient on first use: only single-host mode and a few commands talk to a node, and
+    the others should not pay for importing its stubs (start-up time of every command)."""
+    if name == "NodeClient":
+        from berth.client.node import NodeClient
+
+        globals()["NodeClient"] = NodeClient  # tests replace it here
+        return NodeClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _node_client(address: str) -> NodeClient:
+    return (globals().get("NodeClient") or __getattr__("NodeClient"))(address)
+
 
 # Docker's RAMInBytes: 64m, 64M, 64mb, 64MiB and 1.5g all mean binary units.
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?) ?([kmgtp]?)i?b?", re.IGNORECASE)
@@ -674,6 +693,8 @@ def _wait_for_node(client: ClusterClient, container: ClusterContainer) -> None:
                 "DEADLINE_EXCEEDED",
             )
         if waited > NODE_START_NOTICE and not noticed:
+            from berth.cli.image_cmds import image_name  # the image client: only when needed
+
             err_console().print(
                 f"Waiting for node {container.node_id} to pull {image_name(container.image)} "
                 "and start the container",
@@ -784,21 +805,33 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    # One call a round: the cluster (or the node) samples every container at once, each
+    # CPU percent from two readings of its cgroup.
     with connect(args) as client:
         while True:
             started = time.monotonic()
-            names = args.containers or [c.id[:SHORT_ID] for c in client.list()]
-            samples = [(name, client.stats(name)) for name in names]
+            entries = client.stats_many(args.containers)
+            names = args.containers or [e["container_id"][:SHORT_ID] for e in entries]
+            samples = list(zip(names, entries, strict=True))
             if args.format == "json":
-                print_json([{"container": name, **sample} for name, sample in samples])
+                print_json([stats_json(name, entry) for name, entry in samples])
             else:
                 if not args.no_stream and sys.stdout.isatty():
                     sys.stdout.write("\033[2J\033[H")  # redraw in place, as `docker stats`
                 print_stats_table(samples)
+            failed = [(name, e["error"]) for name, e in samples if e["error"]]
+            for name, error in failed:
+                print_error(f"no stats for {name}: {error}")
             if args.no_stream:
-                return 0
+                return 1 if failed else 0
             sys.stdout.flush()
             time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+
+
+def stats_json(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    figures = ("cpu_nanos", "cpu_percent", "memory_bytes", "memory_limit_bytes", "pids")
+    found = {"container": name, **{key: entry[key] for key in figures}}
+    return {**found, "error": entry["error"]} if entry["error"] else found
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -817,7 +850,7 @@ def connect(args: argparse.Namespace) -> Client:
     target = resolve_target(args.host, args.node)
     if target.kind == "cluster":
         return ClusterClient(target.address)
-    return NodeClient(target.address)
+    return _node_client(target.address)
 
 
 def on_cluster(client: Client) -> bool:
@@ -833,7 +866,7 @@ def _node_of(client: Client, container: str) -> Iterator[tuple[NodeClient, str]]
         yield client, container
         return
     placed = client.inspect(container)
-    with NodeClient(client.node(placed.node_id).address) as node:
+    with _node_client(client.node(placed.node_id).address) as node:
         yield node, placed.id
 
 
@@ -861,6 +894,8 @@ def _create(client: NodeClient, config: ContainerConfig) -> ContainerInfo:
     except BerthClientError as err:
         if err.code != "NOT_FOUND":
             raise
+    from berth.cli.image_cmds import image_name, pull_image  # the image client: only when needed
+
     out = err_console()
     out.print(f"Unable to find image '{image_name(config.image)}' locally", markup=False)
     pull_image(client, config.image, out)
@@ -1091,9 +1126,11 @@ def binary_size(size: float) -> str:
     return f"{size:.4g}{units[unit]}"
 
 
-def print_stats_table(samples: list[tuple[str, dict[str, float]]]) -> None:
+def print_stats_table(samples: list[tuple[str, dict[str, Any]]]) -> None:
     rows = [
-        [
+        [name, "--", "-- / --", "--"]  # no sample, as `docker stats` shows one it cannot read
+        if s.get("error")
+        else [
             name,
             f"{s['cpu_percent']:.2f}%",
             f"{binary_size(s['memory_bytes'])} / "

@@ -22,7 +22,6 @@ from berth.config import (
     TARGET_RULE,
 )
 from berth.errors import BerthClientError
-from berth.oci_layout import LayoutError
 
 # The modules that register the commands, in `--help` order, and which one registers each
 # top-level command: a command imports only its own module (and so only its own gRPC client),
@@ -127,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
-    except (BerthClientError, LayoutError) as err:
+    except BerthClientError as err:
         print_error(err)
         return 1
     except BrokenPipeError:
@@ -136,6 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except OSError as err:
         print_error(f"{err.strerror}: {err.filename}" if err.filename else err)
+        return 1
+    except Exception as err:
+        # berth.oci_layout is imported only by the commands that read layouts (start-up time):
+        # if it is not loaded, it raised nothing.
+        layout = sys.modules.get("berth.oci_layout")
+        if layout is None or not isinstance(err, layout.LayoutError):
+            raise
+        print_error(err)
         return 1
 
 

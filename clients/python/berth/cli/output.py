@@ -8,13 +8,12 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from berth.errors import BerthClientError, one_line
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 FORMATS = ("table", "json")
 # Piped output is for grep/awk: never wrap or cut it to a pretend terminal width.
@@ -25,6 +24,8 @@ def console(wide: bool = False) -> Console:
     """A console on the current stdout. Long lines are left to the terminal to wrap (soft_wrap)
     and rich's syntax colouring is off: output should read like Docker's. `wide` renders
     tables at their natural width, as Docker does, instead of squeezing them to the terminal."""
+    from rich.console import Console  # on first use: JSON output and errors need no rich
+
     plain = Console(file=sys.stdout, highlight=False, soft_wrap=True)
     if plain.is_terminal and not wide:
         return plain
@@ -42,6 +43,9 @@ def print_line(text: str = "") -> None:
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """Docker-style table: upper-case headers, no borders, three spaces between columns."""
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=None, pad_edge=False, padding=(0, 3, 0, 0), header_style="bold")
     for header in headers:
         table.add_column(header, no_wrap=True, overflow="ellipsis")
@@ -160,6 +164,8 @@ def for_each(targets: Iterable[str], action: Callable[[str], None]) -> None:
 
 def err_console() -> Console:
     """Where progress goes when stdout carries data (an id, an archive, a container's output)."""
+    from rich.console import Console
+
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
 
@@ -189,3 +195,25 @@ def print_listing(
             print_line(quiet(item))
     else:
         print_table(headers, rows(items))
+
+
+# Parser pieces every command module shares (here, not in a command module, so importing them
+# loads no gRPC client).
+
+
+def format_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=argparse.SUPPRESS,
+        help="table for people (default), json for scripts",
+    )
+    return parent
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f'invalid label "{text}": expected KEY=VALUE')
+    return key.strip(), value

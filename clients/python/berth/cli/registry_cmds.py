@@ -8,13 +8,14 @@ import re
 from collections.abc import Iterable
 from datetime import datetime
 
-from berth.cli.output import (
-    FORMATS,
+from berth.cli.output import (  # format_options and parse_label: re-exported for the others
     err_console,
+    format_options,
     format_time,
     human_ago,
     human_size,
     jsonable,
+    parse_label,
     print_fields,
     print_json,
     print_line,
@@ -61,13 +62,6 @@ def parse_grace(text: str) -> int:
     return parse_duration(text)
 
 
-def parse_label(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f'invalid label "{text}": expected KEY=VALUE')
-    return key.strip(), value
-
-
 def repository_name(text: str) -> str:
     try:
         reference = parse_image_reference(text)
@@ -89,17 +83,6 @@ def connection_options() -> argparse.ArgumentParser:
         metavar="ADDR",
         default=argparse.SUPPRESS,
         help="registry address HOST:PORT (default: $BERTH_REGISTRY, else the `berthd up` cluster)",
-    )
-    return parent
-
-
-def format_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument(
-        "--format",
-        choices=FORMATS,
-        default=argparse.SUPPRESS,
-        help="table for people (default), json for scripts",
     )
     return parent
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from berth.client.base import GrpcClient
 from berth.client.containers import (
@@ -378,6 +379,23 @@ class ClusterClient(ContainerStreams, GrpcClient):
         for reply in self._stream(self._stub.ContainerStats, request):
             return stats_sample(reply.sample)
         raise BerthClientError(f"no stats for {container}", "UNKNOWN")
+
+    def stats_many(self, containers: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """One sample of each container (every running one when none is named), in one call:
+        the cluster asks every node concerned at once. A container whose node cannot be
+        reached comes with an `error` and zero figures."""
+        request = pb.BatchContainerStatsRequest(containers=list(containers))
+        reply = self._call(self._stub.BatchContainerStats, request)
+        return [
+            {
+                "container_id": e.container_id,
+                "name": e.name,
+                "node_id": e.node_id,
+                "error": e.error,
+                **stats_sample(e.sample),
+            }
+            for e in reply.stats
+        ]
 
     # Services ---------------------------------------------------------------------------
 

@@ -6,8 +6,9 @@ Methods take and return plain Python values and dataclasses; gRPC errors become
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from berth.client.base import GrpcClient
 from berth.client.containers import (
@@ -141,6 +142,21 @@ class NodeClient(ContainerStreams, GrpcClient):
         for reply in self._stream(self._stub.ContainerStats, request):
             return stats_sample(reply.sample)
         raise BerthClientError(f"no stats for {container}", "UNKNOWN")
+
+    def stats_many(self, containers: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """One sample of each container (every running one when none is named), in one call."""
+        request = pb.BatchContainerStatsRequest(containers=list(containers))
+        reply = self._call(self._stub.BatchContainerStats, request)
+        return [
+            {
+                "container_id": e.container_id,
+                "name": "",
+                "node_id": "",
+                "error": "",
+                **stats_sample(e.sample),
+            }
+            for e in reply.stats
+        ]
 
     def changes(self, container: str) -> list[tuple[str, str]]:
         request = pb.ContainerChangesRequest(container=container)

@@ -14,11 +14,14 @@ from berth.client.containers import ContainerInfo
 from berth.client.node import container_info
 from berth.node.v1 import node_pb2 as pb
 from berth.node.v1 import node_pb2_grpc as pb_grpc
+from berth.types.v1 import container_pb2
 from berthd.common.errors import BerthError, Unavailable, error_for_code
 from berthd.common.rpc.calls import Address, ServiceApi, retryable
 
 # Packing a large upper dir and pushing it takes as long as the data.
 EXPORT_TIMEOUT = 600.0
+# Reading cgroups twice 0.1 s apart: a node that takes longer is reported, not waited for.
+STATS_TIMEOUT = 10.0
 
 
 class NodeApi(ServiceApi[pb_grpc.NodeServiceStub]):
@@ -48,6 +51,14 @@ class NodeApi(ServiceApi[pb_grpc.NodeServiceStub]):
         request = pb.GetContainerRequest(container=container)
         reply = await self.unary("GetContainer", request, idempotent=True)
         return container_info(reply.container)
+
+    async def stats_many(self, containers: list[str]) -> list[container_pb2.ContainerStats]:
+        """One sample of each container (ids on this node), in the order asked."""
+        request = pb.BatchContainerStatsRequest(containers=containers)
+        reply = await self.unary(
+            "BatchContainerStats", request, idempotent=True, timeout=STATS_TIMEOUT
+        )
+        return [entry.sample for entry in reply.stats]
 
     async def has_changes(self, container: str) -> bool:
         """Whether the container's filesystem differs from its image."""

@@ -188,6 +188,7 @@ CLUSTER = _rules(
         "Exec": _write(P.CONTAINER_WRITE),
         "AttachContainer": _write(P.CONTAINER_WRITE),
         "ContainerStats": _read(P.CONTAINER_READ),
+        "BatchContainerStats": _read(P.CONTAINER_READ),
         "CreateService": _write(P.SERVICE_WRITE),
         "ListServices": _read(P.SERVICE_READ),
         "GetService": _read(P.SERVICE_READ),
@@ -239,7 +240,7 @@ SECRETS = _rules(
 NODE = _rules(
     "berth.node.v1.NodeService",
     {
-        method: Rule(P.NODE_AGENT, mutates=not method.startswith(("Get", "List")))
+        method: Rule(P.NODE_AGENT, mutates=not method.startswith(("Get", "List", "Batch")))
         for method in (
             "GetNode",
             "PullImage",
@@ -257,6 +258,7 @@ NODE = _rules(
             "Exec",
             "AttachContainer",
             "ContainerStats",
+            "BatchContainerStats",
             "ContainerChanges",
             "ExportLayer",
         )
