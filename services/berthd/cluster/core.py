@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from berth.client import parse_image_reference
 from berth.errors import BerthClientError
@@ -65,8 +65,11 @@ from berthd.common.state.containers import (
     DesiredContainer,
 )
 from berthd.common.state.endpoints import ENDPOINTS, EndpointRecord
-from berthd.common.state.nodes import NODE_LAYERS, NODES, NodeRecord
-from berthd.common.store import Compare, Entry, Store, prefix_end
+from berthd.common.state.nodes import NODES, NodeRecord
+from berthd.common.store import Compare, Store, encode, prefix_end
+
+if TYPE_CHECKING:
+    from berthd.cluster.view import ClusterView
 
 log = logging.getLogger("berthd.cluster.core")
 
@@ -100,6 +103,21 @@ async def manifest_layers(registry: RegistryApi, image: str) -> dict[str, int]:
     stored = await registry.get_manifest(reference.repository, reference.reference)
     manifest = json.loads(stored.content)
     return {layer["digest"]: int(layer["size"]) for layer in manifest.get("layers", [])}
+
+
+def node_keys(node_id: str) -> list[str]:
+    """What a placement on the node reads of it: its record (registered, and the same lease),
+    its allocation and its availability."""
+    return [NODES.key(node_id), allocation_key(node_id), availability_key(node_id)]
+
+
+def name_in_use(name: str) -> AlreadyExists:
+    return AlreadyExists(
+        f'the container name "{name}" is already in use',
+        reason="NAME_IN_USE",
+        metadata={"name": name},
+        resource=("container", name),
+    )
 
 
 def allocation_key(node_id: str) -> str:
@@ -198,15 +216,6 @@ class Endpoint:
     metrics_url: str = ""
     version: str = ""
     public_address: str = ""
-
-
-@dataclass
-class Snapshot:
-    """Everything placement reads, with the revisions the placement transaction compares."""
-
-    nodes: dict[str, ClusterNode]
-    containers: list[DesiredContainer]
-    allocations: dict[str, Entry] = field(default_factory=dict)
 
 
 # Pure helpers ---------------------------------------------------------------------------------
@@ -344,41 +353,37 @@ class ClusterCore:
         # For image locality: any registered registry instance, looked up at each call.
         self.registry = RegistryApi(service_address(store, "registry"))
         self._layer_cache: dict[str, tuple[float, dict[str, int]]] = {}
+        # Imported here: the view module builds on this one's types.
+        from berthd.cluster.follow import NodeCache
+
+        # The nodes placement chooses among, in memory, kept by a watch (started at first use).
+        self.node_cache = NodeCache(store)
         # One placement at a time in this instance: racing placements on the same snapshot
         # only conflict in etcd and use up each other's retries (a burst of 30 runs on 3
         # nodes ended in ABORTED). Other instances still race, and the transaction decides.
         self._placing = asyncio.Lock()
+
+    async def close(self) -> None:
+        """Stop the placement view's watch."""
+        await self.node_cache.close()
 
     # Reads -------------------------------------------------------------------------------
 
     async def _desired(self) -> list[DesiredContainer]:
         return [v.record for v in await CONTAINERS.list(self.store)]
 
-    async def _snapshot(self) -> Snapshot:
-        registered, allocations, availability, desired, layers = await asyncio.gather(
-            NODES.records(self.store),
-            self.store.list(ALLOCATIONS),
-            self.store.list(AVAILABILITY),
-            self._desired(),
-            NODE_LAYERS.records(self.store),
-        )
-        allocation_entries = {e.key.removeprefix(ALLOCATIONS): e for e in allocations}
-        nodes = build_nodes(
-            registered,
-            {node: e.json() for node, e in allocation_entries.items()},
-            {e.key.removeprefix(AVAILABILITY): e.json()["availability"] for e in availability},
-            desired,
-            {node: held.layers for node, held in layers.items()},
-        )
-        return Snapshot(nodes, desired, allocation_entries)
+    async def _nodes_now(self) -> dict[str, ClusterNode]:
+        """Every node read now (not the watched view: a node just cordoned shows it), each
+        with the container count its allocation record keeps: no desired record is read."""
+        return (await self.node_cache.fresh()).nodes
 
     async def nodes(self) -> list[ClusterNode]:
-        return list((await self._snapshot()).nodes.values())
+        return list((await self._nodes_now()).values())
 
     async def node(self, node_id: str) -> ClusterNode:
         if not node_id:
             raise InvalidArgument("a node id is required", field="node_id")
-        node = (await self._snapshot()).nodes.get(node_id)
+        node = (await self._nodes_now()).get(node_id)
         if node is None:
             raise NotFound(
                 f"no such node: {node_id}",
@@ -497,14 +502,22 @@ class ClusterCore:
             constraints=parse_constraints(texts),
             image_layers=await self.image_layers(config.image),
         )
+        if config.name:
+            await self._check_name(config.name)
         for _ in range(RUN_ATTEMPTS):
             async with self._placing:
-                desired = await self._place_once(config, request, texts, stamps)
+                desired, learned = await self._place_once(config, request, texts, stamps)
             if desired is not None:
                 return desired
-            # Lost a race (another instance's placement on that node, or the name): spread.
-            await asyncio.sleep(random.uniform(0, 0.05))
+            if not learned:
+                # Lost a race (another instance's placement on that node): spread.
+                await asyncio.sleep(random.uniform(0, 0.05))
         raise Aborted("too many concurrent placements; try again")
+
+    async def _check_name(self, name: str) -> None:
+        """AlreadyExists when the name is claimed (one point read: the claim, not a scan)."""
+        if await self.store.get(name_key(name)) is not None:
+            raise name_in_use(name)
 
     async def _place_once(
         self,
@@ -512,26 +525,28 @@ class ClusterCore:
         request: Request,
         texts: list[str],
         stamps: dict[str, str] | None = None,
-    ) -> DesiredContainer | None:
-        """One try: choose a node on a fresh snapshot and commit; None when the commit lost a
-        race. `stamps`: the record's host_access_by and changed_by."""
+    ) -> tuple[DesiredContainer | None, bool]:
+        """One try: choose a node on the watched view of the nodes and commit. (None, learned)
+        when the commit lost a race; `learned`: reading the keys it compared changed the view
+        (it lagged), so the next try can go at once. `stamps`: the record's host_access_by and
+        changed_by."""
         started = time.monotonic()
-        snapshot = await self._snapshot()
+        view = await self.node_cache.current()
         # NotFound for a secret that does not exist; the commit fails if one goes meanwhile.
         guards = await secret_guards(self.store, [config])
-        name = config.name or self._generate_name(snapshot.containers)
-        if any(c.name == name for c in snapshot.containers):
-            raise AlreadyExists(
-                f'the container name "{name}" is already in use',
-                reason="NAME_IN_USE",
-                metadata={"name": name},
-                resource=("container", name),
-            )
+        # Unique in practice; the commit's compare on the claim is what makes it so.
+        name = config.name or f"berth_{secrets.token_hex(4)}"
         try:
-            node = place([n.view() for n in snapshot.nodes.values()], request)
+            node = place(view.node_views(), request)
         except FailedPrecondition:
-            metrics.PLACEMENTS.labels("unschedulable").inc()
-            raise
+            # The refusal is confirmed on the nodes read now: the watched view may not have
+            # seen a node join or a reservation go yet.
+            view = await self.node_cache.fresh()
+            try:
+                node = place(view.node_views(), request)
+            except FailedPrecondition:
+                metrics.PLACEMENTS.labels("unschedulable").inc()
+                raise
         desired = DesiredContainer(
             id=secrets.token_hex(32),
             name=name,
@@ -542,22 +557,29 @@ class ClusterCore:
             constraints=texts,
             **(stamps or {}),
         )
-        placed = await self._commit_placement(desired, snapshot.allocations.get(node.id), guards)
+        placed = await self._commit_placement(desired, view, guards)
         metrics.SCHEDULING_SECONDS.observe(time.monotonic() - started)
         metrics.PLACEMENTS.labels("placed" if placed else "conflict").inc()
-        return desired if placed else None
+        if placed:
+            return desired, False
+        # What refused it: the node's keys as the view held them, or the name.
+        learned = await self.node_cache.refresh(node_keys(node.id))
+        if config.name:
+            await self._check_name(config.name)
+        return None, learned
 
     async def _commit_placement(
-        self, desired: DesiredContainer, allocation: Entry | None, guards: Iterable[Compare] = ()
+        self, desired: DesiredContainer, view: ClusterView, guards: Iterable[Compare] = ()
     ) -> bool:
+        """Record the container and its reservation, if the node is still as `view` saw it:
+        registered (the same lease), of the same availability, with the same allocation."""
         node_key = allocation_key(desired.node)
         new_allocation = allocation_after(
-            allocation.json() if allocation else None, desired.cpu_millis, desired.memory_bytes, 1
+            view.allocation(desired.node), desired.cpu_millis, desired.memory_bytes, 1
         )
-        ok, _ = await self.store.txn(
+        ok, revision = await self.store.txn_at(
             [
-                # Unchanged since the snapshot placement used: nobody booked the node meanwhile.
-                self.store.unchanged(node_key, allocation.mod_revision if allocation else 0),
+                *(self.store.unchanged(key, view.revision(key)) for key in node_keys(desired.node)),
                 CONTAINERS.absent(self.store, desired.id),
                 self.store.absent(name_key(desired.name)),
                 *guards,
@@ -568,14 +590,10 @@ class ClusterCore:
                 self.store.op_put(node_key, new_allocation),
             ],
         )
+        if ok:
+            # The next placement here sees this reservation before the watch brings it.
+            self.node_cache.written(node_key, encode(new_allocation), revision)
         return bool(ok)
-
-    @staticmethod
-    def _generate_name(containers: list[DesiredContainer]) -> str:
-        taken = {c.name for c in containers}
-        while (name := f"berth_{secrets.token_hex(4)}") in taken:
-            pass
-        return name
 
     # Lifecycle -----------------------------------------------------------------------------
 
