@@ -1,10 +1,12 @@
 """The cluster's core: nodes, placement and the desired state of containers. No gRPC here.
 
 Everything is read from etcd on demand (the cluster service is stateless, any instance can
-serve any request) and every write that races is one transaction. It reads and writes the
-shared records through their typed modules (berthd.common.state: desired containers, their
-statuses, nodes, node layers, endpoints) and keeps these keys to itself (docs/etcd.md), relative
-to the store prefix:
+serve any request) and every write that races is one transaction, except what placement
+chooses among: the nodes, from a view kept in memory by a watch (`berthd.cluster.follow`),
+which the placement transaction checks (a lagging view is refused, never trusted). It reads
+and writes the shared records through their typed modules (berthd.common.state: desired
+containers, their statuses, nodes, node layers, endpoints) and keeps these keys to itself
+(docs/etcd.md), relative to the store prefix:
 
     cluster/names/<name>            container id: makes names unique in one transaction with the
                                     placement, which a scan of the records cannot; also how
