@@ -6,6 +6,7 @@ that lags never places on a node that was just cordoned or lost, nor misses one 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -161,3 +162,39 @@ async def test_service_inspect_ps_and_list_read_their_replicas_not_every_contain
     left = [v.record for v in await CONTAINERS.list(store)]
     assert len(left) == STANDALONE + 3 and not [c for c in left if c.name.startswith("db.")]
     assert await store.get(name_key("db.1")) is None
+
+
+class CountingTxns(CountingStore):
+    txns = 0
+
+    async def txn_at(self, compare, success):  # type: ignore[override]
+        self.txns += 1
+        return await super().txn_at(compare, success)
+
+
+async def test_a_burst_of_runs_is_committed_together_and_never_overbooks(
+    store: Store, etcd_endpoint: str, etcd_prefix: str
+) -> None:
+    for node in ("n1", "n2", "n3"):
+        await NODES.put(store, node, NodeRecord(node, cpus=4, memory_bytes=4 * GiB))
+    counting = CountingTxns(etcd_endpoint, etcd_prefix)
+    await counting.connect()
+    core = ClusterCore(counting)
+    try:
+        # 30 at once, a CPU each: 12 fit on the three 4-CPU nodes.
+        outcomes = await asyncio.gather(
+            *(core.run(ContainerConfig("busybox"), cpu_millis=1000) for _ in range(30)),
+            return_exceptions=True,
+        )
+    finally:
+        await core.close()
+        await counting.close()
+    placed = [o for o in outcomes if isinstance(o, DesiredContainer)]
+    refused = [o for o in outcomes if isinstance(o, FailedPrecondition)]
+    assert (len(placed), len(refused)) == (12, 18), outcomes
+    for node in ("n1", "n2", "n3"):
+        allocation = await store.get_json(allocation_key(node))
+        assert allocation == {"cpu_millis": 4000, "memory_bytes": 0, "containers": 4}
+    assert len(await CONTAINERS.list(store)) == 12
+    # Runs that queue while one commits are committed together: fewer commits than runs.
+    assert counting.txns < 12, counting.txns

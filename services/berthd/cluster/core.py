@@ -91,6 +91,9 @@ DEFAULT_STOP_SECONDS = 10
 STOP_SLACK_SECONDS = 20
 REMOVE_TIMEOUT_SECONDS = 30
 START_TIMEOUT_SECONDS = 30
+# Runs committed in one placement transaction at most (etcd allows 128 operations in one;
+# each run writes two, each node one more).
+MAX_BATCH = 32
 
 
 # How long an image's layer list is reused between placements (tags can move).
@@ -346,6 +349,41 @@ def endpoint_view(record: EndpointRecord) -> Endpoint:
     )
 
 
+@dataclass
+class _Pending:
+    """A run waiting for a placement: what it asks and, once placed, its outcome (the record,
+    or None with whether the view learned something when the commit lost a race)."""
+
+    config: ContainerConfig
+    request: Request
+    texts: list[str]
+    stamps: dict[str, str]
+    guards: list[Compare]
+    outcome: asyncio.Future[tuple[DesiredContainer | None, bool]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def record(self, name: str, node: str) -> DesiredContainer:
+        return DesiredContainer(
+            id=secrets.token_hex(32),
+            name=name,
+            node=node,
+            config=dataclasses.replace(self.config, name=name),
+            cpu_millis=self.request.cpu_millis,
+            memory_bytes=self.request.memory_bytes,
+            constraints=self.texts,
+            **self.stamps,
+        )
+
+    def done(self, desired: DesiredContainer | None, learned: bool = False) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result((desired, learned))
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.outcome.done():
+            self.outcome.set_exception(exc)
+
+
 # The core ------------------------------------------------------------------------------------
 
 
@@ -364,6 +402,8 @@ class ClusterCore:
         # only conflict in etcd and use up each other's retries (a burst of 30 runs on 3
         # nodes ended in ABORTED). Other instances still race, and the transaction decides.
         self._placing = asyncio.Lock()
+        # Runs waiting for the lock: its holder places and commits them with its own.
+        self._queue: list[_Pending] = []
 
     async def close(self) -> None:
         """Stop the placement view's watch."""
@@ -507,14 +547,98 @@ class ClusterCore:
         if config.name:
             await self._check_name(config.name)
         for _ in range(RUN_ATTEMPTS):
+            # NotFound for a secret that does not exist; the commit fails if one goes meanwhile.
+            guards = await secret_guards(self.store, [config])
+            pending = _Pending(config, request, texts, stamps, guards)
+            self._queue.append(pending)
             async with self._placing:
-                desired, learned = await self._place_once(config, request, texts, stamps)
+                while not pending.outcome.done():
+                    # This caller commits every run queued meanwhile with its own. Shielded: a
+                    # caller that goes away does not leave the others' outcomes unknown.
+                    batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                    await asyncio.shield(self._place_batch(batch))
+            desired, learned = await pending.outcome
             if desired is not None:
                 return desired
             if not learned:
                 # Lost a race (another instance's placement on that node): spread.
                 await asyncio.sleep(random.uniform(0, 0.05))
         raise Aborted("too many concurrent placements; try again")
+
+    async def _place_batch(self, batch: list[_Pending]) -> None:
+        """Place the runs queued together on the watched view, each accounting for those
+        before it, and commit them in one transaction: a burst of runs costs a few commits,
+        not one each in turn. A run no node fits on the view is placed alone on a fresh
+        listing (`_place_once`); a refused batch is tried again run by run by its callers.
+        Every run of the batch gets its outcome, an error (etcd unreachable) included."""
+        try:
+            await self._place_batch_once(batch)
+        except BaseException as exc:
+            for pending in batch:
+                pending.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _place_batch_once(self, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        view = await self.node_cache.current()
+        nodes = {v.id: v for v in view.node_views()}
+        placed: list[tuple[_Pending, DesiredContainer]] = []
+        alone: list[_Pending] = []
+        for pending in batch:
+            name = pending.config.name or f"berth_{secrets.token_hex(4)}"
+            if any(d.name == name for _, d in placed):
+                pending.fail(name_in_use(name))
+                continue
+            try:
+                node = place(nodes.values(), pending.request)
+            except FailedPrecondition:
+                alone.append(pending)
+                continue
+            desired = pending.record(name, node.id)
+            # The next run of the batch sees this one's reservation (a copy: the view's own
+            # NodeViews are shared).
+            nodes[node.id] = dataclasses.replace(
+                node,
+                allocated_cpu_millis=node.allocated_cpu_millis + desired.cpu_millis,
+                allocated_memory_bytes=node.allocated_memory_bytes + desired.memory_bytes,
+                container_count=node.container_count + 1,
+            )
+            placed.append((pending, desired))
+        if placed:
+            ok = await self._commit_placements(
+                [d for _, d in placed], view, [g for p, _ in placed for g in p.guards]
+            )
+            metrics.PLACEMENTS.labels("placed" if ok else "conflict").inc(len(placed))
+            elapsed = time.monotonic() - started
+            learned = False
+            if not ok:
+                learned = await self.node_cache.refresh(
+                    {k for _, d in placed for k in node_keys(d.node)}
+                )
+            for pending, desired in placed:
+                metrics.SCHEDULING_SECONDS.observe(elapsed)
+                if ok:
+                    pending.done(desired)
+                elif pending.config.name:
+                    # A name another instance took meanwhile fails that run alone.
+                    try:
+                        await self._check_name(pending.config.name)
+                    except AlreadyExists as exc:
+                        pending.fail(exc)
+                        continue
+                    pending.done(None, learned)
+                else:
+                    pending.done(None, learned)
+        for pending in alone:
+            try:
+                desired, learned = await self._place_once(
+                    pending.config, pending.request, pending.texts, pending.stamps, pending.guards
+                )
+            except BerthError as exc:
+                pending.fail(exc)
+                continue
+            pending.done(desired, learned)
 
     async def _check_name(self, name: str) -> None:
         """AlreadyExists when the name is claimed (one point read: the claim, not a scan)."""
@@ -527,6 +651,7 @@ class ClusterCore:
         request: Request,
         texts: list[str],
         stamps: dict[str, str] | None = None,
+        guards: Iterable[Compare] = (),
     ) -> tuple[DesiredContainer | None, bool]:
         """One try: choose a node on the watched view of the nodes and commit. (None, learned)
         when the commit lost a race; `learned`: reading the keys it compared changed the view
@@ -534,8 +659,6 @@ class ClusterCore:
         changed_by."""
         started = time.monotonic()
         view = await self.node_cache.current()
-        # NotFound for a secret that does not exist; the commit fails if one goes meanwhile.
-        guards = await secret_guards(self.store, [config])
         # Unique in practice; the commit's compare on the claim is what makes it so.
         name = config.name or f"berth_{secrets.token_hex(4)}"
         try:
@@ -573,28 +696,44 @@ class ClusterCore:
     async def _commit_placement(
         self, desired: DesiredContainer, view: ClusterView, guards: Iterable[Compare] = ()
     ) -> bool:
-        """Record the container and its reservation, if the node is still as `view` saw it:
-        registered (the same lease), of the same availability, with the same allocation."""
-        node_key = allocation_key(desired.node)
-        new_allocation = allocation_after(
-            view.allocation(desired.node), desired.cpu_millis, desired.memory_bytes, 1
-        )
-        ok, revision = await self.store.txn_at(
-            [
-                *(self.store.unchanged(key, view.revision(key)) for key in node_keys(desired.node)),
+        return await self._commit_placements([desired], view, guards)
+
+    async def _commit_placements(
+        self, placed: list[DesiredContainer], view: ClusterView, guards: Iterable[Compare] = ()
+    ) -> bool:
+        """Record the containers and their reservations in one transaction, if each chosen
+        node is still as `view` saw it: registered (the same lease), of the same availability,
+        with the same allocation."""
+        deltas: dict[str, list[int]] = {}
+        for desired in placed:
+            delta = deltas.setdefault(desired.node, [0, 0, 0])
+            delta[0] += desired.cpu_millis
+            delta[1] += desired.memory_bytes
+            delta[2] += 1
+        allocations = {
+            node: allocation_after(view.allocation(node), *delta) for node, delta in deltas.items()
+        }
+        compares = [
+            self.store.unchanged(key, view.revision(key))
+            for node in deltas
+            for key in node_keys(node)
+        ]
+        ops = []
+        for desired in placed:
+            compares += [
                 CONTAINERS.absent(self.store, desired.id),
                 self.store.absent(name_key(desired.name)),
-                *guards,
-            ],
-            [
+            ]
+            ops += [
                 CONTAINERS.op_put(self.store, desired.id, desired),
                 self.store.op_put(name_key(desired.name), desired.id.encode()),
-                self.store.op_put(node_key, new_allocation),
-            ],
-        )
+            ]
+        ops += [self.store.op_put(allocation_key(n), a) for n, a in allocations.items()]
+        ok, revision = await self.store.txn_at([*compares, *guards], ops)
         if ok:
-            # The next placement here sees this reservation before the watch brings it.
-            self.node_cache.written(node_key, encode(new_allocation), revision)
+            # The next placement here sees these reservations before the watch brings them.
+            for node, allocation in allocations.items():
+                self.node_cache.written(allocation_key(node), encode(allocation), revision)
         return bool(ok)
 
     # Lifecycle -----------------------------------------------------------------------------
