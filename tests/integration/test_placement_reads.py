@@ -198,3 +198,18 @@ async def test_a_burst_of_runs_is_committed_together_and_never_overbooks(
     assert len(await CONTAINERS.list(store)) == 12
     # Runs that queue while one commits are committed together: fewer commits than runs.
     assert counting.txns < 12, counting.txns
+
+
+async def test_a_burst_spread_over_many_nodes_fits_in_etcds_transaction_limit(
+    store: Store,
+) -> None:
+    # Each run on its own node: 2 compares per run and 3 per node; etcd refuses a transaction
+    # of more than 128 compares.
+    for i in range(60):
+        await NODES.put(store, f"m{i:02d}", NodeRecord(f"m{i:02d}", cpus=4, memory_bytes=4 * GiB))
+    core = ClusterCore(store)
+    try:
+        placed = await asyncio.gather(*(core.run(ContainerConfig("busybox")) for _ in range(60)))
+    finally:
+        await core.close()
+    assert len({d.node for d in placed}) == 60

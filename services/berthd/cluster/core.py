@@ -91,9 +91,12 @@ DEFAULT_STOP_SECONDS = 10
 STOP_SLACK_SECONDS = 20
 REMOVE_TIMEOUT_SECONDS = 30
 START_TIMEOUT_SECONDS = 30
-# Runs committed in one placement transaction at most (etcd allows 128 operations in one;
-# each run writes two, each node one more).
-MAX_BATCH = 32
+# etcd refuses a transaction of more compares (or writes) than this (its --max-txn-ops).
+MAX_TXN_OPS = 128
+# What one run of a placement batch may add to its transaction: compares on its record's and
+# its name's absence and on its node's three keys (writes: its record, its name, the node's
+# allocation), plus one compare per secret it names.
+RUN_TXN_OPS = 5
 
 
 # How long an image's layer list is reused between placements (tags can move).
@@ -555,8 +558,7 @@ class ClusterCore:
                 while not pending.outcome.done():
                     # This caller commits every run queued meanwhile with its own. Shielded: a
                     # caller that goes away does not leave the others' outcomes unknown.
-                    batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                    await asyncio.shield(self._place_batch(batch))
+                    await asyncio.shield(self._place_batch(self._take_batch()))
             desired, learned = await pending.outcome
             if desired is not None:
                 return desired
@@ -564,6 +566,18 @@ class ClusterCore:
                 # Lost a race (another instance's placement on that node): spread.
                 await asyncio.sleep(random.uniform(0, 0.05))
         raise Aborted("too many concurrent placements; try again")
+
+    def _take_batch(self) -> list[_Pending]:
+        """The queued runs, oldest first, that one placement transaction can hold."""
+        batch: list[_Pending] = []
+        used = 0
+        while self._queue:
+            cost = RUN_TXN_OPS + len(self._queue[0].guards)
+            if batch and used + cost > MAX_TXN_OPS:
+                break
+            batch.append(self._queue.pop(0))
+            used += cost
+        return batch
 
     async def _place_batch(self, batch: list[_Pending]) -> None:
         """Place the runs queued together on the watched view, each accounting for those
