@@ -102,6 +102,8 @@ bench: deps bench-apt
 	$(PY) -m bench.security
 	$(PY) -m bench.controller
 	$(PY) -m bench.scale
+	$(PY) -m bench.node_idle
+	$(PY) -m bench.registry_ls
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)

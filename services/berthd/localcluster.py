@@ -382,6 +382,19 @@ def _check_ports_free(ports: Ports, nodes: int) -> None:
                 ) from None
 
 
+# etcd keeps every revision until it is compacted, and grows until its quota stops all writes.
+# Periodic compaction keeps the last 5 minutes of history whatever the write rate (a revision
+# count would shrink to seconds during a burst of pushes): a paged ListManifests listing stays
+# valid that long, and the services' watches resynchronize when a compaction catches them.
+# The quota is etcd's default, written out: berth's records are small (2.8 MiB for 2000
+# repositories), so reaching it means a runaway writer, not growth.
+ETCD_MAINTENANCE = (
+    "--auto-compaction-mode=periodic",
+    "--auto-compaction-retention=5m",
+    f"--quota-backend-bytes={2 * 1024**3}",
+)
+
+
 def start_etcd(state: Path, ports: Ports) -> dict[str, object]:
     return _respawn_etcd(etcd_entry(state, ports))
 
@@ -411,6 +424,7 @@ def etcd_entry(state: Path, ports: Ports) -> dict[str, object]:
             f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster=berth={peer}",
             *([] if plaintext else tls_flags),
+            *ETCD_MAINTENANCE,
             "--logger=zap",
     ]  # fmt: skip
     # The data directory is this cluster's own: two clusters on one machine (two state

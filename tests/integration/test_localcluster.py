@@ -10,11 +10,15 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+
+import pytest
 
 from berth.client import ClusterClient, ContainerConfig, NodeClient, Placement, RegistryClient
 from berth.cluster.v1 import cluster_pb2, cluster_pb2_grpc
-from berth.tls import secure_channel
+from berth.tls import PLAINTEXT_ENV, secure_channel
+from berthd import localcluster
 from berthd.node.watchdog import watchdog_pid
 
 from .images import busybox_layer, push_image
@@ -300,3 +304,25 @@ def test_start_stop_restart_one_component_keeps_cluster_json_true(tmp_path: Path
         stopped = run([*BERTHD, "down"], env)
     assert stopped.returncode == 0, stopped.stderr
     assert seen and not any(alive(pid) for pid in set(seen))
+
+
+def test_the_local_etcd_compacts_its_history_and_has_a_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd as `berthd up` runs it (its recorded command line) takes the maintenance flags:
+    periodic compaction of history older than 5 minutes and a 2 GiB backend quota, as its own
+    metrics and log say."""
+    monkeypatch.setenv(PLAINTEXT_ENV, "1")  # plaintext: /metrics without a client certificate
+    base = free_base_port()
+    entry = localcluster.etcd_entry(tmp_path, localcluster.Ports(base))
+    (tmp_path / "logs").mkdir()
+    started = localcluster._respawn_etcd(entry)
+    try:
+        with urllib.request.urlopen(f"http://{entry['endpoint']}/metrics", timeout=10) as reply:
+            metrics = reply.read().decode()
+        assert "etcd_server_quota_backend_bytes 2.147483648e+09" in metrics
+        log = Path(str(entry["log"])).read_text()
+        assert '"auto-compaction-mode":"periodic"' in log
+        assert '"auto-compaction-retention":"5m0s"' in log
+    finally:
+        localcluster.stop_process(int(started["pid"]), str(entry["marker"]))

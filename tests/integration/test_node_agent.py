@@ -8,9 +8,11 @@ import io
 import itertools
 import json
 import os
+import re
 import signal
 import tarfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -234,7 +236,8 @@ def test_restart_backoff_doubles(node, busybox) -> None:
     wrote on each run's first line: run k+1 starts at least restart_delay(k) after run k."""
     node.pull(busybox)
     crashing = run(node, busybox, "sh", "-c", "echo start; exit 1", restart_policy="always")
-    eventually(lambda: node.inspect(crashing).restart_count >= 6, 60, "six restarts")
+    # Seven restarts for six gaps: the stop may kill the last run before its first line.
+    eventually(lambda: node.inspect(crashing).restart_count >= 7, 60, "seven restarts")
     node.stop(crashing, timeout=0)
     starts = [line.time for line in node.logs(crashing) if line.data == b"start\n"]
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]
@@ -485,3 +488,57 @@ def test_concurrent_removes_of_one_container_are_not_found_never_internal(node, 
         assert "OK" in outcome, results
         assert set(outcome) <= {"OK", "NOT_FOUND CONTAINER_NOT_FOUND"}, results
     assert node.list(all=True) == []
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Unlabelled samples of an agent's /metrics, by name."""
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        name: float(value) for name, value in re.findall(r"^([a-z_]+) (\S+)$", text, re.MULTILINE)
+    }
+
+
+def test_an_idle_agent_does_not_poll_its_containers(node_agent, node, busybox) -> None:
+    """Issue 14: exits come from conmon's pidfd, not from reading every exit file 20 times a
+    second. Over a quiet window the monitor does not wake (a safety sweep, every 30 s, may fall
+    in it once) and reads no exit file but the sweep's; exits still arrive."""
+    node.pull(busybox)
+    boxes = [run(node, busybox, "sleep", "1000") for _ in range(3)]
+    eventually(lambda: all(node.inspect(b).state == "running" for b in boxes), what="running")
+    metrics = node_agent.process.metrics
+    before = scrape(metrics)
+    assert before["berth_node_exit_watches"] == len(boxes)
+    time.sleep(2)  # the window observed, not a deadline: polling wakes 40 times in it
+    after = scrape(metrics)
+    wakeups = after["berth_node_monitor_wakeups_total"] - before["berth_node_monitor_wakeups_total"]
+    checks = after["berth_node_exit_checks_total"] - before["berth_node_exit_checks_total"]
+    assert wakeups <= 1, f"the monitor woke {wakeups:.0f} times with nothing happening"
+    assert checks <= len(boxes), f"{checks:.0f} exit files read with nothing happening"
+    # CPU and memory of each running container are read when /metrics is asked.
+    text = urllib.request.urlopen(metrics, timeout=10).read().decode()
+    for box in boxes:
+        assert f'berth_node_container_memory_bytes{{container="{box[:12]}"' in text
+    node.kill(boxes[0], "KILL")
+    assert node.wait(boxes[0]) == 137
+    assert scrape(metrics)["berth_node_exit_watches"] == len(boxes) - 1
+
+
+def test_a_container_whose_conmon_dies_without_an_exit_file_is_seen_exited(
+    node_agent, node, busybox
+) -> None:
+    """conmon killed before it could write the exit code (frozen, then SIGKILL, as a host's
+    OOM killer may do): the agent learns of it from conmon's pidfd, finds the container
+    stopped in runc and reports it exited, code unknown (255), instead of running for ever."""
+    node.pull(busybox)
+    box = run(node, busybox, "sleep", "1000")
+    eventually(lambda: node.inspect(box).state == "running", what="running")
+    pid = node.inspect(box).pid
+    conmon = int((node_agent.data_dir / "containers" / box / "conmon.pid").read_text())
+    os.kill(conmon, signal.SIGSTOP)  # it must not see the container exit and write the file
+    os.kill(pid, signal.SIGKILL)
+    os.kill(conmon, signal.SIGKILL)
+    # A guard, not a deadline: without the pidfd the safety sweep finds it within 30 s.
+    info = eventually(lambda: (i := node.inspect(box)).state == "exited" and i, 60, "exited")
+    assert info.exit_code == 255
+    assert not (node_agent.data_dir / "containers" / box / "exit" / box).exists()

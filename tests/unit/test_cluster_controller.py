@@ -51,7 +51,7 @@ from berthd.common.containers import ContainerConfig
 from berthd.common.errors import InvalidArgument
 from berthd.common.state.containers import ContainerStatus, DesiredContainer
 from berthd.common.state.nodes import NodeRecord
-from berthd.common.store import WatchEvent
+from berthd.common.store import Entry, WatchEvent
 
 NOW = 1000.0
 GiB = 1 << 30
@@ -336,6 +336,46 @@ def test_event_tracker_derives_docker_style_events() -> None:
     assert not EventFilter(service="db").matches(event, tracker)
     assert EventFilter(types={SERVICE_SCALED}).matches(event, tracker)
     assert tracker.feed(put("registry/tags/x/y", {})) == []
+
+
+def entry(key: str, value: object) -> Entry:
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return Entry(key, raw, 1, 1, 0)
+
+
+def test_event_tracker_resync_reports_what_changed_while_the_watch_was_lost() -> None:
+    """After a compaction the state is read again: each key that changed counts once, keys
+    that did not change mean nothing, keys that vanished are deletions."""
+    record = service().replica(1, "a")
+    running = {"node": "a", "state": "running", "started_at": 1.0}
+    status_key = f"containers/{record.id}/status"
+    tracker = EventTracker()
+    tracker.load(
+        [
+            entry("nodes/a", NodeRecord("a").encode()),
+            entry("nodes/gone", NodeRecord("gone").encode()),
+            entry(f"cluster/containers/{record.id}", record.encode()),
+            entry(status_key, running),
+        ]
+    )
+    events = tracker.resync(
+        [
+            entry("nodes/a", NodeRecord("a").encode()),
+            entry("nodes/new", NodeRecord("new").encode()),
+            entry(f"cluster/containers/{record.id}", record.encode()),
+            entry(status_key, {**running, "state": "exited", "exit_code": 2}),
+        ]
+    )
+    assert sorted((e.type, e.node_id) for e in events) == [
+        (CONTAINER_DIED, "a"),
+        (NODE_JOINED, "new"),
+        (NODE_LOST, "gone"),
+    ]
+    # The container and its status gone with node "new": only the node's loss is an event.
+    events = tracker.resync([entry("nodes/a", NodeRecord("a").encode())])
+    assert [(e.type, e.node_id) for e in events] == [(NODE_LOST, "new")]
+    assert set(tracker.values) == {"nodes/a"}
+    assert tracker.resync([entry("nodes/a", NodeRecord("a").encode())]) == []
 
 
 @pytest.mark.parametrize("bad", [{"replicas": -1}, {"parallelism": 0}, {"name": "no/slash"}])

@@ -60,10 +60,9 @@ class ReposOnly:
         self.records = records
 
     async def all_repos(self) -> list[RepoRecord]:
-        return [RepoRecord(r.name, 0.0, 0.0, r.description, dict(r.labels)) for r in self.records]
-
-    async def tag_count(self, name: str) -> int:
-        return 1
+        return [
+            RepoRecord(r.name, 0.0, 0.0, r.description, dict(r.labels), 1) for r in self.records
+        ]
 
 
 async def test_search_pages_and_its_tokens_belong_to_their_filters() -> None:

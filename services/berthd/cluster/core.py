@@ -68,7 +68,7 @@ from berthd.common.state.containers import (
 )
 from berthd.common.state.endpoints import ENDPOINTS, EndpointRecord
 from berthd.common.state.nodes import NODES, NodeRecord
-from berthd.common.store import Compare, Store, encode, prefix_end
+from berthd.common.store import Compare, RevisionCompacted, Store, encode, prefix_end
 
 if TYPE_CHECKING:
     from berthd.cluster.view import ClusterView
@@ -935,13 +935,20 @@ class ClusterCore:
             status, revision = await STATUSES.get_at(self.store, view.id)
             if watching is not None:
                 await watching()
-            if done(status):
-                return status
-            async for change in STATUSES.watch(self.store, revision + 1, id=view.id):
-                status = change.record
-                if done(status) or (status is None and deletion_ends):
-                    return status
-            raise Unavailable(f"watch on the status of container {view.name} ended")
+            while not done(status):
+                try:
+                    async for change in STATUSES.watch(self.store, revision + 1, id=view.id):
+                        status = change.record
+                        if done(status) or (status is None and deletion_ends):
+                            return status
+                    raise Unavailable(f"watch on the status of container {view.name} ended")
+                except RevisionCompacted:
+                    # The changes in between are compacted away: the status now decides.
+                    before = status
+                    status, revision = await STATUSES.get_at(self.store, view.id)
+                    if status is None and before is not None and deletion_ends:
+                        return None
+            return status
 
         try:
             async with asyncio.timeout(timeout):

@@ -20,7 +20,7 @@ from enum import Enum
 
 from berthd.cluster import metrics
 from berthd.common.errors import BerthError
-from berthd.common.store import Compare, Store
+from berthd.common.store import Compare, RevisionCompacted, Store
 
 log = logging.getLogger("berthd.cluster.election")
 
@@ -124,13 +124,18 @@ class Election:
             log.error("controller failed: %s", task.exception())
 
     async def _wait_for_vacancy(self) -> None:
-        """Block until the election key is deleted (or found absent)."""
+        """Block until the election key is deleted (or found absent). A watch whose revision
+        etcd compacted away returns at once: the key may have gone meanwhile, and the next
+        campaign finds out."""
         entries, revision = await self.store.snapshot(self.key)
         if not any(e.key == self.key for e in entries):
             return
-        async for event in self.store.watch_prefix(self.key, revision + 1):
-            if event.key == self.key and event.kind == "delete":
-                return
+        try:
+            async for event in self.store.watch_prefix(self.key, revision + 1):
+                if event.key == self.key and event.kind == "delete":
+                    return
+        except RevisionCompacted:
+            log.info("election: watch compacted, campaigning again")
 
     async def resign(self) -> None:
         """Give the key up at once (on shutdown), so a follower need not wait for the TTL."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,7 +41,9 @@ from berthd.common.state.containers import (
 )
 from berthd.common.state.family import Change
 from berthd.common.state.nodes import NODES
-from berthd.common.store import Entry, Store, WatchEvent
+from berthd.common.store import Entry, RevisionCompacted, Store, WatchEvent
+
+log = logging.getLogger("berthd.cluster.events")
 
 NODE_JOINED = "node_joined"
 NODE_LOST = "node_lost"
@@ -57,6 +60,9 @@ SERVICE_UPDATE_STARTED = "service_update_started"
 SERVICE_UPDATE_COMPLETED = "service_update_completed"
 SERVICE_UPDATE_PAUSED = "service_update_paused"
 SERVICE_REMOVED = "service_removed"
+
+# The key families events are derived from, in the order they are read.
+TRACKED = (NODES.prefix, AVAILABILITY, CONTAINERS.prefix, SERVICES, STATUSES.prefix)
 
 NODE_EVENTS = (NODE_JOINED, NODE_LOST, NODE_AVAILABILITY_CHANGED, NODE_DRAIN_COMPLETED)
 SERVICE_EVENTS = (
@@ -145,14 +151,37 @@ class EventTracker:
         self.states: dict[str, tuple[str, Any, int]] = {}  # id -> (state, started_at, attempt)
         self.services: dict[str, ServiceRecord] = {}
         self.service_names: dict[str, str] = {}
+        # The raw value of every key under TRACKED, for a resynchronization to compare.
+        self.values: dict[str, bytes] = {}
 
     def load(self, entries: Iterable[Entry]) -> None:
         """Take the current values as known, without events (the stream starts now)."""
         for entry in entries:
             self.feed(WatchEvent("put", entry.key, entry.value))
 
+    def resync(self, entries: Iterable[Entry]) -> list[Event]:
+        """The events that turn the known values into `entries` (every key under TRACKED, read
+        after the watch lost its place): what changed meanwhile, as if each key had changed
+        once (a container that started and died in between shows its death only)."""
+        now = {e.key: e.value for e in entries}
+        events = []
+        for key in sorted(self.values.keys() - now.keys()):
+            events += self.feed(WatchEvent("delete", key, b""))
+        for key, value in now.items():
+            if self.values.get(key) != value:
+                events += self.feed(WatchEvent("put", key, value))
+        return events
+
     def feed(self, event: WatchEvent) -> list[Event]:
         """The events one watch event (of any key) means; unreadable records mean none."""
+        if event.key.startswith(TRACKED):
+            if event.kind == "delete":
+                self.values.pop(event.key, None)
+            else:
+                self.values[event.key] = event.value
+        return self._events(event)
+
+    def _events(self, event: WatchEvent) -> list[Event]:
         if node := NODES.change(event):
             return self._node(node.id, node.kind)
         if container := CONTAINERS.change(event):
@@ -335,18 +364,37 @@ async def watch_events(
     store: Store, wanted: EventFilter, watching: Callable[[], Awaitable[None]] | None = None
 ) -> AsyncIterator[Event]:
     """Events from now on, until the caller stops iterating. `watching` is awaited once the
-    starting revision is fixed: every change after it is in the stream."""
+    starting revision is fixed: every change after it is in the stream. When etcd has
+    compacted away the revision the watch must go on from (a watch too slow, or lost and
+    resumed), the keys are read again and the stream goes on with what changed meanwhile."""
     tracker = EventTracker()
-    first_revision = 0
-    for prefix in (NODES.prefix, AVAILABILITY, CONTAINERS.prefix, SERVICES, STATUSES.prefix):
-        entries, revision = await store.snapshot(prefix)
-        first_revision = first_revision or revision
-        tracker.load(entries)
+    entries, first_revision = await _read_tracked(store)
+    tracker.load(entries)
     if watching is not None:
         await watching()
-    # From the first snapshot on: changes made while the others were read replay onto values
-    # already known, so they produce no event twice.
-    async for event in store.watch_prefix("", first_revision + 1):
-        for found in tracker.feed(event):
+    while True:
+        # From the first snapshot on: changes made while the others were read replay onto
+        # values already known, so they produce no event twice.
+        try:
+            async for event in store.watch_prefix("", first_revision + 1):
+                for found in tracker.feed(event):
+                    if wanted.matches(found, tracker):
+                        yield found
+            return
+        except RevisionCompacted:
+            log.info("events: revision %d compacted, reading the state again", first_revision)
+        entries, first_revision = await _read_tracked(store)
+        for found in tracker.resync(entries):
             if wanted.matches(found, tracker):
                 yield found
+
+
+async def _read_tracked(store: Store) -> tuple[list[Entry], int]:
+    """Every key under TRACKED, and the revision of the first read."""
+    entries: list[Entry] = []
+    first_revision = 0
+    for prefix in TRACKED:
+        found, revision = await store.snapshot(prefix)
+        first_revision = first_revision or revision
+        entries += found
+    return entries, first_revision

@@ -1,10 +1,13 @@
 """Container lifecycle on one node: create, start, stop, kill, remove, restart policies, adoption.
 
 Each container runs under its own conmon, so it outlives the agent. The agent keeps a record per
-container on disk and a monitor task that notices exits (conmon's exit file), applies restart
-policies and reports each container's status to etcd (`containers/<id>/status`, a
-ContainerStatus of berthd.common.state.containers). An agent that starts finds every record
-again and adopts the containers, whatever happened while it was down.
+container on disk and a monitor task that learns of exits (a pidfd of each running container's
+conmon, berthd.node.exits, then conmon's exit file), applies restart policies and reports each
+container's status to etcd (`containers/<id>/status`, a ContainerStatus of
+berthd.common.state.containers). An agent that starts finds every record again and adopts the
+containers, whatever happened while it was down. An idle node does no periodic work per
+container but a safety sweep every SWEEP_INTERVAL; cgroup figures are read when asked (stats,
+/metrics).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from berthd.common.state.containers import START_FAILED, STATUSES, ContainerStat
 from berthd.common.storage import Storage
 from berthd.common.store import Store
 from berthd.node import cgroups, idmap, metrics
+from berthd.node.exits import ExitWatcher
 from berthd.node.idmap import IdMap
 from berthd.node.layers import ImageStore, LayerStore
 from berthd.node.records import (
@@ -55,10 +59,11 @@ from berthd.node.spec import (
 
 log = logging.getLogger("berthd.node.containers")
 
-# How often exit files are checked: `wait` and restart policies react within this.
-MONITOR_INTERVAL = 0.05
-# How often running containers' cgroup figures are copied into the metrics.
-SAMPLE_INTERVAL = 1.0
+# How often every running container's exit file is looked at anyway: a safety net for an exit
+# whose event was missed (exits are learnt from conmon's pidfd at once, not by this).
+SWEEP_INTERVAL = 30.0
+# runc's states of a container that has not exited.
+ALIVE = ("creating", "created", "running", "paused")
 DEFAULT_STOP_TIMEOUT = 10
 # Restart backoff: Docker doubles from 100 ms; capped so a crash loop stays cheap.
 FIRST_RESTART_DELAY = 0.1
@@ -153,6 +158,11 @@ class ContainerManager:
         self._reporter_task: asyncio.Task[None] | None = None
         self._reports: asyncio.Queue[str] = asyncio.Queue()
         self._restarts: dict[str, asyncio.Task[None]] = {}
+        # Ids of containers whose conmon exited (or that need a look now), for the monitor.
+        self._exits: asyncio.Queue[str] = asyncio.Queue()
+        self.watcher = ExitWatcher(self._exits.put_nowait)
+        # Running containers whose conmon died without an exit file (warned about once).
+        self._orphans: set[str] = set()
 
     # Records --------------------------------------------------------------------------------
 
@@ -255,8 +265,17 @@ class ContainerManager:
         for record in list(self.records.values()):
             await self._adopt(record)
         self._update_gauges()
+        metrics.CONTAINER_USAGE.sources.append(self._running)
         self._monitor = asyncio.create_task(self._monitor_loop())
         self._reporter_task = asyncio.create_task(self._reporter())
+
+    def _running(self) -> list[tuple[str, str, str]]:
+        """(id, name, cgroups path) of each running container, for /metrics."""
+        return [
+            (r.id, r.name, self.cgroups_path(r.id))
+            for r in list(self.records.values())
+            if r.state == RUNNING
+        ]
 
     async def _adopt(self, record: ContainerRecord) -> None:
         if record.state in (RUNNING, RESTARTING) or self.rootfs(record).is_mount():
@@ -265,6 +284,7 @@ class ContainerManager:
             state = await self.runtime.state(record.id)
             if state is not None and state.status == "running":
                 log.info("adopted running container", extra={"container": record.id})
+                self._start_watching(record)
                 return
             await self._settle_exit(record)
         elif record.state == RESTARTING:
@@ -277,33 +297,68 @@ class ContainerManager:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        self.watcher.close()
+        metrics.EXIT_WATCHES.set(0)
+        with contextlib.suppress(ValueError):
+            metrics.CONTAINER_USAGE.sources.remove(self._running)
+
+    def _watch(self, record: ContainerRecord) -> bool:
+        """Watch the running container's conmon (its pidfd); False when conmon is gone."""
+        pid_file = self.dir(record.id).conmon_pid_file
+        watching = self.watcher.watch(record.id, lambda: self.runtime.conmon_pid(pid_file))
+        metrics.EXIT_WATCHES.set(len(self.watcher))
+        return watching
+
+    def _start_watching(self, record: ContainerRecord) -> None:
+        """After a start or an adoption: a conmon already gone (a command that ended at once)
+        is looked at now instead."""
+        if not self._watch(record):
+            self._exits.put_nowait(record.id)
 
     async def _monitor_loop(self) -> None:
-        next_sample = 0.0
+        """Sleeps until a conmon exits (its id arrives from the watcher), or until the next
+        safety sweep: no work per container while nothing happens."""
+        next_sweep = time.monotonic() + SWEEP_INTERVAL
         while True:
-            await asyncio.sleep(MONITOR_INTERVAL)
-            sample = time.monotonic() >= next_sample
-            if sample:
-                next_sample = time.monotonic() + SAMPLE_INTERVAL
-            for record in list(self.records.values()):
-                if record.state != RUNNING:
-                    continue
+            try:
+                async with asyncio.timeout(max(0.0, next_sweep - time.monotonic())):
+                    container_ids = [await self._exits.get()]
+            except TimeoutError:
+                next_sweep = time.monotonic() + SWEEP_INTERVAL
+                container_ids = [r.id for r in self.records.values() if r.state == RUNNING]
+            metrics.MONITOR_WAKEUPS.inc()
+            for container_id in container_ids:
                 try:
-                    if self.runtime.exit_code(self.dir(record.id).exit_dir, record.id) is not None:
-                        async with self.lock(record.id):
-                            if record.state == RUNNING:
-                                await self._settle_exit(record)
-                    elif sample:
-                        self._sample(record)
+                    await self._check_exit(container_id)
                 except Exception:
-                    log.exception("monitoring %s failed", record.id)
+                    log.exception("monitoring %s failed", container_id)
 
-    def _sample(self, record: ContainerRecord) -> None:
-        sample = cgroups.read_stats(self.cgroups_path(record.id))
-        if sample is None:
+    async def _check_exit(self, container_id: str) -> None:
+        """Settle the container if it has exited: its exit file is there, or its conmon is
+        gone and runc says it no longer runs (a conmon killed before it could write the file)."""
+        record = self.records.get(container_id)
+        if record is None or record.state != RUNNING:
             return
-        metrics.CONTAINER_CPU.labels(record.id[:12], record.name).set(sample.cpu_nanos / 1e9)
-        metrics.CONTAINER_MEMORY.labels(record.id[:12], record.name).set(sample.memory_bytes)
+        async with self.lock(container_id):
+            if record.state != RUNNING or self.records.get(container_id) is not record:
+                return
+            metrics.EXIT_CHECKS.inc()
+            if self.runtime.exit_code(self.dir(record.id).exit_dir, record.id) is None:
+                if container_id in self.watcher or self._watch(record):
+                    return  # conmon lives: its exit will come as an event
+                state = await self.runtime.state(record.id)
+                if state is not None and state.status in ALIVE:
+                    # conmon died and the container runs on: the sweep keeps an eye on it.
+                    if container_id not in self._orphans:
+                        self._orphans.add(container_id)
+                        log.warning(
+                            "the container runs without its conmon: its exit is looked for "
+                            "every %.0fs",
+                            SWEEP_INTERVAL,
+                            extra={"container": record.id},
+                        )
+                    return
+            await self._settle_exit(record)
 
     async def _settle_exit(self, record: ContainerRecord) -> None:
         """The main process is gone: record how it ended, clean runc up, maybe restart."""
@@ -316,12 +371,12 @@ class ContainerManager:
             with contextlib.suppress(OSError):
                 record.finished_at = (cdir.exit_dir / record.id).stat().st_mtime
         record.pid = 0
+        self.watcher.unwatch(record.id)
+        self._orphans.discard(record.id)
+        metrics.EXIT_WATCHES.set(len(self.watcher))
         await self.runtime.delete(record.id, force=True)
         with contextlib.suppress(FailedPrecondition):
             cgroups.remove_cgroup(self.cgroups_path(record.id), parents=True)
-        for gauge in (metrics.CONTAINER_CPU, metrics.CONTAINER_MEMORY):
-            with contextlib.suppress(KeyError):
-                gauge.remove(record.id[:12], record.name)
         if self._should_restart(record):
             record.state = RESTARTING
             await self._save(record)
@@ -610,6 +665,8 @@ class ContainerManager:
         record.oom_killed = False
         record.started_at = time.time()
         record.finished_at = None
+        # Before the save, which may fail (a full disk): the process runs either way.
+        self._start_watching(record)
         await self._save(record)
 
     async def stop(self, ref: str, timeout: float | None = None) -> ContainerRecord:
@@ -687,6 +744,9 @@ class ContainerManager:
             task = self._restarts.pop(record.id, None)
             if task is not None:
                 task.cancel()
+            self.watcher.unwatch(record.id)
+            self._orphans.discard(record.id)
+            metrics.EXIT_WATCHES.set(len(self.watcher))
             await self.runtime.delete(record.id, force=True)
             cgroups.remove_cgroup(self.cgroups_path(record.id), parents=True)
             del self.records[record.id]

@@ -141,7 +141,7 @@ class Registry:
 
     async def _read_public(self, repository: str) -> bool:
         try:
-            record = await self.meta.get_repo(repository, with_tag_count=False)
+            record = await self.meta.get_repo(repository)
         except CorruptRepository as exc:
             exc.skipped()
             return False  # private, the safe default, until a write repairs it
@@ -247,6 +247,12 @@ class Registry:
         digest = digest_of(digest)
         if source:
             repository_name(source, "from_repository")
+        # No file, nothing to mount: asked before any record is read (a pusher asks this for
+        # every blob it is about to upload).
+        stat = self.blobs.stat(digest)
+        if stat is None:
+            return None
+        if source:
             if not await self.meta.is_linked(source, digest):
                 return None
         elif may_pull is not None:
@@ -255,9 +261,6 @@ class Registry:
                     break
             else:
                 return None
-        stat = self.blobs.stat(digest)
-        if stat is None:
-            return None
         self.blobs.touch(digest)
         await self.meta.link_blob(repository, digest, stat.size)
         return stat
@@ -374,14 +377,12 @@ class Registry:
         # token (and the promise of a next page) only ever comes from a visible one.
         shown: list[RepoRecord] = []
         while len(shown) <= limit:
-            batch = await self.meta.list_repos(after, limit + 1, with_tag_count=False)
+            batch = await self.meta.list_repos(after, limit + 1)
             shown += [r for r in batch.records if sees(may_pull, r.name, r.public)]
             if not batch.more or batch.last is None:
                 break
             after = batch.last
         page = shown[:limit]
-        for record in page:
-            record.tag_count = await self.meta.tag_count(record.name)
         more = len(shown) > limit
         return page, encode_token("repositories", page[-1].name) if more else ""
 
@@ -477,9 +478,9 @@ class Registry:
             if visibility is not None:
                 record.visibility = visibility
 
-        await self.meta.update_repo(repository, change)
+        record = await self.meta.update_repo(repository, change)
         self.is_public.forget(repository)
-        return await self.meta.require_repo(repository)
+        return record
 
     async def list_tags(
         self, repository: str, size: int, token: str
@@ -518,8 +519,6 @@ class Registry:
             rank, name = after
             ranked = [(r, record) for r, record in ranked if (r, record.name) > (rank, name)]
         page = ranked[:limit]
-        for _, record in page:
-            record.tag_count = await self.meta.tag_count(record.name)
         more = len(ranked) > limit
         next_token = encode_token(scope, page[-1][0], page[-1][1].name) if more else ""
         return [record for _, record in page], next_token

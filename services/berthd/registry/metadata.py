@@ -4,10 +4,11 @@ Keys (relative to the store prefix). A repository name never contains `@`, so `<
 exact prefix for one repository's children even when other names nest under it (`a` and `a/b`):
 
     registry/repos/<repo>                 {"created_at", "last_push_at", "description", "labels",
-                                           "visibility"}
+                                           "visibility", "tag_count"}
     registry/tags/<repo>@<tag>            {"digest", "pushed_at"}
     registry/manifests/<repo>@<digest>    {"media_type", "size", "references", "created_at"}
     registry/links/<repo>@<digest>        {"size", "linked_at"}   blob belongs to the repository
+    registry/holders/<digest>@<repo>      {}   the same link, by blob: which repositories hold it
     registry/names-changed                {"changed_at"}: put last in every transaction that
                                           writes or deletes a tag or manifest record
 
@@ -17,15 +18,25 @@ marker's revision tells it whether that view is up to date with one point read.
 
 Because all of this is in etcd and blobs are files in a shared directory, any number of
 registry processes serve the same content.
+
+A repository's record holds the number of its tag keys (`tag_count`), so a listing reads its
+page and nothing per repository. Every tag put or delete writes the repository record in the
+same transaction, compared on its mod revision: tag writes to one repository are serialized by
+its record, and a count read together with an unchanged record is exact. A record written
+before counts existed (or rewritten after damage) is counted once, with a count read, and
+written back; GC counts every repository again from one read of all tag keys, for counts that
+hand edits made wrong.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -40,9 +51,11 @@ from berthd.common.state.registry import (
     split_child_key,
     tag_key,
 )
-from berthd.common.store import Entry, Op, Store, encode, prefix_end
+from berthd.common.store import Compare, Entry, Op, Store, encode, prefix_end
 
 log = logging.getLogger("berthd.registry.metadata")
+
+HOLDERS = "registry/holders/"
 
 # A repository's visibility: who may pull it and find it. Records written before visibility
 # existed have none and are private.
@@ -68,6 +81,10 @@ def link_key(repo: str, digest: str) -> str:
     return f"{LINKS}{repo}@{digest}"
 
 
+def holder_key(digest: str, repo: str) -> str:
+    return f"{HOLDERS}{digest}@{repo}"
+
+
 @dataclass
 class RepoRecord:
     name: str
@@ -77,19 +94,24 @@ class RepoRecord:
     labels: dict[str, str] = field(default_factory=dict)
     tag_count: int = 0
     visibility: str = PRIVATE
+    # False for a record written before counts existed: its tag_count is not known yet.
+    counted: bool = True
 
     @property
     def public(self) -> bool:
         return self.visibility == PUBLIC
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "created_at": self.created_at,
             "last_push_at": self.last_push_at,
             "description": self.description,
             "labels": self.labels,
             "visibility": self.visibility,
         }
+        if self.counted:
+            data["tag_count"] = self.tag_count
+        return data
 
     @classmethod
     def from_json(cls, name: str, value: bytes | dict[str, Any]) -> RepoRecord:
@@ -104,13 +126,18 @@ class RepoRecord:
                 raise ValueError("a label that is not a string")
         except ValueError:
             raise CorruptRepository(name) from None
+        count = data.get("tag_count")
+        # A count of the wrong kind is as good as none: counted again, not a damaged record.
+        counted = isinstance(count, int) and not isinstance(count, bool) and count >= 0
         return cls(
             name=name,
             created_at=data["created_at"],
             last_push_at=data["last_push_at"],
             description=description,
             labels=dict(labels),
+            tag_count=count if counted else 0,
             visibility=PUBLIC if data.get("visibility") == PUBLIC else PRIVATE,
+            counted=counted,
         )
 
 
@@ -277,6 +304,29 @@ def readable(entries: Sequence[Entry], parse: Callable[[Entry], T]) -> list[T]:
     return records
 
 
+# A write to a repository's records that other writers keep coming first to (every tag write
+# rewrites the record's count) tries again after a random wait that doubles, for this long in
+# all: many pushes of tags to one repository at once all land, a busy machine included.
+WRITE_BUDGET_SECONDS = 15.0
+FIRST_WRITE_WAIT = 0.002
+MAX_WRITE_WAIT = 0.2
+
+
+@dataclass
+class RepoWrite:
+    """What a write to a repository's records does besides the record itself: `ops` and
+    `compares` in the same transaction, the change of its tag count, and whether the record
+    is written (every write that puts or deletes a tag key must write it)."""
+
+    ops: list[Op] = field(default_factory=list)
+    compares: list[Compare] = field(default_factory=list)
+    tags_added: int = 0
+    write_record: bool = True
+    # Whether a tag or manifest record changes: the names-changed marker goes last (the image
+    # service's view of the names waits for its revision: berthd.common.state.registry).
+    names_changed: bool = False
+
+
 @dataclass(frozen=True)
 class RecordPage(Generic[T]):
     """Up to a page of readable records, the key of the last record read (damaged or not:
@@ -295,18 +345,46 @@ class Metadata:
 
     # Repositories -------------------------------------------------------------
 
-    async def get_repo(self, repo: str, *, with_tag_count: bool = True) -> RepoRecord | None:
-        """The record, None if there is none; CorruptRepository if it is damaged."""
+    async def get_repo(self, repo: str) -> RepoRecord | None:
+        """The record with its tag count, None if there is none; CorruptRepository if it is
+        damaged. One read (for a record from before counts, once: a count and a write too)."""
         entry = await self.store.get(repo_key(repo))
         if entry is None:
             return None
-        record = RepoRecord.from_json(repo, entry.value)
-        if with_tag_count:
-            record.tag_count = await self.tag_count(repo)
+        return await self._with_count(entry, RepoRecord.from_json(repo, entry.value))
+
+    async def count_tags(self, repo: str) -> int:
+        """The repository's tag keys, damaged ones included, counted by etcd."""
+        return await self.store.count(f"{TAGS}{repo}@")
+
+    async def _with_count(self, entry: Entry, record: RepoRecord) -> RepoRecord:
+        """`record` (read as `entry`) with its tag count: one without (written before counts
+        existed) is counted and written back, once, unless it changed meanwhile (a tag write
+        rewrote it; the count read is still the answer of this read)."""
+        if record.counted:
+            return record
+        record.tag_count = await self.count_tags(record.name)
+        record.counted = True
+        ok, _ = await self.store.txn(
+            [self.store.unchanged(entry.key, entry.mod_revision)],
+            [self.store.op_put(entry.key, record.to_json())],
+        )
+        if ok:
+            log.info("counted the tags of repository %s once: %d", record.name, record.tag_count)
         return record
 
-    async def tag_count(self, repo: str) -> int:
-        return await self.store.count(f"{TAGS}{repo}@")
+    async def _counted(self, records: list[RepoRecord]) -> list[RepoRecord]:
+        """Records of a listing, each with its count: the rare one without is read again and
+        counted (`_with_count`); a listing of counted records reads nothing more."""
+        result = []
+        for record in records:
+            if not record.counted:
+                recounted = await self.get_repo(record.name)
+                if recounted is None:
+                    continue  # deleted since the listing read it
+                record = recounted
+            result.append(record)
+        return result
 
     async def require_repo(self, repo: str) -> RepoRecord:
         record = await self.get_repo(repo)
@@ -314,23 +392,18 @@ class Metadata:
             raise name_unknown(repo)
         return record
 
-    async def list_repos(
-        self, start_after: str | None, limit: int, *, with_tag_count: bool = True
-    ) -> RecordPage[RepoRecord]:
-        """Up to `limit` readable repositories after `start_after` (damaged ones skipped);
-        `last` is a repository name."""
+    async def list_repos(self, start_after: str | None, limit: int) -> RecordPage[RepoRecord]:
+        """Up to `limit` readable repositories after `start_after` (damaged ones skipped),
+        with their tag counts; `last` is a repository name."""
         page = await self._page(
             REPOS, repo_key(start_after) if start_after else None, limit, _repo_of
         )
-        if with_tag_count:
-            for record in page.records:
-                record.tag_count = await self.tag_count(record.name)
         last = page.last[len(REPOS) :] if page.last else None
-        return RecordPage(page.records, last, page.revision, page.more)
+        return RecordPage(await self._counted(page.records), last, page.revision, page.more)
 
     async def all_repos(self) -> list[RepoRecord]:
-        """Every readable repository (damaged ones skipped)."""
-        return readable([e async for e in self.store.iterate(REPOS)], _repo_of)
+        """Every readable repository (damaged ones skipped), with its tag count."""
+        return await self._counted(readable([e async for e in self.store.iterate(REPOS)], _repo_of))
 
     async def _page(
         self,
@@ -358,59 +431,138 @@ class Metadata:
             start = page.entries[-1].key + "\0"
 
     async def update_repo(
+        self, repo: str, change: Callable[[RepoRecord], None], *, create: bool = False
+    ) -> RepoRecord:
+        """Apply `change(record)` in one compare-and-swap transaction; NAME_UNKNOWN when there
+        is no record and not `create`."""
+
+        async def plan(record: RepoRecord | None) -> RepoWrite:
+            if record is None:
+                raise name_unknown(repo)
+            change(record)
+            return RepoWrite()
+
+        record = await self._transact(repo, plan, create=create)
+        assert record is not None
+        return record
+
+    async def _transact(
         self,
         repo: str,
-        change: Callable[[RepoRecord], None],
+        plan: Callable[[RepoRecord | None], Awaitable[RepoWrite]],
         *,
-        create: bool = False,
-        also: Sequence[Op] = (),
-    ) -> RepoRecord:
-        """Apply `change(record)`, plus the writes in `also`, in one compare-and-swap txn."""
-        for _ in range(20):
-            entry = await self.store.get(repo_key(repo))
-            if entry is None:
-                if not create:
-                    raise name_unknown(repo)
-                now = time.time()
-                record = RepoRecord(repo, now, now)
-                revision = 0
-            else:
-                revision = entry.mod_revision
-                try:
-                    record = RepoRecord.from_json(repo, entry.value)
-                except CorruptRepository as exc:
-                    # A write is how a damaged record is repaired: start it over (private).
-                    log.warning("rewriting a damaged record: %s", exc)
-                    now = time.time()
-                    record = RepoRecord(repo, now, now)
-            change(record)
-            ok, _ = await self.store.txn(
-                [self.store.unchanged(repo_key(repo), revision)],
-                [self.store.op_put(repo_key(repo), record.to_json()), *also],
-            )
+        create: bool,
+        conflict: dict[str, object] | None = None,
+    ) -> RepoRecord | None:
+        """One write to a repository's records, in one transaction compared on the
+        repository record's mod revision, retried when another writer came first. `plan`
+        gets the record as it stands (None: there is none and not `create`), counted, and
+        says what else the transaction does; the record is written back with its count
+        changed unless the plan says not to (every tag put or delete writes it, which is what
+        keeps counts exact: see the module's docstring)."""
+        key = repo_key(repo)
+        deadline = time.monotonic() + WRITE_BUDGET_SECONDS
+        wait = FIRST_WRITE_WAIT
+        while True:
+            entry = await self.store.get(key)
+            record = await self._for_write(repo, entry, create)
+            write = await plan(record)
+            compares = [self.store.unchanged(key, entry.mod_revision if entry else 0)]
+            ops = list(write.ops)
+            if record is not None and write.write_record:
+                record.tag_count = max(0, record.tag_count + write.tags_added)
+                ops.append(self.store.op_put(key, record.to_json()))
+            if write.names_changed:
+                ops.append(op_names_changed(self.store))
+            ok, _ = await self.store.txn([*compares, *write.compares], ops)
             if ok:
                 return record
-        raise Aborted(
-            f"repository {repo} is being updated concurrently; try again",
-            reason="CONCURRENT_UPDATE",
-            metadata={"repository": repo},
-        )
+            if time.monotonic() + wait > deadline:
+                raise Aborted(
+                    f"repository {repo} is being updated concurrently; try again",
+                    reason="CONCURRENT_UPDATE",
+                    metadata={"repository": repo, **(conflict or {})},
+                )
+            # Random, so the writers that collided do not collide again in step.
+            await asyncio.sleep(random.uniform(0, wait))
+            wait = min(wait * 2, MAX_WRITE_WAIT)
+
+    async def _for_write(self, repo: str, entry: Entry | None, create: bool) -> RepoRecord | None:
+        """The record to change, with a known tag count: a new one (`create`), a damaged one
+        started over (a write is how it is repaired: private, no description or labels) and
+        one from before counts get their tags counted (exact: a tag write since would have
+        changed the record, and the transaction's compare fails)."""
+        if entry is None and not create:
+            return None
+        record = None
+        if entry is not None:
+            try:
+                record = RepoRecord.from_json(repo, entry.value)
+            except CorruptRepository as exc:
+                log.warning("rewriting a damaged record: %s", exc)
+        if record is None:
+            now = time.time()
+            record = RepoRecord(repo, now, now, counted=False)
+        if not record.counted:
+            record.tag_count = await self.count_tags(repo)
+            record.counted = True
+        return record
+
+    async def recount_tags(self) -> int:
+        """Count every repository's tag keys again, from one read of them all at one
+        revision, and write back each count that differs unless its record changed since:
+        puts right counts that hand edits (a tag key made or deleted outside the registry)
+        made wrong. GC runs it. Returns how many counts were put right."""
+        first = await self.store.range(REPOS, prefix_end(REPOS), limit=1)
+        revision = first.revision
+        counts: dict[str, int] = defaultdict(int)
+        async for entry in self.store.iterate_range(TAGS, prefix_end(TAGS), revision=revision):
+            counts[split_child_key(entry.key, TAGS)[0]] += 1
+        fixed = 0
+        async for entry in self.store.iterate_range(REPOS, prefix_end(REPOS), revision=revision):
+            try:
+                record = _repo_of(entry)
+            except CorruptRepository:
+                continue  # its next write rewrites it whole, counted
+            if record.counted and record.tag_count == counts.get(record.name, 0):
+                continue
+            record.tag_count, record.counted = counts.get(record.name, 0), True
+            ok, _ = await self.store.txn(
+                [self.store.unchanged(entry.key, entry.mod_revision)],
+                [self.store.op_put(entry.key, record.to_json())],
+            )
+            if ok:
+                log.warning(
+                    "tag count of repository %s put right: %d", record.name, record.tag_count
+                )
+                fixed += 1
+        return fixed
 
     # Manifests and tags ---------------------------------------------------------
 
     async def put_manifest(self, repo: str, record: ManifestRecord, tag: str | None) -> None:
-        """Record a manifest (and its tag) and bump the repository's last push, atomically."""
-        ops = [self.store.op_put(manifest_key(repo, record.digest), _manifest_json(record))]
-        if tag is not None:
-            ops.append(
-                self.store.op_put(
-                    tag_key(repo, tag), {"digest": record.digest, "pushed_at": record.created_at}
-                )
+        """Record a manifest (and its tag), bump the repository's last push and count a new
+        tag, atomically."""
+
+        async def plan(repository: RepoRecord | None) -> RepoWrite:
+            assert repository is not None  # created when missing
+            repository.last_push_at = record.created_at
+            write = RepoWrite(
+                [self.store.op_put(manifest_key(repo, record.digest), _manifest_json(record))],
+                names_changed=True,
             )
-        ops.append(op_names_changed(self.store))
-        await self.update_repo(
-            repo, lambda r: setattr(r, "last_push_at", record.created_at), create=True, also=ops
-        )
+            if tag is not None:
+                key = tag_key(repo, tag)
+                existing = await self.store.get(key)
+                value = {"digest": record.digest, "pushed_at": record.created_at}
+                write.ops.append(self.store.op_put(key, value))
+                write.compares.append(
+                    self.store.unchanged(key, existing.mod_revision if existing else 0)
+                )
+                write.tags_added = 0 if existing else 1
+            return write
+
+        await self._transact(repo, plan, create=True)
 
     async def get_manifest(self, repo: str, digest: str) -> ManifestRecord | None:
         """The record, None if there is none; CorruptManifest if it is damaged."""
@@ -438,48 +590,60 @@ class Metadata:
         return RecordPage(page.records, last, page.revision, page.more)
 
     async def delete_tag(self, repo: str, tag: str) -> str:
-        entry = await self.store.get(tag_key(repo, tag))
-        if entry is None:
-            raise NotFound(
-                f"tag {tag} not found in repository {repo}",
-                reason="TAG_UNKNOWN",
-                metadata={"repository": repo, "tag": tag},
-                resource=("tag", f"{repo}:{tag}"),
+        """Delete a tag (a damaged one too) and count it out, atomically; returns the digest it
+        named ("" for a damaged record: what it named is unknown)."""
+        deleted: list[Entry] = []
+
+        async def plan(repository: RepoRecord | None) -> RepoWrite:
+            entry = await self.store.get(tag_key(repo, tag))
+            if entry is None:
+                raise NotFound(
+                    f"tag {tag} not found in repository {repo}",
+                    reason="TAG_UNKNOWN",
+                    metadata={"repository": repo, "tag": tag},
+                    resource=("tag", f"{repo}:{tag}"),
+                )
+            deleted[:] = [entry]
+            return RepoWrite(
+                [self.store.op_delete(entry.key)],
+                [self.store.unchanged(entry.key, entry.mod_revision)],
+                tags_added=-1,
+                names_changed=True,
             )
-        ok, _ = await self.store.txn(
-            [self.store.unchanged(entry.key, entry.mod_revision)],
-            [self.store.op_delete(entry.key), op_names_changed(self.store)],
-        )
-        if not ok:
-            raise Aborted(
-                f"tag {repo}:{tag} changed while deleting it; try again",
-                reason="CONCURRENT_UPDATE",
-                metadata={"repository": repo, "tag": tag},
-            )
+
+        await self._transact(repo, plan, create=False, conflict={"tag": tag})
         try:
-            return TagRecord.from_json(repo, tag, entry.value).digest
+            return TagRecord.from_json(repo, tag, deleted[0].value).digest
         except CorruptTag:
-            return ""  # what it named is unknown; deleting it is how it is cleared
+            return ""  # deleting it is how it is cleared
 
     async def delete_manifest(self, repo: str, digest: str) -> list[str]:
-        """Delete a manifest and every tag pointing at it, atomically; returns those tags."""
-        tags = [t for t in (await self.list_tags(repo, None, 0)).records if t.digest == digest]
-        compares = [
-            self.store.value_is(
-                tag_key(repo, t.name), encode({"digest": t.digest, "pushed_at": t.pushed_at})
+        """Delete a manifest and every tag pointing at it, and count those out, atomically;
+        returns those tags."""
+        deleted: list[str] = []
+
+        async def plan(repository: RepoRecord | None) -> RepoWrite:
+            tags = [t for t in (await self.list_tags(repo, None, 0)).records if t.digest == digest]
+            deleted[:] = [t.name for t in tags]
+            return RepoWrite(
+                [
+                    self.store.op_delete(manifest_key(repo, digest)),
+                    *(self.store.op_delete(tag_key(repo, t.name)) for t in tags),
+                ],
+                [
+                    self.store.value_is(
+                        tag_key(repo, t.name),
+                        encode({"digest": t.digest, "pushed_at": t.pushed_at}),
+                    )
+                    for t in tags
+                ],
+                tags_added=-len(tags),
+                write_record=bool(tags),
+                names_changed=True,
             )
-            for t in tags
-        ]
-        ops = [self.store.op_delete(manifest_key(repo, digest))]
-        ops += [self.store.op_delete(tag_key(repo, t.name)) for t in tags]
-        ok, _ = await self.store.txn(compares, [*ops, op_names_changed(self.store)])
-        if not ok:
-            raise Aborted(
-                f"tags of {repo} changed while deleting {digest}; try again",
-                reason="CONCURRENT_UPDATE",
-                metadata={"repository": repo, "digest": digest},
-            )
-        return [t.name for t in tags]
+
+        await self._transact(repo, plan, create=False, conflict={"digest": digest})
+        return deleted
 
     async def all_manifests(self) -> list[tuple[str, str, ManifestRecord | None, Entry]]:
         """Every manifest record as (repository, digest, record, entry); the record is None
@@ -538,27 +702,52 @@ class Metadata:
     # Blob links -------------------------------------------------------------------
 
     async def link_blob(self, repo: str, digest: str, size: int) -> None:
-        await self.store.put_json(link_key(repo, digest), {"size": size, "linked_at": time.time()})
+        """The blob belongs to the repository: its link, and the same by blob, in one txn."""
+        await self.store.txn(
+            [],
+            [
+                self.store.op_put(link_key(repo, digest), {"size": size, "linked_at": time.time()}),
+                self.store.op_put(holder_key(digest, repo), {}),
+            ],
+        )
 
     async def is_linked(self, repo: str, digest: str) -> bool:
         return await self.store.get(link_key(repo, digest)) is not None
 
     async def linked_repos(self, digest: str) -> list[str]:
-        """Every repository holding the blob (a scan of all links: for the rare mount without
-        a source repository by a caller who may not pull every repository)."""
-        repos = []
-        async for entry in self.store.iterate(LINKS):
-            repo, linked = split_child_key(entry.key, LINKS)
-            if linked == digest:
-                repos.append(repo)
-        return repos
+        """Every repository holding the blob: one read of its holders (a link written before
+        holders were kept is found once GC has indexed it: `index_holders`)."""
+        prefix = f"{HOLDERS}{digest}@"
+        return [e.key[len(prefix) :] async for e in self.store.iterate(prefix)]
 
     async def unlink_everywhere(self, digests: set[str]) -> int:
         removed = 0
         async for entry in self.store.iterate(LINKS):
             if split_child_key(entry.key, LINKS)[1] in digests:
                 removed += await self.store.delete(entry.key)
+        for digest in digests:
+            await self.store.delete_prefix(f"{HOLDERS}{digest}@")
         return removed
+
+    async def index_holders(self) -> int:
+        """Holder entries for the links that have none (written before holders were kept),
+        and none left for a link that is gone: one pass over each family. Returns how many
+        it wrote."""
+        links = set()
+        async for entry in self.store.iterate(LINKS):
+            repo, digest = split_child_key(entry.key, LINKS)
+            links.add((digest, repo))
+        held = set()
+        async for entry in self.store.iterate(HOLDERS):
+            digest, _, repo = entry.key[len(HOLDERS) :].partition("@")
+            held.add((digest, repo))
+        for digest, repo in held - links:
+            # Unless linked meanwhile (GC's unlink and a new link race): then it stays.
+            if not await self.is_linked(repo, digest):
+                await self.store.delete(holder_key(digest, repo))
+        for digest, repo in links - held:
+            await self.store.put_json(holder_key(digest, repo), {})
+        return len(links - held)
 
 
 def _repo_of(entry: Entry) -> RepoRecord:

@@ -176,7 +176,10 @@ class Family(Generic[R]):
     async def watch(
         self, store: Store, start_revision: int | None = None, id: str | None = None
     ) -> AsyncIterator[Change[R]]:
-        """Changes of this family (of record `id` only, when given) from `start_revision`."""
+        """Changes of this family (of record `id` only, when given) from `start_revision`.
+        RevisionCompacted when etcd no longer keeps that revision (at the start, or later for
+        a watch that fell behind): the caller reads again (`snapshot`, `get_at`) and watches
+        on from the revision of that read."""
         watched = self.key(id) if id is not None else self.prefix
         async for event in store.watch_prefix(watched, start_revision):
             change = self.change(event)
