@@ -104,6 +104,8 @@ bench: deps bench-apt
 	$(PY) -m bench.scale
 	$(PY) -m bench.node_idle
 	$(PY) -m bench.registry_ls
+	$(PY) -m bench.placement
+	$(PY) -m bench.stats
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from berthd.cluster.controller import RESYNC_SECONDS, Controller, next_check
-from berthd.cluster.core import ContainerView
+from berthd.cluster.core import ContainerView, allocation_key, availability_key
 from berthd.cluster.services import UPDATING, ServiceRecord, service_key
 from berthd.cluster.view import ClusterView, Dirty
 from berthd.common.containers import ContainerConfig
@@ -16,7 +16,7 @@ from berthd.common.state.containers import (
     ContainerStatus,
     DesiredContainer,
 )
-from berthd.common.state.nodes import NODES, NodeRecord
+from berthd.common.state.nodes import NODE_LAYERS, NODES, NodeRecord
 from berthd.common.store import Entry, WatchEvent
 
 GiB = 1 << 30
@@ -207,3 +207,35 @@ def test_the_periodic_resync_looks_at_everything_from_memory() -> None:
     taken = controller._take_due(now + 1 + RESYNC_SECONDS / 2)
     assert taken.services == {SID}
     assert not controller._take_due(now + 2 + RESYNC_SECONDS / 2)  # the next one is a period on
+
+
+def test_the_placement_view_counts_from_allocations_and_rebuilds_only_what_changed() -> None:
+    view = ClusterView(counts_from_allocations=True)
+    alloc = json.dumps({"cpu_millis": 500, "memory_bytes": 0, "containers": 3}).encode()
+    layers = json.dumps({"sha256:l1": 100}).encode()
+    view.load(
+        Entry(e.key, e.value, e.mod_revision, e.mod_revision, 0)
+        for e in (
+            node_put("a", 1),
+            node_put("b", 2),
+            put(allocation_key("a"), alloc, 3),
+            put(NODE_LAYERS.key("b"), layers, 4),
+        )
+    )
+    first = {v.id: v for v in view.node_views()}
+    assert (first["a"].container_count, first["a"].allocated_cpu_millis) == (3, 500)
+    assert (first["b"].container_count, first["b"].layer_bytes) == (0, {"sha256:l1": 100})
+    assert view.revision(allocation_key("a")) == 3 and view.revision(availability_key("a")) == 0
+    # A change rebuilds that node's view alone; the others are the same objects.
+    view.apply(put(availability_key("b"), b'{"availability": "cordoned"}', 5))
+    second = {v.id: v for v in view.node_views()}
+    assert second["a"] is first["a"] and second["b"].cordoned
+    # A write this instance made is seen at once; the watch bringing it later changes nothing.
+    grown = json.dumps({"cpu_millis": 500, "memory_bytes": 0, "containers": 4}).encode()
+    assert view.apply_write(allocation_key("a"), grown, 6)
+    assert not view.apply(put(allocation_key("a"), grown, 6))
+    assert {v.id: v for v in view.node_views()}["a"].container_count == 4
+    # A lost node is kept, not ready, while it holds an allocation.
+    view.apply(delete(NODES.key("a"), 7))
+    assert not {v.id: v for v in view.node_views()}["a"].ready
+    assert not view.dirty

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 from berthd.cluster import metrics
 from berthd.cluster.core import DRAINED, ClusterNode, ContainerView
+from berthd.cluster.follow import list_families, watch_family
 from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place_replicas
 from berthd.cluster.services import (
     COMPLETED,
@@ -58,9 +59,9 @@ from berthd.cluster.services import (
     service_key,
 )
 from berthd.cluster.view import WATCHED, ClusterView, Dirty
-from berthd.common.errors import BerthError, FailedPrecondition, Unavailable
+from berthd.common.errors import BerthError, FailedPrecondition
 from berthd.common.state.containers import CONTAINERS, RUNNING, DesiredContainer
-from berthd.common.store import Compare, Op, RevisionCompacted, Store, WatchEvent, prefix_end
+from berthd.common.store import Compare, Op, RevisionCompacted, Store, WatchEvent
 
 log = logging.getLogger("berthd.cluster.controller")
 
@@ -381,19 +382,8 @@ class Controller:
     async def load(self) -> int:
         """List every watched family at one revision into the view (all of it dirty); that
         revision."""
-        first = await self.store.range(WATCHED[0], prefix_end(WATCHED[0]), limit=1)
-        revision = first.revision
-
-        async def family(prefix: str) -> list:
-            return [
-                e
-                async for e in self.store.iterate_range(
-                    prefix, prefix_end(prefix), revision=revision
-                )
-            ]
-
-        listed = await asyncio.gather(*(family(p) for p in WATCHED))
-        self.view.load(entry for entries in listed for entry in entries)
+        entries, revision = await list_families(self.store, WATCHED)
+        self.view.load(entries)
         self._due.clear()
         self._later.clear()
         metrics.CONTROLLER_LISTINGS.inc()
@@ -403,7 +393,8 @@ class Controller:
         revision = await self.load()
         queue: asyncio.Queue[WatchEvent | BaseException] = asyncio.Queue()
         watchers = [
-            asyncio.create_task(self._watch(prefix, revision + 1, queue)) for prefix in WATCHED
+            asyncio.create_task(watch_family(self.store, prefix, revision + 1, queue))
+            for prefix in WATCHED
         ]
         try:
             while True:
@@ -418,16 +409,6 @@ class Controller:
             for task in watchers:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
-
-    async def _watch(
-        self, prefix: str, start: int, queue: asyncio.Queue[WatchEvent | BaseException]
-    ) -> None:
-        try:
-            async for event in self.store.watch_prefix(prefix, start):
-                queue.put_nowait(event)
-            queue.put_nowait(Unavailable(f"the watch of {prefix} ended"))
-        except BerthError as exc:  # the view is lost: `_follow` lists again
-            queue.put_nowait(exc)
 
     async def _next(self, queue: asyncio.Queue[WatchEvent | BaseException]) -> None:
         """Wait for a change or for the next due time; apply every change that arrived."""

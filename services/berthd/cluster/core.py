@@ -1,10 +1,12 @@
 """The cluster's core: nodes, placement and the desired state of containers. No gRPC here.
 
 Everything is read from etcd on demand (the cluster service is stateless, any instance can
-serve any request) and every write that races is one transaction. It reads and writes the
-shared records through their typed modules (berthd.common.state: desired containers, their
-statuses, nodes, node layers, endpoints) and keeps these keys to itself (docs/etcd.md), relative
-to the store prefix:
+serve any request) and every write that races is one transaction, except what placement
+chooses among: the nodes, from a view kept in memory by a watch (`berthd.cluster.follow`),
+which the placement transaction checks (a lagging view is refused, never trusted). It reads
+and writes the shared records through their typed modules (berthd.common.state: desired
+containers, their statuses, nodes, node layers, endpoints) and keeps these keys to itself
+(docs/etcd.md), relative to the store prefix:
 
     cluster/names/<name>            container id: makes names unique in one transaction with the
                                     placement, which a scan of the records cannot; also how
@@ -34,7 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from berth.client import parse_image_reference
 from berth.errors import BerthClientError
@@ -65,8 +67,11 @@ from berthd.common.state.containers import (
     DesiredContainer,
 )
 from berthd.common.state.endpoints import ENDPOINTS, EndpointRecord
-from berthd.common.state.nodes import NODE_LAYERS, NODES, NodeRecord
-from berthd.common.store import Compare, Entry, RevisionCompacted, Store, prefix_end
+from berthd.common.state.nodes import NODES, NodeRecord
+from berthd.common.store import Compare, RevisionCompacted, Store, encode, prefix_end
+
+if TYPE_CHECKING:
+    from berthd.cluster.view import ClusterView
 
 log = logging.getLogger("berthd.cluster.core")
 
@@ -86,6 +91,12 @@ DEFAULT_STOP_SECONDS = 10
 STOP_SLACK_SECONDS = 20
 REMOVE_TIMEOUT_SECONDS = 30
 START_TIMEOUT_SECONDS = 30
+# etcd refuses a transaction of more compares (or writes) than this (its --max-txn-ops).
+MAX_TXN_OPS = 128
+# What one run of a placement batch may add to its transaction: compares on its record's and
+# its name's absence and on its node's three keys (writes: its record, its name, the node's
+# allocation), plus one compare per secret it names.
+RUN_TXN_OPS = 5
 
 
 # How long an image's layer list is reused between placements (tags can move).
@@ -100,6 +111,21 @@ async def manifest_layers(registry: RegistryApi, image: str) -> dict[str, int]:
     stored = await registry.get_manifest(reference.repository, reference.reference)
     manifest = json.loads(stored.content)
     return {layer["digest"]: int(layer["size"]) for layer in manifest.get("layers", [])}
+
+
+def node_keys(node_id: str) -> list[str]:
+    """What a placement on the node reads of it: its record (registered, and the same lease),
+    its allocation and its availability."""
+    return [NODES.key(node_id), allocation_key(node_id), availability_key(node_id)]
+
+
+def name_in_use(name: str) -> AlreadyExists:
+    return AlreadyExists(
+        f'the container name "{name}" is already in use',
+        reason="NAME_IN_USE",
+        metadata={"name": name},
+        resource=("container", name),
+    )
 
 
 def allocation_key(node_id: str) -> str:
@@ -198,15 +224,6 @@ class Endpoint:
     metrics_url: str = ""
     version: str = ""
     public_address: str = ""
-
-
-@dataclass
-class Snapshot:
-    """Everything placement reads, with the revisions the placement transaction compares."""
-
-    nodes: dict[str, ClusterNode]
-    containers: list[DesiredContainer]
-    allocations: dict[str, Entry] = field(default_factory=dict)
 
 
 # Pure helpers ---------------------------------------------------------------------------------
@@ -335,6 +352,41 @@ def endpoint_view(record: EndpointRecord) -> Endpoint:
     )
 
 
+@dataclass
+class _Pending:
+    """A run waiting for a placement: what it asks and, once placed, its outcome (the record,
+    or None with whether the view learned something when the commit lost a race)."""
+
+    config: ContainerConfig
+    request: Request
+    texts: list[str]
+    stamps: dict[str, str]
+    guards: list[Compare]
+    outcome: asyncio.Future[tuple[DesiredContainer | None, bool]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def record(self, name: str, node: str) -> DesiredContainer:
+        return DesiredContainer(
+            id=secrets.token_hex(32),
+            name=name,
+            node=node,
+            config=dataclasses.replace(self.config, name=name),
+            cpu_millis=self.request.cpu_millis,
+            memory_bytes=self.request.memory_bytes,
+            constraints=self.texts,
+            **self.stamps,
+        )
+
+    def done(self, desired: DesiredContainer | None, learned: bool = False) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result((desired, learned))
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.outcome.done():
+            self.outcome.set_exception(exc)
+
+
 # The core ------------------------------------------------------------------------------------
 
 
@@ -344,41 +396,39 @@ class ClusterCore:
         # For image locality: any registered registry instance, looked up at each call.
         self.registry = RegistryApi(service_address(store, "registry"))
         self._layer_cache: dict[str, tuple[float, dict[str, int]]] = {}
+        # Imported here: the view module builds on this one's types.
+        from berthd.cluster.follow import NodeCache
+
+        # The nodes placement chooses among, in memory, kept by a watch (started at first use).
+        self.node_cache = NodeCache(store)
         # One placement at a time in this instance: racing placements on the same snapshot
         # only conflict in etcd and use up each other's retries (a burst of 30 runs on 3
         # nodes ended in ABORTED). Other instances still race, and the transaction decides.
         self._placing = asyncio.Lock()
+        # Runs waiting for the lock: its holder places and commits them with its own.
+        self._queue: list[_Pending] = []
+
+    async def close(self) -> None:
+        """Stop the placement view's watch."""
+        await self.node_cache.close()
 
     # Reads -------------------------------------------------------------------------------
 
     async def _desired(self) -> list[DesiredContainer]:
         return [v.record for v in await CONTAINERS.list(self.store)]
 
-    async def _snapshot(self) -> Snapshot:
-        registered, allocations, availability, desired, layers = await asyncio.gather(
-            NODES.records(self.store),
-            self.store.list(ALLOCATIONS),
-            self.store.list(AVAILABILITY),
-            self._desired(),
-            NODE_LAYERS.records(self.store),
-        )
-        allocation_entries = {e.key.removeprefix(ALLOCATIONS): e for e in allocations}
-        nodes = build_nodes(
-            registered,
-            {node: e.json() for node, e in allocation_entries.items()},
-            {e.key.removeprefix(AVAILABILITY): e.json()["availability"] for e in availability},
-            desired,
-            {node: held.layers for node, held in layers.items()},
-        )
-        return Snapshot(nodes, desired, allocation_entries)
+    async def _nodes_now(self) -> dict[str, ClusterNode]:
+        """Every node read now (not the watched view: a node just cordoned shows it), each
+        with the container count its allocation record keeps: no desired record is read."""
+        return (await self.node_cache.fresh()).nodes
 
     async def nodes(self) -> list[ClusterNode]:
-        return list((await self._snapshot()).nodes.values())
+        return list((await self._nodes_now()).values())
 
     async def node(self, node_id: str) -> ClusterNode:
         if not node_id:
             raise InvalidArgument("a node id is required", field="node_id")
-        node = (await self._snapshot()).nodes.get(node_id)
+        node = (await self._nodes_now()).get(node_id)
         if node is None:
             raise NotFound(
                 f"no such node: {node_id}",
@@ -497,14 +547,117 @@ class ClusterCore:
             constraints=parse_constraints(texts),
             image_layers=await self.image_layers(config.image),
         )
+        if config.name:
+            await self._check_name(config.name)
         for _ in range(RUN_ATTEMPTS):
+            # NotFound for a secret that does not exist; the commit fails if one goes meanwhile.
+            guards = await secret_guards(self.store, [config])
+            pending = _Pending(config, request, texts, stamps, guards)
+            self._queue.append(pending)
             async with self._placing:
-                desired = await self._place_once(config, request, texts, stamps)
+                while not pending.outcome.done():
+                    # This caller commits every run queued meanwhile with its own. Shielded: a
+                    # caller that goes away does not leave the others' outcomes unknown.
+                    await asyncio.shield(self._place_batch(self._take_batch()))
+            desired, learned = await pending.outcome
             if desired is not None:
                 return desired
-            # Lost a race (another instance's placement on that node, or the name): spread.
-            await asyncio.sleep(random.uniform(0, 0.05))
+            if not learned:
+                # Lost a race (another instance's placement on that node): spread.
+                await asyncio.sleep(random.uniform(0, 0.05))
         raise Aborted("too many concurrent placements; try again")
+
+    def _take_batch(self) -> list[_Pending]:
+        """The queued runs, oldest first, that one placement transaction can hold."""
+        batch: list[_Pending] = []
+        used = 0
+        while self._queue:
+            cost = RUN_TXN_OPS + len(self._queue[0].guards)
+            if batch and used + cost > MAX_TXN_OPS:
+                break
+            batch.append(self._queue.pop(0))
+            used += cost
+        return batch
+
+    async def _place_batch(self, batch: list[_Pending]) -> None:
+        """Place the runs queued together on the watched view, each accounting for those
+        before it, and commit them in one transaction: a burst of runs costs a few commits,
+        not one each in turn. A run no node fits on the view is placed alone on a fresh
+        listing (`_place_once`); a refused batch is tried again run by run by its callers.
+        Every run of the batch gets its outcome, an error (etcd unreachable) included."""
+        try:
+            await self._place_batch_once(batch)
+        except BaseException as exc:
+            for pending in batch:
+                pending.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _place_batch_once(self, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        view = await self.node_cache.current()
+        nodes = {v.id: v for v in view.node_views()}
+        placed: list[tuple[_Pending, DesiredContainer]] = []
+        alone: list[_Pending] = []
+        for pending in batch:
+            name = pending.config.name or f"berth_{secrets.token_hex(4)}"
+            if any(d.name == name for _, d in placed):
+                pending.fail(name_in_use(name))
+                continue
+            try:
+                node = place(nodes.values(), pending.request)
+            except FailedPrecondition:
+                alone.append(pending)
+                continue
+            desired = pending.record(name, node.id)
+            # The next run of the batch sees this one's reservation (a copy: the view's own
+            # NodeViews are shared).
+            nodes[node.id] = dataclasses.replace(
+                node,
+                allocated_cpu_millis=node.allocated_cpu_millis + desired.cpu_millis,
+                allocated_memory_bytes=node.allocated_memory_bytes + desired.memory_bytes,
+                container_count=node.container_count + 1,
+            )
+            placed.append((pending, desired))
+        if placed:
+            ok = await self._commit_placements(
+                [d for _, d in placed], view, [g for p, _ in placed for g in p.guards]
+            )
+            metrics.PLACEMENTS.labels("placed" if ok else "conflict").inc(len(placed))
+            elapsed = time.monotonic() - started
+            learned = False
+            if not ok:
+                learned = await self.node_cache.refresh(
+                    {k for _, d in placed for k in node_keys(d.node)}
+                )
+            for pending, desired in placed:
+                metrics.SCHEDULING_SECONDS.observe(elapsed)
+                if ok:
+                    pending.done(desired)
+                elif pending.config.name:
+                    # A name another instance took meanwhile fails that run alone.
+                    try:
+                        await self._check_name(pending.config.name)
+                    except AlreadyExists as exc:
+                        pending.fail(exc)
+                        continue
+                    pending.done(None, learned)
+                else:
+                    pending.done(None, learned)
+        for pending in alone:
+            try:
+                desired, learned = await self._place_once(
+                    pending.config, pending.request, pending.texts, pending.stamps, pending.guards
+                )
+            except BerthError as exc:
+                pending.fail(exc)
+                continue
+            pending.done(desired, learned)
+
+    async def _check_name(self, name: str) -> None:
+        """AlreadyExists when the name is claimed (one point read: the claim, not a scan)."""
+        if await self.store.get(name_key(name)) is not None:
+            raise name_in_use(name)
 
     async def _place_once(
         self,
@@ -512,26 +665,27 @@ class ClusterCore:
         request: Request,
         texts: list[str],
         stamps: dict[str, str] | None = None,
-    ) -> DesiredContainer | None:
-        """One try: choose a node on a fresh snapshot and commit; None when the commit lost a
-        race. `stamps`: the record's host_access_by and changed_by."""
+        guards: Iterable[Compare] = (),
+    ) -> tuple[DesiredContainer | None, bool]:
+        """One try: choose a node on the watched view of the nodes and commit. (None, learned)
+        when the commit lost a race; `learned`: reading the keys it compared changed the view
+        (it lagged), so the next try can go at once. `stamps`: the record's host_access_by and
+        changed_by."""
         started = time.monotonic()
-        snapshot = await self._snapshot()
-        # NotFound for a secret that does not exist; the commit fails if one goes meanwhile.
-        guards = await secret_guards(self.store, [config])
-        name = config.name or self._generate_name(snapshot.containers)
-        if any(c.name == name for c in snapshot.containers):
-            raise AlreadyExists(
-                f'the container name "{name}" is already in use',
-                reason="NAME_IN_USE",
-                metadata={"name": name},
-                resource=("container", name),
-            )
+        view = await self.node_cache.current()
+        # Unique in practice; the commit's compare on the claim is what makes it so.
+        name = config.name or f"berth_{secrets.token_hex(4)}"
         try:
-            node = place([n.view() for n in snapshot.nodes.values()], request)
+            node = place(view.node_views(), request)
         except FailedPrecondition:
-            metrics.PLACEMENTS.labels("unschedulable").inc()
-            raise
+            # The refusal is confirmed on the nodes read now: the watched view may not have
+            # seen a node join or a reservation go yet.
+            view = await self.node_cache.fresh()
+            try:
+                node = place(view.node_views(), request)
+            except FailedPrecondition:
+                metrics.PLACEMENTS.labels("unschedulable").inc()
+                raise
         desired = DesiredContainer(
             id=secrets.token_hex(32),
             name=name,
@@ -542,40 +696,59 @@ class ClusterCore:
             constraints=texts,
             **(stamps or {}),
         )
-        placed = await self._commit_placement(desired, snapshot.allocations.get(node.id), guards)
+        placed = await self._commit_placement(desired, view, guards)
         metrics.SCHEDULING_SECONDS.observe(time.monotonic() - started)
         metrics.PLACEMENTS.labels("placed" if placed else "conflict").inc()
-        return desired if placed else None
+        if placed:
+            return desired, False
+        # What refused it: the node's keys as the view held them, or the name.
+        learned = await self.node_cache.refresh(node_keys(node.id))
+        if config.name:
+            await self._check_name(config.name)
+        return None, learned
 
     async def _commit_placement(
-        self, desired: DesiredContainer, allocation: Entry | None, guards: Iterable[Compare] = ()
+        self, desired: DesiredContainer, view: ClusterView, guards: Iterable[Compare] = ()
     ) -> bool:
-        node_key = allocation_key(desired.node)
-        new_allocation = allocation_after(
-            allocation.json() if allocation else None, desired.cpu_millis, desired.memory_bytes, 1
-        )
-        ok, _ = await self.store.txn(
-            [
-                # Unchanged since the snapshot placement used: nobody booked the node meanwhile.
-                self.store.unchanged(node_key, allocation.mod_revision if allocation else 0),
+        return await self._commit_placements([desired], view, guards)
+
+    async def _commit_placements(
+        self, placed: list[DesiredContainer], view: ClusterView, guards: Iterable[Compare] = ()
+    ) -> bool:
+        """Record the containers and their reservations in one transaction, if each chosen
+        node is still as `view` saw it: registered (the same lease), of the same availability,
+        with the same allocation."""
+        deltas: dict[str, list[int]] = {}
+        for desired in placed:
+            delta = deltas.setdefault(desired.node, [0, 0, 0])
+            delta[0] += desired.cpu_millis
+            delta[1] += desired.memory_bytes
+            delta[2] += 1
+        allocations = {
+            node: allocation_after(view.allocation(node), *delta) for node, delta in deltas.items()
+        }
+        compares = [
+            self.store.unchanged(key, view.revision(key))
+            for node in deltas
+            for key in node_keys(node)
+        ]
+        ops = []
+        for desired in placed:
+            compares += [
                 CONTAINERS.absent(self.store, desired.id),
                 self.store.absent(name_key(desired.name)),
-                *guards,
-            ],
-            [
+            ]
+            ops += [
                 CONTAINERS.op_put(self.store, desired.id, desired),
                 self.store.op_put(name_key(desired.name), desired.id.encode()),
-                self.store.op_put(node_key, new_allocation),
-            ],
-        )
+            ]
+        ops += [self.store.op_put(allocation_key(n), a) for n, a in allocations.items()]
+        ok, revision = await self.store.txn_at([*compares, *guards], ops)
+        if ok:
+            # The next placement here sees these reservations before the watch brings them.
+            for node, allocation in allocations.items():
+                self.node_cache.written(allocation_key(node), encode(allocation), revision)
         return bool(ok)
-
-    @staticmethod
-    def _generate_name(containers: list[DesiredContainer]) -> str:
-        taken = {c.name for c in containers}
-        while (name := f"berth_{secrets.token_hex(4)}") in taken:
-            pass
-        return name
 
     # Lifecycle -----------------------------------------------------------------------------
 

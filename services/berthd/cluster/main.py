@@ -74,6 +74,7 @@ async def run(args: argparse.Namespace) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await campaign
         await election.resign()
+        await core.close()
 
     def mount(server: grpc.aio.Server) -> list[str]:
         cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(core), server)

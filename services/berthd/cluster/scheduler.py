@@ -258,19 +258,24 @@ def _fraction(used: int, capacity: int) -> float:
     return min(used / capacity, 1.0)
 
 
-def load(node: NodeView, request: Request, nodes: Iterable[NodeView]) -> float:
+def load(
+    node: NodeView, request: Request, nodes: Iterable[NodeView], busiest: int | None = None
+) -> float:
     """How busy the node would be with the request, in [0, 1].
 
     For a request that reserves resources: the mean of the CPU and memory allocation fractions
     after placing it (so capacities of different sizes compare fairly). A request that reserves
     nothing consumes no capacity, so allocation says nothing about it: then the node's container
     count relative to the busiest of `nodes` (Swarm's classic spread) is used instead.
+    `busiest`: that count when the caller already knows it (scoring every node must not scan
+    every node for each: quadratic in the cluster's size).
     """
     if request.reserves_resources:
         cpu = _fraction(node.allocated_cpu_millis + request.cpu_millis, node.cpus_millis)
         memory = _fraction(node.allocated_memory_bytes + request.memory_bytes, node.memory_bytes)
         return (cpu + memory) / 2
-    busiest = max((n.container_count for n in nodes), default=0)
+    if busiest is None:
+        busiest = max((n.container_count for n in nodes), default=0)
     return node.container_count / busiest if busiest else 0.0
 
 
@@ -288,7 +293,9 @@ def locality_weight(request: Request) -> float:
     return LOCALITY_WEIGHT * min(request.image_bytes / LOCALITY_FULL_WEIGHT_BYTES, 1.0)
 
 
-def score(node: NodeView, request: Request, nodes: Iterable[NodeView]) -> float:
+def score(
+    node: NodeView, request: Request, nodes: Iterable[NodeView], busiest: int | None = None
+) -> float:
     """Higher is better: SPREAD_WEIGHT * (1 - load) + locality_weight * locality.
 
     Spread keeps nodes evenly used, which leaves room for large containers and limits what a host
@@ -296,12 +303,13 @@ def score(node: NodeView, request: Request, nodes: Iterable[NodeView]) -> float:
     holding all of a 1 GiB image beats one holding none while it is less than 30 points busier,
     and a 10 MiB image shifts the choice by 0.3 points at most.
     """
-    spread = 1.0 - load(node, request, nodes)
+    spread = 1.0 - load(node, request, nodes, busiest)
     return SPREAD_WEIGHT * spread + locality_weight(request) * locality(node, request)
 
 
 def _best(fit: list[NodeView], request: Request, nodes: list[NodeView]) -> NodeView:
-    return min(fit, key=lambda n: (-score(n, request, nodes), n.container_count, n.id))
+    busiest = max((n.container_count for n in nodes), default=0)
+    return min(fit, key=lambda n: (-score(n, request, nodes, busiest), n.container_count, n.id))
 
 
 def place(nodes: Iterable[NodeView], request: Request) -> NodeView:

@@ -59,9 +59,9 @@ from berthd.common.state.containers import (
     ContainerStatus,
     DesiredContainer,
 )
-from berthd.common.state.family import known_fields
+from berthd.common.state.family import Versioned, known_fields
 from berthd.common.state.nodes import NODES
-from berthd.common.store import Compare, Entry, Op, Store
+from berthd.common.store import Compare, Entry, Op, Store, prefix_end
 
 SERVICES = "cluster/services/"
 SERVICE_NAMES = "cluster/service-names/"
@@ -341,9 +341,77 @@ class ServiceCore:
         return [(ServiceRecord.from_json(e.value), e.mod_revision) for e in entries]
 
     async def _find(self, ref: str) -> tuple[ServiceRecord, int]:
-        records = await self._records()
-        found = resolve_service(ref, [r for r, _ in records])
+        """A service by full id, name or unique id prefix (as `resolve_service`), read by key:
+        its record and its name claim, never the whole family."""
+        if not ref:
+            raise InvalidArgument("a service id, id prefix or name is required")
+        by_id, claim = await asyncio.gather(
+            self.store.get(service_key(ref)), self.store.get(service_name_key(ref))
+        )
+        if by_id is None and claim is not None:
+            # The claim is written and deleted with the record, in one transaction.
+            by_id = await self.store.get(service_key(claim.value.decode()))
+        if by_id is not None:
+            return ServiceRecord.from_json(by_id.value), by_id.mod_revision
+        # An id prefix: two keys tell a unique one from an ambiguous one.
+        page = await self.store.range(service_key(ref), prefix_end(service_key(ref)), limit=2)
+        if len(page.entries) > 1:
+            raise InvalidArgument(
+                f'service id prefix "{ref}" is ambiguous',
+                reason="AMBIGUOUS_ID",
+                metadata={"prefix": ref, "matches": await self.store.count(service_key(ref))},
+            )
+        records = [(ServiceRecord.from_json(e.value), e.mod_revision) for e in page.entries]
+        found = resolve_service(ref, [r for r, _ in records])  # NotFound when none
         return next((r, rev) for r, rev in records if r.id == found.id)
+
+    async def _replica_records(self, record: ServiceRecord) -> list[Versioned[DesiredContainer]]:
+        """The service's replicas, found by their name claims (`<service>.<slot>`, written and
+        deleted with each replica's record): an index of the service's replicas that the
+        placement transaction already keeps, so reading them costs what the service holds, not
+        what the cluster holds."""
+        claims = await self.store.list(name_key(f"{record.name}."))
+        found = await asyncio.gather(
+            *(CONTAINERS.read(self.store, e.value.decode()) for e in claims)
+        )
+        return [v for v in found if v is not None and v.record.service == record.id]
+
+    async def _replica_state(self, record: ServiceRecord) -> ClusterState:
+        """What removing the service's replicas compares and writes: their records and their
+        nodes' allocations and readiness, read by key."""
+        found = await self._replica_records(record)
+        node_ids = sorted({v.record.node for v in found})
+        allocations, registered = await asyncio.gather(
+            asyncio.gather(*(self.store.get(allocation_key(n)) for n in node_ids)),
+            asyncio.gather(*(NODES.get(self.store, n) for n in node_ids)),
+        )
+        entries = {n: e for n, e in zip(node_ids, allocations, strict=True) if e is not None}
+        nodes = build_nodes(
+            {n: r for n, r in zip(node_ids, registered, strict=True) if r is not None},
+            {n: e.json() for n, e in entries.items()},
+            {},
+            (v.record for v in found),
+        )
+        return ClusterState(
+            nodes,
+            {v.record.id: v.record for v in found},
+            {v.record.id: v.mod_revision for v in found},
+            {},
+            {record.id: record},
+            entries,
+        )
+
+    async def _replicas(self, record: ServiceRecord) -> list[ContainerView]:
+        """The service's replicas with their statuses and whether their nodes are ready."""
+        desired = [v.record for v in await self._replica_records(record)]
+        node_ids = sorted({d.node for d in desired if d.node})
+        statuses, nodes = await asyncio.gather(
+            asyncio.gather(*(STATUSES.get(self.store, d.id) for d in desired)),
+            asyncio.gather(*(NODES.get(self.store, n) for n in node_ids)),
+        )
+        ready = {n for n, node in zip(node_ids, nodes, strict=True) if node is not None}
+        found = {d.id: s for d, s in zip(desired, statuses, strict=True) if s is not None}
+        return join_status(desired, found, ready)
 
     async def create(
         self, record: ServiceRecord, principal: Principal | None = None
@@ -380,20 +448,17 @@ class ServiceCore:
 
     async def list(self) -> list[tuple[ServiceRecord, int]]:
         """Services in name order, each with its running replica count."""
-        records = [r for r, _ in await self._records()]
-        views = (await load_state(self.store)).views()
-        return [(r, running_count(r, views)) for r in sorted(records, key=lambda r: r.name)]
+        records = sorted((r for r, _ in await self._records()), key=lambda r: r.name)
+        replicas = await asyncio.gather(*(self._replicas(r) for r in records))
+        return [(r, running_count(r, views)) for r, views in zip(records, replicas, strict=True)]
 
     async def inspect(self, ref: str) -> tuple[ServiceRecord, int]:
         record, _ = await self._find(ref)
-        views = (await load_state(self.store)).views()
-        return record, running_count(record, views)
+        return record, running_count(record, await self._replicas(record))
 
     async def ps(self, ref: str, include_stopped: bool = False) -> list[ContainerView]:
         record, _ = await self._find(ref)
-        views = [
-            v for v in (await load_state(self.store)).views() if v.desired.service == record.id
-        ]
+        views = await self._replicas(record)
         if not include_stopped:
             views = [v for v in views if v.active]
         return sorted(views, key=lambda v: (v.desired.slot, -v.desired.scheduled_at))
@@ -479,8 +544,8 @@ class ServiceCore:
                     [self.store.op_put(service_key(record.id), record.to_json())],
                 )
                 continue  # read again: the delete compares the new revision
-            state = await load_state(self.store)
-            replicas = [c for c in state.containers.values() if c.service == record.id]
+            state = await self._replica_state(record)
+            replicas = list(state.containers.values())
             ok = await commit(
                 self.store,
                 state,

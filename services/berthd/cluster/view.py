@@ -8,6 +8,12 @@ read absent, the revision it was read absent at), so an older change arriving la
 bringing a write the view already holds) is ignored: the view only moves forward, key by key.
 A compaction or a lost watch ends the view; the controller lists again (`reset`, `load`).
 
+The serving instances' placement (`berthd.cluster.follow.NodeCache`) keeps a view of the node
+families only (`PLACEMENT_WATCHED`: nodes, allocations, availability, node layers): then a
+node's container count is its allocation record's `containers` (kept in the placement
+transaction), as no desired record is watched, and `node_views` hands out the scheduler's
+NodeViews, rebuilt only for a node that changed.
+
 Each change marks what it can affect dirty, and a controller pass reconciles only that:
 
 - a desired record or a status: its service (a standalone container with restart policy
@@ -36,6 +42,7 @@ from berthd.cluster.core import (
     ContainerView,
     join_status,
 )
+from berthd.cluster.scheduler import NodeView
 from berthd.cluster.services import SERVICES, ClusterState, ServiceRecord
 from berthd.common.state.containers import (
     CONTAINERS,
@@ -45,7 +52,7 @@ from berthd.common.state.containers import (
     DesiredContainer,
 )
 from berthd.common.state.family import DECODE_ERRORS
-from berthd.common.state.nodes import NODES, NodeRecord
+from berthd.common.state.nodes import NODE_LAYERS, NODES, NodeLayers, NodeRecord
 from berthd.common.store import Entry, WatchEvent
 
 log = logging.getLogger("berthd.cluster.view")
@@ -62,6 +69,9 @@ WATCHED = (
     STATUSES.prefix,
     SERVICES,
 )
+# What placement in a serving instance reads: the nodes, their reservations, availability and
+# layers (image locality); never the desired records or statuses.
+PLACEMENT_WATCHED = (NODES.prefix, ALLOCATIONS, AVAILABILITY, NODE_LAYERS.prefix)
 
 
 @dataclass
@@ -89,7 +99,10 @@ def _watched_always(desired: DesiredContainer) -> bool:
 
 
 class ClusterView:
-    def __init__(self) -> None:
+    def __init__(self, counts_from_allocations: bool = False) -> None:
+        """`counts_from_allocations`: a node's container count from its allocation record (a
+        view that does not watch the desired records), not from the records it holds."""
+        self.counts_from_allocations = counts_from_allocations
         self.reset()
 
     def reset(self) -> None:
@@ -106,6 +119,10 @@ class ClusterView:
         self.nodes: dict[str, ClusterNode] = {}
         self.by_service: dict[str, set[str]] = {}
         self.by_node: dict[str, set[str]] = {}
+        # Node id -> layer digest -> bytes (only when the node layers are watched).
+        self.layers: dict[str, dict[str, int]] = {}
+        # Node id -> its NodeView, built on demand and dropped when the node changes.
+        self._node_views: dict[str, NodeView] = {}
         # Key -> revision of what the view holds for it: present keys and keys read absent.
         self._present: dict[str, int] = {}
         self._absent: dict[str, int] = {}
@@ -195,6 +212,10 @@ class ClusterView:
             availability = self._decode(key, lambda: str(json.loads(value)["availability"]))
             self.availability[node_id] = availability or ACTIVE
             self._node_changed(node_id, membership=True)
+        elif (node_id := NODE_LAYERS.id_of(key)) is not None:
+            held = self._decode(key, lambda: NodeLayers.decode(value))
+            self.layers[node_id] = held.layers if held is not None else {}
+            self._rebuild_node(node_id)
         elif (cid := CONTAINERS.id_of(key)) is not None:
             desired = self._decode(key, lambda: CONTAINERS.decode(cid, value))
             self._container_changed(cid, desired, revision)
@@ -228,6 +249,9 @@ class ClusterView:
             node_id = key.removeprefix(AVAILABILITY)
             self.availability.pop(node_id, None)
             self._node_changed(node_id, membership=True)
+        elif (node_id := NODE_LAYERS.id_of(key)) is not None:
+            self.layers.pop(node_id, None)
+            self._rebuild_node(node_id)
         elif (cid := CONTAINERS.id_of(key)) is not None:
             self._container_changed(cid, None, 0)
         elif (cid := STATUSES.id_of(key)) is not None:
@@ -299,13 +323,17 @@ class ClusterView:
     def _rebuild_node(self, node_id: str) -> None:
         """The node as `build_nodes` makes it: known while registered, holding an allocation
         or containers (then not ready)."""
-        count = len(self.by_node.get(node_id, ()))
+        self._node_views.pop(node_id, None)
         registered = self.registered.get(node_id)
         allocation = self.allocations.get(node_id)
+        reserved = self._allocation(allocation)
+        if self.counts_from_allocations:
+            count = int(reserved.get("containers", 0))
+        else:
+            count = len(self.by_node.get(node_id, ()))
         if registered is None and allocation is None and not count:
             self.nodes.pop(node_id, None)
             return
-        reserved = self._allocation(allocation)
         self.nodes[node_id] = ClusterNode(
             id=node_id,
             record=registered or NodeRecord(node_id),
@@ -314,6 +342,7 @@ class ClusterView:
             allocated_cpu_millis=int(reserved.get("cpu_millis", 0)),
             allocated_memory_bytes=int(reserved.get("memory_bytes", 0)),
             container_count=count,
+            layers=self.layers.get(node_id, {}),
         )
 
     @staticmethod
@@ -327,6 +356,24 @@ class ClusterView:
             return {}
 
     # Reading ------------------------------------------------------------------------------
+
+    def allocation(self, node_id: str) -> dict:
+        """The node's allocation record as the view holds it ({} for none)."""
+        return self._allocation(self.allocations.get(node_id))
+
+    def revision(self, key: str) -> int:
+        """The mod revision of the key as the view holds it (0: absent), for a transaction's
+        compare that the view's reading of it still holds."""
+        return self._present.get(key, 0)
+
+    def node_views(self) -> list[NodeView]:
+        """Every node as the scheduler sees it; shared, not copied (placement does not change
+        them): only a node that changed since the last call is built again."""
+        views = self._node_views
+        for node_id, node in self.nodes.items():
+            if node_id not in views:
+                views[node_id] = node.view()
+        return list(views.values())
 
     def state(self) -> ClusterState:
         """The view as the ClusterState `realize` and `commit` take (shared, not copied)."""
