@@ -32,7 +32,7 @@ from berthd.cluster.core import ClusterCore, ClusterNode, ContainerView, Endpoin
 from berthd.cluster.events import CONTAINER_CREATE_FAILED, CONTAINER_DIED, EventFilter, watch_events
 from berthd.cluster.events import Event as ClusterEvent
 from berthd.cluster.services import ServiceCore, ServiceRecord
-from berthd.cluster.stats import sample_stats
+from berthd.cluster.stats import StatsEntry, sample_stats
 from berthd.common.container_messages import container_status, state_filter
 from berthd.common.containers import from_spec, to_spec
 from berthd.common.errors import InvalidArgument
@@ -86,6 +86,18 @@ def status_message(status: ContainerStatus | None) -> container_pb2.ContainerSta
         failure_reason=status.failure_reason,
         failure_message=status.failure_message,
     )
+
+
+def stats_entry(entry: StatsEntry) -> pb.ContainerStatsEntry:
+    """One container's sample, or (the `result` oneof) why it has none."""
+    message = pb.ContainerStatsEntry(
+        container_id=entry.view.id, name=entry.view.name, node_id=entry.view.desired.node
+    )
+    if entry.error:
+        message.error = entry.error
+    else:
+        message.sample.CopyFrom(entry.sample)
+    return message
 
 
 def container_message(view: ContainerView) -> pb.Container:
@@ -442,18 +454,7 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         entries = await sample_stats(
             self.core, list(request.containers), lambda address, node: NodeApi(address, node)
         )
-        return pb.BatchContainerStatsResponse(
-            stats=[
-                pb.ContainerStatsEntry(
-                    container_id=e.view.id,
-                    name=e.view.name,
-                    node_id=e.view.desired.node,
-                    sample=e.sample,
-                    error=e.error,
-                )
-                for e in entries
-            ]
-        )
+        return pb.BatchContainerStatsResponse(stats=[stats_entry(e) for e in entries])
 
     # Services ---------------------------------------------------------------------------
 
