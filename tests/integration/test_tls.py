@@ -116,14 +116,18 @@ def test_the_callers_identity_reaches_the_server(
 
 
 def test_a_service_calling_another_presents_its_certificate(
-    services: Services, registry: ServiceProcess
+    services: Services, registry: ServiceProcess, tmp_path: Path
 ) -> None:
     """The image service's calls to the registry carry `service:image` (internal mTLS)."""
+    with RegistryClient(registry.address) as client:
+        push_image(client, "tls/probe", "1", [b"probe"], tmp_path)
     image = services.start("image", f"--data-dir={services.tmp / 'image'}")
     with secure_channel(image.address) as channel:
-        image_pb2_grpc.ImageServiceStub(channel).ListImages(
+        # The names come from etcd; the image's manifest and config from the registry.
+        listed = image_pb2_grpc.ImageServiceStub(channel).ListImages(
             image_pb2.ListImagesRequest(), timeout=10
         )
+    assert [(i.repository, i.tag) for i in listed.images] == [("tls/probe", "1")]
 
     def callers() -> set[str]:
         return {line.get("identity", "") for line in log_lines(registry) if "method" in line}
