@@ -352,8 +352,13 @@ async def test_node_registers_in_etcd_and_vanishes_when_its_lease_lapses(
             node.pull(busybox)
             box = run(node, busybox, "true")
             node.wait(box)
-        status = (await store.get(f"containers/{box}/status")).json()
-        assert status["state"] == "exited" and status["node"] == node_agent.node_id
+        # The agent publishes the exit to etcd after it settles the container (the wait's
+        # answer does not wait for etcd): wait for the status, a guard only bounds a hang.
+        deadline = time.monotonic() + 60
+        while (status := (await store.get(f"containers/{box}/status")).json())["state"] != "exited":
+            assert time.monotonic() < deadline, status
+            await asyncio.sleep(0.05)
+        assert status["node"] == node_agent.node_id
 
         # A frozen agent stops keeping its lease: its node key vanishes once the lease lapses
         # (the guard is far beyond the TTL: it only bounds a hang).

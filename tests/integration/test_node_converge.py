@@ -57,9 +57,12 @@ async def test_node_follows_its_desired_containers(
         info = await until(lambda: _running(node, mine.id), what="desired container running")
         assert info.name == "web-1" and node.inspect(mine.id).labels[MANAGED_LABEL] == "true"
         assert [c.id for c in node.list(all=True)] == [mine.id]
-        status = await STATUSES.get(store, mine.id)
-        assert status is not None and status.node == node_agent.node_id
-        assert status.state == "running" and status.image_digest.startswith("sha256:")
+        # The status reaches etcd after the node starts it: wait for it, not for inspect.
+        deadline = time.monotonic() + 30
+        while (status := await STATUSES.get(store, mine.id)) is None or status.state != "running":
+            assert time.monotonic() < deadline, status
+            await asyncio.sleep(0.05)
+        assert status.node == node_agent.node_id and status.image_digest.startswith("sha256:")
 
         mine.desired = STOPPED
         await CONTAINERS.put(store, mine.id, mine)
