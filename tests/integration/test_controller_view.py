@@ -5,7 +5,7 @@ follows scaling and a node's loss. ClusterCore.inspect reads the one container i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -15,59 +15,13 @@ from berthd.cluster.services import ServiceRecord, service_key
 from berthd.common.containers import ContainerConfig
 from berthd.common.state.containers import CONTAINERS, STATUSES, ContainerStatus, DesiredContainer
 from berthd.common.state.nodes import NODES, NodeRecord
-from berthd.common.store import Entry, Page, Store
+from berthd.common.store import Store
+
+from .counting import CountingStore
 
 pytestmark = pytest.mark.integration
 
 GiB = 1 << 30
-
-
-class CountingStore(Store):
-    """A real store that counts the reads it makes and the records they return."""
-
-    reads = 0
-    records = 0
-
-    def _counted(self, found: int) -> None:
-        self.reads += 1
-        self.records += found
-
-    async def get(self, key: str) -> Entry | None:
-        entry = await super().get(key)
-        self._counted(entry is not None)
-        return entry
-
-    async def get_at(self, key: str) -> tuple[Entry | None, int]:
-        entry, revision = await super().get_at(key)
-        self._counted(entry is not None)
-        return entry, revision
-
-    async def list(self, prefix: str, **kw) -> list[Entry]:  # type: ignore[override]
-        entries = await super().list(prefix, **kw)
-        self._counted(len(entries))
-        return entries
-
-    async def range(self, start: str, end: str, **kw) -> Page:  # type: ignore[override]
-        page = await super().range(start, end, **kw)
-        self._counted(len(page.entries))
-        return page
-
-    async def snapshot(self, prefix: str) -> tuple[list[Entry], int]:
-        entries, revision = await super().snapshot(prefix)
-        self._counted(len(entries))
-        return entries, revision
-
-    async def count(self, prefix: str) -> int:
-        self._counted(0)
-        return await super().count(prefix)
-
-
-@pytest.fixture
-async def counting(etcd_endpoint: str, etcd_prefix: str) -> AsyncIterator[CountingStore]:
-    s = CountingStore(etcd_endpoint, etcd_prefix)
-    await s.connect()
-    yield s
-    await s.close()
 
 
 async def replicas(store: Store, done: Callable[[dict[str, str]], bool]) -> dict[str, str]:

@@ -14,55 +14,15 @@ import pytest
 
 from berth.client import RegistryClient
 from berthd.common.rpc.registry import RegistryApi
-from berthd.common.store import Entry, Page, Store
 from berthd.image.catalog import Catalog
 
 from .conftest import ServiceProcess
+from .counting import CountingStore
 from .images import push_image, tar_of
 
 pytestmark = pytest.mark.integration
 
 IMAGES = 40
-
-
-class CountingStore(Store):
-    """A real store that counts the reads it makes and the records they return."""
-
-    reads = 0
-    records = 0
-
-    def _counted(self, found: int) -> None:
-        self.reads += 1
-        self.records += found
-
-    async def get(self, key: str) -> Entry | None:
-        entry = await super().get(key)
-        self._counted(entry is not None)
-        return entry
-
-    async def get_at(self, key: str) -> tuple[Entry | None, int]:
-        entry, revision = await super().get_at(key)
-        self._counted(entry is not None)
-        return entry, revision
-
-    async def list(self, prefix: str, **kw) -> list[Entry]:  # type: ignore[override]
-        entries = await super().list(prefix, **kw)
-        self._counted(len(entries))
-        return entries
-
-    async def range(self, start: str, end: str, **kw) -> Page:  # type: ignore[override]
-        page = await super().range(start, end, **kw)
-        self._counted(len(page.entries))
-        return page
-
-    async def snapshot(self, prefix: str) -> tuple[list[Entry], int]:
-        entries, revision = await super().snapshot(prefix)
-        self._counted(len(entries))
-        return entries, revision
-
-    async def count(self, prefix: str) -> int:
-        self._counted(0)
-        return await super().count(prefix)
 
 
 class CountingRegistry(RegistryApi):
@@ -73,14 +33,6 @@ class CountingRegistry(RegistryApi):
     async def unary(self, method: str, request: Any, **kw: Any) -> Any:
         self.calls[method] += 1
         return await super().unary(method, request, **kw)
-
-
-@pytest.fixture
-async def counting(etcd_endpoint: str, etcd_prefix: str) -> AsyncIterator[CountingStore]:
-    s = CountingStore(etcd_endpoint, etcd_prefix)
-    await s.connect()
-    yield s
-    await s.close()
 
 
 @pytest.fixture

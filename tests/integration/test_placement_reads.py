@@ -7,7 +7,6 @@ that lags never places on a node that was just cordoned or lost, nor misses one 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -24,21 +23,14 @@ from berthd.common.errors import AlreadyExists, FailedPrecondition
 from berthd.common.state.containers import CONTAINERS, STATUSES, ContainerStatus, DesiredContainer
 from berthd.common.state.nodes import NODES, NodeRecord
 from berthd.common.store import Store
-from tests.integration.test_controller_view import CountingStore
+
+from .counting import CountingStore
 
 pytestmark = pytest.mark.integration
 
 GiB = 1 << 30
 NODE_COUNT = 30
 STANDALONE = 60
-
-
-@pytest.fixture
-async def counting(etcd_endpoint: str, etcd_prefix: str) -> AsyncIterator[CountingStore]:
-    s = CountingStore(etcd_endpoint, etcd_prefix)
-    await s.connect()
-    yield s
-    await s.close()
 
 
 async def populate(store: Store) -> list[str]:

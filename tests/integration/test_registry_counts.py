@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,20 +22,11 @@ from berthd.registry.gc import collect
 from berthd.registry.metadata import Metadata, repo_key
 
 from .conftest import ServiceProcess
-from .test_controller_view import CountingStore
+from .counting import CountingStore
 from .test_registry import OCI_MANIFEST, image, push_image
 from .test_registry_disk import put_raw
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def counting(etcd_endpoint: str, etcd_prefix: str) -> AsyncIterator[CountingStore]:
-    s = CountingStore(etcd_endpoint, etcd_prefix)
-    await s.connect()
-    yield s
-    await s.delete_prefix("")
-    await s.close()
 
 
 async def push(registry: Registry, repository: str, tags: list[str], seed: bytes) -> str:

@@ -1,0 +1,46 @@
+"""A real etcd store that counts its reads: the scale tests (issue 14) assert that a question
+about one thing reads that thing, not the family it belongs to."""
+
+from __future__ import annotations
+
+from berthd.common.store import Entry, Page, Store
+
+
+class CountingStore(Store):
+    """A real store that counts the reads it makes and the records they return."""
+
+    reads = 0
+    records = 0
+
+    def _counted(self, found: int) -> None:
+        self.reads += 1
+        self.records += found
+
+    async def get(self, key: str) -> Entry | None:
+        entry = await super().get(key)
+        self._counted(entry is not None)
+        return entry
+
+    async def get_at(self, key: str) -> tuple[Entry | None, int]:
+        entry, revision = await super().get_at(key)
+        self._counted(entry is not None)
+        return entry, revision
+
+    async def list(self, prefix: str, **kw) -> list[Entry]:  # type: ignore[override]
+        entries = await super().list(prefix, **kw)
+        self._counted(len(entries))
+        return entries
+
+    async def range(self, start: str, end: str, **kw) -> Page:  # type: ignore[override]
+        page = await super().range(start, end, **kw)
+        self._counted(len(page.entries))
+        return page
+
+    async def snapshot(self, prefix: str) -> tuple[list[Entry], int]:
+        entries, revision = await super().snapshot(prefix)
+        self._counted(len(entries))
+        return entries, revision
+
+    async def count(self, prefix: str) -> int:
+        self._counted(0)
+        return await super().count(prefix)
