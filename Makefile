@@ -64,6 +64,9 @@ $(VENV)/.installed: pyproject.toml
 protos: $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=clients/python --pyi_out=clients/python \
 	  --grpc_python_out=clients/python $(PROTO_FILES)
+	@# Byte-compile the editable sources now: the CLI otherwise compiles every module it imports
+	@# on each run where .pyc cannot be written (PYTHONDONTWRITEBYTECODE, a read-only checkout).
+	$(PY) -m compileall -q clients/python services
 
 lint: deps
 	$(VENV)/bin/ruff check .
