@@ -112,6 +112,27 @@ def test_help_with_stand_ins_reads_as_with_every_module(capsys: pytest.CaptureFi
     assert capsys.readouterr().out == whole
 
 
+def test_a_command_alone_gets_the_parser_it_has_among_all() -> None:
+    """A named command's module registers that command alone (the others are skipped): its
+    parser, nested subcommands included, is the one the whole parser has."""
+
+    def helps(parser: argparse.ArgumentParser) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found[f"{parser.prog} {name}"] = sub.format_help()
+                    found |= helps(sub)
+        return found
+
+    whole = helps(cli_main.build_parser())
+    for command in cli_main.MODULE_OF:
+        alone = helps(cli_main.build_parser([command]))
+        assert alone == {k: v for k, v in whole.items() if k.startswith(f"berth {command} ")} | {
+            f"berth {command}": whole[f"berth {command}"]
+        }, command
+
+
 def test_a_command_after_an_abbreviated_option_gets_its_own_parser(
     capsys: pytest.CaptureFixture,
 ) -> None:

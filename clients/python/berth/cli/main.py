@@ -10,8 +10,8 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import berth
 from berth.cli.output import FORMATS, print_error
@@ -28,7 +28,7 @@ from berth.errors import BerthClientError
 # registers and their help, as it registers them (tests/unit/test_cli_startup.py checks that
 # they agree). `berth --help`, `--version` and a mistyped command list these without importing
 # any module, so without grpc and the generated stubs; a command imports only its own module
-# (and so only its own gRPC client).
+# (and so only its own gRPC client) and builds only its own parser.
 _COMMANDS: dict[str, tuple[tuple[str, str], ...]] = {
     "registry_cmds": (
         ("search", "find repositories by name, description or label"),
@@ -99,12 +99,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(
-    argv: Sequence[str] | None = None, *, module: str | None = None
+    argv: Sequence[str] | None = None, *, command: str | None = None
 ) -> argparse.ArgumentParser:
-    """The parser of every command; given the arguments, with the full parser of the command
-    they name (of `module`'s commands when given) and, for every other command, a stand-in that
-    only lists it (for `--help` and argparse's "invalid choice" message) and takes any
-    arguments."""
+    """The parser of every command. Given the arguments (or `command`), only the parser of the
+    command they name: its module registers that one alone (argparse takes a while to build a
+    command's options, and `run` has fifty). When they name none that command_word can find,
+    every command is a stand-in that only lists it (for `--help` and argparse's "invalid
+    choice" message) and takes any arguments."""
     parser = _Parser(
         prog="berth",
         description="Command-line client for the berth platform.",
@@ -139,17 +140,43 @@ def build_parser(
         "--format", choices=FORMATS, default="table", help="output of data: table (default), json"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    whole = argv is None and module is None
-    wanted = module or command_module(argv or [])
-    for name, listed in _COMMANDS.items():
-        if whole or name == wanted:
+    if argv is None and command is None:
+        for name in COMMAND_MODULES:
             importlib.import_module(f"berth.cli.{name}").add_commands(commands)
-            continue
-        for command, text in listed:
-            stand_in = commands.add_parser(command, help=text, add_help=False)
+        return parser
+    command = command or command_word(argv or [])
+    if command is not None:
+        module = importlib.import_module(f"berth.cli.{MODULE_OF[command]}")
+        module.add_commands(_OneCommand(commands, command))
+        return parser
+    for listed in _COMMANDS.values():
+        for name, text in listed:
+            stand_in = commands.add_parser(name, help=text, add_help=False)
             stand_in.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             stand_in.set_defaults(func=None)
     return parser
+
+
+class _OneCommand:
+    """The subcommands as a command module sees them when one command was asked for: that
+    command gets its parser, every other one a _Skipped that ignores what the module adds."""
+
+    def __init__(self, commands: argparse._SubParsersAction, command: str) -> None:
+        self._commands = commands
+        self._command = command
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if self._command == name or self._command in kwargs.get("aliases", ()):
+            return self._commands.add_parser(name, **kwargs)
+        return _Skipped()
+
+
+class _Skipped:
+    """A parser not built: every method call does nothing and returns it (so an argument
+    group, a nested subcommand or set_defaults on it work the same)."""
+
+    def __getattr__(self, name: str) -> Callable[..., _Skipped]:
+        return lambda *args, **kwargs: self
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -157,23 +184,23 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
     if args.func is None:
-        # A stand-in took the command: its word came after something command_module cannot
-        # skip (an abbreviated option, `--form json ps`). Parse again with its module.
-        return build_parser(argv, module=MODULE_OF[args.command]).parse_args(argv)
+        # A stand-in took the command: its word came after something command_word cannot
+        # skip (an abbreviated option, `--form json ps`). Parse again with its parser.
+        return build_parser(argv, command=args.command).parse_args(argv)
     if unknown:
         parser.parse_args(argv)  # reports them
     return args
 
 
-def command_module(argv: Sequence[str]) -> str | None:
-    """The module of the command argv names; None when it names none that it can find."""
+def command_word(argv: Sequence[str]) -> str | None:
+    """The command argv names; None when it names none (or one this cannot find)."""
     args = list(argv)
     while args:
         word = args.pop(0)
         if word in _VALUED_OPTIONS:
             args = args[1:]
         elif not word.startswith("-"):
-            return MODULE_OF.get(word)
+            return word if word in MODULE_OF else None
         elif word.split("=", 1)[0] not in _VALUED_OPTIONS:
             return None  # --help, --version, or a mistake argparse should report in full
     return None
