@@ -76,21 +76,35 @@ def test_a_command_that_calls_no_server_imports_nothing_heavy(
     assert heavy(imported(argv, tmp_path)) == set()
 
 
-def test_a_container_command_imports_its_own_client_only(tmp_path: Path) -> None:
-    """`berth stats` (it fails here: no cluster) loads the cluster client and its stub, not the
-    other clients, command modules or rich; the request id's uuid only when a run makes one."""
-    modules = imported(["stats", "--no-stream"], tmp_path)
-    assert {"grpc", "berth.cli.container_cmds", "berth.cluster.v1.cluster_pb2_grpc"} <= modules
-    others = {
-        name
-        for name in modules
-        if name.startswith(("rich", "importlib.metadata", "uuid"))
-        or name.startswith(("berth.client.image", "berth.client.registry", "berth.client.node"))
-        or name.startswith(("berth.client.builder", "berth.image.", "berth.registry."))
-        or name.startswith(("berth.builder.", "berth.node."))
-        or (name.startswith("berth.cli.") and name.endswith("_cmds"))
-    }
-    assert others == {"berth.cli.container_cmds"}
+CLIENTS = {"cluster", "node", "image", "registry", "builder", "secrets", "access", "join"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "modules", "clients"),
+    [
+        (["stats", "--no-stream"], {"container_cmds"}, {"cluster"}),
+        (["ps"], {"container_cmds"}, {"cluster"}),
+        (["images"], {"image_cmds"}, {"image", "node", "registry"}),
+        (["node", "ls"], {"cluster_cmds", "container_cmds"}, {"cluster", "join"}),
+        (["secret", "ls"], {"secret_cmds"}, {"secrets"}),
+        (["registry", "ls"], {"registry_cmds"}, {"registry"}),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else None,
+)
+def test_a_command_imports_its_own_module_and_clients_only(
+    argv: list[str], modules: set[str], clients: set[str], tmp_path: Path
+) -> None:
+    """A command (it fails here: no cluster) loads its module and its clients, no other command
+    module or client, and neither rich (plain tables) nor uuid (only a run's request id)."""
+    loaded = imported(argv, tmp_path)
+    assert {name for name in loaded if name.startswith(("rich", "importlib.metadata"))} == set()
+    assert "uuid" not in loaded
+    assert {
+        name.removeprefix("berth.cli.")
+        for name in loaded
+        if name.startswith("berth.cli.") and name.endswith("_cmds")
+    } == modules
+    assert {name.removeprefix("berth.client.") for name in loaded} & CLIENTS == clients
 
 
 def test_the_listed_commands_are_those_their_modules_register() -> None:

@@ -29,6 +29,7 @@ from berth.cli.output import (
     for_each,
     format_options,
     format_time,
+    host_options,
     human_ago,
     inspect_each,
     jsonable,
@@ -40,7 +41,7 @@ from berth.cli.output import (
 )
 from berth.client.cluster import ClusterClient, ClusterContainer, Placement
 from berth.client.containers import ContainerInfo
-from berth.config import HOST_HELP, resolve_target
+from berth.config import resolve_target
 from berth.containers import (
     NETWORK_MODES,
     RESTART_POLICIES,
@@ -445,13 +446,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     attach.add_argument("container", metavar="CONTAINER")
     attach.set_defaults(func=cmd_attach)
-
-
-def host_options() -> argparse.ArgumentParser:
-    """--host on a subcommand; SUPPRESS keeps it from overwriting the global flag."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--host", metavar="ADDR", default=argparse.SUPPRESS, help=HOST_HELP)
-    return parent
 
 
 def target_options() -> argparse.ArgumentParser:

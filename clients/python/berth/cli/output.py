@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from berth.config import HOST_HELP
 from berth.errors import BerthClientError, one_line
 
 if TYPE_CHECKING:
@@ -221,3 +224,27 @@ def parse_label(text: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f'invalid label "{text}": expected KEY=VALUE')
     return key.strip(), value
+
+
+def host_options() -> argparse.ArgumentParser:
+    """--host on a subcommand; SUPPRESS keeps it from overwriting the global flag."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--host", metavar="ADDR", default=argparse.SUPPRESS, help=HOST_HELP)
+    return parent
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in "30s", "10m", "1h", "1h30m", "1.5d" or bare "90"; fractions round up."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    if not text or not re.fullmatch(rf"(?:{_DURATION_RE.pattern})+", text):
+        raise argparse.ArgumentTypeError(
+            f'invalid duration "{text}": use numbers with units ms, s, m, h, d (30s, 10m, 1h30m)'
+        )
+    total = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_RE.findall(text))
+    return math.ceil(total)
