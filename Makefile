@@ -109,6 +109,7 @@ bench: deps bench-apt
 	$(PY) -m bench.registry_ls
 	$(PY) -m bench.placement
 	$(PY) -m bench.stats
+	$(PY) -m bench.cli_startup
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)
