@@ -99,6 +99,8 @@ def test_a_command_imports_its_own_module_and_clients_only(
     loaded = imported(argv, tmp_path)
     assert {name for name in loaded if name.startswith(("rich", "importlib.metadata"))} == set()
     assert "uuid" not in loaded
+    if modules == {"container_cmds"}:  # a container's whole configuration only for run/create
+        assert "berth.containers" not in loaded
     assert {
         name.removeprefix("berth.cli.")
         for name in loaded

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from berth.client.base import GrpcClient
 from berth.client.containers import (
@@ -25,7 +25,6 @@ from berth.client.containers import (
 )
 from berth.cluster.v1 import cluster_pb2 as pb
 from berth.cluster.v1 import cluster_pb2_grpc
-from berth.containers import ContainerConfig, from_spec, to_spec
 from berth.enums.cluster import (
     AVAILABILITIES,
     DESIRED_STATES,
@@ -35,6 +34,11 @@ from berth.enums.cluster import (
     UPDATE_STATES,
 )
 from berth.errors import BerthClientError
+
+# berth.containers (a container's whole configuration, its checks and its proto form) is imported
+# by the calls that send or read one: listing, stats or logs need none of it.
+if TYPE_CHECKING:
+    from berth.containers import ContainerConfig
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,8 @@ def cluster_container(c: pb.Container) -> ClusterContainer:
 
 
 def _service(s: pb.Service) -> ServiceInfo:
+    from berth.containers import from_spec
+
     return ServiceInfo(
         id=s.id,
         name=s.spec.name,
@@ -326,6 +332,8 @@ class ClusterClient(ContainerStreams, GrpcClient):
         validates `config`; call config.validate() first to find a mistake before any call.
         The call carries `request_id` (a new UUID when empty) and is retried with it when the
         answer is lost: never two containers for one call."""
+        from berth.containers import to_spec
+
         request = pb.RunContainerRequest(
             spec=to_spec(config),
             placement=_placement_message(placement),
@@ -409,6 +417,8 @@ class ClusterClient(ContainerStreams, GrpcClient):
     ) -> ServiceInfo:
         """A service of `replicas` containers made from `template` (each named NAME.SLOT).
         Retried with its request_id (a new UUID when empty) when the answer is lost."""
+        from berth.containers import to_spec
+
         spec = pb.ServiceSpec(
             name=name,
             template=to_spec(template),
