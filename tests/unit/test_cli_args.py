@@ -309,3 +309,15 @@ def test_each_command_loads_only_the_module_that_registers_it() -> None:
     assert only_build.parse_args(["build", "."]).func is not None
     with pytest.raises(BerthClientError):  # other commands are not there: argparse refuses
         only_build.parse_args(["builder", "prune"])
+
+
+def test_lines_and_tables_print_data_as_it_is(capsys: pytest.CaptureFixture[str]) -> None:
+    """No markup, emoji codes or highlighting: a name like `a:smile:b` stays what it is (rich
+    printed an emoji for it)."""
+    from berth.cli.output import print_line, print_table
+
+    print_line("x :smile: [bold]y[/bold]")
+    print_table(["NAME", "CMD"], [["a:smile:b", "sh\t-c"], ["c", "[red]"]])
+    assert capsys.readouterr().out == (
+        "x :smile: [bold]y[/bold]\nNAME        CMD\na:smile:b   sh -c\nc           [red]\n"
+    )
