@@ -65,6 +65,8 @@ from berthd.common.state.containers import (
     STOPPED,
     ContainerStatus,
     DesiredContainer,
+    op_delete_desired,
+    op_put_desired,
 )
 from berthd.common.state.endpoints import ENDPOINTS, EndpointRecord
 from berthd.common.state.nodes import NODES, NodeRecord
@@ -94,8 +96,8 @@ START_TIMEOUT_SECONDS = 30
 # etcd refuses a transaction of more compares (or writes) than this (its --max-txn-ops).
 MAX_TXN_OPS = 128
 # What one run of a placement batch may add to its transaction: compares on its record's and
-# its name's absence and on its node's three keys (writes: its record, its name, the node's
-# allocation), plus one compare per secret it names.
+# its name's absence and on its node's three keys (writes: its record, its assignment key, its
+# name, the node's allocation), plus one compare per secret it names.
 RUN_TXN_OPS = 5
 
 
@@ -739,7 +741,7 @@ class ClusterCore:
                 self.store.absent(name_key(desired.name)),
             ]
             ops += [
-                CONTAINERS.op_put(self.store, desired.id, desired),
+                *op_put_desired(self.store, desired),
                 self.store.op_put(name_key(desired.name), desired.id.encode()),
             ]
         ops += [self.store.op_put(allocation_key(n), a) for n, a in allocations.items()]
@@ -768,6 +770,7 @@ class ClusterCore:
             found = await CONTAINERS.read(self.store, view.id)
             if found is None:
                 raise container_not_found(ref)
+            before = copy.deepcopy(found.record)
             view.desired = found.record
             view.desired.desired = state
             view.desired.stop_grace = stop_grace
@@ -776,7 +779,7 @@ class ClusterCore:
                 view.desired.attempt += 1
             ok, _ = await self.store.txn(
                 [CONTAINERS.unchanged(self.store, view.id, found.mod_revision)],
-                [CONTAINERS.op_put(self.store, view.id, view.desired)],
+                op_put_desired(self.store, view.desired, before),
             )
             if ok:
                 return view, view.status.started_at if view.status else None
@@ -893,7 +896,7 @@ class ClusterCore:
                 alloc.json() if alloc else None, -desired.cpu_millis, -desired.memory_bytes, -1
             )
             ops = [
-                CONTAINERS.op_delete(self.store, desired.id),
+                *op_delete_desired(self.store, desired),
                 self.store.op_delete(name_key(desired.name)),
                 self.store.op_put(allocation_key(desired.node), released),
             ]
