@@ -101,6 +101,9 @@ class Converger:
         self._failed: dict[str, ContainerStatus] = {}
         # Set by the fence (berthd.node.fence) while the node is cut off: nothing is started.
         self.fenced = False
+        # What the agent follows: "assignments" (its own keys), "all" (every record, until
+        # the cluster's index is ready), "" before its first snapshot.
+        self.following = ""
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -146,6 +149,7 @@ class Converger:
             found = await asyncio.gather(*(CONTAINERS.get(self.store, cid) for cid in chunk))
             for cid, desired in zip(chunk, found, strict=True):
                 self._record(cid, desired)
+        self.following = "assignments"
         retry = asyncio.create_task(self._reconcile_loop())
         try:
             async for event in self.store.watch_prefix(prefix, revision + 1):
@@ -166,6 +170,7 @@ class Converger:
         self.desired = {}
         for found in records:
             self._record(found.id, found.record)
+        self.following = "all"
 
         async def follow() -> None:
             async for change in CONTAINERS.watch(self.store, revision + 1):
