@@ -14,17 +14,21 @@ from pathlib import Path
 import pytest
 
 from berthd.cluster.assignments import backfill_assignments
+from berthd.cluster.core import ClusterCore
 from berthd.common.containers import ContainerConfig
 from berthd.common.state.containers import (
     ASSIGNMENTS,
     ASSIGNMENTS_READY,
     CONTAINERS,
+    STATUSES,
     STOPPED,
+    ContainerStatus,
     DesiredContainer,
     assignment_key,
     delete_desired,
     put_desired,
 )
+from berthd.common.state.nodes import NODES, NodeRecord
 from berthd.common.store import Store
 from berthd.node.containers import ContainerManager
 from berthd.node.converge import Converger
@@ -161,3 +165,31 @@ async def test_records_without_the_index_are_backfilled_and_agents_follow_all_un
     await until(lambda: last.id in converger.desired, "the last record")
     assert counting.watched == 1
     assert {old_mine.id, newer.id, last.id} == converger.desired.keys()
+
+
+async def test_ps_filtered_by_node_reads_that_nodes_containers_only(
+    store: Store, counting: CountingStore
+) -> None:
+    await store.put(ASSIGNMENTS_READY, b"{}")
+    await NODES.put(store, "n2", NodeRecord("n2", cpus=4, memory_bytes=1 << 30))
+    on_n2 = []
+    for i in range(42):
+        record = stopped("n1" if i % 20 else "n2", f"c{i:02d}")
+        record.scheduled_at = float(i)
+        await put_desired(store, record)
+        await STATUSES.put(store, record.id, ContainerStatus(node=record.node, state="exited"))
+        if record.node == "n2":
+            on_n2.append(record.name)
+    core = ClusterCore(counting)
+    counting.reads = counting.records = 0
+    found = await core.list(node_id="n2", include_stopped=True)
+    assert [v.name for v in found] == sorted(on_n2, reverse=True)  # newest first, as ps
+    assert {(v.state, v.node_ready) for v in found} == {("exited", True)}
+    # The marker, n2's record and its 3 keys, then each of the 3 records and statuses: none
+    # of the other 39 containers.
+    assert counting.records <= 11, counting.records
+    assert [v.name for v in await core.list(node_id="n1/x", include_stopped=True)] == []
+    # Without the marker (an index not backfilled yet) the listing reads every record.
+    await store.delete(ASSIGNMENTS_READY)
+    again = await core.list(node_id="n2", include_stopped=True)
+    assert [v.name for v in again] == [v.name for v in found]
