@@ -1,8 +1,10 @@
 """A node agent follows only its own assignments (`cluster/assignments/<node>/<id>`): writes
 of other nodes' containers never reach it, a change of its own record's desired state or a move
 does; a cluster whose records predate the index is backfilled by the leader, and agents follow
-every record until it marks the index ready. A real etcd and a real converger (with a
-container manager whose records are all stopped: nothing is pulled or run)."""
+every record until it marks the index ready. A listing by node reads that node's containers;
+the Events stream watches only the key range of the families it reports. A real etcd and a
+real converger (with a container manager whose records are all stopped: nothing is pulled or
+run)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 
 from berthd.cluster.assignments import backfill_assignments
 from berthd.cluster.core import ClusterCore
+from berthd.cluster.events import NODE_JOINED, EventFilter, watch_events
 from berthd.common.containers import ContainerConfig
 from berthd.common.state.containers import (
     ASSIGNMENTS,
@@ -193,3 +196,35 @@ async def test_ps_filtered_by_node_reads_that_nodes_containers_only(
     await store.delete(ASSIGNMENTS_READY)
     again = await core.list(node_id="n2", include_stopped=True)
     assert [v.name for v in again] == [v.name for v in found]
+
+
+async def test_the_events_stream_is_not_woken_by_keys_it_does_not_report(
+    store: Store, counting: CountingStore
+) -> None:
+    seen: list[tuple[str, str]] = []
+    watching = asyncio.Event()
+
+    async def ready() -> None:
+        watching.set()
+
+    async def follow() -> None:
+        async for event in watch_events(counting, EventFilter(), ready):
+            seen.append((event.type, event.node_id))
+
+    task = asyncio.create_task(follow())
+    try:
+        async with asyncio.timeout(GUARD):
+            await watching.wait()
+        counting.watched = 0
+        for i in range(20):  # a push, placements' bookkeeping, index keys, secrets
+            await store.put(f"registry/tags/demo/app@v{i}", b"{}")
+            await store.put(f"cluster/allocations/n{i}", b"{}")
+            await store.put(assignment_key(f"n{i}", "a" * 64), b"")
+            await store.put(f"secrets/s{i}", b"{}")
+        await NODES.put(store, "n1", NodeRecord("n1"))
+        await until(lambda: bool(seen), "the node's event")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert seen == [(NODE_JOINED, "n1")]
+    assert counting.watched == 1
