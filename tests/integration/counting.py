@@ -3,11 +3,14 @@ about one thing reads that thing, not the family it belongs to."""
 
 from __future__ import annotations
 
-from berthd.common.store import Entry, Page, Store
+from collections.abc import AsyncIterator
+
+from berthd.common.store import Entry, Page, Store, WatchEvent
 
 
 class CountingStore(Store):
-    """A real store that counts the reads it makes and the records they return."""
+    """A real store that counts the reads it makes and the records they return, and the
+    events its watches deliver."""
 
     reads = 0
     records = 0
@@ -44,3 +47,13 @@ class CountingStore(Store):
     async def count(self, prefix: str) -> int:
         self._counted(0)
         return await super().count(prefix)
+
+    # Events its watches delivered (what wakes a watcher), counted apart from reads.
+    watched = 0
+
+    async def _watch(  # type: ignore[override]
+        self, start: bytes, end: bytes, start_revision: int | None
+    ) -> AsyncIterator[WatchEvent]:
+        async for event in super()._watch(start, end, start_revision):
+            self.watched += 1
+            yield event

@@ -45,6 +45,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from berthd.cluster import metrics
+from berthd.cluster.assignments import backfill_assignments
 from berthd.cluster.core import DRAINED, ClusterNode, ContainerView
 from berthd.cluster.follow import list_families, watch_family
 from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place_replicas
@@ -60,7 +61,12 @@ from berthd.cluster.services import (
 )
 from berthd.cluster.view import WATCHED, ClusterView, Dirty
 from berthd.common.errors import BerthError, FailedPrecondition
-from berthd.common.state.containers import CONTAINERS, RUNNING, DesiredContainer
+from berthd.common.state.containers import (
+    CONTAINERS,
+    RUNNING,
+    DesiredContainer,
+    op_put_desired,
+)
 from berthd.common.store import Compare, Op, RevisionCompacted, Store, WatchEvent
 
 log = logging.getLogger("berthd.cluster.controller")
@@ -370,8 +376,13 @@ class Controller:
     async def run(self) -> None:
         """List, watch and reconcile until cancelled; list again after a lost watch or a
         compaction."""
+        ready = False
         while True:
             try:
+                if not ready:
+                    # Once per term: records written before the per-node index get their keys.
+                    await backfill_assignments(self.store, self.fence)
+                    ready = True
                 await self._follow()
             except RevisionCompacted as exc:
                 log.info("controller view compacted away, listing again: %s", exc)
@@ -507,7 +518,7 @@ class Controller:
             compares.append(
                 CONTAINERS.unchanged(self.store, retried.id, state.revisions[retried.id])
             )
-            ops.append(CONTAINERS.op_put(self.store, retried.id, retried))
+            ops += op_put_desired(self.store, retried, state.containers.get(retried.id))
         if not (changes.adds or changes.removes or ops):
             return False
         checks, writes = commit_ops(self.store, state, changes.adds, changes.removes, compares, ops)

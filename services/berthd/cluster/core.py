@@ -58,6 +58,7 @@ from berthd.common.rpc.registry import RegistryApi
 from berthd.common.security.admission import admit
 from berthd.common.security.principal import Principal, current_principal
 from berthd.common.state.containers import (
+    ASSIGNMENTS_READY,
     CONTAINERS,
     RUNNING,
     START_FAILED,
@@ -65,6 +66,10 @@ from berthd.common.state.containers import (
     STOPPED,
     ContainerStatus,
     DesiredContainer,
+    assigned_id,
+    assignments_of,
+    op_delete_desired,
+    op_put_desired,
 )
 from berthd.common.state.endpoints import ENDPOINTS, EndpointRecord
 from berthd.common.state.nodes import NODES, NodeRecord
@@ -94,9 +99,11 @@ START_TIMEOUT_SECONDS = 30
 # etcd refuses a transaction of more compares (or writes) than this (its --max-txn-ops).
 MAX_TXN_OPS = 128
 # What one run of a placement batch may add to its transaction: compares on its record's and
-# its name's absence and on its node's three keys (writes: its record, its name, the node's
-# allocation), plus one compare per secret it names.
+# its name's absence and on its node's three keys (writes: its record, its assignment key, its
+# name, the node's allocation), plus one compare per secret it names.
 RUN_TXN_OPS = 5
+# Records (and as many statuses) read at once by a listing narrowed by the node's index.
+READ_BATCH = 64
 
 
 # How long an image's layer list is reused between placements (tags can move).
@@ -439,10 +446,40 @@ class ClusterCore:
         return node
 
     async def list(self, **filters: Any) -> list[ContainerView]:
+        if filters.get("node_id"):
+            on_node = await self._on_node(filters["node_id"])
+            if on_node is not None:
+                return filter_containers(on_node, **filters)
         desired, statuses, ready = await asyncio.gather(
             self._desired(), STATUSES.records(self.store), self._ready_nodes()
         )
         return filter_containers(join_status(desired, statuses, ready), **filters)
+
+    async def _on_node(self, node_id: str) -> list[ContainerView] | None:
+        """The containers placed on one node, found by its assignment keys and read by key
+        (what the node holds, not what the cluster holds); None before the index is ready
+        (a cluster whose records predate it, until its leader backfilled it)."""
+        if "/" in node_id:
+            return []  # no node has such an id
+        ready, keys, node = await asyncio.gather(
+            self.store.get(ASSIGNMENTS_READY),
+            self.store.list(assignments_of(node_id), keys_only=True),
+            NODES.get(self.store, node_id),
+        )
+        if ready is None:
+            return None
+        ids = [cid for e in keys if (cid := assigned_id(node_id, e.key)) is not None]
+        views: list[ContainerView] = []
+        for start in range(0, len(ids), READ_BATCH):
+            chunk = ids[start : start + READ_BATCH]
+            records, statuses = await asyncio.gather(
+                asyncio.gather(*(CONTAINERS.get(self.store, cid) for cid in chunk)),
+                asyncio.gather(*(STATUSES.get(self.store, cid) for cid in chunk)),
+            )
+            for desired, status in zip(records, statuses, strict=True):
+                if desired is not None and desired.node == node_id:
+                    views.append(ContainerView(desired, status, node is not None))
+        return sorted(views, key=lambda v: (-v.desired.scheduled_at, v.id))
 
     async def _ready_nodes(self) -> set[str]:
         """The nodes whose agents hold their lease now (nodes/<id> exists)."""
@@ -739,7 +776,7 @@ class ClusterCore:
                 self.store.absent(name_key(desired.name)),
             ]
             ops += [
-                CONTAINERS.op_put(self.store, desired.id, desired),
+                *op_put_desired(self.store, desired),
                 self.store.op_put(name_key(desired.name), desired.id.encode()),
             ]
         ops += [self.store.op_put(allocation_key(n), a) for n, a in allocations.items()]
@@ -768,6 +805,7 @@ class ClusterCore:
             found = await CONTAINERS.read(self.store, view.id)
             if found is None:
                 raise container_not_found(ref)
+            before = copy.deepcopy(found.record)
             view.desired = found.record
             view.desired.desired = state
             view.desired.stop_grace = stop_grace
@@ -776,7 +814,7 @@ class ClusterCore:
                 view.desired.attempt += 1
             ok, _ = await self.store.txn(
                 [CONTAINERS.unchanged(self.store, view.id, found.mod_revision)],
-                [CONTAINERS.op_put(self.store, view.id, view.desired)],
+                op_put_desired(self.store, view.desired, before),
             )
             if ok:
                 return view, view.status.started_at if view.status else None
@@ -893,7 +931,7 @@ class ClusterCore:
                 alloc.json() if alloc else None, -desired.cpu_millis, -desired.memory_bytes, -1
             )
             ops = [
-                CONTAINERS.op_delete(self.store, desired.id),
+                *op_delete_desired(self.store, desired),
                 self.store.op_delete(name_key(desired.name)),
                 self.store.op_put(allocation_key(desired.node), released),
             ]

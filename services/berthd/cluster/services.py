@@ -30,8 +30,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from berthd.cluster.core import (
-    ALLOCATIONS,
-    AVAILABILITY,
     ClusterNode,
     ContainerView,
     allocation_after,
@@ -58,6 +56,8 @@ from berthd.common.state.containers import (
     STATUSES,
     ContainerStatus,
     DesiredContainer,
+    op_delete_desired,
+    op_put_desired,
 )
 from berthd.common.state.family import Versioned, known_fields
 from berthd.common.state.nodes import NODES
@@ -243,29 +243,6 @@ class ClusterState:
         return join_status(self.containers.values(), self.statuses, ready)
 
 
-async def load_state(store: Store) -> ClusterState:
-    registered, allocations, availability, containers, statuses, services = await asyncio.gather(
-        NODES.records(store),
-        store.list(ALLOCATIONS),
-        store.list(AVAILABILITY),
-        CONTAINERS.list(store),
-        STATUSES.records(store),
-        store.list(SERVICES),
-    )
-    desired = {v.id: v.record for v in containers}
-    records = {e.key.removeprefix(SERVICES): ServiceRecord.from_json(e.value) for e in services}
-    revisions = {v.id: v.mod_revision for v in containers}
-    revisions.update({e.key.removeprefix(SERVICES): e.mod_revision for e in services})
-    allocation_entries = {e.key.removeprefix(ALLOCATIONS): e for e in allocations}
-    nodes = build_nodes(
-        registered,
-        {node: e.json() for node, e in allocation_entries.items()},
-        {e.key.removeprefix(AVAILABILITY): e.json()["availability"] for e in availability},
-        desired.values(),
-    )
-    return ClusterState(nodes, desired, revisions, statuses, records, allocation_entries)
-
-
 async def commit(
     store: Store,
     state: ClusterState,
@@ -314,11 +291,11 @@ def commit_ops(
         checks.append(CONTAINERS.absent(store, c.id))
         if c.name not in removed_names:
             checks.append(store.absent(name_key(c.name)))
-        writes.append(CONTAINERS.op_put(store, c.id, c))
+        writes += op_put_desired(store, c)
         writes.append(store.op_put(name_key(c.name), c.id.encode()))
     for c in removes:
         checks.append(CONTAINERS.unchanged(store, c.id, state.revisions.get(c.id, 0)))
-        writes.append(CONTAINERS.op_delete(store, c.id))
+        writes += op_delete_desired(store, c)
         node = state.nodes.get(c.node)
         if node is None or not node.ready:
             # No agent will remove it (nor its status); one that comes back removes the
