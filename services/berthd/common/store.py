@@ -168,6 +168,20 @@ def etcd_request_too_large(
     )
 
 
+class LeaseNotFound(Unavailable):
+    """A write named a lease etcd no longer has (it expired): grant another and write again.
+    To a caller that does not, it is etcd failing like any other (ETCD_UNAVAILABLE)."""
+
+
+def _lease_not_found(exc: BaseException) -> bool:
+    rpc_error = exc if isinstance(exc, grpc.RpcError) else exc.__cause__
+    if not isinstance(rpc_error, grpc.RpcError) or not callable(getattr(rpc_error, "code", None)):
+        return False
+    return rpc_error.code() == grpc.StatusCode.NOT_FOUND and "lease not found" in (
+        rpc_error.details() or ""
+    )
+
+
 @contextlib.contextmanager
 def _etcd_errors(endpoint: str, ops: int | None = None, size: int | None = None) -> Iterator[None]:
     try:
@@ -177,6 +191,9 @@ def _etcd_errors(endpoint: str, ops: int | None = None, size: int | None = None)
     except ETCD_ERRORS as exc:
         if kind := _too_large(exc):
             raise etcd_request_too_large(endpoint, kind, ops, size) from exc
+        if _lease_not_found(exc):
+            error = etcd_unavailable(endpoint, exc)
+            raise LeaseNotFound(str(error), details=error.details) from exc
         raise etcd_unavailable(endpoint, exc) from exc
 
 
