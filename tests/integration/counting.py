@@ -57,3 +57,38 @@ class CountingStore(Store):
         async for event in super()._watch(start, end, start_revision):
             self.watched += 1
             yield event
+
+
+class RequestCountingStore(CountingStore):
+    """A CountingStore that counts its writes and lease calls too (`writes`): what one call
+    costs etcd in round trips."""
+
+    writes = 0
+
+    async def put(self, key: str, value: bytes, lease: int | None = None) -> None:
+        self.writes += 1
+        await super().put(key, value, lease)
+
+    async def delete(self, key: str) -> bool:
+        self.writes += 1
+        return await super().delete(key)
+
+    async def txn(self, compare, success, failure=()):  # type: ignore[no-untyped-def]
+        self.writes += 1
+        return await super().txn(compare, success, failure)
+
+    async def txn_at(self, compare, success):  # type: ignore[no-untyped-def]
+        self.writes += 1
+        return await super().txn_at(compare, success)
+
+    async def grant_lease(self, ttl: int) -> int:
+        self.writes += 1
+        return await super().grant_lease(ttl)
+
+    async def refresh_lease(self, lease_id: int) -> int:
+        self.writes += 1
+        return await super().refresh_lease(lease_id)
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        self.writes += 1
+        await super().revoke_lease(lease_id)

@@ -75,6 +75,11 @@ DEFAULT_MONITOR_SECONDS = 5.0
 # The actor of the controller's own decisions (replicas placed, moved, retried; update states).
 CONTROLLER = "service:cluster"
 ATTEMPTS = 12
+# Replicas one removal transaction deletes: each compares its record and deletes it, its
+# assignment key, its name and its status, and its node's allocation is compared and written
+# (5 writes at most); with the service and its name, 24 stay under etcd's --max-txn-ops (128)
+# whatever nodes they are on.
+REMOVE_BATCH = 24
 # Swarm's service name grammar: a DNS label, so `<name>.<slot>` stays a valid container name.
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
 
@@ -508,9 +513,11 @@ class ServiceCore:
         return await self._change(ref, change, expected_version)
 
     async def remove(self, ref: str, principal: Principal | None = None) -> None:
-        """Delete the service, its name and every replica in one transaction. The record is
-        first rewritten naming the remover (`changed_by`): a deletion carries no value, and
-        the SERVICE_REMOVED event takes its actor from the record it last saw."""
+        """Delete the service and its name with its first REMOVE_BATCH replicas in one
+        transaction, then the other replicas REMOVE_BATCH at a time (etcd refuses bigger
+        transactions); the controller would remove what is left of a removed service too. The
+        record is first rewritten naming the remover (`changed_by`): a deletion carries no
+        value, and the SERVICE_REMOVED event takes its actor from the record it last saw."""
         actor = (principal or current_principal()).name
         for _ in range(ATTEMPTS):
             record, revision = await self._find(ref)
@@ -522,11 +529,11 @@ class ServiceCore:
                 )
                 continue  # read again: the delete compares the new revision
             state = await self._replica_state(record)
-            replicas = list(state.containers.values())
+            replicas = sorted(state.containers.values(), key=lambda c: c.slot)
             ok = await commit(
                 self.store,
                 state,
-                removes=replicas,
+                removes=replicas[:REMOVE_BATCH],
                 compares=[self.store.unchanged(service_key(record.id), revision)],
                 ops=[
                     self.store.op_delete(service_key(record.id)),
@@ -534,5 +541,23 @@ class ServiceCore:
                 ],
             )
             if ok:
+                if len(replicas) > REMOVE_BATCH:
+                    await self._remove_replicas(record)
                 return
         raise Aborted(f"service {ref} is changing concurrently; try again")
+
+    async def _remove_replicas(self, record: ServiceRecord) -> None:
+        """Remove a removed service's replicas, REMOVE_BATCH per transaction, each comparing
+        what it read; a batch the controller changed meanwhile is read again. After ATTEMPTS
+        refusals in a row the rest is left to the controller (it removes the replicas of a
+        removed service)."""
+        refused = 0
+        while refused < ATTEMPTS:
+            state = await self._replica_state(record)
+            replicas = sorted(state.containers.values(), key=lambda c: c.slot)
+            if not replicas:
+                return
+            if await commit(self.store, state, removes=replicas[:REMOVE_BATCH]):
+                refused = 0
+            else:
+                refused += 1

@@ -6,12 +6,19 @@ succeeds, its response (serialized protobuf) replaces the claim. Responses expir
 the hour's keys share, so a response is kept at least `TTL` seconds. A later call with the
 same id gets that response back; one that arrives while the first is in flight gets ABORTED.
 
-A claim holds a lease of its own (`CLAIM_TTL`), kept alive while the work runs: a failed call
-revokes it (the retry does the work), and when the release or the response cannot be written
-(etcd failing, the process killed) the claim expires within `CLAIM_TTL` of etcd's return, so
-a retry is ABORTED for that long at most, never for the day. A call whose response could not
-be recorded reported UNAVAILABLE to its client, so its outcome is unknown and the retry does
-the work again.
+Claims are bound to one lease per process and store (`CLAIM_TTL`), granted by the first claim
+and kept alive by one background task while claims are in flight (it lets the lease lapse
+once the process has none for a while, and the next claim grants another). A call costs
+etcd two round trips: the claim's create and the response's put (which moves the key to the
+hour's lease); a failed call's release is a delete guarded by the claim's own value (unique
+per call), so the retry does the work. When etcd refuses that release, the background task
+tries it again until etcd takes it; when the process is killed, its lease expires and its
+claims with it within `CLAIM_TTL` of etcd's return, so a retry is ABORTED for that long at
+most, never for the day. A call whose response could not be recorded reported UNAVAILABLE to
+its client and released its claim, so its outcome is unknown and the retry does the work
+again. A claim whose lease expired meanwhile (the process starved or cut off from etcd for
+longer than `CLAIM_TTL`) is gone: the call still records its response, and the next claim
+grants a new lease.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -27,15 +35,16 @@ from typing import TypeVar
 from google.protobuf.message import Message
 
 from berthd.common.errors import Aborted, InvalidArgument, Unavailable
-from berthd.common.store import Store
+from berthd.common.store import LeaseNotFound, Store
 
 log = logging.getLogger("berthd.idempotency")
 
 TTL = 24 * 3600
 # How long a claim outlives the process or the etcd connection that holds it.
 CLAIM_TTL = 30
-# A call in flight holds CLAIM; a finished one its response prefixed with DONE, so a response
-# that serializes to no bytes is still told from a claim.
+# A call in flight holds CLAIM and a token of its own (what its release compares); a finished
+# one its response prefixed with DONE, so a response that serializes to no bytes is still told
+# from a claim.
 CLAIM = b"claim"
 DONE = b"done:"
 MAX_REQUEST_ID = 128
@@ -43,6 +52,22 @@ LEASE_REUSE = 3600
 _leases: weakref.WeakKeyDictionary[Store, tuple[int, float]] = weakref.WeakKeyDictionary()
 
 Response = TypeVar("Response", bound=Message)
+
+
+class _Claims:
+    """A process's claims on one store: their shared lease, how many are in flight, the
+    releases etcd refused (key -> claim value), and the one task that keeps it all."""
+
+    def __init__(self) -> None:
+        self.lease = 0  # 0: none held; the next claim grants one
+        self.in_flight = 0
+        self.active = False  # a claim was taken since the keeper's last round
+        self.orphans: dict[str, bytes] = {}
+        self.keeper: asyncio.Task[None] | None = None
+        self.granting: asyncio.Lock | None = None
+
+
+_claims: weakref.WeakKeyDictionary[Store, _Claims] = weakref.WeakKeyDictionary()
 
 
 def _key(scope: str, request_id: str) -> str:
@@ -65,9 +90,16 @@ async def once(
             field="request_id",
         )
     key = _key(scope, request_id)
-    claim = await store.grant_lease(CLAIM_TTL)
+    claims = _claims.get(store)
+    if claims is None:
+        claims = _claims[store] = _Claims()
+    claims.in_flight += 1
+    claims.active = True
+    if claims.keeper is None or claims.keeper.done():
+        claims.keeper = asyncio.create_task(_keep(store, claims))
     try:
-        if not await store.create(key, CLAIM, lease=claim):
+        claim = CLAIM + b":" + secrets.token_hex(8).encode()
+        if not await _create(store, claims, key, claim):
             entry = await store.get(key)
             if entry is not None and entry.value.startswith(DONE):
                 return response_type.FromString(entry.value[len(DONE) :])
@@ -76,30 +108,102 @@ async def once(
                 reason="REQUEST_IN_PROGRESS",
                 metadata={"request_id": request_id},
             )
-        keeper = asyncio.create_task(_keep_alive(store, claim))
+        recorded = False
         try:
             response = await work()
+            # Moving the key to the hour's lease takes it off the claim's.
+            await _put_done(store, key, DONE + response.SerializeToString())
+            recorded = True
+            return response
         finally:
-            keeper.cancel()
-        # Moving the key to the hour's lease takes it off the claim's, which is revoked next.
-        await store.put(key, DONE + response.SerializeToString(), lease=await _lease(store))
-        return response
+            if not recorded:
+                await _release(store, claims, key, claim)
     finally:
-        # Revoking deletes the claim if it is still one: a failed call's retry does the work.
-        # When etcd refuses that too, the claim expires with its lease.
+        claims.in_flight -= 1
+
+
+async def close(store: Store) -> None:
+    """Stop the keeper of `store`'s claims and give their lease back (shutdown, tests)."""
+    claims = _claims.pop(store, None)
+    if claims is None:
+        return
+    if claims.keeper is not None:
+        claims.keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await claims.keeper
+    if claims.lease and not claims.in_flight:
         with contextlib.suppress(Unavailable):
-            await store.revoke_lease(claim)
+            await store.revoke_lease(claims.lease)
 
 
-async def _keep_alive(store: Store, lease: int) -> None:
-    """Refresh a claim's lease while its work runs. A failed refresh is retried: etcd away,
-    the lease keeps its time (and gets its full TTL back when etcd restarts)."""
+async def _create(store: Store, claims: _Claims, key: str, claim: bytes) -> bool:
+    """Create the claim on the process's lease; once more on a new lease when etcd no longer
+    has that one."""
+    lease = await _claim_lease(store, claims)
+    try:
+        return await store.create(key, claim, lease=lease)
+    except LeaseNotFound:
+        if claims.lease == lease:
+            claims.lease = 0
+        return await store.create(key, claim, lease=await _claim_lease(store, claims))
+
+
+async def _claim_lease(store: Store, claims: _Claims) -> int:
+    """The lease the process's claims share: one grant for however many claims."""
+    if claims.lease:
+        return claims.lease
+    if claims.granting is None:
+        claims.granting = asyncio.Lock()
+    async with claims.granting:  # a burst of first claims shares one grant
+        if not claims.lease:
+            claims.lease = await store.grant_lease(CLAIM_TTL)
+    return claims.lease
+
+
+async def _put_done(store: Store, key: str, value: bytes) -> None:
+    try:
+        await store.put(key, value, lease=await _lease(store))
+    except LeaseNotFound:
+        _leases.pop(store, None)  # etcd lost the hour's lease: grant another
+        await store.put(key, value, lease=await _lease(store))
+
+
+async def _release(store: Store, claims: _Claims, key: str, claim: bytes) -> None:
+    """Delete the claim if it is still this call's; when etcd refuses, the keeper tries again
+    (the claim's lease would otherwise keep it for as long as the process has claims)."""
+    try:
+        await store.txn([store.value_is(key, claim)], [store.op_delete(key)])
+    except Unavailable as exc:
+        log.warning("cannot release a request_id claim, will try again: %s", exc)
+        claims.orphans[key] = claim
+
+
+async def _keep(store: Store, claims: _Claims) -> None:
+    """Every CLAIM_TTL / 3 while claims are in flight (or releases are pending): release what
+    etcd refused before, and refresh the lease. A failed refresh is retried: etcd away, the
+    lease keeps its time (and gets its full TTL back when etcd restarts); one etcd no longer
+    has is replaced by the next claim. Once a round finds nothing in flight, it ends and the
+    lease lapses: an idle process writes nothing."""
     while True:
         await asyncio.sleep(CLAIM_TTL / 3)
+        for key, claim in list(claims.orphans.items()):
+            try:
+                await store.txn([store.value_is(key, claim)], [store.op_delete(key)])
+            except Unavailable:
+                break
+            if claims.orphans.get(key) == claim:
+                del claims.orphans[key]
+        if not (claims.in_flight or claims.active or claims.orphans):
+            claims.lease = 0
+            return
+        claims.active = False
+        if not claims.lease:
+            continue
         try:
-            await store.refresh_lease(lease)
+            if await store.refresh_lease(claims.lease) <= 0:
+                claims.lease = 0
         except Unavailable as exc:
-            log.warning("cannot refresh a request_id claim: %s", exc)
+            log.warning("cannot refresh the request_id claims' lease: %s", exc)
 
 
 async def _lease(store: Store) -> int:
