@@ -16,10 +16,11 @@ GUARD = 60
 class OwnEtcd:
     """An etcd for one test, killed and restarted on the same ports and data."""
 
-    def __init__(self, directory: Path, ca: ClusterCA) -> None:
+    def __init__(self, directory: Path, ca: ClusterCA, *flags: str) -> None:
+        """`flags`: more of etcd's flags (a small --quota-backend-bytes, say)."""
         self.directory = directory
         self.client, self.peer = free_port(), free_port()
-        self.flags = ca.etcd_flags("outage-etcd", ["127.0.0.1", "localhost"])
+        self.flags = [*ca.etcd_flags("outage-etcd", ["127.0.0.1", "localhost"]), *flags]
         self.endpoint = f"127.0.0.1:{self.client}"
         self.proc: subprocess.Popen | None = None
 

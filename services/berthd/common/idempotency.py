@@ -34,7 +34,7 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
-from berthd.common.errors import Aborted, InvalidArgument, Unavailable
+from berthd.common.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
 from berthd.common.store import LeaseNotFound, Store
 
 log = logging.getLogger("berthd.idempotency")
@@ -173,7 +173,7 @@ async def _release(store: Store, claims: _Claims, key: str, claim: bytes) -> Non
     (the claim's lease would otherwise keep it for as long as the process has claims)."""
     try:
         await store.txn([store.value_is(key, claim)], [store.op_delete(key)])
-    except Unavailable as exc:
+    except (Unavailable, ResourceExhausted) as exc:
         log.warning("cannot release a request_id claim, will try again: %s", exc)
         claims.orphans[key] = claim
 
@@ -189,7 +189,7 @@ async def _keep(store: Store, claims: _Claims) -> None:
         for key, claim in list(claims.orphans.items()):
             try:
                 await store.txn([store.value_is(key, claim)], [store.op_delete(key)])
-            except Unavailable:
+            except (Unavailable, ResourceExhausted):
                 break
             if claims.orphans.get(key) == claim:
                 del claims.orphans[key]
@@ -202,7 +202,7 @@ async def _keep(store: Store, claims: _Claims) -> None:
         try:
             if await store.refresh_lease(claims.lease) <= 0:
                 claims.lease = 0
-        except Unavailable as exc:
+        except (Unavailable, ResourceExhausted) as exc:
             log.warning("cannot refresh the request_id claims' lease: %s", exc)
 
 

@@ -168,6 +168,30 @@ def etcd_request_too_large(
     )
 
 
+# The reason of every write refused because etcd's database reached its quota (a NOSPACE
+# alarm): writes fail until an operator compacts, defragments and disarms the alarm, so a retry
+# does not help; reads still work.
+ETCD_SPACE_EXCEEDED = "ETCD_SPACE_EXCEEDED"
+
+
+def _space_exceeded(exc: BaseException) -> bool:
+    rpc_error = exc if isinstance(exc, grpc.RpcError) else exc.__cause__
+    if not isinstance(rpc_error, grpc.RpcError) or not callable(getattr(rpc_error, "code", None)):
+        return False
+    return rpc_error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "space exceeded" in (
+        rpc_error.details() or ""
+    )
+
+
+def etcd_space_exceeded(endpoint: str) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"the cluster state store (etcd at {endpoint}) is full: its database reached its quota "
+        "(--quota-backend-bytes); compact and defragment it, then disarm the NOSPACE alarm",
+        reason=ETCD_SPACE_EXCEEDED,
+        metadata={"endpoint": endpoint},
+    )
+
+
 class LeaseNotFound(Unavailable):
     """A write named a lease etcd no longer has (it expired): grant another and write again.
     To a caller that does not, it is etcd failing like any other (ETCD_UNAVAILABLE)."""
@@ -191,6 +215,8 @@ def _etcd_errors(endpoint: str, ops: int | None = None, size: int | None = None)
     except ETCD_ERRORS as exc:
         if kind := _too_large(exc):
             raise etcd_request_too_large(endpoint, kind, ops, size) from exc
+        if _space_exceeded(exc):
+            raise etcd_space_exceeded(endpoint) from exc
         if _lease_not_found(exc):
             error = etcd_unavailable(endpoint, exc)
             raise LeaseNotFound(str(error), details=error.details) from exc
@@ -579,7 +605,7 @@ class LeaseKeeper:
                 if await self._store.refresh_lease(self.lease_id) <= 0:
                     log.warning("lease expired; registering again")
                     await self._register()
-            except Unavailable as exc:
+            except (Unavailable, ResourceExhausted) as exc:  # etcd away, or full: next round
                 log.warning("lease keep-alive failed: %s", exc)
 
     async def stop(self) -> None:
