@@ -664,8 +664,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if not len(images) == len(containers) == len(nodes):
         parser.error("--sizes, --containers and --nodes need as many steps each")
-    if min(nodes) < 1 or min(args.samples, args.list_samples, args.concurrent) < 1:
-        parser.error("--nodes, --samples, --list-samples and --concurrent must be positive")
+    if (
+        min(nodes) < 1
+        or min(args.samples, args.list_samples, args.concurrent, args.placement_rounds) < 1
+    ):
+        parser.error(
+            "--nodes, --samples, --list-samples, --concurrent and --placement-rounds must be"
+            " positive"
+        )
     steps = [Step(*sizes) for sizes in zip(images, containers, nodes, strict=True)]
 
     started = time.perf_counter()
