@@ -403,6 +403,8 @@ class ClusterCore:
         # For image locality: any registered registry instance, looked up at each call.
         self.registry = RegistryApi(service_address(store, "registry"))
         self._layer_cache: dict[str, tuple[float, dict[str, int]]] = {}
+        # The registry lookup in flight per image: a burst of runs shares one.
+        self._layer_lookups: dict[str, asyncio.Task[dict[str, int]]] = {}
         # Imported here: the view module builds on this one's types.
         from berthd.cluster.follow import NodeCache
 
@@ -416,7 +418,10 @@ class ClusterCore:
         self._queue: list[_Pending] = []
 
     async def close(self) -> None:
-        """Stop the placement view's watch."""
+        """Stop the placement view's watch and the layer lookups in flight."""
+        for task in list(self._layer_lookups.values()):
+            task.cancel()
+        await asyncio.gather(*self._layer_lookups.values(), return_exceptions=True)
         await self.node_cache.close()
 
     # Reads -------------------------------------------------------------------------------
@@ -530,10 +535,28 @@ class ClusterCore:
         """The image's layers (digest -> bytes) from berth's registry, for image locality.
 
         Locality only refines a choice, so an image the registry cannot describe (yet) is
-        placed on spread alone rather than refused here: the node reports the pull error."""
+        placed on spread alone rather than refused here: the node reports the pull error. One
+        lookup per image at a time, whatever the number of runs waiting for it; a list older
+        than LAYER_CACHE_SECONDS is still used while one refresh runs behind (a tag that
+        moved refines the next placements, not this one)."""
         cached = self._layer_cache.get(image)
-        if cached is not None and time.monotonic() - cached[0] < LAYER_CACHE_SECONDS:
-            return cached[1]
+        if cached is None:
+            # Shielded: a caller that goes away does not cancel the others' lookup.
+            return await asyncio.shield(self._layer_lookup(image))
+        if time.monotonic() - cached[0] >= LAYER_CACHE_SECONDS:
+            self._layer_lookup(image)
+        return cached[1]
+
+    def _layer_lookup(self, image: str) -> asyncio.Task[dict[str, int]]:
+        """The lookup of `image`'s layers in flight, started if none is."""
+        task = self._layer_lookups.get(image)
+        if task is None:
+            task = asyncio.create_task(self._look_up_layers(image))
+            self._layer_lookups[image] = task
+            task.add_done_callback(lambda _: self._layer_lookups.pop(image, None))
+        return task
+
+    async def _look_up_layers(self, image: str) -> dict[str, int]:
         layers: dict[str, int] = {}
         try:
             async with asyncio.timeout(LAYER_LOOKUP_SECONDS):
