@@ -2,7 +2,10 @@
 
 A client that retries `RunContainer` after a lost answer must not run a second container. The
 first call with a `request_id` claims `requests/<scope>/<request_id>` in etcd; when it
-succeeds, its response (serialized protobuf) replaces the claim. Responses expire with a lease
+succeeds, its response (serialized protobuf) replaces the claim: put after the work, or, for
+work that writes one transaction (`once_recorded`: RunContainer's placement), in that very
+transaction, so the call is one etcd write shorter and its response is recorded exactly when
+its work is. Responses expire with a lease
 the hour's keys share, so a response is kept at least `TTL` seconds. A later call with the
 same id gets that response back; one that arrives while the first is in flight gets ABORTED.
 
@@ -30,7 +33,7 @@ import secrets
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 
@@ -52,6 +55,39 @@ LEASE_REUSE = 3600
 _leases: weakref.WeakKeyDictionary[Store, tuple[int, float]] = weakref.WeakKeyDictionary()
 
 Response = TypeVar("Response", bound=Message)
+Result = TypeVar("Result")
+
+
+class Recording(Generic[Result]):
+    """Handed to the work of a claimed `once_recorded` call: `op(result)` is the write that
+    records the call's response, for the work's own transaction; the work calls `committed()`
+    once that transaction succeeded, and the call then writes nothing after it. A transaction
+    etcd refuses for this write's lease (LeaseNotFound: it lost the hour's lease) is tried
+    again without it after `lease_lost()`; the call then puts the response itself."""
+
+    def __init__(
+        self, store: Store, key: str, lease: int, respond: Callable[[Result], Message]
+    ) -> None:
+        self._store = store
+        self._key = key
+        self._lease = lease
+        self._respond = respond
+        self._pending: Message | None = None  # what `op` wrote last
+        self.response: Message | None = None  # the same, once committed
+
+    def op(self, result: Result) -> Any:
+        response = self._respond(result)
+        self._pending = response
+        value = DONE + response.SerializeToString()
+        return self._store.op_put(self._key, value, lease=self._lease)
+
+    def committed(self) -> None:
+        self.response = self._pending
+
+    def lease_lost(self) -> None:
+        held = _leases.get(self._store)
+        if held is not None and held[0] == self._lease:
+            _leases.pop(self._store, None)
 
 
 class _Claims:
@@ -82,8 +118,40 @@ async def once(
     work: Callable[[], Awaitable[Response]],
 ) -> Response:
     """Run `work` once per (`scope`, `request_id`); without a request_id, just run it."""
-    if not request_id:
+
+    async def unrecorded(_: Recording[Response] | None) -> Response:
         return await work()
+
+    return await _once(store, scope, request_id, response_type, None, unrecorded)
+
+
+async def once_recorded(
+    store: Store,
+    scope: str,
+    request_id: str,
+    response_type: type[Response],
+    respond: Callable[[Result], Response],
+    work: Callable[[Recording[Result] | None], Awaitable[Result]],
+) -> Response:
+    """As `once`, for work that writes its result in one etcd transaction: `work` gets a
+    `Recording` (None without a request_id) to write the response (`respond(result)`) in
+    that transaction. A retry then finds the response whenever the work's writes exist."""
+    return await _once(store, scope, request_id, response_type, respond, work)
+
+
+async def _once(
+    store: Store,
+    scope: str,
+    request_id: str,
+    response_type: type[Response],
+    respond: Callable[[Any], Response] | None,
+    work: Callable[[Any], Awaitable[Any]],
+) -> Response:
+    def response_of(result: Any) -> Response:
+        return result if respond is None else respond(result)
+
+    if not request_id:
+        return response_of(await work(None))
     if len(request_id) > MAX_REQUEST_ID or "/" in request_id:
         raise InvalidArgument(
             f"request_id must be at most {MAX_REQUEST_ID} characters without '/'",
@@ -108,9 +176,16 @@ async def once(
                 reason="REQUEST_IN_PROGRESS",
                 metadata={"request_id": request_id},
             )
+        recording = None
+        if respond is not None:
+            recording = Recording(store, key, await _lease(store), respond)
         recorded = False
         try:
-            response = await work()
+            result = await work(recording)
+            if recording is not None and recording.response is not None:
+                recorded = True  # written with the work's own writes
+                return recording.response  # type: ignore[return-value]
+            response = response_of(result)
             # Moving the key to the hour's lease takes it off the claim's.
             await _put_done(store, key, DONE + response.SerializeToString())
             recorded = True
