@@ -2,8 +2,8 @@
 
 Commands run one after the other, in a rotated order each round, so a change in the machine's
 load touches every one alike: `berth --help`, `berth --version`, `berth ps` and `berth images`
-against an empty `berthd up --nodes 1` cluster, and the peer `docker --help`, `docker
---version` (client only: no daemon needed). With --baseline DIR (an older checkout's
+against a `berthd up --nodes 1` cluster holding busybox only, and the peer `docker --help`,
+`docker --version` (client only: no daemon needed). With --baseline DIR (an older checkout's
 `clients/python`, byte-compiled) each berth command also runs with PYTHONPATH=DIR, in the same
 rounds. Printed per command: median and min wall time, median CPU (user + system, from the
 child's rusage). CPU figures stay steady on a loaded machine; wall times do not.
@@ -24,9 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cluster import cluster_base_port, stop_cluster
-from bench.registry import BERTH, BERTHD, BenchError, run
-from berthd import localcluster
+from bench.cluster import local_cluster, reported
+from bench.registry import BERTH, BenchError
 
 DOCKER = shutil.which("docker")
 BERTH_COMMANDS = (["--help"], ["--version"], ["ps"], ["images"])
@@ -80,34 +79,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be positive")
-    work = Path(tempfile.mkdtemp(prefix="berth-bench-cli-"))
-    state = work / "state"
-    try:
-        run([BERTHD, "up", "--state-dir", str(state), "--base-port", str(cluster_base_port(1)),
-             "--nodes", "1"], "berthd up")  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BERTH_")}
-        env["BERTH_STATE_DIR"] = str(state)
-        env.pop("PYTHONPATH", None)
-        cases: dict[str, tuple[list[str], dict[str, str]]] = {}
-        for words in BERTH_COMMANDS:
-            cases[" ".join(["berth", *words])] = ([BERTH, *words], env)
-            if args.baseline:
-                old = {**env, "PYTHONPATH": str(args.baseline.resolve())}
-                cases[" ".join(["berth", *words, "(baseline)"])] = ([BERTH, *words], old)
-        if DOCKER:
-            for words in DOCKER_COMMANDS:
-                cases[" ".join(["docker", *words])] = ([DOCKER, *words], env)
-        measure(cases, args.rounds)
-    except (BenchError, OSError) as exc:
-        print(f"bench.cli_startup: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        try:
-            stop_cluster(state)
-        finally:
-            localcluster.unmount_under(state)
-            shutil.rmtree(work, ignore_errors=True)
-    return 0
+
+    def bench() -> None:
+        with local_cluster("cli", 1) as cluster:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("BERTH_")}
+            env["BERTH_STATE_DIR"] = str(cluster.state)
+            env.pop("PYTHONPATH", None)
+            cases: dict[str, tuple[list[str], dict[str, str]]] = {}
+            for words in BERTH_COMMANDS:
+                cases[" ".join(["berth", *words])] = ([BERTH, *words], env)
+                if args.baseline:
+                    old = {**env, "PYTHONPATH": str(args.baseline.resolve())}
+                    cases[" ".join(["berth", *words, "(baseline)"])] = ([BERTH, *words], old)
+            if DOCKER:
+                for words in DOCKER_COMMANDS:
+                    cases[" ".join(["docker", *words])] = ([DOCKER, *words], env)
+            measure(cases, args.rounds)
+
+    return reported("bench.cli_startup", bench)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,13 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
-
-from bench.cluster import Cluster, prepare, stop_cluster
+from bench.cluster import Cluster, local_cluster, reported
 from bench.registry import BERTH, BenchError
-from bench.scale import CLK_TCK, RUN_THREADS, run_containers, up, wait_running
-from berth.errors import BerthClientError
-from berthd import localcluster
+from bench.scale import CLK_TCK, NODES, RUN_THREADS, run_containers, wait_running
 
 
 def cpu_seconds(pid: int) -> float:
@@ -125,37 +120,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.state:
         cluster = Cluster(args.state)
         try:
-            print(measure(cluster, args.containers, args.rounds, args.baseline))
-        except (BenchError, OSError) as exc:
-            print(f"bench.stats: {exc}", file=sys.stderr)
-            return 1
+            return reported(
+                "bench.stats",
+                lambda: print(measure(cluster, args.containers, args.rounds, args.baseline)),
+            )
         finally:
             cluster.close()
-        return 0
-    work = Path(tempfile.mkdtemp(prefix="berth-bench-stats-"))
-    state = work / "state"
-    try:
-        up(state)
-        cluster = Cluster(state)
-        try:
-            prepare(cluster, work)
+
+    def bench() -> None:
+        with local_cluster("stats", NODES) as cluster:
             names = [f"stats-c{i:04d}" for i in range(args.containers)]
             run_containers(cluster, names, RUN_THREADS)
             wait_running(cluster, "stats-c", args.containers, 60 + args.containers)
             print(measure(cluster, args.containers, args.rounds, args.baseline))
-        finally:
-            cluster.close()
-    except (BenchError, BerthClientError, grpc.RpcError, RuntimeError, OSError) as exc:
-        detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        print(f"bench.stats: {detail}", file=sys.stderr)
-        return 1
-    finally:
-        try:
-            stop_cluster(state)
-        finally:
-            localcluster.unmount_under(state)
-            shutil.rmtree(work, ignore_errors=True)
-    return 0
+
+    return reported("bench.stats", bench)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ class RepoRecord:
             description = data.get("description", "")
             if not isinstance(description, str) or not isinstance(labels, dict):
                 raise ValueError("description or labels of the wrong kind")
-            if not all(isinstance(v, str) for v in (*labels, *labels.values())):
+            if labels and not all(isinstance(v, str) for v in (*labels, *labels.values())):
                 raise ValueError("a label that is not a string")
         except ValueError:
             raise CorruptRepository(name) from None
@@ -276,10 +276,16 @@ def manifest_record(digest: str, value: bytes | dict[str, Any], repo: str = "") 
     )
 
 
+_DECODE = json.JSONDecoder().decode
+
+
 def _fields(value: bytes | dict[str, Any], **kinds: tuple[type, ...]) -> dict[str, Any]:
     """A record's JSON object from its raw value (or the object itself), with each field
     named in `kinds` present and of one of its types; ValueError otherwise."""
-    data = json.loads(value) if isinstance(value, bytes) else value  # JSONDecodeError: ValueError
+    # One decoder on the text: json.loads would guess the encoding of bytes first, a cost in
+    # every listing's loop (records are UTF-8; other bytes fail as UnicodeDecodeError, a
+    # ValueError).
+    data = _DECODE(value.decode()) if isinstance(value, bytes) else value  # JSONDecodeError too
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     for name, types in kinds.items():

@@ -43,7 +43,7 @@ def repository(record: RepoRecord) -> pb.Repository:
     return pb.Repository(
         name=record.name,
         description=record.description,
-        labels=record.labels,
+        labels=record.labels or None,  # an empty map costs a copy all the same
         tag_count=record.tag_count,
         created_at=timestamp(record.created_at),
         last_push_at=timestamp(record.last_push_at),
