@@ -103,3 +103,34 @@ async def test_the_names_hold_every_change_the_registry_made_before_the_question
     client.delete_manifest("fresh/app", digest)
     assert [row.repository for row in await catalog.list("fresh")] == []
     assert catalog.names.listings == 1
+
+
+async def test_a_listing_computes_its_rows_once_and_fetches_only_new_images(
+    catalog: Catalog, counting: CountingStore, client: RegistryClient, tmp_path: Path
+) -> None:
+    digests = push_many(client, tmp_path, IMAGES)
+    registry = catalog.registry
+    assert isinstance(registry, CountingRegistry)
+
+    async def every_page(size: int) -> list[str]:
+        shown, token, first = [], "", True
+        while first or token:
+            rows, token = await catalog.list_page(size=size, token=token)
+            shown += [row.digest for row in rows]
+            if first:  # the first page reads the names' marker, node layers and containers
+                first = False
+                counting.reads = counting.records = 0
+        return shown
+
+    # The first listing fetches each image's content once (cold cache).
+    assert sorted(await every_page(IMAGES)) == sorted(digests)
+    registry.calls.clear()
+    # Later listings, page after page: no registry call for images already known, and a
+    # continuation page is served from the rows the first page computed (one point read of
+    # the names' marker each), not by reading the node layers and containers again.
+    shown = await every_page(7)
+    assert sorted(shown) == sorted(digests)
+    assert registry.calls == Counter(), registry.calls
+    pages = -(-IMAGES // 7)
+    assert counting.reads == pages - 1, counting.reads
+    assert counting.records == pages - 1, counting.records
