@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from berth.client.registry import ManifestData
@@ -33,6 +34,7 @@ from berthd.common.oci.manifest import (
 )
 from berthd.common.oci.reference import parse_reference
 from berthd.common.rpc.registry import RegistryApi
+from berthd.common.timestamps import parse_rfc3339
 
 log = logging.getLogger("berthd.images")
 
@@ -42,7 +44,9 @@ CACHE_BYTES = 64 << 20
 
 @dataclass(frozen=True)
 class Content:
-    """A manifest and, for an image, its config: immutable, so cached by manifest digest."""
+    """A manifest and, for an image, its config: immutable, so cached by manifest digest.
+    What a listing shows of it (id, size, created, the set of its layers) is derived once and
+    kept on the object: a listing of thousands of cached images recomputes none of it."""
 
     digest: str
     media_type: str
@@ -59,15 +63,26 @@ class Content:
     def layers(self) -> tuple[Descriptor, ...]:
         return self.parsed.layers
 
-    @property
+    @cached_property
     def id(self) -> str:
         return self.parsed.config.digest if self.parsed.config else ""
 
-    @property
+    @cached_property
     def size(self) -> int:
         """Compressed layers plus the config, as `docker images` counts."""
         config = self.parsed.config.size if self.parsed.config else 0
         return config + sum(layer.size for layer in self.layers)
+
+    @cached_property
+    def layer_sizes(self) -> dict[str, int]:
+        """{layer digest: size}, each layer once (an image may list one twice)."""
+        return {layer.digest: layer.size for layer in self.layers}
+
+    @cached_property
+    def created(self) -> float | None:
+        """The config's `created` in seconds since the epoch; None when absent or unreadable
+        (some tools write odd values; a listing must not fail over them)."""
+        return created_seconds(self.config.created if self.config else None)
 
     @property
     def blobs(self) -> tuple[Descriptor, ...]:
@@ -106,6 +121,16 @@ class ResolvedImage:
             config_bytes=content.config_bytes,
             config=content.config,
         )
+
+
+def created_seconds(text: str | None) -> float | None:
+    """An RFC 3339 time as seconds since the epoch; None if absent or unreadable."""
+    if not text:
+        return None
+    try:
+        return parse_rfc3339(text).timestamp()
+    except ValueError:
+        return None
 
 
 def _weight(content: Content) -> int:
