@@ -122,8 +122,10 @@ async def test_a_listing_computes_its_rows_once_and_fetches_only_new_images(
                 counting.reads = counting.records = 0
         return shown
 
-    # The first listing fetches each image's content once (cold cache).
+    # The first listing reads the images' manifests and configs in one batch, not a
+    # GetManifest and a ReadBlob per image.
     assert sorted(await every_page(IMAGES)) == sorted(digests)
+    assert registry.calls == Counter({"BatchGetManifests": 1}), registry.calls
     registry.calls.clear()
     # Later listings, page after page: no registry call for images already known, and a
     # continuation page is served from the rows the first page computed (one point read of
@@ -134,3 +136,10 @@ async def test_a_listing_computes_its_rows_once_and_fetches_only_new_images(
     pages = -(-IMAGES // 7)
     assert counting.reads == pages - 1, counting.reads
     assert counting.records == pages - 1, counting.records
+    # Images pushed since: only they are read, again in one batch.
+    added = [
+        push_image(client, f"more/img{n}", "1", [tar_of({"m": bytes([n])})], tmp_path)
+        for n in range(3)
+    ]
+    assert sorted(await every_page(1000)) == sorted(digests + added)
+    assert registry.calls == Counter({"BatchGetManifests": 1}), registry.calls

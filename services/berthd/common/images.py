@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -167,14 +168,76 @@ class ImageStore:
             return cached
         return await self._keep(await self.registry.get_manifest(repository, digest), repository)
 
+    async def contents(self, names: Sequence[tuple[str, str]]) -> dict[str, Content]:
+        """Content of many manifests by (manifest digest, a repository holding it), from the
+        cache, the rest read in batches (BatchGetManifests: manifests and configs together,
+        a call per thousand instead of two per image). Manifests gone from their repository
+        are left out. What a batch did not bring right (a config not sent, a digest that does
+        not match) is read alone, as `content` does, and fails as it would."""
+        found: dict[str, Content] = {}
+        wanted = []
+        for digest, repository in names:
+            cached = self.cached(digest)
+            if cached is not None:
+                found[digest] = cached
+            else:
+                wanted.append((repository, digest))
+        if not wanted:
+            return found
+        alone = []
+        for batched in await self.registry.get_manifests(wanted, include_configs=True):
+            stored = batched.manifest
+            if stored is None:
+                continue  # deleted since it was named
+            content = self._batched(stored, batched.config, batched.repository)
+            if content is None:
+                alone.append((stored.digest, batched.repository))
+            else:
+                self._remember(content)
+                found[stored.digest] = content
+        for digest, repository in alone:
+            try:
+                found[digest] = await self.content(digest, repository)
+            except NotFound:
+                continue
+        return found
+
+    def _batched(
+        self, stored: ManifestData, config_bytes: bytes, repository: str
+    ) -> Content | None:
+        """Content from a batch's manifest and config, verified; None when it must be read
+        alone (a digest that does not match, an image config not sent)."""
+        if digest_bytes(stored.content) != stored.digest:
+            return None
+        try:
+            parsed = parse_manifest(stored.content, stored.media_type)
+        except InvalidArgument:
+            return None  # read alone, it fails as it always did
+        descriptor = parsed.config
+        if descriptor is None or descriptor.media_type not in mediatypes.CONFIG_TYPES:
+            return self._content(stored, parsed, repository, b"")
+        if len(config_bytes) != descriptor.size or digest_bytes(config_bytes) != descriptor.digest:
+            return None
+        return self._content(stored, parsed, repository, config_bytes)
+
     async def _keep(self, stored: ManifestData, repository: str) -> Content:
         """Content of a manifest just fetched (its config fetched too, for an image), cached."""
-        digest = stored.digest
         parsed = parse_manifest(stored.content, stored.media_type)
-        content = Content(digest, parsed.media_type, stored.content, parsed)
+        config_bytes = b""
         if parsed.config is not None and parsed.config.media_type in mediatypes.CONFIG_TYPES:
             config = parsed.config
             config_bytes = await self.registry.read_blob(repository, config.digest, config.size)
+        content = self._content(stored, parsed, repository, config_bytes)
+        self._remember(content)
+        return content
+
+    def _content(
+        self, stored: ManifestData, parsed: ParsedManifest, repository: str, config_bytes: bytes
+    ) -> Content:
+        """A manifest's Content, with its config when `config_bytes` holds a readable one."""
+        digest = stored.digest
+        content = Content(digest, parsed.media_type, stored.content, parsed)
+        if config_bytes:
             try:
                 config = parse_image_config(config_bytes)
             except InvalidArgument as e:  # listed as a non-image, never fails a whole listing
@@ -183,7 +246,6 @@ class ImageStore:
                 content = Content(
                     digest, parsed.media_type, stored.content, parsed, config_bytes, config
                 )
-        self._remember(content)
         return content
 
     def _remember(self, content: Content) -> None:

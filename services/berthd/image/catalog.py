@@ -20,7 +20,6 @@ Docker does.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from bisect import bisect_right
 from collections import OrderedDict, defaultdict
@@ -47,8 +46,6 @@ from berthd.image import metrics
 from berthd.image.model import HistoryStep, ImageDetail, ImageRow, Removal
 from berthd.image.names import NamesView, Snapshot
 
-# Manifests and configs fetched at once when the cache is cold (a first `berth images`).
-FETCH_CONCURRENCY = 8
 # Listings (by their filters) whose rows are kept for their continuation pages.
 LISTINGS_KEPT = 8
 _ID_PREFIX = re.compile(r"(sha256:)?([0-9a-f]{4,64})")
@@ -295,28 +292,11 @@ class Catalog:
         return await self.images.content(digest, repository)
 
     async def contents(self, snapshot: Snapshot) -> dict[str, Content]:
-        """Content of every manifest in the snapshot, fetching what is not cached yet."""
-        found, missing = {}, []
-        for digest in snapshot.manifests:  # no task for what the cache holds
-            content = self.images.cached(digest)
-            if content is None:
-                missing.append(digest)
-            else:
-                found[digest] = content
-        if not missing:
-            return found
-        limit = asyncio.Semaphore(FETCH_CONCURRENCY)
-
-        async def fetch(digest: str) -> tuple[str, Content | None]:
-            async with limit:
-                try:
-                    return digest, await self.content(digest, snapshot.holders(digest)[0])
-                except NotFound:  # deleted since the snapshot was read
-                    return digest, None
-
-        fetched = await asyncio.gather(*(fetch(d) for d in missing))
-        found.update((digest, content) for digest, content in fetched if content is not None)
-        return found
+        """Content of every manifest in the snapshot: the cached, and the rest in batches (a
+        first listing after a push: BatchGetManifests, not two calls per new image)."""
+        return await self.images.contents(
+            [(digest, snapshot.holders(digest)[0]) for digest in snapshot.manifests]
+        )
 
     async def node_layers(self) -> dict[str, dict[str, int]]:
         """{node id: {layer digest: size}} as the node agents publish them."""
