@@ -130,9 +130,11 @@ async def test_a_listing_computes_its_rows_once_and_fetches_only_new_images(
     # Later listings, page after page: no registry call for images already known, and a
     # continuation page is served from the rows the first page computed (one point read of
     # the names' marker each), not by reading the node layers and containers again.
+    computed = catalog.rows_computed
     shown = await every_page(7)
     assert sorted(shown) == sorted(digests)
     assert registry.calls == Counter(), registry.calls
+    assert catalog.rows_computed == computed + 1
     pages = -(-IMAGES // 7)
     assert counting.reads == pages - 1, counting.reads
     assert counting.records == pages - 1, counting.records
@@ -143,3 +145,13 @@ async def test_a_listing_computes_its_rows_once_and_fetches_only_new_images(
     ]
     assert sorted(await every_page(1000)) == sorted(digests + added)
     assert registry.calls == Counter({"BatchGetManifests": 1}), registry.calls
+    # A name changed between two pages: the next page is computed anew from the names of
+    # now (the kept rows are of an older revision), as before rows were kept.
+    first, token = await catalog.list_page(size=10)
+    client.delete_tag("many/img0", "1")
+    computed = catalog.rows_computed
+    rest, token = await catalog.list_page(size=1000, token=token)
+    assert catalog.rows_computed == computed + 1 and token == ""
+    # many/img0 was on the first page, gone before the second: each image shown once.
+    assert first[0].repository == "many/img0"
+    assert sorted(row.digest for row in first + rest) == sorted(digests + added)
