@@ -18,7 +18,12 @@ import pytest
 
 from berth.client.registry import ManifestData
 from berth.registry.v1 import registry_pb2
-from berthd.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from berthd.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    error_for_code,
+)
 from berthd.common.images import Content, ImageStore
 from berthd.common.oci import mediatypes
 from berthd.common.oci.manifest import (
@@ -298,6 +303,19 @@ async def test_many_contents_come_in_one_batch_verified_and_only_what_is_not_cac
     fake.reads.clear()
     assert sorted(await images.contents([(one, "a"), (two, "a")])) == sorted([one, two])
     assert fake.reads == []  # all cached: no call
+
+
+async def test_a_registry_without_batch_reads_is_read_one_image_at_a_time() -> None:
+    blobs: dict[str, bytes] = {}
+    one, two = stored_image(blobs, "one"), stored_image(blobs, "two")
+
+    class OlderRegistry(FakeRegistry):
+        async def get_manifests(self, *args: Any, **kw: Any) -> list[BatchedManifest]:
+            raise error_for_code("UNIMPLEMENTED", "Method not found!")
+
+    fake = OlderRegistry(blobs)
+    found = await ImageStore(cast(RegistryApi, fake)).contents([(one, "a"), (two, "a")])
+    assert sorted(found) == sorted([one, two]) and len(fake.reads) == 4
 
 
 # --- removal rules -------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ manifest with GetManifest, the config with one ReadBlob of the size its descript
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -20,8 +22,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import grpc
+
 from berth.client.registry import ManifestData
-from berthd.common.errors import InvalidArgument, NotFound
+from berthd.common.errors import BerthError, InvalidArgument, NotFound
 from berthd.common.oci import mediatypes
 from berthd.common.oci.digest import digest_bytes
 from berthd.common.oci.manifest import (
@@ -41,6 +45,8 @@ log = logging.getLogger("berthd.images")
 
 # Bytes of manifests and configs kept in memory (a small image's are about 2 KiB).
 CACHE_BYTES = 64 << 20
+# Manifests read at once when they must be read one at a time.
+FETCH_CONCURRENCY = 8
 
 
 @dataclass(frozen=True)
@@ -184,8 +190,15 @@ class ImageStore:
                 wanted.append((repository, digest))
         if not wanted:
             return found
-        alone = []
-        for batched in await self.registry.get_manifests(wanted, include_configs=True):
+        alone: list[tuple[str, str]] = []
+        try:
+            batch = await self.registry.get_manifests(wanted, include_configs=True)
+        except BerthError as exc:
+            if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            # A registry older than BatchGetManifests (during an upgrade): one at a time.
+            batch, alone = [], [(digest, repository) for repository, digest in wanted]
+        for batched in batch:
             stored = batched.manifest
             if stored is None:
                 continue  # deleted since it was named
@@ -195,11 +208,14 @@ class ImageStore:
             else:
                 self._remember(content)
                 found[stored.digest] = content
-        for digest, repository in alone:
-            try:
-                found[digest] = await self.content(digest, repository)
-            except NotFound:
-                continue
+        limit = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+        async def fetch(digest: str, repository: str) -> None:
+            async with limit:
+                with contextlib.suppress(NotFound):  # deleted since it was named
+                    found[digest] = await self.content(digest, repository)
+
+        await asyncio.gather(*(fetch(digest, repository) for digest, repository in alone))
         return found
 
     def _batched(
