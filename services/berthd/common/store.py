@@ -226,6 +226,8 @@ def _etcd_errors(endpoint: str, ops: int | None = None, size: int | None = None)
 # grpc waits up to 2 minutes between reconnection attempts after a long outage; etcd back
 # must be found within seconds (health turns SERVING again, calls work).
 CHANNEL_OPTIONS = {"grpc.max_reconnect_backoff_ms": 2000}
+# Keys per transaction of Store.get_many: under etcd's --max-txn-ops (128 by default).
+GET_MANY_BATCH = 100
 
 
 class _TlsClient(aetcd.Client):
@@ -360,6 +362,27 @@ class Store:
             response = await self._client.kvstub.Range(request, timeout=10)
         entry = self._entry(response.kvs[0]) if response.kvs else None
         return entry, int(response.header.revision)
+
+    async def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        """Point reads of many keys, each key's entry (or None) in order: one transaction of
+        range ops per GET_MANY_BATCH keys instead of one round trip per key. Each batch is
+        consistent in itself (one revision); batches may be read at different revisions."""
+        found: list[Entry | None] = []
+        for start in range(0, len(keys), GET_MANY_BATCH):
+            batch = keys[start : start + GET_MANY_BATCH]
+            request = rpc.TxnRequest(
+                success=[
+                    rpc.RequestOp(request_range=rpc.RangeRequest(key=self._abs(key)))
+                    for key in batch
+                ]
+            )
+            with _etcd_errors(self.endpoint, ops=len(batch)):
+                await self._client.connect()
+                response = await self._client.kvstub.Txn(request, timeout=10)
+            for op in response.responses:
+                kvs = op.response_range.kvs
+                found.append(self._entry(kvs[0]) if kvs else None)
+        return found
 
     async def get_json(self, key: str) -> Any | None:
         entry = await self.get(key)

@@ -575,6 +575,19 @@ class Metadata:
         entry = await self.store.get(manifest_key(repo, digest))
         return manifest_record(digest, entry.value, repo) if entry is not None else None
 
+    async def get_manifests(self, names: Sequence[tuple[str, str]]) -> list[ManifestRecord | None]:
+        """The records of many (repository, digest) pairs, in order, in a few transactions; a
+        damaged one is None, as a listing skips it (GetManifest of it reports it)."""
+        entries = await self.store.get_many([manifest_key(repo, d) for repo, d in names])
+        records: list[ManifestRecord | None] = []
+        for (repo, digest), entry in zip(names, entries, strict=True):
+            try:
+                records.append(manifest_record(digest, entry.value, repo) if entry else None)
+            except CorruptManifest as exc:
+                exc.skipped()
+                records.append(None)
+        return records
+
     async def has_manifest(self, repo: str, digest: str) -> bool:
         """Whether a record exists, damaged or not."""
         return await self.store.get(manifest_key(repo, digest)) is not None

@@ -241,6 +241,25 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             digest=manifest.digest, media_type=manifest.media_type, content=manifest.content
         )
 
+    async def BatchGetManifests(
+        self, request: pb.BatchGetManifestsRequest, context: Context
+    ) -> pb.BatchGetManifestsResponse:
+        names = [(name.repository, name.digest) for name in request.manifests]
+        found = await self.registry.get_manifests(names, request.include_configs, may_pull())
+        return pb.BatchGetManifestsResponse(
+            results=[
+                pb.BatchManifest(
+                    repository=m.repository,
+                    digest=m.digest,
+                    found=m.found,
+                    media_type=m.media_type,
+                    content=m.content,
+                    config=m.config,
+                )
+                for m in found
+            ]
+        )
+
     async def DeleteManifest(
         self, request: pb.DeleteManifestRequest, context: Context
     ) -> pb.DeleteManifestResponse:
