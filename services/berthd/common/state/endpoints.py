@@ -27,6 +27,7 @@ class EndpointRecord:
     version: str = ""
     started_at: float = 0.0
     public_address: str = ""  # host:port for token and anonymous callers (TLS), if any
+    http_url: str = ""  # base URL of its HTTP API, if any (the registry's OCI /v2/)
 
     @property
     def id(self) -> str:
