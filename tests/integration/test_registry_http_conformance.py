@@ -335,3 +335,72 @@ def test_unknown_endpoints_and_methods(http_admin: Http) -> None:
     assert reply.status == 404 and reply.json()["errors"]
     reply = http_admin.request("POST", "/v2/conf/x/manifests/v1")
     assert reply.status == 405 and reply.codes == ["UNSUPPORTED"]
+
+
+def artifact(subject: bytes, artifact_type: str, note: str) -> tuple[bytes, bytes]:
+    """An OCI 1.1 artifact manifest (the empty config, one blob) whose subject is `subject`:
+    (manifest, its blob)."""
+    blob = note.encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": {
+                "mediaType": "application/vnd.oci.empty.v1+json",
+                "digest": sha(b"{}"),
+                "size": 2,
+            },
+            "layers": [{"mediaType": "text/plain", "digest": sha(blob), "size": len(blob)}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": sha(subject), "size": len(subject)},
+            "annotations": {"note": note},
+        }
+    ).encode()
+    return manifest, blob
+
+
+def test_content_discovery_referrers(http_admin: Http) -> None:
+    """Content Discovery (referrers): manifests pushed with a `subject` are listed by
+    `GET /v2/<name>/referrers/<digest>` as an image index, `artifactType` filters them, and
+    the PUT answers `OCI-Subject`."""
+    digest, image_manifest = http_admin.push_image("conf/signed", "v1", [os.urandom(10)])
+    http_admin.upload("conf/signed", b"{}")
+    kinds = {"application/vnd.example.signature": "sig", "application/vnd.example.sbom": "sbom"}
+    pushed = {}
+    for artifact_type, note in kinds.items():
+        manifest, blob = artifact(image_manifest, artifact_type, note)
+        http_admin.upload("conf/signed", blob)
+        reply = http_admin.request(
+            "PUT",
+            f"/v2/conf/signed/manifests/{sha(manifest)}",
+            manifest,
+            {"Content-Type": OCI_MANIFEST},
+        )
+        assert reply.status == 201 and reply.headers["OCI-Subject"] == digest
+        pushed[sha(manifest)] = (artifact_type, note, len(manifest))
+    reply = http_admin.request("GET", f"/v2/conf/signed/referrers/{digest}")
+    assert reply.status == 200 and reply.headers["Content-Type"] == OCI_INDEX
+    index = reply.json()
+    assert index["mediaType"] == OCI_INDEX and index["schemaVersion"] == 2
+    listed = {
+        d["digest"]: (d["artifactType"], d["annotations"]["note"], d["size"])
+        for d in index["manifests"]
+    }
+    assert listed == pushed
+    assert all(d["mediaType"] == OCI_MANIFEST for d in index["manifests"])
+    only = http_admin.request(
+        "GET",
+        f"/v2/conf/signed/referrers/{digest}?artifactType=application/vnd.example.sbom",
+    )
+    assert only.headers["OCI-Filters-Applied"] == "artifactType"
+    assert [d["annotations"]["note"] for d in only.json()["manifests"]] == ["sbom"]
+    # No referrers (or an unknown subject): an empty index, not an error.
+    none = http_admin.request("GET", f"/v2/conf/signed/referrers/{sha(b'unknown')}")
+    assert none.status == 200 and none.json()["manifests"] == []
+    # The image itself has no subject: no OCI-Subject header.
+    again = http_admin.request(
+        "PUT", "/v2/conf/signed/manifests/v2", image_manifest, {"Content-Type": OCI_MANIFEST}
+    )
+    assert again.status == 201 and "OCI-Subject" not in again.headers
+    bad = http_admin.request("GET", "/v2/conf/signed/referrers/sha256:nope")
+    assert bad.status == 400 and bad.codes == ["DIGEST_INVALID"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import socket
@@ -36,7 +37,7 @@ from berthd.common.oci.reference import is_digest
 from berthd.common.pages import MAX_PAGE_SIZE, encode_token
 from berthd.registry import metrics
 from berthd.registry.access import pull_filter
-from berthd.registry.blobstore import BlobStat
+from berthd.registry.blobstore import MAX_CHUNK_BYTES, BlobStat
 from berthd.registry.core import Registry
 from berthd.registry.http_auth import Caller, HttpAuth, challenge
 from berthd.registry.http_errors import HttpError, from_berth, response
@@ -47,6 +48,7 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 # Request bodies go to the upload session in writes of about this size (the core takes at most
 # MAX_CHUNK_BYTES per write).
 WRITE_BYTES = 1024 * 1024
+READ_BUFFER = 4 * 1024 * 1024
 DEFAULT_PAGE = 100
 
 Handler = Callable[..., Awaitable[web.StreamResponse]]
@@ -89,6 +91,7 @@ class OciApi:
                 (r"_catalog", {"GET": self.catalog}),
                 (r"token", {"GET": self.token}),
                 (r"(?P<name>.+)/tags/list", {"GET": self.tags}),
+                (r"(?P<name>.+)/referrers/(?P<digest>[^/]+)", {"GET": self.referrers}),
                 (
                     r"(?P<name>.+)/manifests/(?P<reference>[^/]+)",
                     {
@@ -282,7 +285,26 @@ class OciApi:
             "Location": f"/v2/{name}/manifests/{digest}",
             "Docker-Content-Digest": digest,
         }
+        record = await self.registry.resolve(name, digest)
+        if record.subject:
+            # OCI 1.1: the registry indexed the subject (clients need no fallback tag).
+            headers["OCI-Subject"] = record.subject
         return web.Response(status=201, headers=headers)
+
+    async def referrers(self, request: web.Request, name: str, digest: str) -> web.StreamResponse:
+        await self._caller(request, "pull", name)
+        artifact_type = request.query.get("artifactType", "")
+        manifests = await self.registry.referrers(name, digest, artifact_type)
+        headers = dict(API_VERSION)
+        if artifact_type:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        index = {
+            "schemaVersion": 2,
+            "mediaType": mediatypes.OCI_IMAGE_INDEX,
+            "manifests": manifests,
+        }
+        headers["Content-Type"] = mediatypes.OCI_IMAGE_INDEX  # exactly: no charset parameter
+        return web.Response(body=json.dumps(index).encode(), headers=headers)
 
     async def delete_manifest(
         self, request: web.Request, name: str, reference: str
@@ -478,22 +500,44 @@ class OciApi:
             return (await self.registry.upload_info(upload_id)).offset
         writer = await asyncio.to_thread(self.registry.blobs.open_writer, upload_id)
         metrics.UPLOADS_IN_PROGRESS.inc()
+        pending: asyncio.Future[int] | None = None
         try:
             offset = writer.offset if start is None else start
+            first = True
             buffer = bytearray()
             async for data in request.content.iter_any():
                 buffer += data
-                if len(buffer) >= WRITE_BYTES:
-                    offset = await asyncio.to_thread(writer.write, offset, buffer)
-                    metrics.BYTES_RECEIVED.inc(len(buffer))
-                    buffer = bytearray()
-            if buffer or offset != writer.offset:
+                if len(buffer) < WRITE_BYTES:
+                    continue
+                # The disk write (and its hashing) runs while the next buffer arrives; one
+                # write in flight at a time keeps the order; no write over the core's limit.
+                view = memoryview(buffer)
+                for at in range(0, len(view), MAX_CHUNK_BYTES):
+                    piece = view[at : at + MAX_CHUNK_BYTES]
+                    if pending is not None:
+                        await pending
+                    pending = asyncio.ensure_future(asyncio.to_thread(writer.write, offset, piece))
+                    offset += len(piece)
+                metrics.BYTES_RECEIVED.inc(len(buffer))
+                buffer, first = bytearray(), False
+            if pending is not None:
+                await pending
+                pending = None
+            if buffer or (first and offset != writer.offset):
                 # Also an empty write at a wrong offset: the writer refuses it.
-                offset = await asyncio.to_thread(writer.write, offset, buffer)
+                view = memoryview(buffer)
+                for at in range(0, max(len(view), 1), MAX_CHUNK_BYTES):
+                    offset = await asyncio.to_thread(
+                        writer.write, offset, view[at : at + MAX_CHUNK_BYTES]
+                    )
                 metrics.BYTES_RECEIVED.inc(len(buffer))
             await asyncio.shield(asyncio.to_thread(writer.close))
             return writer.offset
         finally:
+            if pending is not None:
+                # Let a write still running end before the writer is closed under it.
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(pending)
             metrics.UPLOADS_IN_PROGRESS.dec()
             # Shielded, as in the gRPC servicer: a cancelled request must still let go of the
             # session's lock.
@@ -544,7 +588,9 @@ class HttpServer:
         host, port = split_host_port(listen)
         # The API's own middleware logs failures; aiohttp's access log would add a line per
         # blob request.
-        self._runner = web.AppRunner(self.api.app(), access_log=None)
+        # A larger read buffer than aiohttp's 64 KiB keeps the socket flowing while a chunk
+        # is written to disk.
+        self._runner = web.AppRunner(self.api.app(), access_log=None, read_bufsize=READ_BUFFER)
         await self._runner.setup()
         context = self._context() if self.tls else None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -34,7 +34,10 @@ class EndpointRecord:
         return endpoint_id(self.service, self.instance)
 
     def encode(self) -> bytes:
-        return encode(asdict(self))
+        data = asdict(self)
+        if not self.http_url:
+            del data["http_url"]  # only the registry serves one: the others' records unchanged
+        return encode(data)
 
     @classmethod
     def decode(cls, id: str, raw: bytes | str) -> EndpointRecord:
