@@ -138,8 +138,10 @@ class OciApi:
             return response(from_berth(exc), head)
         except web.HTTPException:
             raise
-        except (ConnectionResetError, asyncio.CancelledError):
-            raise
+        except ConnectionResetError:
+            # The client went away (mid-upload, say): what was stored stays, for a resume.
+            log.info("%s %s: the client closed the connection", request.method, request.path)
+            return response(HttpError(400, "BLOB_UPLOAD_INVALID", "the connection was lost"))
         except Exception:
             # A bug: logged with its traceback here, one line to the client.
             log.exception("%s %s failed", request.method, request.path)
