@@ -7,7 +7,9 @@ from prometheus_client import Counter, Gauge
 BYTES_RECEIVED = Counter(
     "berth_registry_received_bytes_total", "Blob bytes received in upload sessions."
 )
-BYTES_SENT = Counter("berth_registry_sent_bytes_total", "Blob bytes sent by ReadBlob.")
+BYTES_SENT = Counter(
+    "berth_registry_sent_bytes_total", "Blob bytes sent by ReadBlob and HTTP blob GETs."
+)
 BLOBS_DEDUPLICATED = Counter(
     "berth_registry_blobs_deduplicated_total",
     "Uploads whose blob was already stored, so the new copy was discarded.",
