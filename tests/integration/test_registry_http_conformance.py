@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import time
+import urllib.request
 
 from berth.client import RegistryClient
 
@@ -328,6 +329,22 @@ def test_grpc_and_http_share_one_store(
         digest, manifest = http_admin.push_image("mixed/app", "http", [os.urandom(30)])
         got = client.get_manifest("mixed/app", "http")
         assert (got.digest, got.content) == (digest, manifest)
+    # Requests are counted by endpoint, and changes audited with their principal, as RPCs are.
+    with urllib.request.urlopen(oci_registry.metrics, timeout=30) as reply:
+        figures = reply.read().decode()
+    assert (
+        'berth_registry_http_requests_total{endpoint="manifests",method="PUT",status="201"} 1.0'
+        in figures
+    )
+    audited = [
+        json.loads(line)
+        for line in oci_registry.log.read_text().splitlines()
+        if '"berthd.audit"' in line and "HTTP PUT" in line
+    ]
+    assert any(
+        a["method"] == "HTTP PUT /v2/mixed/app/manifests/http" and a["principal"] == "user:admin"
+        for a in audited
+    )
 
 
 def test_unknown_endpoints_and_methods(http_admin: Http) -> None:

@@ -21,6 +21,7 @@ import re
 import socket
 import ssl
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ from berthd.registry.http_auth import Caller, HttpAuth, challenge
 from berthd.registry.http_errors import HttpError, from_berth, response
 
 log = logging.getLogger("berthd.registry.http")
+audit = logging.getLogger("berthd.audit")
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 # Request bodies go to the upload session in writes of about this size (the core takes at most
@@ -83,16 +86,18 @@ class OciApi:
     def __init__(self, registry: Registry, auth: HttpAuth) -> None:
         self.registry = registry
         self.auth = auth
-        # (path pattern under /v2/, {method: handler}), first match wins: uploads before blobs.
-        self.routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
-            (re.compile(p), h)
-            for p, h in (
-                (r"", {"GET": self.base, "HEAD": self.base}),
-                (r"_catalog", {"GET": self.catalog}),
-                (r"token", {"GET": self.token}),
-                (r"(?P<name>.+)/tags/list", {"GET": self.tags}),
-                (r"(?P<name>.+)/referrers/(?P<digest>[^/]+)", {"GET": self.referrers}),
+        # (endpoint, path pattern under /v2/, {method: handler}), first match wins: uploads
+        # before blobs. The endpoint names the route in metrics.
+        self.routes: list[tuple[str, re.Pattern[str], dict[str, Handler]]] = [
+            (name, re.compile(p), h)
+            for name, p, h in (
+                ("base", r"", {"GET": self.base, "HEAD": self.base}),
+                ("catalog", r"_catalog", {"GET": self.catalog}),
+                ("token", r"token", {"GET": self.token}),
+                ("tags", r"(?P<name>.+)/tags/list", {"GET": self.tags}),
+                ("referrers", r"(?P<name>.+)/referrers/(?P<digest>[^/]+)", {"GET": self.referrers}),
                 (
+                    "manifests",
                     r"(?P<name>.+)/manifests/(?P<reference>[^/]+)",
                     {
                         "GET": self.get_manifest,
@@ -101,8 +106,9 @@ class OciApi:
                         "DELETE": self.delete_manifest,
                     },
                 ),
-                (r"(?P<name>.+)/blobs/uploads/?", {"POST": self.start_upload}),
+                ("uploads", r"(?P<name>.+)/blobs/uploads/?", {"POST": self.start_upload}),
                 (
+                    "upload",
                     r"(?P<name>.+)/blobs/uploads/(?P<upload>[^/]+)",
                     {
                         "GET": self.upload_status,
@@ -112,6 +118,7 @@ class OciApi:
                     },
                 ),
                 (
+                    "blobs",
                     r"(?P<name>.+)/blobs/(?P<digest>[^/]+)",
                     {"GET": self.get_blob, "HEAD": self.get_blob, "DELETE": self.delete_blob},
                 ),
@@ -119,13 +126,42 @@ class OciApi:
         ]
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors])
+        app = web.Application(middlewares=[self._observe, self._errors])
         app.router.add_route("*", "/v2", self.redirect)
         app.router.add_route("*", "/v2/{path:.*}", self.dispatch)
         app.router.add_get("/token", self.token)
         return app
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Metrics for every request; an audit line (as the gRPC interceptor writes) for
+        every request that may change something."""
+        start = time.perf_counter()
+        status = 500
+        try:
+            reply = await handler(request)
+            status = reply.status
+            return reply
+        finally:
+            endpoint = request.get("endpoint", "none")
+            metrics.HTTP_REQUESTS.labels(request.method, endpoint, str(status)).inc()
+            metrics.HTTP_LATENCY.labels(request.method, endpoint).observe(
+                time.perf_counter() - start
+            )
+            if request.method in MUTATING:
+                caller: Caller | None = request.get("caller")
+                audit.info(
+                    "mutation",
+                    extra={
+                        "method": f"HTTP {request.method} {request.path}",
+                        "principal": caller.principal.name if caller else "-",
+                        "via": caller.principal.via if caller else "-",
+                        "code": str(status),
+                        "peer": request.remote or "-",
+                    },
+                )
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -155,11 +191,12 @@ class OciApi:
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.match_info["path"]
-        for pattern, methods in self.routes:
+        for endpoint, pattern, methods in self.routes:
             match = pattern.fullmatch(path)
             if match is None:
                 continue
             handler = methods.get(request.method)
+            request["endpoint"] = endpoint
             if handler is None:
                 raise HttpError(
                     405,
@@ -177,11 +214,13 @@ class OciApi:
 
     async def _who(self, request: web.Request) -> Caller:
         try:
-            return await self.auth.caller(request)
+            caller = await self.auth.caller(request)
         except BerthError as exc:
             raise HttpError(
                 401, "UNAUTHORIZED", str(exc), headers={"WWW-Authenticate": challenge(request)}
             ) from None
+        request["caller"] = caller
+        return caller
 
     # -- base, token, listings -------------------------------------------------------------------
 
@@ -200,6 +239,7 @@ class OciApi:
         return web.json_response({}, headers=API_VERSION)
 
     async def token(self, request: web.Request) -> web.StreamResponse:
+        request["endpoint"] = "token"
         return await self.auth.token(request)
 
     def _page(self, request: web.Request) -> tuple[int, str | None]:
