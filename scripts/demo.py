@@ -195,6 +195,7 @@ class Demo:
             self.image_steps(work)
             self.build_steps()
             self.registry_steps(work)
+            self.oci_http_steps(work, registry)
             self.container_steps()
             self.external_steps(work)
         finally:
@@ -299,6 +300,59 @@ class Demo:
 
         self.heading("What garbage collection would delete (dry run)")
         self.berth("registry", "gc", "--dry-run")
+
+    def oci_http_steps(self, work: Path, registry: dict) -> None:
+        """The registry also speaks the OCI Distribution HTTP API: skopeo and podman pull the
+        image berth built, with a berth token as their password (docs/registry.md)."""
+        host = registry["http_url"].removeprefix("http://")
+        self.heading(
+            f"skopeo and podman pull the berth-built {BUILT} from the registry's /v2/ ({host})"
+        )
+        token = self.berth(
+            "token", "create", "--name", "demo-puller", "--role", "reader", "-q", capture=True
+        ).strip()
+        creds = f"demo:{token}"
+        print("(with a reader's token from `berth token create` as the password)")
+        try:
+            self.run(
+                [
+                    "skopeo",
+                    "inspect",
+                    "--tls-verify=false",
+                    "--creds",
+                    creds,
+                    f"docker://{host}/{BUILT}",
+                ]
+            )
+            self.run(
+                [
+                    "skopeo",
+                    "--insecure-policy",
+                    "copy",
+                    "--src-tls-verify=false",
+                    "--src-creds",
+                    creds,
+                    f"docker://{host}/{BUILT}",
+                    f"oci:{work / 'hello'}:1",
+                ]
+            )
+            if shutil.which("podman"):
+                # A private storage and run root: nothing of the machine's podman is touched.
+                root, runroot = work / "podman", Path(tempfile.mkdtemp(prefix="berth-demo-"))
+                podman = ["podman", "--root", str(root), "--runroot", str(runroot)]
+                podman += ["--storage-driver", "vfs"]
+                try:
+                    self.run(
+                        [*podman, "pull", "--tls-verify=false", "--creds", creds, f"{host}/{BUILT}"]
+                    )
+                    self.run([*podman, "images"])
+                finally:
+                    subprocess.run(
+                        [*podman, "system", "reset", "--force"], capture_output=True, check=False
+                    )
+                    shutil.rmtree(runroot, ignore_errors=True)
+        finally:
+            self.berth("token", "rm", "demo-puller")
 
     def container_steps(self) -> None:
         image = f"{REPO}:{TAG}"
