@@ -49,16 +49,23 @@ class Reply:
 class Http:
     """Requests to one registry, with an optional Authorization header."""
 
-    def __init__(self, base_url: str, authorization: str = "", ca: Path | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        authorization: str = "",
+        ca: Path | None = None,
+        cert: tuple[Path, Path] | None = None,
+    ) -> None:
         parts = urlsplit(base_url)
         self.base_url = base_url
         self.host = parts.netloc
         self.tls = parts.scheme == "https"
         self.authorization = authorization
         self.ca = ca
+        self.cert = cert  # a client certificate and its key, over TLS
 
     def with_auth(self, authorization: str) -> Http:
-        return Http(self.base_url, authorization, self.ca)
+        return Http(self.base_url, authorization, self.ca, self.cert)
 
     def bearer(self, token: str) -> Http:
         return self.with_auth(f"Bearer {token}")
@@ -75,6 +82,8 @@ class Http:
     ) -> Reply:
         if self.tls:
             context = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
+            if self.cert:
+                context.load_cert_chain(*self.cert)
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
                 self.host, timeout=60, context=context
             )

@@ -152,3 +152,9 @@ def test_tls_beyond_loopback(services: Services, tmp_path: Path, admin_token: st
         admin.upload("tls/app", blob)
     admin.put_manifest("tls/app", "1", manifest, OCI_MANIFEST)
     assert admin.request("GET", "/v2/tls/app/manifests/1").body == manifest
+    # A client certificate of the cluster CA is a credential too (here the test's user:admin).
+    assert secure.request("GET", "/v2/tls/app/manifests/1").status == 401
+    cert = (Path(os.environ["BERTH_TLS_CERT"]), Path(os.environ["BERTH_TLS_KEY"]))
+    with_cert = Http(registry.http_url, ca=ca, cert=cert)
+    assert with_cert.request("GET", "/v2/").status == 200
+    assert with_cert.request("GET", "/v2/tls/app/manifests/1").body == manifest
