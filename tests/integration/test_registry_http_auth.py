@@ -9,6 +9,7 @@ import base64
 import json
 import os
 from pathlib import Path
+from urllib.parse import urlencode
 
 from berth.client import RegistryClient
 from berthd.common.store import Store
@@ -95,6 +96,27 @@ async def test_tokens_grant_what_the_role_allows(
     reply = pull_only.request("POST", "/v2/team/app/blobs/uploads/")
     assert reply.status == 401 and reply.codes == ["DENIED"]
     assert 'error="insufficient_scope"' in reply.headers["WWW-Authenticate"]
+    # containerd's OAuth2 form POST: the berth token as the password grant.
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = urlencode(
+        {
+            "grant_type": "password",
+            "username": "ci",
+            "password": reader,
+            "service": "berth",
+            "scope": "repository:team/app:pull,push",
+        }
+    ).encode()
+    reply = base.request("POST", "/v2/token", body, form)
+    assert reply.status == 200 and reply.json()["scope"] == "repository:team/app:pull"
+    assert (
+        base.bearer(reply.json()["access_token"]).request("GET", "/v2/team/app/manifests/1").status
+        == 200
+    )
+    wrong = urlencode({"grant_type": "password", "username": "ci", "password": "nope"})
+    assert base.request("POST", "/v2/token", wrong.encode(), form).status == 401
+    odd = urlencode({"grant_type": "client_credentials"}).encode()
+    assert base.request("POST", "/token", odd, form).codes == ["UNSUPPORTED"]
     # The berth token itself as the bearer: the role decides, 403 DENIED.
     reply = base.bearer(reader).request("POST", "/v2/team/app/blobs/uploads/")
     assert reply.status == 403 and reply.codes == ["DENIED"]

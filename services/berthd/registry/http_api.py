@@ -93,7 +93,7 @@ class OciApi:
             for name, p, h in (
                 ("base", r"", {"GET": self.base, "HEAD": self.base}),
                 ("catalog", r"_catalog", {"GET": self.catalog}),
-                ("token", r"token", {"GET": self.token}),
+                ("token", r"token", {"GET": self.token, "POST": self.token}),
                 ("tags", r"(?P<name>.+)/tags/list", {"GET": self.tags}),
                 ("referrers", r"(?P<name>.+)/referrers/(?P<digest>[^/]+)", {"GET": self.referrers}),
                 (
@@ -129,7 +129,8 @@ class OciApi:
         app = web.Application(middlewares=[self._observe, self._errors])
         app.router.add_route("*", "/v2", self.redirect)
         app.router.add_route("*", "/v2/{path:.*}", self.dispatch)
-        app.router.add_get("/token", self.token)
+        app.router.add_route("GET", "/token", self.token)
+        app.router.add_route("POST", "/token", self.token)
         return app
 
     # -- plumbing -----------------------------------------------------------------------------

@@ -248,8 +248,27 @@ class HttpAuth:
     # -- the token endpoint -------------------------------------------------------------------
 
     async def token(self, request: web.Request) -> web.Response:
+        """Docker's token endpoint: GET with the credential in the Authorization header and
+        `scope` parameters, or the OAuth2 form POST (`grant_type=password` with the berth
+        token as `password`, or `refresh_token` = a berth token) that containerd tries
+        first."""
+        scopes = request.query.getall("scope", [])
         try:
-            principal = await self.credential(request)
+            if request.method == "POST":
+                form = await request.post()
+                grant = str(form.get("grant_type", ""))
+                secret = str(form.get("password" if grant == "password" else "refresh_token", ""))
+                if grant not in ("password", "refresh_token") or not secret:
+                    raise HttpError(
+                        400,
+                        "UNSUPPORTED",
+                        "grant_type must be password (with password) or refresh_token (with "
+                        "refresh_token)",
+                    )
+                principal = await self.verifier.principal(secret)
+                scopes = [str(v) for v in form.getall("scope", [])]
+            else:
+                principal = await self.credential(request)
         except Unauthenticated as exc:
             raise HttpError(
                 401,
@@ -258,7 +277,7 @@ class HttpAuth:
                 headers={"WWW-Authenticate": f'Basic realm="{SERVICE}"'},
             ) from None
         grants: dict[str, list[str]] = {}
-        for scope in request.query.getall("scope", []):
+        for scope in scopes:
             for item in scope.split():
                 kind, _, rest = item.partition(":")
                 name, _, actions = rest.rpartition(":")
@@ -276,6 +295,9 @@ class HttpAuth:
                 "access_token": token,
                 "expires_in": self.token_seconds,
                 "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "scope": " ".join(
+                    f"repository:{name}:{','.join(actions)}" for name, actions in grants.items()
+                ),
             }
         )
 
