@@ -146,6 +146,8 @@ def test_push_chunked_interrupted_and_resumed(http_admin: Http) -> None:
         {"Content-Range": f"0-{len(first) - 1}", "Content-Type": "application/octet-stream"},
     )
     assert reply.status == 202 and reply.headers["Range"] == f"0-{len(first) - 1}"
+    # Nothing of an unfinished upload is visible as a blob.
+    assert http_admin.request("HEAD", f"/v2/conf/chunks/blobs/{sha(data)}").status == 404
     # The client "lost" the answer and sends a chunk from the wrong place.
     wrong = http_admin.request("PATCH", location, second, {"Content-Range": f"5-{len(second) + 4}"})
     assert wrong.status == 416 and wrong.codes == ["BLOB_UPLOAD_INVALID"]

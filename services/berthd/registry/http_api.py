@@ -381,7 +381,6 @@ class OciApi:
             "Docker-Content-Digest": stat.digest,
             "Content-Type": "application/octet-stream",
             "Accept-Ranges": "bytes",
-            "ETag": f'"{stat.digest}"',
             "Cache-Control": "max-age=31536000",
         }
         if request.method == "HEAD":
