@@ -145,13 +145,17 @@ class OciApi:
             reply = await handler(request)
             status = reply.status
             return reply
+        except web.HTTPException as exc:  # the /v2 redirect
+            status = exc.status
+            raise
         finally:
             endpoint = request.get("endpoint", "none")
             metrics.HTTP_REQUESTS.labels(request.method, endpoint, str(status)).inc()
             metrics.HTTP_LATENCY.labels(request.method, endpoint).observe(
                 time.perf_counter() - start
             )
-            if request.method in MUTATING:
+            # Getting a token (a POST to the realm) changes nothing.
+            if request.method in MUTATING and endpoint != "token":
                 caller: Caller | None = request.get("caller")
                 audit.info(
                     "mutation",
