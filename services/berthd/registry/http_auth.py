@@ -93,7 +93,16 @@ class HttpAuth:
         entry = await store.get(KEY)
         if entry is None:
             raise RuntimeError(f"the registry's token key {KEY} vanished from etcd")
-        return cls(bytes.fromhex(entry.value.decode()), authorizer, verifier)
+        try:
+            key = bytes.fromhex(entry.value.decode())
+        except (UnicodeDecodeError, ValueError):
+            key = b""
+        if len(key) < 32:
+            raise RuntimeError(
+                f"the registry's token key {KEY} in etcd is not 64 hex digits: delete it and "
+                "start the registries again (tokens already issued stop working)"
+            )
+        return cls(key, authorizer, verifier)
 
     # -- tokens ---------------------------------------------------------------------------
 
