@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from urllib.parse import urlencode
 
+import pytest
+
 from berth.client import RegistryClient
 from berthd.common.store import Store
 
@@ -180,3 +182,13 @@ def test_tls_beyond_loopback(services: Services, tmp_path: Path, admin_token: st
     with_cert = Http(registry.http_url, ca=ca, cert=cert)
     assert with_cert.request("GET", "/v2/").status == 200
     assert with_cert.request("GET", "/v2/tls/app/manifests/1").body == manifest
+
+
+async def test_a_damaged_token_key_stops_the_registry_with_one_line(
+    services: Services, tmp_path: Path, store: Store
+) -> None:
+    await store.put("registry/http-token-key", b"not hex at all")
+    with pytest.raises(RuntimeError) as failed:
+        start_http_registry(services, tmp_path)
+    assert "registry/http-token-key in etcd is not 64 hex digits: delete it" in str(failed.value)
+    assert "Traceback" not in str(failed.value)
