@@ -1,6 +1,7 @@
 """`make demo`: start a 3-host local berth cluster, build an image from a multi-stage Dockerfile
 (examples/hello), walk images through the registry, run containers through the cluster, commit
-a changed container and run the result on another host, push to and pull from an external
+a changed container and run the result on another host, pull the built image with skopeo,
+podman and docker from the registry's OCI HTTP API (/v2/), push to and pull from an external
 registry (Debian's docker-registry on loopback), then kill a host and watch a replicated service
 move.
 
@@ -351,8 +352,59 @@ class Demo:
                         [*podman, "system", "reset", "--force"], capture_output=True, check=False
                     )
                     shutil.rmtree(runroot, ignore_errors=True)
+            if shutil.which("dockerd"):
+                self.docker_steps(work, host, token)
         finally:
             self.berth("token", "rm", "demo-puller")
+
+    def docker_steps(self, work: Path, host: str, token: str) -> None:
+        """Docker's engine pulls and runs it too: a dockerd of the demo's own (data and exec
+        roots, socket; no iptables, no bridge, so the host's network is left alone), stopped
+        by its pid at the end. A registry on 127.0.0.0/8 needs no insecure-registries entry."""
+        self.heading(f"docker pulls and runs {BUILT} from the registry's /v2/")
+        short = Path(tempfile.mkdtemp(prefix="berth-demo-"))  # socket paths must stay short
+        sock = short / "docker.sock"
+        log = open(work / "dockerd.log", "wb")  # noqa: SIM115 (closed in finally)
+        daemon = subprocess.Popen(
+            [
+                "dockerd",
+                "--data-root",
+                str(work / "docker"),
+                "--exec-root",
+                str(short / "exec"),
+                "--pidfile",
+                str(short / "docker.pid"),
+                "-H",
+                f"unix://{sock}",
+                "--iptables=false",
+                "--bridge=none",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        saved = dict(self.env)
+        self.env["DOCKER_CONFIG"] = str(work / "docker-config")
+        docker = ["docker", "-H", f"unix://{sock}"]
+        try:
+            deadline = time.monotonic() + 60
+            while subprocess.run([*docker, "version"], capture_output=True).returncode != 0:
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise StepFailed(f"step {self.step}: dockerd did not start")
+                time.sleep(0.2)
+            self.run([*docker, "login", "-u", "demo", "-p", token, host])
+            self.run([*docker, "pull", f"{host}/{BUILT}"])
+            self.run([*docker, "run", "--rm", "--network", "none", f"{host}/{BUILT}"])
+            self.run([*docker, "rmi", f"{host}/{BUILT}"])
+        finally:
+            self.env = saved
+            daemon.terminate()
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+            log.close()
+            shutil.rmtree(short, ignore_errors=True)
 
     def container_steps(self) -> None:
         image = f"{REPO}:{TAG}"
