@@ -8,10 +8,14 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
+import ssl
+import time
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import pytest
+from cryptography import x509
 
 from berth.client import RegistryClient
 from berthd.common.store import Store
@@ -192,3 +196,37 @@ async def test_a_damaged_token_key_stops_the_registry_with_one_line(
         start_http_registry(services, tmp_path)
     assert "registry/http-token-key in etcd is not 64 hex digits: delete it" in str(failed.value)
     assert "Traceback" not in str(failed.value)
+
+
+def served_serial(url: str, ca: Path) -> int:
+    """The serial number of the certificate the HTTPS listener serves now."""
+    host, port = urlsplit(url).netloc.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(ca))
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_the_tls_listener_takes_the_renewed_certificate(
+    services: Services, tmp_path: Path, admin_token: str
+) -> None:
+    """A 30 s certificate is renewed at two thirds of its life; new HTTPS connections get the
+    new one, with no restart."""
+    registry = services.start(
+        "registry",
+        f"--data-dir={tmp_path / 'registry-data'}",
+        "--http-listen=0.0.0.0:0",
+        "--tls-lifetime=30",
+    )
+    ca = Path(os.environ["BERTH_TLS_CA"])
+    first = served_serial(registry.http_url, ca)
+    deadline = time.monotonic() + 40
+    while served_serial(registry.http_url, ca) == first:
+        assert time.monotonic() < deadline, "the HTTPS certificate was not renewed"
+        time.sleep(1)
+    reply = Http(registry.http_url, ca=ca).bearer(admin_token).request("GET", "/v2/")
+    assert reply.status == 200
