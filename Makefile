@@ -65,6 +65,9 @@ $(VENV)/.installed: pyproject.toml
 protos: $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=clients/python --pyi_out=clients/python \
 	  --grpc_python_out=clients/python $(PROTO_FILES)
+	@# Byte-compile the editable sources now: the CLI otherwise compiles every module it imports
+	@# on each run where .pyc cannot be written (PYTHONDONTWRITEBYTECODE, a read-only checkout).
+	$(PY) -m compileall -q clients/python services
 
 lint: deps
 	$(VENV)/bin/ruff check .
@@ -108,6 +111,7 @@ bench: deps bench-apt
 	$(PY) -m bench.registry_ls
 	$(PY) -m bench.placement
 	$(PY) -m bench.stats
+	$(PY) -m bench.cli_startup
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)

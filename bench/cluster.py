@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -29,7 +30,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from bench.registry import BERTH, BERTHD, BenchError, free_port, port_is_free, r
 from berth.client import NodeClient
 from berth.cluster.v1 import cluster_pb2 as cpb
 from berth.cluster.v1 import cluster_pb2_grpc
+from berth.errors import BerthClientError
 from berth.tls import secure_channel
 from berth.types.v1 import container_pb2
 from berthd import localcluster
@@ -347,6 +349,53 @@ def latency(cluster: Cluster, samples: int) -> dict[int, dict[str, float]]:
     return results
 
 
+def up(state: Path, nodes: int, *flags: str) -> None:
+    """`berthd up --nodes N`, retried on other ports when one was taken meanwhile."""
+    for attempt in range(3):
+        argv = [BERTHD, "up", "--state-dir", str(state), "--nodes", str(nodes), *flags]
+        try:
+            run([*argv, "--base-port", str(cluster_base_port(nodes))], "berthd up")
+            return
+        except BenchError as exc:
+            if "Address already in use" not in str(exc) or attempt == 2:
+                raise
+            stop_cluster(state)
+            shutil.rmtree(state, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_cluster(name: str, nodes: int, *flags: str) -> Iterator[Cluster]:
+    """A `berthd up` cluster with busybox pushed (`prepare`), in a work directory of its own;
+    on the way out `berthd down`, then by pid and mount whatever it left, and the directory."""
+    work = Path(tempfile.mkdtemp(prefix=f"berth-bench-{name}-"))
+    state = work / "state"
+    try:
+        up(state, nodes, *flags)
+        cluster = Cluster(state)
+        try:
+            prepare(cluster, work)
+            yield cluster
+        finally:
+            cluster.close()
+    finally:
+        try:
+            stop_cluster(state)
+        finally:
+            localcluster.unmount_under(state)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def reported(name: str, bench: Callable[[], None]) -> int:
+    """Run a bench: 0, or 1 with one line on stderr when it failed."""
+    try:
+        bench()
+    except (BenchError, BerthClientError, grpc.RpcError, RuntimeError, OSError) as exc:
+        detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        print(f"{name} FAILED: {detail}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def stop_cluster(state: Path) -> None:
     """`berthd down`, then by pid whatever it left (it should be nothing)."""
     cluster = localcluster.load(state)
@@ -412,19 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.rounds, args.containers, args.samples, args.lease_ttl) < 1:
         parser.error("--rounds, --containers, --samples and --lease-ttl must be positive")
     parts = args.only or ["failover", "placement", "latency"]
-    work = Path(tempfile.mkdtemp(prefix="berth-bench-cluster-"))
-    state = work / "state"
-    figures: dict = {}
-    try:
-        base = cluster_base_port(NODES)
-        run(
-            [BERTHD, "up", "--state-dir", str(state), "--base-port", str(base),
-             "--nodes", str(NODES), "--node-lease-ttl", str(args.lease_ttl)],
-            "berthd up",
-        )  # fmt: skip
-        cluster = Cluster(state)
-        try:
-            prepare(cluster, work)
+
+    def bench() -> None:
+        figures: dict = {}
+        with local_cluster("cluster", NODES, "--node-lease-ttl", str(args.lease_ttl)) as cluster:
             if "failover" in parts:
                 print(f"\n== failover: a {NODES}-replica service, one node killed per round")
                 figures["failover"] = failover(cluster, args.rounds)
@@ -434,20 +474,9 @@ def main(argv: list[str] | None = None) -> int:
             if "latency" in parts:
                 print(f"\n== scheduling latency: {args.samples} sequential RunContainer per size")
                 figures["latency"] = latency(cluster, args.samples)
-        finally:
-            cluster.close()
         report(args, figures)
-    except (BenchError, grpc.RpcError, RuntimeError) as exc:
-        detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        print(f"bench FAILED: {detail}", file=sys.stderr)
-        return 1
-    finally:
-        try:
-            stop_cluster(state)
-        finally:
-            localcluster.unmount_under(state)
-            shutil.rmtree(work, ignore_errors=True)
-    return 0
+
+    return reported("bench.cluster", bench)
 
 
 if __name__ == "__main__":

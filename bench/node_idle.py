@@ -14,20 +14,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
-import grpc
-
-from bench.cluster import Cluster, cluster_base_port, prepare, stop_cluster
-from bench.registry import BERTHD, BenchError, run
+from bench.cluster import Cluster, local_cluster, reported
 from bench.scale import cpu_meter, percent, run_containers, sizes, wait_running
-from berth.errors import BerthClientError
-from berthd import localcluster
 
 COUNTERS = ("berth_node_monitor_wakeups_total", "berth_node_exit_checks_total")
 
@@ -38,19 +30,6 @@ def counter(url: str, metric: str) -> float | None:
         text = reply.read().decode()
     found = re.search(rf"^{re.escape(metric)} (\S+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else None
-
-
-def up(state: Path) -> None:
-    for attempt in range(3):
-        try:
-            run([BERTHD, "up", "--state-dir", str(state), "--base-port",
-                 str(cluster_base_port(1)), "--nodes", "1"], "berthd up")  # fmt: skip
-            return
-        except BenchError as exc:
-            if "Address already in use" not in str(exc) or attempt == 2:
-                raise
-            stop_cluster(state)
-            shutil.rmtree(state, ignore_errors=True)
 
 
 def measure(cluster: Cluster, args: argparse.Namespace) -> list[tuple[int, float, list[str]]]:
@@ -90,33 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         args.containers = sizes(args.containers, "--containers")
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
-    work = Path(tempfile.mkdtemp(prefix="berth-bench-nodeidle-"))
-    state = work / "state"
-    try:
-        up(state)
-        cluster = Cluster(state)
-        try:
-            prepare(cluster, work)
+
+    def bench() -> None:
+        with local_cluster("nodeidle", 1) as cluster:
             rows = measure(cluster, args)
-        finally:
-            cluster.close()
         print(
             "\n| running containers | agent CPU, % of a core | monitor wake-ups | exit-file reads |"
         )
         print("|---|---|---|---|")
         for count, cpu, rates in rows:
             print(f"| {count} | {cpu:.2f} | {rates[0]} | {rates[1]} |")
-    except (BenchError, BerthClientError, grpc.RpcError, RuntimeError, OSError) as exc:
-        detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        print(f"bench FAILED: {detail}", file=sys.stderr)
-        return 1
-    finally:
-        try:
-            stop_cluster(state)
-        finally:
-            localcluster.unmount_under(state)
-            shutil.rmtree(work, ignore_errors=True)
-    return 0
+
+    return reported("bench.node_idle", bench)
 
 
 if __name__ == "__main__":

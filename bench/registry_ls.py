@@ -6,9 +6,9 @@ One plaintext etcd and one `berthd registry` (BERTH_INSECURE_PLAINTEXT_FOR_BENCH
 etcd's /metrics answers over http), nothing else: at each size the registry is filled up to that
 many repositories, each with one tag of one tiny image (its blobs mounted from the first
 repository: registry work and etcd writes, no bytes), then each figure is sampled: every page
-of ListRepositories at the registry's default page size (100), RPC time, and the same through
-the typed client (as `berth registry ls` lists: its conversion of each message included), and
-a Search; the size of
+of ListRepositories at the registry's default page size (100) and at the largest (1000), RPC
+time, and the same through the typed client (as `berth registry ls` lists, 1000 a page: its
+conversion of each message included), and a Search; the size of
 etcd's database file (never compacted here) is printed with them.
 
     .venv/bin/python -m bench.registry_ls [--sizes 10,2000] [--samples 5]
@@ -174,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
             def list_all_client() -> int:
                 return len(list(client.iter_repositories()))
 
-            def list_all() -> int:
+            def list_all(page_size: int = 0) -> int:
                 token, count = "", 0
                 while True:
                     page = stub.ListRepositories(
-                        pb.ListRepositoriesRequest(page_token=token), timeout=60
+                        pb.ListRepositoriesRequest(page_size=page_size, page_token=token),
+                        timeout=60,
                     )
                     count += len(page.repositories)
                     token = page.next_page_token
@@ -189,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                 reply = stub.Search(pb.SearchRequest(term="repo"), timeout=60)
                 return len(reply.results)
 
-            print("repositories | registry ls (RPC, all pages) | Range calls | registry ls"
-                  " (typed client) | search | Range calls | etcd db")  # fmt: skip
+            print("repositories | registry ls (RPC, all pages of 100) | Range calls | the same,"
+                  " pages of 1000 | Range calls | registry ls (typed client) | search"
+                  " | Range calls | etcd db")  # fmt: skip
             filled = 0
             for size in sizes:
                 fill(address, filled, size)
@@ -198,10 +200,12 @@ def main(argv: list[str] | None = None) -> int:
                 if list_all() != size:
                     raise BenchError(f"registry ls shows {list_all()} repositories, not {size}")
                 ls, ls_ranges = measure(list_all, args.samples, endpoint)
+                big, big_ranges = measure(lambda: list_all(1000), args.samples, endpoint)
                 cli, _ = measure(list_all_client, args.samples, endpoint)
                 found, found_ranges = measure(search, args.samples, endpoint)
                 db = (work / "etcd" / "member" / "snap" / "db").stat().st_size / 2**20
-                print(f"{size} | {ls * 1000:.1f} ms | {ls_ranges:.0f} | {cli * 1000:.1f} ms"
+                print(f"{size} | {ls * 1000:.1f} ms | {ls_ranges:.0f} | {big * 1000:.1f} ms"
+                      f" | {big_ranges:.0f} | {cli * 1000:.1f} ms"
                       f" | {found * 1000:.1f} ms | {found_ranges:.0f} | {db:.1f} MiB",
                       flush=True)  # fmt: skip
             channel.close()

@@ -37,12 +37,10 @@ import io
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -53,17 +51,13 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
-import grpc
-
-from bench.cluster import Cluster, cluster_base_port, pct, prepare, read_node, scrape, stop_cluster
-from bench.registry import BERTH, BERTHD, BenchError, run
+from bench.cluster import Cluster, local_cluster, pct, read_node, reported, scrape
+from bench.registry import BERTH, BenchError
 from berth.client.builder import BuilderClient, BuildOptions
 from berth.client.image import ImageClient
 from berth.client.registry import RegistryClient
 from berth.cluster.v1 import cluster_pb2 as cpb
-from berth.errors import BerthClientError
 from berth.types.v1 import container_pb2
-from berthd import localcluster
 from berthd.common.store import Store
 
 IMAGE = "bench/busybox:1"  # what bench.cluster.prepare pushes and pulls onto every node
@@ -638,21 +632,6 @@ def sizes(text: str, what: str) -> list[int]:
     return numbers
 
 
-def up(state: Path) -> None:
-    """`berthd up --nodes 3`, retried on other ports when one was taken meanwhile."""
-    for attempt in range(3):
-        base = cluster_base_port(NODES)
-        try:
-            run([BERTHD, "up", "--state-dir", str(state), "--base-port", str(base),
-                 "--nodes", str(NODES)], "berthd up")  # fmt: skip
-            return
-        except BenchError as exc:
-            if "Address already in use" not in str(exc) or attempt == 2:
-                raise
-            stop_cluster(state)
-            shutil.rmtree(state, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
@@ -685,48 +664,39 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if not len(images) == len(containers) == len(nodes):
         parser.error("--sizes, --containers and --nodes need as many steps each")
-    if min(nodes) < 1 or min(args.samples, args.list_samples, args.concurrent) < 1:
-        parser.error("--nodes, --samples, --list-samples and --concurrent must be positive")
+    if (
+        min(nodes) < 1
+        or min(args.samples, args.list_samples, args.concurrent, args.placement_rounds) < 1
+    ):
+        parser.error(
+            "--nodes, --samples, --list-samples, --concurrent and --placement-rounds must be"
+            " positive"
+        )
     steps = [Step(*sizes) for sizes in zip(images, containers, nodes, strict=True)]
 
-    work = Path(tempfile.mkdtemp(prefix="berth-bench-scale-"))
-    state = work / "state"
     started = time.perf_counter()
-    bench: Bench | None = None
-    try:
-        up(state)
-        cluster = Cluster(state)
-        try:
-            prepare(cluster, work)
-            bench = Bench(cluster, args)
-            bench.setup()
-            for index, step in enumerate(steps):
-                bench.measure(step, index)
-            print("\n== image prune -a", flush=True)
-            bench.prune(steps[-1])
-            print(f"  {show('image prune -a', steps[-1].samples['image prune -a'])}"
-                  f" ({steps[-1].notes['prune']})")  # fmt: skip
-        finally:
-            if bench is not None:
+
+    def bench() -> None:
+        with local_cluster("scale", NODES) as cluster:
+            measured = Bench(cluster, args)
+            try:
+                measured.setup()
+                for index, step in enumerate(steps):
+                    measured.measure(step, index)
+                print("\n== image prune -a", flush=True)
+                measured.prune(steps[-1])
+                print(f"  {show('image prune -a', steps[-1].samples['image prune -a'])}"
+                      f" ({steps[-1].notes['prune']})")  # fmt: skip
+            finally:
                 try:
-                    revoke_leases(cluster, bench.leases)
+                    revoke_leases(cluster, measured.leases)
                 finally:
-                    bench.close()
-            cluster.close()
+                    measured.close()
         print(f"\n{NODES} node agents (berthd up --nodes {NODES}); run took"
               f" {time.perf_counter() - started:.0f}s")  # fmt: skip
         print("\n".join(summary(steps)))
-    except (BenchError, BerthClientError, grpc.RpcError, RuntimeError, OSError) as exc:
-        detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        print(f"bench FAILED: {detail}", file=sys.stderr)
-        return 1
-    finally:
-        try:
-            stop_cluster(state)
-        finally:
-            localcluster.unmount_under(state)
-            shutil.rmtree(work, ignore_errors=True)
-    return 0
+
+    return reported("bench.scale", bench)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,26 @@ async def counting(etcd_endpoint: str, etcd_prefix: str):
     await s.close()
 
 
+@pytest.fixture
+def own_etcd(tmp_path: Path, cluster_ca: ClusterCA):
+    """An etcd of the test's own, started, for a test to kill and start again."""
+    from .own_etcd import OwnEtcd  # it imports this module
+
+    own = OwnEtcd(tmp_path / "etcd", cluster_ca)
+    own.directory.mkdir()
+    own.start()
+    yield own
+    own.stop()
+
+
+@pytest.fixture
+def own_etcd_services(tmp_path: Path, own_etcd) -> Iterator[Services]:
+    """Services on the test's own etcd (`own_etcd`)."""
+    services = Services(tmp_path, own_etcd.endpoint, f"/berth-own-{uuid.uuid4().hex[:8]}/")
+    yield services
+    services.stop_all()
+
+
 @dataclass
 class ServiceProcess:
     name: str

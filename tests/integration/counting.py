@@ -3,11 +3,14 @@ about one thing reads that thing, not the family it belongs to."""
 
 from __future__ import annotations
 
-from berthd.common.store import Entry, Page, Store
+from collections.abc import AsyncIterator
+
+from berthd.common.store import GET_MANY_BATCH, Entry, Page, Store, WatchEvent
 
 
 class CountingStore(Store):
-    """A real store that counts the reads it makes and the records they return."""
+    """A real store that counts the reads it makes and the records they return, and the
+    events its watches deliver."""
 
     reads = 0
     records = 0
@@ -25,6 +28,13 @@ class CountingStore(Store):
         entry, revision = await super().get_at(key)
         self._counted(entry is not None)
         return entry, revision
+
+    async def get_many(self, keys):  # type: ignore[no-untyped-def]
+        # One read per transaction it makes (a hundred keys each).
+        entries = await super().get_many(keys)
+        self.reads += -(-len(keys) // GET_MANY_BATCH)
+        self.records += sum(entry is not None for entry in entries)
+        return entries
 
     async def list(self, prefix: str, **kw) -> list[Entry]:  # type: ignore[override]
         entries = await super().list(prefix, **kw)
@@ -44,3 +54,48 @@ class CountingStore(Store):
     async def count(self, prefix: str) -> int:
         self._counted(0)
         return await super().count(prefix)
+
+    # Events its watches delivered (what wakes a watcher), counted apart from reads.
+    watched = 0
+
+    async def _watch(  # type: ignore[override]
+        self, start: bytes, end: bytes, start_revision: int | None
+    ) -> AsyncIterator[WatchEvent]:
+        async for event in super()._watch(start, end, start_revision):
+            self.watched += 1
+            yield event
+
+
+class RequestCountingStore(CountingStore):
+    """A CountingStore that counts its writes and lease calls too (`writes`): what one call
+    costs etcd in round trips."""
+
+    writes = 0
+
+    async def put(self, key: str, value: bytes, lease: int | None = None) -> None:
+        self.writes += 1
+        await super().put(key, value, lease)
+
+    async def delete(self, key: str) -> bool:
+        self.writes += 1
+        return await super().delete(key)
+
+    async def txn(self, compare, success, failure=()):  # type: ignore[no-untyped-def]
+        self.writes += 1
+        return await super().txn(compare, success, failure)
+
+    async def txn_at(self, compare, success):  # type: ignore[no-untyped-def]
+        self.writes += 1
+        return await super().txn_at(compare, success)
+
+    async def grant_lease(self, ttl: int) -> int:
+        self.writes += 1
+        return await super().grant_lease(ttl)
+
+    async def refresh_lease(self, lease_id: int) -> int:
+        self.writes += 1
+        return await super().refresh_lease(lease_id)
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        self.writes += 1
+        await super().revoke_lease(lease_id)

@@ -31,7 +31,13 @@ from berth.tls import secure_channel
 from berth.types.v1 import container_pb2
 from berthd.cluster.services import SERVICES, ServiceRecord
 from berthd.common.security.tokens import TOKENS, new_token
-from berthd.common.state.containers import CONTAINERS, STATUSES, DesiredContainer
+from berthd.common.state.containers import (
+    CONTAINERS,
+    STATUSES,
+    DesiredContainer,
+    delete_desired,
+    put_desired,
+)
 from berthd.common.store import Store
 
 from .conftest import ClusterCA, NodeProcess, ServiceProcess, Services, wait_until
@@ -209,7 +215,7 @@ async def test_an_unstamped_host_access_record_is_not_created_by_its_node(
             mounts=[MountSpec("/", "/host")],
         ),
     )
-    await CONTAINERS.put(store, forged.id, forged)
+    await put_desired(store, forged)  # with its node's assignment key, as the cluster writes
 
     async def failed() -> bool:
         status = await STATUSES.get(store, forged.id)
@@ -230,7 +236,7 @@ async def test_an_unstamped_host_access_record_is_not_created_by_its_node(
     with NodeClient(setup.node.address) as node:
         assert [c.id for c in node.list(all=True)] == []
         assert node.images() == []
-    await CONTAINERS.delete(store, forged.id)
+    await delete_desired(store, forged)
 
 
 async def test_the_node_agent_itself_admits_host_power(setup: Setup, cluster_ca: ClusterCA) -> None:

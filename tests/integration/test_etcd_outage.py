@@ -12,8 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -28,7 +26,8 @@ from berth.registry.v1 import registry_pb2, registry_pb2_grpc
 from berth.tls import CA_FILE, CLIENT_CERT, CLIENT_KEY, TLS_DIR, secure_channel
 from berth.types.v1 import container_pb2
 
-from .conftest import ClusterCA, ServiceProcess, Services, free_port, spawn, wait_until
+from .conftest import ClusterCA, ServiceProcess, Services, wait_until
+from .own_etcd import OwnEtcd
 
 pytestmark = pytest.mark.integration
 
@@ -36,70 +35,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # A guard only: each wait ends on the event itself (the watchdog looks every 2 s).
 GUARD = 60
-
-
-class OwnEtcd:
-    """An etcd for one test, killed and restarted on the same ports and data."""
-
-    def __init__(self, directory: Path, ca: ClusterCA) -> None:
-        self.directory = directory
-        self.client, self.peer = free_port(), free_port()
-        self.flags = ca.etcd_flags("outage-etcd", ["127.0.0.1", "localhost"])
-        self.endpoint = f"127.0.0.1:{self.client}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        url, peer = f"https://{self.endpoint}", f"http://127.0.0.1:{self.peer}"
-        self.proc = spawn(
-            [
-                "etcd",
-                "--name=outage",
-                f"--data-dir={self.directory / 'data'}",
-                f"--listen-client-urls={url}",
-                f"--advertise-client-urls={url}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=outage={peer}",
-                *self.flags,
-                "--logger=zap",
-            ],
-            self.directory / "etcd.log",
-        )
-        wait_until(self._answers, GUARD, "etcd", self.proc)
-
-    def _answers(self) -> bool:
-        import socket
-
-        try:
-            with socket.create_connection(("127.0.0.1", self.client), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.kill()
-
-
-@pytest.fixture
-def etcd(tmp_path: Path, cluster_ca: ClusterCA) -> Iterator[OwnEtcd]:
-    own = OwnEtcd(tmp_path / "etcd", cluster_ca)
-    own.directory.mkdir()
-    own.start()
-    yield own
-    own.stop()
-
-
-@pytest.fixture
-def outage_services(tmp_path: Path, etcd: OwnEtcd) -> Iterator[Services]:
-    services = Services(tmp_path, etcd.endpoint, f"/berth-outage-{uuid.uuid4().hex[:8]}/")
-    yield services
-    services.stop_all()
 
 
 def health(address: str, service: str = "") -> int:
@@ -121,7 +56,7 @@ def assert_clean_etcd_error(code: grpc.StatusCode, message: str, reason: str, en
         assert raw not in message
 
 
-def status_dir(tmp_path: Path, ca: ClusterCA, etcd: OwnEtcd, started: list[ServiceProcess]):
+def status_dir(tmp_path: Path, ca: ClusterCA, own_etcd: OwnEtcd, started: list[ServiceProcess]):
     """A state directory as `berthd up` leaves it, naming this test's processes."""
     state = tmp_path / "state"
     (state / TLS_DIR).mkdir(parents=True)
@@ -133,7 +68,7 @@ def status_dir(tmp_path: Path, ca: ClusterCA, etcd: OwnEtcd, started: list[Servi
         (state / TLS_DIR / name).symlink_to(source)
     cluster = {
         "state_dir": str(state),
-        "etcd": {"endpoint": etcd.endpoint, "pid": 0},
+        "etcd": {"endpoint": own_etcd.endpoint, "pid": 0},
         "services": {p.name: {"address": p.address, "pid": p.proc.pid} for p in started},
     }
     (state / "cluster.json").write_text(json.dumps(cluster))
@@ -151,15 +86,15 @@ def berthd_status(state: Path) -> tuple[int, list[str]]:
 
 
 def test_etcd_down_is_unavailable_everywhere_and_not_serving_until_it_returns(
-    etcd: OwnEtcd,
-    outage_services: Services,
+    own_etcd: OwnEtcd,
+    own_etcd_services: Services,
     cluster_ca: ClusterCA,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    registry = outage_services.registry()
-    cluster = outage_services.start("cluster")
-    state = status_dir(tmp_path, cluster_ca, etcd, [registry, cluster])
+    registry = own_etcd_services.registry()
+    cluster = own_etcd_services.start("cluster")
+    state = status_dir(tmp_path, cluster_ca, own_etcd, [registry, cluster])
     for service in (registry, cluster):
         assert health(service.address) == SERVING
         assert health(service.address, "etcd") == SERVING
@@ -171,24 +106,24 @@ def test_etcd_down_is_unavailable_everywhere_and_not_serving_until_it_returns(
     # A follower of events before the outage: its stream ends with the same clean error.
     events = stub.Events(pb.EventsRequest(), timeout=GUARD)
 
-    etcd.kill()
+    own_etcd.kill()
 
     code, message, reason = failure(lambda: stub.ListContainers(pb.ListContainersRequest()))
-    assert_clean_etcd_error(code, message, reason, etcd.endpoint)
+    assert_clean_etcd_error(code, message, reason, own_etcd.endpoint)
     for request in (
         pb.RunContainerRequest(spec=spec),
         pb.RunContainerRequest(spec=spec, request_id="outage-1"),  # the idempotency claim
     ):
         code, message, reason = failure(lambda r=request: stub.RunContainer(r, timeout=30))
-        assert_clean_etcd_error(code, message, reason, etcd.endpoint)
+        assert_clean_etcd_error(code, message, reason, own_etcd.endpoint)
     code, message, reason = failure(lambda: stub.ListNodes(pb.ListNodesRequest(page_size=1)))
-    assert_clean_etcd_error(code, message, reason, etcd.endpoint)
+    assert_clean_etcd_error(code, message, reason, own_etcd.endpoint)
     code, message, reason = failure(
         lambda: registry_stub.ListRepositories(registry_pb2.ListRepositoriesRequest())
     )
-    assert_clean_etcd_error(code, message, reason, etcd.endpoint)
+    assert_clean_etcd_error(code, message, reason, own_etcd.endpoint)
     code, message, reason = failure(lambda: list(events))
-    assert_clean_etcd_error(code, message, reason, etcd.endpoint)
+    assert_clean_etcd_error(code, message, reason, own_etcd.endpoint)
 
     # The CLI: one line naming the cause, and a failure exit.
     capsys.readouterr()
@@ -208,7 +143,7 @@ def test_etcd_down_is_unavailable_everywhere_and_not_serving_until_it_returns(
     for name in ("registry", "cluster"):
         assert "UNHEALTHY" in rows[name] and "cannot reach etcd" in rows[name], lines
 
-    etcd.start()
+    own_etcd.start()
 
     for service in (registry, cluster):
         wait_until(lambda s=service: health(s.address) == SERVING, GUARD, "SERVING again")

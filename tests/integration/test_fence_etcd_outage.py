@@ -21,8 +21,6 @@ import json
 import os
 import signal
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,9 +29,10 @@ from berth.client import ClusterClient, ContainerConfig, NodeClient, RegistryCli
 from berth.errors import BerthClientError
 from berthd.node.fence import PEERS_FILE
 
-from .conftest import ClusterCA, ServiceProcess, Services
+from .conftest import ServiceProcess, Services
 from .images import busybox_layer, push_image
-from .test_etcd_outage import NOT_SERVING, SERVING, OwnEtcd, health
+from .own_etcd import OwnEtcd
+from .test_etcd_outage import NOT_SERVING, SERVING, health
 from .test_node_fencing import LOOP, node_state, replicas, running_on, start_node, until
 from .test_node_watchdog import runc_running
 
@@ -41,22 +40,6 @@ pytestmark = pytest.mark.integration
 
 STOP_AFTER = 6.0  # the lease TTL of these tests is 5 s
 HOLD_LINE = "peers answer: not fencing"
-
-
-@pytest.fixture
-def etcd(tmp_path: Path, cluster_ca: ClusterCA) -> Iterator[OwnEtcd]:
-    own = OwnEtcd(tmp_path / "etcd", cluster_ca)
-    own.directory.mkdir()
-    own.start()
-    yield own
-    own.stop()
-
-
-@pytest.fixture
-def own_services(tmp_path: Path, etcd: OwnEtcd) -> Iterator[Services]:
-    services = Services(tmp_path, etcd.endpoint, f"/berth-fence-{uuid.uuid4().hex[:8]}/")
-    yield services
-    services.stop_all()
 
 
 def logged(process: ServiceProcess, text: str) -> bool:
@@ -95,15 +78,15 @@ def knows(data: Path, peer: str) -> bool:
 
 
 def test_etcd_down_for_everyone_does_not_stop_the_replicas(
-    etcd: OwnEtcd, own_services: Services, tmp_path: Path
+    own_etcd: OwnEtcd, own_etcd_services: Services, tmp_path: Path
 ) -> None:
-    registry = own_services.registry()
+    registry = own_etcd_services.registry()
     with RegistryClient(registry.address) as client:
         push_image(client, "test/busybox", "1", [busybox_layer()], tmp_path)
-    cluster_process = own_services.start("cluster")
+    cluster_process = own_etcd_services.start("cluster")
     limit = f"--stop-after-disconnect={STOP_AFTER:g}"
-    a = start_node(own_services, registry, tmp_path, "outage-a", limit)
-    b = start_node(own_services, registry, tmp_path, "outage-b", limit)
+    a = start_node(own_etcd_services, registry, tmp_path, "outage-a", limit)
+    b = start_node(own_etcd_services, registry, tmp_path, "outage-b", limit)
     agents = [a, b]
     try:
         with ClusterClient(cluster_process.address) as cluster:
@@ -126,7 +109,7 @@ def test_etcd_down_for_everyone_does_not_stop_the_replicas(
                 assert running_on(b.address) == on["outage-b"], "b stopped its replica"
                 return True
 
-            etcd.kill()
+            own_etcd.kill()
 
             # Both agents find etcd gone and the other agent alive: they hold.
             for agent in agents:
@@ -141,7 +124,7 @@ def test_etcd_down_for_everyone_does_not_stop_the_replicas(
             for agent in agents:
                 assert not logged(agent, "stopping"), agent.log.read_text()[-3000:]
 
-            etcd.start()
+            own_etcd.start()
 
             for agent in agents:
                 until(lambda s=agent: health(s.address, "etcd") == SERVING, "etcd back")
@@ -155,25 +138,25 @@ def test_etcd_down_for_everyone_does_not_stop_the_replicas(
             for agent in agents:
                 until(lambda s=agent: empty(s.address), "the replicas removed")
     finally:
-        if etcd.proc is None or etcd.proc.poll() is not None:
-            etcd.start()
+        if own_etcd.proc is None or own_etcd.proc.poll() is not None:
+            own_etcd.start()
         clear(agents)
 
 
 def test_a_dead_agents_watchdog_holds_in_an_etcd_outage_and_fences_once_etcd_is_back(
-    etcd: OwnEtcd, own_services: Services, tmp_path: Path
+    own_etcd: OwnEtcd, own_etcd_services: Services, tmp_path: Path
 ) -> None:
     """The agent dies during the outage: its watchdog asks the peers the agent remembered
     (`peers.json`) and holds; once etcd is back the dead agent's lease expires, the cluster
     moves the replica, and the watchdog stops the old one."""
-    registry = own_services.registry()
+    registry = own_etcd_services.registry()
     with RegistryClient(registry.address) as client:
         push_image(client, "test/busybox", "1", [busybox_layer()], tmp_path)
-    cluster_process = own_services.start("cluster")
+    cluster_process = own_etcd_services.start("cluster")
     limit = f"--stop-after-disconnect={STOP_AFTER:g}"
     data_a = tmp_path / "outage-a"
-    a = start_node(own_services, registry, tmp_path, "outage-a", limit)
-    b = start_node(own_services, registry, tmp_path, "outage-b", limit)
+    a = start_node(own_etcd_services, registry, tmp_path, "outage-a", limit)
+    b = start_node(own_etcd_services, registry, tmp_path, "outage-b", limit)
     agents = [a, b]
     try:
         with ClusterClient(cluster_process.address) as cluster:
@@ -187,7 +170,7 @@ def test_a_dead_agents_watchdog_holds_in_an_etcd_outage_and_fences_once_etcd_is_
             until(lambda: knows(data_a, "outage-b"), "a knows b")
             until(lambda: knows(tmp_path / "outage-b", "outage-a"), "b knows a")
 
-            etcd.kill()
+            own_etcd.kill()
             until(lambda: logged(a, HOLD_LINE), "a holds")
             os.kill(a.proc.pid, signal.SIGKILL)
             a.proc.wait()
@@ -204,7 +187,7 @@ def test_a_dead_agents_watchdog_holds_in_an_etcd_outage_and_fences_once_etcd_is_
                 assert on_a <= runc_running(data_a), "the watchdog stopped a's replica"
                 time.sleep(0.5)
 
-            etcd.start()
+            own_etcd.start()
 
             # Now a's registration is gone from a reachable etcd: the cluster moves the
             # replica, the watchdog stops the old one.
@@ -219,9 +202,9 @@ def test_a_dead_agents_watchdog_holds_in_an_etcd_outage_and_fences_once_etcd_is_
             cluster.remove_service("web")
             until(lambda: empty(b.address), "b's replicas removed")
     finally:
-        if etcd.proc is None or etcd.proc.poll() is not None:
-            etcd.start()
+        if own_etcd.proc is None or own_etcd.proc.poll() is not None:
+            own_etcd.start()
         if a.proc.poll() is not None:  # the agent removes what its dead predecessor left
-            a = start_node(own_services, registry, tmp_path, "outage-a", limit)
+            a = start_node(own_etcd_services, registry, tmp_path, "outage-a", limit)
             agents.append(a)
         clear(agents)

@@ -16,7 +16,7 @@ from berthd.common.errors import Aborted, InvalidArgument, NotFound, Unavailable
 from berthd.common.store import Store
 
 from .conftest import ClusterCA
-from .test_etcd_outage import OwnEtcd
+from .own_etcd import OwnEtcd
 
 # A guard only: the retry loops below end on the event itself (the claim gone).
 GUARD = 60

@@ -103,3 +103,55 @@ async def test_the_names_hold_every_change_the_registry_made_before_the_question
     client.delete_manifest("fresh/app", digest)
     assert [row.repository for row in await catalog.list("fresh")] == []
     assert catalog.names.listings == 1
+
+
+async def test_a_listing_computes_its_rows_once_and_fetches_only_new_images(
+    catalog: Catalog, counting: CountingStore, client: RegistryClient, tmp_path: Path
+) -> None:
+    digests = push_many(client, tmp_path, IMAGES)
+    registry = catalog.registry
+    assert isinstance(registry, CountingRegistry)
+
+    async def every_page(size: int) -> list[str]:
+        shown, token, first = [], "", True
+        while first or token:
+            rows, token = await catalog.list_page(size=size, token=token)
+            shown += [row.digest for row in rows]
+            if first:  # the first page reads the names' marker, node layers and containers
+                first = False
+                counting.reads = counting.records = 0
+        return shown
+
+    # The first listing reads the images' manifests and configs in one batch, not a
+    # GetManifest and a ReadBlob per image.
+    assert sorted(await every_page(IMAGES)) == sorted(digests)
+    assert registry.calls == Counter({"BatchGetManifests": 1}), registry.calls
+    registry.calls.clear()
+    # Later listings, page after page: no registry call for images already known, and a
+    # continuation page is served from the rows the first page computed (one point read of
+    # the names' marker each), not by reading the node layers and containers again.
+    computed = catalog.rows_computed
+    shown = await every_page(7)
+    assert sorted(shown) == sorted(digests)
+    assert registry.calls == Counter(), registry.calls
+    assert catalog.rows_computed == computed + 1
+    pages = -(-IMAGES // 7)
+    assert counting.reads == pages - 1, counting.reads
+    assert counting.records == pages - 1, counting.records
+    # Images pushed since: only they are read, again in one batch.
+    added = [
+        push_image(client, f"more/img{n}", "1", [tar_of({"m": bytes([n])})], tmp_path)
+        for n in range(3)
+    ]
+    assert sorted(await every_page(1000)) == sorted(digests + added)
+    assert registry.calls == Counter({"BatchGetManifests": 1}), registry.calls
+    # A name changed between two pages: the next page is computed anew from the names of
+    # now (the kept rows are of an older revision), as before rows were kept.
+    first, token = await catalog.list_page(size=10)
+    client.delete_tag("many/img0", "1")
+    computed = catalog.rows_computed
+    rest, token = await catalog.list_page(size=1000, token=token)
+    assert catalog.rows_computed == computed + 1 and token == ""
+    # many/img0 was on the first page, gone before the second: each image shown once.
+    assert first[0].repository == "many/img0"
+    assert sorted(row.digest for row in first + rest) == sorted(digests + added)

@@ -16,10 +16,11 @@ import pytest
 
 from berth.client import RegistryClient
 from berthd.common.store import Store
+from berthd.registry.access import MayPull
 from berthd.registry.blobstore import BlobStore
 from berthd.registry.core import Registry
 from berthd.registry.gc import collect
-from berthd.registry.metadata import Metadata, repo_key
+from berthd.registry.metadata import PUBLIC, Metadata, RepoRecord, repo_key
 
 from .conftest import ServiceProcess
 from .counting import CountingStore
@@ -75,6 +76,61 @@ async def test_listing_and_search_read_their_page_not_a_count_per_repository(
     counting.reads = 0
     assert (await registry.get_repository("lib/r05")).tag_count == 3
     assert counting.reads == 1
+
+
+async def list_every_page(
+    registry: Registry, size: int, may_pull: MayPull | None = None
+) -> tuple[list[str], int]:
+    """Every repository a listing shows, page after page, and the number of pages."""
+    names, token, pages = [], "", 0
+    while True:
+        page, token = await registry.list_repositories(size, token, may_pull)
+        names += [r.name for r in page]
+        pages += 1
+        if not token:
+            return names, pages
+
+
+async def test_every_page_of_a_listing_is_one_range_of_its_own_records(
+    counting: CountingStore, tmp_path: Path
+) -> None:
+    """250 repositories listed at several page sizes: one etcd range per page, each record
+    read once, nothing per repository, damaged records and a caller's visibility included."""
+    registry = Registry(BlobStore(tmp_path / "blobs"), Metadata(counting))
+    names = sorted(f"team-{n % 3}/r{n:03}" for n in range(250))
+    for n, name in enumerate(names):
+        record = RepoRecord(name, 1.0, 2.0, tag_count=n % 4)
+        record.visibility = PUBLIC if n % 50 == 0 else record.visibility
+        await counting.put_json(repo_key(name), record.to_json())
+
+    for size, pages in ((100, 3), (1000, 1), (7, 36)):
+        counting.reads = counting.records = 0
+        assert await list_every_page(registry, size) == (names, pages)
+        assert (counting.reads, counting.records) == (pages, 250), size
+
+    # Ten damaged records are skipped; a page that held one reads on once to fill up.
+    damaged = names[5::25]
+    for name in damaged:
+        await counting.put(repo_key(name), b"{")
+    readable_names = [n for n in names if n not in damaged]
+    counting.reads = counting.records = 0
+    assert await list_every_page(registry, 100) == (readable_names, 3)
+    assert counting.records == 250 and counting.reads <= 3 + len(damaged)
+
+    # A caller who sees team-0 and the public ones: pages of what it sees, each read a
+    # batch at a time past what it does not, never a read per repository.
+    def may_pull(name: str) -> bool:
+        return name.startswith("team-0/")
+
+    visible = [n for n in readable_names if may_pull(n) or names.index(n) % 50 == 0]
+    counting.reads = counting.records = 0
+    shown, pages = await list_every_page(registry, 20, may_pull)
+    assert shown == visible and pages == -(-len(visible) // 20)
+    # Each batch is a page and one more (21 records): a record is read at most twice (the
+    # next page starts after the last one shown, so it reads again what the batch held past
+    # it); a damaged record may make a batch read on once more.
+    assert counting.records <= 2 * 250
+    assert counting.reads <= 2 * -(-250 // 21) + pages + len(damaged)
 
 
 async def test_a_record_from_before_counts_is_counted_once_and_written_back(

@@ -188,6 +188,21 @@ def test_anonymous_callers_find_and_pull_public_repositories_only(
         layer = sha(layers["lib/open"])
         stat = anonymous.StatBlob(pb.StatBlobRequest(repository="lib/open", digest=layer))
         assert stat.descriptor.size == 2048
+        # A batch read shows the public manifest and nothing of the private one.
+        batch = pb.BatchGetManifestsRequest(
+            manifests=[
+                pb.ManifestName(repository=name, digest=sha(image(layers[name])[0]))
+                for name in ("lib/open", "lib/secret")
+            ],
+            include_configs=True,
+        )
+        results = anonymous.BatchGetManifests(batch).results
+        assert [(r.repository, r.found) for r in results] == [
+            ("lib/open", True),
+            ("lib/secret", False),
+        ]
+        assert results[0].config == image(layers["lib/open"])[1][0]
+        assert (results[1].content, results[1].config) == (b"", b"")
 
         # A private repository answers as one that does not exist: authenticate first.
         secret = sha(layers["lib/secret"])

@@ -65,15 +65,16 @@ class CompactingStore(Store):
         self._before = before
         self.compacted.clear()
 
-    async def watch_prefix(  # type: ignore[override]
-        self, prefix: str, start_revision: int | None = None
+    async def _watch(  # type: ignore[override]
+        self, start: bytes, end: bytes, start_revision: int | None
     ) -> AsyncIterator[WatchEvent]:
+        # Every watch (of a prefix or a range) starts here.
         if self._before is not None and start_revision is not None:
             before, self._before = self._before, None
             await before()
             await compact_now(self)
             self.compacted.set()
-        async for event in super().watch_prefix(prefix, start_revision):
+        async for event in super()._watch(start, end, start_revision):
             yield event
 
 

@@ -16,7 +16,7 @@ from berth.containers import ContainerConfig
 from berth.error_details import Violation
 from berthd.builder.reaper import orphans
 from berthd.builder.runner import BUILD_LABEL, BUILDER_LABEL, RunFailed, Runner, RunSpec
-from berthd.common.errors import FailedPrecondition, NotFound
+from berthd.common.errors import FailedPrecondition, NotFound, Unavailable
 
 SPEC = RunSpec(
     step=5,
@@ -54,7 +54,7 @@ class FakeCluster:
 
     async def inspect(self, container: str) -> Any:
         state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
-        return SimpleNamespace(state=state, error="", node_id="n1")
+        return SimpleNamespace(state=state, error="", failure_reason="", node_id="n1")
 
     async def logs(self, container: str, follow: bool = False) -> AsyncIterator[LogLine]:
         assert follow
@@ -160,7 +160,9 @@ async def test_a_container_that_cannot_start_fails_the_step() -> None:
     cluster = FakeCluster([])
 
     async def inspect(container: str) -> Any:
-        return SimpleNamespace(state="pending", error="no such user", node_id="n1")
+        return SimpleNamespace(
+            state="pending", error="no such user", failure_reason="CREATE_FAILED", node_id="n1"
+        )
 
     cluster.inspect = inspect  # type: ignore[method-assign]
     run, _ = runner(cluster)
@@ -168,6 +170,43 @@ async def test_a_container_that_cannot_start_fails_the_step() -> None:
         await run.run(SPEC, ignore)
     assert e.value.reason == "RUN_NOT_STARTED"
     assert e.value.details.metadata == {"step": "5", "line": "3", "node_id": "n1"}
+    assert cluster.removed == [("c1", True)]
+
+
+PULL_FAILED = "cannot pull berth/build-cache: cannot reach the registry at r:1 (Connection refused)"
+
+
+async def test_a_node_that_cannot_pull_for_a_moment_delays_the_step_and_does_not_fail_it() -> None:
+    cluster = FakeCluster([b"done\n"])
+    reports = [("pending", PULL_FAILED, "IMAGE_PULL_FAILED")] * 3 + [("running", "", "")]
+
+    async def inspect(container: str) -> Any:
+        state, error, reason = reports.pop(0) if len(reports) > 1 else reports[0]
+        return SimpleNamespace(state=state, error=error, failure_reason=reason, node_id="n1")
+
+    cluster.inspect = inspect  # type: ignore[method-assign]
+    run, _ = runner(cluster)
+    lines: list[tuple[str, bytes]] = []
+    await run.run(SPEC, lambda stream, data: lines.append((stream, data)))
+    assert lines == [("stdout", b"done\n")] and reports == [("running", "", "")]
+
+
+async def test_a_pull_that_keeps_failing_ends_the_step_unavailable_with_the_nodes_reason() -> None:
+    cluster = FakeCluster([])
+
+    async def inspect(container: str) -> Any:
+        return SimpleNamespace(
+            state="pending", error=PULL_FAILED, failure_reason="IMAGE_PULL_FAILED", node_id="n1"
+        )
+
+    cluster.inspect = inspect  # type: ignore[method-assign]
+    run, _ = runner(cluster)
+    run.start_timeout = 0.05
+    with pytest.raises(
+        Unavailable, match=r"did not start within 0\.05s on node n1: cannot pull"
+    ) as e:
+        await run.run(SPEC, ignore)
+    assert e.value.reason == "RUN_START_TIMEOUT"
     assert cluster.removed == [("c1", True)]
 
 

@@ -301,12 +301,23 @@ def test_each_command_loads_only_the_module_that_registers_it() -> None:
         importlib.import_module(f"berth.cli.{module}").add_commands(commands)
         registered = set(commands.choices)
         assert registered == {c for c, m in cli_main.MODULE_OF.items() if m == module}, module
-    assert cli_main.command_module(["--host", "h:1", "--format=json", "ps", "-a"]) == (
-        "container_cmds"
-    )
-    assert cli_main.command_module(["build", "."]) == "build_cmds"
-    assert cli_main.command_module(["--help"]) is None
-    assert cli_main.command_module(["no-such-command"]) is None
+    assert cli_main.command_word(["--host", "h:1", "--format=json", "ps", "-a"]) == "ps"
+    assert cli_main.command_word(["build", "."]) == "build"
+    assert cli_main.command_word(["--help"]) is None
+    assert cli_main.command_word(["no-such-command"]) is None
     only_build = cli_main.build_parser(["build", "."])
+    assert only_build.parse_args(["build", "."]).func is not None
     with pytest.raises(BerthClientError):  # other commands are not there: argparse refuses
-        only_build.parse_args(["ps"])
+        only_build.parse_args(["builder", "prune"])
+
+
+def test_lines_and_tables_print_data_as_it_is(capsys: pytest.CaptureFixture[str]) -> None:
+    """No markup, emoji codes or highlighting: a name like `a:smile:b` stays what it is (rich
+    printed an emoji for it)."""
+    from berth.cli.output import print_line, print_table
+
+    print_line("x :smile: [bold]y[/bold]")
+    print_table(["NAME", "CMD"], [["a:smile:b", "sh\t-c"], ["c", "[red]"]])
+    assert capsys.readouterr().out == (
+        "x :smile: [bold]y[/bold]\nNAME        CMD\na:smile:b   sh -c\nc           [red]\n"
+    )

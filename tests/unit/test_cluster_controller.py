@@ -9,14 +9,17 @@ from collections import Counter
 import pytest
 
 from berthd.cluster.controller import (
+    ACTION_TXN_OPS,
     MOVE,
     REMOVE,
     RETRY,
     START,
     UPDATE,
+    Action,
     Plan,
     realize,
     reconcile,
+    split_plan,
 )
 from berthd.cluster.core import DRAINED, ClusterNode, ContainerView
 from berthd.cluster.election import keepalive_interval, lease_lost
@@ -393,3 +396,22 @@ def test_a_service_template_is_validated_as_its_replicas_are() -> None:
     record.template.memory_bytes = 1024
     with pytest.raises(InvalidArgument, match="memory limit 1024 bytes is too small"):
         validate(record)
+
+
+def test_a_plan_past_one_transaction_is_split_into_whole_actions() -> None:
+    plan = Plan(
+        actions=[Action(MOVE, container="c" * 64)]
+        + [Action(START, "s1", slot) for slot in range(1, 101)]
+        + [Action(START, "s2", 1)],
+        update_states={"s1": ("updating", "")},
+    )
+    taken, rest = split_plan(plan, 127)
+    # The update state, the move and as many starts as fit; the rest is for the next pass.
+    used = 1 + ACTION_TXN_OPS[MOVE] + ACTION_TXN_OPS[START] * (len(taken.actions) - 1)
+    assert used <= 127 < used + ACTION_TXN_OPS[START]
+    assert taken.actions == plan.actions[: len(taken.actions)]
+    assert taken.update_states == plan.update_states
+    assert (rest.services, rest.containers) == ({"s1", "s2"}, set())
+    # A plan that fits is taken whole.
+    small = Plan(actions=plan.actions[:10])
+    assert split_plan(small, 127) == (small, type(rest)())

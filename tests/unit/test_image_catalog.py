@@ -12,12 +12,18 @@ import json
 import lzma
 import tarfile
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
 from berth.client.registry import ManifestData
-from berthd.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from berth.registry.v1 import registry_pb2
+from berthd.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    error_for_code,
+)
 from berthd.common.images import Content, ImageStore
 from berthd.common.oci import mediatypes
 from berthd.common.oci.manifest import (
@@ -27,7 +33,7 @@ from berthd.common.oci.manifest import (
     parse_image_config,
     parse_manifest,
 )
-from berthd.common.rpc.registry import ManifestEntry, RegistryApi
+from berthd.common.rpc.registry import BatchedManifest, ManifestEntry, RegistryApi
 from berthd.common.state.registry import NameChange
 from berthd.common.tarsafe import UnsafeLayer
 from berthd.image.catalog import (
@@ -188,6 +194,24 @@ class FakeRegistry:
         assert size == len(self.blobs[digest])
         return self.blobs[digest]
 
+    async def get_manifests(
+        self, names: list[tuple[str, str]], include_configs: bool = False
+    ) -> list[BatchedManifest]:
+        """A batch: each manifest and, when asked, its config (or what `sent` says)."""
+        self.reads.append(f"batch of {len(names)}")
+        results = []
+        for repository, digest in names:
+            content = self.blobs.get(digest)
+            manifest = (
+                ManifestData(digest, mediatypes.OCI_IMAGE_MANIFEST, content) if content else None
+            )
+            config = parse_manifest(content).config if content else None
+            sent = self.sent.get(digest, self.blobs[config.digest] if config else b"")
+            results.append(BatchedManifest(repository, manifest, sent if include_configs else b""))
+        return results
+
+    sent: dict[str, bytes] = {}
+
 
 def stored_image(blobs: dict[str, bytes], name: str) -> str:
     """An image manifest and its config in `blobs`; returns the manifest digest."""
@@ -257,6 +281,41 @@ async def test_content_is_fetched_once_into_memory_and_dropped_when_gone() -> No
     await small.content(one, "a")
     await small.content(two, "a")
     assert (small.cached(one), small.cached(two) is not None) == (None, True)
+
+
+async def test_many_contents_come_in_one_batch_verified_and_only_what_is_not_cached() -> None:
+    blobs: dict[str, bytes] = {}
+    one, two, three = (stored_image(blobs, name) for name in ("one", "two", "three"))
+    fake = FakeRegistry(blobs)
+    images = ImageStore(cast(RegistryApi, fake))
+    await images.content(one, "a")
+    fake.reads.clear()
+    # `three`'s config comes back wrong (a flipped byte): it is read alone and verified there.
+    config_three = parse_manifest(blobs[three]).config
+    assert config_three is not None
+    fake.sent = {three: blobs[config_three.digest].replace(b"three", b"thref")}
+    gone = digest("gone")
+    found = await images.contents([(one, "a"), (two, "a"), (three, "a"), (gone, "a")])
+    assert sorted(found) == sorted([one, two, three])  # what is gone is left out
+    assert fake.reads == ["batch of 3", three, config_three.digest]
+    assert found[two].config is not None and found[two].created is None
+    assert images.cached(two) is found[two]
+    fake.reads.clear()
+    assert sorted(await images.contents([(one, "a"), (two, "a")])) == sorted([one, two])
+    assert fake.reads == []  # all cached: no call
+
+
+async def test_a_registry_without_batch_reads_is_read_one_image_at_a_time() -> None:
+    blobs: dict[str, bytes] = {}
+    one, two = stored_image(blobs, "one"), stored_image(blobs, "two")
+
+    class OlderRegistry(FakeRegistry):
+        async def get_manifests(self, *args: Any, **kw: Any) -> list[BatchedManifest]:
+            raise error_for_code("UNIMPLEMENTED", "Method not found!")
+
+    fake = OlderRegistry(blobs)
+    found = await ImageStore(cast(RegistryApi, fake)).contents([(one, "a"), (two, "a")])
+    assert sorted(found) == sorted([one, two]) and len(fake.reads) == 4
 
 
 # --- removal rules -------------------------------------------------------------------------------
@@ -469,3 +528,28 @@ def test_not_a_tar_corrupt_data_and_the_size_cap(tmp_path: Path) -> None:
     source.write_bytes(gzip.compress(ROOTFS))
     with pytest.raises(ResourceExhausted, match="larger than 1024 bytes"):
         pack_layer(source, dest, max_bytes=1024)
+
+
+async def test_a_batch_read_asks_again_for_what_a_response_left_out() -> None:
+    class OneAtATime(RegistryApi):
+        """A registry whose every BatchGetManifests response stops after one result."""
+
+        asked: list[int] = []
+
+        async def unary(self, method: str, request: Any, **kw: Any) -> Any:
+            assert method == "BatchGetManifests"
+            self.asked.append(len(request.manifests))
+            name = request.manifests[0]
+            return registry_pb2.BatchGetManifestsResponse(
+                results=[
+                    registry_pb2.BatchManifest(
+                        repository=name.repository, digest=name.digest, found=False
+                    )
+                ]
+            )
+
+    api = OneAtATime("127.0.0.1:1")
+    names = [("a", digest(str(n))) for n in range(3)]
+    found = await api.get_manifests(names, include_configs=True)
+    assert [(m.repository, m.manifest) for m in found] == [("a", None)] * 3
+    assert api.asked == [3, 2, 1]

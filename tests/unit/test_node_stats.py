@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
+
 import pytest
 
 from berth.types.v1 import container_pb2
@@ -10,7 +14,8 @@ from berthd.cluster.stats import sample_stats
 from berthd.common.containers import ContainerConfig
 from berthd.common.errors import NotFound, Unavailable
 from berthd.common.state.containers import ContainerStatus, DesiredContainer
-from berthd.node.cgroups import CpuReading, cpu_percent
+from berthd.node import cgroups
+from berthd.node.cgroups import CpuReading, cpu_percent, read_cpu, read_stats
 
 MS = 1_000_000  # nanoseconds
 
@@ -100,3 +105,41 @@ async def test_named_containers_in_the_order_asked_and_a_missing_one_is_not_foun
     assert calls == [("n1:1", ["id-2", "id-1"])]  # a container named twice is read once
     with pytest.raises(NotFound):
         await sample_stats(core, ["c1", "nosuch"], lambda a, n: FakeNode(calls, a))  # type: ignore[arg-type]
+
+
+# The first of two readings reads the CPU counter alone (berthd.node.cgroups.read_cpu).
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes a cgroup: needs root")
+def test_the_cpu_counter_alone_is_what_a_full_reading_shows() -> None:
+    """A real cgroup with a busy process in it: read_cpu reads the counter read_stats reads,
+    and None once the cgroup is gone."""
+    path = f"/berth-test-read-cpu-{os.getpid()}"
+    hierarchies = cgroups._hierarchies()
+    # The controllers read_stats reads (cpuset, say, would want its cpus set before a task).
+    used = ("memory", "cpuacct", "pids")
+    mounts = {hierarchies.v1[name] for name in used if name in hierarchies.v1}
+    mounts = mounts or ({hierarchies.v2} if hierarchies.v2 else set())
+    if not mounts:
+        pytest.skip("no cgroup filesystem mounted")
+    for mount in mounts:
+        cgroups._dir(mount, path).mkdir(exist_ok=True)
+    busy = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+    try:
+        procs = {cgroups._dir(mount, path) / "cgroup.procs" for mount in mounts}
+        for file in procs:
+            file.write_text(str(busy.pid))
+        deadline = time.monotonic() + 60  # a guard only: the counter moves within a tick
+        while not read_cpu(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy.kill()
+        busy.wait()
+        stats = read_stats(path)
+        assert stats is not None and stats.cpu_nanos > 0
+        assert read_cpu(path) == stats.cpu_nanos
+    finally:
+        if busy.poll() is None:
+            busy.kill()
+            busy.wait()
+        cgroups.remove_cgroup(path)
+    assert read_cpu(path) is None

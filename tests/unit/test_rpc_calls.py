@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from grpc.aio import AioRpcError, Metadata
 
+from berth.cluster.v1 import cluster_pb2 as cpb
+from berthd.common.containers import ContainerConfig
 from berthd.common.errors import (
+    Aborted,
     BerthError,
     DeadlineExceeded,
     FailedPrecondition,
     NotFound,
     Unavailable,
 )
+from berthd.common.rpc import cluster as cluster_rpc
 from berthd.common.rpc.calls import domain_error, retryable
+from berthd.common.rpc.cluster import ClusterApi
 from berthd.common.rpc.node import NodeApi
 
 
@@ -90,3 +97,34 @@ def test_a_named_node_is_named_in_its_errors() -> None:
     assert (cancelled.code, str(cancelled)) == (grpc.StatusCode.CANCELLED, "node n1: gone")
     unnamed = NodeApi("127.0.0.1:9").error(rpc_error(grpc.StatusCode.NOT_FOUND, "x"), "a")
     assert str(unnamed) == "x"
+
+
+class RacingCluster(ClusterApi):
+    """The real client's run, on a cluster whose first `aborts` answers are ABORTED."""
+
+    def __init__(self, aborts: int) -> None:
+        super().__init__("127.0.0.1:9")
+        self.aborts = aborts
+        self.request_ids: list[str] = []
+
+    async def unary(self, method: str, request: Any, **kw: Any) -> Any:
+        assert method == "RunContainer"
+        self.request_ids.append(request.request_id)
+        if len(self.request_ids) <= self.aborts:
+            raise Aborted("too many concurrent placements; try again")
+        return cpb.RunContainerResponse(container=cpb.Container(id="c1", node_id="n1"))
+
+
+async def test_run_tries_again_after_aborted_with_the_same_request_id() -> None:
+    cluster = RacingCluster(aborts=2)
+    container = await cluster.run(ContainerConfig("busybox"))
+    assert container.id == "c1" and len(cluster.request_ids) == 3
+    assert len(set(cluster.request_ids)) == 1  # a retry, never a second container
+
+
+async def test_run_gives_up_aborted_after_its_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster_rpc, "MAX_BACKOFF", 0.01)
+    cluster = RacingCluster(aborts=100)
+    with pytest.raises(Aborted):
+        await cluster.run(ContainerConfig("busybox"))
+    assert len(cluster.request_ids) == cluster_rpc.RUN_ATTEMPTS

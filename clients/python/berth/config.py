@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from berth.errors import BerthClientError
 
@@ -66,8 +65,7 @@ def load_cluster_file(state_dir: Path) -> dict[str, Any] | None:
     return data
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):  # not a dataclass: `berth --help` imports this module, not dataclasses
     """Where container commands go: the cluster service, or one node agent directly."""
 
     kind: Literal["cluster", "node"]

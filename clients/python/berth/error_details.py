@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
+# grpc and the google.rpc messages are imported where used: the CLI imports this module at
+# start-up (berth.errors) and needs them only when a call fails.
+if TYPE_CHECKING:
+    import grpc
+    from google.protobuf import any_pb2
+    from google.rpc import status_pb2
 
 # ErrorInfo.domain of every berth error: reasons are unique within it.
 DOMAIN = "berth.dev"
@@ -45,6 +49,8 @@ class ErrorDetails:
     violations: tuple[Violation, ...] = ()
 
     def to_status(self, code: grpc.StatusCode, message: str) -> status_pb2.Status:
+        from google.rpc import error_details_pb2, status_pb2
+
         details: list[any_pb2.Any] = []
         if self.reason:
             details.append(
@@ -99,6 +105,8 @@ class ErrorDetails:
 
 
 def _packed(message: object) -> any_pb2.Any:
+    from google.protobuf import any_pb2
+
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
@@ -106,6 +114,8 @@ def _packed(message: object) -> any_pb2.Any:
 
 def from_status(status: status_pb2.Status) -> ErrorDetails:
     """Read the details berth understands out of a `google.rpc.Status`; others are skipped."""
+    from google.rpc import error_details_pb2
+
     reason = ""
     metadata: dict[str, str] = {}
     resource = ("", "")
@@ -138,6 +148,8 @@ def from_trailers(trailers: Sequence[tuple[str, str | bytes]] | None) -> ErrorDe
     from gRPC itself, or from a server that is not berth's)."""
     for key, value in trailers or ():
         if key == DETAILS_KEY and isinstance(value, bytes):
+            from google.rpc import status_pb2
+
             status = status_pb2.Status()
             try:
                 status.ParseFromString(value)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import grpc
+from typing import TYPE_CHECKING
 
-from berth.error_details import ErrorDetails
-from berth.error_details import from_rpc_error as details_of
+# Not imported here at run time: every CLI command imports this module, and one that calls no
+# server (--help, a usage mistake) must not pay for grpc, protobuf or even dataclasses. Status
+# codes are compared by name; berth.error_details is imported when details are asked for.
+if TYPE_CHECKING:
+    import grpc
+
+    from berth.error_details import ErrorDetails
 
 
 class BerthClientError(Exception):
@@ -22,8 +27,16 @@ class BerthClientError(Exception):
     ) -> None:
         self.message = one_line(message) or code.replace("_", " ").lower()
         self.code = code
-        self.details = details or ErrorDetails()
+        self._details = details
         super().__init__(self.message)
+
+    @property
+    def details(self) -> ErrorDetails:
+        if self._details is None:
+            from berth.error_details import ErrorDetails
+
+            self._details = ErrorDetails()
+        return self._details
 
     @property
     def reason(self) -> str:
@@ -82,16 +95,18 @@ def from_rpc_error(
     `option` is how a person points the CLI elsewhere; by default --SERVICE or BERTH_SERVICE."""
     # Sync calls' errors are grpc.Call, asyncio ones AioRpcError: both have code() and details().
     is_call = callable(getattr(err, "code", None)) and callable(getattr(err, "details", None))
-    status = err.code() if is_call else grpc.StatusCode.UNKNOWN
+    status = err.code() if is_call else None
     details = one_line((err.details() if is_call else str(err)) or "")
     code = status.name if status is not None else "UNKNOWN"
+    from berth.error_details import from_rpc_error as details_of
+
     server_details = details_of(err)
     # An answer with a reason is the server's own (it reached etcd's failure, or a node's):
     # shown as it is, never read as this client failing to reach the server.
     answered = bool(server_details.reason)
     if answered:
         message = details or f"the {service} at {address} failed with {code}"
-    elif status == grpc.StatusCode.UNAVAILABLE and "handshake failed" in details.lower():
+    elif code == "UNAVAILABLE" and "handshake failed" in details.lower():
         # "...: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:...:
         # OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate: OK"
         cause = details.rsplit("OPENSSL_internal:", 1)[-1].removesuffix(": OK").strip()
@@ -99,7 +114,7 @@ def from_rpc_error(
             f"TLS handshake with the {service} at {address} failed ({cause}); check that "
             "--tls-ca or BERTH_TLS_CA names that cluster's CA (docs/security.md)"
         )
-    elif status == grpc.StatusCode.UNAVAILABLE and is_transport_failure(details):
+    elif code == "UNAVAILABLE" and is_transport_failure(details):
         # gRPC's text ends with the root cause ("...: Connection refused"); the rest is noise.
         reason = details.rsplit(": ", 1)[-1].strip(" []") or "unavailable"
         default_option = f"--{service} or BERTH_{service.upper()}"
@@ -113,7 +128,7 @@ def from_rpc_error(
                 "; if it is running, it may have refused this client's certificate "
                 "(BERTH_TLS_CERT, BERTH_TLS_KEY; docs/security.md)"
             )
-    elif status == grpc.StatusCode.DEADLINE_EXCEEDED:
+    elif code == "DEADLINE_EXCEEDED":
         message = f"the {service} at {address} did not answer in time"
     else:
         message = details or f"the {service} at {address} failed with {code}"

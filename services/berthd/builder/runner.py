@@ -34,6 +34,7 @@ from berthd.common.oci import mediatypes
 from berthd.common.oci.manifest import Descriptor
 from berthd.common.rpc.cluster import ClusterApi
 from berthd.common.rpc.node import NodeApi
+from berthd.common.state.containers import IMAGE_PULL_FAILED, SECRET_UNAVAILABLE
 
 log = logging.getLogger("berthd.builder.runner")
 
@@ -42,6 +43,9 @@ BUILDER_LABEL = "berth.builder"  # the builder instance running that build (reap
 # How often the container's state is read while its node pulls and creates it.
 POLL_SECONDS = 0.02
 STARTED = ("running", "exited")
+# What a node retries by itself (a registry or the cluster away a moment): the step waits for
+# it, up to its start timeout, instead of failing on the first report.
+TRANSIENT_FAILURES = frozenset({IMAGE_PULL_FAILED, SECRET_UNAVAILABLE})
 
 
 @dataclass(frozen=True)
@@ -167,15 +171,16 @@ class Runner:
                 if info.error:  # runc refused to start it: no process ever ran
                     raise _not_started(spec, info.node_id, info.error)
                 return info
-            if info.error:  # its node cannot create it (the image, the user): it keeps trying
+            if info.error and info.failure_reason not in TRANSIENT_FAILURES:
+                # Its node cannot create it (the image, the user): trying again changes nothing.
                 raise _not_started(
                     spec, info.node_id, f"node {info.node_id} cannot run the step: {info.error}"
                 )
             if time.monotonic() > deadline:
+                cause = f": {info.error}" if info.error else " (see that node agent's log)"
                 raise Unavailable(
                     f"Dockerfile:{spec.line}: {spec.instruction}: the step's container did not "
-                    f"start within {self.start_timeout:g}s on node {info.node_id} "
-                    "(see that node agent's log)",
+                    f"start within {self.start_timeout:g}s on node {info.node_id}{cause}",
                     reason=RUN_START_TIMEOUT,
                     metadata={"step": spec.step, "line": spec.line, "node_id": info.node_id},
                 )

@@ -45,7 +45,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from berthd.cluster import metrics
-from berthd.cluster.core import DRAINED, ClusterNode, ContainerView
+from berthd.cluster.assignments import backfill_assignments
+from berthd.cluster.core import DRAINED, MAX_TXN_OPS, ClusterNode, ContainerView
 from berthd.cluster.follow import list_families, watch_family
 from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place_replicas
 from berthd.cluster.services import (
@@ -60,7 +61,12 @@ from berthd.cluster.services import (
 )
 from berthd.cluster.view import WATCHED, ClusterView, Dirty
 from berthd.common.errors import BerthError, FailedPrecondition
-from berthd.common.state.containers import CONTAINERS, RUNNING, DesiredContainer
+from berthd.common.state.containers import (
+    CONTAINERS,
+    RUNNING,
+    DesiredContainer,
+    op_put_desired,
+)
 from berthd.common.store import Compare, Op, RevisionCompacted, Store, WatchEvent
 
 log = logging.getLogger("berthd.cluster.controller")
@@ -81,6 +87,13 @@ RETRY_SECONDS = 1.0
 RESYNC_SECONDS = 30.0
 # Past a due time, so that the comparison it waited for (`settled`, the backoff) holds.
 DUE_MARGIN_SECONDS = 0.001
+# The most compares, or writes, one action adds to a pass's transaction (`commit_ops`; etcd
+# bounds each apart): a start compares its record's and name's absence and its node's
+# allocation, and writes the record, its assignment key, its name and the allocation; a remove
+# compares the record and its node's allocation, and deletes the record, its assignment key,
+# its status and its name and writes the allocation; a move or update is both, on two nodes; a
+# retry compares its record and writes it and its assignment key.
+ACTION_TXN_OPS = {START: 4, REMOVE: 5, MOVE: 9, UPDATE: 9, RETRY: 2}
 
 
 @dataclass(frozen=True)
@@ -229,6 +242,32 @@ def reconcile(
     return plan
 
 
+def split_plan(plan: Plan, budget: int) -> tuple[Plan, Dirty]:
+    """The first actions of `plan` (whole actions, in order) and update states whose writes fit
+    in `budget` compares and writes, and what is left for the next pass: etcd refuses a
+    transaction past --max-txn-ops, so a pass that scales by hundreds writes in chunks, each
+    one transaction that compares all it read."""
+    taken, rest = Plan(), Dirty()
+    used = 0
+    for sid, update in plan.update_states.items():
+        if used + 1 > budget:
+            rest.services.add(sid)
+            continue
+        taken.update_states[sid] = update
+        used += 1
+    for n, action in enumerate(plan.actions):
+        used += ACTION_TXN_OPS[action.kind]
+        if used > budget:
+            for left in plan.actions[n:]:
+                if left.service:
+                    rest.services.add(left.service)
+                else:
+                    rest.containers.add(left.container)
+            break
+        taken.actions.append(action)
+    return taken, rest
+
+
 def next_check(record: ServiceRecord, replicas: list[ContainerView], now: float) -> float | None:
     """When time alone can change what `reconcile_service` decides for this service (None:
     only a change can): a current replica settling while an update may wait on it, a replica
@@ -370,8 +409,13 @@ class Controller:
     async def run(self) -> None:
         """List, watch and reconcile until cancelled; list again after a lost watch or a
         compaction."""
+        ready = False
         while True:
             try:
+                if not ready:
+                    # Once per term: records written before the per-node index get their keys.
+                    await backfill_assignments(self.store, self.fence)
+                    ready = True
                 await self._follow()
             except RevisionCompacted as exc:
                 log.info("controller view compacted away, listing again: %s", exc)
@@ -486,10 +530,15 @@ class Controller:
         view.blocked.containers -= dirty.containers
         if not plan.actions and not plan.update_states:
             return False
+        plan, deferred = split_plan(plan, MAX_TXN_OPS - (self.fence is not None))
         started = time.monotonic()
         state = view.state()
         changes = realize(plan, state, now)
         view.blocked.update(changes.blocked)
+        # The next pass goes on with the rest (at once: the view is dirty), unless this one
+        # found no room for that service: the rest would not fit either.
+        deferred.services -= changes.blocked.services
+        deferred.containers -= changes.blocked.containers
         for reason in changes.unplaced:
             log.warning("cannot place replica: %s", reason)
         compares = [self.fence] if self.fence is not None else []
@@ -507,8 +556,9 @@ class Controller:
             compares.append(
                 CONTAINERS.unchanged(self.store, retried.id, state.revisions[retried.id])
             )
-            ops.append(CONTAINERS.op_put(self.store, retried.id, retried))
+            ops += op_put_desired(self.store, retried, state.containers.get(retried.id))
         if not (changes.adds or changes.removes or ops):
+            view.dirty.update(deferred)
             return False
         checks, writes = commit_ops(self.store, state, changes.adds, changes.removes, compares, ops)
         ok, revision = await self.store.txn_at(checks, writes)
@@ -520,6 +570,7 @@ class Controller:
             return False
         for op in writes:
             view.apply_write(*self.store.written(op), revision)
+        view.dirty.update(deferred)
         for new, reason in changes.moved:
             kind = "node_drained" if reason.endswith("drained") else "node_lost"
             metrics.RESCHEDULES.labels(kind).inc()

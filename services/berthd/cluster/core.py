@@ -54,10 +54,12 @@ from berthd.common.errors import (
     NotFound,
     Unavailable,
 )
+from berthd.common.idempotency import Recording
 from berthd.common.rpc.registry import RegistryApi
 from berthd.common.security.admission import admit
 from berthd.common.security.principal import Principal, current_principal
 from berthd.common.state.containers import (
+    ASSIGNMENTS_READY,
     CONTAINERS,
     RUNNING,
     START_FAILED,
@@ -65,10 +67,21 @@ from berthd.common.state.containers import (
     STOPPED,
     ContainerStatus,
     DesiredContainer,
+    assigned_id,
+    assignments_of,
+    op_delete_desired,
+    op_put_desired,
 )
 from berthd.common.state.endpoints import ENDPOINTS, EndpointRecord
 from berthd.common.state.nodes import NODES, NodeRecord
-from berthd.common.store import Compare, RevisionCompacted, Store, encode, prefix_end
+from berthd.common.store import (
+    Compare,
+    LeaseNotFound,
+    RevisionCompacted,
+    Store,
+    encode,
+    prefix_end,
+)
 
 if TYPE_CHECKING:
     from berthd.cluster.view import ClusterView
@@ -94,9 +107,12 @@ START_TIMEOUT_SECONDS = 30
 # etcd refuses a transaction of more compares (or writes) than this (its --max-txn-ops).
 MAX_TXN_OPS = 128
 # What one run of a placement batch may add to its transaction: compares on its record's and
-# its name's absence and on its node's three keys (writes: its record, its name, the node's
-# allocation), plus one compare per secret it names.
+# its name's absence and on its node's three keys (writes: its record, its assignment key, its
+# name, the node's allocation and its request_id's response), plus one compare per secret it
+# names.
 RUN_TXN_OPS = 5
+# Records (and as many statuses) read at once by a listing narrowed by the node's index.
+READ_BATCH = 64
 
 
 # How long an image's layer list is reused between placements (tags can move).
@@ -362,6 +378,8 @@ class _Pending:
     texts: list[str]
     stamps: dict[str, str]
     guards: list[Compare]
+    # The request_id's response, written with the placement (None: no request_id).
+    recording: Recording[DesiredContainer] | None = None
     outcome: asyncio.Future[tuple[DesiredContainer | None, bool]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -396,6 +414,8 @@ class ClusterCore:
         # For image locality: any registered registry instance, looked up at each call.
         self.registry = RegistryApi(service_address(store, "registry"))
         self._layer_cache: dict[str, tuple[float, dict[str, int]]] = {}
+        # The registry lookup in flight per image: a burst of runs shares one.
+        self._layer_lookups: dict[str, asyncio.Task[dict[str, int]]] = {}
         # Imported here: the view module builds on this one's types.
         from berthd.cluster.follow import NodeCache
 
@@ -409,7 +429,10 @@ class ClusterCore:
         self._queue: list[_Pending] = []
 
     async def close(self) -> None:
-        """Stop the placement view's watch."""
+        """Stop the placement view's watch and the layer lookups in flight."""
+        for task in list(self._layer_lookups.values()):
+            task.cancel()
+        await asyncio.gather(*self._layer_lookups.values(), return_exceptions=True)
         await self.node_cache.close()
 
     # Reads -------------------------------------------------------------------------------
@@ -439,10 +462,40 @@ class ClusterCore:
         return node
 
     async def list(self, **filters: Any) -> list[ContainerView]:
+        if filters.get("node_id"):
+            on_node = await self._on_node(filters["node_id"])
+            if on_node is not None:
+                return filter_containers(on_node, **filters)
         desired, statuses, ready = await asyncio.gather(
             self._desired(), STATUSES.records(self.store), self._ready_nodes()
         )
         return filter_containers(join_status(desired, statuses, ready), **filters)
+
+    async def _on_node(self, node_id: str) -> list[ContainerView] | None:
+        """The containers placed on one node, found by its assignment keys and read by key
+        (what the node holds, not what the cluster holds); None before the index is ready
+        (a cluster whose records predate it, until its leader backfilled it)."""
+        if "/" in node_id:
+            return []  # no node has such an id
+        ready, keys, node = await asyncio.gather(
+            self.store.get(ASSIGNMENTS_READY),
+            self.store.list(assignments_of(node_id), keys_only=True),
+            NODES.get(self.store, node_id),
+        )
+        if ready is None:
+            return None
+        ids = [cid for e in keys if (cid := assigned_id(node_id, e.key)) is not None]
+        views: list[ContainerView] = []
+        for start in range(0, len(ids), READ_BATCH):
+            chunk = ids[start : start + READ_BATCH]
+            records, statuses = await asyncio.gather(
+                asyncio.gather(*(CONTAINERS.get(self.store, cid) for cid in chunk)),
+                asyncio.gather(*(STATUSES.get(self.store, cid) for cid in chunk)),
+            )
+            for desired, status in zip(records, statuses, strict=True):
+                if desired is not None and desired.node == node_id:
+                    views.append(ContainerView(desired, status, node is not None))
+        return sorted(views, key=lambda v: (-v.desired.scheduled_at, v.id))
 
     async def _ready_nodes(self) -> set[str]:
         """The nodes whose agents hold their lease now (nodes/<id> exists)."""
@@ -493,10 +546,28 @@ class ClusterCore:
         """The image's layers (digest -> bytes) from berth's registry, for image locality.
 
         Locality only refines a choice, so an image the registry cannot describe (yet) is
-        placed on spread alone rather than refused here: the node reports the pull error."""
+        placed on spread alone rather than refused here: the node reports the pull error. One
+        lookup per image at a time, whatever the number of runs waiting for it; a list older
+        than LAYER_CACHE_SECONDS is still used while one refresh runs behind (a tag that
+        moved refines the next placements, not this one)."""
         cached = self._layer_cache.get(image)
-        if cached is not None and time.monotonic() - cached[0] < LAYER_CACHE_SECONDS:
-            return cached[1]
+        if cached is None:
+            # Shielded: a caller that goes away does not cancel the others' lookup.
+            return await asyncio.shield(self._layer_lookup(image))
+        if time.monotonic() - cached[0] >= LAYER_CACHE_SECONDS:
+            self._layer_lookup(image)
+        return cached[1]
+
+    def _layer_lookup(self, image: str) -> asyncio.Task[dict[str, int]]:
+        """The lookup of `image`'s layers in flight, started if none is."""
+        task = self._layer_lookups.get(image)
+        if task is None:
+            task = asyncio.create_task(self._look_up_layers(image))
+            self._layer_lookups[image] = task
+            task.add_done_callback(lambda _: self._layer_lookups.pop(image, None))
+        return task
+
+    async def _look_up_layers(self, image: str) -> dict[str, int]:
         layers: dict[str, int] = {}
         try:
             async with asyncio.timeout(LAYER_LOOKUP_SECONDS):
@@ -531,10 +602,12 @@ class ClusterCore:
         memory_bytes: int = 0,
         constraints: Iterable[str] = (),
         principal: Principal | None = None,
+        recording: Recording[DesiredContainer] | None = None,
     ) -> DesiredContainer:
-        """Place a container and record it as desired running, in one transaction per try.
-        PermissionDenied (HOST_ACCESS_DENIED) when its spec needs host access the principal
-        lacks; nothing is written then."""
+        """Place a container and record it as desired running, in one transaction per try
+        (with the call's response when a request_id's `recording` is given). PermissionDenied
+        (HOST_ACCESS_DENIED) when its spec needs host access the principal lacks; nothing is
+        written then."""
         config = copy.deepcopy(config)
         validate(config)
         principal = principal or current_principal()
@@ -552,7 +625,7 @@ class ClusterCore:
         for _ in range(RUN_ATTEMPTS):
             # NotFound for a secret that does not exist; the commit fails if one goes meanwhile.
             guards = await secret_guards(self.store, [config])
-            pending = _Pending(config, request, texts, stamps, guards)
+            pending = _Pending(config, request, texts, stamps, guards, recording)
             self._queue.append(pending)
             async with self._placing:
                 while not pending.outcome.done():
@@ -621,7 +694,10 @@ class ClusterCore:
             placed.append((pending, desired))
         if placed:
             ok = await self._commit_placements(
-                [d for _, d in placed], view, [g for p, _ in placed for g in p.guards]
+                [d for _, d in placed],
+                view,
+                [g for p, _ in placed for g in p.guards],
+                [(p.recording, d) for p, d in placed if p.recording is not None],
             )
             metrics.PLACEMENTS.labels("placed" if ok else "conflict").inc(len(placed))
             elapsed = time.monotonic() - started
@@ -647,7 +723,12 @@ class ClusterCore:
         for pending in alone:
             try:
                 desired, learned = await self._place_once(
-                    pending.config, pending.request, pending.texts, pending.stamps, pending.guards
+                    pending.config,
+                    pending.request,
+                    pending.texts,
+                    pending.stamps,
+                    pending.guards,
+                    pending.recording,
                 )
             except BerthError as exc:
                 pending.fail(exc)
@@ -666,6 +747,7 @@ class ClusterCore:
         texts: list[str],
         stamps: dict[str, str] | None = None,
         guards: Iterable[Compare] = (),
+        recording: Recording[DesiredContainer] | None = None,
     ) -> tuple[DesiredContainer | None, bool]:
         """One try: choose a node on the watched view of the nodes and commit. (None, learned)
         when the commit lost a race; `learned`: reading the keys it compared changed the view
@@ -696,7 +778,8 @@ class ClusterCore:
             constraints=texts,
             **(stamps or {}),
         )
-        placed = await self._commit_placement(desired, view, guards)
+        recordings = [(recording, desired)] if recording is not None else []
+        placed = await self._commit_placements([desired], view, guards, recordings)
         metrics.SCHEDULING_SECONDS.observe(time.monotonic() - started)
         metrics.PLACEMENTS.labels("placed" if placed else "conflict").inc()
         if placed:
@@ -707,17 +790,16 @@ class ClusterCore:
             await self._check_name(config.name)
         return None, learned
 
-    async def _commit_placement(
-        self, desired: DesiredContainer, view: ClusterView, guards: Iterable[Compare] = ()
-    ) -> bool:
-        return await self._commit_placements([desired], view, guards)
-
     async def _commit_placements(
-        self, placed: list[DesiredContainer], view: ClusterView, guards: Iterable[Compare] = ()
+        self,
+        placed: list[DesiredContainer],
+        view: ClusterView,
+        guards: Iterable[Compare] = (),
+        recordings: list[tuple[Recording[DesiredContainer], DesiredContainer]] | None = None,
     ) -> bool:
         """Record the containers and their reservations in one transaction, if each chosen
         node is still as `view` saw it: registered (the same lease), of the same availability,
-        with the same allocation."""
+        with the same allocation; with them the responses of the runs' request_ids."""
         deltas: dict[str, list[int]] = {}
         for desired in placed:
             delta = deltas.setdefault(desired.node, [0, 0, 0])
@@ -739,12 +821,24 @@ class ClusterCore:
                 self.store.absent(name_key(desired.name)),
             ]
             ops += [
-                CONTAINERS.op_put(self.store, desired.id, desired),
+                *op_put_desired(self.store, desired),
                 self.store.op_put(name_key(desired.name), desired.id.encode()),
             ]
         ops += [self.store.op_put(allocation_key(n), a) for n, a in allocations.items()]
-        ok, revision = await self.store.txn_at([*compares, *guards], ops)
+        recordings = recordings or []
+        try:
+            ok, revision = await self.store.txn_at(
+                [*compares, *guards], ops + [r.op(d) for r, d in recordings]
+            )
+        except LeaseNotFound:
+            # etcd lost the responses' lease: place without them; each call puts its own.
+            for recording, _ in recordings:
+                recording.lease_lost()
+            recordings = []
+            ok, revision = await self.store.txn_at([*compares, *guards], ops)
         if ok:
+            for recording, _ in recordings:
+                recording.committed()
             # The next placement here sees these reservations before the watch brings them.
             for node, allocation in allocations.items():
                 self.node_cache.written(allocation_key(node), encode(allocation), revision)
@@ -768,6 +862,7 @@ class ClusterCore:
             found = await CONTAINERS.read(self.store, view.id)
             if found is None:
                 raise container_not_found(ref)
+            before = copy.deepcopy(found.record)
             view.desired = found.record
             view.desired.desired = state
             view.desired.stop_grace = stop_grace
@@ -776,7 +871,7 @@ class ClusterCore:
                 view.desired.attempt += 1
             ok, _ = await self.store.txn(
                 [CONTAINERS.unchanged(self.store, view.id, found.mod_revision)],
-                [CONTAINERS.op_put(self.store, view.id, view.desired)],
+                op_put_desired(self.store, view.desired, before),
             )
             if ok:
                 return view, view.status.started_at if view.status else None
@@ -893,7 +988,7 @@ class ClusterCore:
                 alloc.json() if alloc else None, -desired.cpu_millis, -desired.memory_bytes, -1
             )
             ops = [
-                CONTAINERS.op_delete(self.store, desired.id),
+                *op_delete_desired(self.store, desired),
                 self.store.op_delete(name_key(desired.name)),
                 self.store.op_put(allocation_key(desired.node), released),
             ]

@@ -41,7 +41,7 @@ from berthd.common.state.containers import (
 )
 from berthd.common.state.family import Change
 from berthd.common.state.nodes import NODES
-from berthd.common.store import Entry, RevisionCompacted, Store, WatchEvent
+from berthd.common.store import Entry, RevisionCompacted, Store, WatchEvent, prefix_end
 
 log = logging.getLogger("berthd.cluster.events")
 
@@ -63,6 +63,14 @@ SERVICE_REMOVED = "service_removed"
 
 # The key families events are derived from, in the order they are read.
 TRACKED = (NODES.prefix, AVAILABILITY, CONTAINERS.prefix, SERVICES, STATUSES.prefix)
+# What the stream watches: one watch, so that changes keep their order across families (a node
+# lost before its replicas are rescheduled, a record before its status), over the one key range
+# from the first tracked family to the end of the last. It holds every tracked family and leaves
+# out the busy ones around them: the registry's keys, allocations, assignments, secrets, tokens,
+# requests, builds and the build cache (what it still holds, names, node layers, endpoints,
+# images, is passed over by the tracker).
+WATCH_START = min(TRACKED)
+WATCH_END = prefix_end(max(TRACKED))
 
 NODE_EVENTS = (NODE_JOINED, NODE_LOST, NODE_AVAILABILITY_CHANGED, NODE_DRAIN_COMPLETED)
 SERVICE_EVENTS = (
@@ -376,7 +384,7 @@ async def watch_events(
         # From the first snapshot on: changes made while the others were read replay onto
         # values already known, so they produce no event twice.
         try:
-            async for event in store.watch_prefix("", first_revision + 1):
+            async for event in store.watch_range(WATCH_START, WATCH_END, first_revision + 1):
                 for found in tracker.feed(event):
                     if wanted.matches(found, tracker):
                         yield found

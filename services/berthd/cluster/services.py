@@ -30,8 +30,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from berthd.cluster.core import (
-    ALLOCATIONS,
-    AVAILABILITY,
     ClusterNode,
     ContainerView,
     allocation_after,
@@ -58,6 +56,8 @@ from berthd.common.state.containers import (
     STATUSES,
     ContainerStatus,
     DesiredContainer,
+    op_delete_desired,
+    op_put_desired,
 )
 from berthd.common.state.family import Versioned, known_fields
 from berthd.common.state.nodes import NODES
@@ -75,6 +75,11 @@ DEFAULT_MONITOR_SECONDS = 5.0
 # The actor of the controller's own decisions (replicas placed, moved, retried; update states).
 CONTROLLER = "service:cluster"
 ATTEMPTS = 12
+# Replicas one removal transaction deletes: each compares its record and deletes it, its
+# assignment key, its name and its status, and its node's allocation is compared and written
+# (5 writes at most); with the service and its name, 24 stay under etcd's --max-txn-ops (128)
+# whatever nodes they are on.
+REMOVE_BATCH = 24
 # Swarm's service name grammar: a DNS label, so `<name>.<slot>` stays a valid container name.
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
 
@@ -243,29 +248,6 @@ class ClusterState:
         return join_status(self.containers.values(), self.statuses, ready)
 
 
-async def load_state(store: Store) -> ClusterState:
-    registered, allocations, availability, containers, statuses, services = await asyncio.gather(
-        NODES.records(store),
-        store.list(ALLOCATIONS),
-        store.list(AVAILABILITY),
-        CONTAINERS.list(store),
-        STATUSES.records(store),
-        store.list(SERVICES),
-    )
-    desired = {v.id: v.record for v in containers}
-    records = {e.key.removeprefix(SERVICES): ServiceRecord.from_json(e.value) for e in services}
-    revisions = {v.id: v.mod_revision for v in containers}
-    revisions.update({e.key.removeprefix(SERVICES): e.mod_revision for e in services})
-    allocation_entries = {e.key.removeprefix(ALLOCATIONS): e for e in allocations}
-    nodes = build_nodes(
-        registered,
-        {node: e.json() for node, e in allocation_entries.items()},
-        {e.key.removeprefix(AVAILABILITY): e.json()["availability"] for e in availability},
-        desired.values(),
-    )
-    return ClusterState(nodes, desired, revisions, statuses, records, allocation_entries)
-
-
 async def commit(
     store: Store,
     state: ClusterState,
@@ -314,11 +296,11 @@ def commit_ops(
         checks.append(CONTAINERS.absent(store, c.id))
         if c.name not in removed_names:
             checks.append(store.absent(name_key(c.name)))
-        writes.append(CONTAINERS.op_put(store, c.id, c))
+        writes += op_put_desired(store, c)
         writes.append(store.op_put(name_key(c.name), c.id.encode()))
     for c in removes:
         checks.append(CONTAINERS.unchanged(store, c.id, state.revisions.get(c.id, 0)))
-        writes.append(CONTAINERS.op_delete(store, c.id))
+        writes += op_delete_desired(store, c)
         node = state.nodes.get(c.node)
         if node is None or not node.ready:
             # No agent will remove it (nor its status); one that comes back removes the
@@ -531,9 +513,11 @@ class ServiceCore:
         return await self._change(ref, change, expected_version)
 
     async def remove(self, ref: str, principal: Principal | None = None) -> None:
-        """Delete the service, its name and every replica in one transaction. The record is
-        first rewritten naming the remover (`changed_by`): a deletion carries no value, and
-        the SERVICE_REMOVED event takes its actor from the record it last saw."""
+        """Delete the service and its name with its first REMOVE_BATCH replicas in one
+        transaction, then the other replicas REMOVE_BATCH at a time (etcd refuses bigger
+        transactions); the controller would remove what is left of a removed service too. The
+        record is first rewritten naming the remover (`changed_by`): a deletion carries no
+        value, and the SERVICE_REMOVED event takes its actor from the record it last saw."""
         actor = (principal or current_principal()).name
         for _ in range(ATTEMPTS):
             record, revision = await self._find(ref)
@@ -545,11 +529,11 @@ class ServiceCore:
                 )
                 continue  # read again: the delete compares the new revision
             state = await self._replica_state(record)
-            replicas = list(state.containers.values())
+            replicas = sorted(state.containers.values(), key=lambda c: c.slot)
             ok = await commit(
                 self.store,
                 state,
-                removes=replicas,
+                removes=replicas[:REMOVE_BATCH],
                 compares=[self.store.unchanged(service_key(record.id), revision)],
                 ops=[
                     self.store.op_delete(service_key(record.id)),
@@ -557,5 +541,23 @@ class ServiceCore:
                 ],
             )
             if ok:
+                if len(replicas) > REMOVE_BATCH:
+                    await self._remove_replicas(record)
                 return
         raise Aborted(f"service {ref} is changing concurrently; try again")
+
+    async def _remove_replicas(self, record: ServiceRecord) -> None:
+        """Remove a removed service's replicas, REMOVE_BATCH per transaction, each comparing
+        what it read; a batch the controller changed meanwhile is read again. After ATTEMPTS
+        refusals in a row the rest is left to the controller (it removes the replicas of a
+        removed service)."""
+        refused = 0
+        while refused < ATTEMPTS:
+            state = await self._replica_state(record)
+            replicas = sorted(state.containers.values(), key=lambda c: c.slot)
+            if not replicas:
+                return
+            if await commit(self.store, state, removes=replicas[:REMOVE_BATCH]):
+                refused = 0
+            else:
+                refused += 1

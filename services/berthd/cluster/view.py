@@ -153,6 +153,10 @@ class ClusterView:
 
     def apply_write(self, key: str, value: bytes | None, revision: int) -> bool:
         """A write the controller itself committed at `revision` (value None: a delete)."""
+        if not key.startswith(WATCHED):
+            # Name claims, assignment keys: not in the view, and no watch brings their deletes
+            # (remembering them would keep every removed container's keys for ever).
+            return False
         if value is None:
             return self._delete(key, revision)
         return self._put(key, value, revision)

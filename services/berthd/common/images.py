@@ -13,13 +13,19 @@ manifest with GetManifest, the config with one ReadBlob of the size its descript
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import grpc
+
 from berth.client.registry import ManifestData
-from berthd.common.errors import InvalidArgument, NotFound
+from berthd.common.errors import BerthError, InvalidArgument, NotFound
 from berthd.common.oci import mediatypes
 from berthd.common.oci.digest import digest_bytes
 from berthd.common.oci.manifest import (
@@ -33,16 +39,21 @@ from berthd.common.oci.manifest import (
 )
 from berthd.common.oci.reference import parse_reference
 from berthd.common.rpc.registry import RegistryApi
+from berthd.common.timestamps import parse_rfc3339
 
 log = logging.getLogger("berthd.images")
 
 # Bytes of manifests and configs kept in memory (a small image's are about 2 KiB).
 CACHE_BYTES = 64 << 20
+# Manifests read at once when they must be read one at a time.
+FETCH_CONCURRENCY = 8
 
 
 @dataclass(frozen=True)
 class Content:
-    """A manifest and, for an image, its config: immutable, so cached by manifest digest."""
+    """A manifest and, for an image, its config: immutable, so cached by manifest digest.
+    What a listing shows of it (id, size, created, the set of its layers) is derived once and
+    kept on the object: a listing of thousands of cached images recomputes none of it."""
 
     digest: str
     media_type: str
@@ -59,15 +70,26 @@ class Content:
     def layers(self) -> tuple[Descriptor, ...]:
         return self.parsed.layers
 
-    @property
+    @cached_property
     def id(self) -> str:
         return self.parsed.config.digest if self.parsed.config else ""
 
-    @property
+    @cached_property
     def size(self) -> int:
         """Compressed layers plus the config, as `docker images` counts."""
         config = self.parsed.config.size if self.parsed.config else 0
         return config + sum(layer.size for layer in self.layers)
+
+    @cached_property
+    def layer_sizes(self) -> dict[str, int]:
+        """{layer digest: size}, each layer once (an image may list one twice)."""
+        return {layer.digest: layer.size for layer in self.layers}
+
+    @cached_property
+    def created(self) -> float | None:
+        """The config's `created` in seconds since the epoch; None when absent or unreadable
+        (some tools write odd values; a listing must not fail over them)."""
+        return created_seconds(self.config.created if self.config else None)
 
     @property
     def blobs(self) -> tuple[Descriptor, ...]:
@@ -108,6 +130,16 @@ class ResolvedImage:
         )
 
 
+def created_seconds(text: str | None) -> float | None:
+    """An RFC 3339 time as seconds since the epoch; None if absent or unreadable."""
+    if not text:
+        return None
+    try:
+        return parse_rfc3339(text).timestamp()
+    except ValueError:
+        return None
+
+
 def _weight(content: Content) -> int:
     return len(content.manifest) + len(content.config_bytes)
 
@@ -142,14 +174,86 @@ class ImageStore:
             return cached
         return await self._keep(await self.registry.get_manifest(repository, digest), repository)
 
+    async def contents(self, names: Sequence[tuple[str, str]]) -> dict[str, Content]:
+        """Content of many manifests by (manifest digest, a repository holding it), from the
+        cache, the rest read in batches (BatchGetManifests: manifests and configs together,
+        a call per thousand instead of two per image). Manifests gone from their repository
+        are left out. What a batch did not bring right (a config not sent, a digest that does
+        not match) is read alone, as `content` does, and fails as it would."""
+        found: dict[str, Content] = {}
+        wanted = []
+        for digest, repository in names:
+            cached = self.cached(digest)
+            if cached is not None:
+                found[digest] = cached
+            else:
+                wanted.append((repository, digest))
+        if not wanted:
+            return found
+        alone: list[tuple[str, str]] = []
+        try:
+            batch = await self.registry.get_manifests(wanted, include_configs=True)
+        except BerthError as exc:
+            if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            # A registry older than BatchGetManifests (during an upgrade): one at a time.
+            batch, alone = [], [(digest, repository) for repository, digest in wanted]
+        for batched in batch:
+            stored = batched.manifest
+            if stored is None:
+                continue  # deleted since it was named
+            content = self._batched(stored, batched.config, batched.repository)
+            if content is None:
+                alone.append((stored.digest, batched.repository))
+            else:
+                self._remember(content)
+                found[stored.digest] = content
+        limit = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+        async def fetch(digest: str, repository: str) -> None:
+            async with limit:
+                with contextlib.suppress(NotFound):  # deleted since it was named
+                    found[digest] = await self.content(digest, repository)
+
+        await asyncio.gather(*(fetch(digest, repository) for digest, repository in alone))
+        return found
+
+    def _batched(
+        self, stored: ManifestData, config_bytes: bytes, repository: str
+    ) -> Content | None:
+        """Content from a batch's manifest and config, verified; None when it must be read
+        alone (a digest that does not match, an image config not sent)."""
+        if digest_bytes(stored.content) != stored.digest:
+            return None
+        try:
+            parsed = parse_manifest(stored.content, stored.media_type)
+        except InvalidArgument:
+            return None  # read alone, it fails as it always did
+        descriptor = parsed.config
+        if descriptor is None or descriptor.media_type not in mediatypes.CONFIG_TYPES:
+            return self._content(stored, parsed, repository, b"")
+        if len(config_bytes) != descriptor.size or digest_bytes(config_bytes) != descriptor.digest:
+            return None
+        return self._content(stored, parsed, repository, config_bytes)
+
     async def _keep(self, stored: ManifestData, repository: str) -> Content:
         """Content of a manifest just fetched (its config fetched too, for an image), cached."""
-        digest = stored.digest
         parsed = parse_manifest(stored.content, stored.media_type)
-        content = Content(digest, parsed.media_type, stored.content, parsed)
+        config_bytes = b""
         if parsed.config is not None and parsed.config.media_type in mediatypes.CONFIG_TYPES:
             config = parsed.config
             config_bytes = await self.registry.read_blob(repository, config.digest, config.size)
+        content = self._content(stored, parsed, repository, config_bytes)
+        self._remember(content)
+        return content
+
+    def _content(
+        self, stored: ManifestData, parsed: ParsedManifest, repository: str, config_bytes: bytes
+    ) -> Content:
+        """A manifest's Content, with its config when `config_bytes` holds a readable one."""
+        digest = stored.digest
+        content = Content(digest, parsed.media_type, stored.content, parsed)
+        if config_bytes:
             try:
                 config = parse_image_config(config_bytes)
             except InvalidArgument as e:  # listed as a non-image, never fails a whole listing
@@ -158,7 +262,6 @@ class ImageStore:
                 content = Content(
                     digest, parsed.media_type, stored.content, parsed, config_bytes, config
                 )
-        self._remember(content)
         return content
 
     def _remember(self, content: Content) -> None:

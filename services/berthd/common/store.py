@@ -25,7 +25,7 @@ from aetcd import rpc, transactions, utils, watcher
 from berth.errors import is_transport_failure, one_line
 from berth.tls import plaintext_mode
 from berthd.common.config import split_host_port
-from berthd.common.errors import Aborted, InvalidArgument, Unavailable
+from berthd.common.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
 
 log = logging.getLogger("berthd.store")
 
@@ -81,6 +81,13 @@ def encode(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
 
 
+def _txn_bytes(*branches: Sequence[Op]) -> int:
+    """The keys and values a transaction writes, in bytes (what a size error names)."""
+    return sum(
+        len(op.key) + len(getattr(op, "value", b"") or b"") for ops in branches for op in ops
+    )
+
+
 # The reason of every error that comes from etcd being unreachable or failing (docs/api.md).
 ETCD_UNAVAILABLE = "ETCD_UNAVAILABLE"
 
@@ -123,19 +130,104 @@ def _etcd_cause(exc: BaseException) -> tuple[bool, str]:
     return True, one_line(str(exc)) or type(exc).__name__
 
 
+# The reason of a request etcd refuses for its size: more operations in one transaction than
+# --max-txn-ops, or more bytes than --max-request-bytes. A retry fails the same way, so it is
+# not UNAVAILABLE.
+ETCD_REQUEST_TOO_LARGE = "ETCD_REQUEST_TOO_LARGE"
+
+
+def _too_large(exc: BaseException) -> str | None:
+    """ "ops" or "bytes" when etcd refused the request for its size, else None."""
+    rpc_error = exc if isinstance(exc, grpc.RpcError) else exc.__cause__
+    if not isinstance(rpc_error, grpc.RpcError) or not callable(getattr(rpc_error, "code", None)):
+        return None
+    code, details = rpc_error.code(), rpc_error.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT and "too many operations" in details:
+        return "ops"
+    if code == grpc.StatusCode.INVALID_ARGUMENT and "request is too large" in details:
+        return "bytes"
+    # Past etcd's gRPC message limit (--max-request-bytes plus 512 KiB), gRPC refuses it first.
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        return "bytes"
+    return None
+
+
+def etcd_request_too_large(
+    endpoint: str, kind: str, ops: int | None, size: int | None
+) -> ResourceExhausted:
+    if kind == "ops":
+        what = f"a transaction of {ops} operations" if ops else "a transaction"
+        limit = "its limit of operations per transaction (--max-txn-ops, 128 by default)"
+    else:
+        what = f"a request of {size} bytes" if size else "a request"
+        limit = "its request size limit (--max-request-bytes, 1.5 MiB by default)"
+    return ResourceExhausted(
+        f"the cluster state store (etcd at {endpoint}) refused {what}: over {limit}",
+        reason=ETCD_REQUEST_TOO_LARGE,
+        metadata={"endpoint": endpoint},
+    )
+
+
+# The reason of every write refused because etcd's database reached its quota (a NOSPACE
+# alarm): writes fail until an operator compacts, defragments and disarms the alarm, so a retry
+# does not help; reads still work.
+ETCD_SPACE_EXCEEDED = "ETCD_SPACE_EXCEEDED"
+
+
+def _space_exceeded(exc: BaseException) -> bool:
+    rpc_error = exc if isinstance(exc, grpc.RpcError) else exc.__cause__
+    if not isinstance(rpc_error, grpc.RpcError) or not callable(getattr(rpc_error, "code", None)):
+        return False
+    return rpc_error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "space exceeded" in (
+        rpc_error.details() or ""
+    )
+
+
+def etcd_space_exceeded(endpoint: str) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"the cluster state store (etcd at {endpoint}) is full: its database reached its quota "
+        "(--quota-backend-bytes); compact and defragment it, then disarm the NOSPACE alarm",
+        reason=ETCD_SPACE_EXCEEDED,
+        metadata={"endpoint": endpoint},
+    )
+
+
+class LeaseNotFound(Unavailable):
+    """A write named a lease etcd no longer has (it expired): grant another and write again.
+    To a caller that does not, it is etcd failing like any other (ETCD_UNAVAILABLE)."""
+
+
+def _lease_not_found(exc: BaseException) -> bool:
+    rpc_error = exc if isinstance(exc, grpc.RpcError) else exc.__cause__
+    if not isinstance(rpc_error, grpc.RpcError) or not callable(getattr(rpc_error, "code", None)):
+        return False
+    return rpc_error.code() == grpc.StatusCode.NOT_FOUND and "lease not found" in (
+        rpc_error.details() or ""
+    )
+
+
 @contextlib.contextmanager
-def _etcd_errors(endpoint: str) -> Iterator[None]:
+def _etcd_errors(endpoint: str, ops: int | None = None, size: int | None = None) -> Iterator[None]:
     try:
         yield
     except etcd_errors.RevisionCompactedError as exc:
         raise RevisionCompacted(f"etcd revision was compacted: {exc}") from exc
     except ETCD_ERRORS as exc:
+        if kind := _too_large(exc):
+            raise etcd_request_too_large(endpoint, kind, ops, size) from exc
+        if _space_exceeded(exc):
+            raise etcd_space_exceeded(endpoint) from exc
+        if _lease_not_found(exc):
+            error = etcd_unavailable(endpoint, exc)
+            raise LeaseNotFound(str(error), details=error.details) from exc
         raise etcd_unavailable(endpoint, exc) from exc
 
 
 # grpc waits up to 2 minutes between reconnection attempts after a long outage; etcd back
 # must be found within seconds (health turns SERVING again, calls work).
 CHANNEL_OPTIONS = {"grpc.max_reconnect_backoff_ms": 2000}
+# Keys per transaction of Store.get_many: under etcd's --max-txn-ops (128 by default).
+GET_MANY_BATCH = 100
 
 
 class _TlsClient(aetcd.Client):
@@ -271,6 +363,27 @@ class Store:
         entry = self._entry(response.kvs[0]) if response.kvs else None
         return entry, int(response.header.revision)
 
+    async def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        """Point reads of many keys, each key's entry (or None) in order: one transaction of
+        range ops per GET_MANY_BATCH keys instead of one round trip per key. Each batch is
+        consistent in itself (one revision); batches may be read at different revisions."""
+        found: list[Entry | None] = []
+        for start in range(0, len(keys), GET_MANY_BATCH):
+            batch = keys[start : start + GET_MANY_BATCH]
+            request = rpc.TxnRequest(
+                success=[
+                    rpc.RequestOp(request_range=rpc.RangeRequest(key=self._abs(key)))
+                    for key in batch
+                ]
+            )
+            with _etcd_errors(self.endpoint, ops=len(batch)):
+                await self._client.connect()
+                response = await self._client.kvstub.Txn(request, timeout=10)
+            for op in response.responses:
+                kvs = op.response_range.kvs
+                found.append(self._entry(kvs[0]) if kvs else None)
+        return found
+
     async def get_json(self, key: str) -> Any | None:
         entry = await self.get(key)
         return entry.json() if entry else None
@@ -374,7 +487,7 @@ class Store:
     # Writes ---------------------------------------------------------------
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> None:
-        with _etcd_errors(self.endpoint):
+        with _etcd_errors(self.endpoint, size=len(value)):
             await self._client.put(self._abs(key), value, lease=lease)
 
     async def put_json(self, key: str, value: Any, lease: int | None = None) -> None:
@@ -423,7 +536,8 @@ class Store:
     async def txn(
         self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
     ) -> tuple[bool, list[Any]]:
-        with _etcd_errors(self.endpoint):
+        ops = max(len(compare), len(success), len(failure))
+        with _etcd_errors(self.endpoint, ops=ops, size=_txn_bytes(success, failure)):
             return await self._client.transaction(list(compare), list(success), list(failure))
 
     async def txn_at(self, compare: Sequence[Compare], success: Sequence[Op]) -> tuple[bool, int]:
@@ -434,7 +548,8 @@ class Store:
             compare=[c.build_message() for c in compare],
             success=self._client._ops_to_requests(list(success)),
         )
-        with _etcd_errors(self.endpoint):
+        ops = max(len(compare), len(success))
+        with _etcd_errors(self.endpoint, ops=ops, size=_txn_bytes(success)):
             await self._client.connect()
             response = await self._client.kvstub.Txn(request, timeout=10)
         return bool(response.succeeded), int(response.header.revision)
@@ -513,7 +628,7 @@ class LeaseKeeper:
                 if await self._store.refresh_lease(self.lease_id) <= 0:
                     log.warning("lease expired; registering again")
                     await self._register()
-            except Unavailable as exc:
+            except (Unavailable, ResourceExhausted) as exc:  # etcd away, or full: next round
                 log.warning("lease keep-alive failed: %s", exc)
 
     async def stop(self) -> None:

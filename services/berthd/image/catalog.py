@@ -20,9 +20,9 @@ Docker does.
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections import defaultdict
+from bisect import bisect_right
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from berth.error_details import Violation
 from berthd.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from berthd.common.images import Content, ImageStore, ResolvedImage
+from berthd.common.images import Content, ImageStore, ResolvedImage, created_seconds
 from berthd.common.oci.digest import quoted
 from berthd.common.oci.manifest import Descriptor, ImageConfig
 from berthd.common.oci.reference import Reference, parse_reference
@@ -42,13 +42,12 @@ from berthd.common.state.images import IMAGES, ImageOrigin, origin_of
 from berthd.common.state.nodes import NODE_LAYERS
 from berthd.common.storage import Storage
 from berthd.common.store import Store
-from berthd.common.timestamps import parse_rfc3339
 from berthd.image import metrics
 from berthd.image.model import HistoryStep, ImageDetail, ImageRow, Removal
 from berthd.image.names import NamesView, Snapshot
 
-# Manifests and configs fetched at once when the cache is cold (a first `berth images`).
-FETCH_CONCURRENCY = 8
+# Listings (by their filters) whose rows are kept for their continuation pages.
+LISTINGS_KEPT = 8
 _ID_PREFIX = re.compile(r"(sha256:)?([0-9a-f]{4,64})")
 
 
@@ -78,12 +77,7 @@ class ContainerUse:
 def parse_created(text: str | None) -> float | None:
     """An image config's `created` (RFC 3339) as seconds since the epoch; None if absent or
     unreadable (some tools write odd values; listing must not fail over them)."""
-    if not text:
-        return None
-    try:
-        return parse_rfc3339(text).timestamp()
-    except ValueError:
-        return None
+    return created_seconds(text)
 
 
 def pair_history(config: ImageConfig, layers: Sequence[Descriptor]) -> list[HistoryStep]:
@@ -118,15 +112,21 @@ def _text(value: object) -> str:
 def shared_sizes(images: Mapping[str, Sequence[Descriptor]]) -> dict[str, int]:
     """For each image (by manifest digest), the bytes of its layers that another image of the
     catalog also uses. A layer listed twice in one image counts once."""
+    return _shared(
+        {image: {layer.digest: layer.size for layer in layers} for image, layers in images.items()}
+    )
+
+
+def _shared(images: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    """shared_sizes over each image's {layer digest: size}."""
     users: dict[str, int] = defaultdict(int)
     for layers in images.values():
-        for digest in {layer.digest for layer in layers}:
+        for digest in layers:
             users[digest] += 1
-    result = {}
-    for image, layers in images.items():
-        unique = {layer.digest: layer.size for layer in layers}
-        result[image] = sum(size for digest, size in unique.items() if users[digest] > 1)
-    return result
+    return {
+        image: sum(size for digest, size in layers.items() if users[digest] > 1)
+        for image, layers in images.items()
+    }
 
 
 def hosts_holding(
@@ -228,9 +228,31 @@ def page_of(
     """The page of `rows` (in the list's order) after the token's row, and the next token."""
     limit = page_size(size)
     after = _after(token, scope)
-    rest = [r for r in rows if after is None or _row_key(r) > after]
-    page = rest[:limit]
-    return page, encode_token(scope, *_row_key(page[-1])) if len(rest) > limit else ""
+    # Rows are sorted by their key: the page starts past the token's row, found by bisection.
+    start = 0 if after is None else bisect_right(rows, after, key=_row_key)
+    page = list(rows[start : start + limit])
+    more = len(rows) > start + limit
+    return page, encode_token(scope, *_row_key(page[-1])) if more else ""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A listing's rows, computed for its first page and kept for its continuation pages
+    (while the names stay at `version`), so a listing of N pages computes its rows once."""
+
+    version: int  # the names' revision the rows were computed at
+    rows: list[ImageRow]
+
+
+@dataclass(frozen=True)
+class Catalogued:
+    """The catalog's images at one revision of the names, with what every listing derives
+    from all of them (the shared bytes need every image's layers)."""
+
+    version: int
+    snapshot: Snapshot
+    images: dict[str, Content]  # manifest digest -> content, images only
+    shared: dict[str, int]  # manifest digest -> bytes of its layers other images use too
 
 
 # --- the catalog --------------------------------------------------------------------------------
@@ -248,6 +270,12 @@ class Catalog:
         self.scratch = scratch
         # A full scratch disk fails a load, import or transfer as STORAGE_FULL.
         self.disk = Storage("the image service's scratch directory", scratch)
+        # The images of the names' latest revision a listing saw, and the rows of recent
+        # listings by scope (their filters), for their continuation pages.
+        self._catalogued: Catalogued | None = None
+        self._listings: OrderedDict[str, Listing] = OrderedDict()
+        # Rows computed (a listing's first page, or a continuation whose names changed).
+        self.rows_computed = 0
 
     # --- reading the catalog ----------------------------------------------------------------
 
@@ -264,18 +292,11 @@ class Catalog:
         return await self.images.content(digest, repository)
 
     async def contents(self, snapshot: Snapshot) -> dict[str, Content]:
-        """Content of every manifest in the snapshot, fetching what is not cached yet."""
-        limit = asyncio.Semaphore(FETCH_CONCURRENCY)
-
-        async def fetch(digest: str) -> tuple[str, Content | None]:
-            async with limit:
-                try:
-                    return digest, await self.content(digest, snapshot.holders(digest)[0])
-                except NotFound:  # deleted since the snapshot was read
-                    return digest, None
-
-        fetched = await asyncio.gather(*(fetch(d) for d in snapshot.manifests))
-        return {digest: content for digest, content in fetched if content is not None}
+        """Content of every manifest in the snapshot: the cached, and the rest in batches (a
+        first listing after a push: BatchGetManifests, not two calls per new image)."""
+        return await self.images.contents(
+            [(digest, snapshot.holders(digest)[0]) for digest in snapshot.manifests]
+        )
 
     async def node_layers(self) -> dict[str, dict[str, int]]:
         """{node id: {layer digest: size}} as the node agents publish them."""
@@ -429,11 +450,24 @@ class Catalog:
         token: str = "",
     ) -> tuple[list[ImageRow], str]:
         """A page of list()'s rows after the token's, and the token of the next page. A token
-        belongs to the filters of the listing that returned it."""
+        belongs to the filters of the listing that returned it. A continuation page is cut
+        from the rows its first page computed while the names have not changed since (the
+        hosts and container counts shown are then those of the first page's moment)."""
         scope = scope_of("image.ListImages", reference, all, dangling_only)
         page_size(size)
         _after(token, scope)  # a bad token fails before the catalog is read
-        rows = await self.list(reference, all, dangling_only)
+        wanted = _list_filter(reference)
+        names = await self.names.current()
+        version = self.names.applied  # of `names`: no await since current() returned
+        kept = self._listings.get(scope) if token else None
+        if kept is not None and kept.version == version:
+            self._listings.move_to_end(scope)
+            return page_of(kept.rows, size, token, scope)
+        rows = await self._rows(names, version, wanted, all, dangling_only)
+        self._listings[scope] = Listing(version, rows)
+        self._listings.move_to_end(scope)
+        while len(self._listings) > LISTINGS_KEPT:
+            self._listings.popitem(last=False)
         return page_of(rows, size, token, scope)
 
     async def list(
@@ -442,28 +476,60 @@ class Catalog:
         """One row per tag, newest first; untagged manifests (per repository) with `all` or
         `dangling_only`. `reference` keeps one repository, or one `repo:tag`."""
         wanted = _list_filter(reference)
-        snapshot = await self.snapshot()
+        names = await self.names.current()
+        version = self.names.applied
+        return await self._rows(names, version, wanted, all, dangling_only)
+
+    async def _catalog(self, names: Snapshot, version: int) -> Catalogued:
+        """The images of the names at `version` (the live view, copied before any await), with
+        their shared bytes: computed once per revision of the names, whatever the filters."""
+        kept = self._catalogued
+        if kept is not None and kept.version == version:
+            return kept
+        snapshot = names.copy()
         images = {d: c for d, c in (await self.contents(snapshot)).items() if c.is_image}
-        metrics.observe_catalog(*catalog_figures(images))
-        shared = shared_sizes({d: c.layers for d, c in images.items()})
-        node_layers = await self.node_layers()
+        shared = _shared({d: c.layer_sizes for d, c in images.items()})
+        kept = Catalogued(version, snapshot, images, shared)
+        if self._catalogued is None or self._catalogued.version <= version:
+            self._catalogued = kept
+        return kept
+
+    async def _rows(
+        self,
+        names: Snapshot,
+        version: int,
+        wanted: Reference | None,
+        all: bool,
+        dangling_only: bool,
+    ) -> list[ImageRow]:
+        """The rows of a listing, in its order. The node layers and the containers are read
+        once (a point in time for the whole listing); per image only dictionary lookups."""
+        self.rows_computed += 1
+        catalogued = await self._catalog(names, version)
+        snapshot, images, shared = catalogued.snapshot, catalogued.images, catalogued.shared
+        held = [(node, layers.keys()) for node, layers in (await self.node_layers()).items()]
         users: dict[str, int] = defaultdict(int)
         for use in await self.container_uses(snapshot):
             if use.digest is not None:
                 users[use.digest] += 1
+        hosts: dict[str, tuple[str, ...]] = {}  # manifest digest -> nodes holding its layers
 
         def row(repo: str, tag: str, content: Content) -> ImageRow:
-            assert content.config is not None
+            digest = content.digest
+            on = hosts.get(digest)
+            if on is None:
+                layers = content.layer_sizes.keys()
+                on = hosts[digest] = tuple(sorted(n for n, have in held if layers <= have))
             return ImageRow(
                 repository=repo,
                 tag=tag,
-                digest=content.digest,
+                digest=digest,
                 id=content.id,
-                created=parse_created(content.config.created),
+                created=content.created,
                 size=content.size,
-                shared_size=shared[content.digest],
-                hosts=tuple(hosts_holding(content.layers, node_layers)),
-                containers=users[content.digest],
+                shared_size=shared[digest],
+                hosts=on,
+                containers=users[digest],
             )
 
         rows = []

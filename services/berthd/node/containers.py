@@ -676,9 +676,12 @@ class ContainerManager:
         record.stopped_by_user = True
         if record.state == RESTARTING:
             async with self.lock(record.id):
-                record.state = EXITED
-                await self._save(record)
-            return record
+                # The restart may have held the lock and started the process meanwhile:
+                # then it is stopped as any running container is.
+                if record.state == RESTARTING:
+                    record.state = EXITED
+                    await self._save(record)
+                    return record
         if record.state != RUNNING:
             return record
         if timeout > 0:

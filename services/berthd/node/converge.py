@@ -1,10 +1,12 @@
 """A node agent converging on the cluster's desired state.
 
-The cluster service writes `cluster/containers/<id>` records naming a node; the agent of that
-node watches them and makes its containers match: pull the image and create the container
-with the cluster's id, start it, stop it, remove it when the record goes. An agent that comes
-back after being declared dead removes the cluster containers no longer assigned to it, so a
-rescheduled replica never runs twice.
+The cluster service writes `cluster/containers/<id>` records naming a node, with the node's
+assignment key `cluster/assignments/<node>/<id>` in the same transaction; the agent of that node
+watches only its own assignment keys, reads the records they name and makes its containers
+match (before the cluster's leader marked the index ready, it watches every record): pull the
+image and create the container with the cluster's id, start it, stop it, remove it when the
+record goes. An agent that comes back after being declared dead removes the cluster
+containers no longer assigned to it, so a rescheduled replica never runs twice.
 
 A container the node cannot create (its image is missing or does not pull, its spec is refused,
 its spec needs host access and its record carries no admission stamp: HOST_ACCESS_DENIED, see
@@ -24,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from berthd.common.errors import AlreadyExists, BerthError, InvalidArgument, NotFound
 from berthd.common.security.admission import host_access
 from berthd.common.state.containers import (
+    ASSIGNMENTS_READY,
     CONTAINERS,
     CREATE_FAILED,
     CREATE_FAILED_REASON,
@@ -39,6 +42,8 @@ from berthd.common.state.containers import (
     STOPPED,
     ContainerStatus,
     DesiredContainer,
+    assigned_id,
+    assignments_of,
 )
 from berthd.common.store import Store
 from berthd.node.containers import ContainerManager
@@ -48,6 +53,8 @@ from berthd.node.records import RUNNING as STATE_RUNNING
 log = logging.getLogger("berthd.node.converge")
 
 RETRY_SECONDS = 2.0
+# Desired records read at once when the agent (re)reads its assignments.
+READ_BATCH = 64
 
 # Pulls the image onto the node (the agent's pull, with its metrics).
 Pull = Callable[[str], Awaitable[object]]
@@ -94,6 +101,9 @@ class Converger:
         self._failed: dict[str, ContainerStatus] = {}
         # Set by the fence (berthd.node.fence) while the node is cut off: nothing is started.
         self.fenced = False
+        # What the agent follows: "assignments" (its own keys), "all" (every record, until
+        # the cluster's index is ready), "" before its first snapshot.
+        self.following = ""
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -114,22 +124,78 @@ class Converger:
         """Snapshot, reconcile, then follow the watch; start over if the watch breaks."""
         while True:
             try:
-                records, revision = await CONTAINERS.snapshot(self.store)
-                self.desired = {}
-                for found in records:
-                    self._record(found.id, found.record)
-                retry = asyncio.create_task(self._reconcile_loop())
-                try:
-                    async for change in CONTAINERS.watch(self.store, revision + 1):
-                        self._record(change.id, change.record)
-                        self._wake.set()
-                finally:
-                    retry.cancel()
+                ready, revision = await self.store.get_at(ASSIGNMENTS_READY)
+                if ready is not None:
+                    await self._follow_assignments()
+                else:
+                    await self._follow_all(revision)
+                    continue  # the index is ready: follow it from now on
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # etcd away, watch compacted: resynchronize
                 log.warning("desired-state watch failed, resynchronizing: %s", exc)
             await asyncio.sleep(RETRY_SECONDS)
+
+    async def _follow_assignments(self) -> None:
+        """Follow the node's own assignment keys (`cluster/assignments/<node>/<id>`, put in the
+        transaction of every write of a record naming the node): each change of one is a
+        point read of that record. Writes of other nodes' records never reach this agent."""
+        prefix = assignments_of(self.node_id)
+        entries, revision = await self.store.snapshot(prefix)
+        ids = [cid for e in entries if (cid := assigned_id(self.node_id, e.key)) is not None]
+        self.desired = {}
+        for start in range(0, len(ids), READ_BATCH):
+            chunk = ids[start : start + READ_BATCH]
+            found = await asyncio.gather(*(CONTAINERS.get(self.store, cid) for cid in chunk))
+            for cid, desired in zip(chunk, found, strict=True):
+                self._record(cid, desired)
+        self.following = "assignments"
+        retry = asyncio.create_task(self._reconcile_loop())
+        try:
+            async for event in self.store.watch_prefix(prefix, revision + 1):
+                cid = assigned_id(self.node_id, event.key)
+                if cid is None:
+                    continue
+                # Read now, not at the event's revision: a later change brings its own event.
+                desired = await CONTAINERS.get(self.store, cid) if event.kind == "put" else None
+                self._record(cid, desired)
+                self._wake.set()
+        finally:
+            retry.cancel()
+
+    async def _follow_all(self, since: int) -> None:
+        """Before the cluster completed the index (an upgraded cluster's leader backfills it):
+        follow every desired record, until the ready marker appears after `since`."""
+        records, revision = await CONTAINERS.snapshot(self.store)
+        self.desired = {}
+        for found in records:
+            self._record(found.id, found.record)
+        self.following = "all"
+
+        async def follow() -> None:
+            async for change in CONTAINERS.watch(self.store, revision + 1):
+                self._record(change.id, change.record)
+                self._wake.set()
+
+        async def marker() -> None:
+            async for event in self.store.watch_prefix(ASSIGNMENTS_READY, since + 1):
+                if event.key == ASSIGNMENTS_READY and event.kind == "put":
+                    return
+
+        tasks = [
+            asyncio.create_task(self._reconcile_loop()),
+            asyncio.create_task(follow()),
+            asyncio.create_task(marker()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a broken watch raises: resynchronize
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("the cluster's assignment index is ready: following this node's only")
 
     def _record(self, container_id: str, desired: DesiredContainer | None) -> None:
         """Follow one record (None: deleted); an unreadable one was skipped (and logged)."""

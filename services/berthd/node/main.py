@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import resource
 import shutil
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from berthd.node.layers import ImageStore, LayerStore
 from berthd.node.runtime import Runtime
 from berthd.node.secrets import SecretMounts, default_dir
 from berthd.node.service import NodeServicer
+from berthd.node.spec import MAX_NOFILE
 from berthd.node.watchdog import replace_watchdog, watchdog_argv
 
 DEFAULT_LISTEN = "127.0.0.1:5060"
@@ -141,7 +144,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; the new soft limit. The agent holds a
+    pidfd per running container (berthd.node.exits) besides its sockets and logs: the usual
+    soft limit of 1024 would make exits go unnoticed past a few hundred containers. Containers
+    are unaffected: their spec sets their own limit (berthd.node.spec.nofile_limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit is not a soft one the kernel takes (fs.nr_open caps it).
+    wanted = MAX_NOFILE if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):  # a limit this process may not set
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 async def run(args: argparse.Namespace) -> None:
+    raise_nofile_limit()
     try:
         remap = IdMap.parse(args.userns_remap_range)
     except InvalidArgument as exc:

@@ -122,7 +122,7 @@ class RepoRecord:
             description = data.get("description", "")
             if not isinstance(description, str) or not isinstance(labels, dict):
                 raise ValueError("description or labels of the wrong kind")
-            if not all(isinstance(v, str) for v in (*labels, *labels.values())):
+            if labels and not all(isinstance(v, str) for v in (*labels, *labels.values())):
                 raise ValueError("a label that is not a string")
         except ValueError:
             raise CorruptRepository(name) from None
@@ -295,10 +295,16 @@ def manifest_record(digest: str, value: bytes | dict[str, Any], repo: str = "") 
     )
 
 
+_DECODE = json.JSONDecoder().decode
+
+
 def _fields(value: bytes | dict[str, Any], **kinds: tuple[type, ...]) -> dict[str, Any]:
     """A record's JSON object from its raw value (or the object itself), with each field
     named in `kinds` present and of one of its types; ValueError otherwise."""
-    data = json.loads(value) if isinstance(value, bytes) else value  # JSONDecodeError: ValueError
+    # One decoder on the text: json.loads would guess the encoding of bytes first, a cost in
+    # every listing's loop (records are UTF-8; other bytes fail as UnicodeDecodeError, a
+    # ValueError).
+    data = _DECODE(value.decode()) if isinstance(value, bytes) else value  # JSONDecodeError too
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     for name, types in kinds.items():
@@ -587,6 +593,19 @@ class Metadata:
         """The record, None if there is none; CorruptManifest if it is damaged."""
         entry = await self.store.get(manifest_key(repo, digest))
         return manifest_record(digest, entry.value, repo) if entry is not None else None
+
+    async def get_manifests(self, names: Sequence[tuple[str, str]]) -> list[ManifestRecord | None]:
+        """The records of many (repository, digest) pairs, in order, in a few transactions; a
+        damaged one is None, as a listing skips it (GetManifest of it reports it)."""
+        entries = await self.store.get_many([manifest_key(repo, d) for repo, d in names])
+        records: list[ManifestRecord | None] = []
+        for (repo, digest), entry in zip(names, entries, strict=True):
+            try:
+                records.append(manifest_record(digest, entry.value, repo) if entry else None)
+            except CorruptManifest as exc:
+                exc.skipped()
+                records.append(None)
+        return records
 
     async def has_manifest(self, repo: str, digest: str) -> bool:
         """Whether a record exists, damaged or not."""

@@ -43,7 +43,7 @@ def repository(record: RepoRecord) -> pb.Repository:
     return pb.Repository(
         name=record.name,
         description=record.description,
-        labels=record.labels,
+        labels=record.labels or None,  # an empty map costs a copy all the same
         tag_count=record.tag_count,
         created_at=timestamp(record.created_at),
         last_push_at=timestamp(record.last_push_at),
@@ -239,6 +239,25 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         manifest = await self.registry.get_manifest(request.repository, request.reference)
         return pb.GetManifestResponse(
             digest=manifest.digest, media_type=manifest.media_type, content=manifest.content
+        )
+
+    async def BatchGetManifests(
+        self, request: pb.BatchGetManifestsRequest, context: Context
+    ) -> pb.BatchGetManifestsResponse:
+        names = [(name.repository, name.digest) for name in request.manifests]
+        found = await self.registry.get_manifests(names, request.include_configs, may_pull())
+        return pb.BatchGetManifestsResponse(
+            results=[
+                pb.BatchManifest(
+                    repository=m.repository,
+                    digest=m.digest,
+                    found=m.found,
+                    media_type=m.media_type,
+                    content=m.content,
+                    config=m.config,
+                )
+                for m in found
+            ]
         )
 
     async def DeleteManifest(

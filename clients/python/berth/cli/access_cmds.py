@@ -9,16 +9,17 @@ import os
 import sys
 
 from berth.cli import auth
-from berth.cli.container_cmds import host_options
 from berth.cli.output import (
     for_each,
+    format_options,
     format_time,
+    host_options,
     human_ago,
+    parse_duration,
     print_json,
     print_line,
     print_listing,
 )
-from berth.cli.registry_cmds import format_options, parse_duration
 from berth.client.access import AccessClient, TokenInfo
 from berth.config import resolve_cluster_address
 from berth.errors import BerthClientError

@@ -18,8 +18,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
-from berth.cli.output import human_ago, human_size, print_json, print_line, print_table, truncate
-from berth.cli.registry_cmds import format_options, parse_duration, parse_label
+from berth.cli.output import (
+    format_options,
+    human_ago,
+    human_size,
+    parse_duration,
+    parse_label,
+    print_json,
+    print_line,
+    print_table,
+    truncate,
+)
 from berth.client.builder import (
     BuildCache,
     BuilderClient,

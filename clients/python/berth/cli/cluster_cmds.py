@@ -25,14 +25,15 @@ from berth.cli.container_cmds import (
 )
 from berth.cli.output import (
     for_each,
+    format_options,
     format_time,
     jsonable,
+    parse_duration,
     print_fields,
     print_json,
     print_line,
     print_table,
 )
-from berth.cli.registry_cmds import format_options, parse_duration
 from berth.client.cluster import ClusterClient, ClusterContainer, Event, NodeInfo, ServiceInfo
 from berth.client.join import JoinClient, JoinInfo
 from berth.config import resolve_cluster_address

@@ -29,6 +29,7 @@ from berth.cli.output import (
     for_each,
     format_options,
     format_time,
+    host_options,
     human_ago,
     inspect_each,
     jsonable,
@@ -40,21 +41,16 @@ from berth.cli.output import (
 )
 from berth.client.cluster import ClusterClient, ClusterContainer, Placement
 from berth.client.containers import ContainerInfo
-from berth.config import HOST_HELP, resolve_target
-from berth.containers import (
-    NETWORK_MODES,
-    RESTART_POLICIES,
-    USERNS_MODES,
-    ContainerConfig,
-    MountSpec,
-    SecretReference,
-)
+from berth.config import resolve_target
 from berth.enums.containers import CONTAINER_STATES
 from berth.error_details import ErrorDetails
 from berth.errors import BerthClientError
 
+# berth.containers is imported by what parses or builds a container's configuration (run,
+# create, service create): ps, stats, logs and the like need none of it.
 if TYPE_CHECKING:
     from berth.client.node import NodeClient
+    from berth.containers import ContainerConfig, SecretReference
 
     Client = NodeClient | ClusterClient
 
@@ -120,6 +116,8 @@ def parse_cpus(text: str) -> int:
 
 def parse_restart(text: str) -> tuple[str, int]:
     """Docker's --restart: no, always, on-failure or on-failure:N, as (policy, max retries)."""
+    from berth.containers import RESTART_POLICIES
+
     name, sep, count = text.partition(":")
     if name not in RESTART_POLICIES:
         raise argparse.ArgumentTypeError(
@@ -242,6 +240,8 @@ def security_opt(text: str) -> str:
 def parse_secret(text: str) -> SecretReference:
     """--secret NAME, or Docker's long form source=NAME,target=FILE,mode=0400,uid=0,gid=0
     (mode in octal); the model checks the values."""
+    from berth.containers import SecretReference
+
     if "=" not in text:
         return SecretReference(text)
     fields: dict[str, str] = {}
@@ -298,6 +298,8 @@ def container_config(args: argparse.Namespace, name: str = "") -> ContainerConfi
     """The container of a parsed `berth run`, or the template of a `berth service create`
     (no name: the cluster names each replica SERVICE.SLOT), validated: a mistake the node or
     the cluster would refuse fails here, with their words, before any call (and any pull)."""
+    from berth.containers import ContainerConfig, MountSpec
+
     restart, retries = args.restart
     # Files first, so -e overrides them (as in Docker).
     env = [entry for path in args.env_file for entry in read_env_file(path)]
@@ -447,13 +449,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     attach.set_defaults(func=cmd_attach)
 
 
-def host_options() -> argparse.ArgumentParser:
-    """--host on a subcommand; SUPPRESS keeps it from overwriting the global flag."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--host", metavar="ADDR", default=argparse.SUPPRESS, help=HOST_HELP)
-    return parent
-
-
 def target_options() -> argparse.ArgumentParser:
     """--host or --node on a container command (config.TARGET_RULE)."""
     parent = argparse.ArgumentParser(add_help=False, parents=[host_options()])
@@ -490,6 +485,10 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
 
 def add_spec_options(parser: argparse.ArgumentParser) -> None:
     """What a container runs with and where it may run: `run` and `service create` share them."""
+    if not isinstance(parser, argparse.ArgumentParser):
+        return  # a command main skips (another was asked for): no need for berth.containers
+    from berth.containers import NETWORK_MODES, USERNS_MODES
+
     add = parser.add_argument
     _add_env_option(parser)
     add("--env-file", action="append", default=[], metavar="FILE", help="KEY=VALUE lines")

@@ -16,15 +16,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from berth.cli import auth
 from berth.cli.output import (
     console,
     err_console,
     for_each,
+    format_options,
     format_time,
     human_ago,
     human_size,
@@ -34,8 +33,6 @@ from berth.cli.output import (
     print_table,
     short_digest,
 )
-from berth.cli.progress import PULL, PUSH, ByteProgress, LayerProgress, TransferDisplay
-from berth.cli.registry_cmds import format_options
 from berth.client.image import (
     ARCHIVE_FORMATS,
     CommitProgress,
@@ -54,6 +51,13 @@ from berth.client.registry import parse_image_reference
 from berth.config import IMAGE_SERVICE_HELP, image_cache_node, resolve_service_address
 from berth.errors import BerthClientError
 from berth.files import atomic_file
+
+# rich and the progress displays are imported by the commands that show a transfer: `images`,
+# `history` and the like print plain text, without them.
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from berth.cli.progress import ByteProgress, LayerProgress, TransferDisplay
 
 NODE_HELP = "act on this node agent's own image cache HOST:PORT instead of the catalog"
 CREATED_BY_WIDTH = 45  # what `docker history` keeps of CREATED BY without --no-trunc
@@ -174,6 +178,8 @@ class PullDisplay:
     """NodeClient's progress callback: the node's pull events as Docker's per-layer lines."""
 
     def __init__(self, display: LayerProgress) -> None:
+        from berth.cli.progress import PULL, TransferDisplay
+
         self._lines = TransferDisplay(display, PULL)
 
     @property
@@ -187,6 +193,8 @@ class PullDisplay:
 
 def pull_image(client: NodeClient, image: str, out: Console) -> ImageInfo:
     """Pull onto the node with Docker's progress lines, written to out."""
+    from berth.cli.progress import LayerProgress
+
     reference = parse_image_reference(image)
     out.print(f"{reference.reference}: Pulling from {reference.repository}", markup=False)
     with LayerProgress(out, "Downloading") as display:
@@ -591,6 +599,8 @@ def _print_image(image: ImageDetails, args: argparse.Namespace) -> None:
 def cmd_save(args: argparse.Namespace) -> int:
     if args.output is None and sys.stdout.isatty():
         raise BerthClientError(SAVE_TO_TERMINAL, "INVALID_ARGUMENT")
+    from berth.cli.progress import ByteProgress
+
     with connect_images(args) as client, ByteProgress(err_console(), "Saving") as bar:
         if args.output is None:
             client.save(args.images, args.archive_format, sys.stdout.buffer, bar.update)
@@ -628,6 +638,10 @@ def _received(bar: ByteProgress) -> Callable[[ProgressEvent], None]:
 
 def _bar(args: argparse.Namespace, description: str) -> ByteProgress:
     """The upload bar, on stderr when that is a terminal; none with -q or --format json."""
+    from rich.console import Console
+
+    from berth.cli.progress import ByteProgress
+
     quiet = getattr(args, "quiet", False) or args.format == "json"
     out = Console(file=sys.stderr, force_terminal=False) if quiet else err_console()
     return ByteProgress(out, description)
@@ -663,6 +677,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
         # were copied (a pull under a new name copies nothing, yet the name is new).
         before = _digest_named(client, image_name(as_name or str(name)))
         print_line(f"{name.reference}: Pulling from {name.repository}")
+        from berth.cli.progress import PULL, LayerProgress, TransferDisplay
+
         with LayerProgress(out, "Downloading") as display:
             lines = TransferDisplay(display, PULL)
             result = client.pull(args.image, credentials, args.insecure, as_name, _feed(lines))
@@ -734,6 +750,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         else:
             repository = f"{destination.host}/{destination.name.repository}"
             print_line(f"The push refers to repository [{repository}]")
+            from berth.cli.progress import PUSH, LayerProgress, TransferDisplay
+
             with LayerProgress(console(), "Pushing") as display:
                 lines = TransferDisplay(display, PUSH)
                 result = client.push(

@@ -10,9 +10,10 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
+import berth
 from berth.cli.output import FORMATS, print_error
 from berth.config import (
     BUILDER_HELP,
@@ -23,21 +24,61 @@ from berth.config import (
 )
 from berth.errors import BerthClientError
 
-# The modules that register the commands, in `--help` order, and which one registers each
-# top-level command: a command imports only its own module (and so only its own gRPC client),
-# which keeps `berth build` or `berth ps` from paying for every other client at start-up.
-_COMMANDS = {
-    "registry_cmds": "search registry",
-    "oci_cmds": "oci",
-    "image_cmds": "images history tag rmi commit import save load pull push login logout image",
-    "container_cmds": "run ps logs exec attach start stop kill rm inspect wait stats diff",
-    "cluster_cmds": "node service events",
-    "secret_cmds": "secret",
-    "build_cmds": "build builder",
-    "access_cmds": "token",
+# The modules that register the commands, in `--help` order, with the top-level commands each
+# registers and their help, as it registers them (tests/unit/test_cli_startup.py checks that
+# they agree). `berth --help`, `--version` and a mistyped command list these without importing
+# any module, so without grpc and the generated stubs; a command imports only its own module
+# (and so only its own gRPC client) and builds only its own parser.
+_COMMANDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "registry_cmds": (
+        ("search", "find repositories by name, description or label"),
+        ("registry", "manage the registry's repositories"),
+    ),
+    "oci_cmds": (("oci", "copy images between OCI layouts and the registry"),),
+    "image_cmds": (
+        ("images", "list images"),
+        ("history", "show the history of an image"),
+        ("tag", "give an image another name"),
+        ("rmi", "remove images (layers other images use stay)"),
+        ("commit", "make an image from a container's changes"),
+        ("import", "make an image from a root filesystem tarball"),
+        ("save", "write images to a tar archive"),
+        ("load", "read images from a tar archive"),
+        ("pull", "copy an image from an external registry"),
+        ("push", "copy an image to an external registry"),
+        ("login", "log in to the cluster (a token) or an external registry"),
+        ("logout", "forget the cluster token or a registry's credentials"),
+        ("image", "manage images (as `docker image`)"),
+    ),
+    "container_cmds": (
+        ("run", "create and start a container"),
+        ("ps", "list containers"),
+        ("logs", "print a container's output"),
+        ("exec", "run a command in a running container"),
+        ("start", "start containers"),
+        ("stop", "stop containers (SIGTERM, then KILL)"),
+        ("kill", "send a signal to containers"),
+        ("rm", "remove containers"),
+        ("inspect", "containers as JSON"),
+        ("wait", "wait for containers to exit"),
+        ("stats", "CPU, memory and pids of containers"),
+        ("diff", "paths a container changed"),
+        ("attach", "connect to a running container's main process"),
+    ),
+    "cluster_cmds": (
+        ("node", "the cluster's nodes"),
+        ("service", "replicated services"),
+        ("events", "stream cluster events"),
+    ),
+    "secret_cmds": (("secret", "secrets containers read at /run/secrets"),),
+    "build_cmds": (
+        ("build", "build an image from a Dockerfile"),
+        ("builder", "manage the build cache"),
+    ),
+    "access_cmds": (("token", "tokens people and programs log in with"),),
 }
 COMMAND_MODULES = list(_COMMANDS)
-MODULE_OF = {command: module for module, words in _COMMANDS.items() for command in words.split()}
+MODULE_OF = {command: module for module, names in _COMMANDS.items() for command, _ in names}
 # Global options that take a value, to find the command word after them.
 _VALUED_OPTIONS = {
     "--registry",
@@ -57,9 +98,14 @@ class _Parser(argparse.ArgumentParser):
         raise BerthClientError(f"{message} (see '{self.prog} --help')", "INVALID_ARGUMENT")
 
 
-def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The parser; given the arguments, only with the command they name (every command when
-    they name none, ask for help, or name an unknown one, so argparse can list them all)."""
+def build_parser(
+    argv: Sequence[str] | None = None, *, command: str | None = None
+) -> argparse.ArgumentParser:
+    """The parser of every command. Given the arguments (or `command`), only the parser of the
+    command they name: its module registers that one alone (argparse takes a while to build a
+    command's options, and `run` has fifty). When they name none that command_word can find,
+    every command is a stand-in that only lists it (for `--help` and argparse's "invalid
+    choice" message) and takes any arguments."""
     parser = _Parser(
         prog="berth",
         description="Command-line client for the berth platform.",
@@ -94,22 +140,67 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "--format", choices=FORMATS, default="table", help="output of data: table (default), json"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    wanted = command_module(argv)
-    for name in COMMAND_MODULES:
-        if wanted is None or name == wanted:
+    if argv is None and command is None:
+        for name in COMMAND_MODULES:
             importlib.import_module(f"berth.cli.{name}").add_commands(commands)
+        return parser
+    command = command or command_word(argv or [])
+    if command is not None:
+        module = importlib.import_module(f"berth.cli.{MODULE_OF[command]}")
+        module.add_commands(_OneCommand(commands, command))
+        return parser
+    for listed in _COMMANDS.values():
+        for name, text in listed:
+            stand_in = commands.add_parser(name, help=text, add_help=False)
+            stand_in.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            stand_in.set_defaults(func=None)
     return parser
 
 
-def command_module(argv: Sequence[str] | None) -> str | None:
-    """The module of the command argv names; None when every command is needed."""
-    args = list(sys.argv[1:] if argv is None else argv)
+class _OneCommand:
+    """The subcommands as a command module sees them when one command was asked for: that
+    command gets its parser, every other one a _Skipped that ignores what the module adds."""
+
+    def __init__(self, commands: argparse._SubParsersAction, command: str) -> None:
+        self._commands = commands
+        self._command = command
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if self._command == name or self._command in kwargs.get("aliases", ()):
+            return self._commands.add_parser(name, **kwargs)
+        return _Skipped()
+
+
+class _Skipped:
+    """A parser not built: every method call does nothing and returns it (so an argument
+    group, a nested subcommand or set_defaults on it work the same)."""
+
+    def __getattr__(self, name: str) -> Callable[..., _Skipped]:
+        return lambda *args, **kwargs: self
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The arguments, parsed by the full parser of the command they name."""
+    parser = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.func is None:
+        # A stand-in took the command: its word came after something command_word cannot
+        # skip (an abbreviated option, `--form json ps`). Parse again with its parser.
+        return build_parser(argv, command=args.command).parse_args(argv)
+    if unknown:
+        parser.parse_args(argv)  # reports them
+    return args
+
+
+def command_word(argv: Sequence[str]) -> str | None:
+    """The command argv names; None when it names none (or one this cannot find)."""
+    args = list(argv)
     while args:
         word = args.pop(0)
         if word in _VALUED_OPTIONS:
             args = args[1:]
         elif not word.startswith("-"):
-            return MODULE_OF.get(word)
+            return word if word in MODULE_OF else None
         elif word.split("=", 1)[0] not in _VALUED_OPTIONS:
             return None  # --help, --version, or a mistake argparse should report in full
     return None
@@ -117,7 +208,7 @@ def command_module(argv: Sequence[str] | None) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser(argv).parse_args(argv)
+        args = parse(sys.argv[1:] if argv is None else argv)
         if args.tls_ca:
             # Every client the command makes reads it (berth.tls).
             os.environ["BERTH_TLS_CA"] = args.tls_ca
@@ -147,20 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class _Version(argparse.Action):
-    """--version, reading the installed version only when asked (importlib.metadata is slow to
-    import, and every command would pay for it)."""
+    """--version: the package's own constant, no lookup of the installed distribution."""
 
     def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            text = version("berth")
-        except PackageNotFoundError:
-            text = "unknown"
-        print(f"berth {text}")
+        print(f"berth {berth.__version__}")
         parser.exit()
 
 

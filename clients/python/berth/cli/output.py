@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import math
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from berth.config import HOST_HELP
 from berth.errors import BerthClientError, one_line
 
 if TYPE_CHECKING:
@@ -38,24 +40,27 @@ def print_error(message: object) -> None:
 
 
 def print_line(text: str = "") -> None:
-    console().print(text, markup=False)
+    # Plain text needs no rich (its import is a good part of a short command's start-up).
+    sys.stdout.write(f"{text}\n")
+
+
+# A cell is one line: a tab or line break in data would break the columns.
+_ONE_LINE = str.maketrans("\t\n\r\v\f", "     ")
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Docker-style table: upper-case headers, no borders, three spaces between columns."""
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(box=None, pad_edge=False, padding=(0, 3, 0, 0), header_style="bold")
-    for header in headers:
-        table.add_column(header, no_wrap=True, overflow="ellipsis")
-    for row in rows:
-        table.add_row(*(Text(cell) for cell in row))  # Text: a "[" in data is not markup
-    out = console(wide=True)
-    with out.capture() as captured:
-        out.print(table)
-    # rich pads the last column; trailing blanks only get in the way of scripts.
-    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+    """Docker-style table: upper-case headers, no borders, three spaces between columns, widths
+    in characters (as Docker's tabwriter), the header bold on a terminal; no trailing blanks,
+    which only get in the way of scripts."""
+    lines = [list(headers)] + [[cell.translate(_ONE_LINE) for cell in row] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    text = [
+        "   ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    ]
+    if sys.stdout.isatty():
+        text[0] = f"\033[1m{text[0]}\033[0m"
+    sys.stdout.write("".join(line + "\n" for line in text))
 
 
 def print_fields(fields: Sequence[tuple[str, str]]) -> None:
@@ -71,6 +76,8 @@ def print_json(data: Any) -> None:
 
 def jsonable(value: Any) -> Any:
     """Dataclasses, datetimes and containers as plain JSON values."""
+    import dataclasses  # here: `berth --help` imports this module and needs no dataclasses
+
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, datetime):
@@ -217,3 +224,27 @@ def parse_label(text: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f'invalid label "{text}": expected KEY=VALUE')
     return key.strip(), value
+
+
+def host_options() -> argparse.ArgumentParser:
+    """--host on a subcommand; SUPPRESS keeps it from overwriting the global flag."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--host", metavar="ADDR", default=argparse.SUPPRESS, help=HOST_HELP)
+    return parent
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in "30s", "10m", "1h", "1h30m", "1.5d" or bare "90"; fractions round up."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    if not text or not re.fullmatch(rf"(?:{_DURATION_RE.pattern})+", text):
+        raise argparse.ArgumentTypeError(
+            f'invalid duration "{text}": use numbers with units ms, s, m, h, d (30s, 10m, 1h30m)'
+        )
+    total = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_RE.findall(text))
+    return math.ceil(total)

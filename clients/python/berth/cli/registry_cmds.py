@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import math
-import re
 from collections.abc import Iterable
 from datetime import datetime
 
-from berth.cli.output import (  # format_options and parse_label: re-exported for the others
+from berth.cli.output import (  # format_options, parse_*: re-exported for the others
     err_console,
     format_options,
     format_time,
     human_ago,
     human_size,
     jsonable,
+    parse_duration,
     parse_label,
     print_fields,
     print_json,
@@ -22,7 +21,6 @@ from berth.cli.output import (  # format_options and parse_label: re-exported fo
     print_table,
     truncate,
 )
-from berth.cli.progress import StageProgress
 from berth.client.registry import (
     GcProgress,
     GcReport,
@@ -36,24 +34,9 @@ from berth.enums.registry import VISIBILITIES
 from berth.errors import BerthClientError
 
 DESCRIPTION_WIDTH = 45  # what `docker search` keeps without --no-trunc
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 # --- argument types ---------------------------------------------------------------------------
-
-
-def parse_duration(text: str) -> int:
-    """Seconds in "30s", "10m", "1h", "1h30m", "1.5d" or bare "90"; fractions round up."""
-    text = text.strip()
-    if text.isdigit():
-        return int(text)
-    if not text or not re.fullmatch(rf"(?:{_DURATION_RE.pattern})+", text):
-        raise argparse.ArgumentTypeError(
-            f'invalid duration "{text}": use numbers with units ms, s, m, h, d (30s, 10m, 1h30m)'
-        )
-    total = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_RE.findall(text))
-    return math.ceil(total)
 
 
 def parse_grace(text: str) -> int:
@@ -250,6 +233,8 @@ GC_STAGES = {"mark": "Marking manifests", "sweep": "Sweeping blobs"}
 def cmd_gc(args: argparse.Namespace) -> int:
     # The stages' progress goes to stderr on a terminal: stdout keeps only the report.
     show = args.format != "json"
+    from berth.cli.progress import StageProgress  # here: it imports rich, which only gc shows
+
     with connect_registry(args) as client, StageProgress(err_console(), GC_STAGES) as stages:
 
         def progress(event: GcProgress) -> None:

@@ -9,9 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from berth.cli.container_cmds import host_options
-from berth.cli.output import for_each, human_ago, print_json, print_line, print_listing
-from berth.cli.registry_cmds import format_options, parse_label
+from berth.cli.output import (
+    for_each,
+    format_options,
+    host_options,
+    human_ago,
+    parse_label,
+    print_json,
+    print_line,
+    print_listing,
+)
 from berth.client.secrets import MAX_SECRET_BYTES, SecretClient, SecretInfo
 from berth.config import resolve_cluster_address
 from berth.errors import BerthClientError

@@ -9,11 +9,10 @@ they run (ClusterContainer).
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from berth.client.base import GrpcClient
 from berth.client.containers import (
@@ -26,7 +25,6 @@ from berth.client.containers import (
 )
 from berth.cluster.v1 import cluster_pb2 as pb
 from berth.cluster.v1 import cluster_pb2_grpc
-from berth.containers import ContainerConfig, from_spec, to_spec
 from berth.enums.cluster import (
     AVAILABILITIES,
     DESIRED_STATES,
@@ -36,6 +34,11 @@ from berth.enums.cluster import (
     UPDATE_STATES,
 )
 from berth.errors import BerthClientError
+
+# berth.containers (a container's whole configuration, its checks and its proto form) is imported
+# by the calls that send or read one: listing, stats or logs need none of it.
+if TYPE_CHECKING:
+    from berth.containers import ContainerConfig
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,8 @@ def cluster_container(c: pb.Container) -> ClusterContainer:
 
 
 def _service(s: pb.Service) -> ServiceInfo:
+    from berth.containers import from_spec
+
     return ServiceInfo(
         id=s.id,
         name=s.spec.name,
@@ -327,10 +332,12 @@ class ClusterClient(ContainerStreams, GrpcClient):
         validates `config`; call config.validate() first to find a mistake before any call.
         The call carries `request_id` (a new UUID when empty) and is retried with it when the
         answer is lost: never two containers for one call."""
+        from berth.containers import to_spec
+
         request = pb.RunContainerRequest(
             spec=to_spec(config),
             placement=_placement_message(placement),
-            request_id=request_id or str(uuid.uuid4()),
+            request_id=request_id or new_request_id(),
         )
         return cluster_container(self._retried(self._stub.RunContainer, request).container)
 
@@ -410,6 +417,8 @@ class ClusterClient(ContainerStreams, GrpcClient):
     ) -> ServiceInfo:
         """A service of `replicas` containers made from `template` (each named NAME.SLOT).
         Retried with its request_id (a new UUID when empty) when the answer is lost."""
+        from berth.containers import to_spec
+
         spec = pb.ServiceSpec(
             name=name,
             template=to_spec(template),
@@ -417,7 +426,7 @@ class ClusterClient(ContainerStreams, GrpcClient):
             placement=_placement_message(placement),
             labels=labels or {},
         )
-        request = pb.CreateServiceRequest(spec=spec, request_id=request_id or str(uuid.uuid4()))
+        request = pb.CreateServiceRequest(spec=spec, request_id=request_id or new_request_id())
         return _service(self._retried(self._stub.CreateService, request).service)
 
     def services(self, labels: dict[str, str] | None = None) -> list[ServiceInfo]:
@@ -515,3 +524,9 @@ class ClusterClient(ContainerStreams, GrpcClient):
         )
         for event in self._stream(self._stub.Events, request):
             yield event_info(event)
+
+
+def new_request_id() -> str:
+    import uuid  # here: it imports `platform`, which every other command would pay for
+
+    return str(uuid.uuid4())

@@ -6,7 +6,9 @@ same functions, so a container reads the same to the CLI and to the builder.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import random
 import uuid
 from collections.abc import AsyncIterator
 
@@ -17,8 +19,12 @@ from berth.client.containers import LogLine, log_line
 from berth.cluster.v1 import cluster_pb2 as pb
 from berth.cluster.v1 import cluster_pb2_grpc as pb_grpc
 from berthd.common.containers import ContainerConfig, to_spec
-from berthd.common.errors import Unavailable
-from berthd.common.rpc.calls import ServiceApi
+from berthd.common.errors import Aborted, Unavailable
+from berthd.common.rpc.calls import FIRST_BACKOFF, MAX_BACKOFF, ServiceApi
+
+# RunContainer answers ABORTED when placements raced past its retries, or while this request's
+# first attempt is still in flight (the same request_id): both pass in a moment.
+RUN_ATTEMPTS = 6
 
 
 class ClusterApi(ServiceApi[pb_grpc.ClusterServiceStub]):
@@ -31,8 +37,18 @@ class ClusterApi(ServiceApi[pb_grpc.ClusterServiceStub]):
         """Place a container and record it as desired to run (`docker run -d`). The request
         carries a request_id, so a retry after a lost answer never runs a second one."""
         request = pb.RunContainerRequest(spec=to_spec(config), request_id=str(uuid.uuid4()))
-        reply = await self.unary("RunContainer", request, idempotent=True)
-        return cluster_container(reply.container)
+        delay = FIRST_BACKOFF
+        for attempt in range(RUN_ATTEMPTS):
+            try:
+                reply = await self.unary("RunContainer", request, idempotent=True)
+                return cluster_container(reply.container)
+            except Aborted:
+                if attempt == RUN_ATTEMPTS - 1:
+                    raise
+                # Jittered, so the runs that raced do not meet again.
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, MAX_BACKOFF)
+        raise AssertionError("unreachable")
 
     async def inspect(self, container: str) -> ClusterContainer:
         request = pb.GetContainerRequest(container=container)

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import io
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -41,12 +41,24 @@ LISTING_PAGE = 1000
 LISTING_ATTEMPTS = 3
 # A blob read into memory whole (a config) may be at most this large.
 MAX_SMALL_BLOB = 16 << 20
+# Manifests named per BatchGetManifests call (the registry takes up to 1000).
+MAX_BATCH_MANIFESTS = 1000
 # Chunks smaller than this are hashed on the event loop.
 SMALL_CHUNK = 64 << 10
 
 Progress = Callable[[int, int], None]
 """progress(bytes_done, total), called on the event loop."""
 PushOutcome = Literal["exists", "mounted", "pushed"]
+
+
+@dataclass(frozen=True)
+class BatchedManifest:
+    """One manifest of a batch read: None when its repository does not hold it; `config` the
+    image config's bytes as the registry sent them (b"": not sent, read it with ReadBlob)."""
+
+    repository: str
+    manifest: ManifestData | None
+    config: bytes
 
 
 @dataclass(frozen=True)
@@ -199,6 +211,27 @@ class RegistryApi(ServiceApi[pb_grpc.RegistryServiceStub]):
         request = pb.GetManifestRequest(repository=repository, reference=reference)
         response = await self.unary("GetManifest", request, idempotent=True)
         return ManifestData(response.digest, response.media_type, response.content)
+
+    async def get_manifests(
+        self, names: Sequence[tuple[str, str]], include_configs: bool = False
+    ) -> list[BatchedManifest]:
+        """Manifests by (repository, digest), in order, with their image configs when asked:
+        BatchGetManifests, as many calls as the registry needs to send them all (it stops a
+        response at about 2 MiB). Nothing is verified here: the caller checks the digests."""
+        results: list[BatchedManifest] = []
+        while len(results) < len(names):
+            batch = names[len(results) : len(results) + MAX_BATCH_MANIFESTS]
+            request = pb.BatchGetManifestsRequest(
+                manifests=[pb.ManifestName(repository=r, digest=d) for r, d in batch],
+                include_configs=include_configs,
+            )
+            response = await self.unary("BatchGetManifests", request, idempotent=True)
+            if not response.results:  # a registry always sends one at least: never loop
+                raise DataLoss("registry: BatchGetManifests returned nothing")
+            for (repository, digest), m in zip(batch, response.results, strict=False):
+                manifest = ManifestData(digest, m.media_type, m.content) if m.found else None
+                results.append(BatchedManifest(repository, manifest, m.config))
+        return results
 
     async def put_manifest(
         self, repository: str, reference: str, media_type: str, content: bytes

@@ -127,6 +127,8 @@ REGISTRY = _rules(
         "MountBlob": _write(P.REPOSITORY_PUSH, "repository"),
         "PutManifest": _write(P.REPOSITORY_PUSH, "repository"),
         "GetManifest": _read(P.REPOSITORY_PULL, "repository"),
+        # Many repositories: what the caller may not pull is reported not found, not refused.
+        "BatchGetManifests": _read(P.REPOSITORY_PULL),
         "DeleteManifest": _write(P.REPOSITORY_DELETE, "repository"),
         # Listings show only what the caller may pull (filtered, not refused).
         "ListRepositories": _read(P.REPOSITORY_PULL),

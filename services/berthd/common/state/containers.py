@@ -14,6 +14,15 @@ to the store prefix:
                                 exception: the cluster deletes it, in the transaction that
                                 deletes the desired record, when the container's node is not
                                 ready (no agent is there to do it).
+    cluster/assignments/<node>/<id> Empty. The per-node index of the desired records: put in
+                                the same transaction as every write of a record (so its mod
+                                revision is the record's) and deleted with it. A node agent
+                                watches only its own `cluster/assignments/<node>/` and reads
+                                the records it names by key: other nodes' writes never wake it.
+    cluster/assignments-ready   Written once by the cluster's leader when every record has its
+                                index key (`berthd.cluster.assignments`, for clusters whose
+                                records predate the index); until then agents watch the whole
+                                `cluster/containers/` family.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from typing import Any
 
 from berthd.common.containers import ContainerConfig, from_dict
 from berthd.common.state.family import Family, known_fields
-from berthd.common.store import encode
+from berthd.common.store import Op, Store, encode
 
 # DesiredContainer.desired
 RUNNING = "running"
@@ -158,3 +167,60 @@ CONTAINERS: Family[DesiredContainer] = Family(
 STATUSES: Family[ContainerStatus] = Family(
     "container status", "containers/", lambda _id, raw: ContainerStatus.decode(raw), "/status"
 )
+
+
+# The per-node index of desired records (see the module's docstring).
+ASSIGNMENTS = "cluster/assignments/"
+ASSIGNMENTS_READY = "cluster/assignments-ready"
+
+
+def assignments_of(node: str) -> str:
+    """The prefix of the node's assignment keys."""
+    if not node or "/" in node:
+        raise ValueError(f"invalid node id {node!r}")
+    return f"{ASSIGNMENTS}{node}/"
+
+
+def assignment_key(node: str, container_id: str) -> str:
+    return assignments_of(node) + CONTAINERS.key(container_id).removeprefix(CONTAINERS.prefix)
+
+
+def assigned_id(node: str, key: str) -> str | None:
+    """The container id of one of the node's assignment keys (None for another key)."""
+    prefix = assignments_of(node)
+    if not key.startswith(prefix):
+        return None
+    return CONTAINERS.id_of(CONTAINERS.prefix + key.removeprefix(prefix))
+
+
+def op_put_desired(
+    store: Store, desired: DesiredContainer, before: DesiredContainer | None = None
+) -> list[Op]:
+    """The writes of a desired record (`before`: the record it replaces, if any): the record
+    and its node's assignment key, whose put wakes that node's agent even when only the
+    record's desired state or attempt changed; the old node's key when the node changed."""
+    ops = [CONTAINERS.op_put(store, desired.id, desired)]
+    if desired.node:
+        ops.append(store.op_put(assignment_key(desired.node, desired.id), b""))
+    if before is not None and before.node and before.node != desired.node:
+        ops.append(store.op_delete(assignment_key(before.node, desired.id)))
+    return ops
+
+
+def op_delete_desired(store: Store, desired: DesiredContainer) -> list[Op]:
+    """The deletes of a desired record: the record and its assignment key."""
+    ops = [CONTAINERS.op_delete(store, desired.id)]
+    if desired.node:
+        ops.append(store.op_delete(assignment_key(desired.node, desired.id)))
+    return ops
+
+
+async def put_desired(store: Store, desired: DesiredContainer) -> None:
+    """Write one desired record with its index key, unguarded (tests and tools; the cluster's
+    own writes compare revisions)."""
+    before = await CONTAINERS.get(store, desired.id)
+    await store.txn([], op_put_desired(store, desired, before))
+
+
+async def delete_desired(store: Store, desired: DesiredContainer) -> None:
+    await store.txn([], op_delete_desired(store, desired))
