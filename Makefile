@@ -7,9 +7,10 @@ BUF := npx --yes @bufbuild/buf@1.47.2
 # golang-github-containers-common ships the default seccomp profile containers run with
 # (/usr/share/containers/seccomp.json, Docker's and Podman's).
 APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-registry openssl iproute2 curl \
-  golang-github-containers-common
+  golang-github-containers-common podman docker.io containerd
 # Peers the benchmarks measure berth against (not needed by the tests; docker-registry is: the
-# image tests push to and pull from it).
+# image tests push to and pull from it; podman, docker.io and containerd too: their clients pull
+# from and push to the registry's OCI HTTP API, each test starting its own daemon).
 BENCH_APT_PACKAGES := podman buildah
 PROTO_FILES := $(shell find protos -name '*.proto')
 # The protos are a public contract: `make lint` fails on a change that breaks clients generated
@@ -98,6 +99,7 @@ demo: deps
 
 bench: deps bench-apt
 	$(PY) -m bench.registry
+	$(PY) -m bench.registry_http
 	$(PY) -m bench.node
 	$(PY) -m bench.cluster
 	$(PY) -m bench.image

@@ -1,6 +1,7 @@
 """`make demo`: start a 3-host local berth cluster, build an image from a multi-stage Dockerfile
 (examples/hello), walk images through the registry, run containers through the cluster, commit
-a changed container and run the result on another host, push to and pull from an external
+a changed container and run the result on another host, pull the built image with skopeo,
+podman and docker from the registry's OCI HTTP API (/v2/), push to and pull from an external
 registry (Debian's docker-registry on loopback), then kill a host and watch a replicated service
 move.
 
@@ -195,6 +196,7 @@ class Demo:
             self.image_steps(work)
             self.build_steps()
             self.registry_steps(work)
+            self.oci_http_steps(work, registry)
             self.container_steps()
             self.external_steps(work)
         finally:
@@ -299,6 +301,110 @@ class Demo:
 
         self.heading("What garbage collection would delete (dry run)")
         self.berth("registry", "gc", "--dry-run")
+
+    def oci_http_steps(self, work: Path, registry: dict) -> None:
+        """The registry also speaks the OCI Distribution HTTP API: skopeo and podman pull the
+        image berth built, with a berth token as their password (docs/registry.md)."""
+        host = registry["http_url"].removeprefix("http://")
+        self.heading(
+            f"skopeo and podman pull the berth-built {BUILT} from the registry's /v2/ ({host})"
+        )
+        token = self.berth(
+            "token", "create", "--name", "demo-puller", "--role", "reader", "-q", capture=True
+        ).strip()
+        creds = f"demo:{token}"
+        print("(with a reader's token from `berth token create` as the password)")
+        try:
+            self.run(
+                [
+                    "skopeo",
+                    "inspect",
+                    "--tls-verify=false",
+                    "--creds",
+                    creds,
+                    f"docker://{host}/{BUILT}",
+                ]
+            )
+            self.run(
+                [
+                    "skopeo",
+                    "--insecure-policy",
+                    "copy",
+                    "--src-tls-verify=false",
+                    "--src-creds",
+                    creds,
+                    f"docker://{host}/{BUILT}",
+                    f"oci:{work / 'hello'}:1",
+                ]
+            )
+            if shutil.which("podman"):
+                # A private storage and run root: nothing of the machine's podman is touched.
+                root, runroot = work / "podman", Path(tempfile.mkdtemp(prefix="berth-demo-"))
+                podman = ["podman", "--root", str(root), "--runroot", str(runroot)]
+                podman += ["--storage-driver", "vfs"]
+                try:
+                    self.run(
+                        [*podman, "pull", "--tls-verify=false", "--creds", creds, f"{host}/{BUILT}"]
+                    )
+                    self.run([*podman, "images"])
+                finally:
+                    subprocess.run(
+                        [*podman, "system", "reset", "--force"], capture_output=True, check=False
+                    )
+                    shutil.rmtree(runroot, ignore_errors=True)
+            if shutil.which("dockerd"):
+                self.docker_steps(work, host, token)
+        finally:
+            self.berth("token", "rm", "demo-puller")
+
+    def docker_steps(self, work: Path, host: str, token: str) -> None:
+        """Docker's engine pulls and runs it too: a dockerd of the demo's own (data and exec
+        roots, socket; no iptables, no bridge, so the host's network is left alone), stopped
+        by its pid at the end. A registry on 127.0.0.0/8 needs no insecure-registries entry."""
+        self.heading(f"docker pulls and runs {BUILT} from the registry's /v2/")
+        short = Path(tempfile.mkdtemp(prefix="berth-demo-"))  # socket paths must stay short
+        sock = short / "docker.sock"
+        log = open(work / "dockerd.log", "wb")  # noqa: SIM115 (closed in finally)
+        daemon = subprocess.Popen(
+            [
+                "dockerd",
+                "--data-root",
+                str(work / "docker"),
+                "--exec-root",
+                str(short / "exec"),
+                "--pidfile",
+                str(short / "docker.pid"),
+                "-H",
+                f"unix://{sock}",
+                "--iptables=false",
+                "--bridge=none",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        saved = dict(self.env)
+        self.env["DOCKER_CONFIG"] = str(work / "docker-config")
+        docker = ["docker", "-H", f"unix://{sock}"]
+        try:
+            deadline = time.monotonic() + 60
+            while subprocess.run([*docker, "version"], capture_output=True).returncode != 0:
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise StepFailed(f"step {self.step}: dockerd did not start")
+                time.sleep(0.2)
+            self.run([*docker, "login", "-u", "demo", "-p", token, host])
+            self.run([*docker, "pull", f"{host}/{BUILT}"])
+            self.run([*docker, "run", "--rm", "--network", "none", f"{host}/{BUILT}"])
+            self.run([*docker, "rmi", f"{host}/{BUILT}"])
+        finally:
+            self.env = saved
+            daemon.terminate()
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+            log.close()
+            shutil.rmtree(short, ignore_errors=True)
 
     def container_steps(self) -> None:
         image = f"{REPO}:{TAG}"

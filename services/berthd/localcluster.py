@@ -15,7 +15,8 @@ their data directories; `status` health-checks them. `kill-node` simulates a hos
 the same for any one component (etcd, a service, a node agent) and record the new pid, so `down`
 stops what runs.
 
-Port plan, from `--base-port` N: etcd client N, peer N+1; service i of SERVICES gRPC N+10+2i and
+Port plan, from `--base-port` N: etcd client N, peer N+1; the registry's OCI HTTP API (/v2/,
+plain HTTP on loopback) N+5; service i of SERVICES gRPC N+10+2i and
 metrics N+11+2i (N+10..N+39 are kept for services); node-1 is the "node" service (N+12, N+13);
 node-K for K >= 2 at N+40+2(K-2) and N+41+2(K-2).
 
@@ -80,6 +81,8 @@ MAX_NODES = 100
 # Ports base+10 .. base+29 are kept for the services (10 of them), base+30 .. base+39 for their
 # public ports; extra node agents sit above.
 PUBLIC_PORTS_OFFSET = 30
+# The registry's OCI Distribution HTTP API (docker, podman, skopeo, containerd).
+REGISTRY_HTTP_OFFSET = 5
 EXTRA_NODES_OFFSET = 40
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -111,6 +114,11 @@ class Ports:
         """The public port of the index-th berth service."""
         return self.base + PUBLIC_PORTS_OFFSET + index
 
+    @property
+    def registry_http(self) -> int:
+        """The registry's OCI Distribution HTTP API."""
+        return self.base + REGISTRY_HTTP_OFFSET
+
     def node(self, number: int) -> tuple[int, int]:
         """(gRPC port, metrics port) of node agent `node-<number>`, from 1."""
         if number == 1:
@@ -119,7 +127,7 @@ class Ports:
         return self.base + offset, self.base + offset + 1
 
     def all(self, nodes: int) -> list[int]:
-        wanted = [self.etcd, self.etcd_peer]
+        wanted = [self.etcd, self.etcd_peer, self.registry_http]
         for index, name in enumerate(SERVICES):
             wanted += self.service(index)
             if name != "node":
@@ -458,6 +466,7 @@ class Starting:
         return {
             "address": info["address"],
             **({"public_address": info["public_address"]} if info.get("public_address") else {}),
+            **({"http_url": info["http_url"]} if info.get("http_url") else {}),
             "metrics": info["metrics"],
             "pid": self.proc.pid,
             "marker": f"--ready-file={self.ready}",
@@ -509,6 +518,9 @@ def start_service(name: str, index: int, state: Path, ports: Ports, etcd: str) -
         extra.append(f"--secrets-key={tls_dir(state) / SECRETS_KEY}")
     # Token callers and anonymous pulls come in on the public port (no client certificate).
     extra.append(f"--public-listen=127.0.0.1:{ports.public(index)}")
+    if name == "registry":
+        # docker, podman, skopeo and containerd: plain HTTP on loopback needs no trust setup.
+        extra.append(f"--http-listen=127.0.0.1:{ports.registry_http}")
     started = _spawn_berthd(name, name, state, ports.service(index), etcd, extra)
     return {**started.wait(), "argv": started.argv}
 
@@ -590,6 +602,8 @@ def _print_cluster(cluster: dict) -> None:
     print(f"{'etcd':10} {cluster['etcd']['endpoint']:22} pid {cluster['etcd']['pid']}")
     for name, info in processes(cluster):
         public = f"  public {info['public_address']}" if info.get("public_address") else ""
+        if info.get("http_url"):
+            public += f"  http {info['http_url']}"
         print(
             f"{name:10} {info['address']:22} pid {info['pid']}  metrics {info['metrics']}{public}"
         )

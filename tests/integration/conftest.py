@@ -231,6 +231,8 @@ class ServiceProcess:
     log: Path
     # The port for callers without a client certificate (tokens, anonymous).
     public_address: str = ""
+    # The base URL of its HTTP API (the registry's OCI /v2/, with --http-listen).
+    http_url: str = ""
 
     def stop(self) -> int:
         stop_process(self.proc)
@@ -276,7 +278,13 @@ class Services:
             raise RuntimeError(f"{service} failed to start:\n{log.read_text()[-3000:]}") from None
         info = json.loads(ready.read_text())
         started = ServiceProcess(
-            service, proc, info["address"], info["metrics"], log, info.get("public_address", "")
+            service,
+            proc,
+            info["address"],
+            info["metrics"],
+            log,
+            info.get("public_address", ""),
+            info.get("http_url", ""),
         )
         self.started.append(started)
         if service == "node":
@@ -379,4 +387,10 @@ from .docker_registry import (  # noqa: E402, F401
     docker_registry_basic_fixture,
     docker_registry_fixture,
     docker_registry_token_fixture,
+)
+from .oci_http import (  # noqa: E402, F401
+    admin_token,
+    http_admin,
+    http_anonymous,
+    oci_registry,
 )

@@ -102,6 +102,11 @@ def test_up_status_down(tmp_path: Path) -> None:
         listed = run(ls, env, own_tls=True)
         assert listed.returncode == 0, listed.stderr
         assert json.loads(listed.stdout) == []
+        # The registry's OCI HTTP API on its documented port, with the same (empty) catalog.
+        http_url = cluster["services"]["registry"]["http_url"]
+        assert http_url == f"http://127.0.0.1:{base + 5}"
+        with urllib.request.urlopen(f"{http_url}/v2/_catalog", timeout=30) as reply:
+            assert json.loads(reply.read()) == {"repositories": []}
         # --tls-ca overrides: another CA does not vouch for the cluster's certificates.
         wrong = run([ls[0], "-m", "berth", "--tls-ca", os.environ["BERTH_TLS_CA"], *ls[3:]], env)
         assert wrong.returncode == 1

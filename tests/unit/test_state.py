@@ -193,6 +193,9 @@ def test_endpoint_round_trip_and_the_json_servers_wrote() -> None:
     assert ENDPOINTS.decode("registry/host-1", with_unknown(raw, zone="a")) == record
     # The key wins over the value.
     assert ENDPOINTS.decode("image/i2", raw).service == "image"
+    # A registry serving the OCI HTTP API says where.
+    served = EndpointRecord("registry", "host-1", "10.0.0.1:5050", http_url="http://10.0.0.1:5000")
+    assert ENDPOINTS.decode("registry/host-1", served.encode()) == served
 
 
 # Images and builds -----------------------------------------------------------------------------

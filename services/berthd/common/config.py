@@ -139,7 +139,9 @@ def service_config(service: str, args: argparse.Namespace) -> ServiceConfig:
     identity = f"node:{node_id}" if service == "node" and node_id else f"service:{service}"
     credentials = InstanceCredentials(
         identity,
-        hosts_for(args.listen, args.advertise, args.public_listen),
+        hosts_for(
+            args.listen, args.advertise, args.public_listen, getattr(args, "http_listen", "")
+        ),
         ca_path=args.tls_ca,
         cert_path=args.tls_cert,
         key_path=args.tls_key,

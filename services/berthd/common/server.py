@@ -108,12 +108,15 @@ async def run_server(
     on_start: Callable[[str], Awaitable[dict[str, bytes]]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     authorizer: Authorizer | None = None,
+    http_url: str = "",
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain and clean up.
 
     `on_start(address)` runs once the server listens; the keys it returns are registered in
     etcd under this instance's lease (a node's `nodes/<id>`, for example). `authorizer`
-    defaults to tokens checked against etcd and no public repositories.
+    defaults to tokens checked against etcd and no public repositories. `http_url` is an
+    HTTP API the service serves on the same loop (the registry's /v2/), for its endpoint
+    record and ready file.
     """
     setup_logging(config.service, config.instance_id, config.log_level)
     disable_created_metrics()  # the *_created series only add noise to every counter
@@ -180,6 +183,7 @@ async def run_server(
         instance=config.instance_id,
         address=address,
         public_address=public_address,
+        http_url=http_url,
         metrics=metrics_url,
         pid=os.getpid(),
         version=version("berth"),
@@ -197,6 +201,7 @@ async def run_server(
         extra={
             "address": address,
             "public_address": public_address or "-",
+            "http": http_url or "-",
             "metrics": metrics_url,
             "identity": credentials.identity,
         },

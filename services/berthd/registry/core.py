@@ -16,7 +16,7 @@ from typing import TypeVar
 from berth.error_details import Violation
 from berthd.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from berthd.common.oci.digest import digest_bytes, parse_digest
-from berthd.common.oci.manifest import parse_manifest
+from berthd.common.oci.manifest import ParsedManifest, parse_manifest
 from berthd.common.oci.mediatypes import CONFIG_TYPES
 from berthd.common.oci.reference import (
     is_digest,
@@ -345,8 +345,7 @@ class Registry:
                 violations=missing,
             )
         await asyncio.to_thread(self.blobs.put, content)
-        references = tuple(d.digest for d in (*parsed.required_blobs, *parsed.children))
-        record = ManifestRecord(digest, parsed.media_type, len(content), references, time.time())
+        record = manifest_record_of(digest, parsed, len(content))
         tag = None if is_digest(reference) else reference
         await self.meta.put_manifest(repository, record, tag)
         return digest, len(content)
@@ -374,6 +373,49 @@ class Registry:
         record = await self.resolve(repository, reference)
         content = await asyncio.to_thread(self.blobs.read_all, record.digest)
         return StoredManifest(record.digest, record.media_type, content)
+
+    async def referrers(
+        self, repository: str, digest: str, artifact_type: str = ""
+    ) -> list[dict[str, object]]:
+        """The descriptors of the repository's manifests whose `subject` is `digest` (OCI
+        1.1's referrers), with `artifact_type` only those of that type; empty when none (also
+        for a subject the repository does not hold, as the spec says). One pass over the
+        repository's manifest records; the manifests themselves are read for their
+        annotations only when they refer to the subject."""
+        repository_name(repository)
+        digest = digest_of(digest)
+        await self.meta.require_repo(repository)
+        found: list[ManifestRecord] = []
+        after: str | None = None
+        while True:
+            page = await self.meta.list_manifests(repository, after, 1000)
+            found += [
+                e.record
+                for e in page.entries
+                if e.record.subject == digest
+                and (not artifact_type or e.record.artifact_type == artifact_type)
+            ]
+            if not page.more or page.last is None:
+                break
+            after = page.last
+        descriptors: list[dict[str, object]] = []
+        for record in found:
+            descriptor: dict[str, object] = {
+                "mediaType": record.media_type,
+                "digest": record.digest,
+                "size": record.size,
+            }
+            if record.artifact_type:
+                descriptor["artifactType"] = record.artifact_type
+            try:
+                content = await asyncio.to_thread(self.blobs.read_all, record.digest)
+                annotations = parse_manifest(content, record.media_type).annotations
+            except (NotFound, InvalidArgument):
+                annotations = {}  # listed all the same: the record says it refers
+            if annotations:
+                descriptor["annotations"] = annotations
+            descriptors.append(descriptor)
+        return descriptors
 
     async def get_manifests(
         self,
@@ -614,6 +656,23 @@ class Registry:
         more = len(ranked) > limit
         next_token = encode_token(scope, page[-1][0], page[-1][1].name) if more else ""
         return [record for _, record in page], next_token
+
+
+def manifest_record_of(digest: str, parsed: ParsedManifest, size: int) -> ManifestRecord:
+    """The etcd record of a parsed manifest (also how GC rebuilds a damaged one)."""
+    references = tuple(d.digest for d in (*parsed.required_blobs, *parsed.children))
+    artifact_type = parsed.artifact_type or (
+        parsed.config.media_type if parsed.config is not None else ""
+    )
+    return ManifestRecord(
+        digest,
+        parsed.media_type,
+        size,
+        references,
+        time.time(),
+        parsed.subject.digest if parsed.subject is not None else "",
+        artifact_type or "",
+    )
 
 
 def manifest_unknown(message: str, repository: str, reference: str) -> NotFound:

@@ -30,6 +30,7 @@ from berthd.common.oci.manifest import parse_manifest
 from berthd.common.store import RevisionCompacted
 from berthd.registry import metrics
 from berthd.registry.blobstore import BlobStat, BlobStore
+from berthd.registry.core import manifest_record_of
 from berthd.registry.metadata import ManifestRecord, Metadata
 
 log = logging.getLogger("berthd.registry.gc")
@@ -88,8 +89,7 @@ def _rebuilt(blobs: BlobStore, repo: str, digest: str) -> ManifestRecord:
             metadata={"repository": repo, "digest": digest},
             resource=("manifest", f"{repo}@{digest}"),
         ) from None
-    references = tuple(d.digest for d in (*parsed.required_blobs, *parsed.children))
-    return ManifestRecord(digest, parsed.media_type, len(content), references, time.time())
+    return manifest_record_of(digest, parsed, len(content))
 
 
 async def mark(

@@ -15,6 +15,8 @@ from berthd.common.server import run_server
 from berthd.common.store import Store
 from berthd.registry.blobstore import BlobStore
 from berthd.registry.core import Registry
+from berthd.registry.http_api import HttpServer, OciApi, needs_tls
+from berthd.registry.http_auth import HttpAuth
 from berthd.registry.metadata import Metadata
 from berthd.registry.service import RegistryServicer
 
@@ -31,6 +33,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         scope="registry",
         help="blob directory (may be shared by several registry processes)",
     )
+    add_flag(
+        parser,
+        "--http-listen",
+        default="",
+        scope="registry",
+        help="serve the OCI Distribution HTTP API (/v2/: docker, podman, skopeo, containerd) "
+        "on host:port: plain HTTP on loopback, TLS with the instance's certificate elsewhere; "
+        "default: none",
+    )
     parser.set_defaults(run=run)
 
 
@@ -40,11 +51,26 @@ async def run(args: argparse.Namespace) -> None:
     await store.connect()
     registry = Registry(BlobStore(Path(args.data_dir)), Metadata(store))
     # Public repositories are pullable with no credential: the registry answers which are.
-    authorizer = Authorizer(TokenVerifier(store), public_repository=registry.is_public)
+    verifier = TokenVerifier(store)
+    authorizer = Authorizer(verifier, public_repository=registry.is_public)
+    http: HttpServer | None = None
+    http_url = ""
+    if args.http_listen:
+        # The same core on the same loop: one set of rules for both APIs.
+        auth = await HttpAuth.load(store, authorizer, verifier)
+        http = HttpServer(OciApi(registry, auth), config.credentials, needs_tls(args.http_listen))
+        http_url = await http.start(args.http_listen)
 
     def mount(server: grpc.aio.Server) -> list[str]:
         servicer = RegistryServicer(registry, authorizer)
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
         return [registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name]
 
-    await run_server(config, store, mount, authorizer=authorizer)
+    await run_server(
+        config,
+        store,
+        mount,
+        on_stop=http.stop if http else None,
+        authorizer=authorizer,
+        http_url=http_url,
+    )

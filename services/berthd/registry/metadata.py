@@ -148,6 +148,10 @@ class ManifestRecord:
     size: int
     references: tuple[str, ...]
     created_at: float
+    # The manifest it refers to (OCI 1.1 `subject`: signatures, SBOMs), and its artifact type
+    # (`artifactType`, else an image manifest's config media type): the referrers API's index.
+    subject: str = ""
+    artifact_type: str = ""
 
 
 @dataclass(frozen=True)
@@ -254,12 +258,18 @@ class CorruptRepository(CorruptRecord):
 
 
 def _manifest_json(record: ManifestRecord) -> dict[str, Any]:
-    return {
+    value: dict[str, Any] = {
         "media_type": record.media_type,
         "size": record.size,
         "references": list(record.references),
         "created_at": record.created_at,
     }
+    # Only when set: records of manifests with no subject stay as they were.
+    if record.subject:
+        value["subject"] = record.subject
+    if record.artifact_type:
+        value["artifact_type"] = record.artifact_type
+    return value
 
 
 def manifest_record(digest: str, value: bytes | dict[str, Any], repo: str = "") -> ManifestRecord:
@@ -269,10 +279,19 @@ def manifest_record(digest: str, value: bytes | dict[str, Any], repo: str = "") 
         data = _fields(data, created_at=(int, float))
         if not all(isinstance(r, str) for r in data["references"]):
             raise ValueError("a reference that is not a string")
+        subject, artifact_type = data.get("subject", ""), data.get("artifact_type", "")
+        if not isinstance(subject, str) or not isinstance(artifact_type, str):
+            raise ValueError("a subject or artifact type that is not a string")
     except ValueError:
         raise CorruptManifest(repo, digest) from None
     return ManifestRecord(
-        digest, data["media_type"], data["size"], tuple(data["references"]), data["created_at"]
+        digest,
+        data["media_type"],
+        data["size"],
+        tuple(data["references"]),
+        data["created_at"],
+        subject,
+        artifact_type,
     )
 
 

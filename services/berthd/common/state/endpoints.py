@@ -27,13 +27,17 @@ class EndpointRecord:
     version: str = ""
     started_at: float = 0.0
     public_address: str = ""  # host:port for token and anonymous callers (TLS), if any
+    http_url: str = ""  # base URL of its HTTP API, if any (the registry's OCI /v2/)
 
     @property
     def id(self) -> str:
         return endpoint_id(self.service, self.instance)
 
     def encode(self) -> bytes:
-        return encode(asdict(self))
+        data = asdict(self)
+        if not self.http_url:
+            del data["http_url"]  # only the registry serves one: the others' records unchanged
+        return encode(data)
 
     @classmethod
     def decode(cls, id: str, raw: bytes | str) -> EndpointRecord:

@@ -2,6 +2,8 @@
 and the names-changed marker (docs/etcd.md). Keys, relative to the store prefix:
 
     registry/manifests/<repo>@<digest>   {"media_type", "size", "references", "created_at"}
+                                         (and "subject", "artifact_type" for a manifest
+                                         with a subject: the referrers API)
     registry/names-changed               {"changed_at"}: put last in every registry
                                          transaction that writes or deletes a tag or a
                                          manifest record
