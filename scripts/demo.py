@@ -133,7 +133,10 @@ class Demo:
         for line in (done.stdout + done.stderr).splitlines():
             if line.startswith(wanted):
                 print(line)
-        if done.returncode != 0 or "Peer certificate: CN = service:cluster" not in done.stderr:
+        # Not its exit status: s_client may exit 1 after a verified handshake when the server
+        # resets the connection it closes (seen under load).
+        verified = "Verification: OK" in done.stdout + done.stderr
+        if not verified or "Peer certificate: CN = service:cluster" not in done.stderr:
             raise StepFailed(f"step {self.step}: the cluster's certificate was not verified")
         # Plaintext HTTP/2 to the same port: the server takes it for a broken TLS handshake.
         self.run(["curl", "-sS", "--http2-prior-knowledge", f"http://{address}/"], fails=True)
