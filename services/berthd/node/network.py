@@ -1,0 +1,375 @@
+"""Container networks on one node: a network namespace per container, the CNI bridge plugin,
+the node's slice of each network's range, and berth's own nftables table. No gRPC.
+
+A container on a network gets, when it starts (and loses, when it exits or is removed):
+
+- a network namespace made by the agent, bind-mounted on `<run dir>/netns/<container id>`,
+  which runc joins (the runtime spec's network namespace path);
+- an `eth0` in it from the CNI `bridge` plugin (plus `loopback`), run directly as CNI's
+  runtimes do: the plugin binary with CNI_COMMAND/CNI_NETNS/... and the JSON config on stdin.
+  One bridge per network per node, `bn-<8 hex of the network id>`, whose address is the
+  gateway: the first address of the node's slice (berthd.common.state.networks), leased in
+  etcd on first use and released when the node's last container on the network goes, with
+  the bridge. Addresses come from the CNI `host-local` plugin over that slice, its leases
+  under `<data dir>/network/ipam/`.
+- berth's nftables table `inet berth`, written whole from the node's attachments after every
+  change (and deleted when none remain): masquerade of each local slice going anywhere but
+  its own network, forwarding between two berth bridges dropped, and an internal network's
+  bridge forwarding to nothing but itself. The plugin's own iptables masquerade is off
+  (ipMasq false), so one table holds every rule berth makes and can be rebuilt or deleted.
+
+Not yet here (docs/networking.md): VXLAN between nodes (a vxlan device per network, FDB and
+neighbour entries from the slices in etcd), DNS, published ports (DNAT in the same table).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from berthd.common.errors import Aborted, FailedPrecondition, NotFound, ResourceExhausted
+from berthd.common.state.networks import (
+    NETWORKS,
+    NetworkRecord,
+    Slice,
+    first_free_slice,
+    network_by_name,
+    slices,
+)
+from berthd.common.store import Store
+
+log = logging.getLogger("berthd.node.network")
+
+CNI_PATH = "/usr/lib/cni"
+CNI_VERSION = "1.0.0"
+TABLE = "berth"
+BRIDGE_PREFIX = "bn-"
+IFNAME = "eth0"
+ATTEMPTS = 10
+
+
+def bridge_name(network_id: str) -> str:
+    """`bn-` and the network id's first 8 hex digits (interface names are at most 15)."""
+    return f"{BRIDGE_PREFIX}{network_id[:8]}"
+
+
+@dataclass
+class Attachment:
+    """A container's place on a network on this node, kept in its record while it runs."""
+
+    network: str  # name
+    network_id: str
+    subnet: str  # the whole network's range
+    slice: str  # this node's part of it
+    bridge: str
+    internal: bool
+    netns: str  # the bind-mounted namespace file
+    ip_address: str = ""
+    prefix_length: int = 0
+    gateway: str = ""
+    mac_address: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Attachment:
+        return cls(**data)
+
+
+# Pure parts: the CNI config and the nftables ruleset --------------------------------------
+
+
+def cni_config(network: NetworkRecord, slice_: Slice, ipam_dir: Path) -> dict[str, Any]:
+    """The bridge plugin's config for `network` on a node holding `slice_`."""
+    return {
+        "cniVersion": CNI_VERSION,
+        "name": f"berth-{network.id[:12]}",
+        "type": "bridge",
+        "bridge": bridge_name(network.id),
+        "isGateway": True,
+        # berth's nftables table masquerades, not the plugin's iptables rules.
+        "ipMasq": False,
+        # A container reaches its own published ports through the bridge (the routing mesh).
+        "hairpinMode": True,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": slice_.subnet, "gateway": slice_.gateway}]],
+            "routes": [{"dst": "0.0.0.0/0"}],
+            "dataDir": str(ipam_dir),
+        },
+    }
+
+
+def loopback_config() -> dict[str, Any]:
+    return {"cniVersion": CNI_VERSION, "name": "berth-lo", "type": "loopback"}
+
+
+def nft_ruleset(attachments: Iterable[Attachment]) -> str:
+    """berth's whole table for these attachments (one rule set per network on the node),
+    for `nft -f`: the table is declared, flushed and filled in one transaction."""
+    networks = {a.network_id: a for a in attachments}
+    forward, postrouting = [], []
+    for a in sorted(networks.values(), key=lambda a: a.bridge):
+        if a.internal:
+            # Nothing leaves an internal network's bridge but to the bridge itself.
+            forward.append(f'iifname "{a.bridge}" oifname != "{a.bridge}" drop')
+            forward.append(f'oifname "{a.bridge}" iifname != "{a.bridge}" drop')
+            continue
+        # Another network's bridge is out of reach.
+        forward.append(
+            f'iifname "{a.bridge}" oifname "{BRIDGE_PREFIX}*" oifname != "{a.bridge}" drop'
+        )
+        # Out to anything but the network itself (other hosts' slices, later over VXLAN,
+        # keep their addresses) goes out with the node's address.
+        postrouting.append(
+            f'ip saddr {a.slice} ip daddr != {a.subnet} oifname != "{a.bridge}" masquerade'
+        )
+    lines = [
+        f"table inet {TABLE} {{}}",
+        f"flush table inet {TABLE}",
+        f"table inet {TABLE} {{",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        *(f"    {rule}" for rule in forward),
+        "  }",
+        "  chain postrouting {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+        *(f"    {rule}" for rule in postrouting),
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# Processes --------------------------------------------------------------------------------
+
+
+def _run(argv: list[str], stdin: str = "", env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        argv, input=stdin, capture_output=True, text=True, env=env, check=False, timeout=60
+    )
+    if done.returncode != 0:
+        detail = (done.stdout.strip() or done.stderr.strip())[-500:]
+        raise FailedPrecondition(f"{' '.join(argv[:3])} failed: {detail}", reason="NETWORK_SETUP")
+    return done.stdout
+
+
+def cni(command: str, config: dict[str, Any], container_id: str, netns: str, ifname: str) -> dict:
+    """Run the config's plugin binary as a CNI runtime does; the parsed result (ADD)."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": container_id,
+        "CNI_NETNS": netns,
+        "CNI_IFNAME": ifname,
+        "CNI_PATH": CNI_PATH,
+    }
+    out = _run([f"{CNI_PATH}/{config['type']}"], json.dumps(config), env)
+    return json.loads(out) if command == "ADD" and out.strip() else {}
+
+
+def _link_exists(name: str) -> bool:
+    return Path(f"/sys/class/net/{name}").exists()
+
+
+class NetworkManager:
+    """Attach and detach containers; keep the node's slices, bridges and nftables table."""
+
+    def __init__(self, store: Store | None, node_id: str, data_dir: Path, run_dir: Path) -> None:
+        self.store = store
+        self.node_id = node_id
+        self.ipam_root = data_dir / "network" / "ipam"
+        self.netns_dir = run_dir / "netns"
+        self._lock = asyncio.Lock()
+
+    def netns_path(self, container_id: str) -> Path:
+        return self.netns_dir / container_id
+
+    # Slices -----------------------------------------------------------------------------
+
+    async def claim_slice(self, network: NetworkRecord) -> Slice:
+        """This node's slice of `network`: the one it holds, else the first free one, claimed
+        in a transaction that fails when another node claimed one since the read."""
+        assert self.store is not None
+        family = slices(network.id)
+        for _ in range(ATTEMPTS):
+            held, revision = await family.snapshot(self.store)
+            mine = [v.record for v in held if v.id == self.node_id]
+            if mine:
+                return mine[0]
+            subnet = first_free_slice(network.subnet, [v.record.subnet for v in held])
+            if subnet is None:
+                raise ResourceExhausted(
+                    f"network {network.name} ({network.subnet}) has no free slice for node "
+                    f"{self.node_id}: every node's /24 is taken",
+                    reason="NETWORK_FULL",
+                    metadata={"network": network.name},
+                )
+            found = await NETWORKS.read(self.store, network.id)
+            if found is None:
+                raise network_gone(network.name)
+            ok, _ = await self.store.txn(
+                [
+                    self.store.unchanged_since(family.prefix, revision),
+                    family.absent(self.store, self.node_id),
+                    NETWORKS.unchanged(self.store, network.id, found.mod_revision),
+                ],
+                [family.op_put(self.store, self.node_id, Slice(subnet))],
+            )
+            if ok:
+                log.info("network slice claimed", extra={"network": network.name, "slice": subnet})
+                return Slice(subnet)
+        raise Aborted(f"slices of network {network.name} are changing concurrently; try again")
+
+    async def release_slice(self, network_id: str, subnet: str) -> None:
+        if self.store is None:
+            return
+        family = slices(network_id)
+        with contextlib.suppress(Exception):
+            await self.store.txn(
+                [family.value_is(self.store, self.node_id, Slice(subnet))],
+                [family.op_delete(self.store, self.node_id)],
+            )
+
+    # Attach and detach ------------------------------------------------------------------
+
+    async def attach(self, container_id: str, network_name: str) -> Attachment:
+        """A namespace for the container, on `network_name` (looked up in etcd)."""
+        if self.store is None:
+            raise FailedPrecondition("this node has no etcd: it cannot join networks")
+        network = await network_by_name(self.store, network_name)
+        if network is None:
+            raise network_gone(network_name)
+        async with self._lock:
+            slice_ = await self.claim_slice(network)
+            attachment = Attachment(
+                network=network.name,
+                network_id=network.id,
+                subnet=network.subnet,
+                slice=slice_.subnet,
+                bridge=bridge_name(network.id),
+                internal=network.internal,
+                netns=str(self.netns_path(container_id)),
+            )
+            try:
+                await asyncio.to_thread(self._add, attachment, network, slice_, container_id)
+            except BaseException:
+                await asyncio.to_thread(self._remove_netns, container_id)
+                raise
+        return attachment
+
+    def _add(
+        self, attachment: Attachment, network: NetworkRecord, slice_: Slice, container_id: str
+    ) -> None:
+        self._make_netns(container_id)
+        # The node forwards for its containers (only its own namespace's setting changes).
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+        netns = attachment.netns
+        cni("ADD", loopback_config(), container_id, netns, "lo")
+        result = cni(
+            "ADD", cni_config(network, slice_, self.ipam_root), container_id, netns, IFNAME
+        )
+        ip = result["ips"][0]
+        interface = ipaddress.IPv4Interface(ip["address"])
+        attachment.ip_address = str(interface.ip)
+        attachment.prefix_length = interface.network.prefixlen
+        attachment.gateway = ip.get("gateway", slice_.gateway)
+        sandbox = [i for i in result.get("interfaces", []) if i.get("sandbox")]
+        attachment.mac_address = sandbox[0].get("mac", "") if sandbox else ""
+
+    async def detach(
+        self, container_id: str, attachment: Attachment, others: list[Attachment]
+    ) -> None:
+        """Undo attach; the network's bridge, IPAM state and slice go with its last container
+        on this node (`others`: the attachments that stay)."""
+        async with self._lock:
+            await asyncio.to_thread(self._del, container_id, attachment)
+            if not any(o.network_id == attachment.network_id for o in others):
+                await asyncio.to_thread(self._drop_network, attachment)
+                await self.release_slice(attachment.network_id, attachment.slice)
+
+    def _del(self, container_id: str, attachment: Attachment) -> None:
+        network = NetworkRecord(
+            id=attachment.network_id,
+            name=attachment.network,
+            subnet=attachment.subnet,
+            internal=attachment.internal,
+        )
+        config = cni_config(network, Slice(attachment.slice), self.ipam_root)
+        netns = attachment.netns if Path(attachment.netns).exists() else ""
+        try:
+            cni("DEL", config, container_id, netns, IFNAME)
+        except FailedPrecondition as exc:
+            log.warning("CNI DEL failed: %s", exc, extra={"container": container_id})
+        self._remove_netns(container_id)
+
+    def _drop_network(self, attachment: Attachment) -> None:
+        if _link_exists(attachment.bridge):
+            _run(["ip", "link", "del", attachment.bridge])
+        shutil.rmtree(self.ipam_root / f"berth-{attachment.network_id[:12]}", ignore_errors=True)
+        log.info("network bridge removed", extra={"network": attachment.network})
+
+    # Namespaces -------------------------------------------------------------------------
+
+    def _make_netns(self, container_id: str) -> None:
+        path = self.netns_path(container_id)
+        self.netns_dir.mkdir(parents=True, exist_ok=True)
+        if path.is_mount():
+            return
+        path.touch()
+        # unshare binds the new namespace to the file: it lives without any process in it.
+        _run(["unshare", f"--net={path}", "true"])
+
+    def _remove_netns(self, container_id: str) -> None:
+        path = self.netns_path(container_id)
+        for _ in range(3):
+            if not path.is_mount():
+                break
+            subprocess.run(["umount", str(path)], capture_output=True, check=False)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def sweep(self, keep: set[str]) -> None:
+        """Namespace files of containers with no attachment (an agent killed mid-way)."""
+        if not self.netns_dir.is_dir():
+            return
+        for path in self.netns_dir.iterdir():
+            if path.name not in keep:
+                self._remove_netns(path.name)
+
+    # The nftables table -----------------------------------------------------------------
+
+    async def sync_rules(self, attachments: list[Attachment]) -> None:
+        """berth's table for the node's attachments now; deleted when there are none."""
+        async with self._lock:
+            await asyncio.to_thread(self._sync_rules, attachments)
+
+    def _sync_rules(self, attachments: list[Attachment]) -> None:
+        if attachments:
+            _run(["nft", "-f", "-"], nft_ruleset(attachments))
+        elif shutil.which("nft"):
+            listed = subprocess.run(
+                ["nft", "list", "tables"], capture_output=True, text=True, check=False
+            )
+            if f"table inet {TABLE}" in listed.stdout.splitlines():
+                _run(["nft", "delete", "table", "inet", TABLE])
+
+
+def network_gone(name: str) -> NotFound:
+    return NotFound(
+        f"no such network: {name}",
+        reason="NETWORK_NOT_FOUND",
+        metadata={"network": name},
+        resource=("network", name),
+    )
