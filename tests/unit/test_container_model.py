@@ -111,7 +111,7 @@ def test_unset_policies_read_as_docker_defaults() -> None:
 
 def test_an_unknown_enum_value_is_refused_by_client_and_server() -> None:
     spec = pb.ContainerSpec(image="busybox", network_mode=7)  # type: ignore[arg-type]
-    message = "unknown network mode 7: expected one of none, host"
+    message = "unknown network mode 7: expected one of none, host, network"
     with pytest.raises(InvalidContainerConfig) as client_error:
         from_spec(spec)
     assert (client_error.value.message, client_error.value.code) == (message, "INVALID_ARGUMENT")
@@ -128,7 +128,7 @@ def test_an_unknown_enum_value_is_refused_by_client_and_server() -> None:
     ("fields", "message"),
     [
         ({"restart_policy": "sometimes"}, 'invalid restart policy "sometimes": expected one of'),
-        ({"network_mode": "bridge"}, 'unsupported network mode "bridge": expected one of'),
+        ({"network_mode": "bridge"}, 'unsupported network mode "bridge": expected none, host'),
     ],
 )
 def test_to_spec_refuses_a_policy_name_it_has_no_value_for(

@@ -74,7 +74,7 @@ def test_the_zero_value_reads_as_the_default_when_it_means_one() -> None:
 def test_names_users_type_stay_as_they_were() -> None:
     """These names are CLI input and output; changing one breaks scripts."""
     assert container_enums.RESTART_POLICIES.names == ("no", "on-failure", "always")
-    assert container_enums.NETWORK_MODES.names == ("none", "host")
+    assert container_enums.NETWORK_MODES.names == ("none", "host", "network")
     assert image_enums.ARCHIVE_FORMATS.names == ("docker-archive", "oci-archive")
     assert cluster_enums.NODE_STATES.names == ("ready", "down")
     assert registry_enums.VISIBILITIES.names == ("private", "public")

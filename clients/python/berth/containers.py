@@ -49,10 +49,11 @@ __all__ = [
 ]
 
 RESTART_POLICIES = tables.RESTART_POLICIES.names
-# The modes a node supports, of those the proto names. "bridge" joins an existing namespace
-# (berthd.node.spec.build_runtime_config's network_namespace_path) once the node has a bridge
-# driver; add it here then, not when the proto gains it.
+# The modes that name no network; any other network_mode is a berth network's name (Docker's
+# HostConfig.NetworkMode), NETWORK_MODE_NETWORK plus ContainerSpec.network in the proto.
 NETWORK_MODES = ("none", "host")
+# A network's name (berthd.common.state.networks checks the rest when it is made).
+_NETWORK_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}")
 MIN_MEMORY_BYTES = 6 * 1024 * 1024  # Docker's "Minimum memory limit allowed is 6MB"
 MIN_CPU_MILLIS = 10  # 0.01 CPU: the kernel rejects CFS quotas under 1 ms
 MAX_CPU_SHARES = 262144
@@ -492,7 +493,10 @@ def to_spec(config: ContainerConfig) -> pb.ContainerSpec:
             name=tables.RESTART_POLICIES.value(config.restart_policy),
             max_retries=config.restart_max_retries,
         ),
-        network_mode=tables.NETWORK_MODES.value(config.network_mode),
+        network_mode=tables.NETWORK_MODES.value(
+            config.network_mode if config.network_mode in NETWORK_MODES else "network"
+        ),
+        network="" if config.network_mode in NETWORK_MODES else config.network_mode,
         tty=config.tty,
         stdin_open=config.stdin_open,
         cap_add=config.cap_add,
@@ -534,7 +538,7 @@ def from_spec(spec: pb.ContainerSpec) -> ContainerConfig:
             "restart_policy.name",
         ),
         restart_max_retries=spec.restart_policy.max_retries,
-        network_mode=_name(tables.NETWORK_MODES, spec.network_mode, "network mode", "network_mode"),
+        network_mode=_network_mode(spec),
         tty=spec.tty,
         stdin_open=spec.stdin_open,
         cap_add=list(spec.cap_add),
@@ -707,10 +711,25 @@ def _check_restart_policy(policy: object) -> None:
 
 def _check_network_mode(mode: object) -> None:
     _check_str("network_mode", mode)
-    if mode not in NETWORK_MODES:
+    # Docker's "bridge" and "default" are no berth network: the default one is "berth".
+    if mode not in NETWORK_MODES and (
+        mode in ("bridge", "default") or not _NETWORK_NAME_RE.fullmatch(str(mode))
+    ):
         raise InvalidContainerConfig(
-            f"unsupported network mode {quoted(mode)}: expected one of {', '.join(NETWORK_MODES)}"
+            f"unsupported network mode {quoted(mode)}: expected none, host or a network's name"
         )
+
+
+def _network_mode(spec: pb.ContainerSpec) -> str:
+    """The model's network_mode of a spec: none, host, or the network's name."""
+    mode = _name(tables.NETWORK_MODES, spec.network_mode, "network mode", "network_mode")
+    if mode != "network":
+        return mode
+    if not spec.network:
+        raise InvalidContainerConfig(
+            "network_mode NETWORK_MODE_NETWORK needs the network's name in network", "network"
+        )
+    return spec.network
 
 
 @functools.cache

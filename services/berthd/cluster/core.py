@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from berth.client import parse_image_reference
 from berth.errors import BerthClientError
 from berthd.cluster import metrics
+from berthd.cluster.networks import network_guards
 from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place
 from berthd.cluster.secrets import secret_guards
 from berthd.common.containers import ContainerConfig, validate
@@ -625,6 +626,8 @@ class ClusterCore:
         for _ in range(RUN_ATTEMPTS):
             # NotFound for a secret that does not exist; the commit fails if one goes meanwhile.
             guards = await secret_guards(self.store, [config])
+            # NotFound for a network that does not exist; the commit fails if it goes.
+            guards += await network_guards(self.store, [config])
             pending = _Pending(config, request, texts, stamps, guards, recording)
             self._queue.append(pending)
             async with self._placing:

@@ -15,6 +15,8 @@ from berth.cluster.v1 import (
     cluster_pb2_grpc,
     join_pb2,
     join_pb2_grpc,
+    network_pb2,
+    network_pb2_grpc,
     secrets_pb2,
     secrets_pb2_grpc,
 )
@@ -23,6 +25,8 @@ from berthd.cluster.controller import Controller
 from berthd.cluster.core import ClusterCore
 from berthd.cluster.election import Election
 from berthd.cluster.join import JoinCore, JoinServicer
+from berthd.cluster.network_service import NetworkServicer
+from berthd.cluster.networks import NetworkCore
 from berthd.cluster.secret_service import SecretServicer
 from berthd.cluster.secrets import SecretBox, SecretCore, SecretsKeyError
 from berthd.cluster.service import ClusterServicer
@@ -58,6 +62,9 @@ async def run(args: argparse.Namespace) -> None:
     store = Store(config.etcd, config.etcd_prefix, config.credentials.channel_credentials)
     await store.connect()
     core = ClusterCore(store)
+    networks = NetworkCore(store)
+    # Every cluster has the default network; instances racing to make it agree on one.
+    await networks.ensure_default()
     election = Election(store, config.instance_id, config.lease_ttl)
     controller = Controller(store, fence=election.fence())
     campaign: asyncio.Task[None] | None = None
@@ -95,7 +102,9 @@ async def run(args: argparse.Namespace) -> None:
         secrets_pb2_grpc.add_SecretServiceServicer_to_server(
             SecretServicer(SecretCore(store, box)), server
         )
+        network_pb2_grpc.add_NetworkServiceServicer_to_server(NetworkServicer(networks), server)
         return [
+            network_pb2.DESCRIPTOR.services_by_name["NetworkService"].full_name,
             cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
             access_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
             join_pb2.DESCRIPTOR.services_by_name["JoinService"].full_name,

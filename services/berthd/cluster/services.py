@@ -38,6 +38,7 @@ from berthd.cluster.core import (
     join_status,
     name_key,
 )
+from berthd.cluster.networks import network_guards
 from berthd.cluster.scheduler import Request, parse_constraints
 from berthd.cluster.secrets import secret_guards
 from berthd.common.containers import ContainerConfig, from_dict
@@ -412,6 +413,7 @@ class ServiceCore:
         record.created_at = record.updated_at = time.time()
         # NotFound for a secret that does not exist; the commit fails if one goes meanwhile.
         guards = await secret_guards(self.store, [record.template], "spec.template.secrets")
+        guards += await network_guards(self.store, [record.template], "spec.template.network")
         ok, _ = await self.store.txn(
             [self.store.absent(service_name_key(record.name)), *guards],
             [
@@ -463,6 +465,7 @@ class ServiceCore:
             change(record)
             validate(record)
             guards = await secret_guards(self.store, [record.template], "spec.template.secrets")
+            guards += await network_guards(self.store, [record.template], "spec.template.network")
             record.updated_at = time.time()
             ok, _ = await self.store.txn(
                 [self.store.unchanged(service_key(record.id), revision), *guards],

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from berthd.common.containers import (
-    NETWORK_MODES,
     SECRETS_DIR,
     ContainerConfig,
     MountSpec,
@@ -554,14 +553,13 @@ def prepare_etc_files(
     which must be able to write them as Docker's containers can.
     """
     check_hostname(hostname)
-    if network_mode not in NETWORK_MODES:
-        raise InvalidArgument(f"unsupported network mode {quoted(network_mode)}")
     if network_mode == "host":
         try:
             resolv = Path("/etc/resolv.conf").read_text()
         except FileNotFoundError:
             resolv = ""
     else:
+        # No name servers yet on a network either (an embedded resolver is to come).
         resolv = f"# berth: network mode {network_mode}, no name servers\n"
     hosts = "\n".join([*LOCALHOST_LINES, f"{address or '127.0.0.1'}\t{hostname}"]) + "\n"
     contents = {"hosts": hosts, "hostname": f"{hostname}\n", "resolv.conf": resolv}

@@ -516,7 +516,12 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
     add("-u", "--user", help="uid[:gid] or user name")
     add("--hostname", help="host name (default: the short id)")
     add("--read-only", action="store_true", help="mount the root filesystem read-only")
-    add("--network", choices=NETWORK_MODES, default="none", help="network mode (none)")
+    add(
+        "--network",
+        default="none",
+        metavar="NETWORK",
+        help=f"{' or '.join(NETWORK_MODES)}, or a network's name (berth network ls) (none)",
+    )
     add(
         "-l",
         "--label",

@@ -29,7 +29,13 @@ RESTART_POLICIES = EnumTable(
 # Docker's --network values.
 NETWORK_MODES = EnumTable(
     pb.NetworkMode,
-    {pb.NETWORK_MODE_NONE: "none", pb.NETWORK_MODE_HOST: "host"},
+    # "network": a berth network, named in ContainerSpec.network (the model's network_mode
+    # then holds the network's name itself, as Docker's HostConfig.NetworkMode does).
+    {
+        pb.NETWORK_MODE_NONE: "none",
+        pb.NETWORK_MODE_HOST: "host",
+        pb.NETWORK_MODE_NETWORK: "network",
+    },
     unspecified="none",
 )
 LOG_STREAMS = EnumTable(

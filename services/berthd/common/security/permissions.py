@@ -62,6 +62,10 @@ class Permission(StrEnum):
     # Receive the values of the secrets of containers placed on oneself (node agents; the
     # cluster checks the container is on the calling node).
     SECRET_DELIVER = "secret:deliver"
+    # See networks.
+    NETWORK_READ = "network:read"
+    # Create and remove networks.
+    NETWORK_WRITE = "network:write"
 
 
 # Permissions that can be limited to repositories (a token's `--repo team/*`).
@@ -238,6 +242,17 @@ SECRETS = _rules(
     },
 )
 
+# Networks (berth.cluster.v1.NetworkService).
+NETWORKS = _rules(
+    "berth.cluster.v1.NetworkService",
+    {
+        "CreateNetwork": _write(P.NETWORK_WRITE),
+        "GetNetwork": _read(P.NETWORK_READ),
+        "ListNetworks": _read(P.NETWORK_READ),
+        "RemoveNetwork": _write(P.NETWORK_WRITE),
+    },
+)
+
 # Every call on a node agent: only berth's own services (and admins) talk to it.
 NODE = _rules(
     "berth.node.v1.NodeService",
@@ -285,6 +300,7 @@ METHODS: dict[str, Rule] = {
     **ACCESS,
     **JOIN,
     **SECRETS,
+    **NETWORKS,
     **NODE,
     **STANDARD,
 }
@@ -306,6 +322,7 @@ _READ = frozenset(
         P.SERVICE_READ,
         P.CLUSTER_READ,
         P.SECRET_READ,
+        P.NETWORK_READ,
     }
 )
 
@@ -314,11 +331,11 @@ ROLES: dict[Role, frozenset[Permission]] = {
     # Push and pull the repositories granted, build, run containers (without host access).
     Role.DEVELOPER: _READ
     | {P.REPOSITORY_PUSH, P.IMAGE_WRITE, P.BUILD, P.CONTAINER_WRITE, P.SERVICE_WRITE}
-    | {P.SECRET_WRITE},
+    | {P.SECRET_WRITE, P.NETWORK_WRITE},
     # Run the cluster: nodes, services, containers; no tokens, no registry deletions.
     Role.OPERATOR: _READ
     | {P.CONTAINER_WRITE, P.SERVICE_WRITE, P.NODE_MANAGE, P.IMAGE_WRITE, P.REGISTRY_ADMIN}
-    | {P.SECRET_WRITE},
+    | {P.SECRET_WRITE, P.NETWORK_WRITE},
     Role.ADMIN: frozenset(Permission),
 }
 
