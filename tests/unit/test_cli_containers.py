@@ -957,6 +957,7 @@ def test_security_flags_reach_the_config_and_inspect(tmp_path: Path) -> None:
         "CapDrop": None,
         "SecurityOpt": None,
         "UsernsMode": "host",
+        "NetworkMode": "none",
     }
 
 

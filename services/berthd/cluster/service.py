@@ -85,6 +85,7 @@ def status_message(status: ContainerStatus | None) -> container_pb2.ContainerSta
         created_at=status.created_at,
         failure_reason=status.failure_reason,
         failure_message=status.failure_message,
+        network=status.network,
     )
 
 

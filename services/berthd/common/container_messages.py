@@ -25,6 +25,7 @@ def container_status(
     restart_count: int = 0,
     failure_reason: str = "",
     failure_message: str = "",
+    network: dict | None = None,
 ) -> pb.ContainerStatus:
     """A ContainerStatus from a node's record of a container (times in seconds since the
     epoch). An unknown or empty state is sent as UNSPECIFIED: not created yet. The failure is
@@ -44,6 +45,22 @@ def container_status(
         finished_at=timestamp(finished_at),
         restart_count=restart_count,
         failure=failure,
+        network_settings=network_settings(network),
+    )
+
+
+def network_settings(network: dict | None) -> pb.NetworkSettings | None:
+    """A running container's place on its network (the node's attachment: network name and
+    id, ip_address, prefix_length, gateway, mac_address), None when it has none."""
+    if not network:
+        return None
+    return pb.NetworkSettings(
+        network=str(network.get("network", "")),
+        network_id=str(network.get("network_id", "")),
+        ip_address=str(network.get("ip_address", "")),
+        ip_prefix_length=int(network.get("prefix_length", 0) or 0),
+        gateway=str(network.get("gateway", "")),
+        mac_address=str(network.get("mac_address", "")),
     )
 
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from berth.containers import USERNS_REMAP
+from berth.containers import NETWORK_MODES, USERNS_REMAP
 from berthd.common.containers import ContainerConfig, MountSpec, validate
 from berthd.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from berthd.common.state.containers import START_FAILED, STATUSES, ContainerStatus
@@ -37,6 +37,7 @@ from berthd.node import cgroups, idmap, metrics
 from berthd.node.exits import ExitWatcher
 from berthd.node.idmap import IdMap
 from berthd.node.layers import ImageStore, LayerStore
+from berthd.node.network import Attachment, NetworkManager
 from berthd.node.records import (
     EXITED,
     RESTARTING,
@@ -111,6 +112,11 @@ def parse_signal(value: str | int) -> int:
         raise InvalidArgument(f"unknown signal {value!r}") from None
 
 
+def on_network(config: ContainerConfig) -> bool:
+    """The container joins a berth network (network_mode is its name)."""
+    return config.network_mode not in NETWORK_MODES
+
+
 def container_not_found(ref: str) -> NotFound:
     return NotFound(
         f"no such container: {ref}",
@@ -163,6 +169,7 @@ class ContainerManager:
         self.watcher = ExitWatcher(self._exits.put_nowait)
         # Running containers whose conmon died without an exit file (warned about once).
         self._orphans: set[str] = set()
+        self.networks = NetworkManager(store, node_id, data_dir, run_dir(data_dir))
 
     # Records --------------------------------------------------------------------------------
 
@@ -242,6 +249,7 @@ class ContainerManager:
             image_digest=record.image_digest,
             attempt=record.attempt,
             created_at=record.created_at,
+            network=dict(record.network),
         )
         try:
             await STATUSES.put(self.store, record.id, status)
@@ -264,6 +272,12 @@ class ContainerManager:
         await asyncio.to_thread(self._sweep_remapped, set(self.records))
         for record in list(self.records.values()):
             await self._adopt(record)
+        # Namespaces of containers that no longer have one, then berth's table rebuilt from
+        # the running containers' attachments (or deleted when there are none).
+        await asyncio.to_thread(
+            self.networks.sweep, {r.id for r in self.records.values() if r.network}
+        )
+        await self._sync_network_rules()
         self._update_gauges()
         metrics.CONTAINER_USAGE.sources.append(self._running)
         self._monitor = asyncio.create_task(self._monitor_loop())
@@ -371,6 +385,7 @@ class ContainerManager:
             with contextlib.suppress(OSError):
                 record.finished_at = (cdir.exit_dir / record.id).stat().st_mtime
         record.pid = 0
+        await self._detach(record)
         self.watcher.unwatch(record.id)
         self._orphans.discard(record.id)
         metrics.EXIT_WATCHES.set(len(self.watcher))
@@ -562,6 +577,9 @@ class ContainerManager:
             mounts=mounts,
             etc_files=etc_files,
             cgroups_path=self.cgroups_path(record.id),
+            network_namespace_path=(
+                str(self.networks.netns_path(record.id)) if on_network(config) else None
+            ),
             secrets_dir=self.secrets.path(record.id) if config.secrets else None,
             idmap=id_map,
         )
@@ -637,6 +655,7 @@ class ContainerManager:
             )
 
         try:
+            await self._attach(record)
             # Filled again when a reboot emptied /run (a no-op when mounted).
             await self.secrets.ensure(record.id, record.name, record.config.secrets, record.id_map)
             await asyncio.to_thread(self._ensure_rootfs, record)
@@ -655,6 +674,7 @@ class ContainerManager:
             record.failure_reason = START_FAILED
             record.finished_at = time.time()
             await self.runtime.delete(record.id, force=True)
+            await self._detach(record)
             await self._save(record)
             log.warning("container failed to start: %s", exc, extra={"container": record.id})
             return
@@ -752,6 +772,7 @@ class ContainerManager:
             metrics.EXIT_WATCHES.set(len(self.watcher))
             await self.runtime.delete(record.id, force=True)
             cgroups.remove_cgroup(self.cgroups_path(record.id), parents=True)
+            await self._detach(record)
             del self.records[record.id]
             await asyncio.to_thread(self._discard, record)
         if self.store is not None:
@@ -784,6 +805,58 @@ class ContainerManager:
                 continue
             result.append(record)
         return sorted(result, key=lambda r: r.created_at, reverse=True)
+
+    # Networks --------------------------------------------------------------------------------
+
+    async def _attach(self, record: ContainerRecord) -> None:
+        """Before a run: the container's namespace on its network, its address in its
+        /etc/hosts, and berth's table with it."""
+        if not on_network(record.config) or record.network:
+            return
+        attachment = await self.networks.attach(record.id, record.config.network_mode)
+        record.network = attachment.to_json()
+        try:
+            hostname = record.config.hostname or record.id[:12]
+            cdir = self.dir(record.id)
+            owner = record.id_map.root if record.id_map is not None else None
+            await asyncio.to_thread(
+                prepare_etc_files,
+                cdir.etc,
+                hostname,
+                record.config.network_mode,
+                address=attachment.ip_address,
+                owner=owner,
+            )
+            await self._sync_network_rules()
+        except BaseException:
+            await self._detach(record)
+            raise
+
+    async def _detach(self, record: ContainerRecord) -> None:
+        """After a run (or a failed start, or at removal): CNI DEL, the namespace gone; the
+        network's bridge and slice too when this was the node's last container on it."""
+        if not record.network:
+            return
+        attachment = Attachment.from_json(record.network)
+        record.network = {}
+        others = self._attachments(exclude=record.id)
+        try:
+            await self.networks.detach(record.id, attachment, others)
+        finally:
+            await self._sync_network_rules()
+
+    def _attachments(self, exclude: str = "") -> list[Attachment]:
+        return [
+            Attachment.from_json(r.network)
+            for r in self.records.values()
+            if r.network and r.id != exclude
+        ]
+
+    async def _sync_network_rules(self) -> None:
+        try:
+            await self.networks.sync_rules(self._attachments())
+        except FailedPrecondition as exc:
+            log.error("cannot write berth's nftables table: %s", exc)
 
     def in_use_layers(self) -> set[str]:
         return {chain for r in self.records.values() for chain in r.chain_ids}

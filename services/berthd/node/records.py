@@ -54,6 +54,9 @@ class ContainerRecord:
     # is created: its upper dir holds ids of that range even if the node's range changes.
     # Empty: the host's user namespace.
     idmap: list[int] = field(default_factory=list)
+    # Its attachment to a network while it runs (berthd.node.network.Attachment as JSON);
+    # empty when it is on none or not running.
+    network: dict[str, Any] = field(default_factory=dict)
 
     @property
     def id_map(self) -> IdMap | None:

@@ -49,6 +49,7 @@ def container(record: ContainerRecord) -> pb.Container:
             restart_count=record.restart_count,
             failure_reason=(record.failure_reason or "START_FAILED") if record.error else "",
             failure_message=record.error,
+            network=record.network,
         ),
     )
 

@@ -1063,6 +1063,26 @@ def print_ps_table(
     print_table(headers, ps_rows(containers, no_trunc, node_column=node_column))
 
 
+def network_settings_shape(c: ContainerInfo) -> dict[str, Any]:
+    """Docker's NetworkSettings: the container's address on its network while it runs."""
+    n = c.network
+    if not n:
+        return {"Networks": {}, "IPAddress": "", "Gateway": "", "MacAddress": ""}
+    endpoint = {
+        "NetworkID": n["network_id"],
+        "IPAddress": n["ip_address"],
+        "IPPrefixLen": n["ip_prefix_length"],
+        "Gateway": n["gateway"],
+        "MacAddress": n["mac_address"],
+    }
+    return {
+        "Networks": {n["network"]: endpoint},
+        "IPAddress": n["ip_address"],
+        "Gateway": n["gateway"],
+        "MacAddress": n["mac_address"],
+    }
+
+
 def docker_inspect(c: ContainerInfo) -> dict[str, Any]:
     """A container in the shape of `docker inspect`, for scripts written against Docker."""
 
@@ -1098,7 +1118,9 @@ def docker_inspect(c: ContainerInfo) -> dict[str, Any]:
             "CapDrop": c.cap_drop or None,
             "SecurityOpt": c.security_opt or None,
             "UsernsMode": c.userns,
+            "NetworkMode": c.network_mode,
         },
+        "NetworkSettings": network_settings_shape(c),
     }
     if isinstance(c, ClusterContainer):
         # Where the cluster put it, in Swarm's words where Swarm has them.

@@ -71,6 +71,7 @@ _COMMANDS: dict[str, tuple[tuple[str, str], ...]] = {
         ("events", "stream cluster events"),
     ),
     "secret_cmds": (("secret", "secrets containers read at /run/secrets"),),
+    "network_cmds": (("network", "networks containers join (--network NAME)"),),
     "build_cmds": (
         ("build", "build an image from a Dockerfile"),
         ("builder", "manage the build cache"),

@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from berth.client.sessions import Exited, Output, ProcessSession, output_event
-from berth.enums.containers import CONTAINER_STATES, LOG_STREAMS
+from berth.enums.containers import CONTAINER_STATES, LOG_STREAMS, NETWORK_MODES
 from berth.errors import BerthClientError
 from berth.types.v1 import container_pb2 as pb
 
@@ -46,6 +46,11 @@ class ContainerInfo:
     cap_drop: list[str] = field(default_factory=list, kw_only=True)
     security_opt: list[str] = field(default_factory=list, kw_only=True)
     userns: str = field(default="", kw_only=True)
+    # Its network mode (none, host or a network's name) and, while it runs on a network,
+    # its place there: {"network", "network_id", "ip_address", "ip_prefix_length",
+    # "gateway", "mac_address"} (ContainerStatus.network_settings); empty otherwise.
+    network_mode: str = field(default="none", kw_only=True)
+    network: dict[str, Any] = field(default_factory=dict, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,22 @@ def container_fields(c: Any) -> dict[str, Any]:
         "cap_drop": list(c.spec.cap_drop),
         "security_opt": list(c.spec.security_opt),
         "userns": c.spec.userns,
+        "network_mode": c.spec.network or NETWORK_MODES.name(c.spec.network_mode, "none"),
+        "network": network_settings(c.status),
+    }
+
+
+def network_settings(status: Any) -> dict[str, Any]:
+    if not status.HasField("network_settings"):
+        return {}
+    n = status.network_settings
+    return {
+        "network": n.network,
+        "network_id": n.network_id,
+        "ip_address": n.ip_address,
+        "ip_prefix_length": n.ip_prefix_length,
+        "gateway": n.gateway,
+        "mac_address": n.mac_address,
     }
 
 

@@ -130,6 +130,9 @@ class ContainerStatus:
     attempt: int = 0
     created_at: float | None = None
     updated_at: float = field(default_factory=time.time)
+    # Where it is on its network while it runs (berthd.node.network.Attachment as JSON:
+    # network, network_id, ip_address, prefix_length, gateway, mac_address, ...); {} if none.
+    network: dict[str, Any] = field(default_factory=dict)
 
     @property
     def create_failed(self) -> bool:
