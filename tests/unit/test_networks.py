@@ -94,13 +94,16 @@ def test_ruleset_masquerades_slices_and_isolates_bridges() -> None:
     c = attachment("cc" * 32, "10.91.1.0/24", "10.91.0.0/16", internal=True)
     rules = nft_ruleset([a, a, b, c])
     assert rules.startswith("table inet berth {}\nflush table inet berth\n")
-    assert 'iifname "bn-aaaaaaaa" oifname "bn-*" oifname != "bn-aaaaaaaa" drop' in rules
+    assert (
+        'iifname "bn-aaaaaaaa" oifname "bn-*" oifname != "bn-aaaaaaaa" '
+        "reject with icmpx type admin-prohibited" in rules
+    )
     assert (
         'ip saddr 10.89.1.0/24 ip daddr != 10.89.0.0/16 oifname != "bn-aaaaaaaa" masquerade'
         in rules
     )
     assert rules.count("masquerade") == 2  # one per network, none for the internal one
-    assert 'iifname "bn-cccccccc" oifname != "bn-cccccccc" drop' in rules
+    assert 'iifname "bn-cccccccc" oifname != "bn-cccccccc" reject' in rules
 
 
 @pytest.mark.skipif(shutil.which("nft") is None, reason="nftables is not installed")

@@ -30,6 +30,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -55,6 +56,7 @@ CNI_VERSION = "1.0.0"
 TABLE = "berth"
 BRIDGE_PREFIX = "bn-"
 IFNAME = "eth0"
+REJECT = "reject with icmpx type admin-prohibited"
 ATTEMPTS = 10
 
 
@@ -123,12 +125,13 @@ def nft_ruleset(attachments: Iterable[Attachment]) -> str:
     for a in sorted(networks.values(), key=lambda a: a.bridge):
         if a.internal:
             # Nothing leaves an internal network's bridge but to the bridge itself.
-            forward.append(f'iifname "{a.bridge}" oifname != "{a.bridge}" drop')
-            forward.append(f'oifname "{a.bridge}" iifname != "{a.bridge}" drop')
+            forward.append(f'iifname "{a.bridge}" oifname != "{a.bridge}" {REJECT}')
+            forward.append(f'oifname "{a.bridge}" iifname != "{a.bridge}" {REJECT}')
             continue
-        # Another network's bridge is out of reach.
+        # Another network's bridge is out of reach (rejected: a connection fails at once
+        # instead of hanging until its timeout).
         forward.append(
-            f'iifname "{a.bridge}" oifname "{BRIDGE_PREFIX}*" oifname != "{a.bridge}" drop'
+            f'iifname "{a.bridge}" oifname "{BRIDGE_PREFIX}*" oifname != "{a.bridge}" {REJECT}'
         )
         # Out to anything but the network itself (other hosts' slices, later over VXLAN,
         # keep their addresses) goes out with the node's address.
@@ -179,8 +182,26 @@ def cni(command: str, config: dict[str, Any], container_id: str, netns: str, ifn
     return json.loads(out) if command == "ADD" and out.strip() else {}
 
 
+def mounted(path: Path) -> bool:
+    """Whether `path` is a mount point in this mount namespace. Not Path.is_mount: a bind
+    mount of a directory onto itself keeps its device, which is what is_mount compares."""
+    target = str(path)
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            point = line.split(" ", 5)[4]
+            # mountinfo escapes space, tab, newline and backslash as octal.
+            if "\\" in point:
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), point)
+            if point == target:
+                return True
+    return False
+
+
 def _link_exists(name: str) -> bool:
-    return Path(f"/sys/class/net/{name}").exists()
+    # Not /sys/class/net: an agent that entered a network namespace with `nsenter --net` (as
+    # the multi-host tests run it) still sees the sysfs of the namespace it came from.
+    shown = subprocess.run(["ip", "link", "show", name], capture_output=True, check=False)
+    return shown.returncode == 0
 
 
 class NetworkManager:
@@ -294,7 +315,12 @@ class NetworkManager:
         """Undo attach; the network's bridge, IPAM state and slice go with its last container
         on this node (`others`: the attachments that stay)."""
         async with self._lock:
-            await asyncio.to_thread(self._del, container_id, attachment)
+            try:
+                await asyncio.to_thread(self._del, container_id, attachment)
+            except Exception as exc:
+                # The bridge and the slice must still go: a bridge left with the slice's
+                # gateway address would take the route of the next network given that slice.
+                log.warning("detaching failed: %s", exc, extra={"container": container_id})
             if not any(o.network_id == attachment.network_id for o in others):
                 await asyncio.to_thread(self._drop_network, attachment)
                 await self.release_slice(attachment.network_id, attachment.slice)
@@ -324,21 +350,45 @@ class NetworkManager:
 
     def _make_netns(self, container_id: str) -> None:
         path = self.netns_path(container_id)
-        self.netns_dir.mkdir(parents=True, exist_ok=True)
-        if path.is_mount():
+        self._share_netns_dir()
+        if mounted(path):
             return
         path.touch()
         # unshare binds the new namespace to the file: it lives without any process in it.
         _run(["unshare", f"--net={path}", "true"])
 
+    def _share_netns_dir(self) -> None:
+        """Make the namespace directory a shared mount of its own, as `ip netns` does with
+        /run/netns: mount namespaces made meanwhile (runc's, which are slaves of the host's)
+        hold copies of the namespace files' bind mounts, and only a shared mount carries
+        their unmount to those copies. Without it a file stays busy (EBUSY) after its umount."""
+        self.netns_dir.mkdir(parents=True, exist_ok=True)
+        if not mounted(self.netns_dir):
+            _run(["mount", "--bind", str(self.netns_dir), str(self.netns_dir)])
+        _run(["mount", "--make-shared", str(self.netns_dir)])
+
+    def _unshare_netns_dir(self) -> None:
+        """The directory's own mount goes with the node's last namespace."""
+        if self.netns_dir.is_dir() and not any(self.netns_dir.iterdir()):
+            if mounted(self.netns_dir):
+                subprocess.run(["umount", str(self.netns_dir)], capture_output=True, check=False)
+            with contextlib.suppress(OSError):
+                self.netns_dir.rmdir()
+
     def _remove_netns(self, container_id: str) -> None:
         path = self.netns_path(container_id)
         for _ in range(3):
-            if not path.is_mount():
+            if not mounted(path):
                 break
             subprocess.run(["umount", str(path)], capture_output=True, check=False)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            # Still mounted in another mount namespace: detach it there too, lazily.
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+            log.warning("namespace file %s: %s", path, exc.strerror)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
     def sweep(self, keep: set[str]) -> None:
         """Namespace files of containers with no attachment (an agent killed mid-way)."""
@@ -358,7 +408,9 @@ class NetworkManager:
     def _sync_rules(self, attachments: list[Attachment]) -> None:
         if attachments:
             _run(["nft", "-f", "-"], nft_ruleset(attachments))
-        elif shutil.which("nft"):
+            return
+        self._unshare_netns_dir()
+        if shutil.which("nft"):
             listed = subprocess.run(
                 ["nft", "list", "tables"], capture_output=True, text=True, check=False
             )

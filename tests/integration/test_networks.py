@@ -1,0 +1,282 @@
+"""Networks on one host of the multi-host harness (tests/integration/hosts.py): etcd, registry
+and cluster in the control namespace, one node agent in host namespace h1. Every bridge, veth,
+namespace and nftables table the agent makes lives inside h1, a namespace this test made; the
+only addresses traffic goes to are the containers' (given by the agent in h1) and the control
+namespace's bridge address (given by the harness)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from berthd.node.secrets import run_dir as run_dir_of
+
+from .hosts import REPO, HostService, TestNetwork
+from .test_hosts import PUSH, _cleanup_agents
+
+pytestmark = pytest.mark.integration
+
+IMAGE = "test/busybox:1"
+LEASE_TTL = 3
+
+CLIENT = """
+import json, sys, time
+import grpc
+from berth.client import ContainerConfig
+from berth.client.cluster import ClusterClient
+from berth.client.networks import NetworkClient
+from berth.errors import BerthClientError
+from berth.error_details import from_rpc_error
+
+ADDRESS, IMAGE = sys.argv[1], sys.argv[2]
+cluster = ClusterClient(ADDRESS)
+networks = NetworkClient(ADDRESS)
+
+def failure(call, *args):
+    try:
+        call(*args)
+    except BerthClientError as e:
+        return {"code": e.code, "error": e.message, "reason": getattr(e, "reason", "")}
+    return None
+
+def running(name, command, network):
+    c = cluster.run(ContainerConfig(IMAGE, name=name, command=["sh", "-c", command],
+                                    network_mode=network))
+    deadline = time.monotonic() + 60
+    while (info := cluster.inspect(c.id)).state != "running":
+        assert time.monotonic() < deadline, f"{name} is {info.state}: {info.error}"
+        time.sleep(0.1)
+    # Its address is reported once it runs (the status write follows the start).
+    while not info.network and network not in ("none", "host"):
+        assert time.monotonic() < deadline, f"{name} reports no address"
+        time.sleep(0.1)
+        info = cluster.inspect(c.id)
+    return {"id": c.id, "network": info.network}
+
+def out(value):
+    print(json.dumps(value))
+"""
+
+# A web server whose page names the container.
+SERVE = "mkdir -p /www && echo hello from $(hostname) > /www/index.html && httpd -f -p 8080 -h /www"
+
+
+@dataclass
+class Net:
+    net: TestNetwork
+    cluster: HostService
+    agent: HostService
+    run_dir: Path
+
+    def client(self, body: str, *args: str, timeout: float = 120) -> object:
+        return self.net.python_json(
+            self.net.ctl, CLIENT + body, self.cluster.address, IMAGE, *args, timeout=timeout
+        )
+
+    def cli(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """`berth ARGV` in the control namespace, against the cluster."""
+        code = "import sys; from berth.cli.main import main; sys.exit(main(sys.argv[1:]))"
+        return subprocess.run(
+            [
+                *self.net.exec_argv(self.net.ctl),
+                *(sys.executable, "-c", code, "--host", self.cluster.address, *argv),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+
+    def in_host(self, *argv: str) -> str:
+        return subprocess.run(
+            [*self.net.exec_argv(self.net.host(1)), *argv],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+
+def leftovers(net: Net) -> dict[str, list[str]]:
+    """What of berth's networking is in h1: bridges and veths, namespace files, nft tables,
+    host-local leases."""
+    links = [
+        line.split(":")[1].strip().split("@")[0]
+        for line in net.in_host("ip", "-o", "link").splitlines()
+    ]
+    netns_dir = run_dir_of(net.run_dir / "host1") / "netns"
+    namespaces = sorted(p.name for p in netns_dir.glob("*")) if netns_dir.is_dir() else []
+    tables = [t for t in net.in_host("nft", "list", "tables").splitlines() if "berth" in t]
+    ipam = net.run_dir / "host1" / "network" / "ipam"
+    leases = sorted(
+        p.name for p in ipam.glob("*/*") if p.name[0].isdigit() and not p.name.startswith("last")
+    )
+    return {
+        "links": [n for n in links if n.startswith(("bn-", "veth"))],
+        "namespaces": namespaces,
+        "tables": tables,
+        "leases": leases,
+    }
+
+
+@pytest.fixture(scope="module")
+def network_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    run_dir = tmp_path_factory.mktemp("networks")
+    net = TestNetwork(run_dir)
+    prefix = f"/berth-net-{uuid.uuid4().hex[:8]}/"
+    agents: dict[str, HostService] = {}
+    try:
+        registry = net.start_control(1, prefix)
+        service = net.start_service(net.ctl, "cluster", prefix=prefix)
+        registry.wait_ready()
+        agents.update(net.start_agents(registry.address, prefix, LEASE_TTL))
+        service.wait_ready()
+        for agent in agents.values():
+            agent.wait_ready()
+        net.python_json(net.ctl, PUSH, registry.address, IMAGE, timeout=60)
+        state = Net(net, service, agents["host1"], Path(run_dir))
+        yield state
+        # After the test's containers and networks are gone: nothing of berth's in h1.
+        assert leftovers(state) == {"links": [], "namespaces": [], "tables": [], "leases": []}
+    finally:
+        _cleanup_agents(net, agents, Path(run_dir))
+        net.close()
+        # Namespace files a failed test left (bind mounts under /run, not under run_dir).
+        netns_dir = run_dir_of(Path(run_dir) / "host1") / "netns"
+        for path in netns_dir.glob("*") if netns_dir.is_dir() else []:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+            path.unlink(missing_ok=True)
+        if netns_dir.is_dir():
+            subprocess.run(["umount", "-l", str(netns_dir)], capture_output=True, check=False)
+            netns_dir.rmdir()
+
+
+def test_network_crud_and_its_errors_over_grpc_and_the_cli(network_cluster: Net) -> None:
+    result = network_cluster.client(
+        """
+default = [(n.name, n.subnet) for n in networks.list()]
+made = networks.create("front", labels={"team": "web"})
+taken = failure(networks.create, "front")
+overlap = failure(networks.create, "other", "10.90.8.0/24")
+reserved = failure(networks.create, "host")
+bad_subnet = failure(networks.create, "odd", "10.1.2.3/33")
+unknown = failure(cluster.run, ContainerConfig(IMAGE, command=["true"], network_mode="nope"))
+user = running("user", "sleep 600", "front")
+in_use = failure(networks.remove, "front")
+cluster.remove(user["id"], force=True)
+removed = networks.remove(made.id[:12]).name
+gone = failure(networks.get, "front")
+out({"default": default, "made": [made.name, made.subnet, made.labels], "taken": taken,
+     "overlap": overlap, "reserved": reserved, "bad_subnet": bad_subnet, "unknown": unknown,
+     "in_use": in_use, "removed": removed, "gone": gone, "user": user})
+"""
+    )
+    assert isinstance(result, dict)
+    assert result["default"] == [["berth", "10.89.0.0/16"]]
+    assert result["made"] == ["front", "10.90.0.0/16", {"team": "web"}]
+    assert result["taken"]["code"] == "ALREADY_EXISTS"
+    assert result["taken"]["error"] == 'the network name "front" is already in use'
+    assert result["overlap"]["code"] == "INVALID_ARGUMENT"
+    assert result["overlap"]["error"] == (
+        "subnet 10.90.8.0/24 overlaps network front (10.90.0.0/16)"
+    )
+    assert result["reserved"]["code"] == "INVALID_ARGUMENT"
+    assert result["bad_subnet"]["code"] == "INVALID_ARGUMENT"
+    assert result["unknown"] == {
+        "code": "NOT_FOUND",
+        "error": "no such network: nope",
+        "reason": result["unknown"]["reason"],
+    }
+    assert result["in_use"]["code"] == "FAILED_PRECONDITION"
+    assert (
+        result["in_use"]["error"] == "network front is in use by container user: remove them first"
+    )
+    assert result["removed"] == "front"
+    assert result["gone"]["code"] == "NOT_FOUND"
+    # The container had an address of host1's slice (the network's first /24 is skipped).
+    settings = result["user"]["network"]
+    assert settings["ip_address"].startswith("10.90.1.")
+    assert (settings["gateway"], settings["ip_prefix_length"]) == ("10.90.1.1", 24)
+
+    cli = network_cluster.cli
+    made = cli("network", "create", "--subnet", "10.95.0.0/16", "--internal", "cli-net")
+    assert made.returncode == 0, made.stderr
+    listed = cli("network", "ls")
+    assert listed.stdout.splitlines()[0].split() == ["NETWORK", "ID", "NAME", "DRIVER", "SCOPE"]
+    assert made.stdout.strip()[:12] in listed.stdout
+    inspected = json.loads(cli("network", "inspect", "cli-net").stdout)
+    assert inspected[0]["IPAM"]["Config"] == [{"Subnet": "10.95.0.0/16"}]
+    assert inspected[0]["Internal"] is True
+    clash = cli("network", "create", "--subnet", "10.95.3.0/24", "clash")
+    assert clash.returncode == 1
+    assert len(clash.stderr.strip().splitlines()) == 1
+    assert "subnet 10.95.3.0/24 overlaps network cli-net (10.95.0.0/16)" in clash.stderr
+    unknown = cli("run", "-d", "--network", "nope", IMAGE, "true")
+    assert unknown.returncode == 125  # as `docker run` when the daemon refuses
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    assert "no such network: nope" in unknown.stderr
+    assert cli("network", "rm", "cli-net").stdout.strip() == "cli-net"
+
+
+def test_containers_reach_their_network_not_another_and_go_out_masqueraded(
+    network_cluster: Net,
+) -> None:
+    net = network_cluster
+    # A server in the control namespace, on the address the harness gave its bridge: what a
+    # container reaches through its node only with forwarding and masquerade.
+    outside = net.net.spawn(
+        net.net.ctl,
+        [
+            "busybox",
+            "sh",
+            "-c",
+            "mkdir -p /tmp/outside-www; echo outside > /tmp/outside-www/index.html; "
+            f"exec busybox httpd -f -p {net.net.control_address}:8099 -h /tmp/outside-www",
+        ],
+        net.run_dir / "outside.log",
+    )
+    try:
+        result = net.client(
+            """
+SERVE, OUTSIDE = sys.argv[3], sys.argv[4]
+networks.create("alpha")
+networks.create("beta")
+a1 = running("a1", SERVE, "alpha")
+a2 = running("a2", "sleep 600", "alpha")
+b1 = running("b1", "sleep 600", "beta")
+def fetch(container, url):
+    r = cluster.exec(container, ["wget", "-q", "-O", "-", url])
+    return [r.exit_code, r.stdout.decode().strip()]
+url = f"http://{a1['network']['ip_address']}:8080/"
+same = fetch("a2", url)
+other = fetch("b1", url)
+out_alpha = fetch("a2", f"http://{OUTSIDE}:8099/")
+inspect = cluster.inspect("a1").network
+for c in ("a1", "a2", "b1"):
+    cluster.remove(c, force=True)
+networks.remove("alpha")
+networks.remove("beta")
+out({"same": same, "other": other, "outside": out_alpha, "inspect": inspect,
+     "a1": a1, "b1": b1})
+""",
+            SERVE,
+            net.net.control_address,
+        )
+    finally:
+        outside.terminate()
+        outside.wait(timeout=10)
+    assert isinstance(result, dict)
+    assert result["same"] == [0, "hello from " + result["a1"]["id"][:12]]
+    # b1 cannot reach alpha: wget fails at once (rejected between the bridges).
+    assert result["other"][0] != 0
+    assert result["outside"] == [0, "outside"]
+    assert result["inspect"]["network"] == "alpha"
+    assert result["inspect"]["mac_address"]
+    assert result["a1"]["network"]["network_id"] != result["b1"]["network"]["network_id"]
+    assert leftovers(net) == {"links": [], "namespaces": [], "tables": [], "leases": []}
