@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from berthd.node.network import table_name
 from berthd.node.secrets import run_dir as run_dir_of
 
 from .hosts import REPO, HostService, TestNetwork
@@ -74,6 +75,9 @@ class Net:
     cluster: HostService
     agent: HostService
     run_dir: Path
+    registry: str
+    prefix: str
+    agents: dict[str, HostService]
 
     def client(self, body: str, *args: str, timeout: float = 120) -> object:
         return self.net.python_json(
@@ -140,7 +144,7 @@ def network_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         for agent in agents.values():
             agent.wait_ready()
         net.python_json(net.ctl, PUSH, registry.address, IMAGE, timeout=60)
-        state = Net(net, service, agents["host1"], Path(run_dir))
+        state = Net(net, service, agents["host1"], Path(run_dir), registry.address, prefix, agents)
         yield state
         # After the test's containers and networks are gone: nothing of berth's in h1.
         assert leftovers(state) == {"links": [], "namespaces": [], "tables": [], "leases": []}
@@ -279,4 +283,42 @@ out({"same": same, "other": other, "outside": out_alpha, "inspect": inspect,
     assert result["inspect"]["network"] == "alpha"
     assert result["inspect"]["mac_address"]
     assert result["a1"]["network"]["network_id"] != result["b1"]["network"]["network_id"]
+    assert leftovers(net) == {"links": [], "namespaces": [], "tables": [], "leases": []}
+
+
+def test_a_restarted_agent_adopts_namespaces_and_rebuilds_its_table(network_cluster: Net) -> None:
+    net = network_cluster
+    started = net.client(
+        """
+networks.create("gamma")
+g1 = running("g1", sys.argv[3], "gamma")
+g2 = running("g2", "sleep 600", "gamma")
+out({"g1": g1})
+""",
+        SERVE,
+    )
+    assert isinstance(started, dict)
+    # The agent dies; its table is lost meanwhile (as after a flush by hand).
+    net.agent.proc.kill()
+    net.agent.proc.wait(timeout=10)
+    net.in_host("nft", "delete", "table", "inet", table_name("host1"))
+    net.agent = net.agents["host1"] = net.net.start_agent(1, net.registry, net.prefix, LEASE_TTL)
+    net.agent.wait_ready()
+    tables = net.in_host("nft", "list", "tables")
+    result = net.client(
+        """
+url = f"http://{sys.argv[3]}:8080/"
+r = cluster.exec("g2", ["wget", "-q", "-O", "-", url])
+address = cluster.inspect("g1").network["ip_address"]
+for c in ("g1", "g2"):
+    cluster.remove(c, force=True)
+networks.remove("gamma")
+out({"fetched": [r.exit_code, r.stdout.decode().strip()], "address": address})
+""",
+        started["g1"]["network"]["ip_address"],
+    )
+    assert f"table inet {table_name('host1')}" in tables.splitlines()
+    assert isinstance(result, dict)
+    assert result["fetched"] == [0, "hello from " + started["g1"]["id"][:12]]
+    assert result["address"] == started["g1"]["network"]["ip_address"]
     assert leftovers(net) == {"links": [], "namespaces": [], "tables": [], "leases": []}

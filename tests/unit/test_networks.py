@@ -18,7 +18,7 @@ from berthd.common.state.networks import (
     free_subnet,
     overlapping,
 )
-from berthd.node.network import Attachment, bridge_name, cni_config, nft_ruleset
+from berthd.node.network import Attachment, bridge_name, cni_config, nft_ruleset, table_name
 
 NET_ID = "3f" * 32
 
@@ -62,9 +62,12 @@ def test_record_round_trips() -> None:
 
 def test_cni_config_is_a_bridge_over_host_local_in_the_slice(tmp_path: Path) -> None:
     network = NetworkRecord(id=NET_ID, name="web", subnet="10.90.0.0/16")
-    config = cni_config(network, Slice("10.90.3.0/24"), tmp_path)
-    assert bridge_name(NET_ID) == "bn-3f3f3f3f"
-    assert config["type"] == "bridge" and config["bridge"] == "bn-3f3f3f3f"
+    bridge = bridge_name(NET_ID, "host1")
+    config = cni_config(network, Slice("10.90.3.0/24"), tmp_path, bridge)
+    # Two agents in one namespace (berthd up) have bridges and tables of their own.
+    assert bridge.startswith("bn-3f3f3f") and bridge != bridge_name(NET_ID, "host2")
+    assert table_name("host1") != table_name("host2")
+    assert config["type"] == "bridge" and config["bridge"] == bridge
     assert config["isGateway"] and config["hairpinMode"] and not config["ipMasq"]
     assert config["ipam"] == {
         "type": "host-local",
@@ -82,7 +85,7 @@ def attachment(network_id: str, slice_: str, subnet: str, internal: bool = False
         network_id=network_id,
         subnet=subnet,
         slice=slice_,
-        bridge=bridge_name(network_id),
+        bridge=f"bn-{network_id[:8]}",
         internal=internal,
         netns="/nonexistent",
     )
@@ -92,8 +95,8 @@ def test_ruleset_masquerades_slices_and_isolates_bridges() -> None:
     a = attachment("aa" * 32, "10.89.1.0/24", "10.89.0.0/16")
     b = attachment("bb" * 32, "10.90.1.0/24", "10.90.0.0/16")
     c = attachment("cc" * 32, "10.91.1.0/24", "10.91.0.0/16", internal=True)
-    rules = nft_ruleset([a, a, b, c])
-    assert rules.startswith("table inet berth {}\nflush table inet berth\n")
+    rules = nft_ruleset("berth_1234", [a, a, b, c])
+    assert rules.startswith("table inet berth_1234 {}\nflush table inet berth_1234\n")
     assert (
         'iifname "bn-aaaaaaaa" oifname "bn-*" oifname != "bn-aaaaaaaa" '
         "reject with icmpx type admin-prohibited" in rules
@@ -109,10 +112,11 @@ def test_ruleset_masquerades_slices_and_isolates_bridges() -> None:
 @pytest.mark.skipif(shutil.which("nft") is None, reason="nftables is not installed")
 def test_ruleset_is_valid_nft_syntax() -> None:
     rules = nft_ruleset(
+        "berth_1234",
         [
             attachment("aa" * 32, "10.89.1.0/24", "10.89.0.0/16"),
             attachment("cc" * 32, "10.91.1.0/24", "10.91.0.0/16", internal=True),
-        ]
+        ],
     )
     # --check parses and validates against the kernel without changing anything.
     done = subprocess.run(

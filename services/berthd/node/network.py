@@ -7,15 +7,17 @@ A container on a network gets, when it starts (and loses, when it exits or is re
   which runc joins (the runtime spec's network namespace path);
 - an `eth0` in it from the CNI `bridge` plugin (plus `loopback`), run directly as CNI's
   runtimes do: the plugin binary with CNI_COMMAND/CNI_NETNS/... and the JSON config on stdin.
-  One bridge per network per node, `bn-<8 hex of the network id>`, whose address is the
-  gateway: the first address of the node's slice (berthd.common.state.networks), leased in
+  One bridge per network per node, `bn-<6 hex of the network id><4 hex of the node id>`
+  (the agents of `berthd up` share one namespace), whose address is the gateway: the first
+  address of the node's slice (berthd.common.state.networks), leased in
   etcd on first use and released when the node's last container on the network goes, with
   the bridge. Addresses come from the CNI `host-local` plugin over that slice, its leases
   under `<data dir>/network/ipam/`.
-- berth's nftables table `inet berth`, written whole from the node's attachments after every
-  change (and deleted when none remain): masquerade of each local slice going anywhere but
-  its own network, forwarding between two berth bridges dropped, and an internal network's
-  bridge forwarding to nothing but itself. The plugin's own iptables masquerade is off
+- berth's nftables table `inet berth_<4 hex of the node id>`, written whole from the node's
+  attachments after every change (and deleted when none remain): masquerade of each local
+  slice going anywhere but its own network, forwarding between two berth bridges refused,
+  and an internal network's bridge forwarding to nothing but itself. The plugin's own
+  iptables masquerade is off
   (ipMasq false), so one table holds every rule berth makes and can be rebuilt or deleted.
 
 Not yet here (docs/networking.md): VXLAN between nodes (a vxlan device per network, FDB and
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -53,16 +56,27 @@ log = logging.getLogger("berthd.node.network")
 
 CNI_PATH = "/usr/lib/cni"
 CNI_VERSION = "1.0.0"
-TABLE = "berth"
+TABLE_PREFIX = "berth_"
 BRIDGE_PREFIX = "bn-"
 IFNAME = "eth0"
 REJECT = "reject with icmpx type admin-prohibited"
 ATTEMPTS = 10
 
 
-def bridge_name(network_id: str) -> str:
-    """`bn-` and the network id's first 8 hex digits (interface names are at most 15)."""
-    return f"{BRIDGE_PREFIX}{network_id[:8]}"
+def node_tag(node_id: str) -> str:
+    """4 hex digits of the node id: the agents of `berthd up` share one network namespace,
+    and each needs bridges and a table of its own there."""
+    return hashlib.sha256(node_id.encode()).hexdigest()[:4]
+
+
+def bridge_name(network_id: str, node_id: str) -> str:
+    """`bn-`, 6 hex digits of the network id, the node's tag (at most 15 characters)."""
+    return f"{BRIDGE_PREFIX}{network_id[:6]}{node_tag(node_id)}"
+
+
+def table_name(node_id: str) -> str:
+    """The node's nftables table (family inet): `berth_<node tag>`."""
+    return f"{TABLE_PREFIX}{node_tag(node_id)}"
 
 
 @dataclass
@@ -92,13 +106,16 @@ class Attachment:
 # Pure parts: the CNI config and the nftables ruleset --------------------------------------
 
 
-def cni_config(network: NetworkRecord, slice_: Slice, ipam_dir: Path) -> dict[str, Any]:
-    """The bridge plugin's config for `network` on a node holding `slice_`."""
+def cni_config(
+    network: NetworkRecord, slice_: Slice, ipam_dir: Path, bridge: str
+) -> dict[str, Any]:
+    """The bridge plugin's config for `network` on a node holding `slice_`, its bridge
+    named `bridge`."""
     return {
         "cniVersion": CNI_VERSION,
         "name": f"berth-{network.id[:12]}",
         "type": "bridge",
-        "bridge": bridge_name(network.id),
+        "bridge": bridge,
         "isGateway": True,
         # berth's nftables table masquerades, not the plugin's iptables rules.
         "ipMasq": False,
@@ -117,7 +134,7 @@ def loopback_config() -> dict[str, Any]:
     return {"cniVersion": CNI_VERSION, "name": "berth-lo", "type": "loopback"}
 
 
-def nft_ruleset(attachments: Iterable[Attachment]) -> str:
+def nft_ruleset(table: str, attachments: Iterable[Attachment]) -> str:
     """berth's whole table for these attachments (one rule set per network on the node),
     for `nft -f`: the table is declared, flushed and filled in one transaction."""
     networks = {a.network_id: a for a in attachments}
@@ -139,9 +156,9 @@ def nft_ruleset(attachments: Iterable[Attachment]) -> str:
             f'ip saddr {a.slice} ip daddr != {a.subnet} oifname != "{a.bridge}" masquerade'
         )
     lines = [
-        f"table inet {TABLE} {{}}",
-        f"flush table inet {TABLE}",
-        f"table inet {TABLE} {{",
+        f"table inet {table} {{}}",
+        f"flush table inet {table}",
+        f"table inet {table} {{",
         "  chain forward {",
         "    type filter hook forward priority filter; policy accept;",
         *(f"    {rule}" for rule in forward),
@@ -212,6 +229,7 @@ class NetworkManager:
         self.node_id = node_id
         self.ipam_root = data_dir / "network" / "ipam"
         self.netns_dir = run_dir / "netns"
+        self.table = table_name(node_id)
         self._lock = asyncio.Lock()
 
     def netns_path(self, container_id: str) -> Path:
@@ -279,7 +297,7 @@ class NetworkManager:
                 network_id=network.id,
                 subnet=network.subnet,
                 slice=slice_.subnet,
-                bridge=bridge_name(network.id),
+                bridge=bridge_name(network.id, self.node_id),
                 internal=network.internal,
                 netns=str(self.netns_path(container_id)),
             )
@@ -298,9 +316,8 @@ class NetworkManager:
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
         netns = attachment.netns
         cni("ADD", loopback_config(), container_id, netns, "lo")
-        result = cni(
-            "ADD", cni_config(network, slice_, self.ipam_root), container_id, netns, IFNAME
-        )
+        config = cni_config(network, slice_, self.ipam_root, attachment.bridge)
+        result = cni("ADD", config, container_id, netns, IFNAME)
         ip = result["ips"][0]
         interface = ipaddress.IPv4Interface(ip["address"])
         attachment.ip_address = str(interface.ip)
@@ -332,7 +349,7 @@ class NetworkManager:
             subnet=attachment.subnet,
             internal=attachment.internal,
         )
-        config = cni_config(network, Slice(attachment.slice), self.ipam_root)
+        config = cni_config(network, Slice(attachment.slice), self.ipam_root, attachment.bridge)
         netns = attachment.netns if Path(attachment.netns).exists() else ""
         try:
             cni("DEL", config, container_id, netns, IFNAME)
@@ -374,6 +391,7 @@ class NetworkManager:
                 subprocess.run(["umount", str(self.netns_dir)], capture_output=True, check=False)
             with contextlib.suppress(OSError):
                 self.netns_dir.rmdir()
+                self.netns_dir.parent.rmdir()  # the agent's run dir, unless secrets use it
 
     def _remove_netns(self, container_id: str) -> None:
         path = self.netns_path(container_id)
@@ -407,15 +425,15 @@ class NetworkManager:
 
     def _sync_rules(self, attachments: list[Attachment]) -> None:
         if attachments:
-            _run(["nft", "-f", "-"], nft_ruleset(attachments))
+            _run(["nft", "-f", "-"], nft_ruleset(self.table, attachments))
             return
         self._unshare_netns_dir()
         if shutil.which("nft"):
             listed = subprocess.run(
                 ["nft", "list", "tables"], capture_output=True, text=True, check=False
             )
-            if f"table inet {TABLE}" in listed.stdout.splitlines():
-                _run(["nft", "delete", "table", "inet", TABLE])
+            if f"table inet {self.table}" in listed.stdout.splitlines():
+                _run(["nft", "delete", "table", "inet", self.table])
 
 
 def network_gone(name: str) -> NotFound:
