@@ -70,6 +70,7 @@ from berthd.common.security.ca import (
     ensure_ca,
     validity,
 )
+from berthd.node.network import sweep_offline
 from berthd.node.watchdog import kill_watchdog
 
 CLUSTER_FILE = "cluster.json"
@@ -820,9 +821,13 @@ def down(args: argparse.Namespace) -> int:
             list(pool.map(lambda item: _remove_node_containers(*item), nodes.items()))
     _stop_all(cluster)
     # The agents' watchdogs outlive their agents by design (berthd.node.watchdog).
-    for node in nodes.values():
+    for name, node in nodes.items():
         if node.get("data_dir"):
             kill_watchdog(Path(node["data_dir"]))
+            # Removing containers detached them; a killed agent's are swept here.
+            left = sweep_offline(Path(node["data_dir"]), name)
+            if left:
+                print(f"{name}: removed {', '.join(left)}")
     (state / CLUSTER_FILE).unlink(missing_ok=True)
     print(f"stopped the cluster in {state}")
     return 0

@@ -19,7 +19,7 @@ import pytest
 from berthd.node.network import table_name
 from berthd.node.secrets import run_dir as run_dir_of
 
-from .hosts import REPO, HostService, TestNetwork
+from .hosts import REPO, HostService, TestNetwork, force_remove_containers
 from .test_hosts import PUSH, _cleanup_agents
 
 pytestmark = pytest.mark.integration
@@ -321,4 +321,43 @@ out({"fetched": [r.exit_code, r.stdout.decode().strip()], "address": address})
     assert isinstance(result, dict)
     assert result["fetched"] == [0, "hello from " + started["g1"]["id"][:12]]
     assert result["address"] == started["g1"]["network"]["ip_address"]
+    assert leftovers(net) == {"links": [], "namespaces": [], "tables": [], "leases": []}
+
+
+SWEEP = """
+import json, sys
+from pathlib import Path
+from berthd.node.network import sweep_offline
+print(json.dumps(sweep_offline(Path(sys.argv[1]), sys.argv[2])))
+"""
+
+
+def test_berthd_down_sweeps_what_a_killed_agent_left(network_cluster: Net) -> None:
+    net = network_cluster
+    started = net.client(
+        """
+networks.create("delta")
+out(running("d1", "sleep 600", "delta"))
+"""
+    )
+    assert isinstance(started, dict)
+    # As `berthd down` finds a killed node: its containers deleted by runc, its network
+    # left behind; the sweep (run inside the host's namespace) takes it.
+    net.agent.proc.kill()
+    net.agent.proc.wait(timeout=10)
+    force_remove_containers(net.run_dir / "host1")
+    assert leftovers(net)["links"]
+    swept = net.net.python_json(net.net.host(1), SWEEP, str(net.run_dir / "host1"), "host1")
+    assert isinstance(swept, list) and any(s.startswith("bridge bn-") for s in swept)
+    assert leftovers(net) == {"links": [], "namespaces": [], "tables": [], "leases": []}
+    # The agent comes back, finds its container gone and reports it; then it is removed.
+    net.agent = net.agents["host1"] = net.net.start_agent(1, net.registry, net.prefix, LEASE_TTL)
+    net.agent.wait_ready()
+    net.client(
+        """
+cluster.remove("d1", force=True)
+networks.remove("delta")
+out(True)
+"""
+    )
     assert leftovers(net) == {"links": [], "namespaces": [], "tables": [], "leases": []}

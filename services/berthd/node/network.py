@@ -443,3 +443,31 @@ def network_gone(name: str) -> NotFound:
         metadata={"network": name},
         resource=("network", name),
     )
+
+
+def sweep_offline(data_dir: Path, node_id: str) -> list[str]:
+    """What an agent that is gone (killed, or its containers deleted by runc behind its back)
+    left of its networks in this namespace: namespace files, its bridges (with their veths),
+    its nftables table, its IPAM leases. For `berthd down`; its slices in etcd go with the
+    networks. Returns what was removed."""
+    from berthd.node.secrets import run_dir
+
+    removed = []
+    manager = NetworkManager(None, node_id, data_dir, run_dir(data_dir))
+    if manager.netns_dir.is_dir():
+        for path in manager.netns_dir.iterdir():
+            manager._remove_netns(path.name)
+            removed.append(f"netns {path.name[:12]}")
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    tag = node_tag(node_id)
+    for line in links.splitlines():
+        name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
+        if name.startswith(BRIDGE_PREFIX) and name.endswith(tag) and len(name) == 13:
+            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+            removed.append(f"bridge {name}")
+    with contextlib.suppress(FailedPrecondition):
+        manager._sync_rules([])  # deletes the table and the namespace directory's mount
+    if manager.ipam_root.is_dir() and any(manager.ipam_root.iterdir()):
+        shutil.rmtree(manager.ipam_root, ignore_errors=True)
+        removed.append("ipam leases")
+    return removed
