@@ -361,3 +361,24 @@ out(True)
 """
     )
     assert leftovers(net) == {"links": [], "namespaces": [], "tables": [], "leases": []}
+
+
+def test_a_start_that_fails_leaves_no_namespace_or_bridge(network_cluster: Net) -> None:
+    net = network_cluster
+    result = net.client(
+        """
+networks.create("eps")
+c = cluster.run(ContainerConfig(IMAGE, name="broken", command=["/no/such/command"],
+                                network_mode="eps"))
+deadline = time.monotonic() + 60
+while (info := cluster.inspect(c.id)).state not in ("exited", "create_failed"):
+    assert time.monotonic() < deadline, info.state
+    time.sleep(0.1)
+out({"state": info.state, "reason": info.failure_reason, "network": info.network})
+"""
+    )
+    assert isinstance(result, dict)
+    assert (result["state"], result["reason"], result["network"]) == ("exited", "START_FAILED", {})
+    # The container still exists; its network parts do not.
+    assert leftovers(net) == {"links": [], "namespaces": [], "tables": [], "leases": []}
+    net.client('cluster.remove("broken", force=True); networks.remove("eps"); out(True)')
