@@ -1,8 +1,9 @@
-"""Networks on one host of the multi-host harness (tests/integration/hosts.py): etcd, registry
-and cluster in the control namespace, one node agent in host namespace h1. Every bridge, veth,
-namespace and nftables table the agent makes lives inside h1, a namespace this test made; the
-only addresses traffic goes to are the containers' (given by the agent in h1) and the control
-namespace's bridge address (given by the harness)."""
+"""Networks in the multi-host harness (tests/integration/hosts.py): etcd, registry and cluster
+in the control namespace, node agents in host namespaces h1 and h2. Every bridge, veth,
+namespace and nftables table an agent makes lives inside its host's namespace, which this test
+made; the only addresses traffic goes to are the containers' (given by the agents) and the
+control namespace's bridge address (given by the harness). Containers talk within one host:
+the overlay between hosts is not there yet (docs/networking.md)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ LEASE_TTL = 3
 CLIENT = """
 import json, sys, time
 import grpc
-from berth.client import ContainerConfig
+from berth.client import ContainerConfig, Placement
 from berth.client.cluster import ClusterClient
 from berth.client.networks import NetworkClient
 from berth.errors import BerthClientError
@@ -47,9 +48,10 @@ def failure(call, *args):
         return {"code": e.code, "error": e.message, "reason": getattr(e, "reason", "")}
     return None
 
-def running(name, command, network):
+def running(name, command, network, node="host1"):
     c = cluster.run(ContainerConfig(IMAGE, name=name, command=["sh", "-c", command],
-                                    network_mode=network))
+                                    network_mode=network),
+                    Placement(constraints=[f"node.id=={node}"]))
     deadline = time.monotonic() + 60
     while (info := cluster.inspect(c.id)).state != "running":
         assert time.monotonic() < deadline, f"{name} is {info.state}: {info.error}"
@@ -98,9 +100,9 @@ class Net:
             cwd=REPO,
         )
 
-    def in_host(self, *argv: str) -> str:
+    def in_host(self, *argv: str, host: int = 1) -> str:
         return subprocess.run(
-            [*self.net.exec_argv(self.net.host(1)), *argv],
+            [*self.net.exec_argv(self.net.host(host)), *argv],
             capture_output=True,
             text=True,
             check=True,
@@ -108,25 +110,22 @@ class Net:
 
 
 def leftovers(net: Net) -> dict[str, list[str]]:
-    """What of berth's networking is in h1: bridges and veths, namespace files, nft tables,
-    host-local leases."""
-    links = [
-        line.split(":")[1].strip().split("@")[0]
-        for line in net.in_host("ip", "-o", "link").splitlines()
-    ]
-    netns_dir = run_dir_of(net.run_dir / "host1") / "netns"
-    namespaces = sorted(p.name for p in netns_dir.glob("*")) if netns_dir.is_dir() else []
-    tables = [t for t in net.in_host("nft", "list", "tables").splitlines() if "berth" in t]
-    ipam = net.run_dir / "host1" / "network" / "ipam"
-    leases = sorted(
-        p.name for p in ipam.glob("*/*") if p.name[0].isdigit() and not p.name.startswith("last")
-    )
-    return {
-        "links": [n for n in links if n.startswith(("bn-", "veth"))],
-        "namespaces": namespaces,
-        "tables": tables,
-        "leases": leases,
-    }
+    """What of berth's networking is in the hosts: bridges and veths, namespace files, nft
+    tables, host-local leases."""
+    found: dict[str, list[str]] = {"links": [], "namespaces": [], "tables": [], "leases": []}
+    for n in (1, 2):
+        links = [
+            line.split(":")[1].strip().split("@")[0]
+            for line in net.in_host("ip", "-o", "link", host=n).splitlines()
+        ]
+        found["links"] += [name for name in links if name.startswith(("bn-", "veth"))]
+        netns_dir = run_dir_of(net.run_dir / f"host{n}") / "netns"
+        found["namespaces"] += sorted(p.name for p in netns_dir.glob("*"))
+        tables = net.in_host("nft", "list", "tables", host=n).splitlines()
+        found["tables"] += [t for t in tables if "berth" in t]
+        ipam = net.run_dir / f"host{n}" / "network" / "ipam"
+        found["leases"] += sorted(p.name for p in ipam.glob("*/*") if p.name[0].isdigit())
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +135,7 @@ def network_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     prefix = f"/berth-net-{uuid.uuid4().hex[:8]}/"
     agents: dict[str, HostService] = {}
     try:
-        registry = net.start_control(1, prefix)
+        registry = net.start_control(2, prefix)
         service = net.start_service(net.ctl, "cluster", prefix=prefix)
         registry.wait_ready()
         agents.update(net.start_agents(registry.address, prefix, LEASE_TTL))
@@ -152,13 +151,14 @@ def network_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         _cleanup_agents(net, agents, Path(run_dir))
         net.close()
         # Namespace files a failed test left (bind mounts under /run, not under run_dir).
-        netns_dir = run_dir_of(Path(run_dir) / "host1") / "netns"
-        for path in netns_dir.glob("*") if netns_dir.is_dir() else []:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-            path.unlink(missing_ok=True)
-        if netns_dir.is_dir():
-            subprocess.run(["umount", "-l", str(netns_dir)], capture_output=True, check=False)
-            netns_dir.rmdir()
+        for n in (1, 2):
+            netns_dir = run_dir_of(Path(run_dir) / f"host{n}") / "netns"
+            for path in netns_dir.glob("*") if netns_dir.is_dir() else []:
+                subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+                path.unlink(missing_ok=True)
+            if netns_dir.is_dir():
+                subprocess.run(["umount", "-l", str(netns_dir)], capture_output=True, check=False)
+                netns_dir.rmdir()
 
 
 def test_network_crud_and_its_errors_over_grpc_and_the_cli(network_cluster: Net) -> None:
@@ -382,3 +382,34 @@ out({"state": info.state, "reason": info.failure_reason, "network": info.network
     # The container still exists; its network parts do not.
     assert leftovers(net) == {"links": [], "namespaces": [], "tables": [], "leases": []}
     net.client('cluster.remove("broken", force=True); networks.remove("eps"); out(True)')
+
+
+def test_each_host_has_its_own_slice_and_inspect_shows_the_address(network_cluster: Net) -> None:
+    net = network_cluster
+    result = net.client(
+        """
+networks.create("wide", "10.120.0.0/16")
+w1 = running("w1", "sleep 600", "wide", "host1")
+w2 = running("w2", "sleep 600", "wide", "host2")
+slices = networks.get("wide").slices
+out({"w1": w1["network"], "w2": w2["network"], "slices": slices})
+"""
+    )
+    assert isinstance(result, dict)
+    # First come, first served: host1 claimed the first free /24, host2 the next.
+    assert result["slices"] == {"host1": "10.120.1.0/24", "host2": "10.120.2.0/24"}
+    assert result["w1"]["ip_address"].startswith("10.120.1.")
+    assert result["w2"]["ip_address"].startswith("10.120.2.")
+    assert result["w2"]["gateway"] == "10.120.2.1"
+    shown = json.loads(net.cli("inspect", "w2").stdout)[0]
+    assert shown["HostConfig"]["NetworkMode"] == "wide"
+    settings = shown["NetworkSettings"]
+    assert settings["IPAddress"] == result["w2"]["ip_address"]
+    assert settings["Networks"]["wide"]["Gateway"] == "10.120.2.1"
+    inspected = json.loads(net.cli("network", "inspect", "wide").stdout)[0]
+    assert inspected["Slices"] == result["slices"]
+    net.client(
+        'cluster.remove("w1", force=True); cluster.remove("w2", force=True); '
+        'networks.remove("wide"); out(True)'
+    )
+    assert leftovers(net) == {"links": [], "namespaces": [], "tables": [], "leases": []}
