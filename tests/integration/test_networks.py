@@ -413,3 +413,45 @@ out({"w1": w1["network"], "w2": w2["network"], "slices": slices})
         'networks.remove("wide"); out(True)'
     )
     assert leftovers(net) == {"links": [], "namespaces": [], "tables": [], "leases": []}
+
+
+def test_an_internal_network_reaches_its_own_and_nothing_outside(network_cluster: Net) -> None:
+    net = network_cluster
+    outside = net.net.spawn(
+        net.net.ctl,
+        [
+            "busybox",
+            "sh",
+            "-c",
+            "mkdir -p /tmp/inner-www; echo outside > /tmp/inner-www/index.html; "
+            f"exec busybox httpd -f -p {net.net.control_address}:8098 -h /tmp/inner-www",
+        ],
+        net.run_dir / "outside-internal.log",
+    )
+    try:
+        result = net.client(
+            """
+SERVE, OUTSIDE = sys.argv[3], sys.argv[4]
+networks.create("inner", internal=True)
+i1 = running("i1", SERVE, "inner")
+running("i2", "sleep 600", "inner")
+def fetch(container, url):
+    r = cluster.exec(container, ["wget", "-q", "-O", "-", url])
+    return [r.exit_code, r.stdout.decode().strip()]
+peer = fetch("i2", f"http://{i1['network']['ip_address']}:8080/")
+out_of_it = fetch("i2", f"http://{OUTSIDE}:8098/")
+for c in ("i1", "i2"):
+    cluster.remove(c, force=True)
+networks.remove("inner")
+out({"peer": peer, "outside": out_of_it, "i1": i1})
+""",
+            SERVE,
+            net.net.control_address,
+        )
+    finally:
+        outside.terminate()
+        outside.wait(timeout=10)
+    assert isinstance(result, dict)
+    assert result["peer"] == [0, "hello from " + result["i1"]["id"][:12]]
+    assert result["outside"][0] != 0  # refused at the node, at once
+    assert leftovers(net) == {"links": [], "namespaces": [], "tables": [], "leases": []}
