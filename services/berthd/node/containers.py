@@ -292,6 +292,10 @@ class ContainerManager:
         ]
 
     async def _adopt(self, record: ContainerRecord) -> None:
+        if record.network and record.state != RUNNING:
+            # The agent died between attaching and starting it: the attachment goes.
+            await self._detach(record)
+            await asyncio.to_thread(self.dir(record.id).save, record)
         if record.state in (RUNNING, RESTARTING) or self.rootfs(record).is_mount():
             await asyncio.to_thread(self._ensure_rootfs, record)
         if record.state == RUNNING:
@@ -816,6 +820,9 @@ class ContainerManager:
         attachment = await self.networks.attach(record.id, record.config.network_mode)
         record.network = attachment.to_json()
         try:
+            # On disk at once (not reported yet): an agent killed before the start finds the
+            # attachment in the record and detaches it, its address lease included.
+            await asyncio.to_thread(self.dir(record.id).save, record)
             hostname = record.config.hostname or record.id[:12]
             cdir = self.dir(record.id)
             owner = record.id_map.root if record.id_map is not None else None
