@@ -123,3 +123,20 @@ def test_ruleset_is_valid_nft_syntax() -> None:
         ["nft", "--check", "-f", "-"], input=rules, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_a_network_name_travels_as_network_mode_network_plus_its_name() -> None:
+    from berth.containers import ContainerConfig, InvalidContainerConfig, from_spec, to_spec
+    from berth.types.v1 import container_pb2 as pb
+
+    spec = to_spec(ContainerConfig("busybox", network_mode="front"))
+    assert (spec.network_mode, spec.network) == (pb.NETWORK_MODE_NETWORK, "front")
+    assert from_spec(spec).network_mode == "front"
+    for mode in ("none", "host"):
+        spec = to_spec(ContainerConfig("busybox", network_mode=mode))
+        assert spec.network == "" and from_spec(spec).network_mode == mode
+    with pytest.raises(InvalidContainerConfig, match="needs the network's name"):
+        from_spec(pb.ContainerSpec(image="busybox", network_mode=pb.NETWORK_MODE_NETWORK))
+    for bad in ("bridge", "a/b", ""):
+        with pytest.raises(InvalidContainerConfig, match="unsupported network mode"):
+            ContainerConfig("busybox", network_mode=bad).validate()
