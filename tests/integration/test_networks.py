@@ -45,7 +45,7 @@ def failure(call, *args):
     try:
         call(*args)
     except BerthClientError as e:
-        return {"code": e.code, "error": e.message, "reason": getattr(e, "reason", "")}
+        return {"code": e.code, "error": e.message, "reason": e.details.reason}
     return None
 
 def running(name, command, network, node="host1"):
@@ -171,6 +171,8 @@ overlap = failure(networks.create, "other", "10.90.8.0/24")
 reserved = failure(networks.create, "host")
 bad_subnet = failure(networks.create, "odd", "10.1.2.3/33")
 unknown = failure(cluster.run, ContainerConfig(IMAGE, command=["true"], network_mode="nope"))
+no_service = failure(cluster.create_service, "svc",
+                     ContainerConfig(IMAGE, command=["true"], network_mode="nope"))
 user = running("user", "sleep 600", "front")
 in_use = failure(networks.remove, "front")
 cluster.remove(user["id"], force=True)
@@ -178,26 +180,40 @@ removed = networks.remove(made.id[:12]).name
 gone = failure(networks.get, "front")
 out({"default": default, "made": [made.name, made.subnet, made.labels], "taken": taken,
      "overlap": overlap, "reserved": reserved, "bad_subnet": bad_subnet, "unknown": unknown,
-     "in_use": in_use, "removed": removed, "gone": gone, "user": user})
+     "in_use": in_use, "removed": removed, "gone": gone, "user": user,
+     "no_service": no_service})
 """
     )
     assert isinstance(result, dict)
     assert result["default"] == [["berth", "10.89.0.0/16"]]
     assert result["made"] == ["front", "10.90.0.0/16", {"team": "web"}]
-    assert result["taken"]["code"] == "ALREADY_EXISTS"
+    assert (result["taken"]["code"], result["taken"]["reason"]) == (
+        "ALREADY_EXISTS",
+        "NETWORK_NAME_IN_USE",
+    )
     assert result["taken"]["error"] == 'the network name "front" is already in use'
-    assert result["overlap"]["code"] == "INVALID_ARGUMENT"
+    assert (result["overlap"]["code"], result["overlap"]["reason"]) == (
+        "INVALID_ARGUMENT",
+        "SUBNET_OVERLAP",
+    )
     assert result["overlap"]["error"] == (
         "subnet 10.90.8.0/24 overlaps network front (10.90.0.0/16)"
     )
-    assert result["reserved"]["code"] == "INVALID_ARGUMENT"
-    assert result["bad_subnet"]["code"] == "INVALID_ARGUMENT"
+    assert result["reserved"]["reason"] == result["bad_subnet"]["reason"] == "INVALID_NETWORK_SPEC"
+    assert result["reserved"]["code"] == result["bad_subnet"]["code"] == "INVALID_ARGUMENT"
     assert result["unknown"] == {
         "code": "NOT_FOUND",
         "error": "no such network: nope",
-        "reason": result["unknown"]["reason"],
+        "reason": "NETWORK_NOT_FOUND",
     }
-    assert result["in_use"]["code"] == "FAILED_PRECONDITION"
+    assert (result["no_service"]["code"], result["no_service"]["error"]) == (
+        "NOT_FOUND",
+        "no such network: nope",
+    )
+    assert (result["in_use"]["code"], result["in_use"]["reason"]) == (
+        "FAILED_PRECONDITION",
+        "NETWORK_IN_USE",
+    )
     assert (
         result["in_use"]["error"] == "network front is in use by container user: remove them first"
     )
