@@ -817,7 +817,9 @@ class ContainerManager:
         /etc/hosts, and berth's table with it."""
         if not on_network(record.config) or record.network:
             return
-        attachment = await self.networks.attach(record.id, record.config.network_mode)
+        attachment = await self.networks.attach(
+            record.id, record.config.network_mode, self._attachments(exclude=record.id)
+        )
         record.network = attachment.to_json()
         try:
             # On disk at once (not reported yet): an agent killed before the start finds the

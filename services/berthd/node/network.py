@@ -286,8 +286,12 @@ class NetworkManager:
 
     # Attach and detach ------------------------------------------------------------------
 
-    async def attach(self, container_id: str, network_name: str) -> Attachment:
-        """A namespace for the container, on `network_name` (looked up in etcd)."""
+    async def attach(
+        self, container_id: str, network_name: str, others: list[Attachment]
+    ) -> Attachment:
+        """A namespace for the container, on `network_name` (looked up in etcd). `others`:
+        the node's other attachments, to know whether a failed attach leaves the network's
+        bridge and slice to anyone."""
         if self.store is None:
             raise FailedPrecondition("this node has no etcd: it cannot join networks")
         network = await network_by_name(self.store, network_name)
@@ -307,7 +311,15 @@ class NetworkManager:
             try:
                 await asyncio.to_thread(self._add, attachment, network, slice_, container_id)
             except BaseException:
-                await asyncio.to_thread(self._remove_netns, container_id)
+                # As a CNI runtime after a failed ADD: DEL, which also frees the address. The
+                # cleanup's own failures are logged; the caller gets the ADD's.
+                try:
+                    await asyncio.to_thread(self._del, container_id, attachment)
+                    if not any(o.network_id == network.id for o in others):
+                        await asyncio.to_thread(self._drop_network, attachment)
+                        await self.release_slice(network.id, slice_.subnet)
+                except Exception as exc:
+                    log.warning("cleanup after a failed attach: %s", exc)
                 raise
         return attachment
 
