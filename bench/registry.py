@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,23 +237,47 @@ def rate(size: int, seconds: float) -> float:
     return size / 1e6 / seconds
 
 
-def report(size: int, args: argparse.Namespace, berth: Timings, peer: Timings) -> None:
+Round = Callable[[Path, Path, str, int], tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class Side:
+    """One server of a comparison: its name in the figures, and one round against it."""
+
+    label: str
+    round: Round
+
+
+def report(
+    size: int, args: argparse.Namespace, title: str, berth: Side, peer: Side, timings: dict
+) -> None:
     print()
     print(
-        f"image: {args.layers} layers x {args.layer_mb:g} MiB, {size / 1e6:.1f} MB of blobs;"
+        f"{title}: {args.layers} layers x {args.layer_mb:g} MiB, {size / 1e6:.1f} MB of blobs;"
         f" {args.rounds} round(s), median; loopback"
     )
-    header = f"{'':6}{'berth MB/s':>12}{'skopeo+docker-registry MB/s':>30}{'berth/peer':>12}"
+    ours_head, theirs_head = f"{berth.label} MB/s", f"{peer.label} MB/s"
+    ours_width, theirs_width = len(ours_head) + 2, len(theirs_head) + 3
+    header = f"{'':6}{ours_head:>{ours_width}}{theirs_head:>{theirs_width}}{'berth/peer':>12}"
     print(header)
     print("-" * len(header))
     for name in ("push", "pull"):
-        ours = rate(size, statistics.median(getattr(berth, name)))
-        theirs = rate(size, statistics.median(getattr(peer, name)))
-        print(f"{name:6}{ours:>12.1f}{theirs:>30.1f}{ours / theirs:>11.2f}x")
+        ours = rate(size, statistics.median(getattr(timings["berth"], name)))
+        theirs = rate(size, statistics.median(getattr(timings["peer"], name)))
+        print(f"{name:6}{ours:>{ours_width}.1f}{theirs:>{theirs_width}.1f}{ours / theirs:>11.2f}x")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def compare(
+    argv: list[str] | None,
+    description: str,
+    title: str,
+    berth: Side,
+    peer: Side,
+    errors: tuple[type[BaseException], ...] = (BenchError, RuntimeError),
+) -> int:
+    """The whole of a push/pull comparison: arguments, one random source image, rounds that
+    alternate who goes first, and the report of medians with the ratio."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
     parser.add_argument("--layers", type=int, default=4, help="layers in the image")
     parser.add_argument("--layer-mb", type=float, default=64, help="MiB of data per layer")
@@ -266,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     work = Path(tempfile.mkdtemp(prefix="berth-bench-"))
-    berth, peer = Timings(), Timings()
+    sides = {"berth": berth, "peer": peer}
+    timings = {"berth": Timings(), "peer": Timings()}
+    width = max(len(berth.label), len(peer.label))
     try:
         source = work / "source"
         started = time.perf_counter()
@@ -283,27 +310,33 @@ def main(argv: list[str] | None = None) -> int:
             # Alternate who goes first, so neither always meets a warmer or cooler machine.
             order = ["berth", "peer"] if number % 2 else ["peer", "berth"]
             for who in order:
-                if who == "berth":
-                    push, pull = berth_round(work, source, expected, size)
-                    timings = berth
-                else:
-                    push, pull = peer_round(work, source, expected, size)
-                    timings = peer
-                timings.push.append(push)
-                timings.pull.append(pull)
-                label = "berth" if who == "berth" else "skopeo+docker-registry"
+                push, pull = sides[who].round(work, source, expected, size)
+                timings[who].push.append(push)
+                timings[who].pull.append(pull)
                 print(
-                    f"round {number}: {label:23} push {push:6.2f}s ({rate(size, push):6.1f} MB/s)"
-                    f"  pull {pull:6.2f}s ({rate(size, pull):6.1f} MB/s)",
+                    f"round {number}: {sides[who].label:{width}} push {push:6.2f}s"
+                    f" ({rate(size, push):6.1f} MB/s)  pull {pull:6.2f}s"
+                    f" ({rate(size, pull):6.1f} MB/s)",
                     flush=True,
                 )
-        report(size, args, berth, peer)
-    except (BenchError, RuntimeError) as exc:
-        print(f"bench FAILED: {exc}", file=sys.stderr)
+        report(size, args, title, berth, peer, timings)
+    except errors as exc:
+        detail = getattr(exc, "stderr", "") or ""
+        print(f"bench FAILED: {exc}" + (f"\n{detail}" if detail else ""), file=sys.stderr)
         return 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return compare(
+        argv,
+        __doc__.split("\n\n")[0],
+        "image",
+        Side("berth", berth_round),
+        Side("skopeo+docker-registry", peer_round),
+    )
 
 
 if __name__ == "__main__":

@@ -14,14 +14,11 @@ cache every time (bench.registry.skopeo). Figures are medians over the rounds, i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,21 +27,18 @@ from bench.registry import (
     BERTHD,
     SOURCE_REF,
     BenchError,
-    Timings,
-    blob_bytes,
+    Side,
     check_same_image,
     check_stored,
-    manifest_digest,
+    compare,
     peer_round,
     port_is_free,
-    rate,
     run,
     skopeo,
     stop_berth,
 )
 from berthd.localcluster import use_state_credentials
 from scripts.docker_registry import free_port
-from scripts.oci_images import make_random_image
 
 REPO = "bench/random:1"
 SETTLE_SECONDS = 5.0
@@ -118,71 +112,15 @@ def berth_round(work: Path, source: Path, expected: str, size: int) -> tuple[flo
         shutil.rmtree(pulled, ignore_errors=True)
 
 
-def report(size: int, args: argparse.Namespace, berth: Timings, peer: Timings) -> None:
-    print()
-    print(
-        f"skopeo copy, image: {args.layers} layers x {args.layer_mb:g} MiB, {size / 1e6:.1f} MB"
-        f" of blobs; {args.rounds} round(s), median; loopback"
-    )
-    header = f"{'':6}{'berth /v2/ MB/s':>17}{'docker-registry MB/s':>23}{'berth/peer':>12}"
-    print(header)
-    print("-" * len(header))
-    for name in ("push", "pull"):
-        ours = rate(size, statistics.median(getattr(berth, name)))
-        theirs = rate(size, statistics.median(getattr(peer, name)))
-        print(f"{name:6}{ours:>17.1f}{theirs:>23.1f}{ours / theirs:>11.2f}x")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
-    parser.add_argument("--layers", type=int, default=4, help="layers in the image")
-    parser.add_argument("--layer-mb", type=float, default=64, help="MiB of data per layer")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random layer data")
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.layers < 1 or args.layer_mb <= 0:
-        parser.error("--rounds, --layers and --layer-mb must be positive")
-    for tool in ("skopeo", "docker-registry", "etcd", "unshare"):
-        if shutil.which(tool) is None:
-            print(f"bench: `{tool}` is not installed (make deps)", file=sys.stderr)
-            return 1
-    work = Path(tempfile.mkdtemp(prefix="berth-bench-http-"))
-    berth, peer = Timings(), Timings()
-    try:
-        source = work / "source"
-        started = time.perf_counter()
-        make_random_image(
-            source, SOURCE_REF, args.layers, int(args.layer_mb * 1024 * 1024), args.seed
-        )
-        expected = manifest_digest(source, SOURCE_REF)
-        size = blob_bytes(source, SOURCE_REF)
-        print(
-            f"source image {expected} ({size / 1e6:.1f} MB) built in"
-            f" {time.perf_counter() - started:.1f}s"
-        )
-        for number in range(1, args.rounds + 1):
-            # Alternate who goes first, so neither always meets a warmer or cooler machine.
-            order = ["berth", "peer"] if number % 2 else ["peer", "berth"]
-            for who in order:
-                round_of = berth_round if who == "berth" else peer_round
-                push, pull = round_of(work, source, expected, size)
-                timings = berth if who == "berth" else peer
-                timings.push.append(push)
-                timings.pull.append(pull)
-                label = "berth /v2/" if who == "berth" else "docker-registry"
-                print(
-                    f"round {number}: {label:16} push {push:6.2f}s ({rate(size, push):6.1f} MB/s)"
-                    f"  pull {pull:6.2f}s ({rate(size, pull):6.1f} MB/s)",
-                    flush=True,
-                )
-        report(size, args, berth, peer)
-    except (BenchError, RuntimeError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or ""
-        print(f"bench FAILED: {exc}\n{detail}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return compare(
+        argv,
+        __doc__.split("\n\n")[0],
+        "skopeo copy, image",
+        Side("berth /v2/", berth_round),
+        Side("docker-registry", peer_round),
+        (BenchError, RuntimeError, subprocess.CalledProcessError),
+    )
 
 
 if __name__ == "__main__":

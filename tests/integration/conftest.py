@@ -32,7 +32,7 @@ from berthd.common.security.ca import CA_CERT, CA_KEY, CertificateAuthority
 from berthd.common.store import Store
 from berthd.node.watchdog import kill_watchdog
 
-from .counting import CountingStore
+from .counting import CountingStore, opened
 from .images import busybox_layer, push_image
 
 pytestmark = pytest.mark.integration
@@ -195,11 +195,8 @@ async def store(etcd_endpoint: str, etcd_prefix: str):
 @pytest.fixture
 async def counting(etcd_endpoint: str, etcd_prefix: str):
     """A second store on the test's prefix that counts its reads (tests/integration/counting.py)."""
-    s = CountingStore(etcd_endpoint, etcd_prefix)
-    await s.connect()
-    yield s
-    await s.delete_prefix("")
-    await s.close()
+    async with opened(CountingStore, etcd_endpoint, etcd_prefix) as s:
+        yield s
 
 
 @pytest.fixture

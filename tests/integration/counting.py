@@ -3,9 +3,28 @@ about one thing reads that thing, not the family it belongs to."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
+from berthd.common import idempotency
 from berthd.common.store import GET_MANY_BATCH, Entry, Page, Store, WatchEvent
+
+S = TypeVar("S", bound=Store)
+
+
+@contextlib.asynccontextmanager
+async def opened(kind: type[S], endpoint: str, prefix: str) -> AsyncIterator[S]:
+    """A connected store of `kind` on the test's prefix; on the way out its request_id claims'
+    keeper stopped, the prefix emptied and the store closed."""
+    store = kind(endpoint, prefix)
+    await store.connect()
+    try:
+        yield store
+    finally:
+        await idempotency.close(store)
+        await store.delete_prefix("")
+        await store.close()
 
 
 class CountingStore(Store):

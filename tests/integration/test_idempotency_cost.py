@@ -13,19 +13,15 @@ from berth.types.v1 import types_pb2
 from berthd.common import idempotency
 from berthd.common.errors import NotFound
 
-from .counting import RequestCountingStore
+from .counting import RequestCountingStore, opened
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 async def requests(etcd_endpoint: str, etcd_prefix: str) -> AsyncIterator[RequestCountingStore]:
-    s = RequestCountingStore(etcd_endpoint, etcd_prefix)
-    await s.connect()
-    yield s
-    await idempotency.close(s)
-    await s.delete_prefix("")
-    await s.close()
+    async with opened(RequestCountingStore, etcd_endpoint, etcd_prefix) as s:
+        yield s
 
 
 async def test_a_claimed_call_is_two_etcd_round_trips(

@@ -16,6 +16,7 @@ from berthd.cluster.core import (
     allocation_key,
     availability_key,
     name_key,
+    node_keys,
 )
 from berthd.cluster.services import ServiceCore, ServiceRecord, service_key, service_name_key
 from berthd.common.containers import ContainerConfig
@@ -68,9 +69,13 @@ async def test_a_run_reads_no_listing_of_containers_or_nodes(
         for config in (ContainerConfig("busybox"), ContainerConfig("busybox", name="named")):
             counting.reads = counting.records = 0
             desired = await core.run(config)
-            # The name claim (for a named run) and nothing else: no desired record, no node.
-            assert counting.records <= 1, (config.name, counting.reads, counting.records)
-            assert counting.reads <= 2, (config.name, counting.reads, counting.records)
+            # The name claim (for a named run) and nothing else: no desired record, no listing
+            # of nodes (30 records). When the view had not yet seen the previous run's write,
+            # the commit is refused and the placement re-reads the chosen node's three keys
+            # (`node_keys`) once: seen in CI under load.
+            refresh = len(node_keys("n01"))
+            assert counting.records <= 1 + refresh, (config.name, counting.reads, counting.records)
+            assert counting.reads <= 2 + refresh, (config.name, counting.reads, counting.records)
             assert desired.node in nodes
         # The counts come from the allocation records: the emptiest nodes get the new ones.
         allocation = await store.get_json(allocation_key(desired.node))

@@ -20,7 +20,7 @@ from berthd.common.state.containers import CONTAINERS
 from berthd.common.state.nodes import NODES, NodeRecord
 from berthd.common.store import Store
 
-from .counting import RequestCountingStore
+from .counting import RequestCountingStore, opened
 
 pytestmark = pytest.mark.integration
 
@@ -47,12 +47,8 @@ class Requests(RequestCountingStore):
 
 @pytest.fixture
 async def requests(etcd_endpoint: str, etcd_prefix: str) -> AsyncIterator[Requests]:
-    s = Requests(etcd_endpoint, etcd_prefix)
-    await s.connect()
-    yield s
-    await idempotency.close(s)
-    await s.delete_prefix("")
-    await s.close()
+    async with opened(Requests, etcd_endpoint, etcd_prefix) as s:
+        yield s
 
 
 @pytest.fixture

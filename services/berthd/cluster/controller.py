@@ -463,7 +463,9 @@ class Controller:
             times = [*self._due.values(), *(t for t, _, _ in self._later[:1])]
             timeout = max(min([*times, self._next_resync]) - time.time(), 0.0)
         try:
-            item = await asyncio.wait_for(queue.get(), timeout)
+            # Not wait_for: Python 3.11's drops a cancellation that arrives with an item.
+            async with asyncio.timeout(timeout):
+                item = await queue.get()
         except TimeoutError:
             return
         # The rest of a transaction's events arrive with it: take them in the same pass.

@@ -188,7 +188,9 @@ class NamesView:
         while not (self.loaded and self.applied >= wanted):
             progress = self._progress
             try:
-                await asyncio.wait_for(progress.wait(), max(deadline - time.monotonic(), 0))
+                # Not wait_for: Python 3.11's drops a cancellation that arrives with progress.
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                    await progress.wait()
             except TimeoutError:
                 raise Unavailable(
                     "the image service's view of the registry's names is behind etcd "

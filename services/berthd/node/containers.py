@@ -742,7 +742,9 @@ class ContainerManager:
 
     async def _wait_exited(self, record: ContainerRecord, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(self._until(lambda: record.state != RUNNING), timeout)
+            # Not wait_for: Python 3.11's drops a cancellation that arrives with the exit.
+            async with asyncio.timeout(timeout):
+                await self._until(lambda: record.state != RUNNING)
             return True
         except TimeoutError:
             return False

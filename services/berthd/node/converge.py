@@ -209,8 +209,11 @@ class Converger:
         while True:
             self._wake.clear()
             await self.reconcile()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that
+            # arrives as the event is set, and stop() would wait for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), RETRY_SECONDS)
+                async with asyncio.timeout(RETRY_SECONDS):
+                    await self._wake.wait()
 
     async def reconcile(self) -> None:
         # Removals first: a replica replaced on this node (a rolling update, stop-first) leaves

@@ -435,7 +435,8 @@ class Registry:
         for repository, digest in names:
             repository_name(repository, "manifests")
             digest_of(digest, "manifests")
-        shown = {repo: await self._sees(may_pull, repo) for repo, _ in names}
+        # Once per repository: a batch names a repository once per manifest it reads there.
+        shown = {repo: await self._sees(may_pull, repo) for repo in {r for r, _ in names}}
         records = [
             record if record is not None and shown[repo] else None
             for (repo, _), record in zip(names, await self.meta.get_manifests(names), strict=True)
