@@ -316,6 +316,7 @@ class ContainerManager:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self.watcher.close()
+        await self.networks.close()
         metrics.EXIT_WATCHES.set(0)
         with contextlib.suppress(ValueError):
             metrics.CONTAINER_USAGE.sources.remove(self._running)

@@ -15,13 +15,13 @@ A container on a network gets, when it starts (and loses, when it exits or is re
   under `<data dir>/network/ipam/`.
 - berth's nftables table `inet berth_<4 hex of the node id>`, written whole from the node's
   attachments after every change (and deleted when none remain): masquerade of each local
-  slice going anywhere but its own network, forwarding between two berth bridges refused,
-  and an internal network's bridge forwarding to nothing but itself. The plugin's own
-  iptables masquerade is off
-  (ipMasq false), so one table holds every rule berth makes and can be rebuilt or deleted.
+  slice going anywhere but its own network, forwarding between two networks' devices
+  refused, and an internal network's bridge forwarding to nothing but its own devices. The
+  plugin's own iptables masquerade is off (ipMasq false), so one table holds every rule
+  berth makes and can be rebuilt or deleted.
 
-Not yet here (docs/networking.md): VXLAN between nodes (a vxlan device per network, FDB and
-neighbour entries from the slices in etcd), DNS, published ports (DNAT in the same table).
+Between nodes: berthd.node.overlay (a vxlan device per network, kept from the slices in
+etcd). Not yet here (docs/networking.md): DNS, published ports (DNAT in the same table).
 """
 
 from __future__ import annotations
@@ -107,11 +107,11 @@ class Attachment:
 
 
 def cni_config(
-    network: NetworkRecord, slice_: Slice, ipam_dir: Path, bridge: str
+    network: NetworkRecord, slice_: Slice, ipam_dir: Path, bridge: str, mtu: int | None = None
 ) -> dict[str, Any]:
     """The bridge plugin's config for `network` on a node holding `slice_`, its bridge
-    named `bridge`."""
-    return {
+    named `bridge`; `mtu` (the overlay's, berthd.node.overlay) for the bridge and veths."""
+    config: dict[str, Any] = {
         "cniVersion": CNI_VERSION,
         "name": f"berth-{network.id[:12]}",
         "type": "bridge",
@@ -128,6 +128,9 @@ def cni_config(
             "dataDir": str(ipam_dir),
         },
     }
+    if mtu is not None:
+        config["mtu"] = mtu
+    return config
 
 
 def loopback_config() -> dict[str, Any]:
@@ -137,21 +140,18 @@ def loopback_config() -> dict[str, Any]:
 def nft_ruleset(table: str, attachments: Iterable[Attachment]) -> str:
     """berth's whole table for these attachments (one rule set per network on the node),
     for `nft -f`: the table is declared, flushed and filled in one transaction."""
+    from berthd.node.overlay import forward_rules  # the overlay builds on this module
+
     networks = {a.network_id: a for a in attachments}
     forward, postrouting = [], []
     for a in sorted(networks.values(), key=lambda a: a.bridge):
+        # Between the network's own bridges and vxlan device only; an internal network's
+        # bridge forwards nothing else in or out.
+        forward += forward_rules(a.bridge, a.internal)
         if a.internal:
-            # Nothing leaves an internal network's bridge but to the bridge itself.
-            forward.append(f'iifname "{a.bridge}" oifname != "{a.bridge}" {REJECT}')
-            forward.append(f'oifname "{a.bridge}" iifname != "{a.bridge}" {REJECT}')
             continue
-        # Another network's bridge is out of reach (rejected: a connection fails at once
-        # instead of hanging until its timeout).
-        forward.append(
-            f'iifname "{a.bridge}" oifname "{BRIDGE_PREFIX}*" oifname != "{a.bridge}" {REJECT}'
-        )
-        # Out to anything but the network itself (other hosts' slices, later over VXLAN,
-        # keep their addresses) goes out with the node's address.
+        # Out to anything but the network itself (other hosts' slices, over VXLAN, keep
+        # their addresses) goes out with the node's address.
         postrouting.append(
             f'ip saddr {a.slice} ip daddr != {a.subnet} oifname != "{a.bridge}" masquerade'
         )
@@ -234,6 +234,13 @@ class NetworkManager:
         # on the node, so most starts skip `nft` (about 14 ms of a start).
         self._written: str | None = None
         self._lock = asyncio.Lock()
+        from berthd.node.overlay import Overlay  # the overlay builds on this module
+
+        self.overlay = Overlay(store, node_id, node_tag(node_id))
+
+    async def close(self) -> None:
+        """Stop following etcd (the agent stops; its devices stay for the next one)."""
+        await self.overlay.close()
 
     def netns_path(self, container_id: str) -> Path:
         return self.netns_dir / container_id
@@ -308,8 +315,9 @@ class NetworkManager:
                 internal=network.internal,
                 netns=str(self.netns_path(container_id)),
             )
+            mtu = await self.overlay.container_mtu()
             try:
-                await asyncio.to_thread(self._add, attachment, network, slice_, container_id)
+                await asyncio.to_thread(self._add, attachment, network, slice_, container_id, mtu)
             except BaseException:
                 # As a CNI runtime after a failed ADD: DEL, which also frees the address. The
                 # cleanup's own failures are logged; the caller gets the ADD's.
@@ -324,14 +332,19 @@ class NetworkManager:
         return attachment
 
     def _add(
-        self, attachment: Attachment, network: NetworkRecord, slice_: Slice, container_id: str
+        self,
+        attachment: Attachment,
+        network: NetworkRecord,
+        slice_: Slice,
+        container_id: str,
+        mtu: int | None,
     ) -> None:
         self._make_netns(container_id)
         # The node forwards for its containers (only its own namespace's setting changes).
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
         netns = attachment.netns
         cni("ADD", loopback_config(), container_id, netns, "lo")
-        config = cni_config(network, slice_, self.ipam_root, attachment.bridge)
+        config = cni_config(network, slice_, self.ipam_root, attachment.bridge, mtu)
         result = cni("ADD", config, container_id, netns, IFNAME)
         ip = result["ips"][0]
         interface = ipaddress.IPv4Interface(ip["address"])
@@ -434,9 +447,11 @@ class NetworkManager:
     # The nftables table -----------------------------------------------------------------
 
     async def sync_rules(self, attachments: list[Attachment]) -> None:
-        """berth's table for the node's attachments now; deleted when there are none."""
+        """berth's table for the node's attachments now (deleted when there are none), and
+        the overlay's devices for their networks."""
         async with self._lock:
             await asyncio.to_thread(self._sync_rules, attachments)
+            await self.overlay.update(attachments)
 
     def _sync_rules(self, attachments: list[Attachment]) -> None:
         if attachments:
@@ -469,6 +484,7 @@ def sweep_offline(data_dir: Path, node_id: str) -> list[str]:
     left of its networks in this namespace: namespace files, its bridges (with their veths),
     its nftables table, its IPAM leases. For `berthd down`; its slices in etcd go with the
     networks. Returns what was removed."""
+    from berthd.node.overlay import owned
     from berthd.node.secrets import run_dir
 
     removed = []
@@ -484,6 +500,9 @@ def sweep_offline(data_dir: Path, node_id: str) -> list[str]:
         if name.startswith(BRIDGE_PREFIX) and name.endswith(tag) and len(name) == 13:
             subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
             removed.append(f"bridge {name}")
+        elif owned(name, tag):
+            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+            removed.append(f"vxlan {name}")
     with contextlib.suppress(FailedPrecondition):
         manager._sync_rules([])  # deletes the table and the namespace directory's mount
     if manager.ipam_root.is_dir() and any(manager.ipam_root.iterdir()):
