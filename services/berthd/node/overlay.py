@@ -39,7 +39,7 @@ import ipaddress
 import json
 import logging
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,9 +245,9 @@ def _same_device(found: dict[str, Any], device: Device) -> bool:
 def commands(
     devices: Mapping[str, Device],
     found: Mapping[str, dict[str, Any]],
-    routes: Iterable[dict[str, Any]],
-    neighbours: Iterable[dict[str, Any]],
-    fdb: Iterable[dict[str, Any]],
+    routes: Collection[dict[str, Any]],
+    neighbours: Collection[dict[str, Any]],
+    fdb: Collection[dict[str, Any]],
 ) -> tuple[list[str], list[str]]:
     """The `ip -batch` and `bridge -batch` lines that turn what the kernel holds (`found`
     devices; `routes`, `neighbours` and `fdb` entries as `-j` prints them) into `devices`."""
@@ -280,14 +280,19 @@ def commands(
         if addresses != {dev.address}:
             ip_lines.append(f"addr flush dev {name} scope global")
             ip_lines.append(f"addr add {dev.address} dev {name}")
-        # Only what differs is written; entries of peers that left are deleted.
-        kept_routes = {
-            r["dst"]: r.get("gateway") for r in routes if r.get("dev") == name and "dst" in r
-        }
-        kept_neighbours = {
-            n["dst"]: n.get("lladdr") for n in neighbours if n.get("dev") == name and "dst" in n
-        }
-        kept_fdb = {f["mac"]: f.get("dst") for f in fdb if f.get("ifname") == name and "dst" in f}
+        # Only what differs is written; entries of peers that left are deleted. A device
+        # made now has none yet (a deleted one took its entries with it).
+        kept_routes: dict[str, Any] = {}
+        kept_neighbours: dict[str, Any] = {}
+        kept_fdb: dict[str, Any] = {}
+        if existing is not None:
+            kept_routes = {r["dst"]: r.get("gateway") for r in routes if r.get("dev") == name}
+            kept_neighbours = {
+                n["dst"]: n.get("lladdr") for n in neighbours if n.get("dev") == name
+            }
+            kept_fdb = {
+                f["mac"]: f.get("dst") for f in fdb if f.get("ifname") == name and "dst" in f
+            }
         wanted_routes = {p.subnet: p.vtep for p in dev.peers}
         wanted_neighbours = {p.vtep: p.mac for p in dev.peers}
         wanted_fdb = {p.mac: p.underlay for p in dev.peers}
