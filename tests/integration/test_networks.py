@@ -110,15 +110,15 @@ class Net:
 
 
 def leftovers(net: Net) -> dict[str, list[str]]:
-    """What of berth's networking is in the hosts: bridges and veths, namespace files, nft
-    tables, host-local leases."""
+    """What of berth's networking is in the hosts: bridges, veths and vxlan devices, namespace
+    files, nft tables, host-local leases."""
     found: dict[str, list[str]] = {"links": [], "namespaces": [], "tables": [], "leases": []}
     for n in (1, 2):
         links = [
             line.split(":")[1].strip().split("@")[0]
             for line in net.in_host("ip", "-o", "link", host=n).splitlines()
         ]
-        found["links"] += [name for name in links if name.startswith(("bn-", "veth"))]
+        found["links"] += [name for name in links if name.startswith(("bn-", "veth", "vx-"))]
         netns_dir = run_dir_of(net.run_dir / f"host{n}") / "netns"
         found["namespaces"] += sorted(p.name for p in netns_dir.glob("*"))
         tables = net.in_host("nft", "list", "tables", host=n).splitlines()
