@@ -7,7 +7,7 @@ BUF := npx --yes @bufbuild/buf@1.47.2
 # golang-github-containers-common ships the default seccomp profile containers run with
 # (/usr/share/containers/seccomp.json, Docker's and Podman's).
 APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-registry openssl iproute2 curl \
-  nftables containernetworking-plugins \
+  nftables containernetworking-plugins iperf3 \
   golang-github-containers-common podman docker.io containerd
 # Peers the benchmarks measure berth against (not needed by the tests; docker-registry is: the
 # image tests push to and pull from it; podman, docker.io and containerd too: their clients pull
@@ -102,6 +102,7 @@ bench: deps bench-apt
 	$(PY) -m bench.registry
 	$(PY) -m bench.registry_http
 	$(PY) -m bench.node
+	$(PY) -m bench.net_throughput
 	$(PY) -m bench.cluster
 	$(PY) -m bench.image
 	$(PY) -m bench.builder
