@@ -61,6 +61,7 @@ BRIDGE_PREFIX = "bn-"
 IFNAME = "eth0"
 REJECT = "reject with icmpx type admin-prohibited"
 ATTEMPTS = 10
+DNS_PORT = 53
 
 
 def node_tag(node_id: str) -> str:
@@ -138,9 +139,16 @@ def nft_ruleset(table: str, attachments: Iterable[Attachment]) -> str:
     """berth's whole table for these attachments (one rule set per network on the node),
     for `nft -f`: the table is declared, flushed and filled in one transaction."""
     networks = {a.network_id: a for a in attachments}
-    forward, postrouting = [], []
+    forward, postrouting, input_ = [], [], []
     for a in sorted(networks.values(), key=lambda a: a.bridge):
+        # The network's resolver on its gateway (berthd.node.dns), internal networks included.
+        input_.append(
+            f'iifname "{a.bridge}" ip daddr {Slice(a.slice).gateway} meta l4proto {{ udp, tcp }} '
+            f"th dport {DNS_PORT} accept"
+        )
         if a.internal:
+            # ... and nothing else of the node from an internal network.
+            input_.append(f'iifname "{a.bridge}" {REJECT}')
             # Nothing leaves an internal network's bridge but to the bridge itself.
             forward.append(f'iifname "{a.bridge}" oifname != "{a.bridge}" {REJECT}')
             forward.append(f'oifname "{a.bridge}" iifname != "{a.bridge}" {REJECT}')
@@ -162,6 +170,10 @@ def nft_ruleset(table: str, attachments: Iterable[Attachment]) -> str:
         "  chain forward {",
         "    type filter hook forward priority filter; policy accept;",
         *(f"    {rule}" for rule in forward),
+        "  }",
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        *(f"    {rule}" for rule in input_),
         "  }",
         "  chain postrouting {",
         "    type nat hook postrouting priority srcnat; policy accept;",
