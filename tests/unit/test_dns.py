@@ -185,7 +185,7 @@ def test_a_node_publishes_its_attached_containers_and_listens_on_their_gateways(
         )  # fmt: skip
 
     records = [
-        record(WEB1, "web.1", on(FRONT, "10.90.1.2"), labels={SERVICE_LABEL: "web"},
+        record(WEB1, "web.1", on(FRONT, "10.90.1.2"), labels={SERVICE_LABEL: "5e41ce"},
                network_mode="n", network_aliases=["www"]),
         record(DB, "db", on(BACK, "10.90.1.3", internal=True), network_mode="n"),
         record(OTHER, "off", None),

@@ -28,6 +28,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import dns.asyncquery
 import dns.exception
@@ -295,8 +296,7 @@ class _Datagrams(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         task = asyncio.create_task(self._reply(data, addr))
@@ -363,6 +363,15 @@ class Listener:
 # The node's part --------------------------------------------------------------------------
 
 
+def service_name(record: ContainerRecord) -> str:
+    """A replica's service name: the cluster names replicas SERVICE.SLOT (its label holds
+    the service's id); "" for any other container."""
+    if not record.config.labels.get(SERVICE_LABEL):
+        return ""
+    service, _, slot = record.name.rpartition(".")
+    return service if service and slot.isdigit() else ""
+
+
 def wanted(
     node_id: str, records: Iterable[ContainerRecord]
 ) -> tuple[dict[str, EndpointRecord], dict[str, Bridge]]:
@@ -379,7 +388,7 @@ def wanted(
             address=attached["ip_address"],
             node=node_id,
             aliases=list(record.config.network_aliases),
-            service=record.config.labels.get(SERVICE_LABEL, ""),
+            service=service_name(record),
         )
         bridges[network_id] = Bridge(network_id, attached["gateway"], attached["internal"])
     return endpoints, bridges
