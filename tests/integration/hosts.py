@@ -267,15 +267,20 @@ class TestNetwork:
 
     # -- cleanup --------------------------------------------------------------------------
 
-    def start_agents(self, registry: str, prefix: str, lease_ttl: int) -> dict[str, HostService]:
+    def start_agents(
+        self, registry: str, prefix: str, lease_ttl: int, *extra: str
+    ) -> dict[str, HostService]:
         """One node agent per host, without waiting: node id `hostN`, label `host=hN`, data in
-        `run_dir/hostN`, pulling from `registry`. Call `.wait_ready()` on each."""
+        `run_dir/hostN`, pulling from `registry`, with the flags `extra`. Call `.wait_ready()`
+        on each."""
         return {
-            f"host{n}": self.start_agent(n, registry, prefix, lease_ttl)
+            f"host{n}": self.start_agent(n, registry, prefix, lease_ttl, *extra)
             for n in range(1, len(self.hosts) + 1)
         }
 
-    def start_agent(self, n: int, registry: str, prefix: str, lease_ttl: int) -> HostService:
+    def start_agent(
+        self, n: int, registry: str, prefix: str, lease_ttl: int, *extra: str
+    ) -> HostService:
         """The node agent of host `n` (see start_agents), also to restart it after a kill."""
         return self.start_service(
             self.host(n),
@@ -284,6 +289,7 @@ class TestNetwork:
             f"--node-id=host{n}",
             f"--label=host=h{n}",
             f"--registry={registry}",
+            *extra,
             prefix=prefix,
             lease_ttl=lease_ttl,
         )

@@ -7,6 +7,7 @@ the overlay between hosts is not there yet (docs/networking.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -130,7 +131,14 @@ def leftovers(net: Net) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def network_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    run_dir = tmp_path_factory.mktemp("networks")
+    with started(tmp_path_factory.mktemp("networks")) as state:
+        yield state
+
+
+@contextlib.contextmanager
+def started(run_dir: Path, *agent_flags: str) -> Iterator[Net]:
+    """The cluster of these tests (agents started with `agent_flags`); on the way out, after
+    the test's containers and networks are gone, nothing of berth's must be left."""
     net = TestNetwork(run_dir)
     prefix = f"/berth-net-{uuid.uuid4().hex[:8]}/"
     agents: dict[str, HostService] = {}
@@ -138,7 +146,7 @@ def network_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         registry = net.start_control(2, prefix)
         service = net.start_service(net.ctl, "cluster", prefix=prefix)
         registry.wait_ready()
-        agents.update(net.start_agents(registry.address, prefix, LEASE_TTL))
+        agents.update(net.start_agents(registry.address, prefix, LEASE_TTL, *agent_flags))
         service.wait_ready()
         for agent in agents.values():
             agent.wait_ready()

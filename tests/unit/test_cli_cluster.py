@@ -687,7 +687,23 @@ def test_service_scale_and_update(cluster: FakeCluster, capsys: pytest.CaptureFi
     assert cluster.calls[-1] == (
         "update_service",
         "web",
-        {"image": "b:2", "env": ["A=1"], "env_remove": ["B"], "replicas": None},
+        {
+            "image": "b:2",
+            "env": ["A=1"],
+            "env_remove": ["B"],
+            "replicas": None,
+            "network": None,
+            "network_aliases": None,
+        },
+    )
+    argv = ["service", "update", "--network", "front", "--network-alias", "api", "web"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == "web\n"
+    changed = cluster.calls[-1][2]
+    assert (changed["network"], changed["network_aliases"], changed["image"]) == (
+        "front",
+        ["api"],
+        None,
     )
     assert main(["service", "update", "web"]) == 1
     assert "nothing to update" in error_line(capsys)

@@ -398,6 +398,11 @@ def test_run_defaults_and_a_command_with_its_own_options() -> None:
     assert run_config(args) == ContainerConfig("busybox", command=["ls", "-l", "--rm"])
 
 
+def test_run_network_aliases_are_repeatable() -> None:
+    args = run_args("--network", "front", "--network-alias", "db", "--network-alias", "store", "pg")
+    assert run_config(args).network_aliases == ["db", "store"]
+
+
 @pytest.mark.parametrize(
     ("argv", "mentions"),
     [
@@ -408,6 +413,8 @@ def test_run_defaults_and_a_command_with_its_own_options() -> None:
         (["-v", "/only", "busybox"], "expected SRC:DST"),
         (["--network", "bridge", "busybox"], 'unsupported network mode "bridge"'),
         (["--network", "a/b", "busybox"], 'unsupported network mode "a/b"'),
+        (["--network-alias", "db", "busybox"], "aliases are supported only for containers on"),
+        (["--network", "n", "--network-alias", "a b", "busybox"], 'invalid network alias "a b"'),
         (["-w", "relative", "busybox"], "must be absolute"),
         (["-e", "=x", "busybox"], "invalid environment variable"),
         (["--pids-limit", "-1", "busybox"], "expected a number of 0 or more"),

@@ -238,6 +238,7 @@ class ContainerConfig:
     security_opt: list[str] = field(default_factory=list)
     userns: str = ""
     secrets: list[SecretReference] = field(default_factory=list)
+    network_aliases: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         """The record etcd and the node's container.json hold: the fields in order, compact.
@@ -326,6 +327,8 @@ class ContainerConfig:
             self._validate_restart()
         with _field("network_mode"):
             _check_network_mode(self.network_mode)
+        with _field("network_aliases"):
+            self._validate_network_aliases()
         with _field("tty"):
             _check_bool("tty", self.tty)
         with _field("stdin_open"):
@@ -352,6 +355,20 @@ class ContainerConfig:
                 )
         with _field("secrets"):
             self._validate_secrets()
+
+    def _validate_network_aliases(self) -> None:
+        for alias in _check_str_list("network_aliases", self.network_aliases):
+            if not _NETWORK_NAME_RE.fullmatch(alias):
+                raise InvalidContainerConfig(
+                    f"invalid network alias {quoted(alias)}: letters, digits, '_', '.' and '-', "
+                    "starting with a letter or digit, at most 63 characters"
+                )
+        if self.network_aliases and self.network_mode in NETWORK_MODES:
+            # Docker's rule: aliases are names on a network, and none and host are none.
+            raise InvalidContainerConfig(
+                "network-scoped aliases are supported only for containers on a berth network "
+                "(--network NAME)"
+            )
 
     def _validate_secrets(self) -> None:
         if not isinstance(self.secrets, list) or not all(
@@ -507,7 +524,17 @@ def to_spec(config: ContainerConfig) -> pb.ContainerSpec:
             pb.SecretReference(name=r.name, target=r.target, mode=r.mode, uid=r.uid, gid=r.gid)
             for r in config.secrets
         ],
+        network_aliases=config.network_aliases,
     )
+
+
+def set_network(spec: pb.ContainerSpec, network_mode: str) -> None:
+    """Put the model's network_mode (none, host or a network's name) into `spec`, as to_spec
+    does: for an edit of a spec that keeps its other fields (`service update --network`)."""
+    _check_network_mode(network_mode)
+    named = network_mode not in NETWORK_MODES
+    spec.network_mode = tables.NETWORK_MODES.value("network" if named else network_mode)
+    spec.network = network_mode if named else ""
 
 
 def from_spec(spec: pb.ContainerSpec) -> ContainerConfig:
@@ -546,6 +573,7 @@ def from_spec(spec: pb.ContainerSpec) -> ContainerConfig:
         security_opt=list(spec.security_opt),
         userns=spec.userns,
         secrets=[SecretReference(r.name, r.target, r.mode, r.uid, r.gid) for r in spec.secrets],
+        network_aliases=list(spec.network_aliases),
     )
 
 

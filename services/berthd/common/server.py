@@ -109,6 +109,7 @@ async def run_server(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     authorizer: Authorizer | None = None,
     http_url: str = "",
+    on_lease: Callable[[int], None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain and clean up.
 
@@ -116,7 +117,8 @@ async def run_server(
     etcd under this instance's lease (a node's `nodes/<id>`, for example). `authorizer`
     defaults to tokens checked against etcd and no public repositories. `http_url` is an
     HTTP API the service serves on the same loop (the registry's /v2/), for its endpoint
-    record and ready file.
+    record and ready file. `on_lease(lease id)` is told the instance's lease each time it is
+    granted (at the start, and again after one expired), for keys bound to it later.
     """
     setup_logging(config.service, config.instance_id, config.log_level)
     disable_created_metrics()  # the *_created series only add noise to every counter
@@ -192,7 +194,7 @@ async def run_server(
     keys = {endpoint_key(config.service, config.instance_id): endpoint.encode()}
     if on_start:
         keys.update(await on_start(address))
-    lease = LeaseKeeper(store, config.lease_ttl, keys)
+    lease = LeaseKeeper(store, config.lease_ttl, keys, on_lease)
     await lease.start()
     if config.ready_file:
         atomic_write(Path(config.ready_file), endpoint.encode())

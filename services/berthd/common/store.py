@@ -605,10 +605,18 @@ class Store:
 class LeaseKeeper:
     """Holds a lease alive in the background and re-registers keys if it ever expires."""
 
-    def __init__(self, store: Store, ttl: int, keys: dict[str, bytes]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        ttl: int,
+        keys: dict[str, bytes],
+        on_register: Callable[[int], None] | None = None,
+    ) -> None:
         self._store = store
         self._ttl = ttl
         self._keys = keys
+        # Told each new lease id, for keys its owner writes later under the same lease.
+        self._on_register = on_register
         self.lease_id = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -620,6 +628,8 @@ class LeaseKeeper:
         self.lease_id = await self._store.grant_lease(self._ttl)
         for key, value in self._keys.items():
             await self._store.put(key, value, lease=self.lease_id)
+        if self._on_register is not None:
+            self._on_register(self.lease_id)
 
     async def _keep_alive(self) -> None:
         while True:

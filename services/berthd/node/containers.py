@@ -34,6 +34,7 @@ from berthd.common.state.containers import START_FAILED, STATUSES, ContainerStat
 from berthd.common.storage import Storage
 from berthd.common.store import Store
 from berthd.node import cgroups, idmap, metrics
+from berthd.node.dns import NameService, default_upstreams
 from berthd.node.exits import ExitWatcher
 from berthd.node.idmap import IdMap
 from berthd.node.layers import ImageStore, LayerStore
@@ -137,6 +138,7 @@ class ContainerManager:
         store: Store | None,
         secrets: SecretMounts | None = None,
         remap: IdMap | None = None,
+        names: NameService | None = None,
     ) -> None:
         self.root = data_dir / "containers"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -170,6 +172,8 @@ class ContainerManager:
         # Running containers whose conmon died without an exit file (warned about once).
         self._orphans: set[str] = set()
         self.networks = NetworkManager(store, node_id, data_dir, run_dir(data_dir))
+        # Names on networks: endpoint records and a resolver per bridge (berthd.node.dns).
+        self.names = names or NameService(store, node_id, default_upstreams())
 
     # Records --------------------------------------------------------------------------------
 
@@ -317,6 +321,7 @@ class ContainerManager:
                     await task
         self.watcher.close()
         await self.networks.close()
+        await self.names.stop()
         metrics.EXIT_WATCHES.set(0)
         with contextlib.suppress(ValueError):
             metrics.CONTAINER_USAGE.sources.remove(self._running)
@@ -837,6 +842,7 @@ class ContainerManager:
                 hostname,
                 record.config.network_mode,
                 address=attachment.ip_address,
+                nameserver=attachment.gateway,
                 owner=owner,
             )
             await self._sync_network_rules()
@@ -869,6 +875,7 @@ class ContainerManager:
             await self.networks.sync_rules(self._attachments())
         except FailedPrecondition as exc:
             log.error("cannot write berth's nftables table: %s", exc)
+        await self.names.sync(self.records.values())
 
     def in_use_layers(self) -> set[str]:
         return {chain for r in self.records.values() for chain in r.chain_ids}

@@ -24,6 +24,7 @@ from berthd.common.store import Store
 from berthd.node.agent import NodeAgent, default_node_id
 from berthd.node.containers import ContainerManager
 from berthd.node.converge import Converger
+from berthd.node.dns import NameService, default_upstreams, parse_upstreams
 from berthd.node.fence import PEERS_FILE, Fence, Peers
 from berthd.node.idmap import DEFAULT_RANGE, IdMap
 from berthd.node.join import join, log_joined, needs_join, renewal_signer
@@ -141,6 +142,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         scope="node",
         help="the same for standalone cluster containers; 0 (default): they run on",
     )
+    add_flag(
+        parser,
+        "--dns-upstream",
+        default="",
+        scope="node",
+        help="resolvers IPv4[:port],... that containers' resolvers ask for names not on "
+        "their network (default: the nameservers of /etc/resolv.conf)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -164,6 +173,10 @@ async def run(args: argparse.Namespace) -> None:
         remap = IdMap.parse(args.userns_remap_range)
     except InvalidArgument as exc:
         raise SystemExit(f"berthd node: --userns-remap-range: {exc}") from None
+    try:
+        upstreams = parse_upstreams(args.dns_upstream) if args.dns_upstream else None
+    except ValueError as exc:
+        raise SystemExit(f"berthd node: --dns-upstream: {exc}") from None
     joined = await join(args) if needs_join(args) else None
     config = service_config("node", args)
     store = Store(config.etcd, config.etcd_prefix, config.credentials.channel_credentials)
@@ -181,8 +194,11 @@ async def run(args: argparse.Namespace) -> None:
         Path(args.secrets_dir) if args.secrets_dir else default_dir(data),
         cluster.container_secrets,
     )
+    names = NameService(
+        store, args.node_id, default_upstreams() if upstreams is None else upstreams
+    )
     manager = ContainerManager(
-        data, args.node_id, runtime, images, layers, store, secrets, remap=remap
+        data, args.node_id, runtime, images, layers, store, secrets, remap=remap, names=names
     )
 
     registry = RegistryApi(service_address(store, "registry", args.registry))
@@ -240,4 +256,7 @@ async def run(args: argparse.Namespace) -> None:
         await converger.stop()
         await manager.stop_background()
 
-    await run_server(config, store, mount, on_start=on_start, on_stop=on_stop)
+    # Endpoint records go with the node's registration (berthd.node.dns).
+    await run_server(
+        config, store, mount, on_start=on_start, on_stop=on_stop, on_lease=names.set_lease
+    )

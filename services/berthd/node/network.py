@@ -21,7 +21,8 @@ A container on a network gets, when it starts (and loses, when it exits or is re
   berth makes and can be rebuilt or deleted.
 
 Between nodes: berthd.node.overlay (a vxlan device per network, kept from the slices in
-etcd). Not yet here (docs/networking.md): DNS, published ports (DNAT in the same table).
+etcd). Names: berthd.node.dns (its resolvers are accepted on each bridge's gateway here).
+Not yet here (docs/networking.md): published ports (DNAT in the same table).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ BRIDGE_PREFIX = "bn-"
 IFNAME = "eth0"
 REJECT = "reject with icmpx type admin-prohibited"
 ATTEMPTS = 10
+DNS_PORT = 53
 
 
 def node_tag(node_id: str) -> str:
@@ -143,12 +145,19 @@ def nft_ruleset(table: str, attachments: Iterable[Attachment]) -> str:
     from berthd.node.overlay import forward_rules  # the overlay builds on this module
 
     networks = {a.network_id: a for a in attachments}
-    forward, postrouting = [], []
+    forward, postrouting, input_ = [], [], []
     for a in sorted(networks.values(), key=lambda a: a.bridge):
+        # The network's resolver on its gateway (berthd.node.dns), internal networks included.
+        input_.append(
+            f'iifname "{a.bridge}" ip daddr {Slice(a.slice).gateway} meta l4proto {{ udp, tcp }} '
+            f"th dport {DNS_PORT} accept"
+        )
         # Between the network's own bridges and vxlan device only; an internal network's
         # bridge forwards nothing else in or out.
         forward += forward_rules(a.bridge, a.internal)
         if a.internal:
+            # ... and reaches nothing else of the node.
+            input_.append(f'iifname "{a.bridge}" {REJECT}')
             continue
         # Out to anything but the network itself (other hosts' slices, over VXLAN, keep
         # their addresses) goes out with the node's address.
@@ -162,6 +171,10 @@ def nft_ruleset(table: str, attachments: Iterable[Attachment]) -> str:
         "  chain forward {",
         "    type filter hook forward priority filter; policy accept;",
         *(f"    {rule}" for rule in forward),
+        "  }",
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        *(f"    {rule}" for rule in input_),
         "  }",
         "  chain postrouting {",
         "    type nat hook postrouting priority srcnat; policy accept;",

@@ -31,6 +31,7 @@ from berthd.common.containers import (
 from berthd.common.errors import InvalidArgument
 from berthd.common.oci.digest import quoted
 from berthd.node import seccomp
+from berthd.node.dns import resolv_conf
 from berthd.node.idmap import IdMap
 
 OCI_VERSION = "1.0.2"
@@ -543,23 +544,27 @@ def prepare_etc_files(
     network_mode: str,
     *,
     address: str | None = None,
+    nameserver: str | None = None,
     owner: tuple[int, int] | None = None,
 ) -> dict[str, Path]:
     """Write the container's hosts, hostname and resolv.conf into `container_dir`.
 
     Returns {destination in the container: host file}, for build_runtime_config's
     etc_files. `address` is the container's own IP once it has one (bridge mode); without it
-    the hostname resolves to loopback. `owner` (host uid, gid) is a remapped container's root,
-    which must be able to write them as Docker's containers can.
+    the hostname resolves to loopback. `nameserver`: the node's resolver for the container's
+    network (its bridge's gateway, berthd.node.dns). `owner` (host uid, gid) is a remapped
+    container's root, which must be able to write them as Docker's containers can.
     """
     check_hostname(hostname)
+    try:
+        host_resolv = Path("/etc/resolv.conf").read_text()
+    except FileNotFoundError:
+        host_resolv = ""
     if network_mode == "host":
-        try:
-            resolv = Path("/etc/resolv.conf").read_text()
-        except FileNotFoundError:
-            resolv = ""
+        resolv = host_resolv
+    elif nameserver:
+        resolv = resolv_conf(nameserver, host_resolv)
     else:
-        # No name servers yet on a network either (an embedded resolver is to come).
         resolv = f"# berth: network mode {network_mode}, no name servers\n"
     hosts = "\n".join([*LOCALHOST_LINES, f"{address or '127.0.0.1'}\t{hostname}"]) + "\n"
     contents = {"hosts": hosts, "hostname": f"{hostname}\n", "resolv.conf": resolv}

@@ -217,6 +217,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--env-rm", action="append", default=[], metavar="KEY", help="drop a variable"
     )
     update.add_argument("--replicas", type=non_negative_int, metavar="N", help="replica count")
+    update.add_argument(
+        "--network", metavar="NETWORK", help="none, host or a network's name (berth network ls)"
+    )
+    update.add_argument(
+        "--network-alias",
+        action="append",
+        metavar="ALIAS",
+        help="another name the replicas answer to on their network; replaces the aliases "
+        "(repeatable)",
+    )
     update.add_argument("service", metavar="SERVICE", help="id, id prefix or name")
     update.set_defaults(func=cmd_service_update)
 
@@ -394,9 +404,12 @@ def cmd_service_scale(args: argparse.Namespace) -> int:
 
 def cmd_service_update(args: argparse.Namespace) -> int:
     env = [entry for entry in args.env if entry is not None]
-    if args.image is None and not env and not args.env_rm and args.replicas is None:
+    changes = (args.image, args.replicas, args.network, args.network_alias)
+    if all(c is None for c in changes) and not env and not args.env_rm:
         raise BerthClientError(
-            "nothing to update: give --image, --env, --env-rm or --replicas", "INVALID_ARGUMENT"
+            "nothing to update: give --image, --env, --env-rm, --replicas, --network or "
+            "--network-alias",
+            "INVALID_ARGUMENT",
         )
     with connect_cluster(args) as client:
         service = client.update_service(
@@ -405,6 +418,8 @@ def cmd_service_update(args: argparse.Namespace) -> int:
             env=env,
             env_remove=args.env_rm,
             replicas=args.replicas,
+            network=args.network,
+            network_aliases=args.network_alias,
         )
     if args.format == "json":
         print_json(service)

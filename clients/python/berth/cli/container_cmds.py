@@ -322,6 +322,7 @@ def container_config(args: argparse.Namespace, name: str = "") -> ContainerConfi
         restart_policy=restart,
         restart_max_retries=retries,
         network_mode=args.network,
+        network_aliases=args.network_alias,
         cap_add=args.cap_add,
         cap_drop=args.cap_drop,
         security_opt=args.security_opt,
@@ -521,6 +522,13 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
         default="none",
         metavar="NETWORK",
         help=f"{' or '.join(NETWORK_MODES)}, or a network's name (berth network ls) (none)",
+    )
+    add(
+        "--network-alias",
+        action="append",
+        default=[],
+        metavar="ALIAS",
+        help="another name the container answers to on its network (repeatable)",
     )
     add(
         "-l",
@@ -1069,6 +1077,7 @@ def network_settings_shape(c: ContainerInfo) -> dict[str, Any]:
     if not n:
         return {"Networks": {}, "IPAddress": "", "Gateway": "", "MacAddress": ""}
     endpoint = {
+        "Aliases": c.network_aliases or None,
         "NetworkID": n["network_id"],
         "IPAddress": n["ip_address"],
         "IPPrefixLen": n["ip_prefix_length"],

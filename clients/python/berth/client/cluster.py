@@ -460,16 +460,26 @@ class ClusterClient(ContainerStreams, GrpcClient):
         env: Iterable[str] = (),
         env_remove: Iterable[str] = (),
         replicas: int | None = None,
+        network: str | None = None,
+        network_aliases: list[str] | None = None,
     ) -> ServiceInfo:
         """Change some of a service's spec and roll its replicas to it. UpdateService replaces
         the whole spec, so the current one is edited as a message (keeping every field this
         client does not know) and sent with its version: a concurrent change fails rather than
-        being overwritten."""
+        being overwritten. `network`: none, host or a network's name; `network_aliases`
+        replace the replicas' aliases."""
         current = self._service_message(service)
         spec = pb.ServiceSpec()
         spec.CopyFrom(current.spec)
         if image is not None:
             spec.template.image = image
+        if network is not None:
+            from berth.containers import set_network
+
+            set_network(spec.template, network)
+        if network_aliases is not None:
+            del spec.template.network_aliases[:]
+            spec.template.network_aliases.extend(network_aliases)
         merged = merge_env(list(spec.template.env), env, env_remove)
         del spec.template.env[:]
         spec.template.env.extend(merged)

@@ -51,6 +51,8 @@ class ContainerInfo:
     # "gateway", "mac_address"} (ContainerStatus.network_settings); empty otherwise.
     network_mode: str = field(default="none", kw_only=True)
     network: dict[str, Any] = field(default_factory=dict, kw_only=True)
+    # More names it answers to on its network (ContainerSpec.network_aliases).
+    network_aliases: list[str] = field(default_factory=list, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ def container_fields(c: Any) -> dict[str, Any]:
         "userns": c.spec.userns,
         "network_mode": c.spec.network or NETWORK_MODES.name(c.spec.network_mode, "none"),
         "network": network_settings(c.status),
+        "network_aliases": list(c.spec.network_aliases),
     }
 
 

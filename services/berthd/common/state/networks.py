@@ -12,6 +12,14 @@ lease slices). Keys, relative to the store prefix (docs/etcd.md):
                                         looked) and deleted by it when its last container on the
                                         network goes; the cluster deletes them all with the
                                         network.
+    network-endpoints/<network id>/<container id>
+                                        EndpointRecord (JSON): a container's names and address on
+                                        the network, for the nodes' resolvers (berthd.node.dns).
+                                        Written by the container's node when it attaches it,
+                                        bound to the node's lease (so a dead node's go with
+                                        it), deleted when it detaches. Outside networks/: the
+                                        cluster's network creation compares that nothing under
+                                        networks/ changed, and containers come and go often.
 
 Container addresses come from the node's slice through the CNI host-local plugin (its leases
 live in the node's data directory, not in etcd); the slice's first address is the gateway
@@ -33,6 +41,7 @@ from berthd.common.store import Store
 NETWORKS_PREFIX = "networks/"
 NAMES_PREFIX = "networks/names/"
 SLICES_PREFIX = "networks/slices/"
+ENDPOINTS_PREFIX = "network-endpoints/"
 
 # The network every cluster has (made by the cluster service when absent).
 DEFAULT_NETWORK = "berth"
@@ -122,8 +131,44 @@ class Slice:
         return str(self.network.network_address + 1)
 
 
+@dataclass
+class EndpointRecord:
+    """network-endpoints/<network id>/<container id>: what a container answers to on the
+    network. Its names: `name`, the container id's first 12 characters, each alias, and for
+    a service replica the service's name and `tasks.<service>`."""
+
+    name: str
+    address: str
+    node: str
+    aliases: list[str] = field(default_factory=list)
+    service: str = ""
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, id: str, raw: bytes | str) -> EndpointRecord:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("an endpoint record is a JSON object")
+        record = cls(**known_fields(cls, data))
+        ipaddress.IPv4Address(record.address)
+        if not isinstance(record.aliases, list):
+            raise ValueError("aliases is a list")
+        return record
+
+
+def endpoint_id(network_id: str, container_id: str) -> str:
+    """The ENDPOINTS id of a container on a network."""
+    return f"{network_id}/{container_id}"
+
+
 NETWORKS: Family[NetworkRecord] = _NetworkFamily("network", NETWORKS_PREFIX, NetworkRecord.decode)
 NAMES: Family[NameClaim] = Family("network name", NAMES_PREFIX, NameClaim.decode)
+# Every network's endpoints, by "<network id>/<container id>" (endpoint_id).
+ENDPOINTS: Family[EndpointRecord] = Family(
+    "network endpoint", ENDPOINTS_PREFIX, EndpointRecord.decode
+)
 
 
 def slices(network_id: str) -> Family[Slice]:
