@@ -128,6 +128,7 @@ bench: deps bench-apt
 	$(PY) -m bench.placement
 	$(PY) -m bench.stats
 	$(PY) -m bench.cli_startup
+	$(PY) -m bench.net_start
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)
