@@ -500,8 +500,12 @@ class Demo:
         self.remove_left("demo-nginx", "demo-nginx2")
 
         publish = self.publish_args(NGINX_PORTS[0])
-        published = f"its port 80 published as {NGINX_PORTS[0]}" if publish else "its own address"
-        self.heading(f"Run nginx on berth's default network: {published}")
+        published = (
+            f", its port 80 published as {NGINX_PORTS[0]}"
+            if publish
+            else " (no -p yet: the host reaches it by its address)"
+        )
+        self.heading(f"Run nginx on berth's default network{published}")
         self.berth("network", "ls")
         self.berth("run", "-d", "--name", "demo-nginx", "--network", "berth", *publish, NGINX)
         placed = self.running("demo-nginx")
