@@ -13,6 +13,11 @@ APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-regis
 # image tests push to and pull from it; podman, docker.io and containerd too: their clients pull
 # from and push to the registry's OCI HTTP API, each test starting its own daemon).
 BENCH_APT_PACKAGES := podman buildah aardvark-dns
+# Debian packages an image is made of (scripts/nginx_image.py), downloaded as .deb files and
+# never installed: installing nginx would run its maintainer scripts and, on a systemd host,
+# start and enable a host nginx on port 80. The tests and the demo read only the files.
+IMAGE_DEBS := nginx nginx-common
+DEB_CACHE := .cache/debs
 PROTO_FILES := $(shell find protos -name '*.proto')
 # The protos are a public contract: `make lint` fails on a change that breaks clients generated
 # from the last release of the contract, the commit named in protos/RELEASE (tagged api/v1).
@@ -25,9 +30,9 @@ STATE_FLAG := $(if $(STATE_DIR),--state-dir $(STATE_DIR),)
 # its package-lock.json.
 NODE_CLIENT := tests/clients/node
 
-.PHONY: deps apt node bench-apt venv protos lint test unit integration chaos demo bench up down status clean
+.PHONY: deps apt debs node bench-apt venv protos lint test unit integration chaos demo bench up down status clean
 
-deps: apt venv protos
+deps: apt debs venv protos
 
 # apt packages are installed only when one is missing, so repeated runs stay fast.
 apt_install_inline = { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; }
@@ -42,6 +47,16 @@ endef
 
 apt:
 	$(call apt_install,$(APT_PACKAGES))
+
+# Downloaded only when one is missing: the image's bytes stay the same until the cache is
+# removed (`make clean`), whatever the mirror publishes meanwhile.
+debs:
+	@mkdir -p $(DEB_CACHE); missing=""; for p in $(IMAGE_DEBS); do \
+	  ls $(DEB_CACHE)/$${p}_*.deb >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "downloading:$$missing"; \
+	  apt-get update -qq && cd $(DEB_CACHE) && apt-get download -qq -o APT::Sandbox::User=root $$missing; \
+	fi
 
 # Debian's nodejs and npm, unless the machine already has a Node.js with npm (NodeSource's
 # nodejs package carries its own npm and conflicts with Debian's).
@@ -115,6 +130,7 @@ bench: deps bench-apt
 	$(PY) -m bench.dns
 	$(PY) -m bench.stats
 	$(PY) -m bench.cli_startup
+	$(PY) -m bench.net_start
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)
@@ -126,4 +142,4 @@ status:
 	$(VENV)/bin/berthd status $(STATE_FLAG)
 
 clean: down
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(DEB_CACHE)

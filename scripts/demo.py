@@ -1,6 +1,8 @@
 """`make demo`: start a 3-host local berth cluster, build an image from a multi-stage Dockerfile
 (examples/hello), walk images through the registry, run containers through the cluster, commit
-a changed container and run the result on another host, pull the built image with skopeo,
+a changed container and run the result on another host, tell nginx's story (an image made from
+Debian's nginx package, run on berth's default network, its page fetched with curl, changed with
+exec, committed, the new image run on another host), pull the built image with skopeo,
 podman and docker from the registry's OCI HTTP API (/v2/), push to and pull from an external
 registry (Debian's docker-registry on loopback), then kill a host and watch a replicated service
 move.
@@ -28,6 +30,7 @@ from pathlib import Path
 
 # Run as `python scripts/demo.py`: Python puts scripts/ first on sys.path itself.
 from docker_registry import start_docker_registry, stop_process
+from nginx_image import ImageError, make_nginx_image
 from oci_images import make_busybox_image
 
 BIN = Path(sys.executable).parent
@@ -44,6 +47,14 @@ VICTIM = "node-2"
 # A replica that exits at once on SIGTERM, so stopping or moving it takes no grace period.
 REPLICA_CMD = ["sh", "-c", 'trap "exit 0" TERM; while true; do sleep 1; done']
 MOVE_TIMEOUT = 60.0
+NGINX = "demo/nginx:1.22"
+NGINX_CHANGED = "demo/nginx:changed"
+NGINX_PAGE = "/usr/share/nginx/html/index.html"
+NGINX_WELCOME = "Welcome to nginx on berth!"
+NGINX_CHANGE = "<h1>Changed with berth exec, then committed</h1>"
+# Docker's `-p HOST:CONTAINER` for the two nginx containers (the local cluster's hosts share
+# one address, so each gets its own host port).
+NGINX_PORTS = (8080, 8081)
 
 
 class StepFailed(Exception):
@@ -201,6 +212,7 @@ class Demo:
             self.registry_steps(work)
             self.oci_http_steps(work, registry)
             self.container_steps()
+            self.nginx_steps(work)
             self.external_steps(work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -463,6 +475,133 @@ class Demo:
         self.berth("wait", "demo-typo", fails=True)
         self.berth("ps", "-a", "--filter", "name=demo-typo")
         self.berth("rm", "demo-typo")
+
+    # --- nginx: the seed's story -----------------------------------------------------------
+
+    def nginx_steps(self, work: Path) -> None:
+        """Run nginx, fetch its page from the host, change it with exec, commit the change and
+        fetch it from the new image on another host."""
+        layout = work / "nginx"
+        self.heading(
+            "Build an nginx image from Debian's nginx package (scripts/nginx_image.py): the .deb"
+            " files `make deps` downloaded, no package mirror, the same digest every time"
+        )
+        print(f">>> make_nginx_image({str(layout)!r}, 'latest')  # twice")
+        try:
+            image = make_nginx_image(layout, "latest")
+            again = make_nginx_image(work / "nginx-again", "latest")
+        except (ImageError, RuntimeError, OSError) as exc:
+            raise StepFailed(f"step {self.step} (make_nginx_image): {exc}") from exc
+        if again.digest != image.digest:
+            raise StepFailed(f"step {self.step}: two builds differ: {image.digest} {again.digest}")
+        print(f"nginx {image.version}: {image.digest}, both times")
+        self.berth("oci", "push", f"{layout}:latest", NGINX)
+        self.berth("history", NGINX)
+        self.remove_left("demo-nginx", "demo-nginx2")
+
+        publish = self.publish_args(NGINX_PORTS[0])
+        published = (
+            f", its port 80 published as {NGINX_PORTS[0]}"
+            if publish
+            else " (no -p yet: the host reaches it by its address)"
+        )
+        self.heading(f"Run nginx on berth's default network{published}")
+        self.berth("network", "ls")
+        self.berth("run", "-d", "--name", "demo-nginx", "--network", "berth", *publish, NGINX)
+        placed = self.running("demo-nginx")
+        address = placed["NetworkSettings"]["IPAddress"]
+        print(f"(running on {placed['Node']['ID']}, address {address} on network berth)")
+        self.berth("ps", "--filter", "name=demo-nginx")
+
+        self.heading("Fetch its page with curl from the host")
+        url = self.page_url(placed, NGINX_PORTS[0])
+        self.fetch(url, NGINX_WELCOME)
+        self.berth("logs", "--tail", "1", "demo-nginx")
+
+        self.heading("Change index.html with exec; the page changes")
+        self.berth("exec", "demo-nginx", "sh", "-c", f'echo "{NGINX_CHANGE}" > {NGINX_PAGE}')
+        self.fetch(url, NGINX_CHANGE)
+        self.berth("diff", "demo-nginx")
+
+        self.heading(f"Commit the change as a new image, {NGINX_CHANGED}")
+        self.berth("commit", "-m", "a new index.html", "demo-nginx", NGINX_CHANGED)
+        self.berth("history", NGINX_CHANGED)
+
+        ran_on = placed["Node"]["ID"]
+        other = next(n for n in self.node_ids() if n != ran_on)
+        self.heading(
+            f"Run the new image on another host ({other}; demo-nginx runs on {ran_on}) and"
+            " fetch the changed page there"
+        )
+        publish = self.publish_args(NGINX_PORTS[1])
+        self.berth(
+            "run", "-d", "--name", "demo-nginx2", "--network", "berth", *publish,
+            "--constraint", f"node.id=={other}", NGINX_CHANGED,
+        )  # fmt: skip
+        moved = self.running("demo-nginx2")
+        print(
+            f"(running on {moved['Node']['ID']}, address"
+            f" {moved['NetworkSettings']['IPAddress']} on network berth)"
+        )
+        self.fetch(self.page_url(moved, NGINX_PORTS[1]), NGINX_CHANGE)
+
+        self.heading("Remove both nginx containers")
+        self.berth("rm", "-f", "demo-nginx", "demo-nginx2")
+
+    def publish_args(self, host_port: int) -> list[str]:
+        """Docker's `-p HOST:80` when this CLI publishes ports (the net-ports branch), else
+        nothing: the page is then fetched by the container's address (page_url)."""
+        usage = self.run_quiet([str(BIN / "berth"), "run", "--help"])
+        return ["-p", f"{host_port}:80"] if "--publish" in usage else []
+
+    def page_url(self, container: dict, host_port: int) -> str:
+        """THE PUBLISHED-PORT SPOT. Where the host fetches nginx's page. Until published ports
+        are merged (branch net-ports), the container's own address on berth's network, which
+        its host reaches over the network's bridge. After the merge, swap to the published port
+        on the container's host (in `berthd up` every host is this machine):
+            return f"http://127.0.0.1:{host_port}/"
+        """
+        return f"http://{container['NetworkSettings']['IPAddress']}/"
+
+    def running(self, name: str) -> dict:
+        """`berth inspect NAME` once it runs with an address (its node reports the address
+        with the start)."""
+        deadline = time.monotonic() + MOVE_TIMEOUT
+        while True:
+            argv = [str(BIN / "berth"), "--format", "json", "inspect", name]
+            info = json.loads(self.run_quiet(argv))[0]
+            state = info["State"]["Status"]
+            if state == "running" and info["NetworkSettings"]["IPAddress"]:
+                return info
+            if state == "exited" or time.monotonic() > deadline:
+                raise StepFailed(f"step {self.step}: {name} is {state}: {info['State']['Error']}")
+            time.sleep(0.2)
+
+    def fetch(self, url: str, want: str) -> None:
+        """`curl URL` from the host, shown once nginx answers (it binds port 80 a moment after
+        its container counts as running); the page must say `want`."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    if want in reply.read().decode():
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise StepFailed(f"step {self.step}: {url} did not answer with {want!r}")
+            time.sleep(0.2)
+        page = self.run(["curl", "-sS", url], capture=True)
+        if want not in page:
+            raise StepFailed(f"step {self.step}: {url} did not answer with {want!r}")
+
+    def remove_left(self, *names: str) -> None:
+        """Containers of these names left by an earlier demo go first, shown."""
+        argv = [str(BIN / "berth"), "--format", "json", "ps", "-a"]
+        left = [c for c in json.loads(self.run_quiet(argv)) if c.get("name") in names]
+        if left:
+            print(f"({', '.join(c['name'] for c in left)} left from an earlier demo)")
+            self.berth("rm", "-f", *(c["name"] for c in left))
 
     def external_steps(self, work: Path) -> None:
         self.heading("Push the built image to an external registry (docker-registry on loopback)")

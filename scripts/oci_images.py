@@ -262,12 +262,22 @@ def make_random_image(
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": history,
     }
+    write_image(layout_dir, ref, config, layer_descriptors)
+
+
+def write_image(layout_dir: Path, ref: str, config: dict, layers: list[dict]) -> str:
+    """Write the config and a manifest of `layers` (descriptors of blobs already in the layout)
+    and tag it `ref` in index.json: an existing layout keeps its other tags, a manifest already
+    tagged `ref` is replaced. Returns the manifest's digest."""
+    blobs = layout_dir / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    (layout_dir / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
     config_digest, config_size = _write_blob(blobs, _canonical(config))
     manifest = {
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST,
         "config": {"mediaType": MEDIA_CONFIG, "digest": config_digest, "size": config_size},
-        "layers": layer_descriptors,
+        "layers": layers,
     }
     manifest_digest, manifest_size = _write_blob(blobs, _canonical(manifest))
 
@@ -292,6 +302,7 @@ def make_random_image(
     tmp = layout_dir / f".index.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(index, indent=2) + "\n")
     tmp.replace(index_path)
+    return manifest_digest
 
 
 # --- CLI -----------------------------------------------------------------------------------------

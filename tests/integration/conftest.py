@@ -385,6 +385,7 @@ from .docker_registry import (  # noqa: E402, F401
     docker_registry_fixture,
     docker_registry_token_fixture,
 )
+from .nginx import nginx_layout  # noqa: E402, F401
 from .oci_http import (  # noqa: E402, F401
     admin_token,
     http_admin,
