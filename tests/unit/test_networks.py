@@ -142,3 +142,38 @@ def test_a_network_name_travels_as_network_mode_network_plus_its_name() -> None:
     for bad in ("bridge", "a/b", ""):
         with pytest.raises(InvalidContainerConfig, match="unsupported network mode"):
             ContainerConfig("busybox", network_mode=bad).validate()
+
+
+class _NoStore:
+    """A store whose every use fails: the test shows nothing asks etcd."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"etcd asked ({name})")
+
+
+def test_a_node_already_on_the_network_asks_etcd_nothing(tmp_path: Path) -> None:
+    import asyncio
+
+    from berthd.node.network import NetworkManager
+
+    manager = NetworkManager(_NoStore(), "node-1", tmp_path / "data", tmp_path / "run")  # type: ignore[arg-type]
+    other = Attachment(
+        network="front",
+        network_id=NET_ID,
+        subnet="10.90.0.0/16",
+        slice="10.90.3.0/24",
+        bridge=bridge_name(NET_ID, "node-1"),
+        internal=True,
+        netns="",
+    )
+    network, slice_ = asyncio.run(manager._network_and_slice("front", [other]))
+    assert (network.id, network.name, network.subnet, network.internal) == (
+        NET_ID,
+        "front",
+        "10.90.0.0/16",
+        True,
+    )
+    assert slice_ == Slice("10.90.3.0/24")
+    # Another network's container is no help: etcd is asked (and fails here).
+    with pytest.raises(AssertionError, match="etcd asked"):
+        asyncio.run(manager._network_and_slice("back", [other]))

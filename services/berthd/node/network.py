@@ -5,8 +5,9 @@ A container on a network gets, when it starts (and loses, when it exits or is re
 
 - a network namespace made by the agent, bind-mounted on `<run dir>/netns/<container id>`,
   which runc joins (the runtime spec's network namespace path);
-- an `eth0` in it from the CNI `bridge` plugin (plus `loopback`), run directly as CNI's
-  runtimes do: the plugin binary with CNI_COMMAND/CNI_NETNS/... and the JSON config on stdin.
+- an `eth0` in it from the CNI `bridge` plugin (`lo` is set up by berthd.node.netns), run
+  directly as CNI's runtimes do: the plugin binary with CNI_COMMAND/CNI_NETNS/... and the
+  JSON config on stdin.
   One bridge per network per node, `bn-<6 hex of the network id><4 hex of the node id>`
   (the agents of `berthd up` share one namespace), whose address is the gateway: the first
   address of the node's slice (berthd.common.state.networks), leased in
@@ -52,6 +53,7 @@ from berthd.common.state.networks import (
     slices,
 )
 from berthd.common.store import Store
+from berthd.node.netns import new_netns
 
 log = logging.getLogger("berthd.node.network")
 
@@ -133,10 +135,6 @@ def cni_config(
     if mtu is not None:
         config["mtu"] = mtu
     return config
-
-
-def loopback_config() -> dict[str, Any]:
-    return {"cniVersion": CNI_VERSION, "name": "berth-lo", "type": "loopback"}
 
 
 def nft_ruleset(table: str, attachments: Iterable[Attachment]) -> str:
@@ -247,6 +245,8 @@ class NetworkManager:
         # on the node, so most starts skip `nft` (about 14 ms of a start).
         self._written: str | None = None
         self._lock = asyncio.Lock()
+        # Whether this agent made the namespace directory a shared mount (once, not per start).
+        self._netns_dir_shared = False
         from berthd.node.overlay import Overlay  # the overlay builds on this module
 
         self.overlay = Overlay(store, node_id, node_tag(node_id))
@@ -314,11 +314,8 @@ class NetworkManager:
         bridge and slice to anyone."""
         if self.store is None:
             raise FailedPrecondition("this node has no etcd: it cannot join networks")
-        network = await network_by_name(self.store, network_name)
-        if network is None:
-            raise network_gone(network_name)
         async with self._lock:
-            slice_ = await self.claim_slice(network)
+            network, slice_ = await self._network_and_slice(network_name, others)
             attachment = Attachment(
                 network=network.name,
                 network_id=network.id,
@@ -344,6 +341,27 @@ class NetworkManager:
                 raise
         return attachment
 
+    async def _network_and_slice(
+        self, network_name: str, others: list[Attachment]
+    ) -> tuple[NetworkRecord, Slice]:
+        """The network and this node's slice of it. A container of the node already on it
+        holds both (the network cannot go while a container names it, nor the slice while
+        the node has a container on it): no etcd read then, the common start."""
+        for other in others:
+            if other.network == network_name:
+                network = NetworkRecord(
+                    id=other.network_id,
+                    name=other.network,
+                    subnet=other.subnet,
+                    internal=other.internal,
+                )
+                return network, Slice(other.slice)
+        assert self.store is not None
+        network = await network_by_name(self.store, network_name)
+        if network is None:
+            raise network_gone(network_name)
+        return network, await self.claim_slice(network)
+
     def _add(
         self,
         attachment: Attachment,
@@ -356,7 +374,6 @@ class NetworkManager:
         # The node forwards for its containers (only its own namespace's setting changes).
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
         netns = attachment.netns
-        cni("ADD", loopback_config(), container_id, netns, "lo")
         config = cni_config(network, slice_, self.ipam_root, attachment.bridge, mtu)
         result = cni("ADD", config, container_id, netns, IFNAME)
         ip = result["ips"][0]
@@ -411,25 +428,33 @@ class NetworkManager:
         self._share_netns_dir()
         if mounted(path):
             return
-        path.touch()
-        # unshare binds the new namespace to the file: it lives without any process in it.
-        _run(["unshare", f"--net={path}", "true"])
+        # Bound to the file, it lives without any process in it; its loopback is up.
+        try:
+            new_netns(path)
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"cannot make a network namespace: {exc.strerror}", reason="NETWORK_SETUP"
+            ) from exc
 
     def _share_netns_dir(self) -> None:
         """Make the namespace directory a shared mount of its own, as `ip netns` does with
         /run/netns: mount namespaces made meanwhile (runc's, which are slaves of the host's)
         hold copies of the namespace files' bind mounts, and only a shared mount carries
         their unmount to those copies. Without it a file stays busy (EBUSY) after its umount."""
+        if self._netns_dir_shared:
+            return
         self.netns_dir.mkdir(parents=True, exist_ok=True)
         if not mounted(self.netns_dir):
             _run(["mount", "--bind", str(self.netns_dir), str(self.netns_dir)])
         _run(["mount", "--make-shared", str(self.netns_dir)])
+        self._netns_dir_shared = True
 
     def _unshare_netns_dir(self) -> None:
         """The directory's own mount goes with the node's last namespace."""
         if self.netns_dir.is_dir() and not any(self.netns_dir.iterdir()):
             if mounted(self.netns_dir):
                 subprocess.run(["umount", str(self.netns_dir)], capture_output=True, check=False)
+            self._netns_dir_shared = False
             with contextlib.suppress(OSError):
                 self.netns_dir.rmdir()
                 self.netns_dir.parent.rmdir()  # the agent's run dir, unless secrets use it
