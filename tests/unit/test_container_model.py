@@ -69,14 +69,16 @@ FULL_JSON = (
     '"security_opt":["seccomp=unconfined","no-new-privileges=false"],"userns":"host",'
     # added with secrets
     '"secrets":[{"name":"db-pass","target":"","mode":0,"uid":0,"gid":0},'
-    '{"name":"tls.key","target":"key.pem","mode":256,"uid":70,"gid":70}]}'
+    '{"name":"tls.key","target":"key.pem","mode":256,"uid":70,"gid":70}],'
+    # added with published ports
+    '"ports":[]}'
 )
 DEFAULT_JSON = (
     '{"image":"busybox","name":"","entrypoint":[],"command":[],"env":[],"working_dir":"",'
     '"user":"","hostname":"","labels":{},"mounts":[],"read_only_rootfs":false,'
     '"memory_bytes":0,"cpu_millis":0,"cpu_shares":0,"pids_limit":0,"restart_policy":"no",'
     '"restart_max_retries":0,"network_mode":"none","tty":false,"stdin_open":false,'
-    '"cap_add":[],"cap_drop":[],"security_opt":[],"userns":"","secrets":[]}'
+    '"cap_add":[],"cap_drop":[],"security_opt":[],"userns":"","secrets":[],"ports":[]}'
 )
 
 

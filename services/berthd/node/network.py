@@ -37,7 +37,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from berthd.common.state.networks import (
     slices,
 )
 from berthd.common.store import Store
+from berthd.node.ports import MeshPort, bindings_of, enable_localnet, port_rules
 
 log = logging.getLogger("berthd.node.network")
 
@@ -94,6 +95,8 @@ class Attachment:
     prefix_length: int = 0
     gateway: str = ""
     mac_address: str = ""
+    # Its published ports as held (berthd.node.ports: host_port filled in).
+    ports: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,11 +137,21 @@ def loopback_config() -> dict[str, Any]:
     return {"cniVersion": CNI_VERSION, "name": "berth-lo", "type": "loopback"}
 
 
-def nft_ruleset(table: str, attachments: Iterable[Attachment]) -> str:
-    """berth's whole table for these attachments (one rule set per network on the node),
-    for `nft -f`: the table is declared, flushed and filled in one transaction."""
+def nft_ruleset(
+    table: str, attachments: Iterable[Attachment], mesh: Iterable[MeshPort] = ()
+) -> str:
+    """berth's whole table for these attachments (one rule set per network on the node) and
+    the routing mesh's ports, for `nft -f`: the table is declared, flushed and filled in one
+    transaction."""
+    attachments = list(attachments)
     networks = {a.network_id: a for a in attachments}
-    forward, postrouting = [], []
+    # Published ports (berthd.node.ports); an internal network's are not, as Docker's.
+    published = [
+        (a.ip_address, b) for a in attachments if not a.internal for b in bindings_of(a.to_json())
+    ]
+    ports = port_rules(published, mesh)
+    # DNATed flows first: the isolation rules below must not reject a published port.
+    forward, postrouting = list(ports.forward), []
     for a in sorted(networks.values(), key=lambda a: a.bridge):
         if a.internal:
             # Nothing leaves an internal network's bridge but to the bridge itself.
@@ -165,10 +178,22 @@ def nft_ruleset(table: str, attachments: Iterable[Attachment]) -> str:
         "  }",
         "  chain postrouting {",
         "    type nat hook postrouting priority srcnat; policy accept;",
-        *(f"    {rule}" for rule in postrouting),
+        *(f"    {rule}" for rule in postrouting + ports.postrouting),
         "  }",
-        "}",
     ]
+    if ports:
+        lines += [
+            "  chain prerouting {",
+            "    type nat hook prerouting priority dstnat; policy accept;",
+            *(f"    {rule}" for rule in ports.prerouting),
+            "  }",
+            "  chain output {",
+            # dstnat is no name in the output hook: its value.
+            "    type nat hook output priority -100; policy accept;",
+            *(f"    {rule}" for rule in ports.output),
+            "  }",
+        ]
+    lines.append("}")
     return "\n".join(lines) + "\n"
 
 
@@ -234,6 +259,9 @@ class NetworkManager:
         # on the node, so most starts skip `nft` (about 14 ms of a start).
         self._written: str | None = None
         self._lock = asyncio.Lock()
+        # The routing mesh's ports (berthd.node.ports.Mesh): on every node, with or without
+        # containers of its own.
+        self.mesh: list[MeshPort] = []
 
     def netns_path(self, container_id: str) -> Path:
         return self.netns_dir / container_id
@@ -439,9 +467,11 @@ class NetworkManager:
             await asyncio.to_thread(self._sync_rules, attachments)
 
     def _sync_rules(self, attachments: list[Attachment]) -> None:
-        if attachments:
-            ruleset = nft_ruleset(self.table, attachments)
+        if attachments or any(m.backends for m in self.mesh):
+            ruleset = nft_ruleset(self.table, attachments, self.mesh)
             if ruleset != self._written:
+                if "dnat" in ruleset:
+                    enable_localnet()
                 _run(["nft", "-f", "-"], ruleset)
                 self._written = ruleset
             return
