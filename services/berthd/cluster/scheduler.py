@@ -248,9 +248,12 @@ def unavailable_message(total: int, rejections: dict[str, Rejection]) -> str:
 
 def unsuitable(message: str, total: int, rejections: dict[str, Rejection]) -> FailedPrecondition:
     """The scheduler's refusal: FAILED_PRECONDITION, reason NO_SUITABLE_NODE (PORT_ALLOCATED
-    when every node has the port taken), one NODE_UNSUITABLE violation per node (subject
-    "node/<id>") saying why it cannot take it."""
-    ports = bool(rejections) and all(r.reason.startswith("port ") for r in rejections.values())
+    when every node the constraints allow has the port taken), one NODE_UNSUITABLE violation
+    per node (subject "node/<id>") saying why it cannot take it."""
+    reasons = [r.reason for r in rejections.values()]
+    ports = any(r.startswith("port ") for r in reasons) and all(
+        r.startswith(("port ", "does not match constraint")) for r in reasons
+    )
     return FailedPrecondition(
         message,
         reason="PORT_ALLOCATED" if ports else "NO_SUITABLE_NODE",
