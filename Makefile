@@ -12,7 +12,7 @@ APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-regis
 # Peers the benchmarks measure berth against (not needed by the tests; docker-registry is: the
 # image tests push to and pull from it; podman, docker.io and containerd too: their clients pull
 # from and push to the registry's OCI HTTP API, each test starting its own daemon).
-BENCH_APT_PACKAGES := podman buildah
+BENCH_APT_PACKAGES := podman buildah wrk
 PROTO_FILES := $(shell find protos -name '*.proto')
 # The protos are a public contract: `make lint` fails on a change that breaks clients generated
 # from the last release of the contract, the commit named in protos/RELEASE (tagged api/v1).
@@ -113,6 +113,7 @@ bench: deps bench-apt
 	$(PY) -m bench.placement
 	$(PY) -m bench.stats
 	$(PY) -m bench.cli_startup
+	$(PY) -m bench.net_ports
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)
