@@ -21,7 +21,8 @@ A container on a network gets, when it starts (and loses, when it exits or is re
   (ipMasq false), so one table holds every rule berth makes and can be rebuilt or deleted.
 
 Not yet here (docs/networking.md): VXLAN between nodes (a vxlan device per network, FDB and
-neighbour entries from the slices in etcd), DNS, published ports (DNAT in the same table).
+neighbour entries from the slices in etcd) and DNS. Published ports and the routing mesh are
+berthd.node.ports, whose rules nft_ruleset adds to the table.
 """
 
 from __future__ import annotations
