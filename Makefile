@@ -12,7 +12,7 @@ APT_PACKAGES := etcd-server runc conmon busybox-static skopeo umoci docker-regis
 # Peers the benchmarks measure berth against (not needed by the tests; docker-registry is: the
 # image tests push to and pull from it; podman, docker.io and containerd too: their clients pull
 # from and push to the registry's OCI HTTP API, each test starting its own daemon).
-BENCH_APT_PACKAGES := podman buildah aardvark-dns
+BENCH_APT_PACKAGES := podman buildah aardvark-dns wrk
 # Debian packages an image is made of (scripts/nginx_image.py), downloaded as .deb files and
 # never installed: installing nginx would run its maintainer scripts and, on a systemd host,
 # start and enable a host nginx on port 80. The tests and the demo read only the files.
@@ -131,6 +131,7 @@ bench: deps bench-apt
 	$(PY) -m bench.stats
 	$(PY) -m bench.cli_startup
 	$(PY) -m bench.net_start
+	$(PY) -m bench.net_ports
 
 up: deps
 	$(VENV)/bin/berthd up $(STATE_FLAG)

@@ -195,8 +195,8 @@ class FakeCluster:
             raise BerthClientError("no such node: nope", "NOT_FOUND")
         return node_info(node_id, availability="drained")
 
-    def create_service(self, *args: Any) -> ServiceInfo:
-        self.calls.append(("create_service", *args))
+    def create_service(self, *args: Any, ports: Any = ()) -> ServiceInfo:
+        self.calls.append(("create_service", *args, *([list(ports)] if ports else [])))
         return service_info()
 
     def services(self) -> list[ServiceInfo]:
@@ -214,6 +214,8 @@ class FakeCluster:
         return service_info(replicas=replicas)
 
     def update_service(self, service: str, **changes: Any) -> ServiceInfo:
+        # Port changes are asserted only where a test makes them.
+        changes = {k: v for k, v in changes.items() if not k.startswith("publish_") or v}
         self.calls.append(("update_service", service, changes))
         return service_info()
 
@@ -471,7 +473,7 @@ def test_ps_has_a_node_column(cluster: FakeCluster, capsys: pytest.CaptureFixtur
     ]
     assert main(["ps", "-a"]) == 0
     assert table(capsys.readouterr().out) == [
-        ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NODE", "NAMES"],
+        ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NODE", "NAMES"],
         [
             ID[:12],
             "demo/busybox:1.35",
@@ -498,8 +500,8 @@ def test_ps_has_a_node_column(cluster: FakeCluster, capsys: pytest.CaptureFixtur
 
 
 def test_ps_rows_without_the_node_column_are_dockers() -> None:
-    assert len(ps_rows([placed()])[0]) == 6
-    assert ps_rows([placed()], node_column=True)[0][5] == "n1"
+    assert len(ps_rows([placed()])[0]) == 7
+    assert ps_rows([placed()], node_column=True)[0][6] == "n1"
 
 
 def test_attached_run_waits_for_the_node_then_streams_and_exits_with_the_code(
@@ -664,7 +666,7 @@ def test_service_create_ls_ps(cluster: FakeCluster, capsys: pytest.CaptureFixtur
 
     assert main(["service", "ls"]) == 0
     assert table(capsys.readouterr().out) == [
-        ["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "UPDATE"],
+        ["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS", "UPDATE"],
         [SERVICE_ID[:12], "web", "replicated", "2/3", "demo/busybox:1.35", "-"],
         ["9" * 12, "db", "replicated", "2/3", "demo/busybox:1.35", "paused"],
     ]

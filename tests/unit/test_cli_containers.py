@@ -495,6 +495,7 @@ def test_ps_rows_have_docker_columns() -> None:
             '"sh -c echo hello; s…"',
             "3 minutes ago",
             "Up 5 seconds",
+            "",
             "web",
         ]
     ]
@@ -527,7 +528,15 @@ def test_ps_table(node: FakeNode, capsys: pytest.CaptureFixture[str]) -> None:
     node.containers = live_containers()
     assert main(["ps", "-a"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert columns(lines[0]) == ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES"]
+    assert columns(lines[0]) == [
+        "CONTAINER ID",
+        "IMAGE",
+        "COMMAND",
+        "CREATED",
+        "STATUS",
+        "PORTS",
+        "NAMES",
+    ]
     assert [line.split()[0] for line in lines[1:]] == [ID[:12], "9" * 12]
     assert "Up Less than a second" in lines[1]
     assert "2 minutes ago" in lines[1]
@@ -574,7 +583,7 @@ def test_ps_empty_prints_only_the_header(
     assert main(["ps"]) == 0
     headers = capsys.readouterr().out.splitlines()
     assert [columns(line) for line in headers] == [
-        ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES"]
+        ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]
     ]
 
 
@@ -965,6 +974,7 @@ def test_security_flags_reach_the_config_and_inspect(tmp_path: Path) -> None:
         "SecurityOpt": None,
         "UsernsMode": "host",
         "NetworkMode": "none",
+        "PortBindings": {},
     }
 
 

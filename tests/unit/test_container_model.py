@@ -70,7 +70,8 @@ FULL_JSON = (
     # added with secrets
     '"secrets":[{"name":"db-pass","target":"","mode":0,"uid":0,"gid":0},'
     '{"name":"tls.key","target":"key.pem","mode":256,"uid":70,"gid":70}],'
-    '"network_aliases":[]}'  # added with names on networks
+    # added with names on networks, then with published ports
+    '"network_aliases":[],"ports":[]}'
 )
 DEFAULT_JSON = (
     '{"image":"busybox","name":"","entrypoint":[],"command":[],"env":[],"working_dir":"",'
@@ -78,7 +79,7 @@ DEFAULT_JSON = (
     '"memory_bytes":0,"cpu_millis":0,"cpu_shares":0,"pids_limit":0,"restart_policy":"no",'
     '"restart_max_retries":0,"network_mode":"none","tty":false,"stdin_open":false,'
     '"cap_add":[],"cap_drop":[],"security_opt":[],"userns":"","secrets":[],'
-    '"network_aliases":[]}'
+    '"network_aliases":[],"ports":[]}'
 )
 
 

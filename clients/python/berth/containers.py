@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from berth.enums import EnumTable
 from berth.enums import containers as tables
 from berth.errors import InvalidArgumentError
+from berth.ports import InvalidPort, PortBinding, check_bindings
 from berth.reference import parse_container_image, quoted
 from berth.types.v1 import container_pb2 as pb
 
@@ -44,6 +45,7 @@ __all__ = [
     "check_user",
     "from_spec",
     "normalize_capability",
+    "port_binding",
     "security_options",
     "to_spec",
 ]
@@ -239,6 +241,8 @@ class ContainerConfig:
     userns: str = ""
     secrets: list[SecretReference] = field(default_factory=list)
     network_aliases: list[str] = field(default_factory=list)
+    # Published ports (`-p`), berth.ports.PortBinding.
+    ports: list[PortBinding] = field(default_factory=list)
 
     def to_json(self) -> str:
         """The record etcd and the node's container.json hold: the fields in order, compact.
@@ -271,6 +275,9 @@ class ContainerConfig:
         secrets = values.get("secrets", [])
         if isinstance(secrets, list):
             values["secrets"] = [_secret_from_json(r, i) for i, r in enumerate(secrets)]
+        ports = values.get("ports", [])
+        if isinstance(ports, list):
+            values["ports"] = [_port_from_json(p, i) for i, p in enumerate(ports)]
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -355,6 +362,10 @@ class ContainerConfig:
                 )
         with _field("secrets"):
             self._validate_secrets()
+        try:
+            check_bindings(self.ports, self.network_mode)
+        except InvalidPort as exc:
+            raise InvalidContainerConfig(exc.message, "ports") from None
 
     def _validate_network_aliases(self) -> None:
         for alias in _check_str_list("network_aliases", self.network_aliases):
@@ -525,6 +536,15 @@ def to_spec(config: ContainerConfig) -> pb.ContainerSpec:
             for r in config.secrets
         ],
         network_aliases=config.network_aliases,
+        ports=[
+            pb.PortBinding(
+                host_ip=p.host_ip,
+                host_port=p.host_port,
+                container_port=p.container_port,
+                protocol=tables.PORT_PROTOCOLS.value(p.protocol),
+            )
+            for p in config.ports
+        ],
     )
 
 
@@ -574,6 +594,17 @@ def from_spec(spec: pb.ContainerSpec) -> ContainerConfig:
         userns=spec.userns,
         secrets=[SecretReference(r.name, r.target, r.mode, r.uid, r.gid) for r in spec.secrets],
         network_aliases=list(spec.network_aliases),
+        ports=[port_binding(p) for p in spec.ports],
+    )
+
+
+def port_binding(message: pb.PortBinding) -> PortBinding:
+    """A PortBinding message as the model's; a protocol without a name is refused."""
+    return PortBinding(
+        container_port=message.container_port,
+        host_port=message.host_port,
+        host_ip=message.host_ip,
+        protocol=_name(tables.PORT_PROTOCOLS, message.protocol, "protocol", "ports.protocol"),
     )
 
 
@@ -776,6 +807,13 @@ def _secret_from_json(obj: object, i: int) -> SecretReference:
         raise InvalidContainerConfig(f"secrets[{i}] must be an object with a name")
     known = _field_names(SecretReference)
     return SecretReference(**{k: v for k, v in obj.items() if k in known})
+
+
+def _port_from_json(obj: object, i: int) -> PortBinding:
+    if not isinstance(obj, dict) or "container_port" not in obj:
+        raise InvalidContainerConfig(f"ports[{i}] must be an object with a container_port")
+    known = _field_names(PortBinding)
+    return PortBinding(**{k: v for k, v in obj.items() if k in known})
 
 
 def _check_str(name: str, value: object) -> None:

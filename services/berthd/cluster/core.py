@@ -40,8 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 from berth.client import parse_image_reference
 from berth.errors import BerthClientError
+from berth.ports import PortBinding
 from berthd.cluster import metrics
 from berthd.cluster.networks import network_guards
+from berthd.cluster.ports import node_ports, ports_after, reserved, run_guards
 from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place
 from berthd.cluster.secrets import secret_guards
 from berthd.common.containers import ContainerConfig, validate
@@ -171,6 +173,8 @@ class ClusterNode:
     container_count: int = 0
     # Layer digest -> bytes the node holds, as its agent last published them.
     layers: dict[str, int] = field(default_factory=dict)
+    # Host ports its containers reserve (berthd.cluster.ports).
+    ports: tuple[PortBinding, ...] = ()
 
     @property
     def capacity_cpu_millis(self) -> int:
@@ -200,6 +204,7 @@ class ClusterNode:
             cordoned=self.availability != ACTIVE,
             container_count=self.container_count,
             layer_bytes=dict(self.layers),
+            ports=self.ports,
         )
 
 
@@ -316,18 +321,31 @@ def build_nodes(
             allocated_memory_bytes=int(allocation.get("memory_bytes", 0)),
             container_count=counts[node_id],
             layers=dict((layers or {}).get(node_id, {})),
+            ports=node_ports(allocation),
         )
     return nodes
 
 
-def allocation_after(current: dict[str, Any] | None, cpu: int, memory: int, count: int) -> dict:
-    """An allocation record with a container's reservation added (or removed, negative)."""
+def allocation_after(
+    current: dict[str, Any] | None,
+    cpu: int,
+    memory: int,
+    count: int,
+    add_ports: Iterable[str] = (),
+    remove_ports: Iterable[str] = (),
+) -> dict:
+    """An allocation record with a container's reservation added (or removed, negative), its
+    host ports (berthd.cluster.ports) with it."""
     current = current or {}
-    return {
+    allocation: dict[str, Any] = {
         "cpu_millis": max(int(current.get("cpu_millis", 0)) + cpu, 0),
         "memory_bytes": max(int(current.get("memory_bytes", 0)) + memory, 0),
         "containers": max(int(current.get("containers", 0)) + count, 0),
     }
+    ports = ports_after(current, add_ports, remove_ports)
+    if ports:
+        allocation["ports"] = ports
+    return allocation
 
 
 def filter_containers(
@@ -620,6 +638,7 @@ class ClusterCore:
             memory_bytes=memory_bytes or config.memory_bytes,
             constraints=parse_constraints(texts),
             image_layers=await self.image_layers(config.image),
+            ports=[p for p in config.ports if p.host_port],
         )
         if config.name:
             await self._check_name(config.name)
@@ -628,6 +647,8 @@ class ClusterCore:
             guards = await secret_guards(self.store, [config])
             # NotFound for a network that does not exist; the commit fails if it goes.
             guards += await network_guards(self.store, [config])
+            # PORT_ALLOCATED for a port a service publishes; the commit fails if one claims it.
+            guards += await run_guards(self.store, config.ports)
             pending = _Pending(config, request, texts, stamps, guards, recording)
             self._queue.append(pending)
             async with self._placing:
@@ -693,6 +714,7 @@ class ClusterCore:
                 allocated_cpu_millis=node.allocated_cpu_millis + desired.cpu_millis,
                 allocated_memory_bytes=node.allocated_memory_bytes + desired.memory_bytes,
                 container_count=node.container_count + 1,
+                ports=(*node.ports, *pending.request.ports),
             )
             placed.append((pending, desired))
         if placed:
@@ -804,13 +826,16 @@ class ClusterCore:
         node is still as `view` saw it: registered (the same lease), of the same availability,
         with the same allocation; with them the responses of the runs' request_ids."""
         deltas: dict[str, list[int]] = {}
+        ports: dict[str, list[str]] = {}
         for desired in placed:
             delta = deltas.setdefault(desired.node, [0, 0, 0])
             delta[0] += desired.cpu_millis
             delta[1] += desired.memory_bytes
             delta[2] += 1
+            ports.setdefault(desired.node, []).extend(reserved(desired.config.ports))
         allocations = {
-            node: allocation_after(view.allocation(node), *delta) for node, delta in deltas.items()
+            node: allocation_after(view.allocation(node), *delta, ports[node])
+            for node, delta in deltas.items()
         }
         compares = [
             self.store.unchanged(key, view.revision(key))
@@ -988,7 +1013,11 @@ class ClusterCore:
             alloc = await self.store.get(allocation_key(desired.node))
             node_ready = await NODES.get(self.store, desired.node) is not None
             released = allocation_after(
-                alloc.json() if alloc else None, -desired.cpu_millis, -desired.memory_bytes, -1
+                alloc.json() if alloc else None,
+                -desired.cpu_millis,
+                -desired.memory_bytes,
+                -1,
+                remove_ports=reserved(desired.config.ports),
             )
             ops = [
                 *op_delete_desired(self.store, desired),

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from berth.error_details import Violation
+from berth.ports import PortBinding, conflicts
 from berthd.common.errors import FailedPrecondition, InvalidArgument
 
 # Score weights. Spread ranges over [0, 1] (1 - allocation fraction), so LOCALITY_WEIGHT is the
@@ -57,6 +58,8 @@ class NodeView:
     # Chain id or layer digest -> bytes of that layer the node already holds.
     layer_bytes: dict[str, int] = field(default_factory=dict)
     container_count: int = 0
+    # Host ports its containers publish (`run -p`), reserved as CPU and memory are.
+    ports: tuple[PortBinding, ...] = ()
 
     @property
     def free_cpu_millis(self) -> int:
@@ -96,6 +99,8 @@ class Request:
     constraints: list[Constraint] = field(default_factory=list)
     # Layer (chain id or digest, the same keys as NodeView.layer_bytes) -> bytes.
     image_layers: dict[str, int] = field(default_factory=dict)
+    # Host ports to publish on the node (`run -p`; host_port 0 reserves nothing).
+    ports: list[PortBinding] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.cpu_millis < 0 or self.memory_bytes < 0:
@@ -196,6 +201,9 @@ def _check(node: NodeView, request: Request) -> Rejection | None:
     for constraint in request.constraints:
         if not constraint.matches(node):
             return Rejection(f"does not match constraint {constraint}")
+    for wanted in request.ports:
+        if any(conflicts(wanted, held) for held in node.ports):
+            return Rejection(f"port {wanted.shown_ip}:{wanted.host_port} is already allocated")
     if request.memory_bytes > node.free_memory_bytes:
         return Rejection(
             "insufficient memory", request.memory_bytes, node.free_memory_bytes, format_bytes
@@ -239,11 +247,16 @@ def unavailable_message(total: int, rejections: dict[str, Rejection]) -> str:
 
 
 def unsuitable(message: str, total: int, rejections: dict[str, Rejection]) -> FailedPrecondition:
-    """The scheduler's refusal: FAILED_PRECONDITION, reason NO_SUITABLE_NODE, one
-    NODE_UNSUITABLE violation per node (subject "node/<id>") saying why it cannot take it."""
+    """The scheduler's refusal: FAILED_PRECONDITION, reason NO_SUITABLE_NODE (PORT_ALLOCATED
+    when every node the constraints allow has the port taken), one NODE_UNSUITABLE violation
+    per node (subject "node/<id>") saying why it cannot take it."""
+    reasons = [r.reason for r in rejections.values()]
+    ports = any(r.startswith("port ") for r in reasons) and all(
+        r.startswith(("port ", "does not match constraint")) for r in reasons
+    )
     return FailedPrecondition(
         message,
-        reason="NO_SUITABLE_NODE",
+        reason="PORT_ALLOCATED" if ports else "NO_SUITABLE_NODE",
         metadata={"nodes": total, "available": total - len(rejections)},
         violations=[
             Violation("NODE_UNSUITABLE", f"node/{node_id}", rejection.describe())
@@ -358,6 +371,7 @@ def place_replicas(
         best.allocated_memory_bytes += request.memory_bytes
         best.container_count += 1
         best.layer_bytes.update(request.image_layers)
+        best.ports = (*best.ports, *request.ports)
         replicas[best.id] += 1
         chosen.append(originals[best.id])
     return chosen

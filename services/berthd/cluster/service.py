@@ -25,7 +25,9 @@ from berth.enums.cluster import (
     NODE_STATES,
     UPDATE_STATES,
 )
+from berth.enums.containers import PORT_PROTOCOLS
 from berth.node.v1 import node_pb2
+from berth.ports import PublishedPort
 from berth.types.v1 import container_pb2
 from berth.types.v1 import node_pb2 as types_node_pb2
 from berthd.cluster.core import ClusterCore, ClusterNode, ContainerView, Endpoint
@@ -149,6 +151,14 @@ def record_from_spec(spec: pb.ServiceSpec) -> ServiceRecord:
         constraints=list(spec.placement.constraints),
         labels=dict(spec.labels),
         parallelism=update.parallelism or 1,
+        ports=[
+            PublishedPort(
+                p.target_port,
+                p.published_port,
+                enum_name(PORT_PROTOCOLS, p.protocol, "spec.endpoint_spec.ports.protocol") or "tcp",
+            )
+            for p in spec.endpoint_spec.ports
+        ],
     )
     if update.HasField("delay"):
         record.delay_seconds = update.delay.ToTimedelta().total_seconds()
@@ -170,6 +180,16 @@ def service_message(record: ServiceRecord, running: int) -> pb.Service:
         ),
         update_config=pb.UpdateConfig(parallelism=record.parallelism),
         labels=record.labels,
+        endpoint_spec=pb.EndpointSpec(
+            ports=[
+                pb.PublishedPort(
+                    published_port=p.published_port,
+                    target_port=p.target_port,
+                    protocol=PORT_PROTOCOLS.value(p.protocol),
+                )
+                for p in record.ports
+            ]
+        ),
     )
     spec.update_config.delay.CopyFrom(duration(record.delay_seconds))
     spec.update_config.monitor.CopyFrom(duration(record.monitor_seconds))

@@ -29,7 +29,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from berth.ports import InvalidPort, PublishedPort, check_published, ingress_label
 from berthd.cluster.core import (
+    ALLOCATIONS,
     ClusterNode,
     ContainerView,
     allocation_after,
@@ -39,6 +41,7 @@ from berthd.cluster.core import (
     name_key,
 )
 from berthd.cluster.networks import network_guards
+from berthd.cluster.ports import claim_ports, release_ports
 from berthd.cluster.scheduler import Request, parse_constraints
 from berthd.cluster.secrets import secret_guards
 from berthd.common.containers import ContainerConfig, from_dict
@@ -54,6 +57,7 @@ from berthd.common.security.admission import admit
 from berthd.common.security.principal import Principal, current_principal
 from berthd.common.state.containers import (
     CONTAINERS,
+    INGRESS_LABEL,
     STATUSES,
     ContainerStatus,
     DesiredContainer,
@@ -115,6 +119,8 @@ class ServiceRecord:
     host_access_by: str = ""
     # The principal who last changed the record (CONTROLLER for update states).
     changed_by: str = ""
+    # Ports published on every node through the routing mesh (EndpointSpec.ports).
+    ports: list[PublishedPort] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -125,6 +131,7 @@ class ServiceRecord:
     def from_json(cls, raw: bytes | str) -> ServiceRecord:
         data: dict[str, Any] = json.loads(raw)
         data["template"] = from_dict(data["template"])
+        data["ports"] = [PublishedPort(**p) for p in data.get("ports") or []]
         # Fields a newer writer added are ignored; ones an older writer lacked take defaults.
         return cls(**known_fields(cls, data))
 
@@ -140,11 +147,15 @@ class ServiceRecord:
         """A new replica for `slot` on `node`, running the current spec."""
         name = f"{self.name}.{slot}"
         request = self.request()
+        config = dataclasses.replace(copy.deepcopy(self.template), name=name)
+        if self.ports:
+            # Every node's routing mesh learns the replica's ports from its status.
+            config.labels[INGRESS_LABEL] = ingress_label(self.ports)
         return DesiredContainer(
             id=secrets.token_hex(32),
             name=name,
             node=node,
-            config=dataclasses.replace(copy.deepcopy(self.template), name=name),
+            config=config,
             cpu_millis=request.cpu_millis,
             memory_bytes=request.memory_bytes,
             constraints=list(self.constraints),
@@ -185,6 +196,19 @@ def validate(record: ServiceRecord) -> None:
         )
     template = dataclasses.replace(copy.deepcopy(record.template), name=f"{record.name}.1")
     validate_config(template, field="spec.template")
+    try:
+        check_published(record.ports)
+    except InvalidPort as exc:
+        raise InvalidArgument(
+            exc.message, reason="INVALID_SPEC", field="spec.endpoint_spec.ports"
+        ) from None
+    if record.ports and template.network_mode in ("none", "host"):
+        raise InvalidArgument(
+            "published ports need a network: the template's network mode "
+            f"{template.network_mode} has none (use --network NAME)",
+            reason="INVALID_SPEC",
+            field="spec.template.network",
+        )
     record.request()  # constraints and requests
 
 
@@ -414,11 +438,14 @@ class ServiceCore:
         # NotFound for a secret that does not exist; the commit fails if one goes meanwhile.
         guards = await secret_guards(self.store, [record.template], "spec.template.secrets")
         guards += await network_guards(self.store, [record.template], "spec.template.network")
+        # PORT_ALLOCATED for a port another service or a container holds.
+        claims, claim_ops = await self._claim_ports(record)
         ok, _ = await self.store.txn(
-            [self.store.absent(service_name_key(record.name)), *guards],
+            [self.store.absent(service_name_key(record.name)), *guards, *claims],
             [
                 self.store.op_put(service_key(record.id), record.to_json()),
                 self.store.op_put(service_name_key(record.name), record.id.encode()),
+                *claim_ops,
             ],
         )
         if not ok:
@@ -429,6 +456,14 @@ class ServiceCore:
                 resource=("service", record.name),
             )
         return record
+
+    async def _claim_ports(self, record: ServiceRecord) -> tuple[list[Compare], list[Op]]:
+        """The claims of the service's published ports (berthd.cluster.ports)."""
+        if not record.ports:
+            return [], []
+        entries, _ = await self.store.snapshot(ALLOCATIONS)
+        allocations = [e.json() for e in entries]
+        return await claim_ports(self.store, record.id, record.ports, allocations)
 
     async def list(self) -> list[tuple[ServiceRecord, int]]:
         """Services in name order, each with its running replica count."""
@@ -466,10 +501,12 @@ class ServiceCore:
             validate(record)
             guards = await secret_guards(self.store, [record.template], "spec.template.secrets")
             guards += await network_guards(self.store, [record.template], "spec.template.network")
+            claims, claim_ops = await self._claim_ports(record)
+            claim_ops += await release_ports(self.store, record.id, keep=record.ports)
             record.updated_at = time.time()
             ok, _ = await self.store.txn(
-                [self.store.unchanged(service_key(record.id), revision), *guards],
-                [self.store.op_put(service_key(record.id), record.to_json())],
+                [self.store.unchanged(service_key(record.id), revision), *guards, *claims],
+                [self.store.op_put(service_key(record.id), record.to_json()), *claim_ops],
             )
             if ok:
                 return record
@@ -541,6 +578,7 @@ class ServiceCore:
                 ops=[
                     self.store.op_delete(service_key(record.id)),
                     self.store.op_delete(service_name_key(record.name)),
+                    *await release_ports(self.store, record.id),
                 ],
             )
             if ok:

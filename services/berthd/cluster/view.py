@@ -42,6 +42,7 @@ from berthd.cluster.core import (
     ContainerView,
     join_status,
 )
+from berthd.cluster.ports import node_ports
 from berthd.cluster.scheduler import NodeView
 from berthd.cluster.services import SERVICES, ClusterState, ServiceRecord
 from berthd.common.state.containers import (
@@ -347,6 +348,7 @@ class ClusterView:
             allocated_memory_bytes=int(reserved.get("memory_bytes", 0)),
             container_count=count,
             layers=self.layers.get(node_id, {}),
+            ports=node_ports(reserved),
         )
 
     @staticmethod

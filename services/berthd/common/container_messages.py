@@ -8,7 +8,7 @@ from the client package's table (berth.enums.containers), the one the CLI uses.
 
 from __future__ import annotations
 
-from berth.enums.containers import CONTAINER_STATES
+from berth.enums.containers import CONTAINER_STATES, PORT_PROTOCOLS
 from berth.types.v1 import container_pb2 as pb
 from berthd.common.messages import enum_name, timestamp
 
@@ -61,6 +61,15 @@ def network_settings(network: dict | None) -> pb.NetworkSettings | None:
         ip_prefix_length=int(network.get("prefix_length", 0) or 0),
         gateway=str(network.get("gateway", "")),
         mac_address=str(network.get("mac_address", "")),
+        ports=[
+            pb.PortBinding(
+                host_ip=str(p.get("host_ip", "")),
+                host_port=int(p.get("host_port", 0)),
+                container_port=int(p.get("container_port", 0)),
+                protocol=PORT_PROTOCOLS.value(str(p.get("protocol", "tcp")), 0),
+            )
+            for p in network.get("ports") or []
+        ],
     )
 
 

@@ -39,6 +39,7 @@ from berthd.node.exits import ExitWatcher
 from berthd.node.idmap import IdMap
 from berthd.node.layers import ImageStore, LayerStore
 from berthd.node.network import Attachment, NetworkManager
+from berthd.node.ports import INGRESS_LABEL, Mesh, MeshPort, PortHolder, bindings_of, to_json
 from berthd.node.records import (
     EXITED,
     RESTARTING,
@@ -174,6 +175,9 @@ class ContainerManager:
         self.networks = NetworkManager(store, node_id, data_dir, run_dir(data_dir))
         # Names on networks: endpoint records and a resolver per bridge (berthd.node.dns).
         self.names = names or NameService(store, node_id, default_upstreams())
+        # The sockets holding published ports, and the routing mesh's view of the cluster.
+        self.ports = PortHolder()
+        self.mesh = Mesh(store, self._mesh_changed) if store is not None else None
 
     # Records --------------------------------------------------------------------------------
 
@@ -254,6 +258,7 @@ class ContainerManager:
             attempt=record.attempt,
             created_at=record.created_at,
             network=dict(record.network),
+            ingress=record.config.labels.get(INGRESS_LABEL, ""),
         )
         try:
             await STATUSES.put(self.store, record.id, status)
@@ -281,7 +286,10 @@ class ContainerManager:
         await asyncio.to_thread(
             self.networks.sweep, {r.id for r in self.records.values() if r.network}
         )
+        self._hold_adopted_ports()
         await self._sync_network_rules()
+        if self.mesh is not None:
+            self.mesh.start()
         self._update_gauges()
         metrics.CONTAINER_USAGE.sources.append(self._running)
         self._monitor = asyncio.create_task(self._monitor_loop())
@@ -319,6 +327,9 @@ class ContainerManager:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.mesh is not None:
+            await self.mesh.stop()
+        self.ports.close()
         self.watcher.close()
         await self.networks.close()
         await self.names.stop()
@@ -833,6 +844,10 @@ class ContainerManager:
             # On disk at once (not reported yet): an agent killed before the start finds the
             # attachment in the record and detaches it, its address lease included.
             await asyncio.to_thread(self.dir(record.id).save, record)
+            if record.config.ports:
+                # Before the start, as docker-proxy's bind: a taken port fails the start.
+                held = self.ports.hold(record.id, record.config.ports)
+                record.network["ports"] = to_json(held)
             hostname = record.config.hostname or record.id[:12]
             cdir = self.dir(record.id)
             owner = record.id_map.root if record.id_map is not None else None
@@ -857,6 +872,7 @@ class ContainerManager:
             return
         attachment = Attachment.from_json(record.network)
         record.network = {}
+        self.ports.release(record.id)
         others = self._attachments(exclude=record.id)
         try:
             await self.networks.detach(record.id, attachment, others)
@@ -869,6 +885,19 @@ class ContainerManager:
             for r in self.records.values()
             if r.network and r.id != exclude
         ]
+
+    def _hold_adopted_ports(self) -> None:
+        """A restarted agent holds its running containers' ports again (the same ones)."""
+        for record in self.records.values():
+            if record.state == RUNNING and record.network.get("ports"):
+                try:
+                    self.ports.hold(record.id, bindings_of(record.network))
+                except FailedPrecondition as exc:
+                    log.warning("%s", exc, extra={"container": record.id})
+
+    async def _mesh_changed(self, ports: list[MeshPort]) -> None:
+        self.networks.mesh = ports
+        await self._sync_network_rules()
 
     async def _sync_network_rules(self) -> None:
         try:

@@ -23,7 +23,7 @@ A container on a network gets, when it starts (and loses, when it exits or is re
 
 Between nodes: berthd.node.overlay (a vxlan device per network, kept from the slices in
 etcd). Names: berthd.node.dns (its resolvers are accepted on each bridge's gateway here).
-Not yet here (docs/networking.md): published ports (DNAT in the same table).
+Published ports and the routing mesh: berthd.node.ports, whose rules nft_ruleset adds.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from berthd.common.state.networks import (
 )
 from berthd.common.store import Store
 from berthd.node.netns import new_netns
+from berthd.node.ports import MeshPort, bindings_of, enable_localnet, port_rules
 
 log = logging.getLogger("berthd.node.network")
 
@@ -98,6 +99,8 @@ class Attachment:
     prefix_length: int = 0
     gateway: str = ""
     mac_address: str = ""
+    # Its published ports as held (berthd.node.ports: host_port filled in).
+    ports: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,13 +140,23 @@ def cni_config(
     return config
 
 
-def nft_ruleset(table: str, attachments: Iterable[Attachment]) -> str:
-    """berth's whole table for these attachments (one rule set per network on the node),
-    for `nft -f`: the table is declared, flushed and filled in one transaction."""
+def nft_ruleset(
+    table: str, attachments: Iterable[Attachment], mesh: Iterable[MeshPort] = ()
+) -> str:
+    """berth's whole table for these attachments (one rule set per network on the node) and
+    the routing mesh's ports, for `nft -f`: the table is declared, flushed and filled in one
+    transaction."""
     from berthd.node.overlay import forward_rules  # the overlay builds on this module
 
+    attachments = list(attachments)
     networks = {a.network_id: a for a in attachments}
-    forward, postrouting, input_ = [], [], []
+    # Published ports (berthd.node.ports); an internal network's are not, as Docker's.
+    published = [
+        (a.ip_address, b) for a in attachments if not a.internal for b in bindings_of(a.to_json())
+    ]
+    ports = port_rules(published, mesh)
+    # DNATed flows first: the isolation rules below must not reject a published port.
+    forward, postrouting, input_ = list(ports.forward), [], []
     for a in sorted(networks.values(), key=lambda a: a.bridge):
         # The network's resolver on its gateway (berthd.node.dns), internal networks included.
         input_.append(
@@ -176,10 +189,22 @@ def nft_ruleset(table: str, attachments: Iterable[Attachment]) -> str:
         "  }",
         "  chain postrouting {",
         "    type nat hook postrouting priority srcnat; policy accept;",
-        *(f"    {rule}" for rule in postrouting),
+        *(f"    {rule}" for rule in postrouting + ports.postrouting),
         "  }",
-        "}",
     ]
+    if ports:
+        lines += [
+            "  chain prerouting {",
+            "    type nat hook prerouting priority dstnat; policy accept;",
+            *(f"    {rule}" for rule in ports.prerouting),
+            "  }",
+            "  chain output {",
+            # dstnat is no name in the output hook: its value.
+            "    type nat hook output priority -100; policy accept;",
+            *(f"    {rule}" for rule in ports.output),
+            "  }",
+        ]
+    lines.append("}")
     return "\n".join(lines) + "\n"
 
 
@@ -247,6 +272,9 @@ class NetworkManager:
         self._lock = asyncio.Lock()
         # Whether this agent made the namespace directory a shared mount (once, not per start).
         self._netns_dir_shared = False
+        # The routing mesh's ports (berthd.node.ports.Mesh): on every node, with or without
+        # containers of its own.
+        self.mesh: list[MeshPort] = []
         from berthd.node.overlay import Overlay  # the overlay builds on this module
 
         self.overlay = Overlay(store, node_id, node_tag(node_id))
@@ -492,9 +520,11 @@ class NetworkManager:
             await self.overlay.update(attachments)
 
     def _sync_rules(self, attachments: list[Attachment]) -> None:
-        if attachments:
-            ruleset = nft_ruleset(self.table, attachments)
+        if attachments or any(m.backends for m in self.mesh):
+            ruleset = nft_ruleset(self.table, attachments, self.mesh)
             if ruleset != self._written:
+                if "dnat" in ruleset:
+                    enable_localnet()
                 _run(["nft", "-f", "-"], ruleset)
                 self._written = ruleset
             return

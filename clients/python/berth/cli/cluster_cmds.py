@@ -22,6 +22,7 @@ from berth.cli.container_cmds import (
     non_negative_int,
     parse_env,
     placement_options,
+    publish_option,
 )
 from berth.cli.output import (
     for_each,
@@ -38,6 +39,7 @@ from berth.client.cluster import ClusterClient, ClusterContainer, Event, NodeInf
 from berth.client.join import JoinClient, JoinInfo
 from berth.config import resolve_cluster_address
 from berth.errors import BerthClientError
+from berth.ports import parse_service_publish
 
 NODE_HEADERS = [
     "ID",
@@ -50,7 +52,7 @@ NODE_HEADERS = [
     "CONTAINERS",
     "LABELS",
 ]
-SERVICE_HEADERS = ["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "UPDATE"]
+SERVICE_HEADERS = ["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS", "UPDATE"]
 SERVICE_PS_HEADERS = ["ID", "NAME", "IMAGE", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"]
 # Event types as `docker events` words: (object, action).
 EVENT_WORDS = {
@@ -184,6 +186,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     create.add_argument(
         "--replicas", type=non_negative_int, default=1, metavar="N", help="replicas (default 1)"
     )
+    create.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        type=publish_option(parse_service_publish),
+        default=[],
+        metavar="[PUBLISHED:]TARGET[/PROTO]",
+        help="publish a port on every node, through the routing mesh; also "
+        "published=P,target=T[,protocol=udp] (repeatable; implies --network berth)",
+    )
     add_spec_options(create)
     add_image_arguments(create)
     create.set_defaults(func=cmd_service_create)
@@ -226,6 +238,22 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         metavar="ALIAS",
         help="another name the replicas answer to on their network; replaces the aliases "
         "(repeatable)",
+    )
+    update.add_argument(
+        "--publish-add",
+        action="append",
+        type=publish_option(parse_service_publish),
+        default=[],
+        metavar="[PUBLISHED:]TARGET[/PROTO]",
+        help="publish a port on every node (repeatable)",
+    )
+    update.add_argument(
+        "--publish-rm",
+        action="append",
+        type=publish_option(parse_service_publish),
+        default=[],
+        metavar="PUBLISHED[:TARGET][/PROTO]",
+        help="stop publishing a port (repeatable)",
     )
     update.add_argument("service", metavar="SERVICE", help="id, id prefix or name")
     update.set_defaults(func=cmd_service_update)
@@ -356,7 +384,9 @@ def join_token_text(info: JoinInfo, rotated: bool) -> str:
 def cmd_service_create(args: argparse.Namespace) -> int:
     template = container_config(args)
     with connect_cluster(args) as client:
-        service = client.create_service(args.name, template, args.replicas, placement_options(args))
+        service = client.create_service(
+            args.name, template, args.replicas, placement_options(args), ports=args.publish
+        )
     if args.format == "json":
         print_json(service)
     else:
@@ -405,10 +435,11 @@ def cmd_service_scale(args: argparse.Namespace) -> int:
 def cmd_service_update(args: argparse.Namespace) -> int:
     env = [entry for entry in args.env if entry is not None]
     changes = (args.image, args.replicas, args.network, args.network_alias)
-    if all(c is None for c in changes) and not env and not args.env_rm:
+    ports = args.publish_add or args.publish_rm
+    if all(c is None for c in changes) and not env and not args.env_rm and not ports:
         raise BerthClientError(
-            "nothing to update: give --image, --env, --env-rm, --replicas, --network or "
-            "--network-alias",
+            "nothing to update: give --image, --env, --env-rm, --replicas, --network, "
+            "--network-alias, --publish-add or --publish-rm",
             "INVALID_ARGUMENT",
         )
     with connect_cluster(args) as client:
@@ -420,6 +451,9 @@ def cmd_service_update(args: argparse.Namespace) -> int:
             replicas=args.replicas,
             network=args.network,
             network_aliases=args.network_alias,
+            publish_add=args.publish_add,
+            # `--publish-rm 8080` names the published port (Docker's short form: the target).
+            publish_rm=[p.published_port or p.target_port for p in args.publish_rm],
         )
     if args.format == "json":
         print_json(service)
@@ -500,6 +534,7 @@ def service_rows(services: Iterable[ServiceInfo]) -> list[list[str]]:
             "replicated",
             f"{s.running_replicas}/{s.replicas}",
             s.image,
+            ", ".join(str(p) for p in s.ports),
             s.update_state or "-",
         ]
         for s in services

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +45,7 @@ from berth.config import resolve_target
 from berth.enums.containers import CONTAINER_STATES
 from berth.error_details import ErrorDetails
 from berth.errors import BerthClientError
+from berth.ports import PortBinding, format_ps
 
 # berth.containers is imported by what parses or builds a container's configuration (run,
 # create, service create): ps, stats, logs and the like need none of it.
@@ -281,6 +282,34 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
+def publish_option(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type of a port option, with Docker's message for a bad value."""
+    from berth.ports import InvalidPort
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except InvalidPort as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+
+    return convert
+
+
+def default_network(args: argparse.Namespace, publishes: bool) -> str:
+    """--network as given; without it, `berth` when ports are published (Docker puts a `run
+    -p` on its default bridge), else none. Ports with none or host are dropped with Docker's
+    warning."""
+    if args.network is None:
+        return "berth" if publishes else "none"
+    if publishes and args.network in ("none", "host"):
+        err_console().print(
+            f"WARNING: Published ports are discarded when using {args.network} network mode",
+            markup=False,
+        )
+        args.publish = []
+    return args.network
+
+
 def run_config(args: argparse.Namespace) -> ContainerConfig:
     """The container of a parsed `berth run`, validated."""
     if args.rm and args.restart[0] != "no":
@@ -289,6 +318,8 @@ def run_config(args: argparse.Namespace) -> ContainerConfig:
         # The node has no auto-remove: only an attached client can remove after the exit.
         raise BerthClientError("--rm needs an attached run: drop -d", "INVALID_ARGUMENT")
     config = container_config(args, name=args.name or "")
+    config.ports = [b for group in args.publish for b in group]
+    config.validate()
     config.tty = args.tty
     config.stdin_open = args.interactive
     return config
@@ -321,7 +352,7 @@ def container_config(args: argparse.Namespace, name: str = "") -> ContainerConfi
         pids_limit=args.pids_limit,
         restart_policy=restart,
         restart_max_retries=retries,
-        network_mode=args.network,
+        network_mode=default_network(args, bool(getattr(args, "publish", None))),
         network_aliases=args.network_alias,
         cap_add=args.cap_add,
         cap_drop=args.cap_drop,
@@ -420,6 +451,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_containers(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
+    port = commands.add_parser("port", parents=data, help="a container's published ports")
+    port.add_argument("container", metavar="CONTAINER", help="id, id prefix or name")
+    port.add_argument("private", nargs="?", metavar="PRIVATE_PORT[/PROTO]", help="one port")
+    port.set_defaults(func=cmd_port)
+
     wait = commands.add_parser("wait", parents=node, help="wait for containers to exit")
     _add_containers(wait)
     wait.set_defaults(func=cmd_wait)
@@ -479,6 +515,17 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     add("--rm", action="store_true", help="remove the container when it exits")
     add("--name", help="container name (default: generated)")
     add("-i", "--interactive", action="store_true", help="keep stdin open and send ours to it")
+    from berth.ports import parse_publish
+
+    add(
+        "-p",
+        "--publish",
+        action="append",
+        type=publish_option(parse_publish),
+        default=[],
+        metavar="[IP:][HOST_PORT:]PORT[/PROTO]",
+        help="publish a container's port on its node (repeatable; implies --network berth)",
+    )
     _add_terminal_options(run)
     add_spec_options(run)
     add_image_arguments(run)
@@ -519,9 +566,9 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
     add("--read-only", action="store_true", help="mount the root filesystem read-only")
     add(
         "--network",
-        default="none",
         metavar="NETWORK",
-        help=f"{' or '.join(NETWORK_MODES)}, or a network's name (berth network ls) (none)",
+        help=f"{' or '.join(NETWORK_MODES)}, or a network's name (berth network ls) (none; "
+        "berth with published ports)",
     )
     add(
         "--network-alias",
@@ -665,7 +712,7 @@ def _run_on_cluster(
     """Schedule, and unless detached wait until the node created it; the container's id."""
     # No pull here: the chosen node pulls the image itself when it converges.
     container = client.run(config, placement)
-    if args.detach:
+    if args.detach and not config.ports:
         return container.id
     try:
         _wait_for_node(client, container)
@@ -715,6 +762,28 @@ def _wait_for_node(client: ClusterClient, container: ClusterContainer) -> None:
             noticed = True
         time.sleep(0.2)
         container = client.inspect(container.id)
+    if container.ports:
+        _wait_for_ports(client, container)
+
+
+def _wait_for_ports(client: ClusterClient, container: ClusterContainer) -> None:
+    """Until the node has started it: publishing can fail there (a port another process
+    listens on), and `run -d -p` must say so, as Docker's does."""
+    deadline = time.monotonic() + NODE_START_TIMEOUT
+    while container.state == "created" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        container = client.inspect(container.id)
+    if container.state == "exited" and container.failure_reason == "START_FAILED":
+        allocated = "port is already allocated" in container.error
+        raise BerthClientError(
+            f"driver failed programming external connectivity on container {container.name}: "
+            f"{container.error}",
+            "FAILED_PRECONDITION",
+            ErrorDetails(
+                reason="PORT_ALLOCATED" if allocated else "CONTAINER_START_FAILED",
+                metadata={"container_id": container.id, "node_id": container.node_id},
+            ),
+        )
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -807,6 +876,32 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     with connect(args) as client:
         inspect_each(args.containers, lambda c: docker_inspect(client.inspect(c)))
+    return 0
+
+
+def cmd_port(args: argparse.Namespace) -> int:
+    """Docker's `port`: `80/tcp -> 0.0.0.0:8080` lines, or the host side of one port."""
+    from berth.ports import parse_port_filter
+
+    wanted = parse_port_filter(args.private) if args.private else None
+    with connect(args) as client:
+        container = client.inspect(args.container)
+    bindings = [b for b in container.published if wanted in (None, (b.container_port, b.protocol))]
+    if wanted is not None and not bindings:
+        port, proto = wanted
+        raise BerthClientError(
+            f"No public port '{port}/{proto}' published for {args.container}", "NOT_FOUND"
+        )
+    if args.format == "json":
+        print_json(bindings)
+    elif wanted is not None:
+        print_line("\n".join(f"{b.shown_ip}:{b.host_port}" for b in bindings))
+    elif bindings:
+        print_line(
+            "\n".join(
+                f"{b.container_port}/{b.protocol} -> {b.shown_ip}:{b.host_port}" for b in bindings
+            )
+        )
     return 0
 
 
@@ -1038,7 +1133,7 @@ def container_command(c: ContainerInfo, no_trunc: bool = False) -> str:
     return f'"{command}"'
 
 
-PS_HEADERS = ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES"]
+PS_HEADERS = ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]
 
 
 def ps_rows(
@@ -1056,6 +1151,7 @@ def ps_rows(
             container_command(c, no_trunc),
             human_ago(c.created_at, now),
             container_status(c, now),
+            format_ps(c.published),
             c.name,
         ]
         if node_column:
@@ -1075,7 +1171,7 @@ def network_settings_shape(c: ContainerInfo) -> dict[str, Any]:
     """Docker's NetworkSettings: the container's address on its network while it runs."""
     n = c.network
     if not n:
-        return {"Networks": {}, "IPAddress": "", "Gateway": "", "MacAddress": ""}
+        return {"Networks": {}, "Ports": {}, "IPAddress": "", "Gateway": "", "MacAddress": ""}
     endpoint = {
         "Aliases": c.network_aliases or None,
         "NetworkID": n["network_id"],
@@ -1086,10 +1182,22 @@ def network_settings_shape(c: ContainerInfo) -> dict[str, Any]:
     }
     return {
         "Networks": {n["network"]: endpoint},
+        "Ports": docker_ports(c.published),
         "IPAddress": n["ip_address"],
         "Gateway": n["gateway"],
         "MacAddress": n["mac_address"],
     }
+
+
+def docker_ports(bindings: Iterable[PortBinding]) -> dict[str, list[dict[str, str]] | None]:
+    """Docker's map of `80/tcp` to its host bindings (NetworkSettings.Ports and
+    HostConfig.PortBindings, where a node-chosen port is "")."""
+    ports: dict[str, list[dict[str, str]] | None] = {}
+    for b in bindings:
+        ports.setdefault(f"{b.container_port}/{b.protocol}", []).append(  # type: ignore[union-attr]
+            {"HostIp": b.host_ip, "HostPort": str(b.host_port) if b.host_port else ""}
+        )
+    return ports
 
 
 def docker_inspect(c: ContainerInfo) -> dict[str, Any]:
@@ -1128,6 +1236,7 @@ def docker_inspect(c: ContainerInfo) -> dict[str, Any]:
             "SecurityOpt": c.security_opt or None,
             "UsernsMode": c.userns,
             "NetworkMode": c.network_mode,
+            "PortBindings": docker_ports(c.ports),
         },
         "NetworkSettings": network_settings_shape(c),
     }

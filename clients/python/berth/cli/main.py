@@ -60,6 +60,7 @@ _COMMANDS: dict[str, tuple[tuple[str, str], ...]] = {
         ("kill", "send a signal to containers"),
         ("rm", "remove containers"),
         ("inspect", "containers as JSON"),
+        ("port", "a container's published ports"),
         ("wait", "wait for containers to exit"),
         ("stats", "CPU, memory and pids of containers"),
         ("diff", "paths a container changed"),

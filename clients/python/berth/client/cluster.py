@@ -33,7 +33,9 @@ from berth.enums.cluster import (
     NODE_STATES,
     UPDATE_STATES,
 )
+from berth.enums.containers import PORT_PROTOCOLS
 from berth.errors import BerthClientError
+from berth.ports import PublishedPort
 
 # berth.containers (a container's whole configuration, its checks and its proto form) is imported
 # by the calls that send or read one: listing, stats or logs need none of it.
@@ -102,6 +104,8 @@ class ServiceInfo:
     labels: dict[str, str]
     created_at: datetime | None
     updated_at: datetime | None
+    # Ports published on every node through the routing mesh.
+    ports: list[PublishedPort] = field(default_factory=list, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,19 @@ def cluster_container(c: pb.Container) -> ClusterContainer:
     )
 
 
+def _endpoint_spec(ports: Iterable[PublishedPort]) -> pb.EndpointSpec:
+    return pb.EndpointSpec(
+        ports=[
+            pb.PublishedPort(
+                published_port=p.published_port,
+                target_port=p.target_port,
+                protocol=PORT_PROTOCOLS.value(p.protocol),
+            )
+            for p in ports
+        ]
+    )
+
+
 def _service(s: pb.Service) -> ServiceInfo:
     from berth.containers import from_spec
 
@@ -212,6 +229,10 @@ def _service(s: pb.Service) -> ServiceInfo:
         labels=dict(s.spec.labels),
         created_at=time_of(s, "created_at"),
         updated_at=time_of(s, "updated_at"),
+        ports=[
+            PublishedPort(p.target_port, p.published_port, PORT_PROTOCOLS.name(p.protocol, "tcp"))
+            for p in s.spec.endpoint_spec.ports
+        ],
     )
 
 
@@ -414,6 +435,7 @@ class ClusterClient(ContainerStreams, GrpcClient):
         placement: Placement | None = None,
         labels: dict[str, str] | None = None,
         request_id: str = "",
+        ports: Iterable[PublishedPort] = (),
     ) -> ServiceInfo:
         """A service of `replicas` containers made from `template` (each named NAME.SLOT).
         Retried with its request_id (a new UUID when empty) when the answer is lost."""
@@ -425,6 +447,7 @@ class ClusterClient(ContainerStreams, GrpcClient):
             replicas=replicas,
             placement=_placement_message(placement),
             labels=labels or {},
+            endpoint_spec=_endpoint_spec(ports),
         )
         request = pb.CreateServiceRequest(spec=spec, request_id=request_id or new_request_id())
         return _service(self._retried(self._stub.CreateService, request).service)
@@ -462,6 +485,8 @@ class ClusterClient(ContainerStreams, GrpcClient):
         replicas: int | None = None,
         network: str | None = None,
         network_aliases: list[str] | None = None,
+        publish_add: Iterable[PublishedPort] = (),
+        publish_rm: Iterable[int] = (),
     ) -> ServiceInfo:
         """Change some of a service's spec and roll its replicas to it. UpdateService replaces
         the whole spec, so the current one is edited as a message (keeping every field this
@@ -485,6 +510,13 @@ class ClusterClient(ContainerStreams, GrpcClient):
         spec.template.env.extend(merged)
         if replicas is not None:
             spec.replicas = replicas
+        # Docker's --publish-rm names the published port; --publish-add replaces a port's entry.
+        added = list(publish_add)
+        removed = set(publish_rm) | {p.published_port for p in added if p.published_port}
+        kept = [p for p in spec.endpoint_spec.ports if p.published_port not in removed]
+        spec.endpoint_spec.CopyFrom(_endpoint_spec([]))
+        spec.endpoint_spec.ports.extend(kept)
+        spec.endpoint_spec.ports.extend(_endpoint_spec(added).ports)
         request = pb.UpdateServiceRequest(service=current.id, spec=spec, version=current.version)
         return _service(self._call(self._stub.UpdateService, request).service)
 

@@ -15,8 +15,9 @@ from types import ModuleType
 from typing import Any
 
 from berth.client.sessions import Exited, Output, ProcessSession, output_event
-from berth.enums.containers import CONTAINER_STATES, LOG_STREAMS, NETWORK_MODES
+from berth.enums.containers import CONTAINER_STATES, LOG_STREAMS, NETWORK_MODES, PORT_PROTOCOLS
 from berth.errors import BerthClientError
+from berth.ports import PortBinding
 from berth.types.v1 import container_pb2 as pb
 
 
@@ -48,11 +49,19 @@ class ContainerInfo:
     userns: str = field(default="", kw_only=True)
     # Its network mode (none, host or a network's name) and, while it runs on a network,
     # its place there: {"network", "network_id", "ip_address", "ip_prefix_length",
-    # "gateway", "mac_address"} (ContainerStatus.network_settings); empty otherwise.
+    # "gateway", "mac_address", "ports"} (ContainerStatus.network_settings); empty otherwise.
     network_mode: str = field(default="none", kw_only=True)
     network: dict[str, Any] = field(default_factory=dict, kw_only=True)
     # More names it answers to on its network (ContainerSpec.network_aliases).
     network_aliases: list[str] = field(default_factory=list, kw_only=True)
+    # The ports its spec asks to publish (`-p`; host_port 0: the node chooses); the bindings
+    # in effect while it runs are network["ports"].
+    ports: list[PortBinding] = field(default_factory=list, kw_only=True)
+
+    @property
+    def published(self) -> list[PortBinding]:
+        """The ports published now (Docker's NetworkSettings.Ports)."""
+        return list(self.network.get("ports", [])) if self.network else []
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,7 @@ def container_fields(c: Any) -> dict[str, Any]:
         "network_mode": c.spec.network or NETWORK_MODES.name(c.spec.network_mode, "none"),
         "network": network_settings(c.status),
         "network_aliases": list(c.spec.network_aliases),
+        "ports": [port_binding(p) for p in c.spec.ports],
     }
 
 
@@ -134,7 +144,18 @@ def network_settings(status: Any) -> dict[str, Any]:
         "ip_prefix_length": n.ip_prefix_length,
         "gateway": n.gateway,
         "mac_address": n.mac_address,
+        "ports": [port_binding(p) for p in n.ports],
     }
+
+
+def port_binding(message: Any) -> PortBinding:
+    """A PortBinding message (a protocol without a name reads as tcp)."""
+    return PortBinding(
+        container_port=message.container_port,
+        host_port=message.host_port,
+        host_ip=message.host_ip,
+        protocol=PORT_PROTOCOLS.name(message.protocol, "tcp"),
+    )
 
 
 def log_line(message: Any) -> LogLine:

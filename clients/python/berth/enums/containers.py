@@ -38,8 +38,14 @@ NETWORK_MODES = EnumTable(
     },
     unspecified="none",
 )
+# Docker's port protocols (`-p 80/udp`).
+PORT_PROTOCOLS = EnumTable(
+    pb.PortProtocol,
+    {pb.PORT_PROTOCOL_TCP: "tcp", pb.PORT_PROTOCOL_UDP: "udp"},
+    unspecified="tcp",
+)
 LOG_STREAMS = EnumTable(
     pb.LogStream, {pb.LOG_STREAM_STDOUT: "stdout", pb.LOG_STREAM_STDERR: "stderr"}
 )
 
-TABLES = (CONTAINER_STATES, RESTART_POLICIES, NETWORK_MODES, LOG_STREAMS)
+TABLES = (CONTAINER_STATES, RESTART_POLICIES, NETWORK_MODES, PORT_PROTOCOLS, LOG_STREAMS)

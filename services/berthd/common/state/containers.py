@@ -57,6 +57,9 @@ MANAGED_LABEL = "berth.cluster.managed"
 # Label of a service replica on its node: the service's name. The node's fence and its
 # watchdog (which has no desired state, the agent being dead) tell replicas by it.
 SERVICE_LABEL = "berth.cluster.service"
+# Label of a service replica whose service publishes ports: `8080:80/tcp,...` (the routing
+# mesh of every node reads it from the replica's status, ContainerStatus.ingress).
+INGRESS_LABEL = "berth.cluster.ingress"
 
 
 @dataclass
@@ -133,6 +136,9 @@ class ContainerStatus:
     # Where it is on its network while it runs (berthd.node.network.Attachment as JSON:
     # network, network_id, ip_address, prefix_length, gateway, mac_address, ...); {} if none.
     network: dict[str, Any] = field(default_factory=dict)
+    # A service replica's ports on the routing mesh (`8080:80/tcp,...`, its label
+    # berth.cluster.ingress); "" for any other container. Every node's mesh reads it.
+    ingress: str = ""
 
     @property
     def create_failed(self) -> bool:
