@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Iterable
 
 from berth.error_details import Violation
+from berthd.cluster.refs import existence_guards, resolve_ref
 from berthd.common.containers import ContainerConfig
 from berthd.common.errors import (
     Aborted,
@@ -101,34 +102,12 @@ async def network_guards(
 ) -> list[Compare]:
     """For specs being accepted: NotFound (NETWORK_NOT_FOUND) for a network that does not
     exist, else compares that fail the acceptance if it is removed before it commits."""
-    compares = []
-    for name in network_names(configs):
-        found = await NAMES.read(store, name)
-        if found is None:
-            raise network_not_found(name, field)
-        compares.append(NAMES.unchanged(store, name, found.mod_revision))
-    return compares
+    return await existence_guards(store, NAMES, network_names(configs), network_not_found, field)
 
 
 def resolve(ref: str, records: Iterable[NetworkRecord]) -> NetworkRecord:
     """A network by name, full id or unique id prefix (as Docker resolves them)."""
-    if not ref:
-        raise invalid("a network name or id is required", "network")
-    records = list(records)
-    for match in (lambda r: r.name == ref, lambda r: r.id == ref):
-        found = [r for r in records if match(r)]
-        if found:
-            return found[0]
-    prefixed = [r for r in records if r.id.startswith(ref)]
-    if len(prefixed) > 1:
-        raise InvalidArgument(
-            f'network id prefix "{ref}" is ambiguous: it matches {len(prefixed)} networks',
-            reason="AMBIGUOUS_ID",
-            metadata={"prefix": ref, "matches": len(prefixed)},
-        )
-    if not prefixed:
-        raise network_not_found(ref, "network")
-    return prefixed[0]
+    return resolve_ref(ref, records, "network", network_not_found, invalid)
 
 
 class NetworkCore:

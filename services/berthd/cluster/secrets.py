@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from berth.error_details import Violation
 from berth.errors import InvalidArgumentError
+from berthd.cluster.refs import existence_guards, resolve_ref
 from berthd.common.containers import ContainerConfig, SecretReference, check_secret_name
 from berthd.common.errors import (
     Aborted,
@@ -242,35 +243,13 @@ async def secret_guards(
     """For specs being accepted (RunContainer, CreateService, UpdateService): NotFound with
     SECRET_NOT_FOUND for a secret that does not exist, else the compares that fail the
     acceptance's transaction if one of them is removed before it commits."""
-    names = dict.fromkeys(ref.name for config in configs for ref in config.secrets)
-    compares = []
-    for name in names:
-        found = await SECRETS.read(store, name)
-        if found is None:
-            raise secret_not_found(name, field)
-        compares.append(SECRETS.unchanged(store, name, found.mod_revision))
-    return compares
+    names = (ref.name for config in configs for ref in config.secrets)
+    return await existence_guards(store, SECRETS, names, secret_not_found, field)
 
 
 def resolve(ref: str, records: Iterable[SecretRecord]) -> SecretRecord:
     """A secret by name, full id or unique id prefix (as Docker resolves them)."""
-    if not ref:
-        raise invalid("a secret name or id is required", "secret")
-    records = list(records)
-    for match in (lambda r: r.name == ref, lambda r: r.id == ref):
-        found = [r for r in records if match(r)]
-        if found:
-            return found[0]
-    prefixed = [r for r in records if r.id.startswith(ref)]
-    if len(prefixed) > 1:
-        raise InvalidArgument(
-            f'secret id prefix "{ref}" is ambiguous: it matches {len(prefixed)} secrets',
-            reason="AMBIGUOUS_ID",
-            metadata={"prefix": ref, "matches": len(prefixed)},
-        )
-    if not prefixed:
-        raise secret_not_found(ref, "secret")
-    return prefixed[0]
+    return resolve_ref(ref, records, "secret", secret_not_found, invalid)
 
 
 # The core -------------------------------------------------------------------------------------
