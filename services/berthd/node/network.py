@@ -12,8 +12,8 @@ A container on a network gets, when it starts (and loses, when it exits or is re
   (the agents of `berthd up` share one namespace), whose address is the gateway: the first
   address of the node's slice (berthd.common.state.networks), leased in
   etcd on first use and released when the node's last container on the network goes, with
-  the bridge. Addresses come from the CNI `host-local` plugin over that slice, its leases
-  under `<data dir>/network/ipam/`.
+  the bridge (unless the routing mesh keeps it: berthd.node.ingress). Addresses come from
+  the CNI `host-local` plugin over that slice, its leases under `<data dir>/network/ipam/`.
 - berth's nftables table `inet berth_<4 hex of the node id>`, written whole from the node's
   attachments after every change (and deleted when none remain): masquerade of each local
   slice going anywhere but its own network, forwarding between two networks' devices
