@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from .test_networks import CLIENT, SERVE, Net, leftovers, started
+from .test_ports import fetch
 
 pytestmark = pytest.mark.integration
 
@@ -60,8 +61,9 @@ def address(container):
 def dns_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     # Each agent forwards to a stand-in resolver on its own namespace's loopback.
     flag = f"--dns-upstream=127.0.0.1:{UPSTREAM_PORT}"
-    with started(tmp_path_factory.mktemp("dns"), flag) as net:
-        for n in (1, 2):
+    # A third host: after one is cut, a client and the mesh on another than the replicas'.
+    with started(tmp_path_factory.mktemp("dns"), flag, hosts=3) as net:
+        for n in (1, 2, 3):
             argv = [sys.executable, "-c", UPSTREAM, "127.0.0.1", str(UPSTREAM_PORT)]
             argv += [str(net.run_dir / f"upstream{n}.names"), net.net.control_address]
             net.net.spawn(net.net.host(n), argv, net.run_dir / f"upstream{n}.log")
@@ -158,43 +160,55 @@ out(result)
     assert leftovers(net) == NOTHING_LEFT
 
 
+MESH_PORT = 8089
+
+
 def test_a_service_name_answers_its_replicas_and_follows_one_moved_off_a_dead_host(
     dns_cluster: Net,
 ) -> None:
+    """Replicas on host1 and host2, a client on host3; host2 is cut. The name answers the
+    replica moved to host1 and the client fetches its page by the name across the overlay;
+    the routing mesh of host3 (no replica) answers from the replicas that remain."""
     net = dns_cluster
     before = net.client(
         CLIENT
         + DNS
         + """
+from berth.ports import PublishedPort
+SERVE = sys.argv[3]
+
 def replicas(avoid=""):
     deadline = time.monotonic() + 90
     while True:
         found = [c for c in cluster.service_ps("svc")
                  if c.state == "running" and c.network and c.node_id != avoid]
         if len(found) == 2:
-            return {c.name: [c.node_id, c.network["ip_address"]] for c in found}
+            return {c.name: [c.node_id, c.network["ip_address"], c.id] for c in found}
         assert time.monotonic() < deadline, [(c.name, c.node_id, c.state)
                                              for c in cluster.service_ps("svc", all=True)]
         time.sleep(0.2)
 
 networks.create("svcnet")
-running("asker", "sleep 600", "svcnet", "host1")
-cluster.create_service("svc", ContainerConfig(IMAGE, command=["sleep", "600"],
+running("asker", "sleep 600", "svcnet", "host3")
+cluster.create_service("svc", ContainerConfig(IMAGE, command=["sh", "-c", SERVE],
                                               network_mode="svcnet", network_aliases=["backend"]),
-                       2)
+                       2, Placement(constraints=["node.id!=host3"]),
+                       ports=[PublishedPort(8080, int(sys.argv[4]))])
 placed = replicas()
 out({"placed": placed, "svc": lookup("asker", "svc"), "tasks": lookup("asker", "tasks.svc"),
      "backend": lookup("asker", "backend"),
      "replica": {name: lookup("asker", name) for name in placed}})
-"""
+""",
+        SERVE,
+        str(MESH_PORT),
     )
     assert isinstance(before, dict)
     placed = before["placed"]
-    assert sorted(node for node, _ in placed.values()) == ["host1", "host2"]
-    everyone = sorted(address for _, address in placed.values())
+    assert sorted(node for node, _, _ in placed.values()) == ["host1", "host2"]
+    everyone = sorted(address for _, address, _ in placed.values())
     assert before["svc"] == before["tasks"] == before["backend"] == everyone
-    assert before["replica"] == {name: [address] for name, (_, address) in placed.items()}
-    (lost,) = [address for node, address in placed.values() if node == "host2"]
+    assert before["replica"] == {name: [address] for name, (_, address, _) in placed.items()}
+    (lost,) = [address for node, address, _ in placed.values() if node == "host2"]
 
     host2 = net.net.host(2)
     net.net.cut(host2)
@@ -216,15 +230,38 @@ wanted = sorted(c.network["ip_address"] for c in found)
 while (answer := lookup("asker", "svc")) != wanted:
     assert time.monotonic() < deadline, [answer, wanted]
     time.sleep(0.2)
-out({"svc": answer, "wanted": wanted})
+# From host3, by the name, across the overlay: until the moved replica is the one asked.
+moved = [c.id for c in found if c.id not in sys.argv[3].split(",")][0]
+pages = []
+while ("hello from " + moved[:12]) not in pages:
+    assert time.monotonic() < deadline, pages
+    got = cluster.exec("asker", ["wget", "-q", "-O", "-", "http://svc:8080/"])
+    pages.append(got.stdout.decode().strip() if got.exit_code == 0 else f"exit {got.exit_code}")
+out({"svc": answer, "wanted": wanted, "pages": pages, "moved": moved,
+     "replicas": [c.id for c in found]})
 """,
+            ",".join(c_id for _, _, c_id in placed.values()),
             timeout=150,
         )
+        assert isinstance(after, dict)
+        assert after["svc"] == after["wanted"]
+        assert lost not in after["svc"]
+        live = {"hello from " + c_id[:12] for c_id in after["replicas"]}
+        # Every fetch by the name answered (the lost address was never handed out again).
+        assert set(after["pages"]) <= live, after["pages"]
+        # The mesh on host3, which runs no replica, still answers with the replicas that
+        # remain, the moved one among them; never with the lost one.
+        h3 = net.net.address(net.net.host(3))
+        answers: list[str] = []
+        deadline = time.monotonic() + 30
+        while "hello from " + after["moved"][:12] not in answers:
+            assert time.monotonic() < deadline, answers
+            answers.append(fetch(net, net.net.ctl, h3, MESH_PORT))
+        # Once it follows the move, every connection finds a live replica.
+        answers = [fetch(net, net.net.ctl, h3, MESH_PORT) for _ in range(6)]
+        assert set(answers) <= live, answers
     finally:
         net.net.restore(host2)
-    assert isinstance(after, dict)
-    assert after["svc"] == after["wanted"]
-    assert lost not in after["svc"]
     net.client(
         """
 cluster.remove_service("svc")

@@ -114,7 +114,7 @@ def leftovers(net: Net) -> dict[str, list[str]]:
     """What of berth's networking is in the hosts: bridges, veths and vxlan devices, namespace
     files, nft tables, host-local leases."""
     found: dict[str, list[str]] = {"links": [], "namespaces": [], "tables": [], "leases": []}
-    for n in (1, 2):
+    for n in range(1, len(net.net.hosts) + 1):
         links = [
             line.split(":")[1].strip().split("@")[0]
             for line in net.in_host("ip", "-o", "link", host=n).splitlines()
@@ -136,14 +136,14 @@ def network_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
 
 
 @contextlib.contextmanager
-def started(run_dir: Path, *agent_flags: str) -> Iterator[Net]:
-    """The cluster of these tests (agents started with `agent_flags`); on the way out, after
-    the test's containers and networks are gone, nothing of berth's must be left."""
+def started(run_dir: Path, *agent_flags: str, hosts: int = 2) -> Iterator[Net]:
+    """The cluster of these tests (`hosts` agents started with `agent_flags`); on the way
+    out, after the test's containers and networks are gone, nothing of berth's must be left."""
     net = TestNetwork(run_dir)
     prefix = f"/berth-net-{uuid.uuid4().hex[:8]}/"
     agents: dict[str, HostService] = {}
     try:
-        registry = net.start_control(2, prefix)
+        registry = net.start_control(hosts, prefix)
         service = net.start_service(net.ctl, "cluster", prefix=prefix)
         registry.wait_ready()
         agents.update(net.start_agents(registry.address, prefix, LEASE_TTL, *agent_flags))
@@ -159,7 +159,7 @@ def started(run_dir: Path, *agent_flags: str) -> Iterator[Net]:
         _cleanup_agents(net, agents, Path(run_dir))
         net.close()
         # Namespace files a failed test left (bind mounts under /run, not under run_dir).
-        for n in (1, 2):
+        for n in range(1, hosts + 1):
             netns_dir = run_dir_of(Path(run_dir) / f"host{n}") / "netns"
             for path in netns_dir.glob("*") if netns_dir.is_dir() else []:
                 subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)

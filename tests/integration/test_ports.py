@@ -7,14 +7,13 @@ goes only to addresses the harness gave the namespaces, the containers' and loop
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 import pytest
 
-from berthd.node.network import table_name
+from berthd.node.network import node_tag, table_name
 
 from . import test_networks
 from .test_networks import CLIENT, SERVE, Net, leftovers
@@ -308,30 +307,37 @@ def test_the_mesh_answers_on_a_node_that_shares_the_replicas_namespace(
     assert leftovers(net)["tables"] == []
 
 
-def reaches(net: Net, host: int, address: str) -> bool:
-    done = subprocess.run(
-        [*net.net.exec_argv(net.net.host(host)), "ping", "-c", "1", "-W", "1", address],
-        capture_output=True,
-        check=False,
-    )
-    return done.returncode == 0
+BERTH = 'n = networks.get("berth"); out({"id": n.id, "slices": n.slices})'
 
 
 def test_the_mesh_answers_on_a_host_that_runs_no_replica(network_cluster: Net) -> None:
-    """NEEDS THE OVERLAY (branch net-overlay): host2 reaches host1's replica only across it.
-    Skipped, saying so, while host2 cannot reach a container address on host1."""
+    """host2 runs no container: its mesh holds a slice of the replica's network and that
+    network's vxlan device (no bridge), reaches the replica on host1 through the tunnel, and
+    gives both back when the service goes."""
     net = network_cluster
+    h2 = net.net.host(2)
     try:
         replica = client(net, MESH, SERVE)
         assert isinstance(replica, dict)
-        if not reaches(net, 2, replica["address"]):
-            pytest.skip("needs the overlay between hosts (net-overlay): host2 cannot reach host1")
         hello = "hello from " + replica["id"][:12]
-        h2 = net.net.host(2)
-        wait_for(lambda: fetch(net, h2, "127.0.0.1", 8088) == hello)
+        wait_for(lambda: fetch(net, h2, "127.0.0.1", 8088) == hello, timeout=30)
         assert fetch(net, net.net.ctl, net.net.address(h2), 8088) == hello
-        assert fetch(net, h2, "127.0.0.1", 8088) == hello
+        berth = client(net, BERTH)
+        assert isinstance(berth, dict)
+        device = f"vx-{berth['id'][:6]}{node_tag('host2')}"
+        links = [line.split(":")[1].strip() for line in net.in_host("ip", "-o", "link", host=2)
+                 .splitlines()]  # fmt: skip
+        assert device in links
+        assert not [name for name in links if name.startswith(("bn-", "veth"))]
+        # The device's address is host2's slice's .0: where host1 sends the replies.
+        zero = berth["slices"]["host2"].split("/")[0]
+        assert f"inet {zero}/32" in net.in_host("ip", "-o", "addr", "show", device, host=2)
     finally:
         net.cli("service", "rm", "web")
         # Every node drops the port when the replica goes (host2's table had only the mesh).
         wait_for(lambda: not leftovers(net)["tables"])
+    # host2's device and slice go with the mesh's last backend on the network.
+    wait_for(lambda: not leftovers(net)["links"])
+    berth = client(net, BERTH)
+    assert isinstance(berth, dict)
+    assert "host2" not in berth["slices"]

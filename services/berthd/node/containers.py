@@ -897,6 +897,8 @@ class ContainerManager:
 
     async def _mesh_changed(self, ports: list[MeshPort]) -> None:
         self.networks.mesh = ports
+        if self.mesh is not None:
+            self.networks.mesh_networks = self.mesh.networks()
         await self._sync_network_rules()
 
     async def _sync_network_rules(self) -> None:

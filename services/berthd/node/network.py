@@ -12,8 +12,8 @@ A container on a network gets, when it starts (and loses, when it exits or is re
   (the agents of `berthd up` share one namespace), whose address is the gateway: the first
   address of the node's slice (berthd.common.state.networks), leased in
   etcd on first use and released when the node's last container on the network goes, with
-  the bridge. Addresses come from the CNI `host-local` plugin over that slice, its leases
-  under `<data dir>/network/ipam/`.
+  the bridge (unless the routing mesh keeps it: berthd.node.ingress). Addresses come from
+  the CNI `host-local` plugin over that slice, its leases under `<data dir>/network/ipam/`.
 - berth's nftables table `inet berth_<4 hex of the node id>`, written whole from the node's
   attachments after every change (and deleted when none remain): masquerade of each local
   slice going anywhere but its own network, forwarding between two networks' devices
@@ -275,9 +275,15 @@ class NetworkManager:
         # The routing mesh's ports (berthd.node.ports.Mesh): on every node, with or without
         # containers of its own.
         self.mesh: list[MeshPort] = []
-        from berthd.node.overlay import Overlay  # the overlay builds on this module
+        # The networks of the mesh's backends (id -> (name, range)); None until the mesh has
+        # read them once.
+        self.mesh_networks: dict[str, tuple[str, str]] | None = None
+        from berthd.node.ingress import Ingress  # both build on this module
+        from berthd.node.overlay import Overlay
 
         self.overlay = Overlay(store, node_id, node_tag(node_id))
+        # Slices held for the mesh's networks with no container here (their overlay only).
+        self.ingress = Ingress(store, node_id, self.claim_slice, self.release_slice)
 
     async def close(self) -> None:
         """Stop following etcd (the agent stops; its devices stay for the next one)."""
@@ -363,7 +369,8 @@ class NetworkManager:
                     await asyncio.to_thread(self._del, container_id, attachment)
                     if not any(o.network_id == network.id for o in others):
                         await asyncio.to_thread(self._drop_network, attachment)
-                        await self.release_slice(network.id, slice_.subnet)
+                        if not self.ingress.holds(network.id):
+                            await self.release_slice(network.id, slice_.subnet)
                 except Exception as exc:
                     log.warning("cleanup after a failed attach: %s", exc)
                 raise
@@ -416,7 +423,8 @@ class NetworkManager:
         self, container_id: str, attachment: Attachment, others: list[Attachment]
     ) -> None:
         """Undo attach; the network's bridge, IPAM state and slice go with its last container
-        on this node (`others`: the attachments that stay)."""
+        on this node (`others`: the attachments that stay), the slice only when the routing
+        mesh does not keep it (berthd.node.ingress)."""
         async with self._lock:
             try:
                 await asyncio.to_thread(self._del, container_id, attachment)
@@ -426,7 +434,8 @@ class NetworkManager:
                 log.warning("detaching failed: %s", exc, extra={"container": container_id})
             if not any(o.network_id == attachment.network_id for o in others):
                 await asyncio.to_thread(self._drop_network, attachment)
-                await self.release_slice(attachment.network_id, attachment.slice)
+                if not self.ingress.holds(attachment.network_id):
+                    await self.release_slice(attachment.network_id, attachment.slice)
 
     def _del(self, container_id: str, attachment: Attachment) -> None:
         network = NetworkRecord(
@@ -514,10 +523,29 @@ class NetworkManager:
 
     async def sync_rules(self, attachments: list[Attachment]) -> None:
         """berth's table for the node's attachments now (deleted when there are none), and
-        the overlay's devices for their networks."""
+        the overlay's devices for their networks and for the mesh's (berthd.node.ingress)."""
         async with self._lock:
             await asyncio.to_thread(self._sync_rules, attachments)
-            await self.overlay.update(attachments)
+            stand_ins, dropped = await self._sync_ingress(attachments)
+            await self.overlay.update([*attachments, *stand_ins])
+            # After their devices went: a slice released earlier could be another node's.
+            await self.ingress.release_all(dropped)
+
+    async def _sync_ingress(
+        self, attachments: list[Attachment]
+    ) -> tuple[list[Attachment], list[Attachment]]:
+        held = {n: (a.network, a.subnet) for n, a in self.ingress.held.items()}
+        # Not known yet (the agent starts): nothing changes.
+        wanted = held if self.mesh_networks is None else self.mesh_networks
+        try:
+            # Only where the overlay tunnels: in `berthd up` routes already lead everywhere.
+            if wanted and await self.overlay.container_mtu() is None:
+                wanted = {}
+            if self.mesh_networks is not None:
+                await self.ingress.sweep(attachments)
+        except Exception as exc:  # etcd away: the next change tries again
+            log.warning("the mesh's networks: %s", exc)
+        return await self.ingress.sync(attachments, wanted)
 
     def _sync_rules(self, attachments: list[Attachment]) -> None:
         if attachments or any(m.backends for m in self.mesh):

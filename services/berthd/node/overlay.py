@@ -1,8 +1,9 @@
 """Containers of one network on different nodes: flannel's VXLAN backend, L3 per slice.
 
 Each node holds a /24 slice of a network's range (berthd.common.state.networks), on its bridge
-`bn-<6 hex of the network id><node tag>`. For each such network the node also has a kernel
-vxlan device `vx-<same 10 hex>`:
+`bn-<6 hex of the network id><node tag>`. For each such network (and each network its routing
+mesh reaches with no container of its own there: berthd.node.ingress, whose slice has no
+bridge) the node also has a kernel vxlan device `vx-<same 10 hex>`:
 
     ip link add vx-… type vxlan id <VNI> local <underlay address> dstport 4789 nolearning
 

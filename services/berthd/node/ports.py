@@ -213,19 +213,24 @@ def parse_ingress(text: str) -> list[PublishedPort]:
 class Replica:
     address: str
     ports: tuple[tuple[int, int, str], ...]
+    # Its network (id, name, range): a node with no container there still reaches it through
+    # the network's overlay (berthd.node.ingress).
+    network: tuple[str, ...] = ("", "", "")
 
 
 def replica_of(status: ContainerStatus) -> Replica | None:
     """The mesh's part of a status: a running replica with published ports and an address."""
     if status.state != "running" or not status.ingress:
         return None
-    address = str((status.network or {}).get("ip_address", ""))
+    network = status.network or {}
+    address = str(network.get("ip_address", ""))
     if not address:
         return None
     ports = tuple(
         (p.published_port, p.target_port, p.protocol) for p in parse_ingress(status.ingress)
     )
-    return Replica(address, ports) if ports else None
+    where = tuple(str(network.get(k, "")) for k in ("network_id", "network", "subnet"))
+    return Replica(address, ports, where) if ports else None
 
 
 def mesh_ports(replicas: Iterable[Replica]) -> list[MeshPort]:
@@ -303,9 +308,14 @@ class Mesh:
                 self.replicas[container_id] = replica
             await self._publish()
 
+    def networks(self) -> dict[str, tuple[str, str]]:
+        """The networks of the running replicas: id -> (name, range)."""
+        return {r.network[0]: r.network[1:] for r in self.replicas.values() if r.network[0]}
+
     async def _publish(self) -> None:
         ports = mesh_ports(self.replicas.values())
-        if ports != self.ports:
+        # The first read is reported even when empty: the node then knows its mesh.
+        if ports != self.ports or not self.loaded.is_set():
             self.ports = ports
             result = self.changed(ports)
             if asyncio.iscoroutine(result):

@@ -9,9 +9,10 @@ lease slices). Keys, relative to the store prefix (docs/etcd.md):
     networks/slices/<network id>/<node> "10.89.N.0/24": the node's slice of the network's range.
                                         Claimed by that node (first free slice, in a transaction
                                         that fails if any other slice was claimed since it
-                                        looked) and deleted by it when its last container on the
-                                        network goes; the cluster deletes them all with the
-                                        network.
+                                        looked) and deleted by it when neither its containers
+                                        nor its routing mesh's backends (berthd.node.ingress)
+                                        are on the network; the cluster deletes them all with
+                                        the network.
     network-endpoints/<network id>/<container id>
                                         EndpointRecord (JSON): a container's names and address on
                                         the network, for the nodes' resolvers (berthd.node.dns).
