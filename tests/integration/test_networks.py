@@ -101,6 +101,23 @@ class Net:
             cwd=REPO,
         )
 
+    def outside_server(self, name: str, port: int) -> subprocess.Popen:
+        """A web server in the control namespace on the address the harness gave its bridge
+        (answering "outside"): what a container reaches only through its node's forwarding
+        and masquerade. The caller stops it."""
+        www = self.run_dir / f"{name}-www"
+        return self.net.spawn(
+            self.net.ctl,
+            [
+                "busybox",
+                "sh",
+                "-c",
+                f"mkdir -p {www}; echo outside > {www}/index.html; "
+                f"exec busybox httpd -f -p {self.net.control_address}:{port} -h {www}",
+            ],
+            self.run_dir / f"{name}.log",
+        )
+
     def in_host(self, *argv: str, host: int = 1) -> str:
         return subprocess.run(
             [*self.net.exec_argv(self.net.host(host)), *argv],
@@ -256,19 +273,7 @@ def test_containers_reach_their_network_not_another_and_go_out_masqueraded(
     network_cluster: Net,
 ) -> None:
     net = network_cluster
-    # A server in the control namespace, on the address the harness gave its bridge: what a
-    # container reaches through its node only with forwarding and masquerade.
-    outside = net.net.spawn(
-        net.net.ctl,
-        [
-            "busybox",
-            "sh",
-            "-c",
-            "mkdir -p /tmp/outside-www; echo outside > /tmp/outside-www/index.html; "
-            f"exec busybox httpd -f -p {net.net.control_address}:8099 -h /tmp/outside-www",
-        ],
-        net.run_dir / "outside.log",
-    )
+    outside = net.outside_server("outside", 8099)
     try:
         result = net.client(
             """
@@ -441,17 +446,7 @@ out({"w1": w1["network"], "w2": w2["network"], "slices": slices})
 
 def test_an_internal_network_reaches_its_own_and_nothing_outside(network_cluster: Net) -> None:
     net = network_cluster
-    outside = net.net.spawn(
-        net.net.ctl,
-        [
-            "busybox",
-            "sh",
-            "-c",
-            "mkdir -p /tmp/inner-www; echo outside > /tmp/inner-www/index.html; "
-            f"exec busybox httpd -f -p {net.net.control_address}:8098 -h /tmp/inner-www",
-        ],
-        net.run_dir / "outside-internal.log",
-    )
+    outside = net.outside_server("outside-internal", 8098)
     try:
         result = net.client(
             """

@@ -117,17 +117,7 @@ def test_an_internal_network_spans_hosts_and_reaches_nothing_outside(
     network_cluster: Net,
 ) -> None:
     net = network_cluster
-    outside = net.net.spawn(
-        net.net.ctl,
-        [
-            "busybox",
-            "sh",
-            "-c",
-            "mkdir -p /tmp/overlay-www; echo outside > /tmp/overlay-www/index.html; "
-            f"exec busybox httpd -f -p {net.net.control_address}:8097 -h /tmp/overlay-www",
-        ],
-        net.run_dir / "outside-overlay.log",
-    )
+    outside = net.outside_server("outside-overlay", 8097)
     try:
         result = net.client(
             FETCH
