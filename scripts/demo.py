@@ -1,11 +1,12 @@
 """`make demo`: start a 3-host local berth cluster, build an image from a multi-stage Dockerfile
 (examples/hello), walk images through the registry, run containers through the cluster, commit
 a changed container and run the result on another host, tell nginx's story (an image made from
-Debian's nginx package, run on berth's default network, its page fetched with curl, changed with
-exec, committed, the new image run on another host), pull the built image with skopeo,
-podman and docker from the registry's OCI HTTP API (/v2/), push to and pull from an external
-registry (Debian's docker-registry on loopback), then kill a host and watch a replicated service
-move.
+Debian's nginx package, run with `-p 8080:80`, its page fetched with curl from the host, changed
+with exec, committed, the new image run on another host with `-p 8081:80`), pull the built image
+with skopeo, podman and docker from the registry's OCI HTTP API (/v2/), push to and pull from an
+external registry (Debian's docker-registry on loopback), then run nginx as a replicated service
+published through the routing mesh, find it by its name from a container, kill a host and
+watch the replica move while the page keeps answering.
 
 Every step prints a heading, the real command, and that command's real output. The cluster
 keeps running at the end (stop it with `make down`). Exits non-zero, with one line saying
@@ -17,6 +18,7 @@ which step failed, when any step fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -43,9 +46,8 @@ DESCRIPTION = "BusyBox 1.35 built from Debian's busybox-static"
 NODES = 3
 SERVICE = "web"
 REPLICAS = 3
+# The host killed (another one that runs a replica if the scheduler put none here).
 VICTIM = "node-2"
-# A replica that exits at once on SIGTERM, so stopping or moving it takes no grace period.
-REPLICA_CMD = ["sh", "-c", 'trap "exit 0" TERM; while true; do sleep 1; done']
 MOVE_TIMEOUT = 60.0
 NGINX = "demo/nginx:1.22"
 NGINX_CHANGED = "demo/nginx:changed"
@@ -55,6 +57,44 @@ NGINX_CHANGE = "<h1>Changed with berth exec, then committed</h1>"
 # Docker's `-p HOST:CONTAINER` for the two nginx containers (the local cluster's hosts share
 # one address, so each gets its own host port).
 NGINX_PORTS = (8080, 8081)
+# The web service's port on every node (the routing mesh), and each replica's page: its host
+# name, the short id `berth service ps` shows. nginx stops at once on SIGTERM.
+MESH_PORT = 8090
+MESH_FETCHES = 9
+REPLICA_PAGE = "<h1>served by "
+REPLICA_CMD = [
+    "sh", "-c",
+    f'echo "{REPLICA_PAGE}$(hostname)</h1>" > {NGINX_PAGE} && exec nginx -g "daemon off;"',
+]  # fmt: skip
+
+
+def page_url(host_port: int) -> str:
+    """Where the host fetches a published page: every host of `berthd up` is this machine, so
+    a port published on any node answers on loopback."""
+    return f"http://127.0.0.1:{host_port}/"
+
+
+def page_ids(page: str) -> list[str]:
+    """The replicas' host names (short ids) that a page, or several, names."""
+    return [
+        line.split(REPLICA_PAGE, 1)[1].split("<", 1)[0]
+        for line in page.splitlines()
+        if REPLICA_PAGE in line
+    ]
+
+
+def fetch_until(
+    url: str, stop: threading.Event, started: float, fetches: list[tuple[float, str, str]]
+) -> None:
+    """Fetch `url` every 0.1 s until `stop`, noting (seconds since `started`, page, error)."""
+    while not stop.is_set():
+        at = time.monotonic() - started
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                fetches.append((at, reply.read().decode(), ""))
+        except OSError as exc:
+            fetches.append((at, "", str(getattr(exc, "reason", exc))))
+        stop.wait(0.1)
 
 
 class StepFailed(Exception):
@@ -69,6 +109,7 @@ class Demo:
         self.env = dict(os.environ)
         self.bold = sys.stdout.isatty()
         self.source: dict = {}  # skopeo's view of the base image as pushed
+        self.victim = VICTIM  # the host the cluster steps kill
 
     # --- presentation ---
 
@@ -238,8 +279,8 @@ class Demo:
         state = self.state_args()
         stop = "make down" + (f" STATE_DIR={self.state_dir}" if self.state_dir else "")
         print(
-            f"\nThe cluster keeps running with {VICTIM} down. Bring the host back with:"
-            f" {shlex.join(['berthd', 'start-node', VICTIM, *state])}\nStop it with: {stop}"
+            f"\nThe cluster keeps running with {self.victim} down. Bring the host back with:"
+            f" {shlex.join(['berthd', 'start-node', self.victim, *state])}\nStop it with: {stop}"
         )
 
     def image_steps(self, work: Path) -> None:
@@ -499,22 +540,19 @@ class Demo:
         self.berth("history", NGINX)
         self.remove_left("demo-nginx", "demo-nginx2")
 
-        publish = self.publish_args(NGINX_PORTS[0])
-        published = (
-            f", its port 80 published as {NGINX_PORTS[0]}"
-            if publish
-            else " (no -p yet: the host reaches it by its address)"
+        self.heading(
+            f"Run nginx with its port 80 published as {NGINX_PORTS[0]} (-p joins berth's"
+            " default network)"
         )
-        self.heading(f"Run nginx on berth's default network{published}")
         self.berth("network", "ls")
-        self.berth("run", "-d", "--name", "demo-nginx", "--network", "berth", *publish, NGINX)
+        self.berth("run", "-d", "--name", "demo-nginx", "-p", f"{NGINX_PORTS[0]}:80", NGINX)
         placed = self.running("demo-nginx")
         address = placed["NetworkSettings"]["IPAddress"]
         print(f"(running on {placed['Node']['ID']}, address {address} on network berth)")
-        self.berth("ps", "--filter", "name=demo-nginx")
+        self.published("demo-nginx", NGINX_PORTS[0])
 
-        self.heading("Fetch its page with curl from the host")
-        url = self.page_url(placed, NGINX_PORTS[0])
+        self.heading(f"Fetch its page with curl from the host, through port {NGINX_PORTS[0]}")
+        url = page_url(NGINX_PORTS[0])
         self.fetch(url, NGINX_WELCOME)
         self.berth("logs", "--tail", "1", "demo-nginx")
 
@@ -533,35 +571,30 @@ class Demo:
             f"Run the new image on another host ({other}; demo-nginx runs on {ran_on}) and"
             " fetch the changed page there"
         )
-        publish = self.publish_args(NGINX_PORTS[1])
         self.berth(
-            "run", "-d", "--name", "demo-nginx2", "--network", "berth", *publish,
+            "run", "-d", "--name", "demo-nginx2", "-p", f"{NGINX_PORTS[1]}:80",
             "--constraint", f"node.id=={other}", NGINX_CHANGED,
         )  # fmt: skip
         moved = self.running("demo-nginx2")
+        if moved["Node"]["ID"] != other:
+            raise StepFailed(f"step {self.step}: demo-nginx2 runs on {moved['Node']['ID']}")
         print(
-            f"(running on {moved['Node']['ID']}, address"
-            f" {moved['NetworkSettings']['IPAddress']} on network berth)"
+            f"(running on {other}, address {moved['NetworkSettings']['IPAddress']};"
+            f" the hosts of `berthd up` share this machine, so its own port {NGINX_PORTS[1]})"
         )
-        self.fetch(self.page_url(moved, NGINX_PORTS[1]), NGINX_CHANGE)
+        self.fetch(page_url(NGINX_PORTS[1]), NGINX_CHANGE)
 
         self.heading("Remove both nginx containers")
         self.berth("rm", "-f", "demo-nginx", "demo-nginx2")
 
-    def publish_args(self, host_port: int) -> list[str]:
-        """Docker's `-p HOST:80` when this CLI publishes ports (the net-ports branch), else
-        nothing: the page is then fetched by the container's address (page_url)."""
-        usage = self.run_quiet([str(BIN / "berth"), "run", "--help"])
-        return ["-p", f"{host_port}:80"] if "--publish" in usage else []
-
-    def page_url(self, container: dict, host_port: int) -> str:
-        """THE PUBLISHED-PORT SPOT. Where the host fetches nginx's page. Until published ports
-        are merged (branch net-ports), the container's own address on berth's network, which
-        its host reaches over the network's bridge. After the merge, swap to the published port
-        on the container's host (in `berthd up` every host is this machine):
-            return f"http://127.0.0.1:{host_port}/"
-        """
-        return f"http://{container['NetworkSettings']['IPAddress']}/"
+    def published(self, name: str, host_port: int) -> None:
+        """`berth port` and the PORTS column of `berth ps` name the published port."""
+        ports = self.berth("port", name, capture=True)
+        if f"80/tcp -> 0.0.0.0:{host_port}" not in ports:
+            raise StepFailed(f"step {self.step}: berth port {name} does not show {host_port}")
+        listed = self.berth("ps", "--filter", f"name={name}", capture=True)
+        if f"0.0.0.0:{host_port}->80/tcp" not in listed:
+            raise StepFailed(f"step {self.step}: berth ps shows no port {host_port} for {name}")
 
     def running(self, name: str) -> dict:
         """`berth inspect NAME` once it runs with an address (its node reports the address
@@ -627,38 +660,138 @@ class Demo:
         return [n["id"] for n in nodes if n.get("state") == "ready"]
 
     def cluster_steps(self) -> None:
-        image = f"{REPO}:{TAG}"
         self.heading(f"The cluster's nodes: {NODES} agents, each its own host (label host=<id>)")
         self.prepare_rerun()
         self.berth("node", "ls")
 
-        self.heading(f"A replicated service: {REPLICAS} replicas, spread over the nodes")
+        self.heading(
+            f"A replicated web service: {REPLICAS} nginx replicas, port 80 published as"
+            f" {MESH_PORT} on every node (the routing mesh)"
+        )
+        print("(each replica writes its host name, its container's short id, into its page)")
         self.berth(
-            "service", "create", "--name", SERVICE, "--replicas", str(REPLICAS), image,
-            *REPLICA_CMD,
+            "service", "create", "--name", SERVICE, "--replicas", str(REPLICAS),
+            "-p", f"{MESH_PORT}:80", NGINX, *REPLICA_CMD,
         )  # fmt: skip
         self.wait_replicas(exclude="", what=f"{REPLICAS} replicas running")
         self.berth("service", "ps", SERVICE)
+        listed = self.berth("service", "ls", capture=True)
+        if f"*:{MESH_PORT}->80/tcp" not in listed:
+            raise StepFailed(f"step {self.step}: berth service ls shows no port {MESH_PORT}")
 
-        self.heading(f"Kill host {VICTIM}: SIGKILL its agent, its conmons and its containers")
-        self.berthd("kill-node", VICTIM)
+        self.heading(f"Fetch the page through the mesh {MESH_FETCHES} times: replicas take turns")
+        self.mesh_fetches()
 
         self.heading(
-            f"Wait for the cluster: {VICTIM}'s lease expires, its replicas start elsewhere"
+            f"Names: a container on network berth looks up {SERVICE} (every replica's address,"
+            f" DNS round-robin) and fetches http://{SERVICE}/"
         )
-        self.wait_replicas(exclude=VICTIM, what=f"{REPLICAS} replicas running, none on {VICTIM}")
+        self.names()
+
+        replicas = self.replicas()
+        on = {r["node_id"]: r["name"] for r in replicas if r.get("state") == "running"}
+        # Not node-1: the last steps read its metrics.
+        self.victim = VICTIM if VICTIM in on else next(n for n in sorted(on) if n != "node-1")
+        self.heading(
+            f"Kill host {self.victim} (it runs {on[self.victim]}): SIGKILL its agent, its"
+            " conmons and its containers"
+        )
+        self.berthd("kill-node", self.victim)
+
+        self.heading(
+            f"Wait for the cluster: {self.victim}'s lease expires, its replica starts"
+            f" elsewhere; the page is fetched through the mesh meanwhile"
+        )
+        self.wait_replicas(
+            exclude=self.victim,
+            what=f"{REPLICAS} replicas running, none on {self.victim}",
+            probe=page_url(MESH_PORT),
+        )
         self.berth("service", "ps", SERVICE)
 
-        self.heading(f"The nodes again: {VICTIM} is down")
+        self.heading("The page through the mesh after the move: every fetch answers")
+        self.mesh_fetches()
+
+        self.heading(f"The name follows the moved replica: {SERVICE} answers its new address")
+        self.names()
+
+        self.heading(f"The nodes again: {self.victim} is down")
         self.berth("node", "ls")
 
+    def running_replicas(self) -> dict[str, dict]:
+        """Running replicas by their short id, the host name that their page names."""
+        return {r["id"][:12]: r for r in self.replicas() if r.get("state") == "running"}
+
+    def served_by(self, page: str) -> list[str]:
+        """The replicas' short ids that a page (or several) names, each checked to be a
+        running replica's."""
+        running = self.running_replicas()
+        ids = page_ids(page)
+        unknown = [i for i in ids if i not in running]
+        if unknown:
+            raise StepFailed(f"step {self.step}: answered by {unknown}, not a running replica")
+        return ids
+
+    def mesh_fetches(self) -> None:
+        """curl the mesh port on the host in a loop; every fetch must answer, from a running
+        replica, and more than one replica must take part."""
+        loop = f"for i in $(seq {MESH_FETCHES}); do curl -sS -m 5 {page_url(MESH_PORT)}; done"
+        page = self.run(["sh", "-c", loop], capture=True)
+        ids = self.served_by(page)
+        if len(ids) != MESH_FETCHES:
+            raise StepFailed(f"step {self.step}: {len(ids)} of {MESH_FETCHES} fetches answered")
+        names = {i: r["name"] for i, r in self.running_replicas().items()}
+        counts = ", ".join(f"{names[i]}: {ids.count(i)}" for i in sorted(set(ids), key=names.get))
+        # Three replicas picked at random: all nine fetches on one has odds of 1 in 6561.
+        if len(set(ids)) < 2:
+            raise StepFailed(f"step {self.step}: one replica answered every fetch ({counts})")
+        print(f"(all {MESH_FETCHES} answered, by {len(set(ids))} replicas: {counts})")
+
+    def names(self) -> None:
+        """A container on berth's network resolves the service's name to every running
+        replica's address, and fetches the page by the name. Polled quietly first: a moved
+        replica's name record reaches the resolvers a moment after its start (TTL 2 s)."""
+        script = f"nslookup {SERVICE}; wget -q -O - http://{SERVICE}/"
+        argv = [str(BIN / "berth"), "run", "--rm", "--network", "berth", NGINX, "sh", "-c"]
+        deadline = time.monotonic() + 15
+        while True:
+            want = {r["network"]["ip_address"] for r in self.running_replicas().values()}
+            with contextlib.suppress(StepFailed):  # NXDOMAIN, while no replica has a record
+                if self.resolved(self.run_quiet([*argv, f"nslookup {SERVICE}"])) == want:
+                    break
+            if time.monotonic() > deadline:
+                raise StepFailed(f"step {self.step}: {SERVICE} does not resolve to {want}")
+            time.sleep(0.5)
+        out = self.berth(*argv[1:], script, capture=True)
+        got = self.resolved(out)
+        if got != want:
+            raise StepFailed(f"step {self.step}: {SERVICE} resolved to {got}, not {want}")
+        served = self.served_by(out)
+        if len(served) != 1:
+            raise StepFailed(f"step {self.step}: http://{SERVICE}/ did not answer")
+        name = self.running_replicas()[served[0]]["name"]
+        print(
+            f"({SERVICE} is {', '.join(sorted(got))}: the {len(got)} running replicas; {name}"
+            f" answered http://{SERVICE}/)"
+        )
+
+    @staticmethod
+    def resolved(out: str) -> set[str]:
+        """The addresses in busybox nslookup's answer (the server's line carries a port)."""
+        return {
+            line.split()[1]
+            for line in out.splitlines()
+            if line.startswith("Address:") and ":" not in line.split()[1]
+        }
+
     def prepare_rerun(self) -> None:
-        """A cluster left running by an earlier demo: bring the killed host back and remove
-        the service, shown as the commands a person would type."""
+        """A cluster left running by an earlier demo: bring killed hosts back and remove the
+        service, shown as the commands a person would type."""
         nodes = json.loads(self.run_quiet([str(BIN / "berth"), "--format", "json", "node", "ls"]))
-        if any(n.get("id") == VICTIM and n.get("state") != "ready" for n in nodes):
-            print(f"({VICTIM} is still down from an earlier demo)")
-            self.berthd("start-node", VICTIM)
+        for node in nodes:
+            if node.get("state") != "ready":
+                print(f"({node['id']} is still down from an earlier demo)")
+                self.berthd("start-node", node["id"])
         services = json.loads(
             self.run_quiet([str(BIN / "berth"), "--format", "json", "service", "ls"])
         )
@@ -670,28 +803,71 @@ class Demo:
         argv = [str(BIN / "berth"), "--format", "json", "service", "ps", SERVICE]
         return list(json.loads(self.run_quiet(argv)))
 
-    def wait_replicas(self, exclude: str, what: str) -> None:
+    def wait_replicas(self, exclude: str, what: str, probe: str = "") -> None:
         """Poll `berth service ps` until every replica runs and none is on `exclude`,
-        printing what changes."""
+        printing what changes; with `probe`, a thread fetches that page meanwhile, and what
+        the fetches found is printed and checked."""
         started = time.monotonic()
         last = ""
-        while True:
-            replicas = self.replicas()
-            running = [r for r in replicas if r.get("state") == "running"]
-            line = ", ".join(
-                f"{r['name']} {r.get('state') or 'pending'} on {r.get('node_id') or '-'}"
-                for r in sorted(replicas, key=lambda r: r.get("slot", 0))
+        gone_at = 0.0  # when `exclude` first ran no replica
+        seen: dict[str, str] = {}  # short id -> "web.2 on node-1", of every replica polled
+        fetches: list[tuple[float, str, str]] = []  # (when, page, error)
+        stop = threading.Event()
+        prober = threading.Thread(target=fetch_until, args=(probe, stop, started, fetches))
+        if probe:
+            prober.start()
+        try:
+            while True:
+                replicas = self.replicas()
+                running = [r for r in replicas if r.get("state") == "running"]
+                seen.update((r["id"][:12], f"{r['name']} on {r.get('node_id')}") for r in running)
+                line = ", ".join(
+                    f"{r['name']} {r.get('state') or 'pending'} on {r.get('node_id') or '-'}"
+                    for r in sorted(replicas, key=lambda r: r.get("slot", 0))
+                )
+                elapsed = time.monotonic() - started
+                if not gone_at and all(r.get("node_id") != exclude for r in running):
+                    gone_at = elapsed
+                if line != last:
+                    print(f"  {elapsed:5.1f}s  {line or 'no replicas yet'}", flush=True)
+                    last = line
+                if len(running) == REPLICAS and all(r.get("node_id") != exclude for r in running):
+                    print(f"  {elapsed:5.1f}s  {what}")
+                    break
+                if elapsed > MOVE_TIMEOUT:
+                    raise StepFailed(f"step {self.step}: not {what} after {MOVE_TIMEOUT:.0f}s")
+                time.sleep(0.25)
+        finally:
+            stop.set()
+            if probe:
+                prober.join()
+        if probe:
+            self.probed(probe, fetches, seen, exclude, gone_at)
+
+    def probed(
+        self, url: str, fetches: list[tuple[float, str, str]], seen: dict, node: str, gone: float
+    ) -> None:
+        """What the fetches during a wait found: the page answered, from replicas only, and
+        what failed failed before the cluster saw `node`'s replica go (at `gone`): until then
+        every node's mesh rules still count the dead replica among the backends."""
+        answers = [page for _, page, error in fetches if not error]
+        failures = [(at, error) for at, _, error in fetches if error]
+        ids = page_ids("\n".join(answers))
+        if not answers or len(ids) != len(answers) or not set(ids) <= set(seen):
+            raise StepFailed(f"step {self.step}: {url} did not answer from the replicas")
+        by = ", ".join(f"{seen[i]}: {ids.count(i)}" for i in sorted(set(ids), key=seen.get))
+        print(f"  {url} meanwhile: {len(answers)} of {len(fetches)} fetches answered ({by})")
+        if failures:
+            reasons = "; ".join(sorted({error for _, error in failures}))
+            last = failures[-1][0]
+            # The rules and `berth service ps` follow the same etcd change, a moment apart.
+            if last > gone + 1.0:
+                raise StepFailed(f"step {self.step}: {url} failed at {last:.1f}s: {reasons}")
+            print(
+                f"  {len(failures)} failed ({reasons}), the last at {last:.1f}s: until the"
+                f" cluster saw {node}'s replica gone ({gone:.1f}s), the mesh still sent some"
+                " connections to it"
             )
-            elapsed = time.monotonic() - started
-            if line != last:
-                print(f"  {elapsed:5.1f}s  {line or 'no replicas yet'}", flush=True)
-                last = line
-            if len(running) == REPLICAS and all(r.get("node_id") != exclude for r in running):
-                print(f"  {elapsed:5.1f}s  {what}")
-                return
-            if elapsed > MOVE_TIMEOUT:
-                raise StepFailed(f"step {self.step}: not {what} after {MOVE_TIMEOUT:.0f}s")
-            time.sleep(0.25)
 
     def run_quiet(self, argv: list[str]) -> str:
         """A helper command whose output is data, not part of the show."""

@@ -10,7 +10,8 @@ loopback), waits until each is healthy, and records them in `<state>/cluster.jso
 the cluster, then on each node; a killed node's containers with runc), then stops the processes
 by pid (checking the pid still runs what we started) and the agents' watchdogs by the pid in
 their data directories; `status` health-checks them. `kill-node` simulates a host death
-(SIGKILL of an agent, its watchdog, its conmons and every process in its cgroups),
+(SIGKILL of an agent, its watchdog, its conmons and every process in its cgroups; its nftables
+table deleted),
 `start-node` brings the host back with the same command line. `stop`, `start` and `restart` do
 the same for any one component (etcd, a service, a node agent) and record the new pid, so `down`
 stops what runs.
@@ -70,7 +71,7 @@ from berthd.common.security.ca import (
     ensure_ca,
     validity,
 )
-from berthd.node.network import sweep_offline
+from berthd.node.network import sweep_offline, table_name
 from berthd.node.watchdog import kill_watchdog
 
 CLUSTER_FILE = "cluster.json"
@@ -964,11 +965,27 @@ def kill_node(args: argparse.Namespace) -> int:
     what = f"agent pid {agent}" if agent else "agent (already dead)"
     if watchdog is not None:
         what += f", watchdog pid {watchdog}"
+    if _drop_table(args.node):
+        what += f", nftables table {table_name(args.node)}"
     print(
         f"killed {args.node}: {what}, {len(conmons)} conmon(s),"
         f" {len(victims) - len(conmons) - (1 if agent else 0)} container process(es)"
     )
     return 0
+
+
+def _drop_table(node: str) -> bool:
+    """A dead host's firewall goes with it. The agents of `berthd up` share one namespace, so
+    the killed agent's table would stay in the living nodes' path with its stale routing mesh
+    rules: nftables runs nat chains of one priority newest first and the first DNAT wins, so
+    when its chain is the newest it keeps sending connections to its dead replicas. The agent
+    writes the table again when it starts (`start-node`)."""
+    if not shutil.which("nft"):
+        return False
+    done = subprocess.run(
+        ["nft", "delete", "table", "inet", table_name(node)], capture_output=True, check=False
+    )
+    return done.returncode == 0
 
 
 def start_node(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from berth.client import ClusterClient, ContainerConfig, NodeClient, Placement, 
 from berth.cluster.v1 import cluster_pb2, cluster_pb2_grpc
 from berth.tls import PLAINTEXT_ENV, secure_channel
 from berthd import localcluster
+from berthd.node.network import table_name
 from berthd.node.watchdog import watchdog_pid
 
 from .images import busybox_layer, push_image
@@ -143,6 +144,11 @@ def test_up_refuses_ports_in_use(tmp_path: Path) -> None:
     assert not (tmp_path / "cluster.json").exists()
 
 
+def nft_tables() -> list[str]:
+    listed = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True)
+    return listed.stdout.splitlines()
+
+
 def mounts_under(path: Path) -> list[str]:
     prefix = str(path.resolve()) + "/"
     points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
@@ -203,9 +209,11 @@ def test_up_three_nodes_and_kill_node(tmp_path: Path) -> None:
         conmon = int((data / "conmon.pid").read_text())
         assert alive(container.pid) and alive(conmon)
         # A service replica there too: node-2's watchdog has something to guard, and would
-        # outlive its agent but for kill-node.
+        # outlive its agent but for kill-node; on a network, so node-2 has an nftables table.
         with ClusterClient(cluster["services"]["cluster"]["address"]) as client:
-            template = ContainerConfig("test/busybox:1", command=["sleep", "600"])
+            template = ContainerConfig(
+                "test/busybox:1", command=["sleep", "600"], network_mode="berth"
+            )
             only_2 = Placement(constraints=["node.id==node-2"])
             client.create_service("web", template, replicas=1, placement=only_2)
             deadline = time.monotonic() + 60
@@ -213,9 +221,13 @@ def test_up_three_nodes_and_kill_node(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "web.1 not running within 60s"
                 time.sleep(0.1)
 
+        assert f"table inet {table_name('node-2')}" in nft_tables()
         killed = run([*BERTHD, "kill-node", "node-2"], env)
         assert killed.returncode == 0, killed.stderr
         assert "killed node-2" in killed.stdout
+        # Its table goes with the host: the agents share this namespace, and a dead one's
+        # routing mesh rules would stay in the living nodes' path.
+        assert f"table inet {table_name('node-2')}" not in nft_tables()
         assert not alive(nodes["node-2"]["pid"])
         assert not alive(conmon) and not alive(container.pid)
         # A host death takes the agent's watchdog too: it cannot stop anything on a dead host.
