@@ -19,6 +19,10 @@ from dataclasses import asdict, dataclass, field, fields
 from berth.enums import EnumTable
 from berth.enums import containers as tables
 from berth.errors import InvalidArgumentError
+from berth.health import HealthConfig, InvalidHealthCheck
+from berth.health import from_dict as health_from_dict
+from berth.health import from_proto as health_from_proto
+from berth.health import to_proto as health_to_proto
 from berth.ports import InvalidPort, PortBinding, check_bindings
 from berth.reference import parse_container_image, quoted
 from berth.types.v1 import container_pb2 as pb
@@ -243,11 +247,18 @@ class ContainerConfig:
     network_aliases: list[str] = field(default_factory=list)
     # Published ports (`-p`), berth.ports.PortBinding.
     ports: list[PortBinding] = field(default_factory=list)
+    # `--health-cmd ...`/`--no-healthcheck` (berth.health); None: the image's health check.
+    health_check: HealthConfig | None = None
 
     def to_json(self) -> str:
         """The record etcd and the node's container.json hold: the fields in order, compact.
-        Older agents wrote exactly this; keep it loadable (from_json) when fields are added."""
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+        Older agents wrote exactly this; keep it loadable (from_json) when fields are added.
+        A config without a health check has no `health_check` key: its record is the one
+        older agents wrote."""
+        data = asdict(self)
+        if data["health_check"] is None:
+            del data["health_check"]
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ContainerConfig:
@@ -278,6 +289,10 @@ class ContainerConfig:
         ports = values.get("ports", [])
         if isinstance(ports, list):
             values["ports"] = [_port_from_json(p, i) for i, p in enumerate(ports)]
+        try:
+            values["health_check"] = health_from_dict(values.get("health_check"))
+        except InvalidHealthCheck as exc:
+            raise InvalidContainerConfig(exc.message, exc.field) from None
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -336,6 +351,11 @@ class ContainerConfig:
             _check_network_mode(self.network_mode)
         with _field("network_aliases"):
             self._validate_network_aliases()
+        if self.health_check is not None:
+            try:
+                self.health_check.validate()
+            except InvalidHealthCheck as exc:
+                raise InvalidContainerConfig(exc.message, exc.field) from None
         with _field("tty"):
             _check_bool("tty", self.tty)
         with _field("stdin_open"):
@@ -545,6 +565,7 @@ def to_spec(config: ContainerConfig) -> pb.ContainerSpec:
             )
             for p in config.ports
         ],
+        health_check=health_to_proto(config.health_check) if config.health_check else None,
     )
 
 
@@ -595,6 +616,9 @@ def from_spec(spec: pb.ContainerSpec) -> ContainerConfig:
         secrets=[SecretReference(r.name, r.target, r.mode, r.uid, r.gid) for r in spec.secrets],
         network_aliases=list(spec.network_aliases),
         ports=[port_binding(p) for p in spec.ports],
+        health_check=health_from_proto(spec.health_check)
+        if spec.HasField("health_check")
+        else None,
     )
 
 

@@ -56,6 +56,7 @@ EVENT_TYPES = EnumTable(
         pb.EVENT_TYPE_SERVICE_UPDATE_COMPLETED: "service_update_completed",
         pb.EVENT_TYPE_SERVICE_UPDATE_PAUSED: "service_update_paused",
         pb.EVENT_TYPE_SERVICE_REMOVED: "service_removed",
+        pb.EVENT_TYPE_CONTAINER_HEALTH_STATUS: "health_status",
     },
 )
 

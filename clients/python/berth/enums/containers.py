@@ -48,4 +48,21 @@ LOG_STREAMS = EnumTable(
     pb.LogStream, {pb.LOG_STREAM_STDOUT: "stdout", pb.LOG_STREAM_STDERR: "stderr"}
 )
 
-TABLES = (CONTAINER_STATES, RESTART_POLICIES, NETWORK_MODES, PORT_PROTOCOLS, LOG_STREAMS)
+# Docker's State.Health.Status values ("" when the container has no health check).
+HEALTH_STATUSES = EnumTable(
+    pb.HealthStatus,
+    {
+        pb.HEALTH_STATUS_STARTING: "starting",
+        pb.HEALTH_STATUS_HEALTHY: "healthy",
+        pb.HEALTH_STATUS_UNHEALTHY: "unhealthy",
+    },
+)
+
+TABLES = (
+    CONTAINER_STATES,
+    RESTART_POLICIES,
+    NETWORK_MODES,
+    PORT_PROTOCOLS,
+    LOG_STREAMS,
+    HEALTH_STATUSES,
+)
