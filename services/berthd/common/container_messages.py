@@ -8,7 +8,7 @@ from the client package's table (berth.enums.containers), the one the CLI uses.
 
 from __future__ import annotations
 
-from berth.enums.containers import CONTAINER_STATES, PORT_PROTOCOLS
+from berth.enums.containers import CONTAINER_STATES, HEALTH_STATUSES, PORT_PROTOCOLS
 from berth.types.v1 import container_pb2 as pb
 from berthd.common.messages import enum_name, timestamp
 
@@ -26,6 +26,7 @@ def container_status(
     failure_reason: str = "",
     failure_message: str = "",
     network: dict | None = None,
+    health: dict | None = None,
 ) -> pb.ContainerStatus:
     """A ContainerStatus from a node's record of a container (times in seconds since the
     epoch). An unknown or empty state is sent as UNSPECIFIED: not created yet. The failure is
@@ -46,6 +47,27 @@ def container_status(
         restart_count=restart_count,
         failure=failure,
         network_settings=network_settings(network),
+        health=container_health(health),
+    )
+
+
+def container_health(health: dict | None) -> pb.ContainerHealth | None:
+    """A running container's health (the node's berthd.node.health.Health as JSON), None when
+    it has no health check."""
+    if not health or not health.get("status"):
+        return None
+    return pb.ContainerHealth(
+        status=HEALTH_STATUSES.value(str(health["status"]), pb.HEALTH_STATUS_UNSPECIFIED),
+        failing_streak=int(health.get("failing_streak") or 0),
+        log=[
+            pb.HealthProbeResult(
+                started_at=timestamp(entry.get("start")),
+                ended_at=timestamp(entry.get("end")),
+                exit_code=int(entry.get("exit_code", 0)),
+                output=str(entry.get("output", "")).encode(),
+            )
+            for entry in health.get("log") or []
+        ],
     )
 
 

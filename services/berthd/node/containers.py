@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from berth import health as health_model
 from berth.containers import NETWORK_MODES, USERNS_REMAP
 from berthd.common.containers import ContainerConfig, MountSpec, validate
 from berthd.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -36,6 +37,7 @@ from berthd.common.store import Store
 from berthd.node import cgroups, idmap, metrics
 from berthd.node.dns import NameService, default_upstreams
 from berthd.node.exits import ExitWatcher
+from berthd.node.health import Health, HealthMonitor
 from berthd.node.idmap import IdMap
 from berthd.node.layers import ImageStore, LayerStore
 from berthd.node.network import Attachment, NetworkManager
@@ -167,6 +169,8 @@ class ContainerManager:
         self._reporter_task: asyncio.Task[None] | None = None
         self._reports: asyncio.Queue[str] = asyncio.Queue()
         self._restarts: dict[str, asyncio.Task[None]] = {}
+        # The probe timers of running containers with a health check (none for the others).
+        self._health: dict[str, HealthMonitor] = {}
         # Ids of containers whose conmon exited (or that need a look now), for the monitor.
         self._exits: asyncio.Queue[str] = asyncio.Queue()
         self.watcher = ExitWatcher(self._exits.put_nowait)
@@ -259,6 +263,7 @@ class ContainerManager:
             created_at=record.created_at,
             network=dict(record.network),
             ingress=record.config.labels.get(INGRESS_LABEL, ""),
+            health=dict(record.health),
         )
         try:
             await STATUSES.put(self.store, record.id, status)
@@ -315,6 +320,7 @@ class ContainerManager:
             if state is not None and state.status == "running":
                 log.info("adopted running container", extra={"container": record.id})
                 self._start_watching(record)
+                self._start_health(record)
                 return
             await self._settle_exit(record)
         elif record.state == RESTARTING:
@@ -322,6 +328,9 @@ class ContainerManager:
         await self._report(record)
 
     async def stop_background(self) -> None:
+        for monitor in list(self._health.values()):
+            await monitor.stop()
+        self._health.clear()
         for task in [self._monitor, self._reporter_task, *self._restarts.values()]:
             if task is not None:
                 task.cancel()
@@ -406,6 +415,7 @@ class ContainerManager:
             with contextlib.suppress(OSError):
                 record.finished_at = (cdir.exit_dir / record.id).stat().st_mtime
         record.pid = 0
+        await self._stop_health(record)
         await self._detach(record)
         self.watcher.unwatch(record.id)
         self._orphans.discard(record.id)
@@ -449,6 +459,76 @@ class ContainerManager:
                 await self._run(record)
 
         self._restarts[record.id] = asyncio.create_task(restart())
+
+    # Health checks ----------------------------------------------------------------------------
+
+    def _health_config(self, record: ContainerRecord) -> health_model.HealthConfig | None:
+        """The container's health check over its image's (None: it has none)."""
+        try:
+            image_config = self.images.get(record.image_digest).config
+        except NotFound:
+            image_config = {}
+        image = health_model.from_image(image_config.get("Healthcheck"))
+        return health_model.effective(record.config.health_check, image)
+
+    def _start_health(self, record: ContainerRecord) -> None:
+        """Start the probe timer of a container that now runs (a new start: status starting;
+        an adoption: where the record left it)."""
+        config = self._health_config(record)
+        if config is None or record.id in self._health:
+            return
+        health = Health.from_json(record.health) or Health()
+        record.health = health.to_json()
+
+        async def probe(argv: list[str], timeout: float) -> tuple[int, bytes]:
+            return await self._probe(record, argv, timeout)
+
+        async def changed() -> None:
+            async with self.lock(record.id):
+                if self._health.get(record.id) is not monitor or record.state != RUNNING:
+                    return
+                record.health = monitor.health.to_json()
+                await self._save(record)
+            log.info(
+                "health status %s",
+                monitor.health.status,
+                extra={"container": record.id, "failing_streak": monitor.health.failing_streak},
+            )
+
+        monitor = HealthMonitor(config, health, record.started_at or time.time(), probe, changed)
+        self._health[record.id] = monitor
+        monitor.start()
+
+    async def _stop_health(self, record: ContainerRecord) -> None:
+        """The container stopped: no more probes, no health (Docker keeps none either)."""
+        monitor = self._health.pop(record.id, None)
+        if monitor is not None:
+            await monitor.stop()
+        record.health = {}
+
+    async def _probe(
+        self, record: ContainerRecord, argv: list[str], timeout: float
+    ) -> tuple[int, bytes]:
+        """One probe: an exec in the container as its user, stdout and stderr together."""
+        image_config = self.images.get(record.image_digest).config
+        user = effective_user(image_config, record.config)
+        uid, gid, _ = await asyncio.to_thread(resolve_user, self.rootfs(record), user)
+        cwd = record.config.working_dir or image_config.get("WorkingDir") or "/"
+        proc = await self.runtime.exec(record.id, argv, cwd=cwd, uid=uid, gid=gid)
+        try:
+            async with asyncio.timeout(timeout):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            # runc passes SIGTERM on to the probe; SIGKILL would only end runc.
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
+        return proc.returncode or 0, out + err
 
     # Create ---------------------------------------------------------------------------------
 
@@ -706,8 +786,10 @@ class ContainerManager:
         record.oom_killed = False
         record.started_at = time.time()
         record.finished_at = None
+        record.health = {}
         # Before the save, which may fail (a full disk): the process runs either way.
         self._start_watching(record)
+        self._start_health(record)
         await self._save(record)
 
     async def stop(self, ref: str, timeout: float | None = None) -> ContainerRecord:
@@ -790,6 +872,7 @@ class ContainerManager:
             task = self._restarts.pop(record.id, None)
             if task is not None:
                 task.cancel()
+            await self._stop_health(record)
             self.watcher.unwatch(record.id)
             self._orphans.discard(record.id)
             metrics.EXIT_WATCHES.set(len(self.watcher))

@@ -57,6 +57,9 @@ class ContainerRecord:
     # Its attachment to a network while it runs (berthd.node.network.Attachment as JSON);
     # empty when it is on none or not running.
     network: dict[str, Any] = field(default_factory=dict)
+    # Its health while it runs with a health check (berthd.node.health.Health as JSON: status,
+    # failing_streak, log); empty otherwise.
+    health: dict[str, Any] = field(default_factory=dict)
 
     @property
     def id_map(self) -> IdMap | None:

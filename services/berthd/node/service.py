@@ -50,6 +50,7 @@ def container(record: ContainerRecord) -> pb.Container:
             failure_reason=(record.failure_reason or "START_FAILED") if record.error else "",
             failure_message=record.error,
             network=record.network,
+            health=record.health,
         ),
     )
 

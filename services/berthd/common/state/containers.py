@@ -139,6 +139,15 @@ class ContainerStatus:
     # A service replica's ports on the routing mesh (`8080:80/tcp,...`, its label
     # berth.cluster.ingress); "" for any other container. Every node's mesh reads it.
     ingress: str = ""
+    # Its health while it runs with a health check (status: starting, healthy or unhealthy;
+    # failing_streak; log: the last probes, {start, end, exit_code, output}); {} if none.
+    # Written when the status changes, not at every probe.
+    health: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def health_status(self) -> str:
+        """starting, healthy, unhealthy, or "" without a health check."""
+        return str(self.health.get("status", "")) if isinstance(self.health, dict) else ""
 
     @property
     def create_failed(self) -> bool:
