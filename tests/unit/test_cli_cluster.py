@@ -214,8 +214,12 @@ class FakeCluster:
         return service_info(replicas=replicas)
 
     def update_service(self, service: str, **changes: Any) -> ServiceInfo:
-        # Port changes are asserted only where a test makes them.
-        changes = {k: v for k, v in changes.items() if not k.startswith("publish_") or v}
+        # Port and health changes are asserted only where a test makes them.
+        changes = {
+            k: v
+            for k, v in changes.items()
+            if not k.startswith(("publish_", "health_")) or (v is not None and v != [])
+        }
         self.calls.append(("update_service", service, changes))
         return service_info()
 

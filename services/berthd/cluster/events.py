@@ -9,7 +9,8 @@ last value of each key that matters and turns each watch event into zero or more
     cluster/containers/<id>       put of a new id: scheduled, or rescheduled when the record
                                   names the node it left (`previous_node`)
     containers/<id>/status        running with a new start time: started; exited: died;
-                                  create_failed (at a new attempt): create failed
+                                  create_failed (at a new attempt): create failed;
+                                  a new health status healthy or unhealthy: health_status
     cluster/services/<id>         new: created; a new replica count: scaled; a new version:
                                   update started; update state completed or paused: update
                                   completed or paused (with the version); delete: removed
@@ -60,6 +61,7 @@ SERVICE_UPDATE_STARTED = "service_update_started"
 SERVICE_UPDATE_COMPLETED = "service_update_completed"
 SERVICE_UPDATE_PAUSED = "service_update_paused"
 SERVICE_REMOVED = "service_removed"
+CONTAINER_HEALTH_STATUS = "health_status"
 
 # The key families events are derived from, in the order they are read.
 TRACKED = (NODES.prefix, AVAILABILITY, CONTAINERS.prefix, SERVICES, STATUSES.prefix)
@@ -104,6 +106,8 @@ class Event:
     service_name: str = ""
     replicas: int = 0
     version: int = 0
+    # For health_status: healthy or unhealthy.
+    health_status: str = ""
     # For node_availability_changed.
     availability: str = ""
     message: str = ""
@@ -157,6 +161,7 @@ class EventTracker:
         self.availability_by: dict[str, str] = {}  # node id -> who set its availability
         self.containers: dict[str, DesiredContainer] = {}
         self.states: dict[str, tuple[str, Any, int]] = {}  # id -> (state, started_at, attempt)
+        self.health: dict[str, str] = {}  # id -> health status ("" without a health check)
         self.services: dict[str, ServiceRecord] = {}
         self.service_names: dict[str, str] = {}
         # The raw value of every key under TRACKED, for a resynchronization to compare.
@@ -286,6 +291,7 @@ class EventTracker:
         cid, status = change.id, change.record
         if status is None:
             self.states.pop(cid, None)
+            self.health.pop(cid, None)
             return []
         state, started = status.state, status.started_at
         before = self.states.get(cid)
@@ -299,6 +305,20 @@ class EventTracker:
             actor=f"node:{status.node}" if status.node else "",
         )
         name = common["container_name"]
+        health = status.health_status
+        health_before = self.health.get(cid, "")
+        self.health[cid] = health
+        if health in ("healthy", "unhealthy") and health != health_before:
+            # Docker's `health_status: healthy`; a status that also starts the container
+            # cannot be healthy yet (a new run starts as `starting`).
+            return [
+                Event(
+                    CONTAINER_HEALTH_STATUS,
+                    health_status=health,
+                    message=f"{name} health_status: {health}",
+                    **common,
+                )
+            ]
         if state == "running" and (before is None or before[:2] != (state, started)):
             return [Event(CONTAINER_STARTED, message=f"{name} started", **common)]
         if state == "exited" and (before is None or before[0] != "exited"):

@@ -25,7 +25,7 @@ from berth.enums.cluster import (
     NODE_STATES,
     UPDATE_STATES,
 )
-from berth.enums.containers import PORT_PROTOCOLS
+from berth.enums.containers import HEALTH_STATUSES, PORT_PROTOCOLS
 from berth.node.v1 import node_pb2
 from berth.ports import PublishedPort
 from berth.types.v1 import container_pb2
@@ -88,6 +88,7 @@ def status_message(status: ContainerStatus | None) -> container_pb2.ContainerSta
         failure_reason=status.failure_reason,
         failure_message=status.failure_message,
         network=status.network,
+        health=status.health,
     )
 
 
@@ -237,6 +238,9 @@ def event_message(event: ClusterEvent) -> pb.EventsResponse:
             node_id=event.node_id,
             service_id=event.service_id,
             previous_node_id=event.previous_node_id,
+            health_status=HEALTH_STATUSES.value(
+                event.health_status, container_pb2.HEALTH_STATUS_UNSPECIFIED
+            ),
         )
         if event.type == CONTAINER_DIED:
             container.exit.CopyFrom(

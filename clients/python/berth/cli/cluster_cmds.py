@@ -24,6 +24,7 @@ from berth.cli.container_cmds import (
     placement_options,
     publish_option,
 )
+from berth.cli.health_opts import add_health_options, health_check
 from berth.cli.output import (
     for_each,
     format_options,
@@ -71,6 +72,7 @@ EVENT_WORDS = {
     "service_update_completed": ("service", "update-completed"),
     "service_update_paused": ("service", "update-paused"),
     "service_removed": ("service", "remove"),
+    "health_status": ("container", "health_status"),
 }
 EVENT_FILTER_KEYS = ("type", "event", "node", "container", "service")
 
@@ -255,6 +257,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         metavar="PUBLISHED[:TARGET][/PROTO]",
         help="stop publishing a port (repeatable)",
     )
+    add_health_options(update)
     update.add_argument("service", metavar="SERVICE", help="id, id prefix or name")
     update.set_defaults(func=cmd_service_update)
 
@@ -436,10 +439,11 @@ def cmd_service_update(args: argparse.Namespace) -> int:
     env = [entry for entry in args.env if entry is not None]
     changes = (args.image, args.replicas, args.network, args.network_alias)
     ports = args.publish_add or args.publish_rm
-    if all(c is None for c in changes) and not env and not args.env_rm and not ports:
+    health = health_check(args)
+    if all(c is None for c in (*changes, health)) and not env and not args.env_rm and not ports:
         raise BerthClientError(
             "nothing to update: give --image, --env, --env-rm, --replicas, --network, "
-            "--network-alias, --publish-add or --publish-rm",
+            "--network-alias, --publish-add, --publish-rm, --health-* or --no-healthcheck",
             "INVALID_ARGUMENT",
         )
     with connect_cluster(args) as client:
@@ -454,6 +458,7 @@ def cmd_service_update(args: argparse.Namespace) -> int:
             publish_add=args.publish_add,
             # `--publish-rm 8080` names the published port (Docker's short form: the target).
             publish_rm=[p.published_port or p.target_port for p in args.publish_rm],
+            health_check=health,
         )
     if args.format == "json":
         print_json(service)
@@ -560,6 +565,8 @@ def event_line(e: Event) -> str:
     """`docker events` style: TIME OBJECT ACTION ID (key=value, ...), attributes sorted; the
     principal that caused it is the `actor` attribute."""
     obj, action = EVENT_WORDS.get(e.type, ("cluster", e.type))
+    if e.health_status:
+        action = f"{action}: {e.health_status}"  # Docker's `health_status: healthy`
     subject = {"node": e.node_id, "container": e.container_id, "service": e.service_id}
     attributes = {
         "actor": e.actor,

@@ -329,6 +329,7 @@ def container_config(args: argparse.Namespace, name: str = "") -> ContainerConfi
     """The container of a parsed `berth run`, or the template of a `berth service create`
     (no name: the cluster names each replica SERVICE.SLOT), validated: a mistake the node or
     the cluster would refuse fails here, with their words, before any call (and any pull)."""
+    from berth.cli.health_opts import health_check
     from berth.containers import ContainerConfig, MountSpec
 
     restart, retries = args.restart
@@ -359,6 +360,7 @@ def container_config(args: argparse.Namespace, name: str = "") -> ContainerConfi
         security_opt=args.security_opt,
         userns=args.userns,
         secrets=args.secret,
+        health_check=health_check(args),
     )
     config.validate()
     return config
@@ -535,10 +537,12 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
     """What a container runs with and where it may run: `run` and `service create` share them."""
     if not isinstance(parser, argparse.ArgumentParser):
         return  # a command main skips (another was asked for): no need for berth.containers
+    from berth.cli.health_opts import add_health_options
     from berth.containers import NETWORK_MODES, USERNS_MODES
 
     add = parser.add_argument
     _add_env_option(parser)
+    add_health_options(parser)
     add("--env-file", action="append", default=[], metavar="FILE", help="KEY=VALUE lines")
     add("-m", "--memory", type=parse_size, default=0, help="memory limit, e.g. 64m")
     add("--cpus", type=parse_cpus, default=0, help="CPU quota, e.g. 0.5")
@@ -1111,7 +1115,12 @@ def container_status(c: ContainerInfo, now: datetime | None = None) -> str:
         return f"Create failed ({c.failure_reason or 'CREATE_FAILED'})"
     if c.state == "running":
         # Docker's durations use the words of its relative times, without the "ago".
-        return f"Up {human_ago(c.started_at, now).removesuffix(' ago')}" if c.started_at else "Up"
+        up = f"Up {human_ago(c.started_at, now).removesuffix(' ago')}" if c.started_at else "Up"
+        status = c.health.get("Status")
+        # Docker's "Up 5 seconds (healthy)", "(health: starting)", "(unhealthy)".
+        if status == "starting":
+            return f"{up} (health: starting)"
+        return f"{up} ({status})" if status else up
     if c.state == "restarting":
         return _with_time(f"Restarting ({c.exit_code})", c.finished_at, now)
     if c.state == "created" or c.started_at is None:
@@ -1240,6 +1249,8 @@ def docker_inspect(c: ContainerInfo) -> dict[str, Any]:
         },
         "NetworkSettings": network_settings_shape(c),
     }
+    if c.health:
+        data["State"]["Health"] = c.health
     if isinstance(c, ClusterContainer):
         # Where the cluster put it, in Swarm's words where Swarm has them.
         data["Node"] = {"ID": c.node_id, "Ready": c.node_ready}

@@ -33,8 +33,12 @@ from berth.enums.cluster import (
     NODE_STATES,
     UPDATE_STATES,
 )
-from berth.enums.containers import PORT_PROTOCOLS
+from berth.enums.containers import HEALTH_STATUSES, PORT_PROTOCOLS
 from berth.errors import BerthClientError
+from berth.health import HealthConfig
+from berth.health import from_proto as health_from_proto
+from berth.health import merge as merge_health
+from berth.health import to_proto as health_to_proto
 from berth.ports import PublishedPort
 
 # berth.containers (a container's whole configuration, its checks and its proto form) is imported
@@ -140,6 +144,8 @@ class Event:
     service_name: str = ""
     replicas: int = 0
     version: int = 0
+    # health_status: healthy or unhealthy.
+    health_status: str = ""
     # node_availability_changed: active, cordoned or drained.
     availability: str = ""
     # Who caused it: `user:<name>`, `node:<id>`, `service:cluster`; "" when nobody did.
@@ -272,6 +278,7 @@ def event_info(e: pb.EventsResponse) -> Event:
             oom_killed=c.exit.oom_killed,
             failure_reason=c.failure.reason,
             failure_message=c.failure.message,
+            health_status=HEALTH_STATUSES.name(c.health_status, ""),
         )
     return Event(**common)
 
@@ -487,12 +494,14 @@ class ClusterClient(ContainerStreams, GrpcClient):
         network_aliases: list[str] | None = None,
         publish_add: Iterable[PublishedPort] = (),
         publish_rm: Iterable[int] = (),
+        health_check: HealthConfig | None = None,
     ) -> ServiceInfo:
         """Change some of a service's spec and roll its replicas to it. UpdateService replaces
         the whole spec, so the current one is edited as a message (keeping every field this
         client does not know) and sent with its version: a concurrent change fails rather than
         being overwritten. `network`: none, host or a network's name; `network_aliases`
-        replace the replicas' aliases."""
+        replace the replicas' aliases; `health_check`'s set fields replace the current ones
+        (a NONE test disables the health check, Docker's --no-healthcheck)."""
         current = self._service_message(service)
         spec = pb.ServiceSpec()
         spec.CopyFrom(current.spec)
@@ -510,6 +519,12 @@ class ClusterClient(ContainerStreams, GrpcClient):
         spec.template.env.extend(merged)
         if replicas is not None:
             spec.replicas = replicas
+        if health_check is not None:
+            spec.template.health_check.CopyFrom(
+                health_to_proto(
+                    merge_health(health_from_proto(spec.template.health_check), health_check)
+                )
+            )
         # Docker's --publish-rm names the published port; --publish-add replaces a port's entry.
         added = list(publish_add)
         removed = set(publish_rm) | {p.published_port for p in added if p.published_port}

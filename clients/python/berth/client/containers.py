@@ -15,7 +15,13 @@ from types import ModuleType
 from typing import Any
 
 from berth.client.sessions import Exited, Output, ProcessSession, output_event
-from berth.enums.containers import CONTAINER_STATES, LOG_STREAMS, NETWORK_MODES, PORT_PROTOCOLS
+from berth.enums.containers import (
+    CONTAINER_STATES,
+    HEALTH_STATUSES,
+    LOG_STREAMS,
+    NETWORK_MODES,
+    PORT_PROTOCOLS,
+)
 from berth.errors import BerthClientError
 from berth.ports import PortBinding
 from berth.types.v1 import container_pb2 as pb
@@ -57,6 +63,9 @@ class ContainerInfo:
     # The ports its spec asks to publish (`-p`; host_port 0: the node chooses); the bindings
     # in effect while it runs are network["ports"].
     ports: list[PortBinding] = field(default_factory=list, kw_only=True)
+    # Its health while it runs with a health check, as Docker's State.Health: {"Status",
+    # "FailingStreak", "Log": [{"Start", "End", "ExitCode", "Output"}]}; empty otherwise.
+    health: dict[str, Any] = field(default_factory=dict, kw_only=True)
 
     @property
     def published(self) -> list[PortBinding]:
@@ -130,6 +139,32 @@ def container_fields(c: Any) -> dict[str, Any]:
         "network": network_settings(c.status),
         "network_aliases": list(c.spec.network_aliases),
         "ports": [port_binding(p) for p in c.spec.ports],
+        "health": health_of(c.status),
+    }
+
+
+def health_of(status: Any) -> dict[str, Any]:
+    """Docker's State.Health from a ContainerStatus; {} without a health check."""
+    if not status.HasField("health") or not status.health.status:
+        return {}
+    h = status.health
+
+    def when(entry: Any, name: str) -> str:
+        moment = time_of(entry, name)
+        return moment.isoformat().replace("+00:00", "Z") if moment else ""
+
+    return {
+        "Status": HEALTH_STATUSES.name(h.status, ""),
+        "FailingStreak": h.failing_streak,
+        "Log": [
+            {
+                "Start": when(e, "started_at"),
+                "End": when(e, "ended_at"),
+                "ExitCode": e.exit_code,
+                "Output": e.output.decode(errors="replace"),
+            }
+            for e in h.log
+        ],
     }
 
 
