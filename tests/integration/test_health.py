@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from berth.cli.container_cmds import container_status, docker_inspect
-from berth.client import ClusterClient
+from berth.client import ClusterClient, NodeClient
 from berth.client.cluster import Event
 from berth.containers import ContainerConfig
 from berth.errors import BerthClientError
@@ -148,3 +148,32 @@ def test_no_healthcheck_disables_the_images(
         assert cluster.inspect("unchecked").health == {}
     finally:
         cluster.remove("unchecked", force=True)
+
+
+def test_an_unhealthy_service_replica_is_replaced(
+    build_cluster: BuildCluster, cluster: ClusterClient
+) -> None:
+    check = HealthConfig([CMD_SHELL, "test -f /tmp/ok"], interval=FAST, retries=2)
+    template = ContainerConfig(
+        BASE, command=["sh", "-c", "touch /tmp/ok; exec sleep 600"], health_check=check
+    )
+    cluster.create_service("checked", template, replicas=1)
+    try:
+
+        def healthy_replica() -> str:
+            replicas = cluster.service_ps("checked")
+            ok = [r for r in replicas if r.health.get("Status") == "healthy"]
+            return ok[0].id if len(replicas) == 1 and ok else ""
+
+        wait_until(healthy_replica, 60, "a healthy replica")
+        first = healthy_replica()
+        assert cluster.exec(first, ["rm", "/tmp/ok"]).exit_code == 0
+        # Swarm's rule: the unhealthy replica goes, a new one takes its slot and is healthy.
+        wait_until(lambda: healthy_replica() not in ("", first), 60, "a new healthy replica")
+        (replica,) = cluster.service_ps("checked")
+        assert replica.name == "checked.1"
+    finally:
+        cluster.remove_service("checked")
+        # Gone from the node too before the module's node cleans up (it would race the node).
+        with NodeClient(build_cluster.node.address) as node:
+            wait_until(lambda: not node.list(all=True), 30, "the replicas removed")

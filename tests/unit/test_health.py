@@ -275,3 +275,41 @@ def test_a_health_change_is_one_event() -> None:
     (event,) = tracker.feed(status("unhealthy"))
     line = event_line(event_info(event_message(event)))
     assert f"container health_status: unhealthy {cid}" in line
+
+
+# --- the cluster's controller ------------------------------------------------------------------
+
+
+def test_an_unhealthy_replica_is_replaced_in_its_slot() -> None:
+    from berthd.cluster.controller import REPLACE, realize, reconcile
+    from berthd.cluster.core import ClusterNode, ContainerView
+    from berthd.cluster.services import ServiceRecord
+    from berthd.cluster.view import ClusterState
+    from berthd.common.state.containers import ContainerStatus
+    from berthd.common.state.nodes import NodeRecord
+
+    record = ServiceRecord(
+        id="s" * 64, name="web", template=ContainerConfig("busybox"), replicas=2, version=1
+    )
+    views = []
+    for slot, health in ((1, "healthy"), (2, "unhealthy")):
+        status = ContainerStatus(state="running", started_at=1.0, health={"status": health})
+        views.append(ContainerView(record.replica(slot, "a"), status))
+    node = NodeRecord("a", cpus=4, memory_bytes=1 << 30)
+    found = {"a": ClusterNode(id="a", record=node, ready=True, availability="active")}
+    plan = reconcile([record], views, found, 100.0)
+    assert [(a.kind, a.slot, a.reason) for a in plan.actions] == [(REPLACE, 2, "unhealthy")]
+    state = ClusterState(
+        nodes=found,
+        containers={v.id: v.desired for v in views},
+        revisions={v.id: 1 for v in views},
+        statuses={},
+        services={record.id: record},
+        allocations={},
+    )
+    changes = realize(plan, state, 100.0)
+    assert [c.id for c in changes.removes] == [views[1].id]
+    assert [(c.name, c.slot) for c in changes.adds] == [("web.2", 2)]
+    # A healthy or starting replica stays; a standalone container is never replaced.
+    views[1].status.health = {"status": "starting"}  # type: ignore[union-attr]
+    assert reconcile([record], views, found, 100.0).actions == []

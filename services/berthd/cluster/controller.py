@@ -76,6 +76,9 @@ REMOVE = "remove"
 MOVE = "move"
 UPDATE = "update"
 RETRY = "retry"
+# A running replica its health check found unhealthy: a new one takes its slot (Swarm replaces
+# unhealthy tasks; a standalone container is left running, as Docker leaves it).
+REPLACE = "replace"
 
 # Seconds before a replica its node could not create is tried again, doubling per attempt.
 RETRY_BACKOFF = 5.0
@@ -93,7 +96,7 @@ DUE_MARGIN_SECONDS = 0.001
 # compares the record and its node's allocation, and deletes the record, its assignment key,
 # its status and its name and writes the allocation; a move or update is both, on two nodes; a
 # retry compares its record and writes it and its assignment key.
-ACTION_TXN_OPS = {START: 4, REMOVE: 5, MOVE: 9, UPDATE: 9, RETRY: 2}
+ACTION_TXN_OPS = {START: 4, REMOVE: 5, MOVE: 9, UPDATE: 9, RETRY: 2, REPLACE: 9}
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,19 @@ def settled(view: ContainerView, record: ServiceRecord, now: float) -> bool:
     started = view.status.started_at if view.status else None
     if view.state != "running" or not started:
         return False
+    if unhealthy(view) or (view.status and view.status.health_status == "starting"):
+        return False  # with a health check, a replica counts once it is healthy
     return now - float(started) >= record.monitor_seconds + record.delay_seconds
+
+
+def unhealthy(view: ContainerView) -> bool:
+    """A replica that runs and whose health check failed `retries` times in a row."""
+    return (
+        view.state == "running"
+        and view.status is not None
+        and view.status.health_status == "unhealthy"
+        and view.desired.desired == RUNNING
+    )
 
 
 def _keep(group: list[ContainerView], nodes: dict[str, ClusterNode], version: int) -> ContainerView:
@@ -184,16 +199,20 @@ def reconcile_service(
                 plan.actions.append(
                     Action(RETRY, record.id, view.desired.slot, view.id, "create failed")
                 )
+        elif unhealthy(view):
+            plan.actions.append(Action(REPLACE, record.id, view.desired.slot, view.id, "unhealthy"))
     state, message = record.update_state, record.update_message
     failed = [
         v
         for v in current
-        if v.state in ("exited", "create_failed") and v.desired.desired == RUNNING
+        if (v.state in ("exited", "create_failed") and v.desired.desired == RUNNING) or unhealthy(v)
     ]
     if state == UPDATING and failed:
         status = failed[0].status
         if status is not None and status.create_failed:
             message = f"replica {failed[0].name} cannot be created: {status.failure_message}"
+        elif unhealthy(failed[0]):
+            message = f"replica {failed[0].name} is unhealthy"
         else:
             code = status.exit_code if status else None
             message = f"replica {failed[0].name} exited with code {code}"
