@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from berth.cli.output import for_each, human_ago, print_json, print_line, print_listing, truncate
-from berth.client.webhooks import DeliveryInfo, WebhookClient, WebhookInfo
 from berth.config import resolve_service_address
 from berth.enums.registry import WEBHOOK_EVENTS
+
+if TYPE_CHECKING:  # the client loads only when a webhook command runs (`registry ls` needs none)
+    from berth.client.webhooks import DeliveryInfo, WebhookClient, WebhookInfo
 
 WEBHOOK_HEADERS = ["ID", "URL", "EVENTS", "REPOSITORY", "SECRET", "CREATED"]
 DELIVERY_HEADERS = ["EVENT ID", "ACTION", "TARGET", "STATUS", "ATTEMPTS", "CODE", "LAST ERROR"]
@@ -70,6 +73,8 @@ def add_commands(registry: argparse._SubParsersAction, common: list) -> None:
 
 
 def connect(args: argparse.Namespace) -> WebhookClient:
+    from berth.client.webhooks import WebhookClient
+
     return WebhookClient(resolve_service_address("registry", args.registry))
 
 
