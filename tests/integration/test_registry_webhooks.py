@@ -143,6 +143,8 @@ async def test_signed_push_events_from_both_apis(
     assert web["target"]["mediaType"] == OCI_MANIFEST
     assert web["target"]["url"] == f"{registry.http_url}/v2/hooks/web/manifests/{http_digest}"
     assert app["source"]["instanceID"] and app["id"] != web["id"]
+    # The actor is the caller, through either API (the HTTP one by its bearer token).
+    assert "admin" in app["actor"]["name"] and "admin" in web["actor"]["name"]
 
     # A delete is an event too.
     with RegistryClient(registry.address) as client:
