@@ -76,7 +76,17 @@ def test_a_command_that_calls_no_server_imports_nothing_heavy(
     assert heavy(imported(argv, tmp_path)) == set()
 
 
-CLIENTS = {"cluster", "node", "image", "registry", "builder", "secrets", "access", "join"}
+CLIENTS = {
+    "cluster",
+    "node",
+    "image",
+    "registry",
+    "builder",
+    "secrets",
+    "access",
+    "join",
+    "webhooks",
+}
 
 
 @pytest.mark.parametrize(
@@ -87,7 +97,8 @@ CLIENTS = {"cluster", "node", "image", "registry", "builder", "secrets", "access
         (["images"], {"image_cmds"}, {"image", "node", "registry"}),
         (["node", "ls"], {"cluster_cmds", "container_cmds"}, {"cluster", "join"}),
         (["secret", "ls"], {"secret_cmds"}, {"secrets"}),
-        (["registry", "ls"], {"registry_cmds"}, {"registry"}),
+        # The webhook subcommands' parser, not their client.
+        (["registry", "ls"], {"registry_cmds", "webhook_cmds"}, {"registry"}),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
 )

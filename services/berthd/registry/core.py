@@ -46,6 +46,7 @@ from berthd.registry.metadata import (
     TagRecord,
     name_unknown,
 )
+from berthd.registry.webhooks import DELETE, PUSH, QueueOps, Target, Webhooks
 
 T = TypeVar("T")
 
@@ -156,9 +157,11 @@ class Registry:
     for a caller who may pull everything, else they show and use only the repositories the
     caller may pull and the public ones."""
 
-    def __init__(self, blobs: BlobStore, meta: Metadata) -> None:
+    def __init__(self, blobs: BlobStore, meta: Metadata, webhooks: Webhooks | None = None) -> None:
         self.blobs = blobs
         self.meta = meta
+        # Both APIs commit here, so pushes and deletes of either queue their webhook events.
+        self.webhooks = webhooks
         self.is_public = PublicCache(self._read_public)
 
     async def _read_public(self, repository: str) -> bool:
@@ -347,7 +350,8 @@ class Registry:
         await asyncio.to_thread(self.blobs.put, content)
         record = manifest_record_of(digest, parsed, len(content))
         tag = None if is_digest(reference) else reference
-        await self.meta.put_manifest(repository, record, tag)
+        target = Target(repository, digest, record.media_type, record.size, tag or "")
+        await self.meta.put_manifest(repository, record, tag, self._queue(PUSH, target))
         return digest, len(content)
 
     async def resolve(self, repository: str, reference: str) -> ManifestRecord:
@@ -494,7 +498,8 @@ class Registry:
         except CorruptManifest as exc:
             # A damaged record can still be deleted: that is how an operator clears it.
             digest = exc.digest
-        tags = await self.meta.delete_manifest(repository, digest)
+        queue = self._queue(DELETE, Target(repository, digest))
+        tags = await self.meta.delete_manifest(repository, digest, queue)
         return digest, tags
 
     # Repositories and tags -------------------------------------------------------------------
@@ -631,7 +636,11 @@ class Registry:
     async def delete_tag(self, repository: str, tag: str) -> str:
         repository_name(repository)
         checked(validate_tag, tag, "INVALID_REFERENCE", "tag")
-        return await self.meta.delete_tag(repository, tag)
+        queue = self._queue(DELETE, Target(repository, tag=tag))
+        return await self.meta.delete_tag(repository, tag, queue)
+
+    def _queue(self, action: str, target: Target) -> QueueOps | None:
+        return self.webhooks.queue_ops(action, target) if self.webhooks else None
 
     async def search(
         self,

@@ -36,6 +36,7 @@ from berthd.common.oci import mediatypes
 from berthd.common.oci.manifest import MAX_MANIFEST_BYTES
 from berthd.common.oci.reference import is_digest
 from berthd.common.pages import MAX_PAGE_SIZE, encode_token
+from berthd.common.security.principal import set_current_principal
 from berthd.registry import metrics
 from berthd.registry.access import pull_filter
 from berthd.registry.blobstore import MAX_CHUNK_BYTES, BlobStat
@@ -225,6 +226,8 @@ class OciApi:
                 401, "UNAUTHORIZED", str(exc), headers={"WWW-Authenticate": challenge(request)}
             ) from None
         request["caller"] = caller
+        # As the gRPC interceptor does: the core's events name the caller (webhooks' actor).
+        set_current_principal(caller.principal)
         return caller
 
     # -- base, token, listings -------------------------------------------------------------------

@@ -52,6 +52,7 @@ from berthd.common.state.registry import (
     tag_key,
 )
 from berthd.common.store import Compare, Entry, Op, Store, encode, prefix_end
+from berthd.registry.webhooks import QueueOps
 
 log = logging.getLogger("berthd.registry.metadata")
 
@@ -565,9 +566,11 @@ class Metadata:
 
     # Manifests and tags ---------------------------------------------------------
 
-    async def put_manifest(self, repo: str, record: ManifestRecord, tag: str | None) -> None:
+    async def put_manifest(
+        self, repo: str, record: ManifestRecord, tag: str | None, queue: QueueOps | None = None
+    ) -> None:
         """Record a manifest (and its tag), bump the repository's last push and count a new
-        tag, atomically."""
+        tag, atomically; `queue` adds its webhook events to the same transaction."""
 
         async def plan(repository: RepoRecord | None) -> RepoWrite:
             assert repository is not None  # created when missing
@@ -585,6 +588,8 @@ class Metadata:
                     self.store.unchanged(key, existing.mod_revision if existing else 0)
                 )
                 write.tags_added = 0 if existing else 1
+            if queue is not None:
+                await queue(write.ops, write.compares)
             return write
 
         await self._transact(repo, plan, create=True)
@@ -627,9 +632,10 @@ class Metadata:
         last = split_child_key(page.last, TAGS)[1] if page.last else None
         return RecordPage(page.records, last, page.revision, page.more)
 
-    async def delete_tag(self, repo: str, tag: str) -> str:
-        """Delete a tag (a damaged one too) and count it out, atomically; returns the digest it
-        named ("" for a damaged record: what it named is unknown)."""
+    async def delete_tag(self, repo: str, tag: str, queue: QueueOps | None = None) -> str:
+        """Delete a tag (a damaged one too) and count it out, atomically (with `queue`'s webhook
+        events); returns the digest it named ("" for a damaged record: what it named is
+        unknown)."""
         deleted: list[Entry] = []
 
         async def plan(repository: RepoRecord | None) -> RepoWrite:
@@ -642,12 +648,15 @@ class Metadata:
                     resource=("tag", f"{repo}:{tag}"),
                 )
             deleted[:] = [entry]
-            return RepoWrite(
+            write = RepoWrite(
                 [self.store.op_delete(entry.key)],
                 [self.store.unchanged(entry.key, entry.mod_revision)],
                 tags_added=-1,
                 names_changed=True,
             )
+            if queue is not None:
+                await queue(write.ops, write.compares)
+            return write
 
         await self._transact(repo, plan, create=False, conflict={"tag": tag})
         try:
@@ -655,15 +664,17 @@ class Metadata:
         except CorruptTag:
             return ""  # deleting it is how it is cleared
 
-    async def delete_manifest(self, repo: str, digest: str) -> list[str]:
-        """Delete a manifest and every tag pointing at it, and count those out, atomically;
-        returns those tags."""
+    async def delete_manifest(
+        self, repo: str, digest: str, queue: QueueOps | None = None
+    ) -> list[str]:
+        """Delete a manifest and every tag pointing at it, and count those out, atomically
+        (with `queue`'s webhook events); returns those tags."""
         deleted: list[str] = []
 
         async def plan(repository: RepoRecord | None) -> RepoWrite:
             tags = [t for t in (await self.list_tags(repo, None, 0)).records if t.digest == digest]
             deleted[:] = [t.name for t in tags]
-            return RepoWrite(
+            write = RepoWrite(
                 [
                     self.store.op_delete(manifest_key(repo, digest)),
                     *(self.store.op_delete(tag_key(repo, t.name)) for t in tags),
@@ -679,6 +690,9 @@ class Metadata:
                 write_record=bool(tags),
                 names_changed=True,
             )
+            if queue is not None:
+                await queue(write.ops, write.compares)
+            return write
 
         await self._transact(repo, plan, create=False, conflict={"digest": digest})
         return deleted

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Iterable
 from datetime import datetime
 
+from berth.cli import webhook_cmds
 from berth.cli.output import (  # format_options, parse_*: re-exported for the others
     err_console,
     format_options,
@@ -148,6 +149,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "(default: the server's, 1h)",
     )
     gc.set_defaults(func=cmd_gc)
+
+    webhook_cmds.add_commands(sub, common)
 
 
 def _positive_int(text: str) -> int:

@@ -146,6 +146,18 @@ REGISTRY = _rules(
     },
 )
 
+# A webhook sends the names and digests of every repository it matches, private ones too, to
+# a URL of its maker's choosing (and makes the registry call that URL): registry admins only.
+WEBHOOK = _rules(
+    "berth.registry.v1.WebhookService",
+    {
+        "CreateWebhook": _write(P.REGISTRY_ADMIN),
+        "ListWebhooks": _read(P.REGISTRY_ADMIN),
+        "DeleteWebhook": _write(P.REGISTRY_ADMIN),
+        "ListWebhookDeliveries": _read(P.REGISTRY_ADMIN),
+    },
+)
+
 IMAGE = _rules(
     "berth.image.v1.ImageService",
     {
@@ -294,6 +306,7 @@ STANDARD = {
 
 METHODS: dict[str, Rule] = {
     **REGISTRY,
+    **WEBHOOK,
     **IMAGE,
     **BUILDER,
     **CLUSTER,
