@@ -217,3 +217,25 @@ def test_the_diff_sees_only_real_changes(files):
     assert not changed(again.services[0], api)
     more = plan_of(files, TWO, {"FROM_SHELL": "shell", "API_REPLICAS": "3"})
     assert changed(more.services[0], api)
+
+
+def test_the_cluster_s_defaults_are_no_change(tmp_path):
+    plan = plan_of(tmp_path, "services:\n  web:\n    image: x\n")
+    [web] = plan.services
+    # As the cluster stores it: restart "always" for "no", parallelism 1, delay 0, monitor 5 s.
+    stored = pb.ServiceSpec()
+    stored.CopyFrom(web)
+    stored.template.restart_policy.name = 3
+    stored.update_config.parallelism = 1
+    stored.update_config.delay.FromSeconds(0)
+    stored.update_config.monitor.FromSeconds(5)
+    assert not changed(web, stored)
+    stored.update_config.monitor.FromSeconds(6)
+    assert changed(web, stored)
+
+
+def test_restart_condition_none_is_refused(tmp_path):
+    text = "services:\n  web:\n    image: x\n    deploy: {restart_policy: {condition: none}}\n"
+    assert refused(tmp_path, text) == (
+        "services.web.deploy.restart_policy.condition: use on-failure or any"
+    )

@@ -18,7 +18,11 @@ from berth.cluster.v1 import cluster_pb2 as pb
 from berth.containers import from_spec, to_spec
 from berth.errors import BerthClientError
 from berth.stack.plan import NAMESPACE_LABEL, StackPlan
+from berth.types.v1 import container_pb2 as types_pb
 
+DEFAULT_MONITOR_SECONDS = 5
+RESTART_NO = types_pb.RESTART_POLICY_NAME_NO
+RESTART_ALWAYS = types_pb.RESTART_POLICY_NAME_ALWAYS
 # How long `stack rm` waits for a network's last replica to go before giving up on it.
 NETWORK_RM_TIMEOUT = 30.0
 
@@ -32,8 +36,16 @@ def _normal(spec: pb.ServiceSpec) -> pb.ServiceSpec:
     ports = sorted(out.endpoint_spec.ports, key=lambda p: (p.target_port, p.protocol))
     del out.endpoint_spec.ports[:]
     out.endpoint_spec.ports.extend(ports)
-    if out.update_config.parallelism == 0:
-        out.update_config.parallelism = 1  # 0 means 1
+    # The cluster stores the defaults the proto documents: parallelism 0 is 1, no delay,
+    # a 5 s monitor, and a replica's restart policy "no" is "always" (Swarm's "any").
+    update = out.update_config
+    update.parallelism = update.parallelism or 1
+    if not update.HasField("delay"):
+        update.delay.FromSeconds(0)
+    if not update.HasField("monitor"):
+        update.monitor.FromSeconds(DEFAULT_MONITOR_SECONDS)
+    if out.template.restart_policy.name == RESTART_NO:
+        out.template.restart_policy.name = RESTART_ALWAYS
     return out
 
 
@@ -49,9 +61,26 @@ def desired_for(desired: pb.ServiceSpec, current: pb.ServiceSpec) -> pb.ServiceS
     return out
 
 
+def differences(desired: pb.ServiceSpec, current: pb.ServiceSpec) -> list[str]:
+    """The spec fields (template.env, replicas, ...) deploying `desired` over a service whose
+    spec is `current` would change; empty when it changes nothing."""
+    want, have = _normal(desired_for(desired, current)), _normal(current)
+    fields = [
+        f"template.{f.name}"
+        for f in pb.ServiceSpec.DESCRIPTOR.fields_by_name["template"].message_type.fields
+        if getattr(want.template, f.name) != getattr(have.template, f.name)
+    ]
+    fields += [
+        f.name
+        for f in pb.ServiceSpec.DESCRIPTOR.fields
+        if f.name != "template" and getattr(want, f.name) != getattr(have, f.name)
+    ]
+    return fields
+
+
 def changed(desired: pb.ServiceSpec, current: pb.ServiceSpec) -> bool:
     """Whether deploying `desired` over a service whose spec is `current` changes it."""
-    return _normal(desired_for(desired, current)) != _normal(current)
+    return bool(differences(desired, current))
 
 
 def stack_services(client: ClusterClient, stack: str) -> list[pb.Service]:
@@ -99,8 +128,8 @@ def deploy(
             say(f"Creating service {spec.name}")
             cluster.create_service_spec(spec)
             done[spec.name] = "created"
-        elif changed(spec, service.spec):
-            say(f"Updating service {spec.name} (id: {service.id[:25]})")
+        elif fields := differences(spec, service.spec):
+            say(f"Updating service {spec.name} (id: {service.id[:25]}; {', '.join(fields)})")
             cluster.replace_service(service.id, desired_for(spec, service.spec), service.version)
             done[spec.name] = "updated"
         else:

@@ -81,7 +81,9 @@ _DURATION_SECONDS = {
     "h": 3600,
 }
 _CONSTRAINT = re.compile(r"\s*([A-Za-z0-9_.\-/]+)\s*(==|!=)\s*(\S.*?)\s*")
-_RESTART_CONDITIONS = {"none": "no", "on-failure": "on-failure", "any": "always"}
+# A service's replica is always restarted when it exits (the cluster makes "no" "always"),
+# so Compose's condition none has no equivalent.
+_RESTART_CONDITIONS = {"on-failure": "on-failure", "any": "always"}
 
 
 @dataclass
@@ -467,11 +469,9 @@ class _ServiceBuilder:
         for key in ("delay", "window"):
             if key in policy:
                 raise _fail((*path, key), "not supported by berth: a node restarts at once")
-        if not policy:
-            return "no", 0
         condition = policy.get("condition", "any")
         if condition not in _RESTART_CONDITIONS:
-            raise _fail((*path, "condition"), "use none, on-failure or any")
+            raise _fail((*path, "condition"), "use on-failure or any")
         retries = _int(policy.get("max_attempts", 0), (*path, "max_attempts"))
         if retries and condition != "on-failure":
             raise _fail((*path, "max_attempts"), "berth counts attempts with on-failure only")
