@@ -153,15 +153,18 @@ def network_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
 
 
 @contextlib.contextmanager
-def started(run_dir: Path, *agent_flags: str, hosts: int = 2) -> Iterator[Net]:
-    """The cluster of these tests (`hosts` agents started with `agent_flags`); on the way
-    out, after the test's containers and networks are gone, nothing of berth's must be left."""
+def started(
+    run_dir: Path, *agent_flags: str, hosts: int = 2, cluster_flags: tuple[str, ...] = ()
+) -> Iterator[Net]:
+    """The cluster of these tests (`hosts` agents started with `agent_flags`, the cluster
+    service with `cluster_flags`); on the way out, after the test's containers and networks
+    are gone, nothing of berth's must be left."""
     net = TestNetwork(run_dir)
     prefix = f"/berth-net-{uuid.uuid4().hex[:8]}/"
     agents: dict[str, HostService] = {}
     try:
         registry = net.start_control(hosts, prefix)
-        service = net.start_service(net.ctl, "cluster", prefix=prefix)
+        service = net.start_service(net.ctl, "cluster", *cluster_flags, prefix=prefix)
         registry.wait_ready()
         agents.update(net.start_agents(registry.address, prefix, LEASE_TTL, *agent_flags))
         service.wait_ready()

@@ -71,6 +71,7 @@ _COMMANDS: dict[str, tuple[tuple[str, str], ...]] = {
         ("service", "replicated services"),
         ("events", "stream cluster events"),
     ),
+    "stack_cmds": (("stack", "stacks of services from a compose file"),),
     "secret_cmds": (("secret", "secrets containers read at /run/secrets"),),
     "network_cmds": (("network", "networks containers join (--network NAME)"),),
     "build_cmds": (

@@ -456,8 +456,22 @@ class ClusterClient(ContainerStreams, GrpcClient):
             labels=labels or {},
             endpoint_spec=_endpoint_spec(ports),
         )
+        return self.create_service_spec(spec, request_id)
+
+    def create_service_spec(self, spec: pb.ServiceSpec, request_id: str = "") -> ServiceInfo:
+        """A service from a whole ServiceSpec (`stack deploy`), retried as create_service."""
         request = pb.CreateServiceRequest(spec=spec, request_id=request_id or new_request_id())
         return _service(self._retried(self._stub.CreateService, request).service)
+
+    def replace_service(self, service_id: str, spec: pb.ServiceSpec, version: int) -> ServiceInfo:
+        """Replace a service's whole spec if it is still at `version` (VERSION_MISMATCH
+        otherwise) and roll its replicas to it."""
+        request = pb.UpdateServiceRequest(service=service_id, spec=spec, version=version)
+        return _service(self._call(self._stub.UpdateService, request).service)
+
+    def service_messages(self, labels: dict[str, str] | None = None) -> list[pb.Service]:
+        """The services (with all of `labels`) as the cluster sends them, specs whole."""
+        return self._service_messages(labels)
 
     def services(self, labels: dict[str, str] | None = None) -> list[ServiceInfo]:
         return [_service(s) for s in self._service_messages(labels)]

@@ -1,0 +1,1 @@
+"""`berth stack`: compose files deployed as labelled services, networks and secrets."""
