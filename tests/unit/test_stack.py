@@ -157,7 +157,9 @@ def test_a_required_variable_and_a_bad_format_name_the_key(tmp_path):
     ("service", "expected"),
     [
         ("build: .", "services.web.build: building is not supported"),
-        ("healthcheck: {test: [CMD, 'true']}", "services.web.healthcheck: health checks are"),
+        ("healthcheck: {test: [CMD]}", "services.web.healthcheck: health check command is empty"),
+        ("healthcheck: {test: [RUN, x]}", 'services.web.healthcheck: health check test "RUN"'),
+        ("healthcheck: {interval: 5s}", "services.web.healthcheck.test: a health check needs"),
         ("privileged: true", "services.web.privileged: not supported by berth stack deploy"),
         ("deploy: {mode: global}", "services.web.deploy.mode: berth services are replicated"),
         ("deploy: {update_config: {order: start-first}}", "update_config.order: berth updates"),
@@ -188,6 +190,25 @@ def test_a_disabled_healthcheck_is_accepted_and_rollback_config_is_reported(tmp_
     assert plan.warnings == [
         "services.web.deploy.rollback_config: not applied yet (berth has no service rollback)"
     ]
+
+
+def test_a_healthcheck_maps_to_dockers_health_config(tmp_path):
+    plan = plan_of(
+        tmp_path,
+        "services:\n  web:\n    image: x\n    healthcheck:\n      test: wget -q -O- localhost\n"
+        "      interval: 1m30s\n      timeout: 500ms\n      start_period: 10s\n      retries: 5\n"
+        "  api:\n    image: x\n    healthcheck: {test: [CMD, /bin/check, --deep]}\n",
+    )
+    specs = {spec.name: spec for spec in plan.services}
+    web = specs["shop_web"].template.health_check
+    assert list(web.test) == ["CMD-SHELL", "wget -q -O- localhost"]
+    assert (web.interval.seconds, web.timeout.ToMilliseconds(), web.start_period.seconds) == (
+        90,
+        500,
+        10,
+    )
+    assert web.retries == 5
+    assert list(specs["shop_api"].template.health_check.test) == ["CMD", "/bin/check", "--deep"]
 
 
 def test_depends_on_orders_creation_and_a_cycle_is_refused():

@@ -25,6 +25,8 @@ from berth.containers import (
     SecretReference,
     to_spec,
 )
+from berth.health import CMD_SHELL, HealthConfig, InvalidHealthCheck
+from berth.health import NONE as HEALTH_NONE
 from berth.ports import InvalidPort, PublishedPort, parse_service_publish
 from berth.stack.compose import ComposeError, key_path, read_env_file
 
@@ -383,24 +385,34 @@ class _ServiceBuilder:
                 (*self.path, "deploy", "endpoint_mode"),
                 "berth services are reached through a virtual address (vip) only",
             )
-        self._healthcheck()
+        self._healthcheck()  # refused here, with its path, before anything is made
 
-    def _healthcheck(self) -> None:
-        """Health checks wait for the health fields of ContainerSpec (issue 17, health part):
-        map test/interval/timeout/retries/start_period here once they exist. Until then only a
-        disabled check is accepted, since the result is the same."""
+    def _healthcheck(self) -> HealthConfig | None:
+        """Compose's `healthcheck` as Docker's HealthConfig (the string form of `test` is
+        CMD-SHELL, `disable: true` is NONE); None when the file has none: the image's."""
         check = self.service.get("healthcheck")
         if check is None:
-            return
-        disabled = check.get("disable") or check.get("test") in (["NONE"], "NONE")
-        for key in ("interval", "timeout", "start_period", "start_interval"):
+            return None
+        path = (*self.path, "healthcheck")
+        if check.get("disable"):
+            return HealthConfig(test=[HEALTH_NONE])
+        if "start_interval" in check:
+            raise _fail((*path, "start_interval"), "not supported by berth")
+        test = check.get("test")
+        if test is None:
+            raise _fail((*path, "test"), "a health check needs a test (or disable: true)")
+        config = HealthConfig(
+            test=[CMD_SHELL, test] if isinstance(test, str) else [str(t) for t in test],
+            retries=_int(check.get("retries", 0), (*path, "retries")),
+        )
+        for key in ("interval", "timeout", "start_period"):
             if key in check:
-                parse_duration(check[key], (*self.path, "healthcheck", key))
-        if not disabled:
-            raise _fail(
-                (*self.path, "healthcheck"),
-                "health checks are not supported by berth yet: remove it or set disable: true",
-            )
+                setattr(config, key, parse_duration(check[key], (*path, key)).ToNanoseconds())
+        try:
+            config.validate()
+        except InvalidHealthCheck as exc:
+            raise _fail(path, str(exc)) from None
+        return config
 
     # --- the container ---
 
@@ -443,6 +455,7 @@ class _ServiceBuilder:
             cap_add=list(s.get("cap_add") or []),
             cap_drop=list(s.get("cap_drop") or []),
             secrets=self._secrets(),
+            health_check=self._healthcheck(),
         )
 
     def _environment(self) -> list[str]:
