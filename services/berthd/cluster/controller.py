@@ -48,6 +48,17 @@ from berthd.cluster import metrics
 from berthd.cluster.assignments import backfill_assignments
 from berthd.cluster.core import DRAINED, MAX_TXN_OPS, ClusterNode, ContainerView
 from berthd.cluster.follow import list_families, watch_family
+from berthd.cluster.rollout import (
+    CONTINUE,
+    PAUSE,
+    ROLLBACK,
+    ROLLBACK_COMPLETED,
+    ROLLBACK_PAUSED,
+    ROLLBACK_STARTED,
+    active_config,
+    current_version,
+    too_many_failures,
+)
 from berthd.cluster.scheduler import NodeView, Request, parse_constraints, place_replicas
 from berthd.cluster.services import (
     COMPLETED,
@@ -55,6 +66,7 @@ from berthd.cluster.services import (
     PAUSED,
     UPDATING,
     ClusterState,
+    ServiceCore,
     ServiceRecord,
     commit_ops,
     service_key,
@@ -79,6 +91,10 @@ RETRY = "retry"
 # A running replica its health check found unhealthy: a new one takes its slot (Swarm replaces
 # unhealthy tasks; a standalone container is left running, as Docker leaves it).
 REPLACE = "replace"
+
+# Rollouts under way, and stopped ones (a new update or a rollback starts them again).
+IN_PROGRESS = (UPDATING, ROLLBACK_STARTED)
+PAUSED_STATES = (PAUSED, ROLLBACK_PAUSED)
 
 # Seconds before a replica its node could not create is tried again, doubling per attempt.
 RETRY_BACKOFF = 5.0
@@ -115,6 +131,11 @@ class Plan:
     actions: list[Action] = field(default_factory=list)
     # Service id -> (update state, message) for the services whose update state changes.
     update_states: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Service id -> the replicas failed in its rollout, when new ones failed (with an entry
+    # in update_states: written together).
+    failures: dict[str, list[str]] = field(default_factory=dict)
+    # Service id -> (version, message): too many failures, back to the previous spec.
+    rollbacks: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def node_problem(node: ClusterNode | None, node_id: str, drained_too: bool) -> str:
@@ -133,7 +154,8 @@ def settled(view: ContainerView, record: ServiceRecord, now: float) -> bool:
         return False
     if unhealthy(view) or (view.status and view.status.health_status == "starting"):
         return False  # with a health check, a replica counts once it is healthy
-    return now - float(started) >= record.monitor_seconds + record.delay_seconds
+    config = active_config(record)
+    return now - float(started) >= config.monitor_seconds + config.delay_seconds
 
 
 def unhealthy(view: ContainerView) -> bool:
@@ -190,8 +212,8 @@ def reconcile_service(
         else:
             staying.append(view)
 
-    current = [v for v in staying if v.desired.service_version >= record.version]
-    outdated = [v for v in staying if v.desired.service_version < record.version]
+    current = [v for v in staying if current_version(record, v.desired.service_version)]
+    outdated = [v for v in staying if not current_version(record, v.desired.service_version)]
     for view in current:
         if view.state == "create_failed" and view.desired.desired == RUNNING and view.status:
             wait = min(RETRY_BACKOFF * 2**view.desired.attempt, MAX_RETRY_BACKOFF)
@@ -202,35 +224,59 @@ def reconcile_service(
         elif unhealthy(view):
             plan.actions.append(Action(REPLACE, record.id, view.desired.slot, view.id, "unhealthy"))
     state, message = record.update_state, record.update_message
+    config = active_config(record)
     failed = [
         v
         for v in current
         if (v.state in ("exited", "create_failed") and v.desired.desired == RUNNING) or unhealthy(v)
     ]
-    if state == UPDATING and failed:
-        status = failed[0].status
-        if status is not None and status.create_failed:
-            message = f"replica {failed[0].name} cannot be created: {status.failure_message}"
-        elif unhealthy(failed[0]):
-            message = f"replica {failed[0].name} is unhealthy"
-        else:
-            code = status.exit_code if status else None
-            message = f"replica {failed[0].name} exited with code {code}"
-        state = PAUSED
-    if state != PAUSED and outdated:
-        state = UPDATING
-        in_flight = len(starts) + sum(1 for v in current if not settled(v, record, now))
-        budget = max(record.parallelism - in_flight, 0)
+    failures = list(record.update_failures)
+    if state in IN_PROGRESS:
+        fresh = [v for v in failed if v.id not in failures]
+        failures += [v.id for v in fresh]
+        if fresh and too_many_failures(len(failures), record.replicas, config.max_failure_ratio):
+            action = config.failure_action
+            if action == ROLLBACK and state == ROLLBACK_STARTED:
+                action = PAUSE  # a rollback that fails stops (Swarm's)
+            if action == ROLLBACK and record.previous is not None:
+                plan.rollbacks[record.id] = (record.version, f"rolled back: {failure(fresh[0])}")
+                return
+            if action != CONTINUE:
+                state = ROLLBACK_PAUSED if state == ROLLBACK_STARTED else PAUSED
+                message = failure(fresh[0])
+        if fresh:
+            plan.failures[record.id] = failures
+    if state not in PAUSED_STATES and outdated:
+        if state not in IN_PROGRESS:
+            state = UPDATING
+        # A failure the update went on past (below the ratio, or CONTINUE) holds no slot.
+        in_flight = len(starts) + sum(
+            1 for v in current if not settled(v, record, now) and v.id not in failures
+        )
+        budget = max(config.parallelism - in_flight, 0)
         for view in sorted(outdated, key=lambda v: v.desired.slot)[:budget]:
             plan.actions.append(
                 Action(
                     UPDATE, record.id, view.desired.slot, view.id, f"to version {record.version}"
                 )
             )
-    elif state == UPDATING and not starts and all(settled(v, record, now) for v in current):
-        state = COMPLETED
-    if (state, message) != (record.update_state, record.update_message):
+    elif state in IN_PROGRESS and not starts and all(settled(v, record, now) for v in current):
+        state = ROLLBACK_COMPLETED if state == ROLLBACK_STARTED else COMPLETED
+    if (state, message) != (record.update_state, record.update_message) or (
+        record.id in plan.failures
+    ):
         plan.update_states[record.id] = (state, message)
+
+
+def failure(view: ContainerView) -> str:
+    """Why a new replica counts as failed, for a person."""
+    status = view.status
+    if status is not None and status.create_failed:
+        return f"replica {view.name} cannot be created: {status.failure_message}"
+    if unhealthy(view):
+        return f"replica {view.name} is unhealthy"
+    code = status.exit_code if status else None
+    return f"replica {view.name} exited with code {code}"
 
 
 def reconcile(
@@ -291,16 +337,17 @@ def next_check(record: ServiceRecord, replicas: list[ContainerView], now: float)
     """When time alone can change what `reconcile_service` decides for this service (None:
     only a change can): a current replica settling while an update may wait on it, a replica
     its node could not create reaching the end of its backoff."""
-    rolling = record.update_state == UPDATING or any(
-        v.desired.service_version < record.version for v in replicas
+    rolling = record.update_state in IN_PROGRESS or any(
+        not current_version(record, v.desired.service_version) for v in replicas
     )
+    config = active_config(record)
     times = []
     for view in replicas:
-        if view.desired.service_version < record.version or view.status is None:
+        if not current_version(record, view.desired.service_version) or view.status is None:
             continue
         started = view.status.started_at
         if rolling and view.state == "running" and started:
-            times.append(float(started) + record.monitor_seconds + record.delay_seconds)
+            times.append(float(started) + config.monitor_seconds + config.delay_seconds)
         if view.state == "create_failed" and view.desired.desired == RUNNING:
             wait = min(RETRY_BACKOFF * 2**view.desired.attempt, MAX_RETRY_BACKOFF)
             times.append(view.status.updated_at + wait)
@@ -549,8 +596,9 @@ class Controller:
                 self._due[sid] = when
         view.blocked.services -= dirty.services
         view.blocked.containers -= dirty.containers
+        rolled = await self._roll_back(plan.rollbacks)
         if not plan.actions and not plan.update_states:
-            return False
+            return rolled
         plan, deferred = split_plan(plan, MAX_TXN_OPS - (self.fence is not None))
         started = time.monotonic()
         state = view.state()
@@ -571,6 +619,7 @@ class Controller:
                 update_message=message,
                 changed_by=CONTROLLER,
             )
+            record.update_failures = plan.failures.get(sid, record.update_failures)
             compares.append(self.store.unchanged(service_key(sid), state.revisions[sid]))
             ops.append(self.store.op_put(service_key(sid), record.to_json()))
         for retried in changes.retries:
@@ -600,6 +649,22 @@ class Controller:
                 extra={"container": new.name, "node": new.node, "reason": reason},
             )
         return True
+
+    async def _roll_back(self, rollbacks: dict[str, tuple[int, str]]) -> bool:
+        """Swap in the previous spec of each service whose rollout failed too often. Through
+        the service core, as a user's rollback (its ports and secrets checked and claimed),
+        bound to the version the decision saw: a change since wins, and the watch brings the
+        new record back to the next pass."""
+        core = ServiceCore(self.store)
+        done = False
+        for sid, (version, message) in rollbacks.items():
+            try:
+                await core.rollback(sid, message, expected_version=version, actor=CONTROLLER)
+                done = True
+            except BerthError as exc:
+                log.warning("automatic rollback of %s failed: %s", sid, exc)
+                self._retry_later(Dirty(services={sid}), time.time())
+        return done
 
     async def _refresh(self, writes: list[Op], dirty: Dirty, now: float) -> None:
         """After a refused transaction: read again the keys it would have written (not the

@@ -22,7 +22,9 @@ from berth.enums.cluster import (
     DESIRED_STATES,
     ENDPOINT_KINDS,
     EVENT_TYPES,
+    FAILURE_ACTIONS,
     NODE_STATES,
+    UPDATE_ORDERS,
     UPDATE_STATES,
 )
 from berth.enums.containers import HEALTH_STATUSES, PORT_PROTOCOLS
@@ -33,6 +35,7 @@ from berth.types.v1 import node_pb2 as types_node_pb2
 from berthd.cluster.core import ClusterCore, ClusterNode, ContainerView, Endpoint
 from berthd.cluster.events import CONTAINER_CREATE_FAILED, CONTAINER_DIED, EventFilter, watch_events
 from berthd.cluster.events import Event as ClusterEvent
+from berthd.cluster.rollout import PAUSE, STOP_FIRST, RolloutConfig, update_config
 from berthd.cluster.services import ServiceCore, ServiceRecord
 from berthd.cluster.stats import StatsEntry, sample_stats
 from berthd.common.container_messages import container_status, state_filter
@@ -140,8 +143,36 @@ def endpoint_message(endpoint: Endpoint) -> pb.Endpoint:
     )
 
 
+def rollout_from_message(update: pb.UpdateConfig, where: str) -> RolloutConfig:
+    config = RolloutConfig(
+        parallelism=update.parallelism or 1,
+        order=enum_name(UPDATE_ORDERS, update.order, f"{where}.order") or STOP_FIRST,
+        failure_action=enum_name(FAILURE_ACTIONS, update.failure_action, f"{where}.failure_action")
+        or PAUSE,
+        # float32 on the wire: 0.2 arrives as 0.200000003.
+        max_failure_ratio=round(update.max_failure_ratio, 6),
+    )
+    if update.HasField("delay"):
+        config.delay_seconds = update.delay.ToTimedelta().total_seconds()
+    if update.HasField("monitor"):
+        config.monitor_seconds = update.monitor.ToTimedelta().total_seconds()
+    return config
+
+
+def rollout_message(config: RolloutConfig) -> pb.UpdateConfig:
+    message = pb.UpdateConfig(
+        parallelism=config.parallelism,
+        order=UPDATE_ORDERS.value(config.order),
+        failure_action=FAILURE_ACTIONS.value(config.failure_action),
+        max_failure_ratio=config.max_failure_ratio,
+    )
+    message.delay.CopyFrom(duration(config.delay_seconds))
+    message.monitor.CopyFrom(duration(config.monitor_seconds))
+    return message
+
+
 def record_from_spec(spec: pb.ServiceSpec) -> ServiceRecord:
-    update = spec.update_config
+    update = rollout_from_message(spec.update_config, "spec.update_config")
     record = ServiceRecord(
         id="",
         name=spec.name,
@@ -151,7 +182,13 @@ def record_from_spec(spec: pb.ServiceSpec) -> ServiceRecord:
         memory_bytes=spec.placement.request.memory_bytes,
         constraints=list(spec.placement.constraints),
         labels=dict(spec.labels),
-        parallelism=update.parallelism or 1,
+        parallelism=update.parallelism,
+        delay_seconds=update.delay_seconds,
+        monitor_seconds=update.monitor_seconds,
+        update_order=update.order,
+        failure_action=update.failure_action,
+        max_failure_ratio=update.max_failure_ratio,
+        rollback_config=rollout_from_message(spec.rollback_config, "spec.rollback_config"),
         ports=[
             PublishedPort(
                 p.target_port,
@@ -161,14 +198,10 @@ def record_from_spec(spec: pb.ServiceSpec) -> ServiceRecord:
             for p in spec.endpoint_spec.ports
         ],
     )
-    if update.HasField("delay"):
-        record.delay_seconds = update.delay.ToTimedelta().total_seconds()
-    if update.HasField("monitor"):
-        record.monitor_seconds = update.monitor.ToTimedelta().total_seconds()
     return record
 
 
-def service_message(record: ServiceRecord, running: int) -> pb.Service:
+def spec_message(record: ServiceRecord) -> pb.ServiceSpec:
     spec = pb.ServiceSpec(
         name=record.name,
         template=to_spec(record.template),
@@ -179,7 +212,8 @@ def service_message(record: ServiceRecord, running: int) -> pb.Service:
             ),
             constraints=record.constraints,
         ),
-        update_config=pb.UpdateConfig(parallelism=record.parallelism),
+        update_config=rollout_message(update_config(record)),
+        rollback_config=rollout_message(record.rollback_config),
         labels=record.labels,
         endpoint_spec=pb.EndpointSpec(
             ports=[
@@ -192,11 +226,19 @@ def service_message(record: ServiceRecord, running: int) -> pb.Service:
             ]
         ),
     )
-    spec.update_config.delay.CopyFrom(duration(record.delay_seconds))
-    spec.update_config.monitor.CopyFrom(duration(record.monitor_seconds))
+    return spec
+
+
+def service_message(record: ServiceRecord, running: int) -> pb.Service:
+    previous = None
+    if record.previous is not None:
+        before = ServiceRecord.from_json(record.to_json())
+        before.apply_spec_json(record.previous)
+        previous = spec_message(before)
     return pb.Service(
         id=record.id,
-        spec=spec,
+        spec=spec_message(record),
+        previous_spec=previous,
         version=record.version,
         running_replicas=running,
         update_state=UPDATE_STATES.value(record.update_state, pb.UPDATE_STATE_UNSPECIFIED),
@@ -545,8 +587,17 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     async def UpdateService(
         self, request: pb.UpdateServiceRequest, context: Context
     ) -> pb.UpdateServiceResponse:
-        spec = record_from_spec(request.spec)
-        record = await self.services.update(request.service, spec, request.version)
+        if request.rollback:
+            if request.HasField("spec"):
+                raise InvalidArgument(
+                    "a rollback takes no spec: it returns to the previous one",
+                    reason="INVALID_SPEC",
+                    field="spec",
+                )
+            record = await self.services.rollback(request.service, expected_version=request.version)
+        else:
+            spec = record_from_spec(request.spec)
+            record = await self.services.update(request.service, spec, request.version)
         _, running = await self.services.inspect(record.id)
         return pb.UpdateServiceResponse(service=service_message(record, running))
 

@@ -42,6 +42,19 @@ from berthd.cluster.core import (
 )
 from berthd.cluster.networks import network_guards
 from berthd.cluster.ports import claim_ports, release_ports
+from berthd.cluster.rollout import (
+    DEFAULT_MONITOR_SECONDS,
+    FAILURE_ACTIONS,
+    NOT_SPEC,
+    ORDERS,
+    PAUSE,
+    START_FIRST,
+    STOP_FIRST,
+    RolloutConfig,
+    remember_previous,
+    swap_to_previous,
+    update_config,
+)
 from berthd.cluster.scheduler import Request, parse_constraints
 from berthd.cluster.secrets import secret_guards
 from berthd.common.containers import ContainerConfig, from_dict
@@ -76,7 +89,6 @@ UPDATING = "updating"
 COMPLETED = "completed"
 PAUSED = "paused"
 
-DEFAULT_MONITOR_SECONDS = 5.0
 # The actor of the controller's own decisions (replicas placed, moved, retried; update states).
 CONTROLLER = "service:cluster"
 ATTEMPTS = 12
@@ -121,6 +133,18 @@ class ServiceRecord:
     changed_by: str = ""
     # Ports published on every node through the routing mesh (EndpointSpec.ports).
     ports: list[PublishedPort] = field(default_factory=list)
+    # The rest of UpdateConfig, and the rollback's (berthd.cluster.rollout).
+    update_order: str = STOP_FIRST
+    failure_action: str = PAUSE
+    max_failure_ratio: float = 0.0
+    rollback_config: RolloutConfig = field(default_factory=RolloutConfig)
+    # The spec the last update replaced (its JSON fields), and the versions that ran it.
+    previous: dict[str, Any] | None = None
+    previous_versions: list[int] = field(default_factory=list)
+    # Older versions whose replicas run the current spec (restored by a rollback).
+    spec_versions: list[int] = field(default_factory=list)
+    # Ids of the replicas that failed in the current rollout (the failure ratio's count).
+    update_failures: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -132,8 +156,21 @@ class ServiceRecord:
         data: dict[str, Any] = json.loads(raw)
         data["template"] = from_dict(data["template"])
         data["ports"] = [PublishedPort(**p) for p in data.get("ports") or []]
+        data["rollback_config"] = RolloutConfig.from_dict(data.get("rollback_config"))
         # Fields a newer writer added are ignored; ones an older writer lacked take defaults.
         return cls(**known_fields(cls, data))
+
+    def to_spec_json(self) -> dict[str, Any]:
+        """The spec fields as stored (what `previous` keeps)."""
+        data: dict[str, Any] = json.loads(self.to_json())
+        return {k: v for k, v in data.items() if k not in NOT_SPEC}
+
+    def apply_spec_json(self, spec: dict[str, Any]) -> None:
+        """Take every spec field from `spec` (a `to_spec_json`)."""
+        other = ServiceRecord.from_json(json.dumps({**json.loads(self.to_json()), **spec}))
+        for f in dataclasses.fields(self):
+            if f.name not in NOT_SPEC:
+                setattr(self, f.name, getattr(other, f.name))
 
     def request(self) -> Request:
         # A zero request means the template's limits, as for RunContainer.
@@ -167,6 +204,23 @@ class ServiceRecord:
         )
 
 
+def validate_rollout(config: RolloutConfig, where: str) -> None:
+    """InvalidArgument for an update or rollback config no rollout could follow."""
+    problem = ""
+    if config.parallelism < 1:
+        problem = f"parallelism must be at least 1, got {config.parallelism}"
+    elif config.delay_seconds < 0 or config.monitor_seconds < 0:
+        problem = "delay and monitor cannot be negative"
+    elif not 0 <= config.max_failure_ratio <= 1:
+        problem = f"max failure ratio must be between 0 and 1, got {config.max_failure_ratio}"
+    elif config.order not in ORDERS or config.failure_action not in FAILURE_ACTIONS:
+        problem = f"unknown order {config.order!r} or failure action {config.failure_action!r}"
+    elif config.order == START_FIRST:
+        problem = "order start-first is not supported yet; use stop-first"
+    if problem:
+        raise InvalidArgument(f"{where}: {problem}", reason="INVALID_SPEC", field=where)
+
+
 def validate(record: ServiceRecord) -> None:
     """InvalidArgument for anything a replica could never be made of."""
     if not _NAME_RE.match(record.name):
@@ -182,18 +236,8 @@ def validate(record: ServiceRecord) -> None:
             reason="INVALID_SPEC",
             field="spec.replicas",
         )
-    if record.parallelism < 1:
-        raise InvalidArgument(
-            f"update parallelism must be at least 1, got {record.parallelism}",
-            reason="INVALID_SPEC",
-            field="spec.update_config.parallelism",
-        )
-    if record.delay_seconds < 0 or record.monitor_seconds < 0:
-        raise InvalidArgument(
-            "update delay and monitor cannot be negative",
-            reason="INVALID_SPEC",
-            field="spec.update_config",
-        )
+    validate_rollout(update_config(record), "spec.update_config")
+    validate_rollout(record.rollback_config, "spec.rollback_config")
     template = dataclasses.replace(copy.deepcopy(record.template), name=f"{record.name}.1")
     validate_config(template, field="spec.template")
     try:
@@ -540,15 +584,32 @@ class ServiceCore:
                 raise InvalidArgument(
                     f'a service cannot be renamed ("{record.name}" to "{spec.name}")'
                 )
-            keep = {"id", "name", "version", "created_at", "update_state", "update_message"}
+            remember_previous(record)
             for f in dataclasses.fields(ServiceRecord):
-                if f.name not in keep and f.name != "updated_at":
+                if f.name not in NOT_SPEC:
                     setattr(record, f.name, copy.deepcopy(getattr(spec, f.name)))
             if record.template.restart_policy == "no":
                 record.template.restart_policy = "always"
             record.host_access_by, record.changed_by = stamp, principal.name
             record.version += 1
             record.update_state, record.update_message = UPDATING, ""
+
+        return await self._change(ref, change, expected_version)
+
+    async def rollback(
+        self,
+        ref: str,
+        message: str = "manually requested rollback",
+        expected_version: int = 0,
+        actor: str = "",
+    ) -> ServiceRecord:
+        """Return to the previous spec (Swarm's rollback: the two specs swap); the controller
+        rolls the replicas of the failed version back with the rollback config."""
+        actor = actor or current_principal().name
+
+        def change(record: ServiceRecord) -> None:
+            swap_to_previous(record, message)
+            record.changed_by = actor
 
         return await self._change(ref, change, expected_version)
 

@@ -25,6 +25,21 @@ UPDATE_STATES = EnumTable(
         pb.UPDATE_STATE_UPDATING: "updating",
         pb.UPDATE_STATE_COMPLETED: "completed",
         pb.UPDATE_STATE_PAUSED: "paused",
+        pb.UPDATE_STATE_ROLLBACK_STARTED: "rollback_started",
+        pb.UPDATE_STATE_ROLLBACK_COMPLETED: "rollback_completed",
+        pb.UPDATE_STATE_ROLLBACK_PAUSED: "rollback_paused",
+    },
+)
+UPDATE_ORDERS = EnumTable(
+    pb.UpdateOrder,
+    {pb.UPDATE_ORDER_STOP_FIRST: "stop-first", pb.UPDATE_ORDER_START_FIRST: "start-first"},
+)
+FAILURE_ACTIONS = EnumTable(
+    pb.UpdateFailureAction,
+    {
+        pb.UPDATE_FAILURE_ACTION_PAUSE: "pause",
+        pb.UPDATE_FAILURE_ACTION_CONTINUE: "continue",
+        pb.UPDATE_FAILURE_ACTION_ROLLBACK: "rollback",
     },
 )
 ENDPOINT_KINDS = EnumTable(
@@ -57,7 +72,19 @@ EVENT_TYPES = EnumTable(
         pb.EVENT_TYPE_SERVICE_UPDATE_PAUSED: "service_update_paused",
         pb.EVENT_TYPE_SERVICE_REMOVED: "service_removed",
         pb.EVENT_TYPE_CONTAINER_HEALTH_STATUS: "health_status",
+        pb.EVENT_TYPE_SERVICE_ROLLBACK_STARTED: "service_rollback_started",
+        pb.EVENT_TYPE_SERVICE_ROLLBACK_COMPLETED: "service_rollback_completed",
+        pb.EVENT_TYPE_SERVICE_ROLLBACK_PAUSED: "service_rollback_paused",
     },
 )
 
-TABLES = (NODE_STATES, AVAILABILITIES, DESIRED_STATES, UPDATE_STATES, ENDPOINT_KINDS, EVENT_TYPES)
+TABLES = (
+    NODE_STATES,
+    AVAILABILITIES,
+    DESIRED_STATES,
+    UPDATE_STATES,
+    UPDATE_ORDERS,
+    FAILURE_ACTIONS,
+    ENDPOINT_KINDS,
+    EVENT_TYPES,
+)
