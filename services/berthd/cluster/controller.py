@@ -261,7 +261,10 @@ def reconcile_service(
                 )
             )
     elif state in IN_PROGRESS and not starts and all(settled(v, record, now) for v in current):
-        state = ROLLBACK_COMPLETED if state == ROLLBACK_STARTED else COMPLETED
+        if state == ROLLBACK_STARTED:
+            state, message = ROLLBACK_COMPLETED, "rollback completed"  # Swarm's words
+        else:
+            state = COMPLETED
     if (state, message) != (record.update_state, record.update_message) or (
         record.id in plan.failures
     ):

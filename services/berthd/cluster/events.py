@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from berthd.cluster.core import AVAILABILITY
+from berthd.cluster.rollout import ROLLBACK_COMPLETED, ROLLBACK_PAUSED, ROLLBACK_STARTED
 from berthd.cluster.services import COMPLETED, PAUSED, SERVICES, ServiceRecord
 from berthd.common.state.containers import (
     CONTAINERS,
@@ -62,6 +63,9 @@ SERVICE_UPDATE_COMPLETED = "service_update_completed"
 SERVICE_UPDATE_PAUSED = "service_update_paused"
 SERVICE_REMOVED = "service_removed"
 CONTAINER_HEALTH_STATUS = "health_status"
+SERVICE_ROLLBACK_STARTED = "service_rollback_started"
+SERVICE_ROLLBACK_COMPLETED = "service_rollback_completed"
+SERVICE_ROLLBACK_PAUSED = "service_rollback_paused"
 
 # The key families events are derived from, in the order they are read.
 TRACKED = (NODES.prefix, AVAILABILITY, CONTAINERS.prefix, SERVICES, STATUSES.prefix)
@@ -82,7 +86,17 @@ SERVICE_EVENTS = (
     SERVICE_UPDATE_COMPLETED,
     SERVICE_UPDATE_PAUSED,
     SERVICE_REMOVED,
+    SERVICE_ROLLBACK_STARTED,
+    SERVICE_ROLLBACK_COMPLETED,
+    SERVICE_ROLLBACK_PAUSED,
 )
+# An update state a record reaches -> the event that says so, and its words.
+_OUTCOMES = {
+    COMPLETED: (SERVICE_UPDATE_COMPLETED, "updated to version {version}"),
+    PAUSED: (SERVICE_UPDATE_PAUSED, "update to version {version} paused: {message}"),
+    ROLLBACK_COMPLETED: (SERVICE_ROLLBACK_COMPLETED, "rolled back (version {version})"),
+    ROLLBACK_PAUSED: (SERVICE_ROLLBACK_PAUSED, "rollback paused: {message}"),
+}
 
 
 @dataclass
@@ -360,19 +374,20 @@ class EventTracker:
         if before.replicas != record.replicas:
             text = f"service {record.name} scaled to {record.replicas}"
             events.append(self._service_event(SERVICE_SCALED, record, text))
-        if record.version > before.version:
+        if record.version > before.version and record.update_state == ROLLBACK_STARTED:
+            text = f"service {record.name} rollback started: {record.update_message}"
+            events.append(self._service_event(SERVICE_ROLLBACK_STARTED, record, text))
+        elif record.version > before.version:
             text = f"service {record.name} updating to version {record.version}"
             events.append(self._service_event(SERVICE_UPDATE_STARTED, record, text))
         if record.update_state != before.update_state or record.version > before.version:
-            if record.update_state == COMPLETED:
-                text = f"service {record.name} updated to version {record.version}"
-                events.append(self._service_event(SERVICE_UPDATE_COMPLETED, record, text))
-            elif record.update_state == PAUSED:
-                text = (
-                    f"service {record.name} update to version {record.version} paused: "
-                    f"{record.update_message}"
+            outcome = _OUTCOMES.get(record.update_state)
+            if outcome is not None:
+                kind, words = outcome
+                text = f"service {record.name} " + words.format(
+                    version=record.version, message=record.update_message
                 )
-                events.append(self._service_event(SERVICE_UPDATE_PAUSED, record, text))
+                events.append(self._service_event(kind, record, text))
         return events
 
     @staticmethod

@@ -1,0 +1,194 @@
+"""Rollouts' state machine: the failure ratio, the failure actions, the parallelism bound, the
+previous spec swapped back, and the events a rollback makes. Pure functions, no etcd."""
+
+from __future__ import annotations
+
+import pytest
+from berthd.cluster.controller import UPDATE, reconcile
+from berthd.cluster.core import ClusterNode, ContainerView
+from berthd.cluster.events import (
+    SERVICE_ROLLBACK_COMPLETED,
+    SERVICE_ROLLBACK_PAUSED,
+    SERVICE_ROLLBACK_STARTED,
+    EventTracker,
+)
+from berthd.cluster.rollout import (
+    CONTINUE,
+    ROLLBACK,
+    ROLLBACK_COMPLETED,
+    ROLLBACK_PAUSED,
+    ROLLBACK_STARTED,
+    START_FIRST,
+    RolloutConfig,
+    remember_previous,
+    swap_to_previous,
+)
+from berthd.cluster.services import COMPLETED, PAUSED, UPDATING, ServiceRecord, validate
+from berthd.common.containers import ContainerConfig
+from berthd.common.errors import FailedPrecondition, InvalidArgument
+from berthd.common.state.containers import ContainerStatus
+from berthd.common.state.nodes import NodeRecord
+from berthd.common.store import WatchEvent
+
+NOW = 1000.0
+
+
+def service(replicas: int = 4, **kw) -> ServiceRecord:
+    template = ContainerConfig(image=kw.pop("image", "app:1"), restart_policy="always")
+    kw.setdefault("monitor_seconds", 1.0)
+    return ServiceRecord(id="s" * 64, name="web", template=template, replicas=replicas, **kw)
+
+
+def updated(record: ServiceRecord, **spec) -> ServiceRecord:
+    """`record` after UpdateService to version+1 with the spec fields in `spec`."""
+    new = ServiceRecord.from_json(record.to_json())
+    remember_previous(new)
+    for name, value in spec.items():
+        setattr(new, name, value)
+    new.version += 1
+    new.update_state = UPDATING
+    return new
+
+
+def replica(record: ServiceRecord, slot: int, version: int, state: str = "running", **status):
+    desired = record.replica(slot, "a")
+    desired.service_version = version
+    return ContainerView(desired, ContainerStatus(state=state, started_at=NOW - 60, **status))
+
+
+NODES = {
+    "a": ClusterNode(id="a", record=NodeRecord("a", cpus=64, memory_bytes=1 << 40), ready=True)
+}
+
+
+def test_failures_under_the_ratio_go_on_and_over_it_pause() -> None:
+    # 4 replicas, ratio 0.3: one failure (0.25) is tolerated, a second (0.5) pauses.
+    record = updated(service(max_failure_ratio=0.3, parallelism=2), template=ContainerConfig("x"))
+    views = [
+        replica(record, 1, 2, state="exited", exit_code=1),
+        replica(record, 2, 2),
+        replica(record, 3, 1),
+        replica(record, 4, 1),
+    ]
+    plan = reconcile([record], views, NODES, NOW)
+    assert plan.update_states[record.id] == (UPDATING, "")
+    assert plan.failures[record.id] == [views[0].id]
+    # The failed replica holds no slot of the batch: two outdated replicas roll.
+    assert sorted(a.slot for a in plan.actions if a.kind == UPDATE) == [3, 4]
+    record.update_failures = plan.failures[record.id]
+    views[1] = replica(record, 2, 2, state="exited", exit_code=2)
+    plan = reconcile([record], views, NODES, NOW)
+    assert plan.update_states[record.id] == (PAUSED, "replica web.2 exited with code 2")
+    assert not [a for a in plan.actions if a.kind == UPDATE]
+
+
+def test_continue_goes_on_past_every_failure() -> None:
+    record = updated(service(failure_action=CONTINUE), template=ContainerConfig("x"))
+    views = [replica(record, 1, 2, state="exited", exit_code=1)]
+    views += [replica(record, s, 1) for s in (2, 3, 4)]
+    plan = reconcile([record], views, NODES, NOW)
+    assert plan.update_states[record.id][0] == UPDATING
+    assert [a.slot for a in plan.actions if a.kind == UPDATE] == [2]
+
+
+def test_rollback_action_asks_for_the_previous_spec_and_a_failed_rollback_pauses() -> None:
+    record = updated(service(failure_action=ROLLBACK), template=ContainerConfig("bad:2"))
+    views = [replica(record, 1, 2, state="exited", exit_code=1)]
+    views += [replica(record, s, 1) for s in (2, 3, 4)]
+    plan = reconcile([record], views, NODES, NOW)
+    assert plan.rollbacks == {record.id: (2, "rolled back: replica web.1 exited with code 1")}
+    assert plan.actions == []  # nothing more of the bad version rolls
+    # The swap: the previous spec is the spec, at a new version, rolled with rollback_config.
+    swap_to_previous(record, "rolled back: replica web.1 exited with code 1")
+    assert (record.template.image, record.version, record.update_state) == (
+        "app:1",
+        3,
+        ROLLBACK_STARTED,
+    )
+    assert record.previous is not None and record.previous["template"]["image"] == "bad:2"
+    # Replicas still on version 1 run the restored spec: only the failed one is replaced.
+    plan = reconcile([record], views, NODES, NOW)
+    assert [(a.kind, a.slot) for a in plan.actions] == [(UPDATE, 1)]
+    # A replica of the restored spec that fails too pauses the rollback (no rollback loop).
+    views[0] = replica(record, 1, 3, state="exited", exit_code=1)
+    plan = reconcile([record], views, NODES, NOW)
+    assert plan.rollbacks == {}
+    assert plan.update_states[record.id] == (ROLLBACK_PAUSED, "replica web.1 exited with code 1")
+
+
+def test_rollback_completes_and_uses_the_rollback_config() -> None:
+    # As Swarm: the rollback config of the spec returned to.
+    base = service(rollback_config=RolloutConfig(parallelism=3, monitor_seconds=0))
+    record = updated(base, template=ContainerConfig("bad:2"), rollback_config=RolloutConfig())
+    swap_to_previous(record, "manually requested rollback")
+    views = [replica(record, s, 2) for s in (1, 2, 3, 4)]
+    plan = reconcile([record], views, NODES, NOW)
+    assert sorted(a.slot for a in plan.actions if a.kind == UPDATE) == [1, 2, 3]
+    done = [replica(record, s, 3) for s in (1, 2)] + [replica(record, s, 1) for s in (3, 4)]
+    plan = reconcile([record], done, NODES, NOW)
+    assert plan.actions == [] and plan.update_states[record.id] == (ROLLBACK_COMPLETED, "rollback completed")
+
+
+@pytest.mark.parametrize("parallelism", [1, 2])
+def test_at_most_parallelism_replicas_are_out_of_service(parallelism: int) -> None:
+    """From any state the rollout can be in (up to `parallelism` new replicas still within
+    their monitor time), a pass never brings the replicas updating or not yet counted past
+    `parallelism`: each UPDATE takes one out of service."""
+    record = updated(service(parallelism=parallelism), template=ContainerConfig("x"))
+    for settled_new in range(5):
+        for starting_new in range(min(5 - settled_new, parallelism + 1)):
+            views = [replica(record, s, 2) for s in range(1, settled_new + 1)]
+            for s in range(settled_new + 1, settled_new + starting_new + 1):
+                view = replica(record, s, 2)
+                assert view.status is not None
+                view.status.started_at = NOW  # not settled: still within monitor
+                views.append(view)
+            views += [replica(record, s, 1) for s in range(len(views) + 1, 5)]
+            plan = reconcile([record], views, NODES, NOW)
+            updates = sum(1 for a in plan.actions if a.kind == UPDATE)
+            assert starting_new + updates <= parallelism
+
+
+def test_no_previous_spec_and_bad_configs_are_refused() -> None:
+    with pytest.raises(FailedPrecondition) as caught:
+        swap_to_previous(service(), "manually requested rollback")
+    assert caught.value.reason == "NO_PREVIOUS_SPEC"
+    for bad in (
+        service(max_failure_ratio=1.5),
+        service(update_order=START_FIRST),
+        service(rollback_config=RolloutConfig(parallelism=0)),
+        service(failure_action="explode"),
+    ):
+        with pytest.raises(InvalidArgument):
+            validate(bad)
+
+
+def test_a_rollback_swaps_back_and_forth_keeping_spec_versions() -> None:
+    v1 = service()
+    v2 = updated(v1, template=ContainerConfig("app:2"))
+    swap_to_previous(v2, "manually requested rollback")  # version 3 = version 1's spec
+    assert v2.spec_versions == [1] and v2.previous_versions == [2]
+    swap_to_previous(v2, "manually requested rollback")  # version 4 = version 2's spec
+    assert v2.template.image == "app:2" and v2.spec_versions == [2]
+    assert ServiceRecord.from_json(v2.to_json()) == v2  # survives its JSON
+
+
+def test_events_say_rollback() -> None:
+    tracker = EventTracker()
+    tracker.load([])
+    key = f"cluster/services/{'s' * 64}"
+    record = updated(service(), template=ContainerConfig("bad:2"))
+    tracker.feed(WatchEvent("put", key, record.to_json()))
+    swap_to_previous(record, "rolled back: replica web.1 is unhealthy")
+    (event,) = tracker.feed(WatchEvent("put", key, record.to_json()))
+    assert event.type == SERVICE_ROLLBACK_STARTED and "unhealthy" in event.message
+    record.update_state = ROLLBACK_COMPLETED
+    (event,) = tracker.feed(WatchEvent("put", key, record.to_json()))
+    assert (event.type, event.version) == (SERVICE_ROLLBACK_COMPLETED, 3)
+    record.update_state, record.update_message = ROLLBACK_PAUSED, "replica web.1 exited"
+    (event,) = tracker.feed(WatchEvent("put", key, record.to_json()))
+    assert event.type == SERVICE_ROLLBACK_PAUSED
+    record.update_state = COMPLETED  # not a rollback's outcome: no rollback event
+    assert all(e.type != SERVICE_ROLLBACK_COMPLETED for e in tracker.feed(
+        WatchEvent("put", key, record.to_json())
+    ))  # fmt: skip
