@@ -4,6 +4,7 @@ previous spec swapped back, and the events a rollback makes. Pure functions, no 
 from __future__ import annotations
 
 import pytest
+
 from berthd.cluster.controller import UPDATE, reconcile
 from berthd.cluster.core import ClusterNode, ContainerView
 from berthd.cluster.events import (
@@ -126,7 +127,8 @@ def test_rollback_completes_and_uses_the_rollback_config() -> None:
     assert sorted(a.slot for a in plan.actions if a.kind == UPDATE) == [1, 2, 3]
     done = [replica(record, s, 3) for s in (1, 2)] + [replica(record, s, 1) for s in (3, 4)]
     plan = reconcile([record], done, NODES, NOW)
-    assert plan.actions == [] and plan.update_states[record.id] == (ROLLBACK_COMPLETED, "rollback completed")
+    assert plan.actions == []
+    assert plan.update_states[record.id] == (ROLLBACK_COMPLETED, "rollback completed")
 
 
 @pytest.mark.parametrize("parallelism", [1, 2])
