@@ -36,9 +36,11 @@ from berth.cli.output import (
     print_line,
     print_table,
 )
+from berth.cli.rollout_opts import add_rollout_options, rollout_changes
 from berth.client.cluster import ClusterClient, ClusterContainer, Event, NodeInfo, ServiceInfo
 from berth.client.join import JoinClient, JoinInfo
 from berth.config import resolve_cluster_address
+from berth.enums.cluster import UPDATE_STATES
 from berth.errors import BerthClientError
 from berth.ports import parse_service_publish
 
@@ -73,6 +75,9 @@ EVENT_WORDS = {
     "service_update_paused": ("service", "update-paused"),
     "service_removed": ("service", "remove"),
     "health_status": ("container", "health_status"),
+    "service_rollback_started": ("service", "rollback"),
+    "service_rollback_completed": ("service", "rollback-completed"),
+    "service_rollback_paused": ("service", "rollback-paused"),
 }
 EVENT_FILTER_KEYS = ("type", "event", "node", "container", "service")
 
@@ -199,8 +204,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "published=P,target=T[,protocol=udp] (repeatable; implies --network berth)",
     )
     add_spec_options(create)
+    add_rollout_options(create)
     add_image_arguments(create)
     create.set_defaults(func=cmd_service_create)
+
+    sinspect = services.add_parser(
+        "inspect", parents=host, help="services in detail, as JSON (spec, previous spec, update)"
+    )
+    sinspect.add_argument("services", nargs="+", metavar="SERVICE", help="id, id prefix or name")
+    sinspect.set_defaults(func=cmd_service_inspect)
+
+    rollback = services.add_parser(
+        "rollback", parents=data, help="return a service to its previous spec"
+    )
+    rollback.add_argument("service", metavar="SERVICE", help="id, id prefix or name")
+    rollback.set_defaults(func=cmd_service_rollback)
 
     sls = services.add_parser("ls", parents=data, help="list services")
     sls.set_defaults(func=cmd_service_ls)
@@ -258,6 +276,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="stop publishing a port (repeatable)",
     )
     add_health_options(update)
+    add_rollout_options(update)
     update.add_argument("service", metavar="SERVICE", help="id, id prefix or name")
     update.set_defaults(func=cmd_service_update)
 
@@ -388,7 +407,13 @@ def cmd_service_create(args: argparse.Namespace) -> int:
     template = container_config(args)
     with connect_cluster(args) as client:
         service = client.create_service(
-            args.name, template, args.replicas, placement_options(args), ports=args.publish
+            args.name,
+            template,
+            args.replicas,
+            placement_options(args),
+            ports=args.publish,
+            update_config=rollout_changes(args, "update"),
+            rollback_config=rollout_changes(args, "rollback"),
         )
     if args.format == "json":
         print_json(service)
@@ -440,10 +465,17 @@ def cmd_service_update(args: argparse.Namespace) -> int:
     changes = (args.image, args.replicas, args.network, args.network_alias)
     ports = args.publish_add or args.publish_rm
     health = health_check(args)
-    if all(c is None for c in (*changes, health)) and not env and not args.env_rm and not ports:
+    update, rollback = rollout_changes(args, "update"), rollout_changes(args, "rollback")
+    if (
+        all(c is None for c in (*changes, health, update, rollback))
+        and not env
+        and not args.env_rm
+        and not ports
+    ):
         raise BerthClientError(
             "nothing to update: give --image, --env, --env-rm, --replicas, --network, "
-            "--network-alias, --publish-add, --publish-rm, --health-* or --no-healthcheck",
+            "--network-alias, --publish-add, --publish-rm, --health-*, --no-healthcheck, "
+            "--update-* or --rollback-*",
             "INVALID_ARGUMENT",
         )
     with connect_cluster(args) as client:
@@ -459,11 +491,48 @@ def cmd_service_update(args: argparse.Namespace) -> int:
             # `--publish-rm 8080` names the published port (Docker's short form: the target).
             publish_rm=[p.published_port or p.target_port for p in args.publish_rm],
             health_check=health,
+            update_config=update,
+            rollback_config=rollback,
         )
     if args.format == "json":
         print_json(service)
     else:
         print_line(args.service)
+    return 0
+
+
+def cmd_service_rollback(args: argparse.Namespace) -> int:
+    with connect_cluster(args) as client:
+        service = client.rollback_service(args.service)
+    if args.format == "json":
+        print_json(service)
+    else:
+        # Docker prints the service, then "rollback: manually requested rollback".
+        print_line(args.service)
+        print_line("rollback: manually requested rollback")
+    return 0
+
+
+def cmd_service_inspect(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    found: list[dict] = []
+    with connect_cluster(args) as client:
+
+        def one(name: str) -> None:
+            message = client.service_message(name)
+            data = MessageToDict(message)
+            # Swarm's UpdateStatus: where the last update (or rollback) is, and why.
+            data["UpdateStatus"] = {
+                "State": UPDATE_STATES.name(message.update_state, ""),
+                "Message": message.update_message,
+            }
+            found.append(data)
+
+        try:
+            for_each(args.services, one)
+        finally:
+            print_json(found)
     return 0
 
 

@@ -40,6 +40,7 @@ from berth.health import from_proto as health_from_proto
 from berth.health import merge as merge_health
 from berth.health import to_proto as health_to_proto
 from berth.ports import PublishedPort
+from berth.rollout import RolloutChanges
 
 # berth.containers (a container's whole configuration, its checks and its proto form) is imported
 # by the calls that send or read one: listing, stats or logs need none of it.
@@ -443,6 +444,8 @@ class ClusterClient(ContainerStreams, GrpcClient):
         labels: dict[str, str] | None = None,
         request_id: str = "",
         ports: Iterable[PublishedPort] = (),
+        update_config: RolloutChanges | None = None,
+        rollback_config: RolloutChanges | None = None,
     ) -> ServiceInfo:
         """A service of `replicas` containers made from `template` (each named NAME.SLOT).
         Retried with its request_id (a new UUID when empty) when the answer is lost."""
@@ -456,6 +459,7 @@ class ClusterClient(ContainerStreams, GrpcClient):
             labels=labels or {},
             endpoint_spec=_endpoint_spec(ports),
         )
+        _apply_rollouts(spec, update_config, rollback_config)
         return self.create_service_spec(spec, request_id)
 
     def create_service_spec(self, spec: pb.ServiceSpec, request_id: str = "") -> ServiceInfo:
@@ -509,6 +513,8 @@ class ClusterClient(ContainerStreams, GrpcClient):
         publish_add: Iterable[PublishedPort] = (),
         publish_rm: Iterable[int] = (),
         health_check: HealthConfig | None = None,
+        update_config: RolloutChanges | None = None,
+        rollback_config: RolloutChanges | None = None,
     ) -> ServiceInfo:
         """Change some of a service's spec and roll its replicas to it. UpdateService replaces
         the whole spec, so the current one is edited as a message (keeping every field this
@@ -546,8 +552,19 @@ class ClusterClient(ContainerStreams, GrpcClient):
         spec.endpoint_spec.CopyFrom(_endpoint_spec([]))
         spec.endpoint_spec.ports.extend(kept)
         spec.endpoint_spec.ports.extend(_endpoint_spec(added).ports)
+        _apply_rollouts(spec, update_config, rollback_config)
         request = pb.UpdateServiceRequest(service=current.id, spec=spec, version=current.version)
         return _service(self._call(self._stub.UpdateService, request).service)
+
+    def rollback_service(self, service: str) -> ServiceInfo:
+        """Return to the previous spec (`docker service rollback`); FAILED_PRECONDITION
+        (NO_PREVIOUS_SPEC) for a service never updated."""
+        request = pb.UpdateServiceRequest(service=service, rollback=True)
+        return _service(self._call(self._stub.UpdateService, request).service)
+
+    def service_message(self, service: str) -> pb.Service:
+        """The service as the cluster sends it: spec, previous spec, update status."""
+        return self._service_message(service)
 
     def remove_service(self, service: str) -> None:
         self._call(self._stub.RemoveService, pb.RemoveServiceRequest(service=service))
@@ -595,6 +612,15 @@ class ClusterClient(ContainerStreams, GrpcClient):
         )
         for event in self._stream(self._stub.Events, request):
             yield event_info(event)
+
+
+def _apply_rollouts(
+    spec: pb.ServiceSpec, update: RolloutChanges | None, rollback: RolloutChanges | None
+) -> None:
+    if update is not None:
+        update.apply(spec.update_config)
+    if rollback is not None:
+        rollback.apply(spec.rollback_config)
 
 
 def new_request_id() -> str:
