@@ -417,3 +417,89 @@ out(len(running("fo")))
     )
     assert cleared == 3
     swarm.remove_service("fo")
+
+
+def test_a_failing_update_rolls_back_by_itself_and_by_hand(swarm: Swarm) -> None:
+    """An update whose replicas turn unhealthy rolls back by itself (failure_action ROLLBACK):
+    never more than `parallelism` replicas out of service, the spec is the previous one, the
+    events say rollback. Then `service rollback` by hand returns from a good update."""
+    result = swarm.client(
+        """
+from berth.types.v1 import container_pb2 as c2
+def healthy_spec(env, probe="true", action=pb.UPDATE_FAILURE_ACTION_ROLLBACK):
+    s = spec("back", 3, env=env, monitor=2.0)
+    s.template.health_check.CopyFrom(c2.HealthCheck(
+        test=["CMD-SHELL", probe], interval=Duration(nanos=300_000_000), retries=1))
+    s.update_config.failure_action = action
+    return s
+def serving():  # running and healthy: in service
+    return sum(1 for c in ps("back") if c.status.state == RUNNING
+               and c.status.health.status == c2.HEALTH_STATUS_HEALTHY)
+def until_state(state, timeout=120):
+    deadline = time.monotonic() + timeout
+    while True:
+        samples.append(serving())
+        service = cluster.GetService(pb.GetServiceRequest(service="back")).service
+        if service.update_state == state and serving() == 3:
+            return service
+        assert time.monotonic() < deadline, (pb.UpdateState.Name(service.update_state),
+                                             service.update_message)
+        time.sleep(0.05)
+cluster.CreateService(pb.CreateServiceRequest(spec=healthy_spec(["V=1"])))
+samples = []
+deadline = time.monotonic() + 90
+while serving() < 3:
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+never = call("UpdateService", pb.UpdateServiceRequest(service="back", rollback=True))
+kinds = []
+stream = watch(pb.EventsRequest(service="back"))
+def follow():
+    for e in stream:
+        if e.type in (pb.EVENT_TYPE_SERVICE_UPDATE_STARTED, pb.EVENT_TYPE_SERVICE_UPDATE_PAUSED,
+                      pb.EVENT_TYPE_SERVICE_ROLLBACK_STARTED,
+                      pb.EVENT_TYPE_SERVICE_ROLLBACK_COMPLETED):
+            kinds.append([pb.EventType.Name(e.type), e.message])
+        if e.type == pb.EVENT_TYPE_SERVICE_ROLLBACK_COMPLETED:
+            return
+pool = ThreadPoolExecutor(1)
+events = pool.submit(follow)
+samples.clear()
+cluster.UpdateService(pb.UpdateServiceRequest(service="back",
+                                              spec=healthy_spec(["V=2"], probe="false")))
+auto = until_state(pb.UPDATE_STATE_ROLLBACK_COMPLETED)
+events.result(timeout=120)
+stream.cancel()
+pool.shutdown()
+auto_min = min(samples)
+auto_env = sorted({e for c in ps("back") for e in c.spec.env})
+# A good update, then a rollback by hand.
+cluster.UpdateService(pb.UpdateServiceRequest(service="back", spec=healthy_spec(["V=3"])))
+until_state(pb.UPDATE_STATE_COMPLETED)
+samples.clear()
+manual = cluster.UpdateService(pb.UpdateServiceRequest(service="back", rollback=True)).service
+done = until_state(pb.UPDATE_STATE_ROLLBACK_COMPLETED)
+out({"never": [never["code"], never["reason"]], "kinds": kinds, "auto_min": auto_min,
+     "auto_env": auto_env, "auto_spec_env": list(auto.spec.template.env),
+     "auto_message": auto.update_message,
+     "manual_state": pb.UpdateState.Name(manual.update_state),
+     "manual_env": sorted({e for c in ps("back") for e in c.spec.env}),
+     "manual_previous_env": list(done.previous_spec.template.env), "manual_min": min(samples)})
+"""
+    )
+    assert isinstance(result, dict)
+    assert result["never"] == ["FAILED_PRECONDITION", "NO_PREVIOUS_SPEC"]
+    kinds = [k for k, _ in result["kinds"]]
+    assert kinds == [
+        "EVENT_TYPE_SERVICE_UPDATE_STARTED",
+        "EVENT_TYPE_SERVICE_ROLLBACK_STARTED",
+        "EVENT_TYPE_SERVICE_ROLLBACK_COMPLETED",
+    ], result["kinds"]
+    assert "unhealthy" in result["kinds"][1][1]
+    # parallelism 1: at most one of the 3 replicas out of service at any sample.
+    assert result["auto_min"] >= 2, result
+    assert result["auto_spec_env"] == ["V=1"] and result["auto_env"] == ["V=1"]
+    assert result["manual_state"] == "UPDATE_STATE_ROLLBACK_STARTED"
+    assert result["manual_env"] == ["V=1"] and result["manual_previous_env"] == ["V=3"]
+    assert result["manual_min"] >= 2, result
+    swarm.remove_service("back")

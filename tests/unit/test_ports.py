@@ -3,6 +3,8 @@ port-aware placement."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from berth.containers import ContainerConfig, from_spec, to_spec
@@ -112,6 +114,10 @@ def test_the_mesh_view_takes_running_replicas_with_ports_and_an_address() -> Non
     assert replica_of(running) is not None
     assert replica_of(ContainerStatus(state="exited", ingress="8088:80/tcp")) is None
     assert replica_of(ContainerStatus(state="running", network={"ip_address": "1.2.3.4"})) is None
+    # With a health check, only a healthy replica is a backend (Swarm's and k8s' readiness).
+    for health, backend in (("starting", False), ("unhealthy", False), ("healthy", True)):
+        checked = dataclasses.replace(running, health={"status": health})
+        assert (replica_of(checked) is not None) == backend, health
     other = ContainerStatus(
         state="running", ingress="8088:80/tcp", network={"ip_address": "10.89.2.2"}
     )

@@ -219,8 +219,11 @@ class Replica:
 
 
 def replica_of(status: ContainerStatus) -> Replica | None:
-    """The mesh's part of a status: a running replica with published ports and an address."""
+    """The mesh's part of a status: a running replica with published ports and an address,
+    and healthy if it has a health check (one still starting or unhealthy gets no traffic)."""
     if status.state != "running" or not status.ingress:
+        return None
+    if status.health_status in ("starting", "unhealthy"):
         return None
     network = status.network or {}
     address = str(network.get("ip_address", ""))
