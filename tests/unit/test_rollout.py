@@ -194,3 +194,22 @@ def test_events_say_rollback() -> None:
     assert all(e.type != SERVICE_ROLLBACK_COMPLETED for e in tracker.feed(
         WatchEvent("put", key, record.to_json())
     ))  # fmt: skip
+
+
+def test_a_stack_sees_no_change_in_the_rollout_defaults_the_cluster_fills_in() -> None:
+    """A second `stack deploy` compares its spec with the cluster's: the update and rollback
+    configs the cluster returns (stop-first, pause, parallelism 1) are no difference."""
+    from berth.cluster.v1 import cluster_pb2 as pb
+    from berth.stack.deploy import differences
+    from berth.types.v1 import container_pb2
+    from berthd.cluster.service import record_from_spec, service_message
+
+    desired = pb.ServiceSpec(
+        name="web", replicas=2, template=container_pb2.ContainerSpec(image="app:1")
+    )
+    desired.placement.request.SetInParent()  # as a stack's plan sends it
+    desired.update_config.max_failure_ratio = 0.2
+    current = service_message(record_from_spec(desired), 0).spec
+    assert differences(desired, current) == []
+    desired.update_config.failure_action = pb.UPDATE_FAILURE_ACTION_ROLLBACK
+    assert differences(desired, current) != []

@@ -38,15 +38,22 @@ def _normal(spec: pb.ServiceSpec) -> pb.ServiceSpec:
     out.endpoint_spec.ports.extend(ports)
     # The cluster stores the defaults the proto documents: parallelism 0 is 1, no delay,
     # a 5 s monitor, and a replica's restart policy "no" is "always" (Swarm's "any").
-    update = out.update_config
+    for update in (out.update_config, out.rollback_config):
+        _normal_rollout(update)
+    if out.template.restart_policy.name == RESTART_NO:
+        out.template.restart_policy.name = RESTART_ALWAYS
+    return out
+
+
+def _normal_rollout(update: pb.UpdateConfig) -> None:
+    """An update or rollback config with the defaults the cluster fills in (stop-first, pause)."""
     update.parallelism = update.parallelism or 1
     if not update.HasField("delay"):
         update.delay.FromSeconds(0)
     if not update.HasField("monitor"):
         update.monitor.FromSeconds(DEFAULT_MONITOR_SECONDS)
-    if out.template.restart_policy.name == RESTART_NO:
-        out.template.restart_policy.name = RESTART_ALWAYS
-    return out
+    update.order = update.order or pb.UPDATE_ORDER_STOP_FIRST
+    update.failure_action = update.failure_action or pb.UPDATE_FAILURE_ACTION_PAUSE
 
 
 def desired_for(desired: pb.ServiceSpec, current: pb.ServiceSpec) -> pb.ServiceSpec:
