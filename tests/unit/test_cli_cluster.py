@@ -195,8 +195,20 @@ class FakeCluster:
             raise BerthClientError("no such node: nope", "NOT_FOUND")
         return node_info(node_id, availability="drained")
 
-    def create_service(self, *args: Any, ports: Any = ()) -> ServiceInfo:
-        self.calls.append(("create_service", *args, *([list(ports)] if ports else [])))
+    def create_service(self, *args: Any, ports: Any = (), **rollouts: Any) -> ServiceInfo:
+        given = {k: v for k, v in rollouts.items() if v is not None}
+        self.calls.append(
+            (
+                "create_service",
+                *args,
+                *([list(ports)] if ports else []),
+                *([given] if given else []),
+            )
+        )
+        return service_info()
+
+    def rollback_service(self, service: str) -> ServiceInfo:
+        self.calls.append(("rollback_service", service))
         return service_info()
 
     def services(self) -> list[ServiceInfo]:
@@ -218,7 +230,8 @@ class FakeCluster:
         changes = {
             k: v
             for k, v in changes.items()
-            if not k.startswith(("publish_", "health_")) or (v is not None and v != [])
+            if not k.startswith(("publish_", "health_", "update_", "rollback_"))
+            or (v is not None and v != [])
         }
         self.calls.append(("update_service", service, changes))
         return service_info()
@@ -937,3 +950,28 @@ def test_unavailable_from_the_server_is_not_an_unreachable_server() -> None:
     )
     assert err.message.startswith("cannot reach the cluster at h:1 (Connection refused)")
     assert err.message.endswith("point --host or BERTH_HOST at a running one")
+
+
+def test_service_update_rollout_flags_and_rollback(
+    cluster: FakeCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from berth.rollout import RolloutChanges
+
+    argv = ["service", "update", "--update-parallelism", "2", "--update-delay", "5s"]
+    argv += ["--update-failure-action", "rollback", "--update-max-failure-ratio", "0.25"]
+    assert main([*argv, "--rollback-monitor", "1s", "web"]) == 0
+    assert capsys.readouterr().out == "web\n"
+    _, _, changes = cluster.calls[-1]
+    assert changes["update_config"] == RolloutChanges(
+        parallelism=2, delay_ns=5_000_000_000, failure_action="rollback", max_failure_ratio=0.25
+    )
+    assert changes["rollback_config"] == RolloutChanges(monitor_ns=1_000_000_000)
+    # Only flags, no spec change: still an update. Docker's 0 (all at once) is refused.
+    assert main(["service", "update", "--update-parallelism", "0", "web"]) == 1
+    assert "--update-parallelism must be at least 1" in capsys.readouterr().err
+    # A rollback cannot roll back (Docker's choices).
+    assert main(["service", "update", "--rollback-failure-action", "rollback", "web"]) != 0
+    assert "invalid choice: 'rollback'" in capsys.readouterr().err
+    assert main(["service", "rollback", "web"]) == 0
+    assert capsys.readouterr().out == "web\nrollback: manually requested rollback\n"
+    assert cluster.calls[-1] == ("rollback_service", "web")
