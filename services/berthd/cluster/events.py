@@ -13,7 +13,8 @@ last value of each key that matters and turns each watch event into zero or more
                                   a new health status healthy or unhealthy: health_status
     cluster/services/<id>         new: created; a new replica count: scaled; a new version:
                                   update started; update state completed or paused: update
-                                  completed or paused (with the version); delete: removed
+                                  completed or paused (with the version); delete: removed;
+                                  a new pinned image written by the controller: follow
 
 Each event names its actor, the principal that caused it: the `changed_by` of the desired
 container, service or availability record (the user of the request, `service:cluster` for the
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from berthd.cluster.core import AVAILABILITY
-from berthd.cluster.services import COMPLETED, PAUSED, SERVICES, ServiceRecord
+from berthd.cluster.services import COMPLETED, CONTROLLER, PAUSED, SERVICES, ServiceRecord
 from berthd.common.state.containers import (
     CONTAINERS,
     CREATE_FAILED,
@@ -62,6 +63,7 @@ SERVICE_UPDATE_COMPLETED = "service_update_completed"
 SERVICE_UPDATE_PAUSED = "service_update_paused"
 SERVICE_REMOVED = "service_removed"
 CONTAINER_HEALTH_STATUS = "health_status"
+SERVICE_FOLLOW = "service_follow"
 
 # The key families events are derived from, in the order they are read.
 TRACKED = (NODES.prefix, AVAILABILITY, CONTAINERS.prefix, SERVICES, STATUSES.prefix)
@@ -82,6 +84,7 @@ SERVICE_EVENTS = (
     SERVICE_UPDATE_COMPLETED,
     SERVICE_UPDATE_PAUSED,
     SERVICE_REMOVED,
+    SERVICE_FOLLOW,
 )
 
 
@@ -361,6 +364,7 @@ class EventTracker:
             text = f"service {record.name} scaled to {record.replicas}"
             events.append(self._service_event(SERVICE_SCALED, record, text))
         if record.version > before.version:
+            events += self._followed(before, record)
             text = f"service {record.name} updating to version {record.version}"
             events.append(self._service_event(SERVICE_UPDATE_STARTED, record, text))
         if record.update_state != before.update_state or record.version > before.version:
@@ -374,6 +378,17 @@ class EventTracker:
                 )
                 events.append(self._service_event(SERVICE_UPDATE_PAUSED, record, text))
         return events
+
+    def _followed(self, before: ServiceRecord, record: ServiceRecord) -> list[Event]:
+        """A push moved the tag the service follows: the controller (not a user) changed its
+        pinned image."""
+        if record.follow is None or record.changed_by != CONTROLLER:
+            return []
+        if before.template.image == record.template.image:
+            return []
+        digest = record.template.image.rpartition("@")[2]
+        text = f"{record.name} {record.follow.reference} -> {digest}"
+        return [self._service_event(SERVICE_FOLLOW, record, text)]
 
     @staticmethod
     def _service_event(kind: str, record: ServiceRecord, message: str) -> Event:

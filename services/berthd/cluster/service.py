@@ -35,6 +35,7 @@ from berthd.cluster.events import CONTAINER_CREATE_FAILED, CONTAINER_DIED, Event
 from berthd.cluster.events import Event as ClusterEvent
 from berthd.cluster.services import ServiceCore, ServiceRecord
 from berthd.cluster.stats import StatsEntry, sample_stats
+from berthd.cluster.tag_follow import SEMVER, TAG, FollowSpec
 from berthd.common.container_messages import container_status, state_filter
 from berthd.common.containers import from_spec, to_spec
 from berthd.common.errors import InvalidArgument
@@ -161,11 +162,31 @@ def record_from_spec(spec: pb.ServiceSpec) -> ServiceRecord:
             for p in spec.endpoint_spec.ports
         ],
     )
+    record.follow = follow_from_message(spec)
     if update.HasField("delay"):
         record.delay_seconds = update.delay.ToTimedelta().total_seconds()
     if update.HasField("monitor"):
         record.monitor_seconds = update.monitor.ToTimedelta().total_seconds()
     return record
+
+
+def follow_from_message(spec: pb.ServiceSpec) -> FollowSpec | None:
+    if not spec.HasField("follow"):
+        return None
+    follow = spec.follow
+    if follow.WhichOneof("policy") == "semver":
+        return FollowSpec(SEMVER, follow.semver, follow.reference)
+    if follow.WhichOneof("policy") == "tag":
+        return FollowSpec(TAG, reference=follow.reference)
+    raise InvalidArgument(
+        "spec.follow sets neither tag nor semver", reason="INVALID_SPEC", field="spec.follow"
+    )
+
+
+def follow_message(follow: FollowSpec) -> pb.FollowPolicy:
+    if follow.mode == SEMVER:
+        return pb.FollowPolicy(semver=follow.semver, reference=follow.reference)
+    return pb.FollowPolicy(tag=pb.FollowTag(), reference=follow.reference)
 
 
 def service_message(record: ServiceRecord, running: int) -> pb.Service:
@@ -194,6 +215,8 @@ def service_message(record: ServiceRecord, running: int) -> pb.Service:
     )
     spec.update_config.delay.CopyFrom(duration(record.delay_seconds))
     spec.update_config.monitor.CopyFrom(duration(record.monitor_seconds))
+    if record.follow is not None:
+        spec.follow.CopyFrom(follow_message(record.follow))
     return pb.Service(
         id=record.id,
         spec=spec,

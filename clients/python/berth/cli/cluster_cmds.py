@@ -73,6 +73,7 @@ EVENT_WORDS = {
     "service_update_paused": ("service", "update-paused"),
     "service_removed": ("service", "remove"),
     "health_status": ("container", "health_status"),
+    "service_follow": ("service", "follow"),
 }
 EVENT_FILTER_KEYS = ("type", "event", "node", "container", "service")
 

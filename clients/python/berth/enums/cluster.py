@@ -57,6 +57,7 @@ EVENT_TYPES = EnumTable(
         pb.EVENT_TYPE_SERVICE_UPDATE_PAUSED: "service_update_paused",
         pb.EVENT_TYPE_SERVICE_REMOVED: "service_removed",
         pb.EVENT_TYPE_CONTAINER_HEALTH_STATUS: "health_status",
+        pb.EVENT_TYPE_SERVICE_FOLLOW: "service_follow",
     },
 )
 
