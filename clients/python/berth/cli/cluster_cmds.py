@@ -199,6 +199,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="publish a port on every node, through the routing mesh; also "
         "published=P,target=T[,protocol=udp] (repeatable; implies --network berth)",
     )
+    add_follow_option(create)
     add_spec_options(create)
     add_image_arguments(create)
     create.set_defaults(func=cmd_service_create)
@@ -219,6 +220,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "update", parents=data, help="change a service and roll its replicas, one at a time"
     )
     update.add_argument("--image", help="new image")
+    add_follow_option(update)
+    update.add_argument(
+        "--no-follow",
+        dest="follow",
+        action="store_const",
+        const="",
+        help="stop following a tag (the replicas keep the digest they run)",
+    )
     update.add_argument(
         "-e",
         "--env",
@@ -382,6 +391,29 @@ def join_token_text(info: JoinInfo, rotated: bool) -> str:
     )
 
 
+def follow_value(text: str) -> str:
+    if text != "tag" and not text.startswith("semver:"):
+        # `--follow app:prod` took the image as the option's value.
+        raise argparse.ArgumentTypeError(
+            f'invalid --follow value "{text}": give no value (the image\'s tag) or '
+            "semver:RANGE; an image right after a bare --follow needs -- before it"
+        )
+    return text
+
+
+def add_follow_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--follow",
+        nargs="?",
+        const="tag",
+        type=follow_value,
+        metavar="semver:RANGE",
+        help="follow the image's tag: a push that moves it rolls the service to the new "
+        "digest; with semver:RANGE (semver:~1.4, 'semver:>=1.2,<2') the highest tag of the "
+        "repository in that range",
+    )
+
+
 # --- service commands -------------------------------------------------------------------------
 
 
@@ -389,7 +421,12 @@ def cmd_service_create(args: argparse.Namespace) -> int:
     template = container_config(args)
     with connect_cluster(args) as client:
         service = client.create_service(
-            args.name, template, args.replicas, placement_options(args), ports=args.publish
+            args.name,
+            template,
+            args.replicas,
+            placement_options(args),
+            ports=args.publish,
+            follow=args.follow or "",
         )
     if args.format == "json":
         print_json(service)
@@ -438,13 +475,14 @@ def cmd_service_scale(args: argparse.Namespace) -> int:
 
 def cmd_service_update(args: argparse.Namespace) -> int:
     env = [entry for entry in args.env if entry is not None]
-    changes = (args.image, args.replicas, args.network, args.network_alias)
+    changes = (args.image, args.replicas, args.network, args.network_alias, args.follow)
     ports = args.publish_add or args.publish_rm
     health = health_check(args)
     if all(c is None for c in (*changes, health)) and not env and not args.env_rm and not ports:
         raise BerthClientError(
-            "nothing to update: give --image, --env, --env-rm, --replicas, --network, "
-            "--network-alias, --publish-add, --publish-rm, --health-* or --no-healthcheck",
+            "nothing to update: give --image, --follow, --no-follow, --env, --env-rm, "
+            "--replicas, --network, --network-alias, --publish-add, --publish-rm, --health-* "
+            "or --no-healthcheck",
             "INVALID_ARGUMENT",
         )
     with connect_cluster(args) as client:
@@ -460,6 +498,7 @@ def cmd_service_update(args: argparse.Namespace) -> int:
             # `--publish-rm 8080` names the published port (Docker's short form: the target).
             publish_rm=[p.published_port or p.target_port for p in args.publish_rm],
             health_check=health,
+            follow=args.follow,
         )
     if args.format == "json":
         print_json(service)
