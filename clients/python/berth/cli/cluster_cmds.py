@@ -607,6 +607,8 @@ def event_line(e: Event) -> str:
     obj, action = EVENT_WORDS.get(e.type, ("cluster", e.type))
     if e.health_status:
         action = f"{action}: {e.health_status}"  # Docker's `health_status: healthy`
+    if e.type == "service_follow":
+        action = f"{action}: {e.message}"  # `follow: web app:prod -> sha256:...`
     subject = {"node": e.node_id, "container": e.container_id, "service": e.service_id}
     attributes = {
         "actor": e.actor,
