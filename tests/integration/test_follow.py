@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from . import test_networks
-from .test_networks import Net
+from .test_networks import Net, leftovers
 
 network_cluster = test_networks.network_cluster
 
@@ -159,6 +159,8 @@ def test_a_push_that_moves_a_followed_tag_rolls_every_replica(network_cluster: N
             events.terminate()
             events.wait(10)
         net.cli("service", "rm", "web")
+        # The mesh's device and table go with the last replica (the harness checks).
+        wait_for(lambda: not any(leftovers(net).values()), 60, "the mesh to be gone")
     lines = events_log.read_text().splitlines()
     follow = [i for i, line in enumerate(lines) if " service follow: " in line]
     assert follow, lines
@@ -217,3 +219,4 @@ def test_a_semver_range_picks_the_highest_matching_tag_and_follows_it(network_cl
         assert (stopped["image"], stopped["follow"]) == (f"lib@{newer['1.4.4']}", "")
     finally:
         net.cli("service", "rm", "lib")
+        wait_for(lambda: not any(leftovers(net).values()), 60, "the replicas to be gone")
