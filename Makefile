@@ -126,6 +126,7 @@ bench: deps bench-apt
 	$(PY) -m bench.scale
 	$(PY) -m bench.node_idle
 	$(PY) -m bench.registry_ls
+	$(PY) -m bench.deploy
 	$(PY) -m bench.placement
 	$(PY) -m bench.dns
 	$(PY) -m bench.stats

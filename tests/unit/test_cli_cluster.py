@@ -195,13 +195,16 @@ class FakeCluster:
             raise BerthClientError("no such node: nope", "NOT_FOUND")
         return node_info(node_id, availability="drained")
 
-    def create_service(self, *args: Any, ports: Any = (), **rollouts: Any) -> ServiceInfo:
+    def create_service(
+        self, *args: Any, ports: Any = (), follow: str = "", **rollouts: Any
+    ) -> ServiceInfo:
         given = {k: v for k, v in rollouts.items() if v is not None}
         self.calls.append(
             (
                 "create_service",
                 *args,
                 *([list(ports)] if ports else []),
+                *([f"follow={follow}"] if follow else []),
                 *([given] if given else []),
             )
         )
@@ -230,7 +233,7 @@ class FakeCluster:
         changes = {
             k: v
             for k, v in changes.items()
-            if not k.startswith(("publish_", "health_", "update_", "rollback_"))
+            if not k.startswith(("publish_", "health_", "update_", "rollback_", "follow"))
             or (v is not None and v != [])
         }
         self.calls.append(("update_service", service, changes))
@@ -726,6 +729,21 @@ def test_service_scale_and_update(cluster: FakeCluster, capsys: pytest.CaptureFi
     )
     assert main(["service", "update", "web"]) == 1
     assert "nothing to update" in error_line(capsys)
+
+
+def test_service_follow_flags(cluster: FakeCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    # --follow alone follows the image's tag; semver:RANGE a range of its repository.
+    assert main(["service", "create", "--name", "web", "--follow", "app:prod"]) == 1
+    assert 'invalid --follow value "app:prod"' in error_line(capsys)
+    assert main(["service", "create", "--name", "web", "--follow", "--", "app:prod"]) == 0
+    assert cluster.calls[-1][-1] == "follow=tag"
+    argv = ["service", "create", "--name", "web", "--follow", "semver:~1.4", "app"]
+    assert main(argv) == 0
+    assert cluster.calls[-1][-1] == "follow=semver:~1.4"
+    assert main(["service", "update", "--follow", "semver:^2", "web"]) == 0
+    assert cluster.calls[-1][2]["follow"] == "semver:^2"
+    assert main(["service", "update", "--no-follow", "web"]) == 0
+    assert cluster.calls[-1][2]["follow"] == ""
 
 
 def test_events_stream_lines_and_json(

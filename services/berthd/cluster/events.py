@@ -13,7 +13,8 @@ last value of each key that matters and turns each watch event into zero or more
                                   a new health status healthy or unhealthy: health_status
     cluster/services/<id>         new: created; a new replica count: scaled; a new version:
                                   update started; update state completed or paused: update
-                                  completed or paused (with the version); delete: removed
+                                  completed or paused (with the version); delete: removed;
+                                  a new pinned image written by the controller: follow
 
 Each event names its actor, the principal that caused it: the `changed_by` of the desired
 container, service or availability record (the user of the request, `service:cluster` for the
@@ -33,7 +34,7 @@ from typing import Any
 
 from berthd.cluster.core import AVAILABILITY
 from berthd.cluster.rollout import ROLLBACK_COMPLETED, ROLLBACK_PAUSED, ROLLBACK_STARTED
-from berthd.cluster.services import COMPLETED, PAUSED, SERVICES, ServiceRecord
+from berthd.cluster.services import COMPLETED, CONTROLLER, PAUSED, SERVICES, ServiceRecord
 from berthd.common.state.containers import (
     CONTAINERS,
     CREATE_FAILED,
@@ -66,6 +67,7 @@ CONTAINER_HEALTH_STATUS = "health_status"
 SERVICE_ROLLBACK_STARTED = "service_rollback_started"
 SERVICE_ROLLBACK_COMPLETED = "service_rollback_completed"
 SERVICE_ROLLBACK_PAUSED = "service_rollback_paused"
+SERVICE_FOLLOW = "service_follow"
 
 # The key families events are derived from, in the order they are read.
 TRACKED = (NODES.prefix, AVAILABILITY, CONTAINERS.prefix, SERVICES, STATUSES.prefix)
@@ -89,6 +91,7 @@ SERVICE_EVENTS = (
     SERVICE_ROLLBACK_STARTED,
     SERVICE_ROLLBACK_COMPLETED,
     SERVICE_ROLLBACK_PAUSED,
+    SERVICE_FOLLOW,
 )
 # An update state a record reaches -> the event that says so, and its words.
 _OUTCOMES = {
@@ -378,6 +381,8 @@ class EventTracker:
             text = f"service {record.name} rollback started: {record.update_message}"
             events.append(self._service_event(SERVICE_ROLLBACK_STARTED, record, text))
         elif record.version > before.version:
+            # A rollback changes the pinned image too: only an update can be a follow.
+            events += self._followed(before, record)
             text = f"service {record.name} updating to version {record.version}"
             events.append(self._service_event(SERVICE_UPDATE_STARTED, record, text))
         if record.update_state != before.update_state or record.version > before.version:
@@ -389,6 +394,17 @@ class EventTracker:
                 )
                 events.append(self._service_event(kind, record, text))
         return events
+
+    def _followed(self, before: ServiceRecord, record: ServiceRecord) -> list[Event]:
+        """A push moved the tag the service follows: the controller (not a user) changed its
+        pinned image."""
+        if record.follow is None or record.changed_by != CONTROLLER:
+            return []
+        if before.template.image == record.template.image:
+            return []
+        digest = record.template.image.rpartition("@")[2]
+        text = f"{record.name} {record.follow.reference} -> {digest}"
+        return [self._service_event(SERVICE_FOLLOW, record, text)]
 
     @staticmethod
     def _service_event(kind: str, record: ServiceRecord, message: str) -> Event:

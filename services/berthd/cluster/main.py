@@ -30,6 +30,7 @@ from berthd.cluster.networks import NetworkCore
 from berthd.cluster.secret_service import SecretServicer
 from berthd.cluster.secrets import SecretBox, SecretCore, SecretsKeyError
 from berthd.cluster.service import ClusterServicer
+from berthd.cluster.tag_follower import TagFollower
 from berthd.common.config import add_common_flags, add_flag, service_config
 from berthd.common.server import run_server
 from berthd.common.store import Store
@@ -67,12 +68,18 @@ async def run(args: argparse.Namespace) -> None:
     await networks.ensure_default()
     election = Election(store, config.instance_id, config.lease_ttl)
     controller = Controller(store, fence=election.fence())
+    follower = TagFollower(store)
+
+    async def lead() -> None:
+        # The elected instance's duties: replicas, and services that follow a tag.
+        await asyncio.gather(controller.run(), follower.run())
+
     campaign: asyncio.Task[None] | None = None
 
     async def on_start(address: str) -> dict[str, bytes]:
         nonlocal campaign
         # Every instance serves requests; the elected one also runs the controller.
-        campaign = asyncio.create_task(election.run(controller.run))
+        campaign = asyncio.create_task(election.run(lead))
         return {}
 
     async def on_stop() -> None:

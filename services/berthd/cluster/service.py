@@ -38,6 +38,7 @@ from berthd.cluster.events import Event as ClusterEvent
 from berthd.cluster.rollout import PAUSE, STOP_FIRST, RolloutConfig, update_config
 from berthd.cluster.services import ServiceCore, ServiceRecord
 from berthd.cluster.stats import StatsEntry, sample_stats
+from berthd.cluster.tag_follow import SEMVER, TAG, FollowSpec
 from berthd.common.container_messages import container_status, state_filter
 from berthd.common.containers import from_spec, to_spec
 from berthd.common.errors import InvalidArgument
@@ -198,7 +199,27 @@ def record_from_spec(spec: pb.ServiceSpec) -> ServiceRecord:
             for p in spec.endpoint_spec.ports
         ],
     )
+    record.follow = follow_from_message(spec)
     return record
+
+
+def follow_from_message(spec: pb.ServiceSpec) -> FollowSpec | None:
+    if not spec.HasField("follow"):
+        return None
+    follow = spec.follow
+    if follow.WhichOneof("policy") == "semver":
+        return FollowSpec(SEMVER, follow.semver, follow.reference)
+    if follow.WhichOneof("policy") == "tag":
+        return FollowSpec(TAG, reference=follow.reference)
+    raise InvalidArgument(
+        "spec.follow sets neither tag nor semver", reason="INVALID_SPEC", field="spec.follow"
+    )
+
+
+def follow_message(follow: FollowSpec) -> pb.FollowPolicy:
+    if follow.mode == SEMVER:
+        return pb.FollowPolicy(semver=follow.semver, reference=follow.reference)
+    return pb.FollowPolicy(tag=pb.FollowTag(), reference=follow.reference)
 
 
 def spec_message(record: ServiceRecord) -> pb.ServiceSpec:
@@ -226,6 +247,8 @@ def spec_message(record: ServiceRecord) -> pb.ServiceSpec:
             ]
         ),
     )
+    if record.follow is not None:
+        spec.follow.CopyFrom(follow_message(record.follow))
     return spec
 
 

@@ -57,6 +57,7 @@ from berthd.cluster.rollout import (
 )
 from berthd.cluster.scheduler import Request, parse_constraints
 from berthd.cluster.secrets import secret_guards
+from berthd.cluster.tag_follow import FollowSpec, resolve_template
 from berthd.common.containers import ContainerConfig, from_dict
 from berthd.common.containers import validate as validate_config
 from berthd.common.errors import (
@@ -145,6 +146,8 @@ class ServiceRecord:
     spec_versions: list[int] = field(default_factory=list)
     # Ids of the replicas that failed in the current rollout (the failure ratio's count).
     update_failures: list[str] = field(default_factory=list)
+    # The tag the service follows (berthd.cluster.tag_follow); the template then names a digest.
+    follow: FollowSpec | None = None
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -157,6 +160,8 @@ class ServiceRecord:
         data["template"] = from_dict(data["template"])
         data["ports"] = [PublishedPort(**p) for p in data.get("ports") or []]
         data["rollback_config"] = RolloutConfig.from_dict(data.get("rollback_config"))
+        follow = data.get("follow")
+        data["follow"] = FollowSpec(**known_fields(FollowSpec, follow)) if follow else None
         # Fields a newer writer added are ignored; ones an older writer lacked take defaults.
         return cls(**known_fields(cls, data))
 
@@ -470,6 +475,7 @@ class ServiceCore:
         """PermissionDenied (HOST_ACCESS_DENIED) when the template needs host access the
         principal (default: the request's) lacks; nothing is written then."""
         record.template = copy.deepcopy(record.template)
+        await resolve_template(self.store, record)
         # Swarm restarts failed tasks; a replica that exits is restarted by its node.
         if record.template.restart_policy == "no":
             record.template.restart_policy = "always"
@@ -577,6 +583,8 @@ class ServiceCore:
         """Replace the spec (not the name), bump the version: the controller rolls replicas.
         The new template is admitted as at create (the stamp is the updater's)."""
         principal = principal or current_principal()
+        spec = copy.deepcopy(spec)
+        await resolve_template(self.store, spec)
         stamp = admit(spec.template, principal, "spec.template")
 
         def change(record: ServiceRecord) -> None:

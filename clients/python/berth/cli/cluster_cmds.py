@@ -78,6 +78,7 @@ EVENT_WORDS = {
     "service_rollback_started": ("service", "rollback"),
     "service_rollback_completed": ("service", "rollback-completed"),
     "service_rollback_paused": ("service", "rollback-paused"),
+    "service_follow": ("service", "follow"),
 }
 EVENT_FILTER_KEYS = ("type", "event", "node", "container", "service")
 
@@ -203,6 +204,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="publish a port on every node, through the routing mesh; also "
         "published=P,target=T[,protocol=udp] (repeatable; implies --network berth)",
     )
+    add_follow_option(create)
     add_spec_options(create)
     add_rollout_options(create)
     add_image_arguments(create)
@@ -236,6 +238,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "update", parents=data, help="change a service and roll its replicas, one at a time"
     )
     update.add_argument("--image", help="new image")
+    add_follow_option(update)
+    update.add_argument(
+        "--no-follow",
+        dest="follow",
+        action="store_const",
+        const="",
+        help="stop following a tag (the replicas keep the digest they run)",
+    )
     update.add_argument(
         "-e",
         "--env",
@@ -400,6 +410,29 @@ def join_token_text(info: JoinInfo, rotated: bool) -> str:
     )
 
 
+def follow_value(text: str) -> str:
+    if text != "tag" and not text.startswith("semver:"):
+        # `--follow app:prod` took the image as the option's value.
+        raise argparse.ArgumentTypeError(
+            f'invalid --follow value "{text}": give no value (the image\'s tag) or '
+            "semver:RANGE; an image right after a bare --follow needs -- before it"
+        )
+    return text
+
+
+def add_follow_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--follow",
+        nargs="?",
+        const="tag",
+        type=follow_value,
+        metavar="semver:RANGE",
+        help="follow the image's tag: a push that moves it rolls the service to the new "
+        "digest; with semver:RANGE (semver:~1.4, 'semver:>=1.2,<2') the highest tag of the "
+        "repository in that range",
+    )
+
+
 # --- service commands -------------------------------------------------------------------------
 
 
@@ -414,6 +447,7 @@ def cmd_service_create(args: argparse.Namespace) -> int:
             ports=args.publish,
             update_config=rollout_changes(args, "update"),
             rollback_config=rollout_changes(args, "rollback"),
+            follow=args.follow or "",
         )
     if args.format == "json":
         print_json(service)
@@ -462,7 +496,7 @@ def cmd_service_scale(args: argparse.Namespace) -> int:
 
 def cmd_service_update(args: argparse.Namespace) -> int:
     env = [entry for entry in args.env if entry is not None]
-    changes = (args.image, args.replicas, args.network, args.network_alias)
+    changes = (args.image, args.replicas, args.network, args.network_alias, args.follow)
     ports = args.publish_add or args.publish_rm
     health = health_check(args)
     update, rollback = rollout_changes(args, "update"), rollout_changes(args, "rollback")
@@ -473,9 +507,9 @@ def cmd_service_update(args: argparse.Namespace) -> int:
         and not ports
     ):
         raise BerthClientError(
-            "nothing to update: give --image, --env, --env-rm, --replicas, --network, "
-            "--network-alias, --publish-add, --publish-rm, --health-*, --no-healthcheck, "
-            "--update-* or --rollback-*",
+            "nothing to update: give --image, --follow, --no-follow, --env, --env-rm, "
+            "--replicas, --network, --network-alias, --publish-add, --publish-rm, --health-*, "
+            "--no-healthcheck, --update-* or --rollback-*",
             "INVALID_ARGUMENT",
         )
     with connect_cluster(args) as client:
@@ -493,6 +527,7 @@ def cmd_service_update(args: argparse.Namespace) -> int:
             health_check=health,
             update_config=update,
             rollback_config=rollback,
+            follow=args.follow,
         )
     if args.format == "json":
         print_json(service)
@@ -636,6 +671,8 @@ def event_line(e: Event) -> str:
     obj, action = EVENT_WORDS.get(e.type, ("cluster", e.type))
     if e.health_status:
         action = f"{action}: {e.health_status}"  # Docker's `health_status: healthy`
+    if e.type == "service_follow":
+        action = f"{action}: {e.message}"  # `follow: web app:prod -> sha256:...`
     subject = {"node": e.node_id, "container": e.container_id, "service": e.service_id}
     attributes = {
         "actor": e.actor,

@@ -111,6 +111,29 @@ class ServiceInfo:
     updated_at: datetime | None
     # Ports published on every node through the routing mesh.
     ports: list[PublishedPort] = field(default_factory=list, kw_only=True)
+    # What the service follows ("tag" or "semver:RANGE"; "" for nothing) and the `repo:tag`
+    # its pinned image (`repo@sha256:...`) was resolved from.
+    follow: str = field(default="", kw_only=True)
+    followed: str = field(default="", kw_only=True)
+
+
+def follow_policy(follow: str) -> pb.FollowPolicy:
+    """`tag` (the image's own tag) or `semver:RANGE` as a FollowPolicy."""
+    if follow == "tag":
+        return pb.FollowPolicy(tag=pb.FollowTag())
+    kind, colon, text = follow.partition(":")
+    if kind != "semver" or not colon:
+        raise BerthClientError(
+            f'invalid --follow value "{follow}": give no value (follow the image\'s tag) or '
+            "semver:RANGE (e.g. semver:~1.4); an image goes after the options",
+            "INVALID_ARGUMENT",
+        )
+    return pb.FollowPolicy(semver=text)
+
+
+def _follow_text(spec: pb.ServiceSpec) -> str:
+    policy = spec.follow.WhichOneof("policy") if spec.HasField("follow") else None
+    return "" if policy is None else ("tag" if policy == "tag" else f"semver:{spec.follow.semver}")
 
 
 @dataclass(frozen=True)
@@ -240,6 +263,8 @@ def _service(s: pb.Service) -> ServiceInfo:
             PublishedPort(p.target_port, p.published_port, PORT_PROTOCOLS.name(p.protocol, "tcp"))
             for p in s.spec.endpoint_spec.ports
         ],
+        follow=_follow_text(s.spec),
+        followed=s.spec.follow.reference,
     )
 
 
@@ -446,9 +471,11 @@ class ClusterClient(ContainerStreams, GrpcClient):
         ports: Iterable[PublishedPort] = (),
         update_config: RolloutChanges | None = None,
         rollback_config: RolloutChanges | None = None,
+        follow: str = "",
     ) -> ServiceInfo:
         """A service of `replicas` containers made from `template` (each named NAME.SLOT).
-        Retried with its request_id (a new UUID when empty) when the answer is lost."""
+        Retried with its request_id (a new UUID when empty) when the answer is lost. `follow`:
+        "tag" or "semver:RANGE" (see follow_policy); the cluster pins the image's digest."""
         from berth.containers import to_spec
 
         spec = pb.ServiceSpec(
@@ -460,6 +487,8 @@ class ClusterClient(ContainerStreams, GrpcClient):
             endpoint_spec=_endpoint_spec(ports),
         )
         _apply_rollouts(spec, update_config, rollback_config)
+        if follow:
+            spec.follow.CopyFrom(follow_policy(follow))
         return self.create_service_spec(spec, request_id)
 
     def create_service_spec(self, spec: pb.ServiceSpec, request_id: str = "") -> ServiceInfo:
@@ -515,8 +544,13 @@ class ClusterClient(ContainerStreams, GrpcClient):
         health_check: HealthConfig | None = None,
         update_config: RolloutChanges | None = None,
         rollback_config: RolloutChanges | None = None,
+        follow: str | None = None,
     ) -> ServiceInfo:
-        """Change some of a service's spec and roll its replicas to it. UpdateService replaces
+        """`follow`: "tag" or "semver:RANGE" to follow (from `image` when given, else from the
+        tag followed now or the template's image), "" to stop following (the pinned digest
+        stays), None to leave as is.
+
+        Change some of a service's spec and roll its replicas to it. UpdateService replaces
         the whole spec, so the current one is edited as a message (keeping every field this
         client does not know) and sent with its version: a concurrent change fails rather than
         being overwritten. `network`: none, host or a network's name; `network_aliases`
@@ -527,6 +561,15 @@ class ClusterClient(ContainerStreams, GrpcClient):
         spec.CopyFrom(current.spec)
         if image is not None:
             spec.template.image = image
+            if spec.HasField("follow"):
+                # The new image is what is followed from now on, not the tag followed so far.
+                spec.follow.reference = ""
+        if follow == "":
+            spec.ClearField("follow")
+        elif follow is not None:
+            reference = "" if image is not None else spec.follow.reference
+            spec.follow.CopyFrom(follow_policy(follow))
+            spec.follow.reference = reference
         if network is not None:
             from berth.containers import set_network
 

@@ -75,6 +75,7 @@ EVENT_TYPES = EnumTable(
         pb.EVENT_TYPE_SERVICE_ROLLBACK_STARTED: "service_rollback_started",
         pb.EVENT_TYPE_SERVICE_ROLLBACK_COMPLETED: "service_rollback_completed",
         pb.EVENT_TYPE_SERVICE_ROLLBACK_PAUSED: "service_rollback_paused",
+        pb.EVENT_TYPE_SERVICE_FOLLOW: "service_follow",
     },
 )
 
