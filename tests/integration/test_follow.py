@@ -94,12 +94,6 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.3)
 
 
-def start_first_available(net: Net) -> bool:
-    """Whether `service update` has --update-order (the rollout's start-first and drain,
-    built on another branch): only then can a rolling update promise no failed request."""
-    return "--update-order" in net.cli("service", "update", "--help").stdout
-
-
 def cli_argv(net: Net, *argv: str) -> list[str]:
     code = "import sys; from berth.cli.main import main; sys.exit(main(sys.argv[1:]))"
     return [sys.executable, "-c", code, "--host", net.cluster.address, *argv]
@@ -170,12 +164,9 @@ def test_a_push_that_moves_a_followed_tag_rolls_every_replica(network_cluster: N
     assert any(" service update " in line for line in lines[follow[0] + 1 :]), lines
     tally = json.loads(tally_file.read_text())
     assert tally["pages"].get("v1") and tally["pages"].get("v2"), tally
-    if start_first_available(net):
-        assert tally["failed"] == 0, tally
-    else:
-        # Stop-first replaces a replica after stopping it; the mesh may send to it meanwhile.
-        # The rollout branch's start-first and drain make this zero (asserted above once merged).
-        print(f"requests during the rollout: {tally['ok']} ok, {tally['failed']} failed")
+    # No failed request needs start-first and a drain before each stop, not built yet (see
+    # docs/deploy-pipeline.md, Rollouts): a stop-first rollout can fail a few; reported only.
+    print(f"requests during the rollout: {tally['ok']} ok, {tally['failed']} failed")
 
 
 def _page_once(net: Net, mesh: str) -> str:
