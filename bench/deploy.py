@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -99,8 +100,22 @@ def rollout(
 
     marks["start"] = wait(started, "the new replicas")
     marks["healthy"] = wait(lambda: client.service(name).update_state == "completed", "done")
-    marks["serving"] = wait(lambda: tally.last == version and tally.streak >= 20, "the page")
+    try:
+        marks["serving"] = wait(lambda: tally.last == version and tally.streak >= 20, "the page")
+    except RuntimeError:
+        explain(client, name, version, tally)
+        raise
     return {k: v - pushed for k, v in marks.items()}, tally.failed - failed_before
+
+
+def explain(client: ClusterClient, name: str, version: str, tally: Tally) -> None:
+    """Why the mesh did not serve `version`: the tally, the replicas and the mesh's rules."""
+    print(f"  waiting for {version}: last page {tally.last!r}, streak {tally.streak}, "
+          f"{tally.ok} answered, {tally.failed} failed", flush=True)  # fmt: skip
+    for c in client.service_ps(name):
+        print(f"  {c.name} {c.id[:12]} {c.state} {c.image} {c.health.get('Status', '')}")
+    rules = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+    print("\n".join(f"  {line.strip()}" for line in rules.splitlines() if "numgen" in line))
 
 
 def run(args: argparse.Namespace) -> None:

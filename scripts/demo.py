@@ -6,7 +6,9 @@ with exec, committed, the new image run on another host with `-p 8081:80`), pull
 with skopeo, podman and docker from the registry's OCI HTTP API (/v2/), push to and pull from an
 external registry (Debian's docker-registry on loopback), then run nginx as a replicated service
 published through the routing mesh, find it by its name from a container, kill a host and
-watch the replica move while the page keeps answering.
+watch the replica move while the page keeps answering; then push to deploy: the service
+follows a tag, a pushed version rolls out by itself, a broken one is rolled back by itself, and
+a webhook receiver gets the registry's signed push event (scripts/demo_pipeline.py).
 
 Every step prints a heading, the real command, and that command's real output. The cluster
 keeps running at the end (stop it with `make down`). Exits non-zero, with one line saying
@@ -32,6 +34,7 @@ import urllib.request
 from pathlib import Path
 
 # Run as `python scripts/demo.py`: Python puts scripts/ first on sys.path itself.
+from demo_pipeline import PipelineSteps
 from docker_registry import start_docker_registry, stop_process
 from nginx_image import ImageError, make_nginx_image
 from oci_images import make_busybox_image
@@ -101,7 +104,7 @@ class StepFailed(Exception):
     """A demo step failed; str() is the one line to print."""
 
 
-class Demo:
+class Demo(PipelineSteps):
     def __init__(self, state_dir: Path | None, base_port: int | None) -> None:
         self.state_dir = state_dir
         self.base_port = base_port
@@ -214,6 +217,9 @@ class Demo:
         finally:
             self.env = saved
         self.berth("token", "rm", "demo-reader")
+
+    def failed(self, message: str) -> StepFailed:
+        return StepFailed(f"step {self.step}: {message}")
 
     def berthd(self, *args: str) -> str:
         return self.run([str(BIN / "berthd"), *args, *self.state_args()])
@@ -717,6 +723,8 @@ class Demo:
 
         self.heading(f"The nodes again: {self.victim} is down")
         self.berth("node", "ls")
+
+        self.pipeline_steps(SERVICE, page_url(MESH_PORT), BIN)
 
     def running_replicas(self) -> dict[str, dict]:
         """Running replicas by their short id, the host name that their page names."""
