@@ -15,6 +15,7 @@ from berthd.cluster.controller import (
     RETRY,
     START,
     UPDATE,
+    WITHDRAW,
     Action,
     Plan,
     realize,
@@ -114,12 +115,25 @@ def test_replicas_on_a_lost_or_drained_node_move() -> None:
 
 def test_scaling_down_removes_the_highest_slots_and_up_fills_gaps() -> None:
     replicas = [replica(s, "a") for s in (1, 2, 4, 5)]
+    # The drain: out of traffic first, removed once DRAIN_SECONDS have passed.
+    assert kinds(reconcile([service(2)], replicas, nodes("a"), NOW)) == [
+        (WITHDRAW, 4),
+        (WITHDRAW, 5),
+    ]
+    replicas[2].desired.withdrawn_at = replicas[3].desired.withdrawn_at = NOW - 1
+    assert kinds(reconcile([service(2)], replicas, nodes("a"), NOW)) == []
+    replicas[2].desired.withdrawn_at = replicas[3].desired.withdrawn_at = NOW - 2
     assert kinds(reconcile([service(2)], replicas, nodes("a"), NOW)) == [(REMOVE, 4), (REMOVE, 5)]
-    assert kinds(reconcile([service(5)], replicas, nodes("a"), NOW)) == [(START, 3)]
+    assert kinds(reconcile([service(5)], replicas[:2], nodes("a"), NOW)) == [
+        (START, 3),
+        (START, 4),
+        (START, 5),
+    ]
 
 
 def test_duplicate_slot_keeps_the_replica_on_a_ready_node() -> None:
     stale, fresh = replica(1, "b"), replica(1, "a")
+    stale.node_ready = False  # nothing to drain: no node reports it
     plan = reconcile([service(1)], [fresh, stale], nodes("a", lost=("b",)), NOW)
     assert [(a.kind, a.container) for a in plan.actions] == [(REMOVE, stale.id)]
 
@@ -147,20 +161,23 @@ def test_rolling_update_replaces_one_at_a_time_after_each_settles() -> None:
     old = [replica(s, n) for s, n in ((1, "a"), (2, "b"), (3, "c"))]
     record = service(3, version=2, update_state=UPDATING)
     first = reconcile([record], old, nodes("a", "b", "c"), NOW)
-    assert kinds(first) == [(UPDATE, 1)] and first.update_states == {}
+    assert kinds(first) == [(WITHDRAW, 1)] and first.update_states == {}
+    old[0].desired.withdrawn_at = NOW - 2
+    assert kinds(reconcile([record], old, nodes("a", "b", "c"), NOW)) == [(UPDATE, 1)]
+    old[0].desired.withdrawn_at = 0
     # The new replica for slot 1 has not run for the monitor time yet: nothing more.
     starting = [replica(1, "a", version=2, started=NOW - 0.5), *old[1:]]
     assert reconcile([record], starting, nodes("a", "b", "c"), NOW).actions == []
     pending = [replica(1, "a", version=2, state=""), *old[1:]]
     assert reconcile([record], pending, nodes("a", "b", "c"), NOW).actions == []
     running = [replica(1, "a", version=2, started=NOW - 2), *old[1:]]
-    assert kinds(reconcile([record], running, nodes("a", "b", "c"), NOW)) == [(UPDATE, 2)]
+    assert kinds(reconcile([record], running, nodes("a", "b", "c"), NOW)) == [(WITHDRAW, 2)]
 
 
 def test_rolling_update_parallelism_and_completion() -> None:
     old = [replica(s, "a") for s in (1, 2, 3)]
     record = service(3, version=2, parallelism=2, update_state=UPDATING)
-    assert kinds(reconcile([record], old, nodes("a"), NOW)) == [(UPDATE, 1), (UPDATE, 2)]
+    assert kinds(reconcile([record], old, nodes("a"), NOW)) == [(WITHDRAW, 1), (WITHDRAW, 2)]
     done = [replica(s, "a", version=2, started=NOW - 5) for s in (1, 2, 3)]
     plan = reconcile([record], done, nodes("a"), NOW)
     assert plan.actions == [] and plan.update_states == {record.id: (COMPLETED, "")}

@@ -201,6 +201,29 @@ def test_a_node_publishes_its_attached_containers_and_listens_on_their_gateways(
     }
 
 
+def test_service_dns_answers_only_replicas_that_serve() -> None:
+    """A replica's service name (and tasks.<service>) leaves a replica withdrawn before a stop
+    or, with a health check, not healthy; its own name still answers. A start-first replica
+    (SERVICE.SLOT.ID) answers to its service."""
+    attachment = Attachment(
+        "n", FRONT, "10.90.0.0/16", "10.90.1.0/24", "bn-x", False, "/x",
+        ip_address="10.90.1.2", prefix_length=24, gateway="10.90.1.1",
+    )  # fmt: skip
+
+    def service_of(name: str, health: str = "", withdrawn: bool = False) -> str:
+        rec = record(WEB1, name, attachment, labels={SERVICE_LABEL: "5e41ce"}, network_mode="n")
+        rec.health = {"status": health} if health else {}
+        rec.withdrawn = withdrawn
+        endpoint = wanted("h1", [rec])[0][endpoint_id(FRONT, WEB1)]
+        assert endpoint.name == name
+        return endpoint.service
+
+    assert service_of("web.1") == service_of("web.1", "healthy") == "web"
+    assert service_of("web.2.0123456789ab") == "web"
+    assert service_of("web.1", "starting") == service_of("web.1", "unhealthy") == ""
+    assert service_of("web.1", withdrawn=True) == ""
+
+
 def test_the_nodes_table_accepts_dns_to_each_gateway_and_nothing_else_from_internal() -> None:
     def on(network_id: str, slice_: str, internal: bool = False) -> Attachment:
         return Attachment(

@@ -118,6 +118,8 @@ def test_the_mesh_view_takes_running_replicas_with_ports_and_an_address() -> Non
     for health, backend in (("starting", False), ("unhealthy", False), ("healthy", True)):
         checked = dataclasses.replace(running, health={"status": health})
         assert (replica_of(checked) is not None) == backend, health
+    # Withdrawn by the cluster before a stop (the drain): no backend, healthy or not.
+    assert replica_of(dataclasses.replace(running, withdrawn=True)) is None
     other = ContainerStatus(
         state="running", ingress="8088:80/tcp", network={"ip_address": "10.89.2.2"}
     )

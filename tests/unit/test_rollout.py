@@ -3,9 +3,11 @@ previous spec swapped back, and the events a rollback makes. Pure functions, no 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from berthd.cluster.controller import UPDATE, reconcile
+from berthd.cluster.controller import DRAIN_SECONDS, REMOVE, SURGE, UPDATE, WITHDRAW, reconcile
 from berthd.cluster.core import ClusterNode, ContainerView
 from berthd.cluster.events import (
     SERVICE_ROLLBACK_COMPLETED,
@@ -27,7 +29,7 @@ from berthd.cluster.rollout import (
 from berthd.cluster.services import COMPLETED, PAUSED, UPDATING, ServiceRecord, validate
 from berthd.common.containers import ContainerConfig
 from berthd.common.errors import FailedPrecondition, InvalidArgument
-from berthd.common.state.containers import ContainerStatus
+from berthd.common.state.containers import ContainerStatus, service_of_name
 from berthd.common.state.nodes import NodeRecord
 from berthd.common.store import WatchEvent
 
@@ -57,6 +59,8 @@ def replica(record: ServiceRecord, slot: int, version: int, state: str = "runnin
     return ContainerView(desired, ContainerStatus(state=state, started_at=NOW - 60, **status))
 
 
+# What takes a replica out of service: the drain's first step or the replacement itself.
+STOPS = (UPDATE, WITHDRAW)
 NODES = {
     "a": ClusterNode(id="a", record=NodeRecord("a", cpus=64, memory_bytes=1 << 40), ready=True)
 }
@@ -75,12 +79,12 @@ def test_failures_under_the_ratio_go_on_and_over_it_pause() -> None:
     assert plan.update_states[record.id] == (UPDATING, "")
     assert plan.failures[record.id] == [views[0].id]
     # The failed replica holds no slot of the batch: two outdated replicas roll.
-    assert sorted(a.slot for a in plan.actions if a.kind == UPDATE) == [3, 4]
+    assert sorted(a.slot for a in plan.actions if a.kind in STOPS) == [3, 4]
     record.update_failures = plan.failures[record.id]
     views[1] = replica(record, 2, 2, state="exited", exit_code=2)
     plan = reconcile([record], views, NODES, NOW)
     assert plan.update_states[record.id] == (PAUSED, "replica web.2 exited with code 2")
-    assert not [a for a in plan.actions if a.kind == UPDATE]
+    assert not [a for a in plan.actions if a.kind in STOPS]
 
 
 def test_continue_goes_on_past_every_failure() -> None:
@@ -89,7 +93,7 @@ def test_continue_goes_on_past_every_failure() -> None:
     views += [replica(record, s, 1) for s in (2, 3, 4)]
     plan = reconcile([record], views, NODES, NOW)
     assert plan.update_states[record.id][0] == UPDATING
-    assert [a.slot for a in plan.actions if a.kind == UPDATE] == [2]
+    assert [a.slot for a in plan.actions if a.kind in STOPS] == [2]
 
 
 def test_rollback_action_asks_for_the_previous_spec_and_a_failed_rollback_pauses() -> None:
@@ -124,7 +128,7 @@ def test_rollback_completes_and_uses_the_rollback_config() -> None:
     swap_to_previous(record, "manually requested rollback")
     views = [replica(record, s, 2) for s in (1, 2, 3, 4)]
     plan = reconcile([record], views, NODES, NOW)
-    assert sorted(a.slot for a in plan.actions if a.kind == UPDATE) == [1, 2, 3]
+    assert sorted(a.slot for a in plan.actions if a.kind in STOPS) == [1, 2, 3]
     done = [replica(record, s, 3) for s in (1, 2)] + [replica(record, s, 1) for s in (3, 4)]
     plan = reconcile([record], done, NODES, NOW)
     assert plan.actions == []
@@ -147,7 +151,7 @@ def test_at_most_parallelism_replicas_are_out_of_service(parallelism: int) -> No
                 views.append(view)
             views += [replica(record, s, 1) for s in range(len(views) + 1, 5)]
             plan = reconcile([record], views, NODES, NOW)
-            updates = sum(1 for a in plan.actions if a.kind == UPDATE)
+            updates = sum(1 for a in plan.actions if a.kind in STOPS)
             assert starting_new + updates <= parallelism
 
 
@@ -157,7 +161,6 @@ def test_no_previous_spec_and_bad_configs_are_refused() -> None:
     assert caught.value.reason == "NO_PREVIOUS_SPEC"
     for bad in (
         service(max_failure_ratio=1.5),
-        service(update_order=START_FIRST),
         service(rollback_config=RolloutConfig(parallelism=0)),
         service(failure_action="explode"),
     ):
@@ -213,3 +216,55 @@ def test_a_stack_sees_no_change_in_the_rollout_defaults_the_cluster_fills_in() -
     assert differences(desired, current) == []
     desired.update_config.failure_action = pb.UPDATE_FAILURE_ACTION_ROLLBACK
     assert differences(desired, current) != []
+
+
+def test_start_first_starts_beside_the_old_replica_and_stops_it_once_the_new_one_serves() -> None:
+    record = updated(service(2, update_order=START_FIRST), template=ContainerConfig("app:2"))
+    old1, old2 = replica(record, 1, 1), replica(record, 2, 1)
+    plan = reconcile([record], [old1, old2], NODES, NOW)
+    # The new replica for slot 1 starts beside the old one (no container leaves).
+    assert [(a.kind, a.slot, a.container) for a in plan.actions] == [(SURGE, 1, "")]
+    new1 = replica(record, 1, 2, health={"status": "starting"})
+    new1.desired.name = record.replica(1, "a", beside=True).name
+    assert new1.status is not None
+    new1.status.started_at = NOW
+    # Starting: the old replica keeps serving, and slot 2 waits (parallelism 1).
+    assert reconcile([record], [old1, new1, old2], NODES, NOW).actions == []
+    # Healthy: the old one is taken out of traffic, then removed once drained.
+    new1.status.health = {"status": "healthy"}
+    plan = reconcile([record], [old1, new1, old2], NODES, NOW)
+    assert [(a.kind, a.container) for a in plan.actions] == [(WITHDRAW, old1.id)]
+    old1.desired.withdrawn_at = NOW - DRAIN_SECONDS
+    plan = reconcile([record], [old1, new1, old2], NODES, NOW)
+    assert [(a.kind, a.container) for a in plan.actions] == [(REMOVE, old1.id)]
+    # Slot 2 rolls once slot 1's new replica counts as updated (monitor), not before.
+    assert reconcile([record], [new1, old2], NODES, NOW).actions == []
+    new1.status.started_at = NOW - 2
+    plan = reconcile([record], [new1, old2], NODES, NOW)
+    assert [(a.kind, a.slot) for a in plan.actions] == [(SURGE, 2)]
+    assert record.id not in plan.update_states or plan.update_states[record.id][0] == UPDATING
+
+
+def test_start_first_keeps_the_old_replica_when_the_new_one_fails() -> None:
+    record = updated(
+        service(2, update_order=START_FIRST, failure_action=ROLLBACK),
+        template=ContainerConfig("bad:2"),
+    )
+    old1, old2 = replica(record, 1, 1), replica(record, 2, 1)
+    new1 = replica(record, 1, 2, health={"status": "unhealthy"})
+    plan = reconcile([record], [old1, new1, old2], NODES, NOW)
+    assert plan.rollbacks == {record.id: (2, "rolled back: replica web.1 is unhealthy")}
+    # The old replica was never out of traffic, nor is it now.
+    assert all(a.container != old1.id and a.kind != WITHDRAW for a in plan.actions)
+    # Rolled back: the old replica is current again; the failed new one goes, no drain (it
+    # served nothing), the old one untouched.
+    swap_to_previous(record, "rolled back")
+    plan = reconcile([record], [old1, new1, old2], NODES, NOW)
+    assert [(a.kind, a.container) for a in plan.actions] == [(REMOVE, new1.id)]
+
+
+def test_a_start_first_replica_has_a_name_of_its_own() -> None:
+    name = service().replica(2, "a", beside=True).name
+    assert re.fullmatch(r"web\.2\.[0-9a-f]{12}", name)
+    assert service_of_name(name) == service_of_name("web.2") == "web"
+    assert service_of_name("web") == service_of_name("my.app") == ""

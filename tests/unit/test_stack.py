@@ -22,7 +22,7 @@ services:
       replicas: ${API_REPLICAS:-2}
       resources: {limits: {cpus: "0.5", memory: 64M}, reservations: {memory: 32M}}
       placement: {constraints: ["node.labels.zone == a"]}
-      update_config: {parallelism: 2, delay: 2s, monitor: 500ms}
+      update_config: {parallelism: 2, delay: 2s, monitor: 500ms, order: start-first}
   web:
     image: demo/busybox:1.35
     entrypoint: ["sh", "-c"]
@@ -78,6 +78,7 @@ def test_a_two_service_file_maps_to_specs_named_and_labelled_as_docker_stack(fil
     assert api.update_config.parallelism == 2
     assert api.update_config.delay.seconds == 2
     assert api.update_config.monitor.nanos == 500_000_000
+    assert api.update_config.order == pb.UPDATE_ORDER_START_FIRST
     assert api.labels[NAMESPACE_LABEL] == "shop"
     assert api.template.labels[NAMESPACE_LABEL] == "shop"
     assert api.template.network == "shop_default"
@@ -162,7 +163,6 @@ def test_a_required_variable_and_a_bad_format_name_the_key(tmp_path):
         ("healthcheck: {interval: 5s}", "services.web.healthcheck.test: a health check needs"),
         ("privileged: true", "services.web.privileged: not supported by berth stack deploy"),
         ("deploy: {mode: global}", "services.web.deploy.mode: berth services are replicated"),
-        ("deploy: {update_config: {order: start-first}}", "update_config.order: berth updates"),
         ("deploy: {update_config: {failure_action: rollback}}", "failure_action: berth supports"),
         ("deploy: {restart_policy: {delay: 5s}}", "restart_policy.delay: not supported"),
         ("volumes: [/data]", "services.web.volumes.0: anonymous volumes are not supported"),

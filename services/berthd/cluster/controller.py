@@ -21,10 +21,17 @@ Decisions, per service:
   moved: a new record on another node, the old one deleted in the same transaction; an agent
   that comes back then removes its stale copy (it is no longer assigned there);
 - slots 1..replicas with no replica get one; replicas with a higher slot are removed;
-- replicas of an older spec version are replaced `parallelism` at a time (stop-first, as
-  Swarm's default), and only while no newer replica is still starting: one counts once it has
-  been running for the update's monitor time (plus its delay). One that exits stops the update
-  (PAUSED), as does one its node cannot create; replicas of a removed service are removed;
+- replicas of an older spec version are replaced `parallelism` at a time, and only while no
+  newer replica is still starting: one counts once it has been running for the update's
+  monitor time (plus its delay). Stop-first (Swarm's default) stops the old replica, then
+  starts the new one; start-first starts the new one beside it (named SERVICE.SLOT.<short id>:
+  the old one holds SERVICE.SLOT) and stops the old one once the new one serves (running, and
+  healthy with a health check). One that fails pauses or rolls back the update (the failure
+  action); replicas of a removed service are removed;
+- the drain: a replica that serves is taken out of traffic before it is stopped (update,
+  scale-down, a duplicate): its record is first marked withdrawn (`withdrawn_at`), its node
+  marks its status so (every node's routing mesh drops it) and takes it out of its service's
+  DNS names, and the stop waits DRAIN_SECONDS;
 - a replica its node could not create (CREATE_FAILED: the node does not try again by itself) is
   tried again with backoff (RETRY_BACKOFF), by raising its record's attempt.
 Standalone containers with restart policy `always` are moved off lost nodes too (not drained
@@ -55,6 +62,7 @@ from berthd.cluster.rollout import (
     ROLLBACK_COMPLETED,
     ROLLBACK_PAUSED,
     ROLLBACK_STARTED,
+    START_FIRST,
     active_config,
     current_version,
     too_many_failures,
@@ -91,6 +99,15 @@ RETRY = "retry"
 # A running replica its health check found unhealthy: a new one takes its slot (Swarm replaces
 # unhealthy tasks; a standalone container is left running, as Docker leaves it).
 REPLACE = "replace"
+# Start-first: a new replica for a slot, beside its old one (which goes once the new serves).
+SURGE = "surge"
+# The drain's first step: the replica's record marked withdrawn, out of traffic.
+WITHDRAW = "withdraw"
+
+# Seconds between taking a replica out of traffic and stopping it: a status write and every
+# node's watch and ruleset update take well under a second; what is left lets requests in
+# flight on the replica finish (a new connection no longer reaches it).
+DRAIN_SECONDS = 2.0
 
 # Rollouts under way, and stopped ones (a new update or a rollback starts them again).
 IN_PROGRESS = (UPDATING, ROLLBACK_STARTED)
@@ -112,7 +129,16 @@ DUE_MARGIN_SECONDS = 0.001
 # compares the record and its node's allocation, and deletes the record, its assignment key,
 # its status and its name and writes the allocation; a move or update is both, on two nodes; a
 # retry compares its record and writes it and its assignment key.
-ACTION_TXN_OPS = {START: 4, REMOVE: 5, MOVE: 9, UPDATE: 9, RETRY: 2, REPLACE: 9}
+ACTION_TXN_OPS = {
+    START: 4,
+    SURGE: 4,
+    REMOVE: 5,
+    MOVE: 9,
+    UPDATE: 9,
+    RETRY: 2,
+    WITHDRAW: 2,
+    REPLACE: 9,
+}
 
 
 @dataclass(frozen=True)
@@ -168,15 +194,37 @@ def unhealthy(view: ContainerView) -> bool:
     )
 
 
-def _keep(group: list[ContainerView], nodes: dict[str, ClusterNode], version: int) -> ContainerView:
+def serving(view: ContainerView) -> bool:
+    """A replica that gets traffic: running, healthy if it has a health check, not withdrawn."""
+    return (
+        view.state == "running"
+        and view.status is not None
+        and view.status.health_status in ("", "healthy")
+        and not view.desired.withdrawn_at
+    )
+
+
+def _keep(
+    group: list[ContainerView], nodes: dict[str, ClusterNode], record: ServiceRecord
+) -> ContainerView:
     """Of several replicas for one slot, the one to keep: on a ready node, current, newest."""
 
     def rank(v: ContainerView) -> tuple[bool, bool, float]:
         node = nodes.get(v.desired.node)
         ready = node is not None and node.ready
-        return (ready, v.desired.service_version == version, v.desired.scheduled_at)
+        return (ready, current_version(record, v.desired.service_version), v.desired.scheduled_at)
 
     return max(group, key=rank)
+
+
+def stop(view: ContainerView, action: Action, plan: Plan, now: float) -> None:
+    """Plan an action that stops `view`, through the drain: a replica that serves is first
+    withdrawn, and the action waits DRAIN_SECONDS after that (`next_check` comes back then)."""
+    withdrawn = view.desired.withdrawn_at
+    if not withdrawn and serving(view) and view.node_ready:
+        plan.actions.append(dataclasses.replace(action, kind=WITHDRAW))
+    elif not withdrawn or now - withdrawn >= DRAIN_SECONDS:
+        plan.actions.append(action)
 
 
 def reconcile_service(
@@ -190,17 +238,25 @@ def reconcile_service(
     for view in replicas:
         by_slot.setdefault(view.desired.slot, []).append(view)
     kept: list[ContainerView] = []
+    leaving = 0  # replicas of kept slots still to go
     for slot, group in sorted(by_slot.items()):
         if not 1 <= slot <= record.replicas:
-            plan.actions += [Action(REMOVE, record.id, slot, v.id, "scaled down") for v in group]
+            for v in group:
+                stop(v, Action(REMOVE, record.id, slot, v.id, "scaled down"), plan, now)
             continue
-        keep = _keep(group, nodes, record.version)
-        plan.actions += [
-            Action(REMOVE, record.id, slot, v.id, "duplicate replica")
-            for v in group
-            if v is not keep
-        ]
+        keep = _keep(group, nodes, record)
         kept.append(keep)
+        new = current_version(record, keep.desired.service_version)
+        for v in group:
+            if v is keep:
+                continue
+            leaving += 1
+            if new and not current_version(record, v.desired.service_version):
+                if not serving(keep):
+                    continue  # start-first: the old replica serves until the new one does
+                stop(v, Action(REMOVE, record.id, slot, v.id, "replaced"), plan, now)
+            else:
+                stop(v, Action(REMOVE, record.id, slot, v.id, "duplicate replica"), plan, now)
     starts = [s for s in range(1, record.replicas + 1) if s not in by_slot]
     plan.actions += [Action(START, record.id, s, reason="missing replica") for s in starts]
 
@@ -223,6 +279,11 @@ def reconcile_service(
                 )
         elif unhealthy(view):
             plan.actions.append(Action(REPLACE, record.id, view.desired.slot, view.id, "unhealthy"))
+    # A replica withdrawn but kept (a rollback or a scale-up during its drain) serves no more:
+    # it is replaced once drained, whatever the update's state and budget.
+    withdrawn = [v for v in staying if v.desired.withdrawn_at]
+    for view in withdrawn:
+        stop(view, Action(UPDATE, record.id, view.desired.slot, view.id, "withdrawn"), plan, now)
     state, message = record.update_state, record.update_message
     config = active_config(record)
     failed = [
@@ -250,17 +311,32 @@ def reconcile_service(
         if state not in IN_PROGRESS:
             state = UPDATING
         # A failure the update went on past (below the ratio, or CONTINUE) holds no slot.
-        in_flight = len(starts) + sum(
-            1 for v in current if not settled(v, record, now) and v.id not in failures
+        in_flight = (
+            len(starts)
+            + len(withdrawn)
+            + sum(
+                1
+                for v in current
+                if not settled(v, record, now) and v.id not in failures and v not in withdrawn
+            )
         )
         budget = max(config.parallelism - in_flight, 0)
-        for view in sorted(outdated, key=lambda v: v.desired.slot)[:budget]:
-            plan.actions.append(
-                Action(
-                    UPDATE, record.id, view.desired.slot, view.id, f"to version {record.version}"
-                )
+        waiting = [v for v in outdated if v not in withdrawn]
+        for view in sorted(waiting, key=lambda v: v.desired.slot)[:budget]:
+            action = Action(
+                UPDATE, record.id, view.desired.slot, view.id, f"to version {record.version}"
             )
-    elif state in IN_PROGRESS and not starts and all(settled(v, record, now) for v in current):
+            if config.order == START_FIRST:
+                # The old replica stays (and serves) until the new one does: no container.
+                plan.actions.append(dataclasses.replace(action, kind=SURGE, container=""))
+            else:
+                stop(view, action, plan, now)
+    elif (
+        state in IN_PROGRESS
+        and not starts
+        and not leaving
+        and all(settled(v, record, now) for v in current)
+    ):
         if state == ROLLBACK_STARTED:
             state, message = ROLLBACK_COMPLETED, "rollback completed"  # Swarm's words
         else:
@@ -344,7 +420,7 @@ def next_check(record: ServiceRecord, replicas: list[ContainerView], now: float)
         not current_version(record, v.desired.service_version) for v in replicas
     )
     config = active_config(record)
-    times = []
+    times = [v.desired.withdrawn_at + DRAIN_SECONDS for v in replicas if v.desired.withdrawn_at]
     for view in replicas:
         if not current_version(record, view.desired.service_version) or view.status is None:
             continue
@@ -369,6 +445,8 @@ class Changes:
     unplaced: list[str] = field(default_factory=list)
     # Records put back with a higher attempt: their node tries to create them again.
     retries: list[DesiredContainer] = field(default_factory=list)
+    # Records put back withdrawn (the drain): their node takes them out of traffic.
+    withdrawals: list[DesiredContainer] = field(default_factory=list)
     # What found no room (service ids, standalone container ids): tried again when capacity
     # may have changed.
     blocked: Dirty = field(default_factory=Dirty)
@@ -395,15 +473,17 @@ def realize(plan: Plan, state: ClusterState, now: float) -> Changes:
             view.allocated_memory_bytes += sign * container.memory_bytes
             view.container_count += sign
 
-    leaving = {a.container for a in plan.actions if a.container and a.kind != RETRY}
+    # Actions that put a record back rather than replace it.
+    puts = (RETRY, WITHDRAW)
+    leaving = {a.container for a in plan.actions if a.container and a.kind not in puts}
     for action in plan.actions:
-        if action.container and action.kind != RETRY:
+        if action.container and action.kind not in puts:
             old = state.containers[action.container]
             changes.removes.append(old)
             account(old, -1)
     # Spread each service's new replicas over the nodes holding fewest of its remaining ones.
     spread: dict[str, Counter[str]] = {}
-    for sid in {a.service for a in plan.actions if a.service and a.kind not in (REMOVE, RETRY)}:
+    for sid in {a.service for a in plan.actions if a.service and a.kind not in (REMOVE, *puts)}:
         spread[sid] = Counter(
             state.containers[cid].node for cid in state.replica_ids(sid) if cid not in leaving
         )
@@ -415,6 +495,13 @@ def realize(plan: Plan, state: ClusterState, now: float) -> Changes:
                     state.containers[action.container],
                     attempt=state.containers[action.container].attempt + 1,
                     changed_by=CONTROLLER,
+                )
+            )
+            continue
+        if action.kind == WITHDRAW:
+            changes.withdrawals.append(
+                dataclasses.replace(
+                    state.containers[action.container], withdrawn_at=now, changed_by=CONTROLLER
                 )
             )
             continue
@@ -432,7 +519,9 @@ def realize(plan: Plan, state: ClusterState, now: float) -> Changes:
                 changed_by=CONTROLLER,
             )
         else:
-            new = state.services[action.service].replica(action.slot, node="")
+            new = state.services[action.service].replica(
+                action.slot, node="", beside=action.kind == SURGE
+            )
             new.scheduled_at = now
         try:
             node = _place(working.values(), _request(new), spread.get(new.service))
@@ -625,11 +714,9 @@ class Controller:
             record.update_failures = plan.failures.get(sid, record.update_failures)
             compares.append(self.store.unchanged(service_key(sid), state.revisions[sid]))
             ops.append(self.store.op_put(service_key(sid), record.to_json()))
-        for retried in changes.retries:
-            compares.append(
-                CONTAINERS.unchanged(self.store, retried.id, state.revisions[retried.id])
-            )
-            ops += op_put_desired(self.store, retried, state.containers.get(retried.id))
+        for put in [*changes.retries, *changes.withdrawals]:
+            compares.append(CONTAINERS.unchanged(self.store, put.id, state.revisions[put.id]))
+            ops += op_put_desired(self.store, put, state.containers.get(put.id))
         if not (changes.adds or changes.removes or ops):
             view.dirty.update(deferred)
             return False

@@ -48,7 +48,6 @@ from berthd.cluster.rollout import (
     NOT_SPEC,
     ORDERS,
     PAUSE,
-    START_FIRST,
     STOP_FIRST,
     RolloutConfig,
     remember_previous,
@@ -77,6 +76,7 @@ from berthd.common.state.containers import (
     DesiredContainer,
     op_delete_desired,
     op_put_desired,
+    replica_name,
 )
 from berthd.common.state.family import Versioned, known_fields
 from berthd.common.state.nodes import NODES
@@ -185,16 +185,18 @@ class ServiceRecord:
             constraints=parse_constraints(self.constraints),
         )
 
-    def replica(self, slot: int, node: str) -> DesiredContainer:
-        """A new replica for `slot` on `node`, running the current spec."""
-        name = f"{self.name}.{slot}"
+    def replica(self, slot: int, node: str, beside: bool = False) -> DesiredContainer:
+        """A new replica for `slot` on `node`, running the current spec; `beside`: started
+        next to the slot's old replica (start-first), under a name of its own."""
+        container_id = secrets.token_hex(32)
+        name = replica_name(self.name, slot, container_id[:12] if beside else "")
         request = self.request()
         config = dataclasses.replace(copy.deepcopy(self.template), name=name)
         if self.ports:
             # Every node's routing mesh learns the replica's ports from its status.
             config.labels[INGRESS_LABEL] = ingress_label(self.ports)
         return DesiredContainer(
-            id=secrets.token_hex(32),
+            id=container_id,
             name=name,
             node=node,
             config=config,
@@ -220,8 +222,6 @@ def validate_rollout(config: RolloutConfig, where: str) -> None:
         problem = f"max failure ratio must be between 0 and 1, got {config.max_failure_ratio}"
     elif config.order not in ORDERS or config.failure_action not in FAILURE_ACTIONS:
         problem = f"unknown order {config.order!r} or failure action {config.failure_action!r}"
-    elif config.order == START_FIRST:
-        problem = "order start-first is not supported yet; use stop-first"
     if problem:
         raise InvalidArgument(f"{where}: {problem}", reason="INVALID_SPEC", field=where)
 

@@ -264,6 +264,7 @@ class ContainerManager:
             network=dict(record.network),
             ingress=record.config.labels.get(INGRESS_LABEL, ""),
             health=dict(record.health),
+            withdrawn=record.withdrawn,
         )
         try:
             await STATUSES.put(self.store, record.id, status)
@@ -489,6 +490,8 @@ class ContainerManager:
                     return
                 record.health = monitor.health.to_json()
                 await self._save(record)
+            # Service DNS answers with healthy replicas only.
+            await self.names.sync(self.records.values())
             log.info(
                 "health status %s",
                 monitor.health.status,
@@ -791,6 +794,17 @@ class ContainerManager:
         self._start_watching(record)
         self._start_health(record)
         await self._save(record)
+
+    async def withdraw(self, container_id: str) -> None:
+        """Take a replica out of traffic before the cluster stops it (the drain): its status
+        says so (every node's routing mesh drops it) and its service's DNS names leave it."""
+        async with self.lock(container_id):
+            record = self.records.get(container_id)
+            if record is None or record.withdrawn:
+                return
+            record.withdrawn = True
+            await self._save(record)
+        await self.names.sync(self.records.values())
 
     async def stop(self, ref: str, timeout: float | None = None) -> ContainerRecord:
         """SIGTERM, then SIGKILL after `timeout` seconds (None: 10; 0: SIGKILL at once)."""

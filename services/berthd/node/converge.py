@@ -348,6 +348,8 @@ class Converger:
             await self._create(desired)
             await self.manager.start(desired.id)  # a failure is in the record's status
             return
+        if desired.withdrawn_at and not record.withdrawn:
+            await self.manager.withdraw(record.id)
         if desired.desired == STOPPED and record.state in (STATE_RUNNING, RESTARTING):
             await self.manager.stop(record.id, desired.stop_grace)
         elif desired.desired != RUNNING:

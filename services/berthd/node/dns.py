@@ -42,7 +42,7 @@ import dns.rdatatype
 import dns.reversename
 import dns.rrset
 
-from berthd.common.state.containers import SERVICE_LABEL
+from berthd.common.state.containers import SERVICE_LABEL, service_of_name
 from berthd.common.state.networks import ENDPOINTS, EndpointRecord, endpoint_id
 from berthd.common.store import Store
 from berthd.node.records import ContainerRecord
@@ -364,12 +364,15 @@ class Listener:
 
 
 def service_name(record: ContainerRecord) -> str:
-    """A replica's service name: the cluster names replicas SERVICE.SLOT (its label holds
-    the service's id); "" for any other container."""
-    if not record.config.labels.get(SERVICE_LABEL):
+    """The service name a replica answers to: the cluster names replicas SERVICE.SLOT (or
+    SERVICE.SLOT.ID beside an old one, start-first; its label holds the service's id); ""
+    for any other container, and for a replica that serves no traffic: withdrawn (drained
+    before a stop) or, with a health check, not healthy (its own name still answers)."""
+    if not record.config.labels.get(SERVICE_LABEL) or record.withdrawn:
         return ""
-    service, _, slot = record.name.rpartition(".")
-    return service if service and slot.isdigit() else ""
+    if record.health.get("status", "healthy") != "healthy":
+        return ""
+    return service_of_name(record.name)
 
 
 def wanted(

@@ -220,8 +220,9 @@ class Replica:
 
 def replica_of(status: ContainerStatus) -> Replica | None:
     """The mesh's part of a status: a running replica with published ports and an address,
-    and healthy if it has a health check (one still starting or unhealthy gets no traffic)."""
-    if status.state != "running" or not status.ingress:
+    healthy if it has a health check (one still starting or unhealthy gets no traffic), and
+    not withdrawn (the cluster drains it before stopping it)."""
+    if status.state != "running" or not status.ingress or status.withdrawn:
         return None
     if status.health_status in ("starting", "unhealthy"):
         return None

@@ -60,6 +60,9 @@ class ContainerRecord:
     # Its health while it runs with a health check (berthd.node.health.Health as JSON: status,
     # failing_streak, log); empty otherwise.
     health: dict[str, Any] = field(default_factory=dict)
+    # The cluster took it out of traffic before stopping it (DesiredContainer.withdrawn_at):
+    # no mesh traffic, no service DNS name.
+    withdrawn: bool = False
 
     @property
     def id_map(self) -> IdMap | None:

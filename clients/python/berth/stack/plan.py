@@ -25,6 +25,7 @@ from berth.containers import (
     SecretReference,
     to_spec,
 )
+from berth.enums.cluster import UPDATE_ORDERS
 from berth.health import CMD_SHELL, HealthConfig, InvalidHealthCheck
 from berth.health import NONE as HEALTH_NONE
 from berth.ports import InvalidPort, PublishedPort, parse_service_publish
@@ -624,7 +625,7 @@ class _ServiceBuilder:
         return pb.Placement(request=request, constraints=constraints)
 
     def _update_config(self) -> pb.UpdateConfig:
-        """update_config as berth's rolling update runs today: stop-first, pause on failure.
+        """update_config as berth's rolling update runs today: either order, pause on failure.
         rollback_config is checked the same way and reported as not applied."""
         config = self._rollout("update_config", ("pause",))
         if self.deploy.get("rollback_config") is not None:
@@ -638,13 +639,13 @@ class _ServiceBuilder:
     def _rollout(self, key: str, actions: tuple[str, ...]) -> pb.UpdateConfig:
         given = self.deploy.get(key) or {}
         path = (*self.path, "deploy", key)
-        if given.get("order", "stop-first") != "stop-first":
-            raise _fail((*path, "order"), "berth updates stop-first only")
         if given.get("failure_action", "pause") not in actions:
             raise _fail((*path, "failure_action"), f"berth supports {' and '.join(actions)} only")
         if float(str(given.get("max_failure_ratio", 0))) != 0:
             raise _fail((*path, "max_failure_ratio"), "berth stops at the first failure (0)")
         config = pb.UpdateConfig(parallelism=_int(given.get("parallelism", 1), path))
+        if "order" in given:  # stop-first or start-first: the schema allows no other
+            config.order = UPDATE_ORDERS.value(given["order"])
         for name in ("delay", "monitor"):
             if name in given:
                 getattr(config, name).CopyFrom(parse_duration(given[name], (*path, name)))

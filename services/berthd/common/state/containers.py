@@ -62,6 +62,18 @@ SERVICE_LABEL = "berth.cluster.service"
 INGRESS_LABEL = "berth.cluster.ingress"
 
 
+def replica_name(service: str, slot: int, suffix: str = "") -> str:
+    """SERVICE.SLOT; SERVICE.SLOT.SUFFIX for the replica a start-first update starts beside
+    the slot's old one (which holds SERVICE.SLOT until it goes), as Swarm's container names."""
+    return f"{service}.{slot}" + (f".{suffix}" if suffix else "")
+
+
+def service_of_name(name: str) -> str:
+    """The service of a replica's name (service names have no dot); "" for any other name."""
+    parts = name.split(".")
+    return parts[0] if len(parts) in (2, 3) and parts[0] and parts[1].isdigit() else ""
+
+
 @dataclass
 class DesiredContainer:
     """A container the cluster placed on `node` and wants `desired` (running or stopped)."""
@@ -93,6 +105,10 @@ class DesiredContainer:
     # The principal who last changed the record (`user:alice`; `service:cluster` for the
     # controller's own decisions): the actor of the events it causes.
     changed_by: str = ""
+    # When the controller took the replica out of traffic before stopping it (the drain): its
+    # node then marks its status withdrawn (the routing mesh drops it) and takes it out of its
+    # service's DNS names. 0: it serves.
+    withdrawn_at: float = 0.0
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -143,6 +159,8 @@ class ContainerStatus:
     # failing_streak; log: the last probes, {start, end, exit_code, output}); {} if none.
     # Written when the status changes, not at every probe.
     health: dict[str, Any] = field(default_factory=dict)
+    # Its desired record is withdrawn (DesiredContainer.withdrawn_at): no mesh traffic.
+    withdrawn: bool = False
 
     @property
     def health_status(self) -> str:
