@@ -27,10 +27,11 @@ from berthd.cluster.follow import list_families, watch_family
 from berthd.cluster.services import CONTROLLER, SERVICES, ServiceCore, ServiceRecord
 from berthd.cluster.tag_follow import TAG, FollowSpec, followed, resolve
 from berthd.common.errors import BerthError
+from berthd.common.relisting import relisting
 from berthd.common.security.permissions import Permission
 from berthd.common.security.principal import Principal
 from berthd.common.state.registry import TAGS, split_child_key
-from berthd.common.store import RevisionCompacted, Store, WatchEvent
+from berthd.common.store import Store, WatchEvent
 
 log = logging.getLogger("berthd.cluster.tag_follower")
 
@@ -47,14 +48,7 @@ class TagFollower:
 
     async def run(self) -> None:
         """Until cancelled (the end of the term); listed again after a lost watch."""
-        while True:
-            try:
-                await self._follow()
-            except RevisionCompacted as exc:
-                log.info("tag follower: listing again: %s", exc)
-            except BerthError as exc:
-                log.warning("tag follower: watch failed: %s", exc)
-                await asyncio.sleep(RETRY_SECONDS)
+        await relisting(self._follow, "tag follower's view", log, RETRY_SECONDS)
 
     async def _follow(self) -> None:
         entries, revision = await list_families(self.store, [SERVICES])

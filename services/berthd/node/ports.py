@@ -35,8 +35,9 @@ from typing import Any
 from berth.errors import InvalidArgumentError
 from berth.ports import PortBinding, PublishedPort, parse_service_publish
 from berthd.common.errors import FailedPrecondition
+from berthd.common.relisting import relisting
 from berthd.common.state.containers import INGRESS_LABEL, STATUSES, ContainerStatus
-from berthd.common.store import RevisionCompacted, Store
+from berthd.common.store import Store
 
 __all__ = ["INGRESS_LABEL", "Mesh", "MeshPort", "PortHolder", "bindings_of", "port_rules"]
 
@@ -273,16 +274,8 @@ class Mesh:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        while True:
-            try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
-            except RevisionCompacted as exc:
-                log.info("mesh view compacted away, reading again: %s", exc)
-            except Exception as exc:  # etcd away: read again when it is back
-                log.warning("mesh view lost, reading again: %s", exc)
-                await asyncio.sleep(RETRY_SECONDS)
+        # Any failure: etcd away, read again when it is back.
+        await relisting(self._follow, "mesh view", log, RETRY_SECONDS, (Exception,))
 
     async def _follow(self) -> None:
         entries, revision = await STATUSES.snapshot(self.store)
