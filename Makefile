@@ -100,8 +100,9 @@ unit: deps
 integration: deps node
 	$(VENV)/bin/pytest -q tests/integration
 
+# --durations: the slowest tests, to keep the suite under CI's 20 minutes.
 test: deps node lint
-	$(VENV)/bin/pytest -q -ra tests
+	$(VENV)/bin/pytest -q -ra --durations=25 tests
 
 # The chaos test for longer than its bounded run in `make test` (1 minute of faults); a seed
 # from a failure message replays that run: `CHAOS_SEED=123 make chaos`.

@@ -15,7 +15,7 @@ Peer, measured in the same run in alternating rounds: the same rollout started b
 follow machinery: the leader's watch and the re-resolution). Docker Swarm is not available on
 this machine (no swarm-mode dockerd), so it is not a peer here.
 
-    .venv/bin/python -m bench.deploy [--rounds 3] [--port 18090]
+    .venv/bin/python -m bench.deploy [--rounds 3] [--port 18090] [--update-order stop-first]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 from bench.cluster import Cluster, local_cluster, reported
 from berth.client import ClusterClient, ContainerConfig, RegistryClient
 from berth.ports import PublishedPort
+from berth.rollout import RolloutChanges
 from berthd.node.ports import LOCALNET
 from tests.integration.images import busybox_layer, push_image
 
@@ -140,6 +141,7 @@ def measure(cluster: Cluster, args: argparse.Namespace, tmp: Path) -> None:
                 3,
                 ports=[PublishedPort(8080, port)],
                 follow="" if by_hand else "tag",
+                update_config=RolloutChanges(order=args.update_order),
             )
             tally = Tally()
             thread = threading.Thread(target=loop, args=(f"http://127.0.0.1:{port}/", tally))
@@ -181,6 +183,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=18090)
+    # Start-first with the drain is the order that drops no request; stop-first for comparison.
+    parser.add_argument(
+        "--update-order", choices=("start-first", "stop-first"), default="start-first"
+    )
     args = parser.parse_args()
     print("Push to deploy: a 3-replica service, push to every replica serving the new version")
     return reported("deploy", lambda: measured(args))
