@@ -62,7 +62,9 @@ GiB = 1 << 30
 
 
 def service(replicas: int = 3, version: int = 1, **kw) -> ServiceRecord:
-    template = ContainerConfig(image="busybox", restart_policy="always")
+    # On a network: the routing mesh and service DNS reach its replicas, so stops drain them.
+    network = kw.pop("network_mode", "front")
+    template = ContainerConfig(image="busybox", restart_policy="always", network_mode=network)
     return ServiceRecord(
         id="s" * 64, name="web", template=template, replicas=replicas, version=version,
         monitor_seconds=kw.pop("monitor_seconds", 1.0), **kw,
@@ -70,9 +72,14 @@ def service(replicas: int = 3, version: int = 1, **kw) -> ServiceRecord:
 
 
 def replica(
-    slot: int, node: str, version: int = 1, state: str = "running", started: float = 0.0
+    slot: int,
+    node: str,
+    version: int = 1,
+    state: str = "running",
+    started: float = 0.0,
+    network_mode: str = "front",
 ) -> ContainerView:
-    record = service().replica(slot, node)
+    record = service(network_mode=network_mode).replica(slot, node)
     record.service_version = version
     status = ContainerStatus(state=state, started_at=started, exit_code=3) if state else None
     return ContainerView(record, status)
@@ -432,3 +439,15 @@ def test_a_plan_past_one_transaction_is_split_into_whole_actions() -> None:
     # A plan that fits is taken whole.
     small = Plan(actions=plan.actions[:10])
     assert split_plan(small, 127) == (small, type(rest)())
+
+
+def test_a_replica_on_no_network_is_stopped_without_a_drain() -> None:
+    """Nothing routes to a replica on network none or host: scaling down stops it at once."""
+    old = [replica(s, "a", network_mode="none") for s in (1, 2, 3)]
+    plan = reconcile([service(1, network_mode="none")], old, nodes("a"), NOW)
+    assert kinds(plan) == [(REMOVE, 2), (REMOVE, 3)]
+    drained = [replica(s, "a") for s in (1, 2, 3)]
+    assert kinds(reconcile([service(1)], drained, nodes("a"), NOW)) == [
+        (WITHDRAW, 2),
+        (WITHDRAW, 3),
+    ]

@@ -37,7 +37,9 @@ NOW = 1000.0
 
 
 def service(replicas: int = 4, **kw) -> ServiceRecord:
-    template = ContainerConfig(image=kw.pop("image", "app:1"), restart_policy="always")
+    template = ContainerConfig(
+        image=kw.pop("image", "app:1"), restart_policy="always", network_mode="front"
+    )
     kw.setdefault("monitor_seconds", 1.0)
     return ServiceRecord(id="s" * 64, name="web", template=template, replicas=replicas, **kw)
 
@@ -219,7 +221,8 @@ def test_a_stack_sees_no_change_in_the_rollout_defaults_the_cluster_fills_in() -
 
 
 def test_start_first_starts_beside_the_old_replica_and_stops_it_once_the_new_one_serves() -> None:
-    record = updated(service(2, update_order=START_FIRST), template=ContainerConfig("app:2"))
+    template = ContainerConfig("app:2", network_mode="front")  # drained: the mesh reaches it
+    record = updated(service(2, update_order=START_FIRST), template=template)
     old1, old2 = replica(record, 1, 1), replica(record, 2, 1)
     plan = reconcile([record], [old1, old2], NODES, NOW)
     # The new replica for slot 1 starts beside the old one (no container leaves).

@@ -80,6 +80,7 @@ from berthd.cluster.services import (
     service_key,
 )
 from berthd.cluster.view import WATCHED, ClusterView, Dirty
+from berthd.common.containers import NETWORK_MODES
 from berthd.common.errors import BerthError, FailedPrecondition
 from berthd.common.state.containers import (
     CONTAINERS,
@@ -218,10 +219,13 @@ def _keep(
 
 
 def stop(view: ContainerView, action: Action, plan: Plan, now: float) -> None:
-    """Plan an action that stops `view`, through the drain: a replica that serves is first
-    withdrawn, and the action waits DRAIN_SECONDS after that (`next_check` comes back then)."""
+    """Plan an action that stops `view`, through the drain: a replica that serves on a network
+    is first withdrawn, and the action waits DRAIN_SECONDS after that (`next_check` comes back
+    then). One on no network (none, host) is stopped at once: neither the routing mesh nor
+    service DNS sends it anything."""
     withdrawn = view.desired.withdrawn_at
-    if not withdrawn and serving(view) and view.node_ready:
+    on_network = view.desired.config.network_mode not in NETWORK_MODES
+    if not withdrawn and on_network and serving(view) and view.node_ready:
         plan.actions.append(dataclasses.replace(action, kind=WITHDRAW))
     elif not withdrawn or now - withdrawn >= DRAIN_SECONDS:
         plan.actions.append(action)
