@@ -16,7 +16,8 @@ from collections.abc import Iterable, Sequence
 
 from berthd.cluster.view import PLACEMENT_WATCHED, ClusterView
 from berthd.common.errors import BerthError, Unavailable
-from berthd.common.store import Entry, RevisionCompacted, Store, WatchEvent, prefix_end
+from berthd.common.relisting import relisting
+from berthd.common.store import Entry, Store, WatchEvent, prefix_end
 
 log = logging.getLogger("berthd.cluster.follow")
 
@@ -94,16 +95,14 @@ class NodeCache:
             self._task = None
 
     async def _run(self) -> None:
-        while True:
-            try:
-                await self._follow()
-            except RevisionCompacted as exc:
-                log.info("placement view compacted away, listing again: %s", exc)
-            except BerthError as exc:
-                log.warning("placement view lost, listing again: %s", exc)
-                await asyncio.sleep(RETRY_SECONDS)
-            finally:
-                self.view.loaded = False
+        await relisting(self._follow_marked, "placement view", log, RETRY_SECONDS)
+
+    async def _follow_marked(self) -> None:
+        """_follow, and the view marked not loaded whenever it ends (placement waits then)."""
+        try:
+            await self._follow()
+        finally:
+            self.view.loaded = False
 
     async def _follow(self) -> None:
         entries, revision = await list_families(self.store, PLACEMENT_WATCHED)
